@@ -1,0 +1,28 @@
+"""nsa-jax: Native Sparse Attention (Yuan et al., 2025) for JAX, with Pallas kernels.
+
+The functional ops follow `SPEC.md`; `nsa_jax.nn` holds the Flax NNX layers.
+"""
+
+from nsa_jax.config import NSAConfig
+from nsa_jax.ops import IMPLEMENTATIONS
+from nsa_jax.ops import compress_kv
+from nsa_jax.ops import compressed_attention
+from nsa_jax.ops import dense_causal_attention
+from nsa_jax.ops import nsa_attention
+from nsa_jax.ops import select_blocks
+from nsa_jax.ops import selected_attention
+from nsa_jax.ops import sliding_window_attention
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "IMPLEMENTATIONS",
+    "NSAConfig",
+    "compress_kv",
+    "compressed_attention",
+    "dense_causal_attention",
+    "nsa_attention",
+    "select_blocks",
+    "selected_attention",
+    "sliding_window_attention",
+]

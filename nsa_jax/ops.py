@@ -1,0 +1,244 @@
+"""The public functional API (SPEC.md, "Public functional API"): validation, then dispatch.
+
+Each function checks its inputs (raising `ValueError` that names the argument and the shapes seen),
+resolves `scale` and `implementation`, and calls the chosen backend:
+
+- `"reference"`: `nsa_jax.reference`, dense masks, O(T^2): the oracle.
+- `"xla"`: `nsa_jax.xla`, pure JAX chunked over queries; any backend, the default on CPU.
+- `"pallas_gpu"` / `"pallas_tpu"`: the Pallas kernels, once they are available in this build.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from nsa_jax import reference, xla
+from nsa_jax import validation as check
+from nsa_jax.config import NSAConfig, num_cmp_blocks
+
+IMPLEMENTATIONS = ("reference", "xla", "pallas_gpu", "pallas_tpu")
+_BACKENDS = {"reference": reference, "xla": xla}
+
+
+def _backend(implementation, interpret):
+  """The module implementing `implementation`; None picks the best for `jax.default_backend()`."""
+  if implementation is None:
+    implementation = "xla"  # the Pallas kernels take over here once they land
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, "
+                     f"got {implementation!r}")
+  if implementation not in _BACKENDS:
+    raise ValueError(f"implementation={implementation!r} is not available in this build of "
+                     f"nsa_jax; use 'xla' or 'reference'")
+  if interpret and not implementation.startswith("pallas"):
+    raise ValueError(f"interpret=True applies to the Pallas implementations only, "
+                     f"got implementation={implementation!r}")
+  return _BACKENDS[implementation]
+
+
+def _scale(scale, head_dim):
+  return head_dim ** -0.5 if scale is None else scale
+
+
+def compress_kv(k, v, *, block: int, stride: int, implementation=None):
+  """Mean-pools overlapping blocks: compressed block `i` covers tokens `[i*stride, i*stride + block)`.
+
+  Args:
+    k: `[B, T, Hkv, Dk]`.
+    v: `[B, T, Hkv, Dv]`.
+    block: `l`, tokens per compressed block.
+    stride: `d`, a divisor of `block`.
+    implementation: as in `nsa_attention` (the Pallas ones use the XLA pooling).
+
+  Returns:
+    `(k_cmp [B, Tc, Hkv, Dk], v_cmp [B, Tc, Hkv, Dv])` in the input dtypes, with
+    `Tc = (T - block) // stride + 1` (0 when `T < block`).
+
+  Raises:
+    ValueError: bad ranks, dtypes or shapes, or invalid `block` / `stride`.
+  """
+  check.check_rank("k", k, 4, "[B, T, Hkv, Dk]")
+  check.check_rank("v", v, 4, "[B, T, Hkv, Dv]")
+  check.check_float("k", k)
+  check.check_float("v", v)
+  if tuple(k.shape[:3]) != tuple(v.shape[:3]):
+    raise ValueError(f"k and v must agree on [B, T, Hkv], got k {tuple(k.shape)}, "
+                     f"v {tuple(v.shape)}")
+  check.check_block_stride(block, stride)
+  backend = reference if implementation == "reference" else xla
+  if implementation not in (None, "reference"):
+    _backend(implementation, interpret=False)
+  return backend.compress_kv(k, v, block, stride)
+
+
+def compressed_attention(q, k_cmp, v_cmp, *, block: int, stride: int, scale=None,
+                         implementation=None, interpret: bool = False):
+  """Attention of every query over the compressed blocks that lie inside its prefix.
+
+  Query `t` sees block `i` iff `i*stride + block - 1 <= t`; a query that sees none gets zeros.
+
+  Args:
+    q: `[B, T, Hq, Dk]`.
+    k_cmp: `[B, Tc, Hkv, Dk]` with `Tc = (T - block) // stride + 1` (0 when `T < block`).
+    v_cmp: `[B, Tc, Hkv, Dv]`.
+    block, stride: `l` and `d` of the compression.
+    scale: softmax scale, default `Dk ** -0.5`.
+    implementation, interpret: as in `nsa_attention`.
+
+  Returns:
+    `(out [B, T, Hq, Dv] in q.dtype, lse [B, T, Hq] float32)`; `lse = -inf` where nothing is visible.
+
+  Raises:
+    ValueError: bad ranks, dtypes, head counts, `Tc`, or `block` / `stride`.
+  """
+  check.check_rank("q", q, 4, "[B, T, Hq, Dk]")
+  check.check_float("q", q)
+  check.check_block_stride(block, stride)
+  check.check_compressed(q, k_cmp, v_cmp, num_cmp_blocks(q.shape[1], block, stride))
+  backend = _backend(implementation, interpret)
+  return backend.compressed_attention(q, k_cmp, v_cmp, _scale(scale, q.shape[-1]), block=block,
+                                      stride=stride)
+
+
+def select_blocks(q, k_cmp, *, config: NSAConfig, scale=None, implementation=None,
+                  interpret: bool = False):
+  """The top-n selection blocks of every query, shared by the query heads of a KV group.
+
+  Scores are the group-summed compressed-attention probabilities mapped onto selection blocks by
+  overlap; the first `num_initial` and the `num_local` most recent blocks are always chosen
+  (SPEC.md, section 2). Not differentiable (the indices are integers).
+
+  Args:
+    q: `[B, T, Hq, Dk]`.
+    k_cmp: `[B, Tc, Hkv, Dk]`, compressed keys (e.g. from `compress_kv`).
+    config: an `NSAConfig`.
+    scale: softmax scale, default `Dk ** -0.5`.
+    implementation, interpret: as in `nsa_attention`.
+
+  Returns:
+    `int32 [B, T, Hkv, num_selected]`: ascending block numbers, unused places -1 at the end.
+
+  Raises:
+    ValueError: bad ranks, dtypes, head counts, `Tc`, or an invalid config.
+  """
+  config = check.check_config(config)
+  check.check_rank("q", q, 4, "[B, T, Hq, Dk]")
+  check.check_float("q", q)
+  check.check_compressed(q, k_cmp, k_cmp, config.num_cmp_blocks(q.shape[1]))
+  backend = _backend(implementation, interpret)
+  return backend.select_blocks(q, k_cmp, _scale(scale, q.shape[-1]), config=config)
+
+
+def selected_attention(q, k, v, block_indices, *, block: int, scale=None, implementation=None,
+                       interpret: bool = False):
+  """Attention of every query over the tokens `s <= t` of its KV group's selected blocks.
+
+  Args:
+    q: `[B, T, Hq, Dk]`.
+    k: `[B, T, Hkv, Dk]`.
+    v: `[B, T, Hkv, Dv]`.
+    block_indices: int `[B, T, Hkv, n]`; block `j` covers tokens `[j*block, (j+1)*block)`. `-1`,
+      indices past the sequence and repeats of an earlier slot select nothing.
+    block: `l'`, tokens per selection block.
+    scale: softmax scale, default `Dk ** -0.5`.
+    implementation, interpret: as in `nsa_attention`.
+
+  Returns:
+    `[B, T, Hq, Dv]` in q.dtype; a query with no selected token gets zeros.
+
+  Raises:
+    ValueError: bad ranks, dtypes or shapes, or a non-positive `block`.
+  """
+  check.check_qkv(q, k, v)
+  check.check_positive("block", block)
+  check.check_block_indices(q, k, block_indices)
+  backend = _backend(implementation, interpret)
+  return backend.selected_attention(q, k, v, block_indices, _scale(scale, q.shape[-1]),
+                                    block=block)
+
+
+def sliding_window_attention(q, k, v, *, window: int, scale=None, implementation=None,
+                             interpret: bool = False):
+  """Causal attention over the last `window` tokens: query `t` sees `t - window < s <= t`.
+
+  Args:
+    q: `[B, T, Hq, Dk]`.
+    k: `[B, T, Hkv, Dk]`.
+    v: `[B, T, Hkv, Dv]`.
+    window: `w`, the query itself included.
+    scale: softmax scale, default `Dk ** -0.5`.
+    implementation, interpret: as in `nsa_attention`.
+
+  Returns:
+    `[B, T, Hq, Dv]` in q.dtype.
+
+  Raises:
+    ValueError: bad ranks, dtypes or shapes, or a non-positive `window`.
+  """
+  check.check_qkv(q, k, v)
+  check.check_positive("window", window)
+  backend = _backend(implementation, interpret)
+  return backend.sliding_window_attention(q, k, v, _scale(scale, q.shape[-1]), window=window)
+
+
+def nsa_attention(q, k, v, *, config: NSAConfig, gates=None, k_cmp=None, v_cmp=None, scale=None,
+                  implementation=None, interpret: bool = False):
+  """Native Sparse Attention: compressed, selected and sliding-window attention mixed per head.
+
+  `out[t] = g_cmp * Attn(q_t, K_cmp, V_cmp) + g_slc * Attn(q_t, K_slc, V_slc)
+  + g_swa * Attn(q_t, K_win, V_win)`, causal, with the selected blocks shared by the query heads
+  of each KV group (SPEC.md).
+
+  Args:
+    q: `[B, T, Hq, Dk]`, float32 / bfloat16 / float16 (accumulation is float32).
+    k: `[B, T, Hkv, Dk]`, `Hq % Hkv == 0`.
+    v: `[B, T, Hkv, Dv]`.
+    config: an `NSAConfig`.
+    gates: `[B, T, Hq, 3]` per-head branch weights (order cmp, slc, swa), e.g. sigmoid outputs;
+      None sums the three branches.
+    k_cmp, v_cmp: `[B, Tc, Hkv, Dk]` / `[B, Tc, Hkv, Dv]` precomputed compressed keys/values (e.g. a
+      learned compression); both None mean-pools `k` and `v` with `compress_kv`.
+    scale: softmax scale of all three branches and of the selection, default `Dk ** -0.5`.
+    implementation: None (the fastest available for the backend), "reference", "xla",
+      "pallas_gpu" or "pallas_tpu".
+    interpret: run the Pallas kernels in interpret mode (CPU testing).
+
+  Returns:
+    `[B, T, Hq, Dv]` in q.dtype. Differentiable in q, k, v, gates, k_cmp and v_cmp.
+
+  Raises:
+    ValueError: bad ranks, dtypes, head counts, Dk mismatch, gates or compressed shapes, an invalid
+      config, or an unknown implementation.
+  """
+  config = check.check_config(config)
+  check.check_qkv(q, k, v)
+  if gates is not None:
+    check.check_gates(q, gates)
+  if (k_cmp is None) != (v_cmp is None):
+    raise ValueError("k_cmp and v_cmp must be given together or both be None, got "
+                     f"k_cmp {None if k_cmp is None else tuple(k_cmp.shape)}, "
+                     f"v_cmp {None if v_cmp is None else tuple(v_cmp.shape)}")
+  backend = _backend(implementation, interpret)
+  if k_cmp is None:
+    k_cmp, v_cmp = backend.compress_kv(k, v, config.cmp_block, config.cmp_stride)
+  check.check_compressed(q, k_cmp, v_cmp, config.num_cmp_blocks(q.shape[1]))
+  if k_cmp.shape[2] != k.shape[2] or v_cmp.shape[3] != v.shape[3]:
+    raise ValueError(f"k_cmp / v_cmp must have the heads and head dims of k / v, got "
+                     f"k {tuple(k.shape)}, v {tuple(v.shape)}, k_cmp {tuple(k_cmp.shape)}, "
+                     f"v_cmp {tuple(v_cmp.shape)}")
+  return backend.nsa_attention(q, k, v, gates, k_cmp, v_cmp, _scale(scale, q.shape[-1]),
+                               config=config)
+
+
+def dense_causal_attention(q, k, v, *, scale=None):
+  """Plain causal GQA attention, `[B, T, Hq, Dv]` in q.dtype: the baseline NSA is compared with.
+
+  Uses `jax.nn.dot_product_attention` (cuDNN on GPU where it applies, XLA elsewhere).
+  """
+  check.check_qkv(q, k, v)
+  if q.shape[-1] == v.shape[-1]:
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True)
+  # jax.nn.dot_product_attention needs Dk == Dv: fall back to the masked reference math.
+  return reference.sliding_window_attention(q, k, v, _scale(scale, q.shape[-1]),
+                                            window=q.shape[1])

@@ -1,0 +1,159 @@
+"""The oracle: SPEC.md written with dense `[T, T]` / `[T, Tc]` masks, O(T^2) time and memory.
+
+Kept as plain as possible so that it can be read against SPEC.md line by line; every other
+implementation is tested against it. Arguments are assumed validated by `nsa_jax.ops`.
+Layout inside: queries as `[B, Hkv, G, T, D]` so the heads of a KV group share one mask.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from nsa_jax.attention_math import attention_scores, combine_branches, masked_attention
+from nsa_jax.attention_math import masked_softmax
+from nsa_jax.config import NSAConfig, num_cmp_blocks
+
+
+def _group_queries(q, num_kv_heads):
+  """`[B, T, Hq, D]` -> `[B, Hkv, G, T, D]`."""
+  b, t, hq, d = q.shape
+  return q.reshape(b, t, num_kv_heads, hq // num_kv_heads, d).transpose(0, 2, 3, 1, 4)
+
+
+def _ungroup(x):
+  """`[B, Hkv, G, T, ...]` -> `[B, T, Hq, ...]`."""
+  b, hkv, g, t = x.shape[:4]
+  x = jnp.moveaxis(x, 3, 1)  # [B, T, Hkv, G, ...]
+  return x.reshape(b, t, hkv * g, *x.shape[4:])
+
+
+def _heads_first(k):
+  """`[B, T, Hkv, D]` -> `[B, Hkv, 1, T, D]`, broadcasting over the G heads of a group."""
+  return k.transpose(0, 2, 1, 3)[:, :, None]
+
+
+def _attend(q, k, v, mask, scale):
+  """Grouped attention with `mask` broadcastable to `[B, Hkv, 1, T, S]`; returns `[B, T, Hq, Dv]`."""
+  out, lse = masked_attention(_group_queries(q, k.shape[2]), _heads_first(k), _heads_first(v),
+                              mask, scale)
+  return _ungroup(out), _ungroup(lse)
+
+
+def compress_kv(k, v, block, stride):
+  """Mean of each compressed block `[i*d, i*d + l)`: `[B, T, Hkv, D]` -> `[B, Tc, Hkv, D]`."""
+  num_blocks = num_cmp_blocks(k.shape[1], block, stride)
+  tokens = jnp.arange(num_blocks)[:, None] * stride + jnp.arange(block)[None, :]  # [Tc, l]
+  pool = lambda x: jnp.mean(x[:, tokens].astype(jnp.float32), axis=2).astype(x.dtype)
+  return pool(k), pool(v)
+
+
+def _cmp_visible(seq_len, num_blocks, block, stride):
+  """`[T, Tc]`: query `t` sees compressed block `i` iff `i*d + l - 1 <= t`."""
+  last_token = jnp.arange(num_blocks) * stride + block - 1
+  return last_token[None, :] <= jnp.arange(seq_len)[:, None]
+
+
+def _compressed(q, k_cmp, v_cmp, scale, block, stride):
+  """`(out [B, T, Hq, Dv], lse [B, T, Hq])`, both float32."""
+  visible = _cmp_visible(q.shape[1], k_cmp.shape[1], block, stride)
+  return _attend(q, k_cmp, v_cmp, visible, scale)
+
+
+@functools.partial(jax.jit, static_argnames=("block", "stride"))
+def compressed_attention(q, k_cmp, v_cmp, scale, *, block, stride):
+  """Returns `(out [B, T, Hq, Dv] in q.dtype, lse [B, T, Hq] float32)`."""
+  out, lse = _compressed(q, k_cmp, v_cmp, scale, block, stride)
+  return out.astype(q.dtype), lse
+
+
+def _overlap_matrix(num_cmp, num_slc, block, stride, slc_block):
+  """`[Tc, Ts]`: `|[i*d, i*d+l) ∩ [j*l', (j+1)*l')| / d` (SPEC.md, selection step 3)."""
+  cmp_start = jnp.arange(num_cmp)[:, None] * stride
+  slc_start = jnp.arange(num_slc)[None, :] * slc_block
+  overlap = (jnp.minimum(cmp_start + block, slc_start + slc_block)
+             - jnp.maximum(cmp_start, slc_start))
+  return jnp.maximum(overlap, 0).astype(jnp.float32) / stride
+
+
+def selection_scores(q, k_cmp, scale, config: NSAConfig):
+  """`score [B, T, Hkv, Ts]` float32 (SPEC.md, selection steps 1-3)."""
+  seq_len, num_kv_heads = q.shape[1], k_cmp.shape[2]
+  num_cmp, num_slc = k_cmp.shape[1], config.num_slc_blocks(seq_len)
+  visible = _cmp_visible(seq_len, num_cmp, config.cmp_block, config.cmp_stride)
+  scores = attention_scores(_group_queries(q, num_kv_heads), _heads_first(k_cmp), scale)
+  p_cmp, _ = masked_softmax(scores, visible)  # [B, Hkv, G, T, Tc]
+  p_grp = jnp.sum(p_cmp, axis=2)  # [B, Hkv, T, Tc]
+  overlap = _overlap_matrix(num_cmp, num_slc, config.cmp_block, config.cmp_stride,
+                            config.slc_block)
+  score = jnp.einsum("bhti,ij->bhtj", p_grp, overlap, precision=jax.lax.Precision.HIGHEST)
+  return score.transpose(0, 2, 1, 3)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def select_blocks(q, k_cmp, scale, *, config: NSAConfig):
+  """`int32 [B, T, Hkv, n]`: forced blocks plus the top-scoring candidates, ascending, `-1` padded."""
+  seq_len, n = q.shape[1], config.num_selected
+  num_slc = config.num_slc_blocks(seq_len)
+  score = jax.lax.stop_gradient(selection_scores(q, k_cmp, scale, config))  # [B, T, Hkv, Ts]
+
+  block = jnp.arange(num_slc)[None, :]
+  query_block = (jnp.arange(seq_len) // config.slc_block)[:, None]
+  candidate = block <= query_block  # [T, Ts]
+  forced = candidate & ((block < config.num_initial) | (block > query_block - config.num_local))
+  open_candidate = (candidate & ~forced)[:, None, :]  # [T, 1, Ts]
+  # Rank the non-forced candidates by score, ties to the lower index (stable sort).
+  order = jnp.argsort(jnp.where(open_candidate, -score, jnp.inf), axis=-1, stable=True)
+  rank = jnp.argsort(order, axis=-1)  # rank[j]: position of block j in that order
+  places_left = n - jnp.sum(forced, axis=-1)[:, None, None]  # [T, 1, 1]
+  chosen = forced[:, None, :] | (open_candidate & (rank < places_left))  # [B, T, Hkv, Ts]
+
+  # Chosen block numbers in ascending order, unused places -1.
+  ascending = jnp.sort(jnp.where(chosen, block, num_slc), axis=-1)
+  if num_slc < n:
+    pad = jnp.full(ascending.shape[:-1] + (n - num_slc,), num_slc, ascending.dtype)
+    ascending = jnp.concatenate([ascending, pad], axis=-1)
+  ascending = ascending[..., :n]
+  return jnp.where(ascending < num_slc, ascending, -1).astype(jnp.int32)
+
+
+def _selected(q, k, v, block_indices, scale, block):
+  """Each query attends the tokens `s <= t` of its group's chosen blocks; float32 `[B, T, Hq, Dv]`."""
+  seq_len = q.shape[1]
+  num_slc = -(-seq_len // block)
+  # chosen[b, t, g, j]: block j is among the (valid) indices; -1 and j >= Ts match nothing.
+  chosen = jnp.any(block_indices[..., None] == jnp.arange(num_slc), axis=-2)  # [B, T, Hkv, Ts]
+  token_block = jnp.arange(seq_len) // block
+  causal = jnp.arange(seq_len)[None, :] <= jnp.arange(seq_len)[:, None]  # [T, S]
+  mask = chosen[..., token_block] & causal[None, :, None, :]  # [B, T, Hkv, S]
+  mask = mask.transpose(0, 2, 1, 3)[:, :, None]  # [B, Hkv, 1, T, S]
+  return _attend(q, k, v, mask, scale)[0]
+
+
+def _window(q, k, v, scale, window):
+  """Query `t` attends `t - w < s <= t`; float32 `[B, T, Hq, Dv]`."""
+  t = jnp.arange(q.shape[1])
+  mask = (t[None, :] <= t[:, None]) & (t[None, :] > t[:, None] - window)
+  return _attend(q, k, v, mask, scale)[0]
+
+
+@functools.partial(jax.jit, static_argnames=("block",))
+def selected_attention(q, k, v, block_indices, scale, *, block):
+  return _selected(q, k, v, block_indices, scale, block).astype(q.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("window",))
+def sliding_window_attention(q, k, v, scale, *, window):
+  return _window(q, k, v, scale, window).astype(q.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def nsa_attention(q, k, v, gates, k_cmp, v_cmp, scale, *, config: NSAConfig):
+  """The three branches mixed per head (SPEC.md); `[B, T, Hq, Dv]` in q.dtype."""
+  o_cmp, _ = _compressed(q, k_cmp, v_cmp, scale, config.cmp_block, config.cmp_stride)
+  block_indices = select_blocks(q, k_cmp, scale, config=config)
+  o_slc = _selected(q, k, v, block_indices, scale, config.slc_block)
+  o_swa = _window(q, k, v, scale, config.window)
+  return combine_branches(o_cmp, o_slc, o_swa, gates).astype(q.dtype)

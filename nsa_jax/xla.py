@@ -1,0 +1,269 @@
+"""Memory-efficient NSA in pure JAX: the default on CPU and the fallback on every backend.
+
+Every branch is written as a function of one query chunk of one KV head group, `q_chunk [C, G, Dk]`
+(the G query heads of a group share keys and selected blocks), vmapped over batch and KV heads and
+mapped over chunks with `lax.map`. Each chunk body is rematerialised (`jax.checkpoint`), so the
+backward pass also holds one chunk's intermediates at a time: peak memory is O(T * (n*l' + w + Tc))
+per chunk of C queries instead of O(T^2). Arguments are assumed validated by `nsa_jax.ops`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from nsa_jax.attention_math import attention_scores, combine_branches, masked_attention
+from nsa_jax.attention_math import masked_softmax
+from nsa_jax.block_selection import canonical_block_indices, slc_scores_from_cmp_probs
+from nsa_jax.block_selection import top_n_blocks
+from nsa_jax.config import NSAConfig, num_cmp_blocks
+
+# Queries per chunk: large enough to keep the matmuls efficient, small enough that one chunk's
+# gathered selected keys ([C, n*l', D], 32 MiB in float32 at the paper config, D=128) stay modest.
+QUERY_CHUNK = 128
+
+
+def _chunk_size(seq_len: int, query_chunk: int) -> int:
+  return min(query_chunk, seq_len)
+
+
+def _chunk_queries(q, num_kv_heads, chunk):
+  """`[B, T, Hq, D]` -> `[B, Hkv, NC, C, G, D]`, T zero-padded to `NC * C`."""
+  b, t, hq, d = q.shape
+  num_chunks = -(-t // chunk)
+  q = jnp.pad(q, [(0, 0), (0, num_chunks * chunk - t), (0, 0), (0, 0)])
+  q = q.reshape(b, num_chunks, chunk, num_kv_heads, hq // num_kv_heads, d)
+  return q.transpose(0, 3, 1, 2, 4, 5)
+
+
+def _unchunk(x, seq_len):
+  """`[B, Hkv, NC, C, G, ...]` -> `[B, T, Hq, ...]`."""
+  b, hkv, nc, c, g = x.shape[:5]
+  x = jnp.moveaxis(x, 1, 3)  # [B, NC, C, Hkv, G, ...]
+  return x.reshape(b, nc * c, hkv * g, *x.shape[5:])[:, :seq_len]
+
+
+def _chunk_rows(x, chunk):
+  """Per-query data `[B, T, Hkv, ...]` -> `[B, Hkv, NC, C, ...]`, T padded to `NC * C`."""
+  b, t, hkv = x.shape[:3]
+  num_chunks = -(-t // chunk)
+  x = jnp.pad(x, [(0, 0), (0, num_chunks * chunk - t)] + [(0, 0)] * (x.ndim - 2))
+  x = x.reshape(b, num_chunks, chunk, hkv, *x.shape[3:])
+  return jnp.moveaxis(x, 3, 1)
+
+
+def _heads_first(x):
+  """`[B, S, Hkv, D]` -> `[B, Hkv, S, D]`."""
+  return x.transpose(0, 2, 1, 3)
+
+
+def _map_query_chunks(chunk_fn, q_chunks, per_chunk=(), per_group=()):
+  """Runs `chunk_fn(chunk_index, q_chunk, *per_chunk_c, *per_group_g)` over all (b, g, chunk).
+
+  Args:
+    chunk_fn: a function of one chunk of one KV group; returns a pytree of arrays.
+    q_chunks: `[B, Hkv, NC, C, G, Dk]`.
+    per_chunk: arrays `[B, Hkv, NC, ...]` sliced per chunk.
+    per_group: arrays `[B, Hkv, ...]` shared by all chunks of a group (keys, values).
+
+  Returns:
+    `chunk_fn`'s outputs stacked as `[B, Hkv, NC, ...]`.
+  """
+  num_chunks = q_chunks.shape[2]
+
+  def one_group(q_group, chunk_args, group_args):
+    @jax.checkpoint
+    def body(xs):
+      chunk_index, q_chunk, chunk_vals = xs
+      return chunk_fn(chunk_index, q_chunk, *chunk_vals, *group_args)
+    return jax.lax.map(body, (jnp.arange(num_chunks), q_group, chunk_args))
+
+  return jax.vmap(jax.vmap(one_group))(q_chunks, tuple(per_chunk), tuple(per_group))
+
+
+# ---------------------------------------------------------------------------------------------
+# Compression branch (and the selection scores that reuse its probabilities)
+
+
+def compress_kv(k, v, block, stride):
+  """Mean pooling through stride-`d` sub-block sums: O(T) memory. `[B, T, Hkv, D]` -> `[B, Tc, ...]`."""
+  num_blocks = num_cmp_blocks(k.shape[1], block, stride)
+  per_block = block // stride
+
+  def pool(x):
+    num_sub = num_blocks + per_block - 1  # sub-blocks touched by the compressed blocks
+    sub_sums = x[:, :num_sub * stride].astype(jnp.float32)
+    sub_sums = sub_sums.reshape(x.shape[0], num_sub, stride, *x.shape[2:]).sum(2)
+    total = sum(sub_sums[:, r:r + num_blocks] for r in range(per_block))
+    return (total / block).astype(x.dtype)
+
+  return pool(k), pool(v)
+
+
+def _cmp_probs(chunk_index, q_chunk, k_cmp, scale, block, stride):
+  """Probabilities of one chunk over the compressed blocks: `([C, G, Tc], lse [C, G])`."""
+  chunk = q_chunk.shape[0]
+  query_pos = chunk_index * chunk + jnp.arange(chunk)  # [C]
+  last_token = jnp.arange(k_cmp.shape[0]) * stride + block - 1  # [Tc]
+  visible = (last_token[None, :] <= query_pos[:, None])[:, None, :]  # [C, 1, Tc]
+  return masked_softmax(attention_scores(q_chunk, k_cmp, scale), visible)
+
+
+def _chunk_block_indices(chunk_index, probs, config, num_slc):
+  """Block indices `[C, n]` from one chunk's compressed probabilities `probs [C, G, Tc]`."""
+  chunk = probs.shape[0]
+  score = slc_scores_from_cmp_probs(probs.sum(axis=1), config, num_slc)  # group sum -> [C, Ts]
+  return top_n_blocks(score, chunk_index * chunk + jnp.arange(chunk), config)
+
+
+def _selection_chunk(chunk_index, q_chunk, k_cmp, scale, config, num_slc):
+  probs, _ = _cmp_probs(chunk_index, q_chunk, k_cmp, scale, config.cmp_block, config.cmp_stride)
+  return _chunk_block_indices(chunk_index, jax.lax.stop_gradient(probs), config, num_slc)
+
+
+def _compressed_chunk(chunk_index, q_chunk, k_cmp, v_cmp, scale, block, stride, select, num_slc):
+  """`(out [C, G, Dv], lse [C, G])`, plus the block indices `[C, n]` when `select` is a config."""
+  probs, lse = _cmp_probs(chunk_index, q_chunk, k_cmp, scale, block, stride)
+  out = jnp.einsum("cgi,id->cgd", probs, v_cmp.astype(jnp.float32),
+                   precision=jax.lax.Precision.HIGHEST)
+  if select is None:
+    return out, lse
+  # The fusion: selection reuses these probabilities instead of recomputing q . k_cmp.
+  return out, lse, _chunk_block_indices(chunk_index, jax.lax.stop_gradient(probs), select, num_slc)
+
+
+def _empty_selection(b, t, num_kv_heads, config):
+  """T < l: every score is 0, so the forced blocks and then the lowest candidates are chosen."""
+  score = jnp.zeros((b, t, num_kv_heads, config.num_slc_blocks(t)), jnp.float32)
+  return top_n_blocks(score, jnp.arange(t)[:, None], config)
+
+
+def _unchunk_indices(idx, t):
+  """`[B, Hkv, NC, C, n]` -> `[B, T, Hkv, n]`."""
+  b, hkv, nc, c, n = idx.shape
+  return jnp.moveaxis(idx, 1, 3).reshape(b, nc * c, hkv, n)[:, :t]
+
+
+def _compressed(q, k_cmp, v_cmp, scale, block, stride, query_chunk, select=None):
+  """float32 `(out [B, T, Hq, Dv], lse [B, T, Hq])`, and `block_indices` if `select` is a config."""
+  b, t, hq, _ = q.shape
+  num_kv_heads = k_cmp.shape[2]
+  if k_cmp.shape[1] == 0:  # T < l: no query sees a block
+    out = jnp.zeros((b, t, hq, v_cmp.shape[-1]), jnp.float32)
+    lse = jnp.full((b, t, hq), -jnp.inf, jnp.float32)
+    return (out, lse) if select is None else (out, lse, _empty_selection(b, t, num_kv_heads, select))
+  chunk = _chunk_size(t, query_chunk)
+  num_slc = None if select is None else select.num_slc_blocks(t)
+  fn = functools.partial(_compressed_chunk, scale=scale, block=block, stride=stride,
+                         select=select, num_slc=num_slc)
+  results = _map_query_chunks(fn, _chunk_queries(q, num_kv_heads, chunk),
+                              per_group=(_heads_first(k_cmp), _heads_first(v_cmp)))
+  out, lse = _unchunk(results[0], t), _unchunk(results[1], t)
+  return (out, lse) if select is None else (out, lse, _unchunk_indices(results[2], t))
+
+
+@functools.partial(jax.jit, static_argnames=("block", "stride", "query_chunk"))
+def compressed_attention(q, k_cmp, v_cmp, scale, *, block, stride, query_chunk=QUERY_CHUNK):
+  out, lse = _compressed(q, k_cmp, v_cmp, scale, block, stride, query_chunk)
+  return out.astype(q.dtype), lse
+
+
+@functools.partial(jax.jit, static_argnames=("config", "query_chunk"))
+def select_blocks(q, k_cmp, scale, *, config: NSAConfig, query_chunk=QUERY_CHUNK):
+  b, t = q.shape[:2]
+  num_kv_heads = k_cmp.shape[2]
+  if k_cmp.shape[1] == 0:
+    return _empty_selection(b, t, num_kv_heads, config)
+  chunk = _chunk_size(t, query_chunk)
+  fn = functools.partial(_selection_chunk, scale=scale, config=config,
+                         num_slc=config.num_slc_blocks(t))
+  idx = _map_query_chunks(fn, _chunk_queries(q, num_kv_heads, chunk),
+                          per_group=(_heads_first(k_cmp),))
+  return _unchunk_indices(idx, t)
+
+
+# ---------------------------------------------------------------------------------------------
+# Selection branch
+
+
+def _selected_chunk(chunk_index, q_chunk, idx_chunk, k_padded, v_padded, scale, block):
+  """One chunk `q_chunk [C, G, Dk]` over its gathered blocks `idx_chunk [C, n]` -> `[C, G, Dv]`."""
+  chunk = q_chunk.shape[0]
+  query_pos = chunk_index * chunk + jnp.arange(chunk)  # [C]
+  tokens = idx_chunk[:, :, None] * block + jnp.arange(block)  # [C, n, l']
+  keep = (idx_chunk[:, :, None] >= 0) & (tokens <= query_pos[:, None, None])
+  tokens = jnp.where(idx_chunk[:, :, None] >= 0, tokens, 0).reshape(chunk, -1)  # [C, n*l']
+  out, _ = masked_attention(q_chunk, k_padded[tokens], v_padded[tokens],
+                            keep.reshape(chunk, 1, -1), scale)
+  return out
+
+
+def _selected(q, k, v, block_indices, scale, block, query_chunk):
+  b, t = q.shape[:2]
+  num_slc = -(-t // block)
+  chunk = _chunk_size(t, query_chunk)
+  idx = canonical_block_indices(block_indices, num_slc)
+  pad = [(0, 0), (0, num_slc * block - t), (0, 0), (0, 0)]  # every selected block is whole
+  fn = functools.partial(_selected_chunk, scale=scale, block=block)
+  out = _map_query_chunks(fn, _chunk_queries(q, k.shape[2], chunk),
+                          per_chunk=(_chunk_rows(idx, chunk),),
+                          per_group=(_heads_first(jnp.pad(k, pad)), _heads_first(jnp.pad(v, pad))))
+  return _unchunk(out, t)
+
+
+@functools.partial(jax.jit, static_argnames=("block", "query_chunk"))
+def selected_attention(q, k, v, block_indices, scale, *, block, query_chunk=QUERY_CHUNK):
+  return _selected(q, k, v, block_indices, scale, block, query_chunk).astype(q.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sliding-window branch
+
+
+def _window_chunk(chunk_index, q_chunk, k_padded, v_padded, scale, window):
+  """One chunk over the keys `[c0 - w + 1, c0 + C)` it can see; `k_padded` has `w - 1` zeros first."""
+  chunk, heads = q_chunk.shape[:2]
+  span = chunk + window - 1
+  start = chunk_index * chunk  # in padded coordinates: absolute position start - (w - 1)
+  k_span = jax.lax.dynamic_slice_in_dim(k_padded, start, span)
+  v_span = jax.lax.dynamic_slice_in_dim(v_padded, start, span)
+  key_pos = start - (window - 1) + jnp.arange(span)  # [S]
+  query_pos = start + jnp.arange(chunk)  # [C]
+  keep = ((key_pos[None, :] >= 0) & (key_pos[None, :] <= query_pos[:, None])
+          & (key_pos[None, :] > query_pos[:, None] - window))  # [C, S]
+  q_rows = q_chunk.reshape(chunk * heads, -1)  # the whole chunk shares one key span
+  out, _ = masked_attention(q_rows, k_span, v_span, jnp.repeat(keep, heads, axis=0), scale)
+  return out.reshape(chunk, heads, -1)
+
+
+def _window(q, k, v, scale, window, query_chunk):
+  b, t = q.shape[:2]
+  window = min(window, t)  # a longer window sees the same keys
+  chunk = _chunk_size(t, query_chunk)
+  num_chunks = -(-t // chunk)
+  pad = [(0, 0), (window - 1, num_chunks * chunk - t), (0, 0), (0, 0)]
+  fn = functools.partial(_window_chunk, scale=scale, window=window)
+  out = _map_query_chunks(fn, _chunk_queries(q, k.shape[2], chunk),
+                          per_group=(_heads_first(jnp.pad(k, pad)), _heads_first(jnp.pad(v, pad))))
+  return _unchunk(out, t)
+
+
+@functools.partial(jax.jit, static_argnames=("window", "query_chunk"))
+def sliding_window_attention(q, k, v, scale, *, window, query_chunk=QUERY_CHUNK):
+  return _window(q, k, v, scale, window, query_chunk).astype(q.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# All three
+
+
+@functools.partial(jax.jit, static_argnames=("config", "query_chunk"))
+def nsa_attention(q, k, v, gates, k_cmp, v_cmp, scale, *, config: NSAConfig,
+                  query_chunk=QUERY_CHUNK):
+  o_cmp, _, block_indices = _compressed(q, k_cmp, v_cmp, scale, config.cmp_block,
+                                        config.cmp_stride, query_chunk, select=config)
+  o_slc = _selected(q, k, v, block_indices, scale, config.slc_block, query_chunk)
+  o_swa = _window(q, k, v, scale, config.window, query_chunk)
+  return combine_branches(o_cmp, o_slc, o_swa, gates).astype(q.dtype)
