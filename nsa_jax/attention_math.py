@@ -1,4 +1,4 @@
-"""Masked softmax attention in float32: the numerically safe core every NSA path shares.
+"""Masked softmax attention with float32 accumulation: the numerically safe core of every NSA path.
 
 Rows whose mask is all false get probabilities 0, output 0 and `lse = -inf`, with finite gradients
 (never NaN): this is how SPEC.md's "fully masked rows contribute nothing" is met everywhere.
@@ -13,9 +13,15 @@ import jax.numpy as jnp
 PRECISION = jax.lax.Precision.HIGHEST
 
 
+def accum_dtype(*arrays):
+  """float32 for 16- and 32-bit inputs, float64 when an input is float64 (gradient checks)."""
+  return jnp.result_type(jnp.float32, *(x.dtype for x in arrays))
+
+
 def attention_scores(q, k, scale):
-  """`scale * q . k` in float32: `q [..., M, Dk]`, `k [..., S, Dk]` -> `[..., M, S]`."""
-  return jnp.einsum("...md,...sd->...ms", q.astype(jnp.float32), k.astype(jnp.float32),
+  """`scale * q . k` in `accum_dtype`: `q [..., M, Dk]`, `k [..., S, Dk]` -> `[..., M, S]`."""
+  dtype = accum_dtype(q, k)
+  return jnp.einsum("...md,...sd->...ms", q.astype(dtype), k.astype(dtype),
                     precision=PRECISION) * scale
 
 
@@ -23,11 +29,11 @@ def masked_softmax(scores, mask):
   """Softmax over the last axis restricted to `mask`.
 
   Args:
-    scores: float32 `[..., M, S]`.
+    scores: `[..., M, S]`, float32 (or float64).
     mask: bool, broadcastable to `scores`.
 
   Returns:
-    `(probs [..., M, S], lse [..., M])`, float32; masked entries and empty rows have probability 0,
+    `(probs [..., M, S], lse [..., M])` in the dtype of `scores`; masked entries and empty rows have probability 0,
     empty rows have `lse = -inf`.
   """
   masked = jnp.where(mask, scores, -jnp.inf)
@@ -45,20 +51,21 @@ def masked_softmax(scores, mask):
 def masked_attention(q, k, v, mask, scale):
   """Softmax attention of `q [..., M, Dk]` over `k [..., S, Dk]`, `v [..., S, Dv]` where `mask`.
 
-  Returns `(out [..., M, Dv], lse [..., M])` in float32; empty rows give zeros and `-inf`.
+  Returns `(out [..., M, Dv], lse [..., M])` in `accum_dtype`; empty rows give zeros and `-inf`.
   """
   probs, lse = masked_softmax(attention_scores(q, k, scale), mask)
-  out = jnp.einsum("...ms,...sd->...md", probs, v.astype(jnp.float32), precision=PRECISION)
+  out = jnp.einsum("...ms,...sd->...md", probs, v.astype(probs.dtype), precision=PRECISION)
   return out, lse
 
 
 def combine_branches(o_cmp, o_slc, o_swa, gates):
-  """`g_cmp * o_cmp + g_slc * o_slc + g_swa * o_swa` in float32 (a plain sum when `gates` is None).
+  """`g_cmp * o_cmp + g_slc * o_slc + g_swa * o_swa` in `accum_dtype` (plain sum if `gates` is None).
 
   `o_* [B, T, Hq, Dv]`, `gates [B, T, Hq, 3]` (order cmp, slc, swa) or None.
   """
-  branches = [o.astype(jnp.float32) for o in (o_cmp, o_slc, o_swa)]
+  dtype = accum_dtype(o_cmp, o_slc, o_swa)
+  branches = [o.astype(dtype) for o in (o_cmp, o_slc, o_swa)]
   if gates is None:
     return branches[0] + branches[1] + branches[2]
-  gates = gates.astype(jnp.float32)[..., None]  # [B, T, Hq, 3, 1]
+  gates = gates.astype(dtype)[..., None]  # [B, T, Hq, 3, 1]
   return sum(gates[..., i, :] * branches[i] for i in range(3))

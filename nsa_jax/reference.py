@@ -12,7 +12,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from nsa_jax.attention_math import attention_scores, combine_branches, masked_attention
+from nsa_jax.attention_math import accum_dtype, attention_scores, combine_branches
+from nsa_jax.attention_math import masked_attention
 from nsa_jax.attention_math import masked_softmax
 from nsa_jax.config import NSAConfig, num_cmp_blocks
 
@@ -46,7 +47,7 @@ def compress_kv(k, v, block, stride):
   """Mean of each compressed block `[i*d, i*d + l)`: `[B, T, Hkv, D]` -> `[B, Tc, Hkv, D]`."""
   num_blocks = num_cmp_blocks(k.shape[1], block, stride)
   tokens = jnp.arange(num_blocks)[:, None] * stride + jnp.arange(block)[None, :]  # [Tc, l]
-  pool = lambda x: jnp.mean(x[:, tokens].astype(jnp.float32), axis=2).astype(x.dtype)
+  pool = lambda x: jnp.mean(x[:, tokens].astype(accum_dtype(x)), axis=2).astype(x.dtype)
   return pool(k), pool(v)
 
 
@@ -57,7 +58,7 @@ def _cmp_visible(seq_len, num_blocks, block, stride):
 
 
 def _compressed(q, k_cmp, v_cmp, scale, block, stride):
-  """`(out [B, T, Hq, Dv], lse [B, T, Hq])`, both float32."""
+  """`(out [B, T, Hq, Dv], lse [B, T, Hq])`, both in `accum_dtype` (float32 unless float64)."""
   visible = _cmp_visible(q.shape[1], k_cmp.shape[1], block, stride)
   return _attend(q, k_cmp, v_cmp, visible, scale)
 
@@ -75,11 +76,11 @@ def _overlap_matrix(num_cmp, num_slc, block, stride, slc_block):
   slc_start = jnp.arange(num_slc)[None, :] * slc_block
   overlap = (jnp.minimum(cmp_start + block, slc_start + slc_block)
              - jnp.maximum(cmp_start, slc_start))
-  return jnp.maximum(overlap, 0).astype(jnp.float32) / stride
+  return jnp.maximum(overlap, 0) // stride  # exact: both intervals start and end on multiples of d
 
 
 def selection_scores(q, k_cmp, scale, config: NSAConfig):
-  """`score [B, T, Hkv, Ts]` float32 (SPEC.md, selection steps 1-3)."""
+  """`score [B, T, Hkv, Ts]` in `accum_dtype` (SPEC.md, selection steps 1-3)."""
   seq_len, num_kv_heads = q.shape[1], k_cmp.shape[2]
   num_cmp, num_slc = k_cmp.shape[1], config.num_slc_blocks(seq_len)
   visible = _cmp_visible(seq_len, num_cmp, config.cmp_block, config.cmp_stride)
@@ -88,7 +89,8 @@ def selection_scores(q, k_cmp, scale, config: NSAConfig):
   p_grp = jnp.sum(p_cmp, axis=2)  # [B, Hkv, T, Tc]
   overlap = _overlap_matrix(num_cmp, num_slc, config.cmp_block, config.cmp_stride,
                             config.slc_block)
-  score = jnp.einsum("bhti,ij->bhtj", p_grp, overlap, precision=jax.lax.Precision.HIGHEST)
+  score = jnp.einsum("bhti,ij->bhtj", p_grp, overlap.astype(p_grp.dtype),
+                     precision=jax.lax.Precision.HIGHEST)
   return score.transpose(0, 2, 1, 3)
 
 
@@ -120,7 +122,7 @@ def select_blocks(q, k_cmp, scale, *, config: NSAConfig):
 
 
 def _selected(q, k, v, block_indices, scale, block):
-  """Each query attends the tokens `s <= t` of its group's chosen blocks; float32 `[B, T, Hq, Dv]`."""
+  """Each query attends the tokens `s <= t` of its group's chosen blocks; `[B, T, Hq, Dv]`."""
   seq_len = q.shape[1]
   num_slc = -(-seq_len // block)
   # chosen[b, t, g, j]: block j is among the (valid) indices; -1 and j >= Ts match nothing.
@@ -133,7 +135,7 @@ def _selected(q, k, v, block_indices, scale, block):
 
 
 def _window(q, k, v, scale, window):
-  """Query `t` attends `t - w < s <= t`; float32 `[B, T, Hq, Dv]`."""
+  """Query `t` attends `t - w < s <= t`; `[B, T, Hq, Dv]` in `accum_dtype`."""
   t = jnp.arange(q.shape[1])
   mask = (t[None, :] <= t[:, None]) & (t[None, :] > t[:, None] - window)
   return _attend(q, k, v, mask, scale)[0]

@@ -14,7 +14,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from nsa_jax.attention_math import attention_scores, combine_branches, masked_attention
+from nsa_jax.attention_math import accum_dtype, combine_branches, masked_attention
+from nsa_jax.attention_math import attention_scores
 from nsa_jax.attention_math import masked_softmax
 from nsa_jax.block_selection import canonical_block_indices, slc_scores_from_cmp_probs
 from nsa_jax.block_selection import top_n_blocks
@@ -93,8 +94,10 @@ def compress_kv(k, v, block, stride):
   per_block = block // stride
 
   def pool(x):
+    if num_blocks == 0:
+      return jnp.zeros((x.shape[0], 0) + x.shape[2:], x.dtype)
     num_sub = num_blocks + per_block - 1  # sub-blocks touched by the compressed blocks
-    sub_sums = x[:, :num_sub * stride].astype(jnp.float32)
+    sub_sums = x[:, :num_sub * stride].astype(accum_dtype(x))
     sub_sums = sub_sums.reshape(x.shape[0], num_sub, stride, *x.shape[2:]).sum(2)
     total = sum(sub_sums[:, r:r + num_blocks] for r in range(per_block))
     return (total / block).astype(x.dtype)
@@ -126,7 +129,7 @@ def _selection_chunk(chunk_index, q_chunk, k_cmp, scale, config, num_slc):
 def _compressed_chunk(chunk_index, q_chunk, k_cmp, v_cmp, scale, block, stride, select, num_slc):
   """`(out [C, G, Dv], lse [C, G])`, plus the block indices `[C, n]` when `select` is a config."""
   probs, lse = _cmp_probs(chunk_index, q_chunk, k_cmp, scale, block, stride)
-  out = jnp.einsum("cgi,id->cgd", probs, v_cmp.astype(jnp.float32),
+  out = jnp.einsum("cgi,id->cgd", probs, v_cmp.astype(probs.dtype),
                    precision=jax.lax.Precision.HIGHEST)
   if select is None:
     return out, lse
@@ -136,7 +139,7 @@ def _compressed_chunk(chunk_index, q_chunk, k_cmp, v_cmp, scale, block, stride, 
 
 def _empty_selection(b, t, num_kv_heads, config):
   """T < l: every score is 0, so the forced blocks and then the lowest candidates are chosen."""
-  score = jnp.zeros((b, t, num_kv_heads, config.num_slc_blocks(t)), jnp.float32)
+  score = jnp.zeros((b, t, num_kv_heads, config.num_slc_blocks(t)))
   return top_n_blocks(score, jnp.arange(t)[:, None], config)
 
 
@@ -147,12 +150,13 @@ def _unchunk_indices(idx, t):
 
 
 def _compressed(q, k_cmp, v_cmp, scale, block, stride, query_chunk, select=None):
-  """float32 `(out [B, T, Hq, Dv], lse [B, T, Hq])`, and `block_indices` if `select` is a config."""
+  """`(out [B, T, Hq, Dv], lse [B, T, Hq])` in `accum_dtype`, and `block_indices` if `select`."""
   b, t, hq, _ = q.shape
   num_kv_heads = k_cmp.shape[2]
   if k_cmp.shape[1] == 0:  # T < l: no query sees a block
-    out = jnp.zeros((b, t, hq, v_cmp.shape[-1]), jnp.float32)
-    lse = jnp.full((b, t, hq), -jnp.inf, jnp.float32)
+    dtype = accum_dtype(q, k_cmp, v_cmp)
+    out = jnp.zeros((b, t, hq, v_cmp.shape[-1]), dtype)
+    lse = jnp.full((b, t, hq), -jnp.inf, dtype)
     return (out, lse) if select is None else (out, lse, _empty_selection(b, t, num_kv_heads, select))
   chunk = _chunk_size(t, query_chunk)
   num_slc = None if select is None else select.num_slc_blocks(t)

@@ -1,0 +1,35 @@
+# The two README commands: `make demo` (the main job) and `make test` (the suite CI runs).
+# Both create .venv with the checkout's Python (3.12, selected by .python-version) on first use.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-gpu bench-cpu clean
+
+$(STAMP): setup.py requirements/constraints.txt
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 12), \
+		f"nsa-jax needs Python >= 3.12 (JAX 0.11.2); {sys.executable} is {sys.version.split()[0]}"'
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c requirements/constraints.txt -e ".[test,experiments]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m experiments.compare --config experiments/configs/compare_cpu.py
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n 2 tests
+
+# On a GPU machine (already has JAX with CUDA): the GPU-marked tests at real sizes.
+test-gpu:
+	$(PYTHON) -m pytest -q -m gpu tests
+
+bench-cpu: $(STAMP)
+	$(PY) -m experiments.bench_xla_cpu
+
+clean:
+	rm -rf $(VENV) build *.egg-info

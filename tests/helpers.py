@@ -1,0 +1,68 @@
+"""Shared test helpers: fresh random inputs and per-dtype tolerances."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Tolerances of an implementation against the float32 oracle on the same (rounded) inputs. Paths
+# that accumulate in float32 differ from the oracle by summation order (float32) plus the final
+# rounding to the input dtype (half types).
+TOLERANCES = {
+    jnp.float32: dict(atol=2e-5, rtol=2e-5),
+    jnp.bfloat16: dict(atol=2e-2, rtol=2e-2),
+    jnp.float16: dict(atol=3e-3, rtol=3e-3),
+}
+# Gradients: relative L2 error of the whole gradient tensor.
+GRAD_RTOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2, jnp.float16: 3e-3}
+
+_seed = itertools.count(1234)
+
+
+def fresh_key():
+  """A new PRNG key per call: every check draws its own inputs (reproducible run to run)."""
+  return jax.random.key(next(_seed))
+
+
+def random_qkv(batch, seq_len, num_heads, num_kv_heads, head_dim, head_dim_v=None,
+               dtype=jnp.float32, key=None):
+  """Normal `q [B, T, Hq, Dk]`, `k [B, T, Hkv, Dk]`, `v [B, T, Hkv, Dv]`."""
+  key = fresh_key() if key is None else key
+  kq, kk, kv = jax.random.split(key, 3)
+  head_dim_v = head_dim if head_dim_v is None else head_dim_v
+  q = jax.random.normal(kq, (batch, seq_len, num_heads, head_dim), jnp.float32).astype(dtype)
+  k = jax.random.normal(kk, (batch, seq_len, num_kv_heads, head_dim), jnp.float32).astype(dtype)
+  v = jax.random.normal(kv, (batch, seq_len, num_kv_heads, head_dim_v), jnp.float32).astype(dtype)
+  return q, k, v
+
+
+def random_gates(q):
+  """Sigmoid gates `[B, T, Hq, 3]` in q.dtype."""
+  shape = q.shape[:3] + (3,)
+  return jax.nn.sigmoid(jax.random.normal(fresh_key(), shape)).astype(q.dtype)
+
+
+def assert_close(actual, expected, dtype=jnp.float32, **override):
+  tol = dict(TOLERANCES[jnp.dtype(dtype).type], **override)
+  actual = np.asarray(jnp.asarray(actual, jnp.float32))
+  expected = np.asarray(jnp.asarray(expected, jnp.float32))
+  assert np.all(np.isfinite(actual)), "non-finite values"
+  np.testing.assert_allclose(actual, expected, **tol)
+
+
+def assert_grads_close(actual, expected, dtype=jnp.float32):
+  """Relative L2 error of each gradient below `GRAD_RTOL[dtype]`."""
+  for i, (a, e) in enumerate(zip(actual, expected)):
+    a = np.asarray(jnp.asarray(a, jnp.float32))
+    e = np.asarray(jnp.asarray(e, jnp.float32))
+    assert np.all(np.isfinite(a)), f"gradient {i}: non-finite values"
+    err = np.linalg.norm(a - e) / max(np.linalg.norm(e), 1e-30)
+    assert err < GRAD_RTOL[jnp.dtype(dtype).type], f"gradient {i}: relative error {err:.2e}"
+
+
+def has_gpu():
+  try:
+    return bool(jax.devices("gpu"))
+  except RuntimeError:
+    return False
