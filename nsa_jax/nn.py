@@ -1,0 +1,208 @@
+"""Flax NNX layers: `NativeSparseAttention` and a `DenseAttention` with the same interface.
+
+Both map `x [B, T, features] -> [B, T, features]` with causal GQA attention and RoPE, so a model
+switches between them with one config field (`make_attention(kind, ...)`). The NSA layer adds the
+paper's learned compression `phi`, sigmoid branch gates and optional per-branch K/V projections.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nsa_jax import ops
+from nsa_jax.config import NSAConfig
+
+COMPRESSIONS = ("mlp", "mean")
+GATINGS = ("sigmoid", "sum")
+
+
+def apply_rope(x, positions, theta: float = 10000.0):
+  """Rotary position embedding (half-split layout) of `x [B, T, H, D]` at `positions [T]`.
+
+  Computed in float32, returned in x.dtype. D must be even.
+  """
+  half = x.shape[-1] // 2
+  inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [D/2]
+  angle = positions.astype(jnp.float32)[:, None] * inv_freq  # [T, D/2]
+  cos, sin = jnp.cos(angle)[:, None, :], jnp.sin(angle)[:, None, :]  # [T, 1, D/2]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class LearnedCompression(nnx.Module):
+  """The paper's `phi`: an MLP over each flattened `l x D` block plus an intra-block position embedding.
+
+  Maps `x [B, T, H, D]` to `[B, Tc, H, D]` with compressed block `i` made of tokens
+  `[i*stride, i*stride + block)`; the weights are shared by all heads.
+  """
+
+  def __init__(self, block: int, stride: int, head_dim: int, *, hidden: int | None = None,
+               dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    self.block, self.stride = block, stride
+    hidden = hidden or head_dim
+    self.position = nnx.Param(
+        nnx.initializers.normal(0.02)(rngs.params(), (block, head_dim), param_dtype))
+    self.hidden = nnx.Linear(block * head_dim, hidden, dtype=dtype, param_dtype=param_dtype,
+                             rngs=rngs)
+    self.out = nnx.Linear(hidden, head_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, x):
+    b, t, h, d = x.shape
+    num_blocks = (t - self.block) // self.stride + 1 if t >= self.block else 0
+    if num_blocks == 0:
+      return jnp.zeros((b, 0, h, d), x.dtype)
+    tokens = jnp.arange(num_blocks)[:, None] * self.stride + jnp.arange(self.block)  # [Tc, l]
+    blocks = jnp.moveaxis(x[:, tokens], 3, 2)  # [B, Tc, H, l, D]
+    blocks = blocks + self.position[...].astype(x.dtype)
+    flat = blocks.reshape(b, num_blocks, h, self.block * d)
+    return self.out(nnx.gelu(self.hidden(flat))).astype(x.dtype)
+
+
+class _CausalAttentionBase(nnx.Module):
+  """Query projection, RoPE and output projection shared by the two layers."""
+
+  def __init__(self, num_features, num_heads, num_kv_heads, head_dim, head_dim_v, rope_theta,
+               num_kv_sets, dtype, param_dtype, rngs):
+    if num_heads % num_kv_heads:
+      raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads "
+                       f"({num_kv_heads})")
+    if head_dim % 2:
+      raise ValueError(f"head_dim must be even for RoPE, got {head_dim}")
+    self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+    self.head_dim, self.head_dim_v = head_dim, head_dim_v or head_dim
+    self.rope_theta, self.num_kv_sets = rope_theta, num_kv_sets
+    linear = lambda i, o: nnx.Linear(i, o, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                                     rngs=rngs)
+    self.q_proj = linear(num_features, num_heads * head_dim)
+    self.k_proj = linear(num_features, num_kv_sets * num_kv_heads * head_dim)
+    self.v_proj = linear(num_features, num_kv_sets * num_kv_heads * self.head_dim_v)
+    self.o_proj = linear(num_heads * self.head_dim_v, num_features)
+
+  def _project(self, x):
+    """`x [B, T, F]` -> `q [B, T, Hq, Dk]` and lists of `num_kv_sets` keys / values, RoPE applied."""
+    b, t, _ = x.shape
+    positions = jnp.arange(t)
+    q = apply_rope(self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim), positions,
+                   self.rope_theta)
+    k = self.k_proj(x).reshape(b, t, self.num_kv_sets, self.num_kv_heads, self.head_dim)
+    v = self.v_proj(x).reshape(b, t, self.num_kv_sets, self.num_kv_heads, self.head_dim_v)
+    keys = [apply_rope(k[:, :, i], positions, self.rope_theta) for i in range(self.num_kv_sets)]
+    values = [v[:, :, i] for i in range(self.num_kv_sets)]
+    return q, keys, values
+
+  def _output(self, out):
+    b, t = out.shape[:2]
+    return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim_v))
+
+
+class NativeSparseAttention(_CausalAttentionBase):
+  """NSA self-attention layer (Yuan et al., 2025): `x [B, T, num_features] -> [B, T, num_features]`.
+
+  Args:
+    num_features: model width F.
+    num_heads: query heads Hq.
+    num_kv_heads: key/value heads Hkv (GQA group `Hq // Hkv`, which shares selected blocks).
+    head_dim: Dk (even, for RoPE).
+    head_dim_v: Dv, default Dk.
+    config: the `NSAConfig`.
+    compression: "mlp" (the paper's learned `phi`) or "mean" (mean pooling, the tutorial's).
+    gating: "sigmoid" (per-head gates from a linear map of x, the paper's) or "sum" (tutorial).
+    separate_kv: independent K/V projections per branch (paper section 3.3.3) instead of one.
+    rope_theta: RoPE base.
+    implementation: passed to the functional ops (None picks the best for the backend).
+    dtype, param_dtype: computation and parameter dtypes.
+    rngs: `nnx.Rngs` (keyword-only).
+  """
+
+  def __init__(self, num_features: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
+               head_dim_v: int | None = None, config: NSAConfig = NSAConfig(),
+               compression: str = "mlp", gating: str = "sigmoid", separate_kv: bool = False,
+               rope_theta: float = 10000.0, implementation: str | None = None, dtype=None,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    if compression not in COMPRESSIONS:
+      raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
+    if gating not in GATINGS:
+      raise ValueError(f"gating must be one of {GATINGS}, got {gating!r}")
+    super().__init__(num_features, num_heads, num_kv_heads, head_dim, head_dim_v, rope_theta,
+                     3 if separate_kv else 1, dtype, param_dtype, rngs)
+    self.config, self.compression, self.gating = config, compression, gating
+    self.implementation = implementation
+    if compression == "mlp":
+      make = lambda d: LearnedCompression(config.cmp_block, config.cmp_stride, d, dtype=dtype,
+                                          param_dtype=param_dtype, rngs=rngs)
+      self.k_compress, self.v_compress = make(head_dim), make(self.head_dim_v)
+    if gating == "sigmoid":
+      self.gate_proj = nnx.Linear(num_features, num_heads * 3, dtype=dtype,
+                                  param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, x):
+    b, t, _ = x.shape
+    q, keys, values = self._project(x)
+    k_cmp_src, v_cmp_src = keys[0], values[0]  # the compression branch's K/V (set 0)
+    if self.compression == "mlp":
+      k_cmp, v_cmp = self.k_compress(k_cmp_src), self.v_compress(v_cmp_src)
+    else:
+      k_cmp, v_cmp = ops.compress_kv(k_cmp_src, v_cmp_src, block=self.config.cmp_block,
+                                     stride=self.config.cmp_stride)
+    gates = None
+    if self.gating == "sigmoid":
+      gates = jax.nn.sigmoid(self.gate_proj(x).reshape(b, t, self.num_heads, 3).astype(jnp.float32))
+      gates = gates.astype(q.dtype)
+    if self.num_kv_sets == 1:
+      out = ops.nsa_attention(q, keys[0], values[0], config=self.config, gates=gates, k_cmp=k_cmp,
+                              v_cmp=v_cmp, implementation=self.implementation)
+    else:
+      out = self._separate_branches(q, keys, values, k_cmp, v_cmp, gates)
+    return self._output(out)
+
+  def _separate_branches(self, q, keys, values, k_cmp, v_cmp, gates):
+    """The three branches on their own K/V (sets 0: cmp, 1: slc, 2: swa), mixed per head."""
+    cfg, impl = self.config, self.implementation
+    o_cmp, _ = ops.compressed_attention(q, k_cmp, v_cmp, block=cfg.cmp_block,
+                                        stride=cfg.cmp_stride, implementation=impl)
+    block_indices = ops.select_blocks(q, k_cmp, config=cfg, implementation=impl)
+    o_slc = ops.selected_attention(q, keys[1], values[1], block_indices, block=cfg.slc_block,
+                                   implementation=impl)
+    o_swa = ops.sliding_window_attention(q, keys[2], values[2], window=cfg.window,
+                                         implementation=impl)
+    branches = jnp.stack([o_cmp, o_slc, o_swa], axis=-2)  # [B, T, Hq, 3, Dv]
+    if gates is None:
+      return branches.sum(-2)
+    return jnp.einsum("bthi,bthid->bthd", gates, branches)
+
+
+class DenseAttention(_CausalAttentionBase):
+  """Full causal GQA attention with RoPE, with `NativeSparseAttention`'s interface.
+
+  Args: as `NativeSparseAttention`'s `num_features`, `num_heads`, `num_kv_heads`, `head_dim`,
+  `head_dim_v`, `rope_theta`, `dtype`, `param_dtype`, `rngs`.
+  """
+
+  def __init__(self, num_features: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
+               head_dim_v: int | None = None, rope_theta: float = 10000.0, dtype=None,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    super().__init__(num_features, num_heads, num_kv_heads, head_dim, head_dim_v, rope_theta, 1,
+                     dtype, param_dtype, rngs)
+
+  def __call__(self, x):
+    q, keys, values = self._project(x)
+    return self._output(ops.dense_causal_attention(q, keys[0], values[0]))
+
+
+_NSA_ONLY = ("config", "compression", "gating", "separate_kv", "implementation")
+ATTENTION_KINDS = ("nsa", "dense")
+
+
+def make_attention(kind: str, **kwargs):
+  """`NativeSparseAttention` (kind "nsa") or `DenseAttention` (kind "dense") from one set of kwargs.
+
+  The NSA-only arguments (`config`, `compression`, `gating`, `separate_kv`, `implementation`) are
+  dropped for "dense", so a model config switches attention with one field.
+  """
+  if kind == "nsa":
+    return NativeSparseAttention(**kwargs)
+  if kind == "dense":
+    return DenseAttention(**{k: v for k, v in kwargs.items() if k not in _NSA_ONLY})
+  raise ValueError(f"kind must be one of {ATTENTION_KINDS}, got {kind!r}")
