@@ -1,0 +1,335 @@
+"""Selected-block attention on GPU (Pallas, Triton lowering): forward, dQ and dK/dV kernels.
+
+Group-centric (the paper's kernel design): the `G` query heads of one KV group select the same
+blocks, so one program loads the `G` rows of one query position as the matmul M dimension and loops
+over that position's selected key/value blocks with an online softmax. The backward pass has a dQ
+kernel that mirrors the forward and a dK/dV kernel driven by the inverse map block -> queries
+(`pallas_kernels.block_maps.inverse_block_map`), whose per-item partial sums are added by a segment
+sum: no atomics, no scan over all queries per block.
+
+Layout inside (set up by `selected_attention`): queries as rows `[B, Hkv, T * Gp, Dp]` (position
+`t`'s heads are rows `t*Gp .. t*Gp + Gp - 1`), keys / values `[B, Hkv, Ts * l' + pad, Dp]`. `Gp`,
+`Dp` and the loaded block length `Lp` are powers of two >= 16 (Triton's dot) with zero padding;
+a block of `l'` tokens is loaded as `Lp >= l'` rows and the extra rows are masked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.block_maps import inverse_block_map, max_work_items
+from pallas_kernels.block_maps import sorted_causal_block_indices
+
+LOG2E = math.log2(math.e)
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: keeps max/exp free of inf - inf
+DKV_CHUNK = 256  # most queries one dK/dV work item handles
+
+
+def _pow2(x: int, minimum: int = 16) -> int:
+  return max(minimum, 1 << (x - 1).bit_length())
+
+
+def _dot(a, b, trans_a=False, trans_b=False):
+  # float32 inputs keep float32 precision (no TF32); half inputs use the tensor cores.
+  precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+  return plgpu.dot(a, b, trans_a=trans_a, trans_b=trans_b, precision=precision)
+
+
+def _visible(block_start, query_pos, loaded, block):
+  """`[Lp]`: rows of the loaded block that are in the block and not after the query."""
+  offsets = jnp.arange(loaded)
+  return (offsets < block) & (block_start + offsets <= query_pos)
+
+
+def _log2_scores(q, k, visible, scale):
+  """`scale * log2(e) * q . k`, masked: `[Gp, Lp]` float32."""
+  scores = _dot(q, k, trans_b=True) * (scale * LOG2E)
+  return jnp.where(visible[None, :], scores, MASK_VALUE)
+
+
+def _num_valid(idx_ref):
+  """Slots in use: the sorted indices put them first."""
+  return jnp.sum((idx_ref[...] >= 0).astype(jnp.int32))
+
+
+def _forward_kernel(idx_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, block, loaded):
+  query_pos = pl.program_id(0)
+  q = q_ref[...]  # [Gp, Dkp]
+
+  def body(slot, carry):
+    acc, row_max, row_sum = carry
+    start = idx_ref[slot] * block
+    scores = _log2_scores(q, k_ref[pl.ds(start, loaded), :],
+                          _visible(start, query_pos, loaded, block), scale)
+    new_max = jnp.maximum(row_max, jnp.max(scores, axis=1))
+    correction = jnp.exp2(row_max - new_max)
+    probs = jnp.exp2(scores - new_max[:, None])
+    v = v_ref[pl.ds(start, loaded), :]
+    acc = acc * correction[:, None] + _dot(probs.astype(v.dtype), v)
+    return acc, new_max, row_sum * correction + jnp.sum(probs, axis=1)
+
+  rows = q.shape[0]
+  init = (jnp.zeros((rows, o_ref.shape[1]), jnp.float32),
+          jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32))
+  acc, row_max, row_sum = jax.lax.fori_loop(0, _num_valid(idx_ref), body, init)
+  nonempty = row_sum > 0
+  safe_sum = jnp.where(nonempty, row_sum, 1.0)
+  o_ref[...] = (acc / safe_sum[:, None]).astype(o_ref.dtype)
+  lse_ref[...] = jnp.where(nonempty, row_max + jnp.log2(safe_sum), 0.0)  # base 2
+
+
+def _dq_kernel(idx_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, scale, block,
+               loaded):
+  query_pos = pl.program_id(0)
+  q, do = q_ref[...], do_ref[...]
+  lse, delta = lse_ref[...], delta_ref[...]
+
+  def body(slot, dq):
+    start = idx_ref[slot] * block
+    k = k_ref[pl.ds(start, loaded), :]
+    visible = _visible(start, query_pos, loaded, block)
+    probs = jnp.where(visible[None, :],
+                      jnp.exp2(_log2_scores(q, k, visible, scale) - lse[:, None]), 0.0)
+    dp = _dot(do, v_ref[pl.ds(start, loaded), :], trans_b=True)  # [Gp, Lp]
+    ds = probs * (dp - delta[:, None])
+    return dq + _dot(ds.astype(k.dtype), k)
+
+  dq = jax.lax.fori_loop(0, _num_valid(idx_ref), body, jnp.zeros(q.shape, jnp.float32))
+  dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(items_ref, queries_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref,
+                dv_ref, *, scale, block, loaded, rows, num_blocks):
+  """One work item: `count` queries of one block, `(block, start, count)` in `items_ref`."""
+  block_id = jnp.minimum(items_ref[0], num_blocks - 1)  # unused items: any block, no queries
+  first, count = items_ref[1], items_ref[2]
+  start = block_id * block
+  k = k_ref[pl.ds(start, loaded), :]
+  v = v_ref[pl.ds(start, loaded), :]
+
+  def body(i, carry):
+    dk, dv = carry
+    query_pos = queries_ref[first + i]
+    q_rows = pl.ds(query_pos * rows, rows)
+    q, do = q_ref[q_rows, :], do_ref[q_rows, :]
+    lse, delta = lse_ref[q_rows], delta_ref[q_rows]
+    visible = _visible(start, query_pos, loaded, block)
+    probs = jnp.where(visible[None, :],
+                      jnp.exp2(_log2_scores(q, k, visible, scale) - lse[:, None]), 0.0)
+    dv = dv + _dot(probs.astype(do.dtype), do, trans_a=True)  # [Lp, Dvp]
+    ds = probs * (_dot(do, v, trans_b=True) - delta[:, None])  # [Gp, Lp]
+    dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)  # [Lp, Dkp]
+    return dk, dv
+
+  init = (jnp.zeros(dk_ref.shape, jnp.float32), jnp.zeros(dv_ref.shape, jnp.float32))
+  dk, dv = jax.lax.fori_loop(0, count, body, init)
+  dk_ref[...] = dk * scale
+  dv_ref[...] = dv
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+  """Padded sizes of one call (all static)."""
+  batch: int
+  seq_len: int
+  num_kv_heads: int
+  group: int  # G = Hq // Hkv
+  rows: int  # Gp: G padded to a power of two >= 16
+  head_dim: int
+  head_dim_v: int
+  head_dim_pad: int
+  head_dim_v_pad: int
+  block: int  # l'
+  loaded: int  # Lp: rows loaded per block
+  num_blocks: int  # Ts
+  num_slots: int  # n padded to a power of two
+
+  @property
+  def kv_len(self) -> int:  # every loaded block stays in bounds
+    return self.num_blocks * self.block + self.loaded - self.block
+
+
+def _layout(q, v, block_indices, block) -> _Layout:
+  b, t, hq, dk = q.shape
+  hkv = v.shape[2]
+  return _Layout(batch=b, seq_len=t, num_kv_heads=hkv, group=hq // hkv, rows=_pow2(hq // hkv),
+                 head_dim=dk, head_dim_v=v.shape[3], head_dim_pad=_pow2(dk),
+                 head_dim_v_pad=_pow2(v.shape[3]), block=block, loaded=_pow2(block),
+                 num_blocks=-(-t // block), num_slots=_pow2(block_indices.shape[-1], 1))
+
+
+def _to_rows(x, lay: _Layout, dim_pad):
+  """`[B, T, Hq, D]` -> `[B, Hkv, T * Gp, Dp]`."""
+  b, t, _, d = x.shape
+  x = x.reshape(b, t, lay.num_kv_heads, lay.group, d)
+  x = jnp.pad(x, [(0, 0), (0, 0), (0, 0), (0, lay.rows - lay.group), (0, dim_pad - d)])
+  return x.transpose(0, 2, 1, 3, 4).reshape(b, lay.num_kv_heads, t * lay.rows, dim_pad)
+
+
+def _from_rows(x, lay: _Layout, dim):
+  """`[B, Hkv, T * Gp, Dp]` -> `[B, T, Hq, D]`."""
+  x = x.reshape(lay.batch, lay.num_kv_heads, lay.seq_len, lay.rows, -1)[..., :lay.group, :dim]
+  return x.transpose(0, 2, 1, 3, 4).reshape(lay.batch, lay.seq_len, -1, dim)
+
+
+def _to_blocks(x, lay: _Layout, dim_pad):
+  """`[B, T, Hkv, D]` -> `[B, Hkv, kv_len, Dp]`, zero padded."""
+  x = jnp.pad(x, [(0, 0), (0, lay.kv_len - lay.seq_len), (0, 0), (0, dim_pad - x.shape[3])])
+  return x.transpose(0, 2, 1, 3)
+
+
+def _slots(sorted_idx, lay: _Layout):
+  """`[B, T, Hkv, n]` -> `[B, Hkv, T, n_pad]`, padded with -1."""
+  pad = lay.num_slots - sorted_idx.shape[-1]
+  idx = jnp.pad(sorted_idx, [(0, 0)] * 3 + [(0, pad)], constant_values=-1)
+  return idx.transpose(0, 2, 1, 3)
+
+
+def _params(num_warps, num_stages):
+  return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def _per_query_specs(lay: _Layout):
+  """BlockSpecs of the grid `(T, B, Hkv)`: slots, rows of one position, whole K and V."""
+  slots = pl.BlockSpec((None, None, None, lay.num_slots), lambda t, b, g: (b, g, t, 0))
+  rows = lambda d: pl.BlockSpec((None, None, lay.rows, d), lambda t, b, g: (b, g, t, 0))
+  whole = lambda d: pl.BlockSpec((None, None, lay.kv_len, d), lambda t, b, g: (b, g, 0, 0))
+  row_vector = pl.BlockSpec((None, None, lay.rows), lambda t, b, g: (b, g, t))
+  return slots, rows, whole, row_vector
+
+
+def _forward(q, k, v, slots, lay: _Layout, scale, interpret):
+  slot_spec, rows, whole, row_vector = _per_query_specs(lay)
+  kernel = functools.partial(_forward_kernel, scale=scale, block=lay.block, loaded=lay.loaded)
+  num_rows = lay.seq_len * lay.rows
+  return pl.pallas_call(
+      kernel,
+      grid=(lay.seq_len, lay.batch, lay.num_kv_heads),
+      in_specs=[slot_spec, rows(lay.head_dim_pad), whole(lay.head_dim_pad),
+                whole(lay.head_dim_v_pad)],
+      out_specs=[rows(lay.head_dim_v_pad), row_vector],
+      out_shape=[
+          jax.ShapeDtypeStruct((lay.batch, lay.num_kv_heads, num_rows, lay.head_dim_v_pad),
+                               q.dtype),
+          jax.ShapeDtypeStruct((lay.batch, lay.num_kv_heads, num_rows), jnp.float32),
+      ],
+      compiler_params=_params(num_warps=4, num_stages=2),
+      interpret=interpret,
+      name="nsa_selected_fwd",
+  )(slots, q, k, v)
+
+
+def _dq(q, k, v, do, lse, delta, slots, lay: _Layout, scale, interpret):
+  slot_spec, rows, whole, row_vector = _per_query_specs(lay)
+  kernel = functools.partial(_dq_kernel, scale=scale, block=lay.block, loaded=lay.loaded)
+  return pl.pallas_call(
+      kernel,
+      grid=(lay.seq_len, lay.batch, lay.num_kv_heads),
+      in_specs=[slot_spec, rows(lay.head_dim_pad), whole(lay.head_dim_pad),
+                whole(lay.head_dim_v_pad), rows(lay.head_dim_v_pad), row_vector, row_vector],
+      out_specs=rows(lay.head_dim_pad),
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      compiler_params=_params(num_warps=4, num_stages=2),
+      interpret=interpret,
+      name="nsa_selected_dq",
+  )(slots, q, k, v, do, lse, delta)
+
+
+def _dkv(q, k, v, do, lse, delta, queries, items, lay: _Layout, scale, interpret):
+  num_items = items.shape[2]
+  num_rows = lay.seq_len * lay.rows
+  whole_rows = lambda d: pl.BlockSpec((None, None, num_rows, d), lambda e, b, g: (b, g, 0, 0))
+  whole_kv = lambda d: pl.BlockSpec((None, None, lay.kv_len, d), lambda e, b, g: (b, g, 0, 0))
+  row_vector = pl.BlockSpec((None, None, num_rows), lambda e, b, g: (b, g, 0))
+  part = lambda d: pl.BlockSpec((None, None, None, lay.loaded, d),
+                                lambda e, b, g: (b, g, e, 0, 0))
+  kernel = functools.partial(_dkv_kernel, scale=scale, block=lay.block, loaded=lay.loaded,
+                             rows=lay.rows, num_blocks=lay.num_blocks)
+  parts_shape = lambda d: jax.ShapeDtypeStruct(
+      (lay.batch, lay.num_kv_heads, num_items, lay.loaded, d), jnp.float32)
+  return pl.pallas_call(
+      kernel,
+      grid=(num_items, lay.batch, lay.num_kv_heads),
+      in_specs=[pl.BlockSpec((None, None, None, 4), lambda e, b, g: (b, g, e, 0)),
+                pl.BlockSpec((None, None, queries.shape[-1]), lambda e, b, g: (b, g, 0)),
+                whole_rows(lay.head_dim_pad), whole_kv(lay.head_dim_pad),
+                whole_kv(lay.head_dim_v_pad), whole_rows(lay.head_dim_v_pad), row_vector,
+                row_vector],
+      out_specs=[part(lay.head_dim_pad), part(lay.head_dim_v_pad)],
+      out_shape=[parts_shape(lay.head_dim_pad), parts_shape(lay.head_dim_v_pad)],
+      compiler_params=_params(num_warps=4, num_stages=2),
+      interpret=interpret,
+      name="nsa_selected_dkv",
+  )(items, queries, q, k, v, do, lse, delta)
+
+
+def _sum_parts(parts, items, lay: _Layout, dim):
+  """Work-item partials `[B, Hkv, I, Lp, Dp]` -> per-token gradient `[B, T, Hkv, D]`."""
+  segment_sum = lambda p, ids: jax.ops.segment_sum(p, ids, num_segments=lay.num_blocks + 1)
+  per_block = jax.vmap(jax.vmap(segment_sum))(parts, items[..., 0])[:, :, :lay.num_blocks]
+  per_token = per_block[:, :, :, :lay.block, :dim].reshape(
+      lay.batch, lay.num_kv_heads, lay.num_blocks * lay.block, dim)
+  return per_token[:, :, :lay.seq_len].transpose(0, 2, 1, 3)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _selected_attention(q, k, v, sorted_idx, scale, block, interpret):
+  return _selected_attention_fwd(q, k, v, sorted_idx, scale, block, interpret)[0]
+
+
+def _selected_attention_fwd(q, k, v, sorted_idx, scale, block, interpret):
+  lay = _layout(q, v, sorted_idx, block)
+  out_rows, lse = _forward(_to_rows(q, lay, lay.head_dim_pad),
+                           _to_blocks(k, lay, lay.head_dim_pad),
+                           _to_blocks(v, lay, lay.head_dim_v_pad), _slots(sorted_idx, lay), lay,
+                           scale, interpret)
+  return _from_rows(out_rows, lay, lay.head_dim_v), (q, k, v, sorted_idx, out_rows, lse)
+
+
+def _selected_attention_bwd(scale, block, interpret, residuals, d_out):
+  q, k, v, sorted_idx, out_rows, lse = residuals
+  lay = _layout(q, v, sorted_idx, block)
+  q_rows = _to_rows(q, lay, lay.head_dim_pad)
+  k_blocks = _to_blocks(k, lay, lay.head_dim_pad)
+  v_blocks = _to_blocks(v, lay, lay.head_dim_v_pad)
+  do_rows = _to_rows(d_out.astype(q.dtype), lay, lay.head_dim_v_pad)
+  delta = jnp.sum(out_rows.astype(jnp.float32) * do_rows.astype(jnp.float32), axis=-1)
+  slots = _slots(sorted_idx, lay)
+  dq_rows = _dq(q_rows, k_blocks, v_blocks, do_rows, lse, delta, slots, lay, scale, interpret)
+  queries, items = inverse_block_map(slots.transpose(0, 2, 1, 3), lay.num_blocks, DKV_CHUNK)
+  dk_parts, dv_parts = _dkv(q_rows, k_blocks, v_blocks, do_rows, lse, delta, queries, items, lay,
+                            scale, interpret)
+  dq = _from_rows(dq_rows, lay, lay.head_dim)
+  dk = _sum_parts(dk_parts, items, lay, lay.head_dim).astype(k.dtype)
+  dv = _sum_parts(dv_parts, items, lay, lay.head_dim_v).astype(v.dtype)
+  return dq, dk, dv, None
+
+
+_selected_attention.defvjp(_selected_attention_fwd, _selected_attention_bwd)
+
+
+def selected_attention(q, k, v, block_indices, *, block: int, scale: float,
+                       interpret: bool = False):
+  """Attention of each query over the tokens `s <= t` of its KV group's selected blocks.
+
+  Args:
+    q: `[B, T, Hq, Dk]`, float32 / bfloat16 / float16.
+    k: `[B, T, Hkv, Dk]`.
+    v: `[B, T, Hkv, Dv]`.
+    block_indices: int `[B, T, Hkv, n]`; -1, out-of-range, future and repeated blocks are ignored.
+    block: tokens per selection block `l'`.
+    scale: softmax scale (a Python float).
+    interpret: run the kernels in Pallas interpret mode (CPU).
+
+  Returns:
+    `[B, T, Hq, Dv]` in q.dtype; differentiable in q, k and v.
+  """
+  sorted_idx = sorted_causal_block_indices(block_indices, block)
+  return _selected_attention(q, k, v, sorted_idx, float(scale), block, interpret)
