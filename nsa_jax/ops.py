@@ -5,7 +5,8 @@ resolves `scale` and `implementation`, and calls the chosen backend:
 
 - `"reference"`: `nsa_jax.reference`, dense masks, O(T^2): the oracle.
 - `"xla"`: `nsa_jax.xla`, pure JAX chunked over queries; any backend, the default on CPU.
-- `"pallas_gpu"` / `"pallas_tpu"`: the Pallas kernels, once they are available in this build.
+- `"pallas_gpu"`: `nsa_jax.pallas_gpu`, Pallas (Triton) kernels plus cuDNN; the default on GPU.
+- `"pallas_tpu"`: not available in this build yet.
 """
 
 from __future__ import annotations
@@ -13,24 +14,38 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from nsa_jax import reference, xla
+from nsa_jax import pallas_gpu, reference, xla
 from nsa_jax import validation as check
 from nsa_jax.config import NSAConfig, num_cmp_blocks
 
 IMPLEMENTATIONS = ("reference", "xla", "pallas_gpu", "pallas_tpu")
-_BACKENDS = {"reference": reference, "xla": xla}
+_BACKENDS = {"reference": reference, "xla": xla, "pallas_gpu": pallas_gpu}
+_DEFAULT_FOR_PLATFORM = {"gpu": "pallas_gpu"}
+
+
+def default_implementation() -> str:
+  """The implementation `implementation=None` resolves to on `jax.default_backend()`."""
+  return _DEFAULT_FOR_PLATFORM.get(jax.default_backend(), "xla")
+
+
+def _call(implementation, interpret, fn_name, *args, **kwargs):
+  """Calls `fn_name` of the chosen backend, passing `interpret` to the Pallas ones."""
+  backend = _backend(implementation, interpret)
+  if backend is pallas_gpu:
+    kwargs["interpret"] = interpret
+  return getattr(backend, fn_name)(*args, **kwargs)
 
 
 def _backend(implementation, interpret):
   """The module implementing `implementation`; None picks the best for `jax.default_backend()`."""
   if implementation is None:
-    implementation = "xla"  # the Pallas kernels take over here once they land
+    implementation = default_implementation()
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, "
                      f"got {implementation!r}")
   if implementation not in _BACKENDS:
     raise ValueError(f"implementation={implementation!r} is not available in this build of "
-                     f"nsa_jax; use 'xla' or 'reference'")
+                     f"nsa_jax; use one of {tuple(_BACKENDS)}")
   if interpret and not implementation.startswith("pallas"):
     raise ValueError(f"interpret=True applies to the Pallas implementations only, "
                      f"got implementation={implementation!r}")
@@ -96,9 +111,8 @@ def compressed_attention(q, k_cmp, v_cmp, *, block: int, stride: int, scale=None
   check.check_float("q", q)
   check.check_block_stride(block, stride)
   check.check_compressed(q, k_cmp, v_cmp, num_cmp_blocks(q.shape[1], block, stride))
-  backend = _backend(implementation, interpret)
-  return backend.compressed_attention(q, k_cmp, v_cmp, _scale(scale, q.shape[-1]), block=block,
-                                      stride=stride)
+  return _call(implementation, interpret, "compressed_attention", q, k_cmp, v_cmp,
+               _scale(scale, q.shape[-1]), block=block, stride=stride)
 
 
 def select_blocks(q, k_cmp, *, config: NSAConfig, scale=None, implementation=None,
@@ -126,8 +140,8 @@ def select_blocks(q, k_cmp, *, config: NSAConfig, scale=None, implementation=Non
   check.check_rank("q", q, 4, "[B, T, Hq, Dk]")
   check.check_float("q", q)
   check.check_compressed(q, k_cmp, k_cmp, config.num_cmp_blocks(q.shape[1]))
-  backend = _backend(implementation, interpret)
-  return backend.select_blocks(q, k_cmp, _scale(scale, q.shape[-1]), config=config)
+  return _call(implementation, interpret, "select_blocks", q, k_cmp, _scale(scale, q.shape[-1]),
+               config=config)
 
 
 def selected_attention(q, k, v, block_indices, *, block: int, scale=None, implementation=None,
@@ -153,9 +167,8 @@ def selected_attention(q, k, v, block_indices, *, block: int, scale=None, implem
   check.check_qkv(q, k, v)
   check.check_positive("block", block)
   check.check_block_indices(q, k, block_indices)
-  backend = _backend(implementation, interpret)
-  return backend.selected_attention(q, k, v, block_indices, _scale(scale, q.shape[-1]),
-                                    block=block)
+  return _call(implementation, interpret, "selected_attention", q, k, v, block_indices,
+               _scale(scale, q.shape[-1]), block=block)
 
 
 def sliding_window_attention(q, k, v, *, window: int, scale=None, implementation=None,
@@ -178,8 +191,8 @@ def sliding_window_attention(q, k, v, *, window: int, scale=None, implementation
   """
   check.check_qkv(q, k, v)
   check.check_positive("window", window)
-  backend = _backend(implementation, interpret)
-  return backend.sliding_window_attention(q, k, v, _scale(scale, q.shape[-1]), window=window)
+  return _call(implementation, interpret, "sliding_window_attention", q, k, v,
+               _scale(scale, q.shape[-1]), window=window)
 
 
 def nsa_attention(q, k, v, *, config: NSAConfig, gates=None, k_cmp=None, v_cmp=None, scale=None,
@@ -227,8 +240,8 @@ def nsa_attention(q, k, v, *, config: NSAConfig, gates=None, k_cmp=None, v_cmp=N
     raise ValueError(f"k_cmp / v_cmp must have the heads and head dims of k / v, got "
                      f"k {tuple(k.shape)}, v {tuple(v.shape)}, k_cmp {tuple(k_cmp.shape)}, "
                      f"v_cmp {tuple(v_cmp.shape)}")
-  return backend.nsa_attention(q, k, v, gates, k_cmp, v_cmp, _scale(scale, q.shape[-1]),
-                               config=config)
+  return _call(implementation, interpret, "nsa_attention", q, k, v, gates, k_cmp, v_cmp,
+               _scale(scale, q.shape[-1]), config=config)
 
 
 def dense_causal_attention(q, k, v, *, scale=None):

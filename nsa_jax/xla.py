@@ -168,6 +168,13 @@ def _compressed(q, k_cmp, v_cmp, scale, block, stride, query_chunk, select=None)
   return (out, lse) if select is None else (out, lse, _unchunk_indices(results[2], t))
 
 
+def compressed_attention_and_selection(q, k_cmp, v_cmp, scale, config: NSAConfig, query_chunk):
+  """The fused compressed branch: `(o_cmp [B, T, Hq, Dv] in accum dtype, block_indices)`."""
+  out, _, block_indices = _compressed(q, k_cmp, v_cmp, scale, config.cmp_block, config.cmp_stride,
+                                      query_chunk, select=config)
+  return out, block_indices
+
+
 @functools.partial(jax.jit, static_argnames=("block", "stride", "query_chunk"))
 def compressed_attention(q, k_cmp, v_cmp, scale, *, block, stride, query_chunk=QUERY_CHUNK):
   out, lse = _compressed(q, k_cmp, v_cmp, scale, block, stride, query_chunk)
@@ -266,8 +273,8 @@ def sliding_window_attention(q, k, v, scale, *, window, query_chunk=QUERY_CHUNK)
 @functools.partial(jax.jit, static_argnames=("config", "query_chunk"))
 def nsa_attention(q, k, v, gates, k_cmp, v_cmp, scale, *, config: NSAConfig,
                   query_chunk=QUERY_CHUNK):
-  o_cmp, _, block_indices = _compressed(q, k_cmp, v_cmp, scale, config.cmp_block,
-                                        config.cmp_stride, query_chunk, select=config)
+  o_cmp, block_indices = compressed_attention_and_selection(q, k_cmp, v_cmp, scale, config,
+                                                            query_chunk)
   o_slc = _selected(q, k, v, block_indices, scale, config.slc_block, query_chunk)
   o_swa = _window(q, k, v, scale, config.window, query_chunk)
   return combine_branches(o_cmp, o_slc, o_swa, gates).astype(q.dtype)

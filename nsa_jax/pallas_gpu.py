@@ -1,0 +1,81 @@
+"""`implementation="pallas_gpu"`: NSA on NVIDIA GPUs.
+
+- selected attention: the Pallas (Triton) kernels of `pallas_kernels.gpu.selected_attention`,
+  forward and backward;
+- sliding window: cuDNN through `jax.nn.dot_product_attention(local_window_size=(w - 1, 0))`
+  (measured faster than any banded kernel we could write first: 3.3 ms fwd at 64k on an H200),
+  falling back to the XLA path where cuDNN does not apply (float32, Dk != Dv, interpret mode);
+- compression, compressed attention and selection: the XLA path with large query chunks
+  (a fused Pallas kernel is the next step, see experiments/BENCHMARKS.md).
+
+Same signatures as `nsa_jax.xla` plus `interpret`; arguments are validated by `nsa_jax.ops`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from nsa_jax import xla
+from nsa_jax.attention_math import combine_branches
+from nsa_jax.config import NSAConfig
+from pallas_kernels.gpu import selected_attention as selected_kernel
+
+# Queries per XLA chunk on the GPU: memory is plentiful and each sequential chunk costs a launch.
+GPU_QUERY_CHUNK = 2048
+
+compress_kv = xla.compress_kv
+
+
+def _static_scale(scale):
+  try:
+    return float(scale)
+  except (TypeError, jax.errors.ConcretizationTypeError) as err:
+    raise ValueError("scale must be a Python number for implementation='pallas_gpu', got a "
+                     f"traced value {scale!r}") from err
+
+
+def _use_cudnn(q, v, interpret):
+  return (not interpret and jax.default_backend() == "gpu" and q.shape[-1] == v.shape[-1]
+          and q.dtype in (jnp.bfloat16, jnp.float16))
+
+
+def compressed_attention(q, k_cmp, v_cmp, scale, *, block, stride, interpret=False):
+  del interpret  # XLA path until the fused kernel lands
+  return xla.compressed_attention(q, k_cmp, v_cmp, scale, block=block, stride=stride,
+                                  query_chunk=GPU_QUERY_CHUNK)
+
+
+def select_blocks(q, k_cmp, scale, *, config: NSAConfig, interpret=False):
+  del interpret
+  return xla.select_blocks(q, k_cmp, scale, config=config, query_chunk=GPU_QUERY_CHUNK)
+
+
+def selected_attention(q, k, v, block_indices, scale, *, block, interpret=False):
+  return selected_kernel.selected_attention(q, k, v, block_indices, block=block,
+                                            scale=_static_scale(scale), interpret=interpret)
+
+
+def sliding_window_attention(q, k, v, scale, *, window, interpret=False):
+  if _use_cudnn(q, v, interpret):
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True,
+                                        local_window_size=(window - 1, 0),
+                                        implementation="cudnn")
+  return xla.sliding_window_attention(q, k, v, scale, window=window, query_chunk=GPU_QUERY_CHUNK)
+
+
+def nsa_attention(q, k, v, gates, k_cmp, v_cmp, scale, *, config: NSAConfig, interpret=False):
+  scale = _static_scale(scale)
+  return _nsa_jit(q, k, v, gates, k_cmp, v_cmp, config=config, interpret=interpret, scale=scale)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "interpret", "scale"))
+def _nsa_jit(q, k, v, gates, k_cmp, v_cmp, *, config, interpret, scale):
+  o_cmp, block_indices = xla.compressed_attention_and_selection(q, k_cmp, v_cmp, scale, config,
+                                                                GPU_QUERY_CHUNK)
+  o_slc = selected_kernel.selected_attention(q, k, v, block_indices, block=config.slc_block,
+                                             scale=scale, interpret=interpret)
+  o_swa = sliding_window_attention(q, k, v, scale, window=config.window, interpret=interpret)
+  return combine_branches(o_cmp, o_slc, o_swa, gates).astype(q.dtype)

@@ -1,0 +1,131 @@
+"""Pallas GPU kernels: interpret mode on CPU (default suite) and real sizes on a GPU (marked `gpu`)."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import nsa_jax
+from nsa_jax import reference, xla
+from pallas_kernels.gpu.selected_attention import selected_attention
+from tests.helpers import assert_close, assert_grads_close, random_gates, random_qkv
+
+
+def random_indices(b, t, hkv, n, num_blocks):
+  """Any values: -1s, repeats, future and out-of-range blocks included."""
+  return jax.random.randint(jax.random.key(t * n), (b, t, hkv, n), -1, num_blocks + 2)
+
+
+def check_selected(q, k, v, block, n, impl_ref, interpret, dtype):
+  num_blocks = -(-q.shape[1] // block)
+  idx = random_indices(q.shape[0], q.shape[1], k.shape[2], n, num_blocks)
+  scale = q.shape[-1] ** -0.5
+  cotangent = jax.random.normal(jax.random.key(1), q.shape[:3] + (v.shape[-1],)).astype(dtype)
+
+  def loss(fn, q, k, v):
+    out = fn(q, k, v)
+    return jnp.sum(out.astype(jnp.float32) * cotangent.astype(jnp.float32)), out
+
+  kernel = lambda q, k, v: selected_attention(q, k, v, idx, block=block, scale=scale,
+                                              interpret=interpret)
+  expected = lambda q, k, v: impl_ref.selected_attention(q, k, v, idx, scale, block=block)
+  (_, out), grads = jax.value_and_grad(lambda *a: loss(kernel, *a), (0, 1, 2), has_aux=True)(q, k, v)
+  upcast = [x.astype(jnp.float32) for x in (q, k, v)]
+  (_, ref), ref_grads = jax.value_and_grad(lambda *a: loss(expected, *a), (0, 1, 2),
+                                           has_aux=True)(*upcast)
+  assert out.dtype == dtype
+  assert_close(out, ref, dtype)
+  assert_grads_close(grads, ref_grads, dtype)
+
+
+# (B, T, Hq, Hkv, Dk, Dv, block, n): MHA, GQA, MQA, Dk != Dv, a block that is not a power of two,
+# T not a multiple of the block.
+INTERPRET_CASES = [
+    (1, 40, 2, 2, 16, 16, 16, 2),
+    (2, 37, 4, 2, 16, 8, 16, 3),
+    (1, 45, 4, 1, 8, 16, 12, 3),
+]
+
+
+@pytest.mark.parametrize("case", INTERPRET_CASES)
+def test_selected_attention_kernel_in_interpret_mode(case):
+  b, t, hq, hkv, dk, dv, block, n = case
+  q, k, v = random_qkv(b, t, hq, hkv, dk, dv)
+  check_selected(q, k, v, block, n, reference, interpret=True, dtype=jnp.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("group", [1, 2, 4, 8, 16, 32, 64])
+def test_selected_attention_kernel_all_group_sizes_on_gpu(group):
+  q, k, v = random_qkv(1, 2048 + 17, 2 * group, 2, 64, dtype=jnp.bfloat16)
+  check_selected(q, k, v, 64, 16, xla, interpret=False, dtype=jnp.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+@pytest.mark.parametrize("dims", [(64, 64), (128, 128), (192, 128), (256, 256)])
+def test_selected_attention_kernel_dtypes_and_head_dims_on_gpu(dtype, dims):
+  q, k, v = random_qkv(2, 1000, 8, 2, dims[0], dims[1], dtype=dtype)
+  check_selected(q, k, v, 64, 16, xla, interpret=False, dtype=dtype)
+
+
+@pytest.mark.gpu
+def test_selected_attention_kernel_at_long_sequence_on_gpu():
+  q, k, v = random_qkv(1, 65536, 64, 4, 128, dtype=jnp.bfloat16)
+  check_selected(q, k, v, 64, 16, xla, interpret=False, dtype=jnp.bfloat16)
+
+
+@pytest.mark.parametrize("with_gates", [False, True])
+def test_public_api_pallas_gpu_in_interpret_mode(with_gates):
+  config = nsa_jax.NSAConfig(cmp_block=8, cmp_stride=4, slc_block=16, num_selected=3,
+                             num_initial=1, num_local=1, window=12)
+  q, k, v = random_qkv(1, 37, 4, 2, 16)
+  gates = random_gates(q) if with_gates else None
+
+  def loss(impl, q, k, v):
+    out = nsa_jax.nsa_attention(q, k, v, config=config, gates=gates, implementation=impl,
+                                interpret=impl == "pallas_gpu")
+    return jnp.sum(out ** 2), out
+
+  (_, out), grads = jax.value_and_grad(loss, (1, 2, 3), has_aux=True)("pallas_gpu", q, k, v)
+  (_, ref), ref_grads = jax.value_and_grad(loss, (1, 2, 3), has_aux=True)("reference", q, k, v)
+  assert_close(out, ref)
+  assert_grads_close(grads, ref_grads)
+  idx = nsa_jax.select_blocks(q, nsa_jax.compress_kv(k, v, block=8, stride=4)[0], config=config)
+  assert_close(nsa_jax.selected_attention(q, k, v, idx, block=16, implementation="pallas_gpu",
+                                          interpret=True),
+               nsa_jax.selected_attention(q, k, v, idx, block=16, implementation="reference"))
+
+
+def test_pallas_gpu_needs_a_concrete_scale():
+  q, k, v = random_qkv(1, 16, 2, 1, 16)
+  idx = jnp.zeros((1, 16, 1, 2), jnp.int32)
+  fn = jax.jit(lambda scale: nsa_jax.selected_attention(q, k, v, idx, block=16, scale=scale,
+                                                        implementation="pallas_gpu",
+                                                        interpret=True))
+  with pytest.raises(ValueError, match="scale must be a Python number"):
+    fn(0.25)
+
+
+@pytest.mark.gpu
+def test_default_implementation_on_gpu_is_pallas_gpu():
+  assert nsa_jax.ops.default_implementation() == "pallas_gpu"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_public_api_pallas_gpu_matches_xla_on_gpu(dtype):
+  config = nsa_jax.NSAConfig()
+  q, k, v = random_qkv(2, 4096 + 33, 16, 2, 128, dtype=dtype)
+  gates = random_gates(q)
+
+  def loss(impl, q, k, v, gates):
+    out = nsa_jax.nsa_attention(q, k, v, config=config, gates=gates, implementation=impl)
+    return jnp.sum(out.astype(jnp.float32) ** 2), out
+
+  (_, out), grads = jax.value_and_grad(loss, (1, 2, 3, 4), has_aux=True)("pallas_gpu", q, k, v,
+                                                                          gates)
+  upcast = [x.astype(jnp.float32) for x in (q, k, v, gates)]
+  (_, ref), ref_grads = jax.value_and_grad(loss, (1, 2, 3, 4), has_aux=True)("xla", *upcast)
+  assert out.dtype == dtype
+  assert_close(out, ref, dtype)
+  assert_grads_close(grads, ref_grads, dtype)
