@@ -5,8 +5,10 @@
 - sliding window: cuDNN through `jax.nn.dot_product_attention(local_window_size=(w - 1, 0))`
   (measured faster than any banded kernel we could write first: 3.3 ms fwd at 64k on an H200),
   falling back to the XLA path where cuDNN does not apply (float32, Dk != Dv, interpret mode);
-- compression, compressed attention and selection: the XLA path with large query chunks
-  (a fused Pallas kernel is the next step, see experiments/BENCHMARKS.md).
+- compressed attention: the Pallas kernels of `pallas_kernels.gpu.compressed_attention`, forward
+  and backward, with the selection scores fused into the forward; the top-n of those scores is
+  `lax.top_k` in XLA (`nsa_jax.block_selection.top_n_blocks`);
+- mean-pooling compression: the XLA path (one fused elementwise pass).
 
 Same signatures as `nsa_jax.xla` plus `interpret`; arguments are validated by `nsa_jax.ops`.
 """
@@ -20,7 +22,9 @@ import jax.numpy as jnp
 
 from nsa_jax import xla
 from nsa_jax.attention_math import combine_branches
+from nsa_jax.block_selection import top_n_blocks
 from nsa_jax.config import NSAConfig
+from pallas_kernels.gpu import compressed_attention as compressed_kernel
 from pallas_kernels.gpu import selected_attention as selected_kernel
 
 # Queries per XLA chunk on the GPU: memory is plentiful and each sequential chunk costs a launch.
@@ -43,14 +47,33 @@ def _use_cudnn(q, v, interpret):
 
 
 def compressed_attention(q, k_cmp, v_cmp, scale, *, block, stride, interpret=False):
-  del interpret  # XLA path until the fused kernel lands
-  return xla.compressed_attention(q, k_cmp, v_cmp, scale, block=block, stride=stride,
-                                  query_chunk=GPU_QUERY_CHUNK)
+  out, lse = compressed_kernel.compressed_attention(q, k_cmp, v_cmp, block=block, stride=stride,
+                                                    scale=_static_scale(scale),
+                                                    interpret=interpret)
+  return out, lse
+
+
+def _fused_scores_apply(config: NSAConfig):
+  return (compressed_kernel.KEYS * config.cmp_stride) % config.slc_block == 0
+
+
+def _compressed_and_selection(q, k_cmp, v_cmp, scale, config, interpret):
+  """`(o_cmp, block_indices [B, T, Hkv, n])` from one fused kernel pass (XLA where it can't)."""
+  if not _fused_scores_apply(config):
+    o_cmp, _ = compressed_attention(q, k_cmp, v_cmp, scale, block=config.cmp_block,
+                                    stride=config.cmp_stride, interpret=interpret)
+    return o_cmp, xla.select_blocks(q, k_cmp, scale, config=config, query_chunk=GPU_QUERY_CHUNK)
+  o_cmp, _, scores = compressed_kernel.compressed_attention_with_scores(
+      q, k_cmp, v_cmp, block=config.cmp_block, stride=config.cmp_stride,
+      slc_block=config.slc_block, scale=scale, interpret=interpret)
+  scores = jax.lax.stop_gradient(scores)  # [B, Hkv, T, Ts]
+  block_indices = top_n_blocks(scores, jnp.arange(q.shape[1]), config)  # [B, Hkv, T, n]
+  return o_cmp, block_indices.transpose(0, 2, 1, 3)
 
 
 def select_blocks(q, k_cmp, scale, *, config: NSAConfig, interpret=False):
-  del interpret
-  return xla.select_blocks(q, k_cmp, scale, config=config, query_chunk=GPU_QUERY_CHUNK)
+  scale = _static_scale(scale)
+  return _compressed_and_selection(q, k_cmp, k_cmp, scale, config, interpret)[1]
 
 
 def selected_attention(q, k, v, block_indices, scale, *, block, interpret=False):
@@ -73,8 +96,7 @@ def nsa_attention(q, k, v, gates, k_cmp, v_cmp, scale, *, config: NSAConfig, int
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret", "scale"))
 def _nsa_jit(q, k, v, gates, k_cmp, v_cmp, *, config, interpret, scale):
-  o_cmp, block_indices = xla.compressed_attention_and_selection(q, k_cmp, v_cmp, scale, config,
-                                                                GPU_QUERY_CHUNK)
+  o_cmp, block_indices = _compressed_and_selection(q, k_cmp, v_cmp, scale, config, interpret)
   o_slc = selected_kernel.selected_attention(q, k, v, block_indices, block=config.slc_block,
                                              scale=scale, interpret=interpret)
   o_swa = sliding_window_attention(q, k, v, scale, window=config.window, interpret=interpret)

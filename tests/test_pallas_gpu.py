@@ -2,10 +2,12 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import nsa_jax
 from nsa_jax import reference, xla
+from pallas_kernels.gpu import compressed_attention as compressed_kernel
 from pallas_kernels.gpu.selected_attention import selected_attention
 from tests.helpers import assert_close, assert_grads_close, random_gates, random_qkv
 
@@ -72,6 +74,78 @@ def test_selected_attention_kernel_dtypes_and_head_dims_on_gpu(dtype, dims):
 def test_selected_attention_kernel_at_long_sequence_on_gpu():
   q, k, v = random_qkv(1, 65536, 64, 4, 128, dtype=jnp.bfloat16)
   check_selected(q, k, v, 64, 16, xla, interpret=False, dtype=jnp.bfloat16)
+
+
+def check_compressed(q, k, v, config, impl_ref, interpret, dtype):
+  """Values, lse, selection scores and gradients (through out and lse) against `impl_ref`."""
+  k_cmp, v_cmp = xla.compress_kv(k, v, config.cmp_block, config.cmp_stride)
+  scale = q.shape[-1] ** -0.5
+  keys = jax.random.split(jax.random.key(q.shape[1]), 2)
+  d_out = jax.random.normal(keys[0], q.shape[:3] + (v.shape[-1],))
+  d_lse = jax.random.normal(keys[1], q.shape[:3])
+
+  def loss(fn, q, k_cmp, v_cmp):
+    out, lse = fn(q, k_cmp, v_cmp)
+    finite_lse = jnp.where(jnp.isinf(lse), 0.0, lse)
+    return jnp.sum(out.astype(jnp.float32) * d_out) + jnp.sum(finite_lse * d_lse), (out, lse)
+
+  kernel = lambda q, k_cmp, v_cmp: compressed_kernel.compressed_attention(
+      q, k_cmp, v_cmp, block=config.cmp_block, stride=config.cmp_stride, scale=scale,
+      interpret=interpret)
+  expected = lambda q, k_cmp, v_cmp: impl_ref.compressed_attention(
+      q, k_cmp, v_cmp, scale, block=config.cmp_block, stride=config.cmp_stride)
+  grad = lambda fn, *args: jax.value_and_grad(lambda *a: loss(fn, *a), (0, 1, 2),
+                                              has_aux=True)(*args)
+  (_, (out, lse)), grads = grad(kernel, q, k_cmp, v_cmp)
+  upcast = [x.astype(jnp.float32) for x in (q, k_cmp, v_cmp)]
+  (_, (ref, ref_lse)), ref_grads = grad(expected, *upcast)
+  assert out.dtype == dtype and lse.dtype == jnp.float32
+  assert_close(out, ref, dtype)
+  np.testing.assert_array_equal(np.isinf(lse), np.isinf(ref_lse))
+  assert_close(jnp.where(jnp.isinf(lse), 0, lse), jnp.where(jnp.isinf(ref_lse), 0, ref_lse),
+               jnp.float32, atol=1e-4, rtol=1e-4)
+  assert_grads_close(grads, ref_grads, dtype)
+
+  _, _, scores = compressed_kernel.compressed_attention_with_scores(
+      q, k_cmp, v_cmp, block=config.cmp_block, stride=config.cmp_stride,
+      slc_block=config.slc_block, scale=scale, interpret=interpret)
+  ref_scores = reference.selection_scores(*upcast[:2], scale, config)  # [B, T, Hkv, Ts]
+  assert_close(scores.transpose(0, 2, 1, 3), ref_scores, jnp.float32, atol=1e-4, rtol=1e-4)
+
+
+# (B, T, Hq, Hkv, Dk, Dv, config): G = 1 (64 positions per tile), GQA with Dk != Dv, T < l,
+# an overlap that spills into the next key tile's blocks (l > d), l' = d.
+INTERPRET_CONFIGS = [
+    (1, 150, 2, 2, 16, 16, nsa_jax.NSAConfig(8, 4, 16, 3, 1, 1, 20)),
+    (2, 77, 8, 2, 16, 8, nsa_jax.NSAConfig(16, 4, 8, 4, 1, 1, 20)),
+    (1, 7, 4, 1, 16, 16, nsa_jax.NSAConfig(8, 4, 16, 3, 1, 1, 20)),
+    (1, 300, 4, 1, 8, 8, nsa_jax.NSAConfig(8, 2, 2, 3, 1, 1, 20)),
+]
+
+
+@pytest.mark.parametrize("case", INTERPRET_CONFIGS)
+def test_compressed_attention_kernel_in_interpret_mode(case):
+  b, t, hq, hkv, dk, dv, config = case
+  q, k, v = random_qkv(b, t, hq, hkv, dk, dv)
+  check_compressed(q, k, v, config, reference, interpret=True, dtype=jnp.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("group", [1, 4, 16, 64])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_compressed_attention_kernel_on_gpu(group, dtype):
+  q, k, v = random_qkv(1, 4096 + 5, 2 * group, 2, 128, dtype=dtype)
+  check_compressed(q, k, v, nsa_jax.NSAConfig(), xla, interpret=False, dtype=dtype)
+
+
+@pytest.mark.gpu
+def test_select_blocks_from_fused_scores_matches_xla_on_gpu():
+  config = nsa_jax.NSAConfig()
+  q, k, _ = random_qkv(2, 8192 + 100, 32, 4, 128)
+  k_cmp, _ = xla.compress_kv(k, k, config.cmp_block, config.cmp_stride)
+  fused = nsa_jax.select_blocks(q, k_cmp, config=config, implementation="pallas_gpu")
+  expected = nsa_jax.select_blocks(q, k_cmp, config=config, implementation="xla")
+  assert np.mean(np.asarray(fused == expected)) > 0.9999  # float near-ties may flip a rare slot
 
 
 @pytest.mark.parametrize("with_gates", [False, True])

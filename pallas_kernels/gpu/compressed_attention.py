@@ -1,0 +1,404 @@
+"""Compressed-branch attention on GPU (Pallas, Triton lowering), with the selection scores fused.
+
+Compressed attention is a dense attention of `T * G` query rows over `Tc` compressed keys with a
+staircase mask (query `t` sees block `i` iff `i*d + l - 1 <= t`). One program handles `R` rows:
+`R / Gc` consecutive positions times the `Gc` heads of one KV group, which all see the same keys.
+
+Forward in two passes over the visible key tiles: pass 1 finds each row's log-sum-exp; pass 2
+accumulates the output with the exact probabilities `p = exp(s - lse)` and, when asked, the
+selection scores (SPEC.md section 2, steps 1-3) from those same probabilities, so `q . k_cmp` is
+never recomputed outside the kernel:
+  - group sum over the `G` heads of a position: `S @ p`, with `S [TQ, R]` the 0/1 row-to-position
+    matrix;
+  - overlap map onto selection blocks: `@ A [BK, BS]`, `A[i, j] = |block i ∩ block j| / d` for the
+    `BS = BK * d / l'` selection blocks a key tile owns, plus a carry `@ A_next` for the overlap
+    that spills into the next tile's first blocks.
+Backward: a dQ kernel over the row tiles and a dK/dV kernel over the key tiles (both recompute
+`p` from the saved log-sum-exp), the standard flash-attention split.
+
+Layout inside: query rows `[B, Hkv, T_pad * Gc, Dp]` (position-major), compressed keys / values
+`[B, Hkv, Tc_pad, Dp]`; `Gc = pow2(G)`, head dims padded to powers of two >= 16.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+LOG2E = math.log2(math.e)
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+ROWS = 64  # query rows per program (positions x heads)
+KEYS = 64  # compressed keys per tile
+
+
+def _pow2(x: int, minimum: int = 1) -> int:
+  return max(minimum, 1 << (x - 1).bit_length())
+
+
+def _dot(a, b, trans_a=False, trans_b=False):
+  precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+  return plgpu.dot(a, b, trans_a=trans_a, trans_b=trans_b, precision=precision)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+  batch: int
+  seq_len: int
+  num_kv_heads: int
+  group: int  # G
+  heads: int  # Gc = pow2(G), rows per position
+  rows: int  # R, rows per program
+  positions: int  # R / Gc, positions per program
+  seq_pad: int  # T padded to a multiple of `positions`
+  num_cmp: int  # Tc
+  cmp_pad: int  # Tc padded to a multiple of KEYS (at least one tile)
+  head_dim: int
+  head_dim_v: int
+  head_dim_pad: int
+  head_dim_v_pad: int
+  block: int  # l
+  stride: int  # d
+
+  @property
+  def num_row_tiles(self) -> int:
+    return self.seq_pad // self.positions
+
+
+def _layout(q, k_cmp, v_cmp, block, stride) -> _Layout:
+  b, t, hq, dk = q.shape
+  hkv = k_cmp.shape[2]
+  heads = _pow2(hq // hkv)
+  rows = max(ROWS, heads)
+  positions = rows // heads
+  num_cmp = k_cmp.shape[1]
+  return _Layout(batch=b, seq_len=t, num_kv_heads=hkv, group=hq // hkv, heads=heads, rows=rows,
+                 positions=positions, seq_pad=-(-t // positions) * positions, num_cmp=num_cmp,
+                 cmp_pad=max(1, -(-num_cmp // KEYS)) * KEYS, head_dim=dk,
+                 head_dim_v=v_cmp.shape[3], head_dim_pad=_pow2(dk, 16),
+                 head_dim_v_pad=_pow2(v_cmp.shape[3], 16), block=block, stride=stride)
+
+
+def _to_rows(x, lay: _Layout, dim_pad):
+  """`[B, T, Hq, D]` -> `[B, Hkv, T_pad * Gc, Dp]`."""
+  b, t, _, d = x.shape
+  x = x.reshape(b, t, lay.num_kv_heads, lay.group, d)
+  x = jnp.pad(x, [(0, 0), (0, lay.seq_pad - t), (0, 0), (0, lay.heads - lay.group),
+                  (0, dim_pad - d)])
+  return x.transpose(0, 2, 1, 3, 4).reshape(b, lay.num_kv_heads, lay.seq_pad * lay.heads, dim_pad)
+
+
+def _from_rows(x, lay: _Layout, dim):
+  """`[B, Hkv, T_pad * Gc, ...]` -> `[B, T, Hq, ...]` (a trailing dim `dim` is cut to size)."""
+  x = x.reshape(lay.batch, lay.num_kv_heads, lay.seq_pad, lay.heads, *x.shape[3:])
+  x = x[:, :, :lay.seq_len, :lay.group]
+  if dim is not None:
+    x = x[..., :dim]
+  x = jnp.moveaxis(x, 1, 2)  # [B, T, Hkv, G, ...]
+  return x.reshape(lay.batch, lay.seq_len, lay.num_kv_heads * lay.group, *x.shape[4:])
+
+
+def _to_keys(x, lay: _Layout, dim_pad):
+  """`[B, Tc, Hkv, D]` -> `[B, Hkv, Tc_pad, Dp]`."""
+  x = jnp.pad(x, [(0, 0), (0, lay.cmp_pad - x.shape[1]), (0, 0), (0, dim_pad - x.shape[3])])
+  return x.transpose(0, 2, 1, 3)
+
+
+def _num_visible(pos, lay: _Layout):
+  """Compressed blocks visible to position `pos`: `i*d + l - 1 <= pos`, at most Tc."""
+  seen = jnp.where(pos >= lay.block - 1, (pos - lay.block + 1) // lay.stride + 1, 0)
+  return jnp.minimum(seen, lay.num_cmp)
+
+
+def _row_positions(tile, lay: _Layout):
+  return tile * lay.positions + jnp.arange(lay.rows) // lay.heads  # [R]
+
+
+def _scores(q, k, key_start, row_pos, lay: _Layout, scale):
+  """Masked `scale * log2(e) * q . k` of one key tile: `[R, KEYS]`."""
+  key = key_start + jnp.arange(KEYS)
+  visible = (key[None, :] * lay.stride + lay.block - 1 <= row_pos[:, None]) & (
+      key[None, :] < lay.num_cmp)
+  s = _dot(q, k, trans_b=True) * (scale * LOG2E)
+  return jnp.where(visible, s, MASK_VALUE), visible
+
+
+def _tile_count(tile, lay: _Layout):
+  last = jnp.minimum((tile + 1) * lay.positions - 1, lay.seq_len - 1)
+  return pl.cdiv(_num_visible(last, lay), KEYS)
+
+
+def _lse_pass(q, k_ref, row_pos, num_tiles, lay, scale):
+  def body(kt, carry):
+    row_max, row_sum = carry
+    s, visible = _scores(q, k_ref[pl.ds(kt * KEYS, KEYS), :], kt * KEYS, row_pos, lay, scale)
+    new_max = jnp.maximum(row_max, jnp.max(s, axis=1))
+    # Masked entries count 0 even in a row that sees nothing yet (its max is MASK_VALUE).
+    p = jnp.where(visible, jnp.exp2(s - new_max[:, None]), 0.0)
+    return new_max, row_sum * jnp.exp2(row_max - new_max) + jnp.sum(p, axis=1)
+
+  init = (jnp.full((lay.rows,), MASK_VALUE, jnp.float32), jnp.zeros((lay.rows,), jnp.float32))
+  row_max, row_sum = jax.lax.fori_loop(0, num_tiles, body, init)
+  # Rows that see nothing get +inf, so exp2(s - lse) = 0 in pass 2 and the backward.
+  return jnp.where(row_sum > 0, row_max + jnp.log2(jnp.where(row_sum > 0, row_sum, 1.0)), jnp.inf)
+
+
+def _overlap(num_rows_keys, first_slc, num_cols, lay: _Layout, slc_block):
+  """`[KEYS, num_cols]`: overlap / d of key `i` (tile-local) with selection block `first + j`."""
+  per_cmp, per_slc = lay.block // lay.stride, slc_block // lay.stride
+  sub = jnp.arange(num_rows_keys)[:, None]  # first sub-block of key i
+  slc = (first_slc + jnp.arange(num_cols))[None, :] * per_slc
+  return jnp.maximum(jnp.minimum(sub + per_cmp, slc + per_slc) - jnp.maximum(sub, slc), 0).astype(
+      jnp.float32)
+
+
+def _score_maps(lay: _Layout, slc_block, slc_cols, slc_spill):
+  """`S [TQ, R]` (row -> position), `A [KEYS, C]` (owned blocks), `A_next [KEYS, C]` (spill)."""
+  owned = KEYS * lay.stride // slc_block
+  tq = max(16, lay.positions)
+  to_position = (jnp.arange(lay.rows)[None, :] // lay.heads == jnp.arange(tq)[:, None])
+  cols = jnp.arange(slc_cols)[None, :]
+  own_map = jnp.where(cols < owned, _overlap(KEYS, 0, slc_cols, lay, slc_block), 0.0)
+  spill_map = jnp.where(cols < slc_spill, _overlap(KEYS, owned, slc_cols, lay, slc_block), 0.0)
+  return to_position.astype(jnp.float32), own_map, spill_map
+
+
+def _store_scores(score_ref, values, tile, first_col, num_cols, lay: _Layout):
+  """Stores rows of the tile's positions, columns `[first_col, first_col + num_cols)`."""
+  tq, width = values.shape
+  mask = ((jnp.arange(tq) < lay.positions)[:, None] & (jnp.arange(width) < num_cols)[None, :])
+  plgpu.store(score_ref.at[pl.ds(tile * lay.positions, tq), pl.ds(first_col, width)], values,
+              mask=mask)
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, *refs, lay, scale, slc_block, slc_cols, slc_spill):
+  """Pass 1 (lse), then pass 2 (output and, with `slc_block`, the selection scores)."""
+  if slc_block:
+    _, o_ref, lse_ref, score_ref = refs  # refs[0]: the zeros aliased to score_ref
+  else:
+    o_ref, lse_ref = refs
+  tile = pl.program_id(0)
+  q = q_ref[...]
+  row_pos = _row_positions(tile, lay)
+  num_tiles = _tile_count(tile, lay)
+  lse = _lse_pass(q, k_ref, row_pos, num_tiles, lay, scale)
+  if slc_block:
+    to_position, own_map, spill_map = _score_maps(lay, slc_block, slc_cols, slc_spill)
+    owned = KEYS * lay.stride // slc_block
+
+  def body(kt, carry):
+    acc, spill = carry
+    s, visible = _scores(q, k_ref[pl.ds(kt * KEYS, KEYS), :], kt * KEYS, row_pos, lay, scale)
+    p = jnp.where(visible, jnp.exp2(s - lse[:, None]), 0.0)
+    v = v_ref[pl.ds(kt * KEYS, KEYS), :]
+    acc = acc + _dot(p.astype(v.dtype), v)
+    if slc_block:
+      p_grp = _dot(to_position, p)  # [TQ, KEYS]: summed over the group's heads
+      _store_scores(score_ref, _dot(p_grp, own_map) + spill, tile, kt * owned, owned, lay)
+      spill = _dot(p_grp, spill_map)  # overlap with the next tile's first blocks
+    return acc, spill
+
+  spill_shape = (max(16, lay.positions), slc_cols) if slc_block else (1,)
+  init = (jnp.zeros((lay.rows, o_ref.shape[1]), jnp.float32), jnp.zeros(spill_shape, jnp.float32))
+  acc, spill = jax.lax.fori_loop(0, num_tiles, body, init)
+  o_ref[...] = acc.astype(o_ref.dtype)
+  lse_ref[...] = lse
+  if slc_block:
+    _store_scores(score_ref, spill, tile, num_tiles * owned, slc_spill, lay)
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, lay, scale):
+  tile = pl.program_id(0)
+  q, do = q_ref[...], do_ref[...]
+  lse, delta = lse_ref[...], delta_ref[...]
+  row_pos = _row_positions(tile, lay)
+
+  def body(kt, dq):
+    k = k_ref[pl.ds(kt * KEYS, KEYS), :]
+    s, visible = _scores(q, k, kt * KEYS, row_pos, lay, scale)
+    p = jnp.where(visible, jnp.exp2(s - lse[:, None]), 0.0)
+    ds = p * (_dot(do, v_ref[pl.ds(kt * KEYS, KEYS), :], trans_b=True) - delta[:, None])
+    return dq + _dot(ds.astype(k.dtype), k)
+
+  dq = jax.lax.fori_loop(0, _tile_count(tile, lay), body, jnp.zeros(q.shape, jnp.float32))
+  dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, lay, scale):
+  key_tile = pl.program_id(0)
+  k, v = k_ref[...], v_ref[...]
+  key_start = key_tile * KEYS
+  # The first position that sees this tile's first key, and its row tile.
+  first_tile = jnp.minimum(key_start * lay.stride + lay.block - 1, lay.seq_pad) // lay.positions
+
+  def body(tile, carry):
+    dk, dv = carry
+    rows = pl.ds(tile * lay.rows, lay.rows)
+    q, do = q_ref[rows, :], do_ref[rows, :]
+    s, visible = _scores(q, k, key_start, _row_positions(tile, lay), lay, scale)
+    p = jnp.where(visible, jnp.exp2(s - lse_ref[rows][:, None]), 0.0)  # [R, KEYS]
+    dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
+    ds = p * (_dot(do, v, trans_b=True) - delta_ref[rows][:, None])
+    return dk + _dot(ds.astype(q.dtype), q, trans_a=True), dv
+
+  init = (jnp.zeros(dk_ref.shape, jnp.float32), jnp.zeros(dv_ref.shape, jnp.float32))
+  dk, dv = jax.lax.fori_loop(first_tile, lay.num_row_tiles, body, init)
+  dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _params():
+  return plgpu.CompilerParams(num_warps=4, num_stages=2)
+
+
+def _specs(lay: _Layout):
+  rows = lambda d: pl.BlockSpec((None, None, lay.rows, d), lambda i, b, g: (b, g, i, 0))
+  row_vector = pl.BlockSpec((None, None, lay.rows), lambda i, b, g: (b, g, i))
+  keys = lambda d: pl.BlockSpec((None, None, lay.cmp_pad, d), lambda i, b, g: (b, g, 0, 0))
+  return rows, row_vector, keys
+
+
+def _slc_geometry(lay: _Layout, slc_block):
+  """Columns per score store and selection blocks the overlap spills into (0 without scores)."""
+  if not slc_block:
+    return 0, 0
+  per_slc = slc_block // lay.stride
+  spill = -(-(lay.block // lay.stride - 1) // per_slc)
+  return _pow2(max(KEYS * lay.stride // slc_block, spill), 16), spill
+
+
+def _forward(q, k, v, lay: _Layout, scale, slc_block, interpret):
+  rows, row_vector, keys = _specs(lay)
+  slc_cols, slc_spill = _slc_geometry(lay, slc_block)
+  kernel = functools.partial(_forward_kernel, lay=lay, scale=scale, slc_block=slc_block,
+                             slc_cols=slc_cols, slc_spill=slc_spill)
+  num_rows = lay.seq_pad * lay.heads
+  in_specs = [rows(lay.head_dim_pad), keys(lay.head_dim_pad), keys(lay.head_dim_v_pad)]
+  out_specs = [rows(lay.head_dim_v_pad), row_vector]
+  out_shape = [
+      jax.ShapeDtypeStruct((lay.batch, lay.num_kv_heads, num_rows, lay.head_dim_v_pad), q.dtype),
+      jax.ShapeDtypeStruct((lay.batch, lay.num_kv_heads, num_rows), jnp.float32)]
+  args = [q, k, v]
+  aliases = {}
+  if slc_block:
+    # Whole score matrix per (b, g): unvisited blocks keep the zeros it starts from.
+    score_shape = (lay.batch, lay.num_kv_heads, lay.seq_pad + 16,
+                   (lay.cmp_pad // KEYS + 1) * (KEYS * lay.stride // slc_block) + slc_cols)
+    whole = pl.BlockSpec((None, None) + score_shape[2:], lambda i, b, g: (b, g, 0, 0))
+    in_specs.append(whole)
+    out_specs.append(whole)
+    out_shape.append(jax.ShapeDtypeStruct(score_shape, jnp.float32))
+    args.append(jnp.zeros(score_shape, jnp.float32))
+    aliases = {3: 2}
+  return pl.pallas_call(
+      kernel, grid=(lay.num_row_tiles, lay.batch, lay.num_kv_heads), in_specs=in_specs,
+      out_specs=out_specs, out_shape=out_shape, input_output_aliases=aliases,
+      compiler_params=_params(), interpret=interpret, name="nsa_compressed_fwd")(*args)
+
+
+def _backward(q, k, v, do, lse, delta, lay: _Layout, scale, interpret):
+  rows, row_vector, keys = _specs(lay)
+  dq = pl.pallas_call(
+      functools.partial(_dq_kernel, lay=lay, scale=scale),
+      grid=(lay.num_row_tiles, lay.batch, lay.num_kv_heads),
+      in_specs=[rows(lay.head_dim_pad), keys(lay.head_dim_pad), keys(lay.head_dim_v_pad),
+                rows(lay.head_dim_v_pad), row_vector, row_vector],
+      out_specs=rows(lay.head_dim_pad), out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      compiler_params=_params(), interpret=interpret, name="nsa_compressed_dq",
+  )(q, k, v, do, lse, delta)
+  num_rows = lay.seq_pad * lay.heads
+  whole_rows = lambda d: pl.BlockSpec((None, None, num_rows, d), lambda j, b, g: (b, g, 0, 0))
+  whole_vector = pl.BlockSpec((None, None, num_rows), lambda j, b, g: (b, g, 0))
+  key_tile = lambda d: pl.BlockSpec((None, None, KEYS, d), lambda j, b, g: (b, g, j, 0))
+  dk, dv = pl.pallas_call(
+      functools.partial(_dkv_kernel, lay=lay, scale=scale),
+      grid=(lay.cmp_pad // KEYS, lay.batch, lay.num_kv_heads),
+      in_specs=[whole_rows(lay.head_dim_pad), key_tile(lay.head_dim_pad),
+                key_tile(lay.head_dim_v_pad), whole_rows(lay.head_dim_v_pad), whole_vector,
+                whole_vector],
+      out_specs=[key_tile(lay.head_dim_pad), key_tile(lay.head_dim_v_pad)],
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      compiler_params=_params(), interpret=interpret, name="nsa_compressed_dkv",
+  )(q, k, v, do, lse, delta)
+  return dq, dk, dv
+
+
+def _natural_lse(lse2):
+  """Base-2 lse with +inf for empty rows -> natural log with -inf (the public convention)."""
+  return jnp.where(jnp.isinf(lse2), -jnp.inf, lse2 / LOG2E)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
+def _compressed(q, k_cmp, v_cmp, scale, block, stride, slc_block, interpret):
+  return _compressed_fwd(q, k_cmp, v_cmp, scale, block, stride, slc_block, interpret)[0]
+
+
+def _compressed_fwd(q, k_cmp, v_cmp, scale, block, stride, slc_block, interpret):
+  lay = _layout(q, k_cmp, v_cmp, block, stride)
+  outs = _forward(_to_rows(q, lay, lay.head_dim_pad), _to_keys(k_cmp, lay, lay.head_dim_pad),
+                  _to_keys(v_cmp, lay, lay.head_dim_v_pad), lay, scale, slc_block, interpret)
+  out_rows, lse2 = outs[0], outs[1]
+  out = _from_rows(out_rows, lay, lay.head_dim_v)
+  lse = _from_rows(_natural_lse(lse2)[..., None], lay, None)[..., 0]
+  scores = None
+  if slc_block:
+    num_slc = -(-q.shape[1] // slc_block)
+    scores = outs[2][:, :, :lay.seq_len, :num_slc]  # [B, Hkv, T, Ts]
+  return (out, lse, scores), (q, k_cmp, v_cmp, out_rows, lse2)
+
+
+def _compressed_bwd(scale, block, stride, slc_block, interpret, residuals, cotangents):
+  q, k_cmp, v_cmp, out_rows, lse2 = residuals
+  d_out, d_lse, _ = cotangents  # the scores feed the (non-differentiable) selection
+  lay = _layout(q, k_cmp, v_cmp, block, stride)
+  do_rows = _to_rows(d_out.astype(q.dtype), lay, lay.head_dim_v_pad)
+  delta = jnp.sum(out_rows.astype(jnp.float32) * do_rows.astype(jnp.float32), axis=-1)
+  # d lse / d s = p: folded into delta (ds = p * (dp - delta + d_lse)).
+  delta = delta - _to_rows(d_lse[..., None], lay, 1)[..., 0]
+  dq, dk, dv = _backward(_to_rows(q, lay, lay.head_dim_pad),
+                         _to_keys(k_cmp, lay, lay.head_dim_pad),
+                         _to_keys(v_cmp, lay, lay.head_dim_v_pad), do_rows, lse2, delta, lay, scale,
+                         interpret)
+  dq = _from_rows(dq, lay, lay.head_dim)
+  unkeys = lambda x, d: x.transpose(0, 2, 1, 3)[:, :lay.num_cmp, :, :d]
+  return dq, unkeys(dk, lay.head_dim), unkeys(dv, lay.head_dim_v)
+
+
+_compressed.defvjp(_compressed_fwd, _compressed_bwd)
+
+
+def compressed_attention(q, k_cmp, v_cmp, *, block: int, stride: int, scale: float,
+                         interpret: bool = False):
+  """Attention over the compressed blocks inside each query's prefix.
+
+  Args:
+    q: `[B, T, Hq, Dk]`; k_cmp: `[B, Tc, Hkv, Dk]`; v_cmp: `[B, Tc, Hkv, Dv]`.
+    block, stride: `l` and `d` of the compression. scale: softmax scale (a Python float).
+    interpret: Pallas interpret mode (CPU).
+
+  Returns:
+    `(out [B, T, Hq, Dv] in q.dtype, lse [B, T, Hq] float32)`, `lse = -inf` where nothing is
+    visible; differentiable in q, k_cmp, v_cmp (through both outputs).
+  """
+  out, lse, _ = _compressed(q, k_cmp, v_cmp, float(scale), block, stride, 0, interpret)
+  return out, lse
+
+
+def compressed_attention_with_scores(q, k_cmp, v_cmp, *, block: int, stride: int, slc_block: int,
+                                     scale: float, interpret: bool = False):
+  """`compressed_attention` plus the selection scores of SPEC.md section 2, steps 1-3.
+
+  Needs `(KEYS * stride) % slc_block == 0` (each key tile owns whole selection blocks).
+
+  Returns:
+    `(out, lse, scores)`, `scores [B, Hkv, T, Ts]` float32 (no gradient flows through them).
+  """
+  if (KEYS * stride) % slc_block:
+    raise ValueError(f"the fused selection scores need slc_block ({slc_block}) to divide "
+                     f"{KEYS} * cmp_stride ({KEYS * stride})")
+  return _compressed(q, k_cmp, v_cmp, float(scale), block, stride, slc_block, interpret)
