@@ -1,16 +1,20 @@
-"""GPU benchmark of the NSA kernels against cuDNN dense causal attention (issue 3).
+"""GPU benchmark of NSA (implementation="pallas_gpu") against cuDNN dense causal attention.
 
-    python -m experiments.bench_kernels [--seq_lens 8192,16384,32768,65536] [--out out/bench.json]
+    python -m experiments.bench_kernels [--seq_lens 8192,16384,32768,65536,131072]
+                                        [--repeats 10] [--out out/bench_kernels.json]
 
-Shapes: B=1, Hq=64, Hkv=4, D=128, bfloat16; the paper config (l=32, d=16, l'=64, n=16, w=512).
-Per sequence length: forward and forward+backward time (median of `--repeats` after a warm-up),
-achieved TFLOP/s and peak GPU memory of each part; cuDNN dense causal attention in the same run.
-Prints a table and writes JSON.
+Shapes: B=1, Hq=64, Hkv=4, D=128, bfloat16. Configs: the paper's (l=32, d=16, l'=64, n=16, w=512)
+and fla-core's comparable one (l=d=l'=64, n=16, window excluded, as fla-core times it).
+Per sequence length and part: forward and forward+backward time (median of `--repeats` after a
+warm-up), achieved TFLOP/s (useful FLOPs: causal halves counted once) and the compiled program's
+GPU memory (arguments + outputs + temporaries, from XLA's memory analysis). Prints a table and
+writes JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import pathlib
 import statistics
@@ -20,8 +24,14 @@ import jax
 import jax.numpy as jnp
 
 import nsa_jax
-from nsa_jax import xla
-from pallas_kernels.gpu.selected_attention import selected_attention as pallas_selected
+from nsa_jax import pallas_gpu
+from pallas_kernels.gpu import compressed_attention as compressed_kernel
+from pallas_kernels.gpu import selected_attention as selected_kernel
+
+B, HQ, HKV, D = 1, 64, 4, 128
+PAPER = nsa_jax.NSAConfig()
+FLA = nsa_jax.NSAConfig(cmp_block=64, cmp_stride=64, slc_block=64, num_selected=16, num_initial=1,
+                        num_local=2, window=64)
 
 
 def median_ms(fn, args, repeats):
@@ -34,73 +44,106 @@ def median_ms(fn, args, repeats):
   return 1e3 * statistics.median(times)
 
 
-def random_block_indices(key, b, t, hkv, config):
-  """Forced blocks plus random earlier ones: the shape of a real selection, without computing it."""
-  n, blk = config.num_selected, config.slc_block
-  query_block = (jnp.arange(t) // blk)[None, :, None, None]
-  forced = jnp.concatenate([jnp.zeros_like(query_block), query_block,
-                            jnp.maximum(query_block - 1, 0)], axis=-1)
-  fraction = jax.random.uniform(key, (b, t, hkv, n - 3))
-  rest = jnp.floor(fraction * (query_block + 1)).astype(jnp.int32)
-  return jnp.concatenate([jnp.broadcast_to(forced, (b, t, hkv, 3)), rest], axis=-1)
+def gib(fn, args):
+  stats = fn.lower(*args).compile().memory_analysis()
+  total = stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
+  return total / 2**30
 
 
-def grad_fn(fn):
-  return jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32)), (0, 1, 2)))
+def sum_of(fn):
+  """Scalar loss of a q, k, v -> out function, for timing forward+backward."""
+  return lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32))
+
+
+def parts_for(t, q, k, v, config, with_window=True):
+  """name -> (function of (q, k, v), forward FLOPs, differentiable)."""
+  scale = D ** -0.5
+  num_cmp = config.num_cmp_blocks(t)
+  k_cmp, v_cmp = nsa_jax.compress_kv(k, v, block=config.cmp_block, stride=config.cmp_stride)
+  block_indices = nsa_jax.select_blocks(q, k_cmp, config=config, implementation="pallas_gpu")
+  flops = lambda keys: 4.0 * B * HQ * t * keys * D  # QK^T and PV over `keys` keys per query
+  slc_keys = min(config.num_selected * config.slc_block, t / 2)
+  nsa_keys = num_cmp / 2 + slc_keys + (min(config.window, t / 2) if with_window else 0)
+
+  def nsa_no_window(q, k, v):
+    k_cmp, v_cmp = pallas_gpu.compress_kv(k, v, config.cmp_block, config.cmp_stride)
+    o_cmp, idx = pallas_gpu._compressed_and_selection(q, k_cmp, v_cmp, scale, config, False)  # pylint: disable=protected-access
+    o_slc = selected_kernel.selected_attention(q, k, v, idx, block=config.slc_block, scale=scale)
+    return o_cmp + o_slc
+
+  parts = {
+      "nsa": ((lambda q, k, v: nsa_jax.nsa_attention(q, k, v, config=config,
+                                                     implementation="pallas_gpu"))
+              if with_window else nsa_no_window, flops(nsa_keys), True),
+      "compressed": (lambda q, k, v: compressed_kernel.compressed_attention(
+          q, k_cmp, v_cmp, block=config.cmp_block, stride=config.cmp_stride, scale=scale)[0],
+                     flops(num_cmp / 2), True),
+      "cmp+selection": (lambda q, k, v: nsa_jax.select_blocks(
+          q, k_cmp, config=config, implementation="pallas_gpu"), flops(num_cmp / 2), False),
+      "selected": (lambda q, k, v: selected_kernel.selected_attention(
+          q, k, v, block_indices, block=config.slc_block, scale=scale), flops(slc_keys), True),
+  }
+  if with_window:
+    parts["window"] = (lambda q, k, v: nsa_jax.sliding_window_attention(
+        q, k, v, window=config.window, implementation="pallas_gpu"),
+                       flops(min(config.window, t / 2)), True)
+    parts["dense_cudnn"] = (lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, is_causal=True, implementation="cudnn"), flops(t / 2), True)
+  return parts
+
+
+def measure(t, config, with_window, repeats):
+  keys = jax.random.split(jax.random.key(t), 3)
+  q = jax.random.normal(keys[0], (B, t, HQ, D), jnp.bfloat16)
+  k = jax.random.normal(keys[1], (B, t, HKV, D), jnp.bfloat16)
+  v = jax.random.normal(keys[2], (B, t, HKV, D), jnp.bfloat16)
+  rows = []
+  for name, (fn, fwd_flops, differentiable) in parts_for(t, q, k, v, config, with_window).items():
+    forward = jax.jit(fn)
+    row = dict(seq_len=t, part=name, fwd_ms=median_ms(forward, (q, k, v), repeats),
+               fwd_gib=gib(forward, (q, k, v)))
+    row["fwd_tflops"] = fwd_flops / row["fwd_ms"] / 1e9
+    if differentiable:
+      backward = jax.jit(jax.grad(sum_of(fn), (0, 1, 2)))
+      row["fwd_bwd_ms"] = median_ms(backward, (q, k, v), repeats)
+      row["fwd_bwd_gib"] = gib(backward, (q, k, v))
+      row["fwd_bwd_tflops"] = 3.5 * fwd_flops / row["fwd_bwd_ms"] / 1e9  # bwd ~ 2.5x fwd
+    print(json.dumps(row), flush=True)
+    rows.append(row)
+  return rows
+
+
+def print_table(title, rows):
+  print(f"\n{title}")
+  print(f"{'T':>7} {'part':>14} {'fwd ms':>8} {'f+b ms':>8} {'fwd TF/s':>9} {'f+b TF/s':>9} "
+        f"{'fwd GiB':>8} {'f+b GiB':>8}")
+  for r in rows:
+    get = lambda key, fmt: format(r[key], fmt) if key in r else "-"
+    print(f"{r['seq_len']:>7} {r['part']:>14} {get('fwd_ms', '8.2f'):>8} "
+          f"{get('fwd_bwd_ms', '8.2f'):>8} {get('fwd_tflops', '9.1f'):>9} "
+          f"{get('fwd_bwd_tflops', '9.1f'):>9} {get('fwd_gib', '8.2f'):>8} "
+          f"{get('fwd_bwd_gib', '8.2f'):>8}")
 
 
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument("--seq_lens", default="8192,16384,32768,65536")
+  parser.add_argument("--seq_lens", default="8192,16384,32768,65536,131072")
+  parser.add_argument("--fla_seq_lens", default="8192,16384,32768,65536")
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--out", default="out/bench_kernels.json")
   args = parser.parse_args()
-  config = nsa_jax.NSAConfig()
-  b, hq, hkv, d = 1, 64, 4, 128
-  scale = d ** -0.5
-  rows = []
-  for t in (int(x) for x in args.seq_lens.split(",")):
-    keys = jax.random.split(jax.random.key(t), 4)
-    q = jax.random.normal(keys[0], (b, t, hq, d), jnp.bfloat16)
-    k = jax.random.normal(keys[1], (b, t, hkv, d), jnp.bfloat16)
-    v = jax.random.normal(keys[2], (b, t, hkv, d), jnp.bfloat16)
-    idx = random_block_indices(keys[3], b, t, hkv, config)
-    attended = config.num_selected * config.slc_block  # keys per query (upper bound)
-    parts = {
-        "dense_cudnn": (lambda q, k, v: jax.nn.dot_product_attention(
-            q, k, v, is_causal=True, implementation="cudnn"), 2.0 * b * hq * t * t * d),
-        "window_cudnn": (lambda q, k, v: jax.nn.dot_product_attention(
-            q, k, v, is_causal=True, local_window_size=(config.window - 1, 0),
-            implementation="cudnn"), 4.0 * b * hq * t * config.window * d),
-        "selected_pallas": (lambda q, k, v: pallas_selected(q, k, v, idx, block=config.slc_block,
-                                                            scale=scale),
-                            4.0 * b * hq * t * attended * d),
-    }
-    k_cmp, v_cmp = xla.compress_kv(k, v, config.cmp_block, config.cmp_stride)
-    row = dict(seq_len=t)
-    for name, (fn, fwd_flops) in parts.items():
-      fwd = median_ms(jax.jit(fn), (q, k, v), args.repeats)
-      fwd_bwd = median_ms(grad_fn(fn), (q, k, v), args.repeats)
-      row[name] = dict(fwd_ms=fwd, fwd_bwd_ms=fwd_bwd, fwd_tflops=fwd_flops / fwd / 1e9,
-                       fwd_bwd_tflops=3.5 * fwd_flops / fwd_bwd / 1e9)
-      print(f"T={t} {name}: fwd {fwd:.2f} ms, fwd+bwd {fwd_bwd:.2f} ms", flush=True)
-    fwd = median_ms(jax.jit(lambda q: xla.select_blocks(q, k_cmp, scale, config=config)), (q,),
-                    args.repeats)
-    row["select_xla"] = dict(fwd_ms=fwd)
-    print(f"T={t} select_xla: {fwd:.2f} ms", flush=True)
-    rows.append(row)
-
-  print(f"\n{jax.devices()[0].device_kind}, B={b} Hq={hq} Hkv={hkv} D={d} bf16, paper config")
-  print(f"{'T':>6} {'part':>16} {'fwd ms':>8} {'f+b ms':>8} {'fwd TF/s':>9} {'f+b TF/s':>9}")
-  for row in rows:
-    for name, r in row.items():
-      if name == "seq_len":
-        continue
-      print(f"{row['seq_len']:>6} {name:>16} {r['fwd_ms']:>8.2f} {r.get('fwd_bwd_ms', 0):>8.2f} "
-            f"{r.get('fwd_tflops', 0):>9.1f} {r.get('fwd_bwd_tflops', 0):>9.1f}")
+  paper, fla = [], []
+  for t in (int(x) for x in args.seq_lens.split(",") if x):
+    paper += measure(t, PAPER, True, args.repeats)
+  for t in (int(x) for x in args.fla_seq_lens.split(",") if x):
+    fla += measure(t, FLA, False, args.repeats)
+  device = jax.devices()[0].device_kind
+  print_table(f"{device}, B={B} Hq={HQ} Hkv={HKV} D={D} bf16, paper config {PAPER}", paper)
+  print_table(f"{device}, fla-core comparable config (l=d=l'=64, n=16, no window)", fla)
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(dict(device=jax.devices()[0].device_kind, rows=rows), indent=2))
+  out.write_text(json.dumps(dict(device=device, date=str(datetime.date.today()),
+                                 jax_version=jax.__version__, paper=paper, fla=fla), indent=2))
 
 
 if __name__ == "__main__":

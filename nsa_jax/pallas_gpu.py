@@ -6,8 +6,8 @@
   (measured faster than any banded kernel we could write first: 3.3 ms fwd at 64k on an H200),
   falling back to the XLA path where cuDNN does not apply (float32, Dk != Dv, interpret mode);
 - compressed attention: the Pallas kernels of `pallas_kernels.gpu.compressed_attention`, forward
-  and backward, with the selection scores fused into the forward; the top-n of those scores is
-  `lax.top_k` in XLA (`nsa_jax.block_selection.top_n_blocks`);
+  and backward, with the selection scores fused into the forward, and their top-n in the Pallas
+  kernel of `pallas_kernels.gpu.top_n`;
 - mean-pooling compression: the XLA path (one fused elementwise pass).
 
 Same signatures as `nsa_jax.xla` plus `interpret`; arguments are validated by `nsa_jax.ops`.
@@ -22,7 +22,6 @@ import jax.numpy as jnp
 
 from nsa_jax import xla
 from nsa_jax.attention_math import combine_branches
-from nsa_jax.block_selection import top_n_blocks
 from nsa_jax.config import NSAConfig
 from pallas_kernels.gpu import compressed_attention as compressed_kernel
 from pallas_kernels.gpu import selected_attention as selected_kernel
@@ -53,22 +52,19 @@ def compressed_attention(q, k_cmp, v_cmp, scale, *, block, stride, interpret=Fal
   return out, lse
 
 
-def _fused_scores_apply(config: NSAConfig):
-  return (compressed_kernel.KEYS * config.cmp_stride) % config.slc_block == 0
-
-
 def _compressed_and_selection(q, k_cmp, v_cmp, scale, config, interpret):
-  """`(o_cmp, block_indices [B, T, Hkv, n])` from one fused kernel pass (XLA where it can't)."""
-  if not _fused_scores_apply(config):
+  """`(o_cmp, block_indices [B, T, Hkv, n])` from the fused kernels (XLA selection where the
+  config does not tile: `slc_block` must divide 64 * cmp_stride)."""
+  if not compressed_kernel.fusable(config.cmp_stride, config.slc_block):
     o_cmp, _ = compressed_attention(q, k_cmp, v_cmp, scale, block=config.cmp_block,
                                     stride=config.cmp_stride, interpret=interpret)
     return o_cmp, xla.select_blocks(q, k_cmp, scale, config=config, query_chunk=GPU_QUERY_CHUNK)
-  o_cmp, _, scores = compressed_kernel.compressed_attention_with_scores(
+  o_cmp, _, block_indices = compressed_kernel.compressed_attention_and_selection(
       q, k_cmp, v_cmp, block=config.cmp_block, stride=config.cmp_stride,
-      slc_block=config.slc_block, scale=scale, interpret=interpret)
-  scores = jax.lax.stop_gradient(scores)  # [B, Hkv, T, Ts]
-  block_indices = top_n_blocks(scores, jnp.arange(q.shape[1]), config)  # [B, Hkv, T, n]
-  return o_cmp, block_indices.transpose(0, 2, 1, 3)
+      slc_block=config.slc_block, num_selected=config.num_selected,
+      num_initial=config.num_initial, num_local=config.num_local, scale=scale,
+      interpret=interpret)
+  return o_cmp, block_indices
 
 
 def select_blocks(q, k_cmp, scale, *, config: NSAConfig, interpret=False):

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 import nsa_jax
-from nsa_jax import reference, xla
+from nsa_jax import block_selection, reference, xla
 from pallas_kernels.gpu import compressed_attention as compressed_kernel
+from pallas_kernels.gpu import top_n
 from pallas_kernels.gpu.selected_attention import selected_attention
 from tests.helpers import assert_close, assert_grads_close, random_gates, random_qkv
 
@@ -146,6 +147,21 @@ def test_select_blocks_from_fused_scores_matches_xla_on_gpu():
   fused = nsa_jax.select_blocks(q, k_cmp, config=config, implementation="pallas_gpu")
   expected = nsa_jax.select_blocks(q, k_cmp, config=config, implementation="xla")
   assert np.mean(np.asarray(fused == expected)) > 0.9999  # float near-ties may flip a rare slot
+
+
+@pytest.mark.parametrize("config", [nsa_jax.NSAConfig(8, 4, 16, 4, 1, 2, 8),
+                                    nsa_jax.NSAConfig(8, 4, 8, 5, 0, 0, 8)])
+def test_top_n_kernel_matches_the_selection_rule_with_ties(config):
+  b, t, h, width = 2, 70, 3, 16  # Ts = ceil(70 / l') <= 9 < width: padding columns ignored
+  # Few distinct values, so many scores tie and the lower index must win.
+  scores = jax.random.randint(jax.random.key(5), (b, h, t + 3, width), 0, 3).astype(jnp.float32)
+  got = top_n.top_n_blocks(scores, seq_len=t, num_selected=config.num_selected,
+                           slc_block=config.slc_block, num_initial=config.num_initial,
+                           num_local=config.num_local, interpret=True)
+  num_slc = config.num_slc_blocks(t)
+  expected = block_selection.top_n_blocks(
+      scores[:, :, :t, :num_slc].transpose(0, 2, 1, 3), jnp.arange(t)[:, None], config)
+  np.testing.assert_array_equal(got, expected)
 
 
 @pytest.mark.parametrize("with_gates", [False, True])

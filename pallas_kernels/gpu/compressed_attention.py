@@ -31,10 +31,14 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.gpu.top_n import top_n_blocks
+
 LOG2E = math.log2(math.e)
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 ROWS = 64  # query rows per program (positions x heads)
 KEYS = 64  # compressed keys per tile
+NUM_WARPS = 4
+NUM_STAGES = 2
 
 
 def _pow2(x: int, minimum: int = 1) -> int:
@@ -253,7 +257,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
 
 
 def _params():
-  return plgpu.CompilerParams(num_warps=4, num_stages=2)
+  return plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES)
 
 
 def _specs(lay: _Layout):
@@ -287,8 +291,10 @@ def _forward(q, k, v, lay: _Layout, scale, slc_block, interpret):
   aliases = {}
   if slc_block:
     # Whole score matrix per (b, g): unvisited blocks keep the zeros it starts from.
-    score_shape = (lay.batch, lay.num_kv_heads, lay.seq_pad + 16,
-                   (lay.cmp_pad // KEYS + 1) * (KEYS * lay.stride // slc_block) + slc_cols)
+    # Columns: every key tile's owned blocks, the last spill, rounded to a power of two so that
+    # the top-n kernel can load a row whole.
+    width = _pow2((lay.cmp_pad // KEYS + 1) * (KEYS * lay.stride // slc_block) + slc_cols)
+    score_shape = (lay.batch, lay.num_kv_heads, lay.seq_pad + 16, width)
     whole = pl.BlockSpec((None, None) + score_shape[2:], lambda i, b, g: (b, g, 0, 0))
     in_specs.append(whole)
     out_specs.append(whole)
@@ -345,10 +351,7 @@ def _compressed_fwd(q, k_cmp, v_cmp, scale, block, stride, slc_block, interpret)
   out_rows, lse2 = outs[0], outs[1]
   out = _from_rows(out_rows, lay, lay.head_dim_v)
   lse = _from_rows(_natural_lse(lse2)[..., None], lay, None)[..., 0]
-  scores = None
-  if slc_block:
-    num_slc = -(-q.shape[1] // slc_block)
-    scores = outs[2][:, :, :lay.seq_len, :num_slc]  # [B, Hkv, T, Ts]
+  scores = outs[2] if slc_block else None  # [B, Hkv, rows >= T, width >= Ts], query t in row t
   return (out, lse, scores), (q, k_cmp, v_cmp, out_rows, lse2)
 
 
@@ -398,7 +401,36 @@ def compressed_attention_with_scores(q, k_cmp, v_cmp, *, block: int, stride: int
   Returns:
     `(out, lse, scores)`, `scores [B, Hkv, T, Ts]` float32 (no gradient flows through them).
   """
-  if (KEYS * stride) % slc_block:
+  _check_fusable(stride, slc_block)
+  out, lse, scores = _compressed(q, k_cmp, v_cmp, float(scale), block, stride, slc_block,
+                                 interpret)
+  return out, lse, scores[:, :, :q.shape[1], :-(-q.shape[1] // slc_block)]
+
+
+def compressed_attention_and_selection(q, k_cmp, v_cmp, *, block: int, stride: int,
+                                       slc_block: int, num_selected: int, num_initial: int,
+                                       num_local: int, scale: float, interpret: bool = False):
+  """The fused compressed branch: its output and the selected blocks of every query.
+
+  Returns:
+    `(out [B, T, Hq, Dv], lse [B, T, Hq], block_indices int32 [B, T, Hkv, n])` with the indices of
+    SPEC.md section 2 (ascending, -1 padded); out and lse are differentiable.
+  """
+  _check_fusable(stride, slc_block)
+  out, lse, scores = _compressed(q, k_cmp, v_cmp, float(scale), block, stride, slc_block,
+                                 interpret)
+  block_indices = top_n_blocks(jax.lax.stop_gradient(scores), seq_len=q.shape[1],
+                               num_selected=num_selected, slc_block=slc_block,
+                               num_initial=num_initial, num_local=num_local, interpret=interpret)
+  return out, lse, block_indices
+
+
+def fusable(stride: int, slc_block: int) -> bool:
+  """Whether a key tile of `KEYS` compressed blocks owns whole selection blocks."""
+  return (KEYS * stride) % slc_block == 0
+
+
+def _check_fusable(stride, slc_block):
+  if not fusable(stride, slc_block):
     raise ValueError(f"the fused selection scores need slc_block ({slc_block}) to divide "
                      f"{KEYS} * cmp_stride ({KEYS * stride})")
-  return _compressed(q, k_cmp, v_cmp, float(scale), block, stride, slc_block, interpret)

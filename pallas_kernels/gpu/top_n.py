@@ -1,0 +1,78 @@
+"""Top-n block selection on GPU (Pallas, Triton lowering): SPEC.md section 2, steps 4-5.
+
+One program per (query, batch, KV head) row of selection scores: the forced blocks (the first
+`num_initial`, the `num_local` most recent) outrank every score, non-candidates (blocks after the
+query's own, padding) are never chosen, and the rest are taken by repeated arg-max, which breaks
+ties towards the lower block index exactly as SPEC.md asks. `lax.top_k` over the same rows in XLA
+sorts every row and was the slowest part of the forward pass (45 ms of 91 at T=64k, H200).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+_FORCED = 3.0e38  # above any score (scores are probabilities summed over <= 64 heads)
+_NOT_CANDIDATE = -1.0  # below any score (scores are >= 0)
+_TAKEN = -2.0
+
+
+def _top_n_kernel(score_ref, idx_ref, *, num_selected, slc_block, num_slc, num_initial,
+                  num_local):
+  query_block = pl.program_id(0) // slc_block
+  width = score_ref.shape[0]
+  block = jnp.arange(width)
+  candidate = (block <= query_block) & (block < num_slc)
+  forced = candidate & ((block < num_initial) | (block > query_block - num_local))
+  key = jnp.where(forced, _FORCED, jnp.where(candidate, score_ref[...], _NOT_CANDIDATE))
+  slots = jnp.arange(idx_ref.shape[0])
+
+  def pick(slot, carry):
+    key, picks = carry
+    best = jnp.max(key)
+    chosen = jnp.min(jnp.where(key == best, block, width))  # lowest index among the best
+    picks = jnp.where((slots == slot) & (best >= 0.0), chosen, picks)
+    return jnp.where(block == chosen, _TAKEN, key), picks
+
+  _, picks = jax.lax.fori_loop(0, num_selected, pick,
+                               (key, jnp.full(idx_ref.shape, -1, jnp.int32)))
+  idx_ref[...] = picks
+
+
+def top_n_blocks(scores, *, seq_len: int, num_selected: int, slc_block: int, num_initial: int,
+                 num_local: int, interpret: bool = False):
+  """Chosen blocks of each query, in ascending order, unused places -1.
+
+  Args:
+    scores: float32 `[B, H, rows >= T, width]`, non-negative selection scores of query `t` in row
+      `t`; `width` a power of two >= `Ts = ceil(T / slc_block)` (columns past `Ts` are ignored).
+    seq_len: T.
+    num_selected, slc_block, num_initial, num_local: the NSA selection config.
+    interpret: Pallas interpret mode (CPU).
+
+  Returns:
+    int32 `[B, T, H, num_selected]`.
+  """
+  b, h, _, width = scores.shape
+  slots = max(1, 1 << (num_selected - 1).bit_length())
+  kernel = functools.partial(_top_n_kernel, num_selected=num_selected, slc_block=slc_block,
+                             num_slc=-(-seq_len // slc_block), num_initial=num_initial,
+                             num_local=num_local)
+  picks = pl.pallas_call(
+      kernel,
+      grid=(seq_len, b, h),
+      in_specs=[pl.BlockSpec((None, None, None, width), lambda t, i, j: (i, j, t, 0))],
+      out_specs=pl.BlockSpec((None, None, None, slots), lambda t, i, j: (i, j, t, 0)),
+      out_shape=jax.ShapeDtypeStruct((b, h, seq_len, slots), jnp.int32),
+      compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+      interpret=interpret,
+      name="nsa_top_n",
+  )(scores)
+  picks = picks[..., :num_selected]
+  unused = jnp.iinfo(jnp.int32).max
+  ascending = jnp.sort(jnp.where(picks >= 0, picks, unused), axis=-1)
+  return jnp.where(ascending < unused, ascending, -1).transpose(0, 2, 1, 3)
