@@ -19,6 +19,7 @@ from jax.experimental.pallas import triton as plgpu
 _FORCED = 3.0e38  # above any score (scores are probabilities summed over <= 64 heads)
 _NOT_CANDIDATE = -1.0  # below any score (scores are >= 0)
 _TAKEN = -2.0
+NUM_WARPS = 1  # one warp per row: the arg-max reductions stay in warp shuffles
 
 
 def _top_n_kernel(score_ref, idx_ref, *, num_selected, slc_block, num_slc, num_initial,
@@ -68,7 +69,7 @@ def top_n_blocks(scores, *, seq_len: int, num_selected: int, slc_block: int, num
       in_specs=[pl.BlockSpec((None, None, None, width), lambda t, i, j: (i, j, t, 0))],
       out_specs=pl.BlockSpec((None, None, None, slots), lambda t, i, j: (i, j, t, 0)),
       out_shape=jax.ShapeDtypeStruct((b, h, seq_len, slots), jnp.int32),
-      compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+      compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
       interpret=interpret,
       name="nsa_top_n",
   )(scores)
