@@ -79,9 +79,14 @@ def selected_attention(q, k, v, block_indices, scale, *, block, interpret=False)
 
 def sliding_window_attention(q, k, v, scale, *, window, interpret=False):
   if _use_cudnn(q, v, interpret):
-    return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True,
-                                        local_window_size=(window - 1, 0),
-                                        implementation="cudnn")
+    # cuDNN's masked training kernels need an even length: a token appended at the end is after
+    # every real query (causal), so it changes nothing but its own row, which is cut off.
+    t = q.shape[1]
+    pad = [(0, 0), (0, t % 2), (0, 0), (0, 0)]
+    out = jax.nn.dot_product_attention(jnp.pad(q, pad), jnp.pad(k, pad), jnp.pad(v, pad),
+                                       scale=scale, is_causal=True,
+                                       local_window_size=(window - 1, 0), implementation="cudnn")
+    return out[:, :t]
   return xla.sliding_window_attention(q, k, v, scale, window=window, query_chunk=GPU_QUERY_CHUNK)
 
 

@@ -16,6 +16,9 @@ TOLERANCES = {
 }
 # Gradients: relative L2 error of the whole gradient tensor.
 GRAD_RTOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2, jnp.float16: 3e-3}
+# float32 gradients that sum over ~10^5 terms (the GPU tests: dK_cmp at T=4k with G=64) carry the
+# expected sqrt(N) * eps = 3e-5 rounding of two different summation orders.
+GRAD_RTOL_LONG_FLOAT32 = 5e-5
 
 _seed = itertools.count(1234)
 
@@ -51,14 +54,20 @@ def assert_close(actual, expected, dtype=jnp.float32, **override):
   np.testing.assert_allclose(actual, expected, **tol)
 
 
-def assert_grads_close(actual, expected, dtype=jnp.float32):
-  """Relative L2 error of each gradient below `GRAD_RTOL[dtype]`."""
+def assert_grads_close(actual, expected, dtype=jnp.float32, long_reduction=False):
+  """Relative L2 error of each gradient below `GRAD_RTOL[dtype]`.
+
+  `long_reduction`: the float32 gradients sum over ~10^5 terms (`GRAD_RTOL_LONG_FLOAT32`).
+  """
+  rtol = GRAD_RTOL[jnp.dtype(dtype).type]
+  if long_reduction and jnp.dtype(dtype) == jnp.float32:
+    rtol = GRAD_RTOL_LONG_FLOAT32
   for i, (a, e) in enumerate(zip(actual, expected)):
     a = np.asarray(jnp.asarray(a, jnp.float32))
     e = np.asarray(jnp.asarray(e, jnp.float32))
     assert np.all(np.isfinite(a)), f"gradient {i}: non-finite values"
     err = np.linalg.norm(a - e) / max(np.linalg.norm(e), 1e-30)
-    assert err < GRAD_RTOL[jnp.dtype(dtype).type], f"gradient {i}: relative error {err:.2e}"
+    assert err < rtol, f"gradient {i}: relative error {err:.2e}"
 
 
 def has_gpu():
