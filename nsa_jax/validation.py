@@ -31,13 +31,7 @@ def check_qkv(q, k, v) -> None:
     raise ValueError(f"q, k and v must have the same sequence length T, got {shapes}")
   if q.shape[1] == 0:
     raise ValueError(f"the sequence length T must be positive, got {shapes}")
-  if k.shape[2] != v.shape[2]:
-    raise ValueError(f"k and v must have the same number of heads Hkv, got {shapes}")
-  if k.shape[2] == 0 or q.shape[2] % k.shape[2]:
-    raise ValueError(
-        f"the query heads Hq must be a positive multiple of the key/value heads Hkv, got {shapes}")
-  if q.shape[3] != k.shape[3]:
-    raise ValueError(f"q and k must have the same head dimension Dk, got {shapes}")
+  _check_heads_and_dim(q, k, v, "k", "v", shapes)
 
 
 def check_compressed(q, k_cmp, v_cmp, num_blocks: int | None) -> None:
@@ -55,13 +49,18 @@ def check_compressed(q, k_cmp, v_cmp, num_blocks: int | None) -> None:
     raise ValueError(
         f"k_cmp and v_cmp must hold Tc = {num_blocks} compressed blocks for T = {q.shape[1]}, "
         f"got {shapes}")
-  if k_cmp.shape[2] != v_cmp.shape[2]:
-    raise ValueError(f"k_cmp and v_cmp must have the same number of heads Hkv, got {shapes}")
-  if k_cmp.shape[2] == 0 or q.shape[2] % k_cmp.shape[2]:
+  _check_heads_and_dim(q, k_cmp, v_cmp, "k_cmp", "v_cmp", shapes)
+
+
+def _check_heads_and_dim(q, k, v, k_name, v_name, shapes):
+  """Same Hkv for keys and values, `Hq % Hkv == 0`, and the same Dk for queries and keys."""
+  if k.shape[2] != v.shape[2]:
+    raise ValueError(f"{k_name} and {v_name} must have the same number of heads Hkv, got {shapes}")
+  if k.shape[2] == 0 or q.shape[2] % k.shape[2]:
     raise ValueError(
         f"the query heads Hq must be a positive multiple of the key/value heads Hkv, got {shapes}")
-  if q.shape[3] != k_cmp.shape[3]:
-    raise ValueError(f"q and k_cmp must have the same head dimension Dk, got {shapes}")
+  if q.shape[3] != k.shape[3]:
+    raise ValueError(f"q and {k_name} must have the same head dimension Dk, got {shapes}")
 
 
 def check_block_indices(q, k, block_indices) -> None:
