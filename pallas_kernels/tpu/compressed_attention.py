@@ -1,0 +1,422 @@
+"""Compressed-branch attention on TPU (Pallas Mosaic) and its selection scores.
+
+Compressed attention is dense attention of `T * G` query rows over `Tc` compressed keys with a
+staircase mask (query `t` sees block `i` iff `i*d + l - 1 <= t`). A grid step takes `R` rows
+(`R / Gc` positions x `Gc` heads of one KV group, position-major, `R >= 128`) and one tile of
+`KB = 128` keys (lane-dense scores); key tiles past the last one a row tile can see are skipped
+(`pl.when`) and their index map repeats the last visible tile, so the pipeline issues no DMA.
+
+- forward: online softmax over the key tiles ("arbitrary"), output and log-sum-exp;
+- selection scores (SPEC.md section 2, steps 1-3): a second pass with the exact probabilities
+  `exp(s - lse)`: group sum `S @ p` (0/1 row -> position matrix) and overlap map `@ A`, with the
+  overlap that spills into the next key tile's selection blocks carried in VMEM; one output block
+  per (row tile, key tile), written once;
+- backward: dQ over key tiles and dK/dV over row tiles, recomputing `p` from the log-sum-exp.
+
+Layout inside: rows `[B, Hkv, row_tiles, R, Dp]`, keys `[B, Hkv, Tc_pad, Dp]`, row vectors
+(lse, delta) `[B, Hkv, row_tiles, 1, R]` (rows on the lanes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+LANES = 128
+KEYS = 128  # compressed keys per tile
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _round_up(x: int, multiple: int) -> int:
+  return -(-x // multiple) * multiple
+
+
+def _pow2(x: int) -> int:
+  return 1 << (x - 1).bit_length()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+  batch: int
+  seq_len: int
+  num_kv_heads: int
+  group: int
+  heads: int  # Gc = pow2(G)
+  positions: int  # per row tile
+  num_cmp: int
+  head_dim: int
+  head_dim_v: int
+  head_dim_pad: int
+  head_dim_v_pad: int
+  block: int
+  stride: int
+
+  @property
+  def rows(self) -> int:
+    return self.positions * self.heads
+
+  @property
+  def row_tiles(self) -> int:
+    return -(-self.seq_len // self.positions)
+
+  @property
+  def key_tiles(self) -> int:
+    return max(1, -(-self.num_cmp // KEYS))
+
+
+def _layout(q, k_cmp, v_cmp, block, stride) -> _Layout:
+  b, t, hq, dk = q.shape
+  hkv = k_cmp.shape[2]
+  heads = _pow2(hq // hkv)
+  return _Layout(batch=b, seq_len=t, num_kv_heads=hkv, group=hq // hkv, heads=heads,
+                 positions=max(1, LANES // heads), num_cmp=k_cmp.shape[1], head_dim=dk,
+                 head_dim_v=v_cmp.shape[3], head_dim_pad=_round_up(dk, LANES),
+                 head_dim_v_pad=_round_up(v_cmp.shape[3], LANES), block=block, stride=stride)
+
+
+def _to_rows(x, lay: _Layout, dim_pad):
+  """`[B, T, Hq, D]` -> `[B, Hkv, row_tiles, R, Dp]`."""
+  b, t, _, d = x.shape
+  seq_pad = lay.row_tiles * lay.positions
+  x = x.reshape(b, t, lay.num_kv_heads, lay.group, d)
+  x = jnp.pad(x, [(0, 0), (0, seq_pad - t), (0, 0), (0, lay.heads - lay.group), (0, dim_pad - d)])
+  x = x.transpose(0, 2, 1, 3, 4)  # [B, Hkv, T_pad, Gc, Dp]
+  return x.reshape(b, lay.num_kv_heads, lay.row_tiles, lay.rows, dim_pad)
+
+
+def _from_rows(x, lay: _Layout, dim):
+  """`[B, Hkv, row_tiles, R, Dp]` -> `[B, T, Hq, D]`."""
+  x = x.reshape(lay.batch, lay.num_kv_heads, lay.row_tiles * lay.positions, lay.heads, -1)
+  x = x[:, :, :lay.seq_len, :lay.group, :dim].transpose(0, 2, 1, 3, 4)
+  return x.reshape(lay.batch, lay.seq_len, -1, dim)
+
+
+def _vector_to_rows(x, lay: _Layout):
+  """Per-head `[B, T, Hq]` -> `[B, Hkv, row_tiles, 1, R]`."""
+  return _to_rows(x[..., None], lay, 1)[..., 0][:, :, :, None, :]
+
+
+def _vector_from_rows(x, lay: _Layout):
+  return _from_rows(x[:, :, :, 0, :, None], lay, 1)[..., 0]
+
+
+def _to_keys(x, lay: _Layout, dim_pad):
+  """`[B, Tc, Hkv, D]` -> `[B, Hkv, Tc_pad, Dp]`."""
+  pad = lay.key_tiles * KEYS - x.shape[1]
+  return jnp.pad(x, [(0, 0), (0, pad), (0, 0), (0, dim_pad - x.shape[3])]).transpose(0, 2, 1, 3)
+
+
+def _last_key_tile(row_tile, lay: _Layout):
+  """The last key tile any row of `row_tile` sees (0 if none; then nothing is computed)."""
+  last_pos = jnp.minimum((row_tile + 1) * lay.positions - 1, lay.seq_len - 1)
+  seen = jnp.where(last_pos >= lay.block - 1, (last_pos - lay.block + 1) // lay.stride + 1, 0)
+  return jnp.maximum(pl.cdiv(jnp.minimum(seen, lay.num_cmp), KEYS) - 1, 0), seen > 0
+
+
+def _first_row_tile(key_tile, lay: _Layout):
+  """The first row tile that sees key tile `key_tile`'s first key."""
+  first_pos = key_tile * KEYS * lay.stride + lay.block - 1
+  return jnp.minimum(first_pos // lay.positions, lay.row_tiles - 1)
+
+
+def _scores(q, k, row_tile, key_tile, lay: _Layout, scale):
+  """Masked `scale * q . k`, `[R, KEYS]` float32, and the visibility mask."""
+  s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
+                          preferred_element_type=jnp.float32) * scale
+  row = jax.lax.broadcasted_iota(jnp.int32, s.shape, 0)
+  key = key_tile * KEYS + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
+  pos = row_tile * lay.positions + row // lay.heads
+  visible = (key * lay.stride + lay.block - 1 <= pos) & (key < lay.num_cmp)
+  return jnp.where(visible, s, MASK_VALUE), visible
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, m_scratch, l_scratch, acc_scratch, *,
+                    lay, scale):
+  _, _, row_tile, key_tile = (pl.program_id(i) for i in range(4))
+  last_tile, any_visible = _last_key_tile(row_tile, lay)
+
+  @pl.when(key_tile == 0)
+  def _init():
+    m_scratch[...] = jnp.full(m_scratch.shape, MASK_VALUE, jnp.float32)
+    l_scratch[...] = jnp.zeros(l_scratch.shape, jnp.float32)
+    acc_scratch[...] = jnp.zeros(acc_scratch.shape, jnp.float32)
+
+  @pl.when((key_tile <= last_tile) & any_visible)
+  def _accumulate():
+    s, visible = _scores(q_ref[...], k_ref[...], row_tile, key_tile, lay, scale)
+    m_prev = m_scratch[...]
+    m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+    p = jnp.where(visible, jnp.exp(s - m_new[:, :1]), 0.0)
+    alpha = jnp.exp(m_prev - m_new)
+    l_scratch[...] = alpha * l_scratch[...] + jnp.sum(p, axis=1, keepdims=True)
+    v = v_ref[...]
+    acc_scratch[...] = acc_scratch[...] * alpha[:, :1] + jax.lax.dot_general(
+        p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    m_scratch[...] = m_new
+
+  @pl.when(key_tile == lay.key_tiles - 1)
+  def _finish():
+    l = l_scratch[...][:, :1]
+    nonempty = l > 0
+    safe = jnp.where(nonempty, l, 1.0)
+    o_ref[...] = (acc_scratch[...] / safe).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(nonempty, m_scratch[...][:, :1] + jnp.log(safe), jnp.inf).T
+
+
+def _overlap(lay: _Layout, slc_block, first_block):
+  """`[KEYS, owned]`: overlap / d of tile-local key `i` with tile-local selection block
+  `first_block + j` (both counted in stride-`d` sub-blocks)."""
+  owned = KEYS * lay.stride // slc_block
+  per_cmp, per_slc = lay.block // lay.stride, slc_block // lay.stride
+  sub = jax.lax.broadcasted_iota(jnp.int32, (KEYS, owned), 0)
+  slc = (first_block + jax.lax.broadcasted_iota(jnp.int32, (KEYS, owned), 1)) * per_slc
+  return jnp.maximum(jnp.minimum(sub + per_cmp, slc + per_slc) - jnp.maximum(sub, slc),
+                     0).astype(jnp.float32)
+
+
+def _scores_kernel(q_ref, k_ref, lse_ref, score_ref, carry_scratch, *, lay, scale, slc_block):
+  _, _, row_tile, key_tile = (pl.program_id(i) for i in range(4))
+  last_tile, any_visible = _last_key_tile(row_tile, lay)
+  active = (key_tile <= last_tile) & any_visible
+
+  @pl.when(key_tile == 0)
+  def _init():
+    carry_scratch[...] = jnp.zeros(carry_scratch.shape, jnp.float32)
+
+  @pl.when(active)
+  def _score():
+    s, visible = _scores(q_ref[...], k_ref[...], row_tile, key_tile, lay, scale)
+    p = jnp.where(visible, jnp.exp(s - lse_ref[...].T), 0.0)  # [R, KEYS]
+    position = jax.lax.broadcasted_iota(jnp.int32, (lay.positions, lay.rows), 0)
+    row = jax.lax.broadcasted_iota(jnp.int32, (lay.positions, lay.rows), 1)
+    to_position = (row // lay.heads == position).astype(jnp.float32)
+    p_grp = jax.lax.dot(to_position, p, precision=HIGHEST)  # [positions, KEYS]
+    owned = KEYS * lay.stride // slc_block
+    score_ref[...] = jax.lax.dot(p_grp, _overlap(lay, slc_block, 0),
+                                 precision=HIGHEST) + carry_scratch[...]
+    carry_scratch[...] = jax.lax.dot(p_grp, _overlap(lay, slc_block, owned), precision=HIGHEST)
+
+  @pl.when(jnp.logical_not(active))
+  def _spill():  # the tile after the last visible one receives the carried overlap, then zeros
+    score_ref[...] = carry_scratch[...]
+    carry_scratch[...] = jnp.zeros(carry_scratch.shape, jnp.float32)
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_scratch, *, lay, scale):
+  _, _, row_tile, key_tile = (pl.program_id(i) for i in range(4))
+  last_tile, any_visible = _last_key_tile(row_tile, lay)
+
+  @pl.when(key_tile == 0)
+  def _init():
+    dq_scratch[...] = jnp.zeros(dq_scratch.shape, jnp.float32)
+
+  @pl.when((key_tile <= last_tile) & any_visible)
+  def _accumulate():
+    k = k_ref[...]
+    s, visible = _scores(q_ref[...], k, row_tile, key_tile, lay, scale)
+    p = jnp.where(visible, jnp.exp(s - lse_ref[...].T), 0.0)
+    dp = jax.lax.dot_general(do_ref[...], v_ref[...], (((1,), (1,)), ((), ())),
+                             preferred_element_type=jnp.float32)
+    ds = p * (dp - delta_ref[...].T)
+    dq_scratch[...] += jax.lax.dot_general(ds.astype(k.dtype), k, (((1,), (0,)), ((), ())),
+                                           preferred_element_type=jnp.float32)
+
+  @pl.when(key_tile == lay.key_tiles - 1)
+  def _finish():
+    dq_ref[...] = (dq_scratch[...] * scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dk_scratch,
+                dv_scratch, *, lay, scale):
+  _, _, key_tile, row_tile = (pl.program_id(i) for i in range(4))
+
+  @pl.when(row_tile == 0)
+  def _init():
+    dk_scratch[...] = jnp.zeros(dk_scratch.shape, jnp.float32)
+    dv_scratch[...] = jnp.zeros(dv_scratch.shape, jnp.float32)
+
+  @pl.when(row_tile >= _first_row_tile(key_tile, lay))
+  def _accumulate():
+    q, do = q_ref[...], do_ref[...]
+    s, visible = _scores(q, k_ref[...], row_tile, key_tile, lay, scale)
+    p = jnp.where(visible, jnp.exp(s - lse_ref[...].T), 0.0)  # [R, KEYS]
+    dv_scratch[...] += jax.lax.dot_general(p.astype(do.dtype), do, (((0,), (0,)), ((), ())),
+                                           preferred_element_type=jnp.float32)
+    dp = jax.lax.dot_general(do, v_ref[...], (((1,), (1,)), ((), ())),
+                             preferred_element_type=jnp.float32)
+    ds = p * (dp - delta_ref[...].T)
+    dk_scratch[...] += jax.lax.dot_general(ds.astype(q.dtype), q, (((0,), (0,)), ((), ())),
+                                           preferred_element_type=jnp.float32)
+
+  @pl.when(row_tile == lay.row_tiles - 1)
+  def _finish():
+    dk_ref[...] = (dk_scratch[...] * scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv_scratch[...].astype(dv_ref.dtype)
+
+
+def _interpret(interpret):
+  return pltpu.InterpretParams(detect_races=True) if interpret else False
+
+
+def _params(semantics):
+  return pltpu.CompilerParams(dimension_semantics=semantics)
+
+
+_ROW_MAJOR = ("parallel", "parallel", "parallel", "arbitrary")
+
+
+def _row_major_specs(lay: _Layout):
+  rows = lambda d: pl.BlockSpec((None, None, None, lay.rows, d),
+                                lambda b, g, rt, kt: (b, g, rt, 0, 0))
+  vector = pl.BlockSpec((None, None, None, 1, lay.rows), lambda b, g, rt, kt: (b, g, rt, 0, 0))
+  keys = lambda d: pl.BlockSpec(
+      (None, None, KEYS, d),
+      lambda b, g, rt, kt: (b, g, jnp.minimum(kt, _last_key_tile(rt, lay)[0]), 0))
+  return rows, vector, keys
+
+
+def _forward(q, k, v, lay: _Layout, scale, interpret):
+  rows, vector, keys = _row_major_specs(lay)
+  shape = (lay.batch, lay.num_kv_heads, lay.row_tiles)
+  return pl.pallas_call(
+      functools.partial(_forward_kernel, lay=lay, scale=scale),
+      grid=shape + (lay.key_tiles,),
+      in_specs=[rows(lay.head_dim_pad), keys(lay.head_dim_pad), keys(lay.head_dim_v_pad)],
+      out_specs=[rows(lay.head_dim_v_pad), vector],
+      out_shape=[jax.ShapeDtypeStruct(shape + (lay.rows, lay.head_dim_v_pad), q.dtype),
+                 jax.ShapeDtypeStruct(shape + (1, lay.rows), jnp.float32)],
+      scratch_shapes=[pltpu.VMEM((lay.rows, LANES), jnp.float32),
+                      pltpu.VMEM((lay.rows, LANES), jnp.float32),
+                      pltpu.VMEM((lay.rows, lay.head_dim_v_pad), jnp.float32)],
+      compiler_params=_params(_ROW_MAJOR), interpret=_interpret(interpret),
+      name="nsa_compressed_fwd_tpu")(q, k, v)
+
+
+def _backward(q, k, v, do, lse, delta, lay: _Layout, scale, interpret):
+  rows, vector, keys = _row_major_specs(lay)
+  dq = pl.pallas_call(
+      functools.partial(_dq_kernel, lay=lay, scale=scale),
+      grid=(lay.batch, lay.num_kv_heads, lay.row_tiles, lay.key_tiles),
+      in_specs=[rows(lay.head_dim_pad), keys(lay.head_dim_pad), keys(lay.head_dim_v_pad),
+                rows(lay.head_dim_v_pad), vector, vector],
+      out_specs=rows(lay.head_dim_pad), out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      scratch_shapes=[pltpu.VMEM((lay.rows, lay.head_dim_pad), jnp.float32)],
+      compiler_params=_params(_ROW_MAJOR), interpret=_interpret(interpret),
+      name="nsa_compressed_dq_tpu")(q, k, v, do, lse, delta)
+  # dK/dV: key tiles outer, row tiles streamed; rows before a key tile's first viewer are
+  # skipped and their index map repeats that first viewer (no DMA).
+  first = lambda kt, rt: jnp.maximum(rt, _first_row_tile(kt, lay))
+  rows_kv = lambda d: pl.BlockSpec((None, None, None, lay.rows, d),
+                                   lambda b, g, kt, rt: (b, g, first(kt, rt), 0, 0))
+  vector_kv = pl.BlockSpec((None, None, None, 1, lay.rows),
+                           lambda b, g, kt, rt: (b, g, first(kt, rt), 0, 0))
+  key_tile = lambda d: pl.BlockSpec((None, None, KEYS, d), lambda b, g, kt, rt: (b, g, kt, 0))
+  dk, dv = pl.pallas_call(
+      functools.partial(_dkv_kernel, lay=lay, scale=scale),
+      grid=(lay.batch, lay.num_kv_heads, lay.key_tiles, lay.row_tiles),
+      in_specs=[rows_kv(lay.head_dim_pad), key_tile(lay.head_dim_pad),
+                key_tile(lay.head_dim_v_pad), rows_kv(lay.head_dim_v_pad), vector_kv, vector_kv],
+      out_specs=[key_tile(lay.head_dim_pad), key_tile(lay.head_dim_v_pad)],
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      scratch_shapes=[pltpu.VMEM((KEYS, lay.head_dim_pad), jnp.float32),
+                      pltpu.VMEM((KEYS, lay.head_dim_v_pad), jnp.float32)],
+      compiler_params=_params(_ROW_MAJOR), interpret=_interpret(interpret),
+      name="nsa_compressed_dkv_tpu")(q, k, v, do, lse, delta)
+  return dq, dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _compressed(q, k_cmp, v_cmp, scale, block, stride, interpret):
+  return _compressed_fwd(q, k_cmp, v_cmp, scale, block, stride, interpret)[0]
+
+
+def _compressed_fwd(q, k_cmp, v_cmp, scale, block, stride, interpret):
+  lay = _layout(q, k_cmp, v_cmp, block, stride)
+  out_rows, lse_rows = _forward(_to_rows(q, lay, lay.head_dim_pad),
+                                _to_keys(k_cmp, lay, lay.head_dim_pad),
+                                _to_keys(v_cmp, lay, lay.head_dim_v_pad), lay, scale, interpret)
+  lse = _vector_from_rows(lse_rows, lay)
+  lse = jnp.where(jnp.isinf(lse), -jnp.inf, lse)  # internal +inf (empty rows) -> public -inf
+  return (_from_rows(out_rows, lay, lay.head_dim_v), lse), (q, k_cmp, v_cmp, out_rows, lse_rows)
+
+
+def _compressed_bwd(scale, block, stride, interpret, residuals, cotangents):
+  q, k_cmp, v_cmp, out_rows, lse_rows = residuals
+  d_out, d_lse = cotangents
+  lay = _layout(q, k_cmp, v_cmp, block, stride)
+  do_rows = _to_rows(d_out.astype(q.dtype), lay, lay.head_dim_v_pad)
+  delta = jnp.sum(out_rows.astype(jnp.float32) * do_rows.astype(jnp.float32), axis=-1)
+  # d lse / d s = p, folded into delta: ds = p * (dp - delta + d_lse).
+  delta = delta[:, :, :, None, :] - _vector_to_rows(d_lse.astype(jnp.float32), lay)
+  dq, dk, dv = _backward(_to_rows(q, lay, lay.head_dim_pad),
+                         _to_keys(k_cmp, lay, lay.head_dim_pad),
+                         _to_keys(v_cmp, lay, lay.head_dim_v_pad), do_rows, lse_rows, delta, lay,
+                         scale, interpret)
+  unkeys = lambda x, d: x.transpose(0, 2, 1, 3)[:, :lay.num_cmp, :, :d]
+  return (_from_rows(dq, lay, lay.head_dim), unkeys(dk, lay.head_dim),
+          unkeys(dv, lay.head_dim_v))
+
+
+_compressed.defvjp(_compressed_fwd, _compressed_bwd)
+
+
+def compressed_attention(q, k_cmp, v_cmp, *, block: int, stride: int, scale: float,
+                         interpret: bool = False):
+  """Attention over the compressed blocks inside each query's prefix (TPU).
+
+  Args:
+    q: `[B, T, Hq, Dk]`; k_cmp: `[B, Tc, Hkv, Dk]`; v_cmp: `[B, Tc, Hkv, Dv]`.
+    block, stride: `l` and `d`. scale: softmax scale (a Python float).
+    interpret: run under the TPU interpreter (CPU) with race detection.
+
+  Returns:
+    `(out [B, T, Hq, Dv] in q.dtype, lse [B, T, Hq] float32)`, `lse = -inf` where nothing is
+    visible; differentiable through both.
+  """
+  return _compressed(q, k_cmp, v_cmp, float(scale), block, stride, interpret)
+
+
+def fusable(stride: int, slc_block: int) -> bool:
+  """Whether a key tile of `KEYS` compressed blocks owns whole selection blocks."""
+  return (KEYS * stride) % slc_block == 0
+
+
+def selection_scores(q, k_cmp, lse, *, block: int, stride: int, slc_block: int, scale: float,
+                     interpret: bool = False):
+  """SPEC.md section 2, steps 1-3, from the compressed branch's log-sum-exp (no gradient).
+
+  Args:
+    q, k_cmp: as in `compressed_attention`; lse: its `[B, T, Hq]` output.
+    slc_block: `l'`, which must divide `KEYS * stride` (`fusable`).
+
+  Returns:
+    float32 `[B, Hkv, T, Ts]`.
+  """
+  if not fusable(stride, slc_block):
+    raise ValueError(f"the TPU selection scores need slc_block ({slc_block}) to divide "
+                     f"{KEYS} * cmp_stride ({KEYS * stride})")
+  lay = _layout(q, k_cmp, k_cmp, block, stride)
+  owned = KEYS * stride // slc_block
+  rows, vector, keys = _row_major_specs(lay)
+  lse_rows = _vector_to_rows(jnp.where(jnp.isinf(lse), jnp.inf, lse), lay)
+  shape = (lay.batch, lay.num_kv_heads, lay.row_tiles, lay.key_tiles + 1)
+  scores = pl.pallas_call(
+      functools.partial(_scores_kernel, lay=lay, scale=float(scale), slc_block=slc_block),
+      grid=shape,
+      in_specs=[rows(lay.head_dim_pad), keys(lay.head_dim_pad), vector],
+      out_specs=pl.BlockSpec((None, None, None, None, lay.positions, owned),
+                             lambda b, g, rt, kt: (b, g, rt, kt, 0, 0)),
+      out_shape=jax.ShapeDtypeStruct(shape + (lay.positions, owned), jnp.float32),
+      scratch_shapes=[pltpu.VMEM((lay.positions, owned), jnp.float32)],
+      compiler_params=_params(_ROW_MAJOR), interpret=_interpret(interpret),
+      name="nsa_selection_scores_tpu",
+  )(_to_rows(q, lay, lay.head_dim_pad), _to_keys(k_cmp, lay, lay.head_dim_pad), lse_rows)
+  scores = scores.transpose(0, 1, 2, 4, 3, 5).reshape(
+      lay.batch, lay.num_kv_heads, lay.row_tiles * lay.positions, (lay.key_tiles + 1) * owned)
+  return scores[:, :, :lay.seq_len, :-(-lay.seq_len // slc_block)]

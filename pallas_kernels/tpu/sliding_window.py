@@ -1,0 +1,65 @@
+"""Sliding-window attention on TPU through splash attention's `LocalMask` (jax-ml/jax).
+
+Why splash and not a kernel of our own: the window branch is a banded causal attention, exactly
+what splash attention's block-sparse mask machinery does (it skips every all-masked block, keeps
+partial blocks masked, and ships tuned forward and dQ/dKV kernels). GQA groups run as splash's
+multi-query attention (one K/V head shared by the group's G query heads), vmapped over batch and
+KV heads.
+
+Splash needs the sequence to be a multiple of its 128-token blocks and head dims of 128 lanes:
+tokens appended at the end are after every real query (causal), so padding changes nothing and
+is cut off; `q` is pre-scaled because splash applies no softmax scale.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
+
+BLOCK = 128
+
+
+def _round_up(x: int, multiple: int) -> int:
+  return -(-x // multiple) * multiple
+
+
+@functools.lru_cache(maxsize=32)
+def _kernel(seq_pad: int, window: int, group: int, interpret: bool):
+  local = mask_lib.LocalMask((seq_pad, seq_pad), window_size=(window - 1, 0), offset=0)
+  sizes = splash.BlockSizes(block_q=BLOCK, block_kv=BLOCK, block_kv_compute=BLOCK,
+                            block_q_dkv=BLOCK, block_kv_dkv=BLOCK, block_kv_dkv_compute=BLOCK,
+                            block_q_dq=BLOCK, block_kv_dq=BLOCK)
+  return splash.make_splash_mqa_single_device(
+      mask_lib.MultiHeadMask([local] * group), block_sizes=sizes, interpret=interpret)
+
+
+def sliding_window_attention(q, k, v, *, window: int, scale: float, interpret: bool = False):
+  """Query `t` attends `t - window < s <= t`.
+
+  Args:
+    q: `[B, T, Hq, Dk]`; k: `[B, T, Hkv, Dk]`; v: `[B, T, Hkv, Dv]` with `Dv == Dk`.
+    window: `w`, the query itself included.
+    scale: softmax scale.
+    interpret: run under the TPU interpreter (CPU).
+
+  Returns:
+    `[B, T, Hq, Dv]` in q.dtype; differentiable (splash's own backward kernels).
+  """
+  b, t, hq, d = q.shape
+  hkv = k.shape[2]
+  if v.shape[3] != d:
+    raise ValueError(f"splash attention needs Dv == Dk, got q {q.shape}, v {v.shape}")
+  seq_pad, dim_pad = _round_up(t, BLOCK), _round_up(d, 128)
+  pad = lambda x: jnp.pad(x, [(0, 0), (0, seq_pad - t), (0, 0), (0, dim_pad - d)])
+  group = hq // hkv
+  kernel = _kernel(seq_pad, min(window, seq_pad), group, interpret)
+  q_groups = (pad(q) * scale).astype(q.dtype).reshape(b, seq_pad, hkv, group, dim_pad)
+  q_groups = q_groups.transpose(0, 2, 3, 1, 4)  # [B, Hkv, G, T, D]
+  heads_first = lambda x: pad(x).transpose(0, 2, 1, 3)  # [B, Hkv, T, D]
+  out = jax.vmap(jax.vmap(kernel))(q_groups, heads_first(k), heads_first(v))
+  out = out.transpose(0, 3, 1, 2, 4).reshape(b, seq_pad, hq, dim_pad)
+  return out[:, :t, :, :d]
