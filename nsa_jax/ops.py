@@ -6,7 +6,8 @@ resolves `scale` and `implementation`, and calls the chosen backend:
 - `"reference"`: `nsa_jax.reference`, dense masks, O(T^2): the oracle.
 - `"xla"`: `nsa_jax.xla`, pure JAX chunked over queries; any backend, the default on CPU.
 - `"pallas_gpu"`: `nsa_jax.pallas_gpu`, Pallas (Triton) kernels plus cuDNN; the default on GPU.
-- `"pallas_tpu"`: not available in this build yet.
+- `"pallas_tpu"`: `nsa_jax.pallas_tpu`, Pallas Mosaic kernels plus splash attention; the default
+  on TPU.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from nsa_jax import pallas_gpu, reference, xla
+from nsa_jax import pallas_gpu, pallas_tpu, reference, xla
 from nsa_jax import validation as check
 from nsa_jax.config import NSAConfig, num_cmp_blocks
 
-IMPLEMENTATIONS = ("reference", "xla", "pallas_gpu", "pallas_tpu")
-_BACKENDS = {"reference": reference, "xla": xla, "pallas_gpu": pallas_gpu}
-_DEFAULT_FOR_PLATFORM = {"gpu": "pallas_gpu"}
+_BACKENDS = {"reference": reference, "xla": xla, "pallas_gpu": pallas_gpu,
+             "pallas_tpu": pallas_tpu}
+_DEFAULT_FOR_PLATFORM = {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}
+IMPLEMENTATIONS = tuple(_BACKENDS)
 
 
 def default_implementation() -> str:
@@ -31,7 +33,7 @@ def default_implementation() -> str:
 def _call(implementation, interpret, fn_name, *args, **kwargs):
   """Calls `fn_name` of the chosen backend, passing `interpret` to the Pallas ones."""
   backend = _backend(implementation, interpret)
-  if backend is pallas_gpu:
+  if backend in (pallas_gpu, pallas_tpu):
     kwargs["interpret"] = interpret
   return getattr(backend, fn_name)(*args, **kwargs)
 
@@ -43,9 +45,6 @@ def _backend(implementation, interpret):
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, "
                      f"got {implementation!r}")
-  if implementation not in _BACKENDS:
-    raise ValueError(f"implementation={implementation!r} is not available in this build of "
-                     f"nsa_jax; use one of {tuple(_BACKENDS)}")
   if interpret and not implementation.startswith("pallas"):
     raise ValueError(f"interpret=True applies to the Pallas implementations only, "
                      f"got implementation={implementation!r}")

@@ -6,11 +6,14 @@ tests also fail if an index map or a kernel touches memory it should not.
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
+import nsa_jax
 from nsa_jax import reference
+from pallas_kernels.tpu import compressed_attention as tpu_compressed
 from pallas_kernels.tpu import selected_attention as tpu_selected
-from tests.helpers import assert_close, assert_grads_close, random_qkv
+from tests.helpers import assert_close, assert_grads_close, random_gates, random_qkv
 
 # (B, T, Hq, Hkv, Dk, Dv, block, n, smem_budget): GQA with Dk != Dv and T not a multiple of the
 # block, MHA, MQA with a tiny SMEM budget (several query chunks and work-item chunks).
@@ -52,3 +55,71 @@ def test_tpu_kernel_rejects_blocks_off_the_sublane_tiling():
   with pytest.raises(ValueError, match="multiple of 8, got 12"):
     tpu_selected.selected_attention(q, k, v, jnp.zeros((1, 24, 1, 2), jnp.int32), block=12,
                                     scale=0.3, interpret=True)
+
+
+# (B, T, Hq, Hkv, Dk, Dv, config): GQA with Dk != Dv and an overlap that spills into the next key
+# tile's selection blocks (l = 4d, l' = 4d, KEYS * d = 256 owned by 64 blocks); T < l.
+COMPRESSED_CASES = [
+    (1, 300, 4, 2, 16, 24, nsa_jax.NSAConfig(8, 2, 8, 3, 1, 1, 20)),
+    (2, 70, 2, 2, 8, 8, nsa_jax.NSAConfig(8, 4, 16, 3, 1, 1, 20)),
+    (1, 7, 2, 1, 16, 16, nsa_jax.NSAConfig(8, 4, 16, 3, 1, 1, 20)),
+]
+
+
+@pytest.mark.parametrize("case", COMPRESSED_CASES)
+def test_compressed_attention_tpu_kernels_match_reference(case):
+  b, t, hq, hkv, dk, dv, config = case
+  q, k, v = random_qkv(b, t, hq, hkv, dk, dv)
+  k_cmp, v_cmp = reference.compress_kv(k, v, config.cmp_block, config.cmp_stride)
+  scale = dk ** -0.5
+  keys = jax.random.split(jax.random.key(t), 2)
+  d_out = jax.random.normal(keys[0], (b, t, hq, dv))
+  d_lse = jax.random.normal(keys[1], (b, t, hq))
+
+  def loss(fn, q, k_cmp, v_cmp):
+    out, lse = fn(q, k_cmp, v_cmp)
+    return jnp.sum(out * d_out) + jnp.sum(jnp.where(jnp.isinf(lse), 0.0, lse) * d_lse), (out, lse)
+
+  kernel = lambda q, k_cmp, v_cmp: tpu_compressed.compressed_attention(
+      q, k_cmp, v_cmp, block=config.cmp_block, stride=config.cmp_stride, scale=scale,
+      interpret=True)
+  expected = lambda q, k_cmp, v_cmp: reference.compressed_attention(
+      q, k_cmp, v_cmp, scale, block=config.cmp_block, stride=config.cmp_stride)
+  grad = lambda fn: jax.value_and_grad(lambda *a: loss(fn, *a), (0, 1, 2), has_aux=True)(
+      q, k_cmp, v_cmp)
+  (_, (out, lse)), grads = grad(kernel)
+  (_, (ref, ref_lse)), ref_grads = grad(expected)
+  assert_close(out, ref)
+  np.testing.assert_array_equal(np.isinf(lse), np.isinf(ref_lse))
+  assert_close(jnp.where(jnp.isinf(lse), 0, lse), jnp.where(jnp.isinf(ref_lse), 0, ref_lse))
+  if k_cmp.shape[1]:
+    assert_grads_close(grads, ref_grads)
+  scores = tpu_compressed.selection_scores(q, k_cmp, lse, block=config.cmp_block,
+                                           stride=config.cmp_stride, slc_block=config.slc_block,
+                                           scale=scale, interpret=True)
+  assert_close(scores.transpose(0, 2, 1, 3), reference.selection_scores(q, k_cmp, scale, config))
+
+
+@pytest.mark.parametrize("with_gates", [False, True])
+def test_public_api_pallas_tpu_under_the_interpreter(with_gates):
+  config = nsa_jax.NSAConfig(cmp_block=8, cmp_stride=4, slc_block=16, num_selected=3,
+                             num_initial=1, num_local=1, window=12)
+  q, k, v = random_qkv(1, 45, 4, 2, 16)
+  gates = random_gates(q) if with_gates else None
+
+  def loss(impl, q, k, v):
+    out = nsa_jax.nsa_attention(q, k, v, config=config, gates=gates, implementation=impl,
+                                interpret=impl == "pallas_tpu")
+    return jnp.sum(out ** 2), out
+
+  (_, out), grads = jax.value_and_grad(loss, (1, 2, 3), has_aux=True)("pallas_tpu", q, k, v)
+  (_, ref), ref_grads = jax.value_and_grad(loss, (1, 2, 3), has_aux=True)("reference", q, k, v)
+  assert_close(out, ref)
+  assert_grads_close(grads, ref_grads)
+  k_cmp, _ = nsa_jax.compress_kv(k, v, block=8, stride=4)
+  np.testing.assert_array_equal(
+      nsa_jax.select_blocks(q, k_cmp, config=config, implementation="pallas_tpu", interpret=True),
+      nsa_jax.select_blocks(q, k_cmp, config=config, implementation="reference"))
+  assert_close(nsa_jax.sliding_window_attention(q, k, v, window=12, implementation="pallas_tpu",
+                                                interpret=True),
+               nsa_jax.sliding_window_attention(q, k, v, window=12, implementation="reference"))

@@ -68,7 +68,6 @@ def nsa(**overrides):
     (dict(k_cmp=jnp.zeros((2, 9, 2, 8)), v_cmp=jnp.zeros((2, 9, 2, 4))), r"head dims"),
     (dict(config=dict(window=3)), r"config must be an NSAConfig"),
     (dict(implementation="cuda"), r"implementation must be one of"),
-    (dict(implementation="pallas_tpu"), r"'pallas_tpu' is not available in this build"),
     (dict(implementation="xla", interpret=True), r"interpret=True applies to the Pallas"),
 ])
 def test_nsa_attention_rejects_bad_input(overrides, pattern):

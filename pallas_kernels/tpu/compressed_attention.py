@@ -401,6 +401,7 @@ def selection_scores(q, k_cmp, lse, *, block: int, stride: int, slc_block: int, 
   if not fusable(stride, slc_block):
     raise ValueError(f"the TPU selection scores need slc_block ({slc_block}) to divide "
                      f"{KEYS} * cmp_stride ({KEYS * stride})")
+  q, k_cmp, lse = (jax.lax.stop_gradient(x) for x in (q, k_cmp, lse))  # selection is constant
   lay = _layout(q, k_cmp, k_cmp, block, stride)
   owned = KEYS * stride // slc_block
   rows, vector, keys = _row_major_specs(lay)

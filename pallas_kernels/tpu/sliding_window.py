@@ -13,8 +13,6 @@ is cut off; `q` is pre-scaled because splash applies no softmax scale.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
@@ -27,8 +25,8 @@ def _round_up(x: int, multiple: int) -> int:
   return -(-x // multiple) * multiple
 
 
-@functools.lru_cache(maxsize=32)
 def _kernel(seq_pad: int, window: int, group: int, interpret: bool):
+  # Built per trace, not cached: the kernel holds its mask metadata as arrays of the trace.
   local = mask_lib.LocalMask((seq_pad, seq_pad), window_size=(window - 1, 0), offset=0)
   sizes = splash.BlockSizes(block_q=BLOCK, block_kv=BLOCK, block_kv_compute=BLOCK,
                             block_q_dkv=BLOCK, block_kv_dkv=BLOCK, block_kv_dkv_compute=BLOCK,

@@ -1,0 +1,89 @@
+"""`implementation="pallas_tpu"`: NSA on TPUs (Mosaic), the default on a TPU backend.
+
+- selected attention: `pallas_kernels.tpu.selected_attention` (block indices by scalar prefetch);
+- compressed attention: `pallas_kernels.tpu.compressed_attention`, and the selection scores from
+  its log-sum-exp by the score kernel there; the top-n of the scores is `lax.top_k` in XLA;
+- sliding window: splash attention's `LocalMask` (`pallas_kernels.tpu.sliding_window`);
+- mean-pooling compression: the XLA path.
+Configs the kernels cannot tile (`slc_block % 8 != 0`, `slc_block` not dividing
+`128 * cmp_stride`, or `Dk != Dv` for splash) fall back to the XLA path for that branch.
+
+Same signatures as `nsa_jax.xla` plus `interpret` (the TPU interpreter on CPU, races detected);
+arguments are validated by `nsa_jax.ops`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from nsa_jax import xla
+from nsa_jax.attention_math import combine_branches
+from nsa_jax.block_selection import top_n_blocks
+from nsa_jax.config import NSAConfig
+from pallas_kernels.tpu import compressed_attention as compressed_kernel
+from pallas_kernels.tpu import selected_attention as selected_kernel
+from pallas_kernels.tpu import sliding_window as window_kernel
+
+compress_kv = xla.compress_kv
+
+
+def _static_scale(scale):
+  try:
+    return float(scale)
+  except (TypeError, jax.errors.ConcretizationTypeError) as err:
+    raise ValueError("scale must be a Python number for implementation='pallas_tpu', got a "
+                     f"traced value {scale!r}") from err
+
+
+def compressed_attention(q, k_cmp, v_cmp, scale, *, block, stride, interpret=False):
+  return compressed_kernel.compressed_attention(q, k_cmp, v_cmp, block=block, stride=stride,
+                                                scale=_static_scale(scale), interpret=interpret)
+
+
+def _selection_from_lse(q, k_cmp, lse, scale, config, interpret):
+  if not compressed_kernel.fusable(config.cmp_stride, config.slc_block):
+    return xla.select_blocks(q, k_cmp, scale, config=config)
+  scores = compressed_kernel.selection_scores(
+      q, k_cmp, lse, block=config.cmp_block, stride=config.cmp_stride,
+      slc_block=config.slc_block, scale=scale, interpret=interpret)  # [B, Hkv, T, Ts]
+  return top_n_blocks(scores, jnp.arange(q.shape[1]), config).transpose(0, 2, 1, 3)
+
+
+def select_blocks(q, k_cmp, scale, *, config: NSAConfig, interpret=False):
+  scale = _static_scale(scale)
+  _, lse = compressed_attention(q, k_cmp, k_cmp, scale, block=config.cmp_block,
+                                stride=config.cmp_stride, interpret=interpret)
+  return _selection_from_lse(q, k_cmp, lse, scale, config, interpret)
+
+
+def selected_attention(q, k, v, block_indices, scale, *, block, interpret=False):
+  if block % 8:
+    return xla.selected_attention(q, k, v, block_indices, scale, block=block)
+  return selected_kernel.selected_attention(q, k, v, block_indices, block=block,
+                                            scale=_static_scale(scale), interpret=interpret)
+
+
+def sliding_window_attention(q, k, v, scale, *, window, interpret=False):
+  if q.shape[-1] != v.shape[-1]:
+    return xla.sliding_window_attention(q, k, v, scale, window=window)
+  return window_kernel.sliding_window_attention(q, k, v, window=window,
+                                                scale=_static_scale(scale), interpret=interpret)
+
+
+def nsa_attention(q, k, v, gates, k_cmp, v_cmp, scale, *, config: NSAConfig, interpret=False):
+  return _nsa(q, k, v, gates, k_cmp, v_cmp, config=config, interpret=interpret,
+              scale=_static_scale(scale))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "interpret", "scale"))
+def _nsa(q, k, v, gates, k_cmp, v_cmp, *, config, interpret, scale):
+  o_cmp, lse = compressed_attention(q, k_cmp, v_cmp, scale, block=config.cmp_block,
+                                    stride=config.cmp_stride, interpret=interpret)
+  block_indices = _selection_from_lse(q, k_cmp, lse, scale, config, interpret)
+  o_slc = selected_attention(q, k, v, block_indices, scale, block=config.slc_block,
+                             interpret=interpret)
+  o_swa = sliding_window_attention(q, k, v, scale, window=config.window, interpret=interpret)
+  return combine_branches(o_cmp, o_slc, o_swa, gates).astype(q.dtype)
