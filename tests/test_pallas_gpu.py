@@ -215,8 +215,11 @@ def test_public_api_pallas_gpu_matches_xla_on_gpu(dtype):
 
   (_, out), grads = jax.value_and_grad(loss, (1, 2, 3, 4), has_aux=True)("pallas_gpu", q, k, v,
                                                                           gates)
-  upcast = [x.astype(jnp.float32) for x in (q, k, v, gates)]
-  (_, ref), ref_grads = jax.value_and_grad(loss, (1, 2, 3, 4), has_aux=True)("xla", *upcast)
+  # The XLA path on the same inputs (it accumulates in float32 too). Not on upcast inputs: the
+  # mean-pooled k_cmp is rounded to the input dtype (SPEC.md), and an oracle with float32 k_cmp
+  # selects differently wherever two blocks' scores are within that rounding (0.2% of slots at
+  # T=4k in bfloat16), which is not a kernel error.
+  (_, ref), ref_grads = jax.value_and_grad(loss, (1, 2, 3, 4), has_aux=True)("xla", q, k, v, gates)
   assert out.dtype == dtype
   assert_close(out, ref, dtype)
   assert_grads_close(grads, ref_grads, dtype)
