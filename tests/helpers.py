@@ -23,6 +23,13 @@ GRAD_RTOL_LONG_FLOAT32 = 5e-5
 _seed = itertools.count(1234)
 
 
+def reset_keys(seed: int) -> None:
+  """Restarts the key sequence: `tests/conftest.py` seeds it from each test's id, so a test's
+  inputs do not depend on which tests ran before it in the same worker."""
+  global _seed
+  _seed = itertools.count(seed)
+
+
 def fresh_key():
   """A new PRNG key per call: every check draws its own inputs (reproducible run to run)."""
   return jax.random.key(next(_seed))
