@@ -67,7 +67,8 @@ def parts_for(t, q, k, v, config, with_window=True):
 
   def nsa_no_window(q, k, v):
     k_cmp, v_cmp = pallas_gpu.compress_kv(k, v, config.cmp_block, config.cmp_stride)
-    o_cmp, idx = pallas_gpu._compressed_and_selection(q, k_cmp, v_cmp, scale, config, False)  # pylint: disable=protected-access
+    o_cmp, idx = pallas_gpu.compressed_attention_and_selection(q, k_cmp, v_cmp, scale, config,
+                                                                False)
     o_slc = selected_kernel.selected_attention(q, k, v, idx, block=config.slc_block, scale=scale)
     return o_cmp + o_slc
 
