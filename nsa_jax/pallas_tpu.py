@@ -1,8 +1,9 @@
 """`implementation="pallas_tpu"`: NSA on TPUs (Mosaic), the default on a TPU backend.
 
 - selected attention: `pallas_kernels.tpu.selected_attention` (block indices by scalar prefetch);
-- compressed attention: `pallas_kernels.tpu.compressed_attention`, and the selection scores from
-  its log-sum-exp by the score kernel there; the top-n of the scores is `lax.top_k` in XLA;
+- compressed attention: `pallas_kernels.tpu.compressed_attention`, fused with the selection
+  scores (pass 1: log-sum-exp; pass 2: output and scores from the same probabilities); the top-n
+  of the scores is `lax.top_k` in XLA;
 - sliding window: splash attention's `LocalMask` (`pallas_kernels.tpu.sliding_window`);
 - mean-pooling compression: the XLA path.
 Configs the kernels cannot tile (`slc_block % 8 != 0`, `slc_block` not dividing
@@ -43,20 +44,23 @@ def compressed_attention(q, k_cmp, v_cmp, scale, *, block, stride, interpret=Fal
                                                 scale=_static_scale(scale), interpret=interpret)
 
 
-def _selection_from_lse(q, k_cmp, lse, scale, config, interpret):
+def compressed_attention_and_selection(q, k_cmp, v_cmp, scale, config, interpret):
+  """`(o_cmp, block_indices [B, T, Hkv, n])`: the fused compressed kernels and an XLA top-n (the
+  XLA selection where the config does not tile)."""
   if not compressed_kernel.fusable(config.cmp_stride, config.slc_block):
-    return xla.select_blocks(q, k_cmp, scale, config=config)
-  scores = compressed_kernel.selection_scores(
-      q, k_cmp, lse, block=config.cmp_block, stride=config.cmp_stride,
-      slc_block=config.slc_block, scale=scale, interpret=interpret)  # [B, Hkv, T, Ts]
-  return top_n_blocks(scores, jnp.arange(q.shape[1]), config).transpose(0, 2, 1, 3)
+    o_cmp, _ = compressed_attention(q, k_cmp, v_cmp, scale, block=config.cmp_block,
+                                    stride=config.cmp_stride, interpret=interpret)
+    return o_cmp, xla.select_blocks(q, k_cmp, scale, config=config)
+  o_cmp, _, scores = compressed_kernel.compressed_attention_and_scores(
+      q, k_cmp, v_cmp, block=config.cmp_block, stride=config.cmp_stride,
+      slc_block=config.slc_block, scale=scale, interpret=interpret)  # scores [B, Hkv, T, Ts]
+  block_indices = top_n_blocks(scores, jnp.arange(q.shape[1]), config)
+  return o_cmp, block_indices.transpose(0, 2, 1, 3)
 
 
 def select_blocks(q, k_cmp, scale, *, config: NSAConfig, interpret=False):
   scale = _static_scale(scale)
-  _, lse = compressed_attention(q, k_cmp, k_cmp, scale, block=config.cmp_block,
-                                stride=config.cmp_stride, interpret=interpret)
-  return _selection_from_lse(q, k_cmp, lse, scale, config, interpret)
+  return compressed_attention_and_selection(q, k_cmp, k_cmp, scale, config, interpret)[1]
 
 
 def selected_attention(q, k, v, block_indices, scale, *, block, interpret=False):
@@ -80,9 +84,8 @@ def nsa_attention(q, k, v, gates, k_cmp, v_cmp, scale, *, config: NSAConfig, int
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret", "scale"))
 def _nsa(q, k, v, gates, k_cmp, v_cmp, *, config, interpret, scale):
-  o_cmp, lse = compressed_attention(q, k_cmp, v_cmp, scale, block=config.cmp_block,
-                                    stride=config.cmp_stride, interpret=interpret)
-  block_indices = _selection_from_lse(q, k_cmp, lse, scale, config, interpret)
+  o_cmp, block_indices = compressed_attention_and_selection(q, k_cmp, v_cmp, scale, config,
+                                                            interpret)
   o_slc = selected_attention(q, k, v, block_indices, scale, block=config.slc_block,
                              interpret=interpret)
   o_swa = sliding_window_attention(q, k, v, scale, window=config.window, interpret=interpret)

@@ -115,9 +115,19 @@ def test_compressed_attention_tpu_kernels_match_reference(case):
   assert_close(jnp.where(jnp.isinf(lse), 0, lse), jnp.where(jnp.isinf(ref_lse), 0, ref_lse))
   if k_cmp.shape[1]:
     assert_grads_close(grads, ref_grads)
-  scores = tpu_compressed.selection_scores(q, k_cmp, lse, block=config.cmp_block,
-                                           stride=config.cmp_stride, slc_block=config.slc_block,
-                                           scale=scale, interpret=True)
+  # The fused forward (lse pass, then output and scores): same values and gradients, and the
+  # selection scores of the spec.
+  fused = lambda q, k_cmp, v_cmp: tpu_compressed.compressed_attention_and_scores(
+      q, k_cmp, v_cmp, block=config.cmp_block, stride=config.cmp_stride,
+      slc_block=config.slc_block, scale=scale, interpret=True)[:2]
+  (_, (fused_out, fused_lse)), fused_grads = grad(fused)
+  assert_close(fused_out, ref)
+  np.testing.assert_array_equal(np.isinf(fused_lse), np.isinf(ref_lse))
+  if k_cmp.shape[1]:
+    assert_grads_close(fused_grads, ref_grads)
+  _, _, scores = tpu_compressed.compressed_attention_and_scores(
+      q, k_cmp, v_cmp, block=config.cmp_block, stride=config.cmp_stride,
+      slc_block=config.slc_block, scale=scale, interpret=True)
   assert_close(scores.transpose(0, 2, 1, 3), reference.selection_scores(q, k_cmp, scale, config))
 
 

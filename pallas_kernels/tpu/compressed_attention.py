@@ -6,11 +6,12 @@ staircase mask (query `t` sees block `i` iff `i*d + l - 1 <= t`). A grid step ta
 `KB = 128` keys (lane-dense scores); key tiles past the last one a row tile can see are skipped
 (`pl.when`) and their index map repeats the last visible tile, so the pipeline issues no DMA.
 
-- forward: online softmax over the key tiles ("arbitrary"), output and log-sum-exp;
-- selection scores (SPEC.md section 2, steps 1-3): a second pass with the exact probabilities
-  `exp(s - lse)`: group sum `S @ p` (0/1 row -> position matrix) and overlap map `@ A`, with the
-  overlap that spills into the next key tile's selection blocks carried in VMEM; one output block
-  per (row tile, key tile), written once;
+- forward, alone: one online-softmax pass over the key tiles ("arbitrary"): output and lse;
+- forward fused with the selection scores (SPEC.md section 2, steps 1-3), for NSA: pass 1 finds
+  the log-sum-exp; pass 2 computes, from the same exact probabilities `p = exp(s - lse)`, both the
+  output and the scores: group sum `S @ p` (0/1 row -> position matrix) and overlap map `@ A`,
+  the overlap that spills into the next key tile's selection blocks carried in VMEM, one score
+  block per (row tile, key tile) written once;
 - backward: dQ over key tiles and dK/dV over row tiles, recomputing `p` from the log-sum-exp.
 
 Layout inside: rows `[B, Hkv, row_tiles, R, Dp]`, keys `[B, Hkv, Tc_pad, Dp]`, row vectors
@@ -136,37 +137,72 @@ def _scores(q, k, row_tile, key_tile, lay: _Layout, scale):
   return jnp.where(visible, s, MASK_VALUE), visible
 
 
+def _online_softmax_step(s, visible, m_scratch, l_scratch):
+  """Updates the running max / sum with one tile of scores; returns `(p, alpha)`."""
+  m_prev = m_scratch[...]  # [R, 128], lanes replicated
+  m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+  p = jnp.where(visible, jnp.exp(s - m_new[:, :1]), 0.0)
+  alpha = jnp.exp(m_prev - m_new)
+  l_scratch[...] = alpha * l_scratch[...] + jnp.sum(p, axis=1, keepdims=True)
+  m_scratch[...] = m_new
+  return p, alpha
+
+
+def _init_softmax(m_scratch, l_scratch):
+  m_scratch[...] = jnp.full(m_scratch.shape, MASK_VALUE, jnp.float32)
+  l_scratch[...] = jnp.zeros(l_scratch.shape, jnp.float32)
+
+
+def _final_lse(m_scratch, l_scratch):
+  """`([1, R] lse with +inf for rows that saw nothing, [R, 1] safe row sums)`."""
+  l = l_scratch[...][:, :1]
+  safe = jnp.where(l > 0, l, 1.0)
+  return jnp.where(l > 0, m_scratch[...][:, :1] + jnp.log(safe), jnp.inf).T, safe
+
+
 def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, m_scratch, l_scratch, acc_scratch, *,
                     lay, scale):
+  """One pass: online softmax, output and log-sum-exp (no selection scores)."""
   _, _, row_tile, key_tile = (pl.program_id(i) for i in range(4))
   last_tile, any_visible = _last_key_tile(row_tile, lay)
 
   @pl.when(key_tile == 0)
   def _init():
-    m_scratch[...] = jnp.full(m_scratch.shape, MASK_VALUE, jnp.float32)
-    l_scratch[...] = jnp.zeros(l_scratch.shape, jnp.float32)
+    _init_softmax(m_scratch, l_scratch)
     acc_scratch[...] = jnp.zeros(acc_scratch.shape, jnp.float32)
 
   @pl.when((key_tile <= last_tile) & any_visible)
   def _accumulate():
     s, visible = _scores(q_ref[...], k_ref[...], row_tile, key_tile, lay, scale)
-    m_prev = m_scratch[...]
-    m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-    p = jnp.where(visible, jnp.exp(s - m_new[:, :1]), 0.0)
-    alpha = jnp.exp(m_prev - m_new)
-    l_scratch[...] = alpha * l_scratch[...] + jnp.sum(p, axis=1, keepdims=True)
+    p, alpha = _online_softmax_step(s, visible, m_scratch, l_scratch)
     v = v_ref[...]
     acc_scratch[...] = acc_scratch[...] * alpha[:, :1] + jax.lax.dot_general(
         p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-    m_scratch[...] = m_new
 
   @pl.when(key_tile == lay.key_tiles - 1)
   def _finish():
-    l = l_scratch[...][:, :1]
-    nonempty = l > 0
-    safe = jnp.where(nonempty, l, 1.0)
+    lse, safe = _final_lse(m_scratch, l_scratch)
     o_ref[...] = (acc_scratch[...] / safe).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(nonempty, m_scratch[...][:, :1] + jnp.log(safe), jnp.inf).T
+    lse_ref[...] = lse
+
+
+def _lse_kernel(q_ref, k_ref, lse_ref, m_scratch, l_scratch, *, lay, scale):
+  """Pass 1 of the fused forward: the log-sum-exp only (no values)."""
+  _, _, row_tile, key_tile = (pl.program_id(i) for i in range(4))
+  last_tile, any_visible = _last_key_tile(row_tile, lay)
+
+  @pl.when(key_tile == 0)
+  def _init():
+    _init_softmax(m_scratch, l_scratch)
+
+  @pl.when((key_tile <= last_tile) & any_visible)
+  def _accumulate():
+    s, visible = _scores(q_ref[...], k_ref[...], row_tile, key_tile, lay, scale)
+    _online_softmax_step(s, visible, m_scratch, l_scratch)
+
+  @pl.when(key_tile == lay.key_tiles - 1)
+  def _finish():
+    lse_ref[...] = _final_lse(m_scratch, l_scratch)[0]
 
 
 def _overlap(lay: _Layout, slc_block, first_block):
@@ -180,23 +216,33 @@ def _overlap(lay: _Layout, slc_block, first_block):
                      0).astype(jnp.float32)
 
 
-def _scores_kernel(q_ref, k_ref, lse_ref, score_ref, carry_scratch, *, lay, scale, slc_block):
+def _output_and_scores_kernel(q_ref, k_ref, v_ref, lse_ref, o_ref, score_ref, acc_scratch,
+                              carry_scratch, *, lay, scale, slc_block):
+  """Pass 2 of the fused forward: with the exact `p = exp(s - lse)`, the output and the scores.
+
+  The key axis has one step more than there are key tiles: the step after a row tile's last
+  visible tile writes the overlap carried out of it (then zeros), and the last step the output.
+  """
   _, _, row_tile, key_tile = (pl.program_id(i) for i in range(4))
   last_tile, any_visible = _last_key_tile(row_tile, lay)
-  active = (key_tile <= last_tile) & any_visible
+  active = (key_tile <= last_tile) & any_visible & (key_tile < lay.key_tiles)
 
   @pl.when(key_tile == 0)
   def _init():
+    acc_scratch[...] = jnp.zeros(acc_scratch.shape, jnp.float32)
     carry_scratch[...] = jnp.zeros(carry_scratch.shape, jnp.float32)
 
   @pl.when(active)
-  def _score():
+  def _accumulate():
     s, visible = _scores(q_ref[...], k_ref[...], row_tile, key_tile, lay, scale)
-    p = jnp.where(visible, jnp.exp(s - lse_ref[...].T), 0.0)  # [R, KEYS]
+    p = jnp.where(visible, jnp.exp(s - lse_ref[...].T), 0.0)  # [R, KEYS], already normalised
+    v = v_ref[...]
+    acc_scratch[...] += jax.lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                                            preferred_element_type=jnp.float32)
     position = jax.lax.broadcasted_iota(jnp.int32, (lay.positions, lay.rows), 0)
     row = jax.lax.broadcasted_iota(jnp.int32, (lay.positions, lay.rows), 1)
     to_position = (row // lay.heads == position).astype(jnp.float32)
-    p_grp = jax.lax.dot(to_position, p, precision=HIGHEST)  # [positions, KEYS]
+    p_grp = jax.lax.dot(to_position, p, precision=HIGHEST)  # [positions, KEYS]: group sum
     owned = KEYS * lay.stride // slc_block
     score_ref[...] = jax.lax.dot(p_grp, _overlap(lay, slc_block, 0),
                                  precision=HIGHEST) + carry_scratch[...]
@@ -206,6 +252,10 @@ def _scores_kernel(q_ref, k_ref, lse_ref, score_ref, carry_scratch, *, lay, scal
   def _spill():  # the tile after the last visible one receives the carried overlap, then zeros
     score_ref[...] = carry_scratch[...]
     carry_scratch[...] = jnp.zeros(carry_scratch.shape, jnp.float32)
+
+  @pl.when(key_tile == lay.key_tiles)
+  def _finish():
+    o_ref[...] = acc_scratch[...].astype(o_ref.dtype)
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_scratch, *, lay, scale):
@@ -281,21 +331,46 @@ def _row_major_specs(lay: _Layout):
   return rows, vector, keys
 
 
-def _forward(q, k, v, lay: _Layout, scale, interpret):
+def _forward(q, k, v, lay: _Layout, scale, slc_block, interpret):
+  """`(out_rows, lse_rows, scores or None)`: one online pass, or, with `slc_block`, the fused two
+  passes (log-sum-exp, then output and selection scores from the exact probabilities)."""
   rows, vector, keys = _row_major_specs(lay)
   shape = (lay.batch, lay.num_kv_heads, lay.row_tiles)
-  return pl.pallas_call(
-      functools.partial(_forward_kernel, lay=lay, scale=scale),
-      grid=shape + (lay.key_tiles,),
-      in_specs=[rows(lay.head_dim_pad), keys(lay.head_dim_pad), keys(lay.head_dim_v_pad)],
-      out_specs=[rows(lay.head_dim_v_pad), vector],
-      out_shape=[jax.ShapeDtypeStruct(shape + (lay.rows, lay.head_dim_v_pad), q.dtype),
-                 jax.ShapeDtypeStruct(shape + (1, lay.rows), jnp.float32)],
-      scratch_shapes=[pltpu.VMEM((lay.rows, LANES), jnp.float32),
-                      pltpu.VMEM((lay.rows, LANES), jnp.float32),
-                      pltpu.VMEM((lay.rows, lay.head_dim_v_pad), jnp.float32)],
-      compiler_params=_params(_ROW_MAJOR), interpret=_interpret(interpret),
-      name="nsa_compressed_fwd_tpu")(q, k, v)
+  out_shape = jax.ShapeDtypeStruct(shape + (lay.rows, lay.head_dim_v_pad), q.dtype)
+  lse_shape = jax.ShapeDtypeStruct(shape + (1, lay.rows), jnp.float32)
+  softmax_scratch = [pltpu.VMEM((lay.rows, LANES), jnp.float32),
+                     pltpu.VMEM((lay.rows, LANES), jnp.float32)]
+  acc_scratch = pltpu.VMEM((lay.rows, lay.head_dim_v_pad), jnp.float32)
+  common = dict(compiler_params=_params(_ROW_MAJOR), interpret=_interpret(interpret))
+  if not slc_block:
+    out_rows, lse_rows = pl.pallas_call(
+        functools.partial(_forward_kernel, lay=lay, scale=scale), grid=shape + (lay.key_tiles,),
+        in_specs=[rows(lay.head_dim_pad), keys(lay.head_dim_pad), keys(lay.head_dim_v_pad)],
+        out_specs=[rows(lay.head_dim_v_pad), vector], out_shape=[out_shape, lse_shape],
+        scratch_shapes=softmax_scratch + [acc_scratch], name="nsa_compressed_fwd_tpu",
+        **common)(q, k, v)
+    return out_rows, lse_rows, None
+  lse_rows = pl.pallas_call(
+      functools.partial(_lse_kernel, lay=lay, scale=scale), grid=shape + (lay.key_tiles,),
+      in_specs=[rows(lay.head_dim_pad), keys(lay.head_dim_pad)], out_specs=vector,
+      out_shape=lse_shape, scratch_shapes=softmax_scratch, name="nsa_compressed_lse_tpu",
+      **common)(q, k)
+  owned = KEYS * lay.stride // slc_block
+  score_shape = shape + (lay.key_tiles + 1, lay.positions, owned)
+  out_rows, scores = pl.pallas_call(
+      functools.partial(_output_and_scores_kernel, lay=lay, scale=scale, slc_block=slc_block),
+      grid=shape + (lay.key_tiles + 1,),
+      in_specs=[rows(lay.head_dim_pad), keys(lay.head_dim_pad), keys(lay.head_dim_v_pad), vector],
+      out_specs=[rows(lay.head_dim_v_pad),
+                 pl.BlockSpec((None, None, None, None, lay.positions, owned),
+                              lambda b, g, rt, kt: (b, g, rt, kt, 0, 0))],
+      out_shape=[out_shape, jax.ShapeDtypeStruct(score_shape, jnp.float32)],
+      scratch_shapes=[acc_scratch, pltpu.VMEM((lay.positions, owned), jnp.float32)],
+      name="nsa_compressed_output_scores_tpu", **common)(q, k, v, lse_rows)
+  scores = scores.transpose(0, 1, 2, 4, 3, 5).reshape(
+      lay.batch, lay.num_kv_heads, lay.row_tiles * lay.positions, (lay.key_tiles + 1) * owned)
+  num_slc = -(-lay.seq_len // slc_block)
+  return out_rows, lse_rows, scores[:, :, :lay.seq_len, :num_slc]  # [B, Hkv, T, Ts]
 
 
 def _backward(q, k, v, do, lse, delta, lay: _Layout, scale, interpret):
@@ -331,24 +406,26 @@ def _backward(q, k, v, do, lse, delta, lay: _Layout, scale, interpret):
   return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _compressed(q, k_cmp, v_cmp, scale, block, stride, interpret):
-  return _compressed_fwd(q, k_cmp, v_cmp, scale, block, stride, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
+def _compressed(q, k_cmp, v_cmp, scale, block, stride, slc_block, interpret):
+  return _compressed_fwd(q, k_cmp, v_cmp, scale, block, stride, slc_block, interpret)[0]
 
 
-def _compressed_fwd(q, k_cmp, v_cmp, scale, block, stride, interpret):
+def _compressed_fwd(q, k_cmp, v_cmp, scale, block, stride, slc_block, interpret):
   lay = _layout(q, k_cmp, v_cmp, block, stride)
-  out_rows, lse_rows = _forward(_to_rows(q, lay, lay.head_dim_pad),
-                                _to_keys(k_cmp, lay, lay.head_dim_pad),
-                                _to_keys(v_cmp, lay, lay.head_dim_v_pad), lay, scale, interpret)
+  out_rows, lse_rows, scores = _forward(
+      _to_rows(q, lay, lay.head_dim_pad), _to_keys(k_cmp, lay, lay.head_dim_pad),
+      _to_keys(v_cmp, lay, lay.head_dim_v_pad), lay, scale, slc_block, interpret)
   lse = _vector_from_rows(lse_rows, lay)
   lse = jnp.where(jnp.isinf(lse), -jnp.inf, lse)  # internal +inf (empty rows) -> public -inf
-  return (_from_rows(out_rows, lay, lay.head_dim_v), lse), (q, k_cmp, v_cmp, out_rows, lse_rows)
+  out = _from_rows(out_rows, lay, lay.head_dim_v)
+  return (out, lse, scores), (q, k_cmp, v_cmp, out_rows, lse_rows)
 
 
-def _compressed_bwd(scale, block, stride, interpret, residuals, cotangents):
+def _compressed_bwd(scale, block, stride, slc_block, interpret, residuals, cotangents):
+  del slc_block  # the scores feed the (non-differentiable) selection
   q, k_cmp, v_cmp, out_rows, lse_rows = residuals
-  d_out, d_lse = cotangents
+  d_out, d_lse, _ = cotangents
   lay = _layout(q, k_cmp, v_cmp, block, stride)
   do_rows = _to_rows(d_out.astype(q.dtype), lay, lay.head_dim_v_pad)
   delta = jnp.sum(out_rows.astype(jnp.float32) * do_rows.astype(jnp.float32), axis=-1)
@@ -379,7 +456,8 @@ def compressed_attention(q, k_cmp, v_cmp, *, block: int, stride: int, scale: flo
     `(out [B, T, Hq, Dv] in q.dtype, lse [B, T, Hq] float32)`, `lse = -inf` where nothing is
     visible; differentiable through both.
   """
-  return _compressed(q, k_cmp, v_cmp, float(scale), block, stride, interpret)
+  out, lse, _ = _compressed(q, k_cmp, v_cmp, float(scale), block, stride, 0, interpret)
+  return out, lse
 
 
 def fusable(stride: int, slc_block: int) -> bool:
@@ -387,37 +465,19 @@ def fusable(stride: int, slc_block: int) -> bool:
   return (KEYS * stride) % slc_block == 0
 
 
-def selection_scores(q, k_cmp, lse, *, block: int, stride: int, slc_block: int, scale: float,
-                     interpret: bool = False):
-  """SPEC.md section 2, steps 1-3, from the compressed branch's log-sum-exp (no gradient).
+def compressed_attention_and_scores(q, k_cmp, v_cmp, *, block: int, stride: int, slc_block: int,
+                                    scale: float, interpret: bool = False):
+  """`compressed_attention` fused with the selection scores of SPEC.md section 2, steps 1-3.
 
-  Args:
-    q, k_cmp: as in `compressed_attention`; lse: its `[B, T, Hq]` output.
-    slc_block: `l'`, which must divide `KEYS * stride` (`fusable`).
+  Two passes over the key tiles: the log-sum-exp, then the output and the scores from the same
+  exact probabilities. `slc_block` must divide `KEYS * stride` (`fusable`).
 
   Returns:
-    float32 `[B, Hkv, T, Ts]`.
+    `(out, lse, scores)`, `scores [B, Hkv, T, Ts]` float32 (no gradient flows through them).
   """
   if not fusable(stride, slc_block):
     raise ValueError(f"the TPU selection scores need slc_block ({slc_block}) to divide "
                      f"{KEYS} * cmp_stride ({KEYS * stride})")
-  q, k_cmp, lse = (jax.lax.stop_gradient(x) for x in (q, k_cmp, lse))  # selection is constant
-  lay = _layout(q, k_cmp, k_cmp, block, stride)
-  owned = KEYS * stride // slc_block
-  rows, vector, keys = _row_major_specs(lay)
-  lse_rows = _vector_to_rows(jnp.where(jnp.isinf(lse), jnp.inf, lse), lay)
-  shape = (lay.batch, lay.num_kv_heads, lay.row_tiles, lay.key_tiles + 1)
-  scores = pl.pallas_call(
-      functools.partial(_scores_kernel, lay=lay, scale=float(scale), slc_block=slc_block),
-      grid=shape,
-      in_specs=[rows(lay.head_dim_pad), keys(lay.head_dim_pad), vector],
-      out_specs=pl.BlockSpec((None, None, None, None, lay.positions, owned),
-                             lambda b, g, rt, kt: (b, g, rt, kt, 0, 0)),
-      out_shape=jax.ShapeDtypeStruct(shape + (lay.positions, owned), jnp.float32),
-      scratch_shapes=[pltpu.VMEM((lay.positions, owned), jnp.float32)],
-      compiler_params=_params(_ROW_MAJOR), interpret=_interpret(interpret),
-      name="nsa_selection_scores_tpu",
-  )(_to_rows(q, lay, lay.head_dim_pad), _to_keys(k_cmp, lay, lay.head_dim_pad), lse_rows)
-  scores = scores.transpose(0, 1, 2, 4, 3, 5).reshape(
-      lay.batch, lay.num_kv_heads, lay.row_tiles * lay.positions, (lay.key_tiles + 1) * owned)
-  return scores[:, :, :lay.seq_len, :-(-lay.seq_len // slc_block)]
+  out, lse, scores = _compressed(q, k_cmp, v_cmp, float(scale), block, stride, slc_block,
+                                 interpret)
+  return out, lse, jax.lax.stop_gradient(scores)
