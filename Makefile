@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-gpu bench-cpu clean
+.PHONY: setup demo compare test test-gpu bench-cpu clean
 
 $(STAMP): setup.py requirements/constraints.txt
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 12), \
@@ -19,6 +19,9 @@ $(STAMP): setup.py requirements/constraints.txt
 setup: $(STAMP)
 
 demo: $(STAMP)
+	$(PY) -m experiments.train --config experiments/configs/demo.py --workdir out/demo
+
+compare: $(STAMP)
 	$(PY) -m experiments.compare --config experiments/configs/compare_cpu.py
 
 test: $(STAMP)

@@ -1,4 +1,4 @@
-"""NSA against dense causal attention on random inputs: the README's main job until training lands.
+"""NSA against dense causal attention on random inputs (`make compare`).
 
 Command:   python -m experiments.compare --config experiments/configs/compare_cpu.py
            (any field overridable, e.g. --config.seq_lens=512,1024 --config.workdir=/tmp/cmp)

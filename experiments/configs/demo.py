@@ -1,0 +1,38 @@
+"""Demo: a small byte-level NSA language model trained on the Python standard library's sources.
+
+Command:   python -m experiments.train --config experiments/configs/demo.py --workdir out/demo
+           (override any field, e.g. --config.attention=dense --config.steps=200)
+Hardware:  CPU, 2 cores.
+Runtime:   under a minute (44 s on a 2-core AMD EPYC, 2026-11-27).
+Expected:  training loss falls from ~5.5 nats per byte (uniform over 256) to about 2 in 150
+           steps, held-out loss about 1.9 (measured 1.87); metrics in out/demo/metrics.jsonl,
+           checkpoints in out/demo/checkpoints. Rerunning resumes from the latest checkpoint (a
+           finished run has nothing left to do: raise --config.steps to continue it).
+"""
+
+import ml_collections
+
+
+def get_config():
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.steps = 150
+  config.batch_size = 8
+  config.seq_len = 256
+  config.log_every = 10
+  config.eval_every = 50
+  config.eval_batches = 4
+  config.checkpoint_every = 50
+  config.keep_checkpoints = 2
+
+  config.attention = "nsa"  # or "dense"
+  config.model = ml_collections.ConfigDict(dict(
+      num_layers=2, num_features=128, num_heads=4, num_kv_heads=1, head_dim=32, mlp_hidden=384))
+  config.nsa = ml_collections.ConfigDict(dict(
+      cmp_block=16, cmp_stride=8, slc_block=32, num_selected=4, num_initial=1, num_local=1,
+      window=64))
+
+  config.optimizer = ml_collections.ConfigDict(dict(
+      peak_learning_rate=3e-3, warmup_steps=20, weight_decay=0.01, clip_norm=1.0))
+  config.data = ml_collections.ConfigDict(dict(source="stdlib", max_bytes=4_000_000))
+  return config

@@ -1,0 +1,149 @@
+"""Trains the NSA or dense decoder LM from a config file, with evaluation, checkpoints and resume.
+
+    python -m experiments.train --config experiments/configs/demo.py --workdir out/demo \
+        [--config.<field>=<value> ...]
+
+Writes `workdir/metrics.jsonl` (one JSON object per log or eval step, with `step` and `loss` or
+`held_out_loss`) and Orbax checkpoints in `workdir/checkpoints` (the newest `keep_checkpoints`).
+Rerunning the same command resumes from the latest checkpoint; batches depend only on the step,
+so a resumed run reproduces the uninterrupted one exactly. A non-finite loss stops the run with a
+message, keeping the last good checkpoint. Single device for now (see the issue tracker for the
+sharded version).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import app
+from absl import flags
+from flax import nnx
+from ml_collections import config_flags
+
+from experiments import data as data_lib
+from nsa_jax import NSAConfig
+from nsa_jax.transformer import DecoderLM, TransformerConfig
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics and checkpoints.")
+
+
+class NonFiniteLossError(RuntimeError):
+  pass
+
+
+def build_model(config, rngs):
+  model_config = TransformerConfig(attention=config.attention, nsa=NSAConfig(**config.nsa),
+                                   **config.model)
+  return DecoderLM(model_config, rngs=rngs)
+
+
+def build_optimizer(config):
+  opt = config.optimizer
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, opt.peak_learning_rate, opt.warmup_steps, max(config.steps, opt.warmup_steps + 1))
+  return optax.chain(optax.clip_by_global_norm(opt.clip_norm),
+                     optax.adamw(schedule, weight_decay=opt.weight_decay)), schedule
+
+
+def build_data(config):
+  if config.data.source != "stdlib":
+    raise ValueError(f"data.source must be 'stdlib' (the only local source so far), got "
+                     f"{config.data.source!r}")
+  text = data_lib.stdlib_source_bytes(config.data.max_bytes)
+  return data_lib.ByteBatches(text, config.batch_size, config.seq_len, config.seed)
+
+
+def loss_fn(model, tokens):
+  logits = model(tokens[:, :-1])
+  return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+
+@nnx.jit
+def train_step(model, optimizer, tokens):
+  loss, grads = nnx.value_and_grad(loss_fn)(model, tokens)
+  optimizer.update(model, grads)
+  return loss
+
+
+@nnx.jit
+def eval_step(model, tokens):
+  return loss_fn(model, tokens)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+  """Trains from the latest checkpoint in `workdir` (or from scratch) to `config.steps`.
+
+  Returns the metrics records written by this call.
+  """
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  model = build_model(config, nnx.Rngs(config.seed))
+  tx, schedule = build_optimizer(config)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  batches = build_data(config)
+  manager = ocp.CheckpointManager(
+      (workdir / "checkpoints").absolute(),
+      options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints))
+  start = 0
+  if manager.latest_step() is not None:
+    start = manager.latest_step()
+    target = {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}
+    restored = manager.restore(start, args=ocp.args.StandardRestore(target))
+    nnx.update(model, restored["model"])
+    nnx.update(optimizer, restored["optimizer"])
+    print(f"resumed from step {start}", flush=True)
+
+  records = []
+  with open(workdir / "metrics.jsonl", "a") as metrics:
+    def log(record):
+      records.append(record)
+      metrics.write(json.dumps(record) + "\n")
+      metrics.flush()
+      print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                     for k, v in record.items()), flush=True)
+
+    tokens_per_step = config.batch_size * config.seq_len
+    last_time = time.perf_counter()
+    for step in range(start + 1, config.steps + 1):
+      loss = float(train_step(model, optimizer, jnp.asarray(batches.batch("train", step))))
+      if not np.isfinite(loss):
+        raise NonFiniteLossError(
+            f"loss is {loss} at step {step}; stopping with the last good checkpoint at step "
+            f"{manager.latest_step()} in {workdir / 'checkpoints'}")
+      if step % config.log_every == 0 or step == config.steps:
+        now = time.perf_counter()
+        steps_done = config.log_every if step % config.log_every == 0 else step % config.log_every
+        log(dict(step=step, loss=loss, learning_rate=float(schedule(step)),
+                 tokens_per_s=steps_done * tokens_per_step / (now - last_time)))
+        last_time = now
+      if step % config.eval_every == 0 or step == config.steps:
+        held_out = np.mean([float(eval_step(model, jnp.asarray(batches.batch("held_out", i))))
+                            for i in range(config.eval_batches)])
+        log(dict(step=step, held_out_loss=float(held_out)))
+      if step % config.checkpoint_every == 0 or step == config.steps:
+        manager.save(step, args=ocp.args.StandardSave(
+            {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}))
+  manager.wait_until_finished()
+  manager.close()
+  return records
+
+
+def main(argv):
+  del argv
+  if _WORKDIR.value is None:
+    raise app.UsageError("--workdir is required")
+  run(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
