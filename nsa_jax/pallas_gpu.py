@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from nsa_jax import xla
 from nsa_jax.attention_math import combine_branches
 from nsa_jax.config import NSAConfig
+from nsa_jax.validation import static_scale
 from pallas_kernels.gpu import compressed_attention as compressed_kernel
 from pallas_kernels.gpu import selected_attention as selected_kernel
 
@@ -34,11 +35,7 @@ compress_kv = xla.compress_kv
 
 
 def _static_scale(scale):
-  try:
-    return float(scale)
-  except (TypeError, jax.errors.ConcretizationTypeError) as err:
-    raise ValueError("scale must be a Python number for implementation='pallas_gpu', got a "
-                     f"traced value {scale!r}") from err
+  return static_scale(scale, "pallas_gpu")
 
 
 def _use_cudnn(q, v, interpret):

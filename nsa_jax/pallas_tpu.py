@@ -24,6 +24,7 @@ from nsa_jax import xla
 from nsa_jax.attention_math import combine_branches
 from nsa_jax.block_selection import top_n_blocks
 from nsa_jax.config import NSAConfig
+from nsa_jax.validation import static_scale
 from pallas_kernels.tpu import compressed_attention as compressed_kernel
 from pallas_kernels.tpu import selected_attention as selected_kernel
 from pallas_kernels.tpu import sliding_window as window_kernel
@@ -32,11 +33,7 @@ compress_kv = xla.compress_kv
 
 
 def _static_scale(scale):
-  try:
-    return float(scale)
-  except (TypeError, jax.errors.ConcretizationTypeError) as err:
-    raise ValueError("scale must be a Python number for implementation='pallas_tpu', got a "
-                     f"traced value {scale!r}") from err
+  return static_scale(scale, "pallas_tpu")
 
 
 def compressed_attention(q, k_cmp, v_cmp, scale, *, block, stride, interpret=False):

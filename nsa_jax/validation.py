@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from nsa_jax.config import NSAConfig
@@ -102,3 +103,12 @@ def check_block_stride(block, stride) -> None:
   check_positive("stride", stride)
   if block % stride:
     raise ValueError(f"block ({block}) must be a multiple of stride ({stride})")
+
+
+def static_scale(scale, implementation: str) -> float:
+  """The Pallas kernels are specialised on `scale`: it must be a Python number, not traced."""
+  try:
+    return float(scale)
+  except (TypeError, jax.errors.ConcretizationTypeError) as err:
+    raise ValueError(f"scale must be a Python number for implementation={implementation!r}, "
+                     f"got a traced value {scale!r}") from err

@@ -28,6 +28,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.tpu.tile_math import dot_nn, dot_nt, dot_tn, softmax_backward_tile
+
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 LANES = 128
 KEYS = 128  # compressed keys per tile
@@ -128,8 +130,7 @@ def _first_row_tile(key_tile, lay: _Layout):
 
 def _scores(q, k, row_tile, key_tile, lay: _Layout, scale):
   """Masked `scale * q . k`, `[R, KEYS]` float32, and the visibility mask."""
-  s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
-                          preferred_element_type=jnp.float32) * scale
+  s = dot_nt(q, k) * scale
   row = jax.lax.broadcasted_iota(jnp.int32, s.shape, 0)
   key = key_tile * KEYS + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
   pos = row_tile * lay.positions + row // lay.heads
@@ -176,8 +177,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, m_scratch, l_scratch, a
     s, visible = _scores(q_ref[...], k_ref[...], row_tile, key_tile, lay, scale)
     p, alpha = _online_softmax_step(s, visible, m_scratch, l_scratch)
     v = v_ref[...]
-    acc_scratch[...] = acc_scratch[...] * alpha[:, :1] + jax.lax.dot_general(
-        p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    acc_scratch[...] = acc_scratch[...] * alpha[:, :1] + dot_nn(p.astype(v.dtype), v)
 
   @pl.when(key_tile == lay.key_tiles - 1)
   def _finish():
@@ -237,8 +237,7 @@ def _output_and_scores_kernel(q_ref, k_ref, v_ref, lse_ref, o_ref, score_ref, ac
     s, visible = _scores(q_ref[...], k_ref[...], row_tile, key_tile, lay, scale)
     p = jnp.where(visible, jnp.exp(s - lse_ref[...].T), 0.0)  # [R, KEYS], already normalised
     v = v_ref[...]
-    acc_scratch[...] += jax.lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
-                                            preferred_element_type=jnp.float32)
+    acc_scratch[...] += dot_nn(p.astype(v.dtype), v)
     position = jax.lax.broadcasted_iota(jnp.int32, (lay.positions, lay.rows), 0)
     row = jax.lax.broadcasted_iota(jnp.int32, (lay.positions, lay.rows), 1)
     to_position = (row // lay.heads == position).astype(jnp.float32)
@@ -270,12 +269,9 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_scrat
   def _accumulate():
     k = k_ref[...]
     s, visible = _scores(q_ref[...], k, row_tile, key_tile, lay, scale)
-    p = jnp.where(visible, jnp.exp(s - lse_ref[...].T), 0.0)
-    dp = jax.lax.dot_general(do_ref[...], v_ref[...], (((1,), (1,)), ((), ())),
-                             preferred_element_type=jnp.float32)
-    ds = p * (dp - delta_ref[...].T)
-    dq_scratch[...] += jax.lax.dot_general(ds.astype(k.dtype), k, (((1,), (0,)), ((), ())),
-                                           preferred_element_type=jnp.float32)
+    _, ds = softmax_backward_tile(s, visible, lse_ref[...], delta_ref[...], do_ref[...],
+                                  v_ref[...])  # [R, KEYS]
+    dq_scratch[...] += dot_nn(ds.astype(k.dtype), k)
 
   @pl.when(key_tile == lay.key_tiles - 1)
   def _finish():
@@ -295,14 +291,10 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
   def _accumulate():
     q, do = q_ref[...], do_ref[...]
     s, visible = _scores(q, k_ref[...], row_tile, key_tile, lay, scale)
-    p = jnp.where(visible, jnp.exp(s - lse_ref[...].T), 0.0)  # [R, KEYS]
-    dv_scratch[...] += jax.lax.dot_general(p.astype(do.dtype), do, (((0,), (0,)), ((), ())),
-                                           preferred_element_type=jnp.float32)
-    dp = jax.lax.dot_general(do, v_ref[...], (((1,), (1,)), ((), ())),
-                             preferred_element_type=jnp.float32)
-    ds = p * (dp - delta_ref[...].T)
-    dk_scratch[...] += jax.lax.dot_general(ds.astype(q.dtype), q, (((0,), (0,)), ((), ())),
-                                           preferred_element_type=jnp.float32)
+    p, ds = softmax_backward_tile(s, visible, lse_ref[...], delta_ref[...], do,
+                                  v_ref[...])  # [R, KEYS]
+    dv_scratch[...] += dot_tn(p.astype(do.dtype), do)
+    dk_scratch[...] += dot_tn(ds.astype(q.dtype), q)
 
   @pl.when(row_tile == lay.row_tiles - 1)
   def _finish():

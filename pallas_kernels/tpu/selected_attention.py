@@ -31,6 +31,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.block_maps import inverse_block_map, sorted_causal_block_indices
+from pallas_kernels.tpu.tile_math import dot_nn, dot_nt, dot_tn, softmax_backward_tile
 
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 LANES = 128
@@ -115,8 +116,7 @@ def _slot_tables(sorted_idx, lay: _Layout):
 
 def _scores(q, k, block_id, query_pos, scale, block):
   """Masked `scale * q . k` of one block: `[Gp, l']` float32."""
-  s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
-                          preferred_element_type=jnp.float32) * scale
+  s = dot_nt(q, k) * scale
   token = block_id * block + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
   return jnp.where(token <= query_pos, s, MASK_VALUE), token <= query_pos
 
@@ -146,8 +146,7 @@ def _forward_kernel(slot_block_ref, num_valid_ref, offset_ref, q_ref, k_ref, v_r
     alpha = jnp.exp(m_prev - m_new)
     l_scratch[...] = alpha * l_scratch[...] + jnp.sum(p, axis=1, keepdims=True)
     v = v_ref[...]
-    acc_scratch[...] = acc_scratch[...] * alpha[:, :1] + jax.lax.dot_general(
-        p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    acc_scratch[...] = acc_scratch[...] * alpha[:, :1] + dot_nn(p.astype(v.dtype), v)
     m_scratch[...] = m_new
 
   @pl.when(slot == lay.num_slots - 1)
@@ -173,12 +172,9 @@ def _dq_kernel(slot_block_ref, num_valid_ref, offset_ref, q_ref, k_ref, v_ref, d
     block_id = slot_block_ref[row * lay.num_slots + slot]
     k = k_ref[...]
     s, visible = _scores(q_ref[...], k, block_id, offset_ref[0] + t, scale, lay.block)
-    p = jnp.where(visible, jnp.exp(s - lse_ref[...].T), 0.0)  # [Gp, l']
-    dp = jax.lax.dot_general(do_ref[...], v_ref[...], (((1,), (1,)), ((), ())),
-                             preferred_element_type=jnp.float32)
-    ds = p * (dp - delta_ref[...].T)
-    dq_scratch[...] += jax.lax.dot_general(ds.astype(k.dtype), k, (((1,), (0,)), ((), ())),
-                                           preferred_element_type=jnp.float32)
+    _, ds = softmax_backward_tile(s, visible, lse_ref[...], delta_ref[...], do_ref[...],
+                                  v_ref[...])  # [Gp, l']
+    dq_scratch[...] += dot_nn(ds.astype(k.dtype), k)
 
   @pl.when(slot == lay.num_slots - 1)
   def _finish():
@@ -247,13 +243,9 @@ def _dkv_kernel(item_block_ref, item_count_ref, item_query_ref, q_ref, k_ref, v_
     k, v = k_ref[...], v_ref[...]
     block_id = jnp.minimum(item_block_ref[flat_item], lay.num_blocks - 1)
     s, visible = _scores(q, k, block_id, query_pos, scale, lay.block)
-    p = jnp.where(visible, jnp.exp(s - lse_ref[...].T), 0.0)  # [Gp, l']
-    dv_scratch[...] += jax.lax.dot_general(p.astype(do.dtype), do, (((0,), (0,)), ((), ())),
-                                           preferred_element_type=jnp.float32)
-    dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    ds = p * (dp - delta_ref[...].T)
-    dk_scratch[...] += jax.lax.dot_general(ds.astype(q.dtype), q, (((0,), (0,)), ((), ())),
-                                           preferred_element_type=jnp.float32)
+    p, ds = softmax_backward_tile(s, visible, lse_ref[...], delta_ref[...], do, v)  # [Gp, l']
+    dv_scratch[...] += dot_tn(p.astype(do.dtype), do)
+    dk_scratch[...] += dot_tn(ds.astype(q.dtype), q)
 
   @pl.when(i == DKV_CHUNK - 1)
   def _finish():
