@@ -25,6 +25,7 @@ import optax
 import orbax.checkpoint as ocp
 from absl import app
 from absl import flags
+from absl import logging
 from flax import nnx
 from ml_collections import config_flags
 
@@ -142,6 +143,7 @@ def main(argv):
   del argv
   if _WORKDIR.value is None:
     raise app.UsageError("--workdir is required")
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
   run(_CONFIG.value, _WORKDIR.value)
 
 
