@@ -42,10 +42,17 @@ class NonFiniteLossError(RuntimeError):
   pass
 
 
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
 def build_model(config, rngs):
+  if config.compute_dtype not in COMPUTE_DTYPES:
+    raise ValueError(f"compute_dtype must be one of {tuple(COMPUTE_DTYPES)}, got "
+                     f"{config.compute_dtype!r}")
   model_config = TransformerConfig(attention=config.attention, nsa=NSAConfig(**config.nsa),
                                    **config.model)
-  return DecoderLM(model_config, rngs=rngs)
+  # Parameters stay float32; activations and matmuls run in the compute dtype.
+  return DecoderLM(model_config, dtype=COMPUTE_DTYPES[config.compute_dtype], rngs=rngs)
 
 
 def build_optimizer(config):
@@ -60,6 +67,9 @@ def build_data(config):
   if config.data.source != "stdlib":
     raise ValueError(f"data.source must be 'stdlib' (the only local source so far), got "
                      f"{config.data.source!r}")
+  if config.grad_accum_steps < 1 or config.batch_size % config.grad_accum_steps:
+    raise ValueError(f"grad_accum_steps ({config.grad_accum_steps}) must be >= 1 and divide "
+                     f"batch_size ({config.batch_size})")
   text = data_lib.stdlib_source_bytes(config.data.max_bytes)
   return data_lib.ByteBatches(text, config.batch_size, config.seq_len, config.seed)
 
@@ -69,11 +79,18 @@ def loss_fn(model, tokens):
   return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
 
-@nnx.jit
-def train_step(model, optimizer, tokens):
-  loss, grads = nnx.value_and_grad(loss_fn)(model, tokens)
+@nnx.jit(static_argnames="accum_steps")
+def train_step(model, optimizer, tokens, accum_steps=1):
+  """One optimizer update on `tokens [B, T + 1]`, in `accum_steps` micro-batches of `B / accum`
+  (their mean gradient is the whole batch's: same update, less activation memory)."""
+  micro_batches = tokens.reshape(accum_steps, -1, tokens.shape[-1])
+  loss, grads = nnx.value_and_grad(loss_fn)(model, micro_batches[0])
+  for micro in micro_batches[1:]:
+    micro_loss, micro_grads = nnx.value_and_grad(loss_fn)(model, micro)
+    loss, grads = loss + micro_loss, jax.tree.map(jnp.add, grads, micro_grads)
+  grads = jax.tree.map(lambda g: g / accum_steps, grads)
   optimizer.update(model, grads)
-  return loss
+  return loss / accum_steps
 
 
 @nnx.jit
@@ -116,7 +133,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     tokens_per_step = config.batch_size * config.seq_len
     last_time = time.perf_counter()
     for step in range(start + 1, config.steps + 1):
-      loss = float(train_step(model, optimizer, jnp.asarray(batches.batch("train", step))))
+      loss = float(train_step(model, optimizer, jnp.asarray(batches.batch("train", step)),
+                              accum_steps=config.grad_accum_steps))
       if not np.isfinite(loss):
         raise NonFiniteLossError(
             f"loss is {loss} at step {step}; stopping with the last good checkpoint at step "

@@ -5,6 +5,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from experiments import train
@@ -57,3 +58,20 @@ def test_config_errors_are_clear(tmp_path):
   with pytest.raises(ValueError, match="NSAConfig.slc_block"):
     train.run(small_config(nsa=dict(cmp_block=16, cmp_stride=8, slc_block=12, num_selected=4,
                                     num_initial=1, num_local=1, window=64)), str(tmp_path))
+
+
+def test_gradient_accumulation_gives_the_same_updates(tmp_path):
+  whole = train.run(small_config(batch_size=4), str(tmp_path / "whole"))
+  accumulated = train.run(small_config(batch_size=4, grad_accum_steps=2), str(tmp_path / "acc"))
+  losses = lambda records: [r["loss"] for r in records if "loss" in r]
+  np.testing.assert_allclose(losses(accumulated), losses(whole), rtol=2e-5)
+  with pytest.raises(ValueError, match=r"grad_accum_steps \(3\) must be >= 1 and divide"):
+    train.run(small_config(batch_size=4, grad_accum_steps=3), str(tmp_path / "bad"))
+
+
+def test_bfloat16_compute_trains(tmp_path):
+  records = train.run(small_config(compute_dtype="bfloat16"), str(tmp_path))
+  losses = [r["loss"] for r in records if "loss" in r]
+  assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+  with pytest.raises(ValueError, match="compute_dtype must be one of"):
+    train.run(small_config(compute_dtype="float8"), str(tmp_path / "bad"))

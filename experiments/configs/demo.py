@@ -18,6 +18,8 @@ def get_config():
   config.seed = 0
   config.steps = 150
   config.batch_size = 8
+  config.grad_accum_steps = 1  # micro-batches per update (must divide batch_size)
+  config.compute_dtype = "float32"  # or "bfloat16" (parameters stay float32)
   config.seq_len = 256
   config.log_every = 10
   config.eval_every = 50
