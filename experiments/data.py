@@ -1,5 +1,6 @@
 """Training data made or found locally (no network): byte-level text from the Python standard
-library's own source tree, which ships with every Python.
+library's own source tree, which ships with every Python, and passkey-retrieval sequences whose
+filler is that text (`experiments.tasks`).
 
 Batches are a pure function of (seed, split, step), so a resumed run sees exactly the batches an
 uninterrupted one would.
@@ -11,6 +12,8 @@ import pathlib
 import sysconfig
 
 import numpy as np
+
+from experiments import tasks
 
 HELD_OUT_FRACTION = 0.05
 
@@ -48,3 +51,12 @@ class ByteBatches:
     rng = np.random.default_rng([self.seed, 0 if split == "train" else 1, step])
     starts = rng.integers(0, len(text) - self.seq_len - 1, self.batch_size)
     return np.stack([text[s:s + self.seq_len + 1] for s in starts]).astype(np.int32)
+
+
+class PasskeyBatches(ByteBatches):
+  """Passkey-retrieval sequences of `seq_len + 1` bytes (needles at random depths), with filler
+  from the train or held-out text."""
+
+  def batch(self, split: str, step: int) -> np.ndarray:
+    rng = np.random.default_rng([self.seed, 0 if split == "train" else 1, step])
+    return tasks.passkey_batch(rng, self.splits[split], self.batch_size, self.seq_len + 1)

@@ -4,7 +4,7 @@
         [--config.<field>=<value> ...]
 
 Writes `workdir/metrics.jsonl` (one JSON object per log or eval step, with `step` and `loss` or
-`held_out_loss`) and Orbax checkpoints in `workdir/checkpoints` (the newest `keep_checkpoints`).
+`held_out_loss`, plus `passkey_accuracy` with `data.source = "passkey"`) and Orbax checkpoints in `workdir/checkpoints` (the newest `keep_checkpoints`).
 Rerunning the same command resumes from the latest checkpoint; batches depend only on the step,
 so a resumed run reproduces the uninterrupted one exactly. A non-finite loss stops the run with a
 message, keeping the last good checkpoint. Single device for now (see the issue tracker for the
@@ -30,6 +30,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from experiments import data as data_lib
+from experiments import tasks
 from nsa_jax import NSAConfig
 from nsa_jax.transformer import DecoderLM, TransformerConfig
 
@@ -64,14 +65,14 @@ def build_optimizer(config):
 
 
 def build_data(config):
-  if config.data.source != "stdlib":
-    raise ValueError(f"data.source must be 'stdlib' (the only local source so far), got "
-                     f"{config.data.source!r}")
+  sources = {"stdlib": data_lib.ByteBatches, "passkey": data_lib.PasskeyBatches}
+  if config.data.source not in sources:
+    raise ValueError(f"data.source must be one of {tuple(sources)}, got {config.data.source!r}")
   if config.grad_accum_steps < 1 or config.batch_size % config.grad_accum_steps:
     raise ValueError(f"grad_accum_steps ({config.grad_accum_steps}) must be >= 1 and divide "
                      f"batch_size ({config.batch_size})")
   text = data_lib.stdlib_source_bytes(config.data.max_bytes)
-  return data_lib.ByteBatches(text, config.batch_size, config.seq_len, config.seed)
+  return sources[config.data.source](text, config.batch_size, config.seq_len, config.seed)
 
 
 def loss_fn(model, tokens):
@@ -96,6 +97,14 @@ def train_step(model, optimizer, tokens, accum_steps=1):
 @nnx.jit
 def eval_step(model, tokens):
   return loss_fn(model, tokens)
+
+
+@nnx.jit
+def eval_logits(model, tokens):
+  return model(tokens)
+
+
+PASSKEY_DEPTHS = (0.1, 0.5, 0.9)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
@@ -148,7 +157,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
       if step % config.eval_every == 0 or step == config.steps:
         held_out = np.mean([float(eval_step(model, jnp.asarray(batches.batch("held_out", i))))
                             for i in range(config.eval_batches)])
-        log(dict(step=step, held_out_loss=float(held_out)))
+        record = dict(step=step, held_out_loss=float(held_out))
+        if config.data.source == "passkey":  # retrieval accuracy at the training length
+          accuracy = tasks.passkey_accuracy(lambda t: eval_logits(model, jnp.asarray(t)),
+                                            batches.splits["held_out"], [config.seq_len + 1],
+                                            PASSKEY_DEPTHS, samples=4, seed=step)
+          record["passkey_accuracy"] = float(np.mean(list(accuracy.values())))
+        log(record)
       if step % config.checkpoint_every == 0 or step == config.steps:
         manager.save(step, args=ocp.args.StandardSave(
             {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}))
