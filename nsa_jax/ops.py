@@ -80,10 +80,7 @@ def compress_kv(k, v, *, block: int, stride: int, implementation=None):
     raise ValueError(f"k and v must agree on [B, T, Hkv], got k {tuple(k.shape)}, "
                      f"v {tuple(v.shape)}")
   check.check_block_stride(block, stride)
-  backend = reference if implementation == "reference" else xla
-  if implementation not in (None, "reference"):
-    _backend(implementation, interpret=False)
-  return backend.compress_kv(k, v, block, stride)
+  return _backend(implementation, interpret=False).compress_kv(k, v, block, stride)
 
 
 def compressed_attention(q, k_cmp, v_cmp, *, block: int, stride: int, scale=None,

@@ -13,6 +13,7 @@ from flax import nnx
 
 from nsa_jax.config import NSAConfig
 from nsa_jax.nn import ATTENTION_KINDS, make_attention
+from nsa_jax.validation import check_positive
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,9 +42,7 @@ class TransformerConfig:
                        f"got {self.attention!r}")
     for name in ("vocab_size", "num_layers", "num_features", "num_heads", "num_kv_heads",
                  "head_dim", "mlp_hidden"):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"TransformerConfig.{name} must be a positive int, got {value!r}")
+      check_positive(f"TransformerConfig.{name}", getattr(self, name))
 
 
 class SwiGLU(nnx.Module):
