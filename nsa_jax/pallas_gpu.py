@@ -97,7 +97,8 @@ def nsa_attention(q, k, v, gates, k_cmp, v_cmp, scale, *, config: NSAConfig, int
 def _nsa_jit(q, k, v, gates, k_cmp, v_cmp, *, config, interpret, scale):
   o_cmp, block_indices = compressed_attention_and_selection(q, k_cmp, v_cmp, scale, config,
                                                             interpret)
+  # The selection's indices are already distinct, ascending and causal: no second sort.
   o_slc = selected_kernel.selected_attention(q, k, v, block_indices, block=config.slc_block,
-                                             scale=scale, interpret=interpret)
+                                             scale=scale, interpret=interpret, indices_sorted=True)
   o_swa = sliding_window_attention(q, k, v, scale, window=config.window, interpret=interpret)
   return combine_branches(o_cmp, o_slc, o_swa, gates).astype(q.dtype)

@@ -60,11 +60,13 @@ def select_blocks(q, k_cmp, scale, *, config: NSAConfig, interpret=False):
   return compressed_attention_and_selection(q, k_cmp, k_cmp, scale, config, interpret)[1]
 
 
-def selected_attention(q, k, v, block_indices, scale, *, block, interpret=False):
+def selected_attention(q, k, v, block_indices, scale, *, block, interpret=False,
+                       indices_sorted=False):
   if block % 8:
     return xla.selected_attention(q, k, v, block_indices, scale, block=block)
   return selected_kernel.selected_attention(q, k, v, block_indices, block=block,
-                                            scale=_static_scale(scale), interpret=interpret)
+                                            scale=_static_scale(scale), interpret=interpret,
+                                            indices_sorted=indices_sorted)
 
 
 def sliding_window_attention(q, k, v, scale, *, window, interpret=False):
@@ -83,7 +85,8 @@ def nsa_attention(q, k, v, gates, k_cmp, v_cmp, scale, *, config: NSAConfig, int
 def _nsa(q, k, v, gates, k_cmp, v_cmp, *, config, interpret, scale):
   o_cmp, block_indices = compressed_attention_and_selection(q, k_cmp, v_cmp, scale, config,
                                                             interpret)
+  # The selection's indices are already distinct, ascending and causal: no second sort.
   o_slc = selected_attention(q, k, v, block_indices, scale, block=config.slc_block,
-                             interpret=interpret)
+                             interpret=interpret, indices_sorted=True)
   o_swa = sliding_window_attention(q, k, v, scale, window=config.window, interpret=interpret)
   return combine_branches(o_cmp, o_slc, o_swa, gates).astype(q.dtype)

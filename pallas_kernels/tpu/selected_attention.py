@@ -367,7 +367,7 @@ _selected_attention.defvjp(_selected_attention_fwd, _selected_attention_bwd)
 
 
 def selected_attention(q, k, v, block_indices, *, block: int, scale: float,
-                       interpret: bool = False):
+                       interpret: bool = False, indices_sorted: bool = False):
   """Attention of each query over the tokens `s <= t` of its KV group's selected blocks (TPU).
 
   Args:
@@ -375,10 +375,13 @@ def selected_attention(q, k, v, block_indices, *, block: int, scale: float,
     block_indices: int `[B, T, Hkv, n]`; -1, out-of-range, future and repeated blocks are ignored.
     block: tokens per selection block `l'`, a multiple of 8.
     scale: softmax scale (a Python float).
+    indices_sorted: the indices are already what `sorted_causal_block_indices` makes (distinct,
+      ascending, causal, -1 last; e.g. a top-n selection's output): skip re-sorting them.
     interpret: run under the TPU interpreter (CPU) with race detection.
 
   Returns:
     `[B, T, Hq, Dv]` in q.dtype; differentiable in q, k and v.
   """
-  sorted_idx = sorted_causal_block_indices(block_indices, block)
-  return _selected_attention(q, k, v, sorted_idx, float(scale), block, interpret)
+  if not indices_sorted:
+    block_indices = sorted_causal_block_indices(block_indices, block)
+  return _selected_attention(q, k, v, block_indices, float(scale), block, interpret)
