@@ -27,9 +27,11 @@ compare: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 tests
 
-# On a GPU machine (already has JAX with CUDA): the GPU-marked tests at real sizes.
+# On a GPU machine (already has JAX with CUDA): the GPU-marked tests at real sizes. Only the files
+# that hold them, so the machine needs no experiment packages (ml_collections, orbax).
+GPU_TESTS := tests/test_pallas_gpu.py
 test-gpu:
-	$(PYTHON) -m pytest -q -m gpu tests
+	PYTHONPATH=$(CURDIR) $(PYTHON) -m pytest -q -m gpu $(GPU_TESTS)
 
 bench-cpu: $(STAMP)
 	$(PY) -m experiments.bench_xla_cpu

@@ -73,6 +73,10 @@ def _map_query_chunks(chunk_fn, q_chunks, per_chunk=(), per_group=()):
     `chunk_fn`'s outputs stacked as `[B, Hkv, NC, ...]`.
   """
   num_chunks = q_chunks.shape[2]
+  # Every chunk adds to the gradient of the shared keys and values: hold them in float32 so that
+  # the sum over chunks is not rounded to bfloat16 / float16 per chunk. The values do not change
+  # (the chunk math upcasts anyway) and the cost is one float32 copy of K/V, O(T).
+  per_group = tuple(x.astype(accum_dtype(x)) for x in per_group)
 
   def one_group(q_group, chunk_args, group_args):
     @jax.checkpoint

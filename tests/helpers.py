@@ -77,6 +77,42 @@ def assert_grads_close(actual, expected, dtype=jnp.float32, long_reduction=False
     assert err < rtol, f"gradient {i}: relative error {err:.2e}"
 
 
+def assert_valid_selection(block_indices, score, config, atol):
+  """`block_indices` is a correct top-n of `score` up to near-ties (SPEC.md selection steps 4-5).
+
+  Implementations compute the scores with different summation orders, so where two candidates'
+  scores are within rounding of each other either may be chosen. This checks the format (ascending,
+  distinct, -1 last), that every forced block is chosen, that `min(n, candidates)` blocks are, and
+  that no unchosen candidate beats a chosen non-forced one by more than `atol`.
+
+  Args:
+    block_indices: int `[B, T, Hkv, n]`.
+    score: float `[B, T, Hkv, Ts]`, e.g. `reference.selection_scores`.
+    config: the `NSAConfig`.
+    atol: the largest score difference treated as a tie.
+  """
+  idx = np.asarray(block_indices)
+  score = np.asarray(jnp.asarray(score, jnp.float32))
+  seq_len, num_slc, n = idx.shape[1], score.shape[-1], idx.shape[-1]
+  valid = idx >= 0
+  assert np.all(valid[..., 1:] <= valid[..., :-1]), "-1 slots must come last"
+  assert np.all((idx[..., 1:] > idx[..., :-1]) | ~valid[..., 1:]), "indices must ascend"
+  block = np.arange(num_slc)
+  chosen = np.any(idx[..., :, None] == block, axis=-2)  # [B, T, Hkv, Ts]
+  query_block = (np.arange(seq_len) // config.slc_block)[:, None]
+  candidate = (block <= query_block)[None, :, None, :]  # [1, T, 1, Ts]
+  forced = candidate & ((block < config.num_initial)
+                        | (block > query_block - config.num_local))[None, :, None, :]
+  assert not np.any(chosen & ~candidate), "a chosen block is not a candidate"
+  assert np.all(chosen | ~forced), "a forced block is missing"
+  expected_count = np.minimum(n, candidate.sum(-1))
+  np.testing.assert_array_equal(chosen.sum(-1), np.broadcast_to(expected_count, chosen.shape[:-1]))
+  worst_chosen = np.where(chosen & ~forced, score, np.inf).min(-1)
+  best_left = np.where(candidate & ~chosen, score, -np.inf).max(-1)
+  margin = best_left - worst_chosen
+  assert np.all(margin <= atol), f"an unchosen block outscores a chosen one by {margin.max():.3g}"
+
+
 def has_gpu():
   try:
     return bool(jax.devices("gpu"))

@@ -10,7 +10,8 @@ import pytest
 
 import nsa_jax
 from nsa_jax import NSAConfig
-from tests.helpers import assert_close, random_qkv
+from nsa_jax import reference
+from tests.helpers import assert_close, assert_valid_selection, random_qkv
 
 IMPLS = ["reference", "xla"]
 SMALL = NSAConfig(cmp_block=8, cmp_stride=4, slc_block=16, num_selected=3, num_initial=1,
@@ -112,6 +113,29 @@ def test_select_blocks_follows_the_rule_of_the_spec(impl, config):
   idx = nsa_jax.select_blocks(q, k_cmp, config=config, implementation=impl)
   assert idx.dtype == jnp.int32 and idx.shape == (2, 75, 2, config.num_selected)
   np.testing.assert_array_equal(np.asarray(idx), np_selection(q, k_cmp, config))
+
+
+def test_tie_tolerant_selection_check_accepts_the_oracle_and_rejects_worse_choices():
+  # The GPU tests judge kernel selections with `assert_valid_selection`: it must fail on a wrong one.
+  config = NSAConfig(cmp_block=8, cmp_stride=4, slc_block=8, num_selected=4, num_initial=1,
+                     num_local=1, window=8)
+  q, k, _ = random_qkv(1, 64, 2, 1, 8)
+  k_cmp, _ = nsa_jax.compress_kv(k, k, block=8, stride=4)
+  score = reference.selection_scores(q, k_cmp, 8 ** -0.5, config)  # [1, 64, 1, 8]
+  idx = np.asarray(nsa_jax.select_blocks(q, k_cmp, config=config, implementation="reference"))
+  assert_valid_selection(idx, score, config, atol=0.0)
+  t = 63  # blocks 0 (initial) and 7 (local) are forced, two of 1..6 are chosen by score
+  row = list(idx[0, t, 0])
+  unchosen = [j for j in range(1, 7) if j not in row]
+  lowest = min(unchosen, key=lambda j: score[0, t, 0, j])
+  swap = lambda old, new: np.sort([new if j == old else j for j in row])
+  worse, no_forced, too_few = idx.copy(), idx.copy(), idx.copy()
+  worse[0, t, 0] = swap(row[1], lowest)  # a chosen block traded for a lower-scoring one
+  no_forced[0, t, 0] = swap(7, lowest)
+  too_few[0, t, 0] = row[:-1] + [-1]
+  for bad in (worse, no_forced, too_few):
+    with pytest.raises(AssertionError):
+      assert_valid_selection(bad, score, config, atol=1e-6)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
