@@ -4,6 +4,10 @@ The functional ops follow `SPEC.md`; `nsa_jax.nn` holds the Flax NNX layers.
 """
 
 from nsa_jax.config import NSAConfig
+from nsa_jax.decode import DecodeCache
+from nsa_jax.decode import init_decode_cache
+from nsa_jax.decode import nsa_decode_step
+from nsa_jax.decode import nsa_prefill
 from nsa_jax.ops import IMPLEMENTATIONS
 from nsa_jax.ops import compress_kv
 from nsa_jax.ops import compressed_attention
@@ -16,12 +20,16 @@ from nsa_jax.ops import sliding_window_attention
 __version__ = "0.1.0"
 
 __all__ = [
+    "DecodeCache",
     "IMPLEMENTATIONS",
     "NSAConfig",
     "compress_kv",
     "compressed_attention",
     "dense_causal_attention",
+    "init_decode_cache",
     "nsa_attention",
+    "nsa_decode_step",
+    "nsa_prefill",
     "select_blocks",
     "selected_attention",
     "sliding_window_attention",

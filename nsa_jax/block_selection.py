@@ -77,3 +77,15 @@ def canonical_block_indices(block_indices, num_slc: int):
   earlier = jnp.arange(n)[:, None] > jnp.arange(n)[None, :]  # [slot, other]: other < slot
   repeated = jnp.any((idx[..., :, None] == idx[..., None, :]) & earlier, axis=-1)
   return jnp.where(repeated, -1, idx)
+
+
+def num_cmp_visible(position, config: NSAConfig):
+  """Compressed blocks query `position` sees (those complete at it); works on traced positions."""
+  made = (position + 1 - config.cmp_block) // config.cmp_stride + 1
+  return jnp.maximum(made, 0)
+
+
+def decode_selection(p_grp, position, config: NSAConfig, num_slc: int):
+  """Block indices `int32 [..., n]` from group-summed compressed probabilities `p_grp [..., Sc]`."""
+  score = slc_scores_from_cmp_probs(p_grp, config, num_slc)  # [..., num_slc]
+  return top_n_blocks(score, position, config)

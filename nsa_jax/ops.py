@@ -38,8 +38,9 @@ def _call(implementation, interpret, fn_name, *args, **kwargs):
   return getattr(backend, fn_name)(*args, **kwargs)
 
 
-def _backend(implementation, interpret):
-  """The module implementing `implementation`; None picks the best for `jax.default_backend()`."""
+def resolve_implementation(implementation, interpret) -> str:
+  """The implementation's name, None resolved for `jax.default_backend()`; ValueError if unknown
+  or if `interpret=True` goes with a non-Pallas implementation."""
   if implementation is None:
     implementation = default_implementation()
   if implementation not in IMPLEMENTATIONS:
@@ -48,7 +49,12 @@ def _backend(implementation, interpret):
   if interpret and not implementation.startswith("pallas"):
     raise ValueError(f"interpret=True applies to the Pallas implementations only, "
                      f"got implementation={implementation!r}")
-  return _BACKENDS[implementation]
+  return implementation
+
+
+def _backend(implementation, interpret):
+  """The module implementing `implementation`; None picks the best for `jax.default_backend()`."""
+  return _BACKENDS[resolve_implementation(implementation, interpret)]
 
 
 def _scale(scale, head_dim):

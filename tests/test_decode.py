@@ -1,0 +1,125 @@
+"""Decoding: prefill + one-token steps reproduce `nsa_attention` on the whole sequence."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import nsa_jax
+from nsa_jax import NSAConfig
+from nsa_jax.decode import init_decode_cache, nsa_decode_step, nsa_prefill
+from tests.helpers import assert_close, random_gates, random_qkv
+
+# l=8, d=4, l'=16, n=3, w=20: every branch is exercised within ~80 tokens.
+SMALL = NSAConfig(cmp_block=8, cmp_stride=4, slc_block=16, num_selected=3, num_initial=1,
+                  num_local=1, window=20)
+
+
+def decode_all(q, k, v, gates, prompt_len, config, implementation="xla", interpret=False,
+               max_len=None, compress_fn=None):
+  """Prefill `prompt_len` tokens, then one step per token: the outputs `[B, T, Hq, Dv]`."""
+  b, t, _, dk = q.shape
+  cache = init_decode_cache(b, max_len or t, k.shape[2], dk, v.shape[-1], config=config,
+                            dtype=k.dtype)
+  kwargs = dict(config=config, compress_fn=compress_fn, implementation=implementation,
+                interpret=interpret)
+  p = prompt_len
+  out, cache = nsa_prefill(q[:, :p], k[:, :p], v[:, :p], cache,
+                           gates=None if gates is None else gates[:, :p], **kwargs)
+  step = jax.jit(functools.partial(nsa_decode_step, **kwargs))
+  outs = [out]
+  for t_ in range(p, t):
+    out_t, cache = step(q[:, t_], k[:, t_], v[:, t_], cache,
+                        gates=None if gates is None else gates[:, t_])
+    outs.append(out_t[:, None])
+  assert int(cache.length) == t
+  return jnp.concatenate(outs, axis=1)
+
+
+@pytest.mark.parametrize("prompt_len", [0, 1, 13, 40, 77])
+@pytest.mark.parametrize("with_gates", [False, True])
+def test_prefill_then_steps_equal_the_full_forward(prompt_len, with_gates):
+  q, k, v = random_qkv(2, 77, 4, 2, 16)
+  gates = random_gates(q) if with_gates else None
+  expected = nsa_jax.nsa_attention(q, k, v, config=SMALL, gates=gates, implementation="reference")
+  assert_close(decode_all(q, k, v, gates, prompt_len, SMALL, max_len=83), expected)
+
+
+def test_steps_with_dk_not_dv_and_mqa_and_paper_like_forcing():
+  config = NSAConfig(cmp_block=16, cmp_stride=8, slc_block=16, num_selected=4, num_initial=2,
+                     num_local=2, window=9)
+  q, k, v = random_qkv(1, 70, 4, 1, 16, 8)
+  expected = nsa_jax.nsa_attention(q, k, v, config=config, implementation="reference")
+  assert_close(decode_all(q, k, v, None, 5, config), expected)
+
+
+def test_a_learned_compress_fn_is_applied_to_each_new_block():
+  # A pooling that weights the block's tokens unevenly and mixes features: block i must be made
+  # from exactly tokens [i*d, i*d + l), once, when its last token arrives.
+  weights = jax.random.normal(jax.random.key(3), (SMALL.cmp_block,))
+  mix = jax.random.normal(jax.random.key(4), (16, 16)) / 4
+
+  def compress_fn(k, v):
+    num = SMALL.num_cmp_blocks(k.shape[1])
+    tokens = jnp.arange(num)[:, None] * SMALL.cmp_stride + jnp.arange(SMALL.cmp_block)
+    pool = lambda x: jnp.tanh(jnp.einsum("bilhd,l,de->bihe", x[:, tokens], weights, mix))
+    return pool(k), pool(v)
+
+  q, k, v = random_qkv(1, 60, 4, 2, 16)
+  k_cmp, v_cmp = compress_fn(k, v)
+  expected = nsa_jax.nsa_attention(q, k, v, config=SMALL, k_cmp=k_cmp, v_cmp=v_cmp,
+                                   implementation="reference")
+  assert_close(decode_all(q, k, v, None, 9, SMALL, compress_fn=compress_fn), expected)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_half_precision_decode_matches_the_forward_on_the_same_inputs(dtype):
+  q, k, v = random_qkv(2, 50, 4, 2, 16, dtype=dtype)
+  expected = nsa_jax.nsa_attention(q, k, v, config=SMALL, implementation="reference")
+  out = decode_all(q, k, v, None, 10, SMALL)
+  assert out.dtype == dtype
+  assert_close(out, expected, dtype)
+
+
+def test_cache_shorter_than_a_compressed_block():
+  q, k, v = random_qkv(1, 6, 2, 1, 8)
+  expected = nsa_jax.nsa_attention(q, k, v, config=SMALL, implementation="reference")
+  assert_close(decode_all(q, k, v, None, 2, SMALL), expected)
+
+
+def test_decode_step_is_one_jitted_program_over_a_scan():
+  q, k, v = random_qkv(1, 40, 4, 2, 16)
+  cache = init_decode_cache(1, 40, 2, 16, config=SMALL)
+  _, cache = nsa_prefill(q[:, :8], k[:, :8], v[:, :8], cache, config=SMALL)
+
+  @jax.jit
+  def run(cache, xs):
+    def body(cache, x):
+      out, cache = nsa_decode_step(*x, cache, config=SMALL, implementation="xla")
+      return cache, out
+    return jax.lax.scan(body, cache, xs)
+
+  xs = tuple(jnp.moveaxis(x[:, 8:], 1, 0) for x in (q, k, v))
+  cache, outs = run(cache, xs)
+  expected = nsa_jax.nsa_attention(q, k, v, config=SMALL, implementation="reference")
+  assert_close(jnp.moveaxis(outs, 0, 1), expected[:, 8:])
+  assert int(cache.length) == 40
+
+
+def test_bad_decode_inputs_raise_value_errors():
+  cache = init_decode_cache(2, 16, 2, 8, config=SMALL)
+  q, k, v = random_qkv(2, 20, 4, 2, 8)
+  with pytest.raises(ValueError, match="do not fit a cache of max_len 16"):
+    nsa_prefill(q, k, v, cache, config=SMALL)
+  with pytest.raises(ValueError, match="must match the cache"):
+    nsa_decode_step(q[:, 0], k[:, 0, :1], v[:, 0, :1], cache, config=SMALL)
+  with pytest.raises(ValueError, match="q_t must have rank 3"):
+    nsa_decode_step(q[:, :1], k[:, 0], v[:, 0], cache, config=SMALL)
+  with pytest.raises(ValueError, match=r"gates must have shape \[B, Hq, 3\]"):
+    nsa_decode_step(q[:, 0], k[:, 0], v[:, 0], cache, config=SMALL, gates=jnp.ones((2, 4, 2)))
+  with pytest.raises(ValueError, match="cache must be a DecodeCache"):
+    nsa_decode_step(q[:, 0], k[:, 0], v[:, 0], {"k": k}, config=SMALL)
+  with pytest.raises(ValueError, match="max_len must be a positive int"):
+    init_decode_cache(2, 0, 2, 8, config=SMALL)
