@@ -29,7 +29,7 @@ test: $(STAMP)
 
 # On a GPU machine (already has JAX with CUDA): the GPU-marked tests at real sizes. Only the files
 # that hold them, so the machine needs no experiment packages (ml_collections, orbax).
-GPU_TESTS := tests/test_pallas_gpu.py
+GPU_TESTS := tests/test_pallas_gpu.py tests/test_decode.py
 test-gpu:
 	PYTHONPATH=$(CURDIR) $(PYTHON) -m pytest -q -m gpu $(GPU_TESTS)
 

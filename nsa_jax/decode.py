@@ -26,11 +26,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from nsa_jax import ops
+from nsa_jax import ops, pallas_gpu, pallas_tpu, xla
 from nsa_jax import validation as check
-from nsa_jax.attention_math import combine_branches, masked_attention
-from nsa_jax.attention_math import attention_scores, masked_softmax
-from nsa_jax.block_selection import decode_selection, num_cmp_visible
 from nsa_jax.config import NSAConfig
 
 # The cache's token axis is padded to a multiple of this (and of `slc_block`), so that whole
@@ -46,13 +43,15 @@ CompressFn = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 class DecodeCache:
   """The decoding state of one NSA layer (a pytree; `max_len` is static).
 
+  Head-major, so that one KV head's tokens are contiguous for the decode kernels.
+
   Attributes:
-    k: `[B, S, Hkv, Dk]` keys of positions `[0, length)`, `S >= max_len` (padded, see
+    k: `[B, Hkv, S, Dk]` keys of positions `[0, length)`, `S >= max_len` (padded, see
       `CACHE_ALIGN`); the rest is zeros.
-    v: `[B, S, Hkv, Dv]` values, likewise.
-    k_cmp: `[B, Sc, Hkv, Dk]` compressed keys, `Sc = num_cmp_blocks(max_len)`; the first
-      `num_cmp_blocks(length)` are made.
-    v_cmp: `[B, Sc, Hkv, Dv]` compressed values.
+    v: `[B, Hkv, S, Dv]` values, likewise.
+    k_cmp: `[B, Hkv, Sc, Dk]` compressed keys, `Sc >= num_cmp_blocks(max_len)` (padded likewise);
+      the first `num_cmp_blocks(length)` are made.
+    v_cmp: `[B, Hkv, Sc, Dv]` compressed values.
     length: int32 scalar, tokens seen so far (all sequences of the batch move together).
     max_len: the most tokens the cache holds.
   """
@@ -91,7 +90,8 @@ def init_decode_cache(batch: int, max_len: int, num_kv_heads: int, head_dim: int
   head_dim_v = head_dim if head_dim_v is None else check.check_positive("head_dim_v", head_dim_v)
   size = _padded_len(max_len, config)
   num_cmp = config.num_cmp_blocks(max_len)
-  zeros = lambda s, d: jnp.zeros((batch, s, num_kv_heads, d), dtype)
+  num_cmp = -(-num_cmp // CACHE_ALIGN) * CACHE_ALIGN
+  zeros = lambda s, d: jnp.zeros((batch, num_kv_heads, s, d), dtype)
   return DecodeCache(k=zeros(size, head_dim), v=zeros(size, head_dim_v),
                      k_cmp=zeros(num_cmp, head_dim), v_cmp=zeros(num_cmp, head_dim_v),
                      length=jnp.zeros((), jnp.int32), max_len=max_len)
@@ -101,7 +101,7 @@ def _check_cache(cache, k, v, tokens: int):
   if not isinstance(cache, DecodeCache):
     raise ValueError(f"cache must be a DecodeCache (from init_decode_cache), got "
                      f"{type(cache).__name__}")
-  b, _, hkv, dk = cache.k.shape
+  b, hkv, _, dk = cache.k.shape
   expected = f"[B, ., Hkv, Dk] = [{b}, ., {hkv}, {dk}] and Dv = {cache.v.shape[-1]}"
   if (k.shape[0], k.shape[2], k.shape[3]) != (b, hkv, dk) or v.shape[-1] != cache.v.shape[-1]:
     raise ValueError(f"k and v must match the cache's {expected}, got k {tuple(k.shape)}, "
@@ -146,7 +146,8 @@ def nsa_prefill(q, k, v, cache: DecodeCache, *, config: NSAConfig, gates=None, s
   k_cmp, v_cmp = compress_fn(k, v)
   out = ops.nsa_attention(q, k, v, config=config, gates=gates, k_cmp=k_cmp, v_cmp=v_cmp,
                           scale=scale, implementation=implementation, interpret=interpret)
-  write = lambda buf, x: jax.lax.dynamic_update_slice(buf, x.astype(buf.dtype), (0, 0, 0, 0))
+  write = lambda buf, x: jax.lax.dynamic_update_slice(
+      buf, x.transpose(0, 2, 1, 3).astype(buf.dtype), (0, 0, 0, 0))
   cache = DecodeCache(k=write(cache.k, k), v=write(cache.v, v), k_cmp=write(cache.k_cmp, k_cmp),
                       v_cmp=write(cache.v_cmp, v_cmp), length=jnp.asarray(t, jnp.int32),
                       max_len=cache.max_len)
@@ -202,76 +203,33 @@ def _append(cache: DecodeCache, k_t, v_t, config: NSAConfig, compress_fn) -> Dec
   """Writes token `t = cache.length` and, when it completes a compressed block, that block."""
   t = cache.length
   write_token = lambda buf, x: jax.lax.dynamic_update_slice(
-      buf, x[:, None].astype(buf.dtype), (0, t, 0, 0))
+      buf, x[:, :, None].astype(buf.dtype), (0, 0, t, 0))
   k, v = write_token(cache.k, k_t), write_token(cache.v, v_t)
   k_cmp, v_cmp = cache.k_cmp, cache.v_cmp
   block, stride = config.cmp_block, config.cmp_stride
-  if k_cmp.shape[1]:  # else max_len < l: no block is ever made
+  num_cmp = config.num_cmp_blocks(cache.max_len)
+  if num_cmp:  # else max_len < l: no block is ever made
     first = t + 1 - block  # first token of the block that ends at t
     completes = (first >= 0) & (first % stride == 0)
     first = jnp.maximum(first, 0)
-    tokens = lambda buf: jax.lax.dynamic_slice_in_dim(buf, first, block, axis=1)
-    new_k, new_v = compress_fn(tokens(k), tokens(v))  # [B, 1, Hkv, D]
-    slot = jnp.minimum(first // stride, k_cmp.shape[1] - 1)
+    # compress_fn takes the token-major layout [B, l, Hkv, D] and gives [B, 1, Hkv, D].
+    tokens = lambda buf: jax.lax.dynamic_slice_in_dim(buf, first, block, axis=2).transpose(
+        0, 2, 1, 3)
+    new_k, new_v = compress_fn(tokens(k), tokens(v))
+    slot = jnp.minimum(first // stride, num_cmp - 1)
 
     def write_block(buf, new):
-      old = jax.lax.dynamic_slice_in_dim(buf, slot, 1, axis=1)
-      return jax.lax.dynamic_update_slice_in_dim(
-          buf, jnp.where(completes, new.astype(buf.dtype), old), slot, axis=1)
+      old = jax.lax.dynamic_slice_in_dim(buf, slot, 1, axis=2)
+      new = new.transpose(0, 2, 1, 3).astype(buf.dtype)  # [B, Hkv, 1, D]
+      return jax.lax.dynamic_update_slice_in_dim(buf, jnp.where(completes, new, old), slot,
+                                                 axis=2)
 
     k_cmp, v_cmp = write_block(k_cmp, new_k), write_block(v_cmp, new_v)
   return DecodeCache(k=k, v=v, k_cmp=k_cmp, v_cmp=v_cmp, length=t + 1, max_len=cache.max_len)
 
 
 def _decode_backend(implementation, interpret):
-  """The decode attention of `implementation` (the XLA one until the decode kernels land)."""
-  ops.resolve_implementation(implementation, interpret)  # validates the choice
-  return decode_attention
-
-
-# ---------------------------------------------------------------------------------------------
-# The XLA decode attention: one query per sequence, the G heads of a KV group together.
-
-
-@functools.partial(jax.jit, static_argnames=("config", "interpret"))
-def decode_attention(q_t, cache: DecodeCache, position, gates, scale, *, config: NSAConfig,
-                     interpret: bool = False):
-  """Row `position` of NSA over the cache (which already holds that token): `[B, Hq, Dv]`."""
-  del interpret  # the XLA path has no interpret mode
-  b, hq, dk = q_t.shape
-  size, hkv = cache.k.shape[1], cache.k.shape[2]
-  q = q_t.reshape(b, hkv, hq // hkv, dk)  # [B, Hkv, G, Dk]
-  heads_first = lambda x: x.transpose(0, 2, 1, 3)  # [B, S, Hkv, D] -> [B, Hkv, S, D]
-
-  # Compressed branch, and its probabilities for the selection.
-  num_cmp = cache.k_cmp.shape[1]
-  visible = (jnp.arange(num_cmp) < num_cmp_visible(position, config))[None, None, None, :]
-  probs, _ = masked_softmax(attention_scores(q, heads_first(cache.k_cmp), scale), visible)
-  o_cmp = jnp.einsum("bhgi,bhid->bhgd", probs, heads_first(cache.v_cmp).astype(probs.dtype),
-                     precision=jax.lax.Precision.HIGHEST)
-  num_slc = size // config.slc_block
-  block_indices = decode_selection(jax.lax.stop_gradient(probs.sum(2)), position, config,
-                                   num_slc)  # [B, Hkv, n]
-
-  # Selected blocks: gather their tokens; the query's own block is cut at the query.
-  tokens = block_indices[..., None] * config.slc_block + jnp.arange(config.slc_block)
-  keep = (block_indices[..., None] >= 0) & (tokens <= position)  # [B, Hkv, n, l']
-  tokens = jnp.where(keep, tokens, 0).reshape(b, hkv, -1)  # [B, Hkv, n*l']
-  gather = lambda x: jnp.take_along_axis(heads_first(x), tokens[..., None], axis=2)
-  o_slc, _ = masked_attention(q, gather(cache.k), gather(cache.v),
-                              keep.reshape(b, hkv, 1, -1), scale)
-
-  # Sliding window: the last `w` tokens, read as one span that stays inside the cache.
-  span = min(config.window, size)
-  start = jnp.clip(position + 1 - span, 0, size - span)
-  window_slice = lambda x: heads_first(jax.lax.dynamic_slice_in_dim(x, start, span, axis=1))
-  key_pos = start + jnp.arange(span)
-  in_window = (key_pos <= position) & (key_pos > position - config.window)
-  o_swa, _ = masked_attention(q, window_slice(cache.k), window_slice(cache.v),
-                              in_window[None, None, None, :], scale)
-
-  ungroup = lambda o: o.reshape(b, hq, -1)
-  gates = None if gates is None else gates[:, None]  # combine_branches wants [B, T, Hq, 3]
-  out = combine_branches(ungroup(o_cmp)[:, None], ungroup(o_slc)[:, None],
-                         ungroup(o_swa)[:, None], gates)
-  return out[:, 0].astype(q_t.dtype)
+  """The decode attention of `implementation`; "reference" uses the XLA one (it is as plain)."""
+  implementation = ops.resolve_implementation(implementation, interpret)
+  return {"pallas_gpu": pallas_gpu, "pallas_tpu": pallas_tpu}.get(implementation,
+                                                                   xla).decode_attention

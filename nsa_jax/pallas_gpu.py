@@ -9,7 +9,9 @@
 - compressed attention: the Pallas kernels of `pallas_kernels.gpu.compressed_attention`, forward
   and backward, with the selection scores fused into the forward, and their top-n in the Pallas
   kernel of `pallas_kernels.gpu.top_n`;
-- mean-pooling compression: the XLA path (one fused elementwise pass).
+- mean-pooling compression: the XLA path (one fused elementwise pass);
+- decoding (`decode_attention`): the split decode kernels of `pallas_kernels.gpu.decode`, with the
+  top-n in XLA between them (a few hundred scores per KV head).
 
 Same signatures as `nsa_jax.xla` plus `interpret`; arguments are validated by `nsa_jax.ops`.
 """
@@ -23,9 +25,11 @@ import jax.numpy as jnp
 
 from nsa_jax import xla
 from nsa_jax.attention_math import combine_branches
+from nsa_jax.block_selection import decode_selection, num_cmp_visible
 from nsa_jax.config import NSAConfig
 from nsa_jax.validation import static_scale
 from pallas_kernels.gpu import compressed_attention as compressed_kernel
+from pallas_kernels.gpu import decode as decode_kernel
 from pallas_kernels.gpu import selected_attention as selected_kernel
 
 # Queries per XLA chunk on the GPU: memory is plentiful and each sequential chunk costs a launch.
@@ -102,3 +106,36 @@ def _nsa_jit(q, k, v, gates, k_cmp, v_cmp, *, config, interpret, scale):
                                              scale=scale, interpret=interpret, indices_sorted=True)
   o_swa = sliding_window_attention(q, k, v, scale, window=config.window, interpret=interpret)
   return combine_branches(o_cmp, o_slc, o_swa, gates).astype(q.dtype)
+
+
+def decode_attention(q_t, cache, position, gates, scale, *, config: NSAConfig, interpret=False):
+  """Row `position` of NSA over a `DecodeCache` holding that token: `[B, Hq, Dv]` in q_t.dtype.
+
+  The XLA decode path where the kernels do not take the sizes (`decode_kernel.supported`)."""
+  dk, dv = q_t.shape[-1], cache.v.shape[-1]
+  if not decode_kernel.supported(dk, dv, config.slc_block, cache.k.shape[2],
+                                 cache.k_cmp.shape[2]):
+    return xla.decode_attention(q_t, cache, position, gates, scale, config=config)
+  return _decode_jit(q_t, cache, position, gates, config=config, scale=_static_scale(scale),
+                     interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "scale", "interpret"))
+def _decode_jit(q_t, cache, position, gates, *, config, scale, interpret):
+  b, hq, _ = q_t.shape
+  hkv = cache.k.shape[1]
+  group = hq // hkv
+  q_rows = decode_kernel.group_rows(q_t, hkv)  # [B, Hkv, Gp, Dk]
+  o_cmp, probs = decode_kernel.compressed_decode(
+      q_rows, cache.k_cmp, cache.v_cmp, num_cmp_visible(position, config), scale=scale,
+      interpret=interpret)
+  p_grp = probs[:, :, :group].sum(2)[..., :config.num_cmp_blocks(cache.max_len)]
+  block_indices = decode_selection(p_grp, position, config,
+                                   cache.k.shape[2] // config.slc_block)  # [B, Hkv, n]
+  o_slc, o_swa = decode_kernel.sparse_decode(
+      q_rows, cache.k, cache.v, block_indices, position, block=config.slc_block,
+      window=config.window, scale=scale, interpret=interpret)
+  ungroup = lambda o: o[:, :, :group].reshape(b, 1, hq, -1)  # [B, 1, Hq, Dv] for combine
+  gates = None if gates is None else gates[:, None]
+  out = combine_branches(ungroup(o_cmp), ungroup(o_slc), ungroup(o_swa), gates)
+  return out[:, 0].astype(q_t.dtype)

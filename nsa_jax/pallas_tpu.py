@@ -90,3 +90,7 @@ def _nsa(q, k, v, gates, k_cmp, v_cmp, *, config, interpret, scale):
                              interpret=interpret, indices_sorted=True)
   o_swa = sliding_window_attention(q, k, v, scale, window=config.window, interpret=interpret)
   return combine_branches(o_cmp, o_slc, o_swa, gates).astype(q.dtype)
+
+
+# Decoding runs the XLA decode path on TPU for now (no TPU decode kernel yet).
+decode_attention = xla.decode_attention

@@ -18,7 +18,7 @@ from nsa_jax.attention_math import accum_dtype, combine_branches, masked_attenti
 from nsa_jax.attention_math import attention_scores
 from nsa_jax.attention_math import masked_softmax
 from nsa_jax.block_selection import canonical_block_indices, slc_scores_from_cmp_probs
-from nsa_jax.block_selection import top_n_blocks
+from nsa_jax.block_selection import decode_selection, num_cmp_visible, top_n_blocks
 from nsa_jax.config import NSAConfig, num_cmp_blocks
 
 # Queries per chunk: large enough to keep the matmuls efficient, small enough that one chunk's
@@ -282,3 +282,52 @@ def nsa_attention(q, k, v, gates, k_cmp, v_cmp, scale, *, config: NSAConfig,
   o_slc = _selected(q, k, v, block_indices, scale, config.slc_block, query_chunk)
   o_swa = _window(q, k, v, scale, config.window, query_chunk)
   return combine_branches(o_cmp, o_slc, o_swa, gates).astype(q.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding: one query per sequence over a `nsa_jax.decode.DecodeCache`, the G heads of a KV group
+# together.
+
+
+@functools.partial(jax.jit, static_argnames=("config", "interpret"))
+def decode_attention(q_t, cache, position, gates, scale, *, config: NSAConfig,
+                     interpret: bool = False):
+  """Row `position` of NSA over the cache (which already holds that token): `[B, Hq, Dv]`."""
+  del interpret  # the XLA path has no interpret mode
+  b, hq, dk = q_t.shape
+  hkv, size = cache.k.shape[1], cache.k.shape[2]
+  q = q_t.reshape(b, hkv, hq // hkv, dk)  # [B, Hkv, G, Dk]
+
+  # Compressed branch, and its probabilities for the selection.
+  num_cmp = cache.k_cmp.shape[2]
+  visible = (jnp.arange(num_cmp) < num_cmp_visible(position, config))[None, None, None, :]
+  probs, _ = masked_softmax(attention_scores(q, cache.k_cmp, scale), visible)
+  o_cmp = jnp.einsum("bhgi,bhid->bhgd", probs, cache.v_cmp.astype(probs.dtype),
+                     precision=jax.lax.Precision.HIGHEST)
+  num_slc = size // config.slc_block
+  p_grp = probs.sum(2)[..., :config.num_cmp_blocks(cache.max_len)]  # cut the cache's padding
+  block_indices = decode_selection(jax.lax.stop_gradient(p_grp), position, config,
+                                   num_slc)  # [B, Hkv, n]
+
+  # Selected blocks: gather their tokens; the query's own block is cut at the query.
+  tokens = block_indices[..., None] * config.slc_block + jnp.arange(config.slc_block)
+  keep = (block_indices[..., None] >= 0) & (tokens <= position)  # [B, Hkv, n, l']
+  tokens = jnp.where(keep, tokens, 0).reshape(b, hkv, -1)  # [B, Hkv, n*l']
+  gather = lambda x: jnp.take_along_axis(x, tokens[..., None], axis=2)
+  o_slc, _ = masked_attention(q, gather(cache.k), gather(cache.v),
+                              keep.reshape(b, hkv, 1, -1), scale)
+
+  # Sliding window: the last `w` tokens, read as one span that stays inside the cache.
+  span = min(config.window, size)
+  start = jnp.clip(position + 1 - span, 0, size - span)
+  window_slice = lambda x: jax.lax.dynamic_slice_in_dim(x, start, span, axis=2)
+  key_pos = start + jnp.arange(span)
+  in_window = (key_pos <= position) & (key_pos > position - config.window)
+  o_swa, _ = masked_attention(q, window_slice(cache.k), window_slice(cache.v),
+                              in_window[None, None, None, :], scale)
+
+  ungroup = lambda o: o.reshape(b, hq, -1)
+  gates = None if gates is None else gates[:, None]  # combine_branches wants [B, T, Hq, 3]
+  out = combine_branches(ungroup(o_cmp)[:, None], ungroup(o_slc)[:, None],
+                         ungroup(o_swa)[:, None], gates)
+  return out[:, 0].astype(q_t.dtype)

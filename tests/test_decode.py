@@ -123,3 +123,50 @@ def test_bad_decode_inputs_raise_value_errors():
     nsa_decode_step(q[:, 0], k[:, 0], v[:, 0], {"k": k}, config=SMALL)
   with pytest.raises(ValueError, match="max_len must be a positive int"):
     init_decode_cache(2, 0, 2, 8, config=SMALL)
+
+
+@pytest.mark.parametrize("with_gates", [False, True])
+def test_gpu_decode_kernels_in_interpret_mode_equal_the_full_forward(with_gates):
+  # G = 2 (padded to 16 rows), several compressed splits' worth of masking, window tiles that
+  # straddle the selection blocks, the last steps past the first 128-block boundary of k_cmp.
+  q, k, v = random_qkv(1, 70, 4, 2, 16)
+  gates = random_gates(q) if with_gates else None
+  expected = nsa_jax.nsa_attention(q, k, v, config=SMALL, gates=gates, implementation="reference")
+  out = decode_all(q, k, v, gates, 60, SMALL, implementation="pallas_gpu", interpret=True)
+  assert_close(out, expected)
+
+
+@pytest.mark.parametrize("count", [0, 1, 77, 200])
+def test_gpu_compressed_decode_kernel_gives_the_branch_output_and_probabilities(count):
+  from pallas_kernels.gpu import decode as decode_kernel
+  q_t, k_cmp, v_cmp = random_qkv(2, 256, 3, 1, 16)  # Sc = 256: two splits; G = 3 -> 16 rows
+  q_t = q_t[:, 0]  # [B, Hq, Dk]
+  heads_first = lambda x: x.transpose(0, 2, 1, 3)
+  out, probs = decode_kernel.compressed_decode(
+      decode_kernel.group_rows(q_t, 1), heads_first(k_cmp), heads_first(v_cmp),
+      jnp.int32(count), scale=0.25, interpret=True)
+  scores = jnp.einsum("bhd,bsd->bhs", q_t, k_cmp[:, :, 0]) * 0.25
+  expected_probs = jax.nn.softmax(jnp.where(jnp.arange(256) < count, scores, -jnp.inf), axis=-1)
+  expected_probs = jnp.where(jnp.arange(256) < count, expected_probs, 0.0)  # NaN-free if count=0
+  assert_close(probs[:, 0, :3], expected_probs)
+  assert_close(out[:, 0, :3], expected_probs @ v_cmp[:, :, 0])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("group", [1, 16, 64])
+def test_gpu_decode_kernels_match_the_xla_decode_on_gpu(group):
+  config = NSAConfig()
+  b, hkv, prompt, steps = 2, 2, 8192 + 5, 40
+  q, k, v = random_qkv(b, prompt + steps, hkv * group, hkv, 128, dtype=jnp.bfloat16)
+  gates = random_gates(q)
+  cache = init_decode_cache(b, prompt + steps, hkv, 128, config=config, dtype=jnp.bfloat16)
+  _, cache = nsa_prefill(q[:, :prompt], k[:, :prompt], v[:, :prompt], cache, config=config,
+                         gates=gates[:, :prompt])
+  steps_of = {impl: jax.jit(functools.partial(nsa_decode_step, config=config, implementation=impl))
+              for impl in ("pallas_gpu", "xla")}
+  for t in range(prompt, prompt + steps):
+    args = (q[:, t], k[:, t], v[:, t], cache)
+    out, next_cache = steps_of["pallas_gpu"](*args, gates=gates[:, t])
+    expected, _ = steps_of["xla"](*args, gates=gates[:, t])
+    assert_close(out, expected, jnp.bfloat16)
+    cache = next_cache

@@ -1,0 +1,177 @@
+"""Per-token decode latency of NSA against dense decoding, and the KV bytes each step reads.
+
+    python -m experiments.bench_decode [--contexts 8192,16384,32768,65536,131072]
+                                       [--batches 1,8] [--impls xla,pallas_gpu]
+                                       [--steps 64] [--repeats 5] [--out out/bench_decode.json]
+
+Shapes: Hq=64, Hkv=4, D=128, bfloat16, the paper's NSA config. For each context length C the
+cache holds C - 1 tokens and one step appends token C and attends it (cache update included, the
+cache updated in place); `--steps` steps run in one jitted loop so host dispatch is not counted,
+and the context grows by steps * (repeats + 1) tokens over a measurement (< 1% at 64k). Dense decoding is timed the same
+way: `dense_xla` (one einsum over the cache, masked past the length) and `dense_cudnn`
+(`jax.nn.dot_product_attention` with `key_value_seq_lengths`, where cuDNN takes it).
+
+Tokens read per step are the paper's Table 4 count: visible compressed blocks + n * l' + w for
+NSA (2048, 2560, 3584, 5632 at 8k..64k), the context for dense. Prints a table, writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import pathlib
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+import nsa_jax
+from nsa_jax.decode import DecodeCache, init_decode_cache, nsa_decode_step
+
+HQ, HKV, D = 64, 4, 128
+DTYPE = jnp.bfloat16
+CONFIG = nsa_jax.NSAConfig()
+
+
+def time_steps(step, state, inputs, steps, repeats):
+  """Median device seconds per call of `state = step(state, *inputs)`.
+
+  `steps` calls run inside one jitted `fori_loop` (state carried and donated, so caches update in
+  place), which keeps host dispatch and synchronisation out of the per-token time.
+  """
+  @functools.partial(jax.jit, donate_argnums=0)
+  def run(state):
+    return jax.lax.fori_loop(0, steps, lambda _, s: step(s, *inputs), state)
+
+  state = jax.block_until_ready(run(state))  # compile + warm-up
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    state = jax.block_until_ready(run(state))
+    times.append((time.perf_counter() - start) / steps)
+  return statistics.median(times)
+
+
+def random_inputs(batch, key):
+  kq, kk, kv = jax.random.split(key, 3)
+  q = jax.random.normal(kq, (batch, HQ, D), DTYPE)
+  k = jax.random.normal(kk, (batch, HKV, D), DTYPE)
+  v = jax.random.normal(kv, (batch, HKV, D), DTYPE)
+  return q, k, v
+
+
+def filled_nsa_cache(batch, context, key):
+  """A cache of `context - 1` random tokens (compressed blocks = mean pooling of them)."""
+  cache = init_decode_cache(batch, context + 1024, HKV, D, config=CONFIG, dtype=DTYPE)
+  kk, kv = jax.random.split(key)
+  size = cache.k.shape[2]
+  length = context - 1
+  k = jax.random.normal(kk, (batch, HKV, size, D), DTYPE)
+  v = jax.random.normal(kv, (batch, HKV, size, D), DTYPE)
+  to_tokens = lambda x: x[:, :, :length].transpose(0, 2, 1, 3)
+  k_cmp, v_cmp = nsa_jax.compress_kv(to_tokens(k), to_tokens(v), block=CONFIG.cmp_block,
+                                     stride=CONFIG.cmp_stride)
+  pad = lambda x: jax.lax.dynamic_update_slice(jnp.zeros_like(cache.k_cmp),
+                                               x.transpose(0, 2, 1, 3), (0, 0, 0, 0))
+  return DecodeCache(k=k, v=v, k_cmp=pad(k_cmp), v_cmp=pad(v_cmp),
+                     length=jnp.asarray(length, jnp.int32), max_len=cache.max_len)
+
+
+def nsa_step(impl):
+  """`(cache, total) -> (cache, total + out)`: the sum keeps the output live."""
+  def step(state, q, k, v):
+    cache, total = state
+    out, cache = nsa_decode_step(q, k, v, cache, config=CONFIG, implementation=impl)
+    return cache, total + out.astype(jnp.float32)
+  return step
+
+
+def dense_xla_step(state, q, k, v):
+  """Dense GQA decode over a head-major cache `[B, Hkv, S, D]`, masked past the length."""
+  k_cache, v_cache, length, total = state
+  k_cache = jax.lax.dynamic_update_slice(k_cache, k[:, :, None], (0, 0, length, 0))
+  v_cache = jax.lax.dynamic_update_slice(v_cache, v[:, :, None], (0, 0, length, 0))
+  b = q.shape[0]
+  qg = q.reshape(b, HKV, HQ // HKV, D)
+  s = jnp.einsum("bhgd,bhsd->bhgs", qg, k_cache, preferred_element_type=jnp.float32)
+  s = jnp.where(jnp.arange(k_cache.shape[2]) <= length, s * D ** -0.5, -jnp.inf)
+  p = jax.nn.softmax(s, axis=-1).astype(DTYPE)
+  out = jnp.einsum("bhgs,bhsd->bhgd", p, v_cache, preferred_element_type=jnp.float32)
+  return k_cache, v_cache, length + 1, total + out.reshape(b, HQ, D)
+
+
+def dense_cudnn_step(state, q, k, v):
+  """Dense decode through `jax.nn.dot_product_attention` on a `[B, S, Hkv, D]` cache."""
+  k_cache, v_cache, length, total = state
+  k_cache = jax.lax.dynamic_update_slice(k_cache, k[:, None], (0, length, 0, 0))
+  v_cache = jax.lax.dynamic_update_slice(v_cache, v[:, None], (0, length, 0, 0))
+  lengths = jnp.full((q.shape[0],), length + 1, jnp.int32)
+  out = jax.nn.dot_product_attention(q[:, None], k_cache, v_cache,
+                                     key_value_seq_lengths=lengths, implementation="cudnn")
+  return k_cache, v_cache, length + 1, total + out[:, 0].astype(jnp.float32)
+
+
+def dense_state(batch, context, key, heads_first):
+  size = context + 1024
+  shape = (batch, HKV, size, D) if heads_first else (batch, size, HKV, D)
+  kk, kv = jax.random.split(key)
+  return (jax.random.normal(kk, shape, DTYPE), jax.random.normal(kv, shape, DTYPE),
+          jnp.asarray(context - 1, jnp.int32), jnp.zeros((batch, HQ, D), jnp.float32))
+
+
+def nsa_tokens_read(context):
+  visible = CONFIG.num_cmp_blocks(context)
+  return visible + min(CONFIG.num_selected * CONFIG.slc_block, context) + min(CONFIG.window,
+                                                                             context)
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--contexts", default="8192,16384,32768,65536,131072")
+  parser.add_argument("--batches", default="1,8")
+  parser.add_argument("--impls", default="xla,pallas_gpu")
+  parser.add_argument("--steps", type=int, default=64, help="decode steps per timed call")
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--out", default="out/bench_decode.json")
+  args = parser.parse_args()
+  rows = []
+  key = jax.random.key(0)
+  for context in map(int, args.contexts.split(",")):
+    for batch in map(int, args.batches.split(",")):
+      inputs = random_inputs(batch, key)
+      timings = {}
+      for name, step, heads_first in (("dense_xla", dense_xla_step, True),
+                                      ("dense_cudnn", dense_cudnn_step, False)):
+        try:
+          state = dense_state(batch, context, key, heads_first)
+          timings[name] = time_steps(step, state, inputs, args.steps, args.repeats)
+        except Exception as err:  # cuDNN may refuse a shape: report, keep going
+          print(f"{name} at C={context} B={batch}: {type(err).__name__}: {str(err)[:120]}")
+      for impl in args.impls.split(","):
+        state = (filled_nsa_cache(batch, context, key), jnp.zeros((batch, HQ, D), jnp.float32))
+        timings[f"nsa_{impl}"] = time_steps(nsa_step(impl), state, inputs, args.steps,
+                                            args.repeats)
+      dense = min(t for n, t in timings.items() if n.startswith("dense"))
+      for name, seconds in timings.items():
+        tokens = context if name.startswith("dense") else nsa_tokens_read(context)
+        rows.append(dict(context=context, batch=batch, impl=name, us_per_token=1e6 * seconds,
+                         speedup_vs_dense=dense / seconds, tokens_read=tokens,
+                         kv_bytes_read=tokens * batch * HKV * D * 2 * 2))
+        print(json.dumps(rows[-1]))
+  device = jax.devices()[0].device_kind
+  print(f"\n{device}, Hq={HQ} Hkv={HKV} D={D} bf16, {CONFIG}")
+  print(f"{'C':>7} {'B':>3} {'impl':>16} {'us/token':>9} {'vs dense':>9} {'tokens read':>12}")
+  for r in rows:
+    print(f"{r['context']:>7} {r['batch']:>3} {r['impl']:>16} {r['us_per_token']:>9.1f} "
+          f"{r['speedup_vs_dense']:>8.2f}x {r['tokens_read']:>12}")
+  out = pathlib.Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps(dict(device=device, date=datetime.date.today().isoformat(),
+                                 config=str(CONFIG), rows=rows), indent=1))
+
+
+if __name__ == "__main__":
+  main()
