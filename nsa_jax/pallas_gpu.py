@@ -10,8 +10,8 @@
   and backward, with the selection scores fused into the forward, and their top-n in the Pallas
   kernel of `pallas_kernels.gpu.top_n`;
 - mean-pooling compression: the XLA path (one fused elementwise pass);
-- decoding (`decode_attention`): the split decode kernels of `pallas_kernels.gpu.decode`, with the
-  top-n in XLA between them (a few hundred scores per KV head).
+- decoding (`decode_attention`): the split decode kernels of `pallas_kernels.gpu.decode` and the
+  decode top-n kernel of `pallas_kernels.gpu.top_n` between them.
 
 Same signatures as `nsa_jax.xla` plus `interpret`; arguments are validated by `nsa_jax.ops`.
 """
@@ -25,12 +25,13 @@ import jax.numpy as jnp
 
 from nsa_jax import xla
 from nsa_jax.attention_math import combine_branches
-from nsa_jax.block_selection import decode_selection, num_cmp_visible
+from nsa_jax.block_selection import num_cmp_visible, slc_scores_from_cmp_probs
 from nsa_jax.config import NSAConfig
 from nsa_jax.validation import static_scale
 from pallas_kernels.gpu import compressed_attention as compressed_kernel
 from pallas_kernels.gpu import decode as decode_kernel
 from pallas_kernels.gpu import selected_attention as selected_kernel
+from pallas_kernels.gpu import top_n as top_n_kernel
 
 # Queries per XLA chunk on the GPU: memory is plentiful and each sequential chunk costs a launch.
 GPU_QUERY_CHUNK = 2048
@@ -130,8 +131,14 @@ def _decode_jit(q_t, cache, position, gates, *, config, scale, interpret):
       q_rows, cache.k_cmp, cache.v_cmp, num_cmp_visible(position, config), scale=scale,
       interpret=interpret)
   p_grp = probs[:, :, :group].sum(2)[..., :config.num_cmp_blocks(cache.max_len)]
-  block_indices = decode_selection(p_grp, position, config,
-                                   cache.k.shape[2] // config.slc_block)  # [B, Hkv, n]
+  num_slc = cache.k.shape[2] // config.slc_block
+  scores = slc_scores_from_cmp_probs(p_grp, config, num_slc)  # [B, Hkv, num_slc]
+  width = 1 << (num_slc - 1).bit_length()
+  block_indices = top_n_kernel.top_n_blocks_decode(
+      jnp.pad(scores, [(0, 0), (0, 0), (0, width - num_slc)]), position,
+      num_selected=config.num_selected, slc_block=config.slc_block, num_slc=num_slc,
+      num_initial=config.num_initial, num_local=config.num_local,
+      interpret=interpret)  # [B, Hkv, n]
   o_slc, o_swa = decode_kernel.sparse_decode(
       q_rows, cache.k, cache.v, block_indices, position, block=config.slc_block,
       window=config.window, scale=scale, interpret=interpret)

@@ -167,6 +167,18 @@ def test_top_n_kernel_matches_the_selection_rule_with_ties(config):
   np.testing.assert_array_equal(got, expected)
 
 
+@pytest.mark.parametrize("position", [0, 17, 40, 69])
+def test_decode_top_n_kernel_matches_the_selection_rule_with_ties(position):
+  config = nsa_jax.NSAConfig(cmp_block=8, cmp_stride=4, slc_block=8, num_selected=4,
+                             num_initial=1, num_local=2, window=8)
+  b, h, num_slc, width = 2, 3, 9, 16
+  scores = jax.random.randint(jax.random.key(position), (b, h, width), 0, 3).astype(jnp.float32)
+  got = top_n.top_n_blocks_decode(scores, jnp.int32(position), num_selected=4, slc_block=8,
+                                  num_slc=num_slc, num_initial=1, num_local=2, interpret=True)
+  expected = block_selection.top_n_blocks(scores[..., :num_slc], jnp.int32(position), config)
+  np.testing.assert_array_equal(got, expected)
+
+
 @pytest.mark.parametrize("with_gates", [False, True])
 def test_public_api_pallas_gpu_in_interpret_mode(with_gates):
   config = nsa_jax.NSAConfig(cmp_block=8, cmp_stride=4, slc_block=16, num_selected=3,

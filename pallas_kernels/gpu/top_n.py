@@ -20,17 +20,20 @@ _FORCED = 3.0e38  # above any score (scores are probabilities summed over <= 64 
 _NOT_CANDIDATE = -1.0  # below any score (scores are >= 0)
 _TAKEN = -2.0
 NUM_WARPS = 1  # one warp per row: the arg-max reductions stay in warp shuffles
+DECODE_NUM_WARPS = 4  # decoding has a few rows of ~1k blocks: latency, not throughput
 
 
-def _top_n_kernel(score_ref, idx_ref, *, num_selected, slc_block, num_slc, num_initial,
-                  num_local):
-  query_block = pl.program_id(0) // slc_block
-  width = score_ref.shape[0]
+def _pick_top_n(scores, query_block, num_picks, *, num_selected, num_slc, num_initial,
+                num_local):
+  """Forced blocks, then the best candidates by repeated arg-max: int32 `[num_picks]`, -1 padded.
+
+  `scores [width]` are the query's selection scores; its own block is `query_block`."""
+  width = scores.shape[0]
   block = jnp.arange(width)
   candidate = (block <= query_block) & (block < num_slc)
   forced = candidate & ((block < num_initial) | (block > query_block - num_local))
-  key = jnp.where(forced, _FORCED, jnp.where(candidate, score_ref[...], _NOT_CANDIDATE))
-  slots = jnp.arange(idx_ref.shape[0])
+  key = jnp.where(forced, _FORCED, jnp.where(candidate, scores, _NOT_CANDIDATE))
+  slots = jnp.arange(num_picks)
 
   def pick(slot, carry):
     key, picks = carry
@@ -40,8 +43,25 @@ def _top_n_kernel(score_ref, idx_ref, *, num_selected, slc_block, num_slc, num_i
     return jnp.where(block == chosen, _TAKEN, key), picks
 
   _, picks = jax.lax.fori_loop(0, num_selected, pick,
-                               (key, jnp.full(idx_ref.shape, -1, jnp.int32)))
-  idx_ref[...] = picks
+                               (key, jnp.full((num_picks,), -1, jnp.int32)))
+  return picks
+
+
+def _top_n_kernel(score_ref, idx_ref, *, slc_block, **config):
+  query_block = pl.program_id(0) // slc_block  # one program per query position
+  idx_ref[...] = _pick_top_n(score_ref[...], query_block, idx_ref.shape[0], **config)
+
+
+def _top_n_decode_kernel(pos_ref, score_ref, idx_ref, *, slc_block, **config):
+  idx_ref[...] = _pick_top_n(score_ref[...], pos_ref[0] // slc_block, idx_ref.shape[0], **config)
+
+
+def _ascending(picks, num_selected):
+  """Picks `[..., slots]` (-1 = none) -> their first `num_selected`, ascending, -1 last."""
+  picks = picks[..., :num_selected]
+  unused = jnp.iinfo(jnp.int32).max
+  ascending = jnp.sort(jnp.where(picks >= 0, picks, unused), axis=-1)
+  return jnp.where(ascending < unused, ascending, -1)
 
 
 def top_n_blocks(scores, *, seq_len: int, num_selected: int, slc_block: int, num_initial: int,
@@ -73,7 +93,40 @@ def top_n_blocks(scores, *, seq_len: int, num_selected: int, slc_block: int, num
       interpret=interpret,
       name="nsa_top_n",
   )(scores)
-  picks = picks[..., :num_selected]
-  unused = jnp.iinfo(jnp.int32).max
-  ascending = jnp.sort(jnp.where(picks >= 0, picks, unused), axis=-1)
-  return jnp.where(ascending < unused, ascending, -1).transpose(0, 2, 1, 3)
+  return _ascending(picks, num_selected).transpose(0, 2, 1, 3)
+
+
+def top_n_blocks_decode(scores, position, *, num_selected: int, slc_block: int, num_slc: int,
+                        num_initial: int, num_local: int, interpret: bool = False):
+  """The chosen blocks of one query per row (decoding), ascending, unused places -1.
+
+  `lax.top_k` over these few rows costs ~50 us on an H200 (a sort per row); this is one launch.
+
+  Args:
+    scores: float32 `[B, H, width]`, non-negative selection scores of the query at `position`;
+      `width` a power of two >= `num_slc` (columns past `num_slc` are ignored).
+    position: int32 scalar, the query's position.
+    num_selected, slc_block, num_initial, num_local: the NSA selection config.
+    num_slc: selection blocks that exist (`ceil(cache length / slc_block)`).
+    interpret: Pallas interpret mode (CPU).
+
+  Returns:
+    int32 `[B, H, num_selected]`.
+  """
+  b, h, width = scores.shape
+  slots = max(1, 1 << (num_selected - 1).bit_length())
+  kernel = functools.partial(_top_n_decode_kernel, num_selected=num_selected,
+                             slc_block=slc_block, num_slc=num_slc, num_initial=num_initial,
+                             num_local=num_local)
+  picks = pl.pallas_call(
+      kernel,
+      grid=(b, h),
+      in_specs=[pl.BlockSpec((1,), lambda i, j: (0,)),
+                pl.BlockSpec((None, None, width), lambda i, j: (i, j, 0))],
+      out_specs=pl.BlockSpec((None, None, slots), lambda i, j: (i, j, 0)),
+      out_shape=jax.ShapeDtypeStruct((b, h, slots), jnp.int32),
+      compiler_params=plgpu.CompilerParams(num_warps=DECODE_NUM_WARPS, num_stages=1),
+      interpret=interpret,
+      name="nsa_top_n_decode",
+  )(jnp.reshape(position, (1,)).astype(jnp.int32), scores)
+  return _ascending(picks, num_selected)
