@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from nsa_jax import ops, pallas_gpu, pallas_tpu, xla
 from nsa_jax import validation as check
+from nsa_jax.attention_math import masked_attention
 from nsa_jax.config import NSAConfig
 
 # The cache's token axis is padded to a multiple of this (and of `slc_block`), so that whole
@@ -233,3 +234,54 @@ def _decode_backend(implementation, interpret):
   implementation = ops.resolve_implementation(implementation, interpret)
   return {"pallas_gpu": pallas_gpu, "pallas_tpu": pallas_tpu}.get(implementation,
                                                                    xla).decode_attention
+
+
+# ---------------------------------------------------------------------------------------------
+# Dense decoding (the baseline `nsa_jax.nn.DenseAttention` generates with).
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["k", "v", "length"],
+                   meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class DenseCache:
+  """Plain KV cache: `k [B, Hkv, S, Dk]`, `v [B, Hkv, S, Dv]` (positions `[0, length)` filled),
+  `length` an int32 scalar."""
+
+  k: jax.Array
+  v: jax.Array
+  length: jax.Array
+
+
+def init_dense_cache(batch: int, max_len: int, num_kv_heads: int, head_dim: int,
+                     head_dim_v: int | None = None, *, dtype=jnp.float32) -> DenseCache:
+  """An empty dense cache for up to `max_len` tokens."""
+  for name, value in (("batch", batch), ("max_len", max_len), ("num_kv_heads", num_kv_heads),
+                      ("head_dim", head_dim)):
+    check.check_positive(name, value)
+  head_dim_v = head_dim if head_dim_v is None else head_dim_v
+  zeros = lambda d: jnp.zeros((batch, num_kv_heads, max_len, d), dtype)
+  return DenseCache(k=zeros(head_dim), v=zeros(head_dim_v), length=jnp.zeros((), jnp.int32))
+
+
+def dense_cache_write(cache: DenseCache, k, v) -> DenseCache:
+  """Resets the cache to the prompt `k [B, T, Hkv, Dk]`, `v [B, T, Hkv, Dv]`."""
+  if k.shape[1] > cache.k.shape[2]:
+    raise ValueError(f"{k.shape[1]} tokens do not fit a cache of max_len {cache.k.shape[2]}")
+  write = lambda buf, x: jax.lax.dynamic_update_slice(
+      buf, x.transpose(0, 2, 1, 3).astype(buf.dtype), (0, 0, 0, 0))
+  return DenseCache(k=write(cache.k, k), v=write(cache.v, v),
+                    length=jnp.asarray(k.shape[1], jnp.int32))
+
+
+def dense_decode_step(q_t, k_t, v_t, cache: DenseCache, scale=None):
+  """Appends one token and attends everything so far: `(out_t [B, Hq, Dv], cache)`."""
+  t = cache.length
+  write = lambda buf, x: jax.lax.dynamic_update_slice(
+      buf, x[:, :, None].astype(buf.dtype), (0, 0, t, 0))
+  cache = DenseCache(k=write(cache.k, k_t), v=write(cache.v, v_t), length=t + 1)
+  b, hq, dk = q_t.shape
+  hkv = cache.k.shape[1]
+  scale = dk ** -0.5 if scale is None else scale
+  visible = (jnp.arange(cache.k.shape[2]) <= t)[None, None, None, :]
+  out, _ = masked_attention(q_t.reshape(b, hkv, hq // hkv, dk), cache.k, cache.v, visible, scale)
+  return out.reshape(b, hq, -1).astype(q_t.dtype), cache

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nsa_jax import ops
+from nsa_jax import decode, ops
 from nsa_jax.config import NSAConfig
 
 COMPRESSIONS = ("mlp", "mean")
@@ -80,10 +80,11 @@ class _CausalAttentionBase(nnx.Module):
     self.v_proj = linear(num_features, num_kv_sets * num_kv_heads * self.head_dim_v)
     self.o_proj = linear(num_heads * self.head_dim_v, num_features)
 
-  def _project(self, x):
-    """`x [B, T, F]` -> `q [B, T, Hq, Dk]` and lists of `num_kv_sets` keys / values, RoPE applied."""
+  def _project(self, x, positions=None):
+    """`x [B, T, F]` at `positions [T]` (default `0..T-1`) -> `q [B, T, Hq, Dk]` and lists of
+    `num_kv_sets` keys / values, RoPE applied."""
     b, t, _ = x.shape
-    positions = jnp.arange(t)
+    positions = jnp.arange(t) if positions is None else positions
     q = apply_rope(self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim), positions,
                    self.rope_theta)
     k = self.k_proj(x).reshape(b, t, self.num_kv_sets, self.num_kv_heads, self.head_dim)
@@ -137,19 +138,24 @@ class NativeSparseAttention(_CausalAttentionBase):
       self.gate_proj = nnx.Linear(num_features, num_heads * 3, dtype=dtype,
                                   param_dtype=param_dtype, rngs=rngs)
 
-  def __call__(self, x):
-    b, t, _ = x.shape
-    q, keys, values = self._project(x)
-    k_cmp_src, v_cmp_src = keys[0], values[0]  # the compression branch's K/V (set 0)
+  def _compress(self, k, v):
+    """`phi` of the compression branch: `(k [B, T, Hkv, Dk], v) -> (k_cmp, v_cmp)`."""
     if self.compression == "mlp":
-      k_cmp, v_cmp = self.k_compress(k_cmp_src), self.v_compress(v_cmp_src)
-    else:
-      k_cmp, v_cmp = ops.compress_kv(k_cmp_src, v_cmp_src, block=self.config.cmp_block,
-                                     stride=self.config.cmp_stride)
-    gates = None
-    if self.gating == "sigmoid":
-      gates = jax.nn.sigmoid(self.gate_proj(x).reshape(b, t, self.num_heads, 3).astype(jnp.float32))
-      gates = gates.astype(q.dtype)
+      return self.k_compress(k), self.v_compress(v)
+    return ops.compress_kv(k, v, block=self.config.cmp_block, stride=self.config.cmp_stride)
+
+  def _gates(self, x, dtype):
+    """`[B, T, Hq, 3]` sigmoid gates of `x [B, T, F]`, or None for the plain sum."""
+    if self.gating != "sigmoid":
+      return None
+    b, t, _ = x.shape
+    logits = self.gate_proj(x).reshape(b, t, self.num_heads, 3).astype(jnp.float32)
+    return jax.nn.sigmoid(logits).astype(dtype)
+
+  def __call__(self, x):
+    q, keys, values = self._project(x)
+    k_cmp, v_cmp = self._compress(keys[0], values[0])  # the compression branch's K/V (set 0)
+    gates = self._gates(x, q.dtype)
     if self.num_kv_sets == 1:
       out = ops.nsa_attention(q, keys[0], values[0], config=self.config, gates=gates, k_cmp=k_cmp,
                               v_cmp=v_cmp, implementation=self.implementation)
@@ -172,6 +178,35 @@ class NativeSparseAttention(_CausalAttentionBase):
       return branches.sum(-2)
     return jnp.einsum("bthi,bthid->bthd", gates, branches)
 
+  # Decoding (`nsa_jax.decode`): prefill a prompt, then one token per step; the outputs equal
+  # `__call__` on the whole sequence at every position.
+
+  def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> decode.DecodeCache:
+    """An empty `DecodeCache` for this layer. Raises ValueError with `separate_kv=True`."""
+    if self.num_kv_sets != 1:
+      raise ValueError("decoding supports separate_kv=False only (one K/V set for the three "
+                       "branches)")
+    return decode.init_decode_cache(batch, max_len, self.num_kv_heads, self.head_dim,
+                                    self.head_dim_v, config=self.config, dtype=dtype)
+
+  def prefill(self, x, cache):
+    """`x [B, T, F]` (positions 0..T-1) -> `(y [B, T, F], cache)`."""
+    q, keys, values = self._project(x)
+    out, cache = decode.nsa_prefill(q, keys[0], values[0], cache, config=self.config,
+                                    gates=self._gates(x, q.dtype), compress_fn=self._compress,
+                                    implementation=self.implementation)
+    return self._output(out), cache
+
+  def decode_step(self, x_t, cache):
+    """`x_t [B, F]` at position `cache.length` -> `(y_t [B, F], cache)`."""
+    q, keys, values = self._project(x_t[:, None], cache.length[None])
+    gates = self._gates(x_t[:, None], q.dtype)
+    out, cache = decode.nsa_decode_step(
+        q[:, 0], keys[0][:, 0], values[0][:, 0], cache, config=self.config,
+        gates=None if gates is None else gates[:, 0], compress_fn=self._compress,
+        implementation=self.implementation)
+    return self._output(out[:, None])[:, 0], cache
+
 
 class DenseAttention(_CausalAttentionBase):
   """Full causal GQA attention with RoPE, with `NativeSparseAttention`'s interface.
@@ -189,6 +224,24 @@ class DenseAttention(_CausalAttentionBase):
   def __call__(self, x):
     q, keys, values = self._project(x)
     return self._output(ops.dense_causal_attention(q, keys[0], values[0]))
+
+  def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> decode.DenseCache:
+    """An empty `DenseCache` for this layer."""
+    return decode.init_dense_cache(batch, max_len, self.num_kv_heads, self.head_dim,
+                                   self.head_dim_v, dtype=dtype)
+
+  def prefill(self, x, cache):
+    """`x [B, T, F]` (positions 0..T-1) -> `(y [B, T, F], cache)`."""
+    q, keys, values = self._project(x)
+    out = ops.dense_causal_attention(q, keys[0], values[0]) if x.shape[1] else (
+        jnp.zeros(q.shape[:3] + (self.head_dim_v,), q.dtype))
+    return self._output(out), decode.dense_cache_write(cache, keys[0], values[0])
+
+  def decode_step(self, x_t, cache):
+    """`x_t [B, F]` at position `cache.length` -> `(y_t [B, F], cache)`."""
+    q, keys, values = self._project(x_t[:, None], cache.length[None])
+    out, cache = decode.dense_decode_step(q[:, 0], keys[0][:, 0], values[0][:, 0], cache)
+    return self._output(out[:, None])[:, 0], cache
 
 
 _NSA_ONLY = ("config", "compression", "gating", "separate_kv", "implementation")

@@ -7,7 +7,9 @@ output embeddings. Built for the experiments (NSA vs dense on the same data) and
 from __future__ import annotations
 
 import dataclasses
+import functools
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -79,6 +81,16 @@ class DecoderBlock(nnx.Module):
     x = x + self.attention(self.attention_norm(x))
     return x + self.mlp(self.mlp_norm(x))
 
+  def prefill(self, x, cache):
+    y, cache = self.attention.prefill(self.attention_norm(x), cache)
+    x = x + y
+    return x + self.mlp(self.mlp_norm(x)), cache
+
+  def decode_step(self, x_t, cache):
+    y, cache = self.attention.decode_step(self.attention_norm(x_t), cache)
+    x_t = x_t + y
+    return x_t + self.mlp(self.mlp_norm(x_t)), cache
+
 
 class DecoderLM(nnx.Module):
   """`tokens int [B, T] -> logits float32 [B, T, vocab_size]`, causal."""
@@ -86,6 +98,7 @@ class DecoderLM(nnx.Module):
   def __init__(self, config: TransformerConfig, *, dtype=None, param_dtype=jnp.float32,
                rngs: nnx.Rngs):
     self.config = config
+    self.cache_dtype = dtype or param_dtype  # the dtype of the keys and values it computes
     self.embed = nnx.Embed(config.vocab_size, config.num_features, dtype=dtype,
                            param_dtype=param_dtype, rngs=rngs)
     self.blocks = nnx.List([DecoderBlock(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -94,10 +107,103 @@ class DecoderLM(nnx.Module):
                                   rngs=rngs)
 
   def __call__(self, tokens):
-    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-      raise ValueError(f"tokens must be an integer array [B, T], got {tokens.dtype} "
-                       f"{tuple(tokens.shape)}")
+    _check_tokens("tokens", tokens, 2, "[B, T]")
     x = self.embed(tokens)
     for block in self.blocks:
       x = block(x)
+    return self._logits(x)
+
+  def _logits(self, x):
     return self.embed.attend(self.final_norm(x)).astype(jnp.float32)  # tied output embedding
+
+  # Decoding: `prefill` then `decode_step`, with one cache per layer (`DecodeCache` for NSA,
+  # `DenseCache` for dense); the logits equal `__call__`'s at every position.
+
+  def init_cache(self, batch: int, max_len: int) -> list:
+    """Empty per-layer caches for up to `max_len` tokens."""
+    return [block.attention.init_cache(batch, max_len, self.cache_dtype)
+            for block in self.blocks]
+
+  def prefill(self, tokens, caches):
+    """`tokens int [B, T]` -> `(logits float32 [B, T, vocab_size], caches)`."""
+    _check_tokens("tokens", tokens, 2, "[B, T]")
+    x = self.embed(tokens)
+    new_caches = []
+    for block, cache in zip(self.blocks, caches):
+      x, cache = block.prefill(x, cache)
+      new_caches.append(cache)
+    return self._logits(x), new_caches
+
+  def decode_step(self, token, caches):
+    """`token int [B]` at position `caches[0].length` -> `(logits float32 [B, vocab], caches)`."""
+    _check_tokens("token", token, 1, "[B]")
+    x = self.embed(token)
+    new_caches = []
+    for block, cache in zip(self.blocks, caches):
+      x, cache = block.decode_step(x, cache)
+      new_caches.append(cache)
+    return self._logits(x), new_caches
+
+
+def _check_tokens(name, tokens, rank, layout):
+  if tokens.ndim != rank or not jnp.issubdtype(tokens.dtype, jnp.integer):
+    raise ValueError(f"{name} must be an integer array {layout}, got {tokens.dtype} "
+                     f"{tuple(tokens.shape)}")
+
+
+def generate(model: DecoderLM, prompt, max_new_tokens: int, *, temperature: float = 0.0,
+             rng=None):
+  """Batched sampling with the KV cache: greedy when `temperature == 0`, else softmax sampling.
+
+  One jitted program: prefill of the prompt, then a `lax.scan` of decode steps.
+
+  Args:
+    model: a `DecoderLM`.
+    prompt: int `[B, P]`, `P >= 1`.
+    max_new_tokens: tokens to add (>= 1).
+    temperature: 0 for greedy decoding, > 0 to sample from `softmax(logits / temperature)`.
+    rng: a `jax.random` key, needed when `temperature > 0`.
+
+  Returns:
+    int32 `[B, P + max_new_tokens]`: the prompt followed by the new tokens.
+
+  Raises:
+    ValueError: a bad prompt, `max_new_tokens`, `temperature`, or a missing `rng`.
+  """
+  _check_tokens("prompt", prompt, 2, "[B, P]")
+  if prompt.shape[1] == 0:
+    raise ValueError(f"prompt must hold at least one token, got shape {tuple(prompt.shape)}")
+  check_positive("max_new_tokens", max_new_tokens)
+  if temperature < 0:
+    raise ValueError(f"temperature must be >= 0, got {temperature}")
+  if temperature > 0 and rng is None:
+    raise ValueError("rng (a jax.random key) is needed when temperature > 0")
+  rng = jax.random.key(0) if rng is None else rng
+  graphdef, state = nnx.split(model)
+  new_tokens = _generate(graphdef, state, prompt.astype(jnp.int32), rng,
+                         max_new_tokens=max_new_tokens, temperature=float(temperature))
+  return jnp.concatenate([prompt.astype(jnp.int32), new_tokens], axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature"))
+def _generate(graphdef, state, prompt, rng, *, max_new_tokens, temperature):
+  model = nnx.merge(graphdef, state)
+  b, p = prompt.shape
+
+  def sample(logits, key):  # [B, V] -> int32 [B]
+    if temperature == 0:
+      return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(key, logits / temperature, axis=-1).astype(jnp.int32)
+
+  keys = jax.random.split(rng, max_new_tokens)
+  logits, caches = model.prefill(prompt, model.init_cache(b, p + max_new_tokens))
+  first = sample(logits[:, -1], keys[0])
+
+  def step(carry, key):
+    caches, token = carry
+    logits, caches = model.decode_step(token, caches)
+    token_next = sample(logits, key)
+    return (caches, token_next), token_next
+
+  _, rest = jax.lax.scan(step, (caches, first), keys[1:])  # [N - 1, B]
+  return jnp.concatenate([first[:, None], rest.T], axis=1)
