@@ -5,7 +5,9 @@
   scores (pass 1: log-sum-exp; pass 2: output and scores from the same probabilities); the top-n
   of the scores is `lax.top_k` in XLA;
 - sliding window: splash attention's `LocalMask` (`pallas_kernels.tpu.sliding_window`);
-- mean-pooling compression: the XLA path.
+- mean-pooling compression: the XLA path;
+- decoding (`decode_attention`): the split decode kernels of `pallas_kernels.tpu.decode`, with the
+  top-n in XLA between them.
 Configs the kernels cannot tile (`slc_block % 8 != 0`, `slc_block` not dividing
 `128 * cmp_stride`, or `Dk != Dv` for splash) fall back to the XLA path for that branch.
 
@@ -22,10 +24,11 @@ import jax.numpy as jnp
 
 from nsa_jax import xla
 from nsa_jax.attention_math import combine_branches
-from nsa_jax.block_selection import top_n_blocks
+from nsa_jax.block_selection import decode_selection, num_cmp_visible, top_n_blocks
 from nsa_jax.config import NSAConfig
 from nsa_jax.validation import static_scale
 from pallas_kernels.tpu import compressed_attention as compressed_kernel
+from pallas_kernels.tpu import decode as decode_kernel
 from pallas_kernels.tpu import selected_attention as selected_kernel
 from pallas_kernels.tpu import sliding_window as window_kernel
 
@@ -92,5 +95,32 @@ def _nsa(q, k, v, gates, k_cmp, v_cmp, *, config, interpret, scale):
   return combine_branches(o_cmp, o_slc, o_swa, gates).astype(q.dtype)
 
 
-# Decoding runs the XLA decode path on TPU for now (no TPU decode kernel yet).
-decode_attention = xla.decode_attention
+def decode_attention(q_t, cache, position, gates, scale, *, config: NSAConfig, interpret=False):
+  """Row `position` of NSA over a `DecodeCache` holding that token: `[B, Hq, Dv]` in q_t.dtype.
+
+  The XLA decode path where the kernels do not take the sizes (`decode_kernel.supported`)."""
+  if not decode_kernel.supported(config.slc_block, cache.k.shape[2], cache.k_cmp.shape[2]):
+    return xla.decode_attention(q_t, cache, position, gates, scale, config=config)
+  return _decode(q_t, cache, position, gates, config=config, scale=_static_scale(scale),
+                 interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "scale", "interpret"))
+def _decode(q_t, cache, position, gates, *, config, scale, interpret):
+  b, hq, _ = q_t.shape
+  hkv = cache.k.shape[1]
+  group = hq // hkv
+  q_rows = decode_kernel.group_rows(q_t, hkv)  # [B, Hkv, Gp, Dk]
+  o_cmp, probs = decode_kernel.compressed_decode(
+      q_rows, cache.k_cmp, cache.v_cmp, num_cmp_visible(position, config), scale=scale,
+      interpret=interpret)
+  p_grp = probs[:, :, :group].sum(2)[..., :config.num_cmp_blocks(cache.max_len)]
+  block_indices = decode_selection(p_grp, position, config,
+                                   cache.k.shape[2] // config.slc_block)  # [B, Hkv, n]
+  o_slc, o_swa = decode_kernel.sparse_decode(
+      q_rows, cache.k, cache.v, block_indices, position, block=config.slc_block,
+      window=config.window, scale=scale, interpret=interpret)
+  ungroup = lambda o: o[:, :, :group].reshape(b, 1, hq, -1)  # [B, 1, Hq, Dv] for combine
+  gates = None if gates is None else gates[:, None]
+  out = combine_branches(ungroup(o_cmp), ungroup(o_slc), ungroup(o_swa), gates)
+  return out[:, 0].astype(q_t.dtype)

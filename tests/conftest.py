@@ -1,4 +1,5 @@
-"""Skips the GPU-marked tests cleanly on machines without a CUDA GPU (CI); seeds each test."""
+"""Skips the GPU-marked tests cleanly on machines without a CUDA GPU (CI); seeds each test;
+`no_races` fails a test whose TPU-interpreted kernels raced."""
 
 import zlib
 
@@ -19,3 +20,24 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     if "gpu" in item.keywords:
       item.add_marker(skip)
+
+
+@pytest.fixture
+def no_races(monkeypatch):
+  """Fails the test if the TPU interpreter's race detector flagged any kernel it ran.
+
+  The interpreter keeps one race-detection state per kernel run (a private module of JAX, as in
+  JAX's own interpreter tests); every state created during the test is recorded and checked.
+  """
+  from jax._src.pallas.mosaic.interpret import interpret_pallas_call  # pylint: disable=g-import-not-at-top
+  created = []
+  original = interpret_pallas_call.RaceDetectionState
+
+  class Recording(original):
+    def __init__(self, *args, **kwargs):
+      super().__init__(*args, **kwargs)
+      created.append(self)
+
+  monkeypatch.setattr(interpret_pallas_call, "RaceDetectionState", Recording)
+  yield
+  assert not any(state.races_found for state in created), "the TPU interpreter found a race"

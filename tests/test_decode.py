@@ -10,6 +10,8 @@ import pytest
 import nsa_jax
 from nsa_jax import NSAConfig
 from nsa_jax.decode import init_decode_cache, nsa_decode_step, nsa_prefill
+from pallas_kernels.gpu import decode as gpu_decode
+from pallas_kernels.tpu import decode as tpu_decode
 from tests.helpers import assert_close, random_gates, random_qkv
 
 # l=8, d=4, l'=16, n=3, w=20: every branch is exercised within ~80 tokens.
@@ -136,9 +138,19 @@ def test_gpu_decode_kernels_in_interpret_mode_equal_the_full_forward(with_gates)
   assert_close(out, expected)
 
 
+@pytest.mark.parametrize("with_gates", [False, True])
+def test_tpu_decode_kernels_under_the_interpreter_equal_the_full_forward(with_gates, no_races):
+  q, k, v = random_qkv(1, 70, 4, 2, 16)
+  gates = random_gates(q) if with_gates else None
+  expected = nsa_jax.nsa_attention(q, k, v, config=SMALL, gates=gates, implementation="reference")
+  out = decode_all(q, k, v, gates, 60, SMALL, implementation="pallas_tpu", interpret=True)
+  assert_close(out, expected)
+
+
 @pytest.mark.parametrize("count", [0, 1, 77, 200])
-def test_gpu_compressed_decode_kernel_gives_the_branch_output_and_probabilities(count):
-  from pallas_kernels.gpu import decode as decode_kernel
+@pytest.mark.parametrize("decode_kernel", [gpu_decode, tpu_decode], ids=["gpu", "tpu"])
+def test_compressed_decode_kernels_give_the_branch_output_and_probabilities(count, decode_kernel,
+                                                                           no_races):
   q_t, k_cmp, v_cmp = random_qkv(2, 256, 3, 1, 16)  # Sc = 256: two splits; G = 3 -> 16 rows
   q_t = q_t[:, 0]  # [B, Hq, Dk]
   heads_first = lambda x: x.transpose(0, 2, 1, 3)
@@ -148,6 +160,7 @@ def test_gpu_compressed_decode_kernel_gives_the_branch_output_and_probabilities(
   scores = jnp.einsum("bhd,bsd->bhs", q_t, k_cmp[:, :, 0]) * 0.25
   expected_probs = jax.nn.softmax(jnp.where(jnp.arange(256) < count, scores, -jnp.inf), axis=-1)
   expected_probs = jnp.where(jnp.arange(256) < count, expected_probs, 0.0)  # NaN-free if count=0
+  assert probs.shape == (2, 1, decode_kernel.group_rows(q_t, 1).shape[2], 256)
   assert_close(probs[:, 0, :3], expected_probs)
   assert_close(out[:, 0, :3], expected_probs @ v_cmp[:, :, 0])
 

@@ -15,25 +15,7 @@ from pallas_kernels.tpu import compressed_attention as tpu_compressed
 from pallas_kernels.tpu import selected_attention as tpu_selected
 from tests.helpers import assert_close, assert_grads_close, random_gates, random_qkv
 
-@pytest.fixture(autouse=True)
-def no_races(monkeypatch):
-  """Fails the test if the TPU interpreter's race detector flagged any kernel it ran.
-
-  The interpreter keeps one race-detection state per kernel run (a private module of JAX, as in
-  JAX's own interpreter tests); every state created during the test is recorded and checked.
-  """
-  from jax._src.pallas.mosaic.interpret import interpret_pallas_call  # pylint: disable=g-import-not-at-top
-  created = []
-  original = interpret_pallas_call.RaceDetectionState
-
-  class Recording(original):
-    def __init__(self, *args, **kwargs):
-      super().__init__(*args, **kwargs)
-      created.append(self)
-
-  monkeypatch.setattr(interpret_pallas_call, "RaceDetectionState", Recording)
-  yield
-  assert not any(state.races_found for state in created), "the TPU interpreter found a race"
+pytestmark = pytest.mark.usefixtures("no_races")  # tests/conftest.py
 
 
 # (B, T, Hq, Hkv, Dk, Dv, block, n, smem_budget): GQA with Dk != Dv and T not a multiple of the

@@ -3,7 +3,8 @@
 Decoding reads little (the compressed cache, n selected blocks and the window: 5.6k tokens per
 step at 64k instead of 64k), so the kernels are about spreading those reads over the SMs: with
 B=1 and Hkv=4 a grid of (batch, KV head) alone would use 4 SMs. Both kernels split the keys over a
-third grid axis and write per-split softmax partials (flash-decoding), merged by `merge_partials`.
+third grid axis and write per-split softmax partials (flash-decoding), merged by
+`pallas_kernels.decode_partials.merge_partials`.
 The G query heads of a KV group are the matmul rows (padded to 16), as in the prefill kernels.
 
 - `compressed_decode`: grid (B, Hkv, Sc / CMP_SPLIT). Each program scores CMP_SPLIT compressed keys
@@ -27,6 +28,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.decode_partials import merge_partials
 
 LOG2E = math.log2(math.e)
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -88,28 +91,6 @@ def _cmp_kernel(count_ref, q_ref, k_ref, v_ref, s_ref, acc_ref, m_ref, l_ref, *,
   acc_ref[...] = acc
   m_ref[...] = row_max
   l_ref[...] = row_sum
-
-
-def merge_partials(acc, row_max, row_sum, axis):
-  """Merges flash-decoding partials along `axis` (log2 domain).
-
-  Args:
-    acc: `[..., P, Gp, Dv]` unnormalised outputs; `row_max`, `row_sum`: `[..., P, Gp]`.
-    axis: the partials axis P (of `row_max`).
-
-  Returns:
-    `(out [..., Gp, Dv] float32, lse2 [..., Gp])`: zeros and -inf where nothing was visible.
-  """
-  total_max = jnp.max(row_max, axis=axis, keepdims=True)
-  total_max = jnp.where(jnp.isfinite(total_max), total_max, 0.0)
-  weight = jnp.exp2(row_max - total_max)  # 0 for empty partials (max -inf)
-  total = jnp.sum(row_sum * weight, axis=axis)
-  out = jnp.sum(acc * weight[..., None], axis=axis)
-  nonempty = total > 0
-  out = out / jnp.where(nonempty, total, 1.0)[..., None]
-  lse2 = jnp.where(nonempty, jnp.squeeze(total_max, axis) + jnp.log2(jnp.where(nonempty, total,
-                                                                              1.0)), -jnp.inf)
-  return out, lse2
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "interpret"))

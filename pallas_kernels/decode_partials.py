@@ -1,0 +1,32 @@
+"""Merging flash-decoding partials (plain JAX, shared by the GPU and TPU decode kernels).
+
+A decode kernel that splits one query's keys over several programs writes, per split, the
+unnormalised output `acc = sum_s 2^(x_s - m) v_s`, the split's max `m` and sum `l = sum_s
+2^(x_s - m)` of its log2-domain scores `x`; merging rescales every split to the common max.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+
+def merge_partials(acc, row_max, row_sum, axis):
+  """Merges flash-decoding partials along `axis` (log2 domain).
+
+  Args:
+    acc: `[..., P, Gp, Dv]` unnormalised outputs; `row_max`, `row_sum`: `[..., P, Gp]`.
+    axis: the partials axis P (of `row_max`).
+
+  Returns:
+    `(out [..., Gp, Dv] float32, lse2 [..., Gp])`: zeros and -inf where nothing was visible.
+  """
+  total_max = jnp.max(row_max, axis=axis, keepdims=True)
+  total_max = jnp.where(jnp.isfinite(total_max), total_max, 0.0)
+  weight = jnp.exp2(row_max - total_max)  # 0 for empty partials (max -inf)
+  total = jnp.sum(row_sum * weight, axis=axis)
+  out = jnp.sum(acc * weight[..., None], axis=axis)
+  nonempty = total > 0
+  out = out / jnp.where(nonempty, total, 1.0)[..., None]
+  lse2 = jnp.where(nonempty, jnp.squeeze(total_max, axis) + jnp.log2(jnp.where(nonempty, total,
+                                                                              1.0)), -jnp.inf)
+  return out, lse2
