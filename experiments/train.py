@@ -7,8 +7,12 @@ Writes `workdir/metrics.jsonl` (one JSON object per log or eval step, with `step
 `held_out_loss`, plus `passkey_accuracy` with `data.source = "passkey"`) and Orbax checkpoints in `workdir/checkpoints` (the newest `keep_checkpoints`).
 Rerunning the same command resumes from the latest checkpoint; batches depend only on the step,
 so a resumed run reproduces the uninterrupted one exactly. A non-finite loss stops the run with a
-message, keeping the last good checkpoint. Single device for now (see the issue tracker for the
-sharded version).
+message, keeping the last good checkpoint.
+
+Parallelism: `config.mesh` sizes a `(data, fsdp, tensor)` device mesh (-1 fills); parameters,
+optimizer state and batches are sharded over it (`experiments/parallel.py`) and the attention
+kernels run per shard (`nsa_jax.sharding`). On a TPU pod slice set `config.multihost = True` and
+run the same command on every host: `jax.distributed.initialize()` connects them.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from experiments import data as data_lib
+from experiments import parallel
 from experiments import tasks
 from nsa_jax import NSAConfig
 from nsa_jax.transformer import DecoderLM, TransformerConfig
@@ -114,10 +119,21 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   """
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
+  batches = build_data(config)
+  mesh = parallel.mesh_from_config(config)
+  parallel.check_divisible(config, mesh)
+  with jax.set_mesh(mesh):
+    return _train(config, workdir, batches, mesh)
+
+
+def _train(config, workdir, batches, mesh):
   model = build_model(config, nnx.Rngs(config.seed))
   tx, schedule = build_optimizer(config)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-  batches = build_data(config)
+  for module in (model, optimizer):  # place the parameters and optimizer state on the mesh
+    state = nnx.state(module)
+    nnx.update(module, jax.device_put(state, parallel.state_shardings(state, mesh)))
+  on_mesh = lambda batch: parallel.global_batch(batch, mesh)
   manager = ocp.CheckpointManager(
       (workdir / "checkpoints").absolute(),
       options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints))
@@ -142,7 +158,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     tokens_per_step = config.batch_size * config.seq_len
     last_time = time.perf_counter()
     for step in range(start + 1, config.steps + 1):
-      loss = float(train_step(model, optimizer, jnp.asarray(batches.batch("train", step)),
+      loss = float(train_step(model, optimizer, on_mesh(batches.batch("train", step)),
                               accum_steps=config.grad_accum_steps))
       if not np.isfinite(loss):
         raise NonFiniteLossError(
@@ -155,7 +171,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
                  tokens_per_s=steps_done * tokens_per_step / (now - last_time)))
         last_time = now
       if step % config.eval_every == 0 or step == config.steps:
-        held_out = np.mean([float(eval_step(model, jnp.asarray(batches.batch("held_out", i))))
+        held_out = np.mean([float(eval_step(model, on_mesh(batches.batch("held_out", i))))
                             for i in range(config.eval_batches)])
         record = dict(step=step, held_out_loss=float(held_out))
         if config.data.source == "passkey":  # retrieval accuracy at the training length
@@ -176,6 +192,8 @@ def main(argv):
   del argv
   if _WORKDIR.value is None:
     raise app.UsageError("--workdir is required")
+  if _CONFIG.value.multihost:
+    jax.distributed.initialize()  # every host runs this same command
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
   run(_CONFIG.value, _WORKDIR.value)
 

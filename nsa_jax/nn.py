@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nsa_jax import decode, ops
+from nsa_jax import decode, ops, sharding
 from nsa_jax.config import NSAConfig
 
 COMPRESSIONS = ("mlp", "mean")
@@ -156,15 +156,20 @@ class NativeSparseAttention(_CausalAttentionBase):
     q, keys, values = self._project(x)
     k_cmp, v_cmp = self._compress(keys[0], values[0])  # the compression branch's K/V (set 0)
     gates = self._gates(x, q.dtype)
-    if self.num_kv_sets == 1:
-      out = ops.nsa_attention(q, keys[0], values[0], config=self.config, gates=gates, k_cmp=k_cmp,
-                              v_cmp=v_cmp, implementation=self.implementation)
-    else:
-      out = self._separate_branches(q, keys, values, k_cmp, v_cmp, gates)
+    # Under a device mesh the ops run per shard (batch over data/fsdp, heads over tensor).
+    out = sharding.per_shard(self._attend, q, gates, k_cmp, v_cmp, *keys, *values)
     return self._output(out)
 
+  def _attend(self, q, gates, k_cmp, v_cmp, *keys_and_values):
+    """The three branches, on one K/V set or on their own (sets 0: cmp, 1: slc, 2: swa)."""
+    keys, values = keys_and_values[:self.num_kv_sets], keys_and_values[self.num_kv_sets:]
+    if self.num_kv_sets == 1:
+      return ops.nsa_attention(q, keys[0], values[0], config=self.config, gates=gates,
+                               k_cmp=k_cmp, v_cmp=v_cmp, implementation=self.implementation)
+    return self._separate_branches(q, keys, values, k_cmp, v_cmp, gates)
+
   def _separate_branches(self, q, keys, values, k_cmp, v_cmp, gates):
-    """The three branches on their own K/V (sets 0: cmp, 1: slc, 2: swa), mixed per head."""
+    """The three branches on their own K/V sets, mixed per head."""
     cfg, impl = self.config, self.implementation
     o_cmp, _ = ops.compressed_attention(q, k_cmp, v_cmp, block=cfg.cmp_block,
                                         stride=cfg.cmp_stride, implementation=impl)
@@ -223,7 +228,7 @@ class DenseAttention(_CausalAttentionBase):
 
   def __call__(self, x):
     q, keys, values = self._project(x)
-    return self._output(ops.dense_causal_attention(q, keys[0], values[0]))
+    return self._output(sharding.per_shard(ops.dense_causal_attention, q, keys[0], values[0]))
 
   def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> decode.DenseCache:
     """An empty `DenseCache` for this layer."""

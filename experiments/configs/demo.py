@@ -26,6 +26,9 @@ def get_config():
   config.eval_batches = 4
   config.checkpoint_every = 50
   config.keep_checkpoints = 2
+  # Device mesh (data, fsdp, tensor); -1 fills the remaining devices. One CPU device here.
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  config.multihost = False  # True on multi-host TPU slices: jax.distributed.initialize()
 
   config.attention = "nsa"  # or "dense"
   config.model = ml_collections.ConfigDict(dict(
