@@ -4,7 +4,10 @@
         [--config.<field>=<value> ...]
 
 Writes `workdir/metrics.jsonl` (one JSON object per log or eval step, with `step` and `loss` or
-`held_out_loss`, plus `passkey_accuracy` with `data.source = "passkey"`) and Orbax checkpoints in `workdir/checkpoints` (the newest `keep_checkpoints`).
+`held_out_loss`, plus `passkey_accuracy` with `data.source = "passkey"`), the same scalars as
+TensorBoard event files in `workdir/tensorboard`, `workdir/config.json` (what `experiments.plot`
+rebuilds the model from) and Orbax checkpoints in `workdir/checkpoints` (the newest
+`keep_checkpoints`). A progress bar shows the loss and tokens/s on a terminal.
 Rerunning the same command resumes from the latest checkpoint; batches depend only on the step,
 so a resumed run reproduces the uninterrupted one exactly. A non-finite loss stops the run with a
 message, keeping the last good checkpoint.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import sys
 import time
 
 import jax
@@ -32,6 +36,8 @@ from absl import flags
 from absl import logging
 from flax import nnx
 from ml_collections import config_flags
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
 
 from experiments import data as data_lib
 from experiments import parallel
@@ -147,13 +153,25 @@ def _train(config, workdir, batches, mesh):
     print(f"resumed from step {start}", flush=True)
 
   records = []
+  main_process = jax.process_index() == 0
+  if main_process:
+    (workdir / "config.json").write_text(config.to_json(indent=1))
+  writer = SummaryWriter(str(workdir / "tensorboard")) if main_process else None
+  progress = tqdm(total=config.steps, initial=start, unit="step", file=sys.stderr,
+                  disable=not (main_process and sys.stderr.isatty()))
   with open(workdir / "metrics.jsonl", "a") as metrics:
     def log(record):
       records.append(record)
+      if not main_process:
+        return
       metrics.write(json.dumps(record) + "\n")
       metrics.flush()
-      print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                     for k, v in record.items()), flush=True)
+      for name, value in record.items():
+        if name != "step":
+          writer.add_scalar(name, value, record["step"])
+      writer.flush()
+      progress.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                              for k, v in record.items()))
 
     tokens_per_step = config.batch_size * config.seq_len
     last_time = time.perf_counter()
@@ -167,8 +185,10 @@ def _train(config, workdir, batches, mesh):
       if step % config.log_every == 0 or step == config.steps:
         now = time.perf_counter()
         steps_done = config.log_every if step % config.log_every == 0 else step % config.log_every
+        tokens_per_s = steps_done * tokens_per_step / (now - last_time)
         log(dict(step=step, loss=loss, learning_rate=float(schedule(step)),
-                 tokens_per_s=steps_done * tokens_per_step / (now - last_time)))
+                 tokens_per_s=tokens_per_s))
+        progress.set_postfix(loss=f"{loss:.3f}", tokens_per_s=f"{tokens_per_s:.3g}")
         last_time = now
       if step % config.eval_every == 0 or step == config.steps:
         held_out = np.mean([float(eval_step(model, on_mesh(batches.batch("held_out", i))))
@@ -183,6 +203,10 @@ def _train(config, workdir, batches, mesh):
       if step % config.checkpoint_every == 0 or step == config.steps:
         manager.save(step, args=ocp.args.StandardSave(
             {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}))
+      progress.update(1)
+  progress.close()
+  if writer is not None:
+    writer.close()
   manager.wait_until_finished()
   manager.close()
   return records

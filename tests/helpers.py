@@ -113,6 +113,25 @@ def assert_valid_selection(block_indices, score, config, atol):
   assert np.all(margin <= atol), f"an unchosen block outscores a chosen one by {margin.max():.3g}"
 
 
+def tensorboard_scalars(logdir, tag):
+  """`[(step, value)]` of scalar `tag` in the TensorBoard event files under `logdir`."""
+  import pathlib
+  import struct
+
+  from tensorboardX.proto import event_pb2
+
+  values = []
+  for path in sorted(pathlib.Path(logdir).glob("events.out.tfevents.*")):
+    data = path.read_bytes()
+    offset = 0
+    while offset < len(data):  # TFRecord: length, its crc, the record, its crc
+      (length,) = struct.unpack("<Q", data[offset:offset + 8])
+      event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+      offset += 12 + length + 4
+      values += [(event.step, v.simple_value) for v in event.summary.value if v.tag == tag]
+  return values
+
+
 def has_gpu():
   try:
     return bool(jax.devices("gpu"))

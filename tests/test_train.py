@@ -10,6 +10,7 @@ import pytest
 
 from experiments import train
 from experiments.configs import demo
+from tests.helpers import tensorboard_scalars
 
 
 def small_config(**overrides):
@@ -31,6 +32,10 @@ def test_demo_config_trains_and_writes_metrics(tmp_path, attention):
   assert lines == records
   assert any("held_out_loss" in r for r in records)
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["3", "6"]
+  assert json.loads((tmp_path / "config.json").read_text())["attention"] == attention
+  # The same scalars as TensorBoard events.
+  logged = tensorboard_scalars(tmp_path / "tensorboard", "loss")
+  assert logged == [(r["step"], pytest.approx(r["loss"])) for r in records if "loss" in r]
 
 
 def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
