@@ -1,6 +1,7 @@
 """Training data made or found locally (no network): byte-level text from the Python standard
-library's own source tree, which ships with every Python, and passkey-retrieval sequences whose
-filler is that text (`experiments.tasks`).
+library's own source tree, which ships with every Python; passkey-retrieval and multi-query
+associative recall sequences whose filler is that text (`experiments.tasks`); a user's own text
+files (a glob) or token files (`.npy`, or raw `.bin` read as a memmap).
 
 Batches are a pure function of (seed, split, step), so a resumed run sees exactly the batches an
 uninterrupted one would.
@@ -8,6 +9,8 @@ uninterrupted one would.
 
 from __future__ import annotations
 
+import glob
+import os
 import pathlib
 import sysconfig
 
@@ -33,6 +36,50 @@ def stdlib_source_bytes(max_bytes: int) -> np.ndarray:
   return np.concatenate(chunks)
 
 
+def _paths(pattern: str) -> list[str]:
+  paths = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+  if not paths:
+    raise FileNotFoundError(f"data.path {pattern!r} matches no file")
+  return paths
+
+
+def text_file_bytes(pattern: str, max_bytes: int) -> np.ndarray:
+  """Up to `max_bytes` of the files matching the glob `pattern` (sorted), as uint8 bytes."""
+  chunks, total = [], 0
+  for path in _paths(pattern):
+    if total >= max_bytes:
+      break
+    data = pathlib.Path(path).read_bytes()[:max_bytes - total]
+    chunks.append(np.frombuffer(data, np.uint8))
+    total += len(data)
+  return np.concatenate(chunks)
+
+
+def token_file_ids(pattern: str, dtype: str, vocab_size: int) -> np.ndarray:
+  """Token ids from `.npy` files (any integer dtype) or raw `.bin` files of `dtype`, in sorted
+  path order. One file stays a memmap (nothing loaded up front); several are concatenated.
+
+  Raises:
+    ValueError: a non-integer `.npy`, an unknown extension, or ids outside `[0, vocab_size)`.
+  """
+  arrays = []
+  for path in _paths(pattern):
+    if path.endswith(".npy"):
+      ids = np.load(path, mmap_mode="r")
+    elif path.endswith(".bin"):
+      ids = np.memmap(path, dtype=np.dtype(dtype), mode="r")
+    else:
+      raise ValueError(f"token files must end in .npy or .bin, got {path}")
+    if not np.issubdtype(ids.dtype, np.integer):
+      raise ValueError(f"{path} holds {ids.dtype}, not integer token ids")
+    arrays.append(ids.reshape(-1))
+  ids = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+  if ids.min() < 0 or ids.max() >= vocab_size:
+    raise ValueError(f"token ids in {pattern!r} span [{ids.min()}, {ids.max()}], outside the "
+                     f"model's vocabulary [0, {vocab_size})")
+  return ids
+
+
 class ByteBatches:
   """Random windows of `seq_len + 1` bytes; the last `HELD_OUT_FRACTION` of the text is held out."""
 
@@ -51,6 +98,20 @@ class ByteBatches:
     rng = np.random.default_rng([self.seed, 0 if split == "train" else 1, step])
     starts = rng.integers(0, len(text) - self.seq_len - 1, self.batch_size)
     return np.stack([text[s:s + self.seq_len + 1] for s in starts]).astype(np.int32)
+
+
+class MQARBatches(ByteBatches):
+  """Multi-query associative recall sequences of `seq_len + 1` bytes (`num_pairs` key=value
+  pairs asked back after filler from the train or held-out text)."""
+
+  def __init__(self, text, batch_size, seq_len, seed, num_pairs: int):
+    super().__init__(text, batch_size, seq_len, seed)
+    self.num_pairs = num_pairs
+
+  def batch(self, split: str, step: int) -> np.ndarray:
+    rng = np.random.default_rng([self.seed, 0 if split == "train" else 1, step])
+    return tasks.mqar_batch(rng, self.splits[split], self.batch_size, self.seq_len + 1,
+                            self.num_pairs)
 
 
 class PasskeyBatches(ByteBatches):

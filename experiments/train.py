@@ -4,7 +4,8 @@
         [--config.<field>=<value> ...]
 
 Writes `workdir/metrics.jsonl` (one JSON object per log or eval step, with `step` and `loss` or
-`held_out_loss`, plus `passkey_accuracy` with `data.source = "passkey"`), the same scalars as
+`held_out_loss`, plus `passkey_accuracy` / `mqar_accuracy` with `data.source = "passkey"` /
+`"mqar"`), the same scalars as
 TensorBoard event files in `workdir/tensorboard`, `workdir/config.json` (what `experiments.plot`
 rebuilds the model from) and Orbax checkpoints in `workdir/checkpoints` (the newest
 `keep_checkpoints`). A progress bar shows the loss and tokens/s on a terminal.
@@ -75,15 +76,35 @@ def build_optimizer(config):
                      optax.adamw(schedule, weight_decay=opt.weight_decay)), schedule
 
 
+DATA_SOURCES = ("stdlib", "passkey", "mqar", "text", "tokens")
+
+
 def build_data(config):
-  sources = {"stdlib": data_lib.ByteBatches, "passkey": data_lib.PasskeyBatches}
-  if config.data.source not in sources:
-    raise ValueError(f"data.source must be one of {tuple(sources)}, got {config.data.source!r}")
+  """Batches of `config.data.source`: "stdlib" (bytes of the standard library's sources),
+  "passkey" / "mqar" (synthetic tasks over that text), "text" (bytes of the files matching the
+  glob `data.path`) or "tokens" (`.npy` / `.bin` token ids matching `data.path`)."""
+  data = config.data
+  if data.source not in DATA_SOURCES:
+    raise ValueError(f"data.source must be one of {DATA_SOURCES}, got {data.source!r}")
   if config.grad_accum_steps < 1 or config.batch_size % config.grad_accum_steps:
     raise ValueError(f"grad_accum_steps ({config.grad_accum_steps}) must be >= 1 and divide "
                      f"batch_size ({config.batch_size})")
-  text = data_lib.stdlib_source_bytes(config.data.max_bytes)
-  return sources[config.data.source](text, config.batch_size, config.seq_len, config.seed)
+  if data.source in ("text", "tokens") and not data.path:
+    raise ValueError(f"data.path (a glob) is required with data.source={data.source!r}")
+  args = (config.batch_size, config.seq_len, config.seed)
+  if data.source == "tokens":
+    return data_lib.ByteBatches(
+        data_lib.token_file_ids(data.path, data.dtype,
+                                config.model.get("vocab_size", TransformerConfig.vocab_size)),
+        *args)
+  if data.source == "text":
+    return data_lib.ByteBatches(data_lib.text_file_bytes(data.path, data.max_bytes), *args)
+  text = data_lib.stdlib_source_bytes(data.max_bytes)
+  if data.source == "mqar":
+    return data_lib.MQARBatches(text, *args, num_pairs=data.mqar_pairs)
+  if data.source == "passkey":
+    return data_lib.PasskeyBatches(text, *args)
+  return data_lib.ByteBatches(text, *args)
 
 
 def loss_fn(model, tokens):
@@ -199,6 +220,10 @@ def _train(config, workdir, batches, mesh):
                                             batches.splits["held_out"], [config.seq_len + 1],
                                             PASSKEY_DEPTHS, samples=4, seed=step)
           record["passkey_accuracy"] = float(np.mean(list(accuracy.values())))
+        if config.data.source == "mqar":  # recall accuracy at the training length
+          record["mqar_accuracy"] = tasks.mqar_accuracy(
+              lambda t: eval_logits(model, jnp.asarray(t)), batches.splits["held_out"],
+              config.seq_len + 1, config.data.mqar_pairs, samples=4, seed=step)
         log(record)
       if step % config.checkpoint_every == 0 or step == config.steps:
         manager.save(step, args=ocp.args.StandardSave(

@@ -89,3 +89,43 @@ def test_passkey_source_trains_and_reports_retrieval_accuracy(tmp_path):
   accuracies = [r["passkey_accuracy"] for r in records if "passkey_accuracy" in r]
   assert len(accuracies) == 2 and all(0.0 <= a <= 1.0 for a in accuracies)
   assert np.isfinite([r["loss"] for r in records if "loss" in r]).all()
+
+
+def test_mqar_source_trains_and_logs_recall_accuracy(tmp_path):
+  config = small_config(steps=3)
+  config.seq_len, config.data.source, config.data.mqar_pairs = 96, "mqar", 4
+  records = train.run(config, str(tmp_path))
+  accuracies = [r["mqar_accuracy"] for r in records if "mqar_accuracy" in r]
+  assert accuracies and all(0.0 <= a <= 1.0 for a in accuracies)
+
+
+def test_users_text_and_token_files_are_data_sources(tmp_path):
+  (tmp_path / "corpus").mkdir()
+  for i in range(2):
+    (tmp_path / "corpus" / f"part{i}.txt").write_bytes(bytes(range(256)) * 400)
+  text = small_config()
+  text.data.source, text.data.path = "text", str(tmp_path / "corpus" / "*.txt")
+  batches = train.build_data(text)
+  assert batches.batch("train", 1).shape == (2, 65)
+
+  ids = np.arange(100_000) % 256
+  np.save(tmp_path / "ids.npy", ids.astype(np.int32))
+  ids.astype(np.uint16).tofile(tmp_path / "ids.bin")
+  for name in ("ids.npy", "ids.bin"):
+    tokens = small_config(steps=2)
+    tokens.data.source, tokens.data.path = "tokens", str(tmp_path / name)
+    batch = train.build_data(tokens).batch("train", 1)
+    assert batch.dtype == np.int32 and np.all(np.diff(batch, axis=1) % 256 == 1)  # consecutive
+    assert train.run(tokens, str(tmp_path / name.replace(".", "_")))[-1]["step"] == 2
+
+  np.save(tmp_path / "big.npy", np.array([0, 300, 5] * 1000, np.int32))
+  bad = small_config()
+  bad.data.source, bad.data.path = "tokens", str(tmp_path / "big.npy")
+  with pytest.raises(ValueError, match=r"outside the model's vocabulary \[0, 256\)"):
+    train.build_data(bad)
+  bad.data.path = str(tmp_path / "nothing*.npy")
+  with pytest.raises(FileNotFoundError, match="matches no file"):
+    train.build_data(bad)
+  bad.data.source, bad.data.path = "text", ""
+  with pytest.raises(ValueError, match="data.path"):
+    train.build_data(bad)

@@ -39,6 +39,9 @@ def get_config():
 
   config.optimizer = ml_collections.ConfigDict(dict(
       peak_learning_rate=3e-3, warmup_steps=20, weight_decay=0.01, clip_norm=1.0))
-  # "stdlib": bytes of the standard library's sources; "passkey": retrieval sequences over them.
-  config.data = ml_collections.ConfigDict(dict(source="stdlib", max_bytes=4_000_000))
+  # "stdlib": bytes of the standard library's sources; "passkey" / "mqar": retrieval and
+  # multi-query associative recall sequences over them; "text": bytes of the files matching the
+  # glob `path`; "tokens": ids in the .npy / .bin (`dtype`) files matching `path`.
+  config.data = ml_collections.ConfigDict(dict(source="stdlib", max_bytes=4_000_000, path="",
+                                               dtype="uint16", mqar_pairs=8))
   return config
