@@ -1,0 +1,16 @@
+"""Dense attention on one GPU: `gpu_nsa.py` with `attention = "dense"` (cuDNN flash attention).
+
+Command:   python -m experiments.train --config experiments/configs/gpu_dense.py \
+               --workdir out/gpu_dense
+Hardware:  one H100 / H200, bfloat16 compute.
+Runtime:   about 5 minutes on an H200 (see experiments/RESULTS.md).
+Expected:  the baseline of `gpu_nsa.py`: same model, data and steps.
+"""
+
+from experiments.configs import gpu_nsa
+
+
+def get_config():
+  config = gpu_nsa.get_config()
+  config.attention = "dense"
+  return config
