@@ -249,11 +249,15 @@ def nsa_attention(q, k, v, *, config: NSAConfig, gates=None, k_cmp=None, v_cmp=N
 def dense_causal_attention(q, k, v, *, scale=None):
   """Plain causal GQA attention, `[B, T, Hq, Dv]` in q.dtype: the baseline NSA is compared with.
 
-  Uses `jax.nn.dot_product_attention` (cuDNN on GPU where it applies, XLA elsewhere).
+  cuDNN flash attention on GPU where it applies (half precision, Dk == Dv); elsewhere
+  `jax.nn.dot_product_attention`'s XLA path (O(T^2) memory), or the masked reference math when
+  Dk != Dv.
   """
   check.check_qkv(q, k, v)
+  scale = _scale(scale, q.shape[-1])
+  if pallas_gpu.use_cudnn(q, v):
+    return pallas_gpu.cudnn_causal_attention(q, k, v, scale)
   if q.shape[-1] == v.shape[-1]:
     return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True)
   # jax.nn.dot_product_attention needs Dk == Dv: fall back to the masked reference math.
-  return reference.sliding_window_attention(q, k, v, _scale(scale, q.shape[-1]),
-                                            window=q.shape[1])
+  return reference.sliding_window_attention(q, k, v, scale, window=q.shape[1])

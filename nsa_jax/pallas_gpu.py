@@ -43,9 +43,25 @@ def _static_scale(scale):
   return static_scale(scale, "pallas_gpu")
 
 
-def _use_cudnn(q, v, interpret):
+def use_cudnn(q, v, interpret=False):
+  """Whether cuDNN's flash attention takes these inputs (GPU, half precision, Dk == Dv)."""
   return (not interpret and jax.default_backend() == "gpu" and q.shape[-1] == v.shape[-1]
           and q.dtype in (jnp.bfloat16, jnp.float16))
+
+
+def cudnn_causal_attention(q, k, v, scale, window=None):
+  """Causal (optionally banded: the last `window` tokens) GQA attention through cuDNN.
+
+  cuDNN's masked training kernels need an even length: a token appended at the end is after
+  every real query (causal), so it changes nothing but its own row, which is cut off.
+  """
+  t = q.shape[1]
+  pad = [(0, 0), (0, t % 2), (0, 0), (0, 0)]
+  local = None if window is None else (window - 1, 0)
+  out = jax.nn.dot_product_attention(jnp.pad(q, pad), jnp.pad(k, pad), jnp.pad(v, pad),
+                                     scale=scale, is_causal=True, local_window_size=local,
+                                     implementation="cudnn")
+  return out[:, :t]
 
 
 def compressed_attention(q, k_cmp, v_cmp, scale, *, block, stride, interpret=False):
@@ -81,15 +97,8 @@ def selected_attention(q, k, v, block_indices, scale, *, block, interpret=False)
 
 
 def sliding_window_attention(q, k, v, scale, *, window, interpret=False):
-  if _use_cudnn(q, v, interpret):
-    # cuDNN's masked training kernels need an even length: a token appended at the end is after
-    # every real query (causal), so it changes nothing but its own row, which is cut off.
-    t = q.shape[1]
-    pad = [(0, 0), (0, t % 2), (0, 0), (0, 0)]
-    out = jax.nn.dot_product_attention(jnp.pad(q, pad), jnp.pad(k, pad), jnp.pad(v, pad),
-                                       scale=scale, is_causal=True,
-                                       local_window_size=(window - 1, 0), implementation="cudnn")
-    return out[:, :t]
+  if use_cudnn(q, v, interpret):
+    return cudnn_causal_attention(q, k, v, scale, window)
   return xla.sliding_window_attention(q, k, v, scale, window=window, query_chunk=GPU_QUERY_CHUNK)
 
 
