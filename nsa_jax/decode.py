@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Callable
 
 import jax
@@ -66,14 +67,8 @@ class DecodeCache:
 
 
 def _padded_len(max_len: int, config: NSAConfig) -> int:
-  align = CACHE_ALIGN * config.slc_block // _gcd(CACHE_ALIGN, config.slc_block)
+  align = math.lcm(CACHE_ALIGN, config.slc_block)
   return -(-max_len // align) * align
-
-
-def _gcd(a: int, b: int) -> int:
-  while b:
-    a, b = b, a % b
-  return a
 
 
 def init_decode_cache(batch: int, max_len: int, num_kv_heads: int, head_dim: int,
