@@ -24,8 +24,8 @@ setuptools.setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3"],
-        "experiments": ["ml_collections>=1.0", "orbax-checkpoint>=0.11", "matplotlib>=3.8",
-                        "tensorboardX>=2.6", "tqdm>=4.66"],
+        "experiments": ["ml_collections>=1.0", "orbax-checkpoint>=0.11", "grain>=0.2",
+                        "matplotlib>=3.8", "tensorboardX>=2.6", "tqdm>=4.66"],
         "gpu": ["jax[cuda13]>=0.11.2"],
         "tpu": ["jax[tpu]>=0.11.2"],
     },

@@ -14,6 +14,7 @@ import os
 import pathlib
 import sysconfig
 
+import grain
 import numpy as np
 
 from experiments import tasks
@@ -121,3 +122,14 @@ class PasskeyBatches(ByteBatches):
   def batch(self, split: str, step: int) -> np.ndarray:
     rng = np.random.default_rng([self.seed, 0 if split == "train" else 1, step])
     return tasks.passkey_batch(rng, self.splits[split], self.batch_size, self.seq_len + 1)
+
+
+def train_iterator(batches: ByteBatches, steps: int) -> grain.DatasetIterator:
+  """The training batches of steps 1..`steps` as a grain iterator.
+
+  Its state (`get_state()`, the next step) is saved with every checkpoint and restored with
+  `set_state`; since a batch is a pure function of its step, the restored iterator yields
+  exactly the batches the uninterrupted run would.
+  """
+  steps_dataset = grain.MapDataset.range(1, steps + 1)
+  return iter(steps_dataset.map(lambda step: batches.batch("train", step)).to_iter_dataset())

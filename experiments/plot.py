@@ -53,8 +53,9 @@ def load_run(workdir):
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}")
     target = {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}
-    restored = manager.restore(step, args=ocp.args.StandardRestore(target))
-  nnx.update(model, restored["model"])
+    restored = manager.restore(step, args=ocp.args.Composite(
+        train_state=ocp.args.StandardRestore(target)))
+  nnx.update(model, restored.train_state["model"])
   return config, records, model
 
 

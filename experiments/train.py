@@ -9,8 +9,9 @@ Writes `workdir/metrics.jsonl` (one JSON object per log or eval step, with `step
 TensorBoard event files in `workdir/tensorboard`, `workdir/config.json` (what `experiments.plot`
 rebuilds the model from) and Orbax checkpoints in `workdir/checkpoints` (the newest
 `keep_checkpoints`). A progress bar shows the loss and tokens/s on a terminal.
-Rerunning the same command resumes from the latest checkpoint; batches depend only on the step,
-so a resumed run reproduces the uninterrupted one exactly. A non-finite loss stops the run with a
+Rerunning the same command resumes from the latest checkpoint (model, optimizer and the grain
+data iterator's state); batches depend only on the step, so a resumed run reproduces the
+uninterrupted one exactly. A non-finite loss stops the run with a
 message, keeping the last good checkpoint.
 
 Parallelism: `config.mesh` sizes a `(data, fsdp, tensor)` device mesh (-1 fills); parameters,
@@ -164,13 +165,16 @@ def _train(config, workdir, batches, mesh):
   manager = ocp.CheckpointManager(
       (workdir / "checkpoints").absolute(),
       options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints))
+  train_batches = data_lib.train_iterator(batches, config.steps)  # grain: state checkpointed
   start = 0
   if manager.latest_step() is not None:
     start = manager.latest_step()
     target = {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}
-    restored = manager.restore(start, args=ocp.args.StandardRestore(target))
-    nnx.update(model, restored["model"])
-    nnx.update(optimizer, restored["optimizer"])
+    restored = manager.restore(start, args=ocp.args.Composite(
+        train_state=ocp.args.StandardRestore(target), data_iterator=ocp.args.JsonRestore()))
+    nnx.update(model, restored.train_state["model"])
+    nnx.update(optimizer, restored.train_state["optimizer"])
+    train_batches.set_state(restored.data_iterator)
     print(f"resumed from step {start}", flush=True)
 
   records = []
@@ -197,7 +201,7 @@ def _train(config, workdir, batches, mesh):
     tokens_per_step = config.batch_size * config.seq_len
     last_time = time.perf_counter()
     for step in range(start + 1, config.steps + 1):
-      loss = float(train_step(model, optimizer, on_mesh(batches.batch("train", step)),
+      loss = float(train_step(model, optimizer, on_mesh(next(train_batches)),
                               accum_steps=config.grad_accum_steps))
       if not np.isfinite(loss):
         raise NonFiniteLossError(
@@ -226,8 +230,10 @@ def _train(config, workdir, batches, mesh):
               config.seq_len + 1, config.data.mqar_pairs, samples=4, seed=step)
         log(record)
       if step % config.checkpoint_every == 0 or step == config.steps:
-        manager.save(step, args=ocp.args.StandardSave(
-            {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}))
+        manager.save(step, args=ocp.args.Composite(
+            train_state=ocp.args.StandardSave({"model": nnx.state(model),
+                                               "optimizer": nnx.state(optimizer)}),
+            data_iterator=ocp.args.JsonSave(train_batches.get_state())))
       progress.update(1)
   progress.close()
   if writer is not None:

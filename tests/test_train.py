@@ -32,6 +32,7 @@ def test_demo_config_trains_and_writes_metrics(tmp_path, attention):
   assert lines == records
   assert any("held_out_loss" in r for r in records)
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["3", "6"]
+  assert (tmp_path / "checkpoints" / "6" / "data_iterator").exists()  # grain iterator state
   assert json.loads((tmp_path / "config.json").read_text())["attention"] == attention
   # The same scalars as TensorBoard events.
   logged = tensorboard_scalars(tmp_path / "tensorboard", "loss")
