@@ -127,20 +127,21 @@ def test_bad_decode_inputs_raise_value_errors():
     init_decode_cache(2, 0, 2, 8, config=SMALL)
 
 
-@pytest.mark.parametrize("with_gates", [False, True])
-def test_gpu_decode_kernels_in_interpret_mode_equal_the_full_forward(with_gates):
+@pytest.mark.parametrize("with_gates,batch", [(False, 1), (True, 2)])
+def test_gpu_decode_kernels_in_interpret_mode_equal_the_full_forward(with_gates, batch):
   # G = 2 (padded to 16 rows), several compressed splits' worth of masking, window tiles that
   # straddle the selection blocks, the last steps past the first 128-block boundary of k_cmp.
-  q, k, v = random_qkv(1, 70, 4, 2, 16)
+  q, k, v = random_qkv(batch, 70, 4, 2, 16)
   gates = random_gates(q) if with_gates else None
   expected = nsa_jax.nsa_attention(q, k, v, config=SMALL, gates=gates, implementation="reference")
   out = decode_all(q, k, v, gates, 60, SMALL, implementation="pallas_gpu", interpret=True)
   assert_close(out, expected)
 
 
-@pytest.mark.parametrize("with_gates", [False, True])
-def test_tpu_decode_kernels_under_the_interpreter_equal_the_full_forward(with_gates, no_races):
-  q, k, v = random_qkv(1, 70, 4, 2, 16)
+@pytest.mark.parametrize("with_gates,batch", [(False, 1), (True, 2)])
+def test_tpu_decode_kernels_under_the_interpreter_equal_the_full_forward(with_gates, batch,
+                                                                         no_races):
+  q, k, v = random_qkv(batch, 70, 4, 2, 16)  # B = 2: the prefetched block table is per (b, h)
   gates = random_gates(q) if with_gates else None
   expected = nsa_jax.nsa_attention(q, k, v, config=SMALL, gates=gates, implementation="reference")
   out = decode_all(q, k, v, gates, 60, SMALL, implementation="pallas_tpu", interpret=True)
