@@ -25,8 +25,8 @@ import jax.numpy as jnp
 
 from nsa_jax import xla
 from nsa_jax.attention_math import combine_branches
-from nsa_jax.block_selection import num_cmp_visible, slc_scores_from_cmp_probs
 from nsa_jax.config import NSAConfig
+from nsa_jax.split_decode import split_decode_attention
 from nsa_jax.validation import static_scale
 from pallas_kernels.gpu import compressed_attention as compressed_kernel
 from pallas_kernels.gpu import decode as decode_kernel
@@ -130,28 +130,18 @@ def decode_attention(q_t, cache, position, gates, scale, *, config: NSAConfig, i
                      interpret=interpret)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "scale", "interpret"))
-def _decode_jit(q_t, cache, position, gates, *, config, scale, interpret):
-  b, hq, _ = q_t.shape
-  hkv = cache.k.shape[1]
-  group = hq // hkv
-  q_rows = decode_kernel.group_rows(q_t, hkv)  # [B, Hkv, Gp, Dk]
-  o_cmp, probs = decode_kernel.compressed_decode(
-      q_rows, cache.k_cmp, cache.v_cmp, num_cmp_visible(position, config), scale=scale,
-      interpret=interpret)
-  p_grp = probs[:, :, :group].sum(2)[..., :config.num_cmp_blocks(cache.max_len)]
-  num_slc = cache.k.shape[2] // config.slc_block
-  scores = slc_scores_from_cmp_probs(p_grp, config, num_slc)  # [B, Hkv, num_slc]
+def _top_n_kernel(scores, position, config: NSAConfig, interpret: bool):
+  """The decode top-n kernel on `scores [B, Hkv, num_slc]` padded to a power-of-two width."""
+  num_slc = scores.shape[-1]
   width = 1 << (num_slc - 1).bit_length()
-  block_indices = top_n_kernel.top_n_blocks_decode(
+  return top_n_kernel.top_n_blocks_decode(
       jnp.pad(scores, [(0, 0), (0, 0), (0, width - num_slc)]), position,
       num_selected=config.num_selected, slc_block=config.slc_block, num_slc=num_slc,
-      num_initial=config.num_initial, num_local=config.num_local,
-      interpret=interpret)  # [B, Hkv, n]
-  o_slc, o_swa = decode_kernel.sparse_decode(
-      q_rows, cache.k, cache.v, block_indices, position, block=config.slc_block,
-      window=config.window, scale=scale, interpret=interpret)
-  ungroup = lambda o: o[:, :, :group].reshape(b, 1, hq, -1)  # [B, 1, Hq, Dv] for combine
-  gates = None if gates is None else gates[:, None]
-  out = combine_branches(ungroup(o_cmp), ungroup(o_slc), ungroup(o_swa), gates)
-  return out[:, 0].astype(q_t.dtype)
+      num_initial=config.num_initial, num_local=config.num_local, interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "scale", "interpret"))
+def _decode_jit(q_t, cache, position, gates, *, config, scale, interpret):
+  top_n = functools.partial(_top_n_kernel, interpret=interpret)
+  return split_decode_attention(q_t, cache, position, gates, config=config, scale=scale,
+                                kernels=decode_kernel, top_n=top_n, interpret=interpret)

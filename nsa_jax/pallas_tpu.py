@@ -24,8 +24,9 @@ import jax.numpy as jnp
 
 from nsa_jax import xla
 from nsa_jax.attention_math import combine_branches
-from nsa_jax.block_selection import decode_selection, num_cmp_visible, top_n_blocks
+from nsa_jax.block_selection import top_n_blocks
 from nsa_jax.config import NSAConfig
+from nsa_jax.split_decode import split_decode_attention
 from nsa_jax.validation import static_scale
 from pallas_kernels.tpu import compressed_attention as compressed_kernel
 from pallas_kernels.tpu import decode as decode_kernel
@@ -107,20 +108,5 @@ def decode_attention(q_t, cache, position, gates, scale, *, config: NSAConfig, i
 
 @functools.partial(jax.jit, static_argnames=("config", "scale", "interpret"))
 def _decode(q_t, cache, position, gates, *, config, scale, interpret):
-  b, hq, _ = q_t.shape
-  hkv = cache.k.shape[1]
-  group = hq // hkv
-  q_rows = decode_kernel.group_rows(q_t, hkv)  # [B, Hkv, Gp, Dk]
-  o_cmp, probs = decode_kernel.compressed_decode(
-      q_rows, cache.k_cmp, cache.v_cmp, num_cmp_visible(position, config), scale=scale,
-      interpret=interpret)
-  p_grp = probs[:, :, :group].sum(2)[..., :config.num_cmp_blocks(cache.max_len)]
-  block_indices = decode_selection(p_grp, position, config,
-                                   cache.k.shape[2] // config.slc_block)  # [B, Hkv, n]
-  o_slc, o_swa = decode_kernel.sparse_decode(
-      q_rows, cache.k, cache.v, block_indices, position, block=config.slc_block,
-      window=config.window, scale=scale, interpret=interpret)
-  ungroup = lambda o: o[:, :, :group].reshape(b, 1, hq, -1)  # [B, 1, Hq, Dv] for combine
-  gates = None if gates is None else gates[:, None]
-  out = combine_branches(ungroup(o_cmp), ungroup(o_slc), ungroup(o_swa), gates)
-  return out[:, 0].astype(q_t.dtype)
+  return split_decode_attention(q_t, cache, position, gates, config=config, scale=scale,
+                                kernels=decode_kernel, top_n=top_n_blocks, interpret=interpret)

@@ -1,4 +1,5 @@
-"""Merging flash-decoding partials (plain JAX, shared by the GPU and TPU decode kernels).
+"""Merging flash-decoding partials, and the window's tile count (plain JAX, shared by the GPU and
+TPU decode kernels).
 
 A decode kernel that splits one query's keys over several programs writes, per split, the
 unnormalised output `acc = sum_s 2^(x_s - m) v_s`, the split's max `m` and sum `l = sum_s
@@ -30,3 +31,16 @@ def merge_partials(acc, row_max, row_sum, axis):
   lse2 = jnp.where(nonempty, jnp.squeeze(total_max, axis) + jnp.log2(jnp.where(nonempty, total,
                                                                               1.0)), -jnp.inf)
   return out, lse2
+
+
+def merge_selected_and_window(acc, row_max, row_sum, num_selected: int):
+  """The two branches of a selected + window decode kernel, whose first `num_selected` partials
+  (axis 2) are selected blocks and the rest window tiles: `(o_slc, o_swa)`, `[..., Gp, Dv]`."""
+  merge = lambda part: merge_partials(acc[:, :, part], row_max[:, :, part], row_sum[:, :, part],
+                                      axis=2)[0]
+  return merge(slice(0, num_selected)), merge(slice(num_selected, None))
+
+
+def window_tiles(window: int, block: int) -> int:
+  """`block`-aligned tiles that a span of `window` tokens can touch (the window's grid steps)."""
+  return -(-(window - 1) // block) + 1

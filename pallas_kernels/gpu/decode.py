@@ -29,7 +29,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.decode_partials import merge_partials
+from pallas_kernels.decode_partials import merge_partials, merge_selected_and_window
+from pallas_kernels.decode_partials import window_tiles
 
 LOG2E = math.log2(math.e)
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -160,11 +161,6 @@ def _sparse_kernel(pos_ref, idx_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref,
   l_ref[...] = row_sum
 
 
-def window_tiles(window: int, block: int) -> int:
-  """`l'`-aligned tiles that a span of `window` tokens can touch."""
-  return -(-(window - 1) // block) + 1
-
-
 @functools.partial(jax.jit, static_argnames=("block", "window", "scale", "interpret"))
 def sparse_decode(q_rows, k, v, block_indices, position, *, block: int, window: int,
                   scale: float, interpret: bool = False):
@@ -207,6 +203,4 @@ def sparse_decode(q_rows, k, v, block_indices, position, *, block: int, window: 
       interpret=interpret,
       name="nsa_decode_sparse",
   )(jnp.reshape(position, (1,)).astype(jnp.int32), block_indices, q_rows, k, v)
-  o_slc, _ = merge_partials(acc[:, :, :n], row_max[:, :, :n], row_sum[:, :, :n], axis=2)
-  o_swa, _ = merge_partials(acc[:, :, n:], row_max[:, :, n:], row_sum[:, :, n:], axis=2)
-  return o_slc, o_swa
+  return merge_selected_and_window(acc, row_max, row_sum, n)
