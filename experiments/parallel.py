@@ -1,4 +1,4 @@
-"""Data, FSDP and tensor parallelism for `experiments.train`: the mesh, parameter and batch shardings.
+"""Data, FSDP and tensor parallelism for `experiments.train`: mesh, parameter and batch shardings.
 
 - Batch: split over the `data` and `fsdp` axes.
 - Parameters (and the optimizer state that mirrors them): matrices split over `fsdp` along one

@@ -156,8 +156,8 @@ def make_plots(workdirs, out, lengths=None, depths=(0.1, 0.3, 0.5, 0.7, 0.9), sa
         filler = train.build_data(config).splits["held_out"]
         indices = first_layer_selection(model, filler[:config.seq_len])
         written[f"selection_{name}.png"] = out / f"selection_{name}.png"
-        plot_selection(indices, config.nsa.slc_block,
-                       f"blocks chosen by layer 0, KV head 0: {name}", out / f"selection_{name}.png")
+        plot_selection(indices, config.nsa.slc_block, f"blocks chosen by layer 0, KV head 0: {name}",
+                       out / f"selection_{name}.png")
   written["loss_curves.png"] = out / "loss_curves.png"
   plot_losses(runs, out / "loss_curves.png")
   return written
