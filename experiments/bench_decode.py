@@ -8,8 +8,9 @@ Shapes: Hq=64, Hkv=4, D=128, bfloat16, the paper's NSA config. For each context 
 cache holds C - 1 tokens and one step appends token C and attends it (cache update included, the
 cache updated in place); `--steps` steps run in one jitted loop so host dispatch is not counted,
 and the context grows by steps * (repeats + 1) tokens over a measurement (< 1% at 64k). Dense
-decoding is timed the same way: `dense_xla` (one einsum over the cache, masked past the length) and `dense_cudnn`
-(`jax.nn.dot_product_attention` with `key_value_seq_lengths`, where cuDNN takes it).
+decoding is timed the same way: `dense_xla` (one einsum over the cache, masked past the length)
+and `dense_cudnn` (`jax.nn.dot_product_attention` with `key_value_seq_lengths`, where cuDNN
+takes it).
 
 Tokens read per step are the paper's Table 4 count: visible compressed blocks + n * l' + w for
 NSA (2048, 2560, 3584, 5632 at 8k..64k), the context for dense. Prints a table, writes JSON.
