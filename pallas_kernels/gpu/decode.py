@@ -22,7 +22,6 @@ Layout: caches head-major `[B, Hkv, S, D]` (one head's tokens contiguous); q row
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -31,16 +30,16 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.decode_partials import merge_partials, merge_selected_and_window
 from pallas_kernels.decode_partials import window_tiles
+from pallas_kernels.gpu.tile_math import LOG2E, MASK_VALUE, pow2
+from pallas_kernels.gpu.tile_math import dot as _dot
 
-LOG2E = math.log2(math.e)
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 CMP_SPLIT = 128  # compressed keys per program
 CMP_TILE = 64  # compressed keys per dot
 NUM_WARPS = 4
 
 
 def _is_pow2(x: int) -> bool:
-  return x >= 16 and x & (x - 1) == 0
+  return pow2(x, 16) == x
 
 
 def supported(head_dim: int, head_dim_v: int, slc_block: int, cache_len: int,
@@ -51,16 +50,11 @@ def supported(head_dim: int, head_dim_v: int, slc_block: int, cache_len: int,
           and cmp_cache_len % CMP_SPLIT == 0)
 
 
-def _dot(a, b, trans_b=False):
-  precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-  return plgpu.dot(a, b, trans_b=trans_b, precision=precision)
-
-
 def group_rows(q_t, num_kv_heads: int):
   """`[B, Hq, D]` -> `[B, Hkv, Gp, D]`, the G heads of a group padded with zero rows to Gp."""
   b, hq, d = q_t.shape
   group = hq // num_kv_heads
-  rows = max(16, 1 << (group - 1).bit_length())
+  rows = pow2(group, 16)
   q = q_t.reshape(b, num_kv_heads, group, d)
   return jnp.pad(q, [(0, 0), (0, 0), (0, rows - group), (0, 0)])
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -26,20 +25,10 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.block_maps import inverse_block_map, max_work_items
 from pallas_kernels.block_maps import sorted_causal_block_indices
+from pallas_kernels.gpu.tile_math import LOG2E, MASK_VALUE, pow2
+from pallas_kernels.gpu.tile_math import dot as _dot
 
-LOG2E = math.log2(math.e)
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: keeps max/exp free of inf - inf
 DKV_CHUNK = 256  # most queries one dK/dV work item handles
-
-
-def _pow2(x: int, minimum: int = 16) -> int:
-  return max(minimum, 1 << (x - 1).bit_length())
-
-
-def _dot(a, b, trans_a=False, trans_b=False):
-  # float32 inputs keep float32 precision (no TF32); half inputs use the tensor cores.
-  precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-  return plgpu.dot(a, b, trans_a=trans_a, trans_b=trans_b, precision=precision)
 
 
 def _visible(block_start, query_pos, loaded, block):
@@ -159,10 +148,11 @@ class _Layout:
 def _layout(q, v, block_indices, block) -> _Layout:
   b, t, hq, dk = q.shape
   hkv = v.shape[2]
-  return _Layout(batch=b, seq_len=t, num_kv_heads=hkv, group=hq // hkv, rows=_pow2(hq // hkv),
-                 head_dim=dk, head_dim_v=v.shape[3], head_dim_pad=_pow2(dk),
-                 head_dim_v_pad=_pow2(v.shape[3]), block=block, loaded=_pow2(block),
-                 num_blocks=-(-t // block), num_slots=_pow2(block_indices.shape[-1], 1))
+  # Triton's dot wants power-of-two sides >= 16; the slot list only a power of two.
+  return _Layout(batch=b, seq_len=t, num_kv_heads=hkv, group=hq // hkv, rows=pow2(hq // hkv, 16),
+                 head_dim=dk, head_dim_v=v.shape[3], head_dim_pad=pow2(dk, 16),
+                 head_dim_v_pad=pow2(v.shape[3], 16), block=block, loaded=pow2(block, 16),
+                 num_blocks=-(-t // block), num_slots=pow2(block_indices.shape[-1]))
 
 
 def _to_rows(x, lay: _Layout, dim_pad):
