@@ -2,16 +2,17 @@
 
     python -m experiments.profile_decode [--context 65536] [--batches 1,8]
 
-Parts: the full `nsa_decode_step` (pallas_gpu), the attention alone, the cache append with
-incremental compression alone, the compressed split kernel with its merge, the XLA `lax.top_k`
-selection (for comparison with the top-n kernel the step uses), and the selected + window split
-kernel. Prints microseconds per step and how many kernel-launching ops (fusions, custom calls,
-in-place updates, copies) the compiled loop holds.
+Parts: the full `nsa_decode_step` (pallas_gpu), the attention alone, the cache append (the
+kernel, and the XLA append it replaces), then the attention's kernels cumulatively: the
+compressed partials, + the selection, the sparse partials alone, and all of them + the combine
+(with fixed selected blocks). Prints microseconds per step and how many kernel-launching ops
+(fusions, custom calls, in-place updates, copies) the compiled loop holds.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import re
 
@@ -22,8 +23,9 @@ import nsa_jax
 from experiments.bench_decode import CONFIG, D, HKV, HQ, filled_nsa_cache, random_inputs
 from experiments.bench_decode import time_steps
 from nsa_jax import pallas_gpu
-from nsa_jax.block_selection import decode_selection, num_cmp_visible
+from nsa_jax.block_selection import num_cmp_visible
 from nsa_jax.decode import _append, nsa_decode_step
+from pallas_kernels.decode_partials import window_tiles
 from pallas_kernels.gpu import decode as decode_kernel
 
 
@@ -31,15 +33,37 @@ def launches(step, state, inputs):
   loop = jax.jit(lambda s: jax.lax.fori_loop(0, 2, lambda _, x: step(x, *inputs), s))
   text = loop.lower(state).compile().as_text()
   pattern = r"= .*(fusion|custom-call|dynamic-update-slice|copy)\("
-  return sum(1 for line in text.splitlines() if re.search(pattern, line))
+  ops = [line for line in text.splitlines() if re.search(pattern, line)]
+  copies = sum(1 for line in ops if re.search(r"= .*copy\(", line))
+  return len(ops), copies
 
 
 def parts(batch):
-  """name -> `step(state, q, k, v)` with `state = (cache, total)`."""
+  """name -> `step(state, q, k, v)` with `state = (cache, total)`; each kernel alone on the
+  cache's current position (`total` keeps outputs live)."""
   scale = D ** -0.5
   compress = functools.partial(nsa_jax.compress_kv, block=CONFIG.cmp_block,
                                stride=CONFIG.cmp_stride)
   fixed_blocks = jnp.tile(jnp.arange(16, dtype=jnp.int32) * 60, (batch, HKV, 1))
+
+  def sizes(cache):
+    num_slc = cache.k.shape[2] // CONFIG.slc_block
+    split = decode_kernel.cmp_split(batch, HKV, cache.k_cmp.shape[2])
+    width = decode_kernel.score_width(cache.k_cmp.shape[2], split, num_slc,
+                                      CONFIG.slc_block // CONFIG.cmp_stride)
+    return num_slc, split, width
+
+  def cmp_partials(cache, q):
+    _, split, width = sizes(cache)
+    return decode_kernel.compressed_partials(
+        decode_kernel.group_rows(q, HKV), cache.k_cmp, cache.v_cmp,
+        num_cmp_visible(cache.length, CONFIG), scale=scale, split=split, width=width)
+
+  def sparse_partials(cache, q):
+    return decode_kernel.sparse_partials(
+        decode_kernel.group_rows(q, HKV), cache.k, cache.v, fixed_blocks, cache.length,
+        block=CONFIG.slc_block, window=CONFIG.window, num_selected=CONFIG.num_selected,
+        scale=scale)
 
   def full(state, q, k, v):
     cache, total = state
@@ -51,42 +75,86 @@ def parts(batch):
     out = pallas_gpu.decode_attention(q, cache, cache.length, None, scale, config=CONFIG)
     return cache, total + out.astype(jnp.float32)
 
-  def append(state, q, k, v):
+  def append_kernel(state, q, k, v):
     cache, total = state
-    return _append(cache, k, v, CONFIG, compress), total
+    cache = pallas_gpu.decode_append(cache, k, v, config=CONFIG)
+    return dataclasses.replace(cache, length=cache.length - 1), total  # stay at one position
+
+  def append_xla(state, q, k, v):
+    cache, total = state
+    cache = _append(cache, k, v, CONFIG, compress)
+    return dataclasses.replace(cache, length=cache.length - 1), total
 
   def compressed(state, q, k, v):
     cache, total = state
-    out, probs = decode_kernel.compressed_decode(
-        decode_kernel.group_rows(q, HKV), cache.k_cmp, cache.v_cmp,
-        num_cmp_visible(cache.length, CONFIG), scale=scale)
-    total = total + out[:, :, 0, :].sum() + probs[:, :, :, 0].sum()
-    return cache, total
+    scores, acc, _, _ = cmp_partials(cache, q)
+    return cache, total + acc[:, :, 0, :16].sum() + scores[:, :, :, 0].sum()
 
-  def xla_top_k(state, q, k, v):
+  def select(state, q, k, v):
     cache, total = state
-    p_grp = cache.k_cmp[:, :, :CONFIG.num_cmp_blocks(cache.max_len), 0].astype(jnp.float32)
-    idx = decode_selection(p_grp + total[0, 0, 0], cache.length, CONFIG,
-                           cache.k.shape[2] // CONFIG.slc_block)
-    return cache, total + idx.sum()
+    num_slc, split, _ = sizes(cache)
+    scores, _, row_max, row_sum = cmp_partials(cache, q)
+    picks = decode_kernel.select(
+        scores, row_max, row_sum, cache.length, group=HQ // HKV,
+        num_partials=-(-cache.k_cmp.shape[2] // split), cmp_block=CONFIG.cmp_block,
+        cmp_stride=CONFIG.cmp_stride, slc_block=CONFIG.slc_block,
+        num_selected=CONFIG.num_selected, num_slc=num_slc, num_initial=CONFIG.num_initial,
+        num_local=CONFIG.num_local)
+    return cache, total + picks.sum()
 
   def sparse(state, q, k, v):
     cache, total = state
-    o_slc, o_swa = decode_kernel.sparse_decode(
-        decode_kernel.group_rows(q, HKV), cache.k, cache.v, fixed_blocks, cache.length,
-        block=CONFIG.slc_block, window=CONFIG.window, scale=scale)
-    return cache, total + o_slc[:, :, 0].sum() + o_swa[:, :, 0].sum()
+    acc, _, _ = sparse_partials(cache, q)
+    return cache, total + acc[:, :, 0, :16].sum()
 
-  return {"full step": full, "attention only": attention, "append only": append,
-          "compressed kernel": compressed, "selection (XLA top_k)": xla_top_k,
-          "selected+window kernel": sparse}
+  def sparse_and_combine(state, q, k, v):
+    cache, total = state
+    _, split, _ = sizes(cache)
+    out = decode_kernel.combine(
+        cmp_partials(cache, q)[1:], sparse_partials(cache, q), None,
+        num_cmp_partials=-(-cache.k_cmp.shape[2] // split), num_selected=CONFIG.num_selected,
+        num_sparse=CONFIG.num_selected + window_tiles(CONFIG.window, CONFIG.slc_block),
+        out_dtype=q.dtype)
+    return cache, total + out[:, :, :1].astype(jnp.float32).sum()
+
+  def loop_floor(state, q, k, v):  # what the timing loop costs with no attention in it
+    cache, total = state
+    return cache, total + q.astype(jnp.float32)
+
+  return {"loop floor": loop_floor, "full step": full, "attention only": attention,
+          "append kernel": append_kernel, "append (XLA)": append_xla,
+          "compressed kernel": compressed, "compressed + select": select,
+          "sparse kernel": sparse, "cmp + sparse + combine": sparse_and_combine}
+
+
+def sweep(args):
+  """Full step and compressed kernel per TARGET_PROGRAMS (the compressed kernel's split size)."""
+  key = jax.random.key(0)
+  default = decode_kernel.TARGET_PROGRAMS
+  for programs in map(int, args.cmp_programs.split(",")):
+    decode_kernel.TARGET_PROGRAMS = programs
+    jax.clear_caches()  # the jitted decode traced with the old value
+    for batch in map(int, args.batches.split(",")):
+      inputs = random_inputs(batch, key)
+      for name in ("full step", "compressed kernel"):
+        state = (filled_nsa_cache(batch, args.context, key),
+                 jnp.zeros((batch, HQ, D), jnp.float32))
+        us = 1e6 * time_steps(parts(batch)[name], state, inputs, steps=64, repeats=5)
+        print(f"TARGET_PROGRAMS={programs} B={batch} {name}: {us:.1f} us", flush=True)
+  decode_kernel.TARGET_PROGRAMS = default
 
 
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--context", type=int, default=65536)
   parser.add_argument("--batches", default="1,8")
+  parser.add_argument("--cmp-programs", default="",
+                      help="comma-separated decode_kernel.TARGET_PROGRAMS values to sweep "
+                           "(full step and compressed kernel only)")
   args = parser.parse_args()
+  if args.cmp_programs:
+    sweep(args)
+    return
   rows = []
   key = jax.random.key(0)
   for batch in map(int, args.batches.split(",")):
@@ -94,14 +162,14 @@ def main():
     for name, step in parts(batch).items():
       state = lambda: (filled_nsa_cache(batch, args.context, key),
                        jnp.zeros((batch, HQ, D), jnp.float32))
-      count = launches(step, state(), inputs)
+      count, copies = launches(step, state(), inputs)
       us = 1e6 * time_steps(step, state(), inputs, steps=64, repeats=5)
-      rows.append((batch, name, us, count))
-      print(f"B={batch} {name}: {us:.1f} us, {count} ops", flush=True)
+      rows.append((batch, name, us, count, copies))
+      print(f"B={batch} {name}: {us:.1f} us, {count} ops ({copies} copies)", flush=True)
   print(f"\n{jax.devices()[0].device_kind}, context {args.context}")
-  print(f"{'B':>2} {'part':>24} {'us/step':>8} {'ops':>4}")
-  for batch, name, us, count in rows:
-    print(f"{batch:>2} {name:>24} {us:>8.1f} {count:>4}")
+  print(f"{'B':>2} {'part':>24} {'us/step':>8} {'ops':>4} {'copies':>6}")
+  for batch, name, us, count, copies in rows:
+    print(f"{batch:>2} {name:>24} {us:>8.1f} {count:>4} {copies:>6}")
 
 
 if __name__ == "__main__":

@@ -189,8 +189,13 @@ def nsa_decode_step(q_t, k_t, v_t, cache: DecodeCache, *, config: NSAConfig, gat
                        f"got {tuple(gates.shape)}")
     check.check_float("gates", gates)
   scale = q_t.shape[-1] ** -0.5 if scale is None else scale
-  cache = _append(cache, k_t, v_t, config, compress_fn or _default_compress(config))
-  backend = _decode_backend(implementation, interpret)
+  implementation = ops.resolve_implementation(implementation, interpret)
+  if (implementation == "pallas_gpu" and compress_fn is None
+      and pallas_gpu.append_supported(cache, config)):
+    cache = pallas_gpu.decode_append(cache, k_t, v_t, config=config, interpret=interpret)
+  else:
+    cache = _append(cache, k_t, v_t, config, compress_fn or _default_compress(config))
+  backend = _decode_backend(implementation)
   out = backend(q_t, cache, cache.length - 1, gates, scale, config=config, interpret=interpret)
   return out, cache
 
@@ -224,9 +229,9 @@ def _append(cache: DecodeCache, k_t, v_t, config: NSAConfig, compress_fn) -> Dec
   return DecodeCache(k=k, v=v, k_cmp=k_cmp, v_cmp=v_cmp, length=t + 1, max_len=cache.max_len)
 
 
-def _decode_backend(implementation, interpret):
-  """The decode attention of `implementation`; "reference" uses the XLA one (it is as plain)."""
-  implementation = ops.resolve_implementation(implementation, interpret)
+def _decode_backend(implementation: str):
+  """The decode attention of a resolved `implementation`; "reference" uses the XLA one (it is as
+  plain)."""
   return {"pallas_gpu": pallas_gpu, "pallas_tpu": pallas_tpu}.get(implementation,
                                                                    xla).decode_attention
 

@@ -10,14 +10,16 @@
   and backward, with the selection scores fused into the forward, and their top-n in the Pallas
   kernel of `pallas_kernels.gpu.top_n`;
 - mean-pooling compression: the XLA path (one fused elementwise pass);
-- decoding (`decode_attention`): the split decode kernels of `pallas_kernels.gpu.decode` and the
-  decode top-n kernel of `pallas_kernels.gpu.top_n` between them.
+- decoding: the cache append with mean pooling in one kernel (`decode_append`,
+  `pallas_kernels.gpu.cache_append`) and the attention in four (`decode_attention`: compressed
+  partials, selection with top-n, selected + window partials, combine; `pallas_kernels.gpu.decode`).
 
 Same signatures as `nsa_jax.xla` plus `interpret`; arguments are validated by `nsa_jax.ops`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -25,13 +27,14 @@ import jax.numpy as jnp
 
 from nsa_jax import xla
 from nsa_jax.attention_math import combine_branches
+from nsa_jax.block_selection import num_cmp_visible
 from nsa_jax.config import NSAConfig
-from nsa_jax.split_decode import split_decode_attention
 from nsa_jax.validation import static_scale
+from pallas_kernels.decode_partials import window_tiles
+from pallas_kernels.gpu import cache_append
 from pallas_kernels.gpu import compressed_attention as compressed_kernel
 from pallas_kernels.gpu import decode as decode_kernel
 from pallas_kernels.gpu import selected_attention as selected_kernel
-from pallas_kernels.gpu import top_n as top_n_kernel
 
 # Queries per XLA chunk on the GPU: memory is plentiful and each sequential chunk costs a launch.
 GPU_QUERY_CHUNK = 2048
@@ -130,18 +133,52 @@ def decode_attention(q_t, cache, position, gates, scale, *, config: NSAConfig, i
                      interpret=interpret)
 
 
-def _top_n_kernel(scores, position, config: NSAConfig, interpret: bool):
-  """The decode top-n kernel on `scores [B, Hkv, num_slc]` padded to a power-of-two width."""
-  num_slc = scores.shape[-1]
-  width = 1 << (num_slc - 1).bit_length()
-  return top_n_kernel.top_n_blocks_decode(
-      jnp.pad(scores, [(0, 0), (0, 0), (0, width - num_slc)]), position,
-      num_selected=config.num_selected, slc_block=config.slc_block, num_slc=num_slc,
-      num_initial=config.num_initial, num_local=config.num_local, interpret=interpret)
-
-
 @functools.partial(jax.jit, static_argnames=("config", "scale", "interpret"))
 def _decode_jit(q_t, cache, position, gates, *, config, scale, interpret):
-  top_n = functools.partial(_top_n_kernel, interpret=interpret)
-  return split_decode_attention(q_t, cache, position, gates, config=config, scale=scale,
-                                kernels=decode_kernel, top_n=top_n, interpret=interpret)
+  """The four decode kernels (`pallas_kernels.gpu.decode`), with only reshapes between them."""
+  b, hq, _ = q_t.shape
+  hkv, size = cache.k.shape[1], cache.k.shape[2]
+  group = hq // hkv
+  num_cmp_cache = cache.k_cmp.shape[2]
+  num_slc = size // config.slc_block
+  split = decode_kernel.cmp_split(b, hkv, num_cmp_cache)
+  width = decode_kernel.score_width(num_cmp_cache, split, num_slc,
+                                    config.slc_block // config.cmp_stride)
+  q_rows = decode_kernel.group_rows(q_t, hkv)  # [B, Hkv, Gp, Dk]
+  scores, *cmp_partials = decode_kernel.compressed_partials(
+      q_rows, cache.k_cmp, cache.v_cmp, num_cmp_visible(position, config), scale=scale,
+      split=split, width=width, interpret=interpret)
+  num_cmp_partials = -(-num_cmp_cache // split)
+  block_indices = decode_kernel.select(
+      scores, cmp_partials[1], cmp_partials[2], position, group=group,
+      num_partials=num_cmp_partials, cmp_block=config.cmp_block, cmp_stride=config.cmp_stride,
+      slc_block=config.slc_block, num_selected=config.num_selected, num_slc=num_slc,
+      num_initial=config.num_initial, num_local=config.num_local, interpret=interpret)
+  sparse = decode_kernel.sparse_partials(
+      q_rows, cache.k, cache.v, block_indices, position, block=config.slc_block,
+      window=config.window, num_selected=config.num_selected, scale=scale, interpret=interpret)
+  if gates is not None:  # [B, Hq, 3] -> [B, Hkv, Gp, 4]: group rows, a power-of-two last axis
+    gates = jnp.pad(decode_kernel.group_rows(gates.astype(jnp.float32), hkv),
+                    [(0, 0)] * 3 + [(0, 1)])
+  out = decode_kernel.combine(
+      cmp_partials, sparse, gates, num_cmp_partials=num_cmp_partials,
+      num_selected=config.num_selected,
+      num_sparse=config.num_selected + window_tiles(config.window, config.slc_block),
+      out_dtype=q_t.dtype, interpret=interpret)
+  return out[:, :, :group].reshape(b, hq, -1)
+
+
+def append_supported(cache, config: NSAConfig) -> bool:
+  """Whether `decode_append` takes this cache and config (else the XLA append)."""
+  return cache_append.supported(cache.k.shape[3], cache.v.shape[3], config.cmp_stride,
+                                cache.k_cmp.shape[2])
+
+
+def decode_append(cache, k_t, v_t, *, config: NSAConfig, interpret=False):
+  """`nsa_jax.decode._append` with mean pooling, in one kernel: the cache holding token
+  `cache.length` (`k_t [B, Hkv, Dk]`, `v_t [B, Hkv, Dv]`)."""
+  k, v, k_cmp, v_cmp = cache_append.append_token(
+      cache.k, cache.v, cache.k_cmp, cache.v_cmp, k_t, v_t, cache.length,
+      cmp_block=config.cmp_block, cmp_stride=config.cmp_stride,
+      num_cmp=config.num_cmp_blocks(cache.max_len), interpret=interpret)
+  return dataclasses.replace(cache, k=k, v=v, k_cmp=k_cmp, v_cmp=v_cmp, length=cache.length + 1)

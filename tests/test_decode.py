@@ -9,7 +9,10 @@ import pytest
 
 import nsa_jax
 from nsa_jax import NSAConfig
-from nsa_jax.decode import init_decode_cache, nsa_decode_step, nsa_prefill
+from nsa_jax import pallas_gpu
+from nsa_jax.attention_math import masked_softmax
+from nsa_jax.block_selection import decode_selection, num_cmp_visible
+from nsa_jax.decode import _append, init_decode_cache, nsa_decode_step, nsa_prefill
 from pallas_kernels.gpu import decode as gpu_decode
 from pallas_kernels.tpu import decode as tpu_decode
 from tests.helpers import assert_close, random_gates, random_qkv
@@ -149,21 +152,71 @@ def test_tpu_decode_kernels_under_the_interpreter_equal_the_full_forward(with_ga
 
 
 @pytest.mark.parametrize("count", [0, 1, 77, 200])
-@pytest.mark.parametrize("decode_kernel", [gpu_decode, tpu_decode], ids=["gpu", "tpu"])
-def test_compressed_decode_kernels_give_the_branch_output_and_probabilities(count, decode_kernel,
-                                                                           no_races):
-  q_t, k_cmp, v_cmp = random_qkv(2, 256, 3, 1, 16)  # Sc = 256: two splits; G = 3 -> 16 rows
+def test_tpu_compressed_decode_kernel_gives_the_branch_output_and_probabilities(count, no_races):
+  q_t, k_cmp, v_cmp = random_qkv(2, 256, 3, 1, 16)  # Sc = 256: two splits; G = 3 -> 8 rows
   q_t = q_t[:, 0]  # [B, Hq, Dk]
   heads_first = lambda x: x.transpose(0, 2, 1, 3)
-  out, probs = decode_kernel.compressed_decode(
-      decode_kernel.group_rows(q_t, 1), heads_first(k_cmp), heads_first(v_cmp),
+  out, probs = tpu_decode.compressed_decode(
+      tpu_decode.group_rows(q_t, 1), heads_first(k_cmp), heads_first(v_cmp),
       jnp.int32(count), scale=0.25, interpret=True)
   scores = jnp.einsum("bhd,bsd->bhs", q_t, k_cmp[:, :, 0]) * 0.25
   expected_probs = jax.nn.softmax(jnp.where(jnp.arange(256) < count, scores, -jnp.inf), axis=-1)
   expected_probs = jnp.where(jnp.arange(256) < count, expected_probs, 0.0)  # NaN-free if count=0
-  assert probs.shape == (2, 1, decode_kernel.group_rows(q_t, 1).shape[2], 256)
+  assert probs.shape == (2, 1, tpu_decode.group_rows(q_t, 1).shape[2], 256)
   assert_close(probs[:, 0, :3], expected_probs)
   assert_close(out[:, 0, :3], expected_probs @ v_cmp[:, :, 0])
+
+
+@pytest.mark.parametrize("split", [128, 256])
+@pytest.mark.parametrize("position", [6, 40, 517, 1023])
+def test_gpu_compressed_partials_and_select_kernels_pick_the_xla_decode_blocks(position, split):
+  # S = 1024 tokens (64 selection blocks of l' = 16), Sc = 256 compressed slots (l = 8, d = 4:
+  # Eq. 9 mixes two compressed blocks per sub-block); G = 3 heads padded to 16 rows; one or two
+  # splits. Position 6 sees no compressed block (only the forced blocks are picked).
+  config, hkv, group = SMALL, 2, 3
+  q_t, k_cmp, v_cmp = random_qkv(2, 256, hkv * group, hkv, 16)
+  q_t, k_cmp, v_cmp = q_t[:, 0], k_cmp.transpose(0, 2, 1, 3), v_cmp.transpose(0, 2, 1, 3)
+  num_slc, scale = 1024 // config.slc_block, 0.25
+  width = gpu_decode.score_width(256, split, num_slc, config.slc_block // config.cmp_stride)
+  count = num_cmp_visible(jnp.int32(position), config)
+  scores, acc, row_max, row_sum = gpu_decode.compressed_partials(
+      gpu_decode.group_rows(q_t, hkv), k_cmp, v_cmp, count, scale=scale, split=split,
+      width=width, interpret=True)
+  picks = gpu_decode.select(
+      scores, row_max, row_sum, jnp.int32(position), group=group, num_partials=256 // split,
+      cmp_block=config.cmp_block, cmp_stride=config.cmp_stride, slc_block=config.slc_block,
+      num_selected=config.num_selected, num_slc=num_slc, num_initial=config.num_initial,
+      num_local=config.num_local, interpret=True)
+
+  q = q_t.reshape(2, hkv, group, 16)
+  visible = jnp.arange(256) < count
+  logits = jnp.einsum("bhgd,bhsd->bhgs", q, k_cmp) * scale
+  probs, _ = masked_softmax(logits, visible)
+  expected = decode_selection(probs.sum(2), jnp.int32(position), config, num_slc)
+  got = jnp.sort(jnp.where(picks[..., :config.num_selected] >= 0,
+                           picks[..., :config.num_selected], 10**6), axis=-1)
+  np.testing.assert_array_equal(got, jnp.where(expected >= 0, expected, 10**6))
+  # The raw scores the selection read: log2-domain logits of the visible compressed blocks.
+  shift = gpu_decode.SCORE_SHIFT
+  raw = jnp.where(visible, scores[:, :, :group, shift:shift + 256], 0.0)
+  assert_close(raw, jnp.where(visible, logits * np.log2(np.e), 0.0))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gpu_append_kernel_equals_the_xla_append(dtype):
+  # Steps across several compressed-block boundaries (l = 8, d = 4) from an empty cache.
+  config, steps = SMALL, 37
+  _, k, v = random_qkv(2, steps, 2, 2, 16, 32, dtype=dtype)
+  expected = init_decode_cache(2, 40, 2, 16, 32, config=config, dtype=dtype)
+  got = expected
+  compress = functools.partial(nsa_jax.compress_kv, block=config.cmp_block,
+                               stride=config.cmp_stride)
+  for t in range(steps):
+    expected = _append(expected, k[:, t], v[:, t], config, compress)
+    got = pallas_gpu.decode_append(got, k[:, t], v[:, t], config=config, interpret=True)
+  assert int(got.length) == steps
+  for name in ("k", "v", "k_cmp", "v_cmp"):
+    assert_close(getattr(got, name), getattr(expected, name), dtype)
 
 
 @pytest.mark.gpu
@@ -181,6 +234,8 @@ def test_gpu_decode_kernels_match_the_xla_decode_on_gpu(group):
   for t in range(prompt, prompt + steps):
     args = (q[:, t], k[:, t], v[:, t], cache)
     out, next_cache = steps_of["pallas_gpu"](*args, gates=gates[:, t])
-    expected, _ = steps_of["xla"](*args, gates=gates[:, t])
+    expected, expected_cache = steps_of["xla"](*args, gates=gates[:, t])
     assert_close(out, expected, jnp.bfloat16)
+    for name in ("k", "v", "k_cmp", "v_cmp"):  # the append kernel's writes
+      assert_close(getattr(next_cache, name), getattr(expected_cache, name), jnp.bfloat16)
     cache = next_cache

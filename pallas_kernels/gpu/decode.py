@@ -1,22 +1,27 @@
 """NSA decode kernels on GPU (Pallas, Triton lowering): one query token per sequence.
 
 Decoding reads little (the compressed cache, n selected blocks and the window: 5.6k tokens per
-step at 64k instead of 64k), so the kernels are about spreading those reads over the SMs: with
-B=1 and Hkv=4 a grid of (batch, KV head) alone would use 4 SMs. Both kernels split the keys over a
-third grid axis and write per-split softmax partials (flash-decoding), merged by
-`pallas_kernels.decode_partials.merge_partials`.
-The G query heads of a KV group are the matmul rows (padded to 16), as in the prefill kernels.
+step at 64k instead of 64k), so a step is bound by kernel launches at B=1 and by the compressed
+cache's bytes at B=8. The step is five kernels and nothing between them but free reshapes:
 
-- `compressed_decode`: grid (B, Hkv, Sc / CMP_SPLIT). Each program scores CMP_SPLIT compressed keys
-  in tiles of CMP_TILE, keeps an online softmax for the branch output and writes the raw scores,
-  from which the caller's merge gets the probabilities the selection needs (exp(s - lse), summed
-  over the group) without recomputing `q . k_cmp`.
-- `sparse_decode`: grid (B, Hkv, n + window tiles). Program i < n attends selected block
-  `idx[i]` (cut at the query), the others one `l'`-aligned tile of the window `(t - w, t]`.
+1. `compressed_partials`: grid (B, Hkv, splits). Each program scores one split of the compressed
+   cache in tiles of CMP_TILE, keeps an online softmax (flash-decoding partials: unnormalised
+   output, max, sum) and writes the raw scores. Splits are sized to the batch (`cmp_split`): many
+   small ones spread B=1 over the SMs, few large ones keep the B=8 partials small.
+2. `select`: grid (B, Hkv, selection-block tiles). Merges the partial maxima and sums into each
+   head's log-sum-exp, turns the raw scores into probabilities, sums them over the group and maps
+   them to selection-block scores (SPEC.md Eq. 9) with strided loads; then the top n
+   (`top_n.top_n_blocks_decode`, grid (B, Hkv)).
+3. `sparse_partials`: grid (B, Hkv, n + window tiles). Program i < n attends selected block
+   `idx[i]` (cut at the query), the others one `l'`-aligned tile of the window `(t - w, t]`.
+4. `combine`: grid (B, Hkv, Dv / COMBINE_DV_TILE). Merges the partials of the three branches and
+   applies the gates.
 
-Layout: caches head-major `[B, Hkv, S, D]` (one head's tokens contiguous); q rows
-`[B, Hkv, Gp, Dk]`. Needs Dk, Dv and `l'` powers of two >= 16 and S, Sc multiples of CMP_SPLIT and
-`l'` (the caller checks `supported` and falls back otherwise).
+Scores and softmax statistics are in the log2 domain (`exp2`). Layout: caches head-major
+`[B, Hkv, S, D]`; the G query heads of a KV group are the matmul rows `[B, Hkv, Gp, Dk]` (padded
+to Gp = 16 or the next power of two). Partial arrays have a power-of-two partial axis (Triton
+loads power-of-two shapes); rows past the grid are never written and are masked when read.
+`supported` says which sizes the kernels take; the caller falls back to the XLA decode otherwise.
 """
 
 from __future__ import annotations
@@ -28,42 +33,64 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.decode_partials import merge_partials, merge_selected_and_window
 from pallas_kernels.decode_partials import window_tiles
 from pallas_kernels.gpu.tile_math import LOG2E, MASK_VALUE, pow2
 from pallas_kernels.gpu.tile_math import dot as _dot
+from pallas_kernels.gpu.top_n import top_n_blocks_decode
 
-CMP_SPLIT = 128  # compressed keys per program
 CMP_TILE = 64  # compressed keys per dot
+CMP_ALIGN = 128  # the compressed cache's length is a multiple of this (decode.CACHE_ALIGN)
+TARGET_PROGRAMS = 256  # compressed-kernel programs to aim for: ~2 per SM of an H100/H200
+SCORE_SHIFT = 128  # the score of compressed block i is stored in column i + SCORE_SHIFT
+SCORES_TILE = 64  # selection blocks per program of the selection-score kernel
+COMBINE_DV_TILE = 8  # B=1 has only B * Hkv rows of work: split Dv for more programs
 NUM_WARPS = 4
 
 
 def _is_pow2(x: int) -> bool:
-  return pow2(x, 16) == x
+  return pow2(x) == x
 
 
 def supported(head_dim: int, head_dim_v: int, slc_block: int, cache_len: int,
               cmp_cache_len: int) -> bool:
   """Whether the kernels take these sizes (else use the XLA decode path)."""
-  return (_is_pow2(head_dim) and _is_pow2(head_dim_v) and _is_pow2(slc_block)
+  return (head_dim >= 16 and head_dim_v >= 16 and _is_pow2(head_dim)
+          and _is_pow2(head_dim_v) and slc_block >= 16 and _is_pow2(slc_block)
           and cache_len % slc_block == 0 and cmp_cache_len > 0
-          and cmp_cache_len % CMP_SPLIT == 0)
+          and cmp_cache_len % CMP_ALIGN == 0)
 
 
-def group_rows(q_t, num_kv_heads: int):
-  """`[B, Hq, D]` -> `[B, Hkv, Gp, D]`, the G heads of a group padded with zero rows to Gp."""
-  b, hq, d = q_t.shape
+def group_rows(x, num_kv_heads: int):
+  """`[B, Hq, ...]` -> `[B, Hkv, Gp, ...]`, the G heads of a group padded with zero rows to Gp."""
+  b, hq = x.shape[:2]
   group = hq // num_kv_heads
-  rows = pow2(group, 16)
-  q = q_t.reshape(b, num_kv_heads, group, d)
-  return jnp.pad(q, [(0, 0), (0, 0), (0, rows - group), (0, 0)])
+  x = x.reshape(b, num_kv_heads, group, *x.shape[2:])
+  pad = [(0, 0), (0, 0), (0, pow2(group, 16) - group)] + [(0, 0)] * (x.ndim - 3)
+  return jnp.pad(x, pad)
 
 
-def _cmp_kernel(count_ref, q_ref, k_ref, v_ref, s_ref, acc_ref, m_ref, l_ref, *, scale):
+def cmp_split(batch: int, num_kv_heads: int, cmp_cache_len: int) -> int:
+  """Compressed keys per program: about TARGET_PROGRAMS programs, a multiple of CMP_ALIGN."""
+  units = cmp_cache_len // CMP_ALIGN
+  per_head = max(1, min(units, TARGET_PROGRAMS // (batch * num_kv_heads)))
+  return CMP_ALIGN * -(-units // per_head)
+
+
+def score_width(cmp_cache_len: int, split: int, num_slc: int, per_slc: int) -> int:
+  """Columns of the raw-score array: every split's stores and `select`'s strided loads fit."""
+  splits = -(-cmp_cache_len // split)
+  return SCORE_SHIFT + max(splits * split, pow2(num_slc) * per_slc)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Compressed branch: per-split partials and raw scores.
+
+
+def _cmp_kernel(count_ref, q_ref, k_ref, v_ref, s_ref, acc_ref, m_ref, l_ref, *, scale, split):
   count = count_ref[0]  # compressed blocks visible to the query
-  base = pl.program_id(2) * CMP_SPLIT
+  base = pl.program_id(2) * split
   q = q_ref[...]  # [Gp, Dk]
-  num_tiles = jnp.clip((count - base + CMP_TILE - 1) // CMP_TILE, 0, CMP_SPLIT // CMP_TILE)
+  num_tiles = jnp.clip((count - base + CMP_TILE - 1) // CMP_TILE, 0, split // CMP_TILE)
 
   def body(i, carry):
     acc, row_max, row_sum = carry
@@ -71,7 +98,7 @@ def _cmp_kernel(count_ref, q_ref, k_ref, v_ref, s_ref, acc_ref, m_ref, l_ref, *,
     visible = start + jnp.arange(CMP_TILE) < count
     scores = _dot(q, k_ref[pl.ds(start, CMP_TILE), :], trans_b=True) * (scale * LOG2E)
     scores = jnp.where(visible[None, :], scores, MASK_VALUE)
-    s_ref[:, pl.ds(i * CMP_TILE, CMP_TILE)] = scores
+    s_ref[:, pl.ds(SCORE_SHIFT + start, CMP_TILE)] = scores
     new_max = jnp.maximum(row_max, jnp.max(scores, axis=1))
     correction = jnp.exp2(row_max - new_max)
     probs = jnp.where(visible[None, :], jnp.exp2(scores - new_max[:, None]), 0.0)
@@ -88,47 +115,153 @@ def _cmp_kernel(count_ref, q_ref, k_ref, v_ref, s_ref, acc_ref, m_ref, l_ref, *,
   l_ref[...] = row_sum
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "interpret"))
-def compressed_decode(q_rows, k_cmp, v_cmp, count, *, scale: float, interpret: bool = False):
-  """Compressed-branch attention of one query per sequence, and its group-summed probabilities.
+@functools.partial(jax.jit, static_argnames=("scale", "split", "width", "interpret"))
+def compressed_partials(q_rows, k_cmp, v_cmp, count, *, scale: float, split: int, width: int,
+                        interpret: bool = False):
+  """Flash-decoding partials of the compressed branch, and the raw scores.
 
   Args:
     q_rows: `[B, Hkv, Gp, Dk]` (`group_rows`); padded rows are zeros.
-    k_cmp, v_cmp: `[B, Hkv, Sc, Dk]` / `[B, Hkv, Sc, Dv]`, Sc a multiple of CMP_SPLIT.
+    k_cmp, v_cmp: `[B, Hkv, Sc, Dk]` / `[B, Hkv, Sc, Dv]`, Sc a multiple of CMP_ALIGN.
     count: int32 scalar, compressed blocks the query sees (the first `count`).
     scale: softmax scale.
+    split: compressed keys per program (`cmp_split`); width: `score_width(...)`.
     interpret: Pallas interpret mode (CPU).
 
   Returns:
-    `(out [B, Hkv, Gp, Dv] float32, probs [B, Hkv, Gp, Sc] float32)`; rows with nothing visible
-    are zeros.
+    `(scores [B, Hkv, Gp, width], acc [B, Hkv, Pp, Gp, Dv], row_max [B, Hkv, Pp, Gp],
+    row_sum [B, Hkv, Pp, Gp])`, all float32: column `SCORE_SHIFT + i` holds the log2-domain score
+    of compressed block `i < count` (other columns are unwritten), partial `p < P = ceil(Sc /
+    split)` covers blocks `[p*split, (p+1)*split)` (Pp = pow2(P); rows past P are unwritten).
   """
   b, hkv, rows, dk = q_rows.shape
   num_cmp, dv = k_cmp.shape[2], v_cmp.shape[3]
-  splits = num_cmp // CMP_SPLIT
+  splits = -(-num_cmp // split)
+  padded = pow2(splits)
   whole = lambda d: pl.BlockSpec((None, None, num_cmp, d), lambda i, j, s: (i, j, 0, 0))
   part = lambda *shape: pl.BlockSpec((None, None, None) + shape,
                                      lambda i, j, s: (i, j, s) + (0,) * len(shape))
-  scores, acc, row_max, row_sum = pl.pallas_call(
-      functools.partial(_cmp_kernel, scale=scale),
+  return pl.pallas_call(
+      functools.partial(_cmp_kernel, scale=scale, split=split),
       grid=(b, hkv, splits),
       in_specs=[pl.BlockSpec((1,), lambda i, j, s: (0,)),
                 pl.BlockSpec((None, None, rows, dk), lambda i, j, s: (i, j, 0, 0)),
                 whole(dk), whole(dv)],
-      out_specs=[pl.BlockSpec((None, None, rows, CMP_SPLIT), lambda i, j, s: (i, j, 0, s)),
+      out_specs=[pl.BlockSpec((None, None, rows, width), lambda i, j, s: (i, j, 0, 0)),
                  part(rows, dv), part(rows), part(rows)],
-      out_shape=[jax.ShapeDtypeStruct((b, hkv, rows, num_cmp), jnp.float32),
-                 jax.ShapeDtypeStruct((b, hkv, splits, rows, dv), jnp.float32),
-                 jax.ShapeDtypeStruct((b, hkv, splits, rows), jnp.float32),
-                 jax.ShapeDtypeStruct((b, hkv, splits, rows), jnp.float32)],
+      out_shape=[jax.ShapeDtypeStruct((b, hkv, rows, width), jnp.float32),
+                 jax.ShapeDtypeStruct((b, hkv, padded, rows, dv), jnp.float32),
+                 jax.ShapeDtypeStruct((b, hkv, padded, rows), jnp.float32),
+                 jax.ShapeDtypeStruct((b, hkv, padded, rows), jnp.float32)],
       compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=2),
       interpret=interpret,
       name="nsa_decode_compressed",
   )(jnp.reshape(count, (1,)).astype(jnp.int32), q_rows, k_cmp, v_cmp)
-  out, lse2 = merge_partials(acc, row_max, row_sum, axis=2)
-  visible = jnp.arange(num_cmp) < count  # scores past `count` were never written
-  probs = jnp.where(visible, jnp.exp2(scores - lse2[..., None]), 0.0)
-  return out, probs
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Selection: log-sum-exp, probabilities, group sum, Eq. 9 map and top-n in one program.
+
+
+def _masked_partials(m_ref, l_ref, rows, lo, hi):
+  """Partials `[lo, hi)` of the statistics (rows `rows` of the Gp): `(row_max, row_sum)`
+  `[Pp, R]`, other partials -inf / 0."""
+  m, l = m_ref[:, rows], l_ref[:, rows]
+  partial = jnp.arange(m.shape[0])[:, None]
+  used = (partial >= lo) & (partial < hi)
+  return jnp.where(used, m, -jnp.inf), jnp.where(used, l, 0.0)
+
+
+def _merged_max_and_sum(row_max, row_sum):
+  """`(finite total max, total sum)` `[R]` of masked partials `[Pp, R]` (sum 0 if empty)."""
+  total_max = jnp.max(row_max, axis=0)
+  total_max = jnp.where(total_max > -jnp.inf, total_max, 0.0)
+  weight = jnp.where(row_max > -jnp.inf, jnp.exp2(row_max - total_max[None, :]), 0.0)
+  return total_max, jnp.sum(row_sum * weight, axis=0)
+
+
+def _scores_kernel(pos_ref, s_ref, m_ref, l_ref, out_ref, *, group, num_partials, cmp_block,
+                   cmp_stride, slc_block, interpret):
+  pos = pos_ref[0]
+  count = jnp.maximum((pos + 1 - cmp_block) // cmp_stride + 1, 0)  # visible compressed blocks
+  per_cmp, per_slc = cmp_block // cmp_stride, slc_block // cmp_stride
+  tile = out_ref.shape[0]
+  first_block = pl.program_id(2) * tile
+  all_rows = pl.ds(0, m_ref.shape[1])
+  total_max, total = _merged_max_and_sum(*_masked_partials(m_ref, l_ref, all_rows, 0,
+                                                           num_partials))
+  lse2 = total_max + jnp.log2(jnp.where(total > 0, total, 1.0))  # [Gp]
+  real_row = (jnp.arange(m_ref.shape[1]) < group)[:, None]
+  score = jnp.zeros((tile,), jnp.float32)
+  # Selection block j scores sum_{r < per_slc, c < per_cmp} p[j * per_slc + r - c] (SPEC.md
+  # Eq. 9 with l % d = l' % d = 0): one strided load per offset o = r - c, weighted by the number
+  # of (r, c) pairs that give it.
+  for offset in range(1 - per_cmp, per_slc):
+    weight = sum(1 for r in range(per_slc) for c in range(per_cmp) if r - c == offset)
+    block = (first_block + jnp.arange(tile)) * per_slc + offset  # compressed block per column
+    visible = real_row & ((block >= 0) & (block < count))[None, :]
+    columns = s_ref.at[:, pl.ds(SCORE_SHIFT + first_block * per_slc + offset, tile,
+                                stride=per_slc)]
+    # On the GPU the load is masked, so that columns past `count` (unwritten; most of them in a
+    # cache far from full) are not fetched. Interpret mode has no strided masked load; the
+    # `where` below makes both the same.
+    raw = columns[...] if interpret else plgpu.load(columns, mask=visible, other=0.0)
+    probs = jnp.where(visible, jnp.exp2(raw - lse2[:, None]), 0.0)  # [Gp, tile]
+    score = score + weight * jnp.sum(probs, axis=0)
+  out_ref[...] = score
+
+
+@functools.partial(jax.jit, static_argnames=("group", "num_partials", "cmp_block", "cmp_stride",
+                                             "slc_block", "num_selected", "num_slc",
+                                             "num_initial", "num_local", "interpret"))
+def select(scores, row_max, row_sum, position, *, group: int, num_partials: int, cmp_block: int,
+           cmp_stride: int, slc_block: int, num_selected: int, num_slc: int, num_initial: int,
+           num_local: int, interpret: bool = False):
+  """The selected blocks of the query at `position`, from `compressed_partials`' outputs.
+
+  Two kernels: the selection-block scores, grid (B, Hkv, width / SCORES_TILE) so that B=1 still
+  spreads the probabilities over the SMs, then `top_n.top_n_blocks_decode`.
+
+  Args:
+    scores, row_max, row_sum: from `compressed_partials` (P = `num_partials` written partials).
+    position: int32 scalar, the query's position.
+    group: G, the real rows of Gp.
+    cmp_block, cmp_stride, slc_block, num_selected, num_initial, num_local: the NSA config.
+    num_slc: selection blocks in the cache (`S / l'`).
+    interpret: Pallas interpret mode (CPU).
+
+  Returns:
+    int32 `[B, Hkv, pow2(n)]`: distinct blocks in pick order (forced first, then by score), -1
+    where nothing is left to pick.
+  """
+  b, hkv, rows, _ = scores.shape
+  padded = row_max.shape[2]
+  width = pow2(num_slc)
+  tile = min(width, SCORES_TILE)
+  kernel = functools.partial(_scores_kernel, group=group, num_partials=num_partials,
+                             cmp_block=cmp_block, cmp_stride=cmp_stride, slc_block=slc_block,
+                             interpret=interpret)
+  stats = pl.BlockSpec((None, None, padded, rows), lambda i, j, t: (i, j, 0, 0))
+  position = jnp.reshape(position, (1,)).astype(jnp.int32)
+  slc_scores = pl.pallas_call(
+      kernel,
+      grid=(b, hkv, width // tile),
+      in_specs=[pl.BlockSpec((1,), lambda i, j, t: (0,)),
+                pl.BlockSpec((None, None, rows, scores.shape[3]), lambda i, j, t: (i, j, 0, 0)),
+                stats, stats],
+      out_specs=pl.BlockSpec((None, None, tile), lambda i, j, t: (i, j, t)),
+      out_shape=jax.ShapeDtypeStruct((b, hkv, width), jnp.float32),
+      compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
+      interpret=interpret,
+      name="nsa_decode_selection_scores",
+  )(position, scores, row_max, row_sum)
+  return top_n_blocks_decode(slc_scores, position[0], num_selected=num_selected,
+                             slc_block=slc_block, num_slc=num_slc, num_initial=num_initial,
+                             num_local=num_local, interpret=interpret)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Selected blocks and the window: one l' block per program.
 
 
 def _sparse_kernel(pos_ref, idx_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, scale,
@@ -155,46 +288,123 @@ def _sparse_kernel(pos_ref, idx_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref,
   l_ref[...] = row_sum
 
 
-@functools.partial(jax.jit, static_argnames=("block", "window", "scale", "interpret"))
-def sparse_decode(q_rows, k, v, block_indices, position, *, block: int, window: int,
-                  scale: float, interpret: bool = False):
-  """Selected-block and sliding-window attention of one query per sequence.
+@functools.partial(jax.jit, static_argnames=("block", "window", "num_selected", "scale",
+                                             "interpret"))
+def sparse_partials(q_rows, k, v, block_indices, position, *, block: int, window: int,
+                    num_selected: int, scale: float, interpret: bool = False):
+  """Partials of selected-block and sliding-window attention of one query per sequence.
 
   Args:
     q_rows: `[B, Hkv, Gp, Dk]`.
     k, v: caches `[B, Hkv, S, Dk]` / `[B, Hkv, S, Dv]`, S a multiple of `block`.
-    block_indices: int32 `[B, Hkv, n]`, -1 for unused slots (distinct blocks).
+    block_indices: int32 `[B, Hkv, slots]`, slots a power of two >= n; the first n are read, -1
+      for unused ones (distinct blocks, any order).
     position: int32 scalar, the query's position (its token is in the cache).
-    block: `l'`; window: `w`; scale: softmax scale.
+    block: `l'`; window: `w`; num_selected: n; scale: softmax scale.
     interpret: Pallas interpret mode (CPU).
 
   Returns:
-    `(o_slc, o_swa)`, each `[B, Hkv, Gp, Dv]` float32.
+    `(acc [B, Hkv, Pp, Gp, Dv], row_max [B, Hkv, Pp, Gp], row_sum [B, Hkv, Pp, Gp])` float32:
+    partials `[0, n)` are the selected blocks, `[n, n + window_tiles)` the window's tiles, Pp the
+    next power of two (rows past are unwritten).
   """
   b, hkv, rows, dk = q_rows.shape
   size, dv = k.shape[2], v.shape[3]
-  n = block_indices.shape[-1]
-  slots = 1 << (n - 1).bit_length()  # Triton loads power-of-two shapes: pad with -1
-  block_indices = jnp.pad(block_indices.astype(jnp.int32), [(0, 0), (0, 0), (0, slots - n)],
-                          constant_values=-1)
-  programs = n + window_tiles(window, block)
+  slots = block_indices.shape[-1]
+  programs = num_selected + window_tiles(window, block)
+  padded = pow2(programs)
   whole = lambda d: pl.BlockSpec((None, None, size, d), lambda i, j, p: (i, j, 0, 0))
   part = lambda *shape: pl.BlockSpec((None, None, None) + shape,
                                      lambda i, j, p: (i, j, p) + (0,) * len(shape))
-  acc, row_max, row_sum = pl.pallas_call(
+  return pl.pallas_call(
       functools.partial(_sparse_kernel, scale=scale, block=block, window=window,
-                        num_selected=n),
+                        num_selected=num_selected),
       grid=(b, hkv, programs),
       in_specs=[pl.BlockSpec((1,), lambda i, j, p: (0,)),
                 pl.BlockSpec((None, None, slots), lambda i, j, p: (i, j, 0)),
                 pl.BlockSpec((None, None, rows, dk), lambda i, j, p: (i, j, 0, 0)),
                 whole(dk), whole(dv)],
       out_specs=[part(rows, dv), part(rows), part(rows)],
-      out_shape=[jax.ShapeDtypeStruct((b, hkv, programs, rows, dv), jnp.float32),
-                 jax.ShapeDtypeStruct((b, hkv, programs, rows), jnp.float32),
-                 jax.ShapeDtypeStruct((b, hkv, programs, rows), jnp.float32)],
+      out_shape=[jax.ShapeDtypeStruct((b, hkv, padded, rows, dv), jnp.float32),
+                 jax.ShapeDtypeStruct((b, hkv, padded, rows), jnp.float32),
+                 jax.ShapeDtypeStruct((b, hkv, padded, rows), jnp.float32)],
       compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
       interpret=interpret,
       name="nsa_decode_sparse",
   )(jnp.reshape(position, (1,)).astype(jnp.int32), block_indices, q_rows, k, v)
-  return merge_selected_and_window(acc, row_max, row_sum, n)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Merge the partials of the three branches and gate them.
+
+
+def _merge(acc_ref, m_ref, l_ref, lo, hi):
+  """Normalised output `[Gp, Dv tile]` of partials `[lo, hi)`; zeros if none saw a key.
+
+  All partials are loaded at once (`[Pp, Gp, Dv tile]`) and reduced over the partial axis: a loop
+  over them is a chain of dependent loads, ~0.2 us each."""
+  all_rows = pl.ds(0, m_ref.shape[1])
+  row_max, row_sum = _masked_partials(m_ref, l_ref, all_rows, lo, hi)
+  total_max, total = _merged_max_and_sum(row_max, row_sum)
+  used = row_max > -jnp.inf  # [Pp, Gp]; unwritten partials may hold anything, even NaN
+  weight = jnp.where(used, jnp.exp2(row_max - total_max[None, :]), 0.0)
+  acc = jnp.where(used[:, :, None], acc_ref[...] * weight[:, :, None], 0.0)
+  return jnp.sum(acc, axis=0) / jnp.where(total > 0, total, 1.0)[:, None]
+
+
+def _combine_kernel(*refs, num_cmp_partials, num_selected, num_sparse, gated):
+  cmp_refs, sparse_refs = refs[0:3], refs[3:6]
+  gates_ref = refs[6] if gated else None
+  out_ref = refs[-1]
+  branches = (_merge(*cmp_refs, 0, num_cmp_partials),
+              _merge(*sparse_refs, 0, num_selected),
+              _merge(*sparse_refs, num_selected, num_sparse))
+  if gated:
+    gates = gates_ref[...]  # [Gp, 4], the fourth column padding
+    column = jnp.arange(gates.shape[1])[None, :]
+    gate = lambda c: jnp.sum(jnp.where(column == c, gates, 0.0), axis=1)[:, None]
+    out = sum(gate(c) * o for c, o in enumerate(branches))
+  else:
+    out = branches[0] + branches[1] + branches[2]
+  out_ref[...] = out.astype(out_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("num_cmp_partials", "num_selected", "num_sparse",
+                                             "out_dtype", "interpret"))
+def combine(cmp_partials, sparse_partials_, gates, *, num_cmp_partials: int, num_selected: int,
+            num_sparse: int, out_dtype, interpret: bool = False):
+  """The gated sum of the three branches, `[B, Hkv, Gp, Dv]` in `out_dtype`.
+
+  Args:
+    cmp_partials: `(acc, row_max, row_sum)` of `compressed_partials`, `num_cmp_partials` written.
+    sparse_partials_: those of `sparse_partials`, `num_selected` selected then window partials,
+      `num_sparse` written in all.
+    gates: float32 `[B, Hkv, Gp, 4]` (cmp, slc, swa, padding) or None (plain sum).
+    out_dtype: the output dtype.
+    interpret: Pallas interpret mode (CPU).
+  """
+  b, hkv, _, rows, dv = cmp_partials[0].shape
+  dv_tile = min(dv, COMBINE_DV_TILE)
+  acc_spec = lambda pp: pl.BlockSpec((None, None, pp, rows, dv_tile),
+                                     lambda i, j, d: (i, j, 0, 0, d))
+  stat_spec = lambda pp: pl.BlockSpec((None, None, pp, rows), lambda i, j, d: (i, j, 0, 0))
+  specs = []
+  for acc, _, _ in (cmp_partials, sparse_partials_):
+    specs += [acc_spec(acc.shape[2]), stat_spec(acc.shape[2]), stat_spec(acc.shape[2])]
+  args = list(cmp_partials) + list(sparse_partials_)
+  if gates is not None:
+    specs.append(pl.BlockSpec((None, None, rows, 4), lambda i, j, d: (i, j, 0, 0)))
+    args.append(gates)
+  kernel = functools.partial(_combine_kernel, num_cmp_partials=num_cmp_partials,
+                             num_selected=num_selected, num_sparse=num_sparse,
+                             gated=gates is not None)
+  return pl.pallas_call(
+      kernel,
+      grid=(b, hkv, dv // dv_tile),
+      in_specs=specs,
+      out_specs=pl.BlockSpec((None, None, rows, dv_tile), lambda i, j, d: (i, j, 0, d)),
+      out_shape=jax.ShapeDtypeStruct((b, hkv, rows, dv), out_dtype),
+      compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
+      interpret=interpret,
+      name="nsa_decode_combine",
+  )(*args)

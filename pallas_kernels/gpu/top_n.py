@@ -98,9 +98,11 @@ def top_n_blocks(scores, *, seq_len: int, num_selected: int, slc_block: int, num
 
 def top_n_blocks_decode(scores, position, *, num_selected: int, slc_block: int, num_slc: int,
                         num_initial: int, num_local: int, interpret: bool = False):
-  """The chosen blocks of one query per row (decoding), ascending, unused places -1.
+  """The chosen blocks of one query per row (decoding), in pick order.
 
   `lax.top_k` over these few rows costs ~50 us on an H200 (a sort per row); this is one launch.
+  The picks are not sorted (the decode kernels take the blocks in any order): forced blocks come
+  first, then the rest by falling score.
 
   Args:
     scores: float32 `[B, H, width]`, non-negative selection scores of the query at `position`;
@@ -111,14 +113,15 @@ def top_n_blocks_decode(scores, position, *, num_selected: int, slc_block: int, 
     interpret: Pallas interpret mode (CPU).
 
   Returns:
-    int32 `[B, H, num_selected]`.
+    int32 `[B, H, pow2(num_selected)]`: distinct blocks, -1 in slots with nothing to pick and in
+    the slots past `num_selected`.
   """
   b, h, width = scores.shape
   slots = max(1, 1 << (num_selected - 1).bit_length())
   kernel = functools.partial(_top_n_decode_kernel, num_selected=num_selected,
                              slc_block=slc_block, num_slc=num_slc, num_initial=num_initial,
                              num_local=num_local)
-  picks = pl.pallas_call(
+  return pl.pallas_call(
       kernel,
       grid=(b, h),
       in_specs=[pl.BlockSpec((1,), lambda i, j: (0,)),
@@ -129,4 +132,3 @@ def top_n_blocks_decode(scores, position, *, num_selected: int, slc_block: int, 
       interpret=interpret,
       name="nsa_top_n_decode",
   )(jnp.reshape(position, (1,)).astype(jnp.int32), scores)
-  return _ascending(picks, num_selected)
