@@ -128,31 +128,34 @@ def parts(batch):
 
 
 def sweep(args):
-  """Full step and compressed kernel per TARGET_PROGRAMS (the compressed kernel's split size)."""
+  """Full step and compressed kernel per variant of the decode kernels' module constants."""
   key = jax.random.key(0)
-  default = decode_kernel.TARGET_PROGRAMS
-  for programs in map(int, args.cmp_programs.split(",")):
-    decode_kernel.TARGET_PROGRAMS = programs
-    jax.clear_caches()  # the jitted decode traced with the old value
+  defaults = {name: getattr(decode_kernel, name) for name in dir(decode_kernel) if name.isupper()}
+  for variant in args.variants:
+    settings = dict(item.split("=") for item in variant.split(","))
+    for name, value in settings.items():
+      setattr(decode_kernel, name, type(defaults[name])(value))
+    jax.clear_caches()  # the jitted decode was traced with the old values
     for batch in map(int, args.batches.split(",")):
       inputs = random_inputs(batch, key)
       for name in ("full step", "compressed kernel"):
         state = (filled_nsa_cache(batch, args.context, key),
                  jnp.zeros((batch, HQ, D), jnp.float32))
         us = 1e6 * time_steps(parts(batch)[name], state, inputs, steps=64, repeats=5)
-        print(f"TARGET_PROGRAMS={programs} B={batch} {name}: {us:.1f} us", flush=True)
-  decode_kernel.TARGET_PROGRAMS = default
+        print(f"{variant} B={batch} {name}: {us:.1f} us", flush=True)
+    for name, value in defaults.items():
+      setattr(decode_kernel, name, value)
 
 
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--context", type=int, default=65536)
   parser.add_argument("--batches", default="1,8")
-  parser.add_argument("--cmp-programs", default="",
-                      help="comma-separated decode_kernel.TARGET_PROGRAMS values to sweep "
-                           "(full step and compressed kernel only)")
+  parser.add_argument("--variants", nargs="*", default=[],
+                      help="kernel settings to compare instead, each 'NAME=VALUE,...' of "
+                           "pallas_kernels.gpu.decode constants, e.g. TARGET_PROGRAMS=512")
   args = parser.parse_args()
-  if args.cmp_programs:
+  if args.variants:
     sweep(args)
     return
   rows = []

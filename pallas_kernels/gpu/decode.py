@@ -40,11 +40,13 @@ from pallas_kernels.gpu.top_n import top_n_blocks_decode
 
 CMP_TILE = 64  # compressed keys per dot
 CMP_ALIGN = 128  # the compressed cache's length is a multiple of this (decode.CACHE_ALIGN)
-TARGET_PROGRAMS = 256  # compressed-kernel programs to aim for: ~2 per SM of an H100/H200
+TARGET_PROGRAMS = 512  # compressed-kernel programs to aim for (swept: 256-1024; 512 best at B=8)
 SCORE_SHIFT = 128  # the score of compressed block i is stored in column i + SCORE_SHIFT
 SCORES_TILE = 64  # selection blocks per program of the selection-score kernel
 COMBINE_DV_TILE = 8  # B=1 has only B * Hkv rows of work: split Dv for more programs
 NUM_WARPS = 4
+CMP_NUM_WARPS = 4
+CMP_STAGES = 2
 
 
 def _is_pow2(x: int) -> bool:
@@ -153,7 +155,7 @@ def compressed_partials(q_rows, k_cmp, v_cmp, count, *, scale: float, split: int
                  jax.ShapeDtypeStruct((b, hkv, padded, rows, dv), jnp.float32),
                  jax.ShapeDtypeStruct((b, hkv, padded, rows), jnp.float32),
                  jax.ShapeDtypeStruct((b, hkv, padded, rows), jnp.float32)],
-      compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=2),
+      compiler_params=plgpu.CompilerParams(num_warps=CMP_NUM_WARPS, num_stages=CMP_STAGES),
       interpret=interpret,
       name="nsa_decode_compressed",
   )(jnp.reshape(count, (1,)).astype(jnp.int32), q_rows, k_cmp, v_cmp)
