@@ -12,9 +12,14 @@ compressed partials, + the selection, the sparse partials alone, and all of them
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import functools
+import gzip
+import json
+import pathlib
 import re
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -147,16 +152,53 @@ def sweep(args):
       setattr(decode_kernel, name, value)
 
 
+def trace_kernels(args, steps=64):
+  """Device time per GPU kernel of the full step, from a `jax.profiler` trace of `steps` steps.
+
+  The part timings above include the timing loop's own floor and overlap; the trace gives each
+  kernel's duration on the GPU (summed over the trace, divided by `steps`)."""
+  key = jax.random.key(0)
+  for batch in map(int, args.batches.split(",")):
+    inputs = random_inputs(batch, key)
+    step = parts(batch)["full step"]
+    state = (filled_nsa_cache(batch, args.context, key), jnp.zeros((batch, HQ, D), jnp.float32))
+    run = jax.jit(lambda s: jax.lax.fori_loop(0, steps, lambda _, x: step(x, *inputs), s),
+                  donate_argnums=0)
+    state = jax.block_until_ready(run(state))
+    with tempfile.TemporaryDirectory() as logdir:
+      with jax.profiler.trace(logdir, create_perfetto_trace=True):
+        state = jax.block_until_ready(run(state))
+      events = json.load(gzip.open(next(pathlib.Path(logdir).rglob("perfetto_trace.json.gz"))))
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    names = {e["pid"]: e["args"].get("name", "") for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    gpu = {pid for pid, name in names.items() if "GPU" in name or "gpu" in name}
+    totals = collections.defaultdict(float)
+    for e in events:
+      if e.get("ph") == "X" and e.get("pid") in gpu:
+        totals[e["name"]] += e.get("dur", 0.0)
+    print(f"\nB={batch}: GPU kernels per step ({steps} steps traced; processes "
+          f"{sorted(names[p] for p in gpu)})")
+    for name, total in sorted(totals.items(), key=lambda x: -x[1])[:24]:
+      print(f"{total / steps:8.2f} us  {name[:90]}")
+    print(f"{sum(totals.values()) / steps:8.2f} us  (sum)")
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--context", type=int, default=65536)
   parser.add_argument("--batches", default="1,8")
+  parser.add_argument("--trace", action="store_true",
+                      help="instead: per-kernel GPU time of the full step from a profiler trace")
   parser.add_argument("--variants", nargs="*", default=[],
                       help="kernel settings to compare instead, each 'NAME=VALUE,...' of "
                            "pallas_kernels.gpu.decode constants, e.g. TARGET_PROGRAMS=512")
   args = parser.parse_args()
   if args.variants:
     sweep(args)
+    return
+  if args.trace:
+    trace_kernels(args)
     return
   rows = []
   key = jax.random.key(0)
