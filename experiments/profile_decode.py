@@ -32,6 +32,7 @@ from nsa_jax.block_selection import num_cmp_visible
 from nsa_jax.decode import _append, nsa_decode_step
 from pallas_kernels.decode_partials import window_tiles
 from pallas_kernels.gpu import decode as decode_kernel
+from pallas_kernels.gpu import top_n as top_n_kernel
 
 
 def launches(step, state, inputs):
@@ -132,15 +133,32 @@ def parts(batch):
           "sparse kernel": sparse, "cmp + sparse + combine": sparse_and_combine}
 
 
+def apply_variant(variant):
+  """Sets `NAME=VALUE,...` constants of `pallas_kernels.gpu.decode` (`top_n.NAME` for the top-n
+  module); returns a function restoring the previous values."""
+  modules = {"decode": decode_kernel, "top_n": top_n_kernel}
+  previous = []
+  for item in filter(None, variant.split(",")):
+    name, value = item.split("=")
+    module_name, _, attr = name.rpartition(".")
+    module = modules[module_name or "decode"]
+    old = getattr(module, attr)
+    previous.append((module, attr, old))
+    setattr(module, attr, type(old)(value))
+  jax.clear_caches()  # the jitted decode was traced with the old values
+
+  def restore():
+    for module, attr, old in previous:
+      setattr(module, attr, old)
+    jax.clear_caches()
+  return restore
+
+
 def sweep(args):
   """Full step and compressed kernel per variant of the decode kernels' module constants."""
   key = jax.random.key(0)
-  defaults = {name: getattr(decode_kernel, name) for name in dir(decode_kernel) if name.isupper()}
   for variant in args.variants:
-    settings = dict(item.split("=") for item in variant.split(","))
-    for name, value in settings.items():
-      setattr(decode_kernel, name, type(defaults[name])(value))
-    jax.clear_caches()  # the jitted decode was traced with the old values
+    restore = apply_variant(variant)
     for batch in map(int, args.batches.split(",")):
       inputs = random_inputs(batch, key)
       for name in ("full step", "compressed kernel"):
@@ -148,8 +166,7 @@ def sweep(args):
                  jnp.zeros((batch, HQ, D), jnp.float32))
         us = 1e6 * time_steps(parts(batch)[name], state, inputs, steps=64, repeats=5)
         print(f"{variant} B={batch} {name}: {us:.1f} us", flush=True)
-    for name, value in defaults.items():
-      setattr(decode_kernel, name, value)
+    restore()
 
 
 def trace_kernels(args, steps=64):
@@ -177,11 +194,11 @@ def trace_kernels(args, steps=64):
     for e in events:
       if e.get("ph") == "X" and e.get("pid") in gpu:
         totals[e["name"]] += e.get("dur", 0.0)
-    print(f"\nB={batch}: GPU kernels per step ({steps} steps traced; processes "
-          f"{sorted(names[p] for p in gpu)})")
-    for name, total in sorted(totals.items(), key=lambda x: -x[1])[:24]:
-      print(f"{total / steps:8.2f} us  {name[:90]}")
-    print(f"{sum(totals.values()) / steps:8.2f} us  (sum)")
+    kernels = {name: total for name, total in totals.items() if name.startswith("nsa_")}
+    kernels["other (XLA fusions, copies)"] = sum(totals.values()) - sum(kernels.values())
+    kernels["sum"] = sum(totals.values())
+    print(f"B={batch}, us per step: " + ", ".join(
+        f"{name.removeprefix('nsa_')} {total / steps:.2f}" for name, total in kernels.items()))
 
 
 def main():
@@ -191,14 +208,19 @@ def main():
   parser.add_argument("--trace", action="store_true",
                       help="instead: per-kernel GPU time of the full step from a profiler trace")
   parser.add_argument("--variants", nargs="*", default=[],
-                      help="kernel settings to compare instead, each 'NAME=VALUE,...' of "
-                           "pallas_kernels.gpu.decode constants, e.g. TARGET_PROGRAMS=512")
+                      help="kernel settings to compare, each 'NAME=VALUE,...' of "
+                           "pallas_kernels.gpu.decode constants (top_n.NAME: the top-n "
+                           "module's), e.g. TARGET_PROGRAMS=512 top_n.DECODE_NUM_WARPS=1")
   args = parser.parse_args()
+  if args.trace:
+    for variant in args.variants or [""]:
+      print(f"\n== variant: {variant or 'defaults'}")
+      restore = apply_variant(variant)
+      trace_kernels(args)
+      restore()
+    return
   if args.variants:
     sweep(args)
-    return
-  if args.trace:
-    trace_kernels(args)
     return
   rows = []
   key = jax.random.key(0)

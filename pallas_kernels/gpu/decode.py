@@ -44,9 +44,11 @@ TARGET_PROGRAMS = 512  # compressed-kernel programs to aim for (swept: 256-1024;
 SCORE_SHIFT = 128  # the score of compressed block i is stored in column i + SCORE_SHIFT
 SCORES_TILE = 64  # selection blocks per program of the selection-score kernel
 COMBINE_DV_TILE = 8  # B=1 has only B * Hkv rows of work: split Dv for more programs
-NUM_WARPS = 4
 CMP_NUM_WARPS = 4
 CMP_STAGES = 2
+SCORES_NUM_WARPS = 4
+SPARSE_NUM_WARPS = 4
+COMBINE_NUM_WARPS = 4
 
 
 def _is_pow2(x: int) -> bool:
@@ -165,21 +167,17 @@ def compressed_partials(q_rows, k_cmp, v_cmp, count, *, scale: float, split: int
 # 2. Selection: log-sum-exp, probabilities, group sum, Eq. 9 map and top-n in one program.
 
 
-def _masked_partials(m_ref, l_ref, rows, lo, hi):
-  """Partials `[lo, hi)` of the statistics (rows `rows` of the Gp): `(row_max, row_sum)`
-  `[Pp, R]`, other partials -inf / 0."""
-  m, l = m_ref[:, rows], l_ref[:, rows]
-  partial = jnp.arange(m.shape[0])[:, None]
-  used = (partial >= lo) & (partial < hi)
-  return jnp.where(used, m, -jnp.inf), jnp.where(used, l, 0.0)
-
-
-def _merged_max_and_sum(row_max, row_sum):
-  """`(finite total max, total sum)` `[R]` of masked partials `[Pp, R]` (sum 0 if empty)."""
-  total_max = jnp.max(row_max, axis=0)
+def _merged_statistics(row_max, row_sum, lo, hi):
+  """Merges partials `[lo, hi)` of `row_max`, `row_sum` `[Pp, Gp]` (others may be unwritten, even
+  NaN): `(used [Pp, Gp], finite total max [Gp], total sum [Gp], weight [Pp, Gp])`, where `weight`
+  rescales each used partial to the total max (0 elsewhere) and the sum is 0 if none saw a key."""
+  partial = jnp.arange(row_max.shape[0])[:, None]
+  used = (partial >= lo) & (partial < hi) & (row_max > -jnp.inf)
+  total_max = jnp.max(jnp.where(used, row_max, -jnp.inf), axis=0)
   total_max = jnp.where(total_max > -jnp.inf, total_max, 0.0)
-  weight = jnp.where(row_max > -jnp.inf, jnp.exp2(row_max - total_max[None, :]), 0.0)
-  return total_max, jnp.sum(row_sum * weight, axis=0)
+  weight = jnp.where(used, jnp.exp2(row_max - total_max[None, :]), 0.0)
+  total = jnp.sum(jnp.where(used, row_sum, 0.0) * weight, axis=0)
+  return used, total_max, total, weight
 
 
 def _scores_kernel(pos_ref, s_ref, m_ref, l_ref, out_ref, *, group, num_partials, cmp_block,
@@ -189,26 +187,28 @@ def _scores_kernel(pos_ref, s_ref, m_ref, l_ref, out_ref, *, group, num_partials
   per_cmp, per_slc = cmp_block // cmp_stride, slc_block // cmp_stride
   tile = out_ref.shape[0]
   first_block = pl.program_id(2) * tile
-  all_rows = pl.ds(0, m_ref.shape[1])
-  total_max, total = _merged_max_and_sum(*_masked_partials(m_ref, l_ref, all_rows, 0,
-                                                           num_partials))
-  lse2 = total_max + jnp.log2(jnp.where(total > 0, total, 1.0))  # [Gp]
   real_row = (jnp.arange(m_ref.shape[1]) < group)[:, None]
-  score = jnp.zeros((tile,), jnp.float32)
   # Selection block j scores sum_{r < per_slc, c < per_cmp} p[j * per_slc + r - c] (SPEC.md
   # Eq. 9 with l % d = l' % d = 0): one strided load per offset o = r - c, weighted by the number
-  # of (r, c) pairs that give it.
-  for offset in range(1 - per_cmp, per_slc):
-    weight = sum(1 for r in range(per_slc) for c in range(per_cmp) if r - c == offset)
+  # of (r, c) pairs that give it. All loads are issued before any math, to be in flight together.
+  offsets = range(1 - per_cmp, per_slc)
+  visible, raw = {}, {}
+  for offset in offsets:
     block = (first_block + jnp.arange(tile)) * per_slc + offset  # compressed block per column
-    visible = real_row & ((block >= 0) & (block < count))[None, :]
+    visible[offset] = real_row & ((block >= 0) & (block < count))[None, :]
     columns = s_ref.at[:, pl.ds(SCORE_SHIFT + first_block * per_slc + offset, tile,
                                 stride=per_slc)]
     # On the GPU the load is masked, so that columns past `count` (unwritten; most of them in a
     # cache far from full) are not fetched. Interpret mode has no strided masked load; the
     # `where` below makes both the same.
-    raw = columns[...] if interpret else plgpu.load(columns, mask=visible, other=0.0)
-    probs = jnp.where(visible, jnp.exp2(raw - lse2[:, None]), 0.0)  # [Gp, tile]
+    raw[offset] = (columns[...] if interpret
+                   else plgpu.load(columns, mask=visible[offset], other=0.0))  # [Gp, tile]
+  _, total_max, total, _ = _merged_statistics(m_ref[...], l_ref[...], 0, num_partials)
+  lse2 = total_max + jnp.log2(jnp.where(total > 0, total, 1.0))  # [Gp]
+  score = jnp.zeros((tile,), jnp.float32)
+  for offset in offsets:
+    weight = sum(1 for r in range(per_slc) for c in range(per_cmp) if r - c == offset)
+    probs = jnp.where(visible[offset], jnp.exp2(raw[offset] - lse2[:, None]), 0.0)
     score = score + weight * jnp.sum(probs, axis=0)
   out_ref[...] = score
 
@@ -253,7 +253,7 @@ def select(scores, row_max, row_sum, position, *, group: int, num_partials: int,
                 stats, stats],
       out_specs=pl.BlockSpec((None, None, tile), lambda i, j, t: (i, j, t)),
       out_shape=jax.ShapeDtypeStruct((b, hkv, width), jnp.float32),
-      compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
+      compiler_params=plgpu.CompilerParams(num_warps=SCORES_NUM_WARPS, num_stages=1),
       interpret=interpret,
       name="nsa_decode_selection_scores",
   )(position, scores, row_max, row_sum)
@@ -279,11 +279,11 @@ def _sparse_kernel(pos_ref, idx_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref,
   # Blocks that lie past the cache are wholly after the query (masked): load any in-range one.
   start = jnp.clip(block_id * block, 0, k_ref.shape[0] - block)
   q = q_ref[...]
-  scores = _dot(q, k_ref[pl.ds(start, block), :], trans_b=True) * (scale * LOG2E)
+  k, v = k_ref[pl.ds(start, block), :], v_ref[pl.ds(start, block), :]  # both loads in flight
+  scores = _dot(q, k, trans_b=True) * (scale * LOG2E)
   scores = jnp.where(visible[None, :], scores, MASK_VALUE)
   row_max = jnp.max(scores, axis=1)
   probs = jnp.where(visible[None, :], jnp.exp2(scores - row_max[:, None]), 0.0)
-  v = v_ref[pl.ds(start, block), :]
   acc_ref[...] = _dot(probs.astype(v.dtype), v)
   row_sum = jnp.sum(probs, axis=1)
   m_ref[...] = jnp.where(row_sum > 0, row_max, -jnp.inf)
@@ -330,7 +330,7 @@ def sparse_partials(q_rows, k, v, block_indices, position, *, block: int, window
       out_shape=[jax.ShapeDtypeStruct((b, hkv, padded, rows, dv), jnp.float32),
                  jax.ShapeDtypeStruct((b, hkv, padded, rows), jnp.float32),
                  jax.ShapeDtypeStruct((b, hkv, padded, rows), jnp.float32)],
-      compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
+      compiler_params=plgpu.CompilerParams(num_warps=SPARSE_NUM_WARPS, num_stages=1),
       interpret=interpret,
       name="nsa_decode_sparse",
   )(jnp.reshape(position, (1,)).astype(jnp.int32), block_indices, q_rows, k, v)
@@ -340,29 +340,25 @@ def sparse_partials(q_rows, k, v, block_indices, position, *, block: int, window
 # 4. Merge the partials of the three branches and gate them.
 
 
-def _merge(acc_ref, m_ref, l_ref, lo, hi):
-  """Normalised output `[Gp, Dv tile]` of partials `[lo, hi)`; zeros if none saw a key.
-
-  All partials are loaded at once (`[Pp, Gp, Dv tile]`) and reduced over the partial axis: a loop
-  over them is a chain of dependent loads, ~0.2 us each."""
-  all_rows = pl.ds(0, m_ref.shape[1])
-  row_max, row_sum = _masked_partials(m_ref, l_ref, all_rows, lo, hi)
-  total_max, total = _merged_max_and_sum(row_max, row_sum)
-  used = row_max > -jnp.inf  # [Pp, Gp]; unwritten partials may hold anything, even NaN
-  weight = jnp.where(used, jnp.exp2(row_max - total_max[None, :]), 0.0)
-  acc = jnp.where(used[:, :, None], acc_ref[...] * weight[:, :, None], 0.0)
+def _merge(acc, row_max, row_sum, lo, hi):
+  """Normalised output `[Gp, Dv tile]` of partials `[lo, hi)` of `acc [Pp, Gp, Dv tile]`; zeros
+  if none saw a key. All partials are reduced at once: a loop over them would be a chain of
+  dependent loads, ~0.2 us each."""
+  used, _, total, weight = _merged_statistics(row_max, row_sum, lo, hi)
+  acc = jnp.where(used[:, :, None], acc * weight[:, :, None], 0.0)
   return jnp.sum(acc, axis=0) / jnp.where(total > 0, total, 1.0)[:, None]
 
 
 def _combine_kernel(*refs, num_cmp_partials, num_selected, num_sparse, gated):
-  cmp_refs, sparse_refs = refs[0:3], refs[3:6]
-  gates_ref = refs[6] if gated else None
+  # Every input is loaded up front, so that the loads are in flight together.
+  cmp = [ref[...] for ref in refs[0:3]]
+  sparse = [ref[...] for ref in refs[3:6]]
+  gates = refs[6][...] if gated else None  # [Gp, 4], the fourth column padding
   out_ref = refs[-1]
-  branches = (_merge(*cmp_refs, 0, num_cmp_partials),
-              _merge(*sparse_refs, 0, num_selected),
-              _merge(*sparse_refs, num_selected, num_sparse))
+  branches = (_merge(*cmp, 0, num_cmp_partials),
+              _merge(*sparse, 0, num_selected),
+              _merge(*sparse, num_selected, num_sparse))
   if gated:
-    gates = gates_ref[...]  # [Gp, 4], the fourth column padding
     column = jnp.arange(gates.shape[1])[None, :]
     gate = lambda c: jnp.sum(jnp.where(column == c, gates, 0.0), axis=1)[:, None]
     out = sum(gate(c) * o for c, o in enumerate(branches))
@@ -406,7 +402,7 @@ def combine(cmp_partials, sparse_partials_, gates, *, num_cmp_partials: int, num
       in_specs=specs,
       out_specs=pl.BlockSpec((None, None, rows, dv_tile), lambda i, j, d: (i, j, 0, d)),
       out_shape=jax.ShapeDtypeStruct((b, hkv, rows, dv), out_dtype),
-      compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
+      compiler_params=plgpu.CompilerParams(num_warps=COMBINE_NUM_WARPS, num_stages=1),
       interpret=interpret,
       name="nsa_decode_combine",
   )(*args)
