@@ -28,7 +28,6 @@ import nsa_jax
 from experiments.bench_decode import CONFIG, D, HKV, HQ, filled_nsa_cache, random_inputs
 from experiments.bench_decode import time_steps
 from nsa_jax import pallas_gpu
-from nsa_jax.block_selection import num_cmp_visible
 from nsa_jax.decode import _append, nsa_decode_step
 from pallas_kernels.decode_partials import window_tiles
 from pallas_kernels.gpu import decode as decode_kernel
@@ -62,8 +61,9 @@ def parts(batch):
   def cmp_partials(cache, q):
     _, split, width = sizes(cache)
     return decode_kernel.compressed_partials(
-        decode_kernel.group_rows(q, HKV), cache.k_cmp, cache.v_cmp,
-        num_cmp_visible(cache.length, CONFIG), scale=scale, split=split, width=width)
+        decode_kernel.group_rows(q, HKV), cache.k_cmp, cache.v_cmp, cache.length,
+        cmp_block=CONFIG.cmp_block, cmp_stride=CONFIG.cmp_stride, scale=scale, split=split,
+        width=width)
 
   def sparse_partials(cache, q):
     return decode_kernel.sparse_partials(

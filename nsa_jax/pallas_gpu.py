@@ -27,7 +27,6 @@ import jax.numpy as jnp
 
 from nsa_jax import xla
 from nsa_jax.attention_math import combine_branches
-from nsa_jax.block_selection import num_cmp_visible
 from nsa_jax.config import NSAConfig
 from nsa_jax.validation import static_scale
 from pallas_kernels.decode_partials import window_tiles
@@ -146,8 +145,8 @@ def _decode_jit(q_t, cache, position, gates, *, config, scale, interpret):
                                     config.slc_block // config.cmp_stride)
   q_rows = decode_kernel.group_rows(q_t, hkv)  # [B, Hkv, Gp, Dk]
   scores, *cmp_partials = decode_kernel.compressed_partials(
-      q_rows, cache.k_cmp, cache.v_cmp, num_cmp_visible(position, config), scale=scale,
-      split=split, width=width, interpret=interpret)
+      q_rows, cache.k_cmp, cache.v_cmp, position, cmp_block=config.cmp_block,
+      cmp_stride=config.cmp_stride, scale=scale, split=split, width=width, interpret=interpret)
   num_cmp_partials = -(-num_cmp_cache // split)
   block_indices = decode_kernel.select(
       scores, cmp_partials[1], cmp_partials[2], position, group=group,

@@ -180,7 +180,8 @@ def test_gpu_compressed_partials_and_select_kernels_pick_the_xla_decode_blocks(p
   width = gpu_decode.score_width(256, split, num_slc, config.slc_block // config.cmp_stride)
   count = num_cmp_visible(jnp.int32(position), config)
   scores, acc, row_max, row_sum = gpu_decode.compressed_partials(
-      gpu_decode.group_rows(q_t, hkv), k_cmp, v_cmp, count, scale=scale, split=split,
+      gpu_decode.group_rows(q_t, hkv), k_cmp, v_cmp, jnp.int32(position),
+      cmp_block=config.cmp_block, cmp_stride=config.cmp_stride, scale=scale, split=split,
       width=width, interpret=True)
   picks = gpu_decode.select(
       scores, row_max, row_sum, jnp.int32(position), group=group, num_partials=256 // split,

@@ -14,7 +14,7 @@ cache's bytes at B=8. The step is five kernels and nothing between them but free
    (`top_n.top_n_blocks_decode`, grid (B, Hkv)).
 3. `sparse_partials`: grid (B, Hkv, n + window tiles). Program i < n attends selected block
    `idx[i]` (cut at the query), the others one `l'`-aligned tile of the window `(t - w, t]`.
-4. `combine`: grid (B, Hkv, Dv / COMBINE_DV_TILE). Merges the partials of the three branches and
+4. `combine`: grid (B, Hkv, Dv tiles). Merges the partials of the three branches and
    applies the gates.
 
 Scores and softmax statistics are in the log2 domain (`exp2`). Layout: caches head-major
@@ -43,7 +43,7 @@ CMP_ALIGN = 128  # the compressed cache's length is a multiple of this (decode.C
 TARGET_PROGRAMS = 512  # compressed-kernel programs to aim for (swept: 256-1024; 512 best at B=8)
 SCORE_SHIFT = 128  # the score of compressed block i is stored in column i + SCORE_SHIFT
 SCORES_TILE = 64  # selection blocks per program of the selection-score kernel
-COMBINE_DV_TILE = 8  # B=1 has only B * Hkv rows of work: split Dv for more programs
+COMBINE_PROGRAMS = 256  # combine programs to aim for: Dv is split into tiles of >= 8 for them
 CMP_NUM_WARPS = 4
 CMP_STAGES = 2
 SCORES_NUM_WARPS = 4
@@ -90,8 +90,15 @@ def score_width(cmp_cache_len: int, split: int, num_slc: int, per_slc: int) -> i
 # 1. Compressed branch: per-split partials and raw scores.
 
 
-def _cmp_kernel(count_ref, q_ref, k_ref, v_ref, s_ref, acc_ref, m_ref, l_ref, *, scale, split):
-  count = count_ref[0]  # compressed blocks visible to the query
+def _visible_cmp_blocks(pos, cmp_block, cmp_stride):
+  """Compressed blocks complete at position `pos` (`block_selection.num_cmp_visible`), computed
+  in the kernels: an XLA op for it would cost a launch (~1 us) per step."""
+  return jnp.maximum((pos + 1 - cmp_block) // cmp_stride + 1, 0)
+
+
+def _cmp_kernel(pos_ref, q_ref, k_ref, v_ref, s_ref, acc_ref, m_ref, l_ref, *, scale, split,
+                cmp_block, cmp_stride):
+  count = _visible_cmp_blocks(pos_ref[0], cmp_block, cmp_stride)
   base = pl.program_id(2) * split
   q = q_ref[...]  # [Gp, Dk]
   num_tiles = jnp.clip((count - base + CMP_TILE - 1) // CMP_TILE, 0, split // CMP_TILE)
@@ -119,15 +126,17 @@ def _cmp_kernel(count_ref, q_ref, k_ref, v_ref, s_ref, acc_ref, m_ref, l_ref, *,
   l_ref[...] = row_sum
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "split", "width", "interpret"))
-def compressed_partials(q_rows, k_cmp, v_cmp, count, *, scale: float, split: int, width: int,
-                        interpret: bool = False):
+@functools.partial(jax.jit, static_argnames=("cmp_block", "cmp_stride", "scale", "split",
+                                             "width", "interpret"))
+def compressed_partials(q_rows, k_cmp, v_cmp, position, *, cmp_block: int, cmp_stride: int,
+                        scale: float, split: int, width: int, interpret: bool = False):
   """Flash-decoding partials of the compressed branch, and the raw scores.
 
   Args:
     q_rows: `[B, Hkv, Gp, Dk]` (`group_rows`); padded rows are zeros.
     k_cmp, v_cmp: `[B, Hkv, Sc, Dk]` / `[B, Hkv, Sc, Dv]`, Sc a multiple of CMP_ALIGN.
-    count: int32 scalar, compressed blocks the query sees (the first `count`).
+    position: int32 scalar, the query's position: it sees the first `count` compressed blocks,
+      those complete at it (`cmp_block`, `cmp_stride`: l, d).
     scale: softmax scale.
     split: compressed keys per program (`cmp_split`); width: `score_width(...)`.
     interpret: Pallas interpret mode (CPU).
@@ -146,7 +155,8 @@ def compressed_partials(q_rows, k_cmp, v_cmp, count, *, scale: float, split: int
   part = lambda *shape: pl.BlockSpec((None, None, None) + shape,
                                      lambda i, j, s: (i, j, s) + (0,) * len(shape))
   return pl.pallas_call(
-      functools.partial(_cmp_kernel, scale=scale, split=split),
+      functools.partial(_cmp_kernel, scale=scale, split=split, cmp_block=cmp_block,
+                        cmp_stride=cmp_stride),
       grid=(b, hkv, splits),
       in_specs=[pl.BlockSpec((1,), lambda i, j, s: (0,)),
                 pl.BlockSpec((None, None, rows, dk), lambda i, j, s: (i, j, 0, 0)),
@@ -160,7 +170,7 @@ def compressed_partials(q_rows, k_cmp, v_cmp, count, *, scale: float, split: int
       compiler_params=plgpu.CompilerParams(num_warps=CMP_NUM_WARPS, num_stages=CMP_STAGES),
       interpret=interpret,
       name="nsa_decode_compressed",
-  )(jnp.reshape(count, (1,)).astype(jnp.int32), q_rows, k_cmp, v_cmp)
+  )(jnp.reshape(position, (1,)).astype(jnp.int32), q_rows, k_cmp, v_cmp)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,7 +193,7 @@ def _merged_statistics(row_max, row_sum, lo, hi):
 def _scores_kernel(pos_ref, s_ref, m_ref, l_ref, out_ref, *, group, num_partials, cmp_block,
                    cmp_stride, slc_block, interpret):
   pos = pos_ref[0]
-  count = jnp.maximum((pos + 1 - cmp_block) // cmp_stride + 1, 0)  # visible compressed blocks
+  count = _visible_cmp_blocks(pos, cmp_block, cmp_stride)
   per_cmp, per_slc = cmp_block // cmp_stride, slc_block // cmp_stride
   tile = out_ref.shape[0]
   first_block = pl.program_id(2) * tile
@@ -382,7 +392,7 @@ def combine(cmp_partials, sparse_partials_, gates, *, num_cmp_partials: int, num
     interpret: Pallas interpret mode (CPU).
   """
   b, hkv, _, rows, dv = cmp_partials[0].shape
-  dv_tile = min(dv, COMBINE_DV_TILE)
+  dv_tile = min(dv, max(8, pow2(dv * b * hkv // COMBINE_PROGRAMS)))  # swept at B=1 and 8
   acc_spec = lambda pp: pl.BlockSpec((None, None, pp, rows, dv_tile),
                                      lambda i, j, d: (i, j, 0, 0, d))
   stat_spec = lambda pp: pl.BlockSpec((None, None, pp, rows), lambda i, j, d: (i, j, 0, 0))
