@@ -1,9 +1,10 @@
-"""The decode step shared by the GPU and TPU decode kernels (`pallas_kernels/{gpu,tpu}/decode.py`).
+"""The TPU decode step around the Mosaic decode kernels (`pallas_kernels/tpu/decode.py`).
 
-Both backends split a step the same way: the compressed kernel (branch output and per-head
-probabilities), the group sum and overlap map to selection-block scores, a top-n (a kernel on GPU,
-`lax.top_k` on TPU), then the selected + window kernel, and the gated sum. This module is that
-sequence; the backend passes its kernel module and its top-n.
+The step: the compressed kernel (branch output and per-head probabilities), the group sum and
+overlap map to selection-block scores, a top-n (`top_n` argument; `lax.top_k` on TPU), then the
+selected + window kernel, and the gated sum, with XLA between the kernels. The GPU step
+(`nsa_jax.pallas_gpu._decode_jit`) fuses all of this into kernels; the TPU one could follow it
+(the per-step XLA ops cost a launch each there too).
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
-"""Merging flash-decoding partials, and the window's tile count (plain JAX, shared by the GPU and
-TPU decode kernels).
+"""Merging flash-decoding partials in JAX (the TPU decode step), and the window's tile count
+(both decode kernel sets).
 
 A decode kernel that splits one query's keys over several programs writes, per split, the
 unnormalised output `acc = sum_s 2^(x_s - m) v_s`, the split's max `m` and sum `l = sum_s
-2^(x_s - m)` of its log2-domain scores `x`; merging rescales every split to the common max.
+2^(x_s - m)` of its log2-domain scores `x`; merging rescales every split to the common max. (The
+GPU decode merges inside its combine kernel, `pallas_kernels/gpu/decode.py`.)
 """
 
 from __future__ import annotations

@@ -1,14 +1,16 @@
 """NSA decode kernels on GPU (Pallas, Triton lowering): one query token per sequence.
 
 Decoding reads little (the compressed cache, n selected blocks and the window: 5.6k tokens per
-step at 64k instead of 64k), so a step is bound by kernel launches at B=1 and by the compressed
-cache's bytes at B=8. The step is five kernels and nothing between them but free reshapes:
+step at 64k instead of 64k), so a step is bound by latency at B=1 and by the compressed cache's
+bytes at B=8. Every XLA op between kernels costs a launch (~1 us), so the attention is five
+kernels with nothing between them but free reshapes (per-kernel times: BENCHMARKS.md); the cache
+append before them is `cache_append.py`.
 
 1. `compressed_partials`: grid (B, Hkv, splits). Each program scores one split of the compressed
    cache in tiles of CMP_TILE, keeps an online softmax (flash-decoding partials: unnormalised
    output, max, sum) and writes the raw scores. Splits are sized to the batch (`cmp_split`): many
    small ones spread B=1 over the SMs, few large ones keep the B=8 partials small.
-2. `select`: grid (B, Hkv, selection-block tiles). Merges the partial maxima and sums into each
+2. `select`: grid (B, Hkv, tiles of SCORES_TILE selection blocks). Merges the partial maxima and sums into each
    head's log-sum-exp, turns the raw scores into probabilities, sums them over the group and maps
    them to selection-block scores (SPEC.md Eq. 9) with strided loads; then the top n
    (`top_n.top_n_blocks_decode`, grid (B, Hkv)).

@@ -1,8 +1,8 @@
 """NSA decode kernels on TPU (Pallas Mosaic): one query token per sequence.
 
-The same split (flash-decoding) plan as `pallas_kernels/gpu/decode.py`: a grid over (batch, KV
-head, split) writes per-split softmax partials, merged by
-`pallas_kernels.decode_partials.merge_partials`. The G query heads of a KV group are the matmul
+The split (flash-decoding) plan, as in `pallas_kernels/gpu/decode.py`: a grid over (batch, KV
+head, split) writes per-split softmax partials, merged in JAX by
+`pallas_kernels.decode_partials.merge_partials` (`nsa_jax/split_decode.py` runs the step). The G query heads of a KV group are the matmul
 rows (`[Gp, D]`, Gp a multiple of 8 sublanes). Everything data-dependent reaches the kernels by
 scalar prefetch, so the index maps choose which block the pipeline DMAs:
 
