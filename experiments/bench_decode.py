@@ -37,15 +37,17 @@ DTYPE = jnp.bfloat16
 CONFIG = nsa_jax.NSAConfig()
 
 
-def time_steps(step, state, inputs, steps, repeats):
+def time_steps(step, state, inputs, steps, repeats, unroll=1):
   """Median device seconds per call of `state = step(state, *inputs)`.
 
   `steps` calls run inside one jitted `fori_loop` (state carried and donated, so caches update in
-  place), which keeps host dispatch and synchronisation out of the per-token time.
+  place), which keeps host dispatch and synchronisation out of the per-token time. Each loop
+  iteration itself costs ~11-14 us on an H200 (BENCHMARKS.md, "loop floor"); `unroll` steps per
+  iteration share it, as the layers of a model's decode step share one iteration.
   """
   @functools.partial(jax.jit, donate_argnums=0)
   def run(state):
-    return jax.lax.fori_loop(0, steps, lambda _, s: step(s, *inputs), state)
+    return jax.lax.fori_loop(0, steps, lambda _, s: step(s, *inputs), state, unroll=unroll)
 
   state = jax.block_until_ready(run(state))  # compile + warm-up
   times = []
@@ -136,6 +138,8 @@ def main():
   parser.add_argument("--impls", default="xla,pallas_gpu")
   parser.add_argument("--steps", type=int, default=64, help="decode steps per timed call")
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--unroll", type=int, default=1,
+                      help="decode steps per loop iteration (they share its fixed cost)")
   parser.add_argument("--out", default="out/bench_decode.json")
   args = parser.parse_args()
   rows = []
@@ -148,13 +152,14 @@ def main():
                                       ("dense_cudnn", dense_cudnn_step, False)):
         try:
           state = dense_state(batch, context, key, heads_first)
-          timings[name] = time_steps(step, state, inputs, args.steps, args.repeats)
+          timings[name] = time_steps(step, state, inputs, args.steps, args.repeats,
+                                     args.unroll)
         except Exception as err:  # cuDNN may refuse a shape: report, keep going
           print(f"{name} at C={context} B={batch}: {type(err).__name__}: {str(err)[:120]}")
       for impl in args.impls.split(","):
         state = (filled_nsa_cache(batch, context, key), jnp.zeros((batch, HQ, D), jnp.float32))
         timings[f"nsa_{impl}"] = time_steps(nsa_step(impl), state, inputs, args.steps,
-                                            args.repeats)
+                                            args.repeats, args.unroll)
       dense = min(t for n, t in timings.items() if n.startswith("dense"))
       for name, seconds in timings.items():
         tokens = context if name.startswith("dense") else nsa_tokens_read(context)
@@ -171,6 +176,7 @@ def main():
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(dict(device=device, date=datetime.date.today().isoformat(),
+                                 unroll=args.unroll,
                                  config=str(CONFIG), rows=rows), indent=1))
 
 
