@@ -37,17 +37,15 @@ DTYPE = jnp.bfloat16
 CONFIG = nsa_jax.NSAConfig()
 
 
-def time_steps(step, state, inputs, steps, repeats, unroll=1):
+def time_steps(step, state, inputs, steps, repeats):
   """Median device seconds per call of `state = step(state, *inputs)`.
 
   `steps` calls run inside one jitted `fori_loop` (state carried and donated, so caches update in
-  place), which keeps host dispatch and synchronisation out of the per-token time. Each loop
-  iteration itself costs ~11-14 us on an H200 (BENCHMARKS.md, "loop floor"); `unroll` steps per
-  iteration share it, as the layers of a model's decode step share one iteration.
+  place), which keeps host dispatch and synchronisation out of the per-token time.
   """
   @functools.partial(jax.jit, donate_argnums=0)
   def run(state):
-    return jax.lax.fori_loop(0, steps, lambda _, s: step(s, *inputs), state, unroll=unroll)
+    return jax.lax.fori_loop(0, steps, lambda _, s: step(s, *inputs), state)
 
   state = jax.block_until_ready(run(state))  # compile + warm-up
   times = []
@@ -138,8 +136,6 @@ def main():
   parser.add_argument("--impls", default="xla,pallas_gpu")
   parser.add_argument("--steps", type=int, default=64, help="decode steps per timed call")
   parser.add_argument("--repeats", type=int, default=5)
-  parser.add_argument("--unroll", type=int, default=1,
-                      help="decode steps per loop iteration (they share its fixed cost)")
   parser.add_argument("--out", default="out/bench_decode.json")
   args = parser.parse_args()
   rows = []
@@ -152,14 +148,13 @@ def main():
                                       ("dense_cudnn", dense_cudnn_step, False)):
         try:
           state = dense_state(batch, context, key, heads_first)
-          timings[name] = time_steps(step, state, inputs, args.steps, args.repeats,
-                                     args.unroll)
+          timings[name] = time_steps(step, state, inputs, args.steps, args.repeats)
         except Exception as err:  # cuDNN may refuse a shape: report, keep going
           print(f"{name} at C={context} B={batch}: {type(err).__name__}: {str(err)[:120]}")
       for impl in args.impls.split(","):
         state = (filled_nsa_cache(batch, context, key), jnp.zeros((batch, HQ, D), jnp.float32))
         timings[f"nsa_{impl}"] = time_steps(nsa_step(impl), state, inputs, args.steps,
-                                            args.repeats, args.unroll)
+                                            args.repeats)
       dense = min(t for n, t in timings.items() if n.startswith("dense"))
       for name, seconds in timings.items():
         tokens = context if name.startswith("dense") else nsa_tokens_read(context)
@@ -176,7 +171,6 @@ def main():
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(dict(device=device, date=datetime.date.today().isoformat(),
-                                 unroll=args.unroll,
                                  config=str(CONFIG), rows=rows), indent=1))
 
 
