@@ -1,12 +1,21 @@
-"""Where a GPU decode step's time goes: each part timed alone in a jitted loop at one context.
+"""Where a GPU decode step's time goes, at one context.
 
     python -m experiments.profile_decode [--context 65536] [--batches 1,8]
+    python -m experiments.profile_decode --trace [--variants SETTINGS ...]
+    python -m experiments.profile_decode --variants TARGET_PROGRAMS=256 TARGET_PROGRAMS=512
 
-Parts: the full `nsa_decode_step` (pallas_gpu), the attention alone, the cache append (the
-kernel, and the XLA append it replaces), then the attention's kernels cumulatively: the
-compressed partials, + the selection, the sparse partials alone, and all of them + the combine
-(with fixed selected blocks). Prints microseconds per step and how many kernel-launching ops
-(fusions, custom calls, in-place updates, copies) the compiled loop holds.
+Default: each part timed alone in a jitted loop: a loop floor (a step with no attention), the
+full `nsa_decode_step` (pallas_gpu), the attention alone, the cache append (the kernel, and the
+XLA append it replaces), then the attention's kernels cumulatively: the compressed partials,
++ the selection, the sparse partials alone, and all of them + the combine (with fixed selected
+blocks). Prints microseconds per step and how many kernel-launching ops (fusions, custom calls,
+in-place updates, copies) the compiled loop holds. Parts can overlap on the GPU, so they do not
+add up.
+
+`--trace`: each GPU kernel's time per full step, from a `jax.profiler` trace (the direct view;
+BENCHMARKS.md's table). `--variants`: the same (with `--trace`) or the full step and compressed
+kernel timings, once per setting of `pallas_kernels.gpu.decode`'s constants (`NAME=VALUE,...`;
+`top_n.NAME` for the top-n module's).
 """
 
 from __future__ import annotations

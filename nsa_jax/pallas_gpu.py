@@ -11,8 +11,9 @@
   kernel of `pallas_kernels.gpu.top_n`;
 - mean-pooling compression: the XLA path (one fused elementwise pass);
 - decoding: the cache append with mean pooling in one kernel (`decode_append`,
-  `pallas_kernels.gpu.cache_append`) and the attention in four (`decode_attention`: compressed
-  partials, selection with top-n, selected + window partials, combine; `pallas_kernels.gpu.decode`).
+  `pallas_kernels.gpu.cache_append`) and the attention in five (`decode_attention`: compressed
+  partials, selection scores, top-n, selected + window partials, combine;
+  `pallas_kernels.gpu.decode`).
 
 Same signatures as `nsa_jax.xla` plus `interpret`; arguments are validated by `nsa_jax.ops`.
 """
@@ -134,7 +135,8 @@ def decode_attention(q_t, cache, position, gates, scale, *, config: NSAConfig, i
 
 @functools.partial(jax.jit, static_argnames=("config", "scale", "interpret"))
 def _decode_jit(q_t, cache, position, gates, *, config, scale, interpret):
-  """The four decode kernels (`pallas_kernels.gpu.decode`), with only reshapes between them."""
+  """The five decode kernels (`pallas_kernels.gpu.decode`), with only reshapes between them
+  (and, with gates, the padding of the gates to `[B, Hkv, Gp, 4]`)."""
   b, hq, _ = q_t.shape
   hkv, size = cache.k.shape[1], cache.k.shape[2]
   group = hq // hkv

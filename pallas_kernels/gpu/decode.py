@@ -10,10 +10,10 @@ append before them is `cache_append.py`.
    cache in tiles of CMP_TILE, keeps an online softmax (flash-decoding partials: unnormalised
    output, max, sum) and writes the raw scores. Splits are sized to the batch (`cmp_split`): many
    small ones spread B=1 over the SMs, few large ones keep the B=8 partials small.
-2. `select`: grid (B, Hkv, tiles of SCORES_TILE selection blocks). Merges the partial maxima and sums into each
-   head's log-sum-exp, turns the raw scores into probabilities, sums them over the group and maps
-   them to selection-block scores (SPEC.md Eq. 9) with strided loads; then the top n
-   (`top_n.top_n_blocks_decode`, grid (B, Hkv)).
+2. `select`: grid (B, Hkv, tiles of SCORES_TILE selection blocks). Merges the partial maxima and
+   sums into each head's log-sum-exp, turns the raw scores into probabilities, sums them over the
+   group and maps them to selection-block scores (SPEC.md Eq. 9) with strided loads; then the top
+   n (`top_n.top_n_blocks_decode`, grid (B, Hkv)).
 3. `sparse_partials`: grid (B, Hkv, n + window tiles). Program i < n attends selected block
    `idx[i]` (cut at the query), the others one `l'`-aligned tile of the window `(t - w, t]`.
 4. `combine`: grid (B, Hkv, Dv tiles). Merges the partials of the three branches and
@@ -176,7 +176,8 @@ def compressed_partials(q_rows, k_cmp, v_cmp, position, *, cmp_block: int, cmp_s
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. Selection: log-sum-exp, probabilities, group sum, Eq. 9 map and top-n in one program.
+# 2. Selection: log-sum-exp, probabilities, group sum and Eq. 9 map per tile of selection blocks,
+#    then the top-n kernel.
 
 
 def _merged_statistics(row_max, row_sum, lo, hi):
