@@ -141,6 +141,19 @@ def test_gpu_decode_kernels_in_interpret_mode_equal_the_full_forward(with_gates,
   assert_close(out, expected)
 
 
+def test_gpu_decode_kernels_with_one_sub_block_per_selection_block_and_dk_not_dv():
+  # l' = d (each selection block scores one sub-block), l = 3d (three compressed blocks overlap
+  # each sub-block), G = 3, Dk = 32, Dv = 16: the other corner of the score map and the combine.
+  config = NSAConfig(cmp_block=48, cmp_stride=16, slc_block=16, num_selected=4, num_initial=1,
+                     num_local=1, window=32)
+  q, k, v = random_qkv(2, 120, 6, 2, 32, 16)
+  gates = random_gates(q)
+  expected = nsa_jax.nsa_attention(q, k, v, config=config, gates=gates,
+                                   implementation="reference")
+  out = decode_all(q, k, v, gates, 50, config, implementation="pallas_gpu", interpret=True)
+  assert_close(out, expected)
+
+
 @pytest.mark.parametrize("with_gates,batch", [(False, 1), (True, 2)])
 def test_tpu_decode_kernels_under_the_interpreter_equal_the_full_forward(with_gates, batch,
                                                                          no_races):
