@@ -167,14 +167,19 @@ def test_top_n_kernel_matches_the_selection_rule_with_ties(config):
   np.testing.assert_array_equal(got, expected)
 
 
+@pytest.mark.parametrize("num_initial,num_local", [(1, 2), (3, 0), (0, 3), (2, 2)])
 @pytest.mark.parametrize("position", [0, 17, 40, 69])
-def test_decode_top_n_kernel_matches_the_selection_rule_with_ties(position):
+def test_decode_top_n_kernel_matches_the_selection_rule_with_ties(position, num_initial,
+                                                                  num_local):
+  # Forced blocks fill the first slots without an arg-max pass; at the first positions fewer
+  # blocks exist than are forced, and initial and local blocks overlap.
   config = nsa_jax.NSAConfig(cmp_block=8, cmp_stride=4, slc_block=8, num_selected=4,
-                             num_initial=1, num_local=2, window=8)
+                             num_initial=num_initial, num_local=num_local, window=8)
   b, h, num_slc, width = 2, 3, 9, 16
   scores = jax.random.randint(jax.random.key(position), (b, h, width), 0, 3).astype(jnp.float32)
   picks = top_n.top_n_blocks_decode(scores, jnp.int32(position), num_selected=4, slc_block=8,
-                                    num_slc=num_slc, num_initial=1, num_local=2, interpret=True)
+                                    num_slc=num_slc, num_initial=num_initial,
+                                    num_local=num_local, interpret=True)
   assert picks.shape == (b, h, 4)
   got = jnp.sort(jnp.where(picks >= 0, picks, 10**6), axis=-1)  # pick order -> the SPEC's
   got = jnp.where(got < 10**6, got, -1)
