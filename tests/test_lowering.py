@@ -95,3 +95,19 @@ def test_decode_step_kernels_lower(platform, dtype, group, gated):
   step = functools.partial(nsa_decode_step, config=config, gates=gates,
                            implementation=IMPLEMENTATION[platform])
   assert pallas_calls(platform, step, q_t, k_t, k_t, cache) == EXPECTED_DECODE_CALLS[platform]
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_standalone_compressed_attention_kernels_lower(platform):
+  # `compressed_attention` on its own runs the unfused forward (no selection scores), which the
+  # NSA path above does not use.
+  q = zeros((1, 777, 8, 64), jnp.bfloat16)
+  k_cmp = zeros((1, 47, 2, 64), jnp.bfloat16)
+
+  def loss(q, k_cmp):
+    out, _ = nsa_jax.compressed_attention(q, k_cmp, k_cmp, block=32, stride=16,
+                                          implementation=IMPLEMENTATION[platform])
+    return out.astype(jnp.float32).sum()
+
+  # Forward, dQ and dK/dV kernels at least; none would mean the XLA path ran.
+  assert pallas_calls(platform, jax.grad(loss, argnums=(0, 1)), q, k_cmp) >= 3
