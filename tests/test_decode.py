@@ -130,14 +130,18 @@ def test_bad_decode_inputs_raise_value_errors():
     init_decode_cache(2, 0, 2, 8, config=SMALL)
 
 
-@pytest.mark.parametrize("with_gates,batch", [(False, 1), (True, 2)])
-def test_gpu_decode_kernels_in_interpret_mode_equal_the_full_forward(with_gates, batch):
+@pytest.mark.parametrize("with_gates,batch,prompt_len", [(False, 1, 60), (True, 2, 60),
+                                                          (False, 1, 0)])
+def test_gpu_decode_kernels_in_interpret_mode_equal_the_full_forward(with_gates, batch,
+                                                                     prompt_len):
   # G = 2 (padded to 16 rows), several compressed splits' worth of masking, window tiles that
-  # straddle the selection blocks, the last steps past the first 128-block boundary of k_cmp.
+  # straddle the selection blocks, the last steps past the first 128-block boundary of k_cmp;
+  # from an empty cache, the first steps see no compressed block at all.
   q, k, v = random_qkv(batch, 70, 4, 2, 16)
   gates = random_gates(q) if with_gates else None
   expected = nsa_jax.nsa_attention(q, k, v, config=SMALL, gates=gates, implementation="reference")
-  out = decode_all(q, k, v, gates, 60, SMALL, implementation="pallas_gpu", interpret=True)
+  out = decode_all(q, k, v, gates, prompt_len, SMALL, implementation="pallas_gpu",
+                   interpret=True)
   assert_close(out, expected)
 
 
