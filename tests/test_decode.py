@@ -238,10 +238,13 @@ def test_gpu_append_kernel_equals_the_xla_append(dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("group", [1, 16, 64])
-def test_gpu_decode_kernels_match_the_xla_decode_on_gpu(group):
+@pytest.mark.parametrize("group,prompt", [(1, 8192 + 5), (16, 8192 + 5), (64, 8192 + 5),
+                                          (16, 65536 + 5)])
+def test_gpu_decode_kernels_match_the_xla_decode_on_gpu(group, prompt):
+  # 8k: every group size; 64k: the benchmark's context (2048-wide selection rows, 33 compressed
+  # splits at B=2). Each step's cache writes are compared too.
   config = NSAConfig()
-  b, hkv, prompt, steps = 2, 2, 8192 + 5, 40
+  b, hkv, steps = 2, 2, 40
   q, k, v = random_qkv(b, prompt + steps, hkv * group, hkv, 128, dtype=jnp.bfloat16)
   gates = random_gates(q)
   cache = init_decode_cache(b, prompt + steps, hkv, 128, config=config, dtype=jnp.bfloat16)
