@@ -29,7 +29,8 @@ def _pick_top_n(scores, query_block, num_picks, *, num_selected, num_slc, num_in
   `scores [width]` are the query's selection scores; its own block is `query_block`
   (`< num_slc`). The forced blocks are known without looking at the scores, so they fill the
   first slots directly (initial blocks ascending, then the local ones from the query's own
-  down) and only the remaining `n - forced` slots cost an arg-max pass over the row each."""
+  down) and only the remaining `n - forced` slots cost an arg-max pass over the row each (one
+  fused value-and-index reduction)."""
   width = scores.shape[0]
   block = jnp.arange(width)
   candidate = (block <= query_block) & (block < num_slc)
@@ -44,12 +45,15 @@ def _pick_top_n(scores, query_block, num_picks, *, num_selected, num_slc, num_in
 
   def pick(slot, carry):
     key, picks = carry
-    best = jnp.max(key)
-    chosen = jnp.min(jnp.where(key == best, block, width))  # lowest index among the best
-    picks = jnp.where((slots == slot) & (best >= 0.0), chosen, picks)
+    # One (value, index) reduction; ties go to the lowest index, as SPEC.md asks. While `slot` is
+    # below the number of candidates an untaken one is left, and it beats every non-candidate.
+    chosen = jnp.argmax(key).astype(jnp.int32)
+    picks = jnp.where(slots == slot, chosen, picks)
     return jnp.where(block == chosen, _TAKEN, key), picks
 
-  _, picks = jax.lax.fori_loop(num_forced, num_selected, pick, (key, picks.astype(jnp.int32)))
+  num_candidates = jnp.minimum(query_block + 1, num_slc)
+  _, picks = jax.lax.fori_loop(num_forced, jnp.minimum(num_selected, num_candidates), pick,
+                               (key, picks.astype(jnp.int32)))
   return picks
 
 
