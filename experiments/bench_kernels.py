@@ -2,6 +2,7 @@
 
     python -m experiments.bench_kernels [--seq_lens 8192,16384,32768,65536,131072]
                                         [--repeats 10] [--out out/bench_kernels.json]
+    python -m experiments.bench_kernels --trace 65536   # per-kernel time of full NSA at T
 
 Shapes: B=1, Hq=64, Hkv=4, D=128, bfloat16. Configs: the paper's (l=32, d=16, l'=64, n=16, w=512)
 and fla-core's comparable one (l=d=l'=64, n=16, window excluded, as fla-core times it).
@@ -24,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 import nsa_jax
+from experiments import gpu_trace
 from nsa_jax import pallas_gpu
 from pallas_kernels.gpu import compressed_attention as compressed_kernel
 from pallas_kernels.gpu import selected_attention as selected_kernel
@@ -126,13 +128,33 @@ def print_table(title, rows):
           f"{get('fwd_bwd_gib', '8.2f'):>8}")
 
 
+def trace(t, top=14):
+  """Per-kernel device time of full NSA (paper config) at `t`, forward and forward+backward."""
+  keys = jax.random.split(jax.random.key(t), 3)
+  q = jax.random.normal(keys[0], (B, t, HQ, D), jnp.bfloat16)
+  k = jax.random.normal(keys[1], (B, t, HKV, D), jnp.bfloat16)
+  v = jax.random.normal(keys[2], (B, t, HKV, D), jnp.bfloat16)
+  nsa, _, _ = parts_for(t, q, k, v, PAPER)["nsa"]
+  for title, fn in (("forward", jax.jit(nsa)),
+                    ("forward+backward", jax.jit(jax.grad(sum_of(nsa), (0, 1, 2))))):
+    times = gpu_trace.kernel_times(lambda: jax.block_until_ready(fn(q, k, v)))
+    print(f"\nT={t} NSA {title}: {sum(times.values()) / 1e3:.2f} ms of kernels")
+    for name, us in list(times.items())[:top]:
+      print(f"{us / 1e3:9.3f} ms  {name[:90]}")
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--seq_lens", default="8192,16384,32768,65536,131072")
   parser.add_argument("--fla_seq_lens", default="8192,16384,32768,65536")
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--out", default="out/bench_kernels.json")
+  parser.add_argument("--trace", type=int, default=0,
+                      help="instead: per-kernel GPU time of full NSA at this sequence length")
   args = parser.parse_args()
+  if args.trace:
+    trace(args.trace)
+    return
   paper, fla = [], []
   for t in (int(x) for x in args.seq_lens.split(",") if x):
     paper += measure(t, PAPER, True, args.repeats)

@@ -21,19 +21,15 @@ kernel timings, once per setting of `pallas_kernels.gpu.decode`'s constants (`NA
 from __future__ import annotations
 
 import argparse
-import collections
 import dataclasses
 import functools
-import gzip
-import json
-import pathlib
 import re
-import tempfile
 
 import jax
 import jax.numpy as jnp
 
 import nsa_jax
+from experiments import gpu_trace
 from experiments.bench_decode import CONFIG, D, HKV, HQ, filled_nsa_cache, random_inputs
 from experiments.bench_decode import time_steps
 from nsa_jax import pallas_gpu
@@ -187,22 +183,15 @@ def trace_kernels(args, steps=64):
   for batch in map(int, args.batches.split(",")):
     inputs = random_inputs(batch, key)
     step = parts(batch)["full step"]
-    state = (filled_nsa_cache(batch, args.context, key), jnp.zeros((batch, HQ, D), jnp.float32))
     run = jax.jit(lambda s: jax.lax.fori_loop(0, steps, lambda _, x: step(x, *inputs), s),
                   donate_argnums=0)
-    state = jax.block_until_ready(run(state))
-    with tempfile.TemporaryDirectory() as logdir:
-      with jax.profiler.trace(logdir, create_perfetto_trace=True):
-        state = jax.block_until_ready(run(state))
-      events = json.load(gzip.open(next(pathlib.Path(logdir).rglob("perfetto_trace.json.gz"))))
-    events = events["traceEvents"] if isinstance(events, dict) else events
-    names = {e["pid"]: e["args"].get("name", "") for e in events
-             if e.get("ph") == "M" and e.get("name") == "process_name"}
-    gpu = {pid for pid, name in names.items() if "GPU" in name or "gpu" in name}
-    totals = collections.defaultdict(float)
-    for e in events:
-      if e.get("ph") == "X" and e.get("pid") in gpu:
-        totals[e["name"]] += e.get("dur", 0.0)
+    state = [(filled_nsa_cache(batch, args.context, key),
+              jnp.zeros((batch, HQ, D), jnp.float32))]
+
+    def run_once():  # carries the donated cache, so it updates in place as in decoding
+      state[0] = jax.block_until_ready(run(state[0]))
+
+    totals = gpu_trace.kernel_times(run_once)
     kernels = {name: total for name, total in totals.items() if name.startswith("nsa_")}
     kernels["other (XLA fusions, copies)"] = sum(totals.values()) - sum(kernels.values())
     kernels["sum"] = sum(totals.values())
