@@ -6,11 +6,12 @@ form), Mosaic needs TPU-tiled block shapes. Lowering for an abstract device runs
 Triton and Mosaic lowerings here, without a GPU or TPU, so CI catches a kernel its backend would
 refuse. (The backend compilers themselves, ptxas and libtpu, still run only on the device.)
 
-Each test counts the Pallas custom calls in the lowered program, so it also fails if a path
-silently fell back to XLA.
+Each test lists the Pallas kernels in the lowered program, so it also says which kernels a path
+runs, and fails if one silently fell back to XLA.
 """
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -31,25 +32,31 @@ IMPLEMENTATION = {"cuda": "pallas_gpu", "tpu": "pallas_tpu"}
 pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
 
 
-def pallas_calls(platform, fn, *args):
-  """Lowers `jax.jit(fn)(*args)` for `platform` on this CPU; the number of Pallas kernel calls."""
+def pallas_kernels(platform, fn, *args):
+  """Lowers `jax.jit(fn)(*args)` for `platform` on this CPU; the Pallas kernels' names, sorted."""
   device, call = TARGETS[platform]
   mesh = jax.sharding.AbstractMesh((1,), ("x",), axis_types=(jax.sharding.AxisType.Auto,),
                                    abstract_device=device)
   with jax.sharding.use_abstract_mesh(mesh):
     lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,))
-  return lowered.as_text().count(call)
+  calls = [line for line in lowered.as_text().splitlines() if call in line]
+  return sorted(re.search(r'name = "([^"]+)"', line).group(1) for line in calls)
 
 
 def zeros(shape, dtype):
   return jnp.zeros(shape, dtype)
 
 
-# fwd + bwd kernels: GPU: compressed lse pass, compressed output + scores, top-n, selected forward,
-# selected dQ, selected dK/dV, compressed dQ + dK/dV (7; the window is cuDNN on a GPU, XLA here).
-# TPU: compressed (lse, fused output + scores, dQ, dK/dV), selected (forward, dQ, dK/dV), and
-# splash attention's window (forward, dQ, dK/dV): 10.
-EXPECTED_TRAINING_CALLS = {"cuda": 7, "tpu": 10}
+# Forward + backward. GPU: the window is cuDNN on a GPU (XLA here), the rest Pallas. TPU: the
+# window is splash attention's kernels.
+TRAINING_KERNELS = {
+    "cuda": ["nsa_compressed_dkv", "nsa_compressed_dq", "nsa_compressed_fwd", "nsa_selected_dkv",
+             "nsa_selected_dq", "nsa_selected_fwd", "nsa_top_n"],
+    "tpu": ["nsa_compressed_dkv_tpu", "nsa_compressed_dq_tpu", "nsa_compressed_lse_tpu",
+            "nsa_compressed_output_scores_tpu", "nsa_selected_dkv_tpu", "nsa_selected_dq_tpu",
+            "nsa_selected_fwd_tpu", "splash_mqa_dkv_no_residuals", "splash_mqa_dq_no_residuals",
+            "splash_mqa_fwd_residuals"],
+}
 
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
@@ -73,12 +80,14 @@ def test_nsa_forward_and_backward_kernels_lower(platform, dtype, num_heads, num_
     return out.astype(jnp.float32).sum()
 
   grads = jax.grad(loss, argnums=(0, 1, 2))
-  assert pallas_calls(platform, grads, q, k, v) == EXPECTED_TRAINING_CALLS[platform]
+  assert pallas_kernels(platform, grads, q, k, v) == TRAINING_KERNELS[platform]
 
 
-# Decode: GPU: append, compressed partials, selection scores, top-n, sparse partials, combine.
-# TPU: the compressed and the selected + window kernels.
-EXPECTED_DECODE_CALLS = {"cuda": 6, "tpu": 2}
+DECODE_KERNELS = {
+    "cuda": sorted(["nsa_decode_append", "nsa_decode_compressed", "nsa_decode_selection_scores",
+                    "nsa_top_n_decode", "nsa_decode_sparse", "nsa_decode_combine"]),
+    "tpu": ["nsa_decode_compressed", "nsa_decode_sparse"],  # XLA in between (split_decode.py)
+}
 
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
@@ -94,7 +103,7 @@ def test_decode_step_kernels_lower(platform, dtype, group, gated):
   gates = zeros((b, hkv * group, 3), jnp.float32) if gated else None
   step = functools.partial(nsa_decode_step, config=config, gates=gates,
                            implementation=IMPLEMENTATION[platform])
-  assert pallas_calls(platform, step, q_t, k_t, k_t, cache) == EXPECTED_DECODE_CALLS[platform]
+  assert pallas_kernels(platform, step, q_t, k_t, k_t, cache) == DECODE_KERNELS[platform]
 
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
@@ -109,5 +118,6 @@ def test_standalone_compressed_attention_kernels_lower(platform):
                                           implementation=IMPLEMENTATION[platform])
     return out.astype(jnp.float32).sum()
 
-  # Forward, dQ and dK/dV kernels at least; none would mean the XLA path ran.
-  assert pallas_calls(platform, jax.grad(loss, argnums=(0, 1)), q, k_cmp) >= 3
+  suffix = {"cuda": "", "tpu": "_tpu"}[platform]
+  expected = sorted(f"nsa_compressed_{part}{suffix}" for part in ("fwd", "dq", "dkv"))
+  assert pallas_kernels(platform, jax.grad(loss, argnums=(0, 1)), q, k_cmp) == expected

@@ -181,9 +181,9 @@ def _dq_kernel(slot_block_ref, num_valid_ref, offset_ref, q_ref, k_ref, v_ref, d
     dq_ref[...] = (dq_scratch[...] * scale).astype(dq_ref.dtype)
 
 
-def _per_query_call(kernel, lay: _Layout, tables, operands, in_block_dims, out_shapes, scratch,
-                    interpret):
-  """One pallas_call per query chunk, walked by `lax.map`.
+def _per_query_call(kernel, name, lay: _Layout, tables, operands, in_block_dims, out_shapes,
+                    scratch, interpret):
+  """One pallas_call (named `name`, as profiles show it) per query chunk, walked by `lax.map`.
 
   `operands`: arrays, each either per query `[B, Hkv, T_pad, ...]` (sliced per chunk) or keys /
   values `[B, Hkv, S, Dp]` (whole); `in_block_dims[i]` is the block of operand i: ("rows", d) for
@@ -213,7 +213,8 @@ def _per_query_call(kernel, lay: _Layout, tables, operands, in_block_dims, out_s
                  for _, (tail, dtype) in out_shapes],
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
-      interpret=pltpu.InterpretParams(detect_races=True) if interpret else False)
+      interpret=pltpu.InterpretParams(detect_races=True) if interpret else False,
+      name=name)
 
   def one_chunk(c):
     chunk_ops = [jax.lax.dynamic_slice_in_dim(x, c * tq, tq, axis=2) if kind[0] != "kv" else x
@@ -307,7 +308,8 @@ def _dkv(q, k, v, do, lse, delta, sorted_idx, lay: _Layout, scale, interpret):
                                       parts_shape(lay.head_dim_v_pad)],
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
-      interpret=pltpu.InterpretParams(detect_races=True) if interpret else False)
+      interpret=pltpu.InterpretParams(detect_races=True) if interpret else False,
+      name="nsa_selected_dkv_tpu")
   dk_parts, dv_parts = jax.lax.map(
       lambda c: call(blocks[c], counts[c], queries[c], q, k, v, do, lse, delta),
       jnp.arange(blocks.shape[0]))  # [NC, B, Hkv, Ic, l', Dp]
@@ -332,7 +334,7 @@ def _selected_attention_fwd(q, k, v, sorted_idx, scale, block, interpret):
   lay = _layout(q, v, sorted_idx.shape[-1], block)
   q_rows = _to_rows(q, lay, lay.head_dim_pad)
   out_rows, lse = _per_query_call(
-      functools.partial(_forward_kernel, lay=lay, scale=scale), lay,
+      functools.partial(_forward_kernel, lay=lay, scale=scale), "nsa_selected_fwd_tpu", lay,
       _slot_tables(sorted_idx, lay),
       [q_rows, _to_blocks(k, lay, lay.head_dim_pad), _to_blocks(v, lay, lay.head_dim_v_pad)],
       [("rows", lay.head_dim_pad), ("kv", lay.head_dim_pad), ("kv", lay.head_dim_v_pad)],
@@ -353,7 +355,8 @@ def _selected_attention_bwd(scale, block, interpret, residuals, d_out):
   delta = jnp.sum(out_rows.astype(jnp.float32) * do_rows.astype(jnp.float32), axis=-1)
   delta = delta[:, :, :, None, :]  # [B, Hkv, T_pad, 1, Gp], like lse
   (dq_rows,) = _per_query_call(
-      functools.partial(_dq_kernel, lay=lay, scale=scale), lay, _slot_tables(sorted_idx, lay),
+      functools.partial(_dq_kernel, lay=lay, scale=scale), "nsa_selected_dq_tpu", lay,
+      _slot_tables(sorted_idx, lay),
       [q_rows, k_blocks, v_blocks, do_rows, lse, delta],
       [("rows", lay.head_dim_pad), ("kv", lay.head_dim_pad), ("kv", lay.head_dim_v_pad),
        ("rows", lay.head_dim_v_pad), ("vector",), ("vector",)],
