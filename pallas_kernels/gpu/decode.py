@@ -38,6 +38,7 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.decode_partials import window_tiles
 from pallas_kernels.gpu.tile_math import LOG2E, MASK_VALUE, pow2
 from pallas_kernels.gpu.tile_math import dot as _dot
+from pallas_kernels.gpu.tile_math import online_softmax_init, online_softmax_step
 from pallas_kernels.gpu.top_n import top_n_blocks_decode
 
 CMP_TILE = 64  # compressed keys per dot
@@ -106,22 +107,15 @@ def _cmp_kernel(pos_ref, q_ref, k_ref, v_ref, s_ref, acc_ref, m_ref, l_ref, *, s
   num_tiles = jnp.clip((count - base + CMP_TILE - 1) // CMP_TILE, 0, split // CMP_TILE)
 
   def body(i, carry):
-    acc, row_max, row_sum = carry
     start = base + i * CMP_TILE
     visible = start + jnp.arange(CMP_TILE) < count
     scores = _dot(q, k_ref[pl.ds(start, CMP_TILE), :], trans_b=True) * (scale * LOG2E)
     scores = jnp.where(visible[None, :], scores, MASK_VALUE)
     s_ref[:, pl.ds(SCORE_SHIFT + start, CMP_TILE)] = scores
-    new_max = jnp.maximum(row_max, jnp.max(scores, axis=1))
-    correction = jnp.exp2(row_max - new_max)
-    probs = jnp.where(visible[None, :], jnp.exp2(scores - new_max[:, None]), 0.0)
-    v = v_ref[pl.ds(start, CMP_TILE), :]
-    acc = acc * correction[:, None] + _dot(probs.astype(v.dtype), v)
-    return acc, new_max, row_sum * correction + jnp.sum(probs, axis=1)
+    return online_softmax_step(carry, scores, lambda: v_ref[pl.ds(start, CMP_TILE), :],
+                               visible)
 
-  rows = q.shape[0]
-  init = (jnp.zeros((rows, acc_ref.shape[1]), jnp.float32),
-          jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32))
+  init = online_softmax_init(q.shape[0], acc_ref.shape[1])
   acc, row_max, row_sum = jax.lax.fori_loop(0, num_tiles, body, init)
   acc_ref[...] = acc
   m_ref[...] = row_max

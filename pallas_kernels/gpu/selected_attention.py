@@ -27,6 +27,7 @@ from pallas_kernels.block_maps import inverse_block_map, max_work_items
 from pallas_kernels.block_maps import sorted_causal_block_indices
 from pallas_kernels.gpu.tile_math import LOG2E, MASK_VALUE, pow2
 from pallas_kernels.gpu.tile_math import dot as _dot
+from pallas_kernels.gpu.tile_math import online_softmax_init, online_softmax_step
 
 DKV_CHUNK = 256  # most queries one dK/dV work item handles
 
@@ -53,20 +54,12 @@ def _forward_kernel(idx_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, bloc
   q = q_ref[...]  # [Gp, Dkp]
 
   def body(slot, carry):
-    acc, row_max, row_sum = carry
     start = idx_ref[slot] * block
     scores = _log2_scores(q, k_ref[pl.ds(start, loaded), :],
                           _visible(start, query_pos, loaded, block), scale)
-    new_max = jnp.maximum(row_max, jnp.max(scores, axis=1))
-    correction = jnp.exp2(row_max - new_max)
-    probs = jnp.exp2(scores - new_max[:, None])
-    v = v_ref[pl.ds(start, loaded), :]
-    acc = acc * correction[:, None] + _dot(probs.astype(v.dtype), v)
-    return acc, new_max, row_sum * correction + jnp.sum(probs, axis=1)
+    return online_softmax_step(carry, scores, lambda: v_ref[pl.ds(start, loaded), :])
 
-  rows = q.shape[0]
-  init = (jnp.zeros((rows, o_ref.shape[1]), jnp.float32),
-          jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32))
+  init = online_softmax_init(q.shape[0], o_ref.shape[1])
   acc, row_max, row_sum = jax.lax.fori_loop(0, _num_valid(idx_ref), body, init)
   nonempty = row_sum > 0
   safe_sum = jnp.where(nonempty, row_sum, 1.0)

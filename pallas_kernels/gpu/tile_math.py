@@ -1,4 +1,5 @@
-"""Constants and the tile matmul shared by the GPU kernels (Pallas, Triton lowering)."""
+"""Constants, the tile matmul and the online-softmax step shared by the GPU kernels (Pallas,
+Triton lowering)."""
 
 from __future__ import annotations
 
@@ -22,3 +23,34 @@ def dot(a, b, trans_a=False, trans_b=False):
   inputs use the tensor cores."""
   precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
   return plgpu.dot(a, b, trans_a=trans_a, trans_b=trans_b, precision=precision)
+
+
+def online_softmax_init(rows: int, head_dim_v: int):
+  """The carry of a flash-attention loop: `(acc [rows, Dv], row_max [rows], row_sum [rows])`."""
+  return (jnp.zeros((rows, head_dim_v), jnp.float32), jnp.full((rows,), -jnp.inf, jnp.float32),
+          jnp.zeros((rows,), jnp.float32))
+
+
+def online_softmax_step(carry, scores, load_v, visible=None):
+  """One key tile of a flash-attention loop in the log2 domain.
+
+  Args:
+    carry: `(acc, row_max, row_sum)` (`online_softmax_init`).
+    scores: float32 `[rows, keys]` log2-domain scores, masked entries MASK_VALUE.
+    load_v: returns the tile's values `[keys, Dv]`; called after the probabilities, so the load
+      stays where the kernels had it.
+    visible: bool `[keys]` or None: zero the probabilities of masked keys exactly (needed where a
+      row may have no visible key in the tile yet).
+
+  Returns:
+    The updated carry.
+  """
+  acc, row_max, row_sum = carry
+  new_max = jnp.maximum(row_max, jnp.max(scores, axis=1))
+  correction = jnp.exp2(row_max - new_max)
+  probs = jnp.exp2(scores - new_max[:, None])
+  if visible is not None:
+    probs = jnp.where(visible[None, :], probs, 0.0)
+  v = load_v()
+  acc = acc * correction[:, None] + dot(probs.astype(v.dtype), v)
+  return acc, new_max, row_sum * correction + jnp.sum(probs, axis=1)
