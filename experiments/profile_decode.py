@@ -57,14 +57,13 @@ def parts(batch):
   fixed_blocks = jnp.tile(jnp.arange(16, dtype=jnp.int32) * 60, (batch, HKV, 1))
 
   def sizes(cache):
+    """`(num_slc, split, partials, score width)` as the decode step has them."""
     num_slc = cache.k.shape[2] // CONFIG.slc_block
-    split = decode_kernel.cmp_split(batch, HKV, cache.k_cmp.shape[2])
-    width = decode_kernel.score_width(cache.k_cmp.shape[2], split, num_slc,
-                                      CONFIG.slc_block // CONFIG.cmp_stride)
-    return num_slc, split, width
+    return (num_slc,) + decode_kernel.compressed_layout(
+        batch, HKV, cache.k_cmp.shape[2], num_slc, CONFIG.slc_block // CONFIG.cmp_stride)
 
   def cmp_partials(cache, q):
-    _, split, width = sizes(cache)
+    _, split, _, width = sizes(cache)
     return decode_kernel.compressed_partials(
         decode_kernel.group_rows(q, HKV), cache.k_cmp, cache.v_cmp, cache.length,
         cmp_block=CONFIG.cmp_block, cmp_stride=CONFIG.cmp_stride, scale=scale, split=split,
@@ -103,11 +102,11 @@ def parts(batch):
 
   def select(state, q, k, v):
     cache, total = state
-    num_slc, split, _ = sizes(cache)
+    num_slc, _, num_partials, _ = sizes(cache)
     scores, _, row_max, row_sum = cmp_partials(cache, q)
     picks = decode_kernel.select(
         scores, row_max, row_sum, cache.length, group=HQ // HKV,
-        num_partials=-(-cache.k_cmp.shape[2] // split), cmp_block=CONFIG.cmp_block,
+        num_partials=num_partials, cmp_block=CONFIG.cmp_block,
         cmp_stride=CONFIG.cmp_stride, slc_block=CONFIG.slc_block,
         num_selected=CONFIG.num_selected, num_slc=num_slc, num_initial=CONFIG.num_initial,
         num_local=CONFIG.num_local)
@@ -120,10 +119,10 @@ def parts(batch):
 
   def sparse_and_combine(state, q, k, v):
     cache, total = state
-    _, split, _ = sizes(cache)
+    _, _, num_partials, _ = sizes(cache)
     out = decode_kernel.combine(
         cmp_partials(cache, q)[1:], sparse_partials(cache, q), None,
-        num_cmp_partials=-(-cache.k_cmp.shape[2] // split), num_selected=CONFIG.num_selected,
+        num_cmp_partials=num_partials, num_selected=CONFIG.num_selected,
         num_sparse=CONFIG.num_selected + window_tiles(CONFIG.window, CONFIG.slc_block),
         out_dtype=q.dtype)
     return cache, total + out[:, :, :1].astype(jnp.float32).sum()

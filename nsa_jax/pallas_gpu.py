@@ -142,14 +142,12 @@ def _decode_jit(q_t, cache, position, gates, *, config, scale, interpret):
   group = hq // hkv
   num_cmp_cache = cache.k_cmp.shape[2]
   num_slc = size // config.slc_block
-  split = decode_kernel.cmp_split(b, hkv, num_cmp_cache)
-  width = decode_kernel.score_width(num_cmp_cache, split, num_slc,
-                                    config.slc_block // config.cmp_stride)
+  split, num_cmp_partials, width = decode_kernel.compressed_layout(
+      b, hkv, num_cmp_cache, num_slc, config.slc_block // config.cmp_stride)
   q_rows = decode_kernel.group_rows(q_t, hkv)  # [B, Hkv, Gp, Dk]
   scores, *cmp_partials = decode_kernel.compressed_partials(
       q_rows, cache.k_cmp, cache.v_cmp, position, cmp_block=config.cmp_block,
       cmp_stride=config.cmp_stride, scale=scale, split=split, width=width, interpret=interpret)
-  num_cmp_partials = -(-num_cmp_cache // split)
   block_indices = decode_kernel.select(
       scores, cmp_partials[1], cmp_partials[2], position, group=group,
       num_partials=num_cmp_partials, cmp_block=config.cmp_block, cmp_stride=config.cmp_stride,

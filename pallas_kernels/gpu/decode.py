@@ -83,10 +83,23 @@ def cmp_split(batch: int, num_kv_heads: int, cmp_cache_len: int) -> int:
   return CMP_ALIGN * -(-units // per_head)
 
 
+def num_splits(cmp_cache_len: int, split: int) -> int:
+  """Programs (partials) per (batch, KV head) of `compressed_partials`."""
+  return -(-cmp_cache_len // split)
+
+
 def score_width(cmp_cache_len: int, split: int, num_slc: int, per_slc: int) -> int:
   """Columns of the raw-score array: every split's stores and `select`'s strided loads fit."""
-  splits = -(-cmp_cache_len // split)
-  return SCORE_SHIFT + max(splits * split, pow2(num_slc) * per_slc)
+  return SCORE_SHIFT + max(num_splits(cmp_cache_len, split) * split, pow2(num_slc) * per_slc)
+
+
+def compressed_layout(batch: int, num_kv_heads: int, cmp_cache_len: int, num_slc: int,
+                      per_slc: int) -> tuple[int, int, int]:
+  """`(split, partials, score width)` of a decode step: `cmp_split`, `num_splits`,
+  `score_width`."""
+  split = cmp_split(batch, num_kv_heads, cmp_cache_len)
+  return (split, num_splits(cmp_cache_len, split),
+          score_width(cmp_cache_len, split, num_slc, per_slc))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,7 +158,7 @@ def compressed_partials(q_rows, k_cmp, v_cmp, position, *, cmp_block: int, cmp_s
   """
   b, hkv, rows, dk = q_rows.shape
   num_cmp, dv = k_cmp.shape[2], v_cmp.shape[3]
-  splits = -(-num_cmp // split)
+  splits = num_splits(num_cmp, split)
   padded = pow2(splits)
   whole = lambda d: pl.BlockSpec((None, None, num_cmp, d), lambda i, j, s: (i, j, 0, 0))
   part = lambda *shape: pl.BlockSpec((None, None, None) + shape,
