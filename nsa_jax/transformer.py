@@ -127,20 +127,19 @@ class DecoderLM(nnx.Module):
   def prefill(self, tokens, caches):
     """`tokens int [B, T]` -> `(logits float32 [B, T, vocab_size], caches)`."""
     _check_tokens("tokens", tokens, 2, "[B, T]")
-    x = self.embed(tokens)
-    new_caches = []
-    for block, cache in zip(self.blocks, caches):
-      x, cache = block.prefill(x, cache)
-      new_caches.append(cache)
-    return self._logits(x), new_caches
+    return self._through_blocks(tokens, caches, lambda block: block.prefill)
 
   def decode_step(self, token, caches):
     """`token int [B]` at position `caches[0].length` -> `(logits float32 [B, vocab], caches)`."""
     _check_tokens("token", token, 1, "[B]")
-    x = self.embed(token)
+    return self._through_blocks(token, caches, lambda block: block.decode_step)
+
+  def _through_blocks(self, tokens, caches, method):
+    """Embeds `tokens`, runs `method(block)(x, cache)` layer by layer: `(logits, caches)`."""
+    x = self.embed(tokens)
     new_caches = []
     for block, cache in zip(self.blocks, caches):
-      x, cache = block.decode_step(x, cache)
+      x, cache = method(block)(x, cache)
       new_caches.append(cache)
     return self._logits(x), new_caches
 

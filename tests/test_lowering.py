@@ -43,10 +43,6 @@ def pallas_kernels(platform, fn, *args):
   return sorted(re.search(r'name = "([^"]+)"', line).group(1) for line in calls)
 
 
-def zeros(shape, dtype):
-  return jnp.zeros(shape, dtype)
-
-
 # Forward + backward. GPU: the window is cuDNN on a GPU (XLA here), the rest Pallas. TPU: the
 # window is splash attention's kernels.
 TRAINING_KERNELS = {
@@ -70,9 +66,9 @@ def test_nsa_forward_and_backward_kernels_lower(platform, dtype, num_heads, num_
   if platform == "tpu" and dtype == jnp.float16:
     pytest.skip("TPUs have no float16")
   t = 1000  # not a multiple of any block
-  q = zeros((2, t, num_heads, head_dim), dtype)
-  k = zeros((2, t, num_kv_heads, head_dim), dtype)
-  v = zeros((2, t, num_kv_heads, head_dim_v), dtype)
+  q = jnp.zeros((2, t, num_heads, head_dim), dtype)
+  k = jnp.zeros((2, t, num_kv_heads, head_dim), dtype)
+  v = jnp.zeros((2, t, num_kv_heads, head_dim_v), dtype)
 
   def loss(q, k, v):
     out = nsa_jax.nsa_attention(q, k, v, config=NSAConfig(),
@@ -98,9 +94,9 @@ def test_decode_step_kernels_lower(platform, dtype, group, gated):
   b, hkv, d = 2, 2, 128
   config = NSAConfig()
   cache = init_decode_cache(b, 10_000, hkv, d, config=config, dtype=dtype)
-  q_t = zeros((b, hkv * group, d), dtype)
-  k_t = zeros((b, hkv, d), dtype)
-  gates = zeros((b, hkv * group, 3), jnp.float32) if gated else None
+  q_t = jnp.zeros((b, hkv * group, d), dtype)
+  k_t = jnp.zeros((b, hkv, d), dtype)
+  gates = jnp.zeros((b, hkv * group, 3), jnp.float32) if gated else None
   step = functools.partial(nsa_decode_step, config=config, gates=gates,
                            implementation=IMPLEMENTATION[platform])
   assert pallas_kernels(platform, step, q_t, k_t, k_t, cache) == DECODE_KERNELS[platform]
@@ -110,8 +106,8 @@ def test_decode_step_kernels_lower(platform, dtype, group, gated):
 def test_standalone_compressed_attention_kernels_lower(platform):
   # `compressed_attention` on its own runs the unfused forward (no selection scores), which the
   # NSA path above does not use.
-  q = zeros((1, 777, 8, 64), jnp.bfloat16)
-  k_cmp = zeros((1, 47, 2, 64), jnp.bfloat16)
+  q = jnp.zeros((1, 777, 8, 64), jnp.bfloat16)
+  k_cmp = jnp.zeros((1, 47, 2, 64), jnp.bfloat16)
 
   def loss(q, k_cmp):
     out, _ = nsa_jax.compressed_attention(q, k_cmp, k_cmp, block=32, stride=16,
