@@ -1,10 +1,11 @@
 """Where the time of the GPU compressed branch goes, and the top-n kernel's warps.
 
-    python -m experiments.tune_gpu [--seq_len 65536]
+    python -m experiments.tune_gpu [--seq_len 65536] [--dkv_variants DKV_KEYS=64,DKV_NUM_WARPS=8 ...]
 
 B=1, Hq=64, Hkv=4, D=128, bf16, paper config. Prints: the compressed kernel alone, with the fused
-selection scores, with the top-n kernel after it (for 1, 2, 4 warps), and XLA's top_k on the
-same scores.
+selection scores, with the top-n kernel after it (for 1, 2, 4 warps), XLA's top_k on the
+same scores, and the compressed kernel's forward+backward, once per setting of its dK/dV constants
+(`NAME=VALUE,...`; the first is the module's defaults).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pallas_kernels.gpu import top_n
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--seq_len", type=int, default=65536)
+  parser.add_argument("--dkv_variants", nargs="*", default=[])
   args = parser.parse_args()
   t, config = args.seq_len, nsa_jax.NSAConfig()
   keys = jax.random.split(jax.random.key(0), 3)
@@ -52,7 +54,18 @@ def main():
   fused = jax.jit(lambda q: kernel.compressed_attention_and_selection(
       q, k_cmp, v_cmp, slc_block=64, num_selected=16, num_initial=1, num_local=2, **common)[2])
   print(f"compressed + scores + top-n:    {median_ms(fused, (q,), 5):7.2f} ms", flush=True)
-
+  defaults = {name: getattr(kernel, name) for name in dir(kernel) if name.startswith("DKV_")}
+  for variant in ["defaults"] + args.dkv_variants:
+    settings = {} if variant == "defaults" else dict(x.split("=") for x in variant.split(","))
+    for name, value in {**defaults, **{n: int(v) for n, v in settings.items()}}.items():
+      setattr(kernel, name, value)
+    loss = lambda q, k_cmp, v_cmp: jnp.sum(kernel.compressed_attention(
+        q, k_cmp, v_cmp, **common)[0].astype(jnp.float32))
+    grad = jax.jit(jax.grad(loss, (0, 1, 2)))
+    print(f"compressed fwd+bwd, {variant}: {median_ms(grad, (q, k_cmp, v_cmp), 5):7.2f} ms",
+          flush=True)
+  for name, value in defaults.items():
+    setattr(kernel, name, value)
 
 if __name__ == "__main__":
   main()

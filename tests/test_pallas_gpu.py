@@ -116,11 +116,13 @@ def check_compressed(q, k, v, config, impl_ref, interpret, dtype, long_reduction
   assert_close(scores.transpose(0, 2, 1, 3), ref_scores, jnp.float32, atol=1e-4, rtol=1e-4)
 
 
-# (B, T, Hq, Hkv, Dk, Dv, config): G = 1 (64 positions per tile), GQA with Dk != Dv, T < l,
+# (B, T, Hq, Hkv, Dk, Dv, config): G = 1 (64 positions per tile, score maps on tensor cores),
+# GQA with Dk != Dv, G = 3 (a padded head row that must not count in the group's scores), T < l,
 # an overlap that spills into the next key tile's blocks (l > d), l' = d.
 INTERPRET_CONFIGS = [
     (1, 150, 2, 2, 16, 16, nsa_jax.NSAConfig(8, 4, 16, 3, 1, 1, 20)),
     (2, 77, 8, 2, 16, 8, nsa_jax.NSAConfig(16, 4, 8, 4, 1, 1, 20)),
+    (1, 77, 6, 2, 16, 16, nsa_jax.NSAConfig(16, 4, 8, 4, 1, 1, 20)),
     (1, 7, 4, 1, 16, 16, nsa_jax.NSAConfig(8, 4, 16, 3, 1, 1, 20)),
     (1, 300, 4, 1, 8, 8, nsa_jax.NSAConfig(8, 2, 2, 3, 1, 1, 20)),
 ]
@@ -133,8 +135,20 @@ def test_compressed_attention_kernel_in_interpret_mode(case):
   check_compressed(q, k, v, config, reference, interpret=True, dtype=jnp.float32)
 
 
+def test_compressed_attention_kernel_with_dkv_in_row_chunks(monkeypatch):
+  # At long T the dK/dV kernel splits each key tile's rows over several programs; force it small.
+  monkeypatch.setattr(compressed_kernel, "MIN_DKV_CHUNK", 1)
+  monkeypatch.setattr(compressed_kernel, "DKV_PROGRAMS", 10**6)
+  b, t, hq, hkv, dk, dv, config = INTERPRET_CONFIGS[1]
+  lay = compressed_kernel._layout(jnp.zeros((b, t, hq, dk)), jnp.zeros((b, 1, hkv, dk)),
+                                  jnp.zeros((b, 1, hkv, dv)), config.cmp_block, config.cmp_stride)
+  assert compressed_kernel._dkv_chunks(lay) == (1, lay.num_row_tiles)
+  q, k, v = random_qkv(b, t, hq, hkv, dk, dv)
+  check_compressed(q, k, v, config, reference, interpret=True, dtype=jnp.float32)
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("group", [1, 4, 16, 64])
+@pytest.mark.parametrize("group", [1, 3, 4, 16, 64])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_compressed_attention_kernel_on_gpu(group, dtype):
   q, k, v = random_qkv(1, 4096 + 5, 2 * group, 2, 128, dtype=dtype)

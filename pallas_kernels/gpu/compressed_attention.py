@@ -13,8 +13,9 @@ never recomputed outside the kernel:
   - overlap map onto selection blocks: `@ A [BK, BS]`, `A[i, j] = |block i ∩ block j| / d` for the
     `BS = BK * d / l'` selection blocks a key tile owns, plus a carry `@ A_next` for the overlap
     that spills into the next tile's first blocks.
-Backward: a dQ kernel over the row tiles and a dK/dV kernel over the key tiles (both recompute
-`p` from the saved log-sum-exp), the standard flash-attention split.
+Backward: a dQ kernel over the row tiles and a dK/dV kernel over (key tile, chunk of row tiles)
+with float32 partials summed afterwards (both recompute `p` from the saved log-sum-exp), the
+flash-attention split with the long causal walks of the first key tiles cut into chunks.
 
 Layout inside: query rows `[B, Hkv, T_pad * Gc, Dp]` (position-major), compressed keys / values
 `[B, Hkv, Tc_pad, Dp]`; `Gc = pow2(G)`, head dims padded to powers of two >= 16.
@@ -39,29 +40,10 @@ ROWS = 64  # query rows per program (positions x heads)
 KEYS = 32  # compressed keys per tile (swept on an H200: 22 ms vs 28 ms for 64 at T=64k)
 NUM_WARPS = 4
 NUM_STAGES = 2
-
-
-def _split3(x):
-  """float32 -> three bfloat16 pieces whose sum is `x` to float32 precision (8+8+8 bits)."""
-  hi = x.astype(jnp.bfloat16)
-  rest = x - hi.astype(jnp.float32)
-  mid = rest.astype(jnp.bfloat16)
-  return hi, mid, (rest - mid.astype(jnp.float32)).astype(jnp.bfloat16)
-
-
-# float32 products with a small-integer matrix (0/1 maps, overlap counts) on the tensor cores: the
-# integers are exact in bfloat16 and the float32 side is split in three bfloat16 pieces, where the
-# float32 FMA path of `precision=HIGHEST` would cost as much as the attention matmuls around it.
-
-
-def _ints_dot(ints, x):
-  """`ints @ x` to float32 precision."""
-  return sum(plgpu.dot(ints.astype(jnp.bfloat16), piece) for piece in _split3(x))
-
-
-def _dot_ints(x, ints):
-  """`x @ ints` to float32 precision."""
-  return sum(plgpu.dot(piece, ints.astype(jnp.bfloat16)) for piece in _split3(x))
+DKV_KEYS = 64  # compressed keys per dK/dV program (a multiple of KEYS)
+DKV_NUM_WARPS = 4
+DKV_PROGRAMS = 2048  # dK/dV programs to aim for when cutting long row walks into chunks
+MIN_DKV_CHUNK = 64  # row tiles
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +57,7 @@ class _Layout:
   positions: int  # R / Gc, positions per program
   seq_pad: int  # T padded to a multiple of `positions`
   num_cmp: int  # Tc
-  cmp_pad: int  # Tc padded to a multiple of KEYS (at least one tile)
+  cmp_pad: int  # Tc padded to a multiple of DKV_KEYS (at least one tile)
   head_dim: int
   head_dim_v: int
   head_dim_pad: int
@@ -97,7 +79,7 @@ def _layout(q, k_cmp, v_cmp, block, stride) -> _Layout:
   num_cmp = k_cmp.shape[1]
   return _Layout(batch=b, seq_len=t, num_kv_heads=hkv, group=hq // hkv, heads=heads, rows=rows,
                  positions=positions, seq_pad=-(-t // positions) * positions, num_cmp=num_cmp,
-                 cmp_pad=max(1, -(-num_cmp // KEYS)) * KEYS, head_dim=dk,
+                 cmp_pad=max(1, -(-num_cmp // DKV_KEYS)) * DKV_KEYS, head_dim=dk,
                  head_dim_v=v_cmp.shape[3], head_dim_pad=_pow2(dk, 16),
                  head_dim_v_pad=_pow2(v_cmp.shape[3], 16), block=block, stride=stride)
 
@@ -138,8 +120,8 @@ def _row_positions(tile, lay: _Layout):
 
 
 def _scores(q, k, key_start, row_pos, lay: _Layout, scale):
-  """Masked `scale * log2(e) * q . k` of one key tile: `[R, KEYS]`."""
-  key = key_start + jnp.arange(KEYS)
+  """Masked `scale * log2(e) * q . k` of one key tile: `[R, keys]`."""
+  key = key_start + jnp.arange(k.shape[0])
   visible = (key[None, :] * lay.stride + lay.block - 1 <= row_pos[:, None]) & (
       key[None, :] < lay.num_cmp)
   s = _dot(q, k, trans_b=True) * (scale * LOG2E)
@@ -176,22 +158,55 @@ def _overlap(num_rows_keys, first_slc, num_cols, lay: _Layout, slc_block):
 
 
 def _score_maps(lay: _Layout, slc_block, slc_cols, slc_spill):
-  """`S [TQ, R]` (row -> position), `A [KEYS, C]` (owned blocks), `A_next [KEYS, C]` (spill)."""
+  """`A [KEYS, C]` (overlap with the tile's own blocks), `A_next [KEYS, C]` (with the next's)."""
   owned = KEYS * lay.stride // slc_block
-  tq = max(16, lay.positions)
-  to_position = (jnp.arange(lay.rows)[None, :] // lay.heads == jnp.arange(tq)[:, None])
   cols = jnp.arange(slc_cols)[None, :]
   own_map = jnp.where(cols < owned, _overlap(KEYS, 0, slc_cols, lay, slc_block), 0.0)
   spill_map = jnp.where(cols < slc_spill, _overlap(KEYS, owned, slc_cols, lay, slc_block), 0.0)
-  return to_position.astype(jnp.float32), own_map, spill_map
+  return own_map, spill_map
+
+
+def _split3(x):
+  """float32 -> three bfloat16 pieces whose sum is `x` to float32 precision (8+8+8 bits)."""
+  hi = x.astype(jnp.bfloat16)
+  rest = x - hi.astype(jnp.float32)
+  mid = rest.astype(jnp.bfloat16)
+  return hi, mid, (rest - mid.astype(jnp.float32)).astype(jnp.bfloat16)
+
+
+# Small score maps are sums of products over a 3D tile on the CUDA cores: exact float32, with none
+# of the operand-layout shuffles (through shared memory) that tensor-core dots need; measured 32 ms
+# of the 54 ms kernel at T=64k when they were dots. Large ones (many positions a tile, G <= 2) are
+# tensor-core dots with the float32 side split in three bfloat16 pieces (the 0/1 and overlap-count
+# matrices are exact in bfloat16), as a [P, KEYS, C] tile would not fit in registers.
+_MAX_BROADCAST = 8192
+
+
+def _maps_by_dot(positions, cols):
+  return positions >= 16 and positions * KEYS * cols > _MAX_BROADCAST
+
+
+def _group_sum(p, lay: _Layout):
+  """`[R, KEYS]` -> `[P, KEYS]`: each position's probabilities summed over its group's heads.
+  Rows of padded heads (G not a power of two) see q = 0, so they have p > 0 and are masked."""
+  if lay.heads != lay.group:
+    p = jnp.where((jnp.arange(lay.rows) % lay.heads < lay.group)[:, None], p, 0.0)
+  return jnp.sum(p.reshape(lay.positions, lay.heads, KEYS), axis=1)
+
+
+def _map_blocks(p_grp, overlap):
+  """`p_grp [P, KEYS] @ overlap [KEYS, C]` -> `[P, C]` to float32 precision."""
+  if _maps_by_dot(p_grp.shape[0], overlap.shape[1]):
+    return sum(plgpu.dot(piece, overlap.astype(jnp.bfloat16)) for piece in _split3(p_grp))
+  return jnp.sum(p_grp[:, :, None] * overlap[None, :, :], axis=1)
 
 
 def _store_scores(score_ref, values, tile, first_col, num_cols, lay: _Layout):
-  """Stores rows of the tile's positions, columns `[first_col, first_col + num_cols)`."""
-  tq, width = values.shape
-  mask = ((jnp.arange(tq) < lay.positions)[:, None] & (jnp.arange(width) < num_cols)[None, :])
-  plgpu.store(score_ref.at[pl.ds(tile * lay.positions, tq), pl.ds(first_col, width)], values,
-              mask=mask)
+  """Stores `values [P, C]` at the tile's positions, columns `[first_col, first_col + num_cols)`."""
+  width = values.shape[1]
+  mask = jnp.broadcast_to((jnp.arange(width) < num_cols)[None, :], values.shape)
+  plgpu.store(score_ref.at[pl.ds(tile * lay.positions, lay.positions), pl.ds(first_col, width)],
+              values, mask=mask)
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, *refs, lay, scale, slc_block, slc_cols, slc_spill):
@@ -206,7 +221,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, lay, scale, slc_block, slc_cols,
   num_tiles = _tile_count(tile, lay)
   lse = _lse_pass(q, k_ref, row_pos, num_tiles, lay, scale)
   if slc_block:
-    to_position, own_map, spill_map = _score_maps(lay, slc_block, slc_cols, slc_spill)
+    own_map, spill_map = _score_maps(lay, slc_block, slc_cols, slc_spill)
     owned = KEYS * lay.stride // slc_block
 
   def body(kt, carry):
@@ -216,12 +231,12 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, lay, scale, slc_block, slc_cols,
     v = v_ref[pl.ds(kt * KEYS, KEYS), :]
     acc = acc + _dot(p.astype(v.dtype), v)
     if slc_block:
-      p_grp = _ints_dot(to_position, p)  # [TQ, KEYS]: summed over the group's heads
-      _store_scores(score_ref, _dot_ints(p_grp, own_map) + spill, tile, kt * owned, owned, lay)
-      spill = _dot_ints(p_grp, spill_map)  # overlap with the next tile's first blocks
+      p_grp = _group_sum(p, lay)
+      _store_scores(score_ref, _map_blocks(p_grp, own_map) + spill, tile, kt * owned, owned, lay)
+      spill = _map_blocks(p_grp, spill_map)  # overlap with the next tile's first blocks
     return acc, spill
 
-  spill_shape = (max(16, lay.positions), slc_cols) if slc_block else (1,)
+  spill_shape = (lay.positions, slc_cols) if slc_block else (1,)
   init = (jnp.zeros((lay.rows, o_ref.shape[1]), jnp.float32), jnp.zeros(spill_shape, jnp.float32))
   acc, spill = jax.lax.fori_loop(0, num_tiles, body, init)
   o_ref[...] = acc.astype(o_ref.dtype)
@@ -247,10 +262,12 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, lay, 
   dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, lay, scale):
-  key_tile = pl.program_id(0)
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, lay, scale,
+                chunk, num_chunks):
+  """One key tile's dK/dV over one chunk of row tiles (float32 partials, summed outside)."""
+  key_tile, first_row_tile = pl.program_id(0) // num_chunks, pl.program_id(0) % num_chunks * chunk
   k, v = k_ref[...], v_ref[...]
-  key_start = key_tile * KEYS
+  key_start = key_tile * DKV_KEYS
   # The first position that sees this tile's first key, and its row tile.
   first_tile = jnp.minimum(key_start * lay.stride + lay.block - 1, lay.seq_pad) // lay.positions
 
@@ -259,15 +276,29 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
     rows = pl.ds(tile * lay.rows, lay.rows)
     q, do = q_ref[rows, :], do_ref[rows, :]
     s, visible = _scores(q, k, key_start, _row_positions(tile, lay), lay, scale)
-    p = jnp.where(visible, jnp.exp2(s - lse_ref[rows][:, None]), 0.0)  # [R, KEYS]
+    p = jnp.where(visible, jnp.exp2(s - lse_ref[rows][:, None]), 0.0)  # [R, DKV_KEYS]
     dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
     ds = p * (_dot(do, v, trans_b=True) - delta_ref[rows][:, None])
     return dk + _dot(ds.astype(q.dtype), q, trans_a=True), dv
 
   init = (jnp.zeros(dk_ref.shape, jnp.float32), jnp.zeros(dv_ref.shape, jnp.float32))
-  dk, dv = jax.lax.fori_loop(first_tile, lay.num_row_tiles, body, init)
-  dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
-  dv_ref[...] = dv.astype(dv_ref.dtype)
+  dk, dv = jax.lax.fori_loop(jnp.maximum(first_tile, first_row_tile),
+                             jnp.minimum(first_row_tile + chunk, lay.num_row_tiles), body, init)
+  dk_ref[...] = dk * scale
+  dv_ref[...] = dv
+
+
+def _dkv_chunks(lay: _Layout):
+  """`(row tiles per chunk, chunks)` of the dK/dV kernel.
+
+  A key tile is seen by every row tile after its first: the first key tiles by the whole sequence.
+  One program per key tile would leave a few programs walking all T rows while the rest of the GPU
+  idles (T=64k: 56 ms). Chunks of at most `chunk` row tiles, sized for about `DKV_PROGRAMS`
+  non-empty programs, bound every program's walk.
+  """
+  pairs = lay.num_row_tiles * (lay.cmp_pad // DKV_KEYS) // 2 * lay.batch * lay.num_kv_heads
+  chunk = min(lay.num_row_tiles, max(MIN_DKV_CHUNK, pl.cdiv(pairs, DKV_PROGRAMS)))
+  return chunk, pl.cdiv(lay.num_row_tiles, chunk)
 
 
 def _params():
@@ -287,7 +318,8 @@ def _slc_geometry(lay: _Layout, slc_block):
     return 0, 0
   per_slc = slc_block // lay.stride
   spill = -(-(lay.block // lay.stride - 1) // per_slc)
-  return _pow2(max(KEYS * lay.stride // slc_block, spill), 16), spill
+  cols = _pow2(max(KEYS * lay.stride // slc_block, spill))
+  return (max(cols, 16) if _maps_by_dot(lay.positions, cols) else cols), spill
 
 
 def _forward(q, k, v, lay: _Layout, scale, slc_block, interpret):
@@ -308,7 +340,7 @@ def _forward(q, k, v, lay: _Layout, scale, slc_block, interpret):
     # Columns: every key tile's owned blocks, the last spill, rounded to a power of two so that
     # the top-n kernel can load a row whole.
     width = _pow2((lay.cmp_pad // KEYS + 1) * (KEYS * lay.stride // slc_block) + slc_cols)
-    score_shape = (lay.batch, lay.num_kv_heads, lay.seq_pad + 16, width)
+    score_shape = (lay.batch, lay.num_kv_heads, lay.seq_pad, width)
     whole = pl.BlockSpec((None, None) + score_shape[2:], lambda i, b, g: (b, g, 0, 0))
     in_specs.append(whole)
     out_specs.append(whole)
@@ -332,19 +364,26 @@ def _backward(q, k, v, do, lse, delta, lay: _Layout, scale, interpret):
       compiler_params=_params(), interpret=interpret, name="nsa_compressed_dq",
   )(q, k, v, do, lse, delta)
   num_rows = lay.seq_pad * lay.heads
-  whole_rows = lambda d: pl.BlockSpec((None, None, num_rows, d), lambda j, b, g: (b, g, 0, 0))
-  whole_vector = pl.BlockSpec((None, None, num_rows), lambda j, b, g: (b, g, 0))
-  key_tile = lambda d: pl.BlockSpec((None, None, KEYS, d), lambda j, b, g: (b, g, j, 0))
+  chunk, num_chunks = _dkv_chunks(lay)
+  whole_rows = lambda d: pl.BlockSpec((None, None, num_rows, d), lambda i, b, g: (b, g, 0, 0))
+  whole_vector = pl.BlockSpec((None, None, num_rows), lambda i, b, g: (b, g, 0))
+  key_tile = lambda d: pl.BlockSpec((None, None, DKV_KEYS, d),
+                                    lambda i, b, g: (b, g, i // num_chunks, 0))
+  partial = lambda d: pl.BlockSpec((None, None, None, DKV_KEYS, d),
+                                   lambda i, b, g: (i % num_chunks, b, g, i // num_chunks, 0))
+  partial_shape = lambda x: jax.ShapeDtypeStruct((num_chunks,) + x.shape, jnp.float32)
   dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, lay=lay, scale=scale),
-      grid=(lay.cmp_pad // KEYS, lay.batch, lay.num_kv_heads),
+      functools.partial(_dkv_kernel, lay=lay, scale=scale, chunk=chunk, num_chunks=num_chunks),
+      grid=(lay.cmp_pad // DKV_KEYS * num_chunks, lay.batch, lay.num_kv_heads),
       in_specs=[whole_rows(lay.head_dim_pad), key_tile(lay.head_dim_pad),
                 key_tile(lay.head_dim_v_pad), whole_rows(lay.head_dim_v_pad), whole_vector,
                 whole_vector],
-      out_specs=[key_tile(lay.head_dim_pad), key_tile(lay.head_dim_v_pad)],
-      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      compiler_params=_params(), interpret=interpret, name="nsa_compressed_dkv",
+      out_specs=[partial(lay.head_dim_pad), partial(lay.head_dim_v_pad)],
+      out_shape=[partial_shape(k), partial_shape(v)],
+      compiler_params=plgpu.CompilerParams(num_warps=DKV_NUM_WARPS, num_stages=NUM_STAGES),
+      interpret=interpret, name="nsa_compressed_dkv",
   )(q, k, v, do, lse, delta)
+  dk, dv = jnp.sum(dk, axis=0).astype(k.dtype), jnp.sum(dv, axis=0).astype(v.dtype)
   return dq, dk, dv
 
 
