@@ -30,6 +30,8 @@ from pallas_kernels.gpu.tile_math import dot as _dot
 from pallas_kernels.gpu.tile_math import online_softmax_init, online_softmax_step
 
 DKV_CHUNK = 256  # most queries one dK/dV work item handles
+DKV_ROWS = 64  # query rows per dK/dV step (several queries gathered when G is small)
+DKV_STEP_BYTES = 64 * 1024  # most bytes of q and dO rows one step loads (shared-memory budget)
 
 
 def _visible(block_start, query_pos, loaded, block):
@@ -88,30 +90,39 @@ def _dq_kernel(idx_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
 
 
 def _dkv_kernel(items_ref, queries_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref,
-                dv_ref, *, scale, block, loaded, rows, num_blocks):
-  """One work item: `count` queries of one block, `(block, start, count)` in `items_ref`."""
+                dv_ref, *, scale, block, loaded, rows, num_blocks, queries_per_step):
+  """One work item: `count` queries of one block, `(block, start, count)` in `items_ref`.
+
+  Each step gathers the rows of `queries_per_step` queries (`DKV_ROWS` rows), so the dots have
+  M, K >= 64 even for small groups; rows past the item's last query repeat it and are masked.
+  """
   block_id = jnp.minimum(items_ref[0], num_blocks - 1)  # unused items: any block, no queries
   first, count = items_ref[1], items_ref[2]
   start = block_id * block
   k = k_ref[pl.ds(start, loaded), :]
   v = v_ref[pl.ds(start, loaded), :]
+  step_row = jnp.arange(queries_per_step * rows)
+  which, head = step_row // rows, step_row % rows
+  offsets = jnp.arange(loaded)
 
-  def body(i, carry):
+  def body(step, carry):
     dk, dv = carry
-    query_pos = queries_ref[first + i]
-    q_rows = pl.ds(query_pos * rows, rows)
-    q, do = q_ref[q_rows, :], do_ref[q_rows, :]
-    lse, delta = lse_ref[q_rows], delta_ref[q_rows]
-    visible = _visible(start, query_pos, loaded, block)
-    probs = jnp.where(visible[None, :],
-                      jnp.exp2(_log2_scores(q, k, visible, scale) - lse[:, None]), 0.0)
+    slot = step * queries_per_step + which
+    query_pos = queries_ref[first + jnp.minimum(slot, count - 1)]  # [M]
+    gathered = query_pos * rows + head
+    q, do = q_ref[gathered, :], do_ref[gathered, :]
+    lse, delta = lse_ref[gathered], delta_ref[gathered]
+    visible = ((slot < count)[:, None] & (offsets < block)[None, :]
+               & (start + offsets[None, :] <= query_pos[:, None]))
+    scores = _dot(q, k, trans_b=True) * (scale * LOG2E)
+    probs = jnp.where(visible, jnp.exp2(scores - lse[:, None]), 0.0)  # [M, Lp]
     dv = dv + _dot(probs.astype(do.dtype), do, trans_a=True)  # [Lp, Dvp]
-    ds = probs * (_dot(do, v, trans_b=True) - delta[:, None])  # [Gp, Lp]
+    ds = probs * (_dot(do, v, trans_b=True) - delta[:, None])
     dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)  # [Lp, Dkp]
     return dk, dv
 
   init = (jnp.zeros(dk_ref.shape, jnp.float32), jnp.zeros(dv_ref.shape, jnp.float32))
-  dk, dv = jax.lax.fori_loop(0, count, body, init)
+  dk, dv = jax.lax.fori_loop(0, pl.cdiv(count, queries_per_step), body, init)
   dk_ref[...] = dk * scale
   dv_ref[...] = dv
 
@@ -225,6 +236,13 @@ def _dq(q, k, v, do, lse, delta, slots, lay: _Layout, scale, interpret):
   )(slots, q, k, v, do, lse, delta)
 
 
+def _queries_per_step(lay: _Layout, dtype) -> int:
+  """Queries whose rows one dK/dV step gathers: `DKV_ROWS` rows, fewer for wide float32 heads
+  (float32 with Dk = Dv = 256 at 64 rows needs 279 KB of shared memory; an H100 has 227 KB)."""
+  row_bytes = (lay.head_dim_pad + lay.head_dim_v_pad) * jnp.dtype(dtype).itemsize
+  return max(1, min(DKV_ROWS, DKV_STEP_BYTES // row_bytes) // lay.rows)
+
+
 def _dkv(q, k, v, do, lse, delta, queries, items, lay: _Layout, scale, interpret):
   num_items = items.shape[2]
   num_rows = lay.seq_len * lay.rows
@@ -234,7 +252,8 @@ def _dkv(q, k, v, do, lse, delta, queries, items, lay: _Layout, scale, interpret
   part = lambda d: pl.BlockSpec((None, None, None, lay.loaded, d),
                                 lambda e, b, g: (b, g, e, 0, 0))
   kernel = functools.partial(_dkv_kernel, scale=scale, block=lay.block, loaded=lay.loaded,
-                             rows=lay.rows, num_blocks=lay.num_blocks)
+                             rows=lay.rows, num_blocks=lay.num_blocks,
+                             queries_per_step=_queries_per_step(lay, q.dtype))
   parts_shape = lambda d: jax.ShapeDtypeStruct(
       (lay.batch, lay.num_kv_heads, num_items, lay.loaded, d), jnp.float32)
   return pl.pallas_call(
