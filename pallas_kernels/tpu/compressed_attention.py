@@ -240,7 +240,9 @@ def _output_and_scores_kernel(q_ref, k_ref, v_ref, lse_ref, o_ref, score_ref, ac
     acc_scratch[...] += dot_nn(p.astype(v.dtype), v)
     position = jax.lax.broadcasted_iota(jnp.int32, (lay.positions, lay.rows), 0)
     row = jax.lax.broadcasted_iota(jnp.int32, (lay.positions, lay.rows), 1)
-    to_position = (row // lay.heads == position).astype(jnp.float32)
+    # Rows of padded heads (G not a power of two) see q = 0, so p > 0 there: not in the sum.
+    to_position = ((row // lay.heads == position) & (row % lay.heads < lay.group)).astype(
+        jnp.float32)
     p_grp = jax.lax.dot(to_position, p, precision=HIGHEST)  # [positions, KEYS]: group sum
     owned = KEYS * lay.stride // slc_block
     score_ref[...] = jax.lax.dot(p_grp, _overlap(lay, slc_block, 0),
