@@ -29,6 +29,10 @@ from pallas_kernels.gpu.tile_math import LOG2E, MASK_VALUE, pow2
 from pallas_kernels.gpu.tile_math import dot as _dot
 from pallas_kernels.gpu.tile_math import online_softmax_init, online_softmax_step
 
+# Triton launch settings per kernel (swept with `experiments.tune_gpu --variants`).
+FWD_NUM_WARPS, FWD_NUM_STAGES = 4, 2
+DQ_NUM_WARPS, DQ_NUM_STAGES = 4, 2
+DKV_NUM_WARPS, DKV_NUM_STAGES = 4, 2
 DKV_CHUNK = 256  # most queries one dK/dV work item handles
 DKV_ROWS = 64  # query rows per dK/dV step (several queries gathered when G is small)
 DKV_STEP_BYTES = 64 * 1024  # most bytes of q and dO rows one step loads (shared-memory budget)
@@ -214,7 +218,7 @@ def _forward(q, k, v, slots, lay: _Layout, scale, interpret):
                                q.dtype),
           jax.ShapeDtypeStruct((lay.batch, lay.num_kv_heads, num_rows), jnp.float32),
       ],
-      compiler_params=_params(num_warps=4, num_stages=2),
+      compiler_params=_params(FWD_NUM_WARPS, FWD_NUM_STAGES),
       interpret=interpret,
       name="nsa_selected_fwd",
   )(slots, q, k, v)
@@ -230,7 +234,7 @@ def _dq(q, k, v, do, lse, delta, slots, lay: _Layout, scale, interpret):
                 whole(lay.head_dim_v_pad), rows(lay.head_dim_v_pad), row_vector, row_vector],
       out_specs=rows(lay.head_dim_pad),
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      compiler_params=_params(num_warps=4, num_stages=2),
+      compiler_params=_params(DQ_NUM_WARPS, DQ_NUM_STAGES),
       interpret=interpret,
       name="nsa_selected_dq",
   )(slots, q, k, v, do, lse, delta)
@@ -266,7 +270,7 @@ def _dkv(q, k, v, do, lse, delta, queries, items, lay: _Layout, scale, interpret
                 row_vector],
       out_specs=[part(lay.head_dim_pad), part(lay.head_dim_v_pad)],
       out_shape=[parts_shape(lay.head_dim_pad), parts_shape(lay.head_dim_v_pad)],
-      compiler_params=_params(num_warps=4, num_stages=2),
+      compiler_params=_params(DKV_NUM_WARPS, DKV_NUM_STAGES),
       interpret=interpret,
       name="nsa_selected_dkv",
   )(items, queries, q, k, v, do, lse, delta)
