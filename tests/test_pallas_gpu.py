@@ -157,6 +157,16 @@ def test_compressed_attention_kernel_on_gpu(group, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+@pytest.mark.parametrize("dims", [(64, 64), (192, 128), (256, 256)])
+def test_compressed_attention_kernel_dtypes_and_head_dims_on_gpu(dtype, dims):
+  # The widest float32 tiles are where shared memory runs out first (as it did for the selected
+  # dK/dV kernel); B = 2 and G = 4.
+  q, k, v = random_qkv(2, 1000, 8, 2, dims[0], dims[1], dtype=dtype)
+  check_compressed(q, k, v, nsa_jax.NSAConfig(), xla, interpret=False, dtype=dtype)
+
+
+@pytest.mark.gpu
 def test_select_blocks_from_fused_scores_matches_xla_on_gpu():
   config = nsa_jax.NSAConfig()
   q, k, _ = random_qkv(2, 8192 + 100, 32, 4, 128)
