@@ -29,9 +29,13 @@ test: $(STAMP)
 
 # On a GPU machine (already has JAX with CUDA): the GPU-marked tests at real sizes. Only the files
 # that hold them, so the machine needs no experiment packages (ml_collections, orbax).
+# GPU_WORKERS > 1 shares the GPU between pytest-xdist processes (memory taken on demand, not
+# preallocated): most of a GPU test's time is XLA compiling on the host.
 GPU_TESTS := tests/test_pallas_gpu.py tests/test_decode.py
+GPU_WORKERS ?= 1
 test-gpu:
-	PYTHONPATH=$(CURDIR) $(PYTHON) -m pytest -q -m gpu $(GPU_TESTS)
+	PYTHONPATH=$(CURDIR) XLA_PYTHON_CLIENT_PREALLOCATE=false $(PYTHON) -m pytest -q -m gpu \
+		-n $(GPU_WORKERS) $(GPU_TESTS)
 
 bench-cpu: $(STAMP)
 	$(PY) -m experiments.bench_xla_cpu
