@@ -8,11 +8,12 @@ Forward in two passes over the visible key tiles: pass 1 finds each row's log-su
 accumulates the output with the exact probabilities `p = exp(s - lse)` and, when asked, the
 selection scores (SPEC.md section 2, steps 1-3) from those same probabilities, so `q . k_cmp` is
 never recomputed outside the kernel:
-  - group sum over the `G` heads of a position: `S @ p`, with `S [TQ, R]` the 0/1 row-to-position
-    matrix;
-  - overlap map onto selection blocks: `@ A [BK, BS]`, `A[i, j] = |block i ∩ block j| / d` for the
-    `BS = BK * d / l'` selection blocks a key tile owns, plus a carry `@ A_next` for the overlap
-    that spills into the next tile's first blocks.
+  - group sum over the `G` heads of a position: the rows are position-major, so `p [R, BK]`
+    reshaped to `[R / Gc, Gc, BK]` and summed over the heads (padded heads masked);
+  - overlap map onto selection blocks: `p_grp @ A`, `A [BK, BS]`, `A[i, j] = |block i ∩ block j|
+    / d` for the `BS = BK * d / l'` selection blocks a key tile owns, plus a carry `@ A_next` for
+    the overlap that spills into the next tile's first blocks; a float32 product-sum over a small
+    3D tile, or tensor-core dots when the tile has many positions (`_map_blocks`).
 Backward: a dQ kernel over the row tiles and a dK/dV kernel over (key tile, chunk of row tiles)
 with float32 partials summed afterwards (both recompute `p` from the saved log-sum-exp), the
 flash-attention split with the long causal walks of the first key tiles cut into chunks.

@@ -5,7 +5,8 @@ blocks, so one program loads the `G` rows of one query position as the matmul M 
 over that position's selected key/value blocks with an online softmax. The backward pass has a dQ
 kernel that mirrors the forward and a dK/dV kernel driven by the inverse map block -> queries
 (`pallas_kernels.block_maps.inverse_block_map`), whose per-item partial sums are added by a segment
-sum: no atomics, no scan over all queries per block.
+sum: no atomics, no scan over all queries per block. Each of its steps gathers the rows of several
+queries of the item (64 rows), so small groups still give the matmuls an M of 64.
 
 Layout inside (set up by `selected_attention`): queries as rows `[B, Hkv, T * Gp, Dp]` (position
 `t`'s heads are rows `t*Gp .. t*Gp + Gp - 1`), keys / values `[B, Hkv, Ts * l' + pad, Dp]`. `Gp`,
