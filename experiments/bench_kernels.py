@@ -3,8 +3,9 @@
     python -m experiments.bench_kernels [--seq_lens 8192,16384,32768,65536,131072]
                                         [--repeats 10] [--out out/bench_kernels.json]
     python -m experiments.bench_kernels --trace 65536   # per-kernel time of full NSA at T
+    python -m experiments.bench_kernels --num_kv_heads 16 --seq_lens 65536  # G = 4
 
-Shapes: B=1, Hq=64, Hkv=4, D=128, bfloat16. Configs: the paper's (l=32, d=16, l'=64, n=16, w=512)
+Shapes: B=1, Hq=64, Hkv=4 (`--num_kv_heads`), D=128, bfloat16. Configs: the paper's (l=32, d=16, l'=64, n=16, w=512)
 and fla-core's comparable one (l=d=l'=64, n=16, window excluded, as fla-core times it).
 Per sequence length and part: forward and forward+backward time (median of `--repeats` after a
 warm-up), achieved TFLOP/s (useful FLOPs: causal halves counted once) and the compiled program's
@@ -95,11 +96,16 @@ def parts_for(t, q, k, v, config, with_window=True):
   return parts
 
 
-def measure(t, config, with_window, repeats):
+def random_qkv(t, num_kv_heads):
   keys = jax.random.split(jax.random.key(t), 3)
   q = jax.random.normal(keys[0], (B, t, HQ, D), jnp.bfloat16)
-  k = jax.random.normal(keys[1], (B, t, HKV, D), jnp.bfloat16)
-  v = jax.random.normal(keys[2], (B, t, HKV, D), jnp.bfloat16)
+  k = jax.random.normal(keys[1], (B, t, num_kv_heads, D), jnp.bfloat16)
+  v = jax.random.normal(keys[2], (B, t, num_kv_heads, D), jnp.bfloat16)
+  return q, k, v
+
+
+def measure(t, config, with_window, repeats, num_kv_heads=HKV):
+  q, k, v = random_qkv(t, num_kv_heads)
   rows = []
   for name, (fn, fwd_flops, differentiable) in parts_for(t, q, k, v, config, with_window).items():
     forward = jax.jit(fn)
@@ -128,12 +134,9 @@ def print_table(title, rows):
           f"{get('fwd_bwd_gib', '8.2f'):>8}")
 
 
-def trace(t, top=14):
+def trace(t, num_kv_heads=HKV, top=14):
   """Per-kernel device time of full NSA (paper config) at `t`, forward and forward+backward."""
-  keys = jax.random.split(jax.random.key(t), 3)
-  q = jax.random.normal(keys[0], (B, t, HQ, D), jnp.bfloat16)
-  k = jax.random.normal(keys[1], (B, t, HKV, D), jnp.bfloat16)
-  v = jax.random.normal(keys[2], (B, t, HKV, D), jnp.bfloat16)
+  q, k, v = random_qkv(t, num_kv_heads)
   nsa, _, _ = parts_for(t, q, k, v, PAPER)["nsa"]
   for title, fn in (("forward", jax.jit(nsa)),
                     ("forward+backward", jax.jit(jax.grad(sum_of(nsa), (0, 1, 2))))):
@@ -149,24 +152,28 @@ def main():
   parser.add_argument("--fla_seq_lens", default="8192,16384,32768,65536")
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--out", default="out/bench_kernels.json")
+  parser.add_argument("--num_kv_heads", type=int, default=HKV,
+                      help=f"Hkv (G = {HQ} / Hkv): small groups load more K/V bytes per FLOP")
   parser.add_argument("--trace", type=int, default=0,
                       help="instead: per-kernel GPU time of full NSA at this sequence length")
   args = parser.parse_args()
   if args.trace:
-    trace(args.trace)
+    trace(args.trace, args.num_kv_heads)
     return
   paper, fla = [], []
   for t in (int(x) for x in args.seq_lens.split(",") if x):
-    paper += measure(t, PAPER, True, args.repeats)
+    paper += measure(t, PAPER, True, args.repeats, args.num_kv_heads)
   for t in (int(x) for x in args.fla_seq_lens.split(",") if x):
-    fla += measure(t, FLA, False, args.repeats)
+    fla += measure(t, FLA, False, args.repeats, args.num_kv_heads)
   device = jax.devices()[0].device_kind
-  print_table(f"{device}, B={B} Hq={HQ} Hkv={HKV} D={D} bf16, paper config {PAPER}", paper)
+  print_table(f"{device}, B={B} Hq={HQ} Hkv={args.num_kv_heads} D={D} bf16, paper config {PAPER}",
+              paper)
   print_table(f"{device}, fla-core comparable config (l=d=l'=64, n=16, no window)", fla)
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(dict(device=device, date=str(datetime.date.today()),
-                                 jax_version=jax.__version__, paper=paper, fla=fla), indent=2))
+                                 jax_version=jax.__version__, num_kv_heads=args.num_kv_heads,
+                                 paper=paper, fla=fla), indent=2))
 
 
 if __name__ == "__main__":
