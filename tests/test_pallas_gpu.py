@@ -182,7 +182,10 @@ def test_top_n_kernel_matches_the_selection_rule_with_ties(config):
   b, t, h, width = 2, 70, 3, 16  # Ts = ceil(70 / l') <= 9 < width: padding columns ignored
   # Few distinct values, so many scores tie and the lower index must win.
   scores = jax.random.randint(jax.random.key(5), (b, h, t + 3, width), 0, 3).astype(jnp.float32)
-  got = top_n.top_n_blocks(scores, seq_len=t, num_selected=config.num_selected,
+  # A matrix wider than pow2(Ts) and not a power of two, as the fused kernel makes: the kernel
+  # reads the first pow2(Ts) columns, and the blocks past Ts are never candidates.
+  wider = jnp.pad(scores, [(0, 0), (0, 0), (0, 0), (0, 8)], constant_values=100.0)
+  got = top_n.top_n_blocks(wider, seq_len=t, num_selected=config.num_selected,
                            slc_block=config.slc_block, num_initial=config.num_initial,
                            num_local=config.num_local, interpret=True)
   num_slc = config.num_slc_blocks(t)

@@ -338,9 +338,11 @@ def _forward(q, k, v, lay: _Layout, scale, slc_block, interpret):
   aliases = {}
   if slc_block:
     # Whole score matrix per (b, g): unvisited blocks keep the zeros it starts from.
-    # Columns: every key tile's owned blocks, the last spill, rounded to a power of two so that
-    # the top-n kernel can load a row whole.
-    width = _pow2((lay.cmp_pad // KEYS + 1) * (KEYS * lay.stride // slc_block) + slc_cols)
+    # Columns: what the stores reach (every key tile's owned blocks, then the last tile's spill,
+    # `slc_cols` wide), and at least the power of two >= Ts that the top-n kernel reads a row as.
+    # (Rounding the whole width up to a power of two doubled it at T = 64k: 2 GB more zeros.)
+    num_slc = -(-lay.seq_len // slc_block)
+    width = max(_pow2(num_slc), lay.cmp_pad // KEYS * (KEYS * lay.stride // slc_block) + slc_cols)
     score_shape = (lay.batch, lay.num_kv_heads, lay.seq_pad, width)
     whole = pl.BlockSpec((None, None) + score_shape[2:], lambda i, b, g: (b, g, 0, 0))
     in_specs.append(whole)

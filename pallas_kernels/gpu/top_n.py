@@ -80,7 +80,8 @@ def top_n_blocks(scores, *, seq_len: int, num_selected: int, slc_block: int, num
 
   Args:
     scores: float32 `[B, H, rows >= T, width]`, non-negative selection scores of query `t` in row
-      `t`; `width` a power of two >= `Ts = ceil(T / slc_block)` (columns past `Ts` are ignored).
+      `t`; `width >= pow2(Ts)`, `Ts = ceil(T / slc_block)`: the first `pow2(Ts)` columns of a row
+      are read, those past `Ts` ignored.
     seq_len: T.
     num_selected, slc_block, num_initial, num_local: the NSA selection config.
     interpret: Pallas interpret mode (CPU).
@@ -89,14 +90,17 @@ def top_n_blocks(scores, *, seq_len: int, num_selected: int, slc_block: int, num
     int32 `[B, T, H, num_selected]`.
   """
   b, h, _, width = scores.shape
+  num_slc = -(-seq_len // slc_block)
+  row_width = max(1, 1 << (num_slc - 1).bit_length())
+  if width < row_width:
+    raise ValueError(f"scores {scores.shape} need >= {row_width} columns for T = {seq_len}")
   slots = max(1, 1 << (num_selected - 1).bit_length())
   kernel = functools.partial(_top_n_kernel, num_selected=num_selected, slc_block=slc_block,
-                             num_slc=-(-seq_len // slc_block), num_initial=num_initial,
-                             num_local=num_local)
+                             num_slc=num_slc, num_initial=num_initial, num_local=num_local)
   picks = pl.pallas_call(
       kernel,
       grid=(seq_len, b, h),
-      in_specs=[pl.BlockSpec((None, None, None, width), lambda t, i, j: (i, j, t, 0))],
+      in_specs=[pl.BlockSpec((None, None, None, row_width), lambda t, i, j: (i, j, t, 0))],
       out_specs=pl.BlockSpec((None, None, None, slots), lambda t, i, j: (i, j, t, 0)),
       out_shape=jax.ShapeDtypeStruct((b, h, seq_len, slots), jnp.int32),
       compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
