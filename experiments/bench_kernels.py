@@ -47,10 +47,13 @@ def median_ms(fn, args, repeats):
   return 1e3 * statistics.median(times)
 
 
-def gib(fn, args):
-  stats = fn.lower(*args).compile().memory_analysis()
+def compiled_and_gib(fn, args):
+  """`(executable, GiB of arguments + outputs + temporaries)`: one compile for both (timing a
+  `jax.jit` call and then lowering it again for its memory would compile twice)."""
+  compiled = jax.jit(fn).lower(*args).compile()
+  stats = compiled.memory_analysis()
   total = stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
-  return total / 2**30
+  return compiled, total / 2**30
 
 
 def sum_of(fn):
@@ -108,14 +111,14 @@ def measure(t, config, with_window, repeats, num_kv_heads=HKV):
   q, k, v = random_qkv(t, num_kv_heads)
   rows = []
   for name, (fn, fwd_flops, differentiable) in parts_for(t, q, k, v, config, with_window).items():
-    forward = jax.jit(fn)
+    forward, forward_gib = compiled_and_gib(fn, (q, k, v))
     row = dict(seq_len=t, part=name, fwd_ms=median_ms(forward, (q, k, v), repeats),
-               fwd_gib=gib(forward, (q, k, v)))
+               fwd_gib=forward_gib)
     row["fwd_tflops"] = fwd_flops / row["fwd_ms"] / 1e9
     if differentiable:
-      backward = jax.jit(jax.grad(sum_of(fn), (0, 1, 2)))
+      backward, backward_gib = compiled_and_gib(jax.grad(sum_of(fn), (0, 1, 2)), (q, k, v))
       row["fwd_bwd_ms"] = median_ms(backward, (q, k, v), repeats)
-      row["fwd_bwd_gib"] = gib(backward, (q, k, v))
+      row["fwd_bwd_gib"] = backward_gib
       row["fwd_bwd_tflops"] = 3.5 * fwd_flops / row["fwd_bwd_ms"] / 1e9  # bwd ~ 2.5x fwd
     print(json.dumps(row), flush=True)
     rows.append(row)
