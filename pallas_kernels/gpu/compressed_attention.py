@@ -41,6 +41,7 @@ ROWS = 64  # query rows per program (positions x heads)
 KEYS = 32  # compressed keys per tile (swept on an H200: 22 ms vs 28 ms for 64 at T=64k)
 NUM_WARPS = 4
 NUM_STAGES = 2
+LSE_KEYS = 32  # compressed keys per tile of the forward's log-sum-exp pass (divides DKV_KEYS)
 DKV_KEYS = 64  # compressed keys per dK/dV program (a multiple of KEYS)
 DKV_NUM_WARPS = 4
 DKV_PROGRAMS = 2048  # dK/dV programs to aim for when cutting long row walks into chunks
@@ -129,15 +130,18 @@ def _scores(q, k, key_start, row_pos, lay: _Layout, scale):
   return jnp.where(visible, s, MASK_VALUE), visible
 
 
-def _tile_count(tile, lay: _Layout):
+def _tile_count(tile, lay: _Layout, keys=None):
+  """Key tiles of `keys` (default KEYS) that the row tile's last position sees."""
   last = jnp.minimum((tile + 1) * lay.positions - 1, lay.seq_len - 1)
-  return pl.cdiv(_num_visible(last, lay), KEYS)
+  return pl.cdiv(_num_visible(last, lay), keys or KEYS)
 
 
 def _lse_pass(q, k_ref, row_pos, num_tiles, lay, scale):
+  """Pass 1 over `num_tiles` tiles of LSE_KEYS keys: each row's base-2 log-sum-exp."""
   def body(kt, carry):
     row_max, row_sum = carry
-    s, visible = _scores(q, k_ref[pl.ds(kt * KEYS, KEYS), :], kt * KEYS, row_pos, lay, scale)
+    keys = pl.ds(kt * LSE_KEYS, LSE_KEYS)
+    s, visible = _scores(q, k_ref[keys, :], kt * LSE_KEYS, row_pos, lay, scale)
     new_max = jnp.maximum(row_max, jnp.max(s, axis=1))
     # Masked entries count 0 even in a row that sees nothing yet (its max is MASK_VALUE).
     p = jnp.where(visible, jnp.exp2(s - new_max[:, None]), 0.0)
@@ -220,7 +224,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, lay, scale, slc_block, slc_cols,
   q = q_ref[...]
   row_pos = _row_positions(tile, lay)
   num_tiles = _tile_count(tile, lay)
-  lse = _lse_pass(q, k_ref, row_pos, num_tiles, lay, scale)
+  lse = _lse_pass(q, k_ref, row_pos, _tile_count(tile, lay, LSE_KEYS), lay, scale)
   if slc_block:
     own_map, spill_map = _score_maps(lay, slc_block, slc_cols, slc_spill)
     owned = KEYS * lay.stride // slc_block
