@@ -3,10 +3,11 @@
     python -m experiments.tune_gpu [--seq_len 65536]
     python -m experiments.tune_gpu --variants selected.FWD_NUM_STAGES=3 \
         compressed.NUM_STAGES=3,compressed.NUM_WARPS=8 [--no_breakdown]
+    python -m experiments.tune_gpu --num_kv_heads 16 --variants selected.PACK_ROWS=16  # G = 4
 
-B=1, Hq=64, Hkv=4, D=128, bf16, paper config. The breakdown: the compressed kernel alone, with
-the fused selection scores, with the top-n kernel after it (for 1, 2, 4 warps), XLA's top_k on
-the same scores. Then, for the modules' defaults and each variant (`module.NAME=VALUE,...`,
+B=1, Hq=64, Hkv=4 (`--num_kv_heads`), D=128, bf16, paper config. The breakdown: the compressed
+kernel alone, with the fused selection scores, with the top-n kernel after it (for 1, 2, 4 warps),
+XLA's top_k on the same scores. Then, for the modules' defaults and each variant (`module.NAME=VALUE,...`,
 module `compressed` or `selected`, the kernel modules of `pallas_kernels.gpu`), a table row: the
 fused compressed forward (output and scores), the compressed forward+backward (gradients of q,
 k_cmp and v_cmp), and the selected kernel's forward and forward+backward on the real selection.
@@ -78,12 +79,13 @@ def main():
   parser.add_argument("--seq_len", type=int, default=65536)
   parser.add_argument("--variants", nargs="*", default=[])
   parser.add_argument("--no_breakdown", action="store_true")
+  parser.add_argument("--num_kv_heads", type=int, default=4)
   args = parser.parse_args()
   t, config = args.seq_len, nsa_jax.NSAConfig()
   keys = jax.random.split(jax.random.key(0), 3)
   q = jax.random.normal(keys[0], (1, t, 64, 128), jnp.bfloat16)
-  k = jax.random.normal(keys[1], (1, t, 4, 128), jnp.bfloat16)
-  v = jax.random.normal(keys[2], (1, t, 4, 128), jnp.bfloat16)
+  k = jax.random.normal(keys[1], (1, t, args.num_kv_heads, 128), jnp.bfloat16)
+  v = jax.random.normal(keys[2], (1, t, args.num_kv_heads, 128), jnp.bfloat16)
   k_cmp, v_cmp = nsa_jax.compress_kv(k, v, block=config.cmp_block, stride=config.cmp_stride)
   if not args.no_breakdown:
     breakdown(q, k_cmp, v_cmp, t, config)

@@ -1,7 +1,8 @@
 """Index metadata shared by the block-sparse kernels (GPU and TPU): plain JAX, computed per call.
 
 - `sorted_causal_block_indices`: the selected blocks of each query as a clean, ascending list, so a
-  kernel loops over the first `count` slots and every slot it visits has at least one visible key.
+  kernel loops over the first `count` slots and every slot it visits has at least one visible key
+  (`distinct_ascending` also makes the union lists of packed programs).
 - `inverse_block_map`: the transpose, block -> queries that selected it, in CSR form split into
   work items of at most `chunk` queries, for the dK/dV kernels (no scan over all queries per block,
   and no block with thousands of queries serialised in one program).
@@ -28,9 +29,15 @@ def sorted_causal_block_indices(block_indices, block: int):
   """
   t = block_indices.shape[1]
   last_block = (jnp.arange(t) // block)[None, :, None, None]
+  idx = block_indices.astype(jnp.int32)
+  return distinct_ascending(jnp.where(idx <= last_block, idx, -1))
+
+
+def distinct_ascending(block_indices):
+  """The distinct non-negative entries of each row (last axis), ascending, then -1. int32."""
   missing = jnp.iinfo(jnp.int32).max
   idx = block_indices.astype(jnp.int32)
-  idx = jnp.sort(jnp.where((idx >= 0) & (idx <= last_block), idx, missing), axis=-1)
+  idx = jnp.sort(jnp.where(idx >= 0, idx, missing), axis=-1)
   repeated = jnp.concatenate(
       [jnp.zeros_like(idx[..., :1], bool), idx[..., 1:] == idx[..., :-1]], axis=-1)
   idx = jnp.sort(jnp.where(repeated, missing, idx), axis=-1)

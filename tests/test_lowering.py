@@ -20,6 +20,7 @@ import pytest
 import nsa_jax
 from nsa_jax import NSAConfig
 from nsa_jax.decode import init_decode_cache, nsa_decode_step
+from pallas_kernels.gpu import selected_attention as selected_kernel
 
 TARGETS = {  # platform -> (an abstract device of it, the custom call a Pallas kernel lowers to)
     "cuda": (jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
@@ -117,3 +118,18 @@ def test_standalone_compressed_attention_kernels_lower(platform):
   suffix = {"cuda": "", "tpu": "_tpu"}[platform]
   expected = sorted(f"nsa_compressed_{part}{suffix}" for part in ("fwd", "dq", "dkv"))
   assert pallas_kernels(platform, jax.grad(loss, argnums=(0, 1)), q, k_cmp) == expected
+
+
+@pytest.mark.parametrize("pack_rows,num_heads", [(16, 4), (32, 16)])
+def test_selected_kernels_with_packed_positions_lower_for_cuda(monkeypatch, pack_rows, num_heads):
+  monkeypatch.setattr(selected_kernel, "PACK_ROWS", pack_rows)
+  q = jnp.zeros((2, 1000, num_heads, 128), jnp.bfloat16)
+  k = v = jnp.zeros((2, 1000, 1, 128), jnp.bfloat16)
+  idx = jnp.zeros((2, 1000, 1, 16), jnp.int32)
+
+  def loss(q, k, v):
+    return nsa_jax.selected_attention(q, k, v, idx, block=64, implementation="pallas_gpu").astype(
+        jnp.float32).sum()
+
+  assert pallas_kernels("cuda", jax.grad(loss, argnums=(0, 1, 2)), q, k, v) == [
+      "nsa_selected_dkv", "nsa_selected_dq", "nsa_selected_fwd"]

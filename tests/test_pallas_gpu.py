@@ -9,6 +9,7 @@ import nsa_jax
 from nsa_jax import block_selection, reference, xla
 from nsa_jax.attention_math import combine_branches
 from pallas_kernels.gpu import compressed_attention as compressed_kernel
+from pallas_kernels.gpu import selected_attention as selected_kernel
 from pallas_kernels.gpu import top_n
 from pallas_kernels.gpu.selected_attention import selected_attention
 from tests.helpers import assert_close, assert_grads_close, assert_valid_selection
@@ -58,9 +59,27 @@ def test_selected_attention_kernel_in_interpret_mode(case):
   check_selected(q, k, v, block, n, reference, interpret=True, dtype=jnp.float32)
 
 
+# Packed positions (PACK_ROWS): G = 1 (16 or 32 positions a program), G = 3 (padded heads,
+# T not a multiple of the positions), G = 4 (B = 2, Dk != Dv).
+PACKED_CASES = [(1, 45, 2, 2, 16, 16, 16, 3), (1, 45, 6, 2, 16, 16, 16, 3),
+                (2, 37, 4, 1, 16, 8, 16, 3)]
+
+
+@pytest.mark.parametrize("pack_rows", [16, 32])
+@pytest.mark.parametrize("case", PACKED_CASES)
+def test_selected_attention_kernel_with_packed_positions_in_interpret_mode(monkeypatch, case,
+                                                                           pack_rows):
+  monkeypatch.setattr(selected_kernel, "PACK_ROWS", pack_rows)
+  b, t, hq, hkv, dk, dv, block, n = case
+  q, k, v = random_qkv(b, t, hq, hkv, dk, dv)
+  check_selected(q, k, v, block, n, reference, interpret=True, dtype=jnp.float32)
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("pack_rows", [0, 16])
 @pytest.mark.parametrize("group", [1, 2, 4, 8, 16, 32, 64])
-def test_selected_attention_kernel_all_group_sizes_on_gpu(group):
+def test_selected_attention_kernel_all_group_sizes_on_gpu(monkeypatch, group, pack_rows):
+  monkeypatch.setattr(selected_kernel, "PACK_ROWS", pack_rows)
   q, k, v = random_qkv(1, 2048 + 17, 2 * group, 2, 64, dtype=jnp.bfloat16)
   check_selected(q, k, v, 64, 16, xla, interpret=False, dtype=jnp.bfloat16)
 

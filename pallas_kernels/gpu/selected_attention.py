@@ -8,10 +8,15 @@ kernel that mirrors the forward and a dK/dV kernel driven by the inverse map blo
 sum: no atomics, no scan over all queries per block. Each of its steps gathers the rows of several
 queries of the item (64 rows), so small groups still give the matmuls an M of 64.
 
-Layout inside (set up by `selected_attention`): queries as rows `[B, Hkv, T * Gp, Dp]` (position
-`t`'s heads are rows `t*Gp .. t*Gp + Gp - 1`), keys / values `[B, Hkv, Ts * l' + pad, Dp]`. `Gp`,
-`Dp` and the loaded block length `Lp` are powers of two >= 16 (Triton's dot) with zero padding;
-a block of `l'` tokens is loaded as `Lp >= l'` rows and the extra rows are masked.
+With `PACK_ROWS` set, a forward / dQ program takes several consecutive positions (small groups:
+4 positions x 4 heads = 16 rows) and loops over the union of their blocks, each row masked to the
+blocks its own position chose.
+
+Layout inside (set up by `selected_attention`): queries as rows `[B, Hkv, T_pad * Gp, Dp]`
+(position `t`'s heads are rows `t*Gp .. t*Gp + Gp - 1`; `Gp = pow2(G)`, at least 16 unless
+positions are packed), keys / values `[B, Hkv, Ts * l' + pad, Dp]`. `Dp` and the loaded block
+length `Lp` are powers of two >= 16 (Triton's dot) with zero padding; a block of `l'` tokens is
+loaded as `Lp >= l'` rows and the extra rows are masked.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.block_maps import inverse_block_map, max_work_items
-from pallas_kernels.block_maps import sorted_causal_block_indices
+from pallas_kernels.block_maps import distinct_ascending, sorted_causal_block_indices
 from pallas_kernels.gpu.tile_math import LOG2E, MASK_VALUE, pow2
 from pallas_kernels.gpu.tile_math import dot as _dot
 from pallas_kernels.gpu.tile_math import online_softmax_init, online_softmax_step
@@ -37,6 +42,11 @@ DKV_NUM_WARPS, DKV_NUM_STAGES = 4, 2
 DKV_CHUNK = 256  # most queries one dK/dV work item handles
 DKV_ROWS = 64  # query rows per dK/dV step (several queries gathered when G is small)
 DKV_STEP_BYTES = 64 * 1024  # most bytes of q and dO rows one step loads (shared-memory budget)
+# Forward and dQ programs: 0 = one query position each (its G rows padded to 16). A power of two
+# >= 16: max(1, PACK_ROWS // pow2(G)) consecutive positions a program, looping over the union of
+# their blocks with each row masked to its own position's, so that small groups fill the rows and
+# every K/V block load serves all the positions that chose it. Not the default until measured.
+PACK_ROWS = 0
 
 
 def _visible(block_start, query_pos, loaded, block):
@@ -46,9 +56,9 @@ def _visible(block_start, query_pos, loaded, block):
 
 
 def _log2_scores(q, k, visible, scale):
-  """`scale * log2(e) * q . k`, masked: `[Gp, Lp]` float32."""
+  """`scale * log2(e) * q . k`, masked by `visible [1 or R, Lp]`: `[R, Lp]` float32."""
   scores = _dot(q, k, trans_b=True) * (scale * LOG2E)
-  return jnp.where(visible[None, :], scores, MASK_VALUE)
+  return jnp.where(visible, scores, MASK_VALUE)
 
 
 def _num_valid(idx_ref):
@@ -56,15 +66,47 @@ def _num_valid(idx_ref):
   return jnp.sum((idx_ref[...] >= 0).astype(jnp.int32))
 
 
-def _forward_kernel(idx_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, block, loaded):
-  query_pos = pl.program_id(0)
-  q = q_ref[...]  # [Gp, Dkp]
+def _program_rows(own_ref, positions, heads):
+  """What a forward / dQ program needs to mask a block, read before its loop: one position a
+  program, `(position, None)` (every slot is its own); packed, the position of each row `[R]` and
+  the block list of each row's position `[R, n_pad]` (a gather from the `[P, n_pad]` table)."""
+  if own_ref is None:
+    return pl.program_id(0), None
+  local = jnp.arange(positions * heads) // heads
+  return pl.program_id(0) * positions + local, own_ref[local, :]
+
+
+def _block_mask(block_id, rows, loaded, block):
+  """`[1 or R, Lp]`: the keys of block `block_id` each row sees (in the block, not after the
+  row's position and, packed, only in rows whose position chose the block)."""
+  start = block_id * block
+  row_pos, own = rows
+  if own is None:
+    return _visible(start, row_pos, loaded, block)[None, :]
+  offsets = jnp.arange(loaded)
+  chosen = jnp.max(jnp.where(own == block_id, 1, 0), axis=1) > 0  # [R]
+  return (chosen[:, None] & (offsets < block)[None, :]
+          & (start + offsets[None, :] <= row_pos[:, None]))
+
+
+def _split_own(refs, positions):
+  """`(own_ref or None, *the other refs)`: packed kernels get the per-position block table."""
+  return (refs[0], *refs[1:]) if positions > 1 else (None, *refs)
+
+
+def _forward_kernel(idx_ref, *refs, scale, block, loaded, positions, heads):
+  own_ref, q_ref, k_ref, v_ref, o_ref, lse_ref = _split_own(refs, positions)
+  q = q_ref[...]  # [R, Dkp]
+  rows = _program_rows(own_ref, positions, heads)
 
   def body(slot, carry):
-    start = idx_ref[slot] * block
-    scores = _log2_scores(q, k_ref[pl.ds(start, loaded), :],
-                          _visible(start, query_pos, loaded, block), scale)
-    return online_softmax_step(carry, scores, lambda: v_ref[pl.ds(start, loaded), :])
+    block_id = idx_ref[slot]
+    start = block_id * block
+    visible = _block_mask(block_id, rows, loaded, block)
+    scores = _log2_scores(q, k_ref[pl.ds(start, loaded), :], visible, scale)
+    # Packed, a row may see nothing of a block (not its position's, or after it): zero it exactly.
+    return online_softmax_step(carry, scores, lambda: v_ref[pl.ds(start, loaded), :],
+                               None if own_ref is None else visible)
 
   init = online_softmax_init(q.shape[0], o_ref.shape[1])
   acc, row_max, row_sum = jax.lax.fori_loop(0, _num_valid(idx_ref), body, init)
@@ -74,19 +116,19 @@ def _forward_kernel(idx_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, bloc
   lse_ref[...] = jnp.where(nonempty, row_max + jnp.log2(safe_sum), 0.0)  # base 2
 
 
-def _dq_kernel(idx_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, scale, block,
-               loaded):
-  query_pos = pl.program_id(0)
+def _dq_kernel(idx_ref, *refs, scale, block, loaded, positions, heads):
+  own_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref = _split_own(refs, positions)
   q, do = q_ref[...], do_ref[...]
   lse, delta = lse_ref[...], delta_ref[...]
+  rows = _program_rows(own_ref, positions, heads)
 
   def body(slot, dq):
-    start = idx_ref[slot] * block
+    block_id = idx_ref[slot]
+    start = block_id * block
     k = k_ref[pl.ds(start, loaded), :]
-    visible = _visible(start, query_pos, loaded, block)
-    probs = jnp.where(visible[None, :],
-                      jnp.exp2(_log2_scores(q, k, visible, scale) - lse[:, None]), 0.0)
-    dp = _dot(do, v_ref[pl.ds(start, loaded), :], trans_b=True)  # [Gp, Lp]
+    visible = _block_mask(block_id, rows, loaded, block)
+    probs = jnp.where(visible, jnp.exp2(_log2_scores(q, k, visible, scale) - lse[:, None]), 0.0)
+    dp = _dot(do, v_ref[pl.ds(start, loaded), :], trans_b=True)  # [R, Lp]
     ds = probs * (dp - delta[:, None])
     return dq + _dot(ds.astype(k.dtype), k)
 
@@ -139,7 +181,9 @@ class _Layout:
   seq_len: int
   num_kv_heads: int
   group: int  # G = Hq // Hkv
-  rows: int  # Gp: G padded to a power of two >= 16
+  heads: int  # rows per position: pow2(G), and >= 16 unless positions are packed
+  positions: int  # query positions per forward / dQ program (PACK_ROWS)
+  seq_pad: int  # T padded to a multiple of `positions`
   head_dim: int
   head_dim_v: int
   head_dim_pad: int
@@ -150,6 +194,14 @@ class _Layout:
   num_slots: int  # n padded to a power of two
 
   @property
+  def rows(self) -> int:  # rows per forward / dQ program
+    return self.positions * self.heads
+
+  @property
+  def num_tiles(self) -> int:  # forward / dQ programs per (batch, KV head)
+    return self.seq_pad // self.positions
+
+  @property
   def kv_len(self) -> int:  # every loaded block stays in bounds
     return self.num_blocks * self.block + self.loaded - self.block
 
@@ -157,24 +209,31 @@ class _Layout:
 def _layout(q, v, block_indices, block) -> _Layout:
   b, t, hq, dk = q.shape
   hkv = v.shape[2]
-  # Triton's dot wants power-of-two sides >= 16; the slot list only a power of two.
-  return _Layout(batch=b, seq_len=t, num_kv_heads=hkv, group=hq // hkv, rows=pow2(hq // hkv, 16),
-                 head_dim=dk, head_dim_v=v.shape[3], head_dim_pad=pow2(dk, 16),
+  if PACK_ROWS and (PACK_ROWS < 16 or pow2(PACK_ROWS) != PACK_ROWS):
+    raise ValueError(f"PACK_ROWS must be 0 or a power of two >= 16, got {PACK_ROWS}")
+  # Triton's dot wants power-of-two sides >= 16 (packed: positions x heads >= PACK_ROWS >= 16);
+  # the slot list only a power of two.
+  heads = pow2(hq // hkv) if PACK_ROWS else pow2(hq // hkv, 16)
+  positions = max(1, PACK_ROWS // heads)
+  return _Layout(batch=b, seq_len=t, num_kv_heads=hkv, group=hq // hkv, heads=heads,
+                 positions=positions, seq_pad=-(-t // positions) * positions, head_dim=dk, head_dim_v=v.shape[3], head_dim_pad=pow2(dk, 16),
                  head_dim_v_pad=pow2(v.shape[3], 16), block=block, loaded=pow2(block, 16),
                  num_blocks=-(-t // block), num_slots=pow2(block_indices.shape[-1]))
 
 
 def _to_rows(x, lay: _Layout, dim_pad):
-  """`[B, T, Hq, D]` -> `[B, Hkv, T * Gp, Dp]`."""
+  """`[B, T, Hq, D]` -> `[B, Hkv, T_pad * heads, Dp]`."""
   b, t, _, d = x.shape
   x = x.reshape(b, t, lay.num_kv_heads, lay.group, d)
-  x = jnp.pad(x, [(0, 0), (0, 0), (0, 0), (0, lay.rows - lay.group), (0, dim_pad - d)])
-  return x.transpose(0, 2, 1, 3, 4).reshape(b, lay.num_kv_heads, t * lay.rows, dim_pad)
+  x = jnp.pad(x, [(0, 0), (0, lay.seq_pad - t), (0, 0), (0, lay.heads - lay.group),
+                  (0, dim_pad - d)])
+  return x.transpose(0, 2, 1, 3, 4).reshape(b, lay.num_kv_heads, lay.seq_pad * lay.heads, dim_pad)
 
 
 def _from_rows(x, lay: _Layout, dim):
-  """`[B, Hkv, T * Gp, Dp]` -> `[B, T, Hq, D]`."""
-  x = x.reshape(lay.batch, lay.num_kv_heads, lay.seq_len, lay.rows, -1)[..., :lay.group, :dim]
+  """`[B, Hkv, T_pad * heads, Dp]` -> `[B, T, Hq, D]`."""
+  x = x.reshape(lay.batch, lay.num_kv_heads, lay.seq_pad, lay.heads, -1)
+  x = x[:, :, :lay.seq_len, :lay.group, :dim]
   return x.transpose(0, 2, 1, 3, 4).reshape(lay.batch, lay.seq_len, -1, dim)
 
 
@@ -185,34 +244,55 @@ def _to_blocks(x, lay: _Layout, dim_pad):
 
 
 def _slots(sorted_idx, lay: _Layout):
-  """`[B, T, Hkv, n]` -> `[B, Hkv, T, n_pad]`, padded with -1."""
+  """`[B, T, Hkv, n]` -> `[B, Hkv, T_pad, n_pad]`, padded with -1."""
   pad = lay.num_slots - sorted_idx.shape[-1]
-  idx = jnp.pad(sorted_idx, [(0, 0)] * 3 + [(0, pad)], constant_values=-1)
+  idx = jnp.pad(sorted_idx, [(0, 0), (0, lay.seq_pad - lay.seq_len), (0, 0), (0, pad)],
+                constant_values=-1)
   return idx.transpose(0, 2, 1, 3)
+
+
+def _program_slots(slots, lay: _Layout):
+  """Each forward / dQ program's block list: `[B, Hkv, tiles, P * n_pad]`, the distinct blocks
+  its positions chose, ascending, -1 last (packed), else `slots` itself."""
+  if lay.positions == 1:
+    return slots
+  b, hkv = slots.shape[:2]
+  return distinct_ascending(
+      slots.reshape(b, hkv, lay.num_tiles, lay.positions * lay.num_slots))
 
 
 def _params(num_warps, num_stages):
   return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
-def _per_query_specs(lay: _Layout):
-  """BlockSpecs of the grid `(T, B, Hkv)`: slots, rows of one position, whole K and V."""
-  slots = pl.BlockSpec((None, None, None, lay.num_slots), lambda t, b, g: (b, g, t, 0))
+def _per_program_specs(lay: _Layout):
+  """BlockSpecs of the grid `(tiles, B, Hkv)`: the program's block list (and, packed, the block
+  table of its positions), its rows, whole K and V, its row vectors."""
+  slot_specs = [pl.BlockSpec((None, None, None, lay.positions * lay.num_slots),
+                             lambda t, b, g: (b, g, t, 0))]
+  if lay.positions > 1:
+    slot_specs.append(pl.BlockSpec((None, None, lay.positions, lay.num_slots),
+                                   lambda t, b, g: (b, g, t, 0)))
   rows = lambda d: pl.BlockSpec((None, None, lay.rows, d), lambda t, b, g: (b, g, t, 0))
   whole = lambda d: pl.BlockSpec((None, None, lay.kv_len, d), lambda t, b, g: (b, g, 0, 0))
   row_vector = pl.BlockSpec((None, None, lay.rows), lambda t, b, g: (b, g, t))
-  return slots, rows, whole, row_vector
+  return slot_specs, rows, whole, row_vector
+
+
+def _slot_args(slots, lay: _Layout):
+  return [_program_slots(slots, lay)] + ([slots] if lay.positions > 1 else [])
 
 
 def _forward(q, k, v, slots, lay: _Layout, scale, interpret):
-  slot_spec, rows, whole, row_vector = _per_query_specs(lay)
-  kernel = functools.partial(_forward_kernel, scale=scale, block=lay.block, loaded=lay.loaded)
-  num_rows = lay.seq_len * lay.rows
+  slot_specs, rows, whole, row_vector = _per_program_specs(lay)
+  kernel = functools.partial(_forward_kernel, scale=scale, block=lay.block, loaded=lay.loaded,
+                             positions=lay.positions, heads=lay.heads)
+  num_rows = lay.seq_pad * lay.heads
   return pl.pallas_call(
       kernel,
-      grid=(lay.seq_len, lay.batch, lay.num_kv_heads),
-      in_specs=[slot_spec, rows(lay.head_dim_pad), whole(lay.head_dim_pad),
-                whole(lay.head_dim_v_pad)],
+      grid=(lay.num_tiles, lay.batch, lay.num_kv_heads),
+      in_specs=slot_specs + [rows(lay.head_dim_pad), whole(lay.head_dim_pad),
+                             whole(lay.head_dim_v_pad)],
       out_specs=[rows(lay.head_dim_v_pad), row_vector],
       out_shape=[
           jax.ShapeDtypeStruct((lay.batch, lay.num_kv_heads, num_rows, lay.head_dim_v_pad),
@@ -222,42 +302,44 @@ def _forward(q, k, v, slots, lay: _Layout, scale, interpret):
       compiler_params=_params(FWD_NUM_WARPS, FWD_NUM_STAGES),
       interpret=interpret,
       name="nsa_selected_fwd",
-  )(slots, q, k, v)
+  )(*_slot_args(slots, lay), q, k, v)
 
 
 def _dq(q, k, v, do, lse, delta, slots, lay: _Layout, scale, interpret):
-  slot_spec, rows, whole, row_vector = _per_query_specs(lay)
-  kernel = functools.partial(_dq_kernel, scale=scale, block=lay.block, loaded=lay.loaded)
+  slot_specs, rows, whole, row_vector = _per_program_specs(lay)
+  kernel = functools.partial(_dq_kernel, scale=scale, block=lay.block, loaded=lay.loaded,
+                             positions=lay.positions, heads=lay.heads)
   return pl.pallas_call(
       kernel,
-      grid=(lay.seq_len, lay.batch, lay.num_kv_heads),
-      in_specs=[slot_spec, rows(lay.head_dim_pad), whole(lay.head_dim_pad),
-                whole(lay.head_dim_v_pad), rows(lay.head_dim_v_pad), row_vector, row_vector],
+      grid=(lay.num_tiles, lay.batch, lay.num_kv_heads),
+      in_specs=slot_specs + [rows(lay.head_dim_pad), whole(lay.head_dim_pad),
+                             whole(lay.head_dim_v_pad), rows(lay.head_dim_v_pad), row_vector,
+                             row_vector],
       out_specs=rows(lay.head_dim_pad),
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       compiler_params=_params(DQ_NUM_WARPS, DQ_NUM_STAGES),
       interpret=interpret,
       name="nsa_selected_dq",
-  )(slots, q, k, v, do, lse, delta)
+  )(*_slot_args(slots, lay), q, k, v, do, lse, delta)
 
 
 def _queries_per_step(lay: _Layout, dtype) -> int:
   """Queries whose rows one dK/dV step gathers: `DKV_ROWS` rows, fewer for wide float32 heads
   (float32 with Dk = Dv = 256 at 64 rows needs 279 KB of shared memory; an H100 has 227 KB)."""
   row_bytes = (lay.head_dim_pad + lay.head_dim_v_pad) * jnp.dtype(dtype).itemsize
-  return max(1, min(DKV_ROWS, DKV_STEP_BYTES // row_bytes) // lay.rows)
+  return max(1, min(DKV_ROWS, DKV_STEP_BYTES // row_bytes) // lay.heads)
 
 
 def _dkv(q, k, v, do, lse, delta, queries, items, lay: _Layout, scale, interpret):
   num_items = items.shape[2]
-  num_rows = lay.seq_len * lay.rows
+  num_rows = lay.seq_pad * lay.heads
   whole_rows = lambda d: pl.BlockSpec((None, None, num_rows, d), lambda e, b, g: (b, g, 0, 0))
   whole_kv = lambda d: pl.BlockSpec((None, None, lay.kv_len, d), lambda e, b, g: (b, g, 0, 0))
   row_vector = pl.BlockSpec((None, None, num_rows), lambda e, b, g: (b, g, 0))
   part = lambda d: pl.BlockSpec((None, None, None, lay.loaded, d),
                                 lambda e, b, g: (b, g, e, 0, 0))
   kernel = functools.partial(_dkv_kernel, scale=scale, block=lay.block, loaded=lay.loaded,
-                             rows=lay.rows, num_blocks=lay.num_blocks,
+                             rows=lay.heads, num_blocks=lay.num_blocks,
                              queries_per_step=_queries_per_step(lay, q.dtype))
   parts_shape = lambda d: jax.ShapeDtypeStruct(
       (lay.batch, lay.num_kv_heads, num_items, lay.loaded, d), jnp.float32)
@@ -310,7 +392,8 @@ def _selected_attention_bwd(scale, block, interpret, residuals, d_out):
   delta = jnp.sum(out_rows.astype(jnp.float32) * do_rows.astype(jnp.float32), axis=-1)
   slots = _slots(sorted_idx, lay)
   dq_rows = _dq(q_rows, k_blocks, v_blocks, do_rows, lse, delta, slots, lay, scale, interpret)
-  queries, items = inverse_block_map(slots.transpose(0, 2, 1, 3), lay.num_blocks, DKV_CHUNK)
+  queries, items = inverse_block_map(slots[:, :, :lay.seq_len].transpose(0, 2, 1, 3),
+                                     lay.num_blocks, DKV_CHUNK)
   dk_parts, dv_parts = _dkv(q_rows, k_blocks, v_blocks, do_rows, lse, delta, queries, items, lay,
                             scale, interpret)
   dq = _from_rows(dq_rows, lay, lay.head_dim)

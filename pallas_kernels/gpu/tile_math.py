@@ -39,8 +39,8 @@ def online_softmax_step(carry, scores, load_v, visible=None):
     scores: float32 `[rows, keys]` log2-domain scores, masked entries MASK_VALUE.
     load_v: returns the tile's values `[keys, Dv]`; called after the probabilities, so the load
       stays where the kernels had it.
-    visible: bool `[keys]` or None: zero the probabilities of masked keys exactly (needed where a
-      row may have no visible key in the tile yet).
+    visible: bool `[keys]` (all rows) or `[rows, keys]`, or None: zero the probabilities of masked
+      keys exactly (needed where a row may have no visible key in the tile yet).
 
   Returns:
     The updated carry.
@@ -50,7 +50,7 @@ def online_softmax_step(carry, scores, load_v, visible=None):
   correction = jnp.exp2(row_max - new_max)
   probs = jnp.exp2(scores - new_max[:, None])
   if visible is not None:
-    probs = jnp.where(visible[None, :], probs, 0.0)
+    probs = jnp.where(visible if visible.ndim == 2 else visible[None, :], probs, 0.0)
   v = load_v()
   acc = acc * correction[:, None] + dot(probs.astype(v.dtype), v)
   return acc, new_max, row_sum * correction + jnp.sum(probs, axis=1)
