@@ -102,8 +102,9 @@ def _forward_kernel(idx_ref, *refs, scale, block, loaded, positions, heads):
   def body(slot, carry):
     block_id = idx_ref[slot]
     start = block_id * block
+    k = k_ref[pl.ds(start, loaded), :]
     visible = _block_mask(block_id, rows, loaded, block)
-    scores = _log2_scores(q, k_ref[pl.ds(start, loaded), :], visible, scale)
+    scores = _log2_scores(q, k, visible, scale)
     # Packed, a row may see nothing of a block (not its position's, or after it): zero it exactly.
     return online_softmax_step(carry, scores, lambda: v_ref[pl.ds(start, loaded), :],
                                None if own_ref is None else visible)
