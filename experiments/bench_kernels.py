@@ -5,12 +5,12 @@
     python -m experiments.bench_kernels --trace 65536   # per-kernel time of full NSA at T
     python -m experiments.bench_kernels --num_kv_heads 16 --seq_lens 65536  # G = 4
 
-Shapes: B=1, Hq=64, Hkv=4 (`--num_kv_heads`), D=128, bfloat16. Configs: the paper's (l=32, d=16, l'=64, n=16, w=512)
-and fla-core's comparable one (l=d=l'=64, n=16, window excluded, as fla-core times it).
-Per sequence length and part: forward and forward+backward time (median of `--repeats` after a
-warm-up), achieved TFLOP/s (useful FLOPs: causal halves counted once) and the compiled program's
-GPU memory (arguments + outputs + temporaries, from XLA's memory analysis). Prints a table and
-writes JSON.
+Shapes: B=1, Hq=64, Hkv=4 (`--num_kv_heads`), D=128, bfloat16. Configs: the paper's (l=32, d=16,
+l'=64, n=16, w=512) and fla-core's comparable one (l=d=l'=64, n=16, window excluded, as fla-core
+times it). Per sequence length and part: forward and forward+backward time (median of `--repeats`
+after a warm-up), achieved TFLOP/s (useful FLOPs: causal halves counted once) and the compiled
+program's GPU memory (arguments + outputs + temporaries, from XLA's memory analysis). Prints a
+table and writes JSON.
 """
 
 from __future__ import annotations

@@ -217,7 +217,8 @@ def _layout(q, v, block_indices, block) -> _Layout:
   heads = pow2(hq // hkv) if PACK_ROWS else pow2(hq // hkv, 16)
   positions = max(1, PACK_ROWS // heads)
   return _Layout(batch=b, seq_len=t, num_kv_heads=hkv, group=hq // hkv, heads=heads,
-                 positions=positions, seq_pad=-(-t // positions) * positions, head_dim=dk, head_dim_v=v.shape[3], head_dim_pad=pow2(dk, 16),
+                 positions=positions, seq_pad=-(-t // positions) * positions, head_dim=dk,
+                 head_dim_v=v.shape[3], head_dim_pad=pow2(dk, 16),
                  head_dim_v_pad=pow2(v.shape[3], 16), block=block, loaded=pow2(block, 16),
                  num_blocks=-(-t // block), num_slots=pow2(block_indices.shape[-1]))
 
