@@ -57,21 +57,28 @@ def compiled_and_gib(fn, args):
 
 
 def sum_of(fn):
-  """Scalar loss of a q, k, v -> out function, for timing forward+backward."""
-  return lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32))
+  """Scalar loss of a (q, k, v, inputs) -> out function, for timing forward+backward."""
+  return lambda q, k, v, inputs: jnp.sum(fn(q, k, v, inputs).astype(jnp.float32))
 
 
-def parts_for(t, q, k, v, config, with_window=True):
-  """name -> (function of (q, k, v), forward FLOPs, differentiable)."""
+def part_inputs(q, k, v, config):
+  """What the parts take besides q, k, v: the compressed keys / values and the selection. They
+  are arguments of the timed programs, not closed-over constants, which XLA would fold at compile
+  time (the selected kernel's index sorts and block -> queries map, for minutes at 64k)."""
+  k_cmp, v_cmp = nsa_jax.compress_kv(k, v, block=config.cmp_block, stride=config.cmp_stride)
+  return dict(k_cmp=k_cmp, v_cmp=v_cmp, block_indices=nsa_jax.select_blocks(
+      q, k_cmp, config=config, implementation="pallas_gpu"))
+
+
+def parts_for(t, config, with_window=True):
+  """name -> (function of (q, k, v, part_inputs), forward FLOPs, differentiable in q, k, v)."""
   scale = D ** -0.5
   num_cmp = config.num_cmp_blocks(t)
-  k_cmp, v_cmp = nsa_jax.compress_kv(k, v, block=config.cmp_block, stride=config.cmp_stride)
-  block_indices = nsa_jax.select_blocks(q, k_cmp, config=config, implementation="pallas_gpu")
   flops = lambda keys: 4.0 * B * HQ * t * keys * D  # QK^T and PV over `keys` keys per query
   slc_keys = min(config.num_selected * config.slc_block, t / 2)
   nsa_keys = num_cmp / 2 + slc_keys + (min(config.window, t / 2) if with_window else 0)
 
-  def nsa_no_window(q, k, v):
+  def nsa_no_window(q, k, v, _):
     k_cmp, v_cmp = pallas_gpu.compress_kv(k, v, config.cmp_block, config.cmp_stride)
     o_cmp, idx = pallas_gpu.compressed_attention_and_selection(q, k_cmp, v_cmp, scale, config,
                                                                 False)
@@ -79,22 +86,23 @@ def parts_for(t, q, k, v, config, with_window=True):
     return o_cmp + o_slc
 
   parts = {
-      "nsa": ((lambda q, k, v: nsa_jax.nsa_attention(q, k, v, config=config,
-                                                     implementation="pallas_gpu"))
+      "nsa": ((lambda q, k, v, _: nsa_jax.nsa_attention(q, k, v, config=config,
+                                                        implementation="pallas_gpu"))
               if with_window else nsa_no_window, flops(nsa_keys), True),
-      "compressed": (lambda q, k, v: compressed_kernel.compressed_attention(
-          q, k_cmp, v_cmp, block=config.cmp_block, stride=config.cmp_stride, scale=scale)[0],
-                     flops(num_cmp / 2), True),
-      "cmp+selection": (lambda q, k, v: nsa_jax.select_blocks(
-          q, k_cmp, config=config, implementation="pallas_gpu"), flops(num_cmp / 2), False),
-      "selected": (lambda q, k, v: selected_kernel.selected_attention(
-          q, k, v, block_indices, block=config.slc_block, scale=scale), flops(slc_keys), True),
+      "compressed": (lambda q, k, v, x: compressed_kernel.compressed_attention(
+          q, x["k_cmp"], x["v_cmp"], block=config.cmp_block, stride=config.cmp_stride,
+          scale=scale)[0], flops(num_cmp / 2), True),
+      "cmp+selection": (lambda q, k, v, x: nsa_jax.select_blocks(
+          q, x["k_cmp"], config=config, implementation="pallas_gpu"), flops(num_cmp / 2), False),
+      "selected": (lambda q, k, v, x: selected_kernel.selected_attention(
+          q, k, v, x["block_indices"], block=config.slc_block, scale=scale), flops(slc_keys),
+                   True),
   }
   if with_window:
-    parts["window"] = (lambda q, k, v: nsa_jax.sliding_window_attention(
+    parts["window"] = (lambda q, k, v, _: nsa_jax.sliding_window_attention(
         q, k, v, window=config.window, implementation="pallas_gpu"),
                        flops(min(config.window, t / 2)), True)
-    parts["dense_cudnn"] = (lambda q, k, v: jax.nn.dot_product_attention(
+    parts["dense_cudnn"] = (lambda q, k, v, _: jax.nn.dot_product_attention(
         q, k, v, is_causal=True, implementation="cudnn"), flops(t / 2), True)
   return parts
 
@@ -109,15 +117,16 @@ def random_qkv(t, num_kv_heads):
 
 def measure(t, config, with_window, repeats, num_kv_heads=HKV):
   q, k, v = random_qkv(t, num_kv_heads)
+  args = (q, k, v, part_inputs(q, k, v, config))
   rows = []
-  for name, (fn, fwd_flops, differentiable) in parts_for(t, q, k, v, config, with_window).items():
-    forward, forward_gib = compiled_and_gib(fn, (q, k, v))
-    row = dict(seq_len=t, part=name, fwd_ms=median_ms(forward, (q, k, v), repeats),
+  for name, (fn, fwd_flops, differentiable) in parts_for(t, config, with_window).items():
+    forward, forward_gib = compiled_and_gib(fn, args)
+    row = dict(seq_len=t, part=name, fwd_ms=median_ms(forward, args, repeats),
                fwd_gib=forward_gib)
     row["fwd_tflops"] = fwd_flops / row["fwd_ms"] / 1e9
     if differentiable:
-      backward, backward_gib = compiled_and_gib(jax.grad(sum_of(fn), (0, 1, 2)), (q, k, v))
-      row["fwd_bwd_ms"] = median_ms(backward, (q, k, v), repeats)
+      backward, backward_gib = compiled_and_gib(jax.grad(sum_of(fn), (0, 1, 2)), args)
+      row["fwd_bwd_ms"] = median_ms(backward, args, repeats)
       row["fwd_bwd_gib"] = backward_gib
       row["fwd_bwd_tflops"] = 3.5 * fwd_flops / row["fwd_bwd_ms"] / 1e9  # bwd ~ 2.5x fwd
     print(json.dumps(row), flush=True)
@@ -140,10 +149,10 @@ def print_table(title, rows):
 def trace(t, num_kv_heads=HKV, top=14):
   """Per-kernel device time of full NSA (paper config) at `t`, forward and forward+backward."""
   q, k, v = random_qkv(t, num_kv_heads)
-  nsa, _, _ = parts_for(t, q, k, v, PAPER)["nsa"]
+  nsa, _, _ = parts_for(t, PAPER)["nsa"]
   for title, fn in (("forward", jax.jit(nsa)),
                     ("forward+backward", jax.jit(jax.grad(sum_of(nsa), (0, 1, 2))))):
-    times = gpu_trace.kernel_times(lambda: jax.block_until_ready(fn(q, k, v)))
+    times = gpu_trace.kernel_times(lambda: jax.block_until_ready(fn(q, k, v, None)))
     print(f"\nT={t} NSA {title}: {sum(times.values()) / 1e3:.2f} ms of kernels")
     for name, us in list(times.items())[:top]:
       print(f"{us / 1e3:9.3f} ms  {name[:90]}")
