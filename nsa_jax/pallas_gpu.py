@@ -74,9 +74,11 @@ def compressed_attention(q, k_cmp, v_cmp, scale, *, block, stride, interpret=Fal
   return out, lse
 
 
-def compressed_attention_and_selection(q, k_cmp, v_cmp, scale, config, interpret):
+def compressed_attention_and_selection(q, k_cmp, v_cmp, scale, config, interpret,
+                                       ascending=True):
   """`(o_cmp, block_indices [B, T, Hkv, n])` from the fused kernels; the XLA selection where the
-  config does not tile (`slc_block` must divide `compressed_kernel.KEYS * cmp_stride`)."""
+  config does not tile (`slc_block` must divide `compressed_kernel.KEYS * cmp_stride`).
+  `ascending=False`: the fused path's indices in pick order (distinct, causal, -1 last)."""
   if not compressed_kernel.fusable(config.cmp_stride, config.slc_block):
     o_cmp, _ = compressed_attention(q, k_cmp, v_cmp, scale, block=config.cmp_block,
                                     stride=config.cmp_stride, interpret=interpret)
@@ -85,7 +87,7 @@ def compressed_attention_and_selection(q, k_cmp, v_cmp, scale, config, interpret
       q, k_cmp, v_cmp, block=config.cmp_block, stride=config.cmp_stride,
       slc_block=config.slc_block, num_selected=config.num_selected,
       num_initial=config.num_initial, num_local=config.num_local, scale=scale,
-      interpret=interpret)
+      ascending=ascending, interpret=interpret)
   return o_cmp, block_indices
 
 
@@ -112,9 +114,10 @@ def nsa_attention(q, k, v, gates, k_cmp, v_cmp, scale, *, config: NSAConfig, int
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret", "scale"))
 def _nsa_jit(q, k, v, gates, k_cmp, v_cmp, *, config, interpret, scale):
+  # The selected kernels need the indices distinct, causal and -1 last, not ascending: the top-n
+  # kernel's pick order is kept (no sort), and the selected kernels skip their clean-up.
   o_cmp, block_indices = compressed_attention_and_selection(q, k_cmp, v_cmp, scale, config,
-                                                            interpret)
-  # The selection's indices are already distinct, ascending and causal: no second sort.
+                                                            interpret, ascending=False)
   o_slc = selected_kernel.selected_attention(q, k, v, block_indices, block=config.slc_block,
                                              scale=scale, interpret=interpret, indices_sorted=True)
   o_swa = sliding_window_attention(q, k, v, scale, window=config.window, interpret=interpret)

@@ -8,6 +8,7 @@ import pytest
 import nsa_jax
 from nsa_jax import block_selection, reference, xla
 from nsa_jax.attention_math import combine_branches
+from pallas_kernels.block_maps import distinct_ascending
 from pallas_kernels.gpu import compressed_attention as compressed_kernel
 from pallas_kernels.gpu import selected_attention as selected_kernel
 from pallas_kernels.gpu import top_n
@@ -213,6 +214,13 @@ def test_top_n_kernel_matches_the_selection_rule_with_ties(config):
   expected = block_selection.top_n_blocks(
       scores[:, :, :t, :num_slc].transpose(0, 2, 1, 3), jnp.arange(t)[:, None], config)
   np.testing.assert_array_equal(got, expected)
+  # Pick order (what nsa_attention hands the selected kernels): the same blocks, -1 last.
+  picks = top_n.top_n_blocks(wider, seq_len=t, num_selected=config.num_selected,
+                             slc_block=config.slc_block, num_initial=config.num_initial,
+                             num_local=config.num_local, ascending=False, interpret=True)
+  np.testing.assert_array_equal(distinct_ascending(picks), expected)
+  valid = np.asarray(picks >= 0)
+  assert np.all(valid[..., :-1] >= valid[..., 1:])  # no pick after a -1
 
 
 @pytest.mark.parametrize("num_initial,num_local", [(1, 2), (3, 0), (0, 3), (2, 2)])

@@ -469,19 +469,22 @@ def compressed_attention_with_scores(q, k_cmp, v_cmp, *, block: int, stride: int
 
 def compressed_attention_and_selection(q, k_cmp, v_cmp, *, block: int, stride: int,
                                        slc_block: int, num_selected: int, num_initial: int,
-                                       num_local: int, scale: float, interpret: bool = False):
+                                       num_local: int, scale: float, ascending: bool = True,
+                                       interpret: bool = False):
   """The fused compressed branch: its output and the selected blocks of every query.
 
   Returns:
     `(out [B, T, Hq, Dv], lse [B, T, Hq], block_indices int32 [B, T, Hkv, n])` with the indices of
-    SPEC.md section 2 (ascending, -1 padded); out and lse are differentiable.
+    SPEC.md section 2 (ascending, -1 padded; with `ascending=False` in the top-n kernel's pick
+    order, for the selected-attention kernels); out and lse are differentiable.
   """
   _check_fusable(stride, slc_block)
   out, lse, scores = _compressed(q, k_cmp, v_cmp, float(scale), block, stride, slc_block,
                                  interpret)
   block_indices = top_n_blocks(jax.lax.stop_gradient(scores), seq_len=q.shape[1],
                                num_selected=num_selected, slc_block=slc_block,
-                               num_initial=num_initial, num_local=num_local, interpret=interpret)
+                               num_initial=num_initial, num_local=num_local,
+                               ascending=ascending, interpret=interpret)
   return out, lse, block_indices
 
 

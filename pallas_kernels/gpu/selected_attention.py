@@ -418,8 +418,9 @@ def selected_attention(q, k, v, block_indices, *, block: int, scale: float,
     block_indices: int `[B, T, Hkv, n]`; -1, out-of-range, future and repeated blocks are ignored.
     block: tokens per selection block `l'`.
     scale: softmax scale (a Python float).
-    indices_sorted: the indices are already what `sorted_causal_block_indices` makes (distinct,
-      ascending, causal, -1 last; e.g. a top-n selection's output): skip re-sorting them.
+    indices_sorted: the indices are already distinct and causal (no block past the query's own)
+      with the unused places (-1) last, in any order otherwise (e.g. a top-n selection's output,
+      or `sorted_causal_block_indices`'): skip cleaning them up.
     interpret: run the kernels in Pallas interpret mode (CPU).
 
   Returns:

@@ -75,8 +75,10 @@ def _ascending(picks, num_selected):
 
 
 def top_n_blocks(scores, *, seq_len: int, num_selected: int, slc_block: int, num_initial: int,
-                 num_local: int, interpret: bool = False):
-  """Chosen blocks of each query, in ascending order, unused places -1.
+                 num_local: int, ascending: bool = True, interpret: bool = False):
+  """Chosen blocks of each query, in ascending order (or, with `ascending=False`, in pick order:
+  still distinct, causal and first, which is all the selected-attention kernels need), unused
+  places -1.
 
   Args:
     scores: float32 `[B, H, rows >= T, width]`, non-negative selection scores of query `t` in row
@@ -107,7 +109,8 @@ def top_n_blocks(scores, *, seq_len: int, num_selected: int, slc_block: int, num
       interpret=interpret,
       name="nsa_top_n",
   )(scores)
-  return _ascending(picks, num_selected).transpose(0, 2, 1, 3)
+  picks = _ascending(picks, num_selected) if ascending else picks[..., :num_selected]
+  return picks.transpose(0, 2, 1, 3)
 
 
 def top_n_blocks_decode(scores, position, *, num_selected: int, slc_block: int, num_slc: int,
