@@ -34,7 +34,6 @@ from experiments.bench_decode import CONFIG, D, HKV, HQ, filled_nsa_cache, rando
 from experiments.bench_decode import time_steps
 from nsa_jax import pallas_gpu
 from nsa_jax.decode import _append, nsa_decode_step
-from pallas_kernels.decode_partials import window_tiles
 from pallas_kernels.gpu import decode as decode_kernel
 from pallas_kernels.gpu import top_n as top_n_kernel
 
@@ -120,10 +119,11 @@ def parts(batch):
   def sparse_and_combine(state, q, k, v):
     cache, total = state
     _, _, num_partials, _ = sizes(cache)
+    selected_partials, all_partials = decode_kernel.sparse_programs(
+        CONFIG.num_selected, CONFIG.window, CONFIG.slc_block)
     out = decode_kernel.combine(
         cmp_partials(cache, q)[1:], sparse_partials(cache, q), None,
-        num_cmp_partials=num_partials, num_selected=CONFIG.num_selected,
-        num_sparse=CONFIG.num_selected + window_tiles(CONFIG.window, CONFIG.slc_block),
+        num_cmp_partials=num_partials, num_selected=selected_partials, num_sparse=all_partials,
         out_dtype=q.dtype)
     return cache, total + out[:, :, :1].astype(jnp.float32).sum()
 

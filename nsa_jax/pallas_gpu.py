@@ -30,7 +30,6 @@ from nsa_jax import xla
 from nsa_jax.attention_math import combine_branches
 from nsa_jax.config import NSAConfig
 from nsa_jax.validation import static_scale
-from pallas_kernels.decode_partials import window_tiles
 from pallas_kernels.gpu import cache_append
 from pallas_kernels.gpu import compressed_attention as compressed_kernel
 from pallas_kernels.gpu import decode as decode_kernel
@@ -162,11 +161,12 @@ def _decode_jit(q_t, cache, position, gates, *, config, scale, interpret):
   if gates is not None:  # [B, Hq, 3] -> [B, Hkv, Gp, 4]: group rows, a power-of-two last axis
     gates = jnp.pad(decode_kernel.group_rows(gates.astype(jnp.float32), hkv),
                     [(0, 0)] * 3 + [(0, 1)])
+  num_selected_partials, num_sparse_partials = decode_kernel.sparse_programs(
+      config.num_selected, config.window, config.slc_block)
   out = decode_kernel.combine(
       cmp_partials, sparse, gates, num_cmp_partials=num_cmp_partials,
-      num_selected=config.num_selected,
-      num_sparse=config.num_selected + window_tiles(config.window, config.slc_block),
-      out_dtype=q_t.dtype, interpret=interpret)
+      num_selected=num_selected_partials, num_sparse=num_sparse_partials, out_dtype=q_t.dtype,
+      interpret=interpret)
   return out[:, :, :group].reshape(b, hq, -1)
 
 

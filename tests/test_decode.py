@@ -145,16 +145,25 @@ def test_gpu_decode_kernels_in_interpret_mode_equal_the_full_forward(with_gates,
   assert_close(out, expected)
 
 
-def test_gpu_decode_kernels_with_one_sub_block_per_selection_block_and_dk_not_dv():
+@pytest.mark.parametrize("sparse_blocks", [1, 3])
+def test_gpu_decode_kernels_with_one_sub_block_per_selection_block_and_dk_not_dv(
+    monkeypatch, sparse_blocks):
   # l' = d (each selection block scores one sub-block), l = 3d (three compressed blocks overlap
   # each sub-block), G = 3, Dk = 32, Dv = 16: the other corner of the score map and the combine.
+  # SPARSE_BLOCKS = 3: the sparse programs walk 3 blocks (n = 4 selected: 3 + 1; 3 window tiles).
+  monkeypatch.setattr(gpu_decode, "SPARSE_BLOCKS", sparse_blocks)
   config = NSAConfig(cmp_block=48, cmp_stride=16, slc_block=16, num_selected=4, num_initial=1,
                      num_local=1, window=32)
+  assert gpu_decode.sparse_programs(4, 32, 16) == {1: (4, 7), 3: (2, 3)}[sparse_blocks]
   q, k, v = random_qkv(2, 120, 6, 2, 32, 16)
   gates = random_gates(q)
   expected = nsa_jax.nsa_attention(q, k, v, config=config, gates=gates,
                                    implementation="reference")
-  out = decode_all(q, k, v, gates, 50, config, implementation="pallas_gpu", interpret=True)
+  jax.clear_caches()  # the jitted decode step read the constant when it was traced
+  try:
+    out = decode_all(q, k, v, gates, 50, config, implementation="pallas_gpu", interpret=True)
+  finally:
+    jax.clear_caches()
   assert_close(out, expected)
 
 

@@ -20,6 +20,7 @@ import pytest
 import nsa_jax
 from nsa_jax import NSAConfig
 from nsa_jax.decode import init_decode_cache, nsa_decode_step
+from pallas_kernels.gpu import decode as gpu_decode
 from pallas_kernels.gpu import selected_attention as selected_kernel
 
 TARGETS = {  # platform -> (an abstract device of it, the custom call a Pallas kernel lowers to)
@@ -133,3 +134,16 @@ def test_selected_kernels_with_packed_positions_lower_for_cuda(monkeypatch, pack
 
   assert pallas_kernels("cuda", jax.grad(loss, argnums=(0, 1, 2)), q, k, v) == [
       "nsa_selected_dkv", "nsa_selected_dq", "nsa_selected_fwd"]
+
+
+def test_decode_step_with_multi_block_sparse_programs_lowers_for_cuda(monkeypatch):
+  monkeypatch.setattr(gpu_decode, "SPARSE_BLOCKS", 4)
+  config = NSAConfig()
+  cache = init_decode_cache(2, 10_000, 2, 128, config=config, dtype=jnp.bfloat16)
+  q_t, k_t = jnp.zeros((2, 32, 128), jnp.bfloat16), jnp.zeros((2, 2, 128), jnp.bfloat16)
+  jax.clear_caches()  # the jitted decode kernels read the constant when traced
+  try:
+    step = functools.partial(nsa_decode_step, config=config, implementation="pallas_gpu")
+    assert pallas_kernels("cuda", step, q_t, k_t, k_t, cache) == DECODE_KERNELS["cuda"]
+  finally:
+    jax.clear_caches()

@@ -15,7 +15,8 @@ append before them is `cache_append.py`.
    group and maps them to selection-block scores (SPEC.md Eq. 9) with strided loads; then the top
    n (`top_n.top_n_blocks_decode`, grid (B, Hkv)).
 3. `sparse_partials`: grid (B, Hkv, n + window tiles). Program i < n attends selected block
-   `idx[i]` (cut at the query), the others one `l'`-aligned tile of the window `(t - w, t]`.
+   `idx[i]` (cut at the query), the others one `l'`-aligned tile of the window `(t - w, t]`
+   (with SPARSE_BLOCKS > 1, each program that many selected blocks or window tiles).
 4. `combine`: grid (B, Hkv, Dv tiles). Merges the partials of the three branches and
    applies the gates.
 
@@ -47,6 +48,10 @@ TARGET_PROGRAMS = 512  # compressed-kernel programs to aim for (swept: 256-1024;
 SCORE_SHIFT = 128  # the score of compressed block i is stored in column i + SCORE_SHIFT
 SCORES_TILE = 64  # selection blocks per program of the selection-score kernel
 COMBINE_PROGRAMS = 256  # combine programs to aim for: Dv is split into tiles of >= 8 for them
+# l' blocks per sparse-kernel program: 1 = one block each (measured, the default); more walk
+# their blocks with an online softmax, loads pipelined, and leave fewer partials to combine (for
+# B=8, where the kernel reads at 2.1 TB/s; not yet timed).
+SPARSE_BLOCKS = 1
 CMP_NUM_WARPS = 4
 CMP_STAGES = 2
 SCORES_NUM_WARPS = 4
@@ -283,7 +288,44 @@ def select(scores, row_max, row_sum, position, *, group: int, num_partials: int,
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. Selected blocks and the window: one l' block per program.
+# 3. Selected blocks and the window: one l' block per program (SPARSE_BLOCKS more).
+
+
+def sparse_programs(num_selected: int, window: int, block: int) -> tuple[int, int]:
+  """`(programs on selected blocks, all programs)` of `sparse_partials`: its partials, the
+  selected ones first."""
+  per_program = SPARSE_BLOCKS
+  selected = -(-num_selected // per_program)
+  return selected, selected + -(-window_tiles(window, block) // per_program)
+
+
+def _sparse_multi_kernel(pos_ref, idx_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, scale,
+                         block, window, num_selected, per_program, selected_programs):
+  """`per_program` selected blocks (or window tiles) with an online softmax: one partial."""
+  program = pl.program_id(2)
+  pos = pos_ref[0]
+  selected = program < selected_programs
+  base = jnp.where(selected, program, program - selected_programs) * per_program
+  first_window_block = jnp.maximum(pos - window + 1, 0) // block
+  q = q_ref[...]
+
+  def body(i, carry):
+    j = base + i  # slot, or window tile
+    slot_block = jnp.where(j < num_selected, idx_ref[jnp.minimum(j, num_selected - 1)], -1)
+    window_block = jnp.where(j < window_tiles(window, block), first_window_block + j, -1)
+    block_id = jnp.where(selected, slot_block, window_block)
+    key_pos = block_id * block + jnp.arange(block)
+    visible = (block_id >= 0) & (key_pos <= pos) & (selected | (key_pos > pos - window))
+    start = jnp.clip(block_id * block, 0, k_ref.shape[0] - block)
+    scores = _dot(q, k_ref[pl.ds(start, block), :], trans_b=True) * (scale * LOG2E)
+    scores = jnp.where(visible[None, :], scores, MASK_VALUE)
+    return online_softmax_step(carry, scores, lambda: v_ref[pl.ds(start, block), :], visible)
+
+  acc, row_max, row_sum = jax.lax.fori_loop(
+      0, per_program, body, online_softmax_init(q.shape[0], acc_ref.shape[1]))
+  acc_ref[...] = acc
+  m_ref[...] = jnp.where(row_sum > 0, row_max, -jnp.inf)
+  l_ref[...] = row_sum
 
 
 def _sparse_kernel(pos_ref, idx_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, scale,
@@ -327,20 +369,27 @@ def sparse_partials(q_rows, k, v, block_indices, position, *, block: int, window
 
   Returns:
     `(acc [B, Hkv, Pp, Gp, Dv], row_max [B, Hkv, Pp, Gp], row_sum [B, Hkv, Pp, Gp])` float32:
-    partials `[0, n)` are the selected blocks, `[n, n + window_tiles)` the window's tiles, Pp the
-    next power of two (rows past are unwritten).
+    partials `[0, S)` are the selected blocks', `[S, P)` the window's, `(S, P) =
+    sparse_programs(...)` (`(n, n + window tiles)` with one block a program), Pp the next power
+    of two (rows past are unwritten).
   """
   b, hkv, rows, dk = q_rows.shape
   size, dv = k.shape[2], v.shape[3]
   slots = block_indices.shape[-1]
-  programs = num_selected + window_tiles(window, block)
+  selected_programs, programs = sparse_programs(num_selected, window, block)
   padded = pow2(programs)
+  if SPARSE_BLOCKS == 1:
+    kernel = functools.partial(_sparse_kernel, scale=scale, block=block, window=window,
+                               num_selected=num_selected)
+  else:
+    kernel = functools.partial(_sparse_multi_kernel, scale=scale, block=block, window=window,
+                               num_selected=num_selected, per_program=SPARSE_BLOCKS,
+                               selected_programs=selected_programs)
   whole = lambda d: pl.BlockSpec((None, None, size, d), lambda i, j, p: (i, j, 0, 0))
   part = lambda *shape: pl.BlockSpec((None, None, None) + shape,
                                      lambda i, j, p: (i, j, p) + (0,) * len(shape))
   return pl.pallas_call(
-      functools.partial(_sparse_kernel, scale=scale, block=block, window=window,
-                        num_selected=num_selected),
+      kernel,
       grid=(b, hkv, programs),
       in_specs=[pl.BlockSpec((1,), lambda i, j, p: (0,)),
                 pl.BlockSpec((None, None, slots), lambda i, j, p: (i, j, 0)),
@@ -350,7 +399,8 @@ def sparse_partials(q_rows, k, v, block_indices, position, *, block: int, window
       out_shape=[jax.ShapeDtypeStruct((b, hkv, padded, rows, dv), jnp.float32),
                  jax.ShapeDtypeStruct((b, hkv, padded, rows), jnp.float32),
                  jax.ShapeDtypeStruct((b, hkv, padded, rows), jnp.float32)],
-      compiler_params=plgpu.CompilerParams(num_warps=SPARSE_NUM_WARPS, num_stages=1),
+      compiler_params=plgpu.CompilerParams(num_warps=SPARSE_NUM_WARPS,
+                                           num_stages=1 if SPARSE_BLOCKS == 1 else 2),
       interpret=interpret,
       name="nsa_decode_sparse",
   )(jnp.reshape(position, (1,)).astype(jnp.int32), block_indices, q_rows, k, v)
