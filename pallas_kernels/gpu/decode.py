@@ -299,6 +299,25 @@ def sparse_programs(num_selected: int, window: int, block: int) -> tuple[int, in
   return selected, selected + -(-window_tiles(window, block) // per_program)
 
 
+def _sparse_block(q, k_ref, v_ref, pos, block_id, selected, *, scale, block, window):
+  """Block `block_id` of the selected branch (or, not `selected`, a tile of the window) for the
+  query at `pos`: `(masked log2-domain scores [Gp, l'], visible [l'], values [l', Dv])`."""
+  key_pos = block_id * block + jnp.arange(block)
+  visible = (block_id >= 0) & (key_pos <= pos) & (selected | (key_pos > pos - window))
+  # Blocks that lie past the cache are wholly after the query (masked): load any in-range one.
+  start = jnp.clip(block_id * block, 0, k_ref.shape[0] - block)
+  k, v = k_ref[pl.ds(start, block), :], v_ref[pl.ds(start, block), :]  # both loads in flight
+  scores = _dot(q, k, trans_b=True) * (scale * LOG2E)
+  return jnp.where(visible[None, :], scores, MASK_VALUE), visible, v
+
+
+def _store_partial(acc_ref, m_ref, l_ref, acc, row_max, row_sum):
+  """One flash-decoding partial; a row that saw no key gets max -inf (the merges skip it)."""
+  acc_ref[...] = acc
+  m_ref[...] = jnp.where(row_sum > 0, row_max, -jnp.inf)
+  l_ref[...] = row_sum
+
+
 def _sparse_multi_kernel(pos_ref, idx_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, scale,
                          block, window, num_selected, per_program, selected_programs):
   """`per_program` selected blocks (or window tiles) with an online softmax: one partial."""
@@ -313,19 +332,13 @@ def _sparse_multi_kernel(pos_ref, idx_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, 
     j = base + i  # slot, or window tile
     slot_block = jnp.where(j < num_selected, idx_ref[jnp.minimum(j, num_selected - 1)], -1)
     window_block = jnp.where(j < window_tiles(window, block), first_window_block + j, -1)
-    block_id = jnp.where(selected, slot_block, window_block)
-    key_pos = block_id * block + jnp.arange(block)
-    visible = (block_id >= 0) & (key_pos <= pos) & (selected | (key_pos > pos - window))
-    start = jnp.clip(block_id * block, 0, k_ref.shape[0] - block)
-    scores = _dot(q, k_ref[pl.ds(start, block), :], trans_b=True) * (scale * LOG2E)
-    scores = jnp.where(visible[None, :], scores, MASK_VALUE)
-    return online_softmax_step(carry, scores, lambda: v_ref[pl.ds(start, block), :], visible)
+    scores, visible, v = _sparse_block(q, k_ref, v_ref, pos,
+                                       jnp.where(selected, slot_block, window_block), selected,
+                                       scale=scale, block=block, window=window)
+    return online_softmax_step(carry, scores, lambda: v, visible)
 
-  acc, row_max, row_sum = jax.lax.fori_loop(
-      0, per_program, body, online_softmax_init(q.shape[0], acc_ref.shape[1]))
-  acc_ref[...] = acc
-  m_ref[...] = jnp.where(row_sum > 0, row_max, -jnp.inf)
-  l_ref[...] = row_sum
+  _store_partial(acc_ref, m_ref, l_ref, *jax.lax.fori_loop(
+      0, per_program, body, online_softmax_init(q.shape[0], acc_ref.shape[1])))
 
 
 def _sparse_kernel(pos_ref, idx_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, scale,
@@ -336,20 +349,12 @@ def _sparse_kernel(pos_ref, idx_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref,
   slot_block = idx_ref[jnp.minimum(program, num_selected - 1)]
   first_window_block = jnp.maximum(pos - window + 1, 0) // block
   block_id = jnp.where(selected, slot_block, first_window_block + program - num_selected)
-  key_pos = block_id * block + jnp.arange(block)
-  visible = (block_id >= 0) & (key_pos <= pos) & (selected | (key_pos > pos - window))
-  # Blocks that lie past the cache are wholly after the query (masked): load any in-range one.
-  start = jnp.clip(block_id * block, 0, k_ref.shape[0] - block)
-  q = q_ref[...]
-  k, v = k_ref[pl.ds(start, block), :], v_ref[pl.ds(start, block), :]  # both loads in flight
-  scores = _dot(q, k, trans_b=True) * (scale * LOG2E)
-  scores = jnp.where(visible[None, :], scores, MASK_VALUE)
+  scores, visible, v = _sparse_block(q_ref[...], k_ref, v_ref, pos, block_id, selected,
+                                     scale=scale, block=block, window=window)
   row_max = jnp.max(scores, axis=1)
   probs = jnp.where(visible[None, :], jnp.exp2(scores - row_max[:, None]), 0.0)
-  acc_ref[...] = _dot(probs.astype(v.dtype), v)
-  row_sum = jnp.sum(probs, axis=1)
-  m_ref[...] = jnp.where(row_sum > 0, row_max, -jnp.inf)
-  l_ref[...] = row_sum
+  _store_partial(acc_ref, m_ref, l_ref, _dot(probs.astype(v.dtype), v), row_max,
+                 jnp.sum(probs, axis=1))
 
 
 @functools.partial(jax.jit, static_argnames=("block", "window", "num_selected", "scale",

@@ -2,9 +2,10 @@
 
 The split (flash-decoding) plan, as in `pallas_kernels/gpu/decode.py`: a grid over (batch, KV
 head, split) writes per-split softmax partials, merged in JAX by
-`pallas_kernels.decode_partials.merge_partials` (`nsa_jax/split_decode.py` runs the step). The G query heads of a KV group are the matmul
-rows (`[Gp, D]`, Gp a multiple of 8 sublanes). Everything data-dependent reaches the kernels by
-scalar prefetch, so the index maps choose which block the pipeline DMAs:
+`pallas_kernels.decode_partials.merge_partials` (`nsa_jax/split_decode.py` runs the step). The G
+query heads of a KV group are the matmul rows (`[Gp, D]`, Gp a multiple of 8 sublanes).
+Everything data-dependent reaches the kernels by scalar prefetch, so the index maps choose which
+block the pipeline DMAs:
 
 - `compressed_decode`: grid (B, Hkv, Sc / CMP_SPLIT); prefetched: the number of visible
   compressed blocks. Splits past it revisit the last visible split's block (no new DMA) and only
