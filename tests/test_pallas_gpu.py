@@ -60,16 +60,17 @@ def test_selected_attention_kernel_in_interpret_mode(case):
   check_selected(q, k, v, block, n, reference, interpret=True, dtype=jnp.float32)
 
 
-# Packed positions (PACK_ROWS): G = 1 (16 or 32 positions a program), G = 3 (padded heads,
-# T not a multiple of the positions), G = 4 (B = 2, Dk != Dv).
+# Position packing other than the default PACK_ROWS = 16 (which the tests above run): off (one
+# position a program, heads padded to 16 rows) and 32 rows. G = 1 (32 positions a program), G = 3
+# (padded heads, T not a multiple of the positions), G = 4 (B = 2, Dk != Dv).
 PACKED_CASES = [(1, 45, 2, 2, 16, 16, 16, 3), (1, 45, 6, 2, 16, 16, 16, 3),
                 (2, 37, 4, 1, 16, 8, 16, 3)]
 
 
-@pytest.mark.parametrize("pack_rows", [16, 32])
+@pytest.mark.parametrize("pack_rows", [0, 32])
 @pytest.mark.parametrize("case", PACKED_CASES)
-def test_selected_attention_kernel_with_packed_positions_in_interpret_mode(monkeypatch, case,
-                                                                           pack_rows):
+def test_selected_attention_kernel_with_other_packings_in_interpret_mode(monkeypatch, case,
+                                                                         pack_rows):
   monkeypatch.setattr(selected_kernel, "PACK_ROWS", pack_rows)
   b, t, hq, hkv, dk, dv, block, n = case
   q, k, v = random_qkv(b, t, hq, hkv, dk, dv)
@@ -155,16 +156,19 @@ def test_compressed_attention_kernel_in_interpret_mode(case):
   check_compressed(q, k, v, config, reference, interpret=True, dtype=jnp.float32)
 
 
-def test_compressed_attention_kernel_with_dkv_in_row_chunks_and_a_wider_lse_tile(monkeypatch):
+def test_compressed_attention_kernel_with_dkv_in_row_chunks_and_a_narrower_lse_tile(monkeypatch):
   # At long T the dK/dV kernel splits each key tile's rows over several programs; force it small.
-  # The log-sum-exp pass may take wider key tiles than the output pass (a tuning knob).
+  # Wide float32 heads make each dK/dV step load part of a row tile; force 16 rows a step.
+  # The log-sum-exp pass's key tiles are a tuning knob (default 64, here the output pass's 32).
   monkeypatch.setattr(compressed_kernel, "MIN_DKV_CHUNK", 1)
+  monkeypatch.setattr(compressed_kernel, "DKV_STEP_BYTES", 1)
   monkeypatch.setattr(compressed_kernel, "DKV_PROGRAMS", 10**6)
-  monkeypatch.setattr(compressed_kernel, "LSE_KEYS", 64)
+  monkeypatch.setattr(compressed_kernel, "LSE_KEYS", 32)
   b, t, hq, hkv, dk, dv, config = INTERPRET_CONFIGS[1]
   lay = compressed_kernel._layout(jnp.zeros((b, t, hq, dk)), jnp.zeros((b, 1, hkv, dk)),
                                   jnp.zeros((b, 1, hkv, dv)), config.cmp_block, config.cmp_stride)
   assert compressed_kernel._dkv_chunks(lay) == (1, lay.num_row_tiles)
+  assert compressed_kernel._dkv_step_rows(lay, jnp.float32) == 16 < lay.rows
   q, k, v = random_qkv(b, t, hq, hkv, dk, dv)
   check_compressed(q, k, v, config, reference, interpret=True, dtype=jnp.float32)
 

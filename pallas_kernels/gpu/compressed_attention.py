@@ -41,11 +41,14 @@ ROWS = 64  # query rows per program (positions x heads)
 KEYS = 32  # compressed keys per tile (swept on an H200: 22 ms vs 28 ms for 64 at T=64k)
 NUM_WARPS = 4
 NUM_STAGES = 2
-LSE_KEYS = 32  # compressed keys per tile of the forward's log-sum-exp pass (divides DKV_KEYS)
+# Compressed keys per tile of the forward's log-sum-exp pass (divides DKV_KEYS). H200, T=64k, fused
+# forward: 28.8 / 27.1 / 37.5 ms for 32 / 64 / 128.
+LSE_KEYS = 64
 DKV_KEYS = 64  # compressed keys per dK/dV program (a multiple of KEYS)
 DKV_NUM_WARPS = 4
 DKV_PROGRAMS = 2048  # dK/dV programs to aim for when cutting long row walks into chunks
 MIN_DKV_CHUNK = 64  # row tiles
+DKV_STEP_BYTES = 64 * 1024  # most bytes of q and dO rows one dK/dV step loads (shared memory)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,29 +271,46 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, lay, 
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, lay, scale,
-                chunk, num_chunks):
-  """One key tile's dK/dV over one chunk of row tiles (float32 partials, summed outside)."""
+                chunk, num_chunks, step_rows):
+  """One key tile's dK/dV over one chunk of row tiles (float32 partials, summed outside).
+
+  Each step loads `step_rows` rows: a whole row tile, or a part of one for wide float32 heads.
+  """
   key_tile, first_row_tile = pl.program_id(0) // num_chunks, pl.program_id(0) % num_chunks * chunk
   k, v = k_ref[...], v_ref[...]
   key_start = key_tile * DKV_KEYS
   # The first position that sees this tile's first key, and its row tile.
   first_tile = jnp.minimum(key_start * lay.stride + lay.block - 1, lay.seq_pad) // lay.positions
+  steps_per_tile = lay.rows // step_rows
 
-  def body(tile, carry):
+  def body(step, carry):
     dk, dv = carry
-    rows = pl.ds(tile * lay.rows, lay.rows)
+    rows = pl.ds(step * step_rows, step_rows)
     q, do = q_ref[rows, :], do_ref[rows, :]
-    s, visible = _scores(q, k, key_start, _row_positions(tile, lay), lay, scale)
-    p = jnp.where(visible, jnp.exp2(s - lse_ref[rows][:, None]), 0.0)  # [R, DKV_KEYS]
+    row_pos = (step * step_rows + jnp.arange(step_rows)) // lay.heads
+    s, visible = _scores(q, k, key_start, row_pos, lay, scale)
+    p = jnp.where(visible, jnp.exp2(s - lse_ref[rows][:, None]), 0.0)  # [rows, DKV_KEYS]
     dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
     ds = p * (_dot(do, v, trans_b=True) - delta_ref[rows][:, None])
     return dk + _dot(ds.astype(q.dtype), q, trans_a=True), dv
 
   init = (jnp.zeros(dk_ref.shape, jnp.float32), jnp.zeros(dv_ref.shape, jnp.float32))
-  dk, dv = jax.lax.fori_loop(jnp.maximum(first_tile, first_row_tile),
-                             jnp.minimum(first_row_tile + chunk, lay.num_row_tiles), body, init)
+  start = jnp.maximum(first_tile, first_row_tile)
+  stop = jnp.minimum(first_row_tile + chunk, lay.num_row_tiles)
+  dk, dv = jax.lax.fori_loop(start * steps_per_tile, stop * steps_per_tile, body, init)
   dk_ref[...] = dk * scale
   dv_ref[...] = dv
+
+
+def _dkv_step_rows(lay: _Layout, dtype) -> int:
+  """Rows one dK/dV step loads: a row tile, halved (down to 16) while its q and dO rows pass
+  `DKV_STEP_BYTES` (float32 with Dk = Dv = 256 asked for 279 KB of shared memory at 64 rows; an
+  H200 has 227 KB)."""
+  row_bytes = (lay.head_dim_pad + lay.head_dim_v_pad) * jnp.dtype(dtype).itemsize
+  rows = lay.rows
+  while rows > 16 and rows * row_bytes > DKV_STEP_BYTES:
+    rows //= 2
+  return rows
 
 
 def _dkv_chunks(lay: _Layout):
@@ -380,7 +400,8 @@ def _backward(q, k, v, do, lse, delta, lay: _Layout, scale, interpret):
                                    lambda i, b, g: (i % num_chunks, b, g, i // num_chunks, 0))
   partial_shape = lambda x: jax.ShapeDtypeStruct((num_chunks,) + x.shape, jnp.float32)
   dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, lay=lay, scale=scale, chunk=chunk, num_chunks=num_chunks),
+      functools.partial(_dkv_kernel, lay=lay, scale=scale, chunk=chunk, num_chunks=num_chunks,
+                        step_rows=_dkv_step_rows(lay, q.dtype)),
       grid=(lay.cmp_pad // DKV_KEYS * num_chunks, lay.batch, lay.num_kv_heads),
       in_specs=[whole_rows(lay.head_dim_pad), key_tile(lay.head_dim_pad),
                 key_tile(lay.head_dim_v_pad), whole_rows(lay.head_dim_v_pad), whole_vector,
