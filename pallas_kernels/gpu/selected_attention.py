@@ -329,10 +329,13 @@ def _dq(q, k, v, do, lse, delta, slots, lay: _Layout, scale, interpret):
 
 
 def _queries_per_step(lay: _Layout, dtype) -> int:
-  """Queries whose rows one dK/dV step gathers: `DKV_ROWS` rows, fewer for wide float32 heads
-  (float32 with Dk = Dv = 256 at 64 rows needs 279 KB of shared memory; an H100 has 227 KB)."""
+  """Queries whose rows one dK/dV step gathers: `DKV_ROWS` rows, fewer (a power of two, Triton's
+  shapes) for wide float32 heads (float32 with Dk = Dv = 256 at 64 rows needs 279 KB of shared
+  memory; an H100 has 227 KB)."""
   row_bytes = (lay.head_dim_pad + lay.head_dim_v_pad) * jnp.dtype(dtype).itemsize
-  return max(1, min(DKV_ROWS, DKV_STEP_BYTES // row_bytes) // lay.heads)
+  budget = max(16, DKV_STEP_BYTES // row_bytes)
+  rows = min(DKV_ROWS, 1 << (budget.bit_length() - 1))
+  return max(1, rows // lay.heads)
 
 
 def _dkv(q, k, v, do, lse, delta, queries, items, lay: _Layout, scale, interpret):
