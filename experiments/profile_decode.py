@@ -120,7 +120,7 @@ def parts(batch):
     cache, total = state
     _, _, num_partials, _ = sizes(cache)
     selected_partials, all_partials = decode_kernel.sparse_programs(
-        CONFIG.num_selected, CONFIG.window, CONFIG.slc_block)
+        q.shape[0], HKV, CONFIG.num_selected, CONFIG.window, CONFIG.slc_block)
     out = decode_kernel.combine(
         cmp_partials(cache, q)[1:], sparse_partials(cache, q), None,
         num_cmp_partials=num_partials, num_selected=selected_partials, num_sparse=all_partials,

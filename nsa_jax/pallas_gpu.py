@@ -162,7 +162,7 @@ def _decode_jit(q_t, cache, position, gates, *, config, scale, interpret):
     gates = jnp.pad(decode_kernel.group_rows(gates.astype(jnp.float32), hkv),
                     [(0, 0)] * 3 + [(0, 1)])
   num_selected_partials, num_sparse_partials = decode_kernel.sparse_programs(
-      config.num_selected, config.window, config.slc_block)
+      b, hkv, config.num_selected, config.window, config.slc_block)
   out = decode_kernel.combine(
       cmp_partials, sparse, gates, num_cmp_partials=num_cmp_partials,
       num_selected=num_selected_partials, num_sparse=num_sparse_partials, out_dtype=q_t.dtype,

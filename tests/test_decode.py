@@ -150,11 +150,13 @@ def test_gpu_decode_kernels_with_one_sub_block_per_selection_block_and_dk_not_dv
     monkeypatch, sparse_blocks):
   # l' = d (each selection block scores one sub-block), l = 3d (three compressed blocks overlap
   # each sub-block), G = 3, Dk = 32, Dv = 16: the other corner of the score map and the combine.
-  # SPARSE_BLOCKS = 3: the sparse programs walk 3 blocks (n = 4 selected: 3 + 1; 3 window tiles).
+  # SPARSE_BLOCKS = 3: the sparse programs walk 3 blocks (n = 4 selected: 3 + 1; 3 window tiles),
+  # here at B * Hkv = 4 pairs (by default only from 32).
   monkeypatch.setattr(gpu_decode, "SPARSE_BLOCKS", sparse_blocks)
+  monkeypatch.setattr(gpu_decode, "SPARSE_MULTI_MIN_PAIRS", 1)
   config = NSAConfig(cmp_block=48, cmp_stride=16, slc_block=16, num_selected=4, num_initial=1,
                      num_local=1, window=32)
-  assert gpu_decode.sparse_programs(4, 32, 16) == {1: (4, 7), 3: (2, 3)}[sparse_blocks]
+  assert gpu_decode.sparse_programs(2, 2, 4, 32, 16) == {1: (4, 7), 3: (2, 3)}[sparse_blocks]
   q, k, v = random_qkv(2, 120, 6, 2, 32, 16)
   gates = random_gates(q)
   expected = nsa_jax.nsa_attention(q, k, v, config=config, gates=gates,
@@ -247,11 +249,23 @@ def test_gpu_append_kernel_equals_the_xla_append(dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("group,prompt", [(1, 8192 + 5), (16, 8192 + 5), (64, 8192 + 5),
-                                          (16, 65536 + 5)])
-def test_gpu_decode_kernels_match_the_xla_decode_on_gpu(group, prompt):
+@pytest.mark.parametrize("group,prompt,multi_block", [
+    (1, 8192 + 5, False), (16, 8192 + 5, False), (64, 8192 + 5, False), (16, 8192 + 5, True),
+    (16, 65536 + 5, False)])
+def test_gpu_decode_kernels_match_the_xla_decode_on_gpu(monkeypatch, group, prompt, multi_block):
   # 8k: every group size; 64k: the benchmark's context (2048-wide selection rows, 33 compressed
-  # splits at B=2). Each step's cache writes are compared too.
+  # splits at B=2). Each step's cache writes are compared too. multi_block: the sparse programs
+  # walk SPARSE_BLOCKS blocks each (by default only from B * Hkv = 32; here 4).
+  if multi_block:
+    monkeypatch.setattr(gpu_decode, "SPARSE_MULTI_MIN_PAIRS", 1)
+  jax.clear_caches()  # the jitted decode kernels read the constants when traced
+  try:
+    _check_gpu_decode_against_xla(group, prompt)
+  finally:
+    jax.clear_caches()
+
+
+def _check_gpu_decode_against_xla(group, prompt):
   config = NSAConfig()
   b, hkv, steps = 2, 2, 40
   q, k, v = random_qkv(b, prompt + steps, hkv * group, hkv, 128, dtype=jnp.bfloat16)

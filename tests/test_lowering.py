@@ -141,6 +141,7 @@ def test_selected_kernels_with_other_packings_lower_for_cuda(monkeypatch, pack_r
 
 def test_decode_step_with_multi_block_sparse_programs_lowers_for_cuda(monkeypatch):
   monkeypatch.setattr(gpu_decode, "SPARSE_BLOCKS", 4)
+  monkeypatch.setattr(gpu_decode, "SPARSE_MULTI_MIN_PAIRS", 1)  # B * Hkv = 4 here
   config = NSAConfig()
   cache = init_decode_cache(2, 10_000, 2, 128, config=config, dtype=jnp.bfloat16)
   q_t, k_t = jnp.zeros((2, 32, 128), jnp.bfloat16), jnp.zeros((2, 2, 128), jnp.bfloat16)

@@ -182,16 +182,17 @@ def _split3(x):
   return hi, mid, (rest - mid.astype(jnp.float32)).astype(jnp.bfloat16)
 
 
-# Small score maps are sums of products over a 3D tile on the CUDA cores: exact float32, with none
-# of the operand-layout shuffles (through shared memory) that tensor-core dots need; measured 32 ms
-# of the 54 ms kernel at T=64k when they were dots. Large ones (many positions a tile, G <= 2) are
-# tensor-core dots with the float32 side split in three bfloat16 pieces (the 0/1 and overlap-count
-# matrices are exact in bfloat16), as a [P, KEYS, C] tile would not fit in registers.
-_MAX_BROADCAST = 8192
+# Score maps of a few positions a tile (G >= 8) are sums of products over a [P, KEYS, C] tile on
+# the CUDA cores: exact float32, with none of the operand-layout shuffles (through shared memory)
+# that tensor-core dots need; measured 32 ms of the 54 ms kernel at T=64k, G=16 when they were
+# dots. From 16 positions a tile (G <= 4) they are tensor-core dots with the float32 side split in
+# three bfloat16 pieces (the 0/1 and overlap-count matrices are exact in bfloat16): the 3D tile
+# grows with P (G=4, T=64k, H200: fused forward 47.7 ms as products, 38.9 ms as dots).
+MIN_DOT_POSITIONS = 16
 
 
-def _maps_by_dot(positions, cols):
-  return positions >= 16 and positions * KEYS * cols > _MAX_BROADCAST
+def _maps_by_dot(positions):
+  return positions >= MIN_DOT_POSITIONS
 
 
 def _group_sum(p, lay: _Layout):
@@ -204,7 +205,7 @@ def _group_sum(p, lay: _Layout):
 
 def _map_blocks(p_grp, overlap):
   """`p_grp [P, KEYS] @ overlap [KEYS, C]` -> `[P, C]` to float32 precision."""
-  if _maps_by_dot(p_grp.shape[0], overlap.shape[1]):
+  if _maps_by_dot(p_grp.shape[0]):
     return sum(plgpu.dot(piece, overlap.astype(jnp.bfloat16)) for piece in _split3(p_grp))
   return jnp.sum(p_grp[:, :, None] * overlap[None, :, :], axis=1)
 
@@ -344,7 +345,7 @@ def _slc_geometry(lay: _Layout, slc_block):
   per_slc = slc_block // lay.stride
   spill = -(-(lay.block // lay.stride - 1) // per_slc)
   cols = _pow2(max(KEYS * lay.stride // slc_block, spill))
-  return (max(cols, 16) if _maps_by_dot(lay.positions, cols) else cols), spill
+  return (max(cols, 16) if _maps_by_dot(lay.positions) else cols), spill
 
 
 def _forward(q, k, v, lay: _Layout, scale, slc_block, interpret):

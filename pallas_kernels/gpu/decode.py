@@ -16,7 +16,7 @@ append before them is `cache_append.py`.
    n (`top_n.top_n_blocks_decode`, grid (B, Hkv)).
 3. `sparse_partials`: grid (B, Hkv, n + window tiles). Program i < n attends selected block
    `idx[i]` (cut at the query), the others one `l'`-aligned tile of the window `(t - w, t]`
-   (with SPARSE_BLOCKS > 1, each program that many selected blocks or window tiles).
+   (from B * Hkv >= SPARSE_MULTI_MIN_PAIRS, SPARSE_BLOCKS of them a program).
 4. `combine`: grid (B, Hkv, Dv tiles). Merges the partials of the three branches and
    applies the gates.
 
@@ -48,10 +48,12 @@ TARGET_PROGRAMS = 512  # compressed-kernel programs to aim for (swept: 256-1024;
 SCORE_SHIFT = 128  # the score of compressed block i is stored in column i + SCORE_SHIFT
 SCORES_TILE = 64  # selection blocks per program of the selection-score kernel
 COMBINE_PROGRAMS = 256  # combine programs to aim for: Dv is split into tiles of >= 8 for them
-# l' blocks per sparse-kernel program: 1 = one block each (measured, the default); more walk
-# their blocks with an online softmax, loads pipelined, and leave fewer partials to combine (for
-# B=8, where the kernel reads at 2.1 TB/s; not yet timed).
-SPARSE_BLOCKS = 1
+# l' blocks (selected blocks or window tiles) per sparse-kernel program once the grid has at least
+# SPARSE_MULTI_MIN_PAIRS (sequence, KV head) pairs: walked with an online softmax, loads pipelined,
+# leaving fewer partials to combine. Fewer pairs (B=1) keep one block a program, to spread over
+# the SMs. H200, T=64k, GPU us per step with 1 / 4: B=1 24.0 / 25.8, B=8 62.6 / 59.7 (2: 60.6).
+SPARSE_BLOCKS = 4
+SPARSE_MULTI_MIN_PAIRS = 32
 CMP_NUM_WARPS = 4
 CMP_STAGES = 2
 SCORES_NUM_WARPS = 4
@@ -288,13 +290,18 @@ def select(scores, row_max, row_sum, position, *, group: int, num_partials: int,
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. Selected blocks and the window: one l' block per program (SPARSE_BLOCKS more).
+# 3. Selected blocks and the window: one l' block per program (SPARSE_BLOCKS at larger batch).
 
 
-def sparse_programs(num_selected: int, window: int, block: int) -> tuple[int, int]:
-  """`(programs on selected blocks, all programs)` of `sparse_partials`: its partials, the
-  selected ones first."""
-  per_program = SPARSE_BLOCKS
+def sparse_blocks_per_program(batch: int, num_kv_heads: int) -> int:
+  return SPARSE_BLOCKS if batch * num_kv_heads >= SPARSE_MULTI_MIN_PAIRS else 1
+
+
+def sparse_programs(batch: int, num_kv_heads: int, num_selected: int, window: int,
+                    block: int) -> tuple[int, int]:
+  """`(programs on selected blocks, all programs)` of `sparse_partials` for `batch` sequences of
+  `num_kv_heads` heads: its partials, the selected ones first."""
+  per_program = sparse_blocks_per_program(batch, num_kv_heads)
   selected = -(-num_selected // per_program)
   return selected, selected + -(-window_tiles(window, block) // per_program)
 
@@ -381,14 +388,15 @@ def sparse_partials(q_rows, k, v, block_indices, position, *, block: int, window
   b, hkv, rows, dk = q_rows.shape
   size, dv = k.shape[2], v.shape[3]
   slots = block_indices.shape[-1]
-  selected_programs, programs = sparse_programs(num_selected, window, block)
+  selected_programs, programs = sparse_programs(b, hkv, num_selected, window, block)
+  per_program = sparse_blocks_per_program(b, hkv)
   padded = pow2(programs)
-  if SPARSE_BLOCKS == 1:
+  if per_program == 1:
     kernel = functools.partial(_sparse_kernel, scale=scale, block=block, window=window,
                                num_selected=num_selected)
   else:
     kernel = functools.partial(_sparse_multi_kernel, scale=scale, block=block, window=window,
-                               num_selected=num_selected, per_program=SPARSE_BLOCKS,
+                               num_selected=num_selected, per_program=per_program,
                                selected_programs=selected_programs)
   whole = lambda d: pl.BlockSpec((None, None, size, d), lambda i, j, p: (i, j, 0, 0))
   part = lambda *shape: pl.BlockSpec((None, None, None) + shape,
@@ -405,7 +413,7 @@ def sparse_partials(q_rows, k, v, block_indices, position, *, block: int, window
                  jax.ShapeDtypeStruct((b, hkv, padded, rows), jnp.float32),
                  jax.ShapeDtypeStruct((b, hkv, padded, rows), jnp.float32)],
       compiler_params=plgpu.CompilerParams(num_warps=SPARSE_NUM_WARPS,
-                                           num_stages=1 if SPARSE_BLOCKS == 1 else 2),
+                                           num_stages=1 if per_program == 1 else 2),
       interpret=interpret,
       name="nsa_decode_sparse",
   )(jnp.reshape(position, (1,)).astype(jnp.int32), block_indices, q_rows, k, v)
