@@ -12,7 +12,7 @@ append before them is `cache_append.py`.
    small ones spread B=1 over the SMs, few large ones keep the B=8 partials small.
 2. `select`: grid (B, Hkv, tiles of SCORES_TILE selection blocks). Merges the partial maxima and
    sums into each head's log-sum-exp, turns the raw scores into probabilities, sums them over the
-   group and maps them to selection-block scores (SPEC.md Eq. 9) from contiguous loads; then the top
+   group and maps them to selection-block scores (SPEC.md Eq. 9) with strided loads; then the top
    n (`top_n.top_n_blocks_decode`, grid (B, Hkv)).
 3. `sparse_partials`: grid (B, Hkv, n + window tiles). Program i < n attends selected block
    `idx[i]` (cut at the query), the others one `l'`-aligned tile of the window `(t - w, t]`
@@ -96,7 +96,7 @@ def num_splits(cmp_cache_len: int, split: int) -> int:
 
 
 def score_width(cmp_cache_len: int, split: int, num_slc: int, per_slc: int) -> int:
-  """Columns of the raw-score array: every split's stores and `select`'s loads fit."""
+  """Columns of the raw-score array: every split's stores and `select`'s strided loads fit."""
   return SCORE_SHIFT + max(num_splits(cmp_cache_len, split) * split, pow2(num_slc) * per_slc)
 
 
@@ -207,48 +207,36 @@ def _merged_statistics(row_max, row_sum, lo, hi):
   return used, total_max, total, weight
 
 
-def _eq9_weight(offset, per_slc, per_cmp):
-  """How many (r < per_slc, c < per_cmp) pairs have r - c == offset (SPEC.md Eq. 9)."""
-  return sum(1 for r in range(per_slc) for c in range(per_cmp) if r - c == offset)
-
-
 def _scores_kernel(pos_ref, s_ref, m_ref, l_ref, out_ref, *, group, num_partials, cmp_block,
                    cmp_stride, slc_block, interpret):
   pos = pos_ref[0]
   count = _visible_cmp_blocks(pos, cmp_block, cmp_stride)
-  per_cmp, per_slc = cmp_block // cmp_stride, slc_block // cmp_stride  # per_slc: a power of two
+  per_cmp, per_slc = cmp_block // cmp_stride, slc_block // cmp_stride
   tile = out_ref.shape[0]
-  first = pl.program_id(2) * tile * per_slc  # the tile's first compressed block
+  first_block = pl.program_id(2) * tile
   real_row = (jnp.arange(m_ref.shape[1]) < group)[:, None]
   # Selection block j scores sum_{r < per_slc, c < per_cmp} p[j * per_slc + r - c] (SPEC.md
-  # Eq. 9 with l % d = l' % d = 0). Offset o = r - c = q * per_slc + r' (0 <= r' < per_slc): for
-  # each whole-block shift q, one contiguous load of the tile's columns shifted by q blocks, its
-  # probabilities summed over the group and viewed as [tile, per_slc], weighted along r'. (One
-  # strided load per offset read every column per_cmp + per_slc - 1 times, uncoalesced.) All
-  # loads are issued before any math, to be in flight together.
-  shifts = range(-(per_cmp - 1) // per_slc, 1)  # q from -ceil((per_cmp - 1) / per_slc) to 0
-  width = tile * per_slc
+  # Eq. 9 with l % d = l' % d = 0): one strided load per offset o = r - c, weighted by the number
+  # of (r, c) pairs that give it. All loads are issued before any math, to be in flight together.
+  offsets = range(1 - per_cmp, per_slc)
   visible, raw = {}, {}
-  for q in shifts:
-    block = first + q * per_slc + jnp.arange(width)  # compressed block per column
-    visible[q] = real_row & ((block >= 0) & (block < count))[None, :]
-    columns = s_ref.at[:, pl.ds(SCORE_SHIFT + first + q * per_slc, width)]
-    # Masked on the GPU, so that columns past `count` (unwritten; most of them in a cache far
-    # from full) are not fetched; the `where` below makes interpret mode the same.
-    raw[q] = (columns[...] if interpret
-              else plgpu.load(columns, mask=visible[q], other=0.0))  # [Gp, width]
+  for offset in offsets:
+    block = (first_block + jnp.arange(tile)) * per_slc + offset  # compressed block per column
+    visible[offset] = real_row & ((block >= 0) & (block < count))[None, :]
+    columns = s_ref.at[:, pl.ds(SCORE_SHIFT + first_block * per_slc + offset, tile,
+                                stride=per_slc)]
+    # On the GPU the load is masked, so that columns past `count` (unwritten; most of them in a
+    # cache far from full) are not fetched. Interpret mode has no strided masked load; the
+    # `where` below makes both the same.
+    raw[offset] = (columns[...] if interpret
+                   else plgpu.load(columns, mask=visible[offset], other=0.0))  # [Gp, tile]
   _, total_max, total, _ = _merged_statistics(m_ref[...], l_ref[...], 0, num_partials)
   lse2 = total_max + jnp.log2(jnp.where(total > 0, total, 1.0))  # [Gp]
-  within = jnp.arange(per_slc)
   score = jnp.zeros((tile,), jnp.float32)
-  for q in shifts:
-    probs = jnp.where(visible[q], jnp.exp2(raw[q] - lse2[:, None]), 0.0)
-    grouped = jnp.sum(probs, axis=0).reshape(tile, per_slc)
-    weight = jnp.zeros((per_slc,), jnp.float32)
-    for r in range(per_slc):
-      weight = jnp.where(within == r, float(_eq9_weight(q * per_slc + r, per_slc, per_cmp)),
-                         weight)
-    score = score + jnp.sum(grouped * weight[None, :], axis=1)
+  for offset in offsets:
+    weight = sum(1 for r in range(per_slc) for c in range(per_cmp) if r - c == offset)
+    probs = jnp.where(visible[offset], jnp.exp2(raw[offset] - lse2[:, None]), 0.0)
+    score = score + weight * jnp.sum(probs, axis=0)
   out_ref[...] = score
 
 
