@@ -8,9 +8,9 @@
 Shapes: B=1, Hq=64, Hkv=4 (`--num_kv_heads`), D=128, bfloat16. Configs: the paper's (l=32, d=16,
 l'=64, n=16, w=512) and fla-core's comparable one (l=d=l'=64, n=16, window excluded, as fla-core
 times it). Per sequence length and part: forward and forward+backward time (median of `--repeats`
-samples after a warm-up, each of back-to-back calls: `median_ms`), achieved TFLOP/s (useful FLOPs: causal halves counted once) and the compiled
-program's GPU memory (arguments + outputs + temporaries, from XLA's memory analysis). Prints a
-table and writes JSON.
+samples after a warm-up, each of back-to-back calls: `median_ms`), achieved TFLOP/s (useful FLOPs:
+causal halves counted once) and the compiled program's GPU memory (arguments + outputs +
+temporaries, from XLA's memory analysis). Prints a table and writes JSON.
 """
 
 from __future__ import annotations

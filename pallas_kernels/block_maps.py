@@ -33,15 +33,21 @@ def sorted_causal_block_indices(block_indices, block: int):
   return distinct_ascending(jnp.where(idx <= last_block, idx, -1))
 
 
-def distinct_ascending(block_indices):
-  """The distinct non-negative entries of each row (last axis), ascending, then -1. int32."""
+def ascending(block_indices):
+  """The non-negative entries of each row (last axis), ascending, then -1. int32. Repeats stay
+  (`distinct_ascending` drops them): one sort, for rows whose entries are already distinct."""
   missing = jnp.iinfo(jnp.int32).max
   idx = block_indices.astype(jnp.int32)
   idx = jnp.sort(jnp.where(idx >= 0, idx, missing), axis=-1)
+  return jnp.where(idx == missing, -1, idx)
+
+
+def distinct_ascending(block_indices):
+  """The distinct non-negative entries of each row (last axis), ascending, then -1. int32."""
+  idx = ascending(block_indices)
   repeated = jnp.concatenate(
       [jnp.zeros_like(idx[..., :1], bool), idx[..., 1:] == idx[..., :-1]], axis=-1)
-  idx = jnp.sort(jnp.where(repeated, missing, idx), axis=-1)
-  return jnp.where(idx == missing, -1, idx)
+  return ascending(jnp.where(repeated, -1, idx))
 
 
 def max_work_items(seq_len: int, num_selected: int, num_blocks: int, chunk: int) -> int:

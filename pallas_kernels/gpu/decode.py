@@ -294,6 +294,7 @@ def select(scores, row_max, row_sum, position, *, group: int, num_partials: int,
 
 
 def sparse_blocks_per_program(batch: int, num_kv_heads: int) -> int:
+  """Selected blocks or window tiles one sparse program walks."""
   return SPARSE_BLOCKS if batch * num_kv_heads >= SPARSE_MULTI_MIN_PAIRS else 1
 
 

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import block_maps
+
 _NOT_CANDIDATE = -1.0  # below any score (scores are >= 0)
 _TAKEN = -2.0
 NUM_WARPS = 1  # one warp per row: the arg-max reductions stay in warp shuffles
@@ -66,14 +68,6 @@ def _top_n_decode_kernel(pos_ref, score_ref, idx_ref, *, slc_block, **config):
   idx_ref[...] = _pick_top_n(score_ref[...], pos_ref[0] // slc_block, idx_ref.shape[0], **config)
 
 
-def _ascending(picks, num_selected):
-  """Picks `[..., slots]` (-1 = none) -> their first `num_selected`, ascending, -1 last."""
-  picks = picks[..., :num_selected]
-  unused = jnp.iinfo(jnp.int32).max
-  ascending = jnp.sort(jnp.where(picks >= 0, picks, unused), axis=-1)
-  return jnp.where(ascending < unused, ascending, -1)
-
-
 def top_n_blocks(scores, *, seq_len: int, num_selected: int, slc_block: int, num_initial: int,
                  num_local: int, ascending: bool = True, interpret: bool = False):
   """Chosen blocks of each query, in ascending order (or, with `ascending=False`, in pick order:
@@ -109,7 +103,8 @@ def top_n_blocks(scores, *, seq_len: int, num_selected: int, slc_block: int, num
       interpret=interpret,
       name="nsa_top_n",
   )(scores)
-  picks = _ascending(picks, num_selected) if ascending else picks[..., :num_selected]
+  picks = picks[..., :num_selected]  # distinct, -1 last
+  picks = block_maps.ascending(picks) if ascending else picks
   return picks.transpose(0, 2, 1, 3)
 
 
