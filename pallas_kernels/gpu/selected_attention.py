@@ -37,9 +37,8 @@ from pallas_kernels.gpu.tile_math import online_softmax_init, online_softmax_ste
 
 # Triton launch settings per kernel (swept with `experiments.tune_gpu --variants`).
 FWD_NUM_WARPS, FWD_NUM_STAGES = 4, 2
-# dQ: H200, T=64k, G=16, selected fwd+bwd with 1 / 2 / 4 / 8 warps 48.0 / 47.3 / 48.9 / 55.2 ms;
-# 2 is the next default once the GPU suite has passed with it (not yet run).
-DQ_NUM_WARPS, DQ_NUM_STAGES = 4, 2
+# dQ: H200, T=64k, G=16, selected fwd+bwd with 1 / 2 / 4 / 8 warps 48.0 / 47.3 / 48.9 / 55.2 ms.
+DQ_NUM_WARPS, DQ_NUM_STAGES = 2, 2
 DKV_NUM_WARPS, DKV_NUM_STAGES = 4, 2
 DKV_CHUNK = 256  # most queries one dK/dV work item handles
 DKV_ROWS = 64  # query rows per dK/dV step (several queries gathered when G is small)
