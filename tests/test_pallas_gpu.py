@@ -77,6 +77,16 @@ def test_selected_attention_kernel_with_other_packings_in_interpret_mode(monkeyp
   check_selected(q, k, v, block, n, reference, interpret=True, dtype=jnp.float32)
 
 
+def test_selected_attention_kernel_dkv_in_steps_of_part_of_a_query_in_interpret_mode(monkeypatch):
+  # Wide float32 heads make a dK/dV step gather fewer rows than one query's heads (G = 64 with
+  # Dk = Dv = 256: 32 of 64); force 16 rows a step against G = 32.
+  monkeypatch.setattr(selected_kernel, "DKV_STEP_BYTES", 1)
+  q, k, v = random_qkv(1, 40, 32, 1, 16, 16)
+  lay = selected_kernel._layout(q, v, jnp.zeros((1, 40, 1, 3), jnp.int32), 16)
+  assert selected_kernel._dkv_step_rows(lay, jnp.float32) == 16 < lay.heads
+  check_selected(q, k, v, 16, 3, reference, interpret=True, dtype=jnp.float32)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("pack_rows", [0, 16])
 @pytest.mark.parametrize("group", [1, 2, 4, 8, 16, 32, 64])

@@ -142,24 +142,24 @@ def _dq_kernel(idx_ref, *refs, scale, block, loaded, positions, heads):
 
 
 def _dkv_kernel(items_ref, queries_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref,
-                dv_ref, *, scale, block, loaded, rows, num_blocks, queries_per_step):
+                dv_ref, *, scale, block, loaded, rows, num_blocks, step_rows):
   """One work item: `count` queries of one block, `(block, start, count)` in `items_ref`.
 
-  Each step gathers the rows of `queries_per_step` queries (`DKV_ROWS` rows), so the dots have
-  M, K >= 64 even for small groups; rows past the item's last query repeat it and are masked.
+  The item's query rows (`rows` a query) are walked `step_rows` at a time (`DKV_ROWS`, fewer for
+  wide float32 heads): the rows of several queries for small groups, so the dots have M, K >= 64,
+  part of one query's for wide ones. Rows past the item's last query repeat it and are masked.
   """
   block_id = jnp.minimum(items_ref[0], num_blocks - 1)  # unused items: any block, no queries
   first, count = items_ref[1], items_ref[2]
   start = block_id * block
   k = k_ref[pl.ds(start, loaded), :]
   v = v_ref[pl.ds(start, loaded), :]
-  step_row = jnp.arange(queries_per_step * rows)
-  which, head = step_row // rows, step_row % rows
   offsets = jnp.arange(loaded)
 
   def body(step, carry):
     dk, dv = carry
-    slot = step * queries_per_step + which
+    item_row = step * step_rows + jnp.arange(step_rows)
+    slot, head = item_row // rows, item_row % rows
     query_pos = queries_ref[first + jnp.minimum(slot, count - 1)]  # [M]
     gathered = query_pos * rows + head
     q, do = q_ref[gathered, :], do_ref[gathered, :]
@@ -174,7 +174,7 @@ def _dkv_kernel(items_ref, queries_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, de
     return dk, dv
 
   init = (jnp.zeros(dk_ref.shape, jnp.float32), jnp.zeros(dv_ref.shape, jnp.float32))
-  dk, dv = jax.lax.fori_loop(0, pl.cdiv(count, queries_per_step), body, init)
+  dk, dv = jax.lax.fori_loop(0, pl.cdiv(count * rows, step_rows), body, init)
   dk_ref[...] = dk * scale
   dv_ref[...] = dv
 
@@ -329,14 +329,13 @@ def _dq(q, k, v, do, lse, delta, slots, lay: _Layout, scale, interpret):
   )(*_slot_args(slots, lay), q, k, v, do, lse, delta)
 
 
-def _queries_per_step(lay: _Layout, dtype) -> int:
-  """Queries whose rows one dK/dV step gathers: `DKV_ROWS` rows, fewer (a power of two, Triton's
-  shapes) for wide float32 heads (float32 with Dk = Dv = 256 at 64 rows needs 279 KB of shared
-  memory; an H100 has 227 KB)."""
+def _dkv_step_rows(lay: _Layout, dtype) -> int:
+  """Query rows one dK/dV step gathers: `DKV_ROWS`, fewer (a power of two >= 16, Triton's shapes)
+  while their q and dO rows pass `DKV_STEP_BYTES` (float32 with Dk = Dv = 256 at 64 rows needs
+  279 KB of shared memory; an H200 has 227 KB): whole queries or, for G = 64, half of one."""
   row_bytes = (lay.head_dim_pad + lay.head_dim_v_pad) * jnp.dtype(dtype).itemsize
   budget = max(16, DKV_STEP_BYTES // row_bytes)
-  rows = min(DKV_ROWS, 1 << (budget.bit_length() - 1))
-  return max(1, rows // lay.heads)
+  return min(DKV_ROWS, 1 << (budget.bit_length() - 1))
 
 
 def _dkv(q, k, v, do, lse, delta, queries, items, lay: _Layout, scale, interpret):
@@ -349,7 +348,7 @@ def _dkv(q, k, v, do, lse, delta, queries, items, lay: _Layout, scale, interpret
                                 lambda e, b, g: (b, g, e, 0, 0))
   kernel = functools.partial(_dkv_kernel, scale=scale, block=lay.block, loaded=lay.loaded,
                              rows=lay.heads, num_blocks=lay.num_blocks,
-                             queries_per_step=_queries_per_step(lay, q.dtype))
+                             step_rows=_dkv_step_rows(lay, q.dtype))
   parts_shape = lambda d: jax.ShapeDtypeStruct(
       (lay.batch, lay.num_kv_heads, num_items, lay.loaded, d), jnp.float32)
   return pl.pallas_call(
