@@ -203,6 +203,15 @@ def test_compressed_attention_kernel_dtypes_and_head_dims_on_gpu(dtype, dims):
 
 
 @pytest.mark.gpu
+def test_kernels_with_group_64_and_the_widest_float32_heads_on_gpu():
+  # G = 64 rows a position with float32 Dk = Dv = 256: the backward steps take part of one
+  # position's rows (selected dK/dV: 32 of 64; compressed dK/dV: half a row tile).
+  q, k, v = random_qkv(1, 1000, 64, 1, 256, dtype=jnp.float32)
+  check_selected(q, k, v, 64, 16, xla, interpret=False, dtype=jnp.float32)
+  check_compressed(q, k, v, nsa_jax.NSAConfig(), xla, interpret=False, dtype=jnp.float32)
+
+
+@pytest.mark.gpu
 def test_select_blocks_from_fused_scores_matches_xla_on_gpu():
   config = nsa_jax.NSAConfig()
   q, k, _ = random_qkv(2, 8192 + 100, 32, 4, 128)
