@@ -35,6 +35,7 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.gpu.tile_math import LOG2E, MASK_VALUE
 from pallas_kernels.gpu.tile_math import dot as _dot
 from pallas_kernels.gpu.tile_math import pow2 as _pow2
+from pallas_kernels.gpu.tile_math import rows_within
 from pallas_kernels.gpu.top_n import top_n_blocks
 
 ROWS = 64  # query rows per program (positions x heads)
@@ -304,14 +305,10 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
 
 
 def _dkv_step_rows(lay: _Layout, dtype) -> int:
-  """Rows one dK/dV step loads: a row tile, halved (down to 16) while its q and dO rows pass
-  `DKV_STEP_BYTES` (float32 with Dk = Dv = 256 asked for 279 KB of shared memory at 64 rows; an
-  H200 has 227 KB)."""
+  """Rows one dK/dV step loads: a row tile, or part of one where its q and dO rows would pass
+  `DKV_STEP_BYTES` (`tile_math.rows_within`)."""
   row_bytes = (lay.head_dim_pad + lay.head_dim_v_pad) * jnp.dtype(dtype).itemsize
-  rows = lay.rows
-  while rows > 16 and rows * row_bytes > DKV_STEP_BYTES:
-    rows //= 2
-  return rows
+  return rows_within(lay.rows, row_bytes, DKV_STEP_BYTES)
 
 
 def _dkv_chunks(lay: _Layout):

@@ -33,7 +33,7 @@ from pallas_kernels.block_maps import inverse_block_map, max_work_items
 from pallas_kernels.block_maps import distinct_ascending, sorted_causal_block_indices
 from pallas_kernels.gpu.tile_math import LOG2E, MASK_VALUE, pow2
 from pallas_kernels.gpu.tile_math import dot as _dot
-from pallas_kernels.gpu.tile_math import online_softmax_init, online_softmax_step
+from pallas_kernels.gpu.tile_math import online_softmax_init, online_softmax_step, rows_within
 
 # Triton launch settings per kernel (swept with `experiments.tune_gpu --variants`).
 FWD_NUM_WARPS, FWD_NUM_STAGES = 4, 2
@@ -330,12 +330,10 @@ def _dq(q, k, v, do, lse, delta, slots, lay: _Layout, scale, interpret):
 
 
 def _dkv_step_rows(lay: _Layout, dtype) -> int:
-  """Query rows one dK/dV step gathers: `DKV_ROWS`, fewer (a power of two >= 16, Triton's shapes)
-  while their q and dO rows pass `DKV_STEP_BYTES` (float32 with Dk = Dv = 256 at 64 rows needs
-  279 KB of shared memory; an H200 has 227 KB): whole queries or, for G = 64, half of one."""
+  """Query rows one dK/dV step gathers: `DKV_ROWS`, fewer where their q and dO rows would pass
+  `DKV_STEP_BYTES` (`tile_math.rows_within`): whole queries or, for G = 64, part of one."""
   row_bytes = (lay.head_dim_pad + lay.head_dim_v_pad) * jnp.dtype(dtype).itemsize
-  budget = max(16, DKV_STEP_BYTES // row_bytes)
-  return min(DKV_ROWS, 1 << (budget.bit_length() - 1))
+  return rows_within(DKV_ROWS, row_bytes, DKV_STEP_BYTES)
 
 
 def _dkv(q, k, v, do, lse, delta, queries, items, lay: _Layout, scale, interpret):

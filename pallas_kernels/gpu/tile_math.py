@@ -18,6 +18,15 @@ def pow2(x: int, minimum: int = 1) -> int:
   return max(minimum, 1 << (x - 1).bit_length())
 
 
+def rows_within(max_rows: int, row_bytes: int, budget: int) -> int:
+  """Rows a kernel step loads: the most, a power of two in [16, max_rows] (`max_rows` a power of
+  two >= 16), whose `row_bytes` each fit in `budget` bytes, else 16 (Triton's least dot side).
+  The backward kernels bound their q and dO rows a step so wide float32 heads fit in shared
+  memory (float32 Dk = Dv = 256 at 64 rows asked for 279 KB; an H200 has 227 KB)."""
+  fitting = max(16, budget // row_bytes)
+  return min(max_rows, 1 << (fitting.bit_length() - 1))
+
+
 def dot(a, b, trans_a=False, trans_b=False):
   """Tile matmul accumulating in float32: float32 inputs keep float32 precision (no TF32), half
   inputs use the tensor cores."""

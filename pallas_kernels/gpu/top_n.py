@@ -25,7 +25,7 @@ DECODE_NUM_WARPS = 4  # decoding has a few rows of ~1k blocks: latency, not thro
 
 
 def pick_top_n(scores, query_block, num_picks, *, num_selected, num_slc, num_initial,
-                num_local):
+               num_local):
   """Forced blocks, then the best candidates by repeated arg-max: int32 `[num_picks]`, -1 padded.
 
   `scores [width]` are the query's selection scores; its own block is `query_block`
