@@ -130,38 +130,29 @@ def test_bad_decode_inputs_raise_value_errors():
     init_decode_cache(2, 0, 2, 8, config=SMALL)
 
 
-@pytest.mark.parametrize("with_gates,batch,prompt_len,fused_select", [
-    (False, 1, 60, 0), (True, 2, 60, 0), (False, 1, 0, 0), (True, 2, 0, 1)])
-def test_gpu_decode_kernels_in_interpret_mode_equal_the_full_forward(monkeypatch, with_gates,
-                                                                     batch, prompt_len,
-                                                                     fused_select):
+@pytest.mark.parametrize("with_gates,batch,prompt_len", [(False, 1, 60), (True, 2, 60),
+                                                          (False, 1, 0)])
+def test_gpu_decode_kernels_in_interpret_mode_equal_the_full_forward(with_gates, batch,
+                                                                     prompt_len):
   # G = 2 (padded to 16 rows), several compressed splits' worth of masking, window tiles that
   # straddle the selection blocks, the last steps past the first 128-block boundary of k_cmp;
-  # from an empty cache, the first steps see no compressed block at all. fused_select: the
-  # selection scores and the top-n in one kernel.
-  monkeypatch.setattr(gpu_decode, "FUSED_SELECT", fused_select)
+  # from an empty cache, the first steps see no compressed block at all.
   q, k, v = random_qkv(batch, 70, 4, 2, 16)
   gates = random_gates(q) if with_gates else None
   expected = nsa_jax.nsa_attention(q, k, v, config=SMALL, gates=gates, implementation="reference")
-  jax.clear_caches()  # the jitted decode kernels read the constant when traced
-  try:
-    out = decode_all(q, k, v, gates, prompt_len, SMALL, implementation="pallas_gpu",
-                     interpret=True)
-  finally:
-    jax.clear_caches()
+  out = decode_all(q, k, v, gates, prompt_len, SMALL, implementation="pallas_gpu",
+                   interpret=True)
   assert_close(out, expected)
 
 
-@pytest.mark.parametrize("sparse_blocks,fused_select", [(1, 0), (3, 1)])
+@pytest.mark.parametrize("sparse_blocks", [1, 3])
 def test_gpu_decode_kernels_with_one_sub_block_per_selection_block_and_dk_not_dv(
-    monkeypatch, sparse_blocks, fused_select):
+    monkeypatch, sparse_blocks):
   # l' = d (each selection block scores one sub-block), l = 3d (three compressed blocks overlap
   # each sub-block), G = 3, Dk = 32, Dv = 16: the other corner of the score map and the combine.
   # SPARSE_BLOCKS = 3: the sparse programs walk 3 blocks (n = 4 selected: 3 + 1; 3 window tiles),
-  # here at B * Hkv = 4 pairs (by default only from 32). fused_select: one kernel for the
-  # selection scores and the top-n.
+  # here at B * Hkv = 4 pairs (by default only from 32).
   monkeypatch.setattr(gpu_decode, "SPARSE_BLOCKS", sparse_blocks)
-  monkeypatch.setattr(gpu_decode, "FUSED_SELECT", fused_select)
   monkeypatch.setattr(gpu_decode, "SPARSE_MULTI_MIN_PAIRS", 1)
   config = NSAConfig(cmp_block=48, cmp_stride=16, slc_block=16, num_selected=4, num_initial=1,
                      num_local=1, window=32)
@@ -258,18 +249,15 @@ def test_gpu_append_kernel_equals_the_xla_append(dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("group,prompt,setting", [
-    (1, 8192 + 5, None), (16, 8192 + 5, None), (64, 8192 + 5, None),
-    (16, 8192 + 5, "multi_block"), (16, 65536 + 5, None), (16, 65536 + 5, "fused_select")])
-def test_gpu_decode_kernels_match_the_xla_decode_on_gpu(monkeypatch, group, prompt, setting):
+@pytest.mark.parametrize("group,prompt,multi_block", [
+    (1, 8192 + 5, False), (16, 8192 + 5, False), (64, 8192 + 5, False), (16, 8192 + 5, True),
+    (16, 65536 + 5, False)])
+def test_gpu_decode_kernels_match_the_xla_decode_on_gpu(monkeypatch, group, prompt, multi_block):
   # 8k: every group size; 64k: the benchmark's context (2048-wide selection rows, 33 compressed
   # splits at B=2). Each step's cache writes are compared too. multi_block: the sparse programs
-  # walk SPARSE_BLOCKS blocks each (by default only from B * Hkv = 32; here 4). fused_select:
-  # one kernel for the selection scores and the top-n.
-  if setting == "multi_block":
+  # walk SPARSE_BLOCKS blocks each (by default only from B * Hkv = 32; here 4).
+  if multi_block:
     monkeypatch.setattr(gpu_decode, "SPARSE_MULTI_MIN_PAIRS", 1)
-  if setting == "fused_select":
-    monkeypatch.setattr(gpu_decode, "FUSED_SELECT", 1)
   jax.clear_caches()  # the jitted decode kernels read the constants when traced
   try:
     _check_gpu_decode_against_xla(group, prompt)

@@ -140,22 +140,15 @@ def test_selected_kernels_with_other_packings_lower_for_cuda(monkeypatch, pack_r
       "nsa_selected_dkv", "nsa_selected_dq", "nsa_selected_fwd"]
 
 
-@pytest.mark.parametrize("setting", ["multi_block_sparse", "fused_select"])
-def test_decode_step_with_other_kernel_settings_lowers_for_cuda(monkeypatch, setting):
-  expected = DECODE_KERNELS["cuda"]
-  if setting == "multi_block_sparse":
-    monkeypatch.setattr(gpu_decode, "SPARSE_BLOCKS", 4)
-    monkeypatch.setattr(gpu_decode, "SPARSE_MULTI_MIN_PAIRS", 1)  # B * Hkv = 4 here
-  else:  # one kernel for the selection scores and the top-n
-    monkeypatch.setattr(gpu_decode, "FUSED_SELECT", 1)
-    expected = sorted({*expected, "nsa_decode_select"}
-                      - {"nsa_decode_selection_scores", "nsa_top_n_decode"})
+def test_decode_step_with_multi_block_sparse_programs_lowers_for_cuda(monkeypatch):
+  monkeypatch.setattr(gpu_decode, "SPARSE_BLOCKS", 4)
+  monkeypatch.setattr(gpu_decode, "SPARSE_MULTI_MIN_PAIRS", 1)  # B * Hkv = 4 here
   config = NSAConfig()
   cache = init_decode_cache(2, 10_000, 2, 128, config=config, dtype=jnp.bfloat16)
   q_t, k_t = jnp.zeros((2, 32, 128), jnp.bfloat16), jnp.zeros((2, 2, 128), jnp.bfloat16)
   jax.clear_caches()  # the jitted decode kernels read the constant when traced
   try:
     step = functools.partial(nsa_decode_step, config=config, implementation="pallas_gpu")
-    assert pallas_kernels("cuda", step, q_t, k_t, k_t, cache) == expected
+    assert pallas_kernels("cuda", step, q_t, k_t, k_t, cache) == DECODE_KERNELS["cuda"]
   finally:
     jax.clear_caches()

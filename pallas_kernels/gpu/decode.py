@@ -13,7 +13,7 @@ append before them is `cache_append.py`.
 2. `select`: grid (B, Hkv, tiles of SCORES_TILE selection blocks). Merges the partial maxima and
    sums into each head's log-sum-exp, turns the raw scores into probabilities, sums them over the
    group and maps them to selection-block scores (SPEC.md Eq. 9) with strided loads; then the top
-   n (`top_n.top_n_blocks_decode`, grid (B, Hkv)). FUSED_SELECT (off) does both in one kernel.
+   n (`top_n.top_n_blocks_decode`, grid (B, Hkv)).
 3. `sparse_partials`: grid (B, Hkv, n + window tiles). Program i < n attends selected block
    `idx[i]` (cut at the query), the others one `l'`-aligned tile of the window `(t - w, t]`
    (from B * Hkv >= SPARSE_MULTI_MIN_PAIRS, SPARSE_BLOCKS of them a program).
@@ -40,7 +40,7 @@ from pallas_kernels.decode_partials import window_tiles
 from pallas_kernels.gpu.tile_math import LOG2E, MASK_VALUE, pow2
 from pallas_kernels.gpu.tile_math import dot as _dot
 from pallas_kernels.gpu.tile_math import online_softmax_init, online_softmax_step
-from pallas_kernels.gpu.top_n import pick_top_n, top_n_blocks_decode
+from pallas_kernels.gpu.top_n import top_n_blocks_decode
 
 CMP_TILE = 64  # compressed keys per dot
 CMP_ALIGN = 128  # the compressed cache's length is a multiple of this (decode.CACHE_ALIGN)
@@ -57,12 +57,6 @@ SPARSE_MULTI_MIN_PAIRS = 32
 CMP_NUM_WARPS = 4
 CMP_STAGES = 2
 SCORES_NUM_WARPS = 4
-# One kernel for the selection scores and the top-n (one program per (b, KV head) scoring the
-# whole row, one offset at a time) instead of two (scores over SCORES_TILE-block tiles, then the
-# top-n): one launch and no score array, at less parallelism. Off until timed (profile_decode
-# --trace --variants FUSED_SELECT=1 FUSED_SELECT=1,FUSED_SELECT_NUM_WARPS=8).
-FUSED_SELECT = 0
-FUSED_SELECT_NUM_WARPS = 4
 SPARSE_NUM_WARPS = 4
 COMBINE_NUM_WARPS = 4
 
@@ -213,57 +207,37 @@ def _merged_statistics(row_max, row_sum, lo, hi):
   return used, total_max, total, weight
 
 
-def _selection_scores(pos, s_ref, m_ref, l_ref, first_block, tile, *, group, num_partials,
-                      cmp_block, cmp_stride, slc_block, interpret, loads_first):
-  """Selection-block scores `[tile]` of blocks `[first_block, first_block + tile)` for the query
-  at `pos`, from the raw compressed scores and the compressed partials' statistics."""
+def _scores_kernel(pos_ref, s_ref, m_ref, l_ref, out_ref, *, group, num_partials, cmp_block,
+                   cmp_stride, slc_block, interpret):
+  pos = pos_ref[0]
   count = _visible_cmp_blocks(pos, cmp_block, cmp_stride)
   per_cmp, per_slc = cmp_block // cmp_stride, slc_block // cmp_stride
+  tile = out_ref.shape[0]
+  first_block = pl.program_id(2) * tile
   real_row = (jnp.arange(m_ref.shape[1]) < group)[:, None]
   # Selection block j scores sum_{r < per_slc, c < per_cmp} p[j * per_slc + r - c] (SPEC.md
   # Eq. 9 with l % d = l' % d = 0): one strided load per offset o = r - c, weighted by the number
-  # of (r, c) pairs that give it. `loads_first`: all loads are issued before any math, to be in
-  # flight together (a tile of the row); else one offset at a time (a whole row, fewer registers).
+  # of (r, c) pairs that give it. All loads are issued before any math, to be in flight together.
   offsets = range(1 - per_cmp, per_slc)
-
-  def load(offset):
+  visible, raw = {}, {}
+  for offset in offsets:
     block = (first_block + jnp.arange(tile)) * per_slc + offset  # compressed block per column
-    visible = real_row & ((block >= 0) & (block < count))[None, :]
+    visible[offset] = real_row & ((block >= 0) & (block < count))[None, :]
     columns = s_ref.at[:, pl.ds(SCORE_SHIFT + first_block * per_slc + offset, tile,
                                 stride=per_slc)]
     # On the GPU the load is masked, so that columns past `count` (unwritten; most of them in a
     # cache far from full) are not fetched. Interpret mode has no strided masked load; the
     # `where` below makes both the same.
-    raw = (columns[...] if interpret
-           else plgpu.load(columns, mask=visible, other=0.0))  # [Gp, tile]
-    return visible, raw
-
-  loaded = {offset: load(offset) for offset in offsets} if loads_first else {}
+    raw[offset] = (columns[...] if interpret
+                   else plgpu.load(columns, mask=visible[offset], other=0.0))  # [Gp, tile]
   _, total_max, total, _ = _merged_statistics(m_ref[...], l_ref[...], 0, num_partials)
   lse2 = total_max + jnp.log2(jnp.where(total > 0, total, 1.0))  # [Gp]
   score = jnp.zeros((tile,), jnp.float32)
   for offset in offsets:
     weight = sum(1 for r in range(per_slc) for c in range(per_cmp) if r - c == offset)
-    visible, raw = loaded[offset] if loads_first else load(offset)
-    probs = jnp.where(visible, jnp.exp2(raw - lse2[:, None]), 0.0)
+    probs = jnp.where(visible[offset], jnp.exp2(raw[offset] - lse2[:, None]), 0.0)
     score = score + weight * jnp.sum(probs, axis=0)
-  return score
-
-
-def _scores_kernel(pos_ref, s_ref, m_ref, l_ref, out_ref, **config):
-  tile = out_ref.shape[0]
-  out_ref[...] = _selection_scores(pos_ref[0], s_ref, m_ref, l_ref, pl.program_id(2) * tile, tile,
-                                   loads_first=True, **config)
-
-
-def _fused_select_kernel(pos_ref, s_ref, m_ref, l_ref, idx_ref, *, width, score_config,
-                         top_n_config):
-  """The whole row's selection scores, then the top-n over them: one program per (b, KV head)."""
-  pos = pos_ref[0]
-  score = _selection_scores(pos, s_ref, m_ref, l_ref, 0, width, loads_first=False,
-                            **score_config)
-  idx_ref[...] = pick_top_n(score, pos // score_config["slc_block"], idx_ref.shape[0],
-                            **top_n_config)
+  out_ref[...] = score
 
 
 @functools.partial(jax.jit, static_argnames=("group", "num_partials", "cmp_block", "cmp_stride",
@@ -275,8 +249,7 @@ def select(scores, row_max, row_sum, position, *, group: int, num_partials: int,
   """The selected blocks of the query at `position`, from `compressed_partials`' outputs.
 
   Two kernels: the selection-block scores, grid (B, Hkv, width / SCORES_TILE) so that B=1 still
-  spreads the probabilities over the SMs, then `top_n.top_n_blocks_decode`. With FUSED_SELECT,
-  one kernel of grid (B, Hkv) does both.
+  spreads the probabilities over the SMs, then `top_n.top_n_blocks_decode`.
 
   Args:
     scores, row_max, row_sum: from `compressed_partials` (P = `num_partials` written partials).
@@ -293,35 +266,18 @@ def select(scores, row_max, row_sum, position, *, group: int, num_partials: int,
   b, hkv, rows, _ = scores.shape
   padded = row_max.shape[2]
   width = pow2(num_slc)
-  score_config = dict(group=group, num_partials=num_partials, cmp_block=cmp_block,
-                      cmp_stride=cmp_stride, slc_block=slc_block, interpret=interpret)
-  stats = lambda index_map: pl.BlockSpec((None, None, padded, rows), index_map)
-  position = jnp.reshape(position, (1,)).astype(jnp.int32)
-  if FUSED_SELECT:
-    slots = pow2(num_selected)
-    kernel = functools.partial(
-        _fused_select_kernel, width=width, score_config=score_config,
-        top_n_config=dict(num_selected=num_selected, num_slc=num_slc, num_initial=num_initial,
-                          num_local=num_local))
-    return pl.pallas_call(
-        kernel,
-        grid=(b, hkv),
-        in_specs=[pl.BlockSpec((1,), lambda i, j: (0,)),
-                  pl.BlockSpec((None, None, rows, scores.shape[3]), lambda i, j: (i, j, 0, 0)),
-                  stats(lambda i, j: (i, j, 0, 0)), stats(lambda i, j: (i, j, 0, 0))],
-        out_specs=pl.BlockSpec((None, None, slots), lambda i, j: (i, j, 0)),
-        out_shape=jax.ShapeDtypeStruct((b, hkv, slots), jnp.int32),
-        compiler_params=plgpu.CompilerParams(num_warps=FUSED_SELECT_NUM_WARPS, num_stages=1),
-        interpret=interpret,
-        name="nsa_decode_select",
-    )(position, scores, row_max, row_sum)
   tile = min(width, SCORES_TILE)
+  kernel = functools.partial(_scores_kernel, group=group, num_partials=num_partials,
+                             cmp_block=cmp_block, cmp_stride=cmp_stride, slc_block=slc_block,
+                             interpret=interpret)
+  stats = pl.BlockSpec((None, None, padded, rows), lambda i, j, t: (i, j, 0, 0))
+  position = jnp.reshape(position, (1,)).astype(jnp.int32)
   slc_scores = pl.pallas_call(
-      functools.partial(_scores_kernel, **score_config),
+      kernel,
       grid=(b, hkv, width // tile),
       in_specs=[pl.BlockSpec((1,), lambda i, j, t: (0,)),
                 pl.BlockSpec((None, None, rows, scores.shape[3]), lambda i, j, t: (i, j, 0, 0)),
-                stats(lambda i, j, t: (i, j, 0, 0)), stats(lambda i, j, t: (i, j, 0, 0))],
+                stats, stats],
       out_specs=pl.BlockSpec((None, None, tile), lambda i, j, t: (i, j, t)),
       out_shape=jax.ShapeDtypeStruct((b, hkv, width), jnp.float32),
       compiler_params=plgpu.CompilerParams(num_warps=SCORES_NUM_WARPS, num_stages=1),
