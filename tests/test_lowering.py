@@ -63,7 +63,8 @@ TRAINING_KERNELS = {
     (jnp.float32, 4, 4, 64, 64),  # MHA (G = 1)
     (jnp.float16, 64, 1, 192, 128),  # G = 64, Dk != Dv
     (jnp.float32, 8, 2, 192, 128),  # G = 4 packed, wide float32 rows (fewer dK/dV rows a step)
-    (jnp.float32, 64, 1, 256, 256),  # G = 64, widest float32: dK/dV steps of half a query
+    (jnp.float32, 64, 1, 256, 256),  # G = 64, widest float32: dK/dV steps, dQ programs of
+                                     # half a query
 ])
 def test_nsa_forward_and_backward_kernels_lower(platform, dtype, num_heads, num_kv_heads,
                                                 head_dim, head_dim_v):

@@ -77,13 +77,15 @@ def test_selected_attention_kernel_with_other_packings_in_interpret_mode(monkeyp
   check_selected(q, k, v, block, n, reference, interpret=True, dtype=jnp.float32)
 
 
-def test_selected_attention_kernel_dkv_in_steps_of_part_of_a_query_in_interpret_mode(monkeypatch):
-  # Wide float32 heads make a dK/dV step gather fewer rows than one query's heads (G = 64 with
-  # Dk = Dv = 256: 32 of 64); force 16 rows a step against G = 32.
+def test_selected_attention_backward_over_part_of_a_query_in_interpret_mode(monkeypatch):
+  # Wide float32 heads make a dK/dV step gather, and a dQ program hold, fewer rows than one
+  # query's heads (G = 64 with Dk = Dv = 256: 32 of 64); force 16 rows against G = 32.
   monkeypatch.setattr(selected_kernel, "DKV_STEP_BYTES", 1)
+  monkeypatch.setattr(selected_kernel, "DQ_PROGRAM_BYTES", 1)
   q, k, v = random_qkv(1, 40, 32, 1, 16, 16)
   lay = selected_kernel._layout(q, v, jnp.zeros((1, 40, 1, 3), jnp.int32), 16)
   assert selected_kernel._dkv_step_rows(lay, jnp.float32) == 16 < lay.heads
+  assert selected_kernel._dq_split(lay, jnp.float32) == 2
   check_selected(q, k, v, 16, 3, reference, interpret=True, dtype=jnp.float32)
 
 
@@ -203,12 +205,15 @@ def test_compressed_attention_kernel_dtypes_and_head_dims_on_gpu(dtype, dims):
 
 
 @pytest.mark.gpu
-def test_kernels_with_group_64_and_the_widest_float32_heads_on_gpu():
-  # G = 64 rows a position with float32 Dk = Dv = 256: the backward steps take part of one
-  # position's rows (selected dK/dV: 32 of 64; compressed dK/dV: half a row tile).
+@pytest.mark.parametrize("kernel", ["selected", "compressed"])
+def test_kernels_with_group_64_and_the_widest_float32_heads_on_gpu(kernel):
+  # G = 64 rows a position with float32 Dk = Dv = 256: the backward takes part of one position's
+  # rows (selected dQ programs and dK/dV steps: 32 of 64; compressed dK/dV: half a row tile).
   q, k, v = random_qkv(1, 1000, 64, 1, 256, dtype=jnp.float32)
-  check_selected(q, k, v, 64, 16, xla, interpret=False, dtype=jnp.float32)
-  check_compressed(q, k, v, nsa_jax.NSAConfig(), xla, interpret=False, dtype=jnp.float32)
+  if kernel == "selected":
+    check_selected(q, k, v, 64, 16, xla, interpret=False, dtype=jnp.float32)
+  else:
+    check_compressed(q, k, v, nsa_jax.NSAConfig(), xla, interpret=False, dtype=jnp.float32)
 
 
 @pytest.mark.gpu

@@ -39,6 +39,9 @@ from pallas_kernels.gpu.tile_math import online_softmax_init, online_softmax_ste
 FWD_NUM_WARPS, FWD_NUM_STAGES = 4, 2
 # dQ: H200, T=64k, G=16, selected fwd+bwd with 1 / 2 / 4 / 8 warps 48.0 / 47.3 / 48.9 / 55.2 ms.
 DQ_NUM_WARPS, DQ_NUM_STAGES = 2, 2
+# Most bytes of q and dO rows one dQ program holds: past it, one position's rows are split over
+# several programs (float32 Dk = Dv = 256 at G = 64 asked for 272 KB of shared memory at 64 rows).
+DQ_PROGRAM_BYTES = 64 * 1024
 DKV_NUM_WARPS, DKV_NUM_STAGES = 4, 2
 DKV_CHUNK = 256  # most queries one dK/dV work item handles
 DKV_ROWS = 64  # query rows per dK/dV step (several queries gathered when G is small)
@@ -70,12 +73,13 @@ def _num_valid(idx_ref):
   return jnp.sum((idx_ref[...] >= 0).astype(jnp.int32))
 
 
-def _program_rows(own_ref, positions, heads):
+def _program_rows(own_ref, positions, heads, split=1):
   """What a forward / dQ program needs to mask a block, read before its loop: one position a
-  program, `(position, None)` (every slot is its own); packed, the position of each row `[R]` and
-  the block list of each row's position `[R, n_pad]` (a gather from the `[P, n_pad]` table)."""
+  program (or `split` programs a position), `(position, None)` (every slot is its own); packed,
+  the position of each row `[R]` and the block list of each row's position `[R, n_pad]` (a gather
+  from the `[P, n_pad]` table)."""
   if own_ref is None:
-    return pl.program_id(0), None
+    return pl.program_id(0) // split, None
   local = jnp.arange(positions * heads) // heads
   return pl.program_id(0) * positions + local, own_ref[local, :]
 
@@ -121,11 +125,11 @@ def _forward_kernel(idx_ref, *refs, scale, block, loaded, positions, heads):
   lse_ref[...] = jnp.where(nonempty, row_max + jnp.log2(safe_sum), 0.0)  # base 2
 
 
-def _dq_kernel(idx_ref, *refs, scale, block, loaded, positions, heads):
+def _dq_kernel(idx_ref, *refs, scale, block, loaded, positions, heads, split):
   own_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref = _split_own(refs, positions)
   q, do = q_ref[...], do_ref[...]
   lse, delta = lse_ref[...], delta_ref[...]
-  rows = _program_rows(own_ref, positions, heads)
+  rows = _program_rows(own_ref, positions, heads, split)
 
   def body(slot, dq):
     block_id = idx_ref[slot]
@@ -271,17 +275,19 @@ def _params(num_warps, num_stages):
   return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
-def _per_program_specs(lay: _Layout):
-  """BlockSpecs of the grid `(tiles, B, Hkv)`: the program's block list (and, packed, the block
-  table of its positions), its rows, whole K and V, its row vectors."""
+def _per_program_specs(lay: _Layout, split=1):
+  """BlockSpecs of the grid `(tiles * split, B, Hkv)`: the program's block list (and, packed, the
+  block table of its positions), its rows (`1 / split` of its tile's), whole K and V, its row
+  vectors."""
   slot_specs = [pl.BlockSpec((None, None, None, lay.positions * lay.num_slots),
-                             lambda t, b, g: (b, g, t, 0))]
+                             lambda t, b, g: (b, g, t // split, 0))]
   if lay.positions > 1:
     slot_specs.append(pl.BlockSpec((None, None, lay.positions, lay.num_slots),
                                    lambda t, b, g: (b, g, t, 0)))
-  rows = lambda d: pl.BlockSpec((None, None, lay.rows, d), lambda t, b, g: (b, g, t, 0))
+  num_rows = lay.rows // split
+  rows = lambda d: pl.BlockSpec((None, None, num_rows, d), lambda t, b, g: (b, g, t, 0))
   whole = lambda d: pl.BlockSpec((None, None, lay.kv_len, d), lambda t, b, g: (b, g, 0, 0))
-  row_vector = pl.BlockSpec((None, None, lay.rows), lambda t, b, g: (b, g, t))
+  row_vector = pl.BlockSpec((None, None, num_rows), lambda t, b, g: (b, g, t))
   return slot_specs, rows, whole, row_vector
 
 
@@ -311,13 +317,24 @@ def _forward(q, k, v, slots, lay: _Layout, scale, interpret):
   )(*_slot_args(slots, lay), q, k, v)
 
 
+def _dq_split(lay: _Layout, dtype) -> int:
+  """dQ programs per forward tile: 1, or (one position a program) as many as keep each program's
+  q and dO rows within `DQ_PROGRAM_BYTES` (`tile_math.rows_within`; e.g. 2 for float32
+  Dk = Dv = 256 at G = 64). Packed tiles have at most PACK_ROWS rows and are not split."""
+  if lay.positions > 1:
+    return 1
+  row_bytes = (lay.head_dim_pad + lay.head_dim_v_pad) * jnp.dtype(dtype).itemsize
+  return lay.rows // rows_within(lay.rows, row_bytes, DQ_PROGRAM_BYTES)
+
+
 def _dq(q, k, v, do, lse, delta, slots, lay: _Layout, scale, interpret):
-  slot_specs, rows, whole, row_vector = _per_program_specs(lay)
+  split = _dq_split(lay, q.dtype)
+  slot_specs, rows, whole, row_vector = _per_program_specs(lay, split)
   kernel = functools.partial(_dq_kernel, scale=scale, block=lay.block, loaded=lay.loaded,
-                             positions=lay.positions, heads=lay.heads)
+                             positions=lay.positions, heads=lay.heads, split=split)
   return pl.pallas_call(
       kernel,
-      grid=(lay.num_tiles, lay.batch, lay.num_kv_heads),
+      grid=(lay.num_tiles * split, lay.batch, lay.num_kv_heads),
       in_specs=slot_specs + [rows(lay.head_dim_pad), whole(lay.head_dim_pad),
                              whole(lay.head_dim_v_pad), rows(lay.head_dim_v_pad), row_vector,
                              row_vector],
