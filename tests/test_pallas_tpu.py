@@ -19,11 +19,15 @@ pytestmark = pytest.mark.usefixtures("no_races")  # tests/conftest.py
 
 
 # (B, T, Hq, Hkv, Dk, Dv, block, n, smem_budget): GQA with Dk != Dv and T not a multiple of the
-# block, MHA, MQA with a tiny SMEM budget (several query chunks and work-item chunks).
+# block, MHA, MQA with a tiny SMEM budget (several query chunks and work-item chunks); G = 16
+# (8 positions a forward / dQ tile, several tiles, unions of several KV_BLOCKS groups) and G = 64
+# (2 positions a tile) with small budgets.
 CASES = [
     (1, 37, 4, 2, 16, 24, 8, 3, None),
     (2, 24, 2, 2, 8, 8, 8, 2, None),
     (1, 33, 3, 1, 16, 16, 16, 2, 1024),
+    (1, 100, 16, 1, 16, 16, 8, 4, 2048),
+    (1, 41, 64, 1, 8, 8, 8, 3, 1024),
 ]
 
 

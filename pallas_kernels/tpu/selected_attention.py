@@ -1,23 +1,27 @@
 """Selected-block attention on TPU (Pallas Mosaic): forward, dQ and dK/dV kernels.
 
-The block indices reach the kernels by scalar prefetch (`pltpu.PrefetchScalarGridSpec`): the index
-maps read them to choose which key/value block the pipeline DMAs next, so a grid step never loads
-a block it does not use. The `G` query heads of a KV group share the blocks and are stacked as the
-matmul rows (`[Gp, Dp]` per query position, `Gp` a multiple of 8, `Dp` of 128).
+The `G` query heads of a KV group share the selected blocks and are stacked as matmul rows
+(`Gp = pow2(G)`, at least 8 sublanes; head dims padded to 128 lanes).
 
-- forward / dQ: grid `(B, Hkv, Tq, n)`, the slot axis innermost and "arbitrary" (the output block
-  of a position is revisited on consecutive steps while the online softmax accumulates in VMEM).
-  Unused slots repeat the last used block, so the pipeline skips their DMA, and `pl.when` skips
-  their compute.
+- forward / dQ: grid `(B, Hkv, tiles)`, one step per tile of `P = TILE_ROWS // Gp` consecutive
+  positions (`R = P * Gp` rows, 128 by default: the MXU's rows). A step walks the union of its
+  positions' blocks (distinct, ascending), `KV_BLOCKS` at a time: it DMAs them by hand from HBM
+  (`pltpu.make_async_copy`, double-buffered: the next group's copies run while this group is
+  computed) into one `[KV_BLOCKS * l', Dp]` tile, so a step does one `[R, KV_BLOCKS * l']` score
+  matmul, and each row keeps only the blocks its own position chose (a bit mask per union entry).
+  A block that several positions of the tile chose is fetched once. The union list, its length
+  and the masks reach the kernel by scalar prefetch (SMEM).
 - dK/dV: grid `(B, Hkv, items, C)` over the inverse map block -> queries
   (`pallas_kernels.block_maps.inverse_block_map`): a work item is one block and up to `C` of the
   queries that chose it; the block stays resident while the queries stream past, and each item's
   partial dK/dV is summed per block outside (a segment sum, no atomics).
-- SMEM: the prefetched tables grow with T (`T * Hkv * n` int32 = 32 MiB at T=128k, Hkv=4, n=16),
-  so every call covers a chunk of queries (or work items) sized to `SMEM_BUDGET_BYTES`, and a
-  `lax.map` walks the chunks.
+- SMEM: the prefetched tables grow with T (`2 * T * Hkv * n` int32 for the tiles), so every call
+  covers a chunk of queries (or work items) sized to `SMEM_BUDGET_BYTES`, and a `lax.map` walks
+  the chunks.
 
-Layout inside: queries `[B, Hkv, T, Gp, Dp]`, keys / values `[B, Hkv, Ts * l', Dp]`.
+Layout inside: queries `[B, Hkv, T_pad * Gp, Dp]` (position `t`'s heads are rows `t*Gp ..`;
+viewed as `[B, Hkv, T_pad, Gp, Dp]` by the dK/dV kernel), keys / values `[B, Hkv, Ts * l', Dp]`,
+the log-sum-exp and `delta` rows `[B, Hkv, 1, T_pad * Gp]` (heads on the lanes).
 """
 
 from __future__ import annotations
@@ -30,17 +34,24 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.block_maps import inverse_block_map, sorted_causal_block_indices
+from pallas_kernels.block_maps import distinct_ascending, inverse_block_map
+from pallas_kernels.block_maps import sorted_causal_block_indices
 from pallas_kernels.tpu.tile_math import dot_nn, dot_nt, dot_tn, softmax_backward_tile
 
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 LANES = 128
 SMEM_BUDGET_BYTES = 256 * 1024  # prefetched int32 tables per call (SMEM is 1 MiB or less)
 DKV_CHUNK = 64  # queries per dK/dV work item
+TILE_ROWS = 128  # query rows (positions x Gp) per forward / dQ step; a multiple of 128
+KV_BLOCKS = 4  # selected blocks per inner-loop step of the forward / dQ (one DMA group)
 
 
 def _round_up(x: int, multiple: int) -> int:
   return -(-x // multiple) * multiple
+
+
+def _pow2(x: int) -> int:
+  return 1 << (x - 1).bit_length()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +60,8 @@ class _Layout:
   seq_len: int
   num_kv_heads: int
   group: int
-  rows: int  # Gp: G rounded up to a multiple of 8 (sublanes)
+  rows: int  # Gp: pow2(G), at least 8 (sublanes)
+  positions: int  # P: positions per forward / dQ tile
   head_dim: int
   head_dim_v: int
   head_dim_pad: int  # multiple of 128 (lanes)
@@ -57,11 +69,20 @@ class _Layout:
   block: int
   num_blocks: int
   num_slots: int
-  query_chunk: int  # positions per call (SMEM budget)
+  union_len: int  # U: entries of a tile's block list, P * n rounded up to KV_BLOCKS
+  query_chunk: int  # positions per call (SMEM budget), a multiple of P
+
+  @property
+  def tile_rows(self) -> int:  # R = P * Gp
+    return self.positions * self.rows
 
   @property
   def seq_pad(self) -> int:
     return _round_up(self.seq_len, self.query_chunk)
+
+  @property
+  def tiles_per_call(self) -> int:
+    return self.query_chunk // self.positions
 
 
 def _layout(q, v, num_slots, block) -> _Layout:
@@ -69,28 +90,39 @@ def _layout(q, v, num_slots, block) -> _Layout:
   hkv = v.shape[2]
   if block % 8:
     raise ValueError(f"the TPU kernels need slc_block to be a multiple of 8, got {block}")
-  per_position = b * hkv * (num_slots + 1) * 4  # slot table + count, int32
-  query_chunk = max(1, min(t, SMEM_BUDGET_BYTES // per_position))
-  return _Layout(batch=b, seq_len=t, num_kv_heads=hkv, group=hq // hkv,
-                 rows=_round_up(hq // hkv, 8), head_dim=dk, head_dim_v=v.shape[3],
+  if TILE_ROWS % LANES:
+    raise ValueError(f"TILE_ROWS must be a multiple of {LANES}, got {TILE_ROWS}")
+  rows = max(8, _pow2(hq // hkv))
+  positions = max(1, min(32, TILE_ROWS // rows))  # one int32 mask bit a position
+  union_len = _round_up(positions * num_slots, KV_BLOCKS)
+  per_tile = b * hkv * (2 * union_len + 1) * 4  # union + masks + count, int32
+  tiles = max(1, min(-(-t // positions), SMEM_BUDGET_BYTES // per_tile))
+  return _Layout(batch=b, seq_len=t, num_kv_heads=hkv, group=hq // hkv, rows=rows,
+                 positions=positions, head_dim=dk, head_dim_v=v.shape[3],
                  head_dim_pad=_round_up(dk, LANES), head_dim_v_pad=_round_up(v.shape[3], LANES),
                  block=block, num_blocks=-(-t // block), num_slots=num_slots,
-                 query_chunk=query_chunk)
+                 union_len=union_len, query_chunk=tiles * positions)
 
 
 def _to_rows(x, lay: _Layout, dim_pad):
-  """`[B, T, Hq, D]` -> `[B, Hkv, T_pad, Gp, Dp]`."""
+  """`[B, T, Hq, D]` -> `[B, Hkv, T_pad * Gp, Dp]`."""
   b, t, _, d = x.shape
   x = x.reshape(b, t, lay.num_kv_heads, lay.group, d)
   x = jnp.pad(x, [(0, 0), (0, lay.seq_pad - t), (0, 0), (0, lay.rows - lay.group),
                   (0, dim_pad - d)])
-  return x.transpose(0, 2, 1, 3, 4)
+  return x.transpose(0, 2, 1, 3, 4).reshape(b, lay.num_kv_heads, lay.seq_pad * lay.rows, dim_pad)
 
 
 def _from_rows(x, lay: _Layout, dim):
-  """`[B, Hkv, T_pad, Gp, Dp]` -> `[B, T, Hq, D]`."""
+  """`[B, Hkv, T_pad * Gp, Dp]` -> `[B, T, Hq, D]`."""
+  x = x.reshape(lay.batch, lay.num_kv_heads, lay.seq_pad, lay.rows, -1)
   x = x[:, :, :lay.seq_len, :lay.group, :dim].transpose(0, 2, 1, 3, 4)
   return x.reshape(lay.batch, lay.seq_len, lay.num_kv_heads * lay.group, dim)
+
+
+def _per_query(x, lay: _Layout):
+  """`[B, Hkv, T_pad * Gp, ...]` -> `[B, Hkv, T_pad, Gp, ...]` (the dK/dV kernel's view; free)."""
+  return x.reshape(lay.batch, lay.num_kv_heads, lay.seq_pad, lay.rows, *x.shape[3:])
 
 
 def _to_blocks(x, lay: _Layout, dim_pad):
@@ -99,131 +131,195 @@ def _to_blocks(x, lay: _Layout, dim_pad):
   return jnp.pad(x, pad).transpose(0, 2, 1, 3)
 
 
-def _slot_tables(sorted_idx, lay: _Layout):
-  """Per chunk: `slot_block [NC, B*Hkv*Tq*n]` (unused slots repeat the last used block, so the
-  pipeline skips their DMA) and `num_valid [NC, B*Hkv*Tq]`."""
+def _tile_tables(sorted_idx, lay: _Layout):
+  """Per chunk of queries, the scalar-prefetch tables of the forward / dQ tiles:
+  `union [NC, B*Hkv*tiles*U]` (the distinct blocks the tile's positions chose, ascending; entries
+  past the count repeat the last block, so their copies stay in bounds and are masked out),
+  `members` (bit p set: position p of the tile chose that block) and `count [NC, B*Hkv*tiles]`."""
+  b, hkv, p, n = lay.batch, lay.num_kv_heads, lay.positions, lay.num_slots
   idx = jnp.pad(sorted_idx, [(0, 0), (0, lay.seq_pad - lay.seq_len), (0, 0), (0, 0)],
                 constant_values=-1).transpose(0, 2, 1, 3)  # [B, Hkv, T_pad, n]
-  num_valid = jnp.sum(idx >= 0, axis=-1).astype(jnp.int32)
-  last = jnp.take_along_axis(idx, jnp.maximum(num_valid - 1, 0)[..., None], axis=-1)
-  filled = jnp.where(idx >= 0, idx, jnp.maximum(last, 0))
+  tiles = lay.seq_pad // p
+  per_position = idx.reshape(b, hkv, tiles, p, n)
+  union = distinct_ascending(per_position.reshape(b, hkv, tiles, p * n))
+  union = jnp.pad(union, [(0, 0)] * 3 + [(0, lay.union_len - p * n)], constant_values=-1)
+  count = jnp.sum(union >= 0, axis=-1).astype(jnp.int32)  # [B, Hkv, tiles]
+  chose = jnp.any(per_position[:, :, :, None, :, :] == union[..., None, None], axis=-1)
+  members = jnp.sum(chose.astype(jnp.int32) << jnp.arange(p, dtype=jnp.int32), axis=-1)
+  members = jnp.where(union >= 0, members, 0)  # [B, Hkv, tiles, U]
+  last = jnp.take_along_axis(union, jnp.maximum(count - 1, 0)[..., None], axis=-1)
+  union = jnp.where(union >= 0, union, jnp.maximum(last, 0))
   chunks = lay.seq_pad // lay.query_chunk
   per_chunk = lambda x: jnp.moveaxis(
-      x.reshape(lay.batch, lay.num_kv_heads, chunks, lay.query_chunk, *x.shape[3:]), 2, 0
-  ).reshape(chunks, -1)
-  return per_chunk(filled), per_chunk(num_valid)
+      x.reshape(b, hkv, chunks, lay.tiles_per_call, *x.shape[3:]), 2, 0).reshape(chunks, -1)
+  return per_chunk(union), per_chunk(members), per_chunk(count)
 
 
-def _scores(q, k, block_id, query_pos, scale, block):
-  """Masked `scale * q . k` of one block: `[Gp, l']` float32."""
-  s = dot_nt(q, k) * scale
-  token = block_id * block + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
-  return jnp.where(token <= query_pos, s, MASK_VALUE), token <= query_pos
+def _walk_union(union_ref, members_ref, count_ref, k_hbm, v_hbm, k_buf, v_buf, sems, *, lay,
+                compute):
+  """Calls `compute(k [KV_BLOCKS * l', Dkp], v [KV_BLOCKS * l', Dvp], token [1, KV_BLOCKS * l'],
+  chosen [R, KV_BLOCKS * l'])` for each group of `KV_BLOCKS` entries of this step's union list,
+  the next group's DMAs in flight meanwhile (two buffers)."""
+  b, g, tile = (pl.program_id(i) for i in range(3))
+  flat = (b * lay.num_kv_heads + g) * lay.tiles_per_call + tile
+  groups = pl.cdiv(count_ref[flat], KV_BLOCKS)
+  width = KV_BLOCKS * lay.block
+
+  def copies(group, slot):
+    out = []
+    for j in range(KV_BLOCKS):
+      start = union_ref[flat * lay.union_len + group * KV_BLOCKS + j] * lay.block
+      for which, (src, dst) in enumerate([(k_hbm, k_buf), (v_hbm, v_buf)]):
+        out.append(pltpu.make_async_copy(
+            src.at[b, g, pl.ds(start, lay.block), :],
+            dst.at[slot, pl.ds(j * lay.block, lay.block), :], sems.at[which, slot, j]))
+    return out
+
+  @pl.when(groups > 0)
+  def _first():
+    for copy in copies(0, 0):
+      copy.start()
+
+  local = jax.lax.broadcasted_iota(jnp.int32, (lay.tile_rows, 1), 0) // lay.rows  # [R, 1]
+  column = jax.lax.broadcasted_iota(jnp.int32, (1, width), 1)
+
+  def body(group, carry):
+    slot = group % 2
+
+    @pl.when(group + 1 < groups)
+    def _prefetch():
+      for copy in copies(group + 1, 1 - slot):
+        copy.start()
+
+    for copy in copies(group, slot):
+      copy.wait()
+    token = jnp.zeros((1, width), jnp.int32)
+    chosen = jnp.zeros((lay.tile_rows, width), jnp.bool_)
+    for j in range(KV_BLOCKS):
+      entry = flat * lay.union_len + group * KV_BLOCKS + j
+      in_block = (column // lay.block) == j  # [1, width]
+      token = jnp.where(in_block, union_ref[entry] * lay.block + column % lay.block, token)
+      row_chose = ((members_ref[entry] >> local) & 1) == 1  # [R, 1]
+      chosen = jnp.where(in_block, row_chose, chosen)
+    compute(k_buf[slot], v_buf[slot], token, chosen)
+    return carry
+
+  jax.lax.fori_loop(0, groups, body, 0)
 
 
-def _row_and_slot(lay: _Layout):
-  b, g, t, slot = (pl.program_id(i) for i in range(4))
-  return ((b * lay.num_kv_heads + g) * lay.query_chunk + t), t, slot
+def _row_positions(offset_ref, lay: _Layout):
+  """`[R, 1]`: the query position of each row of this step's tile."""
+  tile = pl.program_id(2)
+  local = jax.lax.broadcasted_iota(jnp.int32, (lay.tile_rows, 1), 0) // lay.rows
+  return offset_ref[0] + tile * lay.positions + local
 
 
-def _forward_kernel(slot_block_ref, num_valid_ref, offset_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
-                    m_scratch, l_scratch, acc_scratch, *, lay, scale):
-  row, t, slot = _row_and_slot(lay)
+def _forward_kernel(union_ref, members_ref, count_ref, offset_ref, q_ref, k_hbm, v_hbm, o_ref,
+                    lse_ref, k_buf, v_buf, sems, m_scratch, l_scratch, acc_scratch, *, lay,
+                    scale):
+  m_scratch[...] = jnp.full(m_scratch.shape, MASK_VALUE, jnp.float32)
+  l_scratch[...] = jnp.zeros(l_scratch.shape, jnp.float32)
+  acc_scratch[...] = jnp.zeros(acc_scratch.shape, jnp.float32)
+  q = q_ref[...]  # [R, Dkp]
+  query_pos = _row_positions(offset_ref, lay)
 
-  @pl.when(slot == 0)
-  def _init():
-    m_scratch[...] = jnp.full(m_scratch.shape, MASK_VALUE, jnp.float32)
-    l_scratch[...] = jnp.zeros(l_scratch.shape, jnp.float32)
-    acc_scratch[...] = jnp.zeros(acc_scratch.shape, jnp.float32)
-
-  @pl.when(slot < num_valid_ref[row])
-  def _accumulate():
-    block_id = slot_block_ref[row * lay.num_slots + slot]
-    s, _ = _scores(q_ref[...], k_ref[...], block_id, offset_ref[0] + t, scale, lay.block)
-    m_prev = m_scratch[...]  # [Gp, 128], lanes replicated
+  def compute(k, v, token, chosen):
+    visible = chosen & (token <= query_pos)  # a row may see nothing of a group: zero it exactly
+    s = jnp.where(visible, dot_nt(q, k) * scale, MASK_VALUE)
+    m_prev = m_scratch[...]  # [R, 128], lanes replicated
     m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-    p = jnp.exp(s - m_new[:, :1])
+    p = jnp.where(visible, jnp.exp(s - m_new[:, :1]), 0.0)
     alpha = jnp.exp(m_prev - m_new)
     l_scratch[...] = alpha * l_scratch[...] + jnp.sum(p, axis=1, keepdims=True)
-    v = v_ref[...]
     acc_scratch[...] = acc_scratch[...] * alpha[:, :1] + dot_nn(p.astype(v.dtype), v)
     m_scratch[...] = m_new
 
-  @pl.when(slot == lay.num_slots - 1)
-  def _finish():
-    l = l_scratch[...][:, :1]
-    nonempty = l > 0
-    safe = jnp.where(nonempty, l, 1.0)
-    o_ref[...] = (acc_scratch[...] / safe).astype(o_ref.dtype)
-    lse = jnp.where(nonempty, m_scratch[...][:, :1] + jnp.log(safe), jnp.inf)  # [Gp, 1]
-    lse_ref[...] = lse.T  # [1, Gp]: heads on the lanes
+  _walk_union(union_ref, members_ref, count_ref, k_hbm, v_hbm, k_buf, v_buf, sems, lay=lay,
+              compute=compute)
+  l = l_scratch[...][:, :1]
+  nonempty = l > 0
+  safe = jnp.where(nonempty, l, 1.0)
+  o_ref[...] = (acc_scratch[...] / safe).astype(o_ref.dtype)
+  lse = jnp.where(nonempty, m_scratch[...][:, :1] + jnp.log(safe), jnp.inf)  # [R, 1]
+  lse_ref[...] = lse.T  # [1, R]: rows on the lanes
 
 
-def _dq_kernel(slot_block_ref, num_valid_ref, offset_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
-               delta_ref, dq_ref, dq_scratch, *, lay, scale):
-  row, t, slot = _row_and_slot(lay)
+def _dq_kernel(union_ref, members_ref, count_ref, offset_ref, q_ref, k_hbm, v_hbm, do_ref, lse_ref,
+               delta_ref, dq_ref, k_buf, v_buf, sems, dq_scratch, *, lay, scale):
+  dq_scratch[...] = jnp.zeros(dq_scratch.shape, jnp.float32)
+  q, do = q_ref[...], do_ref[...]
+  lse, delta = lse_ref[...], delta_ref[...]  # [1, R]
+  query_pos = _row_positions(offset_ref, lay)
 
-  @pl.when(slot == 0)
-  def _init():
-    dq_scratch[...] = jnp.zeros(dq_scratch.shape, jnp.float32)
-
-  @pl.when(slot < num_valid_ref[row])
-  def _accumulate():
-    block_id = slot_block_ref[row * lay.num_slots + slot]
-    k = k_ref[...]
-    s, visible = _scores(q_ref[...], k, block_id, offset_ref[0] + t, scale, lay.block)
-    _, ds = softmax_backward_tile(s, visible, lse_ref[...], delta_ref[...], do_ref[...],
-                                  v_ref[...])  # [Gp, l']
+  def compute(k, v, token, chosen):
+    visible = chosen & (token <= query_pos)
+    s = jnp.where(visible, dot_nt(q, k) * scale, MASK_VALUE)
+    _, ds = softmax_backward_tile(s, visible, lse, delta, do, v)  # [R, KV_BLOCKS * l']
     dq_scratch[...] += dot_nn(ds.astype(k.dtype), k)
 
-  @pl.when(slot == lay.num_slots - 1)
-  def _finish():
-    dq_ref[...] = (dq_scratch[...] * scale).astype(dq_ref.dtype)
+  _walk_union(union_ref, members_ref, count_ref, k_hbm, v_hbm, k_buf, v_buf, sems, lay=lay,
+              compute=compute)
+  dq_ref[...] = (dq_scratch[...] * scale).astype(dq_ref.dtype)
 
 
-def _per_query_call(kernel, name, lay: _Layout, tables, operands, in_block_dims, out_shapes,
-                    scratch, interpret):
+def _tiled_call(kernel, name, lay: _Layout, tables, row_operands, k, v, out_dims, scratch,
+                interpret):
   """One pallas_call (named `name`, as profiles show it) per query chunk, walked by `lax.map`.
 
-  `operands`: arrays, each either per query `[B, Hkv, T_pad, ...]` (sliced per chunk) or keys /
-  values `[B, Hkv, S, Dp]` (whole); `in_block_dims[i]` is the block of operand i: ("rows", d) for
-  `[Gp, d]` rows of one position, ("vector",) for `[1, Gp]`, ("kv", d) for one `[l', d]` block.
+  `row_operands`: `(array, kind)` with `kind` "rows" (`[B, Hkv, T_pad * Gp, d]`) or "vector"
+  (`[B, Hkv, 1, T_pad * Gp]`), sliced per chunk; `k`, `v` stay in HBM whole. `out_dims`:
+  `(kind, d, dtype)` per output. Returns the outputs over all chunks.
   """
-  slot_block, num_valid = tables
-  nc, tq = lay.seq_pad // lay.query_chunk, lay.query_chunk
+  union, members, count = tables
+  rows_per_call = lay.query_chunk * lay.rows
+  r = lay.tile_rows
 
-  def spec(kind):
-    if kind[0] == "rows":
-      return pl.BlockSpec((None, None, None, lay.rows, kind[1]),
-                          lambda b, g, t, s, *_: (b, g, t, 0, 0))
-    if kind[0] == "vector":
-      return pl.BlockSpec((None, None, None, 1, lay.rows), lambda b, g, t, s, *_: (b, g, t, 0, 0))
-    return pl.BlockSpec(
-        (None, None, lay.block, kind[1]),
-        lambda b, g, t, s, blocks, counts, offset: (
-            b, g, blocks[((b * lay.num_kv_heads + g) * tq + t) * lay.num_slots + s], 0))
+  def spec(kind, d=None):
+    if kind == "rows":
+      return pl.BlockSpec((None, None, r, d), lambda b, g, t, *_: (b, g, t, 0))
+    return pl.BlockSpec((None, None, 1, r), lambda b, g, t, *_: (b, g, 0, t))
 
+  def out_shape(kind, d, dtype):
+    shape = (rows_per_call, d) if kind == "rows" else (1, rows_per_call)
+    return jax.ShapeDtypeStruct((lay.batch, lay.num_kv_heads) + shape, dtype)
+
+  in_specs = [spec(kind, x.shape[-1]) for x, kind in row_operands]
+  any_space = pl.BlockSpec(memory_space=pl.ANY)
   grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=3, grid=(lay.batch, lay.num_kv_heads, tq, lay.num_slots),
-      in_specs=[spec(kind) for kind in in_block_dims],
-      out_specs=[spec(kind) for kind, _ in out_shapes], scratch_shapes=scratch)
+      num_scalar_prefetch=4, grid=(lay.batch, lay.num_kv_heads, lay.tiles_per_call),
+      in_specs=in_specs[:1] + [any_space, any_space] + in_specs[1:],
+      out_specs=[spec(kind, d) for kind, d, _ in out_dims],
+      scratch_shapes=[pltpu.VMEM((2, KV_BLOCKS * lay.block, lay.head_dim_pad), k.dtype),
+                      pltpu.VMEM((2, KV_BLOCKS * lay.block, lay.head_dim_v_pad), v.dtype),
+                      pltpu.SemaphoreType.DMA((2, 2, KV_BLOCKS))] + scratch)
   call = pl.pallas_call(
-      kernel, grid_spec=grid_spec,
-      out_shape=[jax.ShapeDtypeStruct((lay.batch, lay.num_kv_heads, tq) + tail, dtype)
-                 for _, (tail, dtype) in out_shapes],
+      kernel, grid_spec=grid_spec, out_shape=[out_shape(*dims) for dims in out_dims],
       compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+          dimension_semantics=("parallel", "parallel", "parallel")),
       interpret=pltpu.InterpretParams(detect_races=True) if interpret else False,
       name=name)
 
   def one_chunk(c):
-    chunk_ops = [jax.lax.dynamic_slice_in_dim(x, c * tq, tq, axis=2) if kind[0] != "kv" else x
-                 for x, kind in zip(operands, in_block_dims)]
-    return call(slot_block[c], num_valid[c], (c * tq)[None].astype(jnp.int32), *chunk_ops)
+    offset = (c * lay.query_chunk)[None].astype(jnp.int32)
+    chunk_ops = [jax.lax.dynamic_slice_in_dim(x, c * rows_per_call, rows_per_call,
+                                              axis=2 if kind == "rows" else 3)
+                 for x, kind in row_operands]
+    return call(union[c], members[c], count[c], offset, chunk_ops[0], k, v, *chunk_ops[1:])
 
-  outs = jax.lax.map(one_chunk, jnp.arange(nc))  # each [NC, B, Hkv, Tq, ...]
-  return [jnp.moveaxis(o, 0, 2).reshape(o.shape[1], o.shape[2], nc * tq, *o.shape[4:])
-          for o in outs]
+  outs = jax.lax.map(one_chunk, jnp.arange(lay.seq_pad // lay.query_chunk))  # [NC, B, Hkv, ...]
+  joined = []
+  for o, (kind, _, _) in zip(outs, out_dims):
+    axis = 2 if kind == "rows" else 3
+    o = jnp.moveaxis(o, 0, axis)  # chunk axis next to the rows it holds
+    joined.append(o.reshape(*o.shape[:axis], -1, *o.shape[axis + 2:]))
+  return joined
+
+
+def _scores(q, k, block_id, query_pos, scale, block):
+  """Masked `scale * q . k` of one block for one query: `([Gp, l'] float32, visible)`."""
+  s = dot_nt(q, k) * scale
+  token = block_id * block + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
+  return jnp.where(token <= query_pos, s, MASK_VALUE), token <= query_pos
 
 
 def _dkv_kernel(item_block_ref, item_count_ref, item_query_ref, q_ref, k_ref, v_ref, do_ref,
@@ -332,16 +428,15 @@ def _selected_attention(q, k, v, sorted_idx, scale, block, interpret):
 
 def _selected_attention_fwd(q, k, v, sorted_idx, scale, block, interpret):
   lay = _layout(q, v, sorted_idx.shape[-1], block)
-  q_rows = _to_rows(q, lay, lay.head_dim_pad)
-  out_rows, lse = _per_query_call(
+  k_blocks = _to_blocks(k, lay, lay.head_dim_pad)
+  v_blocks = _to_blocks(v, lay, lay.head_dim_v_pad)
+  out_rows, lse = _tiled_call(
       functools.partial(_forward_kernel, lay=lay, scale=scale), "nsa_selected_fwd_tpu", lay,
-      _slot_tables(sorted_idx, lay),
-      [q_rows, _to_blocks(k, lay, lay.head_dim_pad), _to_blocks(v, lay, lay.head_dim_v_pad)],
-      [("rows", lay.head_dim_pad), ("kv", lay.head_dim_pad), ("kv", lay.head_dim_v_pad)],
-      [(("rows", lay.head_dim_v_pad), ((lay.rows, lay.head_dim_v_pad), q.dtype)),
-       (("vector",), ((1, lay.rows), jnp.float32))],
-      [pltpu.VMEM((lay.rows, LANES), jnp.float32), pltpu.VMEM((lay.rows, LANES), jnp.float32),
-       pltpu.VMEM((lay.rows, lay.head_dim_v_pad), jnp.float32)], interpret)
+      _tile_tables(sorted_idx, lay), [(_to_rows(q, lay, lay.head_dim_pad), "rows")], k_blocks,
+      v_blocks, [("rows", lay.head_dim_v_pad, q.dtype), ("vector", None, jnp.float32)],
+      [pltpu.VMEM((lay.tile_rows, LANES), jnp.float32),
+       pltpu.VMEM((lay.tile_rows, LANES), jnp.float32),
+       pltpu.VMEM((lay.tile_rows, lay.head_dim_v_pad), jnp.float32)], interpret)
   return _from_rows(out_rows, lay, lay.head_dim_v), (q, k, v, sorted_idx, out_rows, lse)
 
 
@@ -353,16 +448,17 @@ def _selected_attention_bwd(scale, block, interpret, residuals, d_out):
   v_blocks = _to_blocks(v, lay, lay.head_dim_v_pad)
   do_rows = _to_rows(d_out.astype(q.dtype), lay, lay.head_dim_v_pad)
   delta = jnp.sum(out_rows.astype(jnp.float32) * do_rows.astype(jnp.float32), axis=-1)
-  delta = delta[:, :, :, None, :]  # [B, Hkv, T_pad, 1, Gp], like lse
-  (dq_rows,) = _per_query_call(
+  delta = delta[:, :, None, :]  # [B, Hkv, 1, T_pad * Gp], like lse
+  (dq_rows,) = _tiled_call(
       functools.partial(_dq_kernel, lay=lay, scale=scale), "nsa_selected_dq_tpu", lay,
-      _slot_tables(sorted_idx, lay),
-      [q_rows, k_blocks, v_blocks, do_rows, lse, delta],
-      [("rows", lay.head_dim_pad), ("kv", lay.head_dim_pad), ("kv", lay.head_dim_v_pad),
-       ("rows", lay.head_dim_v_pad), ("vector",), ("vector",)],
-      [(("rows", lay.head_dim_pad), ((lay.rows, lay.head_dim_pad), q.dtype))],
-      [pltpu.VMEM((lay.rows, lay.head_dim_pad), jnp.float32)], interpret)
-  dk, dv = _dkv(q_rows, k_blocks, v_blocks, do_rows, lse, delta, sorted_idx, lay, scale, interpret)
+      _tile_tables(sorted_idx, lay),
+      [(q_rows, "rows"), (do_rows, "rows"), (lse, "vector"), (delta, "vector")], k_blocks,
+      v_blocks, [("rows", lay.head_dim_pad, q.dtype)],
+      [pltpu.VMEM((lay.tile_rows, lay.head_dim_pad), jnp.float32)], interpret)
+  per_query_vector = lambda x: x.reshape(lay.batch, lay.num_kv_heads, lay.seq_pad, 1, lay.rows)
+  dk, dv = _dkv(_per_query(q_rows, lay), k_blocks, v_blocks, _per_query(do_rows, lay),
+                per_query_vector(lse), per_query_vector(delta), sorted_idx, lay, scale,
+                interpret)
   return _from_rows(dq_rows, lay, lay.head_dim), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
