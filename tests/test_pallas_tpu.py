@@ -65,8 +65,9 @@ def test_tpu_kernel_rejects_blocks_off_the_sublane_tiling():
 
 
 # (B, T, Hq, Hkv, Dk, Dv, config): GQA with Dk != Dv and an overlap that spills into the next key
-# tile's selection blocks (l = 4d, l' = 4d, KEYS * d = 256 owned by 64 blocks); G = 3 (a padded
-# head row that must not count in the group's scores); T < l.
+# tile's selection blocks (l = 4d, l' = 4d; with 128-key tiles KEYS * d = 256 owned by 64
+# blocks); G = 3 (a padded head row that must not count in the group's scores); T < l. Each at
+# the default 512 x 512 tiles and at 128 x 128 (several row and key tiles).
 COMPRESSED_CASES = [
     (1, 300, 4, 2, 16, 24, nsa_jax.NSAConfig(8, 2, 8, 3, 1, 1, 20)),
     (1, 77, 6, 2, 16, 16, nsa_jax.NSAConfig(16, 4, 8, 4, 1, 1, 20)),
@@ -75,8 +76,12 @@ COMPRESSED_CASES = [
 ]
 
 
+@pytest.mark.parametrize("tiles", [None, (128, 128)])
 @pytest.mark.parametrize("case", COMPRESSED_CASES)
-def test_compressed_attention_tpu_kernels_match_reference(case):
+def test_compressed_attention_tpu_kernels_match_reference(case, tiles, monkeypatch):
+  if tiles:
+    monkeypatch.setattr(tpu_compressed, "ROWS", tiles[0])
+    monkeypatch.setattr(tpu_compressed, "KEYS", tiles[1])
   b, t, hq, hkv, dk, dv, config = case
   q, k, v = random_qkv(b, t, hq, hkv, dk, dv)
   k_cmp, v_cmp = reference.compress_kv(k, v, config.cmp_block, config.cmp_stride)

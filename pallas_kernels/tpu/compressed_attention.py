@@ -1,10 +1,12 @@
 """Compressed-branch attention on TPU (Pallas Mosaic) and its selection scores.
 
 Compressed attention is dense attention of `T * G` query rows over `Tc` compressed keys with a
-staircase mask (query `t` sees block `i` iff `i*d + l - 1 <= t`). A grid step takes `R` rows
-(`R / Gc` positions x `Gc` heads of one KV group, position-major, `R >= 128`) and one tile of
-`KB = 128` keys (lane-dense scores); key tiles past the last one a row tile can see are skipped
-(`pl.when`) and their index map repeats the last visible tile, so the pipeline issues no DMA.
+staircase mask (query `t` sees block `i` iff `i*d + l - 1 <= t`). A grid step takes `R = ROWS`
+rows (`R / Gc` positions x `Gc` heads of one KV group, position-major; more if `Gc > ROWS`) and
+one tile of `KEYS` keys (512 x 512 by default, as splash attention's blocks: each grid step
+costs ~0.35 us of fixed overhead, so big tiles; lane-dense scores); key tiles past the last one a
+row tile can see are skipped (`pl.when`) and their index map repeats the last visible tile, so
+the pipeline issues no DMA.
 
 - forward, alone: one online-softmax pass over the key tiles ("arbitrary"): output and lse;
 - forward fused with the selection scores (SPEC.md section 2, steps 1-3), for NSA: pass 1 finds
@@ -32,7 +34,11 @@ from pallas_kernels.tpu.tile_math import dot_nn, dot_nt, dot_tn, softmax_backwar
 
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 LANES = 128
-KEYS = 128  # compressed keys per tile
+# Rows (positions x heads) and compressed keys per tile: multiples of 128. 512 x 512 float32
+# scores are 1 MiB of VMEM a tile (cost model: pallas_kernels/tpu/README.md; 128 x 128 had 16x
+# the grid steps).
+ROWS = 512
+KEYS = 512
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -78,7 +84,7 @@ def _layout(q, k_cmp, v_cmp, block, stride) -> _Layout:
   hkv = k_cmp.shape[2]
   heads = _pow2(hq // hkv)
   return _Layout(batch=b, seq_len=t, num_kv_heads=hkv, group=hq // hkv, heads=heads,
-                 positions=max(1, LANES // heads), num_cmp=k_cmp.shape[1], head_dim=dk,
+                 positions=max(1, ROWS // heads), num_cmp=k_cmp.shape[1], head_dim=dk,
                  head_dim_v=v_cmp.shape[3], head_dim_pad=_round_up(dk, LANES),
                  head_dim_v_pad=_round_up(v_cmp.shape[3], LANES), block=block, stride=stride)
 
