@@ -11,17 +11,20 @@ The `G` query heads of a KV group share the selected blocks and are stacked as m
   matmul, and each row keeps only the blocks its own position chose (a bit mask per union entry).
   A block that several positions of the tile chose is fetched once. The union list, its length
   and the masks reach the kernel by scalar prefetch (SMEM).
-- dK/dV: grid `(B, Hkv, items, C)` over the inverse map block -> queries
-  (`pallas_kernels.block_maps.inverse_block_map`): a work item is one block and up to `C` of the
-  queries that chose it; the block stays resident while the queries stream past, and each item's
-  partial dK/dV is summed per block outside (a segment sum, no atomics).
+- dK/dV: grid `(B, Hkv, items)` over the inverse map block -> queries
+  (`pallas_kernels.block_maps.inverse_block_map`): a work item is one block and up to
+  `C = DKV_CHUNK` of the queries that chose it, one step. The block stays in VMEM while the
+  queries' q and dO rows are DMAed by hand, `P` queries (`R` rows) a group, double-buffered;
+  their log-sum-exp and `delta` entries are gathered per item by XLA beforehand (one lane-dense
+  `[1, R]` row a group). Each item's partial dK/dV is summed per block outside (a segment sum,
+  no atomics).
 - SMEM: the prefetched tables grow with T (`2 * T * Hkv * n` int32 for the tiles), so every call
   covers a chunk of queries (or work items) sized to `SMEM_BUDGET_BYTES`, and a `lax.map` walks
   the chunks.
 
-Layout inside: queries `[B, Hkv, T_pad * Gp, Dp]` (position `t`'s heads are rows `t*Gp ..`;
-viewed as `[B, Hkv, T_pad, Gp, Dp]` by the dK/dV kernel), keys / values `[B, Hkv, Ts * l', Dp]`,
-the log-sum-exp and `delta` rows `[B, Hkv, 1, T_pad * Gp]` (heads on the lanes).
+Layout inside: queries `[B, Hkv, T_pad * Gp, Dp]` (position `t`'s heads are rows `t*Gp ..`),
+keys / values `[B, Hkv, Ts * l', Dp]`, the log-sum-exp and `delta` rows `[B, Hkv, 1, T_pad * Gp]`
+(heads on the lanes).
 """
 
 from __future__ import annotations
@@ -118,11 +121,6 @@ def _from_rows(x, lay: _Layout, dim):
   x = x.reshape(lay.batch, lay.num_kv_heads, lay.seq_pad, lay.rows, -1)
   x = x[:, :, :lay.seq_len, :lay.group, :dim].transpose(0, 2, 1, 3, 4)
   return x.reshape(lay.batch, lay.seq_len, lay.num_kv_heads * lay.group, dim)
-
-
-def _per_query(x, lay: _Layout):
-  """`[B, Hkv, T_pad * Gp, ...]` -> `[B, Hkv, T_pad, Gp, ...]` (the dK/dV kernel's view; free)."""
-  return x.reshape(lay.batch, lay.num_kv_heads, lay.seq_pad, lay.rows, *x.shape[3:])
 
 
 def _to_blocks(x, lay: _Layout, dim_pad):
@@ -315,47 +313,76 @@ def _tiled_call(kernel, name, lay: _Layout, tables, row_operands, k, v, out_dims
   return joined
 
 
-def _scores(q, k, block_id, query_pos, scale, block):
-  """Masked `scale * q . k` of one block for one query: `([Gp, l'] float32, visible)`."""
-  s = dot_nt(q, k) * scale
-  token = block_id * block + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
-  return jnp.where(token <= query_pos, s, MASK_VALUE), token <= query_pos
-
-
-def _dkv_kernel(item_block_ref, item_count_ref, item_query_ref, q_ref, k_ref, v_ref, do_ref,
-                lse_ref, delta_ref, dk_ref, dv_ref, dk_scratch, dv_scratch, *, lay, scale,
+def _dkv_kernel(item_block_ref, item_count_ref, item_query_ref, q_hbm, k_ref, v_ref, do_hbm,
+                lse_ref, delta_ref, dk_ref, dv_ref, q_buf, do_buf, sems, *, lay, scale,
                 items_per_call):
-  b, g, item, i = (pl.program_id(axis) for axis in range(4))
+  """One work item (a block and up to DKV_CHUNK of the queries that chose it) a step: the block
+  stays in VMEM while the queries' q and dO rows are DMAed by hand from HBM, `P` queries
+  (`R = P * Gp` rows) a group, two buffers (the next group's copies overlap this group's math)."""
+  b, g, item = (pl.program_id(axis) for axis in range(3))
   flat_item = (b * lay.num_kv_heads + g) * items_per_call + item
+  count = item_count_ref[flat_item]
+  groups = pl.cdiv(count, lay.positions)
+  block_id = jnp.minimum(item_block_ref[flat_item], lay.num_blocks - 1)
+  k, v = k_ref[...], v_ref[...]  # [l', Dp]
 
-  @pl.when(i == 0)
-  def _init():
-    dk_scratch[...] = jnp.zeros(dk_scratch.shape, jnp.float32)
-    dv_scratch[...] = jnp.zeros(dv_scratch.shape, jnp.float32)
+  def query(group, j):  # places past the count repeat the item's last query (in bounds)
+    return item_query_ref[flat_item * DKV_CHUNK + group * lay.positions + j]
 
-  @pl.when(i < item_count_ref[flat_item])
-  def _accumulate():
-    query_pos = item_query_ref[flat_item * DKV_CHUNK + i]
-    q, do = q_ref[...], do_ref[...]
-    k, v = k_ref[...], v_ref[...]
-    block_id = jnp.minimum(item_block_ref[flat_item], lay.num_blocks - 1)
-    s, visible = _scores(q, k, block_id, query_pos, scale, lay.block)
-    p, ds = softmax_backward_tile(s, visible, lse_ref[...], delta_ref[...], do, v)  # [Gp, l']
-    dv_scratch[...] += dot_tn(p.astype(do.dtype), do)
-    dk_scratch[...] += dot_tn(ds.astype(q.dtype), q)
+  def copies(group, slot):
+    out = []
+    for j in range(lay.positions):
+      rows = pl.ds(query(group, j) * lay.rows, lay.rows)
+      for which, (src, dst) in enumerate([(q_hbm, q_buf), (do_hbm, do_buf)]):
+        out.append(pltpu.make_async_copy(src.at[b, g, rows, :],
+                                         dst.at[slot, pl.ds(j * lay.rows, lay.rows), :],
+                                         sems.at[which, slot, j]))
+    return out
 
-  @pl.when(i == DKV_CHUNK - 1)
-  def _finish():
-    dk_ref[...] = dk_scratch[...] * scale
-    dv_ref[...] = dv_scratch[...]
+  @pl.when(groups > 0)
+  def _first():
+    for copy in copies(0, 0):
+      copy.start()
+
+  local = jax.lax.broadcasted_iota(jnp.int32, (lay.tile_rows, 1), 0) // lay.rows  # [R, 1]
+  token = block_id * lay.block + jax.lax.broadcasted_iota(jnp.int32, (1, lay.block), 1)
+
+  def body(group, carry):
+    dk, dv = carry
+    slot = group % 2
+
+    @pl.when(group + 1 < groups)
+    def _prefetch():
+      for copy in copies(group + 1, 1 - slot):
+        copy.start()
+
+    for copy in copies(group, slot):
+      copy.wait()
+    query_pos = jnp.zeros((lay.tile_rows, 1), jnp.int32)
+    for j in range(lay.positions):
+      query_pos = jnp.where(local == j, query(group, j), query_pos)
+    in_item = group * lay.positions + local < count  # [R, 1]
+    visible = in_item & (token <= query_pos)  # [R, l']
+    q, do = q_buf[slot], do_buf[slot]
+    s = jnp.where(visible, dot_nt(q, k) * scale, MASK_VALUE)
+    p, ds = softmax_backward_tile(s, visible, lse_ref[pl.ds(group, 1), :],
+                                  delta_ref[pl.ds(group, 1), :], do, v)  # [R, l']
+    return dk + dot_tn(ds.astype(q.dtype), q), dv + dot_tn(p.astype(do.dtype), do)
+
+  dk, dv = jax.lax.fori_loop(
+      0, groups, body, (jnp.zeros(dk_ref.shape, jnp.float32), jnp.zeros(dv_ref.shape, jnp.float32)))
+  dk_ref[...] = dk * scale
+  dv_ref[...] = dv
 
 
 def _item_tables(sorted_idx, lay: _Layout):
-  """Work items of the inverse map, chunked for SMEM: `(block, count, queries)` per chunk and the
-  item -> block ids `[B, Hkv, I_pad]` for the segment sum."""
+  """Work items of the inverse map: `(block, count, queries)` per SMEM chunk, the item -> block
+  ids `[B, Hkv, I_pad]` for the segment sum, each item's queries `[B, Hkv, I_pad, C]` and the
+  items per call."""
   query_list, items = inverse_block_map(sorted_idx, lay.num_blocks, DKV_CHUNK)
   block, start, count = items[..., 0], items[..., 1], items[..., 2]  # [B, Hkv, I]
-  # Each item's queries; places past `count` repeat its last query, so their DMA is skipped.
+  # Each item's queries; places past `count` repeat its last query (their rows stay in bounds
+  # and are masked).
   offset = jnp.minimum(jnp.arange(DKV_CHUNK), jnp.maximum(count - 1, 0)[..., None])
   position = jnp.minimum(start[..., None] + offset, query_list.shape[-1] - 1)  # unused items too
   queries = jnp.take_along_axis(query_list[:, :, None, :], position, axis=-1)  # [B, Hkv, I, C]
@@ -369,33 +396,46 @@ def _item_tables(sorted_idx, lay: _Layout):
   per_chunk = lambda x: jnp.moveaxis(
       x.reshape(lay.batch, lay.num_kv_heads, chunks, items_per_call, *x.shape[3:]), 2, 0
   ).reshape(chunks, -1)
-  return (per_chunk(block), per_chunk(count), per_chunk(queries)), block, items_per_call
+  return (per_chunk(block), per_chunk(count), per_chunk(queries)), block, queries, items_per_call
 
 
-def _dkv(q, k, v, do, lse, delta, sorted_idx, lay: _Layout, scale, interpret):
-  (blocks, counts, queries), item_block, items_per_call = _item_tables(sorted_idx, lay)
-  rows = lambda d: pl.BlockSpec(
-      (None, None, None, lay.rows, d),
-      lambda b, g, e, i, blk, cnt, qry: (
-          b, g, qry[((b * lay.num_kv_heads + g) * items_per_call + e) * DKV_CHUNK + i], 0, 0))
-  vector = pl.BlockSpec(
-      (None, None, None, 1, lay.rows),
-      lambda b, g, e, i, blk, cnt, qry: (
-          b, g, qry[((b * lay.num_kv_heads + g) * items_per_call + e) * DKV_CHUNK + i], 0, 0))
+def _item_vectors(x, queries, lay: _Layout):
+  """Row vector `[B, Hkv, 1, T_pad * Gp]` (lse, delta) -> each item's queries' entries as
+  `[B, Hkv, I_pad, C / P, R]`: one lane-dense row per group of P queries (an XLA gather, so the
+  kernel reads them with plain aligned loads)."""
+  per_query = x.reshape(lay.batch, lay.num_kv_heads, lay.seq_pad, lay.rows)
+  b, hkv, num_items, chunk = queries.shape
+  gathered = jnp.take_along_axis(per_query[:, :, None, :, :], queries[..., None], axis=3)
+  return gathered.reshape(b, hkv, num_items, chunk // lay.positions, lay.tile_rows)
+
+
+def _dkv(q_rows, k, v, do_rows, lse, delta, sorted_idx, lay: _Layout, scale, interpret):
+  """dK and dV `[B, T, Hkv, D]` (float32) from the rows `[B, Hkv, T_pad * Gp, Dp]`, the blocks
+  and the row vectors `[B, Hkv, 1, T_pad * Gp]`."""
+  if DKV_CHUNK % lay.positions:
+    raise ValueError(f"DKV_CHUNK ({DKV_CHUNK}) must be a multiple of the {lay.positions} "
+                     "positions of a tile")
+  (blocks, counts, queries), item_block, item_queries, items_per_call = _item_tables(
+      sorted_idx, lay)
+  vectors = [_item_vectors(x, item_queries, lay) for x in (lse, delta)]
   kv = lambda d: pl.BlockSpec(
       (None, None, lay.block, d),
-      lambda b, g, e, i, blk, cnt, qry: (
+      lambda b, g, e, blk, cnt, qry: (
           b, g, jnp.minimum(blk[(b * lay.num_kv_heads + g) * items_per_call + e],
                             lay.num_blocks - 1), 0))
+  vector = pl.BlockSpec((None, None, None, DKV_CHUNK // lay.positions, lay.tile_rows),
+                        lambda b, g, e, *_: (b, g, e, 0, 0))
   part = lambda d: pl.BlockSpec((None, None, None, lay.block, d),
-                                lambda b, g, e, i, *_: (b, g, e, 0, 0))
+                                lambda b, g, e, *_: (b, g, e, 0, 0))
+  any_space = pl.BlockSpec(memory_space=pl.ANY)
   grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=3, grid=(lay.batch, lay.num_kv_heads, items_per_call, DKV_CHUNK),
-      in_specs=[rows(lay.head_dim_pad), kv(lay.head_dim_pad), kv(lay.head_dim_v_pad),
-                rows(lay.head_dim_v_pad), vector, vector],
+      num_scalar_prefetch=3, grid=(lay.batch, lay.num_kv_heads, items_per_call),
+      in_specs=[any_space, kv(lay.head_dim_pad), kv(lay.head_dim_v_pad), any_space, vector,
+                vector],
       out_specs=[part(lay.head_dim_pad), part(lay.head_dim_v_pad)],
-      scratch_shapes=[pltpu.VMEM((lay.block, lay.head_dim_pad), jnp.float32),
-                      pltpu.VMEM((lay.block, lay.head_dim_v_pad), jnp.float32)])
+      scratch_shapes=[pltpu.VMEM((2, lay.tile_rows, lay.head_dim_pad), q_rows.dtype),
+                      pltpu.VMEM((2, lay.tile_rows, lay.head_dim_v_pad), do_rows.dtype),
+                      pltpu.SemaphoreType.DMA((2, 2, lay.positions))])
   parts_shape = lambda d: jax.ShapeDtypeStruct(
       (lay.batch, lay.num_kv_heads, items_per_call, lay.block, d), jnp.float32)
   call = pl.pallas_call(
@@ -403,11 +443,14 @@ def _dkv(q, k, v, do, lse, delta, sorted_idx, lay: _Layout, scale, interpret):
       grid_spec=grid_spec, out_shape=[parts_shape(lay.head_dim_pad),
                                       parts_shape(lay.head_dim_v_pad)],
       compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+          dimension_semantics=("parallel", "parallel", "parallel")),
       interpret=pltpu.InterpretParams(detect_races=True) if interpret else False,
       name="nsa_selected_dkv_tpu")
+  per_call = lambda x, c: jax.lax.dynamic_slice_in_dim(x, c * items_per_call, items_per_call,
+                                                       axis=2)
   dk_parts, dv_parts = jax.lax.map(
-      lambda c: call(blocks[c], counts[c], queries[c], q, k, v, do, lse, delta),
+      lambda c: call(blocks[c], counts[c], queries[c], q_rows, k, v, do_rows,
+                     per_call(vectors[0], c), per_call(vectors[1], c)),
       jnp.arange(blocks.shape[0]))  # [NC, B, Hkv, Ic, l', Dp]
 
   def per_token(parts, dim):
@@ -455,9 +498,7 @@ def _selected_attention_bwd(scale, block, interpret, residuals, d_out):
       [(q_rows, "rows"), (do_rows, "rows"), (lse, "vector"), (delta, "vector")], k_blocks,
       v_blocks, [("rows", lay.head_dim_pad, q.dtype)],
       [pltpu.VMEM((lay.tile_rows, lay.head_dim_pad), jnp.float32)], interpret)
-  per_query_vector = lambda x: x.reshape(lay.batch, lay.num_kv_heads, lay.seq_pad, 1, lay.rows)
-  dk, dv = _dkv(_per_query(q_rows, lay), k_blocks, v_blocks, _per_query(do_rows, lay),
-                per_query_vector(lse), per_query_vector(delta), sorted_idx, lay, scale,
+  dk, dv = _dkv(q_rows, k_blocks, v_blocks, do_rows, lse, delta, sorted_idx, lay, scale,
                 interpret)
   return _from_rows(dq_rows, lay, lay.head_dim), dk.astype(k.dtype), dv.astype(v.dtype), None
 
