@@ -179,18 +179,23 @@ def test_tpu_decode_kernels_under_the_interpreter_equal_the_full_forward(with_ga
   assert_close(out, expected)
 
 
-@pytest.mark.parametrize("count", [0, 1, 77, 200])
-def test_tpu_compressed_decode_kernel_gives_the_branch_output_and_probabilities(count, no_races):
-  q_t, k_cmp, v_cmp = random_qkv(2, 256, 3, 1, 16)  # Sc = 256: two splits; G = 3 -> 8 rows
+# Sc = 256: two 128-key splits, one grid step (its other splits clamped and masked); Sc = 1280:
+# ten splits over three steps, the last one part past the cache.
+@pytest.mark.parametrize("num_cmp,count", [(256, 0), (256, 1), (256, 77), (256, 200),
+                                           (1280, 600), (1280, 1280)])
+def test_tpu_compressed_decode_kernel_gives_the_branch_output_and_probabilities(num_cmp, count,
+                                                                              no_races):
+  q_t, k_cmp, v_cmp = random_qkv(2, num_cmp, 3, 1, 16)  # G = 3 -> 8 rows
   q_t = q_t[:, 0]  # [B, Hq, Dk]
   heads_first = lambda x: x.transpose(0, 2, 1, 3)
   out, probs = tpu_decode.compressed_decode(
       tpu_decode.group_rows(q_t, 1), heads_first(k_cmp), heads_first(v_cmp),
       jnp.int32(count), scale=0.25, interpret=True)
   scores = jnp.einsum("bhd,bsd->bhs", q_t, k_cmp[:, :, 0]) * 0.25
-  expected_probs = jax.nn.softmax(jnp.where(jnp.arange(256) < count, scores, -jnp.inf), axis=-1)
-  expected_probs = jnp.where(jnp.arange(256) < count, expected_probs, 0.0)  # NaN-free if count=0
-  assert probs.shape == (2, 1, tpu_decode.group_rows(q_t, 1).shape[2], 256)
+  visible = jnp.arange(num_cmp) < count
+  expected_probs = jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1)
+  expected_probs = jnp.where(visible, expected_probs, 0.0)  # NaN-free if count=0
+  assert probs.shape == (2, 1, tpu_decode.group_rows(q_t, 1).shape[2], num_cmp)
   assert_close(probs[:, 0, :3], expected_probs)
   assert_close(out[:, 0, :3], expected_probs @ v_cmp[:, :, 0])
 

@@ -7,21 +7,25 @@ query heads of a KV group are the matmul rows (`[Gp, D]`, Gp a multiple of 8 sub
 Everything data-dependent reaches the kernels by scalar prefetch, so the index maps choose which
 block the pipeline DMAs:
 
-- `compressed_decode`: grid (B, Hkv, Sc / CMP_SPLIT); prefetched: the number of visible
-  compressed blocks. Splits past it revisit the last visible split's block (no new DMA) and only
-  write empty partials.
-- `sparse_decode`: grid (B, Hkv, n + window tiles); prefetched: the position and the selected
-  blocks. Step i < n DMAs selected block `idx[i]` (unused slots: block 0, masked), the others one
-  `l'`-aligned tile of the window `(t - w, t]` (tiles past the cache: its last block, masked).
+- `compressed_decode`: grid (B, Hkv, Sc / (CMP_SPLIT * BLOCKS_PER_STEP)); prefetched: the
+  number of visible compressed blocks. A step takes BLOCKS_PER_STEP splits of CMP_SPLIT keys
+  (one BlockSpec each, so the pipeline fetches them all); splits past the visible ones revisit
+  the last visible split's block (no new DMA) and are masked.
+- `sparse_decode`: grid (B, Hkv, ceil(n / BLOCKS_PER_STEP) + ceil(window tiles /
+  BLOCKS_PER_STEP)); prefetched: the position and the selected blocks. A step of the first part
+  takes BLOCKS_PER_STEP selected blocks `idx[i]` (unused slots: block 0, masked), of the second
+  as many `l'`-aligned tiles of the window `(t - w, t]` (tiles past the cache: its last block,
+  masked); a step never mixes the two branches.
 
 Row statistics are stored lane-replicated (`[Gp, 128]`), the TPU layout for per-row vectors.
 Caches are head-major `[B, Hkv, S, D]`; blocks span the full head dim, so any D is legal; `l'` must
 be a multiple of 8 and S, Sc multiples of `l'` and CMP_SPLIT (`supported` checks).
 
 Cost model (v5e-class: ~0.8 TB/s HBM, ~0.35 us per grid step): at 64k context, B=1, Hkv=4 the
-step reads 5.6k tokens x 4 heads x 2 x 256 B = 11.5 MB (~15 us of HBM) over 4 x (32 + 25) = 228
-grid steps (~80 us of step overhead if serial on one core): step overhead dominates at B=1, which
-is why the splits are as large as the cache padding allows (CMP_SPLIT=128 keys, one l' block).
+step reads 5.6k tokens x 4 heads x 2 x 256 B = 11.5 MB (~15 us of HBM). With one split or block
+a step that was 4 x (33 + 25) = 232 grid steps (~80 us of step overhead if serial on one core);
+with BLOCKS_PER_STEP = 4 it is 4 x (9 + 4 + 3) = 64 steps (~22 us), near the HBM time. (The
+splits stay 128 keys because the compressed cache is only aligned to 128.)
 """
 
 from __future__ import annotations
@@ -41,7 +45,8 @@ from pallas_kernels.tpu.tile_math import dot_nn, dot_nt
 LOG2E = math.log2(math.e)
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 LANES = 128
-CMP_SPLIT = 128  # compressed keys per grid step
+CMP_SPLIT = 128  # compressed keys per split (the compressed cache is a multiple of it)
+BLOCKS_PER_STEP = 4  # compressed splits, selected blocks or window tiles per grid step
 
 
 def supported(slc_block: int, cache_len: int, cmp_cache_len: int) -> bool:
@@ -79,17 +84,22 @@ def _write_empty(acc_ref, m_ref, l_ref):
   l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
 
 
-def _cmp_kernel(count_ref, q_ref, k_ref, v_ref, s_ref, acc_ref, m_ref, l_ref, *, scale):
-  base = pl.program_id(2) * CMP_SPLIT
+def _cmp_kernel(count_ref, q_ref, *refs, scale):
+  k_refs, v_refs = refs[:BLOCKS_PER_STEP], refs[BLOCKS_PER_STEP:2 * BLOCKS_PER_STEP]
+  s_ref, acc_ref, m_ref, l_ref = refs[2 * BLOCKS_PER_STEP:]
+  width = BLOCKS_PER_STEP * CMP_SPLIT
+  base = pl.program_id(2) * width
   count = count_ref[0]
 
   @pl.when(base < count)
   def _attend():
-    visible = base + jax.lax.broadcasted_iota(jnp.int32, (1, CMP_SPLIT), 1) < count
-    scores = dot_nt(q_ref[...], k_ref[...]) * (scale * LOG2E)
-    scores = jnp.where(visible, scores, MASK_VALUE)
+    visible = base + jax.lax.broadcasted_iota(jnp.int32, (1, width), 1) < count
+    q = q_ref[...]
+    scores = jnp.concatenate([dot_nt(q, k_ref[...]) for k_ref in k_refs], axis=1)
+    scores = jnp.where(visible, scores * (scale * LOG2E), MASK_VALUE)
     s_ref[...] = scores
-    _write_partial(scores, visible, v_ref[...], acc_ref, m_ref, l_ref)
+    v = jnp.concatenate([v_ref[...] for v_ref in v_refs], axis=0)
+    _write_partial(scores, visible, v, acc_ref, m_ref, l_ref)
 
   @pl.when(base >= count)
   def _skip():
@@ -117,55 +127,86 @@ def compressed_decode(q_rows, k_cmp, v_cmp, count, *, scale: float, interpret: b
   """
   b, hkv, rows, dk = q_rows.shape
   num_cmp, dv = k_cmp.shape[2], v_cmp.shape[3]
-  splits = num_cmp // CMP_SPLIT
-  keys = lambda d: pl.BlockSpec(
-      (None, None, CMP_SPLIT, d),
-      lambda i, j, s, count_ref: (i, j, jnp.minimum(s, _last_visible_split(count_ref)), 0))
-  part = lambda width: pl.BlockSpec((None, None, None, rows, width),
-                                    lambda i, j, s, count_ref: (i, j, s, 0, 0))
+  width = BLOCKS_PER_STEP * CMP_SPLIT
+  steps = -(-num_cmp // width)
+
+  def keys(d, j):  # split j of each step, clamped to the last visible split (no new DMA)
+    return pl.BlockSpec(
+        (None, None, CMP_SPLIT, d),
+        lambda i, h, s, count_ref: (
+            i, h, jnp.minimum(s * BLOCKS_PER_STEP + j, _last_visible_split(count_ref)), 0))
+
+  part = lambda lanes: pl.BlockSpec((None, None, None, rows, lanes),
+                                    lambda i, h, s, count_ref: (i, h, s, 0, 0))
   grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=1, grid=(b, hkv, splits),
-      in_specs=[pl.BlockSpec((None, None, rows, dk), lambda i, j, s, count_ref: (i, j, 0, 0)),
-                keys(dk), keys(dv)],
-      out_specs=[pl.BlockSpec((None, None, rows, CMP_SPLIT),
-                              lambda i, j, s, count_ref: (i, j, 0, s)),
+      num_scalar_prefetch=1, grid=(b, hkv, steps),
+      in_specs=[pl.BlockSpec((None, None, rows, dk), lambda i, h, s, count_ref: (i, h, 0, 0))]
+      + [keys(dk, j) for j in range(BLOCKS_PER_STEP)]
+      + [keys(dv, j) for j in range(BLOCKS_PER_STEP)],
+      out_specs=[pl.BlockSpec((None, None, rows, width),
+                              lambda i, h, s, count_ref: (i, h, 0, s)),
                  part(dv), part(LANES), part(LANES)])
-  partial_shape = lambda width: jax.ShapeDtypeStruct((b, hkv, splits, rows, width), jnp.float32)
+  partial_shape = lambda lanes: jax.ShapeDtypeStruct((b, hkv, steps, rows, lanes), jnp.float32)
   scores, acc, row_max, row_sum = pl.pallas_call(
       functools.partial(_cmp_kernel, scale=scale),
       grid_spec=grid_spec,
-      out_shape=[jax.ShapeDtypeStruct((b, hkv, rows, num_cmp), jnp.float32),
+      out_shape=[jax.ShapeDtypeStruct((b, hkv, rows, steps * width), jnp.float32),
                  partial_shape(dv), partial_shape(LANES), partial_shape(LANES)],
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "parallel")),
       interpret=_interpret(interpret),
       name="nsa_decode_compressed",
-  )(jnp.reshape(count, (1,)).astype(jnp.int32), q_rows, k_cmp, v_cmp)
+  )(jnp.reshape(count, (1,)).astype(jnp.int32), q_rows, *[k_cmp] * BLOCKS_PER_STEP,
+    *[v_cmp] * BLOCKS_PER_STEP)
   out, lse2 = merge_partials(acc, row_max[..., 0], row_sum[..., 0], axis=2)
+  scores = scores[..., :num_cmp]  # the last step's columns past the cache are masked
   probs = jnp.where(jnp.arange(num_cmp) < count, jnp.exp2(scores - lse2[..., None]), 0.0)
   return out, probs
 
 
-def _step_block(step, pos, slot_block, *, block, window, num_selected):
-  """The selection block step `step` attends (may be -1 or past the cache: then masked)."""
+def _item_block(item, pos, slot_block, *, block, window, num_selected):
+  """The selection block of item `item` (selected slot `item < n`, else window tile
+  `item - n`); may be -1 or past the cache: then masked."""
   first_window_block = jnp.maximum(pos - window + 1, 0) // block
-  return jnp.where(step < num_selected, slot_block, first_window_block + step - num_selected)
+  return jnp.where(item < num_selected, slot_block, first_window_block + item - num_selected)
 
 
-def _sparse_kernel(pos_ref, idx_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, scale, block,
-                   window, num_selected, num_blocks):
+def _step_items(step, num_selected, num_window):
+  """`(item, real)` of each of a step's BLOCKS_PER_STEP places: the first
+  `ceil(n / BLOCKS_PER_STEP)` steps take selected slots, the others window tiles, so a partial
+  (one a step) belongs to one branch. Places past their branch's items are not real."""
+  selected_steps = -(-num_selected // BLOCKS_PER_STEP)
+  for j in range(BLOCKS_PER_STEP):
+    slot = step * BLOCKS_PER_STEP + j
+    tile = (step - selected_steps) * BLOCKS_PER_STEP + j
+    in_selected = step < selected_steps
+    item = jnp.where(in_selected, slot, num_selected + tile)
+    real = jnp.where(in_selected, slot < num_selected, tile < num_window)
+    yield item, real
+
+
+def _sparse_kernel(pos_ref, idx_ref, q_ref, *refs, scale, block, window, num_selected,
+                   num_window, num_blocks):
+  k_refs, v_refs = refs[:BLOCKS_PER_STEP], refs[BLOCKS_PER_STEP:2 * BLOCKS_PER_STEP]
+  acc_ref, m_ref, l_ref = refs[2 * BLOCKS_PER_STEP:]
   b, h, step = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   pos = pos_ref[0]
-  slot = jnp.minimum(step, num_selected - 1)
-  slot_block = idx_ref[(b * pl.num_programs(1) + h) * num_selected + slot]
-  block_id = _step_block(step, pos, slot_block, block=block, window=window,
-                         num_selected=num_selected)
-  key_pos = block_id * block + jax.lax.broadcasted_iota(jnp.int32, (1, block), 1)
-  visible = ((block_id >= 0) & (block_id < num_blocks) & (key_pos <= pos)
-             & ((step < num_selected) | (key_pos > pos - window)))
-  scores = dot_nt(q_ref[...], k_ref[...]) * (scale * LOG2E)
-  _write_partial(jnp.where(visible, scores, MASK_VALUE), visible, v_ref[...], acc_ref, m_ref,
-                 l_ref)
+  q = q_ref[...]
+  scores, visible = [], []
+  for item, real in _step_items(step, num_selected, num_window):
+    slot = jnp.minimum(item, num_selected - 1)
+    slot_block = idx_ref[(b * pl.num_programs(1) + h) * num_selected + slot]
+    block_id = _item_block(item, pos, slot_block, block=block, window=window,
+                           num_selected=num_selected)
+    key_pos = block_id * block + jax.lax.broadcasted_iota(jnp.int32, (1, block), 1)
+    visible.append(real & (block_id >= 0) & (block_id < num_blocks) & (key_pos <= pos)
+                   & ((item < num_selected) | (key_pos > pos - window)))
+  for k_ref in k_refs:
+    scores.append(dot_nt(q, k_ref[...]) * (scale * LOG2E))
+  visible = jnp.concatenate(visible, axis=1)  # [1, BLOCKS_PER_STEP * l']
+  scores = jnp.where(visible, jnp.concatenate(scores, axis=1), MASK_VALUE)
+  v = jnp.concatenate([v_ref[...] for v_ref in v_refs], axis=0)
+  _write_partial(scores, visible, v, acc_ref, m_ref, l_ref)
 
 
 @functools.partial(jax.jit, static_argnames=("block", "window", "scale", "interpret"))
@@ -187,27 +228,31 @@ def sparse_decode(q_rows, k, v, block_indices, position, *, block: int, window: 
   b, hkv, rows, dk = q_rows.shape
   num_blocks, dv = k.shape[2] // block, v.shape[3]
   n = block_indices.shape[-1]
-  steps = n + window_tiles(window, block)
+  num_window = window_tiles(window, block)
+  selected_steps = -(-n // BLOCKS_PER_STEP)
+  steps = selected_steps + -(-num_window // BLOCKS_PER_STEP)
 
-  def kv_index(i, j, step, pos_ref, idx_ref):
-    slot_block = idx_ref[(i * hkv + j) * n + jnp.minimum(step, n - 1)]
-    block_id = _step_block(step, pos_ref[0], slot_block, block=block, window=window,
-                           num_selected=n)
-    return i, j, jnp.clip(block_id, 0, num_blocks - 1), 0
+  def kv(d, j):  # place j of each step; places that are not real fetch a masked in-bounds block
+    def index(i, h, step, pos_ref, idx_ref):
+      item, _ = list(_step_items(step, n, num_window))[j]
+      slot_block = idx_ref[(i * hkv + h) * n + jnp.minimum(item, n - 1)]
+      block_id = _item_block(item, pos_ref[0], slot_block, block=block, window=window,
+                             num_selected=n)
+      return i, h, jnp.clip(block_id, 0, num_blocks - 1), 0
+    return pl.BlockSpec((None, None, block, d), index)
 
-  kv = lambda d: pl.BlockSpec((None, None, block, d), kv_index)
   part = lambda width: pl.BlockSpec((None, None, None, rows, width),
-                                    lambda i, j, step, pos_ref, idx_ref: (i, j, step, 0, 0))
+                                    lambda i, h, step, pos_ref, idx_ref: (i, h, step, 0, 0))
   grid_spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=2, grid=(b, hkv, steps),
       in_specs=[pl.BlockSpec((None, None, rows, dk),
-                             lambda i, j, step, pos_ref, idx_ref: (i, j, 0, 0)),
-                kv(dk), kv(dv)],
+                             lambda i, h, step, pos_ref, idx_ref: (i, h, 0, 0))]
+      + [kv(dk, j) for j in range(BLOCKS_PER_STEP)] + [kv(dv, j) for j in range(BLOCKS_PER_STEP)],
       out_specs=[part(dv), part(LANES), part(LANES)])
   partial_shape = lambda width: jax.ShapeDtypeStruct((b, hkv, steps, rows, width), jnp.float32)
   acc, row_max, row_sum = pl.pallas_call(
       functools.partial(_sparse_kernel, scale=scale, block=block, window=window,
-                        num_selected=n, num_blocks=num_blocks),
+                        num_selected=n, num_window=num_window, num_blocks=num_blocks),
       grid_spec=grid_spec,
       out_shape=[partial_shape(dv), partial_shape(LANES), partial_shape(LANES)],
       compiler_params=pltpu.CompilerParams(
@@ -215,5 +260,7 @@ def sparse_decode(q_rows, k, v, block_indices, position, *, block: int, window: 
       interpret=_interpret(interpret),
       name="nsa_decode_sparse",
   )(jnp.reshape(position, (1,)).astype(jnp.int32),
-    block_indices.astype(jnp.int32).reshape(-1), q_rows, k, v)
-  return merge_selected_and_window(acc, row_max[..., 0], row_sum[..., 0], n)  # lanes replicated
+    block_indices.astype(jnp.int32).reshape(-1), q_rows, *[k] * BLOCKS_PER_STEP,
+    *[v] * BLOCKS_PER_STEP)
+  return merge_selected_and_window(acc, row_max[..., 0], row_sum[..., 0],
+                                   selected_steps)  # lanes replicated
