@@ -1,9 +1,11 @@
-"""GPU benchmark of NSA (implementation="pallas_gpu") against cuDNN dense causal attention.
+"""Benchmark of NSA's kernels against dense causal attention: on GPU `implementation=
+"pallas_gpu"` against cuDNN, on TPU `"pallas_tpu"` against splash attention.
 
     python -m experiments.bench_kernels [--seq_lens 8192,16384,32768,65536,131072]
                                         [--repeats 10] [--out out/bench_kernels.json]
-    python -m experiments.bench_kernels --trace 65536   # per-kernel time of full NSA at T
+    python -m experiments.bench_kernels --trace 65536   # per-kernel time of full NSA at T (GPU)
     python -m experiments.bench_kernels --num_kv_heads 16 --seq_lens 65536  # G = 4
+    python -m experiments.bench_kernels --platform tpu  # the default on a TPU host
 
 Shapes: B=1, Hq=64, Hkv=4 (`--num_kv_heads`), D=128, bfloat16. Configs: the paper's (l=32, d=16,
 l'=64, n=16, w=512) and fla-core's comparable one (l=d=l'=64, n=16, window excluded, as fla-core
@@ -21,20 +23,44 @@ import json
 import pathlib
 import statistics
 import time
+import types
 
 import jax
 import jax.numpy as jnp
 
 import nsa_jax
 from experiments import gpu_trace
-from nsa_jax import pallas_gpu
+from nsa_jax import pallas_gpu, pallas_tpu
 from pallas_kernels.gpu import compressed_attention as compressed_kernel
 from pallas_kernels.gpu import selected_attention as selected_kernel
+from pallas_kernels.tpu import compressed_attention as tpu_compressed_kernel
+from pallas_kernels.tpu import selected_attention as tpu_selected_kernel
+from pallas_kernels.tpu import sliding_window as tpu_window
 
 B, HQ, HKV, D = 1, 64, 4, 128
 PAPER = nsa_jax.NSAConfig()
 FLA = nsa_jax.NSAConfig(cmp_block=64, cmp_stride=64, slc_block=64, num_selected=16, num_initial=1,
                         num_local=2, window=64)
+
+
+def cudnn_causal(q, k, v):
+  return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+
+
+def splash_causal(q, k, v):
+  return tpu_window.causal_attention(q, k, v, scale=D ** -0.5)
+
+
+# What each platform times: its implementation, the glue module whose fused compressed-and-select
+# call it uses, its kernel modules, and its dense baseline.
+PLATFORMS = {
+    "gpu": types.SimpleNamespace(implementation="pallas_gpu", glue=pallas_gpu,
+                                 compressed=compressed_kernel, selected=selected_kernel,
+                                 dense_name="dense_cudnn", dense=cudnn_causal),
+    "tpu": types.SimpleNamespace(implementation="pallas_tpu", glue=pallas_tpu,
+                                 compressed=tpu_compressed_kernel, selected=tpu_selected_kernel,
+                                 dense_name="dense_splash", dense=splash_causal),
+}
 
 
 SAMPLE_MS = 50.0  # each timing sample runs back-to-back calls for about this long
@@ -71,16 +97,16 @@ def sum_of(fn):
   return lambda q, k, v, inputs: jnp.sum(fn(q, k, v, inputs).astype(jnp.float32))
 
 
-def part_inputs(q, k, v, config):
+def part_inputs(q, k, v, config, platform=PLATFORMS["gpu"]):
   """What the parts take besides q, k, v: the compressed keys / values and the selection. They
   are arguments of the timed programs, not closed-over constants, which XLA would fold at compile
   time (the selected kernel's index sorts and block -> queries map, for minutes at 64k)."""
   k_cmp, v_cmp = nsa_jax.compress_kv(k, v, block=config.cmp_block, stride=config.cmp_stride)
   return dict(k_cmp=k_cmp, v_cmp=v_cmp, block_indices=nsa_jax.select_blocks(
-      q, k_cmp, config=config, implementation="pallas_gpu"))
+      q, k_cmp, config=config, implementation=platform.implementation))
 
 
-def parts_for(t, config, with_window=True):
+def parts_for(t, config, with_window=True, platform=PLATFORMS["gpu"]):
   """name -> (function of (q, k, v, part_inputs), forward FLOPs, differentiable in q, k, v)."""
   scale = D ** -0.5
   num_cmp = config.num_cmp_blocks(t)
@@ -88,32 +114,35 @@ def parts_for(t, config, with_window=True):
   slc_keys = min(config.num_selected * config.slc_block, t / 2)
   nsa_keys = num_cmp / 2 + slc_keys + (min(config.window, t / 2) if with_window else 0)
 
+  impl = platform.implementation
+
   def nsa_no_window(q, k, v, _):
-    k_cmp, v_cmp = pallas_gpu.compress_kv(k, v, config.cmp_block, config.cmp_stride)
-    o_cmp, idx = pallas_gpu.compressed_attention_and_selection(q, k_cmp, v_cmp, scale, config,
-                                                                False)
-    o_slc = selected_kernel.selected_attention(q, k, v, idx, block=config.slc_block, scale=scale)
+    k_cmp, v_cmp = platform.glue.compress_kv(k, v, config.cmp_block, config.cmp_stride)
+    o_cmp, idx = platform.glue.compressed_attention_and_selection(q, k_cmp, v_cmp, scale,
+                                                                  config, False)
+    o_slc = platform.selected.selected_attention(q, k, v, idx, block=config.slc_block,
+                                                 scale=scale)
     return o_cmp + o_slc
 
   parts = {
       "nsa": ((lambda q, k, v, _: nsa_jax.nsa_attention(q, k, v, config=config,
-                                                        implementation="pallas_gpu"))
+                                                        implementation=impl))
               if with_window else nsa_no_window, flops(nsa_keys), True),
-      "compressed": (lambda q, k, v, x: compressed_kernel.compressed_attention(
+      "compressed": (lambda q, k, v, x: platform.compressed.compressed_attention(
           q, x["k_cmp"], x["v_cmp"], block=config.cmp_block, stride=config.cmp_stride,
           scale=scale)[0], flops(num_cmp / 2), True),
       "cmp+selection": (lambda q, k, v, x: nsa_jax.select_blocks(
-          q, x["k_cmp"], config=config, implementation="pallas_gpu"), flops(num_cmp / 2), False),
-      "selected": (lambda q, k, v, x: selected_kernel.selected_attention(
+          q, x["k_cmp"], config=config, implementation=impl), flops(num_cmp / 2), False),
+      "selected": (lambda q, k, v, x: platform.selected.selected_attention(
           q, k, v, x["block_indices"], block=config.slc_block, scale=scale), flops(slc_keys),
                    True),
   }
   if with_window:
     parts["window"] = (lambda q, k, v, _: nsa_jax.sliding_window_attention(
-        q, k, v, window=config.window, implementation="pallas_gpu"),
+        q, k, v, window=config.window, implementation=impl),
                        flops(min(config.window, t / 2)), True)
-    parts["dense_cudnn"] = (lambda q, k, v, _: jax.nn.dot_product_attention(
-        q, k, v, is_causal=True, implementation="cudnn"), flops(t / 2), True)
+    parts[platform.dense_name] = (lambda q, k, v, _: platform.dense(q, k, v), flops(t / 2),
+                                  True)
   return parts
 
 
@@ -125,11 +154,12 @@ def random_qkv(t, num_kv_heads):
   return q, k, v
 
 
-def measure(t, config, with_window, repeats, num_kv_heads=HKV):
+def measure(t, config, with_window, repeats, num_kv_heads=HKV, platform=PLATFORMS["gpu"]):
   q, k, v = random_qkv(t, num_kv_heads)
-  args = (q, k, v, part_inputs(q, k, v, config))
+  args = (q, k, v, part_inputs(q, k, v, config, platform))
   rows = []
-  for name, (fn, fwd_flops, differentiable) in parts_for(t, config, with_window).items():
+  for name, (fn, fwd_flops, differentiable) in parts_for(t, config, with_window,
+                                                         platform).items():
     forward, forward_gib = compiled_and_gib(fn, args)
     row = dict(seq_len=t, part=name, fwd_ms=median_ms(forward, args, repeats),
                fwd_gib=forward_gib)
@@ -178,15 +208,20 @@ def main():
                       help=f"Hkv (G = {HQ} / Hkv): small groups load more K/V bytes per FLOP")
   parser.add_argument("--trace", type=int, default=0,
                       help="instead: per-kernel GPU time of full NSA at this sequence length")
+  parser.add_argument("--platform", choices=sorted(PLATFORMS),
+                      default="tpu" if jax.default_backend() == "tpu" else "gpu")
   args = parser.parse_args()
   if args.trace:
+    if args.platform != "gpu":
+      parser.error("--trace reads GPU profiler traces")
     trace(args.trace, args.num_kv_heads)
     return
+  platform = PLATFORMS[args.platform]
   paper, fla = [], []
   for t in (int(x) for x in args.seq_lens.split(",") if x):
-    paper += measure(t, PAPER, True, args.repeats, args.num_kv_heads)
+    paper += measure(t, PAPER, True, args.repeats, args.num_kv_heads, platform)
   for t in (int(x) for x in args.fla_seq_lens.split(",") if x):
-    fla += measure(t, FLA, False, args.repeats, args.num_kv_heads)
+    fla += measure(t, FLA, False, args.repeats, args.num_kv_heads, platform)
   device = jax.devices()[0].device_kind
   print_table(f"{device}, B={B} Hq={HQ} Hkv={args.num_kv_heads} D={D} bf16, paper config {PAPER}",
               paper)
@@ -194,7 +229,8 @@ def main():
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(dict(device=device, date=str(datetime.date.today()),
-                                 jax_version=jax.__version__, num_kv_heads=args.num_kv_heads,
+                                 jax_version=jax.__version__, platform=args.platform,
+                                 num_kv_heads=args.num_kv_heads,
                                  paper=paper, fla=fla), indent=2))
 
 

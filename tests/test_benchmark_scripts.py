@@ -1,16 +1,13 @@
-"""The GPU benchmark scripts' plumbing, on the CPU: they run only on a lent GPU, where a broken
-script wastes the session's device time. The GPU kernels are swapped for the XLA path here, so
-these tests check the harness (arguments, tables, JSON), not any timing."""
+"""The accelerator benchmark scripts' plumbing, on the CPU: they run only on a lent GPU (or a
+TPU), where a broken script wastes the session's device time. The kernels are swapped for the XLA
+path here, so these tests check the harness (arguments, tables, JSON), not any timing."""
 
 import json
 
-import jax
 import pytest
 
 import nsa_jax
 from experiments import bench_decode, bench_kernels
-from pallas_kernels.gpu import compressed_attention as compressed_kernel
-from pallas_kernels.gpu import selected_attention as selected_kernel
 
 
 def on_xla(fn):
@@ -18,24 +15,26 @@ def on_xla(fn):
   return lambda *args, **kwargs: fn(*args, **{**kwargs, "implementation": "xla"})
 
 
-def test_bench_kernels_times_every_part_and_writes_json(monkeypatch, tmp_path):
+@pytest.mark.parametrize("platform,dense", [("gpu", "dense_cudnn"), ("tpu", "dense_splash")])
+def test_bench_kernels_times_every_part_and_writes_json(monkeypatch, tmp_path, platform, dense):
   monkeypatch.setattr(bench_kernels, "HQ", 4)
   for name in ("select_blocks", "nsa_attention", "sliding_window_attention"):
     monkeypatch.setattr(nsa_jax, name, on_xla(getattr(nsa_jax, name)))
-  monkeypatch.setattr(compressed_kernel, "compressed_attention", on_xla(
+  kernels = bench_kernels.PLATFORMS[platform]
+  monkeypatch.setattr(kernels.compressed, "compressed_attention", on_xla(
       lambda q, k_cmp, v_cmp, **kw: nsa_jax.compressed_attention(q, k_cmp, v_cmp, **kw)))
-  monkeypatch.setattr(selected_kernel, "selected_attention", on_xla(
+  monkeypatch.setattr(kernels.selected, "selected_attention", on_xla(
       lambda q, k, v, idx, **kw: nsa_jax.selected_attention(q, k, v, idx, **kw)))
-  monkeypatch.setattr(jax.nn, "dot_product_attention", lambda q, k, v, **_: q)  # no cuDNN here
+  monkeypatch.setattr(kernels, "dense", lambda q, k, v: q)  # no cuDNN or splash here
   out = tmp_path / "bench.json"
   monkeypatch.setattr("sys.argv", ["bench_kernels", "--seq_lens", "256", "--fla_seq_lens", "",
-                                   "--repeats", "1", "--num_kv_heads", "2", "--out", str(out)])
+                                   "--repeats", "1", "--num_kv_heads", "2", "--out", str(out),
+                                   "--platform", platform])
   bench_kernels.main()
   result = json.loads(out.read_text())
-  assert result["num_kv_heads"] == 2
+  assert result["num_kv_heads"] == 2 and result["platform"] == platform
   parts = {row["part"]: row for row in result["paper"]}
-  assert set(parts) == {"nsa", "compressed", "cmp+selection", "selected", "window",
-                        "dense_cudnn"}
+  assert set(parts) == {"nsa", "compressed", "cmp+selection", "selected", "window", dense}
   assert all(row["fwd_ms"] > 0 and row["fwd_gib"] > 0 for row in parts.values())
   assert "fwd_bwd_ms" in parts["selected"] and "fwd_bwd_ms" not in parts["cmp+selection"]
 

@@ -13,6 +13,7 @@ import nsa_jax
 from nsa_jax import reference
 from pallas_kernels.tpu import compressed_attention as tpu_compressed
 from pallas_kernels.tpu import selected_attention as tpu_selected
+from pallas_kernels.tpu import sliding_window as tpu_window
 from tests.helpers import assert_close, assert_grads_close, random_gates, random_qkv
 
 pytestmark = pytest.mark.usefixtures("no_races")  # tests/conftest.py
@@ -147,3 +148,13 @@ def test_public_api_pallas_tpu_under_the_interpreter(with_gates):
   assert_close(nsa_jax.sliding_window_attention(q, k, v, window=12, implementation="pallas_tpu",
                                                 interpret=True),
                nsa_jax.sliding_window_attention(q, k, v, window=12, implementation="reference"))
+
+
+def test_splash_causal_baseline_matches_dense_causal_attention():
+  # The TPU benchmark's dense baseline: a window as long as the sequence is causal attention.
+  # T = 200 pads to two 128-token blocks.
+  q, k, v = random_qkv(1, 200, 4, 2, 16)
+  scale = 16 ** -0.5
+  got = tpu_window.causal_attention(q, k, v, scale=scale, block=128, interpret=True)
+  expected = reference.sliding_window_attention(q, k, v, scale, window=200)
+  assert_close(got, expected)

@@ -153,6 +153,11 @@ def _tile_tables(sorted_idx, lay: _Layout):
   return per_chunk(union), per_chunk(members), per_chunk(count)
 
 
+def _tile_position_of_rows(lay: _Layout):
+  """`[R, 1]`: which of the tile's `P` positions each row belongs to."""
+  return jax.lax.broadcasted_iota(jnp.int32, (lay.tile_rows, 1), 0) // lay.rows
+
+
 def _walk_union(union_ref, members_ref, count_ref, k_hbm, v_hbm, k_buf, v_buf, sems, *, lay,
                 compute):
   """Calls `compute(k [KV_BLOCKS * l', Dkp], v [KV_BLOCKS * l', Dvp], token [1, KV_BLOCKS * l'],
@@ -178,7 +183,7 @@ def _walk_union(union_ref, members_ref, count_ref, k_hbm, v_hbm, k_buf, v_buf, s
     for copy in copies(0, 0):
       copy.start()
 
-  local = jax.lax.broadcasted_iota(jnp.int32, (lay.tile_rows, 1), 0) // lay.rows  # [R, 1]
+  local = _tile_position_of_rows(lay)
   column = jax.lax.broadcasted_iota(jnp.int32, (1, width), 1)
 
   def body(group, carry):
@@ -207,9 +212,7 @@ def _walk_union(union_ref, members_ref, count_ref, k_hbm, v_hbm, k_buf, v_buf, s
 
 def _row_positions(offset_ref, lay: _Layout):
   """`[R, 1]`: the query position of each row of this step's tile."""
-  tile = pl.program_id(2)
-  local = jax.lax.broadcasted_iota(jnp.int32, (lay.tile_rows, 1), 0) // lay.rows
-  return offset_ref[0] + tile * lay.positions + local
+  return offset_ref[0] + pl.program_id(2) * lay.positions + _tile_position_of_rows(lay)
 
 
 def _forward_kernel(union_ref, members_ref, count_ref, offset_ref, q_ref, k_hbm, v_hbm, o_ref,
@@ -344,7 +347,7 @@ def _dkv_kernel(item_block_ref, item_count_ref, item_query_ref, q_hbm, k_ref, v_
     for copy in copies(0, 0):
       copy.start()
 
-  local = jax.lax.broadcasted_iota(jnp.int32, (lay.tile_rows, 1), 0) // lay.rows  # [R, 1]
+  local = _tile_position_of_rows(lay)  # here: which of the group's queries
   token = block_id * lay.block + jax.lax.broadcasted_iota(jnp.int32, (1, lay.block), 1)
 
   def body(group, carry):

@@ -1,4 +1,5 @@
-"""Sliding-window attention on TPU through splash attention's `LocalMask` (jax-ml/jax).
+"""Sliding-window attention on TPU through splash attention's `LocalMask` (jax-ml/jax), and
+dense causal attention through its `CausalMask` (the baseline NSA is timed against on TPU).
 
 Why splash and not a kernel of our own: the window branch is a banded causal attention, exactly
 what splash attention's block-sparse mask machinery does (it skips every all-masked block, keeps
@@ -25,14 +26,13 @@ def _round_up(x: int, multiple: int) -> int:
   return -(-x // multiple) * multiple
 
 
-def _kernel(seq_pad: int, window: int, group: int, interpret: bool):
+def _kernel(mask, group: int, block: int, interpret: bool):
   # Built per trace, not cached: the kernel holds its mask metadata as arrays of the trace.
-  local = mask_lib.LocalMask((seq_pad, seq_pad), window_size=(window - 1, 0), offset=0)
-  sizes = splash.BlockSizes(block_q=BLOCK, block_kv=BLOCK, block_kv_compute=BLOCK,
-                            block_q_dkv=BLOCK, block_kv_dkv=BLOCK, block_kv_dkv_compute=BLOCK,
-                            block_q_dq=BLOCK, block_kv_dq=BLOCK)
+  sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                            block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+                            block_q_dq=block, block_kv_dq=block)
   return splash.make_splash_mqa_single_device(
-      mask_lib.MultiHeadMask([local] * group), block_sizes=sizes, interpret=interpret)
+      mask_lib.MultiHeadMask([mask] * group), block_sizes=sizes, interpret=interpret)
 
 
 def sliding_window_attention(q, k, v, *, window: int, scale: float, interpret: bool = False):
@@ -47,14 +47,30 @@ def sliding_window_attention(q, k, v, *, window: int, scale: float, interpret: b
   Returns:
     `[B, T, Hq, Dv]` in q.dtype; differentiable (splash's own backward kernels).
   """
+  seq_pad = _round_up(q.shape[1], BLOCK)
+  local = mask_lib.LocalMask((seq_pad, seq_pad), window_size=(min(window, seq_pad) - 1, 0),
+                             offset=0)
+  return _splash_gqa(q, k, v, local, BLOCK, scale, interpret)
+
+
+def causal_attention(q, k, v, *, scale: float, block: int = 512, interpret: bool = False):
+  """Dense causal attention through splash attention (`block`-token tiles): the TPU baseline of
+  `experiments/bench_kernels.py`. Shapes as `sliding_window_attention`."""
+  seq_pad = _round_up(q.shape[1], block)
+  return _splash_gqa(q, k, v, mask_lib.CausalMask((seq_pad, seq_pad)), block, scale, interpret)
+
+
+def _splash_gqa(q, k, v, mask, block, scale, interpret):
+  """Splash MQA per KV group over `mask` (`[T_pad, T_pad]`, T_pad a multiple of `block`),
+  vmapped over batch and KV heads; pads T and the head dim, cuts them off again."""
   b, t, hq, d = q.shape
   hkv = k.shape[2]
   if v.shape[3] != d:
     raise ValueError(f"splash attention needs Dv == Dk, got q {q.shape}, v {v.shape}")
-  seq_pad, dim_pad = _round_up(t, BLOCK), _round_up(d, 128)
+  seq_pad, dim_pad = mask.shape[0], _round_up(d, 128)
   pad = lambda x: jnp.pad(x, [(0, 0), (0, seq_pad - t), (0, 0), (0, dim_pad - d)])
   group = hq // hkv
-  kernel = _kernel(seq_pad, min(window, seq_pad), group, interpret)
+  kernel = _kernel(mask, group, block, interpret)
   q_groups = (pad(q) * scale).astype(q.dtype).reshape(b, seq_pad, hkv, group, dim_pad)
   q_groups = q_groups.transpose(0, 2, 3, 1, 4)  # [B, Hkv, G, T, D]
   heads_first = lambda x: pad(x).transpose(0, 2, 1, 3)  # [B, Hkv, T, D]
