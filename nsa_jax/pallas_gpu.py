@@ -129,7 +129,7 @@ def decode_attention(q_t, cache, position, gates, scale, *, config: NSAConfig, i
   The XLA decode path where the kernels do not take the sizes (`decode_kernel.supported`)."""
   dk, dv = q_t.shape[-1], cache.v.shape[-1]
   if not decode_kernel.supported(dk, dv, config.slc_block, cache.k.shape[2],
-                                 cache.k_cmp.shape[2]):
+                                 cache.k_cmp.shape[2], config.cmp_block, config.cmp_stride):
     return xla.decode_attention(q_t, cache, position, gates, scale, config=config)
   return _decode_jit(q_t, cache, position, gates, config=config, scale=_static_scale(scale),
                      interpret=interpret)

@@ -145,6 +145,15 @@ def test_gpu_decode_kernels_in_interpret_mode_equal_the_full_forward(with_gates,
   assert_close(out, expected)
 
 
+def test_gpu_decode_kernels_decline_compressed_overlaps_past_the_score_shift():
+  # The selection-score kernel reads up to l/d - 1 compressed blocks left of a selection block:
+  # wider overlaps than the raw-score array's SCORE_SHIFT leading columns take the XLA decode.
+  shift = gpu_decode.SCORE_SHIFT
+  assert gpu_decode.supported(128, 128, 64, 1024, 128, 32, 16)
+  assert gpu_decode.supported(128, 128, 64, 1024, 128, (shift + 1) * 16, 16)
+  assert not gpu_decode.supported(128, 128, 64, 1024, 128, (shift + 2) * 16, 16)
+
+
 @pytest.mark.parametrize("sparse_blocks", [1, 3])
 def test_gpu_decode_kernels_with_one_sub_block_per_selection_block_and_dk_not_dv(
     monkeypatch, sparse_blocks):

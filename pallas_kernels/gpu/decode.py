@@ -66,12 +66,14 @@ def _is_pow2(x: int) -> bool:
 
 
 def supported(head_dim: int, head_dim_v: int, slc_block: int, cache_len: int,
-              cmp_cache_len: int) -> bool:
-  """Whether the kernels take these sizes (else use the XLA decode path)."""
+              cmp_cache_len: int, cmp_block: int, cmp_stride: int) -> bool:
+  """Whether the kernels take these sizes (else use the XLA decode path). The selection-score
+  kernel reads compressed blocks up to `l / d - 1` left of a selection block's first, which the
+  raw-score array's SCORE_SHIFT leading columns must hold."""
   return (head_dim >= 16 and head_dim_v >= 16 and _is_pow2(head_dim)
           and _is_pow2(head_dim_v) and slc_block >= 16 and _is_pow2(slc_block)
           and cache_len % slc_block == 0 and cmp_cache_len > 0
-          and cmp_cache_len % CMP_ALIGN == 0)
+          and cmp_cache_len % CMP_ALIGN == 0 and cmp_block // cmp_stride - 1 <= SCORE_SHIFT)
 
 
 def group_rows(x, num_kv_heads: int):
