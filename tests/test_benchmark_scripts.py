@@ -7,7 +7,7 @@ import json
 import pytest
 
 import nsa_jax
-from experiments import bench_decode, bench_kernels
+from experiments import bench_decode, bench_kernels, tpu_overhead
 
 
 def on_xla(fn):
@@ -50,3 +50,13 @@ def test_bench_decode_runs_the_xla_decode_and_writes_json(monkeypatch, tmp_path)
   impls = {row["impl"] for row in rows}
   assert {"dense_xla", "nsa_xla"} <= impls  # dense_cudnn is reported as refused on the CPU
   assert all(row["us_per_token"] > 0 for row in rows)
+
+
+def test_tpu_overhead_times_steps_and_dma_groups_and_writes_json(monkeypatch, tmp_path):
+  out = tmp_path / "overhead.json"
+  monkeypatch.setattr("sys.argv", ["tpu_overhead", "--interpret", "--counts", "2,3",
+                                   "--repeats", "1", "--out", str(out)])
+  tpu_overhead.main()
+  result = json.loads(out.read_text())
+  assert set(result["us_each"]) == {"grid step", "dma group", "dma group + math"}
+  assert len(result["rows"]) == 6 and all(row["ms"] > 0 for row in result["rows"])

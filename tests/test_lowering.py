@@ -153,3 +153,20 @@ def test_decode_step_with_multi_block_sparse_programs_lowers_for_cuda(monkeypatc
     assert pallas_kernels("cuda", step, q_t, k_t, k_t, cache) == DECODE_KERNELS["cuda"]
   finally:
     jax.clear_caches()
+
+
+def test_tpu_benchmark_kernels_lower():
+  # experiments/tpu_overhead.py and bench_kernels' dense baseline, for the first TPU session.
+  from experiments import tpu_overhead  # pylint: disable=g-import-not-at-top
+  from pallas_kernels.tpu import sliding_window  # pylint: disable=g-import-not-at-top
+  q = jnp.zeros((tpu_overhead.ROWS, tpu_overhead.D), jnp.bfloat16)
+  kv = jnp.zeros((tpu_overhead.NUM_BLOCKS * tpu_overhead.BLOCK, tpu_overhead.D), jnp.bfloat16)
+  blocks = jnp.zeros((8 * tpu_overhead.KV_BLOCKS,), jnp.int32)
+  assert pallas_kernels("tpu", tpu_overhead.grid_steps(16, False),
+                        jnp.zeros((8, 128), jnp.float32)) == ["empty_steps"]
+  for with_math in (False, True):
+    assert pallas_kernels("tpu", tpu_overhead.dma_groups(8, with_math, False), blocks, q,
+                          kv) == ["dma_groups"]
+  x = jnp.zeros((1, 1024, 8, 128), jnp.bfloat16)
+  causal = lambda q, k, v: sliding_window.causal_attention(q, k, v, scale=0.1)
+  assert pallas_kernels("tpu", causal, x, x[:, :, :2], x[:, :, :2]) == ["splash_mqa_fwd_no_residuals"]
