@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 import nsa_jax
-from experiments.bench_kernels import median_ms
+from experiments.bench_kernels import median_ms, random_qkv
 from nsa_jax import block_selection
 from pallas_kernels.gpu import compressed_attention as compressed_kernel
 from pallas_kernels.gpu import selected_attention as selected_kernel
@@ -83,10 +83,7 @@ def main():
   parser.add_argument("--num_kv_heads", type=int, default=4)
   args = parser.parse_args()
   t, config = args.seq_len, nsa_jax.NSAConfig()
-  keys = jax.random.split(jax.random.key(0), 3)
-  q = jax.random.normal(keys[0], (1, t, 64, 128), jnp.bfloat16)
-  k = jax.random.normal(keys[1], (1, t, args.num_kv_heads, 128), jnp.bfloat16)
-  v = jax.random.normal(keys[2], (1, t, args.num_kv_heads, 128), jnp.bfloat16)
+  q, k, v = random_qkv(t, args.num_kv_heads)  # B=1, Hq=64, D=128, bf16
   k_cmp, v_cmp = nsa_jax.compress_kv(k, v, block=config.cmp_block, stride=config.cmp_stride)
   if not args.no_breakdown:
     breakdown(q, k_cmp, v_cmp, t, config)
