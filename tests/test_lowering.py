@@ -86,6 +86,21 @@ def test_nsa_forward_and_backward_kernels_lower(platform, dtype, num_heads, num_
   assert pallas_kernels(platform, grads, q, k, v) == TRAINING_KERNELS[platform]
 
 
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_nsa_kernels_lower_under_vmap(platform):
+  # vmap over an extra leading axis: Pallas batches the BlockSpec kernels with a grid axis and
+  # runs those with batched scalar-prefetch tables (the TPU selected kernels) in a loop. (The TPU
+  # interpreter cannot run the former in JAX 0.11.2: it pairs grid axes with the
+  # dimension_semantics without the vmapped axis, so vmap is checked here, not run, on TPU.)
+  q = jnp.zeros((2, 1, 1000, 16, 128), jnp.bfloat16)
+  kv = jnp.zeros((2, 1, 1000, 1, 128), jnp.bfloat16)
+  loss = lambda q, k, v: nsa_jax.nsa_attention(
+      q, k, v, config=NSAConfig(), implementation=IMPLEMENTATION[platform]).astype(
+          jnp.float32).sum()
+  grads = jax.vmap(jax.grad(loss, argnums=(0, 1, 2)))
+  assert pallas_kernels(platform, grads, q, kv, kv) == TRAINING_KERNELS[platform]
+
+
 DECODE_KERNELS = {
     "cuda": sorted(["nsa_decode_append", "nsa_decode_compressed", "nsa_decode_selection_scores",
                     "nsa_top_n_decode", "nsa_decode_sparse", "nsa_decode_combine"]),

@@ -293,6 +293,25 @@ def test_public_api_pallas_gpu_in_interpret_mode(with_gates):
                nsa_jax.selected_attention(q, k, v, idx, block=16, implementation="reference"))
 
 
+def test_public_api_pallas_gpu_under_vmap_in_interpret_mode():
+  # The ops are pure functions: vmapped over an extra leading axis (the kernels' batching), the
+  # values and gradients are each slice's.
+  config = nsa_jax.NSAConfig(cmp_block=8, cmp_stride=4, slc_block=16, num_selected=3,
+                             num_initial=1, num_local=1, window=12)
+  q, k, v = (x[:, None] for x in random_qkv(2, 40, 4, 2, 16))  # [2, B=1, T, H, D]
+
+  def loss(impl, q, k, v):
+    fn = lambda q, k, v: nsa_jax.nsa_attention(q, k, v, config=config, implementation=impl,
+                                               interpret=impl == "pallas_gpu")
+    out = jax.vmap(fn)(q, k, v)
+    return jnp.sum(out ** 2), out
+
+  (_, out), grads = jax.value_and_grad(loss, (1, 2, 3), has_aux=True)("pallas_gpu", q, k, v)
+  (_, ref), ref_grads = jax.value_and_grad(loss, (1, 2, 3), has_aux=True)("reference", q, k, v)
+  assert_close(out, ref)
+  assert_grads_close(grads, ref_grads)
+
+
 def test_pallas_gpu_needs_a_concrete_scale():
   q, k, v = random_qkv(1, 16, 2, 1, 16)
   idx = jnp.zeros((1, 16, 1, 2), jnp.int32)
