@@ -8,9 +8,10 @@ what one group of hand-issued block DMAs costs (`pallas_kernels/tpu/README.md`).
    fixed, so the pipeline issues no DMA after the first): time / N is the fixed cost of a step.
 2. `dma group`: one grid step whose loop runs N groups, each DMAing `KV_BLOCKS` blocks of
    `[l', D]` (l' = 64, D = 128, bfloat16, at offsets read from SMEM, two buffers, the next
-   group's copies started before this group's wait), as the selected forward / dQ kernels do
-   (`selected_attention._walk_union`); `dma group + math` adds the forward's two matmuls of a
-   group on 128 query rows. Time / N is the cost of a group; the model charges it a grid step's.
+   group's copies started before this group's wait: `tile_math.double_buffered_loop`), as the
+   selected forward / dQ kernels do (`selected_attention._walk_union`); `dma group + math` adds
+   the forward's two matmuls of a group on 128 query rows. Time / N is the cost of a group; the
+   model charges it a grid step's.
 
 Each count is timed (median of `--repeats`, as `bench_kernels.median_ms`); the slope between the
 largest and smallest count is printed as microseconds per step / group. Prints a table, writes
@@ -31,7 +32,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from experiments.bench_kernels import median_ms
 from pallas_kernels.tpu.selected_attention import KV_BLOCKS
-from pallas_kernels.tpu.tile_math import dot_nn, dot_nt
+from pallas_kernels.tpu.tile_math import dot_nn, dot_nt, double_buffered_loop
 
 BLOCK, D, ROWS, NUM_BLOCKS = 64, 128, 128, 1024
 
@@ -67,26 +68,14 @@ def dma_groups(groups: int, with_math: bool, interpret: bool):
           kv_hbm.at[pl.ds(blocks_ref[group * KV_BLOCKS + j] * BLOCK, BLOCK), :],
           buf.at[slot, pl.ds(j * BLOCK, BLOCK), :], sems.at[slot, j]) for j in range(KV_BLOCKS)]
 
-    for copy in copies(0, 0):
-      copy.start()
-
-    def body(group, acc):
-      slot = group % 2
-
-      @pl.when(group + 1 < groups)
-      def _prefetch():
-        for copy in copies(group + 1, 1 - slot):
-          copy.start()
-
-      for copy in copies(group, slot):
-        copy.wait()
+    def body(group, slot, acc):
       if not with_math:
         return acc + buf[slot, :8, :].astype(jnp.float32)[:1]
       kv = buf[slot]
       p = jnp.exp(dot_nt(q_ref[...], kv) - 1.0)  # [ROWS, width], the forward's two matmuls
       return acc + dot_nn(p.astype(kv.dtype), kv)[:1]
 
-    o_ref[...] = jax.lax.fori_loop(0, groups, body, jnp.zeros((1, D), jnp.float32))
+    o_ref[...] = double_buffered_loop(groups, copies, body, jnp.zeros((1, D), jnp.float32))
 
   call = pl.pallas_call(
       kernel,

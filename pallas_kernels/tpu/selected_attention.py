@@ -39,7 +39,8 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.block_maps import distinct_ascending, inverse_block_map
 from pallas_kernels.block_maps import sorted_causal_block_indices
-from pallas_kernels.tpu.tile_math import dot_nn, dot_nt, dot_tn, softmax_backward_tile
+from pallas_kernels.tpu.tile_math import dot_nn, dot_nt, dot_tn, double_buffered_loop
+from pallas_kernels.tpu.tile_math import softmax_backward_tile
 
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 LANES = 128
@@ -178,24 +179,10 @@ def _walk_union(union_ref, members_ref, count_ref, k_hbm, v_hbm, k_buf, v_buf, s
             dst.at[slot, pl.ds(j * lay.block, lay.block), :], sems.at[which, slot, j]))
     return out
 
-  @pl.when(groups > 0)
-  def _first():
-    for copy in copies(0, 0):
-      copy.start()
-
   local = _tile_position_of_rows(lay)
   column = jax.lax.broadcasted_iota(jnp.int32, (1, width), 1)
 
-  def body(group, carry):
-    slot = group % 2
-
-    @pl.when(group + 1 < groups)
-    def _prefetch():
-      for copy in copies(group + 1, 1 - slot):
-        copy.start()
-
-    for copy in copies(group, slot):
-      copy.wait()
+  def body(group, slot, carry):
     token = jnp.zeros((1, width), jnp.int32)
     chosen = jnp.zeros((lay.tile_rows, width), jnp.bool_)
     for j in range(KV_BLOCKS):
@@ -207,7 +194,7 @@ def _walk_union(union_ref, members_ref, count_ref, k_hbm, v_hbm, k_buf, v_buf, s
     compute(k_buf[slot], v_buf[slot], token, chosen)
     return carry
 
-  jax.lax.fori_loop(0, groups, body, 0)
+  double_buffered_loop(groups, copies, body, 0)
 
 
 def _row_positions(offset_ref, lay: _Layout):
@@ -342,25 +329,11 @@ def _dkv_kernel(item_block_ref, item_count_ref, item_query_ref, q_hbm, k_ref, v_
                                          sems.at[which, slot, j]))
     return out
 
-  @pl.when(groups > 0)
-  def _first():
-    for copy in copies(0, 0):
-      copy.start()
-
   local = _tile_position_of_rows(lay)  # here: which of the group's queries
   token = block_id * lay.block + jax.lax.broadcasted_iota(jnp.int32, (1, lay.block), 1)
 
-  def body(group, carry):
+  def body(group, slot, carry):
     dk, dv = carry
-    slot = group % 2
-
-    @pl.when(group + 1 < groups)
-    def _prefetch():
-      for copy in copies(group + 1, 1 - slot):
-        copy.start()
-
-    for copy in copies(group, slot):
-      copy.wait()
     query_pos = jnp.zeros((lay.tile_rows, 1), jnp.int32)
     for j in range(lay.positions):
       query_pos = jnp.where(local == j, query(group, j), query_pos)
@@ -372,8 +345,9 @@ def _dkv_kernel(item_block_ref, item_count_ref, item_query_ref, q_hbm, k_ref, v_
                                   delta_ref[pl.ds(group, 1), :], do, v)  # [R, l']
     return dk + dot_tn(ds.astype(q.dtype), q), dv + dot_tn(p.astype(do.dtype), do)
 
-  dk, dv = jax.lax.fori_loop(
-      0, groups, body, (jnp.zeros(dk_ref.shape, jnp.float32), jnp.zeros(dv_ref.shape, jnp.float32)))
+  dk, dv = double_buffered_loop(
+      groups, copies, body,
+      (jnp.zeros(dk_ref.shape, jnp.float32), jnp.zeros(dv_ref.shape, jnp.float32)))
   dk_ref[...] = dk * scale
   dv_ref[...] = dv
 

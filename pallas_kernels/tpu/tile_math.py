@@ -1,9 +1,11 @@
-"""Per-tile matmuls and the softmax backward step shared by the TPU kernels (float32 results)."""
+"""Per-tile matmuls, the softmax backward step (float32 results) and the double-buffered
+hand-DMA loop shared by the TPU kernels."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 
 def dot_nt(a, b):
@@ -29,3 +31,30 @@ def softmax_backward_tile(s, visible, lse_row, delta_row, do, v):
   """
   p = jnp.where(visible, jnp.exp(s - lse_row.T), 0.0)
   return p, p * (dot_nt(do, v) - delta_row.T)
+
+
+def double_buffered_loop(num_groups, copies, body, init):
+  """`fori_loop` over `num_groups` groups of hand-issued DMAs into two buffers.
+
+  `copies(group, slot)` returns the group's `pltpu.make_async_copy` descriptors into buffer
+  `slot`; group `g + 1`'s copies start before group `g`'s are waited on, so they overlap
+  `body(group, slot, carry) -> carry`, which reads buffer `slot`. Returns the final carry.
+  """
+  @pl.when(num_groups > 0)
+  def _first():
+    for copy in copies(0, 0):
+      copy.start()
+
+  def step(group, carry):
+    slot = group % 2
+
+    @pl.when(group + 1 < num_groups)
+    def _prefetch():
+      for copy in copies(group + 1, 1 - slot):
+        copy.start()
+
+    for copy in copies(group, slot):
+      copy.wait()
+    return body(group, slot, carry)
+
+  return jax.lax.fori_loop(0, num_groups, step, init)
