@@ -185,3 +185,15 @@ def test_tpu_benchmark_kernels_lower():
   x = jnp.zeros((1, 1024, 8, 128), jnp.bfloat16)
   causal = lambda q, k, v: sliding_window.causal_attention(q, k, v, scale=0.1)
   assert pallas_kernels("tpu", causal, x, x[:, :, :2], x[:, :, :2]) == ["splash_mqa_fwd_no_residuals"]
+
+
+@pytest.mark.parametrize("stages", [2, 4])
+def test_mosaic_gpu_decode_probe_kernel_lowers(stages):
+  # experiments/mgpu_decode_probe.py: Mosaic GPU's layout inference runs at lowering, so a probe
+  # whose wgmma operands' SMEM tilings disagree (or whose reductions have no layout) fails here.
+  from experiments import mgpu_decode_probe as probe  # pylint: disable=g-import-not-at-top
+  q, kv = jnp.zeros((2, 2, 16, 128), jnp.bfloat16), jnp.zeros((2, 2, 256, 128), jnp.bfloat16)
+  kernel = functools.partial(probe.compressed_partials_t, scale=0.1, split=128, width=384,
+                             shift=128, stages=stages)
+  lowered = jax.jit(kernel).trace(q, kv, kv, jnp.int32(100)).lower(lowering_platforms=("cuda",))
+  assert "custom_call @mosaic_gpu" in lowered.as_text()
