@@ -22,13 +22,15 @@ pytestmark = pytest.mark.usefixtures("no_races")  # tests/conftest.py
 # (B, T, Hq, Hkv, Dk, Dv, block, n, smem_budget): GQA with Dk != Dv and T not a multiple of the
 # block, MHA, MQA with a tiny SMEM budget (several query chunks and work-item chunks); G = 16
 # (8 positions a forward / dQ tile, several tiles, unions of several KV_BLOCKS groups) and G = 64
-# (2 positions a tile) with small budgets.
+# (2 positions a tile) with small budgets; B = 3 with a budget for 2 sequences' tables (calls of
+# 2 and 1 sequences: a single call would raise).
 CASES = [
     (1, 37, 4, 2, 16, 24, 8, 3, None),
     (2, 24, 2, 2, 8, 8, 8, 2, None),
     (1, 33, 3, 1, 16, 16, 16, 2, 1024),
     (1, 100, 16, 1, 16, 16, 8, 4, 2048),
     (1, 41, 64, 1, 8, 8, 8, 3, 1024),
+    (3, 40, 4, 2, 16, 16, 8, 2, 1100),
 ]
 
 
@@ -56,6 +58,19 @@ def test_selected_attention_tpu_kernel_matches_reference(case, monkeypatch):
                                            has_aux=True)(q, k, v)
   assert_close(out, ref)
   assert_grads_close(grads, ref_grads)
+
+
+def test_tpu_kernel_cuts_a_large_batch_into_calls_whose_tables_fit_smem(monkeypatch):
+  monkeypatch.setattr(tpu_selected, "SMEM_BUDGET_BYTES", 1100)
+  q, k, v = random_qkv(3, 40, 4, 2, 16)
+  lay = tpu_selected._layout(q[:1], v[:1], 2, 8)
+  assert tpu_selected._batch_per_call(2, lay.union_len) == 2
+  with pytest.raises(ValueError, match="3 sequences x 2 KV heads"):
+    tpu_selected._layout(q, v, 2, 8)
+  monkeypatch.setattr(tpu_selected, "SMEM_BUDGET_BYTES", 100)  # not even one sequence fits
+  with pytest.raises(ValueError, match="exceed SMEM_BUDGET_BYTES = 100"):
+    tpu_selected.selected_attention(q, k, v, jnp.zeros((3, 40, 2, 2), jnp.int32), block=8,
+                                    scale=0.3, interpret=True)
 
 
 def test_tpu_kernel_rejects_blocks_off_the_sublane_tiling():

@@ -20,7 +20,8 @@ The `G` query heads of a KV group share the selected blocks and are stacked as m
   no atomics).
 - SMEM: the prefetched tables grow with T (`2 * T * Hkv * n` int32 for the tiles), so every call
   covers a chunk of queries (or work items) sized to `SMEM_BUDGET_BYTES`, and a `lax.map` walks
-  the chunks.
+  the chunks. A call holds the tables of every (sequence, KV head) for its chunk, so a batch too
+  large for even one tile's tables is cut into several calls (`selected_attention`).
 
 Layout inside: queries `[B, Hkv, T_pad * Gp, Dp]` (position `t`'s heads are rows `t*Gp ..`),
 keys / values `[B, Hkv, Ts * l', Dp]`, the log-sum-exp and `delta` rows `[B, Hkv, 1, T_pad * Gp]`
@@ -89,6 +90,18 @@ class _Layout:
     return self.query_chunk // self.positions
 
 
+def _table_bytes(union_len: int) -> int:
+  """SMEM bytes per (sequence, KV head) of one forward / dQ tile's tables (union, masks, count;
+  int32) or, if larger, of one dK/dV work item's (block, count, queries)."""
+  return 4 * max(2 * union_len + 1, DKV_CHUNK + 2)
+
+
+def _batch_per_call(num_kv_heads: int, union_len: int) -> int:
+  """Sequences one call's prefetched tables hold (each call holds every sequence's and KV
+  head's tables of at least one tile or work item)."""
+  return SMEM_BUDGET_BYTES // (num_kv_heads * _table_bytes(union_len))
+
+
 def _layout(q, v, num_slots, block) -> _Layout:
   b, t, hq, dk = q.shape
   hkv = v.shape[2]
@@ -99,7 +112,11 @@ def _layout(q, v, num_slots, block) -> _Layout:
   rows = max(8, _pow2(hq // hkv))
   positions = max(1, min(32, TILE_ROWS // rows))  # one int32 mask bit a position
   union_len = _round_up(positions * num_slots, KV_BLOCKS)
-  per_tile = b * hkv * (2 * union_len + 1) * 4  # union + masks + count, int32
+  if b > _batch_per_call(hkv, union_len):  # `selected_attention` splits the batch to fit
+    raise ValueError(f"the SMEM tables of one tile for {b} sequences x {hkv} KV heads "
+                     f"({b * hkv * _table_bytes(union_len)} bytes; q {q.shape}, {num_slots} "
+                     f"slots) exceed SMEM_BUDGET_BYTES = {SMEM_BUDGET_BYTES}")
+  per_tile = b * hkv * _table_bytes(union_len)
   tiles = max(1, min(-(-t // positions), SMEM_BUDGET_BYTES // per_tile))
   return _Layout(batch=b, seq_len=t, num_kv_heads=hkv, group=hq // hkv, rows=rows,
                  positions=positions, head_dim=dk, head_dim_v=v.shape[3],
@@ -501,4 +518,10 @@ def selected_attention(q, k, v, block_indices, *, block: int, scale: float,
   """
   if not indices_sorted:
     block_indices = sorted_causal_block_indices(block_indices, block)
-  return _selected_attention(q, k, v, block_indices, float(scale), block, interpret)
+  lay = _layout(q[:1], v[:1], block_indices.shape[-1], block)  # raises if 1 sequence is too many
+  per_call = _batch_per_call(lay.num_kv_heads, lay.union_len)
+  # A large batch is cut into calls whose tables fit SMEM (each is differentiable on its own).
+  parts = [_selected_attention(q[i:i + per_call], k[i:i + per_call], v[i:i + per_call],
+                               block_indices[i:i + per_call], float(scale), block, interpret)
+           for i in range(0, q.shape[0], per_call)]
+  return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
