@@ -34,6 +34,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.decode_partials import merge_partials
 from pallas_kernels.gpu import decode as triton_decode
 
 LOG2E = math.log2(math.e)
@@ -142,14 +143,6 @@ def compressed_partials_t(q_rows, k_cmp, v_cmp, count, *, scale: float, split: i
   return call(jnp.reshape(count, (1,)).astype(jnp.int32), q_rows, k_cmp, v_cmp)
 
 
-def _merged(acc, row_max, row_sum, used):
-  """The output `[B, Hkv, Gp, Dv]` of the first `used` partials `[B, Hkv, P, Gp, Dv]`."""
-  acc, row_max, row_sum = acc[:, :, :used], row_max[:, :, :used], row_sum[:, :, :used]
-  top = jnp.max(row_max, axis=2, keepdims=True)
-  weight = jnp.where(row_max > -jnp.inf, jnp.exp2(row_max - top), 0.0)
-  return (acc * weight[..., None]).sum(2) / (row_sum * weight).sum(2)[..., None]
-
-
 def compare(batch: int, split: int, stages: int) -> dict:
   """Checks the probe against the Triton kernel and times both at the 64k cache."""
   from experiments.gpu_trace import kernel_times  # needs the profiler; GPU runs only
@@ -172,9 +165,11 @@ def compare(batch: int, split: int, stages: int) -> dict:
   got = probe(q, k, v, count)
   got_scores = jnp.swapaxes(got[0], -1, -2)
   score_err = jnp.max(jnp.abs(got_scores - want[0])[..., shift:shift + VISIBLE])
+  merged = lambda acc, row_max, row_sum, used: merge_partials(
+      acc[:, :, :used], row_max[:, :, :used], row_sum[:, :, :used], axis=2)[0]
   out_err = jnp.max(jnp.abs(
-      _merged(jnp.swapaxes(got[1], -1, -2), got[2], got[3], NUM_CMP // split)
-      - _merged(*want[1:], -(-NUM_CMP // triton_split))))
+      merged(jnp.swapaxes(got[1], -1, -2), got[2], got[3], NUM_CMP // split)
+      - merged(*want[1:], -(-NUM_CMP // triton_split))))
   time = lambda f, *a: sum(kernel_times(lambda: jax.block_until_ready(f(*a)), calls=20).values())
   gigabytes = batch * KV_HEADS * VISIBLE * DIM * 2 * 2 / 1e9
   triton_us, probe_us = time(triton, q, k, v, position), time(probe, q, k, v, count)
