@@ -56,17 +56,16 @@ def parts(batch):
   fixed_blocks = jnp.tile(jnp.arange(16, dtype=jnp.int32) * 60, (batch, HKV, 1))
 
   def sizes(cache):
-    """`(num_slc, split, partials, score width)` as the decode step has them."""
+    """`(num_slc, split, partials)` as the decode step has them."""
     num_slc = cache.k.shape[2] // CONFIG.slc_block
-    return (num_slc,) + decode_kernel.compressed_layout(
-        batch, HKV, cache.k_cmp.shape[2], num_slc, CONFIG.slc_block // CONFIG.cmp_stride)
+    return (num_slc,) + decode_kernel.compressed_layout(batch, HKV, cache.k_cmp.shape[2])
 
   def cmp_partials(cache, q):
-    _, split, _, width = sizes(cache)
+    num_slc, split, _ = sizes(cache)
     return decode_kernel.compressed_partials(
         decode_kernel.group_rows(q, HKV), cache.k_cmp, cache.v_cmp, cache.length,
-        cmp_block=CONFIG.cmp_block, cmp_stride=CONFIG.cmp_stride, scale=scale, split=split,
-        width=width)
+        cmp_block=CONFIG.cmp_block, cmp_stride=CONFIG.cmp_stride, slc_block=CONFIG.slc_block,
+        num_slc=num_slc, scale=scale, split=split)
 
   def sparse_partials(cache, q):
     return decode_kernel.sparse_partials(
@@ -96,15 +95,15 @@ def parts(batch):
 
   def compressed(state, q, k, v):
     cache, total = state
-    scores, acc, _, _ = cmp_partials(cache, q)
-    return cache, total + acc[:, :, 0, :16].sum() + scores[:, :, :, 0].sum()
+    score_parts, acc, _, _ = cmp_partials(cache, q)
+    return cache, total + acc[:, :, 0, :16].sum() + score_parts[0][:, :, :, 0].sum()
 
   def select(state, q, k, v):
     cache, total = state
-    num_slc, _, num_partials, _ = sizes(cache)
-    scores, _, row_max, row_sum = cmp_partials(cache, q)
+    num_slc, _, num_partials = sizes(cache)
+    score_parts, _, row_max, row_sum = cmp_partials(cache, q)
     picks = decode_kernel.select(
-        scores, row_max, row_sum, cache.length, group=HQ // HKV,
+        score_parts, row_max, row_sum, cache.length, group=HQ // HKV,
         num_partials=num_partials, cmp_block=CONFIG.cmp_block,
         cmp_stride=CONFIG.cmp_stride, slc_block=CONFIG.slc_block,
         num_selected=CONFIG.num_selected, num_slc=num_slc, num_initial=CONFIG.num_initial,
@@ -118,7 +117,7 @@ def parts(batch):
 
   def sparse_and_combine(state, q, k, v):
     cache, total = state
-    _, _, num_partials, _ = sizes(cache)
+    _, _, num_partials = sizes(cache)
     selected_partials, all_partials = decode_kernel.sparse_programs(
         q.shape[0], HKV, CONFIG.num_selected, CONFIG.window, CONFIG.slc_block)
     out = decode_kernel.combine(
@@ -196,6 +195,10 @@ def trace_kernels(args, steps=64):
     kernels["sum"] = sum(totals.values())
     print(f"B={batch}, us per step: " + ", ".join(
         f"{name.removeprefix('nsa_')} {total / steps:.2f}" for name, total in kernels.items()))
+    others = sorted(((total, name) for name, total in totals.items()
+                     if not name.startswith("nsa_")), reverse=True)
+    print("  largest others: " + ", ".join(f"{name} {total / steps:.2f}"
+                                           for total, name in others[:6]))
 
 
 def main():

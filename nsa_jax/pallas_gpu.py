@@ -144,14 +144,14 @@ def _decode_jit(q_t, cache, position, gates, *, config, scale, interpret):
   group = hq // hkv
   num_cmp_cache = cache.k_cmp.shape[2]
   num_slc = size // config.slc_block
-  split, num_cmp_partials, width = decode_kernel.compressed_layout(
-      b, hkv, num_cmp_cache, num_slc, config.slc_block // config.cmp_stride)
+  split, num_cmp_partials = decode_kernel.compressed_layout(b, hkv, num_cmp_cache)
   q_rows = decode_kernel.group_rows(q_t, hkv)  # [B, Hkv, Gp, Dk]
-  scores, *cmp_partials = decode_kernel.compressed_partials(
+  score_parts, *cmp_partials = decode_kernel.compressed_partials(
       q_rows, cache.k_cmp, cache.v_cmp, position, cmp_block=config.cmp_block,
-      cmp_stride=config.cmp_stride, scale=scale, split=split, width=width, interpret=interpret)
+      cmp_stride=config.cmp_stride, slc_block=config.slc_block, num_slc=num_slc, scale=scale,
+      split=split, interpret=interpret)
   block_indices = decode_kernel.select(
-      scores, cmp_partials[1], cmp_partials[2], position, group=group,
+      score_parts, cmp_partials[1], cmp_partials[2], position, group=group,
       num_partials=num_cmp_partials, cmp_block=config.cmp_block, cmp_stride=config.cmp_stride,
       slc_block=config.slc_block, num_selected=config.num_selected, num_slc=num_slc,
       num_initial=config.num_initial, num_local=config.num_local, interpret=interpret)

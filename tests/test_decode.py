@@ -1,5 +1,6 @@
 """Decoding: prefill + one-token steps reproduce `nsa_attention` on the whole sequence."""
 
+import dataclasses
 import functools
 
 import jax
@@ -12,6 +13,7 @@ from nsa_jax import NSAConfig
 from nsa_jax import pallas_gpu
 from nsa_jax.attention_math import masked_softmax
 from nsa_jax.block_selection import decode_selection, num_cmp_visible
+from nsa_jax.block_selection import slc_scores_from_cmp_probs
 from nsa_jax.decode import _append, init_decode_cache, nsa_decode_step, nsa_prefill
 from pallas_kernels.gpu import decode as gpu_decode
 from pallas_kernels.tpu import decode as tpu_decode
@@ -145,25 +147,28 @@ def test_gpu_decode_kernels_in_interpret_mode_equal_the_full_forward(with_gates,
   assert_close(out, expected)
 
 
-def test_gpu_decode_kernels_decline_compressed_overlaps_past_the_score_shift():
-  # The selection-score kernel reads up to l/d - 1 compressed blocks left of a selection block:
-  # wider overlaps than the raw-score array's SCORE_SHIFT leading columns take the XLA decode.
-  shift = gpu_decode.SCORE_SHIFT
+def test_gpu_decode_kernels_decline_compressed_blocks_reaching_two_selection_blocks_back():
+  # The selection scores are formed from per-block sums of each block's own keys, which holds
+  # while a compressed block reaches at most one selection block back (l <= l' + d); a key tile
+  # (CMP_TILE keys) must also own whole selection blocks. Other configs take the XLA decode.
+  tile = gpu_decode.CMP_TILE
   assert gpu_decode.supported(128, 128, 64, 1024, 128, 32, 16)
-  assert gpu_decode.supported(128, 128, 64, 1024, 128, (shift + 1) * 16, 16)
-  assert not gpu_decode.supported(128, 128, 64, 1024, 128, (shift + 2) * 16, 16)
+  assert gpu_decode.supported(128, 128, 64, 1024, 128, 64 + 16, 16)
+  assert not gpu_decode.supported(128, 128, 64, 1024, 128, 64 + 32, 16)
+  assert gpu_decode.supported(128, 128, tile * 2, 4096, 128, 4, 2)
+  assert not gpu_decode.supported(128, 128, tile * 4, 4096, 128, 4, 2)
 
 
 @pytest.mark.parametrize("sparse_blocks", [1, 3])
 def test_gpu_decode_kernels_with_one_sub_block_per_selection_block_and_dk_not_dv(
     monkeypatch, sparse_blocks):
-  # l' = d (each selection block scores one sub-block), l = 3d (three compressed blocks overlap
+  # l' = d (each selection block scores one sub-block), l = 2d (two compressed blocks overlap
   # each sub-block), G = 3, Dk = 32, Dv = 16: the other corner of the score map and the combine.
   # SPARSE_BLOCKS = 3: the sparse programs walk 3 blocks (n = 4 selected: 3 + 1; 3 window tiles),
   # here at B * Hkv = 4 pairs (by default only from 32).
   monkeypatch.setattr(gpu_decode, "SPARSE_BLOCKS", sparse_blocks)
   monkeypatch.setattr(gpu_decode, "SPARSE_MULTI_MIN_PAIRS", 1)
-  config = NSAConfig(cmp_block=48, cmp_stride=16, slc_block=16, num_selected=4, num_initial=1,
+  config = NSAConfig(cmp_block=32, cmp_stride=16, slc_block=16, num_selected=4, num_initial=1,
                      num_local=1, window=32)
   assert gpu_decode.sparse_programs(2, 2, 4, 32, 16) == {1: (4, 7), 3: (2, 3)}[sparse_blocks]
   q, k, v = random_qkv(2, 120, 6, 2, 32, 16)
@@ -209,40 +214,52 @@ def test_tpu_compressed_decode_kernel_gives_the_branch_output_and_probabilities(
   assert_close(out[:, 0, :3], expected_probs @ v_cmp[:, :, 0])
 
 
+# (l, d, l'): l/d = 2 compressed blocks per sub-block, 4 sub-blocks per selection block (the
+# paper's shape: a block's last key also scores the next block); l = d (each compressed block
+# scores one selection block); l = l' + d, the most the kernels take (tail weights 1..4); l' = d
+# (64 selection blocks a key tile: one key tile per selection-score program).
+@pytest.mark.parametrize("blocks", [(8, 4, 16), (4, 4, 16), (20, 4, 16), (8, 4, 4)])
 @pytest.mark.parametrize("split", [128, 256])
 @pytest.mark.parametrize("position", [6, 40, 517, 1023])
-def test_gpu_compressed_partials_and_select_kernels_pick_the_xla_decode_blocks(position, split):
-  # S = 1024 tokens (64 selection blocks of l' = 16), Sc = 256 compressed slots (l = 8, d = 4:
-  # Eq. 9 mixes two compressed blocks per sub-block); G = 3 heads padded to 16 rows; one or two
+def test_gpu_compressed_partials_and_select_kernels_pick_the_xla_decode_blocks(position, split,
+                                                                             blocks):
+  # S = 1024 tokens, Sc = 256 compressed slots; G = 3 heads padded to 16 rows; one or two
   # splits. Position 6 sees no compressed block (only the forced blocks are picked).
-  config, hkv, group = SMALL, 2, 3
+  cmp_block, cmp_stride, slc_block = blocks
+  config = dataclasses.replace(SMALL, cmp_block=cmp_block, cmp_stride=cmp_stride,
+                               slc_block=slc_block)
+  hkv, group = 2, 3
   q_t, k_cmp, v_cmp = random_qkv(2, 256, hkv * group, hkv, 16)
   q_t, k_cmp, v_cmp = q_t[:, 0], k_cmp.transpose(0, 2, 1, 3), v_cmp.transpose(0, 2, 1, 3)
   num_slc, scale = 1024 // config.slc_block, 0.25
-  width = gpu_decode.score_width(256, split, num_slc, config.slc_block // config.cmp_stride)
   count = num_cmp_visible(jnp.int32(position), config)
-  scores, acc, row_max, row_sum = gpu_decode.compressed_partials(
-      gpu_decode.group_rows(q_t, hkv), k_cmp, v_cmp, jnp.int32(position),
-      cmp_block=config.cmp_block, cmp_stride=config.cmp_stride, scale=scale, split=split,
-      width=width, interpret=True)
-  picks = gpu_decode.select(
-      scores, row_max, row_sum, jnp.int32(position), group=group, num_partials=256 // split,
-      cmp_block=config.cmp_block, cmp_stride=config.cmp_stride, slc_block=config.slc_block,
-      num_selected=config.num_selected, num_slc=num_slc, num_initial=config.num_initial,
-      num_local=config.num_local, interpret=True)
+  kwargs = dict(cmp_block=config.cmp_block, cmp_stride=config.cmp_stride,
+                slc_block=config.slc_block, num_slc=num_slc, interpret=True)
+  score_parts, acc, row_max, row_sum = gpu_decode.compressed_partials(
+      gpu_decode.group_rows(q_t, hkv), k_cmp, v_cmp, jnp.int32(position), scale=scale,
+      split=split, **kwargs)
+  stats = (score_parts, row_max, row_sum, jnp.int32(position))
+  scores = gpu_decode.selection_scores(*stats, group=group, num_partials=256 // split, **kwargs)
+  picks = gpu_decode.select(*stats, group=group, num_partials=256 // split,
+                            num_selected=config.num_selected, num_initial=config.num_initial,
+                            num_local=config.num_local, **kwargs)
 
   q = q_t.reshape(2, hkv, group, 16)
   visible = jnp.arange(256) < count
   logits = jnp.einsum("bhgd,bhsd->bhgs", q, k_cmp) * scale
   probs, _ = masked_softmax(logits, visible)
+  expected_scores = slc_scores_from_cmp_probs(probs.sum(2), config, num_slc)
+  assert_close(scores[..., :num_slc], expected_scores)
   expected = decode_selection(probs.sum(2), jnp.int32(position), config, num_slc)
   got = jnp.sort(jnp.where(picks[..., :config.num_selected] >= 0,
                            picks[..., :config.num_selected], 10**6), axis=-1)
   np.testing.assert_array_equal(got, jnp.where(expected >= 0, expected, 10**6))
-  # The raw scores the selection read: log2-domain logits of the visible compressed blocks.
-  shift = gpu_decode.SCORE_SHIFT
-  raw = jnp.where(visible, scores[:, :, :group, shift:shift + 256], 0.0)
-  assert_close(raw, jnp.where(visible, logits * np.log2(np.e), 0.0))
+  # The branch output of the merged partials.
+  merged = (acc * jnp.exp2(row_max - row_max.max(2, keepdims=True))[..., None]).sum(2)
+  total = (row_sum * jnp.exp2(row_max - row_max.max(2, keepdims=True))).sum(2)
+  if position >= config.cmp_block - 1:
+    assert_close((merged / total[..., None])[:, :, :group],
+                 jnp.einsum("bhgs,bhsd->bhgd", probs, v_cmp))
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

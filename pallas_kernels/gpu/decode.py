@@ -7,13 +7,16 @@ kernels with nothing between them but free reshapes (per-kernel times: BENCHMARK
 append before them is `cache_append.py`.
 
 1. `compressed_partials`: grid (B, Hkv, splits). Each program scores one split of the compressed
-   cache in tiles of CMP_TILE, keeps an online softmax (flash-decoding partials: unnormalised
-   output, max, sum) and writes the raw scores. Splits are sized to the batch (`cmp_split`): many
-   small ones spread B=1 over the SMs, few large ones keep the B=8 partials small.
+   cache in tiles of CMP_TILE keys and keeps an online softmax (flash-decoding partials:
+   unnormalised output, max, sum). Splits are sized to the batch (`cmp_split`): many small ones
+   spread B=1 over the SMs, few large ones keep the B=8 partials small. It also sums each tile's
+   probabilities per selection block, per query head and relative to the running maximum after
+   the tile (two sums a block, from which SPEC.md Eq. 9 follows: `_ScoreMap`), and stores that
+   maximum. Only the global log-sum-exp, which needs every split, is left for step 2.
 2. `select`: grid (B, Hkv, tiles of SCORES_TILE selection blocks). Merges the partial maxima and
-   sums into each head's log-sum-exp, turns the raw scores into probabilities, sums them over the
-   group and maps them to selection-block scores (SPEC.md Eq. 9) with strided loads; then the top
-   n (`top_n.top_n_blocks_decode`, grid (B, Hkv)).
+   sums into each head's log-sum-exp, rescales each tile's block sums by `exp2(tile max - lse)`,
+   forms the Eq. 9 scores and sums them over the group (`selection_scores`); then the top n
+   (`top_n.top_n_blocks_decode`, grid (B, Hkv)).
 3. `sparse_partials`: grid (B, Hkv, n + window tiles). Program i < n attends selected block
    `idx[i]` (cut at the query), the others one `l'`-aligned tile of the window `(t - w, t]`
    (from B * Hkv >= SPARSE_MULTI_MIN_PAIRS, SPARSE_BLOCKS of them a program).
@@ -30,6 +33,7 @@ loads power-of-two shapes); rows past the grid are never written and are masked 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,13 +44,14 @@ from pallas_kernels.decode_partials import window_tiles
 from pallas_kernels.gpu.tile_math import LOG2E, MASK_VALUE, pow2
 from pallas_kernels.gpu.tile_math import dot as _dot
 from pallas_kernels.gpu.tile_math import online_softmax_init, online_softmax_step
+from pallas_kernels.gpu.tile_math import online_softmax_step_with_probs
 from pallas_kernels.gpu.top_n import top_n_blocks_decode
 
 CMP_TILE = 64  # compressed keys per dot
 CMP_ALIGN = 128  # the compressed cache's length is a multiple of this (decode.CACHE_ALIGN)
 TARGET_PROGRAMS = 512  # compressed-kernel programs to aim for (swept: 256-1024; 512 best at B=8)
-SCORE_SHIFT = 128  # the score of compressed block i is stored in column i + SCORE_SHIFT
 SCORES_TILE = 64  # selection blocks per program of the selection-score kernel
+SUMS_SHIFT = 16  # block j's sums are in column j + SUMS_SHIFT, so that j - 1 >= 0 for j = 0
 COMBINE_PROGRAMS = 256  # combine programs to aim for: Dv is split into tiles of >= 8 for them
 # l' blocks (selected blocks or window tiles) per sparse-kernel program once the grid has at least
 # SPARSE_MULTI_MIN_PAIRS (sequence, KV head) pairs: walked with an online softmax, loads pipelined,
@@ -56,7 +61,7 @@ SPARSE_BLOCKS = 4
 SPARSE_MULTI_MIN_PAIRS = 32
 CMP_NUM_WARPS = 4
 CMP_STAGES = 2
-SCORES_NUM_WARPS = 4
+SCORES_NUM_WARPS = 2  # H200, 64k, B=8: 5.9 us (4 warps: 6.9, 8: 8.9); B=1 3.0 either way
 SPARSE_NUM_WARPS = 4
 COMBINE_NUM_WARPS = 4
 
@@ -67,13 +72,15 @@ def _is_pow2(x: int) -> bool:
 
 def supported(head_dim: int, head_dim_v: int, slc_block: int, cache_len: int,
               cmp_cache_len: int, cmp_block: int, cmp_stride: int) -> bool:
-  """Whether the kernels take these sizes (else use the XLA decode path). The selection-score
-  kernel reads compressed blocks up to `l / d - 1` left of a selection block's first, which the
-  raw-score array's SCORE_SHIFT leading columns must hold."""
+  """Whether the kernels take these sizes (else use the XLA decode path). A key tile of the
+  compressed kernel must own whole selection blocks (`l' / d <= CMP_TILE`, powers of two), and
+  a compressed block may reach at most one selection block back (`l <= l' + d`, `_ScoreMap`)."""
+  per_cmp, per_slc = cmp_block // cmp_stride, slc_block // cmp_stride
   return (head_dim >= 16 and head_dim_v >= 16 and _is_pow2(head_dim)
           and _is_pow2(head_dim_v) and slc_block >= 16 and _is_pow2(slc_block)
           and cache_len % slc_block == 0 and cmp_cache_len > 0
-          and cmp_cache_len % CMP_ALIGN == 0 and cmp_block // cmp_stride - 1 <= SCORE_SHIFT)
+          and cmp_cache_len % CMP_ALIGN == 0 and _is_pow2(per_slc) and per_slc <= CMP_TILE
+          and per_cmp - 1 <= per_slc)
 
 
 def group_rows(x, num_kv_heads: int):
@@ -97,22 +104,64 @@ def num_splits(cmp_cache_len: int, split: int) -> int:
   return -(-cmp_cache_len // split)
 
 
-def score_width(cmp_cache_len: int, split: int, num_slc: int, per_slc: int) -> int:
-  """Columns of the raw-score array: every split's stores and `select`'s strided loads fit."""
-  return SCORE_SHIFT + max(num_splits(cmp_cache_len, split) * split, pow2(num_slc) * per_slc)
-
-
-def compressed_layout(batch: int, num_kv_heads: int, cmp_cache_len: int, num_slc: int,
-                      per_slc: int) -> tuple[int, int, int]:
-  """`(split, partials, score width)` of a decode step: `cmp_split`, `num_splits`,
-  `score_width`."""
+def compressed_layout(batch: int, num_kv_heads: int, cmp_cache_len: int) -> tuple[int, int]:
+  """`(split, partials)` of a decode step's compressed kernel: `cmp_split`, `num_splits`."""
   split = cmp_split(batch, num_kv_heads, cmp_cache_len)
-  return (split, num_splits(cmp_cache_len, split),
-          score_width(cmp_cache_len, split, num_slc, per_slc))
+  return split, num_splits(cmp_cache_len, split)
+
+
+class _ScoreMap(NamedTuple):
+  """SPEC.md Eq. 9 (with `l % d == l' % d == 0`) as per-block sums of a key tile.
+
+  Selection block j covers sub-blocks `[j*m, (j+1)*m)` (`m = l'/d`; `c = l/d`), and its score is
+  `sum_{r < m, k < c} p[j*m + r - k]`. For `c - 1 <= m` (`l <= l' + d`) that is
+  `c * V_j - U_j + U_{j-1}` with `V_j = sum_{r < m} p[j*m + r]` and the tail sum
+  `U_j = sum_{r < m} max(0, r + c - m) p[j*m + r]`: a compressed block reaches at most one
+  selection block back, and each block's two sums come from its own keys only.
+  """
+
+  per_cmp: int  # c = l / d
+  per_slc: int  # m = l' / d
+  owned: int  # selection blocks a key tile owns: CMP_TILE / m
+
+  def tail_weights(self):
+    return jnp.maximum(jnp.arange(self.per_slc) + self.per_cmp - self.per_slc, 0).astype(
+        jnp.float32)
+
+
+def _score_map(cmp_block: int, cmp_stride: int, slc_block: int) -> _ScoreMap:
+  per_slc = slc_block // cmp_stride
+  return _ScoreMap(cmp_block // cmp_stride, per_slc, CMP_TILE // per_slc)
+
+
+def _scores_programs(num_slc: int) -> tuple[int, int]:
+  """`(selection blocks per program, programs)` of the selection-score kernel (B=1 still spreads
+  over the SMs)."""
+  width = pow2(num_slc)
+  tile = min(width, SCORES_TILE)
+  return tile, width // tile
+
+
+def _tiles_per_scores_program(tile: int, owned: int) -> int:
+  """Key tiles whose blocks one selection-score program reads (a power of two)."""
+  return max(1, tile // owned)
+
+
+def _score_shapes(num_cmp: int, split: int, num_slc: int, smap: _ScoreMap):
+  """Columns of the block sums and rows of `tile_max`: wide enough for every key tile's stores
+  and every selection-score program's loads (interpret mode clamps out-of-range slices rather
+  than masking them)."""
+  key_tiles = num_splits(num_cmp, split) * split // CMP_TILE
+  tile, programs = _scores_programs(num_slc)
+  last_first_tile = (programs - 1) * tile // smap.owned
+  columns = SUMS_SHIFT + max(key_tiles * smap.owned, programs * tile)
+  rows = max(key_tiles + 1, last_first_tile + pow2(_tiles_per_scores_program(tile, smap.owned)
+                                                   + 1))
+  return columns, rows
 
 
 # ---------------------------------------------------------------------------------------------
-# 1. Compressed branch: per-split partials and raw scores.
+# 1. Compressed branch: per-split partials and per-tile selection-block sums.
 
 
 def _visible_cmp_blocks(pos, cmp_block, cmp_stride):
@@ -121,11 +170,12 @@ def _visible_cmp_blocks(pos, cmp_block, cmp_stride):
   return jnp.maximum((pos + 1 - cmp_block) // cmp_stride + 1, 0)
 
 
-def _cmp_kernel(pos_ref, q_ref, k_ref, v_ref, s_ref, acc_ref, m_ref, l_ref, *, scale, split,
-                cmp_block, cmp_stride):
+def _cmp_kernel(pos_ref, q_ref, k_ref, v_ref, sums_ref, tails_ref, tmax_ref, acc_ref, m_ref,
+                l_ref, *, scale, split, cmp_block, cmp_stride, smap):
   count = _visible_cmp_blocks(pos_ref[0], cmp_block, cmp_stride)
   base = pl.program_id(2) * split
   q = q_ref[...]  # [Gp, Dk]
+  rows = q.shape[0]
   num_tiles = jnp.clip((count - base + CMP_TILE - 1) // CMP_TILE, 0, split // CMP_TILE)
 
   def body(i, carry):
@@ -133,67 +183,84 @@ def _cmp_kernel(pos_ref, q_ref, k_ref, v_ref, s_ref, acc_ref, m_ref, l_ref, *, s
     visible = start + jnp.arange(CMP_TILE) < count
     scores = _dot(q, k_ref[pl.ds(start, CMP_TILE), :], trans_b=True) * (scale * LOG2E)
     scores = jnp.where(visible[None, :], scores, MASK_VALUE)
-    s_ref[:, pl.ds(SCORE_SHIFT + start, CMP_TILE)] = scores
-    return online_softmax_step(carry, scores, lambda: v_ref[pl.ds(start, CMP_TILE), :],
-                               visible)
+    carry, probs = online_softmax_step_with_probs(
+        carry, scores, lambda: v_ref[pl.ds(start, CMP_TILE), :], visible)
+    # The tile's block sums, relative to the new running max carry[1] (>= every score of the
+    # tile, so nothing overflows); key tile u's maximum is row u + 1 of tile_max.
+    key_tile = start // CMP_TILE
+    columns = pl.ds(SUMS_SHIFT + key_tile * smap.owned, smap.owned)
+    by_block = probs.reshape(rows, smap.owned, smap.per_slc)
+    sums_ref[:, columns] = jnp.sum(by_block, axis=2)
+    if smap.per_cmp > 1:
+      tails_ref[:, columns] = jnp.sum(by_block * smap.tail_weights()[None, None, :], axis=2)
+    tmax_ref[pl.ds(key_tile + 1, 1), :] = carry[1][None, :]
+    return carry
 
-  init = online_softmax_init(q.shape[0], acc_ref.shape[1])
+  init = online_softmax_init(rows, acc_ref.shape[1])
   acc, row_max, row_sum = jax.lax.fori_loop(0, num_tiles, body, init)
   acc_ref[...] = acc
   m_ref[...] = row_max
   l_ref[...] = row_sum
 
 
-@functools.partial(jax.jit, static_argnames=("cmp_block", "cmp_stride", "scale", "split",
-                                             "width", "interpret"))
+@functools.partial(jax.jit, static_argnames=("cmp_block", "cmp_stride", "slc_block", "num_slc",
+                                             "scale", "split", "interpret"))
 def compressed_partials(q_rows, k_cmp, v_cmp, position, *, cmp_block: int, cmp_stride: int,
-                        scale: float, split: int, width: int, interpret: bool = False):
-  """Flash-decoding partials of the compressed branch, and the raw scores.
+                        slc_block: int, num_slc: int, scale: float, split: int,
+                        interpret: bool = False):
+  """Flash-decoding partials of the compressed branch, and its per-tile selection-block sums.
 
   Args:
     q_rows: `[B, Hkv, Gp, Dk]` (`group_rows`); padded rows are zeros.
     k_cmp, v_cmp: `[B, Hkv, Sc, Dk]` / `[B, Hkv, Sc, Dv]`, Sc a multiple of CMP_ALIGN.
     position: int32 scalar, the query's position: it sees the first `count` compressed blocks,
       those complete at it (`cmp_block`, `cmp_stride`: l, d).
+    slc_block: l'; num_slc: selection blocks in the cache (`S / l'`).
     scale: softmax scale.
-    split: compressed keys per program (`cmp_split`); width: `score_width(...)`.
+    split: compressed keys per program (`cmp_split`).
     interpret: Pallas interpret mode (CPU).
 
   Returns:
-    `(scores [B, Hkv, Gp, width], acc [B, Hkv, Pp, Gp, Dv], row_max [B, Hkv, Pp, Gp],
-    row_sum [B, Hkv, Pp, Gp])`, all float32: column `SCORE_SHIFT + i` holds the log2-domain score
-    of compressed block `i < count` (other columns are unwritten), partial `p < P = ceil(Sc /
-    split)` covers blocks `[p*split, (p+1)*split)` (Pp = pow2(P); rows past P are unwritten).
+    `(score_parts, acc [B, Hkv, Pp, Gp, Dv], row_max [B, Hkv, Pp, Gp], row_sum [B, Hkv, Pp,
+    Gp])`, all float32. Partial `p < P = ceil(Sc / split)` covers blocks `[p*split,
+    (p+1)*split)` (Pp = pow2(P); rows past P are unwritten). `score_parts = (sums [B, Hkv, Gp,
+    *], tails [B, Hkv, Gp, *], tile_max [B, Hkv, *, Gp])`: for each key tile `u` (CMP_TILE
+    keys) with `u * CMP_TILE < count`, `tile_max[..., u + 1, g]` is row g's running max after
+    it, `M`, and columns `SUMS_SHIFT + j` of `sums` / `tails` hold `_ScoreMap`'s `V_j` / `U_j`
+    of the selection blocks `j` it owns, over `p = exp2(s - M)` (0 where not visible). Other
+    entries are unwritten (`tails` entirely when `l = d`).
   """
   b, hkv, rows, dk = q_rows.shape
   num_cmp, dv = k_cmp.shape[2], v_cmp.shape[3]
+  smap = _score_map(cmp_block, cmp_stride, slc_block)
+  columns, tile_rows = _score_shapes(num_cmp, split, num_slc, smap)
   splits = num_splits(num_cmp, split)
   padded = pow2(splits)
   whole = lambda d: pl.BlockSpec((None, None, num_cmp, d), lambda i, j, s: (i, j, 0, 0))
   part = lambda *shape: pl.BlockSpec((None, None, None) + shape,
                                      lambda i, j, s: (i, j, s) + (0,) * len(shape))
-  return pl.pallas_call(
+  per_head = lambda *shape: pl.BlockSpec((None, None) + shape, lambda i, j, s: (i, j, 0, 0))
+  f32 = lambda *shape: jax.ShapeDtypeStruct((b, hkv) + shape, jnp.float32)
+  sums, tails, tile_max, *partials = pl.pallas_call(
       functools.partial(_cmp_kernel, scale=scale, split=split, cmp_block=cmp_block,
-                        cmp_stride=cmp_stride),
+                        cmp_stride=cmp_stride, smap=smap),
       grid=(b, hkv, splits),
-      in_specs=[pl.BlockSpec((1,), lambda i, j, s: (0,)),
-                pl.BlockSpec((None, None, rows, dk), lambda i, j, s: (i, j, 0, 0)),
-                whole(dk), whole(dv)],
-      out_specs=[pl.BlockSpec((None, None, rows, width), lambda i, j, s: (i, j, 0, 0)),
+      in_specs=[pl.BlockSpec((1,), lambda i, j, s: (0,)), per_head(rows, dk), whole(dk),
+                whole(dv)],
+      out_specs=[per_head(rows, columns), per_head(rows, columns), per_head(tile_rows, rows),
                  part(rows, dv), part(rows), part(rows)],
-      out_shape=[jax.ShapeDtypeStruct((b, hkv, rows, width), jnp.float32),
-                 jax.ShapeDtypeStruct((b, hkv, padded, rows, dv), jnp.float32),
-                 jax.ShapeDtypeStruct((b, hkv, padded, rows), jnp.float32),
-                 jax.ShapeDtypeStruct((b, hkv, padded, rows), jnp.float32)],
+      out_shape=[f32(rows, columns), f32(rows, columns), f32(tile_rows, rows),
+                 f32(padded, rows, dv), f32(padded, rows), f32(padded, rows)],
       compiler_params=plgpu.CompilerParams(num_warps=CMP_NUM_WARPS, num_stages=CMP_STAGES),
       interpret=interpret,
       name="nsa_decode_compressed",
   )(jnp.reshape(position, (1,)).astype(jnp.int32), q_rows, k_cmp, v_cmp)
+  return (sums, tails, tile_max), *partials
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. Selection: log-sum-exp, probabilities, group sum and Eq. 9 map per tile of selection blocks,
-#    then the top-n kernel.
+# 2. Selection: log-sum-exp and the rescaled, group-summed block sums per tile of selection
+#    blocks, then the top-n kernel.
 
 
 def _merged_statistics(row_max, row_sum, lo, hi):
@@ -209,86 +276,126 @@ def _merged_statistics(row_max, row_sum, lo, hi):
   return used, total_max, total, weight
 
 
-def _scores_kernel(pos_ref, s_ref, m_ref, l_ref, out_ref, *, group, num_partials, cmp_block,
-                   cmp_stride, slc_block, interpret):
-  pos = pos_ref[0]
-  count = _visible_cmp_blocks(pos, cmp_block, cmp_stride)
-  per_cmp, per_slc = cmp_block // cmp_stride, slc_block // cmp_stride
+def _load_where(ref, mask, interpret):
+  """`ref[...]` where `mask`, else 0. On the GPU the load itself is masked, so that unwritten
+  entries (most of them in a cache far from full) are not fetched; interpret mode loads them all
+  and `where` makes both the same."""
+  value = ref[...] if interpret else plgpu.load(ref, mask=mask, other=0.0)
+  return jnp.where(mask, value, 0.0)
+
+
+def _row(x, r):
+  """Row `r` (static) of a small 2D array, as a vector (Triton values have no indexing)."""
+  return jnp.sum(jnp.where(jnp.arange(x.shape[0])[:, None] == r, x, 0.0), axis=0)
+
+
+def _scores_kernel(pos_ref, sums_ref, tails_ref, tmax_ref, m_ref, l_ref, out_ref, *, group,
+                   num_partials, cmp_block, cmp_stride, smap, interpret):
+  count = _visible_cmp_blocks(pos_ref[0], cmp_block, cmp_stride)
   tile = out_ref.shape[0]
   first_block = pl.program_id(2) * tile
-  real_row = (jnp.arange(m_ref.shape[1]) < group)[:, None]
-  # Selection block j scores sum_{r < per_slc, c < per_cmp} p[j * per_slc + r - c] (SPEC.md
-  # Eq. 9 with l % d = l' % d = 0): one strided load per offset o = r - c, weighted by the number
-  # of (r, c) pairs that give it. All loads are issued before any math, to be in flight together.
-  offsets = range(1 - per_cmp, per_slc)
-  visible, raw = {}, {}
-  for offset in offsets:
-    block = (first_block + jnp.arange(tile)) * per_slc + offset  # compressed block per column
-    visible[offset] = real_row & ((block >= 0) & (block < count))[None, :]
-    columns = s_ref.at[:, pl.ds(SCORE_SHIFT + first_block * per_slc + offset, tile,
-                                stride=per_slc)]
-    # On the GPU the load is masked, so that columns past `count` (unwritten; most of them in a
-    # cache far from full) are not fetched. Interpret mode has no strided masked load; the
-    # `where` below makes both the same.
-    raw[offset] = (columns[...] if interpret
-                   else plgpu.load(columns, mask=visible[offset], other=0.0))  # [Gp, tile]
+  first_tile = first_block // smap.owned  # the key tile of the first block
+  per_program = _tiles_per_scores_program(tile, smap.owned)
+  real = jnp.arange(m_ref.shape[1]) < group  # [Gp]
+  ran = lambda key_tile: (key_tile >= 0) & (key_tile * CMP_TILE < count)  # tiles with stores
+  # Row r of the maxima: key tile first_tile - 1 + r (the previous tile holds U_{j-1} of the
+  # first block).
+  rows = pow2(per_program + 1)
+  row_ok = ran(first_tile - 1 + jnp.arange(rows))[:, None] & real[None, :]
+  block = first_block + jnp.arange(tile)
+  own_row = block // smap.owned - first_tile + 1
+  prev_row = (block - 1) // smap.owned - first_tile + 1  # block -1's "tile" -1 never ran
+  own_ok = real[:, None] & ran(block // smap.owned)[None, :]
+  prev_ok = real[:, None] & ((block >= 1) & ran((block - 1) // smap.owned))[None, :]
+  columns = lambda shift: pl.ds(SUMS_SHIFT + first_block - shift, tile)
+  # All loads are issued before any math, to be in flight together.
+  tile_max = _load_where(tmax_ref.at[pl.ds(first_tile, rows), :], row_ok, interpret)
+  sums = _load_where(sums_ref.at[:, columns(0)], own_ok, interpret)
+  if smap.per_cmp > 1:
+    tails = _load_where(tails_ref.at[:, columns(0)], own_ok, interpret)
+    prev_tails = _load_where(tails_ref.at[:, columns(1)], prev_ok, interpret)
   _, total_max, total, _ = _merged_statistics(m_ref[...], l_ref[...], 0, num_partials)
   lse2 = total_max + jnp.log2(jnp.where(total > 0, total, 1.0))  # [Gp]
-  score = jnp.zeros((tile,), jnp.float32)
-  for offset in offsets:
-    weight = sum(1 for r in range(per_slc) for c in range(per_cmp) if r - c == offset)
-    probs = jnp.where(visible[offset], jnp.exp2(raw[offset] - lse2[:, None]), 0.0)
-    score = score + weight * jnp.sum(probs, axis=0)
+  # exp2(M[g, u] - lse[g]) turns tile u's sums into probabilities of the whole softmax.
+  factor = jnp.where(row_ok, jnp.exp2(tile_max - lse2[None, :]), 0.0)  # [rows, Gp]
+  factors = [_row(factor, r)[:, None] for r in range(per_program + 1)]
+  spread = lambda row_of_block: sum(jnp.where((row_of_block == r)[None, :], f, 0.0)
+                                    for r, f in enumerate(factors))  # [Gp, tile]
+  weighted = sums * smap.per_cmp
+  if smap.per_cmp > 1:
+    weighted = weighted - tails
+  score = jnp.sum(weighted * spread(own_row), axis=0)
+  if smap.per_cmp > 1:
+    score = score + jnp.sum(prev_tails * spread(prev_row), axis=0)
   out_ref[...] = score
+
+
+@functools.partial(jax.jit, static_argnames=("group", "num_partials", "cmp_block", "cmp_stride",
+                                             "slc_block", "num_slc", "interpret"))
+def selection_scores(score_parts, row_max, row_sum, position, *, group: int, num_partials: int,
+                     cmp_block: int, cmp_stride: int, slc_block: int, num_slc: int,
+                     interpret: bool = False):
+  """Selection-block scores (SPEC.md steps 1-3) of the query at `position`, from
+  `compressed_partials`' outputs: float32 `[B, Hkv, pow2(num_slc)]`, block `j`'s score summed
+  over the G real heads, 0 past the visible compressed blocks (and past `num_slc`).
+
+  Args:
+    score_parts, row_max, row_sum: from `compressed_partials` (P = `num_partials` written
+      partials).
+    position: int32 scalar, the query's position.
+    group: G, the real rows of Gp.
+    cmp_block, cmp_stride, slc_block: l, d, l'.
+    num_slc: selection blocks in the cache (`S / l'`).
+    interpret: Pallas interpret mode (CPU).
+  """
+  sums, tails, tile_max = score_parts
+  b, hkv = sums.shape[:2]
+  smap = _score_map(cmp_block, cmp_stride, slc_block)
+  tile, programs = _scores_programs(num_slc)
+  kernel = functools.partial(_scores_kernel, group=group, num_partials=num_partials,
+                             cmp_block=cmp_block, cmp_stride=cmp_stride, smap=smap,
+                             interpret=interpret)
+  whole = lambda x: pl.BlockSpec((None, None) + x.shape[2:], lambda i, j, t: (i, j, 0, 0))
+  return pl.pallas_call(
+      kernel,
+      grid=(b, hkv, programs),
+      in_specs=[pl.BlockSpec((1,), lambda i, j, t: (0,)), whole(sums), whole(tails),
+                whole(tile_max), whole(row_max), whole(row_sum)],
+      out_specs=pl.BlockSpec((None, None, tile), lambda i, j, t: (i, j, t)),
+      out_shape=jax.ShapeDtypeStruct((b, hkv, programs * tile), jnp.float32),
+      compiler_params=plgpu.CompilerParams(num_warps=SCORES_NUM_WARPS, num_stages=1),
+      interpret=interpret,
+      name="nsa_decode_selection_scores",
+  )(jnp.reshape(position, (1,)).astype(jnp.int32), sums, tails, tile_max, row_max, row_sum)
 
 
 @functools.partial(jax.jit, static_argnames=("group", "num_partials", "cmp_block", "cmp_stride",
                                              "slc_block", "num_selected", "num_slc",
                                              "num_initial", "num_local", "interpret"))
-def select(scores, row_max, row_sum, position, *, group: int, num_partials: int, cmp_block: int,
-           cmp_stride: int, slc_block: int, num_selected: int, num_slc: int, num_initial: int,
-           num_local: int, interpret: bool = False):
+def select(score_parts, row_max, row_sum, position, *, group: int, num_partials: int,
+           cmp_block: int, cmp_stride: int, slc_block: int, num_selected: int, num_slc: int,
+           num_initial: int, num_local: int, interpret: bool = False):
   """The selected blocks of the query at `position`, from `compressed_partials`' outputs.
 
-  Two kernels: the selection-block scores, grid (B, Hkv, width / SCORES_TILE) so that B=1 still
-  spreads the probabilities over the SMs, then `top_n.top_n_blocks_decode`.
+  Two kernels: `selection_scores`, grid (B, Hkv, pow2(num_slc) / SCORES_TILE) so that B=1 still
+  spreads over the SMs, then `top_n.top_n_blocks_decode`.
 
   Args:
-    scores, row_max, row_sum: from `compressed_partials` (P = `num_partials` written partials).
-    position: int32 scalar, the query's position.
-    group: G, the real rows of Gp.
-    cmp_block, cmp_stride, slc_block, num_selected, num_initial, num_local: the NSA config.
-    num_slc: selection blocks in the cache (`S / l'`).
-    interpret: Pallas interpret mode (CPU).
+    score_parts, row_max, row_sum, position, group, num_partials, cmp_block, cmp_stride,
+      slc_block, num_slc, interpret: as `selection_scores`.
+    num_selected, num_initial, num_local: the NSA config.
 
   Returns:
     int32 `[B, Hkv, pow2(n)]`: distinct blocks in pick order (forced first, then by score), -1
     where nothing is left to pick.
   """
-  b, hkv, rows, _ = scores.shape
-  padded = row_max.shape[2]
-  width = pow2(num_slc)
-  tile = min(width, SCORES_TILE)
-  kernel = functools.partial(_scores_kernel, group=group, num_partials=num_partials,
-                             cmp_block=cmp_block, cmp_stride=cmp_stride, slc_block=slc_block,
-                             interpret=interpret)
-  stats = pl.BlockSpec((None, None, padded, rows), lambda i, j, t: (i, j, 0, 0))
-  position = jnp.reshape(position, (1,)).astype(jnp.int32)
-  slc_scores = pl.pallas_call(
-      kernel,
-      grid=(b, hkv, width // tile),
-      in_specs=[pl.BlockSpec((1,), lambda i, j, t: (0,)),
-                pl.BlockSpec((None, None, rows, scores.shape[3]), lambda i, j, t: (i, j, 0, 0)),
-                stats, stats],
-      out_specs=pl.BlockSpec((None, None, tile), lambda i, j, t: (i, j, t)),
-      out_shape=jax.ShapeDtypeStruct((b, hkv, width), jnp.float32),
-      compiler_params=plgpu.CompilerParams(num_warps=SCORES_NUM_WARPS, num_stages=1),
-      interpret=interpret,
-      name="nsa_decode_selection_scores",
-  )(position, scores, row_max, row_sum)
-  return top_n_blocks_decode(slc_scores, position[0], num_selected=num_selected,
-                             slc_block=slc_block, num_slc=num_slc, num_initial=num_initial,
-                             num_local=num_local, interpret=interpret)
+  slc_scores = selection_scores(score_parts, row_max, row_sum, position, group=group,
+                                num_partials=num_partials, cmp_block=cmp_block,
+                                cmp_stride=cmp_stride, slc_block=slc_block, num_slc=num_slc,
+                                interpret=interpret)
+  return top_n_blocks_decode(slc_scores, jnp.asarray(position, jnp.int32),
+                             num_selected=num_selected, slc_block=slc_block, num_slc=num_slc,
+                             num_initial=num_initial, num_local=num_local, interpret=interpret)
 
 
 # ---------------------------------------------------------------------------------------------

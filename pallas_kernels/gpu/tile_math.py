@@ -54,6 +54,12 @@ def online_softmax_step(carry, scores, load_v, visible=None):
   Returns:
     The updated carry.
   """
+  return online_softmax_step_with_probs(carry, scores, load_v, visible)[0]
+
+
+def online_softmax_step_with_probs(carry, scores, load_v, visible=None):
+  """`online_softmax_step`, also giving the tile's probabilities `[rows, keys]`, relative to the
+  new running maximum (the carry's `row_max`)."""
   acc, row_max, row_sum = carry
   new_max = jnp.maximum(row_max, jnp.max(scores, axis=1))
   correction = jnp.exp2(row_max - new_max)
@@ -62,4 +68,4 @@ def online_softmax_step(carry, scores, load_v, visible=None):
     probs = jnp.where(visible if visible.ndim == 2 else visible[None, :], probs, 0.0)
   v = load_v()
   acc = acc * correction[:, None] + dot(probs.astype(v.dtype), v)
-  return acc, new_max, row_sum * correction + jnp.sum(probs, axis=1)
+  return (acc, new_max, row_sum * correction + jnp.sum(probs, axis=1)), probs
