@@ -13,12 +13,13 @@ head, split), K / V tiles of BK keys brought in by TMA through `plgpu.emit_pipel
 ran 4x the MMA work: slower than Triton). Softmax statistics run over axis 0.
 
 For each (batch, split, stages) it checks the probe (raw scores against XLA's, and the output
-merged over the splits against the Triton kernel's) and times both from a profiler trace (`gpu_trace.kernel_times`),
-the cache at the benchmark's 64k size (4224 compressed slots, 4093 visible). Prints a table,
-writes JSON. GPU only (Mosaic GPU has no CPU interpreter for wgmma); the kernel's lowering is
-tested on the CPU (`tests/test_lowering.py`). The probe writes raw scores, as the Triton kernel
-did when they were compared (sixth session); since then the Triton kernel writes per-tile
-selection-block sums instead (a few small dots more, a quarter of the score bytes).
+merged over the splits against the Triton kernel's) and times both from a profiler trace
+(`gpu_trace.kernel_times`), the cache at the benchmark's 64k size (4224 compressed slots, 4093
+visible). Prints a table, writes JSON. GPU only (Mosaic GPU has no CPU interpreter for wgmma);
+the kernel's lowering is tested on the CPU (`tests/test_lowering.py`). The probe writes raw
+scores, as the Triton kernel did when they were compared (sixth session); since then the Triton
+kernel writes per-block probability sums instead (two row sums a tile more, half the score
+bytes).
 """
 
 from __future__ import annotations
