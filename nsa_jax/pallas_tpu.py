@@ -100,7 +100,8 @@ def decode_attention(q_t, cache, position, gates, scale, *, config: NSAConfig, i
   """Row `position` of NSA over a `DecodeCache` holding that token: `[B, Hq, Dv]` in q_t.dtype.
 
   The XLA decode path where the kernels do not take the sizes (`decode_kernel.supported`)."""
-  if not decode_kernel.supported(config.slc_block, cache.k.shape[2], cache.k_cmp.shape[2]):
+  if not decode_kernel.supported(config.slc_block, cache.k.shape[2], cache.k_cmp.shape[2],
+                                 config.cmp_block, config.cmp_stride):
     return xla.decode_attention(q_t, cache, position, gates, scale, config=config)
   return _decode(q_t, cache, position, gates, config=config, scale=_static_scale(scale),
                  interpret=interpret)

@@ -1,8 +1,8 @@
 """The TPU decode step around the Mosaic decode kernels (`pallas_kernels/tpu/decode.py`).
 
-The step: the compressed kernel (branch output and per-head probabilities), the group sum and
-overlap map to selection-block scores, a top-n (`top_n` argument; `lax.top_k` on TPU), then the
-selected + window kernel, and the gated sum, with XLA between the kernels. The GPU step
+The step: the compressed kernel (branch output and per-head selection-block scores), their group
+sum, a top-n (`top_n` argument; `lax.top_k` on TPU), then the selected + window kernel, and the
+gated sum, with XLA between the kernels. The GPU step
 (`nsa_jax.pallas_gpu._decode_jit`) fuses all of this into kernels; the TPU one could follow it
 (the per-step XLA ops cost a launch each there too).
 """
@@ -14,7 +14,7 @@ from typing import Callable
 import jax
 
 from nsa_jax.attention_math import combine_branches
-from nsa_jax.block_selection import num_cmp_visible, slc_scores_from_cmp_probs
+from nsa_jax.block_selection import num_cmp_visible
 from nsa_jax.config import NSAConfig
 
 # (scores [B, Hkv, num_slc], position, config) -> int32 [B, Hkv, n]
@@ -36,12 +36,13 @@ def split_decode_attention(q_t, cache, position, gates, *, config: NSAConfig, sc
   hkv = cache.k.shape[1]
   group = hq // hkv
   q_rows = kernels.group_rows(q_t, hkv)  # [B, Hkv, Gp, Dk]
-  o_cmp, probs = kernels.compressed_decode(q_rows, cache.k_cmp, cache.v_cmp,
-                                           num_cmp_visible(position, config), scale=scale,
-                                           interpret=interpret)
-  p_grp = probs[:, :, :group].sum(2)[..., :config.num_cmp_blocks(cache.max_len)]  # [B, Hkv, Sc]
   num_slc = cache.k.shape[2] // config.slc_block
-  block_indices = top_n(slc_scores_from_cmp_probs(p_grp, config, num_slc), position, config)
+  o_cmp, head_scores = kernels.compressed_decode(
+      q_rows, cache.k_cmp, cache.v_cmp, num_cmp_visible(position, config), scale=scale,
+      cmp_block=config.cmp_block, cmp_stride=config.cmp_stride, slc_block=config.slc_block,
+      num_slc=num_slc, interpret=interpret)
+  scores = head_scores[:, :, :group].sum(2)  # [B, Hkv, num_slc]: the group sum
+  block_indices = top_n(scores, position, config)
   o_slc, o_swa = kernels.sparse_decode(q_rows, cache.k, cache.v, block_indices, position,
                                        block=config.slc_block, window=config.window,
                                        scale=scale, interpret=interpret)

@@ -147,7 +147,7 @@ def test_gpu_decode_kernels_in_interpret_mode_equal_the_full_forward(with_gates,
   assert_close(out, expected)
 
 
-def test_gpu_decode_kernels_decline_compressed_blocks_reaching_two_selection_blocks_back():
+def test_decode_kernels_decline_compressed_blocks_reaching_two_selection_blocks_back():
   # The selection scores are formed from per-block sums of each block's own keys, which holds
   # while a compressed block reaches at most one selection block back (l <= l' + d); a key tile
   # (CMP_TILE keys) must also own whole selection blocks. Other configs take the XLA decode.
@@ -157,6 +157,10 @@ def test_gpu_decode_kernels_decline_compressed_blocks_reaching_two_selection_blo
   assert not gpu_decode.supported(128, 128, 64, 1024, 128, 64 + 32, 16)
   assert gpu_decode.supported(128, 128, tile * 2, 4096, 128, 4, 2)
   assert not gpu_decode.supported(128, 128, tile * 4, 4096, 128, 4, 2)
+  # The TPU kernels form the scores the same way, over steps of 512 keys.
+  assert tpu_decode.supported(64, 1024, 128, 64 + 16, 16)
+  assert not tpu_decode.supported(64, 1024, 128, 64 + 32, 16)
+  assert not tpu_decode.supported(48, 1536, 128, 32, 16)  # l' / d = 3: not a power of two
 
 
 @pytest.mark.parametrize("sparse_blocks", [1, 3])
@@ -194,23 +198,31 @@ def test_tpu_decode_kernels_under_the_interpreter_equal_the_full_forward(with_ga
 
 
 # Sc = 256: two 128-key splits, one grid step (its other splits clamped and masked); Sc = 1280:
-# ten splits over three steps, the last one part past the cache.
+# ten splits over three steps, the last one part past the cache. (l, d, l') as in the GPU kernel
+# test below: the paper's shape, l = d, and l = l' + d (tail weights 1..4).
+@pytest.mark.parametrize("blocks", [(8, 4, 16), (4, 4, 16), (20, 4, 16)])
 @pytest.mark.parametrize("num_cmp,count", [(256, 0), (256, 1), (256, 77), (256, 200),
                                            (1280, 600), (1280, 1280)])
-def test_tpu_compressed_decode_kernel_gives_the_branch_output_and_probabilities(num_cmp, count,
-                                                                              no_races):
+def test_tpu_compressed_decode_kernel_gives_the_branch_output_and_selection_scores(
+    num_cmp, count, blocks, no_races):
+  cmp_block, cmp_stride, slc_block = blocks
+  config = dataclasses.replace(SMALL, cmp_block=cmp_block, cmp_stride=cmp_stride,
+                               slc_block=slc_block)
+  per_cmp, per_slc = cmp_block // cmp_stride, slc_block // cmp_stride
+  num_slc = -(-(num_cmp + per_cmp - 1) // per_slc)  # every block a compressed block reaches
   q_t, k_cmp, v_cmp = random_qkv(2, num_cmp, 3, 1, 16)  # G = 3 -> 8 rows
   q_t = q_t[:, 0]  # [B, Hq, Dk]
   heads_first = lambda x: x.transpose(0, 2, 1, 3)
-  out, probs = tpu_decode.compressed_decode(
+  out, head_scores = tpu_decode.compressed_decode(
       tpu_decode.group_rows(q_t, 1), heads_first(k_cmp), heads_first(v_cmp),
-      jnp.int32(count), scale=0.25, interpret=True)
+      jnp.int32(count), scale=0.25, cmp_block=cmp_block, cmp_stride=cmp_stride,
+      slc_block=slc_block, num_slc=num_slc, interpret=True)
   scores = jnp.einsum("bhd,bsd->bhs", q_t, k_cmp[:, :, 0]) * 0.25
   visible = jnp.arange(num_cmp) < count
   expected_probs = jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1)
   expected_probs = jnp.where(visible, expected_probs, 0.0)  # NaN-free if count=0
-  assert probs.shape == (2, 1, tpu_decode.group_rows(q_t, 1).shape[2], num_cmp)
-  assert_close(probs[:, 0, :3], expected_probs)
+  assert head_scores.shape == (2, 1, tpu_decode.group_rows(q_t, 1).shape[2], num_slc)
+  assert_close(head_scores[:, 0, :3], slc_scores_from_cmp_probs(expected_probs, config, num_slc))
   assert_close(out[:, 0, :3], expected_probs @ v_cmp[:, :, 0])
 
 
