@@ -11,9 +11,11 @@ the pipeline issues no DMA.
 - forward, alone: one online-softmax pass over the key tiles ("arbitrary"): output and lse;
 - forward fused with the selection scores (SPEC.md section 2, steps 1-3), for NSA: pass 1 finds
   the log-sum-exp; pass 2 computes, from the same exact probabilities `p = exp(s - lse)`, both the
-  output and the scores: group sum `S @ p` (0/1 row -> position matrix) and overlap map `@ A`,
-  the overlap that spills into the next key tile's selection blocks carried in VMEM, one score
-  block per (row tile, key tile) written once;
+  output and the scores: group sum (a reshape and VPU adds from 8 heads, else `S @ p` with a 0/1
+  row -> position matrix) and overlap map `@ A`, the overlap that spills into the next key tile's
+  selection blocks carried in VMEM, one score block per (row tile, key tile) written once; the
+  float32 matmuls against the exact 0/1 and count matrices run as three bfloat16 MXU passes
+  (`tile_math.dot_by_exact`) instead of `Precision.HIGHEST`'s six;
 - backward: dQ over key tiles and dK/dV over row tiles, recomputing `p` from the log-sum-exp.
 
 Layout inside: rows `[B, Hkv, row_tiles, R, Dp]`, keys `[B, Hkv, Tc_pad, Dp]`, row vectors
@@ -30,7 +32,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.tpu.tile_math import dot_nn, dot_nt, dot_tn, softmax_backward_tile
+from pallas_kernels.tpu.tile_math import dot_by_exact, dot_exact_by, dot_nn, dot_nt, dot_tn
+from pallas_kernels.tpu.tile_math import softmax_backward_tile
 
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 LANES = 128
@@ -39,7 +42,6 @@ LANES = 128
 # the grid steps).
 ROWS = 512
 KEYS = 512
-HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def _round_up(x: int, multiple: int) -> int:
@@ -222,6 +224,22 @@ def _overlap(lay: _Layout, slc_block, first_block):
                      0).astype(jnp.float32)
 
 
+def _group_sum(p, lay: _Layout):
+  """`p [R, KEYS]` -> `[positions, KEYS]`: each position's probabilities summed over its group's
+  heads. Rows of padded heads (G not a power of two) see q = 0, so p > 0 there: not in the sum.
+  With 8 or more heads a position's rows are whole sublane tiles, so the sum is a free reshape
+  and VPU adds; fewer heads take a 0/1 matmul (three MXU passes, `dot_exact_by`)."""
+  row = jax.lax.broadcasted_iota(jnp.int32, (lay.rows, 1), 0)
+  if lay.heads >= 8:
+    if lay.group != lay.heads:
+      p = jnp.where(row % lay.heads < lay.group, p, 0.0)
+    return jnp.sum(p.reshape(lay.positions, lay.heads, p.shape[1]), axis=1)
+  position = jax.lax.broadcasted_iota(jnp.int32, (lay.positions, lay.rows), 0)
+  row = jax.lax.broadcasted_iota(jnp.int32, (lay.positions, lay.rows), 1)
+  to_position = (row // lay.heads == position) & (row % lay.heads < lay.group)
+  return dot_exact_by(to_position.astype(jnp.float32), p)
+
+
 def _output_and_scores_kernel(q_ref, k_ref, v_ref, lse_ref, o_ref, score_ref, acc_scratch,
                               carry_scratch, *, lay, scale, slc_block):
   """Pass 2 of the fused forward: with the exact `p = exp(s - lse)`, the output and the scores.
@@ -244,16 +262,10 @@ def _output_and_scores_kernel(q_ref, k_ref, v_ref, lse_ref, o_ref, score_ref, ac
     p = jnp.where(visible, jnp.exp(s - lse_ref[...].T), 0.0)  # [R, KEYS], already normalised
     v = v_ref[...]
     acc_scratch[...] += dot_nn(p.astype(v.dtype), v)
-    position = jax.lax.broadcasted_iota(jnp.int32, (lay.positions, lay.rows), 0)
-    row = jax.lax.broadcasted_iota(jnp.int32, (lay.positions, lay.rows), 1)
-    # Rows of padded heads (G not a power of two) see q = 0, so p > 0 there: not in the sum.
-    to_position = ((row // lay.heads == position) & (row % lay.heads < lay.group)).astype(
-        jnp.float32)
-    p_grp = jax.lax.dot(to_position, p, precision=HIGHEST)  # [positions, KEYS]: group sum
+    p_grp = _group_sum(p, lay)  # [positions, KEYS]
     owned = KEYS * lay.stride // slc_block
-    score_ref[...] = jax.lax.dot(p_grp, _overlap(lay, slc_block, 0),
-                                 precision=HIGHEST) + carry_scratch[...]
-    carry_scratch[...] = jax.lax.dot(p_grp, _overlap(lay, slc_block, owned), precision=HIGHEST)
+    score_ref[...] = dot_by_exact(p_grp, _overlap(lay, slc_block, 0)) + carry_scratch[...]
+    carry_scratch[...] = dot_by_exact(p_grp, _overlap(lay, slc_block, owned))
 
   @pl.when(jnp.logical_not(active))
   def _spill():  # the tile after the last visible one receives the carried overlap, then zeros

@@ -11,8 +11,8 @@ block the pipeline DMAs:
   number of visible compressed blocks. A step takes BLOCKS_PER_STEP splits of CMP_SPLIT keys
   (one BlockSpec each, so the pipeline fetches them all); splits past the visible ones revisit
   the last visible split's block (no new DMA) and are masked. Besides its softmax partial, a
-  step sums its probabilities per selection block (two float32 MXU matmuls against 0/1 and
-  tail-weight maps, `_block_sum_maps`), from which XLA forms the SPEC.md Eq. 9 scores once the
+  step sums its probabilities per selection block (two float32-precise MXU matmuls against 0/1
+  and tail-weight maps, `_block_sum_maps`), from which XLA forms the SPEC.md Eq. 9 scores once the
   log-sum-exp is known: half the bytes of the raw scores it wrote before, and no `exp2` over
   them in XLA.
 - `sparse_decode`: grid (B, Hkv, ceil(n / BLOCKS_PER_STEP) + ceil(window tiles /
@@ -45,12 +45,11 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.decode_partials import merge_partials, merge_selected_and_window
 from pallas_kernels.decode_partials import window_tiles
-from pallas_kernels.tpu.tile_math import dot_nn, dot_nt
+from pallas_kernels.tpu.tile_math import dot_by_exact, dot_nn, dot_nt
 
 LOG2E = math.log2(math.e)
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 LANES = 128
-HIGHEST = jax.lax.Precision.HIGHEST
 CMP_SPLIT = 128  # compressed keys per split (the compressed cache is a multiple of it)
 BLOCKS_PER_STEP = 4  # compressed splits, selected blocks or window tiles per grid step
 
@@ -128,10 +127,10 @@ def _cmp_kernel(count_ref, q_ref, *refs, scale, per_cmp, per_slc):
     scores = jnp.where(visible, scores * (scale * LOG2E), MASK_VALUE)
     v = jnp.concatenate([v_ref[...] for v_ref in v_refs], axis=0)
     probs = _write_partial(scores, visible, v, acc_ref, m_ref, l_ref)
-    # float32 precision on the MXU (the maps are exact small integers).
+    # float32 precision in three MXU passes each (the maps are exact small integers).
     sum_map, tail_map = _block_sum_maps(per_cmp, per_slc)
-    sums_ref[...] = jax.lax.dot(probs, sum_map, precision=HIGHEST)
-    tails_ref[...] = jax.lax.dot(probs, tail_map, precision=HIGHEST)
+    sums_ref[...] = dot_by_exact(probs, sum_map)
+    tails_ref[...] = dot_by_exact(probs, tail_map)
 
   @pl.when(base >= count)
   def _skip():

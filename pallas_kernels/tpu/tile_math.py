@@ -23,6 +23,28 @@ def dot_tn(a, b):
   return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
+def split3(x):
+  """float32 -> three bfloat16 pieces whose sum is `x` to float32 precision (8+8+8 bits)."""
+  hi = x.astype(jnp.bfloat16)
+  rest = x - hi.astype(jnp.float32)
+  mid = rest.astype(jnp.bfloat16)
+  return hi, mid, (rest - mid.astype(jnp.float32)).astype(jnp.bfloat16)
+
+
+def dot_by_exact(x, exact):
+  """`x @ exact` to float32 precision, for float32 `x [M, K]` and a matrix `exact [K, N]` whose
+  entries bfloat16 holds exactly (0/1 maps, small counts): three single-pass MXU matmuls of
+  `x`'s bfloat16 pieces, where `Precision.HIGHEST` would take six passes."""
+  exact = exact.astype(jnp.bfloat16)
+  return sum(dot_nn(piece, exact) for piece in split3(x))
+
+
+def dot_exact_by(exact, x):
+  """`exact @ x` to float32 precision (as `dot_by_exact`, the exact matrix on the left)."""
+  exact = exact.astype(jnp.bfloat16)
+  return sum(dot_nn(exact, piece) for piece in split3(x))
+
+
 def softmax_backward_tile(s, visible, lse_row, delta_row, do, v):
   """`(p, ds)` of one tile: `p = exp(s - lse)` where visible, `ds = p * (do . v^T - delta)`.
 
