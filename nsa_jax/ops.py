@@ -13,7 +13,6 @@ resolves `scale` and `implementation`, and calls the chosen backend:
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 from nsa_jax import pallas_gpu, pallas_tpu, reference, xla
 from nsa_jax import validation as check

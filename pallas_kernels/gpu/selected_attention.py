@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.block_maps import inverse_block_map, max_work_items
+from pallas_kernels.block_maps import inverse_block_map
 from pallas_kernels.block_maps import distinct_ascending, sorted_causal_block_indices
 from pallas_kernels.gpu.tile_math import LOG2E, MASK_VALUE, pow2
 from pallas_kernels.gpu.tile_math import dot as _dot

@@ -130,7 +130,9 @@ def _cmp_kernel(count_ref, q_ref, *refs, scale, per_cmp, per_slc):
     # float32 precision in three MXU passes each (the maps are exact small integers).
     sum_map, tail_map = _block_sum_maps(per_cmp, per_slc)
     sums_ref[...] = dot_by_exact(probs, sum_map)
-    tails_ref[...] = dot_by_exact(probs, tail_map)
+    # With l = d the tail weights are all 0: no matmul for them.
+    tails_ref[...] = (dot_by_exact(probs, tail_map) if per_cmp > 1
+                      else jnp.zeros(tails_ref.shape, jnp.float32))
 
   @pl.when(base >= count)
   def _skip():
