@@ -11,8 +11,8 @@
   kernel of `pallas_kernels.gpu.top_n`;
 - mean-pooling compression: the XLA path (one fused elementwise pass);
 - decoding: the cache append with mean pooling in one kernel (`decode_append`,
-  `pallas_kernels.gpu.cache_append`) and the attention in five (`decode_attention`: compressed
-  partials, selection scores, top-n, selected + window partials, combine;
+  `pallas_kernels.gpu.cache_append`) and the attention in four (`decode_attention`: compressed
+  partials, selection scores, top-n + selected + window partials, combine;
   `pallas_kernels.gpu.decode`).
 
 Same signatures as `nsa_jax.xla` plus `interpret`; arguments are validated by `nsa_jax.ops`.
@@ -137,7 +137,7 @@ def decode_attention(q_t, cache, position, gates, scale, *, config: NSAConfig, i
 
 @functools.partial(jax.jit, static_argnames=("config", "scale", "interpret"))
 def _decode_jit(q_t, cache, position, gates, *, config, scale, interpret):
-  """The five decode kernels (`pallas_kernels.gpu.decode`), with only reshapes between them
+  """The four decode kernels (`pallas_kernels.gpu.decode`), with only reshapes between them
   (and, with gates, the padding of the gates to `[B, Hkv, Gp, 4]`)."""
   b, hq, _ = q_t.shape
   hkv, size = cache.k.shape[1], cache.k.shape[2]
@@ -150,14 +150,16 @@ def _decode_jit(q_t, cache, position, gates, *, config, scale, interpret):
       q_rows, cache.k_cmp, cache.v_cmp, position, cmp_block=config.cmp_block,
       cmp_stride=config.cmp_stride, slc_block=config.slc_block, num_slc=num_slc, scale=scale,
       split=split, interpret=interpret)
-  block_indices = decode_kernel.select(
+  slc_scores = decode_kernel.selection_scores(
       score_parts, cmp_partials[1], cmp_partials[2], position, group=group,
       num_partials=num_cmp_partials, cmp_block=config.cmp_block, cmp_stride=config.cmp_stride,
-      slc_block=config.slc_block, num_selected=config.num_selected, num_slc=num_slc,
-      num_initial=config.num_initial, num_local=config.num_local, interpret=interpret)
+      slc_block=config.slc_block, num_slc=num_slc, interpret=interpret)
+  # The sparse kernel's programs on selected blocks pick them from the scores themselves.
   sparse = decode_kernel.sparse_partials(
-      q_rows, cache.k, cache.v, block_indices, position, block=config.slc_block,
-      window=config.window, num_selected=config.num_selected, scale=scale, interpret=interpret)
+      q_rows, cache.k, cache.v, slc_scores, position, block=config.slc_block,
+      window=config.window, num_selected=config.num_selected, scale=scale,
+      top_n=decode_kernel.TopN(num_slc, config.num_initial, config.num_local),
+      interpret=interpret)
   if gates is not None:  # [B, Hq, 3] -> [B, Hkv, Gp, 4]: group rows, a power-of-two last axis
     gates = jnp.pad(decode_kernel.group_rows(gates.astype(jnp.float32), hkv),
                     [(0, 0)] * 3 + [(0, 1)])
@@ -179,8 +181,8 @@ def append_supported(cache, config: NSAConfig) -> bool:
 def decode_append(cache, k_t, v_t, *, config: NSAConfig, interpret=False):
   """`nsa_jax.decode._append` with mean pooling, in one kernel: the cache holding token
   `cache.length` (`k_t [B, Hkv, Dk]`, `v_t [B, Hkv, Dv]`)."""
-  k, v, k_cmp, v_cmp = cache_append.append_token(
+  k, v, k_cmp, v_cmp, length = cache_append.append_token(
       cache.k, cache.v, cache.k_cmp, cache.v_cmp, k_t, v_t, cache.length,
       cmp_block=config.cmp_block, cmp_stride=config.cmp_stride,
       num_cmp=config.num_cmp_blocks(cache.max_len), interpret=interpret)
-  return dataclasses.replace(cache, k=k, v=v, k_cmp=k_cmp, v_cmp=v_cmp, length=cache.length + 1)
+  return dataclasses.replace(cache, k=k, v=v, k_cmp=k_cmp, v_cmp=v_cmp, length=length)

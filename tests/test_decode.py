@@ -274,6 +274,37 @@ def test_gpu_compressed_partials_and_select_kernels_pick_the_xla_decode_blocks(p
                  jnp.einsum("bhgs,bhsd->bhgd", probs, v_cmp))
 
 
+@pytest.mark.parametrize("sparse_blocks", [1, 3])
+@pytest.mark.parametrize("position", [20, 47, 300])
+def test_gpu_sparse_kernel_picking_from_scores_equals_it_given_the_top_n_kernels_picks(
+    monkeypatch, position, sparse_blocks):
+  # The decode step hands the sparse kernel the selection scores and its programs pick the blocks
+  # (top_n.pick_top_n); the top-n kernel, tested against the selection rule with ties, picks from
+  # the same scores. Scores with ties (multiples of 1/4); n = 5 of 1 initial + 2 local forced
+  # blocks; position 20 has fewer candidates than n (the last picks are -1), 300 a window of 3
+  # tiles apart from most picks. One block a program, or 3 (picks 0-2 and 3-4 in two programs).
+  monkeypatch.setattr(gpu_decode, "SPARSE_BLOCKS", sparse_blocks)
+  monkeypatch.setattr(gpu_decode, "SPARSE_MULTI_MIN_PAIRS", 1)
+  block, window, num_selected, num_slc = 16, 40, 5, 32
+  top_n = gpu_decode.TopN(num_slc=num_slc, num_initial=1, num_local=2)
+  b, hkv = 2, 2
+  q_t, k, v = random_qkv(b, num_slc * block, hkv * 3, hkv, 16)
+  q_rows = gpu_decode.group_rows(q_t[:, 0], hkv)
+  k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+  scores = jnp.floor(jax.random.uniform(jax.random.key(position), (b, hkv, num_slc)) * 8) / 4
+  picks = gpu_decode.top_n_kernel.top_n_blocks_decode(
+      scores, jnp.int32(position), num_selected=num_selected, slc_block=block, num_slc=num_slc,
+      num_initial=1, num_local=2, interpret=True)
+  kwargs = dict(block=block, window=window, num_selected=num_selected, scale=0.25,
+                interpret=True)
+  expected = gpu_decode.sparse_partials(q_rows, k, v, picks, jnp.int32(position), **kwargs)
+  got = gpu_decode.sparse_partials(q_rows, k, v, scores, jnp.int32(position), top_n=top_n,
+                                   **kwargs)
+  written = gpu_decode.sparse_programs(b, hkv, num_selected, window, block)[1]
+  for got_part, expected_part in zip(got, expected):
+    np.testing.assert_array_equal(got_part[:, :, :written], expected_part[:, :, :written])
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_gpu_append_kernel_equals_the_xla_append(dtype):
   # Steps across several compressed-block boundaries (l = 8, d = 4) from an empty cache.

@@ -103,7 +103,7 @@ def test_nsa_kernels_lower_under_vmap(platform):
 
 DECODE_KERNELS = {
     "cuda": sorted(["nsa_decode_append", "nsa_decode_compressed", "nsa_decode_selection_scores",
-                    "nsa_top_n_decode", "nsa_decode_sparse", "nsa_decode_combine"]),
+                    "nsa_decode_sparse", "nsa_decode_combine"]),
     "tpu": ["nsa_decode_compressed", "nsa_decode_sparse"],  # XLA in between (split_decode.py)
 }
 

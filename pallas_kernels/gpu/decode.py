@@ -2,7 +2,7 @@
 
 Decoding reads little (the compressed cache, n selected blocks and the window: 5.6k tokens per
 step at 64k instead of 64k), so a step is bound by latency at B=1 and by the compressed cache's
-bytes at B=8. Every XLA op between kernels costs a launch (~1 us), so the attention is five
+bytes at B=8. Every XLA op between kernels costs a launch (~1 us), so the attention is four
 kernels with nothing between them but free reshapes (per-kernel times: BENCHMARKS.md); the cache
 append before them is `cache_append.py`.
 
@@ -13,13 +13,14 @@ append before them is `cache_append.py`.
    probabilities per selection block, per query head and relative to the running maximum after
    the tile (two sums a block, from which SPEC.md Eq. 9 follows: `_ScoreMap`), and stores that
    maximum. Only the global log-sum-exp, which needs every split, is left for step 2.
-2. `select`: grid (B, Hkv, tiles of SCORES_TILE selection blocks). Merges the partial maxima and
-   sums into each head's log-sum-exp, rescales each tile's block sums by `exp2(tile max - lse)`,
-   forms the Eq. 9 scores and sums them over the group (`selection_scores`); then the top n
-   (`top_n.top_n_blocks_decode`, grid (B, Hkv)).
-3. `sparse_partials`: grid (B, Hkv, n + window tiles). Program i < n attends selected block
-   `idx[i]` (cut at the query), the others one `l'`-aligned tile of the window `(t - w, t]`
-   (from B * Hkv >= SPARSE_MULTI_MIN_PAIRS, SPARSE_BLOCKS of them a program).
+2. `selection_scores`: grid (B, Hkv, tiles of SCORES_TILE selection blocks). Merges the partial
+   maxima and sums into each head's log-sum-exp, rescales each tile's block sums by
+   `exp2(tile max - lse)`, forms the Eq. 9 scores and sums them over the group.
+3. `sparse_partials`: grid (B, Hkv, n + window tiles). Program i < n picks the top n from the
+   scores (`top_n.pick_top_n`: each such program repeats the same picks, which costs less than a
+   top-n kernel's launch) and attends pick i (cut at the query), the others one `l'`-aligned tile
+   of the window `(t - w, t]` (from B * Hkv >= SPARSE_MULTI_MIN_PAIRS, SPARSE_BLOCKS of them a
+   program). `select` gives the picks alone (a top-n kernel), for tests and profiles.
 4. `combine`: grid (B, Hkv, Dv tiles). Merges the partials of the three branches and
    applies the gates.
 
@@ -45,7 +46,7 @@ from pallas_kernels.gpu.tile_math import LOG2E, MASK_VALUE, pow2
 from pallas_kernels.gpu.tile_math import dot as _dot
 from pallas_kernels.gpu.tile_math import online_softmax_init, online_softmax_step
 from pallas_kernels.gpu.tile_math import online_softmax_step_with_probs
-from pallas_kernels.gpu.top_n import top_n_blocks_decode
+from pallas_kernels.gpu import top_n as top_n_kernel
 
 CMP_TILE = 64  # compressed keys per dot
 CMP_ALIGN = 128  # the compressed cache's length is a multiple of this (decode.CACHE_ALIGN)
@@ -378,7 +379,9 @@ def select(score_parts, row_max, row_sum, position, *, group: int, num_partials:
   """The selected blocks of the query at `position`, from `compressed_partials`' outputs.
 
   Two kernels: `selection_scores`, grid (B, Hkv, pow2(num_slc) / SCORES_TILE) so that B=1 still
-  spreads over the SMs, then `top_n.top_n_blocks_decode`.
+  spreads over the SMs, then `top_n.top_n_blocks_decode`. The decode step does not run this: its
+  sparse kernel picks the blocks itself with the same rule; this exposes the picks to tests and
+  profiles.
 
   Args:
     score_parts, row_max, row_sum, position, group, num_partials, cmp_block, cmp_stride,
@@ -393,9 +396,10 @@ def select(score_parts, row_max, row_sum, position, *, group: int, num_partials:
                                 num_partials=num_partials, cmp_block=cmp_block,
                                 cmp_stride=cmp_stride, slc_block=slc_block, num_slc=num_slc,
                                 interpret=interpret)
-  return top_n_blocks_decode(slc_scores, jnp.asarray(position, jnp.int32),
-                             num_selected=num_selected, slc_block=slc_block, num_slc=num_slc,
-                             num_initial=num_initial, num_local=num_local, interpret=interpret)
+  return top_n_kernel.top_n_blocks_decode(
+      slc_scores, jnp.asarray(position, jnp.int32), num_selected=num_selected,
+      slc_block=slc_block, num_slc=num_slc, num_initial=num_initial, num_local=num_local,
+      interpret=interpret)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -435,37 +439,70 @@ def _store_partial(acc_ref, m_ref, l_ref, acc, row_max, row_sum):
   l_ref[...] = row_sum
 
 
-def _sparse_multi_kernel(pos_ref, idx_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, scale,
-                         block, window, num_selected, per_program, selected_programs):
+class TopN(NamedTuple):
+  """The selection config a sparse program picks its blocks with, given selection scores."""
+
+  num_slc: int  # selection blocks in the cache
+  num_initial: int
+  num_local: int
+
+
+def _picks(selection_ref, pos, *, block, num_selected, top_n):
+  """The query's selected blocks `[slots]` (-1 where nothing was picked): `selection_ref` holds
+  them (`top_n` None), or holds the selection scores and they are picked here by the top-n
+  kernel's rule (`top_n.pick_top_n`), one launch fewer than a separate top-n kernel."""
+  if top_n is None:
+    return selection_ref[...]
+  return top_n_kernel.pick_top_n(selection_ref[...], pos // block, pow2(num_selected),
+                                 num_selected=num_selected, **top_n._asdict())
+
+
+def _slot_block(picks, slot, num_selected):
+  """`picks[slot]` (Triton values have no dynamic indexing), -1 from slot n on."""
+  chosen = jnp.sum(jnp.where(jnp.arange(picks.shape[0]) == slot, picks, 0))
+  return jnp.where(slot < num_selected, chosen, -1)
+
+
+def _sparse_multi_kernel(pos_ref, selection_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *,
+                         scale, block, window, num_selected, top_n, per_program,
+                         selected_programs):
   """`per_program` selected blocks (or window tiles) with an online softmax: one partial."""
   program = pl.program_id(2)
   pos = pos_ref[0]
   selected = program < selected_programs
   base = jnp.where(selected, program, program - selected_programs) * per_program
   first_window_block = jnp.maximum(pos - window + 1, 0) // block
+  slots = pow2(num_selected)
+  picks = jax.lax.cond(  # the window's programs need no picks
+      selected, lambda: _picks(selection_ref, pos, block=block, num_selected=num_selected,
+                               top_n=top_n).astype(jnp.int32),
+      lambda: jnp.full((slots,), -1, jnp.int32))
   q = q_ref[...]
 
   def body(i, carry):
     j = base + i  # slot, or window tile
-    slot_block = jnp.where(j < num_selected, idx_ref[jnp.minimum(j, num_selected - 1)], -1)
     window_block = jnp.where(j < window_tiles(window, block), first_window_block + j, -1)
-    scores, visible, v = _sparse_block(q, k_ref, v_ref, pos,
-                                       jnp.where(selected, slot_block, window_block), selected,
-                                       scale=scale, block=block, window=window)
+    scores, visible, v = _sparse_block(
+        q, k_ref, v_ref, pos, jnp.where(selected, _slot_block(picks, j, num_selected),
+                                        window_block), selected,
+        scale=scale, block=block, window=window)
     return online_softmax_step(carry, scores, lambda: v, visible)
 
   _store_partial(acc_ref, m_ref, l_ref, *jax.lax.fori_loop(
       0, per_program, body, online_softmax_init(q.shape[0], acc_ref.shape[1])))
 
 
-def _sparse_kernel(pos_ref, idx_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, scale,
-                   block, window, num_selected):
+def _sparse_kernel(pos_ref, selection_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, scale,
+                   block, window, num_selected, top_n):
   program = pl.program_id(2)
   pos = pos_ref[0]
   selected = program < num_selected
-  slot_block = idx_ref[jnp.minimum(program, num_selected - 1)]
   first_window_block = jnp.maximum(pos - window + 1, 0) // block
-  block_id = jnp.where(selected, slot_block, first_window_block + program - num_selected)
+  block_id = jax.lax.cond(
+      selected, lambda: _slot_block(_picks(selection_ref, pos, block=block,
+                                           num_selected=num_selected, top_n=top_n),
+                                    program, num_selected).astype(jnp.int32),
+      lambda: (first_window_block + program - num_selected).astype(jnp.int32))
   scores, visible, v = _sparse_block(q_ref[...], k_ref, v_ref, pos, block_id, selected,
                                      scale=scale, block=block, window=window)
   row_max = jnp.max(scores, axis=1)
@@ -474,19 +511,23 @@ def _sparse_kernel(pos_ref, idx_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref,
                  jnp.sum(probs, axis=1))
 
 
-@functools.partial(jax.jit, static_argnames=("block", "window", "num_selected", "scale",
+@functools.partial(jax.jit, static_argnames=("block", "window", "num_selected", "scale", "top_n",
                                              "interpret"))
-def sparse_partials(q_rows, k, v, block_indices, position, *, block: int, window: int,
-                    num_selected: int, scale: float, interpret: bool = False):
+def sparse_partials(q_rows, k, v, selection, position, *, block: int, window: int,
+                    num_selected: int, scale: float, top_n: TopN | None = None,
+                    interpret: bool = False):
   """Partials of selected-block and sliding-window attention of one query per sequence.
 
   Args:
     q_rows: `[B, Hkv, Gp, Dk]`.
     k, v: caches `[B, Hkv, S, Dk]` / `[B, Hkv, S, Dv]`, S a multiple of `block`.
-    block_indices: int32 `[B, Hkv, slots]`, slots a power of two >= n; the first n are read, -1
-      for unused ones (distinct blocks, any order).
+    selection: without `top_n`, the selected blocks: int32 `[B, Hkv, slots]`, slots a power of
+      two >= n; the first n are read, -1 for unused ones (distinct blocks, any order). With
+      `top_n`, the selection scores `[B, Hkv, width]` (`selection_scores`), from which each
+      program on selected blocks picks them (the rule of `top_n.top_n_blocks_decode`).
     position: int32 scalar, the query's position (its token is in the cache).
     block: `l'`; window: `w`; num_selected: n; scale: softmax scale.
+    top_n: the rest of the selection config, when `selection` holds scores.
     interpret: Pallas interpret mode (CPU).
 
   Returns:
@@ -497,16 +538,15 @@ def sparse_partials(q_rows, k, v, block_indices, position, *, block: int, window
   """
   b, hkv, rows, dk = q_rows.shape
   size, dv = k.shape[2], v.shape[3]
-  slots = block_indices.shape[-1]
+  width = selection.shape[-1]
   selected_programs, programs = sparse_programs(b, hkv, num_selected, window, block)
   per_program = sparse_blocks_per_program(b, hkv)
   padded = pow2(programs)
+  common = dict(scale=scale, block=block, window=window, num_selected=num_selected, top_n=top_n)
   if per_program == 1:
-    kernel = functools.partial(_sparse_kernel, scale=scale, block=block, window=window,
-                               num_selected=num_selected)
+    kernel = functools.partial(_sparse_kernel, **common)
   else:
-    kernel = functools.partial(_sparse_multi_kernel, scale=scale, block=block, window=window,
-                               num_selected=num_selected, per_program=per_program,
+    kernel = functools.partial(_sparse_multi_kernel, **common, per_program=per_program,
                                selected_programs=selected_programs)
   whole = lambda d: pl.BlockSpec((None, None, size, d), lambda i, j, p: (i, j, 0, 0))
   part = lambda *shape: pl.BlockSpec((None, None, None) + shape,
@@ -515,7 +555,7 @@ def sparse_partials(q_rows, k, v, block_indices, position, *, block: int, window
       kernel,
       grid=(b, hkv, programs),
       in_specs=[pl.BlockSpec((1,), lambda i, j, p: (0,)),
-                pl.BlockSpec((None, None, slots), lambda i, j, p: (i, j, 0)),
+                pl.BlockSpec((None, None, width), lambda i, j, p: (i, j, 0)),
                 pl.BlockSpec((None, None, rows, dk), lambda i, j, p: (i, j, 0, 0)),
                 whole(dk), whole(dv)],
       out_specs=[part(rows, dv), part(rows), part(rows)],
@@ -526,7 +566,7 @@ def sparse_partials(q_rows, k, v, block_indices, position, *, block: int, window
                                            num_stages=1 if per_program == 1 else 2),
       interpret=interpret,
       name="nsa_decode_sparse",
-  )(jnp.reshape(position, (1,)).astype(jnp.int32), block_indices, q_rows, k, v)
+  )(jnp.reshape(position, (1,)).astype(jnp.int32), selection, q_rows, k, v)
 
 
 # ---------------------------------------------------------------------------------------------

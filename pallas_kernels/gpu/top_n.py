@@ -24,7 +24,7 @@ NUM_WARPS = 1  # one warp per row: the arg-max reductions stay in warp shuffles
 DECODE_NUM_WARPS = 4  # decoding has a few rows of ~1k blocks: latency, not throughput
 
 
-def _pick_top_n(scores, query_block, num_picks, *, num_selected, num_slc, num_initial,
+def pick_top_n(scores, query_block, num_picks, *, num_selected, num_slc, num_initial,
                 num_local):
   """Forced blocks, then the best candidates by repeated arg-max: int32 `[num_picks]`, -1 padded.
 
@@ -61,11 +61,11 @@ def _pick_top_n(scores, query_block, num_picks, *, num_selected, num_slc, num_in
 
 def _top_n_kernel(score_ref, idx_ref, *, slc_block, **config):
   query_block = pl.program_id(0) // slc_block  # one program per query position
-  idx_ref[...] = _pick_top_n(score_ref[...], query_block, idx_ref.shape[0], **config)
+  idx_ref[...] = pick_top_n(score_ref[...], query_block, idx_ref.shape[0], **config)
 
 
 def _top_n_decode_kernel(pos_ref, score_ref, idx_ref, *, slc_block, **config):
-  idx_ref[...] = _pick_top_n(score_ref[...], pos_ref[0] // slc_block, idx_ref.shape[0], **config)
+  idx_ref[...] = pick_top_n(score_ref[...], pos_ref[0] // slc_block, idx_ref.shape[0], **config)
 
 
 def top_n_blocks(scores, *, seq_len: int, num_selected: int, slc_block: int, num_initial: int,
