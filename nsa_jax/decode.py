@@ -190,7 +190,7 @@ def nsa_decode_step(q_t, k_t, v_t, cache: DecodeCache, *, config: NSAConfig, gat
     check.check_float("gates", gates)
   scale = q_t.shape[-1] ** -0.5 if scale is None else scale
   implementation = ops.resolve_implementation(implementation, interpret)
-  position = cache.length  # the new token's (not `length - 1` after the append: one op fewer)
+  position = cache.length  # the new token's
   if (implementation == "pallas_gpu" and compress_fn is None
       and pallas_gpu.append_supported(cache, config)):
     cache = pallas_gpu.decode_append(cache, k_t, v_t, config=config, interpret=interpret)

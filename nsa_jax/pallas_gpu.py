@@ -181,8 +181,8 @@ def append_supported(cache, config: NSAConfig) -> bool:
 def decode_append(cache, k_t, v_t, *, config: NSAConfig, interpret=False):
   """`nsa_jax.decode._append` with mean pooling, in one kernel: the cache holding token
   `cache.length` (`k_t [B, Hkv, Dk]`, `v_t [B, Hkv, Dv]`)."""
-  k, v, k_cmp, v_cmp, length = cache_append.append_token(
+  k, v, k_cmp, v_cmp = cache_append.append_token(
       cache.k, cache.v, cache.k_cmp, cache.v_cmp, k_t, v_t, cache.length,
       cmp_block=config.cmp_block, cmp_stride=config.cmp_stride,
       num_cmp=config.num_cmp_blocks(cache.max_len), interpret=interpret)
-  return dataclasses.replace(cache, k=k, v=v, k_cmp=k_cmp, v_cmp=v_cmp, length=length)
+  return dataclasses.replace(cache, k=k, v=v, k_cmp=k_cmp, v_cmp=v_cmp, length=cache.length + 1)

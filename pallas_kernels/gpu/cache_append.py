@@ -29,9 +29,8 @@ def supported(head_dim: int, head_dim_v: int, cmp_stride: int, cmp_cache_len: in
 
 
 def _append_kernel(pos_ref, k_t_ref, v_t_ref, _k_in, _v_in, _k_cmp_in, _v_cmp_in, k_ref, v_ref,
-                   k_cmp_ref, v_cmp_ref, length_ref, *, cmp_block, cmp_stride, num_cmp):
+                   k_cmp_ref, v_cmp_ref, *, cmp_block, cmp_stride, num_cmp):
   pos = pos_ref[0]
-  length_ref[...] = jnp.full(length_ref.shape, pos + 1, jnp.int32)  # every program: same value
   new = {}
   for name, token_ref, cache_ref in (("k", k_t_ref, k_ref), ("v", v_t_ref, v_ref)):
     new[name] = token_ref[...].astype(cache_ref.dtype)
@@ -69,9 +68,7 @@ def append_token(k, v, k_cmp, v_cmp, k_t, v_t, position, *, cmp_block: int, cmp_
     interpret: Pallas interpret mode (CPU).
 
   Returns:
-    `(k, v, k_cmp, v_cmp, length)`: the caches, updated in place when the inputs are donated (or
-    loop-carried), and int32 scalar `position + 1` (written by the kernel: an XLA add would be
-    one more launch, ~1 us, per step).
+    `(k, v, k_cmp, v_cmp)`, updated in place when the inputs are donated (or loop-carried).
   """
   b, hkv, size, dk = k.shape
   num_slots, dv = k_cmp.shape[2], v.shape[3]
@@ -80,17 +77,14 @@ def append_token(k, v, k_cmp, v_cmp, k_t, v_t, position, *, cmp_block: int, cmp_
   caches = [whole(size, dk), whole(size, dv), whole(num_slots, dk), whole(num_slots, dv)]
   kernel = functools.partial(_append_kernel, cmp_block=cmp_block, cmp_stride=cmp_stride,
                              num_cmp=num_cmp)
-  scalar = pl.BlockSpec((1,), lambda i, j: (0,))
-  *caches_out, length = pl.pallas_call(
+  return pl.pallas_call(
       kernel,
       grid=(b, hkv),
-      in_specs=[scalar, token(dk), token(dv)] + caches,
-      out_specs=caches + [scalar],
-      out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (k, v, k_cmp, v_cmp)]
-      + [jax.ShapeDtypeStruct((1,), jnp.int32)],
+      in_specs=[pl.BlockSpec((1,), lambda i, j: (0,)), token(dk), token(dv)] + caches,
+      out_specs=caches,
+      out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (k, v, k_cmp, v_cmp)],
       input_output_aliases={3: 0, 4: 1, 5: 2, 6: 3},
       compiler_params=plgpu.CompilerParams(num_warps=1, num_stages=1),
       interpret=interpret,
       name="nsa_decode_append",
   )(jnp.reshape(position, (1,)).astype(jnp.int32), k_t, v_t, k, v, k_cmp, v_cmp)
-  return *caches_out, length.reshape(())
