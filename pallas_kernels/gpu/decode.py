@@ -64,6 +64,7 @@ CMP_NUM_WARPS = 4
 CMP_STAGES = 2
 SCORES_NUM_WARPS = 2  # H200, 64k, B=8: 5.9 us (4 warps: 6.9, 8: 8.9); B=1 3.0 either way
 SPARSE_NUM_WARPS = 4
+SPARSE_STAGES = 3  # multi-block programs: 2 / 3 / 4 stages 14.1 / 12.6 / 12.8 us (H200, 64k, B=8)
 COMBINE_NUM_WARPS = 4
 
 
@@ -137,10 +138,10 @@ def _score_map(cmp_block: int, cmp_stride: int, slc_block: int) -> _ScoreMap:
 
 def _scores_programs(num_slc: int) -> tuple[int, int]:
   """`(selection blocks per program, programs)` of the selection-score kernel (B=1 still spreads
-  over the SMs)."""
-  width = pow2(num_slc)
-  tile = min(width, SCORES_TILE)
-  return tile, width // tile
+  over the SMs): tiles up to `num_slc`, not its power of two (a cache just past 2^k blocks would
+  otherwise launch twice the programs)."""
+  tile = min(pow2(num_slc), SCORES_TILE)
+  return tile, -(-num_slc // tile)
 
 
 def _tiles_per_scores_program(tile: int, owned: int) -> int:
@@ -338,7 +339,8 @@ def selection_scores(score_parts, row_max, row_sum, position, *, group: int, num
                      interpret: bool = False):
   """Selection-block scores (SPEC.md steps 1-3) of the query at `position`, from
   `compressed_partials`' outputs: float32 `[B, Hkv, pow2(num_slc)]`, block `j`'s score summed
-  over the G real heads, 0 past the visible compressed blocks (and past `num_slc`).
+  over the G real heads, 0 past the visible compressed blocks; columns from the next multiple of
+  SCORES_TILE past `num_slc` are unwritten (the top-n ignores every column past `num_slc`).
 
   Args:
     score_parts, row_max, row_sum: from `compressed_partials` (P = `num_partials` written
@@ -363,7 +365,7 @@ def selection_scores(score_parts, row_max, row_sum, position, *, group: int, num
       in_specs=[pl.BlockSpec((1,), lambda i, j, t: (0,)), whole(sums), whole(tails),
                 whole(tile_max), whole(row_max), whole(row_sum)],
       out_specs=pl.BlockSpec((None, None, tile), lambda i, j, t: (i, j, t)),
-      out_shape=jax.ShapeDtypeStruct((b, hkv, programs * tile), jnp.float32),
+      out_shape=jax.ShapeDtypeStruct((b, hkv, pow2(num_slc)), jnp.float32),
       compiler_params=plgpu.CompilerParams(num_warps=SCORES_NUM_WARPS, num_stages=1),
       interpret=interpret,
       name="nsa_decode_selection_scores",
@@ -563,7 +565,7 @@ def sparse_partials(q_rows, k, v, selection, position, *, block: int, window: in
                  jax.ShapeDtypeStruct((b, hkv, padded, rows), jnp.float32),
                  jax.ShapeDtypeStruct((b, hkv, padded, rows), jnp.float32)],
       compiler_params=plgpu.CompilerParams(num_warps=SPARSE_NUM_WARPS,
-                                           num_stages=1 if per_program == 1 else 2),
+                                           num_stages=1 if per_program == 1 else SPARSE_STAGES),
       interpret=interpret,
       name="nsa_decode_sparse",
   )(jnp.reshape(position, (1,)).astype(jnp.int32), selection, q_rows, k, v)
