@@ -10,10 +10,11 @@
   and backward, with the selection scores fused into the forward, and their top-n in the Pallas
   kernel of `pallas_kernels.gpu.top_n`;
 - mean-pooling compression: the XLA path (one fused elementwise pass);
-- decoding: the cache append with mean pooling in one kernel (`decode_append`,
-  `pallas_kernels.gpu.cache_append`) and the attention in four (`decode_attention`: compressed
+- decoding: four kernels a step (`decode_step`: the cache append with mean pooling + compressed
   partials, selection scores, top-n + selected + window partials, combine;
-  `pallas_kernels.gpu.decode`).
+  `pallas_kernels.gpu.decode`); with a learned compression the step appends in XLA and attends
+  with the same kernels (`decode_attention`); where the attention kernels do not take the sizes,
+  the append alone is one kernel (`decode_append`, `pallas_kernels.gpu.cache_append`).
 
 Same signatures as `nsa_jax.xla` plus `interpret`; arguments are validated by `nsa_jax.ops`.
 """
@@ -123,22 +124,40 @@ def _nsa_jit(q, k, v, gates, k_cmp, v_cmp, *, config, interpret, scale):
   return combine_branches(o_cmp, o_slc, o_swa, gates).astype(q.dtype)
 
 
+def _kernels_take(q_t, cache, config: NSAConfig) -> bool:
+  return decode_kernel.supported(q_t.shape[-1], cache.v.shape[-1], config.slc_block,
+                                 cache.k.shape[2], cache.k_cmp.shape[2], config.cmp_block,
+                                 config.cmp_stride)
+
+
 def decode_attention(q_t, cache, position, gates, scale, *, config: NSAConfig, interpret=False):
   """Row `position` of NSA over a `DecodeCache` holding that token: `[B, Hq, Dv]` in q_t.dtype.
 
   The XLA decode path where the kernels do not take the sizes (`decode_kernel.supported`)."""
-  dk, dv = q_t.shape[-1], cache.v.shape[-1]
-  if not decode_kernel.supported(dk, dv, config.slc_block, cache.k.shape[2],
-                                 cache.k_cmp.shape[2], config.cmp_block, config.cmp_stride):
+  if not _kernels_take(q_t, cache, config):
     return xla.decode_attention(q_t, cache, position, gates, scale, config=config)
-  return _decode_jit(q_t, cache, position, gates, config=config, scale=_static_scale(scale),
-                     interpret=interpret)
+  return _decode_jit(q_t, cache, position, gates, None, config=config,
+                     scale=_static_scale(scale), interpret=interpret)
+
+
+def step_supported(q_t, cache, config: NSAConfig) -> bool:
+  """Whether `decode_step` takes this query, cache and config (with mean pooling)."""
+  return append_supported(cache, config) and _kernels_take(q_t, cache, config)
+
+
+def decode_step(q_t, k_t, v_t, cache, gates, scale, *, config: NSAConfig, interpret=False):
+  """`nsa_jax.decode.nsa_decode_step` with mean pooling, in the decode kernels: the compressed
+  kernel appends the token (what `decode_append` does in a launch of its own), then attends.
+  Returns `(out [B, Hq, Dv] in q_t.dtype, cache)`; sizes as `step_supported` takes."""
+  return _decode_jit(q_t, cache, cache.length, gates, (k_t, v_t), config=config,
+                     scale=_static_scale(scale), interpret=interpret)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "scale", "interpret"))
-def _decode_jit(q_t, cache, position, gates, *, config, scale, interpret):
+def _decode_jit(q_t, cache, position, gates, token, *, config, scale, interpret):
   """The four decode kernels (`pallas_kernels.gpu.decode`), with only reshapes between them
-  (and, with gates, the padding of the gates to `[B, Hkv, Gp, 4]`)."""
+  (and, with gates, the padding of the gates to `[B, Hkv, Gp, 4]`). With `token = (k_t, v_t)`
+  the compressed kernel appends it first, and the updated cache is returned with the output."""
   b, hq, _ = q_t.shape
   hkv, size = cache.k.shape[1], cache.k.shape[2]
   group = hq // hkv
@@ -146,10 +165,16 @@ def _decode_jit(q_t, cache, position, gates, *, config, scale, interpret):
   num_slc = size // config.slc_block
   split, num_cmp_partials = decode_kernel.compressed_layout(b, hkv, num_cmp_cache)
   q_rows = decode_kernel.group_rows(q_t, hkv)  # [B, Hkv, Gp, Dk]
+  append = {} if token is None else dict(token=(cache.k, cache.v) + tuple(token),
+                                         num_cmp=config.num_cmp_blocks(cache.max_len))
   score_parts, *cmp_partials = decode_kernel.compressed_partials(
       q_rows, cache.k_cmp, cache.v_cmp, position, cmp_block=config.cmp_block,
       cmp_stride=config.cmp_stride, slc_block=config.slc_block, num_slc=num_slc, scale=scale,
-      split=split, interpret=interpret)
+      split=split, interpret=interpret, **append)
+  if token is not None:
+    cmp_partials, (k, v, k_cmp, v_cmp) = cmp_partials[:3], cmp_partials[3:]
+    cache = dataclasses.replace(cache, k=k, v=v, k_cmp=k_cmp, v_cmp=v_cmp,
+                                length=cache.length + 1)
   slc_scores = decode_kernel.selection_scores(
       score_parts, cmp_partials[1], cmp_partials[2], position, group=group,
       num_partials=num_cmp_partials, cmp_block=config.cmp_block, cmp_stride=config.cmp_stride,
@@ -169,7 +194,8 @@ def _decode_jit(q_t, cache, position, gates, *, config, scale, interpret):
       cmp_partials, sparse, gates, num_cmp_partials=num_cmp_partials,
       num_selected=num_selected_partials, num_sparse=num_sparse_partials, out_dtype=q_t.dtype,
       interpret=interpret)
-  return out[:, :, :group].reshape(b, hq, -1)
+  out = out[:, :, :group].reshape(b, hq, -1)
+  return out if token is None else (out, cache)
 
 
 def append_supported(cache, config: NSAConfig) -> bool:

@@ -306,18 +306,34 @@ def test_gpu_sparse_kernel_picking_from_scores_equals_it_given_the_top_n_kernels
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_gpu_append_kernel_equals_the_xla_append(dtype):
-  # Steps across several compressed-block boundaries (l = 8, d = 4) from an empty cache.
-  config, steps = SMALL, 37
-  _, k, v = random_qkv(2, steps, 2, 2, 16, 32, dtype=dtype)
-  expected = init_decode_cache(2, 40, 2, 16, 32, config=config, dtype=dtype)
+@pytest.mark.parametrize("in_step", [False, True])
+def test_gpu_append_kernels_equal_the_xla_append(dtype, in_step):
+  # Steps across several compressed-block boundaries (l = 8, d = 4) from an empty cache: the
+  # append kernel alone; or the decode step's compressed kernel appending (its split 0 writes the
+  # token, the split holding the new block makes it: 4 splits of 128 slots at max_len 2000),
+  # after a prefill of 500 tokens, so that the blocks go to slots 124-132 of splits 0 and 1.
+  config, steps, start = SMALL, 37, 500 if in_step else 0
+  q, k, v = random_qkv(2, start + steps, 2, 2, 16, 32, dtype=dtype)
+  expected = init_decode_cache(2, 2000 if in_step else 40, 2, 16, 32, config=config,
+                               dtype=dtype)
+  if in_step:
+    assert pallas_gpu.step_supported(q[:, 0], expected, config)
+    assert gpu_decode.compressed_layout(2, 2, expected.k_cmp.shape[2]) == (128, 4)
+    _, expected = nsa_prefill(q[:, :start], k[:, :start], v[:, :start], expected, config=config)
   got = expected
   compress = functools.partial(nsa_jax.compress_kv, block=config.cmp_block,
                                stride=config.cmp_stride)
-  for t in range(steps):
-    expected = _append(expected, k[:, t], v[:, t], config, compress)
-    got = pallas_gpu.decode_append(got, k[:, t], v[:, t], config=config, interpret=True)
-  assert int(got.length) == steps
+  for t in range(start, start + steps):
+    if in_step:  # and the step's output, which attends the block it made
+      expected_out, expected = nsa_decode_step(q[:, t], k[:, t], v[:, t], expected,
+                                               config=config, implementation="xla")
+      out, got = pallas_gpu.decode_step(q[:, t], k[:, t], v[:, t], got, None, 16 ** -0.5,
+                                        config=config, interpret=True)
+      assert_close(out, expected_out, dtype)
+    else:
+      expected = _append(expected, k[:, t], v[:, t], config, compress)
+      got = pallas_gpu.decode_append(got, k[:, t], v[:, t], config=config, interpret=True)
+  assert int(got.length) == start + steps
   for name in ("k", "v", "k_cmp", "v_cmp"):
     assert_close(getattr(got, name), getattr(expected, name), dtype)
 

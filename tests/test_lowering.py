@@ -102,8 +102,8 @@ def test_nsa_kernels_lower_under_vmap(platform):
 
 
 DECODE_KERNELS = {
-    "cuda": sorted(["nsa_decode_append", "nsa_decode_compressed", "nsa_decode_selection_scores",
-                    "nsa_decode_sparse", "nsa_decode_combine"]),
+    "cuda": sorted(["nsa_decode_compressed", "nsa_decode_selection_scores", "nsa_decode_sparse",
+                    "nsa_decode_combine"]),  # the compressed kernel appends the token
     "tpu": ["nsa_decode_compressed", "nsa_decode_sparse"],  # XLA in between (split_decode.py)
 }
 

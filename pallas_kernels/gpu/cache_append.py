@@ -28,6 +28,28 @@ def supported(head_dim: int, head_dim_v: int, cmp_stride: int, cmp_cache_len: in
           and pow2(cmp_stride) == cmp_stride)
 
 
+def block_to_make(pos, *, cmp_block: int, cmp_stride: int, num_cmp: int):
+  """`(completes, first, slot)`: whether token `pos` completes a compressed block, that block's
+  first token and its slot in the compressed cache."""
+  first = pos + 1 - cmp_block
+  completes = (first >= 0) & (first % cmp_stride == 0)
+  return completes, first, jnp.minimum(first // cmp_stride, num_cmp - 1)
+
+
+def block_mean(cache_ref, new_row, first, pos, *, cmp_block: int, cmp_stride: int):
+  """Mean of rows `[first, first + l)` of `cache_ref [S, D]` as `[D]` in the cache dtype, row
+  `pos` being `new_row` (the step's token, taken from registers rather than read back from its
+  global store), summed like `nsa_jax.xla.compress_kv`."""
+  total = jnp.zeros(new_row.shape, jnp.float32)
+  for sub in range(cmp_block // cmp_stride):
+    start = first + sub * cmp_stride
+    rows = cache_ref[pl.ds(start, cmp_stride), :]
+    is_new = (start + jnp.arange(cmp_stride) == pos)[:, None]
+    rows = jnp.where(is_new, new_row[None, :], rows)
+    total = total + jnp.sum(rows.astype(jnp.float32), axis=0)
+  return (total / cmp_block).astype(cache_ref.dtype)
+
+
 def _append_kernel(pos_ref, k_t_ref, v_t_ref, _k_in, _v_in, _k_cmp_in, _v_cmp_in, k_ref, v_ref,
                    k_cmp_ref, v_cmp_ref, *, cmp_block, cmp_stride, num_cmp):
   pos = pos_ref[0]
@@ -35,22 +57,14 @@ def _append_kernel(pos_ref, k_t_ref, v_t_ref, _k_in, _v_in, _k_cmp_in, _v_cmp_in
   for name, token_ref, cache_ref in (("k", k_t_ref, k_ref), ("v", v_t_ref, v_ref)):
     new[name] = token_ref[...].astype(cache_ref.dtype)
     cache_ref[pl.ds(pos, 1), :] = new[name][None, :]
-  first = pos + 1 - cmp_block  # first token of the compressed block that ends at `pos`
+  completes, first, slot = block_to_make(pos, cmp_block=cmp_block, cmp_stride=cmp_stride,
+                                         num_cmp=num_cmp)
 
-  @pl.when((first >= 0) & (first % cmp_stride == 0))
+  @pl.when(completes)
   def _():
-    slot = jnp.minimum(first // cmp_stride, num_cmp - 1)
     for name, cache_ref, cmp_ref in (("k", k_ref, k_cmp_ref), ("v", v_ref, v_cmp_ref)):
-      total = jnp.zeros(new[name].shape, jnp.float32)
-      for sub in range(cmp_block // cmp_stride):
-        start = first + sub * cmp_stride
-        rows = cache_ref[pl.ds(start, cmp_stride), :]
-        # Row `pos` was written above by this program; take the token from registers rather than
-        # rely on reading back its own global store.
-        is_new = (start + jnp.arange(cmp_stride) == pos)[:, None]
-        rows = jnp.where(is_new, new[name][None, :], rows)
-        total = total + jnp.sum(rows.astype(jnp.float32), axis=0)
-      cmp_ref[pl.ds(slot, 1), :] = (total / cmp_block).astype(cmp_ref.dtype)[None, :]
+      cmp_ref[pl.ds(slot, 1), :] = block_mean(cache_ref, new[name], first, pos,
+                                              cmp_block=cmp_block, cmp_stride=cmp_stride)[None, :]
 
 
 @functools.partial(jax.jit, static_argnames=("cmp_block", "cmp_stride", "num_cmp", "interpret"))

@@ -46,6 +46,7 @@ from pallas_kernels.gpu.tile_math import LOG2E, MASK_VALUE, pow2
 from pallas_kernels.gpu.tile_math import dot as _dot
 from pallas_kernels.gpu.tile_math import online_softmax_init, online_softmax_step
 from pallas_kernels.gpu.tile_math import online_softmax_step_with_probs
+from pallas_kernels.gpu import cache_append
 from pallas_kernels.gpu import top_n as top_n_kernel
 
 CMP_TILE = 64  # compressed keys per dot
@@ -172,8 +173,47 @@ def _visible_cmp_blocks(pos, cmp_block, cmp_stride):
   return jnp.maximum((pos + 1 - cmp_block) // cmp_stride + 1, 0)
 
 
-def _cmp_kernel(pos_ref, q_ref, k_ref, v_ref, sums_ref, tails_ref, tmax_ref, acc_ref, m_ref,
-                l_ref, *, scale, split, cmp_block, cmp_stride, smap):
+def _append_token(pos, k_t_ref, v_t_ref, k_ref, v_ref, k_cmp_ref, v_cmp_ref, *, split,
+                  cmp_block, cmp_stride, num_cmp, interpret):
+  """`cache_append`'s work, done by the compressed kernel (one launch fewer a step): split 0 of
+  each (sequence, KV head) writes the token's rows, and the program whose split holds the
+  compressed block this token completes makes it, before its own loop reads it."""
+  new = {name: token_ref[...].astype(cache_ref.dtype)
+         for name, token_ref, cache_ref in (("k", k_t_ref, k_ref), ("v", v_t_ref, v_ref))}
+
+  @pl.when(pl.program_id(2) == 0)
+  def _():
+    k_ref[pl.ds(pos, 1), :] = new["k"][None, :]
+    v_ref[pl.ds(pos, 1), :] = new["v"][None, :]
+
+  completes, first, slot = cache_append.block_to_make(pos, cmp_block=cmp_block,
+                                                      cmp_stride=cmp_stride, num_cmp=num_cmp)
+
+  @pl.when(completes & (slot // split == pl.program_id(2)))
+  def _():
+    for name, cache_ref, cmp_ref in (("k", k_ref, k_cmp_ref), ("v", v_ref, v_cmp_ref)):
+      cmp_ref[pl.ds(slot, 1), :] = cache_append.block_mean(
+          cache_ref, new[name], first, pos, cmp_block=cmp_block, cmp_stride=cmp_stride)[None, :]
+    if not interpret:  # (interpret mode runs the program's stores and loads in order)
+      plgpu.debug_barrier()  # the block's row is in global memory before the tiles load it
+
+
+def _cmp_kernel(*refs, appends, num_cmp, interpret, **config):
+  """`_cmp_partials`, after `_append_token` with `appends`: the compressed caches are then read
+  from the outputs they are updated in (the same buffers on the GPU)."""
+  if not appends:
+    _cmp_partials(*refs, **config)
+    return
+  (pos_ref, q_ref, k_t_ref, v_t_ref, _k, _v, _k_cmp, _v_cmp, k_ref, v_ref, k_cmp_ref, v_cmp_ref,
+   *outs) = refs
+  _append_token(pos_ref[0], k_t_ref, v_t_ref, k_ref, v_ref, k_cmp_ref, v_cmp_ref,
+                split=config["split"], cmp_block=config["cmp_block"],
+                cmp_stride=config["cmp_stride"], num_cmp=num_cmp, interpret=interpret)
+  _cmp_partials(pos_ref, q_ref, k_cmp_ref, v_cmp_ref, *outs, **config)
+
+
+def _cmp_partials(pos_ref, q_ref, k_ref, v_ref, sums_ref, tails_ref, tmax_ref, acc_ref, m_ref,
+                  l_ref, *, scale, split, cmp_block, cmp_stride, smap):
   count = _visible_cmp_blocks(pos_ref[0], cmp_block, cmp_stride)
   base = pl.program_id(2) * split
   q = q_ref[...]  # [Gp, Dk]
@@ -206,11 +246,15 @@ def _cmp_kernel(pos_ref, q_ref, k_ref, v_ref, sums_ref, tails_ref, tmax_ref, acc
 
 
 @functools.partial(jax.jit, static_argnames=("cmp_block", "cmp_stride", "slc_block", "num_slc",
-                                             "scale", "split", "interpret"))
+                                             "scale", "split", "num_cmp", "interpret"))
 def compressed_partials(q_rows, k_cmp, v_cmp, position, *, cmp_block: int, cmp_stride: int,
-                        slc_block: int, num_slc: int, scale: float, split: int,
-                        interpret: bool = False):
+                        slc_block: int, num_slc: int, scale: float, split: int, token=None,
+                        num_cmp: int | None = None, interpret: bool = False):
   """Flash-decoding partials of the compressed branch, and its per-tile selection-block sums.
+
+  With `token = (k, v, k_t, v_t)` it first appends the step's token, as
+  `cache_append.append_token` does (the raw caches `[B, Hkv, S, D]`, the token's `[B, Hkv, D]`;
+  `num_cmp`: compressed blocks the cache can make), and attends the caches with it.
 
   Args:
     q_rows: `[B, Hkv, Gp, Dk]` (`group_rows`); padded rows are zeros.
@@ -220,11 +264,13 @@ def compressed_partials(q_rows, k_cmp, v_cmp, position, *, cmp_block: int, cmp_s
     slc_block: l'; num_slc: selection blocks in the cache (`S / l'`).
     scale: softmax scale.
     split: compressed keys per program (`cmp_split`).
+    token, num_cmp: the token to append first, or None.
     interpret: Pallas interpret mode (CPU).
 
   Returns:
     `(score_parts, acc [B, Hkv, Pp, Gp, Dv], row_max [B, Hkv, Pp, Gp], row_sum [B, Hkv, Pp,
-    Gp])`, all float32. Partial `p < P = ceil(Sc / split)` covers blocks `[p*split,
+    Gp])`, all float32, then with `token` the caches `(k, v, k_cmp, v_cmp)` holding it (updated
+    in place when donated or loop-carried). Partial `p < P = ceil(Sc / split)` covers blocks `[p*split,
     (p+1)*split)` (Pp = pow2(P); rows past P are unwritten). `score_parts = (sums [B, Hkv, Gp,
     *], tails [B, Hkv, Gp, *], tile_max [B, Hkv, *, Gp])`: for each key tile `u` (CMP_TILE
     keys) with `u * CMP_TILE < count`, `tile_max[..., u + 1, g]` is row g's running max after
@@ -243,21 +289,35 @@ def compressed_partials(q_rows, k_cmp, v_cmp, position, *, cmp_block: int, cmp_s
                                      lambda i, j, s: (i, j, s) + (0,) * len(shape))
   per_head = lambda *shape: pl.BlockSpec((None, None) + shape, lambda i, j, s: (i, j, 0, 0))
   f32 = lambda *shape: jax.ShapeDtypeStruct((b, hkv) + shape, jnp.float32)
-  sums, tails, tile_max, *partials = pl.pallas_call(
-      functools.partial(_cmp_kernel, scale=scale, split=split, cmp_block=cmp_block,
+  caches, cache_specs, token_specs, aliases = [k_cmp, v_cmp], [whole(dk), whole(dv)], [], {}
+  if token is not None:
+    k, v, k_t, v_t = token
+    size = k.shape[2]
+    raw = lambda d: pl.BlockSpec((None, None, size, d), lambda i, j, s: (i, j, 0, 0))
+    token_specs = [pl.BlockSpec((None, None, d), lambda i, j, s: (i, j, 0)) for d in (dk, dv)]
+    caches, cache_specs = [k, v] + caches, [raw(dk), raw(dv)] + cache_specs
+    aliases = {4 + n: n for n in range(4)}  # pos, q, k_t, v_t, then the caches
+  scalar = pl.BlockSpec((1,), lambda i, j, s: (0,))
+  outs = pl.pallas_call(
+      functools.partial(_cmp_kernel, appends=token is not None, num_cmp=num_cmp,
+                        interpret=interpret, scale=scale, split=split, cmp_block=cmp_block,
                         cmp_stride=cmp_stride, smap=smap),
       grid=(b, hkv, splits),
-      in_specs=[pl.BlockSpec((1,), lambda i, j, s: (0,)), per_head(rows, dk), whole(dk),
-                whole(dv)],
-      out_specs=[per_head(rows, columns), per_head(rows, columns), per_head(tile_rows, rows),
-                 part(rows, dv), part(rows), part(rows)],
-      out_shape=[f32(rows, columns), f32(rows, columns), f32(tile_rows, rows),
-                 f32(padded, rows, dv), f32(padded, rows), f32(padded, rows)],
+      in_specs=[scalar, per_head(rows, dk)] + token_specs + cache_specs,
+      out_specs=(cache_specs if token is not None else []) + [
+          per_head(rows, columns), per_head(rows, columns), per_head(tile_rows, rows),
+          part(rows, dv), part(rows), part(rows)],
+      out_shape=([jax.ShapeDtypeStruct(x.shape, x.dtype) for x in caches] if aliases else []) + [
+          f32(rows, columns), f32(rows, columns), f32(tile_rows, rows),
+          f32(padded, rows, dv), f32(padded, rows), f32(padded, rows)],
+      input_output_aliases=aliases,
       compiler_params=plgpu.CompilerParams(num_warps=CMP_NUM_WARPS, num_stages=CMP_STAGES),
       interpret=interpret,
       name="nsa_decode_compressed",
-  )(jnp.reshape(position, (1,)).astype(jnp.int32), q_rows, k_cmp, v_cmp)
-  return (sums, tails, tile_max), *partials
+  )(jnp.reshape(position, (1,)).astype(jnp.int32), q_rows,
+    *([] if token is None else token[2:]), *caches)
+  updated, (sums, tails, tile_max, *partials) = outs[:len(aliases)], outs[len(aliases):]
+  return ((sums, tails, tile_max), *partials, *updated)
 
 
 # ---------------------------------------------------------------------------------------------
