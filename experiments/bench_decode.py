@@ -2,7 +2,8 @@
 
     python -m experiments.bench_decode [--contexts 8192,16384,32768,65536,131072]
                                        [--batches 1,8] [--impls xla,pallas_gpu]
-                                       [--steps 64] [--repeats 5] [--out out/bench_decode.json]
+                                       [--steps 64] [--repeats 5] [--layers 1]
+                                       [--out out/bench_decode.json]
 
 Shapes: Hq=64, Hkv=4, D=128, bfloat16, the paper's NSA config. For each context length C the
 cache holds C - 1 tokens and one step appends token C and attends it (cache update included, the
@@ -11,6 +12,11 @@ and the context grows by steps * (repeats + 1) tokens over a measurement (< 1% a
 decoding is timed the same way: `dense_xla` (one einsum over the cache, masked past the length)
 and `dense_cudnn` (`jax.nn.dot_product_attention` with `key_value_seq_lengths`, where cuDNN
 takes it).
+
+`--layers L`: each step runs L decode layers, each with its own cache, each layer's output the
+next layer's query, as a model's decode step does; times are per layer. With L = 1 (the default)
+every layer also carries the timing loop's own ops (loop counter, the output sum, the cache
+length's add: ~3-5 us a step on an H200), which a model's step spreads over all its layers.
 
 Tokens read per step are the paper's Table 4 count: visible compressed blocks + n * l' + w for
 NSA (2048, 2560, 3584, 5632 at 8k..64k), the context for dense. Prints a table, writes JSON.
@@ -81,18 +87,17 @@ def filled_nsa_cache(batch, context, key):
                      length=jnp.asarray(length, jnp.int32), max_len=cache.max_len)
 
 
-def nsa_step(impl):
-  """`(cache, total) -> (cache, total + out)`: the sum keeps the output live."""
-  def step(state, q, k, v):
-    cache, total = state
+def nsa_layer(impl):
+  """`(cache, q, k, v) -> (cache, out)`: one NSA decode layer."""
+  def layer(cache, q, k, v):
     out, cache = nsa_decode_step(q, k, v, cache, config=CONFIG, implementation=impl)
-    return cache, total + out.astype(jnp.float32)
-  return step
+    return cache, out
+  return layer
 
 
-def dense_xla_step(state, q, k, v):
+def dense_xla_layer(cache, q, k, v):
   """Dense GQA decode over a head-major cache `[B, Hkv, S, D]`, masked past the length."""
-  k_cache, v_cache, length, total = state
+  k_cache, v_cache, length = cache
   k_cache = jax.lax.dynamic_update_slice(k_cache, k[:, :, None], (0, 0, length, 0))
   v_cache = jax.lax.dynamic_update_slice(v_cache, v[:, :, None], (0, 0, length, 0))
   b = q.shape[0]
@@ -101,26 +106,42 @@ def dense_xla_step(state, q, k, v):
   s = jnp.where(jnp.arange(k_cache.shape[2]) <= length, s * D ** -0.5, -jnp.inf)
   p = jax.nn.softmax(s, axis=-1).astype(DTYPE)
   out = jnp.einsum("bhgs,bhsd->bhgd", p, v_cache, preferred_element_type=jnp.float32)
-  return k_cache, v_cache, length + 1, total + out.reshape(b, HQ, D)
+  return (k_cache, v_cache, length + 1), out.reshape(b, HQ, D).astype(DTYPE)
 
 
-def dense_cudnn_step(state, q, k, v):
+def dense_cudnn_layer(cache, q, k, v):
   """Dense decode through `jax.nn.dot_product_attention` on a `[B, S, Hkv, D]` cache."""
-  k_cache, v_cache, length, total = state
+  k_cache, v_cache, length = cache
   k_cache = jax.lax.dynamic_update_slice(k_cache, k[:, None], (0, length, 0, 0))
   v_cache = jax.lax.dynamic_update_slice(v_cache, v[:, None], (0, length, 0, 0))
   lengths = jnp.full((q.shape[0],), length + 1, jnp.int32)
   out = jax.nn.dot_product_attention(q[:, None], k_cache, v_cache,
                                      key_value_seq_lengths=lengths, implementation="cudnn")
-  return k_cache, v_cache, length + 1, total + out[:, 0].astype(jnp.float32)
+  return (k_cache, v_cache, length + 1), out[:, 0]
 
 
-def dense_state(batch, context, key, heads_first):
+def stacked(layer, layers):
+  """`((cache per layer), total) -> same`: one token through `layers` decode layers, each with
+  its own cache and each output the next layer's query, as in a model (whose other ops are left
+  out); the sum keeps the last output live. With one layer the step also carries the timing
+  loop's own ops (its counter, the sum: ~3-5 us on an H200, BENCHMARKS.md); a stack spreads them
+  over its layers, as a model's step does."""
+  def step(state, q, k, v):
+    caches, total = state
+    updated = []
+    for cache in caches:
+      cache, q = layer(cache, q, k, v)
+      updated.append(cache)
+    return tuple(updated), total + q.astype(jnp.float32)
+  return step
+
+
+def dense_cache(batch, context, key, heads_first):
   size = context + 1024
   shape = (batch, HKV, size, D) if heads_first else (batch, size, HKV, D)
   kk, kv = jax.random.split(key)
   return (jax.random.normal(kk, shape, DTYPE), jax.random.normal(kv, shape, DTYPE),
-          jnp.asarray(context - 1, jnp.int32), jnp.zeros((batch, HQ, D), jnp.float32))
+          jnp.asarray(context - 1, jnp.int32))
 
 
 def nsa_tokens_read(context):
@@ -135,6 +156,8 @@ def main():
   parser.add_argument("--batches", default="1,8")
   parser.add_argument("--impls", default="xla,pallas_gpu")
   parser.add_argument("--steps", type=int, default=64, help="decode steps per timed call")
+  parser.add_argument("--layers", type=int, default=1,
+                      help="decode layers a step (each its own cache; time reported per layer)")
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--out", default="out/bench_decode.json")
   args = parser.parse_args()
@@ -143,27 +166,33 @@ def main():
   for context in map(int, args.contexts.split(",")):
     for batch in map(int, args.batches.split(",")):
       inputs = random_inputs(batch, key)
+      keys = jax.random.split(key, args.layers)
+      total = lambda: jnp.zeros((batch, HQ, D), jnp.float32)  # a new one each run (donated)
       timings = {}
-      for name, step, heads_first in (("dense_xla", dense_xla_step, True),
-                                      ("dense_cudnn", dense_cudnn_step, False)):
+      for name, layer, heads_first in (("dense_xla", dense_xla_layer, True),
+                                       ("dense_cudnn", dense_cudnn_layer, False)):
         try:
-          state = dense_state(batch, context, key, heads_first)
-          timings[name] = time_steps(step, state, inputs, args.steps, args.repeats)
+          state = (tuple(dense_cache(batch, context, k, heads_first) for k in keys), total())
+          timings[name] = time_steps(stacked(layer, args.layers), state, inputs, args.steps,
+                                     args.repeats) / args.layers
         except Exception as err:  # cuDNN may refuse a shape: report, keep going
           print(f"{name} at C={context} B={batch}: {type(err).__name__}: {str(err)[:120]}")
+        state = None  # free the caches before the next ones are made
       for impl in args.impls.split(","):
-        state = (filled_nsa_cache(batch, context, key), jnp.zeros((batch, HQ, D), jnp.float32))
-        timings[f"nsa_{impl}"] = time_steps(nsa_step(impl), state, inputs, args.steps,
-                                            args.repeats)
+        state = (tuple(filled_nsa_cache(batch, context, k) for k in keys), total())
+        timings[f"nsa_{impl}"] = time_steps(stacked(nsa_layer(impl), args.layers), state, inputs,
+                                            args.steps, args.repeats) / args.layers
+        state = None
       dense = min(t for n, t in timings.items() if n.startswith("dense"))
       for name, seconds in timings.items():
         tokens = context if name.startswith("dense") else nsa_tokens_read(context)
-        rows.append(dict(context=context, batch=batch, impl=name, us_per_token=1e6 * seconds,
+        rows.append(dict(context=context, batch=batch, layers=args.layers, impl=name,
+                         us_per_token=1e6 * seconds,
                          speedup_vs_dense=dense / seconds, tokens_read=tokens,
                          kv_bytes_read=tokens * batch * HKV * D * 2 * 2))
         print(json.dumps(rows[-1]))
   device = jax.devices()[0].device_kind
-  print(f"\n{device}, Hq={HQ} Hkv={HKV} D={D} bf16, {CONFIG}")
+  print(f"\n{device}, Hq={HQ} Hkv={HKV} D={D} bf16, {CONFIG}, {args.layers} layer(s) a step")
   print(f"{'C':>7} {'B':>3} {'impl':>16} {'us/token':>9} {'vs dense':>9} {'tokens read':>12}")
   for r in rows:
     print(f"{r['context']:>7} {r['batch']:>3} {r['impl']:>16} {r['us_per_token']:>9.1f} "

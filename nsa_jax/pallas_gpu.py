@@ -173,8 +173,7 @@ def _decode_jit(q_t, cache, position, gates, token, *, config, scale, interpret)
       split=split, interpret=interpret, **append)
   if token is not None:
     cmp_partials, (k, v, k_cmp, v_cmp) = cmp_partials[:3], cmp_partials[3:]
-    cache = dataclasses.replace(cache, k=k, v=v, k_cmp=k_cmp, v_cmp=v_cmp,
-                                length=cache.length + 1)
+    cache = dataclasses.replace(cache, k=k, v=v, k_cmp=k_cmp, v_cmp=v_cmp)
   slc_scores = decode_kernel.selection_scores(
       score_parts, cmp_partials[1], cmp_partials[2], position, group=group,
       num_partials=num_cmp_partials, cmp_block=config.cmp_block, cmp_stride=config.cmp_stride,
@@ -190,12 +189,16 @@ def _decode_jit(q_t, cache, position, gates, token, *, config, scale, interpret)
                     [(0, 0)] * 3 + [(0, 1)])
   num_selected_partials, num_sparse_partials = decode_kernel.sparse_programs(
       b, hkv, config.num_selected, config.window, config.slc_block)
+  # With the token, the combine also counts it (cache.length is the position: the kernels before
+  # have read it).
   out = decode_kernel.combine(
       cmp_partials, sparse, gates, num_cmp_partials=num_cmp_partials,
       num_selected=num_selected_partials, num_sparse=num_sparse_partials, out_dtype=q_t.dtype,
-      interpret=interpret)
-  out = out[:, :, :group].reshape(b, hq, -1)
-  return out if token is None else (out, cache)
+      length=None if token is None else cache.length, interpret=interpret)
+  if token is None:
+    return out[:, :, :group].reshape(b, hq, -1)
+  out, length = out
+  return out[:, :, :group].reshape(b, hq, -1), dataclasses.replace(cache, length=length)
 
 
 def append_supported(cache, config: NSAConfig) -> bool:

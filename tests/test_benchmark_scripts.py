@@ -40,16 +40,17 @@ def test_bench_kernels_times_every_part_and_writes_json(monkeypatch, tmp_path, p
 
 
 @pytest.mark.filterwarnings("ignore")
-def test_bench_decode_runs_the_xla_decode_and_writes_json(monkeypatch, tmp_path):
+@pytest.mark.parametrize("layers", [1, 2])
+def test_bench_decode_runs_the_xla_decode_and_writes_json(monkeypatch, tmp_path, layers):
   out = tmp_path / "decode.json"
   monkeypatch.setattr("sys.argv", ["bench_decode", "--contexts", "512", "--batches", "1",
                                    "--impls", "xla", "--steps", "2", "--repeats", "1",
-                                   "--out", str(out)])
+                                   "--layers", str(layers), "--out", str(out)])
   bench_decode.main()
   rows = json.loads(out.read_text())["rows"]
   impls = {row["impl"] for row in rows}
   assert {"dense_xla", "nsa_xla"} <= impls  # dense_cudnn is reported as refused on the CPU
-  assert all(row["us_per_token"] > 0 for row in rows)
+  assert all(row["us_per_token"] > 0 and row["layers"] == layers for row in rows)
 
 
 def test_tpu_overhead_times_steps_and_dma_groups_and_writes_json(monkeypatch, tmp_path):

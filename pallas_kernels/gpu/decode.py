@@ -644,12 +644,19 @@ def _merge(acc, row_max, row_sum, lo, hi):
   return jnp.sum(acc, axis=0) / jnp.where(total > 0, total, 1.0)[:, None]
 
 
-def _combine_kernel(*refs, num_cmp_partials, num_selected, num_sparse, gated):
+def _combine_kernel(*refs, num_cmp_partials, num_selected, num_sparse, gated, counts):
   # Every input is loaded up front, so that the loads are in flight together.
   cmp = [ref[...] for ref in refs[0:3]]
   sparse = [ref[...] for ref in refs[3:6]]
   gates = refs[6][...] if gated else None  # [Gp, 4], the fourth column padding
-  out_ref = refs[-1]
+  if counts:
+    out_ref, length_ref = refs[-2:]
+
+    @pl.when((pl.program_id(0) == 0) & (pl.program_id(1) == 0) & (pl.program_id(2) == 0))
+    def _():  # one program: no other reads it, and every earlier kernel has read it
+      length_ref[...] = length_ref[...] + 1
+  else:
+    out_ref = refs[-1]
   branches = (_merge(*cmp, 0, num_cmp_partials),
               _merge(*sparse, 0, num_selected),
               _merge(*sparse, num_selected, num_sparse))
@@ -665,8 +672,10 @@ def _combine_kernel(*refs, num_cmp_partials, num_selected, num_sparse, gated):
 @functools.partial(jax.jit, static_argnames=("num_cmp_partials", "num_selected", "num_sparse",
                                              "out_dtype", "interpret"))
 def combine(cmp_partials, sparse_partials_, gates, *, num_cmp_partials: int, num_selected: int,
-            num_sparse: int, out_dtype, interpret: bool = False):
-  """The gated sum of the three branches, `[B, Hkv, Gp, Dv]` in `out_dtype`.
+            num_sparse: int, out_dtype, length=None, interpret: bool = False):
+  """The gated sum of the three branches, `[B, Hkv, Gp, Dv]` in `out_dtype`; with `length` (an
+  int32 scalar), `(out, length + 1)`, the add done in place by one program (an XLA add would be
+  one more launch a step: the decode step counts its cache's length here).
 
   Args:
     cmp_partials: `(acc, row_max, row_sum)` of `compressed_partials`, `num_cmp_partials` written.
@@ -674,6 +683,7 @@ def combine(cmp_partials, sparse_partials_, gates, *, num_cmp_partials: int, num
       `num_sparse` written in all.
     gates: float32 `[B, Hkv, Gp, 4]` (cmp, slc, swa, padding) or None (plain sum).
     out_dtype: the output dtype.
+    length: int32 scalar to count, or None.
     interpret: Pallas interpret mode (CPU).
   """
   b, hkv, _, rows, dv = cmp_partials[0].shape
@@ -688,16 +698,27 @@ def combine(cmp_partials, sparse_partials_, gates, *, num_cmp_partials: int, num
   if gates is not None:
     specs.append(pl.BlockSpec((None, None, rows, 4), lambda i, j, d: (i, j, 0, 0)))
     args.append(gates)
+  out_specs = [pl.BlockSpec((None, None, rows, dv_tile), lambda i, j, d: (i, j, 0, d))]
+  out_shape = [jax.ShapeDtypeStruct((b, hkv, rows, dv), out_dtype)]
+  aliases = {}
+  if length is not None:
+    scalar = pl.BlockSpec((1,), lambda i, j, d: (0,))
+    aliases = {len(args): 1}
+    specs, out_specs = specs + [scalar], out_specs + [scalar]
+    args.append(jnp.reshape(length, (1,)).astype(jnp.int32))
+    out_shape.append(jax.ShapeDtypeStruct((1,), jnp.int32))
   kernel = functools.partial(_combine_kernel, num_cmp_partials=num_cmp_partials,
                              num_selected=num_selected, num_sparse=num_sparse,
-                             gated=gates is not None)
-  return pl.pallas_call(
+                             gated=gates is not None, counts=length is not None)
+  outs = pl.pallas_call(
       kernel,
       grid=(b, hkv, dv // dv_tile),
       in_specs=specs,
-      out_specs=pl.BlockSpec((None, None, rows, dv_tile), lambda i, j, d: (i, j, 0, d)),
-      out_shape=jax.ShapeDtypeStruct((b, hkv, rows, dv), out_dtype),
+      out_specs=out_specs,
+      out_shape=out_shape,
+      input_output_aliases=aliases,
       compiler_params=plgpu.CompilerParams(num_warps=COMBINE_NUM_WARPS, num_stages=1),
       interpret=interpret,
       name="nsa_decode_combine",
   )(*args)
+  return outs[0] if length is None else (outs[0], outs[1].reshape(()))
