@@ -54,7 +54,10 @@ CMP_ALIGN = 128  # the compressed cache's length is a multiple of this (decode.C
 TARGET_PROGRAMS = 512  # compressed-kernel programs to aim for (swept: 256-1024; 512 best at B=8)
 SCORES_TILE = 64  # selection blocks per program of the selection-score kernel
 SUMS_SHIFT = 16  # block j's sums are in column j + SUMS_SHIFT, so that j - 1 >= 0 for j = 0
-COMBINE_PROGRAMS = 256  # combine programs to aim for: Dv is split into tiles of >= 8 for them
+# Partial floats one combine program holds (every partial's rows x a tile of Dv): the widest
+# power-of-two Dv tile (>= 8) within it. H200, 64k: B=8 (24 partials) tiles of 32, 3.8 us (16:
+# 5.1, 64: 5.0, 128: 57, spilling); B=1 (96 partials) tiles of 8, 5.1 us (16: 5.8, 32: 72).
+COMBINE_TILE_FLOATS = 12288
 # l' blocks (selected blocks or window tiles) per sparse-kernel program once the grid has at least
 # SPARSE_MULTI_MIN_PAIRS (sequence, KV head) pairs: walked with an online softmax, loads pipelined,
 # leaving fewer partials to combine. Fewer pairs (B=1) keep one block a program, to spread over
@@ -71,6 +74,10 @@ COMBINE_NUM_WARPS = 4
 
 def _is_pow2(x: int) -> bool:
   return pow2(x) == x
+
+
+def _pow2_floor(x: int) -> int:
+  return 1 << max(x, 1).bit_length() - 1
 
 
 def supported(head_dim: int, head_dim_v: int, slc_block: int, cache_len: int,
@@ -687,7 +694,8 @@ def combine(cmp_partials, sparse_partials_, gates, *, num_cmp_partials: int, num
     interpret: Pallas interpret mode (CPU).
   """
   b, hkv, _, rows, dv = cmp_partials[0].shape
-  dv_tile = min(dv, max(8, pow2(dv * b * hkv // COMBINE_PROGRAMS)))  # swept at B=1 and 8
+  partials = cmp_partials[0].shape[2] + sparse_partials_[0].shape[2]
+  dv_tile = min(dv, max(8, _pow2_floor(COMBINE_TILE_FLOATS // (partials * rows))))
   acc_spec = lambda pp: pl.BlockSpec((None, None, pp, rows, dv_tile),
                                      lambda i, j, d: (i, j, 0, 0, d))
   stat_spec = lambda pp: pl.BlockSpec((None, None, pp, rows), lambda i, j, d: (i, j, 0, 0))
