@@ -2,12 +2,13 @@
 
 Decoding reads little (the compressed cache, n selected blocks and the window: 5.6k tokens per
 step at 64k instead of 64k), so a step is bound by latency at B=1 and by the compressed cache's
-bytes at B=8. Every XLA op between kernels costs a launch (~1 us), so the attention is four
-kernels with nothing between them but free reshapes (per-kernel times: BENCHMARKS.md); the cache
-append before them is `cache_append.py`.
+bytes at B=8. Every kernel or XLA op costs a launch (~1 us), so a step (`nsa_jax.pallas_gpu
+.decode_step`) is four kernels with nothing between them but free reshapes (per-kernel times:
+BENCHMARKS.md).
 
-1. `compressed_partials`: grid (B, Hkv, splits). Each program scores one split of the compressed
-   cache in tiles of CMP_TILE keys and keeps an online softmax (flash-decoding partials:
+1. `compressed_partials`: grid (B, Hkv, splits). In a decode step it first appends the token
+   (`_append_token`, what `cache_append` does in a launch of its own). Each program scores one
+   split of the compressed cache in tiles of CMP_TILE keys and keeps an online softmax (flash-decoding partials:
    unnormalised output, max, sum). Splits are sized to the batch (`cmp_split`): many small ones
    spread B=1 over the SMs, few large ones keep the B=8 partials small. It also sums each tile's
    probabilities per selection block, per query head and relative to the running maximum after
@@ -22,7 +23,7 @@ append before them is `cache_append.py`.
    of the window `(t - w, t]` (from B * Hkv >= SPARSE_MULTI_MIN_PAIRS, SPARSE_BLOCKS of them a
    program). `select` gives the picks alone (a top-n kernel), for tests and profiles.
 4. `combine`: grid (B, Hkv, Dv tiles). Merges the partials of the three branches and
-   applies the gates.
+   applies the gates; in a decode step one program also counts the cache's length.
 
 Scores and softmax statistics are in the log2 domain (`exp2`). Layout: caches head-major
 `[B, Hkv, S, D]`; the G query heads of a KV group are the matmul rows `[B, Hkv, Gp, Dk]` (padded
@@ -329,7 +330,7 @@ def compressed_partials(q_rows, k_cmp, v_cmp, position, *, cmp_block: int, cmp_s
 
 # ---------------------------------------------------------------------------------------------
 # 2. Selection: log-sum-exp and the rescaled, group-summed block sums per tile of selection
-#    blocks, then the top-n kernel.
+#    blocks (the top n are picked in step 3; `select` runs the top-n kernel instead).
 
 
 def _merged_statistics(row_max, row_sum, lo, hi):
