@@ -190,11 +190,11 @@ def nsa_decode_step(q_t, k_t, v_t, cache: DecodeCache, *, config: NSAConfig, gat
     check.check_float("gates", gates)
   scale = q_t.shape[-1] ** -0.5 if scale is None else scale
   implementation = ops.resolve_implementation(implementation, interpret)
-  position = cache.length  # the new token's
   if (implementation == "pallas_gpu" and compress_fn is None
-      and pallas_gpu.step_supported(q_t, cache, config)):
+      and pallas_gpu.step_supported(q_t, cache, config)):  # append and attention in 4 kernels
     return pallas_gpu.decode_step(q_t, k_t, v_t, cache, gates, scale, config=config,
                                   interpret=interpret)
+  position = cache.length  # the new token's
   if (implementation == "pallas_gpu" and compress_fn is None
       and pallas_gpu.append_supported(cache, config)):
     cache = pallas_gpu.decode_append(cache, k_t, v_t, config=config, interpret=interpret)

@@ -8,8 +8,8 @@ BENCHMARKS.md).
 
 1. `compressed_partials`: grid (B, Hkv, splits). In a decode step it first appends the token
    (`_append_token`, what `cache_append` does in a launch of its own). Each program scores one
-   split of the compressed cache in tiles of CMP_TILE keys and keeps an online softmax (flash-decoding partials:
-   unnormalised output, max, sum). Splits are sized to the batch (`cmp_split`): many small ones
+   split of the compressed cache in tiles of CMP_TILE keys and keeps an online softmax
+   (flash-decoding partials: unnormalised output, max, sum). Splits are sized to the batch (`cmp_split`): many small ones
    spread B=1 over the SMs, few large ones keep the B=8 partials small. It also sums each tile's
    probabilities per selection block, per query head and relative to the running maximum after
    the tile (two sums a block, from which SPEC.md Eq. 9 follows: `_ScoreMap`), and stores that
@@ -43,12 +43,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.decode_partials import window_tiles
+from pallas_kernels.gpu import cache_append
+from pallas_kernels.gpu import top_n as top_n_kernel
 from pallas_kernels.gpu.tile_math import LOG2E, MASK_VALUE, pow2
 from pallas_kernels.gpu.tile_math import dot as _dot
 from pallas_kernels.gpu.tile_math import online_softmax_init, online_softmax_step
 from pallas_kernels.gpu.tile_math import online_softmax_step_with_probs
-from pallas_kernels.gpu import cache_append
-from pallas_kernels.gpu import top_n as top_n_kernel
 
 CMP_TILE = 64  # compressed keys per dot
 CMP_ALIGN = 128  # the compressed cache's length is a multiple of this (decode.CACHE_ALIGN)
@@ -278,8 +278,8 @@ def compressed_partials(q_rows, k_cmp, v_cmp, position, *, cmp_block: int, cmp_s
   Returns:
     `(score_parts, acc [B, Hkv, Pp, Gp, Dv], row_max [B, Hkv, Pp, Gp], row_sum [B, Hkv, Pp,
     Gp])`, all float32, then with `token` the caches `(k, v, k_cmp, v_cmp)` holding it (updated
-    in place when donated or loop-carried). Partial `p < P = ceil(Sc / split)` covers blocks `[p*split,
-    (p+1)*split)` (Pp = pow2(P); rows past P are unwritten). `score_parts = (sums [B, Hkv, Gp,
+    in place when donated or loop-carried). Partial `p < P = ceil(Sc / split)` covers blocks
+    `[p*split, (p+1)*split)` (Pp = pow2(P); rows past P are unwritten). `score_parts = (sums [B, Hkv, Gp,
     *], tails [B, Hkv, Gp, *], tile_max [B, Hkv, *, Gp])`: for each key tile `u` (CMP_TILE
     keys) with `u * CMP_TILE < count`, `tile_max[..., u + 1, g]` is row g's running max after
     it, `M`, and columns `SUMS_SHIFT + j` of `sums` / `tails` hold `_ScoreMap`'s `V_j` / `U_j`
