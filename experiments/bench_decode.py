@@ -15,8 +15,9 @@ takes it).
 
 `--layers L`: each step runs L decode layers, each with its own cache, each layer's output the
 next layer's query, as a model's decode step does; times are per layer. With L = 1 (the default)
-every layer also carries the timing loop's own ops (loop counter, the output sum, the cache
-length's add: ~3-5 us a step on an H200), which a model's step spreads over all its layers.
+every layer also carries the timing loop's own cost (its counter and the output sum, 2-3 us of
+kernels at 64k on an H200, and the loop's per-iteration cost in the CUDA graph), which a
+model's step spreads over all its layers.
 
 Tokens read per step are the paper's Table 4 count: visible compressed blocks + n * l' + w for
 NSA (2048, 2560, 3584, 5632 at 8k..64k), the context for dense. Prints a table, writes JSON.
@@ -124,8 +125,8 @@ def stacked(layer, layers):
   """`((cache per layer), total) -> same`: one token through `layers` decode layers, each with
   its own cache and each output the next layer's query, as in a model (whose other ops are left
   out); the sum keeps the last output live. With one layer the step also carries the timing
-  loop's own ops (its counter, the sum: ~3-5 us on an H200, BENCHMARKS.md); a stack spreads them
-  over its layers, as a model's step does."""
+  loop's own cost (module docstring); a stack spreads it over its layers, as a model's step
+  does."""
   def step(state, q, k, v):
     caches, total = state
     updated = []
