@@ -62,9 +62,11 @@ def test_steps_with_dk_not_dv_and_mqa_and_paper_like_forcing():
   assert_close(decode_all(q, k, v, None, 5, config), expected)
 
 
-def test_a_learned_compress_fn_is_applied_to_each_new_block():
+@pytest.mark.parametrize("implementation", ["xla", "pallas_gpu"])
+def test_a_learned_compress_fn_is_applied_to_each_new_block(implementation):
   # A pooling that weights the block's tokens unevenly and mixes features: block i must be made
-  # from exactly tokens [i*d, i*d + l), once, when its last token arrives.
+  # from exactly tokens [i*d, i*d + l), once, when its last token arrives. pallas_gpu: the step
+  # appends in XLA, then attends with the decode kernels (interpret mode).
   weights = jax.random.normal(jax.random.key(3), (SMALL.cmp_block,))
   mix = jax.random.normal(jax.random.key(4), (16, 16)) / 4
 
@@ -78,7 +80,9 @@ def test_a_learned_compress_fn_is_applied_to_each_new_block():
   k_cmp, v_cmp = compress_fn(k, v)
   expected = nsa_jax.nsa_attention(q, k, v, config=SMALL, k_cmp=k_cmp, v_cmp=v_cmp,
                                    implementation="reference")
-  assert_close(decode_all(q, k, v, None, 9, SMALL, compress_fn=compress_fn), expected)
+  assert_close(decode_all(q, k, v, None, 9, SMALL, compress_fn=compress_fn,
+                          implementation=implementation,
+                          interpret=implementation == "pallas_gpu"), expected)
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
