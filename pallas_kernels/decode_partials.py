@@ -1,5 +1,5 @@
-"""Merging flash-decoding partials in JAX (the TPU decode step), and the window's tile count
-(both decode kernel sets).
+"""Merging flash-decoding partials in JAX (the TPU decode step), and what both decode kernel sets
+share: the window's tile count and the tail weights of the selection scores' per-block sums.
 
 A decode kernel that splits one query's keys over several programs writes, per split, the
 unnormalised output `acc = sum_s 2^(x_s - m) v_s`, the split's max `m` and sum `l = sum_s
@@ -45,3 +45,11 @@ def merge_selected_and_window(acc, row_max, row_sum, num_selected: int):
 def window_tiles(window: int, block: int) -> int:
   """`block`-aligned tiles that a span of `window` tokens can touch (the window's grid steps)."""
   return -(-(window - 1) // block) + 1
+
+
+def tail_weight(offset, per_cmp: int, per_slc: int):
+  """Weight of the key at `offset` (0 .. m - 1) within its selection block in the block's tail
+  sum `U_j = sum_r max(0, r + c - m) p[j*m + r]` (`c = l/d`, `m = l'/d`), float32: with
+  `c - 1 <= m`, SPEC.md Eq. 9 gives block j the score `c V_j - U_j + U_{j-1}` (`V_j` the plain
+  sum of its keys' probabilities; `pallas_kernels/gpu/decode.py`'s `_ScoreMap`)."""
+  return jnp.maximum(offset + per_cmp - per_slc, 0).astype(jnp.float32)

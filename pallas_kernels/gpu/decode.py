@@ -42,7 +42,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.decode_partials import window_tiles
+from pallas_kernels.decode_partials import tail_weight, window_tiles
 from pallas_kernels.gpu import cache_append
 from pallas_kernels.gpu import top_n as top_n_kernel
 from pallas_kernels.gpu.tile_math import LOG2E, MASK_VALUE, pow2
@@ -136,8 +136,7 @@ class _ScoreMap(NamedTuple):
   owned: int  # selection blocks a key tile owns: CMP_TILE / m
 
   def tail_weights(self):
-    return jnp.maximum(jnp.arange(self.per_slc) + self.per_cmp - self.per_slc, 0).astype(
-        jnp.float32)
+    return tail_weight(jnp.arange(self.per_slc), self.per_cmp, self.per_slc)
 
 
 def _score_map(cmp_block: int, cmp_stride: int, slc_block: int) -> _ScoreMap:

@@ -44,7 +44,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.decode_partials import merge_partials, merge_selected_and_window
-from pallas_kernels.decode_partials import window_tiles
+from pallas_kernels.decode_partials import tail_weight, window_tiles
 from pallas_kernels.tpu.tile_math import dot_by_exact, dot_nn, dot_nt
 
 LOG2E = math.log2(math.e)
@@ -109,7 +109,7 @@ def _block_sum_maps(per_cmp: int, per_slc: int):
   offset = key - jax.lax.broadcasted_iota(jnp.int32, shape, 1) * per_slc  # key's place in block
   own = (offset >= 0) & (offset < per_slc)
   return (jnp.where(own, 1.0, 0.0),
-          jnp.where(own, jnp.maximum(offset + per_cmp - per_slc, 0), 0).astype(jnp.float32))
+          jnp.where(own, tail_weight(offset, per_cmp, per_slc), 0.0))
 
 
 def _cmp_kernel(count_ref, q_ref, *refs, scale, per_cmp, per_slc):
