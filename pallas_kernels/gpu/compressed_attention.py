@@ -125,12 +125,18 @@ def _row_positions(tile, lay: _Layout):
   return tile * lay.positions + jnp.arange(lay.rows) // lay.heads  # [R]
 
 
-def _scores(q, k, key_start, row_pos, lay: _Layout, scale):
-  """Masked `scale * log2(e) * q . k` of one key tile: `[R, keys]`."""
+def _scores(q, k, key_start, row_pos, lay: _Layout, scale, masked=True):
+  """`scale * log2(e) * q . k` of one key tile: `[R, keys]`, and its visibility mask.
+
+  `masked=False` for tiles that every row sees whole (`_full_tile_count`): no mask is built or
+  applied (the elementwise mask costs about as much as a matmul per tile), and None is returned.
+  """
+  s = _dot(q, k, trans_b=True) * (scale * LOG2E)
+  if not masked:
+    return s, None
   key = key_start + jnp.arange(k.shape[0])
   visible = (key[None, :] * lay.stride + lay.block - 1 <= row_pos[:, None]) & (
       key[None, :] < lay.num_cmp)
-  s = _dot(q, k, trans_b=True) * (scale * LOG2E)
   return jnp.where(visible, s, MASK_VALUE), visible
 
 
@@ -140,19 +146,33 @@ def _tile_count(tile, lay: _Layout, keys=None):
   return pl.cdiv(_num_visible(last, lay), keys or KEYS)
 
 
-def _lse_pass(q, k_ref, row_pos, num_tiles, lay, scale):
-  """Pass 1 over `num_tiles` tiles of LSE_KEYS keys: each row's base-2 log-sum-exp."""
-  def body(kt, carry):
+def _full_tile_count(tile, lay: _Layout, keys=None):
+  """Leading key tiles that every row of the row tile sees whole (its first position sees them:
+  keys seen by a position are seen by all later ones). The rest of its walk is 1 or 2 tiles."""
+  return _num_visible(tile * lay.positions, lay) // (keys or KEYS)
+
+
+def _masked_split_loop(num_full, num_tiles, body, init):
+  """`body(kt, carry, masked)` over tiles `[0, num_full)` unmasked, then `[num_full, num_tiles)`."""
+  carry = jax.lax.fori_loop(0, num_full, lambda kt, c: body(kt, c, False), init)
+  return jax.lax.fori_loop(num_full, num_tiles, lambda kt, c: body(kt, c, True), carry)
+
+
+def _lse_pass(q, k_ref, row_pos, num_full, num_tiles, lay, scale):
+  """Pass 1 over tiles of LSE_KEYS keys (the first `num_full` unmasked): each row's base-2
+  log-sum-exp."""
+  def body(kt, carry, masked):
     row_max, row_sum = carry
     keys = pl.ds(kt * LSE_KEYS, LSE_KEYS)
-    s, visible = _scores(q, k_ref[keys, :], kt * LSE_KEYS, row_pos, lay, scale)
+    s, visible = _scores(q, k_ref[keys, :], kt * LSE_KEYS, row_pos, lay, scale, masked)
     new_max = jnp.maximum(row_max, jnp.max(s, axis=1))
-    # Masked entries count 0 even in a row that sees nothing yet (its max is MASK_VALUE).
-    p = jnp.where(visible, jnp.exp2(s - new_max[:, None]), 0.0)
+    p = jnp.exp2(s - new_max[:, None])
+    if masked:  # masked entries count 0 even in a row that sees nothing yet (max MASK_VALUE)
+      p = jnp.where(visible, p, 0.0)
     return new_max, row_sum * jnp.exp2(row_max - new_max) + jnp.sum(p, axis=1)
 
   init = (jnp.full((lay.rows,), MASK_VALUE, jnp.float32), jnp.zeros((lay.rows,), jnp.float32))
-  row_max, row_sum = jax.lax.fori_loop(0, num_tiles, body, init)
+  row_max, row_sum = _masked_split_loop(num_full, num_tiles, body, init)
   # Rows that see nothing get +inf, so exp2(s - lse) = 0 in pass 2 and the backward.
   return jnp.where(row_sum > 0, row_max + jnp.log2(jnp.where(row_sum > 0, row_sum, 1.0)), jnp.inf)
 
@@ -229,15 +249,17 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, lay, scale, slc_block, slc_cols,
   q = q_ref[...]
   row_pos = _row_positions(tile, lay)
   num_tiles = _tile_count(tile, lay)
-  lse = _lse_pass(q, k_ref, row_pos, _tile_count(tile, lay, LSE_KEYS), lay, scale)
+  lse = _lse_pass(q, k_ref, row_pos, _full_tile_count(tile, lay, LSE_KEYS),
+                  _tile_count(tile, lay, LSE_KEYS), lay, scale)
   if slc_block:
     own_map, spill_map = _score_maps(lay, slc_block, slc_cols, slc_spill)
     owned = KEYS * lay.stride // slc_block
 
-  def body(kt, carry):
+  def body(kt, carry, masked):
     acc, spill = carry
-    s, visible = _scores(q, k_ref[pl.ds(kt * KEYS, KEYS), :], kt * KEYS, row_pos, lay, scale)
-    p = jnp.where(visible, jnp.exp2(s - lse[:, None]), 0.0)
+    s, _ = _scores(q, k_ref[pl.ds(kt * KEYS, KEYS), :], kt * KEYS, row_pos, lay, scale, masked)
+    # Masked scores are MASK_VALUE and empty rows have lse = +inf: p is 0 there without a mask.
+    p = jnp.exp2(s - lse[:, None])
     v = v_ref[pl.ds(kt * KEYS, KEYS), :]
     acc = acc + _dot(p.astype(v.dtype), v)
     if slc_block:
@@ -248,7 +270,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, lay, scale, slc_block, slc_cols,
 
   spill_shape = (lay.positions, slc_cols) if slc_block else (1,)
   init = (jnp.zeros((lay.rows, o_ref.shape[1]), jnp.float32), jnp.zeros(spill_shape, jnp.float32))
-  acc, spill = jax.lax.fori_loop(0, num_tiles, body, init)
+  acc, spill = _masked_split_loop(_full_tile_count(tile, lay), num_tiles, body, init)
   o_ref[...] = acc.astype(o_ref.dtype)
   lse_ref[...] = lse
   if slc_block:
@@ -261,14 +283,15 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, lay, 
   lse, delta = lse_ref[...], delta_ref[...]
   row_pos = _row_positions(tile, lay)
 
-  def body(kt, dq):
+  def body(kt, dq, masked):
     k = k_ref[pl.ds(kt * KEYS, KEYS), :]
-    s, visible = _scores(q, k, kt * KEYS, row_pos, lay, scale)
-    p = jnp.where(visible, jnp.exp2(s - lse[:, None]), 0.0)
+    s, _ = _scores(q, k, kt * KEYS, row_pos, lay, scale, masked)
+    p = jnp.exp2(s - lse[:, None])  # 0 where masked (MASK_VALUE) or the row is empty (+inf)
     ds = p * (_dot(do, v_ref[pl.ds(kt * KEYS, KEYS), :], trans_b=True) - delta[:, None])
     return dq + _dot(ds.astype(k.dtype), k)
 
-  dq = jax.lax.fori_loop(0, _tile_count(tile, lay), body, jnp.zeros(q.shape, jnp.float32))
+  dq = _masked_split_loop(_full_tile_count(tile, lay), _tile_count(tile, lay), body,
+                          jnp.zeros(q.shape, jnp.float32))
   dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
@@ -285,21 +308,27 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
   first_tile = jnp.minimum(key_start * lay.stride + lay.block - 1, lay.seq_pad) // lay.positions
   steps_per_tile = lay.rows // step_rows
 
-  def body(step, carry):
+  def body(step, carry, masked):
     dk, dv = carry
     rows = pl.ds(step * step_rows, step_rows)
     q, do = q_ref[rows, :], do_ref[rows, :]
     row_pos = (step * step_rows + jnp.arange(step_rows)) // lay.heads
-    s, visible = _scores(q, k, key_start, row_pos, lay, scale)
-    p = jnp.where(visible, jnp.exp2(s - lse_ref[rows][:, None]), 0.0)  # [rows, DKV_KEYS]
+    s, _ = _scores(q, k, key_start, row_pos, lay, scale, masked)
+    p = jnp.exp2(s - lse_ref[rows][:, None])  # [rows, DKV_KEYS], 0 where masked
     dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
     ds = p * (_dot(do, v, trans_b=True) - delta_ref[rows][:, None])
     return dk + _dot(ds.astype(q.dtype), q, trans_a=True), dv
 
   init = (jnp.zeros(dk_ref.shape, jnp.float32), jnp.zeros(dv_ref.shape, jnp.float32))
-  start = jnp.maximum(first_tile, first_row_tile)
-  stop = jnp.minimum(first_row_tile + chunk, lay.num_row_tiles)
-  dk, dv = jax.lax.fori_loop(start * steps_per_tile, stop * steps_per_tile, body, init)
+  start = jnp.maximum(first_tile, first_row_tile) * steps_per_tile
+  stop = jnp.minimum(first_row_tile + chunk, lay.num_row_tiles) * steps_per_tile
+  # Steps from the first whose first row sees the tile's last key walk unmasked; a tile with
+  # padded keys (past Tc) is masked throughout.
+  last_key = key_start + DKV_KEYS - 1
+  all_seen = jnp.where(last_key < lay.num_cmp, last_key * lay.stride + lay.block - 1, lay.seq_pad)
+  first_full = jnp.clip(pl.cdiv(all_seen * lay.heads, step_rows), start, stop)
+  carry = jax.lax.fori_loop(start, first_full, lambda i, c: body(i, c, True), init)
+  dk, dv = jax.lax.fori_loop(first_full, stop, lambda i, c: body(i, c, False), carry)
   dk_ref[...] = dk * scale
   dv_ref[...] = dv
 
