@@ -151,13 +151,16 @@ def check_compressed(q, k, v, config, impl_ref, interpret, dtype, long_reduction
 
 # (B, T, Hq, Hkv, Dk, Dv, config): G = 1 (64 positions per tile, score maps on tensor cores),
 # GQA with Dk != Dv, G = 3 (a padded head row that must not count in the group's scores), T < l,
-# an overlap that spills into the next key tile's blocks (l > d), l' = d.
+# an overlap that spills into the next key tile's blocks (l > d), l' = d; G = 16 (4 positions a
+# row tile), where the row tile ending at 131 sees exactly one key tile (32 blocks) and that tile's
+# last tail sum is the next block's score (stored after the loop).
 INTERPRET_CONFIGS = [
     (1, 150, 2, 2, 16, 16, nsa_jax.NSAConfig(8, 4, 16, 3, 1, 1, 20)),
     (2, 77, 8, 2, 16, 8, nsa_jax.NSAConfig(16, 4, 8, 4, 1, 1, 20)),
     (1, 77, 6, 2, 16, 16, nsa_jax.NSAConfig(16, 4, 8, 4, 1, 1, 20)),
     (1, 7, 4, 1, 16, 16, nsa_jax.NSAConfig(8, 4, 16, 3, 1, 1, 20)),
     (1, 300, 4, 1, 8, 8, nsa_jax.NSAConfig(8, 2, 2, 3, 1, 1, 20)),
+    (1, 140, 16, 1, 16, 16, nsa_jax.NSAConfig(8, 4, 16, 3, 1, 1, 20)),
 ]
 
 

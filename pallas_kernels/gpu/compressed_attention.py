@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.decode_partials import tail_weight
 from pallas_kernels.gpu.tile_math import LOG2E, MASK_VALUE
 from pallas_kernels.gpu.tile_math import dot as _dot
 from pallas_kernels.gpu.tile_math import pow2 as _pow2
@@ -216,6 +217,37 @@ def _maps_by_dot(positions):
   return positions >= MIN_DOT_POSITIONS
 
 
+# Where `l <= l' + d` (the paper's and fla-core's configs) the selection scores come from two sums
+# per selection block of the tile's own keys, as in the decode kernels
+# (`decode_partials.tail_weight`): block j scores `c V_j - U_j + U_{j-1}`, a reshape and two row
+# sums instead of the overlap-map products over the whole key tile. 0 keeps the overlap maps.
+BLOCK_SUM_SCORES = 1
+
+
+def _scores_by_block_sums(lay: _Layout, slc_block) -> bool:
+  return bool(BLOCK_SUM_SCORES) and lay.block // lay.stride - 1 <= slc_block // lay.stride
+
+
+def _block_sum_scores(p_grp, carry, lay: _Layout, slc_block):
+  """`p_grp [P, KEYS]` -> the scores of the tile's own selection blocks `[P, KEYS / m]` and the
+  next tile's carry: its last block's tail sum `U [P]`, which the next block's score adds."""
+  per_cmp, per_slc = lay.block // lay.stride, slc_block // lay.stride
+  owned = KEYS // per_slc
+  by_block = p_grp.reshape(p_grp.shape[0], owned, per_slc)
+  sums = jnp.sum(by_block, axis=2)
+  if per_cmp == 1:  # l = d: no compressed block reaches into the next selection block
+    return sums, carry
+  tails = jnp.sum(by_block * tail_weight(jnp.arange(per_slc), per_cmp, per_slc)[None, None, :],
+                  axis=2)
+  # U_{j-1} within the tile: a [P, owned, owned] product with the shift-by-one matrix.
+  col = jnp.arange(owned)
+  shift = (col[:, None] + 1 == col[None, :]).astype(jnp.float32)
+  previous = jnp.sum(tails[:, :, None] * shift[None, :, :], axis=1)
+  previous = previous + jnp.where(col[None, :] == 0, carry[:, None], 0.0)
+  last = jnp.sum(jnp.where(col[None, :] == owned - 1, tails, 0.0), axis=1)
+  return per_cmp * sums - tails + previous, last
+
+
 def _group_sum(p, lay: _Layout):
   """`[R, KEYS]` -> `[P, KEYS]`: each position's probabilities summed over its group's heads.
   Rows of padded heads (G not a power of two) see q = 0, so they have p > 0 and are masked."""
@@ -251,9 +283,11 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, lay, scale, slc_block, slc_cols,
   num_tiles = _tile_count(tile, lay)
   lse = _lse_pass(q, k_ref, row_pos, _full_tile_count(tile, lay, LSE_KEYS),
                   _tile_count(tile, lay, LSE_KEYS), lay, scale)
+  block_sums = slc_block and _scores_by_block_sums(lay, slc_block)
   if slc_block:
-    own_map, spill_map = _score_maps(lay, slc_block, slc_cols, slc_spill)
     owned = KEYS * lay.stride // slc_block
+  if slc_block and not block_sums:
+    own_map, spill_map = _score_maps(lay, slc_block, slc_cols, slc_spill)
 
   def body(kt, carry, masked):
     acc, spill = carry
@@ -262,18 +296,24 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, lay, scale, slc_block, slc_cols,
     p = jnp.exp2(s - lse[:, None])
     v = v_ref[pl.ds(kt * KEYS, KEYS), :]
     acc = acc + _dot(p.astype(v.dtype), v)
-    if slc_block:
+    if block_sums:
+      tile_scores, spill = _block_sum_scores(_group_sum(p, lay), spill, lay, slc_block)
+      _store_scores(score_ref, tile_scores, tile, kt * owned, owned, lay)
+    elif slc_block:
       p_grp = _group_sum(p, lay)
       _store_scores(score_ref, _map_blocks(p_grp, own_map) + spill, tile, kt * owned, owned, lay)
       spill = _map_blocks(p_grp, spill_map)  # overlap with the next tile's first blocks
     return acc, spill
 
-  spill_shape = (lay.positions, slc_cols) if slc_block else (1,)
+  spill_shape = (lay.positions,) if block_sums else (
+      (lay.positions, slc_cols) if slc_block else (1,))
   init = (jnp.zeros((lay.rows, o_ref.shape[1]), jnp.float32), jnp.zeros(spill_shape, jnp.float32))
   acc, spill = _masked_split_loop(_full_tile_count(tile, lay), num_tiles, body, init)
   o_ref[...] = acc.astype(o_ref.dtype)
   lse_ref[...] = lse
-  if slc_block:
+  if block_sums and slc_spill:  # the last tile's tail reaches the next block
+    _store_scores(score_ref, spill[:, None], tile, num_tiles * owned, 1, lay)
+  elif slc_block:
     _store_scores(score_ref, spill, tile, num_tiles * owned, slc_spill, lay)
 
 
