@@ -153,7 +153,7 @@ def check_compressed(q, k, v, config, impl_ref, interpret, dtype, long_reduction
 # GQA with Dk != Dv, G = 3 (a padded head row that must not count in the group's scores), T < l,
 # an overlap that spills into the next key tile's blocks (l > d), l' = d; G = 16 (4 positions a
 # row tile), where the row tile ending at 131 sees exactly one key tile (32 blocks) and that tile's
-# last tail sum is the next block's score (stored after the loop).
+# last tail sum is the next block's score (stored after the loop); l = d (no tail sums).
 INTERPRET_CONFIGS = [
     (1, 150, 2, 2, 16, 16, nsa_jax.NSAConfig(8, 4, 16, 3, 1, 1, 20)),
     (2, 77, 8, 2, 16, 8, nsa_jax.NSAConfig(16, 4, 8, 4, 1, 1, 20)),
@@ -161,6 +161,7 @@ INTERPRET_CONFIGS = [
     (1, 7, 4, 1, 16, 16, nsa_jax.NSAConfig(8, 4, 16, 3, 1, 1, 20)),
     (1, 300, 4, 1, 8, 8, nsa_jax.NSAConfig(8, 2, 2, 3, 1, 1, 20)),
     (1, 140, 16, 1, 16, 16, nsa_jax.NSAConfig(8, 4, 16, 3, 1, 1, 20)),
+    (1, 200, 8, 1, 16, 16, nsa_jax.NSAConfig(4, 4, 8, 3, 1, 1, 20)),
 ]
 
 

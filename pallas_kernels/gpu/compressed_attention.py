@@ -311,8 +311,9 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, lay, scale, slc_block, slc_cols,
   acc, spill = _masked_split_loop(_full_tile_count(tile, lay), num_tiles, body, init)
   o_ref[...] = acc.astype(o_ref.dtype)
   lse_ref[...] = lse
-  if block_sums and slc_spill:  # the last tile's tail reaches the next block
-    _store_scores(score_ref, spill[:, None], tile, num_tiles * owned, 1, lay)
+  if block_sums:
+    if slc_spill:  # the last tile's tail reaches the next block (none when l = d)
+      _store_scores(score_ref, spill[:, None], tile, num_tiles * owned, 1, lay)
   elif slc_block:
     _store_scores(score_ref, spill, tile, num_tiles * owned, slc_spill, lay)
 
