@@ -221,8 +221,10 @@ def test_kernels_with_group_64_and_the_widest_float32_heads_on_gpu(kernel):
 
 
 @pytest.mark.gpu
-def test_select_blocks_from_fused_scores_matches_xla_on_gpu():
-  config = nsa_jax.NSAConfig()
+@pytest.mark.parametrize("config", [  # the paper's (l < l'), fla-core's l = d = l' (no tail sums)
+    nsa_jax.NSAConfig(),
+    nsa_jax.NSAConfig(cmp_block=64, cmp_stride=64, slc_block=64, num_selected=16, window=64)])
+def test_select_blocks_from_fused_scores_matches_xla_on_gpu(config):
   q, k, _ = random_qkv(2, 8192 + 100, 32, 4, 128)
   k_cmp, _ = xla.compress_kv(k, k, config.cmp_block, config.cmp_stride)
   fused = nsa_jax.select_blocks(q, k_cmp, config=config, implementation="pallas_gpu")

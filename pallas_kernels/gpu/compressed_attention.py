@@ -10,10 +10,14 @@ selection scores (SPEC.md section 2, steps 1-3) from those same probabilities, s
 never recomputed outside the kernel:
   - group sum over the `G` heads of a position: the rows are position-major, so `p [R, BK]`
     reshaped to `[R / Gc, Gc, BK]` and summed over the heads (padded heads masked);
-  - overlap map onto selection blocks: `p_grp @ A`, `A [BK, BS]`, `A[i, j] = |block i ∩ block j|
-    / d` for the `BS = BK * d / l'` selection blocks a key tile owns, plus a carry `@ A_next` for
-    the overlap that spills into the next tile's first blocks; a float32 product-sum over a small
-    3D tile, or tensor-core dots when the tile has many positions (`_map_blocks`).
+  - onto selection blocks (Eq. 9): where `l <= l' + d`, block j of the `BS = BK * d / l'` a key
+    tile owns scores `c V_j - U_j + U_{j-1}` from two sums of its own keys (`_block_sum_scores`,
+    `U` of the tile's last block carried to the next); otherwise an overlap map `p_grp @ A`,
+    `A [BK, BS]`, `A[i, j] = |block i ∩ block j| / d`, plus a carry `@ A_next` for the overlap
+    that spills into the next tile's first blocks, as a float32 product-sum over a small 3D tile
+    or tensor-core dots when the tile has many positions (`_map_blocks`).
+Every pass walks the key tiles that all its rows see whole without a mask (`_full_tile_count`;
+all but the last one or two of a walk), then the rest masked.
 Backward: a dQ kernel over the row tiles and a dK/dV kernel over (key tile, chunk of row tiles)
 with float32 partials summed afterwards (both recompute `p` from the saved log-sum-exp), the
 flash-attention split with the long causal walks of the first key tiles cut into chunks.
