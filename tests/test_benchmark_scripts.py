@@ -4,10 +4,13 @@ path here, so these tests check the harness (arguments, tables, JSON), not any t
 
 import json
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import nsa_jax
-from experiments import bench_decode, bench_kernels, tpu_overhead
+from experiments import bench_decode, bench_kernels, decode_floor, tpu_overhead
 
 
 def on_xla(fn):
@@ -51,6 +54,30 @@ def test_bench_decode_runs_the_xla_decode_and_writes_json(monkeypatch, tmp_path,
   impls = {row["impl"] for row in rows}
   assert {"dense_xla", "nsa_xla"} <= impls  # dense_cudnn is reported as refused on the CPU
   assert all(row["us_per_token"] > 0 and row["layers"] == layers for row in rows)
+
+
+def test_decode_floor_times_chains_of_empty_kernels_and_writes_json(monkeypatch, tmp_path):
+  out = tmp_path / "floor.json"
+  monkeypatch.setattr("sys.argv", ["decode_floor", "--interpret", "--batches", "2",
+                                   "--kernels", "0,3", "--steps", "2", "--repeats", "1",
+                                   "--out", str(out)])
+  decode_floor.main()
+  rows = json.loads(out.read_text())["rows"]
+  assert [(row["batch"], row["kernels"]) for row in rows] == [(2, 0), (2, 3)]
+  assert all(row["us_per_step"] > 0 for row in rows)
+
+
+def test_decode_floor_layer_chains_its_kernels():
+  tile = jax.random.normal(jax.random.key(0), (1, decode_floor.HKV, decode_floor.GROUP,
+                                               decode_floor.D))
+  q = jnp.zeros((1, decode_floor.HQ, decode_floor.D), decode_floor.DTYPE)
+  new_tile, out = decode_floor.empty_layer(3, interpret=True)(tile, q, None, None)
+  expected = tile
+  for _ in range(3):
+    expected = expected * 0.5 + 1.0
+  np.testing.assert_allclose(new_tile, expected, rtol=1e-6)
+  np.testing.assert_allclose(out.astype(jnp.float32), expected.reshape(q.shape), rtol=1e-2)
+  assert out.dtype == decode_floor.DTYPE
 
 
 def test_tpu_overhead_times_steps_and_dma_groups_and_writes_json(monkeypatch, tmp_path):
