@@ -226,12 +226,14 @@ def _cmp_partials(pos_ref, q_ref, k_ref, v_ref, sums_ref, tails_ref, tmax_ref, a
   q = q_ref[...]  # [Gp, Dk]
   rows = q.shape[0]
   num_tiles = jnp.clip((count - base + CMP_TILE - 1) // CMP_TILE, 0, split // CMP_TILE)
+  num_full = jnp.clip((count - base) // CMP_TILE, 0, split // CMP_TILE)  # no mask needed
 
-  def body(i, carry):
+  def body(i, carry, masked):
     start = base + i * CMP_TILE
-    visible = start + jnp.arange(CMP_TILE) < count
+    visible = (start + jnp.arange(CMP_TILE) < count) if masked else None
     scores = _dot(q, k_ref[pl.ds(start, CMP_TILE), :], trans_b=True) * (scale * LOG2E)
-    scores = jnp.where(visible[None, :], scores, MASK_VALUE)
+    if masked:
+      scores = jnp.where(visible[None, :], scores, MASK_VALUE)
     carry, probs = online_softmax_step_with_probs(
         carry, scores, lambda: v_ref[pl.ds(start, CMP_TILE), :], visible)
     # The tile's block sums, relative to the new running max carry[1] (>= every score of the
@@ -245,8 +247,10 @@ def _cmp_partials(pos_ref, q_ref, k_ref, v_ref, sums_ref, tails_ref, tmax_ref, a
     tmax_ref[pl.ds(key_tile + 1, 1), :] = carry[1][None, :]
     return carry
 
-  init = online_softmax_init(rows, acc_ref.shape[1])
-  acc, row_max, row_sum = jax.lax.fori_loop(0, num_tiles, body, init)
+  carry = jax.lax.fori_loop(0, num_full, lambda i, c: body(i, c, False),
+                            online_softmax_init(rows, acc_ref.shape[1]))
+  acc, row_max, row_sum = jax.lax.fori_loop(num_full, num_tiles, lambda i, c: body(i, c, True),
+                                            carry)
   acc_ref[...] = acc
   m_ref[...] = row_max
   l_ref[...] = row_sum
