@@ -37,7 +37,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.decode_partials import tail_weight
-from pallas_kernels.gpu.tile_math import LOG2E, MASK_VALUE
+from pallas_kernels.gpu.tile_math import LOG2E, MASK_VALUE, masked_split_loop
 from pallas_kernels.gpu.tile_math import dot as _dot
 from pallas_kernels.gpu.tile_math import pow2 as _pow2
 from pallas_kernels.gpu.tile_math import rows_within
@@ -157,12 +157,6 @@ def _full_tile_count(tile, lay: _Layout, keys=None):
   return _num_visible(tile * lay.positions, lay) // (keys or KEYS)
 
 
-def _masked_split_loop(num_full, num_tiles, body, init):
-  """`body(kt, carry, masked)` over tiles `[0, num_full)` unmasked, then `[num_full, num_tiles)`."""
-  carry = jax.lax.fori_loop(0, num_full, lambda kt, c: body(kt, c, False), init)
-  return jax.lax.fori_loop(num_full, num_tiles, lambda kt, c: body(kt, c, True), carry)
-
-
 def _lse_pass(q, k_ref, row_pos, num_full, num_tiles, lay, scale):
   """Pass 1 over tiles of LSE_KEYS keys (the first `num_full` unmasked): each row's base-2
   log-sum-exp."""
@@ -177,7 +171,7 @@ def _lse_pass(q, k_ref, row_pos, num_full, num_tiles, lay, scale):
     return new_max, row_sum * jnp.exp2(row_max - new_max) + jnp.sum(p, axis=1)
 
   init = (jnp.full((lay.rows,), MASK_VALUE, jnp.float32), jnp.zeros((lay.rows,), jnp.float32))
-  row_max, row_sum = _masked_split_loop(num_full, num_tiles, body, init)
+  row_max, row_sum = masked_split_loop(num_full, num_tiles, body, init)
   # Rows that see nothing get +inf, so exp2(s - lse) = 0 in pass 2 and the backward.
   return jnp.where(row_sum > 0, row_max + jnp.log2(jnp.where(row_sum > 0, row_sum, 1.0)), jnp.inf)
 
@@ -312,7 +306,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, lay, scale, slc_block, slc_cols,
   spill_shape = (lay.positions,) if block_sums else (
       (lay.positions, slc_cols) if slc_block else (1,))
   init = (jnp.zeros((lay.rows, o_ref.shape[1]), jnp.float32), jnp.zeros(spill_shape, jnp.float32))
-  acc, spill = _masked_split_loop(_full_tile_count(tile, lay), num_tiles, body, init)
+  acc, spill = masked_split_loop(_full_tile_count(tile, lay), num_tiles, body, init)
   o_ref[...] = acc.astype(o_ref.dtype)
   lse_ref[...] = lse
   if block_sums:
@@ -335,7 +329,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, lay, 
     ds = p * (_dot(do, v_ref[pl.ds(kt * KEYS, KEYS), :], trans_b=True) - delta[:, None])
     return dq + _dot(ds.astype(k.dtype), k)
 
-  dq = _masked_split_loop(_full_tile_count(tile, lay), _tile_count(tile, lay), body,
+  dq = masked_split_loop(_full_tile_count(tile, lay), _tile_count(tile, lay), body,
                           jnp.zeros(q.shape, jnp.float32))
   dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 

@@ -47,7 +47,7 @@ from pallas_kernels.gpu import cache_append
 from pallas_kernels.gpu import top_n as top_n_kernel
 from pallas_kernels.gpu.tile_math import LOG2E, MASK_VALUE, pow2
 from pallas_kernels.gpu.tile_math import dot as _dot
-from pallas_kernels.gpu.tile_math import online_softmax_init, online_softmax_step
+from pallas_kernels.gpu.tile_math import masked_split_loop, online_softmax_init, online_softmax_step
 from pallas_kernels.gpu.tile_math import online_softmax_step_with_probs
 
 CMP_TILE = 64  # compressed keys per dot
@@ -247,10 +247,8 @@ def _cmp_partials(pos_ref, q_ref, k_ref, v_ref, sums_ref, tails_ref, tmax_ref, a
     tmax_ref[pl.ds(key_tile + 1, 1), :] = carry[1][None, :]
     return carry
 
-  carry = jax.lax.fori_loop(0, num_full, lambda i, c: body(i, c, False),
-                            online_softmax_init(rows, acc_ref.shape[1]))
-  acc, row_max, row_sum = jax.lax.fori_loop(num_full, num_tiles, lambda i, c: body(i, c, True),
-                                            carry)
+  acc, row_max, row_sum = masked_split_loop(num_full, num_tiles, body,
+                                            online_softmax_init(rows, acc_ref.shape[1]))
   acc_ref[...] = acc
   m_ref[...] = row_max
   l_ref[...] = row_sum
