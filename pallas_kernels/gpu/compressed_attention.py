@@ -218,12 +218,16 @@ def _maps_by_dot(positions):
 # Where `l <= l' + d` (the paper's and fla-core's configs) the selection scores come from two sums
 # per selection block of the tile's own keys, as in the decode kernels
 # (`decode_partials.tail_weight`): block j scores `c V_j - U_j + U_{j-1}`, a reshape and two row
-# sums instead of the overlap-map products over the whole key tile. 0 keeps the overlap maps.
-BLOCK_SUM_SCORES = 1
+# sums instead of the overlap maps, for tiles of up to this many positions (0: never). H200, fused
+# forward ms, maps vs block sums: G=16 (4 positions) at 64k 23.2 / 20.2, G=4 (16) 30.1 / 27.0;
+# at 16k G=8 (8) 2.38 / 1.90, G=2 (32) 2.72 / 2.14, but G=1 (64 positions, maps as dots) 3.08 /
+# 4.57.
+BLOCK_SUM_MAX_POSITIONS = 32
 
 
 def _scores_by_block_sums(lay: _Layout, slc_block) -> bool:
-  return bool(BLOCK_SUM_SCORES) and lay.block // lay.stride - 1 <= slc_block // lay.stride
+  return (lay.positions <= BLOCK_SUM_MAX_POSITIONS
+          and lay.block // lay.stride - 1 <= slc_block // lay.stride)
 
 
 def _block_sum_scores(p_grp, carry, lay: _Layout, slc_block):
