@@ -83,10 +83,12 @@ def test_tpu_kernel_rejects_blocks_off_the_sublane_tiling():
 # (B, T, Hq, Hkv, Dk, Dv, config): GQA with Dk != Dv and an overlap that spills into the next key
 # tile's selection blocks (l = 4d, l' = 4d; with 128-key tiles KEYS * d = 256 owned by 64
 # blocks); G = 3 (a padded head row that must not count in the group's scores); T < l; G = 9
-# (16 heads a position: the group sum is a reshape, 7 padded heads masked). Each at the default
-# 512 x 512 tiles and at 128 x 128 (several row and key tiles).
+# (16 heads a position: the group sum is a reshape, 7 padded heads masked); T = 600 with d = 2,
+# where at 128 x 128 later row tiles see the first key tile whole (its unmasked path). Each at
+# the default 512 x 512 tiles and at 128 x 128 (several row and key tiles).
 COMPRESSED_CASES = [
     (1, 300, 4, 2, 16, 24, nsa_jax.NSAConfig(8, 2, 8, 3, 1, 1, 20)),
+    (1, 600, 4, 2, 16, 16, nsa_jax.NSAConfig(8, 2, 8, 3, 1, 1, 20)),
     (1, 77, 6, 2, 16, 16, nsa_jax.NSAConfig(16, 4, 8, 4, 1, 1, 20)),
     (2, 70, 2, 2, 8, 8, nsa_jax.NSAConfig(8, 4, 16, 3, 1, 1, 20)),
     (1, 7, 2, 1, 16, 16, nsa_jax.NSAConfig(8, 4, 16, 3, 1, 1, 20)),

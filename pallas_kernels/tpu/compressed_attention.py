@@ -18,6 +18,10 @@ the pipeline issues no DMA.
   (`tile_math.dot_by_exact`) instead of `Precision.HIGHEST`'s six;
 - backward: dQ over key tiles and dK/dV over row tiles, recomputing `p` from the log-sum-exp.
 
+Every kernel builds the staircase mask only on tiles that some row of the row tile does not see
+whole (`_seen_whole`, `_when_active`): with 512 rows of 32 positions against 512 keys of 8192
+positions, that is the last key tile of each row tile's walk.
+
 Layout inside: rows `[B, Hkv, row_tiles, R, Dp]`, keys `[B, Hkv, Tc_pad, Dp]`, row vectors
 (lse, delta) `[B, Hkv, row_tiles, 1, R]` (rows on the lanes).
 """
@@ -123,11 +127,37 @@ def _to_keys(x, lay: _Layout, dim_pad):
   return jnp.pad(x, [(0, 0), (0, pad), (0, 0), (0, dim_pad - x.shape[3])]).transpose(0, 2, 1, 3)
 
 
+def _num_visible(pos, lay: _Layout):
+  """Compressed blocks visible to position `pos`: `i*d + l - 1 <= pos`, at most Tc."""
+  seen = jnp.where(pos >= lay.block - 1, (pos - lay.block + 1) // lay.stride + 1, 0)
+  return jnp.minimum(seen, lay.num_cmp)
+
+
 def _last_key_tile(row_tile, lay: _Layout):
   """The last key tile any row of `row_tile` sees (0 if none; then nothing is computed)."""
   last_pos = jnp.minimum((row_tile + 1) * lay.positions - 1, lay.seq_len - 1)
-  seen = jnp.where(last_pos >= lay.block - 1, (last_pos - lay.block + 1) // lay.stride + 1, 0)
-  return jnp.maximum(pl.cdiv(jnp.minimum(seen, lay.num_cmp), KEYS) - 1, 0), seen > 0
+  seen = _num_visible(last_pos, lay)
+  return jnp.maximum(pl.cdiv(seen, KEYS) - 1, 0), seen > 0
+
+
+def _seen_whole(row_tile, key_tile, lay: _Layout):
+  """Whether every row of `row_tile` sees every key of `key_tile`: its first position sees the
+  tile's last key (keys seen by a position are seen by all later ones)."""
+  return (key_tile + 1) * KEYS <= _num_visible(row_tile * lay.positions, lay)
+
+
+def _when_active(active, whole, body):
+  """Runs `body(masked)` on an active tile: `masked=False` where every row sees the tile whole
+  (`_seen_whole`), which skips building and applying the staircase mask, ~8 VPU operations a
+  score (two iotas, the position and key arithmetic, two compares, two selects) against the
+  softmax's few; for a 512-row tile only the last key tile of its walk needs it."""
+  @pl.when(active & whole)
+  def _whole():
+    body(False)
+
+  @pl.when(active & jnp.logical_not(whole))
+  def _masked():
+    body(True)
 
 
 def _first_row_tile(key_tile, lay: _Layout):
@@ -136,9 +166,12 @@ def _first_row_tile(key_tile, lay: _Layout):
   return jnp.minimum(first_pos // lay.positions, lay.row_tiles - 1)
 
 
-def _scores(q, k, row_tile, key_tile, lay: _Layout, scale):
-  """Masked `scale * q . k`, `[R, KEYS]` float32, and the visibility mask."""
+def _scores(q, k, row_tile, key_tile, lay: _Layout, scale, masked=True):
+  """Masked `scale * q . k`, `[R, KEYS]` float32, and the visibility mask (with
+  `masked=False`, for tiles every row sees whole, the plain scores and None)."""
   s = dot_nt(q, k) * scale
+  if not masked:
+    return s, None
   row = jax.lax.broadcasted_iota(jnp.int32, s.shape, 0)
   key = key_tile * KEYS + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
   pos = row_tile * lay.positions + row // lay.heads
@@ -147,10 +180,13 @@ def _scores(q, k, row_tile, key_tile, lay: _Layout, scale):
 
 
 def _online_softmax_step(s, visible, m_scratch, l_scratch):
-  """Updates the running max / sum with one tile of scores; returns `(p, alpha)`."""
+  """Updates the running max / sum with one tile of scores (`visible` None: all visible);
+  returns `(p, alpha)`."""
   m_prev = m_scratch[...]  # [R, 128], lanes replicated
   m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-  p = jnp.where(visible, jnp.exp(s - m_new[:, :1]), 0.0)
+  p = jnp.exp(s - m_new[:, :1])
+  if visible is not None:  # masked entries count 0 even in a row that sees nothing yet
+    p = jnp.where(visible, p, 0.0)
   alpha = jnp.exp(m_prev - m_new)
   l_scratch[...] = alpha * l_scratch[...] + jnp.sum(p, axis=1, keepdims=True)
   m_scratch[...] = m_new
@@ -180,12 +216,14 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, m_scratch, l_scratch, a
     _init_softmax(m_scratch, l_scratch)
     acc_scratch[...] = jnp.zeros(acc_scratch.shape, jnp.float32)
 
-  @pl.when((key_tile <= last_tile) & any_visible)
-  def _accumulate():
-    s, visible = _scores(q_ref[...], k_ref[...], row_tile, key_tile, lay, scale)
+  def accumulate(masked):
+    s, visible = _scores(q_ref[...], k_ref[...], row_tile, key_tile, lay, scale, masked)
     p, alpha = _online_softmax_step(s, visible, m_scratch, l_scratch)
     v = v_ref[...]
     acc_scratch[...] = acc_scratch[...] * alpha[:, :1] + dot_nn(p.astype(v.dtype), v)
+
+  _when_active((key_tile <= last_tile) & any_visible, _seen_whole(row_tile, key_tile, lay),
+               accumulate)
 
   @pl.when(key_tile == lay.key_tiles - 1)
   def _finish():
@@ -203,10 +241,12 @@ def _lse_kernel(q_ref, k_ref, lse_ref, m_scratch, l_scratch, *, lay, scale):
   def _init():
     _init_softmax(m_scratch, l_scratch)
 
-  @pl.when((key_tile <= last_tile) & any_visible)
-  def _accumulate():
-    s, visible = _scores(q_ref[...], k_ref[...], row_tile, key_tile, lay, scale)
+  def accumulate(masked):
+    s, visible = _scores(q_ref[...], k_ref[...], row_tile, key_tile, lay, scale, masked)
     _online_softmax_step(s, visible, m_scratch, l_scratch)
+
+  _when_active((key_tile <= last_tile) & any_visible, _seen_whole(row_tile, key_tile, lay),
+               accumulate)
 
   @pl.when(key_tile == lay.key_tiles - 1)
   def _finish():
@@ -256,16 +296,19 @@ def _output_and_scores_kernel(q_ref, k_ref, v_ref, lse_ref, o_ref, score_ref, ac
     acc_scratch[...] = jnp.zeros(acc_scratch.shape, jnp.float32)
     carry_scratch[...] = jnp.zeros(carry_scratch.shape, jnp.float32)
 
-  @pl.when(active)
-  def _accumulate():
-    s, visible = _scores(q_ref[...], k_ref[...], row_tile, key_tile, lay, scale)
-    p = jnp.where(visible, jnp.exp(s - lse_ref[...].T), 0.0)  # [R, KEYS], already normalised
+  def accumulate(masked):
+    s, _ = _scores(q_ref[...], k_ref[...], row_tile, key_tile, lay, scale, masked)
+    # [R, KEYS], already normalised; masked scores (MASK_VALUE) and rows that see nothing
+    # (lse = +inf) give exp = 0 without a select.
+    p = jnp.exp(s - lse_ref[...].T)
     v = v_ref[...]
     acc_scratch[...] += dot_nn(p.astype(v.dtype), v)
     p_grp = _group_sum(p, lay)  # [positions, KEYS]
     owned = KEYS * lay.stride // slc_block
     score_ref[...] = dot_by_exact(p_grp, _overlap(lay, slc_block, 0)) + carry_scratch[...]
     carry_scratch[...] = dot_by_exact(p_grp, _overlap(lay, slc_block, owned))
+
+  _when_active(active, _seen_whole(row_tile, key_tile, lay), accumulate)
 
   @pl.when(jnp.logical_not(active))
   def _spill():  # the tile after the last visible one receives the carried overlap, then zeros
@@ -285,13 +328,15 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_scrat
   def _init():
     dq_scratch[...] = jnp.zeros(dq_scratch.shape, jnp.float32)
 
-  @pl.when((key_tile <= last_tile) & any_visible)
-  def _accumulate():
+  def accumulate(masked):
     k = k_ref[...]
-    s, visible = _scores(q_ref[...], k, row_tile, key_tile, lay, scale)
+    s, visible = _scores(q_ref[...], k, row_tile, key_tile, lay, scale, masked)
     _, ds = softmax_backward_tile(s, visible, lse_ref[...], delta_ref[...], do_ref[...],
                                   v_ref[...])  # [R, KEYS]
     dq_scratch[...] += dot_nn(ds.astype(k.dtype), k)
+
+  _when_active((key_tile <= last_tile) & any_visible, _seen_whole(row_tile, key_tile, lay),
+               accumulate)
 
   @pl.when(key_tile == lay.key_tiles - 1)
   def _finish():
@@ -307,14 +352,16 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
     dk_scratch[...] = jnp.zeros(dk_scratch.shape, jnp.float32)
     dv_scratch[...] = jnp.zeros(dv_scratch.shape, jnp.float32)
 
-  @pl.when(row_tile >= _first_row_tile(key_tile, lay))
-  def _accumulate():
+  def accumulate(masked):
     q, do = q_ref[...], do_ref[...]
-    s, visible = _scores(q, k_ref[...], row_tile, key_tile, lay, scale)
+    s, visible = _scores(q, k_ref[...], row_tile, key_tile, lay, scale, masked)
     p, ds = softmax_backward_tile(s, visible, lse_ref[...], delta_ref[...], do,
                                   v_ref[...])  # [R, KEYS]
     dv_scratch[...] += dot_tn(p.astype(do.dtype), do)
     dk_scratch[...] += dot_tn(ds.astype(q.dtype), q)
+
+  _when_active(row_tile >= _first_row_tile(key_tile, lay), _seen_whole(row_tile, key_tile, lay),
+               accumulate)
 
   @pl.when(row_tile == lay.row_tiles - 1)
   def _finish():

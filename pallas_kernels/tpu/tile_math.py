@@ -48,10 +48,12 @@ def dot_exact_by(exact, x):
 def softmax_backward_tile(s, visible, lse_row, delta_row, do, v):
   """`(p, ds)` of one tile: `p = exp(s - lse)` where visible, `ds = p * (do . v^T - delta)`.
 
-  `s`, `visible`: `[M, N]`; `lse_row`, `delta_row`: `[1, M]` (rows on the lanes); `do`: `[M, Dv]`;
-  `v`: `[N, Dv]`.
+  `s`, `visible`: `[M, N]` (`visible` None: every entry); `lse_row`, `delta_row`: `[1, M]` (rows
+  on the lanes); `do`: `[M, Dv]`; `v`: `[N, Dv]`.
   """
-  p = jnp.where(visible, jnp.exp(s - lse_row.T), 0.0)
+  p = jnp.exp(s - lse_row.T)
+  if visible is not None:
+    p = jnp.where(visible, p, 0.0)
   return p, p * (dot_nt(do, v) - delta_row.T)
 
 
