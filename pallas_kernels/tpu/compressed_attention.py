@@ -148,9 +148,9 @@ def _seen_whole(row_tile, key_tile, lay: _Layout):
 
 def _when_active(active, whole, body):
   """Runs `body(masked)` on an active tile: `masked=False` where every row sees the tile whole
-  (`_seen_whole`), which skips building and applying the staircase mask, ~8 VPU operations a
-  score (two iotas, the position and key arithmetic, two compares, two selects) against the
-  softmax's few; for a 512-row tile only the last key tile of its walk needs it."""
+  (`_seen_whole`), which skips building and applying the staircase mask, ~9 VPU operations a
+  score (two iotas, the position and key arithmetic, two compares, an and, two selects) against
+  the softmax's ~5; for a 512-row tile only the last key tile of its walk needs it."""
   @pl.when(active & whole)
   def _whole():
     body(False)
