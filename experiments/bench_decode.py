@@ -2,21 +2,24 @@
 
     python -m experiments.bench_decode [--contexts 8192,16384,32768,65536,131072]
                                        [--batches 1,8] [--impls xla,pallas_gpu]
-                                       [--steps 64] [--repeats 5] [--layers 1]
+                                       [--steps 48] [--repeats 5] [--layers 1]
                                        [--out out/bench_decode.json]
 
 Shapes: Hq=64, Hkv=4, D=128, bfloat16, the paper's NSA config. For each context length C the
 cache holds C - 1 tokens and one step appends token C and attends it (cache update included, the
-cache updated in place); `--steps` steps run in one jitted loop so host dispatch is not counted,
-and the context grows by steps * (repeats + 1) tokens over a measurement (< 1% at 64k). Dense
+cache updated in place). Steps run in jitted loops of `--steps` and twice as many steps, and the
+time per token is the difference of the two over `--steps` (`time_steps`), so the fixed cost of a
+timed call (dispatch, launch, sync: ~0.3-0.45 ms, which the ninth session found had added 5-7 us
+a token to earlier tables timed over 64 steps) is not counted; the context grows by
+3 * steps * (repeats + 1) tokens over a measurement (864 by default, 1.3% at 64k). Dense
 decoding is timed the same way: `dense_xla` (one einsum over the cache, masked past the length)
 and `dense_cudnn` (`jax.nn.dot_product_attention` with `key_value_seq_lengths`, where cuDNN
 takes it).
 
 `--layers L`: each step runs L decode layers, each with its own cache, each layer's output the
 next layer's query, as a model's decode step does; times are per layer. With L = 1 (the default)
-every layer also carries the timing loop's own cost (its counter and the output sum, 2-3 us of
-kernels at 64k on an H200, and the loop's per-iteration cost in the CUDA graph), which a
+every layer also carries the timing loop's own cost per step (its counter and the output sum, 2-3
+us of kernels at 64k on an H200, and the loop's per-iteration cost in the CUDA graph), which a
 model's step spreads over all its layers.
 
 Tokens read per step are the paper's Table 4 count: visible compressed blocks + n * l' + w for
@@ -42,25 +45,42 @@ from nsa_jax.decode import DecodeCache, init_decode_cache, nsa_decode_step
 HQ, HKV, D = 64, 4, 128
 DTYPE = jnp.bfloat16
 CONFIG = nsa_jax.NSAConfig()
+CACHE_MARGIN = 1024  # cache slots past the context, for the timed steps' tokens
 
 
 def time_steps(step, state, inputs, steps, repeats):
-  """Median device seconds per call of `state = step(state, *inputs)`.
+  """Device seconds per call of `state = step(state, *inputs)`: the slope between loops of
+  `steps` and `2 * steps` calls.
 
-  `steps` calls run inside one jitted `fori_loop` (state carried and donated, so caches update in
-  place), which keeps host dispatch and synchronisation out of the per-token time.
+  Each loop is one jitted `fori_loop` (state carried and donated, so caches update in place). A
+  timed call also pays a fixed cost (dispatch, the loop's launch, the host's sync: 0.3-0.45 ms on
+  the H200 at a 64k context, 5-7 us a step when it was spread over 64 steps); the medians of the
+  two lengths, timed alternately, differ by `steps` calls and not by that cost, which a
+  generation loop of thousands of tokens would spread to nothing. The state advances
+  `3 * steps * (repeats + 1)` calls in all (warm-up included).
   """
-  @functools.partial(jax.jit, donate_argnums=0)
-  def run(state):
-    return jax.lax.fori_loop(0, steps, lambda _, s: step(s, *inputs), state)
+  def loop(num_steps):
+    @functools.partial(jax.jit, donate_argnums=0)
+    def run(state):
+      return jax.lax.fori_loop(0, num_steps, lambda _, s: step(s, *inputs), state)
+    return run
 
-  state = jax.block_until_ready(run(state))  # compile + warm-up
-  times = []
+  short, long = loop(steps), loop(2 * steps)
+  state = jax.block_until_ready(long(jax.block_until_ready(short(state))))  # compile + warm-up
+  times = ([], [])
   for _ in range(repeats):
-    start = time.perf_counter()
-    state = jax.block_until_ready(run(state))
-    times.append((time.perf_counter() - start) / steps)
-  return statistics.median(times)
+    for run, samples in zip((short, long), times):
+      start = time.perf_counter()
+      state = jax.block_until_ready(run(state))
+      samples.append(time.perf_counter() - start)
+  return (statistics.median(times[1]) - statistics.median(times[0])) / steps
+
+
+def check_steps_fit(parser, steps, repeats):
+  """The caches keep CACHE_MARGIN free slots past the context: `time_steps` must fit in them."""
+  if 3 * steps * (repeats + 1) > CACHE_MARGIN:
+    parser.error(f"--steps {steps} with --repeats {repeats} appends {3 * steps * (repeats + 1)} "
+                 f"tokens, more than the caches' {CACHE_MARGIN} free slots")
 
 
 def random_inputs(batch, key):
@@ -73,7 +93,7 @@ def random_inputs(batch, key):
 
 def filled_nsa_cache(batch, context, key):
   """A cache of `context - 1` random tokens (compressed blocks = mean pooling of them)."""
-  cache = init_decode_cache(batch, context + 1024, HKV, D, config=CONFIG, dtype=DTYPE)
+  cache = init_decode_cache(batch, context + CACHE_MARGIN, HKV, D, config=CONFIG, dtype=DTYPE)
   kk, kv = jax.random.split(key)
   size = cache.k.shape[2]
   length = context - 1
@@ -138,7 +158,7 @@ def stacked(layer, layers):
 
 
 def dense_cache(batch, context, key, heads_first):
-  size = context + 1024
+  size = context + CACHE_MARGIN
   shape = (batch, HKV, size, D) if heads_first else (batch, size, HKV, D)
   kk, kv = jax.random.split(key)
   return (jax.random.normal(kk, shape, DTYPE), jax.random.normal(kv, shape, DTYPE),
@@ -156,12 +176,14 @@ def main():
   parser.add_argument("--contexts", default="8192,16384,32768,65536,131072")
   parser.add_argument("--batches", default="1,8")
   parser.add_argument("--impls", default="xla,pallas_gpu")
-  parser.add_argument("--steps", type=int, default=64, help="decode steps per timed call")
+  parser.add_argument("--steps", type=int, default=48,
+                      help="decode steps of the shorter timed loop (the longer runs twice as many)")
   parser.add_argument("--layers", type=int, default=1,
                       help="decode layers a step (each its own cache; time reported per layer)")
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--out", default="out/bench_decode.json")
   args = parser.parse_args()
+  check_steps_fit(parser, args.steps, args.repeats)
   rows = []
   key = jax.random.key(0)
   for context in map(int, args.contexts.split(",")):

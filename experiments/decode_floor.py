@@ -64,7 +64,8 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--batches", default="1,8")
   parser.add_argument("--kernels", default="0,1,2,3,4,5")
-  parser.add_argument("--steps", type=int, default=64, help="decode steps per timed call")
+  parser.add_argument("--steps", type=int, default=48,
+                      help="steps of the shorter timed loop (bench_decode.time_steps)")
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--interpret", action="store_true", help="Pallas interpret mode (CPU)")
   parser.add_argument("--out", default="out/decode_floor.json")

@@ -167,7 +167,7 @@ def sweep(args):
       for name in ("full step", "compressed kernel"):
         state = (filled_nsa_cache(batch, args.context, key),
                  jnp.zeros((batch, HQ, D), jnp.float32))
-        us = 1e6 * time_steps(parts(batch)[name], state, inputs, steps=64, repeats=5)
+        us = 1e6 * time_steps(parts(batch)[name], state, inputs, steps=48, repeats=5)
         print(f"{variant} B={batch} {name}: {us:.1f} us", flush=True)
     restore()
 
@@ -230,7 +230,7 @@ def main():
       state = lambda: (filled_nsa_cache(batch, args.context, key),
                        jnp.zeros((batch, HQ, D), jnp.float32))
       count, copies = launches(step, state(), inputs)
-      us = 1e6 * time_steps(step, state(), inputs, steps=64, repeats=5)
+      us = 1e6 * time_steps(step, state(), inputs, steps=48, repeats=5)
       rows.append((batch, name, us, count, copies))
       print(f"B={batch} {name}: {us:.1f} us, {count} ops ({copies} copies)", flush=True)
   print(f"\n{jax.devices()[0].device_kind}, context {args.context}")

@@ -47,7 +47,7 @@ def test_bench_kernels_times_every_part_and_writes_json(monkeypatch, tmp_path, p
 def test_bench_decode_runs_the_xla_decode_and_writes_json(monkeypatch, tmp_path, layers):
   out = tmp_path / "decode.json"
   monkeypatch.setattr("sys.argv", ["bench_decode", "--contexts", "512", "--batches", "1",
-                                   "--impls", "xla", "--steps", "2", "--repeats", "1",
+                                   "--impls", "xla", "--steps", "4", "--repeats", "3",
                                    "--layers", str(layers), "--out", str(out)])
   bench_decode.main()
   rows = json.loads(out.read_text())["rows"]
@@ -56,10 +56,18 @@ def test_bench_decode_runs_the_xla_decode_and_writes_json(monkeypatch, tmp_path,
   assert all(row["us_per_token"] > 0 and row["layers"] == layers for row in rows)
 
 
+def test_bench_decode_refuses_more_timed_tokens_than_the_cache_holds(monkeypatch, capsys):
+  # 3 * 64 * 6 = 1152 tokens appended by the two timed loops and their warm-ups > 1024 free slots.
+  monkeypatch.setattr("sys.argv", ["bench_decode", "--steps", "64", "--repeats", "5"])
+  with pytest.raises(SystemExit):
+    bench_decode.main()
+  assert "1152 tokens, more than the caches' 1024 free slots" in capsys.readouterr().err
+
+
 def test_decode_floor_times_chains_of_empty_kernels_and_writes_json(monkeypatch, tmp_path):
   out = tmp_path / "floor.json"
   monkeypatch.setattr("sys.argv", ["decode_floor", "--interpret", "--batches", "2",
-                                   "--kernels", "0,3", "--steps", "2", "--repeats", "1",
+                                   "--kernels", "0,3", "--steps", "4", "--repeats", "3",
                                    "--out", str(out)])
   decode_floor.main()
   rows = json.loads(out.read_text())["rows"]
