@@ -72,7 +72,9 @@ def test_decode_floor_times_chains_of_empty_kernels_and_writes_json(monkeypatch,
   decode_floor.main()
   rows = json.loads(out.read_text())["rows"]
   assert [(row["batch"], row["kernels"]) for row in rows] == [(2, 0), (2, 3)]
-  assert all(row["us_per_step"] > 0 for row in rows)
+  # A step of no kernel takes microseconds on the CPU, within the noise of the two loops' times;
+  # three interpreted kernels take milliseconds.
+  assert np.isfinite(rows[0]["us_per_step"]) and rows[1]["us_per_step"] > 0
 
 
 def test_decode_floor_layer_chains_its_kernels():
