@@ -1,5 +1,6 @@
 """Merging flash-decoding partials in JAX (the TPU decode step), and what both decode kernel sets
-share: the window's tile count and the tail weights of the selection scores' per-block sums.
+share: the window's tile count and the selection scores' per-block sums (when they apply and
+their tail weights; the GPU training kernel's fused scores use them too).
 
 A decode kernel that splits one query's keys over several programs writes, per split, the
 unnormalised output `acc = sum_s 2^(x_s - m) v_s`, the split's max `m` and sum `l = sum_s
@@ -45,6 +46,12 @@ def merge_selected_and_window(acc, row_max, row_sum, num_selected: int):
 def window_tiles(window: int, block: int) -> int:
   """`block`-aligned tiles that a span of `window` tokens can touch (the window's grid steps)."""
   return -(-(window - 1) // block) + 1
+
+
+def block_sums_apply(per_cmp: int, per_slc: int) -> bool:
+  """Whether SPEC.md Eq. 9 follows from two sums per selection block (`tail_weight`): a
+  compressed block reaches at most one selection block back, `c - 1 <= m` (`l <= l' + d`)."""
+  return per_cmp - 1 <= per_slc
 
 
 def tail_weight(offset, per_cmp: int, per_slc: int):

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.decode_partials import tail_weight
+from pallas_kernels.decode_partials import block_sums_apply, tail_weight
 from pallas_kernels.gpu.tile_math import LOG2E, MASK_VALUE, masked_split_loop
 from pallas_kernels.gpu.tile_math import dot as _dot
 from pallas_kernels.gpu.tile_math import pow2 as _pow2
@@ -227,7 +227,7 @@ BLOCK_SUM_MAX_POSITIONS = 32
 
 def _scores_by_block_sums(lay: _Layout, slc_block) -> bool:
   return (lay.positions <= BLOCK_SUM_MAX_POSITIONS
-          and lay.block // lay.stride - 1 <= slc_block // lay.stride)
+          and block_sums_apply(lay.block // lay.stride, slc_block // lay.stride))
 
 
 def _block_sum_scores(p_grp, carry, lay: _Layout, slc_block):

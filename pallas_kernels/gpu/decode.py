@@ -42,7 +42,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.decode_partials import tail_weight, window_tiles
+from pallas_kernels.decode_partials import block_sums_apply, tail_weight, window_tiles
 from pallas_kernels.gpu import cache_append
 from pallas_kernels.gpu import top_n as top_n_kernel
 from pallas_kernels.gpu.tile_math import LOG2E, MASK_VALUE, pow2
@@ -91,7 +91,7 @@ def supported(head_dim: int, head_dim_v: int, slc_block: int, cache_len: int,
           and _is_pow2(head_dim_v) and slc_block >= 16 and _is_pow2(slc_block)
           and cache_len % slc_block == 0 and cmp_cache_len > 0
           and cmp_cache_len % CMP_ALIGN == 0 and _is_pow2(per_slc) and per_slc <= CMP_TILE
-          and per_cmp - 1 <= per_slc)
+          and block_sums_apply(per_cmp, per_slc))
 
 
 def group_rows(x, num_kv_heads: int):

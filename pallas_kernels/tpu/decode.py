@@ -44,7 +44,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.decode_partials import merge_partials, merge_selected_and_window
-from pallas_kernels.decode_partials import tail_weight, window_tiles
+from pallas_kernels.decode_partials import block_sums_apply, tail_weight, window_tiles
 from pallas_kernels.tpu.tile_math import dot_by_exact, dot_nn, dot_nt
 
 LOG2E = math.log2(math.e)
@@ -62,7 +62,8 @@ def supported(slc_block: int, cache_len: int, cmp_cache_len: int, cmp_block: int
   per_cmp, per_slc = cmp_block // cmp_stride, slc_block // cmp_stride
   return (slc_block % 8 == 0 and cache_len % slc_block == 0 and cmp_cache_len > 0
           and cmp_cache_len % CMP_SPLIT == 0 and per_slc & (per_slc - 1) == 0
-          and per_slc <= CMP_SPLIT * BLOCKS_PER_STEP and per_cmp - 1 <= per_slc)
+          and per_slc <= CMP_SPLIT * BLOCKS_PER_STEP
+          and block_sums_apply(per_cmp, per_slc))
 
 
 def group_rows(q_t, num_kv_heads: int):
