@@ -6,9 +6,16 @@
   (3.2 ms forward, 14.5 ms forward+backward at T=64k on an H200: 346 / 265 TF/s, above every
   Pallas kernel here; no banded Pallas kernel was written to compete), falling back to the XLA
   path where cuDNN does not apply (float32, Dk != Dv, interpret mode);
-- compressed attention: the Pallas kernels of `pallas_kernels.gpu.compressed_attention`, forward
-  and backward, with the selection scores fused into the forward, and their top-n in the Pallas
-  kernel of `pallas_kernels.gpu.top_n`;
+- compressed attention inside `nsa_attention` / `select_blocks` (where cuDNN takes the inputs):
+  cuDNN over folded queries (`nsa_jax.cudnn_compressed`: one causal attention of chunk queries
+  with `d * G` heads a KV group), forward and backward, its log-sum-exp feeding a Pallas pass
+  for the selection scores (`compressed_attention.selection_from_lse`) and the top-n kernel of
+  `pallas_kernels.gpu.top_n`. H200, T=64k: output 9.0 ms forward and 32.7 ms forward+backward
+  against 16.8 / 51.2 for the Pallas kernels;
+- compressed attention elsewhere (the public `compressed_attention`, whose lse is
+  differentiable; float32; Dk != Dv; interpret mode): the Pallas kernels of
+  `pallas_kernels.gpu.compressed_attention`, forward and backward, with the selection scores
+  fused into the forward;
 - mean-pooling compression: the XLA path (one fused elementwise pass);
 - decoding: four kernels a step (`decode_step`: the cache append with mean pooling + compressed
   partials, selection scores, top-n + selected + window partials, combine;
@@ -27,6 +34,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from nsa_jax import cudnn_compressed
 from nsa_jax import xla
 from nsa_jax.attention_math import combine_branches
 from nsa_jax.config import NSAConfig
@@ -76,9 +84,21 @@ def compressed_attention(q, k_cmp, v_cmp, scale, *, block, stride, interpret=Fal
 
 def compressed_attention_and_selection(q, k_cmp, v_cmp, scale, config, interpret,
                                        ascending=True):
-  """`(o_cmp, block_indices [B, T, Hkv, n])` from the fused kernels; the XLA selection where the
-  config does not tile (`slc_block` must divide `compressed_kernel.KEYS * cmp_stride`).
-  `ascending=False`: the fused path's indices in pick order (distinct, causal, -1 last)."""
+  """`(o_cmp, block_indices [B, T, Hkv, n])`: cuDNN's output and log-sum-exp, then the score
+  and top-n kernels, where cuDNN takes the inputs; else the fused Pallas kernels; the XLA
+  selection where the config does not tile (`slc_block` must divide
+  `compressed_kernel.KEYS * cmp_stride`). `ascending=False`: the indices in pick order
+  (distinct, causal, -1 last), all the selected-attention kernels need."""
+  if (use_cudnn(q, v_cmp, interpret) and cudnn_compressed.available()
+      and compressed_kernel.fusable(config.cmp_stride, config.slc_block)):
+    o_cmp, lse = cudnn_compressed.compressed_attention(q, k_cmp, v_cmp, scale,
+                                                       block=config.cmp_block,
+                                                       stride=config.cmp_stride)
+    return o_cmp, compressed_kernel.selection_from_lse(
+        q, k_cmp, lse, block=config.cmp_block, stride=config.cmp_stride,
+        slc_block=config.slc_block, num_selected=config.num_selected,
+        num_initial=config.num_initial, num_local=config.num_local, scale=scale,
+        ascending=ascending, interpret=interpret)
   if not compressed_kernel.fusable(config.cmp_stride, config.slc_block):
     o_cmp, _ = compressed_attention(q, k_cmp, v_cmp, scale, block=config.cmp_block,
                                     stride=config.cmp_stride, interpret=interpret)

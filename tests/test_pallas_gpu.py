@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import nsa_jax
-from nsa_jax import block_selection, reference, xla
+from nsa_jax import block_selection, cudnn_compressed, reference, xla
 from nsa_jax.attention_math import combine_branches
 from pallas_kernels.block_maps import distinct_ascending
 from pallas_kernels.gpu import compressed_attention as compressed_kernel
@@ -187,6 +187,96 @@ def test_compressed_attention_kernel_with_dkv_in_row_chunks_and_a_narrower_lse_t
   assert compressed_kernel._dkv_step_rows(lay, jnp.float32) == 16 < lay.rows
   q, k, v = random_qkv(b, t, hq, hkv, dk, dv)
   check_compressed(q, k, v, config, reference, interpret=True, dtype=jnp.float32)
+
+
+def check_folded(q, k, v, config, impl_ref, use_cudnn, dtype):
+  """The compressed branch as one causal attention over folded queries
+  (`cudnn_compressed.compressed_attention`): out, lse, and the gradients of out against
+  `impl_ref`'s compressed attention."""
+  k_cmp, v_cmp = xla.compress_kv(k, v, config.cmp_block, config.cmp_stride)
+  scale = q.shape[-1] ** -0.5
+  d_out = jax.random.normal(jax.random.key(q.shape[1]), q.shape[:3] + (v.shape[-1],))
+
+  def loss(fn, *args):
+    out, lse = fn(*args)
+    return jnp.sum(out.astype(jnp.float32) * d_out), (out, lse)
+
+  folded = lambda q, k_cmp, v_cmp: cudnn_compressed.compressed_attention(
+      q, k_cmp, v_cmp, scale, block=config.cmp_block, stride=config.cmp_stride,
+      use_cudnn=use_cudnn)
+  expected = lambda q, k_cmp, v_cmp: impl_ref.compressed_attention(
+      q, k_cmp, v_cmp, scale, block=config.cmp_block, stride=config.cmp_stride)
+  grad = lambda fn, *args: jax.value_and_grad(lambda *a: loss(fn, *a), (0, 1, 2),
+                                              has_aux=True)(*args)
+  (_, (out, lse)), grads = jax.jit(lambda *a: grad(folded, *a))(q, k_cmp, v_cmp)
+  upcast = [x.astype(jnp.float32) for x in (q, k_cmp, v_cmp)]
+  (_, (ref, ref_lse)), ref_grads = grad(expected, *upcast)
+  assert out.dtype == dtype and lse.dtype == jnp.float32
+  assert_close(out, ref, dtype)
+  np.testing.assert_array_equal(np.isinf(lse), np.isinf(ref_lse))
+  assert_close(jnp.where(jnp.isinf(lse), 0, lse), jnp.where(jnp.isinf(ref_lse), 0, ref_lse),
+               jnp.float32, atol=1e-4 if dtype == jnp.float32 else 2e-2, rtol=1e-4)
+  assert_grads_close(grads, ref_grads, dtype)
+  return q, k_cmp, lse
+
+
+def check_scores_from_lse(q, k_cmp, lse, config, interpret):
+  """`selection_scores_from_lse` against the reference scores, and its top-n a valid selection."""
+  scale = q.shape[-1] ** -0.5
+  kwargs = dict(block=config.cmp_block, stride=config.cmp_stride, slc_block=config.slc_block,
+                scale=scale, interpret=interpret)
+  scores = compressed_kernel.selection_scores_from_lse(q, k_cmp, lse, **kwargs)
+  t = q.shape[1]
+  ref_scores = reference.selection_scores(q.astype(jnp.float32), k_cmp.astype(jnp.float32),
+                                          scale, config)  # [B, T, Hkv, Ts]
+  assert_close(scores[:, :, :t, :ref_scores.shape[-1]].transpose(0, 2, 1, 3), ref_scores,
+               jnp.float32, atol=1e-4, rtol=1e-3)
+  kwargs.pop("scale"), kwargs.pop("interpret")
+  picks = compressed_kernel.selection_from_lse(
+      q, k_cmp, lse, num_selected=config.num_selected, num_initial=config.num_initial,
+      num_local=config.num_local, scale=scale, interpret=interpret, **kwargs)
+  assert_valid_selection(picks, ref_scores, config, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", INTERPRET_CONFIGS)
+def test_compressed_attention_over_folded_queries_matches_reference(case):
+  # The fold (positions l - 1 + c*d + j -> heads of chunk c) with XLA's causal attention in place
+  # of cuDNN's: every INTERPRET_CONFIGS case, T < l (no chunk) and G = 3 included.
+  b, t, hq, hkv, dk, dv, config = case
+  q, k, v = random_qkv(b, t, hq, hkv, dk, dv)
+  check_folded(q, k, v, config, reference, use_cudnn=False, dtype=jnp.float32)
+
+
+@pytest.mark.parametrize("case", INTERPRET_CONFIGS)
+def test_selection_scores_from_a_given_lse_in_interpret_mode(case):
+  b, t, hq, hkv, dk, _, config = case
+  q, k, _ = random_qkv(b, t, hq, hkv, dk)
+  k_cmp, _ = xla.compress_kv(k, k, config.cmp_block, config.cmp_stride)
+  _, lse = reference.compressed_attention(q, k_cmp, k_cmp, dk ** -0.5, block=config.cmp_block,
+                                          stride=config.cmp_stride)
+  check_scores_from_lse(q, k_cmp, lse, config, interpret=True)
+
+
+def test_selection_scores_from_lse_checks_its_shape():
+  q = jnp.zeros((1, 40, 4, 16))
+  k_cmp = jnp.zeros((1, 9, 2, 16))
+  with pytest.raises(ValueError, match="lse must be"):
+    compressed_kernel.selection_scores_from_lse(q, k_cmp, jnp.zeros((1, 40, 2)), block=8,
+                                                stride=4, slc_block=16, scale=0.25,
+                                                interpret=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("group", [1, 3, 16])
+@pytest.mark.parametrize("config", [  # the paper's; fla-core's l = d = l' (64 positions a chunk)
+    nsa_jax.NSAConfig(),
+    nsa_jax.NSAConfig(cmp_block=64, cmp_stride=64, slc_block=64, num_selected=16, window=64)])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_compressed_branch_through_cudnn_matches_xla_on_gpu(group, config, dtype):
+  # B = 2, T with an odd chunk count (cuDNN's padded chunk), then the scores from cuDNN's lse.
+  q, k, v = random_qkv(2, 4096 + 5, 2 * group, 2, 128, dtype=dtype)
+  q, k_cmp, lse = check_folded(q, k, v, config, xla, use_cudnn=True, dtype=dtype)
+  check_scores_from_lse(q, k_cmp, lse, config, interpret=False)
 
 
 @pytest.mark.gpu

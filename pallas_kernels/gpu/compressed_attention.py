@@ -51,6 +51,13 @@ NUM_STAGES = 2
 # forward: 28.8 / 27.1 / 37.5 ms for 32 / 64 / 128.
 LSE_KEYS = 64
 DKV_KEYS = 64  # compressed keys per dK/dV program (a multiple of KEYS)
+# The selection-score pass from a given log-sum-exp (`selection_scores_from_lse`: no values, so
+# larger tiles fit): rows a program, keys a tile (a multiple of KEYS dividing DKV_KEYS), warps.
+# H200, T=64k, G=16, ms: 64 rows / 32 keys / 4 warps 10.5, 64 / 64 / 4 9.6, 128 / 64 / 8 9.2,
+# 128 / 32 / 8 10.3, 64 / 128 / 4 11.4, 64 / 64 / 8 15.5; 3 stages 10.7 (64 / 32 / 4).
+SCORE_ROWS = 128
+SCORE_KEYS = 64
+SCORE_NUM_WARPS = 8
 DKV_NUM_WARPS = 4
 DKV_PROGRAMS = 2048  # dK/dV programs to aim for when cutting long row walks into chunks
 MIN_DKV_CHUNK = 64  # row tiles
@@ -81,11 +88,11 @@ class _Layout:
     return self.seq_pad // self.positions
 
 
-def _layout(q, k_cmp, v_cmp, block, stride) -> _Layout:
+def _layout(q, k_cmp, v_cmp, block, stride, rows=None) -> _Layout:
   b, t, hq, dk = q.shape
   hkv = k_cmp.shape[2]
   heads = _pow2(hq // hkv)
-  rows = max(ROWS, heads)
+  rows = max(rows or ROWS, heads)
   positions = rows // heads
   num_cmp = k_cmp.shape[1]
   return _Layout(batch=b, seq_len=t, num_kv_heads=hkv, group=hq // hkv, heads=heads, rows=rows,
@@ -185,12 +192,12 @@ def _overlap(num_rows_keys, first_slc, num_cols, lay: _Layout, slc_block):
       jnp.float32)
 
 
-def _score_maps(lay: _Layout, slc_block, slc_cols, slc_spill):
-  """`A [KEYS, C]` (overlap with the tile's own blocks), `A_next [KEYS, C]` (with the next's)."""
-  owned = KEYS * lay.stride // slc_block
+def _score_maps(lay: _Layout, slc_block, slc_cols, slc_spill, keys):
+  """`A [keys, C]` (overlap with the tile's own blocks), `A_next [keys, C]` (with the next's)."""
+  owned = keys * lay.stride // slc_block
   cols = jnp.arange(slc_cols)[None, :]
-  own_map = jnp.where(cols < owned, _overlap(KEYS, 0, slc_cols, lay, slc_block), 0.0)
-  spill_map = jnp.where(cols < slc_spill, _overlap(KEYS, owned, slc_cols, lay, slc_block), 0.0)
+  own_map = jnp.where(cols < owned, _overlap(keys, 0, slc_cols, lay, slc_block), 0.0)
+  spill_map = jnp.where(cols < slc_spill, _overlap(keys, owned, slc_cols, lay, slc_block), 0.0)
   return own_map, spill_map
 
 
@@ -231,10 +238,10 @@ def _scores_by_block_sums(lay: _Layout, slc_block) -> bool:
 
 
 def _block_sum_scores(p_grp, carry, lay: _Layout, slc_block):
-  """`p_grp [P, KEYS]` -> the scores of the tile's own selection blocks `[P, KEYS / m]` and the
+  """`p_grp [P, keys]` -> the scores of the tile's own selection blocks `[P, keys / m]` and the
   next tile's carry: its last block's tail sum `U [P]`, which the next block's score adds."""
   per_cmp, per_slc = lay.block // lay.stride, slc_block // lay.stride
-  owned = KEYS // per_slc
+  owned = p_grp.shape[1] // per_slc
   by_block = p_grp.reshape(p_grp.shape[0], owned, per_slc)
   sums = jnp.sum(by_block, axis=2)
   if per_cmp == 1:  # l = d: no compressed block reaches into the next selection block
@@ -251,15 +258,15 @@ def _block_sum_scores(p_grp, carry, lay: _Layout, slc_block):
 
 
 def _group_sum(p, lay: _Layout):
-  """`[R, KEYS]` -> `[P, KEYS]`: each position's probabilities summed over its group's heads.
+  """`[R, keys]` -> `[P, keys]`: each position's probabilities summed over its group's heads.
   Rows of padded heads (G not a power of two) see q = 0, so they have p > 0 and are masked."""
   if lay.heads != lay.group:
     p = jnp.where((jnp.arange(lay.rows) % lay.heads < lay.group)[:, None], p, 0.0)
-  return jnp.sum(p.reshape(lay.positions, lay.heads, KEYS), axis=1)
+  return jnp.sum(p.reshape(lay.positions, lay.heads, p.shape[1]), axis=1)
 
 
 def _map_blocks(p_grp, overlap):
-  """`p_grp [P, KEYS] @ overlap [KEYS, C]` -> `[P, C]` to float32 precision."""
+  """`p_grp [P, keys] @ overlap [keys, C]` -> `[P, C]` to float32 precision."""
   if _maps_by_dot(p_grp.shape[0]):
     return sum(plgpu.dot(piece, overlap.astype(jnp.bfloat16)) for piece in _split3(p_grp))
   return jnp.sum(p_grp[:, :, None] * overlap[None, :, :], axis=1)
@@ -271,6 +278,47 @@ def _store_scores(score_ref, values, tile, first_col, num_cols, lay: _Layout):
   mask = jnp.broadcast_to((jnp.arange(width) < num_cols)[None, :], values.shape)
   plgpu.store(score_ref.at[pl.ds(tile * lay.positions, lay.positions), pl.ds(first_col, width)],
               values, mask=mask)
+
+
+class _ScoreWriter:
+  """The selection-score side of a pass over the key tiles: `update` turns a tile's
+  probabilities into its blocks' scores and stores them, `finish` stores the last tile's spill
+  into the next block (the spill is the loop carry)."""
+
+  def __init__(self, score_ref, tile, lay: _Layout, slc_block, slc_cols, slc_spill, keys=None):
+    self.score_ref, self.tile, self.lay = score_ref, tile, lay
+    self.slc_block, self.slc_cols, self.slc_spill = slc_block, slc_cols, slc_spill
+    self.owned = (keys or KEYS) * lay.stride // slc_block
+    self.block_sums = _scores_by_block_sums(lay, slc_block)
+    if not self.block_sums:
+      self.own_map, self.spill_map = _score_maps(lay, slc_block, slc_cols, slc_spill,
+                                                 keys or KEYS)
+
+  def init(self):
+    shape = (self.lay.positions,) if self.block_sums else (self.lay.positions, self.slc_cols)
+    return jnp.zeros(shape, jnp.float32)
+
+  def update(self, kt, p, spill):
+    """Stores the scores of key tile `kt`'s own blocks from its probabilities `p [R, keys]`;
+    returns the new spill."""
+    p_grp = _group_sum(p, self.lay)
+    store = lambda values: _store_scores(self.score_ref, values, self.tile, kt * self.owned,
+                                         self.owned, self.lay)
+    if self.block_sums:
+      tile_scores, spill = _block_sum_scores(p_grp, spill, self.lay, self.slc_block)
+      store(tile_scores)
+      return spill
+    store(_map_blocks(p_grp, self.own_map) + spill)
+    return _map_blocks(p_grp, self.spill_map)  # overlap with the next tile's first blocks
+
+  def finish(self, num_tiles, spill):
+    if self.block_sums:
+      if self.slc_spill:  # the last tile's tail reaches the next block (none when l = d)
+        _store_scores(self.score_ref, spill[:, None], self.tile, num_tiles * self.owned, 1,
+                      self.lay)
+    else:
+      _store_scores(self.score_ref, spill, self.tile, num_tiles * self.owned, self.slc_spill,
+                    self.lay)
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, *refs, lay, scale, slc_block, slc_cols, slc_spill):
@@ -285,11 +333,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, lay, scale, slc_block, slc_cols,
   num_tiles = _tile_count(tile, lay)
   lse = _lse_pass(q, k_ref, row_pos, _full_tile_count(tile, lay, LSE_KEYS),
                   _tile_count(tile, lay, LSE_KEYS), lay, scale)
-  block_sums = slc_block and _scores_by_block_sums(lay, slc_block)
-  if slc_block:
-    owned = KEYS * lay.stride // slc_block
-  if slc_block and not block_sums:
-    own_map, spill_map = _score_maps(lay, slc_block, slc_cols, slc_spill)
+  writer = slc_block and _ScoreWriter(score_ref, tile, lay, slc_block, slc_cols, slc_spill)
 
   def body(kt, carry, masked):
     acc, spill = carry
@@ -298,26 +342,35 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, lay, scale, slc_block, slc_cols,
     p = jnp.exp2(s - lse[:, None])
     v = v_ref[pl.ds(kt * KEYS, KEYS), :]
     acc = acc + _dot(p.astype(v.dtype), v)
-    if block_sums:
-      tile_scores, spill = _block_sum_scores(_group_sum(p, lay), spill, lay, slc_block)
-      _store_scores(score_ref, tile_scores, tile, kt * owned, owned, lay)
-    elif slc_block:
-      p_grp = _group_sum(p, lay)
-      _store_scores(score_ref, _map_blocks(p_grp, own_map) + spill, tile, kt * owned, owned, lay)
-      spill = _map_blocks(p_grp, spill_map)  # overlap with the next tile's first blocks
-    return acc, spill
+    return acc, (writer.update(kt, p, spill) if slc_block else spill)
 
-  spill_shape = (lay.positions,) if block_sums else (
-      (lay.positions, slc_cols) if slc_block else (1,))
-  init = (jnp.zeros((lay.rows, o_ref.shape[1]), jnp.float32), jnp.zeros(spill_shape, jnp.float32))
+  init = (jnp.zeros((lay.rows, o_ref.shape[1]), jnp.float32),
+          writer.init() if slc_block else jnp.zeros((1,), jnp.float32))
   acc, spill = masked_split_loop(_full_tile_count(tile, lay), num_tiles, body, init)
   o_ref[...] = acc.astype(o_ref.dtype)
   lse_ref[...] = lse
-  if block_sums:
-    if slc_spill:  # the last tile's tail reaches the next block (none when l = d)
-      _store_scores(score_ref, spill[:, None], tile, num_tiles * owned, 1, lay)
-  elif slc_block:
-    _store_scores(score_ref, spill, tile, num_tiles * owned, slc_spill, lay)
+  if slc_block:
+    writer.finish(num_tiles, spill)
+
+
+def _scores_kernel(q_ref, k_ref, lse_ref, _, score_ref, *, lay, scale, slc_block, slc_cols,
+                   slc_spill):
+  """The selection scores alone, from a given log-sum-exp (base 2, +inf where a row sees
+  nothing): pass 2 of `_forward_kernel` without the values."""
+  tile = pl.program_id(0)
+  q, lse = q_ref[...], lse_ref[...]
+  row_pos = _row_positions(tile, lay)
+  num_tiles = _tile_count(tile, lay, SCORE_KEYS)
+  writer = _ScoreWriter(score_ref, tile, lay, slc_block, slc_cols, slc_spill, SCORE_KEYS)
+
+  def body(kt, spill, masked):
+    keys = pl.ds(kt * SCORE_KEYS, SCORE_KEYS)
+    s, _ = _scores(q, k_ref[keys, :], kt * SCORE_KEYS, row_pos, lay, scale, masked)
+    return writer.update(kt, jnp.exp2(s - lse[:, None]), spill)
+
+  spill = masked_split_loop(_full_tile_count(tile, lay, SCORE_KEYS), num_tiles, body,
+                            writer.init())
+  writer.finish(num_tiles, spill)
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, lay, scale):
@@ -396,8 +449,8 @@ def _dkv_chunks(lay: _Layout):
   return chunk, pl.cdiv(lay.num_row_tiles, chunk)
 
 
-def _params():
-  return plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+def _params(num_warps=None):
+  return plgpu.CompilerParams(num_warps=num_warps or NUM_WARPS, num_stages=NUM_STAGES)
 
 
 def _specs(lay: _Layout):
@@ -407,14 +460,30 @@ def _specs(lay: _Layout):
   return rows, row_vector, keys
 
 
-def _slc_geometry(lay: _Layout, slc_block):
-  """Columns per score store and selection blocks the overlap spills into (0 without scores)."""
+def _slc_geometry(lay: _Layout, slc_block, keys=None):
+  """Columns per score store and selection blocks the overlap spills into (0 without scores),
+  for key tiles of `keys` (default KEYS)."""
   if not slc_block:
     return 0, 0
   per_slc = slc_block // lay.stride
   spill = -(-(lay.block // lay.stride - 1) // per_slc)
-  cols = _pow2(max(KEYS * lay.stride // slc_block, spill))
+  cols = _pow2(max((keys or KEYS) * lay.stride // slc_block, spill))
   return (max(cols, 16) if _maps_by_dot(lay.positions) else cols), spill
+
+
+def _score_buffer(lay: _Layout, slc_block, slc_cols, keys=None):
+  """The zeros the score stores land in, and its block spec: the whole matrix per (b, g).
+
+  Unvisited blocks keep the zeros. Columns: what the stores reach (every key tile's owned
+  blocks, then the last tile's spill, `slc_cols` wide), and at least the power of two >= Ts that
+  the top-n kernel reads a row as. (Rounding the whole width up to a power of two doubled it at
+  T = 64k: 2 GB more zeros.)"""
+  num_slc = -(-lay.seq_len // slc_block)
+  keys = keys or KEYS
+  width = max(_pow2(num_slc), lay.cmp_pad // keys * (keys * lay.stride // slc_block) + slc_cols)
+  shape = (lay.batch, lay.num_kv_heads, lay.seq_pad, width)
+  return (jnp.zeros(shape, jnp.float32),
+          pl.BlockSpec((None, None) + shape[2:], lambda i, b, g: (b, g, 0, 0)))
 
 
 def _forward(q, k, v, lay: _Layout, scale, slc_block, interpret):
@@ -431,23 +500,31 @@ def _forward(q, k, v, lay: _Layout, scale, slc_block, interpret):
   args = [q, k, v]
   aliases = {}
   if slc_block:
-    # Whole score matrix per (b, g): unvisited blocks keep the zeros it starts from.
-    # Columns: what the stores reach (every key tile's owned blocks, then the last tile's spill,
-    # `slc_cols` wide), and at least the power of two >= Ts that the top-n kernel reads a row as.
-    # (Rounding the whole width up to a power of two doubled it at T = 64k: 2 GB more zeros.)
-    num_slc = -(-lay.seq_len // slc_block)
-    width = max(_pow2(num_slc), lay.cmp_pad // KEYS * (KEYS * lay.stride // slc_block) + slc_cols)
-    score_shape = (lay.batch, lay.num_kv_heads, lay.seq_pad, width)
-    whole = pl.BlockSpec((None, None) + score_shape[2:], lambda i, b, g: (b, g, 0, 0))
+    zeros, whole = _score_buffer(lay, slc_block, slc_cols)
     in_specs.append(whole)
     out_specs.append(whole)
-    out_shape.append(jax.ShapeDtypeStruct(score_shape, jnp.float32))
-    args.append(jnp.zeros(score_shape, jnp.float32))
+    out_shape.append(jax.ShapeDtypeStruct(zeros.shape, jnp.float32))
+    args.append(zeros)
     aliases = {3: 2}
   return pl.pallas_call(
       kernel, grid=(lay.num_row_tiles, lay.batch, lay.num_kv_heads), in_specs=in_specs,
       out_specs=out_specs, out_shape=out_shape, input_output_aliases=aliases,
       compiler_params=_params(), interpret=interpret, name="nsa_compressed_fwd")(*args)
+
+
+def _scores_only(q, k, lse2, lay: _Layout, scale, slc_block, interpret):
+  """`_scores_kernel` over the rows layout: `[B, Hkv, T_pad, width]` float32."""
+  rows, row_vector, keys = _specs(lay)
+  slc_cols, slc_spill = _slc_geometry(lay, slc_block, SCORE_KEYS)
+  zeros, whole = _score_buffer(lay, slc_block, slc_cols, SCORE_KEYS)
+  kernel = functools.partial(_scores_kernel, lay=lay, scale=scale, slc_block=slc_block,
+                             slc_cols=slc_cols, slc_spill=slc_spill)
+  return pl.pallas_call(
+      kernel, grid=(lay.num_row_tiles, lay.batch, lay.num_kv_heads),
+      in_specs=[rows(lay.head_dim_pad), keys(lay.head_dim_pad), row_vector, whole],
+      out_specs=whole, out_shape=jax.ShapeDtypeStruct(zeros.shape, jnp.float32),
+      input_output_aliases={3: 0}, compiler_params=_params(SCORE_NUM_WARPS), interpret=interpret,
+      name="nsa_selection_scores")(q, k, lse2, zeros)
 
 
 def _backward(q, k, v, do, lse, delta, lay: _Layout, scale, interpret):
@@ -577,6 +654,52 @@ def compressed_attention_and_selection(q, k_cmp, v_cmp, *, block: int, stride: i
                                num_initial=num_initial, num_local=num_local,
                                ascending=ascending, interpret=interpret)
   return out, lse, block_indices
+
+
+def _lse_rows(lse, lay: _Layout):
+  """Natural log-sum-exp `[B, T, Hq]` (-inf where nothing is visible) -> the kernels' base-2
+  rows `[B, Hkv, T_pad * Gc]`, +inf there and in the padding (so p = 0)."""
+  lse2 = jnp.where(jnp.isneginf(lse), jnp.inf, lse * LOG2E)
+  x = lse2.reshape(lay.batch, lay.seq_len, lay.num_kv_heads, lay.group)
+  x = jnp.pad(x, [(0, 0), (0, lay.seq_pad - lay.seq_len), (0, 0), (0, lay.heads - lay.group)],
+              constant_values=jnp.inf)
+  return x.transpose(0, 2, 1, 3).reshape(lay.batch, lay.num_kv_heads, -1)
+
+
+def selection_scores_from_lse(q, k_cmp, lse, *, block: int, stride: int, slc_block: int,
+                              scale: float, interpret: bool = False):
+  """The selection scores (SPEC.md section 2, steps 1-3) from the compressed branch's
+  log-sum-exp computed elsewhere (e.g. by cuDNN with the branch's output): one pass of
+  `q . k_cmp` (`nsa_selection_scores`, pass 2 of the fused forward without the values).
+
+  Args:
+    q: `[B, T, Hq, Dk]`; k_cmp: `[B, Tc, Hkv, Dk]`.
+    lse: float32 `[B, T, Hq]`, natural log of `sum exp(scale * q . k_cmp)` over the visible
+      compressed blocks, -inf where none is visible (`compressed_attention`'s second output).
+
+  Returns:
+    float32 `[B, Hkv, rows >= T, width >= pow2(Ts)]`, query `t`'s scores in row `t` (what
+    `top_n.top_n_blocks` reads); no gradient flows through them.
+  """
+  _check_fusable(stride, slc_block)
+  if lse.shape != q.shape[:3]:
+    raise ValueError(f"lse must be [B, T, Hq] = {q.shape[:3]}, got {lse.shape}")
+  q, k_cmp, lse = (jax.lax.stop_gradient(x) for x in (q, k_cmp, lse))
+  lay = _layout(q, k_cmp, k_cmp, block, stride, rows=SCORE_ROWS)
+  return _scores_only(_to_rows(q, lay, lay.head_dim_pad), _to_keys(k_cmp, lay, lay.head_dim_pad),
+                      _lse_rows(lse, lay), lay, float(scale), slc_block, interpret)
+
+
+def selection_from_lse(q, k_cmp, lse, *, block: int, stride: int, slc_block: int,
+                       num_selected: int, num_initial: int, num_local: int, scale: float,
+                       ascending: bool = True, interpret: bool = False):
+  """`selection_scores_from_lse`, then the top-n kernel: `block_indices int32 [B, T, Hkv, n]`
+  as `compressed_attention_and_selection` gives them (not differentiable)."""
+  scores = selection_scores_from_lse(q, k_cmp, lse, block=block, stride=stride,
+                                     slc_block=slc_block, scale=scale, interpret=interpret)
+  return top_n_blocks(scores, seq_len=q.shape[1], num_selected=num_selected,
+                      slc_block=slc_block, num_initial=num_initial, num_local=num_local,
+                      ascending=ascending, interpret=interpret)
 
 
 def fusable(stride: int, slc_block: int) -> bool:

@@ -1,0 +1,103 @@
+"""The compressed branch as one causal attention over folded queries, which cuDNN runs on GPU.
+
+Query `t` sees compressed block `i` iff `i*d + l - 1 <= t` (SPEC.md), so the `d` positions
+`t = l - 1 + c*d + j` (`j < d`) all see exactly blocks `0..c`. Folding those `d` positions into
+the heads makes the branch an ordinary causal attention of `Tc` chunk queries over the `Tc`
+compressed keys, with `d * G` query heads per KV head (GQA): cuDNN's flash attention runs it at
+dense attention's rate, forward and backward, and gives each row's log-sum-exp, from which
+`pallas_kernels.gpu.compressed_attention.selection_from_lse` scores the selection blocks.
+Positions before `l - 1` see nothing: output 0, lse -inf.
+
+The log-sum-exp comes from `jax._src.cudnn.fused_attention_stablehlo.dot_product_attention`
+(`return_residual=True`), the function behind `jax.nn.dot_product_attention(...,
+implementation="cudnn")`; `available()` is False where that import fails, and the callers then
+use the Pallas kernels.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+try:
+  from jax._src.cudnn import fused_attention_stablehlo as _cudnn
+except ImportError:  # a JAX without it: the Pallas kernels take the branch
+  _cudnn = None
+
+
+def available() -> bool:
+  return _cudnn is not None
+
+
+def num_chunks(seq_len: int, block: int, stride: int) -> int:
+  """Chunks of `d` positions from position `l - 1` on: as many as compressed blocks, Tc."""
+  return max(0, -(-(seq_len - block + 1) // stride))
+
+
+def fold_queries(q, num_kv_heads: int, block: int, stride: int):
+  """`[B, T, Hq, D]` -> `[B, C, Hkv * d * G, D]`, `C` = chunks rounded up to even (cuDNN's
+  masked kernels want an even length; the extra chunk of zeros is cut off after). Head
+  `(g, j, h)` of chunk `c` is head `h` of KV group `g` at position `l - 1 + c*d + j`."""
+  b, t, hq, d = q.shape
+  chunks = num_chunks(t, block, stride)
+  padded = chunks + chunks % 2
+  x = jnp.pad(q[:, block - 1:], [(0, 0), (0, padded * stride - (t - block + 1)), (0, 0), (0, 0)])
+  x = x.reshape(b, padded, stride, num_kv_heads, hq // num_kv_heads, d)
+  return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, padded, stride * hq, d)
+
+
+def unfold(x, seq_len: int, num_kv_heads: int, block: int, stride: int, fill):
+  """`fold_queries`' inverse for per-row results `[B, C, Hkv * d * G, ...]` -> `[B, T, Hq, ...]`,
+  `fill` at the positions before `l - 1`."""
+  b, padded, heads = x.shape[:3]
+  rest = x.shape[3:]
+  group = heads // (num_kv_heads * stride)
+  x = x.reshape(b, padded, num_kv_heads, stride, group, *rest)
+  x = jnp.moveaxis(x, 3, 2).reshape(b, padded * stride, num_kv_heads * group, *rest)
+  x = x[:, :seq_len - block + 1]
+  return jnp.pad(x, [(0, 0), (block - 1, 0)] + [(0, 0)] * (1 + len(rest)), constant_values=fill)
+
+
+def _xla_attention(qf, kf, vf, scale):
+  """The folded causal attention and its natural log-sum-exp `[B, N, C]` in XLA (tests on CPU)."""
+  b, c, n, d = qf.shape
+  hkv = kf.shape[2]
+  qg = qf.reshape(b, c, hkv, n // hkv, d).astype(jnp.float32)
+  s = jnp.einsum("bchrd,bkhd->bhrck", qg, kf.astype(jnp.float32)) * scale
+  s = jnp.where(jnp.arange(c)[:, None] >= jnp.arange(c)[None, :], s, -jnp.inf)
+  lse = jax.nn.logsumexp(s, axis=-1)  # [B, Hkv, r, C]
+  out = jnp.einsum("bhrck,bkhd->bchrd", jnp.exp(s - lse[..., None]), vf.astype(jnp.float32))
+  return out.reshape(b, c, n, -1).astype(qf.dtype), lse.reshape(b, n, c)
+
+
+def compressed_attention(q, k_cmp, v_cmp, scale: float, *, block: int, stride: int,
+                         use_cudnn: bool = True):
+  """Attention over the compressed blocks inside each query's prefix, as one folded causal
+  attention (cuDNN; `use_cudnn=False`: the same in XLA, for tests).
+
+  Args:
+    q: `[B, T, Hq, Dk]`; k_cmp: `[B, Tc, Hkv, Dk]`; v_cmp: `[B, Tc, Hkv, Dv]`
+      (cuDNN: half precision, Dk == Dv).
+    scale: softmax scale (a Python float). block, stride: `l` and `d`.
+
+  Returns:
+    `(out [B, T, Hq, Dv] in q.dtype, lse [B, T, Hq] float32)`, natural log, -inf where nothing
+    is visible; out is differentiable in q, k_cmp, v_cmp (cuDNN's backward), lse is not.
+  """
+  b, t, hq, _ = q.shape
+  hkv = k_cmp.shape[2]
+  if num_chunks(t, block, stride) == 0:  # T < l: no position sees a block
+    return (jnp.zeros((b, t, hq, v_cmp.shape[-1]), q.dtype),
+            jnp.full((b, t, hq), -jnp.inf, jnp.float32))
+  qf = fold_queries(q, hkv, block, stride)
+  pad = [(0, 0), (0, qf.shape[1] - k_cmp.shape[1]), (0, 0), (0, 0)]
+  kf, vf = jnp.pad(k_cmp, pad), jnp.pad(v_cmp, pad)
+  if use_cudnn:
+    out, lse = _cudnn.dot_product_attention(qf, kf, vf, scale=scale,
+                                            mask_type=_cudnn.MaskType.CAUSAL,
+                                            qkv_layout="BTNH", return_residual=True)
+  else:
+    out, lse = _xla_attention(qf, kf, vf, scale)
+  lse = jax.lax.stop_gradient(lse).astype(jnp.float32).transpose(0, 2, 1)  # [B, C, N]
+  return (unfold(out, t, hkv, block, stride, 0).astype(q.dtype),
+          unfold(lse, t, hkv, block, stride, -jnp.inf))
