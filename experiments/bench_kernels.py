@@ -12,7 +12,10 @@ l'=64, n=16, w=512) and fla-core's comparable one (l=d=l'=64, n=16, window exclu
 times it). Per sequence length and part: forward and forward+backward time (median of `--repeats`
 samples after a warm-up, each of back-to-back calls: `median_ms`), achieved TFLOP/s (useful FLOPs:
 causal halves counted once) and the compiled program's GPU memory (arguments + outputs +
-temporaries, from XLA's memory analysis). Prints a table and writes JSON.
+temporaries, from XLA's memory analysis). Parts: the whole `nsa_attention`, each branch (on GPU
+the compressed one both as the public op's Pallas kernel and as nsa_attention runs it, cuDNN over
+folded queries), the fused compressed branch + selection, and the dense baseline. Prints a table
+and writes JSON.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import jax.numpy as jnp
 
 import nsa_jax
 from experiments import gpu_trace
-from nsa_jax import pallas_gpu, pallas_tpu
+from nsa_jax import cudnn_compressed, pallas_gpu, pallas_tpu
 from pallas_kernels.gpu import compressed_attention as compressed_kernel
 from pallas_kernels.gpu import selected_attention as selected_kernel
 from pallas_kernels.tpu import compressed_attention as tpu_compressed_kernel
@@ -137,6 +140,12 @@ def parts_for(t, config, with_window=True, platform=PLATFORMS["gpu"]):
           q, k, v, x["block_indices"], block=config.slc_block, scale=scale), flops(slc_keys),
                    True),
   }
+  if platform is PLATFORMS["gpu"] and cudnn_compressed.available():
+    # The compressed branch as nsa_attention runs it on GPU: cuDNN over folded queries (the
+    # `compressed` row above is the Pallas kernel behind the public `compressed_attention`).
+    parts["compressed_cudnn"] = (lambda q, k, v, x: cudnn_compressed.compressed_attention(
+        q, x["k_cmp"], x["v_cmp"], scale, block=config.cmp_block, stride=config.cmp_stride)[0],
+                                 flops(num_cmp / 2), True)
   if with_window:
     parts["window"] = (lambda q, k, v, _: nsa_jax.sliding_window_attention(
         q, k, v, window=config.window, implementation=impl),

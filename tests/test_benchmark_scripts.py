@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import nsa_jax
-from experiments import bench_decode, bench_kernels, decode_floor, tpu_overhead
+from experiments import bench_decode, bench_kernels, decode_floor, selected_floor, tpu_overhead
+from nsa_jax import cudnn_compressed
 
 
 def on_xla(fn):
@@ -29,6 +30,9 @@ def test_bench_kernels_times_every_part_and_writes_json(monkeypatch, tmp_path, p
   monkeypatch.setattr(kernels.selected, "selected_attention", on_xla(
       lambda q, k, v, idx, **kw: nsa_jax.selected_attention(q, k, v, idx, **kw)))
   monkeypatch.setattr(kernels, "dense", lambda q, k, v: q)  # no cuDNN or splash here
+  folded = cudnn_compressed.compressed_attention
+  monkeypatch.setattr(cudnn_compressed, "compressed_attention",
+                      lambda *args, **kw: folded(*args, use_cudnn=False, **kw))
   out = tmp_path / "bench.json"
   monkeypatch.setattr("sys.argv", ["bench_kernels", "--seq_lens", "256", "--fla_seq_lens", "",
                                    "--repeats", "1", "--num_kv_heads", "2", "--out", str(out),
@@ -37,7 +41,9 @@ def test_bench_kernels_times_every_part_and_writes_json(monkeypatch, tmp_path, p
   result = json.loads(out.read_text())
   assert result["num_kv_heads"] == 2 and result["platform"] == platform
   parts = {row["part"]: row for row in result["paper"]}
-  assert set(parts) == {"nsa", "compressed", "cmp+selection", "selected", "window", dense}
+  gpu_only = {"compressed_cudnn"} if platform == "gpu" else set()
+  expected = {"nsa", "compressed", "cmp+selection", "selected", "window", dense} | gpu_only
+  assert set(parts) == expected
   assert all(row["fwd_ms"] > 0 and row["fwd_gib"] > 0 for row in parts.values())
   assert "fwd_bwd_ms" in parts["selected"] and "fwd_bwd_ms" not in parts["cmp+selection"]
 
@@ -98,3 +104,14 @@ def test_tpu_overhead_times_steps_and_dma_groups_and_writes_json(monkeypatch, tm
   result = json.loads(out.read_text())
   assert set(result["us_each"]) == {"grid step", "dma group", "dma group + math"}
   assert len(result["rows"]) == 6 and all(row["ms"] > 0 for row in result["rows"])
+
+
+def test_selected_floor_variants_run_in_interpret_mode_and_write_json(tmp_path):
+  # Each variant swaps the selected forward kernel's body; those that keep its output must match
+  # the shipped kernel (the JSON holds their largest difference), the others only run.
+  out = tmp_path / "floor.json"
+  result = selected_floor.main(["--seq_len", "256", "--interpret", "--out", str(out)])
+  rows = {row["variant"]: row for row in json.loads(out.read_text())["rows"]}
+  assert set(rows) == set(selected_floor.VARIANTS) and result["selected_blocks"] > 0
+  for name in selected_floor.SAME_OUTPUT:
+    assert rows[name]["max_abs_diff"] < 1e-2  # bfloat16 outputs, other summation orders
