@@ -204,7 +204,7 @@ def main(argv=None):
     diff = f"  max |diff| {row['max_abs_diff']:.2e}" if "max_abs_diff" in row else ""
     print(f"{name:>18} {ms:8.2f} ms {row['tb_per_s']:6.2f} TB/s {row['tflops']:6.1f} TF/s{diff}",
           flush=True)
-  result = dict(date=datetime.date.today().isoformat(), device=str(jax.devices()[0]),
+  result = dict(date=datetime.date.today().isoformat(), device=jax.devices()[0].device_kind,
                 seq_len=t, num_heads=HQ, num_kv_heads=HKV, head_dim=D,
                 selected_blocks=num_blocks, rows=rows)
   if args.out:

@@ -6,14 +6,15 @@
   (3.2 ms forward, 14.5 ms forward+backward at T=64k on an H200: 346 / 265 TF/s, above every
   Pallas kernel here; no banded Pallas kernel was written to compete), falling back to the XLA
   path where cuDNN does not apply (float32, Dk != Dv, interpret mode);
-- compressed attention inside `nsa_attention` / `select_blocks` (where cuDNN takes the inputs):
+- compressed attention inside `nsa_attention` / `select_blocks` (where cuDNN takes the inputs
+  and `d <= CUDNN_COMPRESSED_MAX_STRIDE`):
   cuDNN over folded queries (`nsa_jax.cudnn_compressed`: one causal attention of chunk queries
   with `d * G` heads a KV group), forward and backward, its log-sum-exp feeding a Pallas pass
   for the selection scores (`compressed_attention.selection_from_lse`) and the top-n kernel of
   `pallas_kernels.gpu.top_n`. H200, T=64k: output 9.0 ms forward and 32.7 ms forward+backward
   against 16.8 / 51.2 for the Pallas kernels;
 - compressed attention elsewhere (the public `compressed_attention`, whose lse is
-  differentiable; float32; Dk != Dv; interpret mode): the Pallas kernels of
+  differentiable; float32; Dk != Dv; larger strides; interpret mode): the Pallas kernels of
   `pallas_kernels.gpu.compressed_attention`, forward and backward, with the selection scores
   fused into the forward;
 - mean-pooling compression: the XLA path (one fused elementwise pass);
@@ -46,6 +47,12 @@ from pallas_kernels.gpu import selected_attention as selected_kernel
 
 # Queries per XLA chunk on the GPU: memory is plentiful and each sequential chunk costs a launch.
 GPU_QUERY_CHUNK = 2048
+# Largest compression stride d for which nsa_attention's compressed branch goes through cuDNN over
+# folded queries (d * G heads a KV group over Tc chunks). H200, NSA ms fwd / fwd+bwd, fused Pallas
+# -> cuDNN: d = 16 (paper config) 64k 39.97 / 112.98 -> 37.99 / 101.09; d = 64 (fla-core's
+# l = d = l' = 64: 1024 heads a group over T / 64 chunks, cuDNN's backward sums dK / dV over
+# them) 64k 24.39 / 64.19 -> 24.37 / 64.52, 8k 2.35 / 6.41 -> 2.42 / 7.31.
+CUDNN_COMPRESSED_MAX_STRIDE = 16
 
 compress_kv = xla.compress_kv
 
@@ -90,6 +97,7 @@ def compressed_attention_and_selection(q, k_cmp, v_cmp, scale, config, interpret
   `compressed_kernel.KEYS * cmp_stride`). `ascending=False`: the indices in pick order
   (distinct, causal, -1 last), all the selected-attention kernels need."""
   if (use_cudnn(q, v_cmp, interpret) and cudnn_compressed.available()
+      and config.cmp_stride <= CUDNN_COMPRESSED_MAX_STRIDE
       and compressed_kernel.fusable(config.cmp_stride, config.slc_block)):
     o_cmp, lse = cudnn_compressed.compressed_attention(q, k_cmp, v_cmp, scale,
                                                        block=config.cmp_block,
