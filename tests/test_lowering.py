@@ -20,6 +20,7 @@ import pytest
 import nsa_jax
 from nsa_jax import NSAConfig
 from nsa_jax.decode import init_decode_cache, nsa_decode_step
+from pallas_kernels.gpu import compressed_attention as compressed_kernel
 from pallas_kernels.gpu import decode as gpu_decode
 from pallas_kernels.gpu import selected_attention as selected_kernel
 
@@ -45,8 +46,10 @@ def pallas_kernels(platform, fn, *args):
   return sorted(re.search(r'name = "([^"]+)"', line).group(1) for line in calls)
 
 
-# Forward + backward. GPU: the window is cuDNN on a GPU (XLA here), the rest Pallas. TPU: the
-# window is splash attention's kernels.
+# Forward + backward. GPU: the window is cuDNN on a GPU (XLA here), the rest Pallas; on a GPU the
+# compressed branch of half-precision inputs is cuDNN too, with the kernels of
+# `test_selection_from_cudnn_lse_kernels_lower` for the selection. TPU: the window is splash
+# attention's kernels.
 TRAINING_KERNELS = {
     "cuda": ["nsa_compressed_dkv", "nsa_compressed_dq", "nsa_compressed_fwd", "nsa_selected_dkv",
              "nsa_selected_dq", "nsa_selected_fwd", "nsa_top_n"],
@@ -84,6 +87,22 @@ def test_nsa_forward_and_backward_kernels_lower(platform, dtype, num_heads, num_
 
   grads = jax.grad(loss, argnums=(0, 1, 2))
   assert pallas_kernels(platform, grads, q, k, v) == TRAINING_KERNELS[platform]
+
+
+@pytest.mark.parametrize("group", [1, 3, 16, 64])
+def test_selection_from_cudnn_lse_kernels_lower(group):
+  # On a GPU, nsa_attention's compressed branch is cuDNN over folded queries (not lowerable
+  # here) and the selection comes from its log-sum-exp: the score pass (its own tile sizes,
+  # SCORE_ROWS / SCORE_KEYS) and the top-n kernel.
+  t, hkv, config = 1000, 2, NSAConfig()
+  q = jnp.zeros((2, t, hkv * group, 128), jnp.bfloat16)
+  k_cmp = jnp.zeros((2, config.num_cmp_blocks(t), hkv, 128), jnp.bfloat16)
+  lse = jnp.zeros((2, t, hkv * group), jnp.float32)
+  select = functools.partial(
+      compressed_kernel.selection_from_lse, block=config.cmp_block, stride=config.cmp_stride,
+      slc_block=config.slc_block, num_selected=config.num_selected,
+      num_initial=config.num_initial, num_local=config.num_local, scale=0.1, ascending=False)
+  assert pallas_kernels("cuda", select, q, k_cmp, lse) == ["nsa_selection_scores", "nsa_top_n"]
 
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
