@@ -280,6 +280,18 @@ def test_compressed_branch_through_cudnn_matches_xla_on_gpu(group, config, dtype
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("group,head_dim", [(64, 256), (4, 128)])
+def test_selection_scores_from_lse_with_float32_heads_on_gpu(group, head_dim):
+  # The score pass's rows shrink to keep float32 q within shared memory (SCORE_Q_BYTES).
+  q, k, _ = random_qkv(1, 1000, group, 1, head_dim)
+  config = nsa_jax.NSAConfig()
+  k_cmp, _ = xla.compress_kv(k, k, config.cmp_block, config.cmp_stride)
+  _, lse = xla.compressed_attention(q, k_cmp, k_cmp, head_dim ** -0.5, block=config.cmp_block,
+                                    stride=config.cmp_stride)
+  check_scores_from_lse(q, k_cmp, lse, config, interpret=False)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("group", [1, 3, 4, 16, 64])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_compressed_attention_kernel_on_gpu(group, dtype):

@@ -52,12 +52,15 @@ NUM_STAGES = 2
 LSE_KEYS = 64
 DKV_KEYS = 64  # compressed keys per dK/dV program (a multiple of KEYS)
 # The selection-score pass from a given log-sum-exp (`selection_scores_from_lse`: no values, so
-# larger tiles fit): rows a program, keys a tile (a multiple of KEYS dividing DKV_KEYS), warps.
-# H200, T=64k, G=16, ms: 64 rows / 32 keys / 4 warps 10.5, 64 / 64 / 4 9.6, 128 / 64 / 8 9.2,
-# 128 / 32 / 8 10.3, 64 / 128 / 4 11.4, 64 / 64 / 8 15.5; 3 stages 10.7 (64 / 32 / 4).
-SCORE_ROWS = 128
+# larger tiles fit): most rows a program (fewer where their q would pass SCORE_Q_BYTES of shared
+# memory, and at most BLOCK_SUM_MAX_POSITIONS positions), keys a tile (a multiple of KEYS
+# dividing DKV_KEYS), warps. H200, T=64k, G=16, ms: 64 rows / 32 keys / 4 warps 10.5,
+# 64 / 64 / 4 9.6, 128 / 64 / 8 9.1, 256 / 64 / 8 8.5, 256 / 64 / 16 10.3, 128 / 64 / 4 9.2,
+# 128 / 32 / 8 10.3, 64 / 128 / 4 11.4, 64 / 64 / 8 15.5; 3 stages 9.5 (128 / 64 / 8).
+SCORE_ROWS = 256
 SCORE_KEYS = 64
 SCORE_NUM_WARPS = 8
+SCORE_Q_BYTES = 64 * 1024
 DKV_NUM_WARPS = 4
 DKV_PROGRAMS = 2048  # dK/dV programs to aim for when cutting long row walks into chunks
 MIN_DKV_CHUNK = 64  # row tiles
@@ -666,6 +669,16 @@ def _lse_rows(lse, lay: _Layout):
   return x.transpose(0, 2, 1, 3).reshape(lay.batch, lay.num_kv_heads, -1)
 
 
+def _score_rows(q, num_kv_heads) -> int:
+  """Rows a score-pass program takes: SCORE_ROWS, fewer where their q would pass SCORE_Q_BYTES
+  (`tile_math.rows_within`) or they would hold more than BLOCK_SUM_MAX_POSITIONS positions (the
+  scores would take the overlap maps); `_layout` raises it to one position's rows."""
+  rows = rows_within(SCORE_ROWS, _pow2(q.shape[3], 16) * q.dtype.itemsize, SCORE_Q_BYTES)
+  if BLOCK_SUM_MAX_POSITIONS:
+    rows = min(rows, _pow2(q.shape[2] // num_kv_heads) * BLOCK_SUM_MAX_POSITIONS)
+  return rows
+
+
 def selection_scores_from_lse(q, k_cmp, lse, *, block: int, stride: int, slc_block: int,
                               scale: float, interpret: bool = False):
   """The selection scores (SPEC.md section 2, steps 1-3) from the compressed branch's
@@ -685,7 +698,7 @@ def selection_scores_from_lse(q, k_cmp, lse, *, block: int, stride: int, slc_blo
   if lse.shape != q.shape[:3]:
     raise ValueError(f"lse must be [B, T, Hq] = {q.shape[:3]}, got {lse.shape}")
   q, k_cmp, lse = (jax.lax.stop_gradient(x) for x in (q, k_cmp, lse))
-  lay = _layout(q, k_cmp, k_cmp, block, stride, rows=SCORE_ROWS)
+  lay = _layout(q, k_cmp, k_cmp, block, stride, rows=_score_rows(q, k_cmp.shape[2]))
   return _scores_only(_to_rows(q, lay, lay.head_dim_pad), _to_keys(k_cmp, lay, lay.head_dim_pad),
                       _lse_rows(lse, lay), lay, float(scale), slc_block, interpret)
 
