@@ -16,8 +16,11 @@ use the Pallas kernels.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 try:
   from jax._src.cudnn import fused_attention_stablehlo as _cudnn
@@ -70,6 +73,50 @@ def _xla_attention(qf, kf, vf, scale):
   return out.reshape(b, c, n, -1).astype(qf.dtype), lse.reshape(b, n, c)
 
 
+def _attention(qf, kf, vf, scale, use_cudnn):
+  """`(out [B, C, N, Dv], lse [B, N, C])` of the causal attention over folded queries."""
+  if use_cudnn:
+    return _cudnn.dot_product_attention(qf, kf, vf, scale=scale,
+                                        mask_type=_cudnn.MaskType.CAUSAL, qkv_layout="BTNH",
+                                        return_residual=True)
+  return _xla_attention(qf, kf, vf, scale)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _attention_and_lse(qf, kf, vf, scale, use_cudnn):
+  """`_attention`, differentiable through the log-sum-exp too: cuDNN's backward takes no lse
+  cotangent, so one costs two more cuDNN calls here (none when only `out` is differentiated)."""
+  return _attention(qf, kf, vf, scale, use_cudnn)
+
+
+def _attention_and_lse_fwd(qf, kf, vf, scale, use_cudnn):
+  qf, kf, vf = (x.value for x in (qf, kf, vf))  # symbolic_zeros: CustomVJPPrimal records
+  out, out_vjp, lse = jax.vjp(lambda *a: _attention(*a, scale, use_cudnn), qf, kf, vf,
+                              has_aux=True)
+  return (out, lse), (out_vjp, qf, kf)
+
+
+def _attention_and_lse_bwd(scale, use_cudnn, residuals, cotangents):
+  out_vjp, qf, kf = residuals
+  d_out, d_lse = cotangents
+  if isinstance(d_out, SymbolicZero):
+    d_out = jnp.zeros(d_out.shape, d_out.dtype)
+  dq, dk, dv = out_vjp(d_out)
+  if not isinstance(d_lse, SymbolicZero):
+    # d lse_r / d s_ri = p_ri, s = scale * q . k: dq_r += scale * d_lse_r * (P K)_r and
+    # dk_i += (P^T (scale * d_lse * Q))_i, the same attention with the keys as values, its
+    # output and its values' gradient.
+    weight = scale * d_lse.transpose(0, 2, 1)[..., None]  # [B, C, N, 1]
+    pk, pk_vjp = jax.vjp(lambda v: _attention(qf, kf, v, scale, use_cudnn)[0], kf)
+    dq = (dq.astype(jnp.float32) + weight * pk.astype(jnp.float32)).astype(qf.dtype)
+    dk_lse, = pk_vjp((weight * qf.astype(jnp.float32)).astype(qf.dtype))
+    dk = (dk.astype(jnp.float32) + dk_lse.astype(jnp.float32)).astype(kf.dtype)
+  return dq, dk, dv
+
+
+_attention_and_lse.defvjp(_attention_and_lse_fwd, _attention_and_lse_bwd, symbolic_zeros=True)
+
+
 def compressed_attention(q, k_cmp, v_cmp, scale: float, *, block: int, stride: int,
                          use_cudnn: bool = True):
   """Attention over the compressed blocks inside each query's prefix, as one folded causal
@@ -82,7 +129,8 @@ def compressed_attention(q, k_cmp, v_cmp, scale: float, *, block: int, stride: i
 
   Returns:
     `(out [B, T, Hq, Dv] in q.dtype, lse [B, T, Hq] float32)`, natural log, -inf where nothing
-    is visible; out is differentiable in q, k_cmp, v_cmp (cuDNN's backward), lse is not.
+    is visible; differentiable in q, k_cmp, v_cmp through both (cuDNN's backward for out; a
+    gradient through lse costs two more cuDNN calls).
   """
   b, t, hq, _ = q.shape
   hkv = k_cmp.shape[2]
@@ -91,13 +139,7 @@ def compressed_attention(q, k_cmp, v_cmp, scale: float, *, block: int, stride: i
             jnp.full((b, t, hq), -jnp.inf, jnp.float32))
   qf = fold_queries(q, hkv, block, stride)
   pad = [(0, 0), (0, qf.shape[1] - k_cmp.shape[1]), (0, 0), (0, 0)]
-  kf, vf = jnp.pad(k_cmp, pad), jnp.pad(v_cmp, pad)
-  if use_cudnn:
-    out, lse = _cudnn.dot_product_attention(qf, kf, vf, scale=scale,
-                                            mask_type=_cudnn.MaskType.CAUSAL,
-                                            qkv_layout="BTNH", return_residual=True)
-  else:
-    out, lse = _xla_attention(qf, kf, vf, scale)
-  lse = jax.lax.stop_gradient(lse).astype(jnp.float32).transpose(0, 2, 1)  # [B, C, N]
+  out, lse = _attention_and_lse(qf, jnp.pad(k_cmp, pad), jnp.pad(v_cmp, pad), scale, use_cudnn)
+  lse = lse.astype(jnp.float32).transpose(0, 2, 1)  # [B, C, N]
   return (unfold(out, t, hkv, block, stride, 0).astype(q.dtype),
           unfold(lse, t, hkv, block, stride, -jnp.inf))

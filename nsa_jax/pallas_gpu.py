@@ -6,17 +6,16 @@
   (3.2 ms forward, 14.5 ms forward+backward at T=64k on an H200: 346 / 265 TF/s, above every
   Pallas kernel here; no banded Pallas kernel was written to compete), falling back to the XLA
   path where cuDNN does not apply (float32, Dk != Dv, interpret mode);
-- compressed attention inside `nsa_attention` / `select_blocks` (where cuDNN takes the inputs
-  and `d <= CUDNN_COMPRESSED_MAX_STRIDE`):
-  cuDNN over folded queries (`nsa_jax.cudnn_compressed`: one causal attention of chunk queries
-  with `d * G` heads a KV group), forward and backward, its log-sum-exp feeding a Pallas pass
-  for the selection scores (`compressed_attention.selection_from_lse`) and the top-n kernel of
-  `pallas_kernels.gpu.top_n`. H200, T=64k: output 9.0 ms forward and 32.7 ms forward+backward
-  against 16.8 / 51.2 for the Pallas kernels;
-- compressed attention elsewhere (the public `compressed_attention`, whose lse is
-  differentiable; float32; Dk != Dv; larger strides; interpret mode): the Pallas kernels of
-  `pallas_kernels.gpu.compressed_attention`, forward and backward, with the selection scores
-  fused into the forward;
+- compressed attention where cuDNN takes the inputs and `d <= CUDNN_COMPRESSED_MAX_STRIDE`
+  (`cudnn_compressed_applies`): cuDNN over folded queries (`nsa_jax.cudnn_compressed`: one
+  causal attention of chunk queries with `d * G` heads a KV group), forward and backward; in
+  `nsa_attention` / `select_blocks` its log-sum-exp feeds a Pallas pass for the selection scores
+  (`compressed_attention.selection_from_lse`) and the top-n kernel of `pallas_kernels.gpu.top_n`.
+  H200, T=64k: output 9.0 ms forward and 32.7 ms forward+backward against 16.8 / 51.2 for the
+  Pallas kernels;
+- compressed attention elsewhere (float32, Dk != Dv, larger strides, interpret mode): the
+  Pallas kernels of `pallas_kernels.gpu.compressed_attention`, forward and backward, with the
+  selection scores fused into the forward;
 - mean-pooling compression: the XLA path (one fused elementwise pass);
 - decoding: four kernels a step (`decode_step`: the cache append with mean pooling + compressed
   partials, selection scores, top-n + selected + window partials, combine;
@@ -82,11 +81,20 @@ def cudnn_causal_attention(q, k, v, scale, window=None):
   return out[:, :t]
 
 
+def cudnn_compressed_applies(q, v_cmp, stride, interpret=False) -> bool:
+  """Whether the compressed branch goes through cuDNN over folded queries (`cudnn_compressed`):
+  cuDNN takes the inputs and `d <= CUDNN_COMPRESSED_MAX_STRIDE`."""
+  return (use_cudnn(q, v_cmp, interpret) and cudnn_compressed.available()
+          and stride <= CUDNN_COMPRESSED_MAX_STRIDE)
+
+
 def compressed_attention(q, k_cmp, v_cmp, scale, *, block, stride, interpret=False):
-  out, lse = compressed_kernel.compressed_attention(q, k_cmp, v_cmp, block=block, stride=stride,
-                                                    scale=_static_scale(scale),
-                                                    interpret=interpret)
-  return out, lse
+  scale = _static_scale(scale)
+  if cudnn_compressed_applies(q, v_cmp, stride, interpret):
+    return cudnn_compressed.compressed_attention(q, k_cmp, v_cmp, scale, block=block,
+                                                 stride=stride)
+  return compressed_kernel.compressed_attention(q, k_cmp, v_cmp, block=block, stride=stride,
+                                                scale=scale, interpret=interpret)
 
 
 def compressed_attention_and_selection(q, k_cmp, v_cmp, scale, config, interpret,
@@ -96,8 +104,7 @@ def compressed_attention_and_selection(q, k_cmp, v_cmp, scale, config, interpret
   selection where the config does not tile (`slc_block` must divide
   `compressed_kernel.KEYS * cmp_stride`). `ascending=False`: the indices in pick order
   (distinct, causal, -1 last), all the selected-attention kernels need."""
-  if (use_cudnn(q, v_cmp, interpret) and cudnn_compressed.available()
-      and config.cmp_stride <= CUDNN_COMPRESSED_MAX_STRIDE
+  if (cudnn_compressed_applies(q, v_cmp, config.cmp_stride, interpret)
       and compressed_kernel.fusable(config.cmp_stride, config.slc_block)):
     o_cmp, lse = cudnn_compressed.compressed_attention(q, k_cmp, v_cmp, scale,
                                                        block=config.cmp_block,

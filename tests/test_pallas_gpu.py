@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import nsa_jax
-from nsa_jax import block_selection, cudnn_compressed, reference, xla
+from nsa_jax import block_selection, cudnn_compressed, pallas_gpu, reference, xla
 from nsa_jax.attention_math import combine_branches
 from pallas_kernels.block_maps import distinct_ascending
 from pallas_kernels.gpu import compressed_attention as compressed_kernel
@@ -189,21 +189,24 @@ def test_compressed_attention_kernel_with_dkv_in_row_chunks_and_a_narrower_lse_t
   check_compressed(q, k, v, config, reference, interpret=True, dtype=jnp.float32)
 
 
-def check_folded(q, k, v, config, impl_ref, use_cudnn, dtype):
+def check_folded(q, k, v, config, impl_ref, use_cudnn, dtype, folded=None):
   """The compressed branch as one causal attention over folded queries
-  (`cudnn_compressed.compressed_attention`): out, lse, and the gradients of out against
+  (`cudnn_compressed.compressed_attention`): out, lse, and the gradients through both against
   `impl_ref`'s compressed attention."""
   k_cmp, v_cmp = xla.compress_kv(k, v, config.cmp_block, config.cmp_stride)
   scale = q.shape[-1] ** -0.5
-  d_out = jax.random.normal(jax.random.key(q.shape[1]), q.shape[:3] + (v.shape[-1],))
+  keys = jax.random.split(jax.random.key(q.shape[1]), 2)
+  d_out = jax.random.normal(keys[0], q.shape[:3] + (v.shape[-1],))
+  d_lse = jax.random.normal(keys[1], q.shape[:3])
 
   def loss(fn, *args):
     out, lse = fn(*args)
-    return jnp.sum(out.astype(jnp.float32) * d_out), (out, lse)
+    finite_lse = jnp.where(jnp.isinf(lse), 0.0, lse)
+    return jnp.sum(out.astype(jnp.float32) * d_out) + jnp.sum(finite_lse * d_lse), (out, lse)
 
-  folded = lambda q, k_cmp, v_cmp: cudnn_compressed.compressed_attention(
+  folded = folded or (lambda q, k_cmp, v_cmp: cudnn_compressed.compressed_attention(
       q, k_cmp, v_cmp, scale, block=config.cmp_block, stride=config.cmp_stride,
-      use_cudnn=use_cudnn)
+      use_cudnn=use_cudnn))
   expected = lambda q, k_cmp, v_cmp: impl_ref.compressed_attention(
       q, k_cmp, v_cmp, scale, block=config.cmp_block, stride=config.cmp_stride)
   grad = lambda fn, *args: jax.value_and_grad(lambda *a: loss(fn, *a), (0, 1, 2),
@@ -247,6 +250,24 @@ def test_compressed_attention_over_folded_queries_matches_reference(case):
   check_folded(q, k, v, config, reference, use_cudnn=False, dtype=jnp.float32)
 
 
+def test_folded_attention_runs_again_only_for_an_lse_gradient(monkeypatch):
+  # nsa_attention differentiates only the output (the lse feeds the integer selection): its
+  # backward must be cuDNN's alone, with no extra attention (forward and its values' gradient)
+  # for a zero lse cotangent.
+  calls = []
+  attention = cudnn_compressed._attention
+  monkeypatch.setattr(cudnn_compressed, "_attention", lambda *a: calls.append(1) or attention(*a))
+  q, k, v = random_qkv(1, 64, 4, 2, 16)
+  fn = lambda q, lse_weight: cudnn_compressed.compressed_attention(
+      q, k[:, :13], v[:, :13], 0.25, block=8, stride=4, use_cudnn=False)
+  for lse_weight, expected in [(0.0, 1), (1.0, 2)]:
+    calls.clear()
+    loss = lambda q: sum(jnp.sum(jnp.where(jnp.isinf(x), 0.0, x)) * w for x, w in
+                         zip(fn(q, lse_weight), (1.0, lse_weight)) if w)
+    jax.grad(loss)(q)
+    assert len(calls) == expected
+
+
 @pytest.mark.parametrize("case", INTERPRET_CONFIGS)
 def test_selection_scores_from_a_given_lse_in_interpret_mode(case):
   b, t, hq, hkv, dk, _, config = case
@@ -277,6 +298,17 @@ def test_compressed_branch_through_cudnn_matches_xla_on_gpu(group, config, dtype
   q, k, v = random_qkv(2, 4096 + 5, 2 * group, 2, 128, dtype=dtype)
   q, k_cmp, lse = check_folded(q, k, v, config, xla, use_cudnn=True, dtype=dtype)
   check_scores_from_lse(q, k_cmp, lse, config, interpret=False)
+
+
+@pytest.mark.gpu
+def test_public_compressed_attention_takes_cudnn_in_half_precision_on_gpu():
+  q, k, v = random_qkv(1, 2048 + 7, 8, 2, 128, dtype=jnp.bfloat16)
+  config = nsa_jax.NSAConfig()
+  assert pallas_gpu.cudnn_compressed_applies(q, v, config.cmp_stride)
+  public = lambda q, k_cmp, v_cmp: nsa_jax.compressed_attention(
+      q, k_cmp, v_cmp, block=config.cmp_block, stride=config.cmp_stride,
+      implementation="pallas_gpu")
+  check_folded(q, k, v, config, xla, use_cudnn=True, dtype=jnp.bfloat16, folded=public)
 
 
 @pytest.mark.gpu
