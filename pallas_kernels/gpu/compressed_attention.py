@@ -17,7 +17,10 @@ never recomputed outside the kernel:
     that spills into the next tile's first blocks, as a float32 product-sum over a small 3D tile
     or tensor-core dots when the tile has many positions (`_map_blocks`).
 Every pass walks the key tiles that all its rows see whole without a mask (`_full_tile_count`;
-all but the last one or two of a walk), then the rest masked.
+all but the last one or two of a walk), then the rest masked. A third kernel,
+`nsa_selection_scores` (`selection_scores_from_lse`), is pass 2 without the values, for a
+log-sum-exp computed elsewhere (cuDNN's, with the branch's output: `nsa_jax.cudnn_compressed`),
+on larger tiles (`SCORE_ROWS`, `SCORE_KEYS`).
 Backward: a dQ kernel over the row tiles and a dK/dV kernel over (key tile, chunk of row tiles)
 with float32 partials summed afterwards (both recompute `p` from the saved log-sum-exp), the
 flash-attention split with the long causal walks of the first key tiles cut into chunks.
