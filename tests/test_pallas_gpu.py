@@ -112,8 +112,10 @@ def test_selected_attention_kernel_at_long_sequence_on_gpu():
   check_selected(q, k, v, 64, 16, xla, interpret=False, dtype=jnp.bfloat16)
 
 
-def check_compressed(q, k, v, config, impl_ref, interpret, dtype, long_reduction=False):
-  """Values, lse, selection scores and gradients (through out and lse) against `impl_ref`."""
+def check_compressed_branch(branch, q, k, v, config, impl_ref, dtype, long_reduction=False,
+                            lse_atol=1e-4):
+  """Values, lse and gradients (through out and lse) of `branch(q, k_cmp, v_cmp, scale) ->
+  (out, lse)` against `impl_ref`'s compressed attention; returns `(k_cmp, lse)`."""
   k_cmp, v_cmp = xla.compress_kv(k, v, config.cmp_block, config.cmp_stride)
   scale = q.shape[-1] ** -0.5
   keys = jax.random.split(jax.random.key(q.shape[1]), 2)
@@ -125,27 +127,34 @@ def check_compressed(q, k, v, config, impl_ref, interpret, dtype, long_reduction
     finite_lse = jnp.where(jnp.isinf(lse), 0.0, lse)
     return jnp.sum(out.astype(jnp.float32) * d_out) + jnp.sum(finite_lse * d_lse), (out, lse)
 
-  kernel = lambda q, k_cmp, v_cmp: compressed_kernel.compressed_attention(
-      q, k_cmp, v_cmp, block=config.cmp_block, stride=config.cmp_stride, scale=scale,
-      interpret=interpret)
   expected = lambda q, k_cmp, v_cmp: impl_ref.compressed_attention(
       q, k_cmp, v_cmp, scale, block=config.cmp_block, stride=config.cmp_stride)
   grad = lambda fn, *args: jax.value_and_grad(lambda *a: loss(fn, *a), (0, 1, 2),
                                               has_aux=True)(*args)
-  (_, (out, lse)), grads = grad(kernel, q, k_cmp, v_cmp)
+  (_, (out, lse)), grads = grad(lambda *a: branch(*a, scale), q, k_cmp, v_cmp)
   upcast = [x.astype(jnp.float32) for x in (q, k_cmp, v_cmp)]
   (_, (ref, ref_lse)), ref_grads = grad(expected, *upcast)
   assert out.dtype == dtype and lse.dtype == jnp.float32
   assert_close(out, ref, dtype)
   np.testing.assert_array_equal(np.isinf(lse), np.isinf(ref_lse))
   assert_close(jnp.where(jnp.isinf(lse), 0, lse), jnp.where(jnp.isinf(ref_lse), 0, ref_lse),
-               jnp.float32, atol=1e-4, rtol=1e-4)
+               jnp.float32, atol=lse_atol, rtol=1e-4)
   assert_grads_close(grads, ref_grads, dtype, long_reduction)
+  return k_cmp, lse
 
+
+def check_compressed(q, k, v, config, impl_ref, interpret, dtype, long_reduction=False):
+  """`check_compressed_branch` of the Pallas kernel, then its fused selection scores."""
+  kernel = lambda q, k_cmp, v_cmp, scale: compressed_kernel.compressed_attention(
+      q, k_cmp, v_cmp, block=config.cmp_block, stride=config.cmp_stride, scale=scale,
+      interpret=interpret)
+  k_cmp, _ = check_compressed_branch(kernel, q, k, v, config, impl_ref, dtype, long_reduction)
+  scale = q.shape[-1] ** -0.5
   _, _, scores = compressed_kernel.compressed_attention_with_scores(
-      q, k_cmp, v_cmp, block=config.cmp_block, stride=config.cmp_stride,
+      q, k_cmp, k_cmp, block=config.cmp_block, stride=config.cmp_stride,
       slc_block=config.slc_block, scale=scale, interpret=interpret)
-  ref_scores = reference.selection_scores(*upcast[:2], scale, config)  # [B, T, Hkv, Ts]
+  ref_scores = reference.selection_scores(q.astype(jnp.float32), k_cmp.astype(jnp.float32),
+                                          scale, config)  # [B, T, Hkv, Ts]
   assert_close(scores.transpose(0, 2, 1, 3), ref_scores, jnp.float32, atol=1e-4, rtol=1e-4)
 
 
@@ -189,38 +198,14 @@ def test_compressed_attention_kernel_with_dkv_in_row_chunks_and_a_narrower_lse_t
   check_compressed(q, k, v, config, reference, interpret=True, dtype=jnp.float32)
 
 
-def check_folded(q, k, v, config, impl_ref, use_cudnn, dtype, folded=None):
-  """The compressed branch as one causal attention over folded queries
-  (`cudnn_compressed.compressed_attention`): out, lse, and the gradients through both against
-  `impl_ref`'s compressed attention."""
-  k_cmp, v_cmp = xla.compress_kv(k, v, config.cmp_block, config.cmp_stride)
-  scale = q.shape[-1] ** -0.5
-  keys = jax.random.split(jax.random.key(q.shape[1]), 2)
-  d_out = jax.random.normal(keys[0], q.shape[:3] + (v.shape[-1],))
-  d_lse = jax.random.normal(keys[1], q.shape[:3])
-
-  def loss(fn, *args):
-    out, lse = fn(*args)
-    finite_lse = jnp.where(jnp.isinf(lse), 0.0, lse)
-    return jnp.sum(out.astype(jnp.float32) * d_out) + jnp.sum(finite_lse * d_lse), (out, lse)
-
-  folded = folded or (lambda q, k_cmp, v_cmp: cudnn_compressed.compressed_attention(
+def check_folded(q, k, v, config, impl_ref, use_cudnn, dtype, branch=None):
+  """`check_compressed_branch` of the branch as one causal attention over folded queries
+  (`cudnn_compressed.compressed_attention`, jitted), or of `branch`; returns `(k_cmp, lse)`."""
+  folded = branch or (lambda q, k_cmp, v_cmp, scale: cudnn_compressed.compressed_attention(
       q, k_cmp, v_cmp, scale, block=config.cmp_block, stride=config.cmp_stride,
       use_cudnn=use_cudnn))
-  expected = lambda q, k_cmp, v_cmp: impl_ref.compressed_attention(
-      q, k_cmp, v_cmp, scale, block=config.cmp_block, stride=config.cmp_stride)
-  grad = lambda fn, *args: jax.value_and_grad(lambda *a: loss(fn, *a), (0, 1, 2),
-                                              has_aux=True)(*args)
-  (_, (out, lse)), grads = jax.jit(lambda *a: grad(folded, *a))(q, k_cmp, v_cmp)
-  upcast = [x.astype(jnp.float32) for x in (q, k_cmp, v_cmp)]
-  (_, (ref, ref_lse)), ref_grads = grad(expected, *upcast)
-  assert out.dtype == dtype and lse.dtype == jnp.float32
-  assert_close(out, ref, dtype)
-  np.testing.assert_array_equal(np.isinf(lse), np.isinf(ref_lse))
-  assert_close(jnp.where(jnp.isinf(lse), 0, lse), jnp.where(jnp.isinf(ref_lse), 0, ref_lse),
-               jnp.float32, atol=1e-4 if dtype == jnp.float32 else 2e-2, rtol=1e-4)
-  assert_grads_close(grads, ref_grads, dtype)
-  return q, k_cmp, lse
+  return check_compressed_branch(jax.jit(folded, static_argnums=3), q, k, v, config, impl_ref,
+                                 dtype, lse_atol=1e-4 if dtype == jnp.float32 else 2e-2)
 
 
 def check_scores_from_lse(q, k_cmp, lse, config, interpret):
@@ -296,7 +281,7 @@ def test_selection_scores_from_lse_checks_its_shape():
 def test_compressed_branch_through_cudnn_matches_xla_on_gpu(group, config, dtype):
   # B = 2, T with an odd chunk count (cuDNN's padded chunk), then the scores from cuDNN's lse.
   q, k, v = random_qkv(2, 4096 + 5, 2 * group, 2, 128, dtype=dtype)
-  q, k_cmp, lse = check_folded(q, k, v, config, xla, use_cudnn=True, dtype=dtype)
+  k_cmp, lse = check_folded(q, k, v, config, xla, use_cudnn=True, dtype=dtype)
   check_scores_from_lse(q, k_cmp, lse, config, interpret=False)
 
 
@@ -305,10 +290,10 @@ def test_public_compressed_attention_takes_cudnn_in_half_precision_on_gpu():
   q, k, v = random_qkv(1, 2048 + 7, 8, 2, 128, dtype=jnp.bfloat16)
   config = nsa_jax.NSAConfig()
   assert pallas_gpu.cudnn_compressed_applies(q, v, config.cmp_stride)
-  public = lambda q, k_cmp, v_cmp: nsa_jax.compressed_attention(
-      q, k_cmp, v_cmp, block=config.cmp_block, stride=config.cmp_stride,
+  public = lambda q, k_cmp, v_cmp, scale: nsa_jax.compressed_attention(
+      q, k_cmp, v_cmp, block=config.cmp_block, stride=config.cmp_stride, scale=scale,
       implementation="pallas_gpu")
-  check_folded(q, k, v, config, xla, use_cudnn=True, dtype=jnp.bfloat16, folded=public)
+  check_folded(q, k, v, config, xla, use_cudnn=True, dtype=jnp.bfloat16, branch=public)
 
 
 @pytest.mark.gpu
