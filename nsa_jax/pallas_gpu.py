@@ -60,10 +60,27 @@ def _static_scale(scale):
   return static_scale(scale, "pallas_gpu")
 
 
+def cudnn_takes_head_dim(head_dim: int, compute_capability: str) -> bool:
+  """cuDNN's flash attention's head sizes: multiples of 8 up to 128, or 256 from Hopper (9.0)
+  on (what `jax.nn.dot_product_attention` checks; it raises for the rest)."""
+  major = int(compute_capability.split(".")[0])
+  return head_dim % 8 == 0 and head_dim <= (256 if major >= 9 else 128)
+
+
+def _cuda_compute_capability():
+  """`"major.minor"` of the first GPU, None where it is not a CUDA device (e.g. ROCm)."""
+  capability = str(getattr(jax.devices()[0], "compute_capability", ""))
+  return capability if capability.replace(".", "").isdigit() else None
+
+
 def use_cudnn(q, v, interpret=False):
-  """Whether cuDNN's flash attention takes these inputs (GPU, half precision, Dk == Dv)."""
-  return (not interpret and jax.default_backend() == "gpu" and q.shape[-1] == v.shape[-1]
-          and q.dtype in (jnp.bfloat16, jnp.float16))
+  """Whether cuDNN's flash attention takes these inputs (an NVIDIA GPU, half precision,
+  Dk == Dv, a head size it supports on this GPU)."""
+  if interpret or jax.default_backend() != "gpu" or q.shape[-1] != v.shape[-1]:
+    return False
+  capability = _cuda_compute_capability()
+  return (q.dtype in (jnp.bfloat16, jnp.float16) and capability is not None
+          and cudnn_takes_head_dim(q.shape[-1], capability))
 
 
 def cudnn_causal_attention(q, k, v, scale, window=None):

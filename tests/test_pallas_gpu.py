@@ -447,6 +447,14 @@ def test_pallas_gpu_needs_a_concrete_scale():
     fn(0.25)
 
 
+def test_cudnn_routes_only_take_head_sizes_cudnn_supports():
+  # Elsewhere the window and compressed branches fall back (XLA / Pallas) instead of raising.
+  assert pallas_gpu.cudnn_takes_head_dim(128, "8.0") and pallas_gpu.cudnn_takes_head_dim(256, "9.0")
+  assert not pallas_gpu.cudnn_takes_head_dim(256, "8.6")
+  assert not pallas_gpu.cudnn_takes_head_dim(100, "9.0")
+  assert not pallas_gpu.cudnn_takes_head_dim(264, "10.0")
+
+
 @pytest.mark.gpu
 def test_default_implementation_on_gpu_is_pallas_gpu():
   assert nsa_jax.ops.default_implementation() == "pallas_gpu"
