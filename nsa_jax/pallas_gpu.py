@@ -5,7 +5,8 @@
 - sliding window: cuDNN through `jax.nn.dot_product_attention(local_window_size=(w - 1, 0))`
   (3.2 ms forward, 14.5 ms forward+backward at T=64k on an H200: 346 / 265 TF/s, above every
   Pallas kernel here; no banded Pallas kernel was written to compete), falling back to the XLA
-  path where cuDNN does not apply (float32, Dk != Dv, interpret mode);
+  path where cuDNN does not apply (float32, Dk != Dv, head sizes it does not take, interpret
+  mode);
 - compressed attention where cuDNN takes the inputs and `d <= CUDNN_COMPRESSED_MAX_STRIDE`
   (`cudnn_compressed_applies`): cuDNN over folded queries (`nsa_jax.cudnn_compressed`: one
   causal attention of chunk queries with `d * G` heads a KV group), forward and backward; in
@@ -46,7 +47,7 @@ from pallas_kernels.gpu import selected_attention as selected_kernel
 
 # Queries per XLA chunk on the GPU: memory is plentiful and each sequential chunk costs a launch.
 GPU_QUERY_CHUNK = 2048
-# Largest compression stride d for which nsa_attention's compressed branch goes through cuDNN over
+# Largest compression stride d for which the compressed branch goes through cuDNN over
 # folded queries (d * G heads a KV group over Tc chunks). H200, NSA ms fwd / fwd+bwd, fused Pallas
 # -> cuDNN: d = 16 (paper config) 64k 39.97 / 112.98 -> 37.99 / 101.09; d = 64 (fla-core's
 # l = d = l' = 64: 1024 heads a group over T / 64 chunks, cuDNN's backward sums dK / dV over
