@@ -38,13 +38,6 @@ from pallas_kernels.gpu import selected_attention as selected_kernel
 from pallas_kernels.gpu.tile_math import online_softmax_init, online_softmax_step
 
 
-def _store(o_ref, lse_ref, acc, row_max, row_sum):
-  nonempty = row_sum > 0
-  safe_sum = jnp.where(nonempty, row_sum, 1.0)
-  o_ref[...] = (acc / safe_sum[:, None]).astype(o_ref.dtype)
-  lse_ref[...] = jnp.where(nonempty, row_max + jnp.log2(safe_sum), 0.0)
-
-
 def _store_sum(o_ref, lse_ref, tile):
   """Keeps the loads live: the column sums of `tile` in every output row."""
   o_ref[...] = jnp.broadcast_to(jnp.sum(tile, axis=0)[None, :], o_ref.shape).astype(o_ref.dtype)
@@ -79,7 +72,8 @@ def math_kernel(idx_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, block, l
     return online_softmax_step(carry, scores, lambda: v)
 
   init = online_softmax_init(q.shape[0], o_ref.shape[1])
-  _store(o_ref, lse_ref, *jax.lax.fori_loop(0, selected_kernel._num_valid(idx_ref), body, init))
+  carry = jax.lax.fori_loop(0, selected_kernel._num_valid(idx_ref), body, init)
+  selected_kernel._store_output(o_ref, lse_ref, *carry)
 
 
 def preloaded_kernel(idx_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, block, loaded,
@@ -99,7 +93,7 @@ def preloaded_kernel(idx_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, blo
 
   init = online_softmax_init(q.shape[0], o_ref.shape[1])
   num_valid = jnp.sum((idx >= 0).astype(jnp.int32))
-  _store(o_ref, lse_ref, *jax.lax.fori_loop(0, num_valid, body, init))
+  selected_kernel._store_output(o_ref, lse_ref, *jax.lax.fori_loop(0, num_valid, body, init))
 
 
 def pairs_kernel(idx_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, block, loaded,
@@ -133,7 +127,8 @@ def pairs_kernel(idx_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, block, 
     return acc, new_max, row_sum
 
   init = online_softmax_init(q.shape[0], o_ref.shape[1])
-  _store(o_ref, lse_ref, *jax.lax.fori_loop(0, (num_valid + 1) // 2, body, init))
+  carry = jax.lax.fori_loop(0, (num_valid + 1) // 2, body, init)
+  selected_kernel._store_output(o_ref, lse_ref, *carry)
 
 
 def _with_v(with_v):

@@ -118,7 +118,11 @@ def _forward_kernel(idx_ref, *refs, scale, block, loaded, positions, heads):
                                None if own_ref is None else visible)
 
   init = online_softmax_init(q.shape[0], o_ref.shape[1])
-  acc, row_max, row_sum = jax.lax.fori_loop(0, _num_valid(idx_ref), body, init)
+  _store_output(o_ref, lse_ref, *jax.lax.fori_loop(0, _num_valid(idx_ref), body, init))
+
+
+def _store_output(o_ref, lse_ref, acc, row_max, row_sum):
+  """The forward's end: the normalized output and the base-2 lse (0 for rows that saw nothing)."""
   nonempty = row_sum > 0
   safe_sum = jnp.where(nonempty, row_sum, 1.0)
   o_ref[...] = (acc / safe_sum[:, None]).astype(o_ref.dtype)
