@@ -96,6 +96,62 @@ def test_decode_floor_layer_chains_its_kernels():
   assert out.dtype == decode_floor.DTYPE
 
 
+def persistent_reference(x, cache, barriers, load_rows, outputs):
+  """What `decode_floor.persistent_layer`'s kernel writes: phase k reads the next program's tile
+  of phase k - 1, adds its cache rows and maps `t -> t / 2 + 1`."""
+  programs = x.shape[0]
+  tile = x
+  for phase in range(barriers + 1):
+    if phase:
+      tile = jnp.roll(tile, -1, axis=0)  # program p reads program p + 1's tile
+    if load_rows:
+      starts = (jnp.arange(programs) * (barriers + 1) + phase) * load_rows
+      rows = cache[starts[:, None] + jnp.arange(load_rows)[None, :]].astype(jnp.float32)
+      tile = tile + jnp.sum(rows, axis=1)[:, None, :]
+    tile = tile * 0.5 + 1.0
+  return tile[:outputs]
+
+
+def run_persistent(batch, programs, barriers, load_rows, kind, interpret):
+  """One call of the persistent probe kernel: `(output [B * Hkv, G, D], expected, counters)`."""
+  state = decode_floor.persistent_state(batch, programs, barriers, load_rows, kind,
+                                        jax.random.key(3))
+  (layer_state,), _ = state
+  q = jnp.zeros((batch, decode_floor.HQ, decode_floor.D), decode_floor.DTYPE)
+  layer = decode_floor.persistent_layer(programs, barriers, load_rows, kind,
+                                        interpret=interpret)
+  (counters, x, cache), out = jax.jit(lambda s, q: layer(s, q, None, None))(layer_state, q)
+  expected = persistent_reference(x, cache, barriers, load_rows, batch * decode_floor.HKV)
+  return out.reshape(expected.shape), expected, counters
+
+
+def test_decode_floor_persistent_kernel_without_barriers():
+  # Interpret mode runs programs one after another, so only a barrier-free step runs here.
+  out, expected, _ = run_persistent(2, 8, 0, 4, "flags", interpret=True)
+  np.testing.assert_allclose(out.astype(jnp.float32), expected, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("kind", sorted(decode_floor.BARRIERS))
+def test_decode_floor_persistent_kernel_lowers_for_a_gpu(kind):
+  from tests.test_lowering import pallas_kernels  # pylint: disable=g-import-not-at-top
+  state = decode_floor.persistent_state(1, 128, 2, 64, kind, jax.random.key(0))
+  (layer_state,), _ = state
+  layer = decode_floor.persistent_layer(128, 2, 64, kind, picks=13)
+  q = jnp.zeros((1, decode_floor.HQ, decode_floor.D), decode_floor.DTYPE)
+  assert pallas_kernels("cuda", lambda s, q: layer(s, q, None, None), layer_state,
+                        q) == ["persistent_floor"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", sorted(decode_floor.BARRIERS))
+def test_decode_floor_grid_barriers_order_the_phases_on_a_gpu(kind):
+  # A program that passed a barrier before its neighbour stored would read an unwritten tile.
+  out, expected, counters = run_persistent(1, 128, 3, 16, kind, interpret=False)
+  np.testing.assert_allclose(out.astype(jnp.float32), expected, rtol=1e-2, atol=1e-2)
+  arrivals = 3 * (128 if kind != "flags" else 1)  # every program passed every barrier
+  np.testing.assert_array_equal(counters[:1 if kind != "flags" else 128], arrivals)
+
+
 def test_tpu_overhead_times_steps_and_dma_groups_and_writes_json(monkeypatch, tmp_path):
   out = tmp_path / "overhead.json"
   monkeypatch.setattr("sys.argv", ["tpu_overhead", "--interpret", "--counts", "2,3",
