@@ -140,6 +140,23 @@ def parts_for(t, config, with_window=True, platform=PLATFORMS["gpu"]):
           q, k, v, x["block_indices"], block=config.slc_block, scale=scale), flops(slc_keys),
                    True),
   }
+  # The compressed and selected branches as a layer with separate K/V sets runs them
+  # (`nsa_jax.nn`, separate_kv=True): the public ops apart (two passes over the compressed keys)
+  # and `compressed_attention_and_selection` (one).
+  def cmp_and_slc(fused):
+    def fn(q, k, v, x):
+      if fused:
+        o_cmp, idx = nsa_jax.compressed_attention_and_selection(
+            q, x["k_cmp"], x["v_cmp"], config=config, implementation=impl)
+      else:
+        o_cmp, _ = nsa_jax.compressed_attention(q, x["k_cmp"], x["v_cmp"], block=config.cmp_block,
+                                                stride=config.cmp_stride, implementation=impl)
+        idx = nsa_jax.select_blocks(q, x["k_cmp"], config=config, implementation=impl)
+      return o_cmp + nsa_jax.selected_attention(q, k, v, idx, block=config.slc_block,
+                                                implementation=impl)
+    return fn, flops(num_cmp / 2 + slc_keys), True
+  parts["cmp+slc apart"] = cmp_and_slc(fused=False)
+  parts["cmp+slc fused"] = cmp_and_slc(fused=True)
   if platform is PLATFORMS["gpu"] and cudnn_compressed.available():
     # The compressed branch as nsa_attention runs it on GPU: cuDNN over folded queries (the
     # `compressed` row above is the Pallas kernel behind the public `compressed_attention`).
@@ -163,12 +180,16 @@ def random_qkv(t, num_kv_heads):
   return q, k, v
 
 
-def measure(t, config, with_window, repeats, num_kv_heads=HKV, platform=PLATFORMS["gpu"]):
+def measure(t, config, with_window, repeats, num_kv_heads=HKV, platform=PLATFORMS["gpu"],
+            only=None):
+  """Rows of every part (or of the parts named in `only`) at sequence length `t`."""
   q, k, v = random_qkv(t, num_kv_heads)
   args = (q, k, v, part_inputs(q, k, v, config, platform))
   rows = []
   for name, (fn, fwd_flops, differentiable) in parts_for(t, config, with_window,
                                                          platform).items():
+    if only and name not in only:
+      continue
     forward, forward_gib = compiled_and_gib(fn, args)
     row = dict(seq_len=t, part=name, fwd_ms=median_ms(forward, args, repeats),
                fwd_gib=forward_gib)
@@ -217,6 +238,8 @@ def main():
                       help=f"Hkv (G = {HQ} / Hkv): small groups load more K/V bytes per FLOP")
   parser.add_argument("--trace", type=int, default=0,
                       help="instead: per-kernel GPU time of full NSA at this sequence length")
+  parser.add_argument("--parts", default="",
+                      help="comma-separated part names to time (default: all)")
   parser.add_argument("--platform", choices=sorted(PLATFORMS),
                       default="tpu" if jax.default_backend() == "tpu" else "gpu")
   args = parser.parse_args()
@@ -226,11 +249,12 @@ def main():
     trace(args.trace, args.num_kv_heads)
     return
   platform = PLATFORMS[args.platform]
+  only = set(filter(None, args.parts.split(",")))
   paper, fla = [], []
   for t in (int(x) for x in args.seq_lens.split(",") if x):
-    paper += measure(t, PAPER, True, args.repeats, args.num_kv_heads, platform)
+    paper += measure(t, PAPER, True, args.repeats, args.num_kv_heads, platform, only)
   for t in (int(x) for x in args.fla_seq_lens.split(",") if x):
-    fla += measure(t, FLA, False, args.repeats, args.num_kv_heads, platform)
+    fla += measure(t, FLA, False, args.repeats, args.num_kv_heads, platform, only)
   device = jax.devices()[0].device_kind
   print_table(f"{device}, B={B} Hq={HQ} Hkv={args.num_kv_heads} D={D} bf16, paper config {PAPER}",
               paper)

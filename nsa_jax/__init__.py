@@ -11,6 +11,7 @@ from nsa_jax.decode import nsa_prefill
 from nsa_jax.ops import IMPLEMENTATIONS
 from nsa_jax.ops import compress_kv
 from nsa_jax.ops import compressed_attention
+from nsa_jax.ops import compressed_attention_and_selection
 from nsa_jax.ops import dense_causal_attention
 from nsa_jax.ops import nsa_attention
 from nsa_jax.ops import select_blocks
@@ -25,6 +26,7 @@ __all__ = [
     "NSAConfig",
     "compress_kv",
     "compressed_attention",
+    "compressed_attention_and_selection",
     "dense_causal_attention",
     "init_decode_cache",
     "nsa_attention",

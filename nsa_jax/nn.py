@@ -171,9 +171,8 @@ class NativeSparseAttention(_CausalAttentionBase):
   def _separate_branches(self, q, keys, values, k_cmp, v_cmp, gates):
     """The three branches on their own K/V sets, mixed per head."""
     cfg, impl = self.config, self.implementation
-    o_cmp, _ = ops.compressed_attention(q, k_cmp, v_cmp, block=cfg.cmp_block,
-                                        stride=cfg.cmp_stride, implementation=impl)
-    block_indices = ops.select_blocks(q, k_cmp, config=cfg, implementation=impl)
+    o_cmp, block_indices = ops.compressed_attention_and_selection(q, k_cmp, v_cmp, config=cfg,
+                                                                  implementation=impl)
     o_slc = ops.selected_attention(q, keys[1], values[1], block_indices, block=cfg.slc_block,
                                    implementation=impl)
     o_swa = ops.sliding_window_attention(q, keys[2], values[2], window=cfg.window,

@@ -145,6 +145,41 @@ def select_blocks(q, k_cmp, *, config: NSAConfig, scale=None, implementation=Non
                config=config)
 
 
+def compressed_attention_and_selection(q, k_cmp, v_cmp, *, config: NSAConfig, scale=None,
+                                       implementation=None, interpret: bool = False):
+  """`compressed_attention`'s output and `select_blocks`' blocks, from one pass over `k_cmp`.
+
+  Both come from the same softmax of `q` over the compressed keys, which the fused paths compute
+  once (on GPU: cuDNN's compressed forward, or the fused Pallas kernels; on TPU the fused Pallas
+  kernels), where calling the two ops computes it twice. For layers that run the selected and
+  window branches on K/V sets of their own (`nsa_jax.nn`'s `separate_kv=True`); `nsa_attention`
+  already shares the pass.
+
+  Args:
+    q: `[B, T, Hq, Dk]`.
+    k_cmp: `[B, Tc, Hkv, Dk]`, `Tc = config.num_cmp_blocks(T)`.
+    v_cmp: `[B, Tc, Hkv, Dv]`.
+    config: an `NSAConfig` (its `cmp_block` / `cmp_stride` are the compression's `l` / `d`).
+    scale: softmax scale, default `Dk ** -0.5`.
+    implementation, interpret: as in `nsa_attention`.
+
+  Returns:
+    `(out [B, T, Hq, Dv] in q.dtype, block_indices int32 [B, T, Hkv, num_selected])`: what
+    `compressed_attention(...)[0]` and `select_blocks(...)` return. `out` is differentiable; the
+    indices are not.
+
+  Raises:
+    ValueError: bad ranks, dtypes, head counts, `Tc`, or an invalid config.
+  """
+  config = check.check_config(config)
+  check.check_rank("q", q, 4, "[B, T, Hq, Dk]")
+  check.check_float("q", q)
+  check.check_compressed(q, k_cmp, v_cmp, config.num_cmp_blocks(q.shape[1]))
+  out, block_indices = _call(implementation, interpret, "compressed_attention_and_selection", q,
+                             k_cmp, v_cmp, _scale(scale, q.shape[-1]), config=config)
+  return out.astype(q.dtype), block_indices
+
+
 def selected_attention(q, k, v, block_indices, *, block: int, scale=None, implementation=None,
                        interpret: bool = False):
   """Attention of every query over the tokens `s <= t` of its KV group's selected blocks.

@@ -122,6 +122,7 @@ def compressed_attention_and_selection(q, k_cmp, v_cmp, scale, config, interpret
   selection where the config does not tile (`slc_block` must divide
   `compressed_kernel.KEYS * cmp_stride`). `ascending=False`: the indices in pick order
   (distinct, causal, -1 last), all the selected-attention kernels need."""
+  scale = _static_scale(scale)
   if (cudnn_compressed_applies(q, v_cmp, config.cmp_stride, interpret)
       and compressed_kernel.fusable(config.cmp_stride, config.slc_block)):
     o_cmp, lse = cudnn_compressed.compressed_attention(q, k_cmp, v_cmp, scale,

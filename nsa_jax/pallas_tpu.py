@@ -48,6 +48,7 @@ def compressed_attention(q, k_cmp, v_cmp, scale, *, block, stride, interpret=Fal
 def compressed_attention_and_selection(q, k_cmp, v_cmp, scale, config, interpret):
   """`(o_cmp, block_indices [B, T, Hkv, n])`: the fused compressed kernels and an XLA top-n (the
   XLA selection where the config does not tile)."""
+  scale = _static_scale(scale)
   if not compressed_kernel.fusable(config.cmp_stride, config.slc_block):
     o_cmp, _ = compressed_attention(q, k_cmp, v_cmp, scale, block=config.cmp_block,
                                     stride=config.cmp_stride, interpret=interpret)

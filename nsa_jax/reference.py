@@ -121,6 +121,13 @@ def select_blocks(q, k_cmp, scale, *, config: NSAConfig):
   return jnp.where(ascending < num_slc, ascending, -1).astype(jnp.int32)
 
 
+def compressed_attention_and_selection(q, k_cmp, v_cmp, scale, *, config: NSAConfig):
+  """`(compressed_attention(...)[0], select_blocks(...))`: the oracle computes them apart."""
+  out, _ = compressed_attention(q, k_cmp, v_cmp, scale, block=config.cmp_block,
+                                stride=config.cmp_stride)
+  return out, select_blocks(q, k_cmp, scale, config=config)
+
+
 def _selected(q, k, v, block_indices, scale, block):
   """Each query attends the tokens `s <= t` of its group's chosen blocks; `[B, T, Hq, Dv]`."""
   seq_len = q.shape[1]

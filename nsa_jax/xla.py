@@ -172,7 +172,9 @@ def _compressed(q, k_cmp, v_cmp, scale, block, stride, query_chunk, select=None)
   return (out, lse) if select is None else (out, lse, _unchunk_indices(results[2], t))
 
 
-def compressed_attention_and_selection(q, k_cmp, v_cmp, scale, config: NSAConfig, query_chunk):
+@functools.partial(jax.jit, static_argnames=("config", "query_chunk"))
+def compressed_attention_and_selection(q, k_cmp, v_cmp, scale, config: NSAConfig,
+                                       query_chunk=QUERY_CHUNK):
   """The fused compressed branch: `(o_cmp [B, T, Hq, Dv] in accum dtype, block_indices)`."""
   out, _, block_indices = _compressed(q, k_cmp, v_cmp, scale, config.cmp_block, config.cmp_stride,
                                       query_chunk, select=config)

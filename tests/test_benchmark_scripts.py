@@ -3,6 +3,7 @@ TPU), where a broken script wastes the session's device time. The kernels are sw
 path here, so these tests check the harness (arguments, tables, JSON), not any timing."""
 
 import json
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +23,9 @@ def on_xla(fn):
 @pytest.mark.parametrize("platform,dense", [("gpu", "dense_cudnn"), ("tpu", "dense_splash")])
 def test_bench_kernels_times_every_part_and_writes_json(monkeypatch, tmp_path, platform, dense):
   monkeypatch.setattr(bench_kernels, "HQ", 4)
-  for name in ("select_blocks", "nsa_attention", "sliding_window_attention"):
+  for name in ("select_blocks", "nsa_attention", "sliding_window_attention",
+               "compressed_attention", "compressed_attention_and_selection",
+               "selected_attention"):
     monkeypatch.setattr(nsa_jax, name, on_xla(getattr(nsa_jax, name)))
   kernels = bench_kernels.PLATFORMS[platform]
   monkeypatch.setattr(kernels.compressed, "compressed_attention", on_xla(
@@ -42,10 +45,14 @@ def test_bench_kernels_times_every_part_and_writes_json(monkeypatch, tmp_path, p
   assert result["num_kv_heads"] == 2 and result["platform"] == platform
   parts = {row["part"]: row for row in result["paper"]}
   gpu_only = {"compressed_cudnn"} if platform == "gpu" else set()
-  expected = {"nsa", "compressed", "cmp+selection", "selected", "window", dense} | gpu_only
+  expected = {"nsa", "compressed", "cmp+selection", "selected", "cmp+slc apart", "cmp+slc fused",
+              "window", dense} | gpu_only
   assert set(parts) == expected
   assert all(row["fwd_ms"] > 0 and row["fwd_gib"] > 0 for row in parts.values())
   assert "fwd_bwd_ms" in parts["selected"] and "fwd_bwd_ms" not in parts["cmp+selection"]
+  monkeypatch.setattr("sys.argv", sys.argv + ["--parts", "selected,window"])
+  bench_kernels.main()
+  assert {row["part"] for row in json.loads(out.read_text())["paper"]} == {"selected", "window"}
 
 
 @pytest.mark.filterwarnings("ignore")

@@ -297,6 +297,28 @@ def test_public_compressed_attention_takes_cudnn_in_half_precision_on_gpu():
 
 
 @pytest.mark.gpu
+def test_compressed_attention_and_selection_is_one_cudnn_pass_on_gpu(monkeypatch):
+  # The NNX layer with separate K/V sets: one cuDNN forward gives both the output and the lse
+  # the selection scores come from, equal to the two public ops apart (two forwards).
+  q, k, v = random_qkv(1, 4096 + 7, 16, 2, 128, dtype=jnp.bfloat16)
+  config = nsa_jax.NSAConfig()
+  k_cmp, v_cmp = nsa_jax.compress_kv(k, v, block=config.cmp_block, stride=config.cmp_stride)
+  calls = []
+  attention = cudnn_compressed._attention
+  monkeypatch.setattr(cudnn_compressed, "_attention", lambda *a: calls.append(1) or attention(*a))
+  jax.clear_caches()  # traces cached by earlier tests would not call the patched function
+  out, idx = nsa_jax.compressed_attention_and_selection(q, k_cmp, v_cmp, config=config,
+                                                        implementation="pallas_gpu")
+  assert len(calls) == 1
+  expected, _ = nsa_jax.compressed_attention(q, k_cmp, v_cmp, block=config.cmp_block,
+                                             stride=config.cmp_stride, implementation="pallas_gpu")
+  expected_idx = nsa_jax.select_blocks(q, k_cmp, config=config, implementation="pallas_gpu")
+  assert len(calls) == 3
+  assert_close(out, expected, jnp.bfloat16)
+  assert np.mean(np.asarray(idx == expected_idx)) > 0.9999  # float near-ties may flip a rare slot
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("group,head_dim", [(64, 256), (4, 128)])
 def test_selection_scores_from_lse_with_float32_heads_on_gpu(group, head_dim):
   # The score pass's rows shrink to keep float32 q within shared memory (SCORE_Q_BYTES).
