@@ -10,7 +10,8 @@
 - compressed attention where cuDNN takes the inputs and `d <= CUDNN_COMPRESSED_MAX_STRIDE`
   (`cudnn_compressed_applies`): cuDNN over folded queries (`nsa_jax.cudnn_compressed`: one
   causal attention of chunk queries with `d * G` heads a KV group), forward and backward; in
-  `nsa_attention` / `select_blocks` its log-sum-exp feeds a Pallas pass for the selection scores
+  `nsa_attention`, `select_blocks` and `compressed_attention_and_selection` its log-sum-exp
+  feeds a Pallas pass for the selection scores
   (`compressed_attention.selection_from_lse`) and the top-n kernel of `pallas_kernels.gpu.top_n`.
   H200, T=64k: output 9.0 ms forward and 32.7 ms forward+backward against 16.8 / 51.2 for the
   Pallas kernels;
