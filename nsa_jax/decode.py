@@ -142,12 +142,16 @@ def nsa_prefill(q, k, v, cache: DecodeCache, *, config: NSAConfig, gates=None, s
   k_cmp, v_cmp = compress_fn(k, v)
   out = ops.nsa_attention(q, k, v, config=config, gates=gates, k_cmp=k_cmp, v_cmp=v_cmp,
                           scale=scale, implementation=implementation, interpret=interpret)
+  return out, _write_prompt(cache, k, v, k_cmp, v_cmp)
+
+
+def _write_prompt(cache: DecodeCache, k, v, k_cmp, v_cmp) -> DecodeCache:
+  """The cache reset to a prompt's tokens `[B, T, Hkv, D]` and its compressed blocks."""
   write = lambda buf, x: jax.lax.dynamic_update_slice(
       buf, x.transpose(0, 2, 1, 3).astype(buf.dtype), (0, 0, 0, 0))
-  cache = DecodeCache(k=write(cache.k, k), v=write(cache.v, v), k_cmp=write(cache.k_cmp, k_cmp),
-                      v_cmp=write(cache.v_cmp, v_cmp), length=jnp.asarray(t, jnp.int32),
-                      max_len=cache.max_len)
-  return out, cache
+  return DecodeCache(k=write(cache.k, k), v=write(cache.v, v), k_cmp=write(cache.k_cmp, k_cmp),
+                     v_cmp=write(cache.v_cmp, v_cmp), length=jnp.asarray(k.shape[1], jnp.int32),
+                     max_len=cache.max_len)
 
 
 def nsa_decode_step(q_t, k_t, v_t, cache: DecodeCache, *, config: NSAConfig, gates=None,
@@ -177,17 +181,8 @@ def nsa_decode_step(q_t, k_t, v_t, cache: DecodeCache, *, config: NSAConfig, gat
     ValueError: bad ranks, dtypes or shapes.
   """
   config = check.check_config(config)
-  check.check_rank("q_t", q_t, 3, "[B, Hq, Dk]")
-  check.check_rank("k_t", k_t, 3, "[B, Hkv, Dk]")
-  check.check_rank("v_t", v_t, 3, "[B, Hkv, Dv]")
-  check.check_qkv(q_t[:, None], k_t[:, None], v_t[:, None])
+  _check_step(q_t, k_t, v_t, gates)
   _check_cache(cache, k_t[:, None], v_t[:, None], 1)
-  if gates is not None:
-    expected = tuple(q_t.shape[:2]) + (3,)
-    if tuple(gates.shape) != expected:
-      raise ValueError(f"gates must have shape [B, Hq, 3] = {list(expected)}, "
-                       f"got {tuple(gates.shape)}")
-    check.check_float("gates", gates)
   scale = q_t.shape[-1] ** -0.5 if scale is None else scale
   implementation = ops.resolve_implementation(implementation, interpret)
   if (implementation == "pallas_gpu" and compress_fn is None
@@ -203,6 +198,20 @@ def nsa_decode_step(q_t, k_t, v_t, cache: DecodeCache, *, config: NSAConfig, gat
   backend = _decode_backend(implementation)
   out = backend(q_t, cache, position, gates, scale, config=config, interpret=interpret)
   return out, cache
+
+
+def _check_step(q_t, k_t, v_t, gates):
+  """A step's token `q_t [B, Hq, Dk]`, `k_t [B, Hkv, Dk]`, `v_t [B, Hkv, Dv]` and gates."""
+  check.check_rank("q_t", q_t, 3, "[B, Hq, Dk]")
+  check.check_rank("k_t", k_t, 3, "[B, Hkv, Dk]")
+  check.check_rank("v_t", v_t, 3, "[B, Hkv, Dv]")
+  check.check_qkv(q_t[:, None], k_t[:, None], v_t[:, None])
+  if gates is not None:
+    expected = tuple(q_t.shape[:2]) + (3,)
+    if tuple(gates.shape) != expected:
+      raise ValueError(f"gates must have shape [B, Hq, 3] = {list(expected)}, "
+                       f"got {tuple(gates.shape)}")
+    check.check_float("gates", gates)
 
 
 def _append(cache: DecodeCache, k_t, v_t, config: NSAConfig, compress_fn) -> DecodeCache:
@@ -281,12 +290,134 @@ def dense_cache_write(cache: DenseCache, k, v) -> DenseCache:
 def dense_decode_step(q_t, k_t, v_t, cache: DenseCache, scale=None):
   """Appends one token and attends everything so far: `(out_t [B, Hq, Dv], cache)`."""
   t = cache.length
-  write = lambda buf, x: jax.lax.dynamic_update_slice(
-      buf, x[:, :, None].astype(buf.dtype), (0, 0, t, 0))
-  cache = DenseCache(k=write(cache.k, k_t), v=write(cache.v, v_t), length=t + 1)
+  cache = _dense_append(cache, k_t, v_t)
   b, hq, dk = q_t.shape
   hkv = cache.k.shape[1]
   scale = dk ** -0.5 if scale is None else scale
   visible = (jnp.arange(cache.k.shape[2]) <= t)[None, None, None, :]
   out, _ = masked_attention(q_t.reshape(b, hkv, hq // hkv, dk), cache.k, cache.v, visible, scale)
   return out.reshape(b, hq, -1).astype(q_t.dtype), cache
+
+
+def _dense_append(cache: DenseCache, k_t, v_t) -> DenseCache:
+  """Writes token `t = cache.length` (`k_t [B, Hkv, Dk]`, `v_t [B, Hkv, Dv]`)."""
+  write = lambda buf, x: jax.lax.dynamic_update_slice(
+      buf, x[:, :, None].astype(buf.dtype), (0, 0, cache.length, 0))
+  return DenseCache(k=write(cache.k, k_t), v=write(cache.v, v_t), length=cache.length + 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# A K/V set per branch (`nsa_jax.nsa_attention_separate_kv`; the NNX layer's `separate_kv=True`):
+# set 0 is compressed (its blocks feed the compressed branch and rank the selection), set 1 gives
+# the selected blocks' tokens, set 2 the window's. The decode kernels read one K/V set, so these
+# steps run the XLA decode on every backend.
+
+
+def init_separate_kv_cache(batch: int, max_len: int, num_kv_heads: int, head_dim: int,
+                           head_dim_v: int | None = None, *, config: NSAConfig,
+                           dtype=jnp.float32) -> tuple[DecodeCache, DenseCache, DenseCache]:
+  """Empty caches for up to `max_len` tokens of a layer with a K/V set per branch.
+
+  Returns `(cmp, slc, swa)`: a `DecodeCache` of set 0 (its raw tokens make the compressed
+  blocks) and `DenseCache`s of sets 1 and 2, as long as the `DecodeCache`'s padded token axis.
+  Sets 0 and 2 are kept whole although only their last `l` / `w` tokens are read again.
+
+  Raises:
+    ValueError: a non-positive size or an invalid config.
+  """
+  cmp = init_decode_cache(batch, max_len, num_kv_heads, head_dim, head_dim_v, config=config,
+                          dtype=dtype)
+  dense = lambda: init_dense_cache(batch, cmp.k.shape[2], num_kv_heads, head_dim, head_dim_v,
+                                   dtype=dtype)
+  return cmp, dense(), dense()
+
+
+def _check_separate_caches(caches, keys, values, tokens: int):
+  """`caches` from `init_separate_kv_cache`, three sets `[B, ., Hkv, D]` that match them."""
+  kinds = (DecodeCache, DenseCache, DenseCache)
+  if (not isinstance(caches, (tuple, list)) or len(caches) != 3
+      or not all(isinstance(c, kind) for c, kind in zip(caches, kinds))):
+    raise ValueError(f"caches must be (DecodeCache, DenseCache, DenseCache) from "
+                     f"init_separate_kv_cache, got {type(caches).__name__}")
+  if len(keys) != 3 or len(values) != 3:
+    raise ValueError(f"keys and values must be three sets each (compressed, selected, window "
+                     f"branch), got {len(keys)} and {len(values)}")
+  _check_cache(caches[0], keys[0], values[0], tokens)
+  for name, cache, k, v in zip(("selected", "window"), caches[1:], keys[1:], values[1:]):
+    b, hkv, _, dk = cache.k.shape
+    if (k.shape[0], k.shape[2], k.shape[3]) != (b, hkv, dk) or v.shape[-1] != cache.v.shape[-1]:
+      raise ValueError(f"the {name} branch's k and v must match its cache's [B, ., Hkv, Dk] = "
+                       f"[{b}, ., {hkv}, {dk}] and Dv = {cache.v.shape[-1]}, got "
+                       f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+
+
+def nsa_prefill_separate_kv(q, keys, values, caches, *, config: NSAConfig, gates=None,
+                            scale=None, compress_fn: CompressFn | None = None,
+                            implementation=None, interpret: bool = False):
+  """`nsa_prefill` with a K/V set per branch.
+
+  Args:
+    q: `[B, T, Hq, Dk]`, `0 <= T <= max_len`.
+    keys: three `[B, T, Hkv, Dk]` (compressed, selected, window branch).
+    values: three `[B, T, Hkv, Dv]`.
+    caches: from `init_separate_kv_cache`, reset to the prompt.
+    config, gates, scale, compress_fn, implementation, interpret: as in `nsa_prefill`
+      (`compress_fn` compresses set 0).
+
+  Returns:
+    `(out [B, T, Hq, Dv] in q.dtype, caches)`: `out` is `nsa_attention_separate_kv(q, keys,
+    values, ...)`.
+
+  Raises:
+    ValueError: bad shapes (as `nsa_attention_separate_kv`), caches that do not match, or a
+      prompt that does not fit them.
+  """
+  config = check.check_config(config)
+  _check_separate_caches(caches, keys, values, q.shape[1])
+  cmp, slc, swa = caches
+  if q.shape[1] == 0:
+    out = jnp.zeros(q.shape[:3] + (values[0].shape[-1],), q.dtype)
+    empty = jnp.zeros((), jnp.int32)
+    return out, tuple(dataclasses.replace(c, length=empty) for c in caches)
+  k_cmp, v_cmp = (compress_fn or _default_compress(config))(keys[0], values[0])
+  out = ops.nsa_attention_separate_kv(q, keys, values, config=config, gates=gates, k_cmp=k_cmp,
+                                      v_cmp=v_cmp, scale=scale, implementation=implementation,
+                                      interpret=interpret)
+  return out, (_write_prompt(cmp, keys[0], values[0], k_cmp, v_cmp),
+               dense_cache_write(slc, keys[1], values[1]),
+               dense_cache_write(swa, keys[2], values[2]))
+
+
+def nsa_decode_step_separate_kv(q_t, k_ts, v_ts, caches, *, config: NSAConfig, gates=None,
+                                scale=None, compress_fn: CompressFn | None = None):
+  """`nsa_decode_step` with a K/V set per branch (XLA on every backend, see above).
+
+  Args:
+    q_t: `[B, Hq, Dk]`.
+    k_ts: three `[B, Hkv, Dk]`, the token's keys of sets 0, 1, 2.
+    v_ts: three `[B, Hkv, Dv]`.
+    caches: from `nsa_prefill_separate_kv` (or the last step), holding positions `[0, t)`.
+    config, gates, scale, compress_fn: as in `nsa_decode_step`.
+
+  Returns:
+    `(out_t [B, Hq, Dv] in q_t.dtype, caches)`: row `t` of `nsa_attention_separate_kv` on the
+    sequence so far.
+
+  Raises:
+    ValueError: bad ranks, dtypes or shapes.
+  """
+  config = check.check_config(config)
+  if len(k_ts) != 3 or len(v_ts) != 3:
+    raise ValueError(f"k_ts and v_ts must be three tokens each (compressed, selected, window "
+                     f"branch), got {len(k_ts)} and {len(v_ts)}")
+  for k_t, v_t in zip(k_ts, v_ts):
+    _check_step(q_t, k_t, v_t, gates)
+  _check_separate_caches(caches, [k[:, None] for k in k_ts], [v[:, None] for v in v_ts], 1)
+  scale = q_t.shape[-1] ** -0.5 if scale is None else scale
+  cmp, slc, swa = caches
+  position = cmp.length  # the new token's
+  cmp = _append(cmp, k_ts[0], v_ts[0], config, compress_fn or _default_compress(config))
+  slc, swa = _dense_append(slc, k_ts[1], v_ts[1]), _dense_append(swa, k_ts[2], v_ts[2])
+  out = xla.decode_attention_separate_kv(q_t, cmp, (slc.k, slc.v), (swa.k, swa.v), position,
+                                         gates, scale, config=config)
+  return out, (cmp, slc, swa)

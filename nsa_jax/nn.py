@@ -166,49 +166,45 @@ class NativeSparseAttention(_CausalAttentionBase):
     if self.num_kv_sets == 1:
       return ops.nsa_attention(q, keys[0], values[0], config=self.config, gates=gates,
                                k_cmp=k_cmp, v_cmp=v_cmp, implementation=self.implementation)
-    return self._separate_branches(q, keys, values, k_cmp, v_cmp, gates)
-
-  def _separate_branches(self, q, keys, values, k_cmp, v_cmp, gates):
-    """The three branches on their own K/V sets, mixed per head."""
-    cfg, impl = self.config, self.implementation
-    o_cmp, block_indices = ops.compressed_attention_and_selection(q, k_cmp, v_cmp, config=cfg,
-                                                                  implementation=impl)
-    o_slc = ops.selected_attention(q, keys[1], values[1], block_indices, block=cfg.slc_block,
-                                   implementation=impl)
-    o_swa = ops.sliding_window_attention(q, keys[2], values[2], window=cfg.window,
-                                         implementation=impl)
-    branches = jnp.stack([o_cmp, o_slc, o_swa], axis=-2)  # [B, T, Hq, 3, Dv]
-    if gates is None:
-      return branches.sum(-2)
-    return jnp.einsum("bthi,bthid->bthd", gates, branches)
+    return ops.nsa_attention_separate_kv(q, keys, values, config=self.config, gates=gates,
+                                         k_cmp=k_cmp, v_cmp=v_cmp,
+                                         implementation=self.implementation)
 
   # Decoding (`nsa_jax.decode`): prefill a prompt, then one token per step; the outputs equal
   # `__call__` on the whole sequence at every position.
 
-  def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> decode.DecodeCache:
-    """An empty `DecodeCache` for this layer. Raises ValueError with `separate_kv=True`."""
-    if self.num_kv_sets != 1:
-      raise ValueError("decoding supports separate_kv=False only (one K/V set for the three "
-                       "branches)")
-    return decode.init_decode_cache(batch, max_len, self.num_kv_heads, self.head_dim,
-                                    self.head_dim_v, config=self.config, dtype=dtype)
+  def init_cache(self, batch: int, max_len: int, dtype=jnp.float32):
+    """An empty cache for this layer: a `DecodeCache`, or with `separate_kv=True` the three
+    caches of `decode.init_separate_kv_cache`."""
+    init = (decode.init_decode_cache if self.num_kv_sets == 1
+            else decode.init_separate_kv_cache)
+    return init(batch, max_len, self.num_kv_heads, self.head_dim, self.head_dim_v,
+                config=self.config, dtype=dtype)
 
   def prefill(self, x, cache):
     """`x [B, T, F]` (positions 0..T-1) -> `(y [B, T, F], cache)`."""
     q, keys, values = self._project(x)
-    out, cache = decode.nsa_prefill(q, keys[0], values[0], cache, config=self.config,
-                                    gates=self._gates(x, q.dtype), compress_fn=self._compress,
-                                    implementation=self.implementation)
+    common = dict(config=self.config, gates=self._gates(x, q.dtype), compress_fn=self._compress,
+                  implementation=self.implementation)
+    if self.num_kv_sets == 1:
+      out, cache = decode.nsa_prefill(q, keys[0], values[0], cache, **common)
+    else:
+      out, cache = decode.nsa_prefill_separate_kv(q, keys, values, cache, **common)
     return self._output(out), cache
 
   def decode_step(self, x_t, cache):
     """`x_t [B, F]` at position `cache.length` -> `(y_t [B, F], cache)`."""
-    q, keys, values = self._project(x_t[:, None], cache.length[None])
+    length = cache.length if self.num_kv_sets == 1 else cache[0].length
+    q, keys, values = self._project(x_t[:, None], length[None])
     gates = self._gates(x_t[:, None], q.dtype)
-    out, cache = decode.nsa_decode_step(
-        q[:, 0], keys[0][:, 0], values[0][:, 0], cache, config=self.config,
-        gates=None if gates is None else gates[:, 0], compress_fn=self._compress,
-        implementation=self.implementation)
+    common = dict(config=self.config, gates=None if gates is None else gates[:, 0],
+                  compress_fn=self._compress)
+    if self.num_kv_sets == 1:
+      out, cache = decode.nsa_decode_step(q[:, 0], keys[0][:, 0], values[0][:, 0], cache,
+                                          implementation=self.implementation, **common)
+    else:  # the XLA decode: the decode kernels read one K/V set
+      out, cache = decode.nsa_decode_step_separate_kv(
+          q[:, 0], [k[:, 0] for k in keys], [v[:, 0] for v in values], cache, **common)
     return self._output(out[:, None])[:, 0], cache
 
 

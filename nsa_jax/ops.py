@@ -16,6 +16,7 @@ import jax
 
 from nsa_jax import pallas_gpu, pallas_tpu, reference, xla
 from nsa_jax import validation as check
+from nsa_jax.attention_math import combine_branches
 from nsa_jax.config import NSAConfig, num_cmp_blocks
 
 _BACKENDS = {"reference": reference, "xla": xla, "pallas_gpu": pallas_gpu,
@@ -278,6 +279,51 @@ def nsa_attention(q, k, v, *, config: NSAConfig, gates=None, k_cmp=None, v_cmp=N
                      f"v_cmp {tuple(v_cmp.shape)}")
   return _call(implementation, interpret, "nsa_attention", q, k, v, gates, k_cmp, v_cmp,
                _scale(scale, q.shape[-1]), config=config)
+
+
+def nsa_attention_separate_kv(q, keys, values, *, config: NSAConfig, gates=None, k_cmp=None,
+                              v_cmp=None, scale=None, implementation=None,
+                              interpret: bool = False):
+  """`nsa_attention` with a K/V set per branch (the paper's section 3.3.3, against shortcuts
+  between the branches): set 0 is compressed (and so ranks the selection), set 1 gives the
+  selected blocks' tokens, set 2 the window's.
+
+  Args:
+    q: `[B, T, Hq, Dk]`.
+    keys: three `[B, T, Hkv, Dk]` (compressed, selected, window branch).
+    values: three `[B, T, Hkv, Dv]`, likewise.
+    config, gates, scale, implementation, interpret: as in `nsa_attention`.
+    k_cmp, v_cmp: compressed blocks of `keys[0]` / `values[0]` (e.g. a learned compression); both
+      None mean-pools them.
+
+  Returns:
+    `[B, T, Hq, Dv]` in q.dtype, differentiable in every input but the config.
+
+  Raises:
+    ValueError: not three keys / values, or any input `nsa_attention` would refuse.
+  """
+  config = check.check_config(config)
+  if len(keys) != 3 or len(values) != 3:
+    raise ValueError(f"keys and values must be three arrays each (compressed, selected, window "
+                     f"branch), got {len(keys)} keys and {len(values)} values")
+  for k, v in zip(keys, values):
+    check.check_qkv(q, k, v)
+  if gates is not None:
+    check.check_gates(q, gates)
+  if (k_cmp is None) != (v_cmp is None):
+    raise ValueError("k_cmp and v_cmp must be given together or both be None, got "
+                     f"k_cmp {None if k_cmp is None else tuple(k_cmp.shape)}, "
+                     f"v_cmp {None if v_cmp is None else tuple(v_cmp.shape)}")
+  if k_cmp is None:
+    k_cmp, v_cmp = compress_kv(keys[0], values[0], block=config.cmp_block,
+                               stride=config.cmp_stride, implementation=implementation)
+  common = dict(scale=scale, implementation=implementation, interpret=interpret)
+  o_cmp, block_indices = compressed_attention_and_selection(q, k_cmp, v_cmp, config=config,
+                                                            **common)
+  o_slc = selected_attention(q, keys[1], values[1], block_indices, block=config.slc_block,
+                             **common)
+  o_swa = sliding_window_attention(q, keys[2], values[2], window=config.window, **common)
+  return combine_branches(o_cmp, o_slc, o_swa, gates).astype(q.dtype)
 
 
 def dense_causal_attention(q, k, v, *, scale=None):

@@ -291,6 +291,51 @@ def nsa_attention(q, k, v, gates, k_cmp, v_cmp, scale, *, config: NSAConfig,
 # together.
 
 
+def _decode_compressed(q, k_cmp, v_cmp, position, scale, config: NSAConfig, max_len: int,
+                       num_slc: int):
+  """The compressed branch of the grouped query `q [B, Hkv, G, Dk]` and the blocks its scores
+  select: `(o_cmp [B, Hkv, G, Dv], block_indices [B, Hkv, n])`."""
+  num_cmp = k_cmp.shape[2]
+  visible = (jnp.arange(num_cmp) < num_cmp_visible(position, config))[None, None, None, :]
+  probs, _ = masked_softmax(attention_scores(q, k_cmp, scale), visible)
+  o_cmp = jnp.einsum("bhgi,bhid->bhgd", probs, v_cmp.astype(probs.dtype),
+                     precision=jax.lax.Precision.HIGHEST)
+  p_grp = probs.sum(2)[..., :config.num_cmp_blocks(max_len)]  # cut the cache's padding
+  return o_cmp, decode_selection(jax.lax.stop_gradient(p_grp), position, config, num_slc)
+
+
+def _decode_selected(q, k, v, block_indices, position, scale, slc_block: int):
+  """Selected blocks: their tokens gathered, the query's own block cut at the query."""
+  b, hkv = q.shape[:2]
+  tokens = block_indices[..., None] * slc_block + jnp.arange(slc_block)
+  keep = (block_indices[..., None] >= 0) & (tokens <= position)  # [B, Hkv, n, l']
+  tokens = jnp.where(keep, tokens, 0).reshape(b, hkv, -1)  # [B, Hkv, n*l']
+  gather = lambda x: jnp.take_along_axis(x, tokens[..., None], axis=2)
+  out, _ = masked_attention(q, gather(k), gather(v), keep.reshape(b, hkv, 1, -1), scale)
+  return out
+
+
+def _decode_window(q, k, v, position, scale, window: int):
+  """Sliding window: the last `w` tokens, read as one span that stays inside the cache."""
+  size = k.shape[2]
+  span = min(window, size)
+  start = jnp.clip(position + 1 - span, 0, size - span)
+  window_slice = lambda x: jax.lax.dynamic_slice_in_dim(x, start, span, axis=2)
+  key_pos = start + jnp.arange(span)
+  in_window = (key_pos <= position) & (key_pos > position - window)
+  out, _ = masked_attention(q, window_slice(k), window_slice(v), in_window[None, None, None, :],
+                            scale)
+  return out
+
+
+def _decode_combine(q_t, branches, gates):
+  """`[B, Hq, Dv]` in q_t's dtype from the three grouped branch outputs `[B, Hkv, G, Dv]`."""
+  b, hq = q_t.shape[:2]
+  ungroup = lambda o: o.reshape(b, hq, -1)[:, None]
+  gates = None if gates is None else gates[:, None]  # combine_branches wants [B, T, Hq, 3]
+  return combine_branches(*map(ungroup, branches), gates)[:, 0].astype(q_t.dtype)
+
+
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))
 def decode_attention(q_t, cache, position, gates, scale, *, config: NSAConfig,
                      interpret: bool = False):
@@ -299,37 +344,25 @@ def decode_attention(q_t, cache, position, gates, scale, *, config: NSAConfig,
   b, hq, dk = q_t.shape
   hkv, size = cache.k.shape[1], cache.k.shape[2]
   q = q_t.reshape(b, hkv, hq // hkv, dk)  # [B, Hkv, G, Dk]
+  o_cmp, block_indices = _decode_compressed(q, cache.k_cmp, cache.v_cmp, position, scale, config,
+                                            cache.max_len, size // config.slc_block)
+  o_slc = _decode_selected(q, cache.k, cache.v, block_indices, position, scale, config.slc_block)
+  o_swa = _decode_window(q, cache.k, cache.v, position, scale, config.window)
+  return _decode_combine(q_t, (o_cmp, o_slc, o_swa), gates)
 
-  # Compressed branch, and its probabilities for the selection.
-  num_cmp = cache.k_cmp.shape[2]
-  visible = (jnp.arange(num_cmp) < num_cmp_visible(position, config))[None, None, None, :]
-  probs, _ = masked_softmax(attention_scores(q, cache.k_cmp, scale), visible)
-  o_cmp = jnp.einsum("bhgi,bhid->bhgd", probs, cache.v_cmp.astype(probs.dtype),
-                     precision=jax.lax.Precision.HIGHEST)
-  num_slc = size // config.slc_block
-  p_grp = probs.sum(2)[..., :config.num_cmp_blocks(cache.max_len)]  # cut the cache's padding
-  block_indices = decode_selection(jax.lax.stop_gradient(p_grp), position, config,
-                                   num_slc)  # [B, Hkv, n]
 
-  # Selected blocks: gather their tokens; the query's own block is cut at the query.
-  tokens = block_indices[..., None] * config.slc_block + jnp.arange(config.slc_block)
-  keep = (block_indices[..., None] >= 0) & (tokens <= position)  # [B, Hkv, n, l']
-  tokens = jnp.where(keep, tokens, 0).reshape(b, hkv, -1)  # [B, Hkv, n*l']
-  gather = lambda x: jnp.take_along_axis(x, tokens[..., None], axis=2)
-  o_slc, _ = masked_attention(q, gather(cache.k), gather(cache.v),
-                              keep.reshape(b, hkv, 1, -1), scale)
-
-  # Sliding window: the last `w` tokens, read as one span that stays inside the cache.
-  span = min(config.window, size)
-  start = jnp.clip(position + 1 - span, 0, size - span)
-  window_slice = lambda x: jax.lax.dynamic_slice_in_dim(x, start, span, axis=2)
-  key_pos = start + jnp.arange(span)
-  in_window = (key_pos <= position) & (key_pos > position - config.window)
-  o_swa, _ = masked_attention(q, window_slice(cache.k), window_slice(cache.v),
-                              in_window[None, None, None, :], scale)
-
-  ungroup = lambda o: o.reshape(b, hq, -1)
-  gates = None if gates is None else gates[:, None]  # combine_branches wants [B, T, Hq, 3]
-  out = combine_branches(ungroup(o_cmp)[:, None], ungroup(o_slc)[:, None],
-                         ungroup(o_swa)[:, None], gates)
-  return out[:, 0].astype(q_t.dtype)
+@functools.partial(jax.jit, static_argnames=("config",))
+def decode_attention_separate_kv(q_t, cmp_cache, slc_kv, swa_kv, position, gates, scale, *,
+                                 config: NSAConfig):
+  """`decode_attention` with a K/V set per branch: the compressed cache of `cmp_cache` (a
+  `DecodeCache`), the selected blocks from `slc_kv = (k, v)`, the window from `swa_kv`, each
+  `[B, Hkv, S, D]` with S a multiple of `slc_block`."""
+  b, hq, dk = q_t.shape
+  hkv = cmp_cache.k.shape[1]
+  q = q_t.reshape(b, hkv, hq // hkv, dk)
+  o_cmp, block_indices = _decode_compressed(q, cmp_cache.k_cmp, cmp_cache.v_cmp, position, scale,
+                                            config, cmp_cache.max_len,
+                                            slc_kv[0].shape[2] // config.slc_block)
+  o_slc = _decode_selected(q, *slc_kv, block_indices, position, scale, config.slc_block)
+  o_swa = _decode_window(q, *swa_kv, position, scale, config.window)
+  return _decode_combine(q_t, (o_cmp, o_slc, o_swa), gates)

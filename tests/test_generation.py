@@ -19,6 +19,7 @@ CONFIG = TransformerConfig(num_layers=2, num_features=64, num_heads=4, num_kv_he
 VARIANTS = {
     "nsa (learned phi, sigmoid gates)": dict(attention="nsa"),
     "nsa (mean, sum)": dict(attention="nsa", compression="mean", gating="sum"),
+    "nsa (a K/V set per branch)": dict(attention="nsa", separate_kv=True),
     "dense": dict(attention="dense"),
 }
 
@@ -43,7 +44,8 @@ def test_cached_decoding_gives_the_full_forward_logits(variant, prompt_len):
   assert_close(cached_logits(model, tokens, prompt_len), model(tokens), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("variant", ["nsa (learned phi, sigmoid gates)", "dense"])
+@pytest.mark.parametrize("variant", ["nsa (learned phi, sigmoid gates)",
+                                     "nsa (a K/V set per branch)", "dense"])
 def test_greedy_generation_follows_the_argmax_of_the_full_forward(variant):
   model = DecoderLM(dataclasses.replace(CONFIG, **VARIANTS[variant]), rngs=nnx.Rngs(1))
   prompt = jax.random.randint(fresh_key(), (3, 7), 0, 256)
@@ -76,6 +78,3 @@ def test_bad_generation_arguments_raise_value_errors():
     generate(model, prompt, 0)
   with pytest.raises(ValueError, match="rng"):
     generate(model, prompt, 3, temperature=0.5)
-  separate = DecoderLM(dataclasses.replace(CONFIG, separate_kv=True), rngs=nnx.Rngs(0))
-  with pytest.raises(ValueError, match="separate_kv=False"):
-    generate(separate, prompt, 3)

@@ -1,0 +1,113 @@
+"""A K/V set per branch (the paper's section 3.3.3): `nsa_attention_separate_kv` is the three
+branch ops on their own sets, and prefill + one-token steps reproduce it at every position."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import nsa_jax
+from nsa_jax import NSAConfig
+from nsa_jax.attention_math import combine_branches
+from tests.helpers import assert_close, assert_grads_close, random_gates, random_qkv
+
+# l=8, d=4, l'=16, n=3, w=20: every branch is exercised within ~80 tokens.
+SMALL = NSAConfig(cmp_block=8, cmp_stride=4, slc_block=16, num_selected=3, num_initial=1,
+                  num_local=1, window=20)
+
+
+def three_sets(b, t, hq, hkv, dk, dv=None):
+  """`q` and three independent K/V sets."""
+  q, k0, v0 = random_qkv(b, t, hq, hkv, dk, dv)
+  sets = [(k0, v0)] + [random_qkv(b, t, hq, hkv, dk, dv)[1:] for _ in range(2)]
+  return q, [k for k, _ in sets], [v for _, v in sets]
+
+
+def branches_apart(q, keys, values, gates, config):
+  """The oracle's three branches, each on its set, the selection ranked by set 0."""
+  kw = dict(implementation="reference")
+  k_cmp, v_cmp = nsa_jax.compress_kv(keys[0], values[0], block=config.cmp_block,
+                                     stride=config.cmp_stride)
+  o_cmp, _ = nsa_jax.compressed_attention(q, k_cmp, v_cmp, block=config.cmp_block,
+                                          stride=config.cmp_stride, **kw)
+  idx = nsa_jax.select_blocks(q, k_cmp, config=config, **kw)
+  o_slc = nsa_jax.selected_attention(q, keys[1], values[1], idx, block=config.slc_block, **kw)
+  o_swa = nsa_jax.sliding_window_attention(q, keys[2], values[2], window=config.window, **kw)
+  return combine_branches(o_cmp, o_slc, o_swa, gates).astype(q.dtype)
+
+
+@pytest.mark.parametrize("impl", ["reference", "xla"])
+def test_is_the_three_branches_on_their_own_sets(impl):
+  q, keys, values = three_sets(2, 45, 4, 2, 8)
+  gates = random_gates(q)
+  fn = lambda q, keys, values: nsa_jax.nsa_attention_separate_kv(
+      q, keys, values, config=SMALL, gates=gates, implementation=impl)
+  expected_fn = lambda q, keys, values: branches_apart(q, keys, values, gates, SMALL)
+  assert_close(fn(q, keys, values), expected_fn(q, keys, values))
+  # Gradients reach every set (the loss weights rows unevenly, so no gradient is trivially 0).
+  weight = jax.random.normal(jax.random.key(1), q.shape)
+  loss = lambda f: lambda *args: jnp.sum(f(*args) * weight)
+  grads = jax.grad(loss(fn), (0, 1, 2))(q, keys, values)
+  expected = jax.grad(loss(expected_fn), (0, 1, 2))(q, keys, values)
+  assert_grads_close(jax.tree.leaves(grads), jax.tree.leaves(expected))
+
+
+def decode_all(q, keys, values, gates, prompt_len, config, max_len):
+  """Prefill `prompt_len` tokens, then one step per token: the outputs `[B, T, Hq, Dv]`."""
+  b, t, _, dk = q.shape
+  caches = nsa_jax.init_separate_kv_cache(b, max_len, keys[0].shape[2], dk, values[0].shape[-1],
+                                          config=config)
+  p = prompt_len
+  gates_at = lambda s: None if gates is None else gates[:, s]
+  out, caches = nsa_jax.nsa_prefill_separate_kv(
+      q[:, :p], [k[:, :p] for k in keys], [v[:, :p] for v in values], caches, config=config,
+      gates=gates_at(slice(0, p)))
+  step = jax.jit(functools.partial(nsa_jax.nsa_decode_step_separate_kv, config=config))
+  outs = [out]
+  for s in range(p, t):
+    out_t, caches = step(q[:, s], [k[:, s] for k in keys], [v[:, s] for v in values], caches,
+                         gates=gates_at(s))
+    outs.append(out_t[:, None])
+  assert [int(c.length) for c in caches] == [t] * 3
+  return jnp.concatenate(outs, axis=1)
+
+
+@pytest.mark.parametrize("prompt_len,with_gates", [(0, False), (1, True), (13, False),
+                                                   (40, True)])
+def test_prefill_then_steps_equal_the_full_forward(prompt_len, with_gates):
+  q, keys, values = three_sets(2, 77, 4, 2, 16)
+  gates = random_gates(q) if with_gates else None
+  expected = nsa_jax.nsa_attention_separate_kv(q, keys, values, config=SMALL, gates=gates,
+                                               implementation="reference")
+  assert_close(decode_all(q, keys, values, gates, prompt_len, SMALL, max_len=83), expected)
+
+
+def test_steps_with_dk_not_dv_and_mqa():
+  config = NSAConfig(cmp_block=16, cmp_stride=8, slc_block=16, num_selected=4, num_initial=2,
+                     num_local=2, window=9)
+  q, keys, values = three_sets(1, 70, 4, 1, 16, 8)
+  expected = nsa_jax.nsa_attention_separate_kv(q, keys, values, config=config,
+                                               implementation="reference")
+  assert_close(decode_all(q, keys, values, None, 5, config, max_len=70), expected)
+
+
+def test_bad_inputs_raise_value_errors():
+  q, keys, values = three_sets(2, 20, 4, 2, 8)
+  with pytest.raises(ValueError, match="keys and values must be three arrays each"):
+    nsa_jax.nsa_attention_separate_kv(q, keys[:2], values, config=SMALL)
+  with pytest.raises(ValueError, match="q, k and v must have the same sequence length"):
+    nsa_jax.nsa_attention_separate_kv(q, [keys[0], keys[1][:, :5], keys[2]], values,
+                                      config=SMALL)
+  caches = nsa_jax.init_separate_kv_cache(2, 16, 2, 8, config=SMALL)
+  with pytest.raises(ValueError, match="do not fit a cache of max_len 16"):
+    nsa_jax.nsa_prefill_separate_kv(q, keys, values, caches, config=SMALL)
+  with pytest.raises(ValueError, match="caches must be \\(DecodeCache, DenseCache, DenseCache\\)"):
+    nsa_jax.nsa_prefill_separate_kv(q, keys, values, caches[:2], config=SMALL)
+  step = lambda k_ts, v_ts: nsa_jax.nsa_decode_step_separate_kv(q[:, 0], k_ts, v_ts, caches,
+                                                                config=SMALL)
+  with pytest.raises(ValueError, match="k_ts and v_ts must be three tokens each"):
+    step([k[:, 0] for k in keys[:2]], [v[:, 0] for v in values])
+  with pytest.raises(ValueError, match="the window branch's k and v must match its cache"):
+    step([k[:, 0] for k in keys[:2]] + [keys[2][:, 0, :1]],
+         [v[:, 0] for v in values[:2]] + [values[2][:, 0, :1]])
