@@ -16,6 +16,9 @@ decoding is timed the same way: `dense_xla` (one einsum over the cache, masked p
 and `dense_cudnn` (`jax.nn.dot_product_attention` with `key_value_seq_lengths`, where cuDNN
 takes it).
 
+`--impls`: NSA decode implementations (`nsa_decode_step`'s), or `separate_kv`: a layer with a
+K/V set per branch (`nsa_decode_step_separate_kv`, the XLA decode on every backend).
+
 `--layers L`: each step runs L decode layers, each with its own cache, each layer's output the
 next layer's query, as a model's decode step does; times are per layer. With L = 1 (the default)
 every layer also carries the timing loop's own cost per step (its counter and the output sum, 2-3
@@ -40,7 +43,8 @@ import jax
 import jax.numpy as jnp
 
 import nsa_jax
-from nsa_jax.decode import DecodeCache, init_decode_cache, nsa_decode_step
+from nsa_jax.decode import DecodeCache, DenseCache, init_decode_cache, nsa_decode_step
+from nsa_jax.decode import nsa_decode_step_separate_kv
 
 HQ, HKV, D = 64, 4, 128
 DTYPE = jnp.bfloat16
@@ -114,6 +118,23 @@ def nsa_layer(impl):
     out, cache = nsa_decode_step(q, k, v, cache, config=CONFIG, implementation=impl)
     return cache, out
   return layer
+
+
+def separate_kv_layer(caches, q, k, v):
+  """A decode layer with a K/V set per branch (`nsa_decode_step_separate_kv`, XLA on every
+  backend); the token's three sets are the same `k`, `v` (only the timing matters here)."""
+  out, caches = nsa_decode_step_separate_kv(q, [k] * 3, [v] * 3, caches, config=CONFIG)
+  return caches, out
+
+
+def filled_separate_kv_caches(batch, context, key):
+  """`filled_nsa_cache` for set 0, random dense caches of the same length for sets 1 and 2."""
+  cmp = filled_nsa_cache(batch, context, key)
+  keys = jax.random.split(key, 4)
+  dense = lambda kk, kv: DenseCache(k=jax.random.normal(kk, cmp.k.shape, DTYPE),
+                                    v=jax.random.normal(kv, cmp.v.shape, DTYPE),
+                                    length=jnp.copy(cmp.length))  # donated: one each
+  return cmp, dense(*keys[:2]), dense(*keys[2:])
 
 
 def dense_xla_layer(cache, q, k, v):
@@ -202,8 +223,11 @@ def main():
           print(f"{name} at C={context} B={batch}: {type(err).__name__}: {str(err)[:120]}")
         state = None  # free the caches before the next ones are made
       for impl in args.impls.split(","):
-        state = (tuple(filled_nsa_cache(batch, context, k) for k in keys), total())
-        timings[f"nsa_{impl}"] = time_steps(stacked(nsa_layer(impl), args.layers), state, inputs,
+        separate = impl == "separate_kv"
+        fill = filled_separate_kv_caches if separate else filled_nsa_cache
+        layer = separate_kv_layer if separate else nsa_layer(impl)
+        state = (tuple(fill(batch, context, k) for k in keys), total())
+        timings[f"nsa_{impl}"] = time_steps(stacked(layer, args.layers), state, inputs,
                                             args.steps, args.repeats) / args.layers
         state = None
       dense = min(t for n, t in timings.items() if n.startswith("dense"))

@@ -377,8 +377,8 @@ def nsa_prefill_separate_kv(q, keys, values, caches, *, config: NSAConfig, gates
   cmp, slc, swa = caches
   if q.shape[1] == 0:
     out = jnp.zeros(q.shape[:3] + (values[0].shape[-1],), q.dtype)
-    empty = jnp.zeros((), jnp.int32)
-    return out, tuple(dataclasses.replace(c, length=empty) for c in caches)
+    # A length each: one array in three caches could not be donated to a jitted step.
+    return out, tuple(dataclasses.replace(c, length=jnp.zeros((), jnp.int32)) for c in caches)
   k_cmp, v_cmp = (compress_fn or _default_compress(config))(keys[0], values[0])
   out = ops.nsa_attention_separate_kv(q, keys, values, config=config, gates=gates, k_cmp=k_cmp,
                                       v_cmp=v_cmp, scale=scale, implementation=implementation,

@@ -63,7 +63,9 @@ def decode_all(q, keys, values, gates, prompt_len, config, max_len):
   out, caches = nsa_jax.nsa_prefill_separate_kv(
       q[:, :p], [k[:, :p] for k in keys], [v[:, :p] for v in values], caches, config=config,
       gates=gates_at(slice(0, p)))
-  step = jax.jit(functools.partial(nsa_jax.nsa_decode_step_separate_kv, config=config))
+  # The caches donated, as a generation loop does (each leaf its own buffer).
+  step = jax.jit(functools.partial(nsa_jax.nsa_decode_step_separate_kv, config=config),
+                 donate_argnums=3)
   outs = [out]
   for s in range(p, t):
     out_t, caches = step(q[:, s], [k[:, s] for k in keys], [v[:, s] for v in values], caches,
