@@ -16,8 +16,8 @@ decoding is timed the same way: `dense_xla` (one einsum over the cache, masked p
 and `dense_cudnn` (`jax.nn.dot_product_attention` with `key_value_seq_lengths`, where cuDNN
 takes it).
 
-`--impls`: NSA decode implementations (`nsa_decode_step`'s), or `separate_kv`: a layer with a
-K/V set per branch (`nsa_decode_step_separate_kv`, the XLA decode on every backend).
+`--impls`: NSA decode implementations (`nsa_decode_step`'s), or `separate_kv_<implementation>`:
+a layer with a K/V set per branch (`nsa_decode_step_separate_kv`).
 
 `--layers L`: each step runs L decode layers, each with its own cache, each layer's output the
 next layer's query, as a model's decode step does; times are per layer. With L = 1 (the default)
@@ -120,11 +120,14 @@ def nsa_layer(impl):
   return layer
 
 
-def separate_kv_layer(caches, q, k, v):
-  """A decode layer with a K/V set per branch (`nsa_decode_step_separate_kv`, XLA on every
-  backend); the token's three sets are the same `k`, `v` (only the timing matters here)."""
-  out, caches = nsa_decode_step_separate_kv(q, [k] * 3, [v] * 3, caches, config=CONFIG)
-  return caches, out
+def separate_kv_layer(impl):
+  """A decode layer with a K/V set per branch (`nsa_decode_step_separate_kv`); the token's three
+  sets are the same `k`, `v` (only the timing matters here)."""
+  def layer(caches, q, k, v):
+    out, caches = nsa_decode_step_separate_kv(q, [k] * 3, [v] * 3, caches, config=CONFIG,
+                                              implementation=impl)
+    return caches, out
+  return layer
 
 
 def filled_separate_kv_caches(batch, context, key):
@@ -223,9 +226,10 @@ def main():
           print(f"{name} at C={context} B={batch}: {type(err).__name__}: {str(err)[:120]}")
         state = None  # free the caches before the next ones are made
       for impl in args.impls.split(","):
-        separate = impl == "separate_kv"
+        separate = impl.startswith("separate_kv_")
         fill = filled_separate_kv_caches if separate else filled_nsa_cache
-        layer = separate_kv_layer if separate else nsa_layer(impl)
+        layer = (separate_kv_layer(impl.removeprefix("separate_kv_")) if separate
+                 else nsa_layer(impl))
         state = (tuple(fill(batch, context, k) for k in keys), total())
         timings[f"nsa_{impl}"] = time_steps(stacked(layer, args.layers), state, inputs,
                                             args.steps, args.repeats) / args.layers

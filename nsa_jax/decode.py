@@ -309,8 +309,8 @@ def _dense_append(cache: DenseCache, k_t, v_t) -> DenseCache:
 # ---------------------------------------------------------------------------------------------
 # A K/V set per branch (`nsa_jax.nsa_attention_separate_kv`; the NNX layer's `separate_kv=True`):
 # set 0 is compressed (its blocks feed the compressed branch and rank the selection), set 1 gives
-# the selected blocks' tokens, set 2 the window's. The decode kernels read one K/V set, so these
-# steps run the XLA decode on every backend.
+# the selected blocks' tokens, set 2 the window's. On GPU the decode kernels take the three sets
+# (the sparse kernel's window programs read set 2); elsewhere the steps run the XLA decode.
 
 
 def init_separate_kv_cache(batch: int, max_len: int, num_kv_heads: int, head_dim: int,
@@ -389,15 +389,19 @@ def nsa_prefill_separate_kv(q, keys, values, caches, *, config: NSAConfig, gates
 
 
 def nsa_decode_step_separate_kv(q_t, k_ts, v_ts, caches, *, config: NSAConfig, gates=None,
-                                scale=None, compress_fn: CompressFn | None = None):
-  """`nsa_decode_step` with a K/V set per branch (XLA on every backend, see above).
+                                scale=None, compress_fn: CompressFn | None = None,
+                                implementation=None, interpret: bool = False):
+  """`nsa_decode_step` with a K/V set per branch.
+
+  On GPU with mean pooling, the decode kernels (`pallas_gpu.decode_step_separate_kv`: the sparse
+  kernel's window programs read set 2); elsewhere the XLA decode (also on TPU).
 
   Args:
     q_t: `[B, Hq, Dk]`.
     k_ts: three `[B, Hkv, Dk]`, the token's keys of sets 0, 1, 2.
     v_ts: three `[B, Hkv, Dv]`.
     caches: from `nsa_prefill_separate_kv` (or the last step), holding positions `[0, t)`.
-    config, gates, scale, compress_fn: as in `nsa_decode_step`.
+    config, gates, scale, compress_fn, implementation, interpret: as in `nsa_decode_step`.
 
   Returns:
     `(out_t [B, Hq, Dv] in q_t.dtype, caches)`: row `t` of `nsa_attention_separate_kv` on the
@@ -414,6 +418,11 @@ def nsa_decode_step_separate_kv(q_t, k_ts, v_ts, caches, *, config: NSAConfig, g
     _check_step(q_t, k_t, v_t, gates)
   _check_separate_caches(caches, [k[:, None] for k in k_ts], [v[:, None] for v in v_ts], 1)
   scale = q_t.shape[-1] ** -0.5 if scale is None else scale
+  implementation = ops.resolve_implementation(implementation, interpret)
+  if (implementation == "pallas_gpu" and compress_fn is None
+      and pallas_gpu.step_separate_kv_supported(q_t, caches, config)):
+    return pallas_gpu.decode_step_separate_kv(q_t, k_ts, v_ts, caches, gates, scale,
+                                              config=config, interpret=interpret)
   cmp, slc, swa = caches
   position = cmp.length  # the new token's
   cmp = _append(cmp, k_ts[0], v_ts[0], config, compress_fn or _default_compress(config))

@@ -202,9 +202,10 @@ class NativeSparseAttention(_CausalAttentionBase):
     if self.num_kv_sets == 1:
       out, cache = decode.nsa_decode_step(q[:, 0], keys[0][:, 0], values[0][:, 0], cache,
                                           implementation=self.implementation, **common)
-    else:  # the XLA decode: the decode kernels read one K/V set
+    else:
       out, cache = decode.nsa_decode_step_separate_kv(
-          q[:, 0], [k[:, 0] for k in keys], [v[:, 0] for v in values], cache, **common)
+          q[:, 0], [k[:, 0] for k in keys], [v[:, 0] for v in values], cache,
+          implementation=self.implementation, **common)
     return self._output(out[:, None])[:, 0], cache
 
 

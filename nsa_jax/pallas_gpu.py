@@ -208,11 +208,48 @@ def decode_step(q_t, k_t, v_t, cache, gates, scale, *, config: NSAConfig, interp
                      scale=_static_scale(scale), interpret=interpret)
 
 
+def step_separate_kv_supported(q_t, caches, config: NSAConfig) -> bool:
+  """Whether `decode_step_separate_kv` takes these caches (`decode.init_separate_kv_cache`'s)."""
+  cmp, *dense = caches
+  return step_supported(q_t, cmp, config) and all(
+      c.k.shape == cmp.k.shape and c.v.shape == cmp.v.shape for c in dense)
+
+
+def decode_step_separate_kv(q_t, k_ts, v_ts, caches, gates, scale, *, config: NSAConfig,
+                            interpret=False):
+  """`decode_step` with a K/V set per branch (`nsa_jax.decode.nsa_decode_step_separate_kv`):
+  the compressed kernel appends set 0's token, XLA writes sets 1 and 2's, the sparse kernel's
+  selected programs read set 1 and its window programs set 2. Returns `(out, caches)`."""
+  return _decode_separate_jit(q_t, tuple(k_ts), tuple(v_ts), tuple(caches), gates,
+                              config=config, scale=_static_scale(scale), interpret=interpret)
+
+
 @functools.partial(jax.jit, static_argnames=("config", "scale", "interpret"))
-def _decode_jit(q_t, cache, position, gates, token, *, config, scale, interpret):
+def _decode_separate_jit(q_t, k_ts, v_ts, caches, gates, *, config, scale, interpret):
+  cmp, slc, swa = caches
+  write = lambda cache, k_t, v_t: dataclasses.replace(cache, k=_write_token(cache.k, k_t,
+                                                                            cache.length),
+                                                      v=_write_token(cache.v, v_t, cache.length),
+                                                      length=cache.length + 1)
+  slc, swa = write(slc, k_ts[1], v_ts[1]), write(swa, k_ts[2], v_ts[2])
+  out, cmp = _decode_jit(q_t, cmp, cmp.length, gates, (k_ts[0], v_ts[0]),
+                         sparse_kv=((slc.k, slc.v), (swa.k, swa.v)), config=config, scale=scale,
+                         interpret=interpret)
+  return out, (cmp, slc, swa)
+
+
+def _write_token(buf, x, position):
+  """`buf [B, Hkv, S, D]` with `x [B, Hkv, D]` at `position` (in place when donated)."""
+  return jax.lax.dynamic_update_slice(buf, x[:, :, None].astype(buf.dtype), (0, 0, position, 0))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "scale", "interpret"))
+def _decode_jit(q_t, cache, position, gates, token, sparse_kv=None, *, config, scale, interpret):
   """The four decode kernels (`pallas_kernels.gpu.decode`), with only reshapes between them
   (and, with gates, the padding of the gates to `[B, Hkv, Gp, 4]`). With `token = (k_t, v_t)`
-  the compressed kernel appends it first, and the updated cache is returned with the output."""
+  the compressed kernel appends it first, and the updated cache is returned with the output.
+  `sparse_kv = ((k, v) selected, (k, v) window)`: the sets the sparse kernel reads instead of the
+  cache's (a K/V set per branch; they hold the token already)."""
   b, hq, _ = q_t.shape
   hkv, size = cache.k.shape[1], cache.k.shape[2]
   group = hq // hkv
@@ -234,11 +271,12 @@ def _decode_jit(q_t, cache, position, gates, token, *, config, scale, interpret)
       num_partials=num_cmp_partials, cmp_block=config.cmp_block, cmp_stride=config.cmp_stride,
       slc_block=config.slc_block, num_slc=num_slc, interpret=interpret)
   # The sparse kernel's programs on selected blocks pick them from the scores themselves.
+  selected_kv, window_kv = ((cache.k, cache.v), None) if sparse_kv is None else sparse_kv
   sparse = decode_kernel.sparse_partials(
-      q_rows, cache.k, cache.v, slc_scores, position, block=config.slc_block,
+      q_rows, *selected_kv, slc_scores, position, block=config.slc_block,
       window=config.window, num_selected=config.num_selected, scale=scale,
       top_n=decode_kernel.TopN(num_slc, config.num_initial, config.num_local),
-      interpret=interpret)
+      window_kv=window_kv, interpret=interpret)
   if gates is not None:  # [B, Hq, 3] -> [B, Hkv, Gp, 4]: group rows, a power-of-two last axis
     gates = jnp.pad(decode_kernel.group_rows(gates.astype(jnp.float32), hkv),
                     [(0, 0)] * 3 + [(0, 1)])

@@ -61,12 +61,13 @@ def test_bench_kernels_times_every_part_and_writes_json(monkeypatch, tmp_path, p
 def test_bench_decode_runs_the_xla_decode_and_writes_json(monkeypatch, tmp_path, layers):
   out = tmp_path / "decode.json"
   monkeypatch.setattr("sys.argv", ["bench_decode", "--contexts", "512", "--batches", "1",
-                                   "--impls", "xla,separate_kv", "--steps", "4", "--repeats", "3",
+                                   "--impls", "xla,separate_kv_xla", "--steps", "4",
+                                   "--repeats", "3",
                                    "--layers", str(layers), "--out", str(out)])
   bench_decode.main()
   rows = json.loads(out.read_text())["rows"]
   impls = {row["impl"] for row in rows}
-  assert {"dense_xla", "nsa_xla", "nsa_separate_kv"} <= impls  # cuDNN is refused on the CPU
+  assert {"dense_xla", "nsa_xla", "nsa_separate_kv_xla"} <= impls  # cuDNN is refused on the CPU
   assert all(row["us_per_token"] > 0 and row["layers"] == layers for row in rows)
 
 

@@ -189,6 +189,25 @@ def test_decode_step_with_multi_block_sparse_programs_lowers_for_cuda(monkeypatc
     jax.clear_caches()
 
 
+@pytest.mark.parametrize("multi_block", [False, True])
+def test_separate_kv_decode_step_lowers_for_cuda(monkeypatch, multi_block):
+  # A K/V set per branch: the same four kernels, the sparse kernel's programs choosing the
+  # selected or the window set by a branch (one block a program, or a walk of several).
+  if multi_block:
+    monkeypatch.setattr(gpu_decode, "SPARSE_BLOCKS", 4)
+    monkeypatch.setattr(gpu_decode, "SPARSE_MULTI_MIN_PAIRS", 1)
+  config = NSAConfig()
+  caches = nsa_jax.init_separate_kv_cache(2, 10_000, 2, 128, config=config, dtype=jnp.bfloat16)
+  q_t, k_t = jnp.zeros((2, 32, 128), jnp.bfloat16), jnp.zeros((2, 2, 128), jnp.bfloat16)
+  jax.clear_caches()  # the jitted decode kernels read the constants when traced
+  try:
+    step = lambda q_t, k_t, caches: nsa_jax.nsa_decode_step_separate_kv(
+        q_t, [k_t] * 3, [k_t] * 3, caches, config=config, implementation="pallas_gpu")
+    assert pallas_kernels("cuda", step, q_t, k_t, caches) == DECODE_KERNELS["cuda"]
+  finally:
+    jax.clear_caches()
+
+
 def test_tpu_benchmark_kernels_lower():
   # experiments/tpu_overhead.py and bench_kernels' dense baseline, for the first TPU session.
   from experiments import tpu_overhead  # pylint: disable=g-import-not-at-top

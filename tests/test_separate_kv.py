@@ -8,8 +8,9 @@ import jax.numpy as jnp
 import pytest
 
 import nsa_jax
-from nsa_jax import NSAConfig
+from nsa_jax import NSAConfig, pallas_gpu
 from nsa_jax.attention_math import combine_branches
+from pallas_kernels.gpu import decode as gpu_decode
 from tests.helpers import assert_close, assert_grads_close, random_gates, random_qkv
 
 # l=8, d=4, l'=16, n=3, w=20: every branch is exercised within ~80 tokens.
@@ -17,10 +18,10 @@ SMALL = NSAConfig(cmp_block=8, cmp_stride=4, slc_block=16, num_selected=3, num_i
                   num_local=1, window=20)
 
 
-def three_sets(b, t, hq, hkv, dk, dv=None):
+def three_sets(b, t, hq, hkv, dk, dv=None, dtype=jnp.float32):
   """`q` and three independent K/V sets."""
-  q, k0, v0 = random_qkv(b, t, hq, hkv, dk, dv)
-  sets = [(k0, v0)] + [random_qkv(b, t, hq, hkv, dk, dv)[1:] for _ in range(2)]
+  q, k0, v0 = random_qkv(b, t, hq, hkv, dk, dv, dtype=dtype)
+  sets = [(k0, v0)] + [random_qkv(b, t, hq, hkv, dk, dv, dtype=dtype)[1:] for _ in range(2)]
   return q, [k for k, _ in sets], [v for _, v in sets]
 
 
@@ -53,18 +54,20 @@ def test_is_the_three_branches_on_their_own_sets(impl):
   assert_grads_close(jax.tree.leaves(grads), jax.tree.leaves(expected))
 
 
-def decode_all(q, keys, values, gates, prompt_len, config, max_len):
+def decode_all(q, keys, values, gates, prompt_len, config, max_len, implementation="xla",
+               interpret=False):
   """Prefill `prompt_len` tokens, then one step per token: the outputs `[B, T, Hq, Dv]`."""
   b, t, _, dk = q.shape
   caches = nsa_jax.init_separate_kv_cache(b, max_len, keys[0].shape[2], dk, values[0].shape[-1],
                                           config=config)
   p = prompt_len
   gates_at = lambda s: None if gates is None else gates[:, s]
+  kwargs = dict(config=config, implementation=implementation, interpret=interpret)
   out, caches = nsa_jax.nsa_prefill_separate_kv(
-      q[:, :p], [k[:, :p] for k in keys], [v[:, :p] for v in values], caches, config=config,
-      gates=gates_at(slice(0, p)))
+      q[:, :p], [k[:, :p] for k in keys], [v[:, :p] for v in values], caches,
+      gates=gates_at(slice(0, p)), **kwargs)
   # The caches donated, as a generation loop does (each leaf its own buffer).
-  step = jax.jit(functools.partial(nsa_jax.nsa_decode_step_separate_kv, config=config),
+  step = jax.jit(functools.partial(nsa_jax.nsa_decode_step_separate_kv, **kwargs),
                  donate_argnums=3)
   outs = [out]
   for s in range(p, t):
@@ -83,6 +86,30 @@ def test_prefill_then_steps_equal_the_full_forward(prompt_len, with_gates):
   expected = nsa_jax.nsa_attention_separate_kv(q, keys, values, config=SMALL, gates=gates,
                                                implementation="reference")
   assert_close(decode_all(q, keys, values, gates, prompt_len, SMALL, max_len=83), expected)
+
+
+@pytest.mark.parametrize("with_gates,batch,prompt_len,multi_block",
+                         [(True, 2, 60, False), (False, 1, 0, False), (False, 2, 60, True)])
+def test_gpu_decode_kernels_in_interpret_mode_equal_the_full_forward(monkeypatch, with_gates,
+                                                                     batch, prompt_len,
+                                                                     multi_block):
+  # The four decode kernels, the sparse kernel's window programs reading set 2 (one block a
+  # program, or walks of 2: selected programs of slots 0-1 / 2, window programs of tiles).
+  if multi_block:
+    monkeypatch.setattr(gpu_decode, "SPARSE_BLOCKS", 2)
+    monkeypatch.setattr(gpu_decode, "SPARSE_MULTI_MIN_PAIRS", 1)
+    jax.clear_caches()  # the jitted decode kernels read the constants when traced
+  q, keys, values = three_sets(batch, 70, 4, 2, 16)
+  caches = nsa_jax.init_separate_kv_cache(batch, 70, 2, 16, config=SMALL)
+  assert pallas_gpu.step_separate_kv_supported(q[:, 0], caches, SMALL)
+  gates = random_gates(q) if with_gates else None
+  expected = nsa_jax.nsa_attention_separate_kv(q, keys, values, config=SMALL, gates=gates,
+                                               implementation="reference")
+  out = decode_all(q, keys, values, gates, prompt_len, SMALL, max_len=70,
+                   implementation="pallas_gpu", interpret=True)
+  if multi_block:
+    jax.clear_caches()
+  assert_close(out, expected)
 
 
 def test_steps_with_dk_not_dv_and_mqa():
@@ -113,3 +140,37 @@ def test_bad_inputs_raise_value_errors():
   with pytest.raises(ValueError, match="the window branch's k and v must match its cache"):
     step([k[:, 0] for k in keys[:2]] + [keys[2][:, 0, :1]],
          [v[:, 0] for v in values[:2]] + [values[2][:, 0, :1]])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("multi_block", [False, True])
+def test_gpu_decode_kernels_match_the_xla_decode_on_gpu(monkeypatch, multi_block):
+  # The paper's config at an 8k context, G = 16, bf16; multi_block: the sparse programs walk
+  # SPARSE_BLOCKS blocks each (by default only from B * Hkv = 32; here 4).
+  if multi_block:
+    monkeypatch.setattr(gpu_decode, "SPARSE_MULTI_MIN_PAIRS", 1)
+  jax.clear_caches()  # the jitted decode kernels read the constants when traced
+  try:
+    config = NSAConfig()
+    b, hkv, prompt, steps = 2, 2, 8192 + 5, 40
+    q, keys, values = three_sets(b, prompt + steps, 16 * hkv, hkv, 128, dtype=jnp.bfloat16)
+    gates = random_gates(q)
+    caches = nsa_jax.init_separate_kv_cache(b, prompt + steps, hkv, 128, config=config,
+                                            dtype=jnp.bfloat16)
+    _, caches = nsa_jax.nsa_prefill_separate_kv(q[:, :prompt], [k[:, :prompt] for k in keys],
+                                                [v[:, :prompt] for v in values], caches,
+                                                config=config, gates=gates[:, :prompt])
+    assert pallas_gpu.step_separate_kv_supported(q[:, 0], caches, config)
+    steps_of = {impl: jax.jit(functools.partial(nsa_jax.nsa_decode_step_separate_kv,
+                                                config=config, implementation=impl))
+                for impl in ("pallas_gpu", "xla")}
+    for t in range(prompt, prompt + steps):
+      args = (q[:, t], [k[:, t] for k in keys], [v[:, t] for v in values], caches)
+      out, next_caches = steps_of["pallas_gpu"](*args, gates=gates[:, t])
+      expected, expected_caches = steps_of["xla"](*args, gates=gates[:, t])
+      assert_close(out, expected, jnp.bfloat16)
+      for got, want in zip(jax.tree.leaves(next_caches), jax.tree.leaves(expected_caches)):
+        assert_close(got, want, jnp.bfloat16)  # every cache write, lengths included
+      caches = next_caches
+  finally:
+    jax.clear_caches()

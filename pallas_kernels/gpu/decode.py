@@ -534,10 +534,19 @@ def _slot_block(picks, slot, num_selected):
   return jnp.where(slot < num_selected, chosen, -1)
 
 
-def _sparse_multi_kernel(pos_ref, selection_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *,
-                         scale, block, window, num_selected, top_n, per_program,
-                         selected_programs):
+def _sparse_refs(refs, window_set):
+  """`(k, v, k_window, v_window, acc, m, l)` of a sparse kernel's refs after the query's: the
+  window reads the selected blocks' K/V set unless `window_set` (a set per branch)."""
+  if window_set:
+    return refs
+  k_ref, v_ref, *outs = refs
+  return (k_ref, v_ref, k_ref, v_ref, *outs)
+
+
+def _sparse_multi_kernel(pos_ref, selection_ref, q_ref, *refs, scale, block, window,
+                         num_selected, top_n, per_program, selected_programs, window_set):
   """`per_program` selected blocks (or window tiles) with an online softmax: one partial."""
+  k_ref, v_ref, k_win_ref, v_win_ref, acc_ref, m_ref, l_ref = _sparse_refs(refs, window_set)
   program = pl.program_id(2)
   pos = pos_ref[0]
   selected = program < selected_programs
@@ -550,21 +559,30 @@ def _sparse_multi_kernel(pos_ref, selection_ref, q_ref, k_ref, v_ref, acc_ref, m
       lambda: jnp.full((slots,), -1, jnp.int32))
   q = q_ref[...]
 
-  def body(i, carry):
-    j = base + i  # slot, or window tile
-    window_block = jnp.where(j < window_tiles(window, block), first_window_block + j, -1)
-    scores, visible, v = _sparse_block(
-        q, k_ref, v_ref, pos, jnp.where(selected, _slot_block(picks, j, num_selected),
-                                        window_block), selected,
-        scale=scale, block=block, window=window)
-    return online_softmax_step(carry, scores, lambda: v, visible)
+  def walk(k_ref, v_ref):
+    def body(i, carry):
+      j = base + i  # slot, or window tile
+      window_block = jnp.where(j < window_tiles(window, block), first_window_block + j, -1)
+      scores, visible, v = _sparse_block(
+          q, k_ref, v_ref, pos, jnp.where(selected, _slot_block(picks, j, num_selected),
+                                          window_block), selected,
+          scale=scale, block=block, window=window)
+      return online_softmax_step(carry, scores, lambda: v, visible)
 
-  _store_partial(acc_ref, m_ref, l_ref, *jax.lax.fori_loop(
-      0, per_program, body, online_softmax_init(q.shape[0], acc_ref.shape[1])))
+    return jax.lax.fori_loop(0, per_program, body,
+                             online_softmax_init(q.shape[0], acc_ref.shape[1]))
+
+  if window_set:  # a program walks selected blocks or window tiles, never both
+    carry = jax.lax.cond(selected, lambda: walk(k_ref, v_ref),
+                         lambda: walk(k_win_ref, v_win_ref))
+  else:
+    carry = walk(k_ref, v_ref)
+  _store_partial(acc_ref, m_ref, l_ref, *carry)
 
 
-def _sparse_kernel(pos_ref, selection_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, scale,
-                   block, window, num_selected, top_n):
+def _sparse_kernel(pos_ref, selection_ref, q_ref, *refs, scale, block, window, num_selected,
+                   top_n, window_set):
+  k_ref, v_ref, k_win_ref, v_win_ref, acc_ref, m_ref, l_ref = _sparse_refs(refs, window_set)
   program = pl.program_id(2)
   pos = pos_ref[0]
   selected = program < num_selected
@@ -574,8 +592,13 @@ def _sparse_kernel(pos_ref, selection_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, 
                                            num_selected=num_selected, top_n=top_n),
                                     program, num_selected).astype(jnp.int32),
       lambda: (first_window_block + program - num_selected).astype(jnp.int32))
-  scores, visible, v = _sparse_block(q_ref[...], k_ref, v_ref, pos, block_id, selected,
-                                     scale=scale, block=block, window=window)
+  attend = lambda k_ref, v_ref: _sparse_block(q_ref[...], k_ref, v_ref, pos, block_id, selected,
+                                              scale=scale, block=block, window=window)
+  if window_set:
+    scores, visible, v = jax.lax.cond(selected, lambda: attend(k_ref, v_ref),
+                                      lambda: attend(k_win_ref, v_win_ref))
+  else:
+    scores, visible, v = attend(k_ref, v_ref)
   row_max = jnp.max(scores, axis=1)
   probs = jnp.where(visible[None, :], jnp.exp2(scores - row_max[:, None]), 0.0)
   _store_partial(acc_ref, m_ref, l_ref, _dot(probs.astype(v.dtype), v), row_max,
@@ -586,7 +609,7 @@ def _sparse_kernel(pos_ref, selection_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, 
                                              "interpret"))
 def sparse_partials(q_rows, k, v, selection, position, *, block: int, window: int,
                     num_selected: int, scale: float, top_n: TopN | None = None,
-                    interpret: bool = False):
+                    window_kv=None, interpret: bool = False):
   """Partials of selected-block and sliding-window attention of one query per sequence.
 
   Args:
@@ -599,6 +622,8 @@ def sparse_partials(q_rows, k, v, selection, position, *, block: int, window: in
     position: int32 scalar, the query's position (its token is in the cache).
     block: `l'`; window: `w`; num_selected: n; scale: softmax scale.
     top_n: the rest of the selection config, when `selection` holds scores.
+    window_kv: `(k, v)` caches the window's programs read instead of `k, v` (a K/V set per
+      branch), shaped as `k, v`; None: the same.
     interpret: Pallas interpret mode (CPU).
 
   Returns:
@@ -613,7 +638,8 @@ def sparse_partials(q_rows, k, v, selection, position, *, block: int, window: in
   selected_programs, programs = sparse_programs(b, hkv, num_selected, window, block)
   per_program = sparse_blocks_per_program(b, hkv)
   padded = pow2(programs)
-  common = dict(scale=scale, block=block, window=window, num_selected=num_selected, top_n=top_n)
+  common = dict(scale=scale, block=block, window=window, num_selected=num_selected, top_n=top_n,
+                window_set=window_kv is not None)
   if per_program == 1:
     kernel = functools.partial(_sparse_kernel, **common)
   else:
@@ -628,7 +654,7 @@ def sparse_partials(q_rows, k, v, selection, position, *, block: int, window: in
       in_specs=[pl.BlockSpec((1,), lambda i, j, p: (0,)),
                 pl.BlockSpec((None, None, width), lambda i, j, p: (i, j, 0)),
                 pl.BlockSpec((None, None, rows, dk), lambda i, j, p: (i, j, 0, 0)),
-                whole(dk), whole(dv)],
+                whole(dk), whole(dv)] + ([] if window_kv is None else [whole(dk), whole(dv)]),
       out_specs=[part(rows, dv), part(rows), part(rows)],
       out_shape=[jax.ShapeDtypeStruct((b, hkv, padded, rows, dv), jnp.float32),
                  jax.ShapeDtypeStruct((b, hkv, padded, rows), jnp.float32),
@@ -637,7 +663,8 @@ def sparse_partials(q_rows, k, v, selection, position, *, block: int, window: in
                                            num_stages=1 if per_program == 1 else SPARSE_STAGES),
       interpret=interpret,
       name="nsa_decode_sparse",
-  )(jnp.reshape(position, (1,)).astype(jnp.int32), selection, q_rows, k, v)
+  )(jnp.reshape(position, (1,)).astype(jnp.int32), selection, q_rows, k, v,
+    *(() if window_kv is None else window_kv))
 
 
 # ---------------------------------------------------------------------------------------------
