@@ -218,38 +218,24 @@ def step_separate_kv_supported(q_t, caches, config: NSAConfig) -> bool:
 def decode_step_separate_kv(q_t, k_ts, v_ts, caches, gates, scale, *, config: NSAConfig,
                             interpret=False):
   """`decode_step` with a K/V set per branch (`nsa_jax.decode.nsa_decode_step_separate_kv`):
-  the compressed kernel appends set 0's token, XLA writes sets 1 and 2's, the sparse kernel's
-  selected programs read set 1 and its window programs set 2. Returns `(out, caches)`."""
-  return _decode_separate_jit(q_t, tuple(k_ts), tuple(v_ts), tuple(caches), gates,
-                              config=config, scale=_static_scale(scale), interpret=interpret)
-
-
-@functools.partial(jax.jit, static_argnames=("config", "scale", "interpret"))
-def _decode_separate_jit(q_t, k_ts, v_ts, caches, gates, *, config, scale, interpret):
+  the compressed kernel appends the token to the three sets (and makes set 0's compressed
+  blocks), the sparse kernel's selected programs read set 1 and its window programs set 2, the
+  combine counts the three caches' lengths. Returns `(out, caches)`."""
   cmp, slc, swa = caches
-  write = lambda cache, k_t, v_t: dataclasses.replace(cache, k=_write_token(cache.k, k_t,
-                                                                            cache.length),
-                                                      v=_write_token(cache.v, v_t, cache.length),
-                                                      length=cache.length + 1)
-  slc, swa = write(slc, k_ts[1], v_ts[1]), write(swa, k_ts[2], v_ts[2])
-  out, cmp = _decode_jit(q_t, cmp, cmp.length, gates, (k_ts[0], v_ts[0]),
-                         sparse_kv=((slc.k, slc.v), (swa.k, swa.v)), config=config, scale=scale,
-                         interpret=interpret)
-  return out, (cmp, slc, swa)
-
-
-def _write_token(buf, x, position):
-  """`buf [B, Hkv, S, D]` with `x [B, Hkv, D]` at `position` (in place when donated)."""
-  return jax.lax.dynamic_update_slice(buf, x[:, :, None].astype(buf.dtype), (0, 0, position, 0))
+  out, cmp, more = _decode_jit(q_t, cmp, cmp.length, gates, (k_ts[0], v_ts[0]),
+                               more=((slc, k_ts[1], v_ts[1]), (swa, k_ts[2], v_ts[2])),
+                               config=config, scale=_static_scale(scale), interpret=interpret)
+  return out, (cmp, *more)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "scale", "interpret"))
-def _decode_jit(q_t, cache, position, gates, token, sparse_kv=None, *, config, scale, interpret):
+def _decode_jit(q_t, cache, position, gates, token, more=None, *, config, scale, interpret):
   """The four decode kernels (`pallas_kernels.gpu.decode`), with only reshapes between them
   (and, with gates, the padding of the gates to `[B, Hkv, Gp, 4]`). With `token = (k_t, v_t)`
   the compressed kernel appends it first, and the updated cache is returned with the output.
-  `sparse_kv = ((k, v) selected, (k, v) window)`: the sets the sparse kernel reads instead of the
-  cache's (a K/V set per branch; they hold the token already)."""
+  `more = ((slc cache, k_t, v_t), (swa cache, k_t, v_t))`: a K/V set per branch, dense caches
+  that get the token too, the sparse kernel reading the selected blocks from the first and the
+  window from the second; returned updated after the cache."""
   b, hq, _ = q_t.shape
   hkv, size = cache.k.shape[1], cache.k.shape[2]
   group = hq // hkv
@@ -259,19 +245,25 @@ def _decode_jit(q_t, cache, position, gates, token, sparse_kv=None, *, config, s
   q_rows = decode_kernel.group_rows(q_t, hkv)  # [B, Hkv, Gp, Dk]
   append = {} if token is None else dict(token=(cache.k, cache.v) + tuple(token),
                                          num_cmp=config.num_cmp_blocks(cache.max_len))
+  if more is not None:
+    append["more_sets"] = tuple((c.k, c.v, k_t, v_t) for c, k_t, v_t in more)
   score_parts, *cmp_partials = decode_kernel.compressed_partials(
       q_rows, cache.k_cmp, cache.v_cmp, position, cmp_block=config.cmp_block,
       cmp_stride=config.cmp_stride, slc_block=config.slc_block, num_slc=num_slc, scale=scale,
       split=split, interpret=interpret, **append)
   if token is not None:
-    cmp_partials, (k, v, k_cmp, v_cmp) = cmp_partials[:3], cmp_partials[3:]
+    cmp_partials, (k, v, k_cmp, v_cmp, *more_kv) = cmp_partials[:3], cmp_partials[3:]
     cache = dataclasses.replace(cache, k=k, v=v, k_cmp=k_cmp, v_cmp=v_cmp)
+  if more is not None:  # the dense caches with the token, their lengths counted below
+    more = [dataclasses.replace(c, k=more_kv[2 * n], v=more_kv[2 * n + 1])
+            for n, (c, _, _) in enumerate(more)]
   slc_scores = decode_kernel.selection_scores(
       score_parts, cmp_partials[1], cmp_partials[2], position, group=group,
       num_partials=num_cmp_partials, cmp_block=config.cmp_block, cmp_stride=config.cmp_stride,
       slc_block=config.slc_block, num_slc=num_slc, interpret=interpret)
   # The sparse kernel's programs on selected blocks pick them from the scores themselves.
-  selected_kv, window_kv = ((cache.k, cache.v), None) if sparse_kv is None else sparse_kv
+  selected_kv, window_kv = (((cache.k, cache.v), None) if more is None else
+                            ((more[0].k, more[0].v), (more[1].k, more[1].v)))
   sparse = decode_kernel.sparse_partials(
       q_rows, *selected_kv, slc_scores, position, block=config.slc_block,
       window=config.window, num_selected=config.num_selected, scale=scale,
@@ -284,14 +276,20 @@ def _decode_jit(q_t, cache, position, gates, token, sparse_kv=None, *, config, s
       b, hkv, config.num_selected, config.window, config.slc_block)
   # With the token, the combine also counts it (cache.length is the position: the kernels before
   # have read it).
+  lengths = None if token is None else (
+      cache.length if more is None else (cache.length,) + tuple(c.length for c in more))
   out = decode_kernel.combine(
       cmp_partials, sparse, gates, num_cmp_partials=num_cmp_partials,
       num_selected=num_selected_partials, num_sparse=num_sparse_partials, out_dtype=q_t.dtype,
-      length=None if token is None else cache.length, interpret=interpret)
+      length=lengths, interpret=interpret)
   if token is None:
     return out[:, :, :group].reshape(b, hq, -1)
-  out, length = out
-  return out[:, :, :group].reshape(b, hq, -1), dataclasses.replace(cache, length=length)
+  out, counted = out
+  out = out[:, :, :group].reshape(b, hq, -1)
+  if more is None:
+    return out, dataclasses.replace(cache, length=counted)
+  more = tuple(dataclasses.replace(c, length=n) for c, n in zip(more, counted[1:]))
+  return out, dataclasses.replace(cache, length=counted[0]), more
 
 
 def append_supported(cache, config: NSAConfig) -> bool:

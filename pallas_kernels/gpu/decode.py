@@ -205,17 +205,28 @@ def _append_token(pos, k_t_ref, v_t_ref, k_ref, v_ref, k_cmp_ref, v_cmp_ref, *, 
       plgpu.debug_barrier()  # the block's row is in global memory before the tiles load it
 
 
-def _cmp_kernel(*refs, appends, num_cmp, interpret, **config):
+def _cmp_kernel(*refs, appends, more_sets, num_cmp, interpret, **config):
   """`_cmp_partials`, after `_append_token` with `appends`: the compressed caches are then read
-  from the outputs they are updated in (the same buffers on the GPU)."""
+  from the outputs they are updated in (the same buffers on the GPU). `more_sets` more K/V sets
+  (a set per branch) get the token's rows too, from split 0."""
   if not appends:
     _cmp_partials(*refs, **config)
     return
-  (pos_ref, q_ref, k_t_ref, v_t_ref, _k, _v, _k_cmp, _v_cmp, k_ref, v_ref, k_cmp_ref, v_cmp_ref,
-   *outs) = refs
-  _append_token(pos_ref[0], k_t_ref, v_t_ref, k_ref, v_ref, k_cmp_ref, v_cmp_ref,
+  pos_ref, q_ref, k_t_ref, v_t_ref, *refs = refs
+  more_tokens, refs = refs[:2 * more_sets], refs[2 * more_sets:]
+  refs = refs[4 + 2 * more_sets:]  # the caches' inputs: read through their aliased outputs
+  k_ref, v_ref, k_cmp_ref, v_cmp_ref, *refs = refs
+  more_caches, outs = refs[:2 * more_sets], refs[2 * more_sets:]
+  pos = pos_ref[0]
+  _append_token(pos, k_t_ref, v_t_ref, k_ref, v_ref, k_cmp_ref, v_cmp_ref,
                 split=config["split"], cmp_block=config["cmp_block"],
                 cmp_stride=config["cmp_stride"], num_cmp=num_cmp, interpret=interpret)
+  if more_sets:
+    @pl.when(pl.program_id(2) == 0)
+    def _():
+      for token_ref, cache_ref in zip(more_tokens, more_caches):
+        cache_ref[pl.ds(pos, 1), :] = token_ref[...].astype(cache_ref.dtype)[None, :]
+
   _cmp_partials(pos_ref, q_ref, k_cmp_ref, v_cmp_ref, *outs, **config)
 
 
@@ -258,7 +269,7 @@ def _cmp_partials(pos_ref, q_ref, k_ref, v_ref, sums_ref, tails_ref, tmax_ref, a
                                              "scale", "split", "num_cmp", "interpret"))
 def compressed_partials(q_rows, k_cmp, v_cmp, position, *, cmp_block: int, cmp_stride: int,
                         slc_block: int, num_slc: int, scale: float, split: int, token=None,
-                        num_cmp: int | None = None, interpret: bool = False):
+                        more_sets=(), num_cmp: int | None = None, interpret: bool = False):
   """Flash-decoding partials of the compressed branch, and its per-tile selection-block sums.
 
   With `token = (k, v, k_t, v_t)` it first appends the step's token, as
@@ -274,12 +285,14 @@ def compressed_partials(q_rows, k_cmp, v_cmp, position, *, cmp_block: int, cmp_s
     scale: softmax scale.
     split: compressed keys per program (`cmp_split`).
     token, num_cmp: the token to append first, or None.
+    more_sets: with `token`, more `(k, v, k_t, v_t)` (raw caches and the token's rows: a K/V set
+      per branch) whose caches get the token too.
     interpret: Pallas interpret mode (CPU).
 
   Returns:
     `(score_parts, acc [B, Hkv, Pp, Gp, Dv], row_max [B, Hkv, Pp, Gp], row_sum [B, Hkv, Pp,
     Gp])`, all float32, then with `token` the caches `(k, v, k_cmp, v_cmp)` holding it (updated
-    in place when donated or loop-carried). Partial `p < P = ceil(Sc / split)` covers blocks
+    in place when donated or loop-carried), then `more_sets`' `(k, v)`, likewise. Partial `p < P = ceil(Sc / split)` covers blocks
     `[p*split, (p+1)*split)` (Pp = pow2(P); rows past P are unwritten). `score_parts = (sums [B, Hkv, Gp,
     *], tails [B, Hkv, Gp, *], tile_max [B, Hkv, *, Gp])`: for each key tile `u` (CMP_TILE
     keys) with `u * CMP_TILE < count`, `tile_max[..., u + 1, g]` is row g's running max after
@@ -299,18 +312,25 @@ def compressed_partials(q_rows, k_cmp, v_cmp, position, *, cmp_block: int, cmp_s
   per_head = lambda *shape: pl.BlockSpec((None, None) + shape, lambda i, j, s: (i, j, 0, 0))
   f32 = lambda *shape: jax.ShapeDtypeStruct((b, hkv) + shape, jnp.float32)
   caches, cache_specs, token_specs, aliases = [k_cmp, v_cmp], [whole(dk), whole(dv)], [], {}
+  tokens = []
   if token is not None:
     k, v, k_t, v_t = token
     size = k.shape[2]
     raw = lambda d: pl.BlockSpec((None, None, size, d), lambda i, j, s: (i, j, 0, 0))
-    token_specs = [pl.BlockSpec((None, None, d), lambda i, j, s: (i, j, 0)) for d in (dk, dv)]
-    caches, cache_specs = [k, v] + caches, [raw(dk), raw(dv)] + cache_specs
-    aliases = {4 + n: n for n in range(4)}  # pos, q, k_t, v_t, then the caches
+    token_spec = lambda d: pl.BlockSpec((None, None, d), lambda i, j, s: (i, j, 0))
+    sets = [(k, v, k_t, v_t), *more_sets]
+    tokens = [x for _, _, k_t, v_t in sets for x in (k_t, v_t)]
+    token_specs = [token_spec(d) for _ in sets for d in (dk, dv)]
+    more_caches = [x for k, v, _, _ in more_sets for x in (k, v)]
+    caches = [k, v] + caches + more_caches
+    cache_specs = [raw(dk), raw(dv)] + cache_specs + [raw(dk), raw(dv)] * len(more_sets)
+    # pos, q and the tokens come first, then the caches
+    aliases = {2 + len(tokens) + n: n for n in range(len(caches))}
   scalar = pl.BlockSpec((1,), lambda i, j, s: (0,))
   outs = pl.pallas_call(
-      functools.partial(_cmp_kernel, appends=token is not None, num_cmp=num_cmp,
-                        interpret=interpret, scale=scale, split=split, cmp_block=cmp_block,
-                        cmp_stride=cmp_stride, smap=smap),
+      functools.partial(_cmp_kernel, appends=token is not None, more_sets=len(more_sets),
+                        num_cmp=num_cmp, interpret=interpret, scale=scale, split=split,
+                        cmp_block=cmp_block, cmp_stride=cmp_stride, smap=smap),
       grid=(b, hkv, splits),
       in_specs=[scalar, per_head(rows, dk)] + token_specs + cache_specs,
       out_specs=(cache_specs if token is not None else []) + [
@@ -323,8 +343,7 @@ def compressed_partials(q_rows, k_cmp, v_cmp, position, *, cmp_block: int, cmp_s
       compiler_params=plgpu.CompilerParams(num_warps=CMP_NUM_WARPS, num_stages=CMP_STAGES),
       interpret=interpret,
       name="nsa_decode_compressed",
-  )(jnp.reshape(position, (1,)).astype(jnp.int32), q_rows,
-    *([] if token is None else token[2:]), *caches)
+  )(jnp.reshape(position, (1,)).astype(jnp.int32), q_rows, *tokens, *caches)
   updated, (sums, tails, tile_max, *partials) = outs[:len(aliases)], outs[len(aliases):]
   return ((sums, tails, tile_max), *partials, *updated)
 
@@ -686,11 +705,12 @@ def _combine_kernel(*refs, num_cmp_partials, num_selected, num_sparse, gated, co
   sparse = [ref[...] for ref in refs[3:6]]
   gates = refs[6][...] if gated else None  # [Gp, 4], the fourth column padding
   if counts:
-    out_ref, length_ref = refs[-2:]
+    out_ref, *length_refs = refs[-1 - counts:]
 
     @pl.when((pl.program_id(0) == 0) & (pl.program_id(1) == 0) & (pl.program_id(2) == 0))
-    def _():  # one program: no other reads it, and every earlier kernel has read it
-      length_ref[...] = length_ref[...] + 1
+    def _():  # one program: no other reads them, and every earlier kernel has read them
+      for length_ref in length_refs:
+        length_ref[...] = length_ref[...] + 1
   else:
     out_ref = refs[-1]
   branches = (_merge(*cmp, 0, num_cmp_partials),
@@ -711,7 +731,8 @@ def combine(cmp_partials, sparse_partials_, gates, *, num_cmp_partials: int, num
             num_sparse: int, out_dtype, length=None, interpret: bool = False):
   """The gated sum of the three branches, `[B, Hkv, Gp, Dv]` in `out_dtype`; with `length` (an
   int32 scalar), `(out, length + 1)`, the add done in place by one program (an XLA add would be
-  one more launch a step: the decode step counts its cache's length here).
+  one more launch a step: the decode step counts its cache's length here); with a tuple of
+  lengths (a K/V set per branch, a cache each), `(out, each + 1)`.
 
   Args:
     cmp_partials: `(acc, row_max, row_sum)` of `compressed_partials`, `num_cmp_partials` written.
@@ -738,15 +759,17 @@ def combine(cmp_partials, sparse_partials_, gates, *, num_cmp_partials: int, num
   out_specs = [pl.BlockSpec((None, None, rows, dv_tile), lambda i, j, d: (i, j, 0, d))]
   out_shape = [jax.ShapeDtypeStruct((b, hkv, rows, dv), out_dtype)]
   aliases = {}
-  if length is not None:
-    scalar = pl.BlockSpec((1,), lambda i, j, d: (0,))
-    aliases = {len(args): 1}
+  several = isinstance(length, (tuple, list))
+  lengths = tuple(length) if several else (() if length is None else (length,))
+  scalar = pl.BlockSpec((1,), lambda i, j, d: (0,))
+  for n, count in enumerate(lengths):
+    aliases[len(args)] = 1 + n
     specs, out_specs = specs + [scalar], out_specs + [scalar]
-    args.append(jnp.reshape(length, (1,)).astype(jnp.int32))
+    args.append(jnp.reshape(count, (1,)).astype(jnp.int32))
     out_shape.append(jax.ShapeDtypeStruct((1,), jnp.int32))
   kernel = functools.partial(_combine_kernel, num_cmp_partials=num_cmp_partials,
                              num_selected=num_selected, num_sparse=num_sparse,
-                             gated=gates is not None, counts=length is not None)
+                             gated=gates is not None, counts=len(lengths))
   outs = pl.pallas_call(
       kernel,
       grid=(b, hkv, dv // dv_tile),
@@ -758,4 +781,7 @@ def combine(cmp_partials, sparse_partials_, gates, *, num_cmp_partials: int, num
       interpret=interpret,
       name="nsa_decode_combine",
   )(*args)
-  return outs[0] if length is None else (outs[0], outs[1].reshape(()))
+  if length is None:
+    return outs[0]
+  counted = tuple(x.reshape(()) for x in outs[1:])
+  return outs[0], counted if several else counted[0]
