@@ -25,6 +25,10 @@ BENCHMARKS.md).
 4. `combine`: grid (B, Hkv, Dv tiles). Merges the partials of the three branches and
    applies the gates; in a decode step one program also counts the cache's length.
 
+A K/V set per branch (`nsa_jax.decode.nsa_decode_step_separate_kv`) runs the same four: step 1
+also writes the token into the selected and window branches' caches (`more_sets`), step 3's
+window programs read the window's set (`window_kv`), step 4 counts the three caches' lengths.
+
 Scores and softmax statistics are in the log2 domain (`exp2`). Layout: caches head-major
 `[B, Hkv, S, D]`; the G query heads of a KV group are the matmul rows `[B, Hkv, Gp, Dk]` (padded
 to Gp = 16 or the next power of two). Partial arrays have a power-of-two partial axis (Triton
@@ -292,9 +296,10 @@ def compressed_partials(q_rows, k_cmp, v_cmp, position, *, cmp_block: int, cmp_s
   Returns:
     `(score_parts, acc [B, Hkv, Pp, Gp, Dv], row_max [B, Hkv, Pp, Gp], row_sum [B, Hkv, Pp,
     Gp])`, all float32, then with `token` the caches `(k, v, k_cmp, v_cmp)` holding it (updated
-    in place when donated or loop-carried), then `more_sets`' `(k, v)`, likewise. Partial `p < P = ceil(Sc / split)` covers blocks
-    `[p*split, (p+1)*split)` (Pp = pow2(P); rows past P are unwritten). `score_parts = (sums [B, Hkv, Gp,
-    *], tails [B, Hkv, Gp, *], tile_max [B, Hkv, *, Gp])`: for each key tile `u` (CMP_TILE
+    in place when donated or loop-carried), then `more_sets`' `(k, v)`, likewise. Partial
+    `p < P = ceil(Sc / split)` covers blocks `[p*split, (p+1)*split)` (Pp = pow2(P); rows past
+    P are unwritten). `score_parts = (sums [B, Hkv, Gp, *], tails [B, Hkv, Gp, *], tile_max
+    [B, Hkv, *, Gp])`: for each key tile `u` (CMP_TILE
     keys) with `u * CMP_TILE < count`, `tile_max[..., u + 1, g]` is row g's running max after
     it, `M`, and columns `SUMS_SHIFT + j` of `sums` / `tails` hold `_ScoreMap`'s `V_j` / `U_j`
     of the selection blocks `j` it owns, over `p = exp2(s - M)` (0 where not visible). Other
