@@ -138,12 +138,18 @@ def select_blocks(q, k_cmp, *, config: NSAConfig, scale=None, implementation=Non
   Raises:
     ValueError: bad ranks, dtypes, head counts, `Tc`, or an invalid config.
   """
+  config = _check_selection(q, k_cmp, k_cmp, config)
+  return _call(implementation, interpret, "select_blocks", q, k_cmp, _scale(scale, q.shape[-1]),
+               config=config)
+
+
+def _check_selection(q, k_cmp, v_cmp, config) -> NSAConfig:
+  """Checks the inputs of the ops that select blocks; returns the config."""
   config = check.check_config(config)
   check.check_rank("q", q, 4, "[B, T, Hq, Dk]")
   check.check_float("q", q)
-  check.check_compressed(q, k_cmp, k_cmp, config.num_cmp_blocks(q.shape[1]))
-  return _call(implementation, interpret, "select_blocks", q, k_cmp, _scale(scale, q.shape[-1]),
-               config=config)
+  check.check_compressed(q, k_cmp, v_cmp, config.num_cmp_blocks(q.shape[1]))
+  return config
 
 
 def compressed_attention_and_selection(q, k_cmp, v_cmp, *, config: NSAConfig, scale=None,
@@ -172,10 +178,7 @@ def compressed_attention_and_selection(q, k_cmp, v_cmp, *, config: NSAConfig, sc
   Raises:
     ValueError: bad ranks, dtypes, head counts, `Tc`, or an invalid config.
   """
-  config = check.check_config(config)
-  check.check_rank("q", q, 4, "[B, T, Hq, Dk]")
-  check.check_float("q", q)
-  check.check_compressed(q, k_cmp, v_cmp, config.num_cmp_blocks(q.shape[1]))
+  config = _check_selection(q, k_cmp, v_cmp, config)
   out, block_indices = _call(implementation, interpret, "compressed_attention_and_selection", q,
                              k_cmp, v_cmp, _scale(scale, q.shape[-1]), config=config)
   return out.astype(q.dtype), block_indices
@@ -265,10 +268,7 @@ def nsa_attention(q, k, v, *, config: NSAConfig, gates=None, k_cmp=None, v_cmp=N
   check.check_qkv(q, k, v)
   if gates is not None:
     check.check_gates(q, gates)
-  if (k_cmp is None) != (v_cmp is None):
-    raise ValueError("k_cmp and v_cmp must be given together or both be None, got "
-                     f"k_cmp {None if k_cmp is None else tuple(k_cmp.shape)}, "
-                     f"v_cmp {None if v_cmp is None else tuple(v_cmp.shape)}")
+  _check_both_or_neither(k_cmp, v_cmp)
   backend = _backend(implementation, interpret)
   if k_cmp is None:
     k_cmp, v_cmp = backend.compress_kv(k, v, config.cmp_block, config.cmp_stride)
@@ -310,10 +310,7 @@ def nsa_attention_separate_kv(q, keys, values, *, config: NSAConfig, gates=None,
     check.check_qkv(q, k, v)
   if gates is not None:
     check.check_gates(q, gates)
-  if (k_cmp is None) != (v_cmp is None):
-    raise ValueError("k_cmp and v_cmp must be given together or both be None, got "
-                     f"k_cmp {None if k_cmp is None else tuple(k_cmp.shape)}, "
-                     f"v_cmp {None if v_cmp is None else tuple(v_cmp.shape)}")
+  _check_both_or_neither(k_cmp, v_cmp)
   if k_cmp is None:
     k_cmp, v_cmp = compress_kv(keys[0], values[0], block=config.cmp_block,
                                stride=config.cmp_stride, implementation=implementation)
@@ -324,6 +321,13 @@ def nsa_attention_separate_kv(q, keys, values, *, config: NSAConfig, gates=None,
                              **common)
   o_swa = sliding_window_attention(q, keys[2], values[2], window=config.window, **common)
   return combine_branches(o_cmp, o_slc, o_swa, gates).astype(q.dtype)
+
+
+def _check_both_or_neither(k_cmp, v_cmp) -> None:
+  if (k_cmp is None) != (v_cmp is None):
+    raise ValueError("k_cmp and v_cmp must be given together or both be None, got "
+                     f"k_cmp {None if k_cmp is None else tuple(k_cmp.shape)}, "
+                     f"v_cmp {None if v_cmp is None else tuple(v_cmp.shape)}")
 
 
 def dense_causal_attention(q, k, v, *, scale=None):
