@@ -393,8 +393,9 @@ def nsa_decode_step_separate_kv(q_t, k_ts, v_ts, caches, *, config: NSAConfig, g
                                 implementation=None, interpret: bool = False):
   """`nsa_decode_step` with a K/V set per branch.
 
-  On GPU with mean pooling, the decode kernels (`pallas_gpu.decode_step_separate_kv`: the sparse
-  kernel's window programs read set 2); elsewhere the XLA decode (also on TPU).
+  On GPU the decode kernels (`pallas_gpu.decode_step_separate_kv`: the sparse kernel's window
+  programs read set 2; with a `compress_fn` the tokens are appended in XLA first); elsewhere the
+  XLA decode (also on TPU).
 
   Args:
     q_t: `[B, Hq, Dk]`.
@@ -426,7 +427,13 @@ def nsa_decode_step_separate_kv(q_t, k_ts, v_ts, caches, *, config: NSAConfig, g
   cmp, slc, swa = caches
   position = cmp.length  # the new token's
   cmp = _append(cmp, k_ts[0], v_ts[0], config, compress_fn or _default_compress(config))
-  slc, swa = _dense_append(slc, k_ts[1], v_ts[1]), _dense_append(swa, k_ts[2], v_ts[2])
-  out = xla.decode_attention_separate_kv(q_t, cmp, (slc.k, slc.v), (swa.k, swa.v), position,
-                                         gates, scale, config=config)
-  return out, (cmp, slc, swa)
+  caches = (cmp, _dense_append(slc, k_ts[1], v_ts[1]), _dense_append(swa, k_ts[2], v_ts[2]))
+  if (implementation == "pallas_gpu"  # a learned compression: appended above, then the kernels
+      and pallas_gpu.kernels_take_separate_kv(q_t, caches, config)):
+    out = pallas_gpu.decode_attention_separate_kv(q_t, caches, position, gates, scale,
+                                                  config=config, interpret=interpret)
+  else:
+    out = xla.decode_attention_separate_kv(q_t, cmp, (caches[1].k, caches[1].v),
+                                           (caches[2].k, caches[2].v), position, gates, scale,
+                                           config=config)
+  return out, caches

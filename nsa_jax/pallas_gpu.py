@@ -208,11 +208,26 @@ def decode_step(q_t, k_t, v_t, cache, gates, scale, *, config: NSAConfig, interp
                      scale=_static_scale(scale), interpret=interpret)
 
 
-def step_separate_kv_supported(q_t, caches, config: NSAConfig) -> bool:
-  """Whether `decode_step_separate_kv` takes these caches (`decode.init_separate_kv_cache`'s)."""
+def kernels_take_separate_kv(q_t, caches, config: NSAConfig) -> bool:
+  """Whether `decode_attention_separate_kv` takes these caches (`init_separate_kv_cache`'s)."""
   cmp, *dense = caches
-  return step_supported(q_t, cmp, config) and all(
+  return _kernels_take(q_t, cmp, config) and all(
       c.k.shape == cmp.k.shape and c.v.shape == cmp.v.shape for c in dense)
+
+
+def step_separate_kv_supported(q_t, caches, config: NSAConfig) -> bool:
+  """Whether `decode_step_separate_kv` takes these caches (with mean pooling)."""
+  return append_supported(caches[0], config) and kernels_take_separate_kv(q_t, caches, config)
+
+
+def decode_attention_separate_kv(q_t, caches, position, gates, scale, *, config: NSAConfig,
+                                 interpret=False):
+  """`decode_attention` with a K/V set per branch, the caches holding the token already (a
+  learned compression appends in XLA first): `[B, Hq, Dv]`; sizes as
+  `kernels_take_separate_kv` takes."""
+  cmp, slc, swa = caches
+  return _decode_jit(q_t, cmp, position, gates, None, more=((slc, None, None), (swa, None, None)),
+                     config=config, scale=_static_scale(scale), interpret=interpret)
 
 
 def decode_step_separate_kv(q_t, k_ts, v_ts, caches, gates, scale, *, config: NSAConfig,
@@ -234,8 +249,9 @@ def _decode_jit(q_t, cache, position, gates, token, more=None, *, config, scale,
   (and, with gates, the padding of the gates to `[B, Hkv, Gp, 4]`). With `token = (k_t, v_t)`
   the compressed kernel appends it first, and the updated cache is returned with the output.
   `more = ((slc cache, k_t, v_t), (swa cache, k_t, v_t))`: a K/V set per branch, dense caches
-  that get the token too, the sparse kernel reading the selected blocks from the first and the
-  window from the second; returned updated after the cache."""
+  that get the token too (with `token`; else they hold it already), the sparse kernel reading
+  the selected blocks from the first and the window from the second; with `token` returned
+  updated after the cache."""
   b, hq, _ = q_t.shape
   hkv, size = cache.k.shape[1], cache.k.shape[2]
   group = hq // hkv
@@ -245,7 +261,7 @@ def _decode_jit(q_t, cache, position, gates, token, more=None, *, config, scale,
   q_rows = decode_kernel.group_rows(q_t, hkv)  # [B, Hkv, Gp, Dk]
   append = {} if token is None else dict(token=(cache.k, cache.v) + tuple(token),
                                          num_cmp=config.num_cmp_blocks(cache.max_len))
-  if more is not None:
+  if more is not None and token is not None:
     append["more_sets"] = tuple((c.k, c.v, k_t, v_t) for c, k_t, v_t in more)
   score_parts, *cmp_partials = decode_kernel.compressed_partials(
       q_rows, cache.k_cmp, cache.v_cmp, position, cmp_block=config.cmp_block,
@@ -254,8 +270,8 @@ def _decode_jit(q_t, cache, position, gates, token, more=None, *, config, scale,
   if token is not None:
     cmp_partials, (k, v, k_cmp, v_cmp, *more_kv) = cmp_partials[:3], cmp_partials[3:]
     cache = dataclasses.replace(cache, k=k, v=v, k_cmp=k_cmp, v_cmp=v_cmp)
-  if more is not None:  # the dense caches with the token, their lengths counted below
-    more = [dataclasses.replace(c, k=more_kv[2 * n], v=more_kv[2 * n + 1])
+  if more is not None:  # the dense caches (with the token: their lengths counted below)
+    more = [c if token is None else dataclasses.replace(c, k=more_kv[2 * n], v=more_kv[2 * n + 1])
             for n, (c, _, _) in enumerate(more)]
   slc_scores = decode_kernel.selection_scores(
       score_parts, cmp_partials[1], cmp_partials[2], position, group=group,

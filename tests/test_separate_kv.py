@@ -55,14 +55,15 @@ def test_is_the_three_branches_on_their_own_sets(impl):
 
 
 def decode_all(q, keys, values, gates, prompt_len, config, max_len, implementation="xla",
-               interpret=False):
+               interpret=False, compress_fn=None):
   """Prefill `prompt_len` tokens, then one step per token: the outputs `[B, T, Hq, Dv]`."""
   b, t, _, dk = q.shape
   caches = nsa_jax.init_separate_kv_cache(b, max_len, keys[0].shape[2], dk, values[0].shape[-1],
                                           config=config)
   p = prompt_len
   gates_at = lambda s: None if gates is None else gates[:, s]
-  kwargs = dict(config=config, implementation=implementation, interpret=interpret)
+  kwargs = dict(config=config, implementation=implementation, interpret=interpret,
+                compress_fn=compress_fn)
   out, caches = nsa_jax.nsa_prefill_separate_kv(
       q[:, :p], [k[:, :p] for k in keys], [v[:, :p] for v in values], caches,
       gates=gates_at(slice(0, p)), **kwargs)
@@ -112,6 +113,31 @@ def test_gpu_decode_kernels_in_interpret_mode_equal_the_full_forward(monkeypatch
   assert_close(out, expected)
 
 
+@pytest.mark.parametrize("implementation", ["xla", "pallas_gpu"])
+def test_a_learned_compress_fn_compresses_set_0(implementation):
+  # A pooling that weights the block's tokens unevenly and mixes features (the NNX layer's
+  # learned phi in spirit). pallas_gpu: the step appends in XLA, then attends with the decode
+  # kernels (interpret mode).
+  weights = jax.random.normal(jax.random.key(3), (SMALL.cmp_block,))
+  mix = jax.random.normal(jax.random.key(4), (16, 16)) / 4
+
+  def compress_fn(k, v):
+    num = SMALL.num_cmp_blocks(k.shape[1])
+    tokens = jnp.arange(num)[:, None] * SMALL.cmp_stride + jnp.arange(SMALL.cmp_block)
+    pool = lambda x: jnp.tanh(jnp.einsum("bilhd,l,de->bihe", x[:, tokens], weights, mix))
+    return pool(k), pool(v)
+
+  q, keys, values = three_sets(1, 60, 4, 2, 16)
+  caches = nsa_jax.init_separate_kv_cache(1, 60, 2, 16, config=SMALL)
+  assert pallas_gpu.kernels_take_separate_kv(q[:, 0], caches, SMALL)
+  k_cmp, v_cmp = compress_fn(keys[0], values[0])
+  expected = nsa_jax.nsa_attention_separate_kv(q, keys, values, config=SMALL, k_cmp=k_cmp,
+                                               v_cmp=v_cmp, implementation="reference")
+  assert_close(decode_all(q, keys, values, None, 9, SMALL, max_len=60,
+                          implementation=implementation, interpret=implementation == "pallas_gpu",
+                          compress_fn=compress_fn), expected)
+
+
 def test_steps_with_dk_not_dv_and_mqa():
   config = NSAConfig(cmp_block=16, cmp_stride=8, slc_block=16, num_selected=4, num_initial=2,
                      num_local=2, window=9)
@@ -143,10 +169,13 @@ def test_bad_inputs_raise_value_errors():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("multi_block", [False, True])
-def test_gpu_decode_kernels_match_the_xla_decode_on_gpu(monkeypatch, multi_block):
+@pytest.mark.parametrize("multi_block,given_compress_fn", [(False, False), (True, False),
+                                                           (False, True)])
+def test_gpu_decode_kernels_match_the_xla_decode_on_gpu(monkeypatch, multi_block,
+                                                        given_compress_fn):
   # The paper's config at an 8k context, G = 16, bf16; multi_block: the sparse programs walk
-  # SPARSE_BLOCKS blocks each (by default only from B * Hkv = 32; here 4).
+  # SPARSE_BLOCKS blocks each (by default only from B * Hkv = 32; here 4); given_compress_fn:
+  # mean pooling passed as a `compress_fn`, so the step appends in XLA and the kernels attend.
   if multi_block:
     monkeypatch.setattr(gpu_decode, "SPARSE_MULTI_MIN_PAIRS", 1)
   jax.clear_caches()  # the jitted decode kernels read the constants when traced
@@ -161,8 +190,11 @@ def test_gpu_decode_kernels_match_the_xla_decode_on_gpu(monkeypatch, multi_block
                                                 [v[:, :prompt] for v in values], caches,
                                                 config=config, gates=gates[:, :prompt])
     assert pallas_gpu.step_separate_kv_supported(q[:, 0], caches, config)
+    compress_fn = (functools.partial(nsa_jax.compress_kv, block=config.cmp_block,
+                                     stride=config.cmp_stride) if given_compress_fn else None)
     steps_of = {impl: jax.jit(functools.partial(nsa_jax.nsa_decode_step_separate_kv,
-                                                config=config, implementation=impl))
+                                                config=config, implementation=impl,
+                                                compress_fn=compress_fn))
                 for impl in ("pallas_gpu", "xla")}
     for t in range(prompt, prompt + steps):
       args = (q[:, t], [k[:, t] for k in keys], [v[:, t] for v in values], caches)
