@@ -90,7 +90,7 @@ def test_prefill_then_steps_equal_the_full_forward(prompt_len, with_gates):
 
 
 @pytest.mark.parametrize("with_gates,batch,prompt_len,multi_block",
-                         [(True, 2, 60, False), (False, 1, 0, False), (False, 2, 60, True)])
+                         [(True, 2, 60, False), (False, 1, 0, False), (False, 1, 60, True)])
 def test_gpu_decode_kernels_in_interpret_mode_equal_the_full_forward(monkeypatch, with_gates,
                                                                      batch, prompt_len,
                                                                      multi_block):
