@@ -137,3 +137,19 @@ def has_gpu():
     return bool(jax.devices("gpu"))
   except RuntimeError:
     return False
+
+
+def uneven_pooling(config, head_dim):
+  """A learned-compression stand-in `(k, v) -> (k_cmp, v_cmp)` for `config`'s blocks: weights a
+  block's tokens unevenly and mixes features, so a block made from the wrong tokens, or twice,
+  gives other values than mean pooling would hide."""
+  weights = jax.random.normal(jax.random.key(3), (config.cmp_block,))
+  mix = jax.random.normal(jax.random.key(4), (head_dim, head_dim)) / 4
+
+  def compress_fn(k, v):
+    num = config.num_cmp_blocks(k.shape[1])
+    tokens = jnp.arange(num)[:, None] * config.cmp_stride + jnp.arange(config.cmp_block)
+    pool = lambda x: jnp.tanh(jnp.einsum("bilhd,l,de->bihe", x[:, tokens], weights, mix))
+    return pool(k), pool(v)
+
+  return compress_fn

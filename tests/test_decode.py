@@ -17,7 +17,7 @@ from nsa_jax.block_selection import slc_scores_from_cmp_probs
 from nsa_jax.decode import _append, init_decode_cache, nsa_decode_step, nsa_prefill
 from pallas_kernels.gpu import decode as gpu_decode
 from pallas_kernels.tpu import decode as tpu_decode
-from tests.helpers import assert_close, random_gates, random_qkv
+from tests.helpers import assert_close, random_gates, random_qkv, uneven_pooling
 
 # l=8, d=4, l'=16, n=3, w=20: every branch is exercised within ~80 tokens.
 SMALL = NSAConfig(cmp_block=8, cmp_stride=4, slc_block=16, num_selected=3, num_initial=1,
@@ -67,15 +67,7 @@ def test_a_learned_compress_fn_is_applied_to_each_new_block(implementation):
   # A pooling that weights the block's tokens unevenly and mixes features: block i must be made
   # from exactly tokens [i*d, i*d + l), once, when its last token arrives. pallas_gpu: the step
   # appends in XLA, then attends with the decode kernels (interpret mode).
-  weights = jax.random.normal(jax.random.key(3), (SMALL.cmp_block,))
-  mix = jax.random.normal(jax.random.key(4), (16, 16)) / 4
-
-  def compress_fn(k, v):
-    num = SMALL.num_cmp_blocks(k.shape[1])
-    tokens = jnp.arange(num)[:, None] * SMALL.cmp_stride + jnp.arange(SMALL.cmp_block)
-    pool = lambda x: jnp.tanh(jnp.einsum("bilhd,l,de->bihe", x[:, tokens], weights, mix))
-    return pool(k), pool(v)
-
+  compress_fn = uneven_pooling(SMALL, 16)
   q, k, v = random_qkv(1, 60, 4, 2, 16)
   k_cmp, v_cmp = compress_fn(k, v)
   expected = nsa_jax.nsa_attention(q, k, v, config=SMALL, k_cmp=k_cmp, v_cmp=v_cmp,

@@ -12,6 +12,7 @@ from nsa_jax import NSAConfig, pallas_gpu
 from nsa_jax.attention_math import combine_branches
 from pallas_kernels.gpu import decode as gpu_decode
 from tests.helpers import assert_close, assert_grads_close, random_gates, random_qkv
+from tests.helpers import uneven_pooling
 
 # l=8, d=4, l'=16, n=3, w=20: every branch is exercised within ~80 tokens.
 SMALL = NSAConfig(cmp_block=8, cmp_stride=4, slc_block=16, num_selected=3, num_initial=1,
@@ -118,15 +119,7 @@ def test_a_learned_compress_fn_compresses_set_0(implementation):
   # A pooling that weights the block's tokens unevenly and mixes features (the NNX layer's
   # learned phi in spirit). pallas_gpu: the step appends in XLA, then attends with the decode
   # kernels (interpret mode).
-  weights = jax.random.normal(jax.random.key(3), (SMALL.cmp_block,))
-  mix = jax.random.normal(jax.random.key(4), (16, 16)) / 4
-
-  def compress_fn(k, v):
-    num = SMALL.num_cmp_blocks(k.shape[1])
-    tokens = jnp.arange(num)[:, None] * SMALL.cmp_stride + jnp.arange(SMALL.cmp_block)
-    pool = lambda x: jnp.tanh(jnp.einsum("bilhd,l,de->bihe", x[:, tokens], weights, mix))
-    return pool(k), pool(v)
-
+  compress_fn = uneven_pooling(SMALL, 16)
   q, keys, values = three_sets(1, 60, 4, 2, 16)
   caches = nsa_jax.init_separate_kv_cache(1, 60, 2, 16, config=SMALL)
   assert pallas_gpu.kernels_take_separate_kv(q[:, 0], caches, SMALL)
