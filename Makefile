@@ -33,7 +33,7 @@ test: $(STAMP)
 # preallocated): most of a GPU test's time is compiling on the host. With 4 workers the suite took
 # 4.6-5 min on an H200 (16 host cores); in one process over 13 min. XLA's GEMM autotuning is off
 # for the tests (the reference computations need no tuned algorithms; benchmarks keep it).
-GPU_TESTS := tests/test_pallas_gpu.py tests/test_decode.py
+GPU_TESTS := tests/test_pallas_gpu.py tests/test_decode.py tests/test_properties.py
 GPU_WORKERS ?= 4
 test-gpu:
 	PYTHONPATH=$(CURDIR) XLA_PYTHON_CLIENT_PREALLOCATE=false \

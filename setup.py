@@ -23,7 +23,7 @@ setuptools.setup(
         "numpy>=1.26",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3"],
+        "test": ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6.100"],
         "experiments": ["ml_collections>=1.0", "orbax-checkpoint>=0.11", "grain>=0.2",
                         "matplotlib>=3.8", "tensorboardX>=2.6", "tqdm>=4.66"],
         "gpu": ["jax[cuda13]>=0.11.2"],
