@@ -2,7 +2,9 @@
 
 Both map `x [B, T, features] -> [B, T, features]` with causal GQA attention and RoPE, so a model
 switches between them with one config field (`make_attention(kind, ...)`). The NSA layer adds the
-paper's learned compression `phi`, sigmoid branch gates and optional per-branch K/V projections.
+paper's learned compression `phi`, sigmoid branch gates and optional per-branch K/V projections;
+it can also run a subset of its branches (the ablations `make_attention("nsa_no_selection")`:
+compressed + window, and `make_attention("window")`: the sliding window alone).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from nsa_jax.config import NSAConfig
 
 COMPRESSIONS = ("mlp", "mean")
 GATINGS = ("sigmoid", "sum")
+BRANCHES = ("cmp", "slc", "swa")  # the order of the gates
 
 
 def apply_rope(x, positions, theta: float = 10000.0):
@@ -111,6 +114,9 @@ class NativeSparseAttention(_CausalAttentionBase):
     compression: "mlp" (the paper's learned `phi`) or "mean" (mean pooling, the tutorial's).
     gating: "sigmoid" (per-head gates from a linear map of x, the paper's) or "sum" (tutorial).
     separate_kv: independent K/V projections per branch (paper section 3.3.3) instead of one.
+    branches: the branches computed (a subset of `BRANCHES`, in that order); the others
+      contribute nothing (ablations: `("cmp", "swa")`, `("swa",)`). Only all three decode or
+      take `separate_kv`.
     rope_theta: RoPE base.
     implementation: passed to the functional ops (None picks the best for the backend).
     dtype, param_dtype: computation and parameter dtypes.
@@ -120,17 +126,24 @@ class NativeSparseAttention(_CausalAttentionBase):
   def __init__(self, num_features: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
                head_dim_v: int | None = None, config: NSAConfig = NSAConfig(),
                compression: str = "mlp", gating: str = "sigmoid", separate_kv: bool = False,
-               rope_theta: float = 10000.0, implementation: str | None = None, dtype=None,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+               branches: tuple[str, ...] = BRANCHES, rope_theta: float = 10000.0,
+               implementation: str | None = None, dtype=None, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
     if compression not in COMPRESSIONS:
       raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
     if gating not in GATINGS:
       raise ValueError(f"gating must be one of {GATINGS}, got {gating!r}")
+    branches = tuple(branches)
+    if not branches or branches != tuple(b for b in BRANCHES if b in branches):
+      raise ValueError(f"branches must be a non-empty subset of {BRANCHES} in that order, got "
+                       f"{branches!r}")
+    if separate_kv and branches != BRANCHES:
+      raise ValueError(f"separate_kv=True needs all branches {BRANCHES}, got {branches!r}")
     super().__init__(num_features, num_heads, num_kv_heads, head_dim, head_dim_v, rope_theta,
                      3 if separate_kv else 1, dtype, param_dtype, rngs)
     self.config, self.compression, self.gating = config, compression, gating
-    self.implementation = implementation
-    if compression == "mlp":
+    self.branches, self.implementation = branches, implementation
+    if compression == "mlp" and branches != ("swa",):  # the window alone compresses nothing
       make = lambda d: LearnedCompression(config.cmp_block, config.cmp_stride, d, dtype=dtype,
                                           param_dtype=param_dtype, rngs=rngs)
       self.k_compress, self.v_compress = make(head_dim), make(self.head_dim_v)
@@ -139,7 +152,10 @@ class NativeSparseAttention(_CausalAttentionBase):
                                   param_dtype=param_dtype, rngs=rngs)
 
   def _compress(self, k, v):
-    """`phi` of the compression branch: `(k [B, T, Hkv, Dk], v) -> (k_cmp, v_cmp)`."""
+    """`phi` of the compression branch: `(k [B, T, Hkv, Dk], v) -> (k_cmp, v_cmp)` (None, None
+    for the window alone)."""
+    if self.branches == ("swa",):
+      return None, None
     if self.compression == "mlp":
       return self.k_compress(k), self.v_compress(v)
     return ops.compress_kv(k, v, block=self.config.cmp_block, stride=self.config.cmp_stride)
@@ -163,6 +179,8 @@ class NativeSparseAttention(_CausalAttentionBase):
   def _attend(self, q, gates, k_cmp, v_cmp, *keys_and_values):
     """The three branches, on one K/V set or on their own (sets 0: cmp, 1: slc, 2: swa)."""
     keys, values = keys_and_values[:self.num_kv_sets], keys_and_values[self.num_kv_sets:]
+    if self.branches != BRANCHES:
+      return self._attend_branches(q, gates, k_cmp, v_cmp, keys[0], values[0])
     if self.num_kv_sets == 1:
       return ops.nsa_attention(q, keys[0], values[0], config=self.config, gates=gates,
                                k_cmp=k_cmp, v_cmp=v_cmp, implementation=self.implementation)
@@ -170,12 +188,44 @@ class NativeSparseAttention(_CausalAttentionBase):
                                          k_cmp=k_cmp, v_cmp=v_cmp,
                                          implementation=self.implementation)
 
+  def _attend_branches(self, q, gates, k_cmp, v_cmp, k, v):
+    """`self.branches` only, each through its own op, mixed as `nsa_attention` mixes all three
+    (gates of the others unused): `[B, T, Hq, Dv]` in q.dtype."""
+    cfg, impl = self.config, self.implementation
+    outputs = []
+    if "cmp" in self.branches and "slc" in self.branches:
+      o_cmp, block_indices = ops.compressed_attention_and_selection(
+          q, k_cmp, v_cmp, config=cfg, implementation=impl)
+      outputs += [o_cmp, ops.selected_attention(q, k, v, block_indices, block=cfg.slc_block,
+                                                implementation=impl)]
+    elif "cmp" in self.branches:
+      outputs.append(ops.compressed_attention(q, k_cmp, v_cmp, block=cfg.cmp_block,
+                                              stride=cfg.cmp_stride, implementation=impl)[0])
+    elif "slc" in self.branches:
+      block_indices = ops.select_blocks(q, k_cmp, config=cfg, implementation=impl)
+      outputs.append(ops.selected_attention(q, k, v, block_indices, block=cfg.slc_block,
+                                            implementation=impl))
+    if "swa" in self.branches:
+      outputs.append(ops.sliding_window_attention(q, k, v, window=cfg.window,
+                                                  implementation=impl))
+    out = jnp.zeros(outputs[0].shape, jnp.float32)
+    for branch, o in zip(self.branches, outputs):
+      weight = 1.0 if gates is None else gates[..., BRANCHES.index(branch), None]
+      out = out + weight * o.astype(jnp.float32)
+    return out.astype(q.dtype)
+
   # Decoding (`nsa_jax.decode`): prefill a prompt, then one token per step; the outputs equal
   # `__call__` on the whole sequence at every position.
+
+  def _check_decodes(self):
+    if self.branches != BRANCHES:
+      raise ValueError(f"decoding needs all branches {BRANCHES}; this layer computes "
+                       f"{self.branches}")
 
   def init_cache(self, batch: int, max_len: int, dtype=jnp.float32):
     """An empty cache for this layer: a `DecodeCache`, or with `separate_kv=True` the three
     caches of `decode.init_separate_kv_cache`."""
+    self._check_decodes()
     init = (decode.init_decode_cache if self.num_kv_sets == 1
             else decode.init_separate_kv_cache)
     return init(batch, max_len, self.num_kv_heads, self.head_dim, self.head_dim_v,
@@ -246,17 +296,21 @@ class DenseAttention(_CausalAttentionBase):
 
 
 _NSA_ONLY = ("config", "compression", "gating", "separate_kv", "implementation")
-ATTENTION_KINDS = ("nsa", "dense")
+# NSA kinds and the branches they compute: the full layer and the ablations.
+NSA_KINDS = {"nsa": BRANCHES, "nsa_no_selection": ("cmp", "swa"), "window": ("swa",)}
+ATTENTION_KINDS = (*NSA_KINDS, "dense")
 
 
 def make_attention(kind: str, **kwargs):
-  """`NativeSparseAttention` (kind "nsa") or `DenseAttention` (kind "dense") from one set of kwargs.
+  """An attention layer of `kind` from one set of kwargs: `NativeSparseAttention` ("nsa"), its
+  ablations "nsa_no_selection" (compressed + window branches) and "window" (the sliding window
+  alone), or `DenseAttention` ("dense").
 
   The NSA-only arguments (`config`, `compression`, `gating`, `separate_kv`, `implementation`) are
   dropped for "dense", so a model config switches attention with one field.
   """
-  if kind == "nsa":
-    return NativeSparseAttention(**kwargs)
+  if kind in NSA_KINDS:
+    return NativeSparseAttention(branches=NSA_KINDS[kind], **kwargs)
   if kind == "dense":
     return DenseAttention(**{k: v for k, v in kwargs.items() if k not in _NSA_ONLY})
   raise ValueError(f"kind must be one of {ATTENTION_KINDS}, got {kind!r}")

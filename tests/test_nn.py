@@ -79,7 +79,8 @@ def test_learned_compression_uses_block_and_position():
   assert comp(x[:, :7]).shape == (1, 0, 2, 8)
 
 
-@pytest.mark.parametrize("kind,kwargs", [("dense", {})] + [("nsa", kw) for kw in VARIANTS])
+@pytest.mark.parametrize("kind,kwargs", [("dense", {}), ("nsa_no_selection", {}), ("window", {})]
+                         + [("nsa", kw) for kw in VARIANTS])
 def test_layers_are_causal(kind, kwargs):
   layer = make_attention(kind, **DIMS, config=CONFIG, rngs=nnx.Rngs(0), **kwargs)
   x = jax.random.normal(fresh_key(), (1, 60, 32))
@@ -130,3 +131,39 @@ def test_make_attention_switches_kind_and_rejects_bad_arguments():
     nsa_layer(gating="softmax")
   with pytest.raises(ValueError, match=r"num_heads \(5\) must be a multiple"):
     NativeSparseAttention(32, 5, 2, 8, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("kind,branches", [("nsa_no_selection", ("cmp", "swa")),
+                                           ("window", ("swa",))])
+def test_ablations_are_the_full_layer_without_their_branches(kind, branches):
+  """An ablation equals the full layer's function on its parameters with the other branches'
+  gates at 0."""
+  layer = make_attention(kind, **DIMS, config=CONFIG, rngs=nnx.Rngs(0))
+  x = jax.random.normal(fresh_key(), (2, 45, 32))
+  b, t = 2, 45
+  pos = jnp.arange(t)
+  q = apply_rope((x @ layer.q_proj.kernel[...]).reshape(b, t, 4, 8), pos)
+  k = apply_rope((x @ layer.k_proj.kernel[...]).reshape(b, t, 2, 8), pos)
+  v = (x @ layer.v_proj.kernel[...]).reshape(b, t, 2, 8)
+  keep = jnp.array([branch in branches for branch in ("cmp", "slc", "swa")], jnp.float32)
+  gates = jax.nn.sigmoid(layer.gate_proj(x).reshape(b, t, 4, 3)) * keep
+  # The window alone has no compression: any blocks do, their gates being 0.
+  k_cmp, v_cmp = ((layer.k_compress(k), layer.v_compress(v)) if "cmp" in branches else
+                  nsa_jax.compress_kv(k, v, block=8, stride=4))
+  out = nsa_jax.nsa_attention(q, k, v, config=CONFIG, gates=gates, k_cmp=k_cmp, v_cmp=v_cmp,
+                              implementation="reference")
+  expected = out.reshape(b, t, 32) @ layer.o_proj.kernel[...]
+  assert layer.branches == branches
+  assert_close(layer(x), expected, atol=1e-4, rtol=1e-4)  # two extra float32 matmuls
+  if kind == "window":  # nothing to compress: no compression parameters
+    assert not hasattr(layer, "k_compress")
+
+
+def test_ablations_reject_decoding_separate_kv_and_bad_branches():
+  window = make_attention("window", **DIMS, config=CONFIG, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="decoding needs all branches"):
+    window.init_cache(1, 64)
+  with pytest.raises(ValueError, match="separate_kv=True needs all branches"):
+    nsa_layer(branches=("cmp", "swa"), separate_kv=True)
+  with pytest.raises(ValueError, match="non-empty subset"):
+    nsa_layer(branches=("swa", "cmp"))
