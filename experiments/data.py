@@ -1,10 +1,13 @@
 """Training data made or found locally (no network): byte-level text from the Python standard
-library's own source tree, which ships with every Python; passkey-retrieval and multi-query
-associative recall sequences whose filler is that text (`experiments.tasks`); a user's own text
-files (a glob) or token files (`.npy`, or raw `.bin` read as a memmap).
+library's own source tree, which ships with every Python; passkey-retrieval sequences whose
+filler is that text and multi-query associative recall sequences over token ids
+(`experiments.tasks`); a user's own text files (a glob) or token files (`.npy`, or raw `.bin`
+read as a memmap).
 
 Batches are a pure function of (seed, split, step), so a resumed run sees exactly the batches an
-uninterrupted one would.
+uninterrupted one would. Each source has `loss_weights` (float32 `[seq_len]`, one a target
+position, the same for every row): 1 on the task's answers and `other_weight` elsewhere for the
+tasks, all ones for plain language modelling.
 """
 
 from __future__ import annotations
@@ -92,6 +95,7 @@ class ByteBatches:
         raise ValueError(f"the {name} text has {len(part)} bytes, fewer than seq_len + 1 = "
                          f"{seq_len + 1}; raise data.max_bytes")
     self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
+    self.loss_weights = np.ones(seq_len, np.float32)
 
   def batch(self, split: str, step: int) -> np.ndarray:
     """int32 `[batch_size, seq_len + 1]` for `step` (deterministic)."""
@@ -101,30 +105,49 @@ class ByteBatches:
     return np.stack([text[s:s + self.seq_len + 1] for s in starts]).astype(np.int32)
 
 
-class MQARBatches(ByteBatches):
-  """Multi-query associative recall sequences of `seq_len + 1` bytes (`num_pairs` key=value
-  pairs asked back after filler from the train or held-out text)."""
+def answer_weights(seq_len: int, answers: np.ndarray, other_weight: float) -> np.ndarray:
+  """float32 `[seq_len]`: 1 at the `answers` target indices, `other_weight` elsewhere."""
+  if not 0.0 <= other_weight <= 1.0:
+    raise ValueError(f"other_weight must be in [0, 1], got {other_weight}")
+  weights = np.full(seq_len, other_weight, np.float32)
+  weights[answers] = 1.0
+  return weights
 
-  def __init__(self, text, batch_size, seq_len, seed, num_pairs: int):
-    super().__init__(text, batch_size, seq_len, seed)
-    self.num_pairs = num_pairs
+
+class MQARBatches:
+  """Multi-query associative recall sequences of `seq_len + 1` token ids (`tasks.mqar_example`:
+  `num_pairs` key-value pairs placed by `placement`, asked back at the end); train and held-out
+  rows come from different random streams."""
+
+  def __init__(self, batch_size, seq_len, seed, *, num_pairs: int, vocab_size: int,
+               placement: str = "uniform", other_weight: float = 0.0):
+    self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
+    self.num_pairs, self.vocab_size, self.placement = num_pairs, vocab_size, placement
+    tasks.mqar_example(np.random.default_rng(0), seq_len + 1, num_pairs, vocab_size, placement)
+    self.loss_weights = answer_weights(
+        seq_len, tasks.mqar_answer_targets(seq_len + 1, num_pairs), other_weight)
 
   def batch(self, split: str, step: int) -> np.ndarray:
     rng = np.random.default_rng([self.seed, 0 if split == "train" else 1, step])
-    return tasks.mqar_batch(rng, self.splits[split], self.batch_size, self.seq_len + 1,
-                            self.num_pairs)
+    return tasks.mqar_batch(rng, self.batch_size, self.seq_len + 1, self.num_pairs,
+                            self.vocab_size, self.placement)
 
 
 class PasskeyBatches(ByteBatches):
   """Passkey-retrieval sequences of `seq_len + 1` bytes (needles at random depths), with filler
   from the train or held-out text."""
 
+  def __init__(self, text, batch_size, seq_len, seed, *, other_weight: float = 1.0):
+    super().__init__(text, batch_size, seq_len, seed)
+    self.loss_weights = answer_weights(seq_len, tasks.passkey_answer_targets(seq_len + 1),
+                                       other_weight)
+
   def batch(self, split: str, step: int) -> np.ndarray:
     rng = np.random.default_rng([self.seed, 0 if split == "train" else 1, step])
     return tasks.passkey_batch(rng, self.splits[split], self.batch_size, self.seq_len + 1)
 
 
-def train_iterator(batches: ByteBatches, steps: int) -> grain.DatasetIterator:
+def train_iterator(batches, steps: int) -> grain.DatasetIterator:
   """The training batches of steps 1..`steps` as a grain iterator.
 
   Its state (`get_state()`, the next step) is saved with every checkpoint and restored with

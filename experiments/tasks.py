@@ -1,8 +1,15 @@
-"""Synthetic long-context tasks made in-process: passkey retrieval (the paper's needle test).
+"""Synthetic long-context tasks made in-process: passkey retrieval and multi-query associative
+recall (MQAR).
 
-A sequence is filler text with a needle "The pass key is 73914. Remember it." at a chosen depth,
-ending in the question "What is the pass key? The pass key is 73914": a model that retrieves the
-needle predicts the last `DIGITS` bytes. Everything is a pure function of the random generator.
+- Passkey (the paper's needle test), over bytes: filler text with a needle "The pass key is
+  73914. Remember it." at a chosen depth, ending in the question "What is the pass key? The pass
+  key is 73914": a model that retrieves the needle predicts the last `DIGITS` bytes.
+- MQAR (Zoology's), over token ids of a vocabulary of a few thousand: key-value pairs spread
+  through random filler, then every key asked back (`mqar_example`).
+
+Each task names its answers (`passkey_answer_targets`, `mqar_answer_targets`: indices into the
+targets `tokens[1:]`), so training can put the loss on them. Everything is a pure function of
+the random generator.
 """
 
 from __future__ import annotations
@@ -40,6 +47,12 @@ def passkey_example(rng: np.random.Generator, filler: np.ndarray, seq_len: int, 
   return tokens, key
 
 
+def passkey_answer_targets(seq_len: int) -> np.ndarray:
+  """Indices into the targets `tokens[1:]` of a sequence of `seq_len` bytes that are answers:
+  the key's digits in the question, its last `DIGITS` bytes."""
+  return np.arange(seq_len - 1 - DIGITS, seq_len - 1)
+
+
 def passkey_batch(rng, filler, batch_size: int, seq_len: int):
   """int32 `[batch_size, seq_len]`, needles at uniformly random depths."""
   return np.stack([passkey_example(rng, filler, seq_len, rng.uniform())[0]
@@ -68,56 +81,80 @@ def passkey_accuracy(logits_fn, filler, lengths, depths, samples: int, seed: int
   return results
 
 
-# Multi-query associative recall (Zoology's MQAR): key=value pairs, filler, then the same keys
-# asked again in another order; a model that recalls predicts every value.
-MQAR_KEY_LETTERS = b"abcdefghijklmnopqrstuvwxyz"
-MQAR_VALUE_DIGITS = 2
+# Multi-query associative recall (Zoology's MQAR) over token ids: key-value pairs spread through
+# filler, then every key asked back; a model that recalls predicts each value after its key.
+
+MQAR_PLACEMENTS = ("uniform", "start")
 
 
-def mqar_example(rng: np.random.Generator, filler: np.ndarray, seq_len: int, num_pairs: int):
-  """One sequence of exactly `seq_len` bytes: ` ab=42 xy=07 ...`, filler, then ` xy=07 ab=42`.
+def mqar_vocab(vocab_size: int):
+  """Disjoint id ranges `(filler, keys, values)` of a vocabulary: half filler, a quarter each
+  keys and values."""
+  if vocab_size < 16:
+    raise ValueError(f"vocab_size ({vocab_size}) must be at least 16 for MQAR's id ranges")
+  half, quarter = vocab_size // 2, vocab_size // 4
+  return (0, half), (half, half + quarter), (half + quarter, vocab_size)
 
-  Keys are distinct two-letter strings, values two digits.
+
+def mqar_answer_targets(seq_len: int, num_pairs: int) -> np.ndarray:
+  """Indices into the targets `tokens[1:]` of a sequence of `seq_len` tokens that are answers:
+  the values of the queries, the last `2 * num_pairs` tokens being `k v k v ...`."""
+  query_start = seq_len - 2 * num_pairs
+  return query_start + 2 * np.arange(num_pairs)  # target i is token i + 1
+
+
+def mqar_example(rng: np.random.Generator, seq_len: int, num_pairs: int, vocab_size: int,
+                 placement: str = "uniform"):
+  """One sequence of `seq_len` token ids.
+
+  `num_pairs` adjacent (key, value) tokens, keys distinct, sit in the first `seq_len - 2 *
+  num_pairs` tokens among random filler ids: at random, non-overlapping places
+  (`placement="uniform"`: every distance from the queries occurs) or one after another at the
+  start (`"start"`: the longest distances). The last `2 * num_pairs` tokens ask every key back
+  in a random order, each followed by its value.
 
   Returns:
-    `(tokens int32 [seq_len], answer_positions int [num_pairs * MQAR_VALUE_DIGITS])`: the
-    positions of the value bytes of the queries (predicted from the token before each).
+    `(tokens int32 [seq_len], pair_positions int [num_pairs])`: where each key of the queries'
+    order sits in the context (its value is the token after it).
   """
-  letters = np.frombuffer(MQAR_KEY_LETTERS, np.uint8)
-  codes = rng.choice(len(letters) ** 2, num_pairs, replace=False)
-  keys = [bytes([letters[c // len(letters)], letters[c % len(letters)]]) for c in codes]
-  values = [bytes(b"0123456789"[d] for d in rng.integers(0, 10, MQAR_VALUE_DIGITS))
-            for _ in range(num_pairs)]
-  pairs = b"".join(b" " + k + b"=" + v for k, v in zip(keys, values))
-  order = rng.permutation(num_pairs)
-  queries = b"".join(b" " + keys[i] + b"=" + values[i] for i in order)
-  filler_len = seq_len - len(pairs) - len(queries)
-  if filler_len < 0:
+  if placement not in MQAR_PLACEMENTS:
+    raise ValueError(f"placement must be one of {MQAR_PLACEMENTS}, got {placement!r}")
+  (f0, f1), (k0, k1), (v0, v1) = mqar_vocab(vocab_size)
+  if num_pairs > k1 - k0:
+    raise ValueError(f"num_pairs ({num_pairs}) exceeds the {k1 - k0} key ids of vocab_size "
+                     f"{vocab_size}")
+  context = seq_len - 2 * num_pairs
+  if context < 2 * num_pairs:
     raise ValueError(f"seq_len ({seq_len}) is shorter than {num_pairs} pairs asked back "
-                     f"({len(pairs) + len(queries)} bytes)")
-  start = rng.integers(0, len(filler) - filler_len)
-  tokens = np.concatenate([np.frombuffer(pairs, np.uint8), filler[start:start + filler_len],
-                           np.frombuffer(queries, np.uint8)]).astype(np.int32)
-  query_start = seq_len - len(queries)
-  item = 4 + MQAR_VALUE_DIGITS  # " ab=" + value
-  answers = np.array([query_start + q * item + 4 + d for q in range(num_pairs)
-                      for d in range(MQAR_VALUE_DIGITS)])
-  return tokens, answers
+                     f"({4 * num_pairs} tokens)")
+  tokens = rng.integers(f0, f1, seq_len)
+  keys = rng.choice(k1 - k0, num_pairs, replace=False) + k0
+  values = rng.integers(v0, v1, num_pairs)
+  if placement == "start":
+    starts = 2 * np.arange(num_pairs)
+  else:  # distinct places in the context with room for the value: choose the gaps between pairs
+    free = context - 2 * num_pairs
+    cuts = np.sort(rng.integers(0, free + 1, num_pairs))
+    starts = cuts + 2 * np.arange(num_pairs)
+  tokens[starts], tokens[starts + 1] = keys, values
+  order = rng.permutation(num_pairs)
+  tokens[context::2], tokens[context + 1::2] = keys[order], values[order]
+  return tokens.astype(np.int32), starts[order]
 
 
-def mqar_batch(rng, filler, batch_size: int, seq_len: int, num_pairs: int):
+def mqar_batch(rng, batch_size: int, seq_len: int, num_pairs: int, vocab_size: int,
+               placement: str = "uniform"):
   """int32 `[batch_size, seq_len]`."""
-  return np.stack([mqar_example(rng, filler, seq_len, num_pairs)[0] for _ in range(batch_size)])
+  return np.stack([mqar_example(rng, seq_len, num_pairs, vocab_size, placement)[0]
+                   for _ in range(batch_size)])
 
 
-def mqar_accuracy(logits_fn, filler, seq_len: int, num_pairs: int, samples: int, seed: int = 0):
-  """Fraction of queried values whose digits are all predicted (greedy, given the prefix)."""
+def mqar_accuracy(logits_fn, seq_len: int, num_pairs: int, vocab_size: int, samples: int,
+                  placement: str = "uniform", seed: int = 0):
+  """Fraction of queried values predicted (greedy, after their key), over `samples` sequences
+  of `seq_len` tokens."""
   rng = np.random.default_rng([seed, seq_len, num_pairs])
-  examples = [mqar_example(rng, filler, seq_len, num_pairs) for _ in range(samples)]
-  tokens = np.stack([t for t, _ in examples])
-  predictions = np.asarray(logits_fn(tokens[:, :-1])).argmax(-1)  # [B, T-1]: predicts t + 1
-  correct = []
-  for row, (_, answers) in enumerate(examples):
-    hit = predictions[row, answers - 1] == tokens[row, answers]
-    correct += list(hit.reshape(num_pairs, MQAR_VALUE_DIGITS).all(-1))
-  return float(np.mean(correct))
+  tokens = mqar_batch(rng, samples, seq_len, num_pairs, vocab_size, placement)
+  targets = mqar_answer_targets(seq_len, num_pairs)
+  predictions = np.asarray(logits_fn(tokens[:, :-1])).argmax(-1)[:, targets]
+  return float(np.mean(predictions == tokens[:, targets + 1]))

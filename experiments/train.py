@@ -81,8 +81,10 @@ DATA_SOURCES = ("stdlib", "passkey", "mqar", "text", "tokens")
 
 def build_data(config):
   """Batches of `config.data.source`: "stdlib" (bytes of the standard library's sources),
-  "passkey" / "mqar" (synthetic tasks over that text), "text" (bytes of the files matching the
-  glob `data.path`) or "tokens" (`.npy` / `.bin` token ids matching `data.path`)."""
+  "passkey" (needles in that text), "mqar" (associative recall over the model's `vocab_size`
+  token ids), "text" (bytes of the files matching the glob `data.path`) or "tokens" (`.npy` /
+  `.bin` token ids matching `data.path`). The tasks weight their loss by `data.other_weight`
+  off the answers."""
   data = config.data
   if data.source not in DATA_SOURCES:
     raise ValueError(f"data.source must be one of {DATA_SOURCES}, got {data.source!r}")
@@ -99,27 +101,34 @@ def build_data(config):
         *args)
   if data.source == "text":
     return data_lib.ByteBatches(data_lib.text_file_bytes(data.path, data.max_bytes), *args)
-  text = data_lib.stdlib_source_bytes(data.max_bytes)
   if data.source == "mqar":
-    return data_lib.MQARBatches(text, *args, num_pairs=data.mqar_pairs)
+    return data_lib.MQARBatches(
+        *args, num_pairs=data.mqar_pairs, placement=data.mqar_placement,
+        vocab_size=config.model.get("vocab_size", TransformerConfig.vocab_size),
+        other_weight=data.other_weight)
+  text = data_lib.stdlib_source_bytes(data.max_bytes)
   if data.source == "passkey":
-    return data_lib.PasskeyBatches(text, *args)
+    return data_lib.PasskeyBatches(text, *args, other_weight=data.other_weight)
   return data_lib.ByteBatches(text, *args)
 
 
-def loss_fn(model, tokens):
+def loss_fn(model, tokens, weights):
+  """Mean cross-entropy of `tokens [B, T + 1]`'s next tokens, weighted per target position by
+  `weights [T]` (1 on a task's answers)."""
   logits = model(tokens[:, :-1])
-  return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])  # [B, T]
+  return jnp.sum(losses * weights) / (losses.shape[0] * jnp.sum(weights))
 
 
 @nnx.jit(static_argnames="accum_steps")
-def train_step(model, optimizer, tokens, accum_steps=1):
-  """One optimizer update on `tokens [B, T + 1]`, in `accum_steps` micro-batches of `B / accum`
-  (their mean gradient is the whole batch's: same update, less activation memory)."""
+def train_step(model, optimizer, tokens, weights, accum_steps=1):
+  """One optimizer update on `tokens [B, T + 1]` (loss weights `[T]`), in `accum_steps`
+  micro-batches of `B / accum` (their mean gradient is the whole batch's: same update, less
+  activation memory)."""
   micro_batches = tokens.reshape(accum_steps, -1, tokens.shape[-1])
-  loss, grads = nnx.value_and_grad(loss_fn)(model, micro_batches[0])
+  loss, grads = nnx.value_and_grad(loss_fn)(model, micro_batches[0], weights)
   for micro in micro_batches[1:]:
-    micro_loss, micro_grads = nnx.value_and_grad(loss_fn)(model, micro)
+    micro_loss, micro_grads = nnx.value_and_grad(loss_fn)(model, micro, weights)
     loss, grads = loss + micro_loss, jax.tree.map(jnp.add, grads, micro_grads)
   grads = jax.tree.map(lambda g: g / accum_steps, grads)
   optimizer.update(model, grads)
@@ -127,8 +136,8 @@ def train_step(model, optimizer, tokens, accum_steps=1):
 
 
 @nnx.jit
-def eval_step(model, tokens):
-  return loss_fn(model, tokens)
+def eval_step(model, tokens, weights):
+  return loss_fn(model, tokens, weights)
 
 
 @nnx.jit
@@ -198,9 +207,10 @@ def _train(config, workdir, batches, mesh):
                               for k, v in record.items()))
 
     tokens_per_step = config.batch_size * config.seq_len
+    weights = jnp.asarray(batches.loss_weights)  # [T], the same for every row
     last_time = time.perf_counter()
     for step in range(start + 1, config.steps + 1):
-      loss = float(train_step(model, optimizer, on_mesh(next(train_batches)),
+      loss = float(train_step(model, optimizer, on_mesh(next(train_batches)), weights,
                               accum_steps=config.grad_accum_steps))
       if not np.isfinite(loss):
         raise NonFiniteLossError(
@@ -215,18 +225,20 @@ def _train(config, workdir, batches, mesh):
         progress.set_postfix(loss=f"{loss:.3f}", tokens_per_s=f"{tokens_per_s:.3g}")
         last_time = now
       if step % config.eval_every == 0 or step == config.steps:
-        held_out = np.mean([float(eval_step(model, on_mesh(batches.batch("held_out", i))))
-                            for i in range(config.eval_batches)])
+        held_out = np.mean([float(eval_step(model, on_mesh(batches.batch("held_out", i)),
+                                            weights)) for i in range(config.eval_batches)])
         record = dict(step=step, held_out_loss=float(held_out))
         if config.data.source == "passkey":  # retrieval accuracy at the training length
           accuracy = tasks.passkey_accuracy(lambda t: eval_logits(model, jnp.asarray(t)),
                                             batches.splits["held_out"], [config.seq_len + 1],
-                                            PASSKEY_DEPTHS, samples=4, seed=step)
+                                            PASSKEY_DEPTHS, samples=config.eval_samples,
+                                            seed=step)
           record["passkey_accuracy"] = float(np.mean(list(accuracy.values())))
         if config.data.source == "mqar":  # recall accuracy at the training length
           record["mqar_accuracy"] = tasks.mqar_accuracy(
-              lambda t: eval_logits(model, jnp.asarray(t)), batches.splits["held_out"],
-              config.seq_len + 1, config.data.mqar_pairs, samples=4, seed=step)
+              lambda t: eval_logits(model, jnp.asarray(t)), config.seq_len + 1,
+              batches.num_pairs, batches.vocab_size, samples=config.eval_samples,
+              placement=batches.placement, seed=step)
         log(record)
       if step % config.checkpoint_every == 0 or step == config.steps:
         manager.save(step, args=ocp.args.Composite(

@@ -11,6 +11,7 @@ import re
 import sys
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from experiments import parallel
@@ -38,11 +39,12 @@ def all_gather_shapes(config):
     state = jax.device_put(state, parallel.state_shardings(state, mesh))
     batches = train.build_data(config)
     tokens = parallel.global_batch(batches.batch("train", 1), mesh)
+    weights = jnp.asarray(batches.loss_weights)
 
     @jax.jit
     def step(state, tokens):
       model, optimizer = nnx.merge(graphdef, state)
-      return train.train_step(model, optimizer, tokens)
+      return train.train_step(model, optimizer, tokens, weights)
 
     text = step.lower(state, tokens).compile().as_text()
   pattern = r"= \(?(\w+\[[\d,]*\])[^=]*? all-gather(?:-start)?\("

@@ -45,36 +45,67 @@ def test_accuracy_of_a_retrieving_and_a_guessing_model():
   assert set(tasks.passkey_accuracy(guesser, FILLER, **grid).values()) == {0.0}
 
 
-def test_mqar_sequence_asks_back_every_pair_and_answers_point_at_the_values():
-  tokens, answers = tasks.mqar_example(np.random.default_rng(3), FILLER, 200, 6)
+VOCAB = 64
+
+
+@pytest.mark.parametrize("placement", ["uniform", "start"])
+def test_mqar_sequence_asks_back_every_pair_and_answers_are_its_values(placement):
+  tokens, pair_positions = tasks.mqar_example(np.random.default_rng(3), 200, 6, VOCAB, placement)
   assert tokens.shape == (200,) and tokens.dtype == np.int32
-  text = tokens.astype(np.uint8).tobytes()
-  pairs = dict(item.split(b"=") for item in text[:6 * 6].split())
-  assert len(pairs) == 6 and all(len(k) == 2 and len(v) == 2 for k, v in pairs.items())
-  queries = text[-6 * 6:].split()
-  assert sorted(queries) == sorted(k + b"=" + v for k, v in pairs.items())
-  for q, query in enumerate(queries):  # answers are the value bytes of the queries, in order
-    assert tokens[answers[2 * q:2 * q + 2]].astype(np.uint8).tobytes() == pairs[query[:2]]
+  (f0, f1), (k0, k1), (v0, v1) = tasks.mqar_vocab(VOCAB)
+  context, queries = tokens[:200 - 12], tokens[200 - 12:]
+  assert np.all((queries[0::2] >= k0) & (queries[0::2] < k1))
+  assert np.all((queries[1::2] >= v0) & (queries[1::2] < v1))
+  assert len(set(queries[0::2].tolist())) == 6  # distinct keys
+  # Each queried key sits once in the context, its value right after it.
+  np.testing.assert_array_equal(context[pair_positions], queries[0::2])
+  np.testing.assert_array_equal(context[pair_positions + 1], queries[1::2])
+  is_key = (context >= k0) & (context < k1)
+  assert is_key.sum() == 6
+  others = np.delete(context, np.concatenate([pair_positions, pair_positions + 1]))
+  assert np.all((others >= f0) & (others < f1))  # the rest is filler
+  # The answers are the queries' values, as targets tokens[1:].
+  targets = tasks.mqar_answer_targets(200, 6)
+  np.testing.assert_array_equal(tokens[1:][targets], queries[1::2])
+  if placement == "start":
+    np.testing.assert_array_equal(np.sort(pair_positions), 2 * np.arange(6))
+
+
+def test_uniform_mqar_placement_spreads_the_pairs_over_the_context():
+  rng = np.random.default_rng(0)
+  positions = np.concatenate([tasks.mqar_example(rng, 1000, 4, VOCAB)[1] for _ in range(200)])
+  assert positions.min() < 100 and positions.max() > 880  # near both ends of 992 context tokens
+  assert 350 < positions.mean() < 640
 
 
 def test_mqar_accuracy_of_a_recalling_and_a_guessing_model():
-  def oracle(tokens):  # looks each queried key up among the pairs at the start
-    logits = np.zeros(tokens.shape + (256,))
+  def oracle(tokens):  # looks each key up in the context: the logits at a key predict its value
+    logits = np.zeros(tokens.shape + (VOCAB,))
+    (_, _), (k0, k1), _ = tasks.mqar_vocab(VOCAB)
     for b, row in enumerate(tokens):
-      text = row.astype(np.uint8).tobytes()
-      pairs = dict(item.split(b"=") for item in text[:8 * 6].split())
-      for p in range(len(text) - 8 * 6, len(text)):  # logits at p predict byte p + 1
-        if text[p:p + 1] == b"=" and text[p - 3:p - 2] == b" ":  # " ab=": first digit next
-          logits[b, p, pairs[text[p - 2:p]][0]] = 1
-        if text[p - 1:p] == b"=" and text[p - 4:p - 3] == b" ":  # " ab=4": second digit next
-          logits[b, p, pairs[text[p - 3:p - 1]][1]] = 1
+      value_of = {}
+      for p, token in enumerate(row):
+        if k0 <= token < k1:
+          if token not in value_of:  # its first occurrence, in the context
+            value_of[token] = row[p + 1]
+          logits[b, p, value_of[token]] = 1
     return logits
 
-  assert tasks.mqar_accuracy(oracle, FILLER, 300, 8, samples=3) == 1.0
-  assert tasks.mqar_accuracy(lambda t: np.zeros(t.shape + (256,)), FILLER, 300, 8,
+  assert tasks.mqar_accuracy(oracle, 300, 8, VOCAB, samples=3) == 1.0
+  assert tasks.mqar_accuracy(lambda t: np.zeros(t.shape + (VOCAB,)), 300, 8, VOCAB,
                              samples=3) == 0.0
 
 
-def test_too_short_an_mqar_sequence_is_rejected():
-  with pytest.raises(ValueError, match="shorter than 8 pairs asked back"):
-    tasks.mqar_example(np.random.default_rng(0), FILLER, 60, 8)
+@pytest.mark.parametrize("args,match", [
+    ((60, 16, VOCAB), "shorter than 16 pairs asked back"),
+    ((200, 17, VOCAB), "exceeds the 16 key ids"),
+    ((200, 2, 8), "at least 16"),
+])
+def test_bad_mqar_arguments_are_rejected(args, match):
+  with pytest.raises(ValueError, match=match):
+    tasks.mqar_example(np.random.default_rng(0), *args)
+
+
+def test_passkey_answers_are_the_key_digits():
+  tokens, key = tasks.passkey_example(np.random.default_rng(2), FILLER, 300, 0.4)
+  assert tokens[1:][tasks.passkey_answer_targets(300)].astype(np.uint8).tobytes() == key

@@ -5,9 +5,13 @@ import pathlib
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from flax import nnx
 
+from experiments import tasks
 from experiments import train
 from experiments.configs import demo
 from tests.helpers import tensorboard_scalars
@@ -95,9 +99,37 @@ def test_passkey_source_trains_and_reports_retrieval_accuracy(tmp_path):
 def test_mqar_source_trains_and_logs_recall_accuracy(tmp_path):
   config = small_config(steps=3)
   config.seq_len, config.data.source, config.data.mqar_pairs = 96, "mqar", 4
+  config.model.vocab_size, config.data.other_weight = 64, 0.0
   records = train.run(config, str(tmp_path))
   accuracies = [r["mqar_accuracy"] for r in records if "mqar_accuracy" in r]
   assert accuracies and all(0.0 <= a <= 1.0 for a in accuracies)
+
+
+@pytest.mark.parametrize("other_weight", [0.0, 0.25])
+def test_task_loss_weighs_the_answers(other_weight):
+  """The loss is the weighted mean cross-entropy: with `other_weight = 0`, the mean over the
+  answers alone."""
+  config = small_config()
+  config.seq_len, config.data.source, config.data.mqar_pairs = 48, "mqar", 3
+  config.model.vocab_size, config.data.other_weight = 64, other_weight
+  batches = train.build_data(config)
+  tokens = jnp.asarray(batches.batch("train", 1))
+  answers = np.flatnonzero(batches.loss_weights == 1.0)
+  np.testing.assert_array_equal(answers, tasks.mqar_answer_targets(49, 3))
+  assert np.all(np.delete(batches.loss_weights, answers) == other_weight)
+  model = train.build_model(config, nnx.Rngs(0))
+  losses = optax.softmax_cross_entropy_with_integer_labels(model(tokens[:, :-1]), tokens[:, 1:])
+  w = jnp.asarray(batches.loss_weights)
+  expected = jnp.sum(losses * w) / (losses.shape[0] * jnp.sum(w))
+  if other_weight == 0.0:
+    expected = jnp.mean(losses[:, answers])
+  np.testing.assert_allclose(train.loss_fn(model, tokens, w), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("attention", ["nsa_no_selection", "window"])
+def test_ablations_train(tmp_path, attention):
+  records = train.run(small_config(attention=attention, steps=3), str(tmp_path))
+  assert np.isfinite([r["loss"] for r in records if "loss" in r]).all()
 
 
 def test_users_text_and_token_files_are_data_sources(tmp_path):

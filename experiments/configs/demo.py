@@ -24,6 +24,7 @@ def get_config():
   config.log_every = 10
   config.eval_every = 50
   config.eval_batches = 4
+  config.eval_samples = 4  # task sequences per accuracy (passkey: per depth) at each evaluation
   config.checkpoint_every = 50
   config.keep_checkpoints = 2
   # Device mesh (data, fsdp, tensor); -1 fills the remaining devices. One CPU device here.
@@ -39,9 +40,12 @@ def get_config():
 
   config.optimizer = ml_collections.ConfigDict(dict(
       peak_learning_rate=3e-3, warmup_steps=20, weight_decay=0.01, clip_norm=1.0))
-  # "stdlib": bytes of the standard library's sources; "passkey" / "mqar": retrieval and
-  # multi-query associative recall sequences over them; "text": bytes of the files matching the
-  # glob `path`; "tokens": ids in the .npy / .bin (`dtype`) files matching `path`.
-  config.data = ml_collections.ConfigDict(dict(source="stdlib", max_bytes=4_000_000, path="",
-                                               dtype="uint16", mqar_pairs=8))
+  # "stdlib": bytes of the standard library's sources; "passkey": needles in them; "mqar":
+  # multi-query associative recall over the model's vocab_size token ids (`mqar_pairs` pairs
+  # placed "uniform"-ly or at the "start"); "text": bytes of the files matching the glob `path`;
+  # "tokens": ids in the .npy / .bin (`dtype`) files matching `path`. The tasks' loss weighs
+  # their answers 1 and the other targets `other_weight` (1: plain language modelling).
+  config.data = ml_collections.ConfigDict(dict(
+      source="stdlib", max_bytes=4_000_000, path="", dtype="uint16", mqar_pairs=8,
+      mqar_placement="uniform", other_weight=1.0))
   return config
