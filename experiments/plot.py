@@ -5,11 +5,20 @@
 
 Writes into `--out` (default: the first workdir's `plots/`):
 - `loss_curves.png`: training and held-out loss against step, every run on one figure;
-- `passkey_<run>.png` + `.json`: passkey retrieval accuracy of the run's latest checkpoint by
-  context length (default: half, 1x, 2x and 4x the training length, so lengths beyond training
-  are included) and needle depth, as a heatmap (the paper's needle-in-a-haystack figure);
+- `passkey_<run>.png` + `.json` (runs on text): passkey retrieval accuracy of the run's latest
+  checkpoint by context length (default: half, 1x, 2x and 4x the training length, so lengths
+  beyond training are included) and needle depth, as a heatmap (the paper's needle-in-a-haystack
+  figure);
+- `mqar_<run>.png` + `.json` (MQAR runs): recall accuracy by context length (the same lengths)
+  and by the depth of the queried pair, as a heatmap;
 - `selection_<run>.png` (NSA runs): which selection blocks the first layer's first KV group chose
-  for every query of one held-out sequence.
+  for every query of one held-out sequence; for MQAR runs also `selection_hits_<run>.json`: how
+  often each layer's selection, at the queries, holds the block of the queried pair's value;
+- `selection_stats_<run>.json` + `selection_indices_<run>.npz` (NSA runs): how many distinct
+  blocks 1, 2, 4, 8 consecutive query positions of a KV head select together (mean and
+  percentiles), for the first layer on held-out sequences and on random queries and keys of
+  the same shapes; and that layer's index tensor `[B, T, Hkv, n]` (input for kernel benchmarks
+  on real selections).
 
 A run is a `workdir` written by `experiments.train` (its `config.json`, `metrics.jsonl` and
 checkpoints); `<run>` is the workdir's name.
@@ -87,17 +96,18 @@ def passkey_grid(config, model, lengths, depths, samples):
   return np.array([[results[(length, depth)] for depth in depths] for length in lengths])
 
 
-def plot_passkey(grid, lengths, depths, train_len, title, path):
+def plot_passkey(grid, lengths, depths, train_len, title, path, xlabel="needle depth",
+                 ylabel="context length (bytes)"):
   fig, ax = plt.subplots(figsize=(1.2 * len(depths) + 2.5, 0.6 * len(lengths) + 2))
   image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-  ax.set_xticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+  ax.set_xticks(range(len(depths)), [d if isinstance(d, str) else f"{d:.0%}" for d in depths])
   ax.set_yticks(range(len(lengths)),
                 [f"{n}{' (train)' if n == train_len else ''}" for n in lengths])
   for i in range(len(lengths)):
     for j in range(len(depths)):
       ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=8)
-  ax.set_xlabel("needle depth")
-  ax.set_ylabel("context length (bytes)")
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
   ax.set_title(title)
   fig.colorbar(image, ax=ax, label="retrieval accuracy")
   fig.tight_layout()
@@ -105,15 +115,82 @@ def plot_passkey(grid, lengths, depths, train_len, title, path):
   plt.close(fig)
 
 
+def layer_selections(model, tokens):
+  """Block indices `[L, B, T, Hkv, n]` every layer chose for `tokens int [B, T]`."""
+  x = model.embed(jnp.asarray(tokens))
+  selections = []
+  for block in model.blocks:
+    layer = block.attention
+    q, keys, values = layer._project(block.attention_norm(x))  # pylint: disable=protected-access
+    k_cmp, _ = layer._compress(keys[0], values[0])  # pylint: disable=protected-access
+    selections.append(np.asarray(nsa_jax.select_blocks(q, k_cmp, config=layer.config,
+                                                       implementation=layer.implementation)))
+    x = block(x)
+  return np.stack(selections)
+
+
 def first_layer_selection(model, tokens):
   """Block indices `[T, n]` the first layer's first KV group chose for `tokens int [T]`."""
+  return layer_selections(model, np.asarray(tokens)[None])[0, 0, :, 0]
+
+
+SHARING_SPANS = (1, 2, 4, 8)
+
+
+def selection_sharing(indices, spans=SHARING_SPANS):
+  """Distinct selected blocks of `span` consecutive positions of one KV head, together.
+
+  Args:
+    indices: int `[B, T, Hkv, n]`, -1 for unused slots.
+
+  Returns:
+    `{span: {"mean", "p50", "p90", "p99"}}` over all groups of `span` positions.
+  """
+  b, t, hkv, n = indices.shape
+  stats = {}
+  for span in spans:
+    used = t // span * span
+    groups = indices[:, :used].reshape(b, used // span, span, hkv, n).transpose(0, 1, 3, 2, 4)
+    groups = np.sort(groups.reshape(-1, span * n), axis=-1)
+    distinct = (groups >= 0) & np.concatenate(
+        [np.ones_like(groups[:, :1], bool), groups[:, 1:] != groups[:, :-1]], axis=-1)
+    count = distinct.sum(-1)
+    stats[span] = dict(mean=float(count.mean()), p50=float(np.percentile(count, 50)),
+                       p90=float(np.percentile(count, 90)), p99=float(np.percentile(count, 99)))
+  return stats
+
+
+def selection_statistics(model, tokens, seed=0):
+  """`(stats, indices)`: `selection_sharing` of the first layer on `tokens int [B, T]` and on
+  random queries and keys of the same shapes, and the layer's indices `[B, T, Hkv, n]`."""
+  indices = layer_selections(model, tokens)[0]
   layer = model.blocks[0].attention
-  x = model.blocks[0].attention_norm(model.embed(jnp.asarray(tokens)[None]))
-  q, keys, values = layer._project(x)  # pylint: disable=protected-access
-  k_cmp, _ = layer._compress(keys[0], values[0])  # pylint: disable=protected-access
-  indices = nsa_jax.select_blocks(q, k_cmp, config=layer.config,
-                                  implementation=layer.implementation)
-  return np.asarray(indices[0, :, 0])
+  b, t = tokens.shape
+  kq, kk = jax.random.split(jax.random.key(seed))
+  q = jax.random.normal(kq, (b, t, layer.num_heads, layer.head_dim))
+  k_cmp = jax.random.normal(kk, (b, layer.config.num_cmp_blocks(t), layer.num_kv_heads,
+                                 layer.head_dim))
+  random = np.asarray(nsa_jax.select_blocks(q, k_cmp, config=layer.config))
+  stats = dict(trained=selection_sharing(indices), random=selection_sharing(random),
+               shape=list(indices.shape), slc_block=layer.config.slc_block)
+  return stats, indices
+
+
+def mqar_selection_hits(config, model, samples, seed=1):
+  """Per layer, the fraction of (query, KV head) pairs whose selection at the queried key holds
+  the selection block of the pair's value (what the query must read): `[L]`."""
+  data = config.data
+  vocab = config.model.get("vocab_size", 256)
+  rng = np.random.default_rng([seed, config.seq_len])
+  examples = [tasks.mqar_example(rng, config.seq_len, data.mqar_pairs, vocab, data.mqar_placement)
+              for _ in range(samples)]
+  tokens = np.stack([t for t, _ in examples])
+  indices = layer_selections(model, tokens)  # [L, B, T, Hkv, n]
+  queries = tasks.mqar_answer_targets(config.seq_len, data.mqar_pairs)  # the keys' positions
+  value_block = (np.stack([p for _, p in examples]) + 1) // config.nsa.slc_block  # [B, pairs]
+  at_queries = indices[:, :, queries]  # [L, B, pairs, Hkv, n]
+  hits = np.any(at_queries == value_block[None, :, :, None, None], axis=-1)
+  return hits.reshape(hits.shape[0], -1).mean(-1)
 
 
 def plot_selection(indices, slc_block, title, path):
@@ -132,6 +209,46 @@ def plot_selection(indices, slc_block, title, path):
   plt.close(fig)
 
 
+def _mqar_plots(config, model, name, lengths, num_bins, samples, out):
+  """The MQAR heatmap (and, for NSA, the selection hits) of one run; `{file name: path}`."""
+  logits = nnx.jit(lambda model, tokens: model(tokens))
+  data = config.data
+  grid = tasks.mqar_accuracy_by_depth(
+      lambda t: logits(model, jnp.asarray(t)), lengths, data.mqar_pairs,
+      config.model.get("vocab_size", 256), num_bins, samples, data.mqar_placement, seed=1)
+  bins = [f"{b / num_bins:.0%}-{(b + 1) / num_bins:.0%}" for b in range(num_bins)]
+  result = dict(lengths=list(lengths), depth_bins=bins, samples=samples,
+                train_len=config.seq_len, accuracy=np.where(np.isnan(grid), None, grid).tolist())
+  written = {f"mqar_{name}.png": out / f"mqar_{name}.png"}
+  if config.attention == "nsa":
+    hits = mqar_selection_hits(config, model, samples)
+    (out / f"selection_hits_{name}.json").write_text(json.dumps(dict(
+        samples=samples, fraction_by_layer=hits.tolist()), indent=1))
+    written[f"selection_hits_{name}.json"] = out / f"selection_hits_{name}.json"
+  (out / f"mqar_{name}.json").write_text(json.dumps(result, indent=1))
+  plot_passkey(np.nan_to_num(grid, nan=0.0), lengths, bins, config.seq_len,
+               f"MQAR recall: {name} ({config.attention})", out / f"mqar_{name}.png",
+               xlabel="depth of the queried pair", ylabel="context length (tokens)")
+  return written
+
+
+def _selection_statistics_files(config, model, name, samples, out):
+  """`selection_stats_<run>.json` and `selection_indices_<run>.npz` on `samples` held-out
+  sequences at the training length."""
+  if config.data.source == "mqar":
+    tokens = tasks.mqar_batch(np.random.default_rng(2), samples, config.seq_len,
+                              config.data.mqar_pairs, config.model.get("vocab_size", 256),
+                              config.data.mqar_placement)
+  else:
+    tokens = train.build_data(config).batch("held_out", 0)[:samples, :config.seq_len]
+  stats, indices = selection_statistics(model, tokens)
+  (out / f"selection_stats_{name}.json").write_text(json.dumps(stats, indent=1))
+  np.savez_compressed(out / f"selection_indices_{name}.npz", indices=indices.astype(np.int16),
+                      slc_block=config.nsa.slc_block)
+  return {f"selection_stats_{name}.json": out / f"selection_stats_{name}.json",
+          f"selection_indices_{name}.npz": out / f"selection_indices_{name}.npz"}
+
+
 def make_plots(workdirs, out, lengths=None, depths=(0.1, 0.3, 0.5, 0.7, 0.9), samples=8):
   """Writes the plots of `workdirs` into `out`; returns `{file name: path}`."""
   out = pathlib.Path(out)
@@ -144,17 +261,26 @@ def make_plots(workdirs, out, lengths=None, depths=(0.1, 0.3, 0.5, 0.7, 0.9), sa
     with jax.set_mesh(parallel.mesh_from_config(config)):
       run_lengths = lengths or [n for n in (config.seq_len // 2, config.seq_len,
                                             2 * config.seq_len, 4 * config.seq_len)
-                                if n >= MIN_PASSKEY_LEN]
-      grid = passkey_grid(config, model, run_lengths, depths, samples)
-      (out / f"passkey_{name}.json").write_text(json.dumps(dict(
-          lengths=list(run_lengths), depths=list(depths), samples=samples,
-          train_len=config.seq_len, accuracy=grid.tolist()), indent=1))
-      written[f"passkey_{name}.png"] = out / f"passkey_{name}.png"
-      plot_passkey(grid, run_lengths, depths, config.seq_len,
-                   f"passkey retrieval: {name} ({config.attention})", out / f"passkey_{name}.png")
+                                if config.data.source == "mqar" or n >= MIN_PASSKEY_LEN]
+      if config.data.source == "mqar":
+        written.update(_mqar_plots(config, model, name, run_lengths, len(depths), samples, out))
+      else:
+        grid = passkey_grid(config, model, run_lengths, depths, samples)
+        (out / f"passkey_{name}.json").write_text(json.dumps(dict(
+            lengths=list(run_lengths), depths=list(depths), samples=samples,
+            train_len=config.seq_len, accuracy=grid.tolist()), indent=1))
+        written[f"passkey_{name}.png"] = out / f"passkey_{name}.png"
+        plot_passkey(grid, run_lengths, depths, config.seq_len,
+                     f"passkey retrieval: {name} ({config.attention})",
+                     out / f"passkey_{name}.png")
       if config.attention == "nsa":
-        filler = train.build_data(config).splits["held_out"]
-        indices = first_layer_selection(model, filler[:config.seq_len])
+        tokens = (tasks.mqar_batch(np.random.default_rng(1), 1, config.seq_len,
+                                   config.data.mqar_pairs, config.model.get("vocab_size", 256),
+                                   config.data.mqar_placement)[0]
+                  if config.data.source == "mqar"
+                  else train.build_data(config).splits["held_out"][:config.seq_len])
+        indices = first_layer_selection(model, tokens)
+        written.update(_selection_statistics_files(config, model, name, samples, out))
         written[f"selection_{name}.png"] = out / f"selection_{name}.png"
         plot_selection(indices, config.nsa.slc_block, f"blocks chosen by layer 0, KV head 0: {name}",
                        out / f"selection_{name}.png")

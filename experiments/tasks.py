@@ -158,3 +158,29 @@ def mqar_accuracy(logits_fn, seq_len: int, num_pairs: int, vocab_size: int, samp
   targets = mqar_answer_targets(seq_len, num_pairs)
   predictions = np.asarray(logits_fn(tokens[:, :-1])).argmax(-1)[:, targets]
   return float(np.mean(predictions == tokens[:, targets + 1]))
+
+
+def mqar_accuracy_by_depth(logits_fn, lengths, num_pairs: int, vocab_size: int, num_bins: int,
+                           samples: int, placement: str = "uniform", seed: int = 0):
+  """Recall accuracy by context length and by the depth of the queried pair.
+
+  A pair's depth is its key's position over the context length (0: the start, 1: just before
+  the queries), binned into `num_bins` equal bins.
+
+  Returns:
+    `accuracy float [len(lengths), num_bins]`, NaN where no queried pair fell in a bin.
+  """
+  grid = np.full((len(lengths), num_bins), np.nan)
+  for row, length in enumerate(lengths):
+    rng = np.random.default_rng([seed, length, num_pairs])
+    examples = [mqar_example(rng, length, num_pairs, vocab_size, placement)
+                for _ in range(samples)]
+    tokens = np.stack([t for t, _ in examples])
+    targets = mqar_answer_targets(length, num_pairs)
+    hits = np.asarray(logits_fn(tokens[:, :-1])).argmax(-1)[:, targets] == tokens[:, targets + 1]
+    depth = np.stack([p for _, p in examples]) / (length - 2 * num_pairs)  # [samples, pairs]
+    bins = np.minimum((depth * num_bins).astype(int), num_bins - 1)
+    for b in range(num_bins):
+      if np.any(bins == b):
+        grid[row, b] = float(np.mean(hits[bins == b]))
+  return grid

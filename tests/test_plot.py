@@ -15,9 +15,11 @@ def test_plots_of_an_nsa_and_a_dense_run(tmp_path):
   written = plot.make_plots([tmp_path / "nsa", tmp_path / "dense"], tmp_path / "plots",
                             lengths=[96, 128], depths=(0.2, 0.8), samples=2)
   assert set(written) == {"loss_curves.png", "passkey_nsa.png", "passkey_dense.png",
-                          "selection_nsa.png"}
-  for path in written.values():
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+                          "selection_nsa.png", "selection_stats_nsa.json",
+                          "selection_indices_nsa.npz"}
+  for name, path in written.items():
+    if name.endswith(".png"):
+      assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   grid = json.loads((tmp_path / "plots" / "passkey_nsa.json").read_text())
   assert grid["lengths"] == [96, 128] and grid["depths"] == [0.2, 0.8]
   accuracy = grid["accuracy"]
@@ -34,3 +36,31 @@ def test_the_selection_picture_shows_valid_causal_blocks(tmp_path):
   query_block = np.arange(config.seq_len) // config.nsa.slc_block
   assert all(row.max() <= qb for row, qb in zip(indices, query_block))
   assert all(0 in row and qb in row for row, qb in zip(indices, query_block))  # forced blocks
+
+
+def test_plots_of_an_mqar_run(tmp_path):
+  config = small_config(steps=2)
+  config.data.source, config.data.mqar_pairs, config.data.other_weight = "mqar", 4, 0.0
+  config.model.vocab_size = 64
+  train.run(config, str(tmp_path / "nsa"))
+  written = plot.make_plots([tmp_path / "nsa"], tmp_path / "plots", lengths=[48, 64],
+                            depths=(0.25, 0.75), samples=2)
+  assert set(written) == {"loss_curves.png", "mqar_nsa.png", "selection_nsa.png",
+                          "selection_hits_nsa.json", "selection_stats_nsa.json",
+                          "selection_indices_nsa.npz"}
+  grid = json.loads((tmp_path / "plots" / "mqar_nsa.json").read_text())
+  assert grid["lengths"] == [48, 64] and len(grid["depth_bins"]) == 2
+  assert all(a is None or 0 <= a <= 1 for row in grid["accuracy"] for a in row)
+  # T = 64 has 2 selection blocks of 32, n = 4: every block is selected, so every query's
+  # selection holds its pair's block.
+  hits = json.loads((tmp_path / "plots" / "selection_hits_nsa.json").read_text())
+  assert hits["fraction_by_layer"] == [1.0] * config.model.num_layers
+
+
+def test_selection_sharing_counts_distinct_blocks_of_consecutive_positions():
+  # One batch row, 4 positions, 1 KV head, n = 2: blocks {0, 1}, {0, 1}, {0, 2}, {3, -1}.
+  indices = np.array([[0, 1], [0, 1], [0, 2], [3, -1]]).reshape(1, 4, 1, 2)
+  stats = plot.selection_sharing(indices, spans=(1, 2, 4))
+  assert stats[1]["mean"] == (2 + 2 + 2 + 1) / 4
+  assert stats[2]["mean"] == (2 + 3) / 2  # {0, 1} and {0, 2, 3}
+  assert stats[4]["mean"] == 4  # {0, 1, 2, 3}

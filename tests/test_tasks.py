@@ -109,3 +109,25 @@ def test_bad_mqar_arguments_are_rejected(args, match):
 def test_passkey_answers_are_the_key_digits():
   tokens, key = tasks.passkey_example(np.random.default_rng(2), FILLER, 300, 0.4)
   assert tokens[1:][tasks.passkey_answer_targets(300)].astype(np.uint8).tobytes() == key
+
+
+def test_mqar_accuracy_by_depth_bins_the_queried_pairs():
+  """A model that recalls only pairs in the first half of the context scores 1 on the first
+  depth bin and 0 on the last."""
+  (_, _), (k0, k1), _ = tasks.mqar_vocab(VOCAB)
+
+  def first_half_oracle(tokens):
+    logits = np.zeros(tokens.shape + (VOCAB,))
+    half = (tokens.shape[1] + 1 - 2 * 4) // 2
+    for b, row in enumerate(tokens):
+      value_of = {row[p]: row[p + 1] for p in range(half) if k0 <= row[p] < k1}
+      for p in range(tokens.shape[1] + 1 - 2 * 4, tokens.shape[1]):
+        if row[p] in value_of:
+          logits[b, p, value_of[row[p]]] = 1
+    return logits
+
+  grid = tasks.mqar_accuracy_by_depth(first_half_oracle, [200, 400], 4, VOCAB, num_bins=4,
+                                      samples=8)
+  assert grid.shape == (2, 4)
+  np.testing.assert_array_equal(grid[:, 0], 1.0)
+  np.testing.assert_array_equal(grid[:, 3], 0.0)
