@@ -27,6 +27,7 @@ checkpoints); `<run>` is the workdir's name.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import pathlib
 
@@ -117,16 +118,21 @@ def plot_passkey(grid, lengths, depths, train_len, title, path, xlabel="needle d
 
 def layer_selections(model, tokens):
   """Block indices `[L, B, T, Hkv, n]` every layer chose for `tokens int [B, T]`."""
-  x = model.embed(jnp.asarray(tokens))
+  return np.asarray(_layer_selections(model, jnp.asarray(tokens)))
+
+
+@nnx.jit
+def _layer_selections(model, tokens):
+  x = model.embed(tokens)
   selections = []
   for block in model.blocks:
     layer = block.attention
     q, keys, values = layer._project(block.attention_norm(x))  # pylint: disable=protected-access
     k_cmp, _ = layer._compress(keys[0], values[0])  # pylint: disable=protected-access
-    selections.append(np.asarray(nsa_jax.select_blocks(q, k_cmp, config=layer.config,
-                                                       implementation=layer.implementation)))
+    selections.append(nsa_jax.select_blocks(q, k_cmp, config=layer.config,
+                                            implementation=layer.implementation))
     x = block(x)
-  return np.stack(selections)
+  return jnp.stack(selections)
 
 
 def first_layer_selection(model, tokens):
@@ -170,7 +176,8 @@ def selection_statistics(model, tokens, seed=0):
   q = jax.random.normal(kq, (b, t, layer.num_heads, layer.head_dim))
   k_cmp = jax.random.normal(kk, (b, layer.config.num_cmp_blocks(t), layer.num_kv_heads,
                                  layer.head_dim))
-  random = np.asarray(nsa_jax.select_blocks(q, k_cmp, config=layer.config))
+  random = np.asarray(jax.jit(functools.partial(nsa_jax.select_blocks, config=layer.config))(
+      q, k_cmp))
   stats = dict(trained=selection_sharing(indices), random=selection_sharing(random),
                shape=list(indices.shape), slc_block=layer.config.slc_block)
   return stats, indices

@@ -131,10 +131,11 @@ def selection_margin(q, k, config, dtype):
   candidate = block <= query_block
   forced = candidate & ((block < config.num_initial) | (block > query_block - config.num_local))
   places = config.num_selected - forced.sum(-1)  # [T]
-  open_scores = np.sort(np.where((candidate & ~forced)[None, :, None], score, -np.inf), -1)[..., ::-1]
+  open_candidate = candidate & ~forced  # [T, Ts]
+  open_scores = np.sort(np.where(open_candidate[None, :, None], score, -np.inf), -1)[..., ::-1]
   margin = np.inf
   for pos in range(q.shape[1]):
-    open_count = int((candidate & ~forced)[pos].sum())
+    open_count = int(open_candidate[pos].sum())
     if 0 < places[pos] < open_count:
       gap = open_scores[:, pos, :, places[pos] - 1] - open_scores[:, pos, :, places[pos]]
       margin = min(margin, float(gap.min()))
@@ -147,7 +148,8 @@ def check_against_oracle(implementation, case, skip_near_ties=True):
     wide = [None if x is None else jnp.asarray(x, jnp.float64) for x in (q, k, v, gates)]
     if skip_near_ties:
       margin = selection_margin(wide[0], wide[1], case.config, case.dtype)
-      hypothesis.assume(margin > TIE_MARGIN_PER_HEAD * case.num_heads // case.num_kv_heads)
+      group = case.num_heads // case.num_kv_heads
+      hypothesis.assume(margin > TIE_MARGIN_PER_HEAD * group)
     expected, expected_grads = value_and_grads("reference", *wide[:3], wide[3],
                                                jnp.asarray(cotangent, jnp.float64), case.config,
                                                case.dtype)
@@ -165,7 +167,7 @@ def property_settings(max_examples):
 
 # CPU budgets: the interpreters run every kernel program in Python (a few seconds an example).
 @pytest.mark.parametrize("implementation,max_examples", [
-    ("xla", 12), ("pallas_gpu", 4), ("pallas_tpu", 4)])
+    ("xla", 8), ("pallas_gpu", 4), ("pallas_tpu", 4)])
 def test_nsa_attention_matches_oracle_on_drawn_cases(implementation, max_examples):
   @property_settings(max_examples)
   @hypothesis.given(cases(groups=(1, 2, 3, 4, 8, 16)))
