@@ -20,8 +20,9 @@ from nsa_jax.validation import check_positive
 
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
-  """Model shape. `attention` ("nsa" or "dense") is the only field that switches the layer kind;
-  the NSA-only fields are ignored by dense attention."""
+  """Model shape. `attention` ("nsa", "dense", or the NSA ablations "nsa_no_selection" and
+  "window", `nsa_jax.nn.make_attention`) is the only field that switches the layer kind; the
+  NSA-only fields are ignored by dense attention."""
 
   vocab_size: int = 256  # bytes
   num_layers: int = 4
