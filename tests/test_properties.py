@@ -144,15 +144,18 @@ def selection_margin(q, k, config, dtype):
 
 def check_against_oracle(implementation, case, skip_near_ties=True):
   q, k, v, gates, cotangent = inputs(case)
-  with jax.enable_x64(True):
-    wide = [None if x is None else jnp.asarray(x, jnp.float64) for x in (q, k, v, gates)]
+  # The oracle runs on the host in float64 (on a GPU machine too: its compiles are the cheaper).
+  cpu = jax.devices("cpu")[0]
+  with jax.enable_x64(True), jax.default_device(cpu):
+    wide = [None if x is None else jax.device_put(np.asarray(x, np.float64), cpu)
+            for x in (q, k, v, gates)]
     if skip_near_ties:
       margin = selection_margin(wide[0], wide[1], case.config, case.dtype)
       group = case.num_heads // case.num_kv_heads
       hypothesis.assume(margin > TIE_MARGIN_PER_HEAD * group)
     expected, expected_grads = value_and_grads("reference", *wide[:3], wide[3],
-                                               jnp.asarray(cotangent, jnp.float64), case.config,
-                                               case.dtype)
+                                               jax.device_put(np.asarray(cotangent, np.float64),
+                                                              cpu), case.config, case.dtype)
   out, grads = value_and_grads(implementation, q, k, v, gates, cotangent, case.config, case.dtype)
   assert_close(out, expected, case.dtype)
   assert_grads_close(grads, expected_grads, case.dtype)
