@@ -189,11 +189,11 @@ def mqar_selection_hits(config, model, samples, seed=1):
   data = config.data
   vocab = config.model.get("vocab_size", 256)
   rng = np.random.default_rng([seed, config.seq_len])
-  examples = [tasks.mqar_example(rng, config.seq_len, data.mqar_pairs, vocab, data.mqar_placement)
-              for _ in range(samples)]
-  tokens = np.stack([t for t, _ in examples])
+  examples = [tasks.mqar_example(rng, config.seq_len + 1, data.mqar_pairs, vocab,
+                                 data.mqar_placement) for _ in range(samples)]
+  tokens = np.stack([t for t, _ in examples])[:, :-1]  # the inputs of training sequences
   indices = layer_selections(model, tokens)  # [L, B, T, Hkv, n]
-  queries = tasks.mqar_answer_targets(config.seq_len, data.mqar_pairs)  # the keys' positions
+  queries = tasks.mqar_answer_targets(config.seq_len + 1, data.mqar_pairs)  # the keys' positions
   value_block = (np.stack([p for _, p in examples]) + 1) // config.nsa.slc_block  # [B, pairs]
   at_queries = indices[:, :, queries]  # [L, B, pairs, Hkv, n]
   hits = np.any(at_queries == value_block[None, :, :, None, None], axis=-1)
@@ -225,7 +225,8 @@ def _mqar_plots(config, model, name, lengths, num_bins, samples, out):
       config.model.get("vocab_size", 256), num_bins, samples, data.mqar_placement, seed=1)
   bins = [f"{b / num_bins:.0%}-{(b + 1) / num_bins:.0%}" for b in range(num_bins)]
   result = dict(lengths=list(lengths), depth_bins=bins, samples=samples,
-                train_len=config.seq_len, accuracy=np.where(np.isnan(grid), None, grid).tolist())
+                train_len=config.seq_len + 1,
+                accuracy=np.where(np.isnan(grid), None, grid).tolist())
   written = {f"mqar_{name}.png": out / f"mqar_{name}.png"}
   if config.attention == "nsa":
     hits = mqar_selection_hits(config, model, samples)
@@ -233,7 +234,7 @@ def _mqar_plots(config, model, name, lengths, num_bins, samples, out):
         samples=samples, fraction_by_layer=hits.tolist()), indent=1))
     written[f"selection_hits_{name}.json"] = out / f"selection_hits_{name}.json"
   (out / f"mqar_{name}.json").write_text(json.dumps(result, indent=1))
-  plot_passkey(np.nan_to_num(grid, nan=0.0), lengths, bins, config.seq_len,
+  plot_passkey(np.nan_to_num(grid, nan=0.0), lengths, bins, config.seq_len + 1,
                f"MQAR recall: {name} ({config.attention})", out / f"mqar_{name}.png",
                xlabel="depth of the queried pair", ylabel="context length (tokens)")
   return written
@@ -243,9 +244,9 @@ def _selection_statistics_files(config, model, name, samples, out):
   """`selection_stats_<run>.json` and `selection_indices_<run>.npz` on `samples` held-out
   sequences at the training length."""
   if config.data.source == "mqar":
-    tokens = tasks.mqar_batch(np.random.default_rng(2), samples, config.seq_len,
+    tokens = tasks.mqar_batch(np.random.default_rng(2), samples, config.seq_len + 1,
                               config.data.mqar_pairs, config.model.get("vocab_size", 256),
-                              config.data.mqar_placement)
+                              config.data.mqar_placement)[:, :-1]
   else:
     tokens = train.build_data(config).batch("held_out", 0)[:samples, :config.seq_len]
   stats, indices = selection_statistics(model, tokens)
@@ -266,8 +267,9 @@ def make_plots(workdirs, out, lengths=None, depths=(0.1, 0.3, 0.5, 0.7, 0.9), sa
     name = pathlib.Path(workdir).name
     runs[name] = (config, records, model)
     with jax.set_mesh(parallel.mesh_from_config(config)):
-      run_lengths = lengths or [n for n in (config.seq_len // 2, config.seq_len,
-                                            2 * config.seq_len, 4 * config.seq_len)
+      train_len = config.seq_len + 1  # the training sequences' tokens (inputs + last target)
+      run_lengths = lengths or [n for n in (train_len // 2, train_len, 2 * train_len,
+                                            4 * train_len)
                                 if config.data.source == "mqar" or n >= MIN_PASSKEY_LEN]
       if config.data.source == "mqar":
         written.update(_mqar_plots(config, model, name, run_lengths, len(depths), samples, out))
@@ -275,15 +277,15 @@ def make_plots(workdirs, out, lengths=None, depths=(0.1, 0.3, 0.5, 0.7, 0.9), sa
         grid = passkey_grid(config, model, run_lengths, depths, samples)
         (out / f"passkey_{name}.json").write_text(json.dumps(dict(
             lengths=list(run_lengths), depths=list(depths), samples=samples,
-            train_len=config.seq_len, accuracy=grid.tolist()), indent=1))
+            train_len=train_len, accuracy=grid.tolist()), indent=1))
         written[f"passkey_{name}.png"] = out / f"passkey_{name}.png"
-        plot_passkey(grid, run_lengths, depths, config.seq_len,
+        plot_passkey(grid, run_lengths, depths, train_len,
                      f"passkey retrieval: {name} ({config.attention})",
                      out / f"passkey_{name}.png")
       if config.attention == "nsa":
-        tokens = (tasks.mqar_batch(np.random.default_rng(1), 1, config.seq_len,
+        tokens = (tasks.mqar_batch(np.random.default_rng(1), 1, config.seq_len + 1,
                                    config.data.mqar_pairs, config.model.get("vocab_size", 256),
-                                   config.data.mqar_placement)[0]
+                                   config.data.mqar_placement)[0, :-1]
                   if config.data.source == "mqar"
                   else train.build_data(config).splits["held_out"][:config.seq_len])
         indices = first_layer_selection(model, tokens)
