@@ -10,7 +10,8 @@ Writes into `--out` (default: the first workdir's `plots/`):
   beyond training are included) and needle depth, as a heatmap (the paper's needle-in-a-haystack
   figure);
 - `mqar_<run>.png` + `.json` (MQAR runs): recall accuracy by context length (the same lengths)
-  and by the depth of the queried pair, as a heatmap;
+  and by the depth of the queried pair (as many equal depth bins as `--depths` has values), as
+  a heatmap;
 - `selection_<run>.png` (NSA runs): which selection blocks the first layer's first KV group chose
   for every query of one held-out sequence; for MQAR runs also `selection_hits_<run>.json`: how
   often each layer's selection, at the queries, holds the block of the queried pair's value;
