@@ -17,7 +17,7 @@ merged over the splits against the Triton kernel's) and times both from a profil
 (`gpu_trace.kernel_times`), the cache at the benchmark's 64k size (4224 compressed slots, 4093
 visible). Prints a table, writes JSON. GPU only (Mosaic GPU has no CPU interpreter for wgmma);
 the kernel's lowering is tested on the CPU (`tests/test_lowering.py`). The probe writes raw
-scores, as the Triton kernel did when they were compared (sixth session); since then the Triton
+scores, as the Triton kernel did when they were compared (2026-11-27); since then the Triton
 kernel writes per-block probability sums instead (two row sums a tile more, half the score
 bytes).
 """
