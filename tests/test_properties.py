@@ -211,18 +211,6 @@ IMPLEMENTATIONS = ["reference", "xla", "pallas_gpu", "pallas_tpu",
 SMALL = nsa_jax.NSAConfig(8, 4, 16, 2, 1, 1, 8)
 
 
-def _values_and_grads(implementation, q, k, v, gates, cotangent):
-  interpret = runs_interpreted(implementation)
-
-  def loss(q, k, v):
-    out = nsa_jax.nsa_attention(q, k, v, config=SMALL, gates=gates, scale=SCALE,
-                                implementation=implementation, interpret=interpret)
-    return jnp.sum(out.astype(jnp.float32) * cotangent), out
-
-  (_, out), grads = jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True))(q, k, v)
-  return np.asarray(out.astype(jnp.float32)), [np.asarray(g.astype(jnp.float32)) for g in grads]
-
-
 def _assert_finite(out, grads):
   assert np.all(np.isfinite(out)), "non-finite output"
   for name, g in zip("qkv", grads):
@@ -252,7 +240,7 @@ def test_large_logits_in_half_precision_stay_finite_and_bounded(implementation, 
   logits = SCALE * jnp.einsum("bthd,bshd->bths", q.astype(jnp.float32)[:, :, ::2],
                               k.astype(jnp.float32))
   assert float(jnp.max(jnp.abs(logits))) > 3e3
-  out, grads = _values_and_grads(implementation, q, k, v, gates, cotangent)
+  out, grads = value_and_grads(implementation, q, k, v, gates, cotangent, SMALL, dtype)
   _assert_finite(out, grads)
   bound = np.asarray(gates.astype(jnp.float32)).sum(-1, keepdims=True) * float(jnp.max(jnp.abs(
       v.astype(jnp.float32))))
@@ -265,8 +253,8 @@ def test_zero_inputs_give_zero_outputs_and_finite_gradients(implementation):
   (dS = P (dP - delta) with dP = delta = 0) are exactly 0, and dv is finite."""
   zeros = lambda h: jnp.zeros((1, 29, h, 16), jnp.bfloat16)
   cotangent = jax.random.normal(jax.random.key(0), (1, 29, 4, 16))
-  out, (dq, dk, dv) = _values_and_grads(implementation,
-                                        zeros(4), zeros(2), zeros(2), None, cotangent)
+  out, (dq, dk, dv) = value_and_grads(implementation, zeros(4), zeros(2), zeros(2), None,
+                                      cotangent, SMALL, jnp.bfloat16)
   _assert_finite(out, (dq, dk, dv))
   np.testing.assert_array_equal(out, 0)
   np.testing.assert_array_equal(dq, 0)
