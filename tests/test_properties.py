@@ -180,10 +180,12 @@ def test_nsa_attention_matches_oracle_on_drawn_cases(implementation, max_example
   check()
 
 
+# One test per dtype (20 draws each), so that pytest-xdist workers share the 60 draws.
 @pytest.mark.gpu
-def test_pallas_gpu_kernels_match_oracle_on_drawn_cases():
-  @property_settings(60)
-  @hypothesis.given(cases(head_dims=(16, 64, 128)))
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_pallas_gpu_kernels_match_oracle_on_drawn_cases(dtype):
+  @property_settings(20)
+  @hypothesis.given(cases(head_dims=(16, 64, 128), dtypes=(dtype,)))
   def check(case):
     check_against_oracle("pallas_gpu", case)
 
