@@ -501,7 +501,9 @@ def _forward(q, k, v, lay: _Layout, scale, slc_block, interpret):
   in_specs = [rows(lay.head_dim_pad), keys(lay.head_dim_pad), keys(lay.head_dim_v_pad)]
   out_specs = [rows(lay.head_dim_v_pad), row_vector]
   out_shape = [
-      jax.ShapeDtypeStruct((lay.batch, lay.num_kv_heads, num_rows, lay.head_dim_v_pad), q.dtype),
+      # float32: the backward's delta needs it (see `_compressed_bwd`).
+      jax.ShapeDtypeStruct((lay.batch, lay.num_kv_heads, num_rows, lay.head_dim_v_pad),
+                           jnp.float32),
       jax.ShapeDtypeStruct((lay.batch, lay.num_kv_heads, num_rows), jnp.float32)]
   args = [q, k, v]
   aliases = {}
@@ -583,20 +585,23 @@ def _compressed_fwd(q, k_cmp, v_cmp, scale, block, stride, slc_block, interpret)
   outs = _forward(_to_rows(q, lay, lay.head_dim_pad), _to_keys(k_cmp, lay, lay.head_dim_pad),
                   _to_keys(v_cmp, lay, lay.head_dim_v_pad), lay, scale, slc_block, interpret)
   out_rows, lse2 = outs[0], outs[1]
-  out = _from_rows(out_rows, lay, lay.head_dim_v)
+  out = _from_rows(out_rows, lay, lay.head_dim_v)  # float32 [B, T, Hq, Dv]
   lse = _from_rows(_natural_lse(lse2)[..., None], lay, None)[..., 0]
   scores = outs[2] if slc_block else None  # [B, Hkv, rows >= T, width >= Ts], query t in row t
-  return (out, lse, scores), (q, k_cmp, v_cmp, out_rows, lse2)
+  return (out.astype(q.dtype), lse, scores), (q, k_cmp, v_cmp, out, lse2)
 
 
 def _compressed_bwd(scale, block, stride, slc_block, interpret, residuals, cotangents):
-  q, k_cmp, v_cmp, out_rows, lse2 = residuals
+  q, k_cmp, v_cmp, out, lse2 = residuals
   d_out, d_lse, _ = cotangents  # the scores feed the (non-differentiable) selection
   lay = _layout(q, k_cmp, v_cmp, block, stride)
-  do_rows = _to_rows(d_out.astype(q.dtype), lay, lay.head_dim_v_pad)
-  delta = jnp.sum(out_rows.astype(jnp.float32) * do_rows.astype(jnp.float32), axis=-1)
+  d_out = d_out.astype(q.dtype)
+  do_rows = _to_rows(d_out, lay, lay.head_dim_v_pad)
+  # delta = rowsum(dO * O) from the float32 output (as in the selected kernel's backward: from a
+  # bfloat16-rounded output its error can exceed a small dq).
   # d lse / d s = p: folded into delta (ds = p * (dp - delta + d_lse)).
-  delta = delta - _to_rows(d_lse[..., None], lay, 1)[..., 0]
+  delta = jnp.sum(out * d_out.astype(jnp.float32), axis=-1) - d_lse  # [B, T, Hq]
+  delta = _to_rows(delta[..., None], lay, 1)[..., 0]
   dq, dk, dv = _backward(_to_rows(q, lay, lay.head_dim_pad),
                          _to_keys(k_cmp, lay, lay.head_dim_pad),
                          _to_keys(v_cmp, lay, lay.head_dim_v_pad), do_rows, lse2, delta, lay, scale,

@@ -395,7 +395,8 @@ def _forward(q, k, v, lay: _Layout, scale, slc_block, interpret):
   passes (log-sum-exp, then output and selection scores from the exact probabilities)."""
   rows, vector, keys = _row_major_specs(lay)
   shape = (lay.batch, lay.num_kv_heads, lay.row_tiles)
-  out_shape = jax.ShapeDtypeStruct(shape + (lay.rows, lay.head_dim_v_pad), q.dtype)
+  # float32 output rows: the backward's delta needs them unrounded (as in the selected kernel).
+  out_shape = jax.ShapeDtypeStruct(shape + (lay.rows, lay.head_dim_v_pad), jnp.float32)
   lse_shape = jax.ShapeDtypeStruct(shape + (1, lay.rows), jnp.float32)
   softmax_scratch = [pltpu.VMEM((lay.rows, LANES), jnp.float32),
                      pltpu.VMEM((lay.rows, LANES), jnp.float32)]
@@ -477,7 +478,7 @@ def _compressed_fwd(q, k_cmp, v_cmp, scale, block, stride, slc_block, interpret)
       _to_keys(v_cmp, lay, lay.head_dim_v_pad), lay, scale, slc_block, interpret)
   lse = _vector_from_rows(lse_rows, lay)
   lse = jnp.where(jnp.isinf(lse), -jnp.inf, lse)  # internal +inf (empty rows) -> public -inf
-  out = _from_rows(out_rows, lay, lay.head_dim_v)
+  out = _from_rows(out_rows, lay, lay.head_dim_v).astype(q.dtype)
   return (out, lse, scores), (q, k_cmp, v_cmp, out_rows, lse_rows)
 
 

@@ -470,11 +470,14 @@ def _selected_attention_fwd(q, k, v, sorted_idx, scale, block, interpret):
   out_rows, lse = _tiled_call(
       functools.partial(_forward_kernel, lay=lay, scale=scale), "nsa_selected_fwd_tpu", lay,
       _tile_tables(sorted_idx, lay), [(_to_rows(q, lay, lay.head_dim_pad), "rows")], k_blocks,
-      v_blocks, [("rows", lay.head_dim_v_pad, q.dtype), ("vector", None, jnp.float32)],
+      # float32 output rows: the backward's delta = rowsum(dO * O) needs them unrounded (a
+      # bfloat16-rounded O puts ~2^-9 |dO| |O| into every dS, which can exceed a small dq).
+      v_blocks, [("rows", lay.head_dim_v_pad, jnp.float32), ("vector", None, jnp.float32)],
       [pltpu.VMEM((lay.tile_rows, LANES), jnp.float32),
        pltpu.VMEM((lay.tile_rows, LANES), jnp.float32),
        pltpu.VMEM((lay.tile_rows, lay.head_dim_v_pad), jnp.float32)], interpret)
-  return _from_rows(out_rows, lay, lay.head_dim_v), (q, k, v, sorted_idx, out_rows, lse)
+  out = _from_rows(out_rows, lay, lay.head_dim_v).astype(q.dtype)
+  return out, (q, k, v, sorted_idx, out_rows, lse)
 
 
 def _selected_attention_bwd(scale, block, interpret, residuals, d_out):
