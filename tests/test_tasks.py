@@ -49,26 +49,36 @@ VOCAB = 64
 
 
 @pytest.mark.parametrize("placement", ["uniform", "start"])
-def test_mqar_sequence_asks_back_every_pair_and_answers_are_its_values(placement):
+def test_mqar_sequence_asks_back_its_pairs_and_answers_are_their_values(placement):
   tokens, pair_positions = tasks.mqar_example(np.random.default_rng(3), 200, 6, VOCAB, placement)
   assert tokens.shape == (200,) and tokens.dtype == np.int32
   (f0, f1), (k0, k1), (v0, v1) = tasks.mqar_vocab(VOCAB)
   context, queries = tokens[:200 - 12], tokens[200 - 12:]
   assert np.all((queries[0::2] >= k0) & (queries[0::2] < k1))
   assert np.all((queries[1::2] >= v0) & (queries[1::2] < v1))
-  assert len(set(queries[0::2].tolist())) == 6  # distinct keys
   # Each queried key sits once in the context, its value right after it.
   np.testing.assert_array_equal(context[pair_positions], queries[0::2])
   np.testing.assert_array_equal(context[pair_positions + 1], queries[1::2])
-  is_key = (context >= k0) & (context < k1)
-  assert is_key.sum() == 6
-  others = np.delete(context, np.concatenate([pair_positions, pair_positions + 1]))
+  key_positions = np.flatnonzero((context >= k0) & (context < k1))
+  assert len(key_positions) == 6 and set(pair_positions.tolist()) <= set(key_positions.tolist())
+  assert np.all((context[key_positions + 1] >= v0) & (context[key_positions + 1] < v1))
+  others = np.delete(context, np.concatenate([key_positions, key_positions + 1]))
   assert np.all((others >= f0) & (others < f1))  # the rest is filler
   # The answers are the queries' values, as targets tokens[1:].
   targets = tasks.mqar_answer_targets(200, 6)
   np.testing.assert_array_equal(tokens[1:][targets], queries[1::2])
   if placement == "start":
-    np.testing.assert_array_equal(np.sort(pair_positions), 2 * np.arange(6))
+    assert set(pair_positions.tolist()) <= set(range(0, 12, 2))
+
+
+def test_mqar_queries_are_drawn_with_replacement():
+  """Keys asked back at random, repeats allowed: the last query's answer cannot be found by
+  elimination (the values not yet asked)."""
+  rng = np.random.default_rng(0)
+  asked = [len(set(tasks.mqar_example(rng, 64, 4, VOCAB)[1].tolist())) for _ in range(200)]
+  assert min(asked) >= 1 and max(asked) <= 4
+  # 4 draws from 4 pairs: all distinct with probability 4! / 4^4 = 0.09.
+  assert 0.03 < np.mean(np.array(asked) == 4) < 0.2
 
 
 def test_uniform_mqar_placement_spreads_the_pairs_over_the_context():
