@@ -31,8 +31,11 @@ test: $(STAMP)
 # that hold them, so the machine needs no experiment packages (ml_collections, orbax).
 # GPU_WORKERS > 1 shares the GPU between pytest-xdist processes (memory taken on demand, not
 # preallocated): most of a GPU test's time is compiling on the host. With 4 workers the suite took
-# 4.6-5 min on an H200 (16 host cores); in one process over 13 min. XLA's GEMM autotuning is off
-# for the tests (the reference computations need no tuned algorithms; benchmarks keep it).
+# 4.6-5 min on an H200 (16 host cores); in one process over 13 min. tests/test_properties.py
+# adds ~530 tests (2026-12-04, H200, 16 workers: ~13 min for that file alone), more than one
+# 10-minute device call: split it with -k (e.g. "every_short_length and float32", then the rest).
+# XLA's GEMM autotuning is off for the tests (the reference computations need no tuned
+# algorithms; benchmarks keep it).
 GPU_TESTS := tests/test_pallas_gpu.py tests/test_decode.py tests/test_properties.py
 GPU_WORKERS ?= 4
 test-gpu:
