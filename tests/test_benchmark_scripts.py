@@ -1,5 +1,5 @@
 """The accelerator benchmark scripts' plumbing, on the CPU: they run only on a lent GPU (or a
-TPU), where a broken script wastes the session's device time. The kernels are swapped for the XLA
+TPU), where a broken script wastes scarce device time. The kernels are swapped for the XLA
 path here, so these tests check the harness (arguments, tables, JSON), not any timing."""
 
 import json

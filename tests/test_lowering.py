@@ -209,7 +209,7 @@ def test_separate_kv_decode_step_lowers_for_cuda(monkeypatch, multi_block):
 
 
 def test_tpu_benchmark_kernels_lower():
-  # experiments/tpu_overhead.py and bench_kernels' dense baseline, for the first TPU session.
+  # experiments/tpu_overhead.py and bench_kernels' dense baseline: they must lower before a TPU run.
   from experiments import tpu_overhead  # pylint: disable=g-import-not-at-top
   from pallas_kernels.tpu import sliding_window  # pylint: disable=g-import-not-at-top
   q = jnp.zeros((tpu_overhead.ROWS, tpu_overhead.D), jnp.bfloat16)
