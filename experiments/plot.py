@@ -188,10 +188,10 @@ def mqar_selection_hits(config, model, samples, seed=1):
   """Per layer, the fraction of (query, KV head) pairs whose selection at the queried key holds
   the selection block of the pair's value (what the query must read): `[L]`."""
   data = config.data
-  vocab = config.model.get("vocab_size", 256)
   rng = np.random.default_rng([seed, config.seq_len])
-  examples = [tasks.mqar_example(rng, config.seq_len + 1, data.mqar_pairs, vocab,
-                                 data.mqar_placement) for _ in range(samples)]
+  examples = [tasks.mqar_example(rng, config.seq_len + 1, data.mqar_pairs,
+                                 train.vocab_size(config), data.mqar_placement)
+              for _ in range(samples)]
   tokens = np.stack([t for t, _ in examples])[:, :-1]  # the inputs of training sequences
   indices = layer_selections(model, tokens)  # [L, B, T, Hkv, n]
   queries = tasks.mqar_answer_targets(config.seq_len + 1, data.mqar_pairs)  # the keys' positions
@@ -223,7 +223,7 @@ def _mqar_plots(config, model, name, lengths, num_bins, samples, out):
   data = config.data
   grid = tasks.mqar_accuracy_by_depth(
       lambda t: logits(model, jnp.asarray(t)), lengths, data.mqar_pairs,
-      config.model.get("vocab_size", 256), num_bins, samples, data.mqar_placement, seed=1)
+      train.vocab_size(config), num_bins, samples, data.mqar_placement, seed=1)
   bins = [f"{b / num_bins:.0%}-{(b + 1) / num_bins:.0%}" for b in range(num_bins)]
   result = dict(lengths=list(lengths), depth_bins=bins, samples=samples,
                 train_len=config.seq_len + 1,
@@ -241,16 +241,15 @@ def _mqar_plots(config, model, name, lengths, num_bins, samples, out):
   return written
 
 
-def _selection_statistics_files(config, model, name, samples, out):
-  """`selection_stats_<run>.json` and `selection_indices_<run>.npz` on `samples` held-out
-  sequences at the training length."""
-  if config.data.source == "mqar":
-    tokens = tasks.mqar_batch(np.random.default_rng(2), samples, config.seq_len + 1,
-                              config.data.mqar_pairs, config.model.get("vocab_size", 256),
-                              config.data.mqar_placement)[:, :-1]
-  else:
-    tokens = train.build_data(config).batch("held_out", 0)[:samples, :config.seq_len]
-  stats, indices = selection_statistics(model, tokens)
+def _held_out_inputs(config, samples):
+  """Model inputs `int [<= samples, seq_len]`: the first held-out batch of the run's data."""
+  return train.build_data(config).batch("held_out", 0)[:samples, :-1]
+
+
+def _selection_statistics_files(config, model, name, inputs, out):
+  """`selection_stats_<run>.json` and `selection_indices_<run>.npz` on held-out `inputs
+  int [B, seq_len]`."""
+  stats, indices = selection_statistics(model, inputs)
   (out / f"selection_stats_{name}.json").write_text(json.dumps(stats, indent=1))
   np.savez_compressed(out / f"selection_indices_{name}.npz", indices=indices.astype(np.int16),
                       slc_block=config.nsa.slc_block)
@@ -284,13 +283,9 @@ def make_plots(workdirs, out, lengths=None, depths=(0.1, 0.3, 0.5, 0.7, 0.9), sa
                      f"passkey retrieval: {name} ({config.attention})",
                      out / f"passkey_{name}.png")
       if config.attention == "nsa":
-        tokens = (tasks.mqar_batch(np.random.default_rng(1), 1, config.seq_len + 1,
-                                   config.data.mqar_pairs, config.model.get("vocab_size", 256),
-                                   config.data.mqar_placement)[0, :-1]
-                  if config.data.source == "mqar"
-                  else train.build_data(config).splits["held_out"][:config.seq_len])
-        indices = first_layer_selection(model, tokens)
-        written.update(_selection_statistics_files(config, model, name, samples, out))
+        inputs = _held_out_inputs(config, samples)
+        indices = first_layer_selection(model, inputs[0])
+        written.update(_selection_statistics_files(config, model, name, inputs, out))
         written[f"selection_{name}.png"] = out / f"selection_{name}.png"
         plot_selection(indices, config.nsa.slc_block, f"blocks chosen by layer 0, KV head 0: {name}",
                        out / f"selection_{name}.png")

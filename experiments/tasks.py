@@ -5,7 +5,7 @@ recall (MQAR).
   73914. Remember it." at a chosen depth, ending in the question "What is the pass key? The pass
   key is 73914": a model that retrieves the needle predicts the last `DIGITS` bytes.
 - MQAR (Zoology's), over token ids of a vocabulary of a few thousand: key-value pairs spread
-  through random filler, then every key asked back (`mqar_example`).
+  through random filler, then keys of the pairs asked back (`mqar_example`).
 
 Each task names its answers (`passkey_answer_targets`, `mqar_answer_targets`: indices into the
 targets `tokens[1:]`), so training can put the loss on them. Everything is a pure function of
@@ -82,7 +82,8 @@ def passkey_accuracy(logits_fn, filler, lengths, depths, samples: int, seed: int
 
 
 # Multi-query associative recall (Zoology's MQAR) over token ids: key-value pairs spread through
-# filler, then every key asked back; a model that recalls predicts each value after its key.
+# filler, then keys of the pairs asked back; a model that recalls predicts each value after its
+# key.
 
 MQAR_PLACEMENTS = ("uniform", "start")
 
@@ -157,11 +158,20 @@ def mqar_accuracy(logits_fn, seq_len: int, num_pairs: int, vocab_size: int, samp
                   placement: str = "uniform", seed: int = 0):
   """Fraction of queried values predicted (greedy, after their key), over `samples` sequences
   of `seq_len` tokens."""
+  hits, _ = _mqar_recall(logits_fn, seq_len, num_pairs, vocab_size, samples, placement, seed)
+  return float(np.mean(hits))
+
+
+def _mqar_recall(logits_fn, seq_len, num_pairs, vocab_size, samples, placement, seed):
+  """`(hits bool [samples, num_pairs], pair_positions [samples, num_pairs])` of greedy
+  predictions on `samples` sequences drawn from `seed`."""
   rng = np.random.default_rng([seed, seq_len, num_pairs])
-  tokens = mqar_batch(rng, samples, seq_len, num_pairs, vocab_size, placement)
+  examples = [mqar_example(rng, seq_len, num_pairs, vocab_size, placement)
+              for _ in range(samples)]
+  tokens = np.stack([t for t, _ in examples])
   targets = mqar_answer_targets(seq_len, num_pairs)
-  predictions = np.asarray(logits_fn(tokens[:, :-1])).argmax(-1)[:, targets]
-  return float(np.mean(predictions == tokens[:, targets + 1]))
+  hits = np.asarray(logits_fn(tokens[:, :-1])).argmax(-1)[:, targets] == tokens[:, targets + 1]
+  return hits, np.stack([p for _, p in examples])
 
 
 def mqar_accuracy_by_depth(logits_fn, lengths, num_pairs: int, vocab_size: int, num_bins: int,
@@ -176,13 +186,9 @@ def mqar_accuracy_by_depth(logits_fn, lengths, num_pairs: int, vocab_size: int, 
   """
   grid = np.full((len(lengths), num_bins), np.nan)
   for row, length in enumerate(lengths):
-    rng = np.random.default_rng([seed, length, num_pairs])
-    examples = [mqar_example(rng, length, num_pairs, vocab_size, placement)
-                for _ in range(samples)]
-    tokens = np.stack([t for t, _ in examples])
-    targets = mqar_answer_targets(length, num_pairs)
-    hits = np.asarray(logits_fn(tokens[:, :-1])).argmax(-1)[:, targets] == tokens[:, targets + 1]
-    depth = np.stack([p for _, p in examples]) / (length - 2 * num_pairs)  # [samples, pairs]
+    hits, pair_positions = _mqar_recall(logits_fn, length, num_pairs, vocab_size, samples,
+                                        placement, seed)
+    depth = pair_positions / (length - 2 * num_pairs)  # [samples, pairs]
     bins = np.minimum((depth * num_bins).astype(int), num_bins - 1)
     for b in range(num_bins):
       if np.any(bins == b):

@@ -79,6 +79,11 @@ def build_optimizer(config):
 DATA_SOURCES = ("stdlib", "passkey", "mqar", "text", "tokens")
 
 
+def vocab_size(config) -> int:
+  """The model's vocabulary: `config.model.vocab_size`, or `TransformerConfig`'s default."""
+  return config.model.get("vocab_size", TransformerConfig.vocab_size)
+
+
 def build_data(config):
   """Batches of `config.data.source`: "stdlib" (bytes of the standard library's sources),
   "passkey" (needles in that text), "mqar" (associative recall over the model's `vocab_size`
@@ -97,14 +102,14 @@ def build_data(config):
   if data.source == "tokens":
     return data_lib.ByteBatches(
         data_lib.token_file_ids(data.path, data.dtype,
-                                config.model.get("vocab_size", TransformerConfig.vocab_size)),
+                                vocab_size(config)),
         *args)
   if data.source == "text":
     return data_lib.ByteBatches(data_lib.text_file_bytes(data.path, data.max_bytes), *args)
   if data.source == "mqar":
     return data_lib.MQARBatches(
         *args, num_pairs=data.mqar_pairs, placement=data.mqar_placement,
-        vocab_size=config.model.get("vocab_size", TransformerConfig.vocab_size),
+        vocab_size=vocab_size(config),
         other_weight=data.other_weight)
   text = data_lib.stdlib_source_bytes(data.max_bytes)
   if data.source == "passkey":
