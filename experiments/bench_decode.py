@@ -9,8 +9,8 @@ Shapes: Hq=64, Hkv=4, D=128, bfloat16, the paper's NSA config. For each context 
 cache holds C - 1 tokens and one step appends token C and attends it (cache update included, the
 cache updated in place). Steps run in jitted loops of `--steps` and twice as many steps, and the
 time per token is the difference of the two over `--steps` (`time_steps`), so the fixed cost of a
-timed call (dispatch, launch, sync: ~0.3-0.45 ms, which a 2026-11-27 measurement found had added 5-7 us
-a token to earlier tables timed over 64 steps) is not counted; the context grows by
+timed call (dispatch, launch, sync: ~0.3-0.45 ms, which a 2026-11-27 measurement found had added
+5-7 us a token to earlier tables timed over 64 steps) is not counted; the context grows by
 3 * steps * (repeats + 1) tokens over a measurement (864 by default, 1.3% at 64k). Dense
 decoding is timed the same way: `dense_xla` (one einsum over the cache, masked past the length)
 and `dense_cudnn` (`jax.nn.dot_product_attention` with `key_value_seq_lengths`, where cuDNN
