@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 import nsa_jax
-from experiments import gpu_trace
+from experiments.probes import gpu_trace
 from nsa_jax import cudnn_compressed, pallas_gpu, pallas_tpu
 from pallas_kernels.gpu import compressed_attention as compressed_kernel
 from pallas_kernels.gpu import selected_attention as selected_kernel

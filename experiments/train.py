@@ -259,6 +259,28 @@ def _train(config, workdir, batches, mesh):
   return records
 
 
+SCORES = ("held_out_loss", "mqar_accuracy", "passkey_accuracy")
+
+
+def summary(workdir: str) -> str:
+  """Where a finished run in `workdir` got to and where its outputs are (its last lines)."""
+  workdir = pathlib.Path(workdir)
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  evaluations = [record for record in records if "held_out_loss" in record]
+  lines = ["done."]
+  if evaluations:
+    last = evaluations[-1]
+    scores = ", ".join(f"{name} {last[name]:.4g}" for name in SCORES if name in last)
+    lines.append(f"  final evaluation (step {last['step']}): {scores}")
+  lines += [
+      f"  metrics:      {workdir / 'metrics.jsonl'} (one JSON record a line)",
+      f"  checkpoints:  {workdir / 'checkpoints'} (rerunning the command resumes from the last)",
+      f"  TensorBoard:  tensorboard --logdir {workdir / 'tensorboard'}",
+      f"  plots:        python -m experiments.plot --workdir {workdir}",
+  ]
+  return "\n".join(lines)
+
+
 def main(argv):
   del argv
   if _WORKDIR.value is None:
@@ -267,6 +289,8 @@ def main(argv):
     jax.distributed.initialize()  # every host runs this same command
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
   run(_CONFIG.value, _WORKDIR.value)
+  if jax.process_index() == 0:
+    print(summary(_WORKDIR.value), flush=True)
 
 
 if __name__ == "__main__":

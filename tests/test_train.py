@@ -41,6 +41,13 @@ def test_demo_config_trains_and_writes_metrics(tmp_path, attention):
   # The same scalars as TensorBoard events.
   logged = tensorboard_scalars(tmp_path / "tensorboard", "loss")
   assert logged == [(r["step"], pytest.approx(r["loss"])) for r in records if "loss" in r]
+  # The command's last words: the final held-out loss and where every output is.
+  final = [r for r in records if "held_out_loss" in r][-1]
+  text = train.summary(str(tmp_path))
+  assert f"step {final['step']}): held_out_loss {final['held_out_loss']:.4g}" in text
+  for path in ("metrics.jsonl", "checkpoints", "tensorboard"):
+    assert str(tmp_path / path) in text
+  assert f"python -m experiments.plot --workdir {tmp_path}" in text
 
 
 def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):

@@ -35,7 +35,7 @@ from pallas_kernels.gpu.tile_math import LOG2E, MASK_VALUE, pow2
 from pallas_kernels.gpu.tile_math import dot as _dot
 from pallas_kernels.gpu.tile_math import online_softmax_init, online_softmax_step, rows_within
 
-# Triton launch settings per kernel (swept with `experiments.tune_gpu --variants`).
+# Triton launch settings per kernel (swept with `experiments.probes.tune_gpu --variants`).
 FWD_NUM_WARPS, FWD_NUM_STAGES = 4, 2
 # dQ: H200, T=64k, G=16, selected fwd+bwd with 1 / 2 / 4 / 8 warps 48.0 / 47.3 / 48.9 / 55.2 ms.
 DQ_NUM_WARPS, DQ_NUM_STAGES = 2, 2

@@ -1,9 +1,10 @@
 """Where the time of the GPU compressed branch goes, and launch-setting sweeps of the kernels.
 
-    python -m experiments.tune_gpu [--seq_len 65536]
-    python -m experiments.tune_gpu --variants selected.FWD_NUM_STAGES=3 \
+    python -m experiments.probes.tune_gpu [--seq_len 65536]
+    python -m experiments.probes.tune_gpu --variants selected.FWD_NUM_STAGES=3 \
         compressed.NUM_STAGES=3,compressed.NUM_WARPS=8 [--no_breakdown]
-    python -m experiments.tune_gpu --num_kv_heads 16 --variants selected.PACK_ROWS=16  # G = 4
+    python -m experiments.probes.tune_gpu --num_kv_heads 16 \
+        --variants selected.PACK_ROWS=16  # G = 4
 
 B=1, Hq=64, Hkv=4 (`--num_kv_heads`), D=128, bf16, paper config. The breakdown: the compressed
 kernel alone, with the fused selection scores, with the top-n kernel after it (for 1, 2, 4 warps),

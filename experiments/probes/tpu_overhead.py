@@ -1,8 +1,8 @@
 """The two numbers the TPU cost model rests on, measured: what one Pallas grid step costs, and
 what one group of hand-issued block DMAs costs (`pallas_kernels/tpu/README.md`).
 
-    python -m experiments.tpu_overhead [--counts 1024,8192,65536] [--repeats 5]
-                                       [--out out/tpu_overhead.json]
+    python -m experiments.probes.tpu_overhead [--counts 1024,8192,65536] [--repeats 5]
+                                              [--out out/tpu_overhead.json]
 
 1. `grid step`: a kernel that copies an `[8, 128]` block, over grids of N steps (the block index
    fixed, so the pipeline issues no DMA after the first): time / N is the fixed cost of a step.

@@ -1,9 +1,9 @@
 """The launch floor of a GPU decode step: what a chain of dependent kernels with no work in them
 costs in `bench_decode`'s timed loop, and what one kernel with grid-wide barriers costs instead.
 
-    python -m experiments.decode_floor [--batches 1,8] [--kernels 0,1,2,3,4,5]
-                                       [--persistent 128:2:128:flags:13,...]
-                                       [--out out/decode_floor.json]
+    python -m experiments.probes.decode_floor [--batches 1,8] [--kernels 0,1,2,3,4,5]
+                                              [--persistent 128:2:128:flags:13,...]
+                                              [--out out/decode_floor.json]
 
 `--kernels`: a step runs `k` dependent Pallas kernels of one program per (sequence, KV head),
 each reading the previous kernel's `[G, D]` float32 tile and writing the next (the size of the

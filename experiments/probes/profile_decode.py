@@ -1,8 +1,8 @@
 """Where a GPU decode step's time goes, at one context.
 
-    python -m experiments.profile_decode [--context 65536] [--batches 1,8]
-    python -m experiments.profile_decode --trace [--variants SETTINGS ...]
-    python -m experiments.profile_decode --variants TARGET_PROGRAMS=256 TARGET_PROGRAMS=512
+    python -m experiments.probes.profile_decode [--context 65536] [--batches 1,8]
+    python -m experiments.probes.profile_decode --trace [--variants SETTINGS ...]
+    python -m experiments.probes.profile_decode --variants TARGET_PROGRAMS=256 TARGET_PROGRAMS=512
 
 Default: each part timed alone in a jitted loop: a loop floor (a step with no attention), the
 full `nsa_decode_step` (pallas_gpu), the attention alone, the cache append (the kernel, and the
@@ -29,9 +29,9 @@ import jax
 import jax.numpy as jnp
 
 import nsa_jax
-from experiments import gpu_trace
 from experiments.bench_decode import CONFIG, D, HKV, HQ, filled_nsa_cache, random_inputs
 from experiments.bench_decode import time_steps
+from experiments.probes import gpu_trace
 from nsa_jax import pallas_gpu
 from nsa_jax.decode import _append, nsa_decode_step
 from pallas_kernels.gpu import decode as decode_kernel

@@ -1,6 +1,6 @@
 """What bounds the GPU selected-attention forward kernel: the same launch with parts taken out.
 
-    python -m experiments.selected_floor [--seq_len 65536] [--out out/selected_floor.json]
+    python -m experiments.probes.selected_floor [--seq_len 65536] [--out out/selected_floor.json]
 
 B=1, Hq=64, Hkv=4 (G = 16, one query position a program), D=128, bf16, paper config, on the
 real NSA selection of random inputs (as `bench_kernels`' `selected` row). Each row swaps the

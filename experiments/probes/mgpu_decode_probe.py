@@ -1,7 +1,7 @@
 """Is Triton what holds the decode's compressed kernel at ~2.9 TB/s? The same kernel on Mosaic GPU.
 
-    python -m experiments.mgpu_decode_probe [--batch 1,8] [--splits 128,384,704,1408]
-                                            [--stages 2,3,4] [--out out/mgpu_probe.json]
+    python -m experiments.probes.mgpu_decode_probe [--batch 1,8] [--splits 128,384,704,1408]
+                                                   [--stages 2,3,4] [--out out/mgpu_probe.json]
 
 The B=8 decode step at 64k spends a third of its time in `decode.compressed_partials` (Triton),
 which streams the compressed cache at ~2.9 TB/s of the H200's ~4.8 (BENCHMARKS.md). This probe
@@ -114,8 +114,10 @@ def compressed_partials_t(q_rows, k_cmp, v_cmp, count, *, scale: float, split: i
 
     pipeline = plgpu.emit_pipeline(
         step, grid=(split // BK,),
-        in_specs=[plgpu.BlockSpec((BK, dk), lambda t: (t, 0), transforms=_smem_transforms(dk, dtype)),
-                  plgpu.BlockSpec((BK, dv), lambda t: (t, 0), transforms=_smem_transforms(dv, dtype))],
+        in_specs=[plgpu.BlockSpec((BK, dk), lambda t: (t, 0),
+                                  transforms=_smem_transforms(dk, dtype)),
+                  plgpu.BlockSpec((BK, dv), lambda t: (t, 0),
+                                  transforms=_smem_transforms(dv, dtype))],
         max_concurrent_steps=stages, init_carry=init)
     keys = pl.ds(base, split)
     acc, row_max, row_sum = lax.cond(
@@ -150,7 +152,7 @@ def compressed_partials_t(q_rows, k_cmp, v_cmp, count, *, scale: float, split: i
 
 def compare(batch: int, split: int, stages: int) -> dict:
   """Checks the probe against the Triton kernel and times both at the 64k cache."""
-  from experiments.gpu_trace import kernel_times  # needs the profiler; GPU runs only
+  from experiments.probes.gpu_trace import kernel_times  # needs the profiler; GPU runs only
   keys = jax.random.split(jax.random.key(batch * 1000 + split), 3)
   group = HEADS // KV_HEADS
   q = jax.random.normal(keys[0], (batch, KV_HEADS, group, DIM), jnp.bfloat16)
