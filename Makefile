@@ -30,10 +30,11 @@ test: $(STAMP)
 # On a GPU machine (already has JAX with CUDA): the GPU-marked tests at real sizes. Only the files
 # that hold them, so the machine needs no experiment packages (ml_collections, orbax).
 # GPU_WORKERS > 1 shares the GPU between pytest-xdist processes (memory taken on demand, not
-# preallocated): most of a GPU test's time is compiling on the host. With 4 workers the suite took
-# 4.6-5 min on an H200 (16 host cores); in one process over 13 min. tests/test_properties.py
-# adds ~530 tests (2026-12-04, H200, 16 workers: ~13 min for that file alone), more than one
-# 10-minute device call: split it with -k (e.g. "every_short_length and float32", then the rest).
+# preallocated): most of a GPU test's time is compiling on the host. 2026-12-04, H200 (16 host
+# cores), GPU_WORKERS=16, 599 tests in about 15 minutes, more than one 10-minute device call, so
+# split with -k: test_pallas_gpu + test_decode + test_properties -k "not every_short_length"
+# (83 tests, 5.4 min), then test_properties -k "every_short_length and float32" (258, 6.7 min),
+# then "... and bfloat16" (258, 2.5 min on a warm compilation cache).
 # XLA's GEMM autotuning is off for the tests (the reference computations need no tuned
 # algorithms; benchmarks keep it).
 GPU_TESTS := tests/test_pallas_gpu.py tests/test_decode.py tests/test_properties.py
