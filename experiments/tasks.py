@@ -85,7 +85,7 @@ def passkey_accuracy(logits_fn, filler, lengths, depths, samples: int, seed: int
 # filler, then keys of the pairs asked back; a model that recalls predicts each value after its
 # key.
 
-MQAR_PLACEMENTS = ("uniform", "start")
+MQAR_PLACEMENTS = ("uniform", "start", "cluster")
 
 
 def mqar_vocab(vocab_size: int):
@@ -110,8 +110,11 @@ def mqar_example(rng: np.random.Generator, seq_len: int, num_pairs: int, vocab_s
 
   `num_pairs` adjacent (key, value) tokens, keys distinct, sit in the first `seq_len - 2 *
   num_pairs` tokens among random filler ids: at random, non-overlapping places
-  (`placement="uniform"`: every distance from the queries occurs) or one after another at the
-  start (`"start"`: the longest distances). The last `2 * num_pairs` tokens are `num_pairs`
+  (`placement="uniform"`: every distance from the queries occurs), one after another at the
+  start (`"start"`: the longest distances), or one after another at a random place
+  (`"cluster"`: a compressed block of `l` tokens then holds `l / 2` pairs, too many for its
+  one summary to tell apart, so recall needs token-level attention to the cluster: the
+  selected branch, or the window when the cluster is recent). The last `2 * num_pairs` tokens are `num_pairs`
   queries, each a key of a pair drawn at random with replacement (so no answer follows from the
   values asked before it), followed by its value.
 
@@ -134,6 +137,8 @@ def mqar_example(rng: np.random.Generator, seq_len: int, num_pairs: int, vocab_s
   values = rng.integers(v0, v1, num_pairs)
   if placement == "start":
     starts = 2 * np.arange(num_pairs)
+  elif placement == "cluster":
+    starts = rng.integers(0, context - 2 * num_pairs + 1) + 2 * np.arange(num_pairs)
   else:  # distinct places in the context with room for the value: choose the gaps between pairs
     free = context - 2 * num_pairs
     cuts = np.sort(rng.integers(0, free + 1, num_pairs))

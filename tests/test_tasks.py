@@ -48,7 +48,7 @@ def test_accuracy_of_a_retrieving_and_a_guessing_model():
 VOCAB = 64
 
 
-@pytest.mark.parametrize("placement", ["uniform", "start"])
+@pytest.mark.parametrize("placement", ["uniform", "start", "cluster"])
 def test_mqar_sequence_asks_back_its_pairs_and_answers_are_their_values(placement):
   tokens, pair_positions = tasks.mqar_example(np.random.default_rng(3), 200, 6, VOCAB, placement)
   assert tokens.shape == (200,) and tokens.dtype == np.int32
@@ -69,6 +69,15 @@ def test_mqar_sequence_asks_back_its_pairs_and_answers_are_their_values(placemen
   np.testing.assert_array_equal(tokens[1:][targets], queries[1::2])
   if placement == "start":
     assert set(pair_positions.tolist()) <= set(range(0, 12, 2))
+  if placement == "cluster":  # the 6 pairs one after another: 12 tokens
+    np.testing.assert_array_equal(np.diff(key_positions), 2)
+
+
+def test_clustered_mqar_pairs_sit_anywhere_in_the_context():
+  rng = np.random.default_rng(1)
+  firsts = [tasks.mqar_example(rng, 1000, 4, VOCAB, "cluster")[1].min() for _ in range(200)]
+  # The cluster (8 tokens) starts anywhere in [0, 984] of the 992 context tokens.
+  assert min(firsts) < 100 and max(firsts) > 880 and 350 < np.mean(firsts) < 640
 
 
 def test_mqar_queries_are_drawn_with_replacement():
