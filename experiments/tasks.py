@@ -112,11 +112,12 @@ def mqar_example(rng: np.random.Generator, seq_len: int, num_pairs: int, vocab_s
   num_pairs` tokens among random filler ids: at random, non-overlapping places
   (`placement="uniform"`: every distance from the queries occurs), one after another at the
   start (`"start"`: the longest distances), or one after another at a random place
-  (`"cluster"`: a compressed block of `l` tokens then holds `l / 2` pairs, too many for its
-  one summary to tell apart, so recall needs token-level attention to the cluster: the
-  selected branch, or the window when the cluster is recent). The last `2 * num_pairs` tokens are `num_pairs`
-  queries, each a key of a pair drawn at random with replacement (so no answer follows from the
-  values asked before it), followed by its value.
+  (`"cluster"`: a compressed block of `l` tokens then summarises `l / 2` pairs at once, so
+  recall leans on token-level attention to the cluster: the selected branch, or the window
+  when the cluster is recent; a learned compression of 8 tokens still told 4 pairs apart in
+  RESULTS.md's runs). The last `2 * num_pairs` tokens are `num_pairs` queries, each a key of a
+  pair drawn at random with replacement (so no answer follows from the values asked before
+  it), followed by its value.
 
   Returns:
     `(tokens int32 [seq_len], pair_positions int [num_pairs])`: where each query's key sits in

@@ -209,7 +209,8 @@ def test_separate_kv_decode_step_lowers_for_cuda(monkeypatch, multi_block):
 
 
 def test_tpu_benchmark_kernels_lower():
-  # experiments/probes/tpu_overhead.py and bench_kernels' dense baseline: they must lower before a TPU run.
+  # experiments/probes/tpu_overhead.py and bench_kernels' dense baseline: they must lower
+  # before a TPU run.
   from experiments.probes import tpu_overhead  # pylint: disable=g-import-not-at-top
   from pallas_kernels.tpu import sliding_window  # pylint: disable=g-import-not-at-top
   q = jnp.zeros((tpu_overhead.ROWS, tpu_overhead.D), jnp.bfloat16)
@@ -227,8 +228,9 @@ def test_tpu_benchmark_kernels_lower():
 
 @pytest.mark.parametrize("stages", [2, 4])
 def test_mosaic_gpu_decode_probe_kernel_lowers(stages):
-  # experiments/probes/mgpu_decode_probe.py: Mosaic GPU's layout inference runs at lowering, so a probe
-  # whose wgmma operands' SMEM tilings disagree (or whose reductions have no layout) fails here.
+  # experiments/probes/mgpu_decode_probe.py: Mosaic GPU's layout inference runs at lowering, so
+  # a probe whose wgmma operands' SMEM tilings disagree (or whose reductions have no layout)
+  # fails here.
   from experiments.probes import mgpu_decode_probe as probe  # pylint: disable=g-import-not-at-top
   q, kv = jnp.zeros((2, 2, 16, 128), jnp.bfloat16), jnp.zeros((2, 2, 256, 128), jnp.bfloat16)
   kernel = functools.partial(probe.compressed_partials_t, scale=0.1, split=128, width=384,

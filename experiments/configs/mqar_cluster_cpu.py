@@ -3,9 +3,9 @@
 Task: T = 256 tokens; 8 key-value pairs one after another (16 tokens) at a random place among
 filler, then 8 queries (keys drawn with replacement) each followed by its value; vocabulary 32
 (16 filler, 8 key and 8 value ids). The loss is on the 8 answers. A compressed block (l = 8
-tokens) holds 4 pairs, too many for its one summary to tell apart, and the window (16 tokens)
-reaches the cluster only when it is recent: recall of the rest needs the selected branch to find
-the cluster's blocks (n = 4 of 16, 2 of them free picks) and attend to its tokens.
+tokens) summarises 4 pairs at once and the window (16 tokens) reaches the cluster only when it
+is recent, so recall leans on the selected branch finding the cluster's blocks (n = 4 of 16, 2
+of them free picks) and attending to its tokens.
 
 Command:   python -m experiments.train --config experiments/configs/mqar_cluster_cpu.py \
                --workdir out/mqar_cluster_cpu

@@ -8,7 +8,8 @@ places: recall elsewhere needs the selected branch (n = 16 blocks of 64 of the 1
 to pick the cluster's block. `experiments/configs/mqar_cluster_cpu.py` is the same task at
 T = 256 on the CPU.
 
-Command:   python -m experiments.train --config experiments/configs/mqar_gpu.py --workdir out/mqar_gpu
+Command:   python -m experiments.train --config experiments/configs/mqar_gpu.py \
+               --workdir out/mqar_gpu
            (the baseline and ablations: --config.attention=dense | nsa_no_selection | window)
            then `python -m experiments.plot --workdir out/mqar_gpu [--workdir out/... ]`: loss
            curves, recall by length (0.5x-4x) and pair depth, the selection's hit rate, and the
