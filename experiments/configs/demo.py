@@ -32,8 +32,11 @@ def get_config():
   config.multihost = False  # True on multi-host TPU slices: jax.distributed.initialize()
 
   config.attention = "nsa"  # or "dense"
+  # NSA's compression phi ("mlp": the paper's learned one, "mean": pooling) and branch gates
+  # ("sigmoid" per head, or "sum").
   config.model = ml_collections.ConfigDict(dict(
-      num_layers=2, num_features=128, num_heads=4, num_kv_heads=1, head_dim=32, mlp_hidden=384))
+      num_layers=2, num_features=128, num_heads=4, num_kv_heads=1, head_dim=32, mlp_hidden=384,
+      compression="mlp", gating="sigmoid"))
   config.nsa = ml_collections.ConfigDict(dict(
       cmp_block=16, cmp_stride=8, slc_block=32, num_selected=4, num_initial=1, num_local=1,
       window=64))
