@@ -1,4 +1,4 @@
-"""MQAR with the pairs in one cluster, on the CPU: recall that the compressed branch cannot do.
+"""MQAR with the pairs in one cluster, on the CPU: does NSA's selection help recall?
 
 Task: T = 256 tokens; 8 key-value pairs one after another (16 tokens) at a random place among
 filler, then 8 queries (keys drawn with replacement) each followed by its value; vocabulary 32

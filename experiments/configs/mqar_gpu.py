@@ -4,8 +4,8 @@ Task: T = 8192 tokens; 8 key-value pairs one after another (16 tokens) at a rand
 filler, then 8 queries (keys drawn with replacement) each followed by its value; vocabulary 32
 (16 filler, 8 key and 8 value ids). The loss is on the 8 answers. A compressed block (l = 32)
 holds the whole cluster in one summary, the window (512 tokens) reaches it for 6% of the
-places: recall elsewhere needs the selected branch (n = 16 blocks of 64 of the 128, 3 forced)
-to pick the cluster's block. `experiments/configs/mqar_cluster_cpu.py` is the same task at
+places: recall elsewhere leans on the selected branch (n = 16 blocks of 64 of the 128, 3 forced)
+picking the cluster's block. `experiments/configs/mqar_cluster_cpu.py` is the same task at
 T = 256 on the CPU.
 
 Command:   python -m experiments.train --config experiments/configs/mqar_gpu.py \
