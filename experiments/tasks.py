@@ -168,6 +168,25 @@ def mqar_accuracy(logits_fn, seq_len: int, num_pairs: int, vocab_size: int, samp
   return float(np.mean(hits))
 
 
+def mqar_accuracies(logits_fn, seq_len: int, num_pairs: int, vocab_size: int, samples: int,
+                    placement: str = "uniform", seed: int = 0) -> dict[str, float]:
+  """`mqar_accuracy` (every query) and `mqar_first_accuracy` (only queries whose key was not
+  asked before in the same sequence), from one evaluation of `samples` sequences.
+
+  Queries are drawn with replacement, so a repeated query's answer also sits among the queries
+  themselves, a few tokens back: a model that only copies it (a sliding window can) scores on
+  the repeats, about (1 - 1/n)^n ~ 1/e of n queries, without recalling anything from the
+  context. First-time queries can only be answered from the pairs in the context.
+  """
+  hits, pair_positions = _mqar_recall(logits_fn, seq_len, num_pairs, vocab_size, samples,
+                                      placement, seed)
+  first = np.ones_like(hits)
+  for i in range(1, num_pairs):  # a pair's position identifies its key
+    first[:, i] = np.all(pair_positions[:, :i] != pair_positions[:, i:i + 1], axis=1)
+  return dict(mqar_accuracy=float(np.mean(hits)),
+              mqar_first_accuracy=float(np.mean(hits[first])))
+
+
 def _mqar_recall(logits_fn, seq_len, num_pairs, vocab_size, samples, placement, seed):
   """`(hits bool [samples, num_pairs], pair_positions [samples, num_pairs])` of greedy
   predictions on `samples` sequences drawn from `seed`."""

@@ -240,10 +240,10 @@ def _train(config, workdir, batches, mesh):
                                             seed=step)
           record["passkey_accuracy"] = float(np.mean(list(accuracy.values())))
         if config.data.source == "mqar":  # recall accuracy at the training length
-          record["mqar_accuracy"] = tasks.mqar_accuracy(
+          record.update(tasks.mqar_accuracies(
               lambda t: eval_logits(model, jnp.asarray(t)), config.seq_len + 1,
               batches.num_pairs, batches.vocab_size, samples=config.eval_samples,
-              placement=batches.placement, seed=step)
+              placement=batches.placement, seed=step))
         log(record)
       if step % config.checkpoint_every == 0 or step == config.steps:
         manager.save(step, args=ocp.args.Composite(
@@ -259,7 +259,7 @@ def _train(config, workdir, batches, mesh):
   return records
 
 
-SCORES = ("held_out_loss", "mqar_accuracy", "passkey_accuracy")
+SCORES = ("held_out_loss", "mqar_accuracy", "mqar_first_accuracy", "passkey_accuracy")
 
 
 def summary(workdir: str) -> str:

@@ -113,6 +113,24 @@ def test_mqar_accuracy_of_a_recalling_and_a_guessing_model():
   assert tasks.mqar_accuracy(oracle, 300, 8, VOCAB, samples=3) == 1.0
   assert tasks.mqar_accuracy(lambda t: np.zeros(t.shape + (VOCAB,)), 300, 8, VOCAB,
                              samples=3) == 0.0
+  assert tasks.mqar_accuracies(oracle, 300, 8, VOCAB, samples=3) == dict(
+      mqar_accuracy=1.0, mqar_first_accuracy=1.0)
+
+
+def test_mqar_first_accuracy_does_not_count_answers_copied_from_earlier_queries():
+  def repeat_copier(tokens):  # answers a query only if its key was asked before, from that query
+    logits = np.zeros(tokens.shape + (VOCAB,))
+    query_start = tokens.shape[1] + 1 - 2 * 8
+    for b, row in enumerate(tokens):
+      for p in range(query_start, tokens.shape[1], 2):
+        earlier = [q for q in range(query_start, p, 2) if row[q] == row[p]]
+        if earlier:
+          logits[b, p, row[earlier[0] + 1]] = 1
+    return logits
+
+  scores = tasks.mqar_accuracies(repeat_copier, 300, 8, VOCAB, samples=8)
+  # 8 draws of 8 keys: about (7/8)^8 = 34% of the queries repeat an earlier one.
+  assert 0.15 < scores["mqar_accuracy"] < 0.55 and scores["mqar_first_accuracy"] == 0.0
 
 
 @pytest.mark.parametrize("args,match", [

@@ -108,8 +108,10 @@ def test_mqar_source_trains_and_logs_recall_accuracy(tmp_path):
   config.seq_len, config.data.source, config.data.mqar_pairs = 96, "mqar", 4
   config.model.vocab_size, config.data.other_weight = 64, 0.0
   records = train.run(config, str(tmp_path))
-  accuracies = [r["mqar_accuracy"] for r in records if "mqar_accuracy" in r]
-  assert accuracies and all(0.0 <= a <= 1.0 for a in accuracies)
+  evaluations = [r for r in records if "mqar_accuracy" in r]
+  assert evaluations and all(0.0 <= r[name] <= 1.0 for r in evaluations
+                             for name in ("mqar_accuracy", "mqar_first_accuracy"))
+  assert "mqar_first_accuracy" in train.summary(str(tmp_path))
 
 
 @pytest.mark.parametrize("other_weight", [0.0, 0.25])
