@@ -164,8 +164,8 @@ def mqar_accuracy(logits_fn, seq_len: int, num_pairs: int, vocab_size: int, samp
                   placement: str = "uniform", seed: int = 0):
   """Fraction of queried values predicted (greedy, after their key), over `samples` sequences
   of `seq_len` tokens."""
-  hits, _ = _mqar_recall(logits_fn, seq_len, num_pairs, vocab_size, samples, placement, seed)
-  return float(np.mean(hits))
+  return mqar_accuracies(logits_fn, seq_len, num_pairs, vocab_size, samples, placement,
+                         seed)["mqar_accuracy"]
 
 
 def mqar_accuracies(logits_fn, seq_len: int, num_pairs: int, vocab_size: int, samples: int,
