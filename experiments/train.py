@@ -10,7 +10,8 @@ Writes `workdir/metrics.jsonl` (one JSON object per log or eval step, with `step
 `workdir/checkpoints` (the newest `keep_checkpoints`). A progress bar shows the loss and tokens/s
 on a terminal. Rerunning the same command resumes from the latest checkpoint (model, optimizer
 and the grain data iterator's state); batches depend only on the step, so a resumed run
-reproduces the uninterrupted one exactly. A non-finite loss stops the run with a message,
+reproduces the uninterrupted one exactly. `config.init_from` names another run's workdir whose
+latest model parameters start this one (a length curriculum). A non-finite loss stops the run with a message,
 keeping the last good checkpoint.
 
 Parallelism: `config.mesh` sizes a `(data, fsdp, tensor)` device mesh (-1 fills); parameters,
@@ -180,6 +181,8 @@ def _train(config, workdir, batches, mesh):
       options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints))
   train_batches = data_lib.train_iterator(batches, config.steps)  # grain: state checkpointed
   start = 0
+  if manager.latest_step() is None and config.init_from:
+    _warm_start(model, optimizer, config.init_from)
   if manager.latest_step() is not None:
     start = manager.latest_step()
     target = {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}
@@ -260,6 +263,22 @@ def _train(config, workdir, batches, mesh):
 
 
 SCORES = ("held_out_loss", "mqar_accuracy", "mqar_first_accuracy", "passkey_accuracy")
+
+
+def _warm_start(model, optimizer, init_from: str):
+  """Loads the model parameters of the latest checkpoint in workdir `init_from` (a run of the
+  same model, at any sequence length): a length curriculum's next stage. The optimizer state,
+  the schedule and the data start afresh."""
+  source = (pathlib.Path(init_from) / "checkpoints").absolute()
+  steps = ocp.utils.checkpoint_steps(source) if source.is_dir() else []
+  if not steps:
+    raise ValueError(f"init_from={init_from!r} holds no checkpoint (looked in {source})")
+  with ocp.CheckpointManager(source) as manager:
+    target = {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}
+    restored = manager.restore(max(steps), args=ocp.args.Composite(
+        train_state=ocp.args.StandardRestore(target)))
+  nnx.update(model, restored.train_state["model"])
+  print(f"initialised the model from {source} at step {max(steps)}", flush=True)
 
 
 def summary(workdir: str) -> str:

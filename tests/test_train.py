@@ -59,6 +59,26 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
   assert drop_speed(first + second) == drop_speed(full)
 
 
+def test_init_from_starts_the_model_from_another_runs_last_checkpoint(tmp_path):
+  source = train.run(small_config(), str(tmp_path / "source"))
+  # With a zero learning rate the warm-started model is the source's last one: the same
+  # held-out loss on the same held-out batches.
+  frozen = small_config(steps=1, eval_every=1, init_from=str(tmp_path / "source"))
+  frozen.optimizer.peak_learning_rate = 0.0
+  records = train.run(frozen, str(tmp_path / "frozen"))
+  held_out = lambda records: [r["held_out_loss"] for r in records if "held_out_loss" in r]
+  assert held_out(records) == pytest.approx(held_out(source)[-1:], rel=1e-6)
+  cold = small_config(steps=1, eval_every=1)
+  cold.optimizer.peak_learning_rate = 0.0
+  assert held_out(train.run(cold, str(tmp_path / "cold"))) != pytest.approx(held_out(records))
+  # The next stage of a length curriculum: the same model at twice the length.
+  longer = train.run(small_config(steps=2, seq_len=128, init_from=str(tmp_path / "source")),
+                     str(tmp_path / "longer"))
+  assert np.isfinite([r["loss"] for r in longer if "loss" in r]).all()
+  with pytest.raises(ValueError, match="init_from=.*holds no checkpoint"):
+    train.run(small_config(init_from=str(tmp_path / "nowhere")), str(tmp_path / "bad"))
+
+
 def test_unknown_or_ill_typed_override_fails_before_running(tmp_path):
   for override, message in (("--config.stpes=3", "stpes"), ("--config.steps=many", "steps")):
     result = subprocess.run(

@@ -27,6 +27,9 @@ def get_config():
   config.eval_samples = 4  # task sequences per accuracy (passkey: per depth) at each evaluation
   config.checkpoint_every = 50
   config.keep_checkpoints = 2
+  # A workdir whose latest checkpoint initialises the model (same model, any seq_len: a length
+  # curriculum's next stage); optimizer and data start afresh. Ignored when resuming.
+  config.init_from = ""
   # Device mesh (data, fsdp, tensor); -1 fills the remaining devices. One CPU device here.
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   config.multihost = False  # True on multi-host TPU slices: jax.distributed.initialize()
