@@ -98,16 +98,23 @@ def passkey_grid(config, model, lengths, depths, samples):
   return np.array([[results[(length, depth)] for depth in depths] for length in lengths])
 
 
+def cell_label(accuracy: float) -> str:
+  return "n/a" if np.isnan(accuracy) else f"{accuracy:.2f}"
+
+
 def plot_passkey(grid, lengths, depths, train_len, title, path, xlabel="needle depth",
                  ylabel="context length (bytes)"):
+  """Accuracy heatmap of `grid [lengths, depths]`; NaN cells (nothing measured there) are grey
+  and read "n/a", never a red 0."""
   fig, ax = plt.subplots(figsize=(1.2 * len(depths) + 2.5, 0.6 * len(lengths) + 2))
-  image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+  cmap = matplotlib.colormaps["RdYlGn"].with_extremes(bad="lightgrey")
+  image = ax.imshow(np.ma.masked_invalid(grid), vmin=0, vmax=1, cmap=cmap, aspect="auto")
   ax.set_xticks(range(len(depths)), [d if isinstance(d, str) else f"{d:.0%}" for d in depths])
   ax.set_yticks(range(len(lengths)),
                 [f"{n}{' (train)' if n == train_len else ''}" for n in lengths])
   for i in range(len(lengths)):
     for j in range(len(depths)):
-      ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=8)
+      ax.text(j, i, cell_label(grid[i, j]), ha="center", va="center", fontsize=8)
   ax.set_xlabel(xlabel)
   ax.set_ylabel(ylabel)
   ax.set_title(title)
@@ -235,7 +242,7 @@ def _mqar_plots(config, model, name, lengths, num_bins, samples, out):
         samples=samples, fraction_by_layer=hits.tolist()), indent=1))
     written[f"selection_hits_{name}.json"] = out / f"selection_hits_{name}.json"
   (out / f"mqar_{name}.json").write_text(json.dumps(result, indent=1))
-  plot_passkey(np.nan_to_num(grid, nan=0.0), lengths, bins, config.seq_len + 1,
+  plot_passkey(grid, lengths, bins, config.seq_len + 1,
                f"MQAR recall: {name} ({config.attention})", out / f"mqar_{name}.png",
                xlabel="depth of the queried pair", ylabel="context length (tokens)")
   return written

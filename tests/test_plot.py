@@ -57,6 +57,13 @@ def test_plots_of_an_mqar_run(tmp_path):
   assert hits["fraction_by_layer"] == [1.0] * config.model.num_layers
 
 
+def test_a_heatmap_cell_with_nothing_measured_reads_n_a_not_zero(tmp_path):
+  assert plot.cell_label(np.nan) == "n/a" and plot.cell_label(0.0) == "0.00"
+  plot.plot_passkey(np.array([[np.nan, 0.0], [1.0, 0.5]]), [64, 128], ["a", "b"], 64, "t",
+                    tmp_path / "grid.png")
+  assert (tmp_path / "grid.png").stat().st_size > 0
+
+
 def test_selection_sharing_counts_distinct_blocks_of_consecutive_positions():
   # One batch row, 4 positions, 1 KV head, n = 2: blocks {0, 1}, {0, 1}, {0, 2}, {3, -1}.
   indices = np.array([[0, 1], [0, 1], [0, 2], [3, -1]]).reshape(1, 4, 1, 2)
