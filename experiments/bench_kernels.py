@@ -6,6 +6,8 @@
     python -m experiments.bench_kernels --trace 65536   # per-kernel time of full NSA at T (GPU)
     python -m experiments.bench_kernels --num_kv_heads 16 --seq_lens 65536  # G = 4
     python -m experiments.bench_kernels --platform tpu  # the default on a TPU host
+    python -m experiments.bench_kernels --seq_lens 8192 --trained_indices \
+        experiments/results/gpu_2026-12-04/mqar_curriculum/selection_indices_c8k_nsa.npz
 
 Shapes: B=1, Hq=64, Hkv=4 (`--num_kv_heads`), D=128, bfloat16. Configs: the paper's (l=32, d=16,
 l'=64, n=16, w=512) and fla-core's comparable one (l=d=l'=64, n=16, window excluded, as fla-core
@@ -16,6 +18,12 @@ temporaries, from XLA's memory analysis). Parts: the whole `nsa_attention`, each
 the compressed one both as the public op's Pallas kernel and as nsa_attention runs it, cuDNN over
 folded queries), the fused compressed branch + selection, and the dense baseline. Prints a table
 and writes JSON.
+
+Trained selections (`--trained_indices`, an `experiments.plot` `selection_indices_<run>.npz` of
+`[B', T', Hkv', n]`): at `T = T'` more rows time the selected kernel on those indices
+("selected trained") and NSA as three branch calls selecting with its own indices ("nsa
+composed") or with the trained ones ("nsa trained"); the tensor's (row, KV head) selections
+become the benchmark's KV heads, in order.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import types
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import nsa_jax
 from experiments.probes import gpu_trace
@@ -109,6 +118,52 @@ def part_inputs(q, k, v, config, platform=PLATFORMS["gpu"]):
       q, k_cmp, config=config, implementation=platform.implementation))
 
 
+def load_trained_indices(path, t, num_kv_heads, config):
+  """Block indices `int32 [1, t, num_kv_heads, n]` from a trained model's `[B', T', Hkv', n]`
+  (`experiments.plot`'s `selection_indices_<run>.npz`): its first `num_kv_heads` (row, KV head)
+  selections. Raises ValueError unless `T' = t` and the tensor's `n` and block size are the
+  config's."""
+  data = np.load(path)
+  indices, block = data["indices"], int(data["slc_block"])
+  if (indices.shape[1], indices.shape[3], block) != (t, config.num_selected, config.slc_block):
+    raise ValueError(f"trained indices {path}: [B, T, Hkv, n] = {indices.shape} with blocks of "
+                     f"{block}; the benchmark needs T = {t}, n = {config.num_selected}, blocks "
+                     f"of {config.slc_block}")
+  heads = indices.transpose(0, 2, 1, 3).reshape(-1, t, indices.shape[3])  # [B' * Hkv', T, n]
+  if heads.shape[0] < num_kv_heads:
+    raise ValueError(f"trained indices {path}: {heads.shape[0]} (row, KV head) selections, the "
+                     f"benchmark needs {num_kv_heads}")
+  return jnp.asarray(heads[:num_kv_heads].transpose(1, 0, 2)[None], jnp.int32)
+
+
+def trained_parts(config, platform, nsa_flops, slc_flops):
+  """The parts on trained indices (`inputs["trained_indices"]`), as `parts_for` returns them."""
+  scale = D ** -0.5
+
+  def nsa_composed(trained):
+    """The three branches as separate calls (gates None), selecting with the computed or
+    the trained indices; the same program otherwise."""
+    def fn(q, k, v, x):
+      k_cmp, v_cmp = platform.glue.compress_kv(k, v, config.cmp_block, config.cmp_stride)
+      o_cmp, idx = platform.glue.compressed_attention_and_selection(q, k_cmp, v_cmp, scale,
+                                                                    config, False)
+      if trained:  # replaced, not dropped: XLA would otherwise remove the selection's top-n
+        idx = jnp.where(idx == -2, idx, x["trained_indices"])
+      o_slc = platform.selected.selected_attention(q, k, v, idx, block=config.slc_block,
+                                                   scale=scale)
+      o_swa = nsa_jax.sliding_window_attention(q, k, v, window=config.window,
+                                               implementation=platform.implementation)
+      return o_cmp + o_slc + o_swa
+    return fn
+
+  return {
+      "nsa composed": (nsa_composed(trained=False), nsa_flops, True),
+      "nsa trained": (nsa_composed(trained=True), nsa_flops, True),
+      "selected trained": (lambda q, k, v, x: platform.selected.selected_attention(
+          q, k, v, x["trained_indices"], block=config.slc_block, scale=scale), slc_flops, True),
+  }
+
+
 def parts_for(t, config, with_window=True, platform=PLATFORMS["gpu"]):
   """name -> (function of (q, k, v, part_inputs), forward FLOPs, differentiable in q, k, v)."""
   scale = D ** -0.5
@@ -181,13 +236,18 @@ def random_qkv(t, num_kv_heads):
 
 
 def measure(t, config, with_window, repeats, num_kv_heads=HKV, platform=PLATFORMS["gpu"],
-            only=None):
-  """Rows of every part (or of the parts named in `only`) at sequence length `t`."""
+            only=None, trained_indices=None):
+  """Rows of every part (or of the parts named in `only`) at sequence length `t`, plus the
+  trained-selection parts when `trained_indices [1, t, Hkv, n]` are given."""
   q, k, v = random_qkv(t, num_kv_heads)
-  args = (q, k, v, part_inputs(q, k, v, config, platform))
+  inputs = part_inputs(q, k, v, config, platform)
+  parts = parts_for(t, config, with_window, platform)
+  if trained_indices is not None:
+    inputs["trained_indices"] = trained_indices
+    parts.update(trained_parts(config, platform, parts["nsa"][1], parts["selected"][1]))
+  args = (q, k, v, inputs)
   rows = []
-  for name, (fn, fwd_flops, differentiable) in parts_for(t, config, with_window,
-                                                         platform).items():
+  for name, (fn, fwd_flops, differentiable) in parts.items():
     if only and name not in only:
       continue
     forward, forward_gib = compiled_and_gib(fn, args)
@@ -240,6 +300,8 @@ def main():
                       help="instead: per-kernel GPU time of full NSA at this sequence length")
   parser.add_argument("--parts", default="",
                       help="comma-separated part names to time (default: all)")
+  parser.add_argument("--trained_indices", default="",
+                      help="a selection_indices_<run>.npz: also time the selection on it at its T")
   parser.add_argument("--platform", choices=sorted(PLATFORMS),
                       default="tpu" if jax.default_backend() == "tpu" else "gpu")
   args = parser.parse_args()
@@ -251,8 +313,12 @@ def main():
   platform = PLATFORMS[args.platform]
   only = set(filter(None, args.parts.split(",")))
   paper, fla = [], []
+  trained_len = (np.load(args.trained_indices)["indices"].shape[1] if args.trained_indices
+                 else None)
   for t in (int(x) for x in args.seq_lens.split(",") if x):
-    paper += measure(t, PAPER, True, args.repeats, args.num_kv_heads, platform, only)
+    trained = (load_trained_indices(args.trained_indices, t, args.num_kv_heads, PAPER)
+               if t == trained_len else None)
+    paper += measure(t, PAPER, True, args.repeats, args.num_kv_heads, platform, only, trained)
   for t in (int(x) for x in args.fla_seq_lens.split(",") if x):
     fla += measure(t, FLA, False, args.repeats, args.num_kv_heads, platform, only)
   device = jax.devices()[0].device_kind
@@ -264,6 +330,7 @@ def main():
   out.write_text(json.dumps(dict(device=device, date=str(datetime.date.today()),
                                  jax_version=jax.__version__, platform=args.platform,
                                  num_kv_heads=args.num_kv_heads,
+                                 trained_indices=args.trained_indices or None,
                                  paper=paper, fla=fla), indent=2))
 
 

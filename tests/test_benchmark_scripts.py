@@ -5,6 +5,7 @@ path here, so these tests check the harness (arguments, tables, JSON), not any t
 import json
 
 import jax
+import numpy as np
 import pytest
 
 import nsa_jax
@@ -50,6 +51,48 @@ def test_bench_kernels_times_every_part_and_writes_json(monkeypatch, tmp_path, p
   assert set(parts) == named
   assert all(row["fwd_ms"] > 0 and row["fwd_gib"] > 0 for row in parts.values())
   assert "fwd_bwd_ms" in parts["selected"] and "fwd_bwd_ms" not in parts["cmp+selection"]
+
+
+def test_bench_kernels_times_the_selection_on_trained_indices(monkeypatch, tmp_path):
+  """`--trained_indices`: the tensor's (row, KV head) selections become the KV heads, and the
+  parts on them run at its length only."""
+  monkeypatch.setattr(bench_kernels, "HQ", 4)
+  for name in ("select_blocks", "nsa_attention", "sliding_window_attention",
+               "selected_attention", "compressed_attention_and_selection"):
+    monkeypatch.setattr(nsa_jax, name, on_xla(getattr(nsa_jax, name)))
+  kernels = bench_kernels.PLATFORMS["gpu"]
+  monkeypatch.setattr(kernels.selected, "selected_attention", on_xla(
+      lambda q, k, v, idx, **kw: nsa_jax.selected_attention(q, k, v, idx, **kw)))
+  monkeypatch.setattr(kernels.glue, "compressed_attention_and_selection",
+                      lambda q, k_cmp, v_cmp, scale, config, interpret:
+                      nsa_jax.compressed_attention_and_selection(q, k_cmp, v_cmp, config=config,
+                                                                 scale=scale))
+  config = bench_kernels.PAPER
+  q, k, _ = bench_kernels.random_qkv(256, 1)
+  q = q[:, :, :4]
+  k_cmp, _ = nsa_jax.compress_kv(k, k, block=config.cmp_block, stride=config.cmp_stride)
+  one = np.asarray(nsa_jax.select_blocks(q, k_cmp, config=config, implementation="xla"))
+  saved = np.concatenate([one, one[:, :, :, ::-1]])  # [2, 256, 1, 16]: two rows
+  path = tmp_path / "selection_indices_run.npz"
+  np.savez_compressed(path, indices=saved.astype(np.int16), slc_block=config.slc_block)
+  loaded = bench_kernels.load_trained_indices(path, 256, 2, config)
+  np.testing.assert_array_equal(loaded[0, :, 1], saved[1, :, 0])
+  with pytest.raises(ValueError, match=r"the benchmark needs T = 512"):
+    bench_kernels.load_trained_indices(path, 512, 2, config)
+  with pytest.raises(ValueError, match="2 \\(row, KV head\\) selections, the benchmark needs 4"):
+    bench_kernels.load_trained_indices(path, 256, 4, config)
+  out = tmp_path / "bench.json"
+  monkeypatch.setattr("sys.argv", [
+      "bench_kernels", "--seq_lens", "128,256", "--fla_seq_lens", "", "--repeats", "1",
+      "--num_kv_heads", "2", "--out", str(out), "--trained_indices", str(path),
+      "--parts", "selected,selected trained,nsa composed,nsa trained"])
+  bench_kernels.main()
+  result = json.loads(out.read_text())
+  assert [(r["seq_len"], r["part"]) for r in result["paper"]] == [
+      (128, "selected"), (256, "selected"), (256, "nsa composed"), (256, "nsa trained"),
+      (256, "selected trained")]
+  assert result["trained_indices"] == str(path)
+  assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 for r in result["paper"])
 
 
 @pytest.mark.filterwarnings("ignore")
