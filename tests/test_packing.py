@@ -1,0 +1,149 @@
+"""Packed rows (`segment_ids`, SPEC.md): every position equals the function on its document alone.
+
+The oracle (`nsa_jax.reference`) against itself applied per document, on random documents that
+include length-1 documents, documents shorter than a block and rows that end mid-block.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nsa_jax import reference
+from nsa_jax.config import NSAConfig
+from nsa_jax.segments import document_ends, document_starts
+from tests.helpers import assert_close, assert_grads_close, fresh_key, random_gates, random_qkv
+
+CONFIG = NSAConfig(cmp_block=4, cmp_stride=2, slc_block=8, num_selected=3, num_initial=1,
+                   num_local=1, window=6)
+# Row lengths 45 (ends mid-block): a length-1 document, ones shorter than l and l', long ones.
+DOCUMENTS = ([1, 3, 9, 20, 1, 11], [45], [17, 2, 26])
+SCALE = 16 ** -0.5
+
+
+def segment_ids_of(rows):
+  """`int32 [B, T]` with ids that repeat further on (only changes start a document)."""
+  return jnp.asarray([np.repeat(np.arange(len(lengths)) % 2, lengths) for lengths in rows],
+                     jnp.int32)
+
+
+def documents(rows):
+  """`(row, start, end)` of every document."""
+  for b, lengths in enumerate(rows):
+    ends = np.cumsum(lengths)
+    for start, end in zip(ends - lengths, ends):
+      yield b, int(start), int(end)
+
+
+def test_document_starts_and_ends():
+  segment_ids = jnp.asarray([[7, 7, 3, 3, 3, 7, 5], [1, 1, 1, 1, 1, 1, 1]], jnp.int32)
+  np.testing.assert_array_equal(document_starts(segment_ids),
+                                [[0, 0, 2, 2, 2, 5, 6], [0] * 7])
+  np.testing.assert_array_equal(document_ends(segment_ids), [[2, 2, 5, 5, 5, 6, 7], [7] * 7])
+
+
+def test_compressed_blocks_sit_in_their_documents_slots():
+  _, k, v = random_qkv(3, 45, 2, 2, 16)
+  k_cmp, v_cmp = reference.compress_kv(k, v, CONFIG.cmp_block, CONFIG.cmp_stride,
+                                       segment_ids_of(DOCUMENTS))
+  used = np.zeros(k_cmp.shape[:2], bool)
+  for b, start, end in documents(DOCUMENTS):
+    alone_k, alone_v = reference.compress_kv(k[b:b + 1, start:end], v[b:b + 1, start:end],
+                                             CONFIG.cmp_block, CONFIG.cmp_stride)
+    slots = start // CONFIG.cmp_stride + np.arange(alone_k.shape[1])
+    assert not used[b, slots].any()  # no two documents share a slot
+    used[b, slots] = True
+    assert_close(k_cmp[b, slots], alone_k[0])
+    assert_close(v_cmp[b, slots], alone_v[0])
+  np.testing.assert_array_equal(k_cmp[~used], 0)  # slots without a block are zero
+
+
+def per_document(fn, arrays, rows=DOCUMENTS):
+  """`fn` applied to each document alone, reassembled into packed rows (arrays `[B, T, ...]`)."""
+  outputs = None
+  for b, start, end in documents(rows):
+    result = fn(*[x[b:b + 1, start:end] for x in arrays])
+    result = result if isinstance(result, tuple) else (result,)
+    if outputs is None:
+      outputs = [np.zeros(arrays[0].shape[:2] + r.shape[2:], r.dtype) for r in result]
+    for out, r in zip(outputs, result):
+      out[b, start:end] = r[0]
+  return outputs
+
+
+def compress(k, v, segment_ids=None):
+  return reference.compress_kv(k, v, CONFIG.cmp_block, CONFIG.cmp_stride, segment_ids)
+
+
+@pytest.mark.parametrize("group", [1, 2])
+def test_each_branch_and_the_selection_equal_their_documents_alone(group):
+  q, k, v = random_qkv(3, 45, 2 * group, 2, 16)
+  segment_ids = segment_ids_of(DOCUMENTS)
+  k_cmp, v_cmp = compress(k, v, segment_ids)
+
+  def compressed_alone(q, k, v):
+    return reference.compressed_attention(q, *compress(k, v), SCALE, block=CONFIG.cmp_block,
+                                          stride=CONFIG.cmp_stride)
+  out, lse = reference.compressed_attention(q, k_cmp, v_cmp, SCALE, block=CONFIG.cmp_block,
+                                            stride=CONFIG.cmp_stride, segment_ids=segment_ids)
+  alone_out, alone_lse = per_document(compressed_alone, (q, k, v))
+  assert_close(out, alone_out)
+  np.testing.assert_array_equal(np.isinf(lse), np.isinf(alone_lse))  # nothing visible: -inf
+  assert_close(jnp.where(jnp.isinf(lse), 0, lse), np.where(np.isinf(alone_lse), 0, alone_lse))
+
+  indices = reference.select_blocks(q, k_cmp, SCALE, config=CONFIG, segment_ids=segment_ids)
+  alone_indices, = per_document(
+      lambda q, k, v: reference.select_blocks(q, compress(k, v)[0], SCALE, config=CONFIG),
+      (q, k, v))
+  np.testing.assert_array_equal(indices, alone_indices)
+
+  selected = reference.selected_attention(q, k, v, indices, SCALE, block=CONFIG.slc_block,
+                                          segment_ids=segment_ids)
+  assert_close(selected, per_document(
+      lambda q, k, v, idx: reference.selected_attention(q, k, v, idx, SCALE,
+                                                        block=CONFIG.slc_block),
+      (q, k, v, indices))[0])
+
+  window = reference.sliding_window_attention(q, k, v, SCALE, window=CONFIG.window,
+                                              segment_ids=segment_ids)
+  assert_close(window, per_document(
+      lambda q, k, v: reference.sliding_window_attention(q, k, v, SCALE, window=CONFIG.window),
+      (q, k, v))[0])
+
+
+def test_nsa_values_and_gradients_equal_their_documents_alone():
+  q, k, v = random_qkv(3, 45, 4, 2, 16)
+  gates = random_gates(q)
+  segment_ids = segment_ids_of(DOCUMENTS)
+  cotangent = jax.random.normal(fresh_key(), q.shape)
+
+  def packed_loss(q, k, v, gates):
+    k_cmp, v_cmp = compress(k, v, segment_ids)
+    out = reference.nsa_attention(q, k, v, gates, k_cmp, v_cmp, SCALE, config=CONFIG,
+                                  segment_ids=segment_ids)
+    return jnp.sum(out * cotangent), out
+
+  def alone(q, k, v, gates, cotangent):
+    def loss(q, k, v, gates):
+      out = reference.nsa_attention(q, k, v, gates, *compress(k, v), SCALE, config=CONFIG)
+      return jnp.sum(out * cotangent), out
+    (_, out), grads = jax.value_and_grad(loss, (0, 1, 2, 3), has_aux=True)(q, k, v, gates)
+    return (out, *grads)
+
+  (_, out), grads = jax.value_and_grad(packed_loss, (0, 1, 2, 3), has_aux=True)(q, k, v, gates)
+  expected = per_document(alone, (q, k, v, gates, cotangent))
+  assert_close(out, expected[0])
+  for grad, want in zip(grads, expected[1:]):
+    assert_grads_close(grad, want)
+
+
+def test_one_document_per_row_is_the_unpacked_function_bit_for_bit():
+  q, k, v = random_qkv(2, 45, 4, 2, 16)
+  gates = random_gates(q)
+  one_document = jnp.full(q.shape[:2], 3, jnp.int32)
+  k_cmp, v_cmp = compress(k, v)
+  np.testing.assert_array_equal(compress(k, v, one_document)[0], k_cmp)
+  unpacked = reference.nsa_attention(q, k, v, gates, k_cmp, v_cmp, SCALE, config=CONFIG)
+  packed = reference.nsa_attention(q, k, v, gates, k_cmp, v_cmp, SCALE, config=CONFIG,
+                                   segment_ids=one_document)
+  np.testing.assert_array_equal(packed, unpacked)
