@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nsa_jax import decode, ops, sharding
+from nsa_jax import decode, ops, segments, sharding
 from nsa_jax.config import NSAConfig
 
 COMPRESSIONS = ("mlp", "mean")
@@ -22,14 +22,15 @@ BRANCHES = ("cmp", "slc", "swa")  # the order of the gates
 
 
 def apply_rope(x, positions, theta: float = 10000.0):
-  """Rotary position embedding (half-split layout) of `x [B, T, H, D]` at `positions [T]`.
+  """Rotary position embedding (half-split layout) of `x [B, T, H, D]` at `positions [T]` (or
+  `[B, T]`: packed rows, positions restarting per document).
 
   Computed in float32, returned in x.dtype. D must be even.
   """
   half = x.shape[-1] // 2
   inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [D/2]
-  angle = positions.astype(jnp.float32)[:, None] * inv_freq  # [T, D/2]
-  cos, sin = jnp.cos(angle)[:, None, :], jnp.sin(angle)[:, None, :]  # [T, 1, D/2]
+  angle = positions.astype(jnp.float32)[..., None] * inv_freq  # [(B,) T, D/2]
+  cos, sin = jnp.cos(angle)[..., None, :], jnp.sin(angle)[..., None, :]  # [(B,) T, 1, D/2]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
@@ -38,7 +39,8 @@ class LearnedCompression(nnx.Module):
   """The paper's `phi`: an MLP over each flattened `l x D` block plus an intra-block position embedding.
 
   Maps `x [B, T, H, D]` to `[B, Tc, H, D]` with compressed block `i` made of tokens
-  `[i*stride, i*stride + block)`; the weights are shared by all heads.
+  `[i*stride, i*stride + block)`; the weights are shared by all heads. Packed rows
+  (`segment_ids [B, T]`): each document's blocks in its slots, the others zero (SPEC.md).
   """
 
   def __init__(self, block: int, stride: int, head_dim: int, *, hidden: int | None = None,
@@ -51,16 +53,21 @@ class LearnedCompression(nnx.Module):
                              rngs=rngs)
     self.out = nnx.Linear(hidden, head_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-  def __call__(self, x):
+  def __call__(self, x, segment_ids=None):
     b, t, h, d = x.shape
     num_blocks = (t - self.block) // self.stride + 1 if t >= self.block else 0
     if num_blocks == 0:
       return jnp.zeros((b, 0, h, d), x.dtype)
-    tokens = jnp.arange(num_blocks)[:, None] * self.stride + jnp.arange(self.block)  # [Tc, l]
-    blocks = jnp.moveaxis(x[:, tokens], 3, 2)  # [B, Tc, H, l, D]
-    blocks = blocks + self.position[...].astype(x.dtype)
+    if segment_ids is None:
+      tokens = jnp.arange(num_blocks)[:, None] * self.stride + jnp.arange(self.block)  # [Tc, l]
+      blocks = x[:, tokens]  # [B, Tc, l, H, D]
+    else:
+      tokens, exists = segments.document_blocks(segment_ids, self.block, self.stride)
+      blocks = segments.gather_blocks(x, tokens)
+    blocks = jnp.moveaxis(blocks, 3, 2) + self.position[...].astype(x.dtype)  # [B, Tc, H, l, D]
     flat = blocks.reshape(b, num_blocks, h, self.block * d)
-    return self.out(nnx.gelu(self.hidden(flat))).astype(x.dtype)
+    out = self.out(nnx.gelu(self.hidden(flat))).astype(x.dtype)
+    return out if segment_ids is None else jnp.where(exists[..., None, None], out, 0)
 
 
 class _CausalAttentionBase(nnx.Module):
@@ -84,8 +91,8 @@ class _CausalAttentionBase(nnx.Module):
     self.o_proj = linear(num_heads * self.head_dim_v, num_features)
 
   def _project(self, x, positions=None):
-    """`x [B, T, F]` at `positions [T]` (default `0..T-1`) -> `q [B, T, Hq, Dk]` and lists of
-    `num_kv_sets` keys / values, RoPE applied."""
+    """`x [B, T, F]` at `positions [T]` or `[B, T]` (default `0..T-1`) -> `q [B, T, Hq, Dk]` and
+    lists of `num_kv_sets` keys / values, RoPE applied."""
     b, t, _ = x.shape
     positions = jnp.arange(t) if positions is None else positions
     q = apply_rope(self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim), positions,
@@ -151,14 +158,15 @@ class NativeSparseAttention(_CausalAttentionBase):
       self.gate_proj = nnx.Linear(num_features, num_heads * 3, dtype=dtype,
                                   param_dtype=param_dtype, rngs=rngs)
 
-  def _compress(self, k, v):
+  def _compress(self, k, v, segment_ids=None):
     """`phi` of the compression branch: `(k [B, T, Hkv, Dk], v) -> (k_cmp, v_cmp)` (None, None
     for the window alone)."""
     if self.branches == ("swa",):
       return None, None
     if self.compression == "mlp":
-      return self.k_compress(k), self.v_compress(v)
-    return ops.compress_kv(k, v, block=self.config.cmp_block, stride=self.config.cmp_stride)
+      return self.k_compress(k, segment_ids), self.v_compress(v, segment_ids)
+    return ops.compress_kv(k, v, block=self.config.cmp_block, stride=self.config.cmp_stride,
+                           segment_ids=segment_ids)
 
   def _gates(self, x, dtype):
     """`[B, T, Hq, 3]` sigmoid gates of `x [B, T, F]`, or None for the plain sum."""
@@ -168,46 +176,49 @@ class NativeSparseAttention(_CausalAttentionBase):
     logits = self.gate_proj(x).reshape(b, t, self.num_heads, 3).astype(jnp.float32)
     return jax.nn.sigmoid(logits).astype(dtype)
 
-  def __call__(self, x):
-    q, keys, values = self._project(x)
-    k_cmp, v_cmp = self._compress(keys[0], values[0])  # the compression branch's K/V (set 0)
+  def __call__(self, x, segment_ids=None):
+    """`x [B, T, F]` -> `[B, T, F]`; `segment_ids int [B, T]`: packed rows, each document
+    attended alone with positions from its start (SPEC.md)."""
+    positions = None if segment_ids is None else segments.document_positions(segment_ids)
+    q, keys, values = self._project(x, positions)
+    # The compression branch's K/V (set 0).
+    k_cmp, v_cmp = self._compress(keys[0], values[0], segment_ids)
     gates = self._gates(x, q.dtype)
     # Under a device mesh the ops run per shard (batch over data/fsdp, heads over tensor).
-    out = sharding.per_shard(self._attend, q, gates, k_cmp, v_cmp, *keys, *values)
+    out = sharding.per_shard(self._attend, q, gates, k_cmp, v_cmp, segment_ids, *keys, *values)
     return self._output(out)
 
-  def _attend(self, q, gates, k_cmp, v_cmp, *keys_and_values):
+  def _attend(self, q, gates, k_cmp, v_cmp, segment_ids, *keys_and_values):
     """The three branches, on one K/V set or on their own (sets 0: cmp, 1: slc, 2: swa)."""
     keys, values = keys_and_values[:self.num_kv_sets], keys_and_values[self.num_kv_sets:]
     if self.branches != BRANCHES:
-      return self._attend_branches(q, gates, k_cmp, v_cmp, keys[0], values[0])
+      return self._attend_branches(q, gates, k_cmp, v_cmp, keys[0], values[0], segment_ids)
+    common = dict(config=self.config, gates=gates, k_cmp=k_cmp, v_cmp=v_cmp,
+                  implementation=self.implementation, segment_ids=segment_ids)
     if self.num_kv_sets == 1:
-      return ops.nsa_attention(q, keys[0], values[0], config=self.config, gates=gates,
-                               k_cmp=k_cmp, v_cmp=v_cmp, implementation=self.implementation)
-    return ops.nsa_attention_separate_kv(q, keys, values, config=self.config, gates=gates,
-                                         k_cmp=k_cmp, v_cmp=v_cmp,
-                                         implementation=self.implementation)
+      return ops.nsa_attention(q, keys[0], values[0], **common)
+    return ops.nsa_attention_separate_kv(q, keys, values, **common)
 
-  def _attend_branches(self, q, gates, k_cmp, v_cmp, k, v):
+  def _attend_branches(self, q, gates, k_cmp, v_cmp, k, v, segment_ids=None):
     """`self.branches` only, each through its own op, mixed as `nsa_attention` mixes all three
     (gates of the others unused): `[B, T, Hq, Dv]` in q.dtype."""
-    cfg, impl = self.config, self.implementation
+    cfg = self.config
+    common = dict(implementation=self.implementation, segment_ids=segment_ids)
     outputs = []
     if "cmp" in self.branches and "slc" in self.branches:
       o_cmp, block_indices = ops.compressed_attention_and_selection(
-          q, k_cmp, v_cmp, config=cfg, implementation=impl)
+          q, k_cmp, v_cmp, config=cfg, **common)
       outputs += [o_cmp, ops.selected_attention(q, k, v, block_indices, block=cfg.slc_block,
-                                                implementation=impl)]
+                                                **common)]
     elif "cmp" in self.branches:
       outputs.append(ops.compressed_attention(q, k_cmp, v_cmp, block=cfg.cmp_block,
-                                              stride=cfg.cmp_stride, implementation=impl)[0])
+                                              stride=cfg.cmp_stride, **common)[0])
     elif "slc" in self.branches:
-      block_indices = ops.select_blocks(q, k_cmp, config=cfg, implementation=impl)
+      block_indices = ops.select_blocks(q, k_cmp, config=cfg, **common)
       outputs.append(ops.selected_attention(q, k, v, block_indices, block=cfg.slc_block,
-                                            implementation=impl))
+                                            **common))
     if "swa" in self.branches:
-      outputs.append(ops.sliding_window_attention(q, k, v, window=cfg.window,
-                                                  implementation=impl))
+      outputs.append(ops.sliding_window_attention(q, k, v, window=cfg.window, **common))
     out = jnp.zeros(outputs[0].shape, jnp.float32)
     for branch, o in zip(self.branches, outputs):
       weight = 1.0 if gates is None else gates[..., BRANCHES.index(branch), None]
@@ -272,9 +283,14 @@ class DenseAttention(_CausalAttentionBase):
     super().__init__(num_features, num_heads, num_kv_heads, head_dim, head_dim_v, rope_theta, 1,
                      dtype, param_dtype, rngs)
 
-  def __call__(self, x):
-    q, keys, values = self._project(x)
-    return self._output(sharding.per_shard(ops.dense_causal_attention, q, keys[0], values[0]))
+  def __call__(self, x, segment_ids=None):
+    """`x [B, T, F]` -> `[B, T, F]`; `segment_ids int [B, T]`: packed rows, each document
+    attended alone with positions from its start."""
+    positions = None if segment_ids is None else segments.document_positions(segment_ids)
+    q, keys, values = self._project(x, positions)
+    attend = lambda q, k, v, segment_ids: ops.dense_causal_attention(q, k, v,
+                                                                    segment_ids=segment_ids)
+    return self._output(sharding.per_shard(attend, q, keys[0], values[0], segment_ids))
 
   def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> decode.DenseCache:
     """An empty `DenseCache` for this layer."""

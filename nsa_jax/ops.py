@@ -30,12 +30,28 @@ def default_implementation() -> str:
   return _DEFAULT_FOR_PLATFORM.get(jax.default_backend(), "xla")
 
 
-def _call(implementation, interpret, fn_name, *args, **kwargs):
-  """Calls `fn_name` of the chosen backend, passing `interpret` to the Pallas ones."""
+# The implementations that take packed rows (`segment_ids`) so far.
+PACKED_IMPLEMENTATIONS = ("reference", "xla")
+
+
+def _call(implementation, interpret, fn_name, *args, segment_ids=None, **kwargs):
+  """Calls `fn_name` of the chosen backend, passing `interpret` to the Pallas ones and
+  `segment_ids` when given."""
   backend = _backend(implementation, interpret)
   if backend in (pallas_gpu, pallas_tpu):
     kwargs["interpret"] = interpret
+  if segment_ids is not None:
+    _check_packed(implementation, interpret)
+    kwargs["segment_ids"] = segment_ids
   return getattr(backend, fn_name)(*args, **kwargs)
+
+
+def _check_packed(implementation, interpret) -> None:
+  name = resolve_implementation(implementation, interpret)
+  if name not in PACKED_IMPLEMENTATIONS:
+    raise NotImplementedError(
+        f"segment_ids (packed rows) are implemented by {PACKED_IMPLEMENTATIONS} so far, not by "
+        f"implementation={name!r}: pass implementation='xla'")
 
 
 def resolve_implementation(implementation, interpret) -> str:
@@ -61,7 +77,7 @@ def _scale(scale, head_dim):
   return head_dim ** -0.5 if scale is None else scale
 
 
-def compress_kv(k, v, *, block: int, stride: int, implementation=None):
+def compress_kv(k, v, *, block: int, stride: int, implementation=None, segment_ids=None):
   """Mean-pools overlapping blocks: compressed block `i` covers tokens `[i*stride, i*stride + block)`.
 
   Args:
@@ -70,10 +86,12 @@ def compress_kv(k, v, *, block: int, stride: int, implementation=None):
     block: `l`, tokens per compressed block.
     stride: `d`, a divisor of `block`.
     implementation: as in `nsa_attention` (the Pallas ones use the XLA pooling).
+    segment_ids: int `[B, T]` or None: packed rows (SPEC.md), each document pooled alone.
 
   Returns:
     `(k_cmp [B, Tc, Hkv, Dk], v_cmp [B, Tc, Hkv, Dv])` in the input dtypes, with
-    `Tc = (T - block) // stride + 1` (0 when `T < block`).
+    `Tc = (T - block) // stride + 1` (0 when `T < block`). Packed: block `i` of the document
+    starting at `s` in slot `s // stride + i`, slots without a block zero.
 
   Raises:
     ValueError: bad ranks, dtypes or shapes, or invalid `block` / `stride`.
@@ -86,11 +104,15 @@ def compress_kv(k, v, *, block: int, stride: int, implementation=None):
     raise ValueError(f"k and v must agree on [B, T, Hkv], got k {tuple(k.shape)}, "
                      f"v {tuple(v.shape)}")
   check.check_block_stride(block, stride)
-  return _backend(implementation, interpret=False).compress_kv(k, v, block, stride)
+  check.check_segment_ids(k, segment_ids, "k")
+  backend = _backend(implementation, interpret=False)
+  if segment_ids is not None:  # every implementation pools packed rows (the XLA pooling)
+    return backend.compress_kv(k, v, block, stride, segment_ids)
+  return backend.compress_kv(k, v, block, stride)
 
 
 def compressed_attention(q, k_cmp, v_cmp, *, block: int, stride: int, scale=None,
-                         implementation=None, interpret: bool = False):
+                         implementation=None, interpret: bool = False, segment_ids=None):
   """Attention of every query over the compressed blocks that lie inside its prefix.
 
   Query `t` sees block `i` iff `i*stride + block - 1 <= t`; a query that sees none gets zeros.
@@ -102,6 +124,8 @@ def compressed_attention(q, k_cmp, v_cmp, *, block: int, stride: int, scale=None
     block, stride: `l` and `d` of the compression.
     scale: softmax scale, default `Dk ** -0.5`.
     implementation, interpret: as in `nsa_attention`.
+    segment_ids: int `[B, T]` or None: packed rows, each document attended alone (SPEC.md);
+      `k_cmp, v_cmp` then in `compress_kv`'s packed slots.
 
   Returns:
     `(out [B, T, Hq, Dv] in q.dtype, lse [B, T, Hq] float32)`; `lse = -inf` where nothing is visible.
@@ -113,12 +137,13 @@ def compressed_attention(q, k_cmp, v_cmp, *, block: int, stride: int, scale=None
   check.check_float("q", q)
   check.check_block_stride(block, stride)
   check.check_compressed(q, k_cmp, v_cmp, num_cmp_blocks(q.shape[1], block, stride))
+  check.check_segment_ids(q, segment_ids)
   return _call(implementation, interpret, "compressed_attention", q, k_cmp, v_cmp,
-               _scale(scale, q.shape[-1]), block=block, stride=stride)
+               _scale(scale, q.shape[-1]), block=block, stride=stride, segment_ids=segment_ids)
 
 
 def select_blocks(q, k_cmp, *, config: NSAConfig, scale=None, implementation=None,
-                  interpret: bool = False):
+                  interpret: bool = False, segment_ids=None):
   """The top-n selection blocks of every query, shared by the query heads of a KV group.
 
   Scores are the group-summed compressed-attention probabilities mapped onto selection blocks by
@@ -131,16 +156,19 @@ def select_blocks(q, k_cmp, *, config: NSAConfig, scale=None, implementation=Non
     config: an `NSAConfig`.
     scale: softmax scale, default `Dk ** -0.5`.
     implementation, interpret: as in `nsa_attention`.
+    segment_ids: int `[B, T]` or None: packed rows, each document attended alone (SPEC.md).
 
   Returns:
-    `int32 [B, T, Hkv, num_selected]`: ascending block numbers, unused places -1 at the end.
+    `int32 [B, T, Hkv, num_selected]`: ascending block numbers, unused places -1 at the end;
+    packed, numbers of blocks counted from the query's document start.
 
   Raises:
     ValueError: bad ranks, dtypes, head counts, `Tc`, or an invalid config.
   """
   config = _check_selection(q, k_cmp, k_cmp, config)
+  check.check_segment_ids(q, segment_ids)
   return _call(implementation, interpret, "select_blocks", q, k_cmp, _scale(scale, q.shape[-1]),
-               config=config)
+               config=config, segment_ids=segment_ids)
 
 
 def _check_selection(q, k_cmp, v_cmp, config) -> NSAConfig:
@@ -153,7 +181,8 @@ def _check_selection(q, k_cmp, v_cmp, config) -> NSAConfig:
 
 
 def compressed_attention_and_selection(q, k_cmp, v_cmp, *, config: NSAConfig, scale=None,
-                                       implementation=None, interpret: bool = False):
+                                       implementation=None, interpret: bool = False,
+                                       segment_ids=None):
   """`compressed_attention`'s output and `select_blocks`' blocks, from one pass over `k_cmp`.
 
   Both come from the same softmax of `q` over the compressed keys, which the fused paths compute
@@ -169,6 +198,7 @@ def compressed_attention_and_selection(q, k_cmp, v_cmp, *, config: NSAConfig, sc
     config: an `NSAConfig` (its `cmp_block` / `cmp_stride` are the compression's `l` / `d`).
     scale: softmax scale, default `Dk ** -0.5`.
     implementation, interpret: as in `nsa_attention`.
+    segment_ids: int `[B, T]` or None: packed rows, each document attended alone (SPEC.md).
 
   Returns:
     `(out [B, T, Hq, Dv] in q.dtype, block_indices int32 [B, T, Hkv, num_selected])`: what
@@ -179,13 +209,15 @@ def compressed_attention_and_selection(q, k_cmp, v_cmp, *, config: NSAConfig, sc
     ValueError: bad ranks, dtypes, head counts, `Tc`, or an invalid config.
   """
   config = _check_selection(q, k_cmp, v_cmp, config)
+  check.check_segment_ids(q, segment_ids)
   out, block_indices = _call(implementation, interpret, "compressed_attention_and_selection", q,
-                             k_cmp, v_cmp, _scale(scale, q.shape[-1]), config=config)
+                             k_cmp, v_cmp, _scale(scale, q.shape[-1]), config=config,
+                             segment_ids=segment_ids)
   return out.astype(q.dtype), block_indices
 
 
 def selected_attention(q, k, v, block_indices, *, block: int, scale=None, implementation=None,
-                       interpret: bool = False):
+                       interpret: bool = False, segment_ids=None):
   """Attention of every query over the tokens `s <= t` of its KV group's selected blocks.
 
   Args:
@@ -197,6 +229,8 @@ def selected_attention(q, k, v, block_indices, *, block: int, scale=None, implem
     block: `l'`, tokens per selection block.
     scale: softmax scale, default `Dk ** -0.5`.
     implementation, interpret: as in `nsa_attention`.
+    segment_ids: int `[B, T]` or None: packed rows, each document attended alone (SPEC.md);
+      block `j` then covers `[s + j*block, s + (j+1)*block)` of the document starting at `s`.
 
   Returns:
     `[B, T, Hq, Dv]` in q.dtype; a query with no selected token gets zeros.
@@ -207,12 +241,13 @@ def selected_attention(q, k, v, block_indices, *, block: int, scale=None, implem
   check.check_qkv(q, k, v)
   check.check_positive("block", block)
   check.check_block_indices(q, k, block_indices)
+  check.check_segment_ids(q, segment_ids)
   return _call(implementation, interpret, "selected_attention", q, k, v, block_indices,
-               _scale(scale, q.shape[-1]), block=block)
+               _scale(scale, q.shape[-1]), block=block, segment_ids=segment_ids)
 
 
 def sliding_window_attention(q, k, v, *, window: int, scale=None, implementation=None,
-                             interpret: bool = False):
+                             interpret: bool = False, segment_ids=None):
   """Causal attention over the last `window` tokens: query `t` sees `t - window < s <= t`.
 
   Args:
@@ -222,6 +257,7 @@ def sliding_window_attention(q, k, v, *, window: int, scale=None, implementation
     window: `w`, the query itself included.
     scale: softmax scale, default `Dk ** -0.5`.
     implementation, interpret: as in `nsa_attention`.
+    segment_ids: int `[B, T]` or None: packed rows, each document attended alone (SPEC.md).
 
   Returns:
     `[B, T, Hq, Dv]` in q.dtype.
@@ -231,12 +267,13 @@ def sliding_window_attention(q, k, v, *, window: int, scale=None, implementation
   """
   check.check_qkv(q, k, v)
   check.check_positive("window", window)
+  check.check_segment_ids(q, segment_ids)
   return _call(implementation, interpret, "sliding_window_attention", q, k, v,
-               _scale(scale, q.shape[-1]), window=window)
+               _scale(scale, q.shape[-1]), window=window, segment_ids=segment_ids)
 
 
 def nsa_attention(q, k, v, *, config: NSAConfig, gates=None, k_cmp=None, v_cmp=None, scale=None,
-                  implementation=None, interpret: bool = False):
+                  implementation=None, interpret: bool = False, segment_ids=None):
   """Native Sparse Attention: compressed, selected and sliding-window attention mixed per head.
 
   `out[t] = g_cmp * Attn(q_t, K_cmp, V_cmp) + g_slc * Attn(q_t, K_slc, V_slc)
@@ -256,6 +293,9 @@ def nsa_attention(q, k, v, *, config: NSAConfig, gates=None, k_cmp=None, v_cmp=N
     implementation: None (the fastest available for the backend), "reference", "xla",
       "pallas_gpu" or "pallas_tpu".
     interpret: run the Pallas kernels in interpret mode (CPU testing).
+    segment_ids: int `[B, T]` or None: packed rows, each document attended alone (SPEC.md:
+      positions, blocks and the window restart at each document; given `k_cmp, v_cmp` are in
+      `compress_kv`'s packed slots). Implemented by "reference" and "xla" so far.
 
   Returns:
     `[B, T, Hq, Dv]` in q.dtype. Differentiable in q, k, v, gates, k_cmp and v_cmp.
@@ -269,8 +309,11 @@ def nsa_attention(q, k, v, *, config: NSAConfig, gates=None, k_cmp=None, v_cmp=N
   if gates is not None:
     check.check_gates(q, gates)
   _check_both_or_neither(k_cmp, v_cmp)
+  check.check_segment_ids(q, segment_ids)
   backend = _backend(implementation, interpret)
-  if k_cmp is None:
+  if k_cmp is None and segment_ids is not None:
+    k_cmp, v_cmp = backend.compress_kv(k, v, config.cmp_block, config.cmp_stride, segment_ids)
+  elif k_cmp is None:
     k_cmp, v_cmp = backend.compress_kv(k, v, config.cmp_block, config.cmp_stride)
   check.check_compressed(q, k_cmp, v_cmp, config.num_cmp_blocks(q.shape[1]))
   if k_cmp.shape[2] != k.shape[2] or v_cmp.shape[3] != v.shape[3]:
@@ -278,12 +321,12 @@ def nsa_attention(q, k, v, *, config: NSAConfig, gates=None, k_cmp=None, v_cmp=N
                      f"k {tuple(k.shape)}, v {tuple(v.shape)}, k_cmp {tuple(k_cmp.shape)}, "
                      f"v_cmp {tuple(v_cmp.shape)}")
   return _call(implementation, interpret, "nsa_attention", q, k, v, gates, k_cmp, v_cmp,
-               _scale(scale, q.shape[-1]), config=config)
+               _scale(scale, q.shape[-1]), config=config, segment_ids=segment_ids)
 
 
 def nsa_attention_separate_kv(q, keys, values, *, config: NSAConfig, gates=None, k_cmp=None,
                               v_cmp=None, scale=None, implementation=None,
-                              interpret: bool = False):
+                              interpret: bool = False, segment_ids=None):
   """`nsa_attention` with a K/V set per branch (the paper's section 3.3.3, against shortcuts
   between the branches): set 0 is compressed (and so ranks the selection), set 1 gives the
   selected blocks' tokens, set 2 the window's.
@@ -292,7 +335,7 @@ def nsa_attention_separate_kv(q, keys, values, *, config: NSAConfig, gates=None,
     q: `[B, T, Hq, Dk]`.
     keys: three `[B, T, Hkv, Dk]` (compressed, selected, window branch).
     values: three `[B, T, Hkv, Dv]`, likewise.
-    config, gates, scale, implementation, interpret: as in `nsa_attention`.
+    config, gates, scale, implementation, interpret, segment_ids: as in `nsa_attention`.
     k_cmp, v_cmp: compressed blocks of `keys[0]` / `values[0]` (e.g. a learned compression); both
       None mean-pools them.
 
@@ -313,8 +356,10 @@ def nsa_attention_separate_kv(q, keys, values, *, config: NSAConfig, gates=None,
   _check_both_or_neither(k_cmp, v_cmp)
   if k_cmp is None:
     k_cmp, v_cmp = compress_kv(keys[0], values[0], block=config.cmp_block,
-                               stride=config.cmp_stride, implementation=implementation)
-  common = dict(scale=scale, implementation=implementation, interpret=interpret)
+                               stride=config.cmp_stride, implementation=implementation,
+                               segment_ids=segment_ids)
+  common = dict(scale=scale, implementation=implementation, interpret=interpret,
+                segment_ids=segment_ids)
   o_cmp, block_indices = compressed_attention_and_selection(q, k_cmp, v_cmp, config=config,
                                                             **common)
   o_slc = selected_attention(q, keys[1], values[1], block_indices, block=config.slc_block,
@@ -330,15 +375,20 @@ def _check_both_or_neither(k_cmp, v_cmp) -> None:
                      f"v_cmp {None if v_cmp is None else tuple(v_cmp.shape)}")
 
 
-def dense_causal_attention(q, k, v, *, scale=None):
+def dense_causal_attention(q, k, v, *, scale=None, segment_ids=None):
   """Plain causal GQA attention, `[B, T, Hq, Dv]` in q.dtype: the baseline NSA is compared with.
 
   cuDNN flash attention on GPU where it applies (half precision, Dk == Dv); elsewhere
   `jax.nn.dot_product_attention`'s XLA path (O(T^2) memory), or the masked reference math when
-  Dk != Dv.
+  Dk != Dv. Packed rows (`segment_ids int [B, T]`): each document attended alone, through the
+  XLA window path with the window the whole row (O(T) memory per query chunk; no cuDNN yet).
   """
   check.check_qkv(q, k, v)
+  check.check_segment_ids(q, segment_ids)
   scale = _scale(scale, q.shape[-1])
+  if segment_ids is not None:
+    return xla.sliding_window_attention(q, k, v, scale, window=q.shape[1],
+                                        segment_ids=segment_ids)
   if pallas_gpu.use_cudnn(q, v):
     return pallas_gpu.cudnn_causal_attention(q, k, v, scale)
   if q.shape[-1] == v.shape[-1]:

@@ -19,7 +19,7 @@ from nsa_jax.attention_math import accum_dtype, attention_scores, combine_branch
 from nsa_jax.attention_math import masked_attention
 from nsa_jax.attention_math import masked_softmax
 from nsa_jax.config import NSAConfig, num_cmp_blocks
-from nsa_jax.segments import document_ends, document_starts
+from nsa_jax.segments import document_local_slots, document_starts, pool_documents
 
 
 def _group_queries(q, num_kv_heads):
@@ -57,18 +57,8 @@ def compress_kv(k, v, block, stride, segment_ids=None):
     tokens = jnp.arange(num_blocks)[:, None] * stride + jnp.arange(block)[None, :]  # [Tc, l]
     pool = lambda x: jnp.mean(x[:, tokens].astype(accum_dtype(x)), axis=2).astype(x.dtype)
     return pool(k), pool(v)
-  # Slot c belongs to the document holding token c*d + d - 1 (or the last token), if any.
-  owner = jnp.minimum(jnp.arange(num_blocks) * stride + stride - 1, k.shape[1] - 1)  # [Tc]
-  start = document_starts(segment_ids)[:, owner]  # [B, Tc]
-  first = start + (jnp.arange(num_blocks) - start // stride) * stride  # the block's first token
-  exists = (first >= start) & (first + block <= document_ends(segment_ids)[:, owner])
-  tokens = jnp.clip(first[..., None] + jnp.arange(block), 0, k.shape[1] - 1)  # [B, Tc, l]
-
-  def pool(x):
-    blocks = jax.vmap(lambda x_b, tokens_b: x_b[tokens_b])(x, tokens)  # [B, Tc, l, Hkv, D]
-    mean = jnp.mean(blocks.astype(accum_dtype(x)), axis=2)
-    return jnp.where(exists[..., None, None], mean, 0).astype(x.dtype)
-  return pool(k), pool(v)
+  return (pool_documents(k, block, stride, segment_ids),
+          pool_documents(v, block, stride, segment_ids))
 
 
 def _query_starts(starts, seq_len):
@@ -129,9 +119,7 @@ def selection_scores(q, k_cmp, scale, config: NSAConfig, starts=None):
   p_cmp, _ = masked_softmax(scores, visible if starts is None else _per_row(visible))
   p_grp = jnp.sum(p_cmp, axis=2)  # [B, Hkv, T, Tc]
   if starts is not None:  # slot s//d + i -> the document's block i
-    slot = (starts // config.cmp_stride)[:, None, :, None] + jnp.arange(num_cmp)  # [B, 1, T, Tc]
-    p_grp = jnp.where(slot < num_cmp,
-                      jnp.take_along_axis(p_grp, jnp.minimum(slot, num_cmp - 1), axis=-1), 0)
+    p_grp = document_local_slots(p_grp, (starts // config.cmp_stride)[:, None])
   overlap = _overlap_matrix(num_cmp, num_slc, config.cmp_block, config.cmp_stride,
                             config.slc_block)
   score = jnp.einsum("bhti,ij->bhtj", p_grp, overlap.astype(p_grp.dtype),

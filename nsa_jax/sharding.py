@@ -48,15 +48,19 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None):
 
 
 def activation_spec(mesh, rank: int = 4) -> P:
-  """`[B, T, H, ...]` split over the batch axes (dim 0) and the head axis (dim 2)."""
+  """`[B, T, H, ...]` split over the batch axes (dim 0) and the head axis (dim 2); `[B, T]`
+  (segment ids) over the batch axes."""
   names = set(mesh.axis_names)
   batch = tuple(a for a in BATCH_AXES if a in names) or None
+  if rank == 2:
+    return P(batch, None)
   heads = HEAD_AXIS if HEAD_AXIS in names else None
   return P(batch, None, heads, *([None] * (rank - 3)))
 
 
 def per_shard(fn, *arrays):
-  """`fn(*arrays)` run per shard of the context mesh; arrays are `[B, T, H, ...]` or None.
+  """`fn(*arrays)` run per shard of the context mesh; arrays are `[B, T, H, ...]`, `[B, T]` or
+  None.
 
   Every array and the output (one `[B, T, H, ...]` array) are split as `activation_spec`. Without
   a mesh (or with a single device) this is `fn(*arrays)`.

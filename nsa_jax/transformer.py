@@ -78,8 +78,8 @@ class DecoderBlock(nnx.Module):
     self.mlp_norm = nnx.RMSNorm(f, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.mlp = SwiGLU(f, config.mlp_hidden, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-  def __call__(self, x):
-    x = x + self.attention(self.attention_norm(x))
+  def __call__(self, x, segment_ids=None):
+    x = x + self.attention(self.attention_norm(x), segment_ids)
     return x + self.mlp(self.mlp_norm(x))
 
   def prefill(self, x, cache):
@@ -94,7 +94,8 @@ class DecoderBlock(nnx.Module):
 
 
 class DecoderLM(nnx.Module):
-  """`tokens int [B, T] -> logits float32 [B, T, vocab_size]`, causal."""
+  """`tokens int [B, T] -> logits float32 [B, T, vocab_size]`, causal; with `segment_ids int
+  [B, T]` a packed row's documents are modelled each alone (positions restart at each)."""
 
   def __init__(self, config: TransformerConfig, *, dtype=None, param_dtype=jnp.float32,
                rngs: nnx.Rngs):
@@ -107,11 +108,11 @@ class DecoderLM(nnx.Module):
     self.final_norm = nnx.RMSNorm(config.num_features, dtype=dtype, param_dtype=param_dtype,
                                   rngs=rngs)
 
-  def __call__(self, tokens):
+  def __call__(self, tokens, segment_ids=None):
     _check_tokens("tokens", tokens, 2, "[B, T]")
     x = self.embed(tokens)
     for block in self.blocks:
-      x = block(x)
+      x = block(x, segment_ids)
     return self._logits(x)
 
   def _logits(self, x):

@@ -77,6 +77,18 @@ def check_block_indices(q, k, block_indices) -> None:
         f"k {tuple(k.shape)})")
 
 
+def check_segment_ids(x, segment_ids, x_name: str = "q") -> None:
+  """Checks `segment_ids int [B, T]` (or None) against `x [B, T, ...]`."""
+  if segment_ids is None:
+    return
+  if not hasattr(segment_ids, "dtype") or not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+    raise ValueError(f"segment_ids must be an integer array [B, T], got "
+                     f"{getattr(segment_ids, 'dtype', type(segment_ids).__name__)}")
+  if tuple(segment_ids.shape) != tuple(x.shape[:2]):
+    raise ValueError(f"segment_ids must have shape [B, T] = {list(x.shape[:2])}, got "
+                     f"{tuple(segment_ids.shape)} ({x_name} {tuple(x.shape)})")
+
+
 def check_gates(q, gates) -> None:
   """Checks `gates [B, T, Hq, 3]` (order: cmp, slc, swa) against `q [B, T, Hq, Dk]`."""
   expected = tuple(q.shape[:3]) + (3,)

@@ -5,6 +5,9 @@ Every branch is written as a function of one query chunk of one KV head group, `
 mapped over chunks with `lax.map`. Each chunk body is rematerialised (`jax.checkpoint`), so the
 backward pass also holds one chunk's intermediates at a time: peak memory is O(T * (n*l' + w + Tc))
 per chunk of C queries instead of O(T^2). Arguments are assumed validated by `nsa_jax.ops`.
+
+Packed rows (`segment_ids`, SPEC.md): each chunk also takes its queries' document starts `[C]`
+(keyword `doc_start`) and counts blocks, the selection and the window from them.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from nsa_jax.attention_math import masked_softmax
 from nsa_jax.block_selection import canonical_block_indices, slc_scores_from_cmp_probs
 from nsa_jax.block_selection import decode_selection, num_cmp_visible, top_n_blocks
 from nsa_jax.config import NSAConfig, num_cmp_blocks
+from nsa_jax.segments import document_local_slots, document_starts, pool_documents
 
 # Queries per chunk: large enough to keep the matmuls efficient, small enough that one chunk's
 # gathered selected keys ([C, n*l', D], 32 MiB in float32 at the paper config, D=128) stay modest.
@@ -88,12 +92,33 @@ def _map_query_chunks(chunk_fn, q_chunks, per_chunk=(), per_group=()):
   return jax.vmap(jax.vmap(one_group))(q_chunks, tuple(per_chunk), tuple(per_group))
 
 
+def _map_chunks(chunk_fn, q_chunks, starts, per_chunk=(), per_group=()):
+  """`_map_query_chunks`, giving `chunk_fn` its queries' document starts as the keyword
+  `doc_start [C]` when `starts [B, T]` is not None (packed rows)."""
+  if starts is None:
+    return _map_query_chunks(chunk_fn, q_chunks, per_chunk, per_group)
+  b, num_kv_heads, num_chunks, chunk = q_chunks.shape[:4]
+  starts = jnp.broadcast_to(starts[:, :, None], (b, starts.shape[1], num_kv_heads))
+  with_starts = lambda chunk_index, q_chunk, doc_start, *rest: chunk_fn(
+      chunk_index, q_chunk, *rest, doc_start=doc_start)
+  return _map_query_chunks(with_starts, q_chunks, (_chunk_rows(starts, chunk),) + tuple(per_chunk),
+                           per_group)
+
+
+def _starts(segment_ids):
+  return None if segment_ids is None else document_starts(segment_ids)
+
+
 # ---------------------------------------------------------------------------------------------
 # Compression branch (and the selection scores that reuse its probabilities)
 
 
-def compress_kv(k, v, block, stride):
-  """Mean pooling through stride-`d` sub-block sums: O(T) memory. `[B, T, Hkv, D]` -> `[B, Tc, ...]`."""
+def compress_kv(k, v, block, stride, segment_ids=None):
+  """Mean pooling through stride-`d` sub-block sums: O(T) memory. `[B, T, Hkv, D]` -> `[B, Tc, ...]`.
+  Packed rows: each document's blocks in its slots (`segments.pool_documents`)."""
+  if segment_ids is not None:
+    return (pool_documents(k, block, stride, segment_ids),
+            pool_documents(v, block, stride, segment_ids))
   num_blocks = num_cmp_blocks(k.shape[1], block, stride)
   per_block = block // stride
 
@@ -109,42 +134,57 @@ def compress_kv(k, v, block, stride):
   return pool(k), pool(v)
 
 
-def _cmp_probs(chunk_index, q_chunk, k_cmp, scale, block, stride):
+def _cmp_probs(chunk_index, q_chunk, k_cmp, scale, block, stride, doc_start=None):
   """Probabilities of one chunk over the compressed blocks: `([C, G, Tc], lse [C, G])`."""
   chunk = q_chunk.shape[0]
   query_pos = chunk_index * chunk + jnp.arange(chunk)  # [C]
-  last_token = jnp.arange(k_cmp.shape[0]) * stride + block - 1  # [Tc]
-  visible = (last_token[None, :] <= query_pos[:, None])[:, None, :]  # [C, 1, Tc]
-  return masked_softmax(attention_scores(q_chunk, k_cmp, scale), visible)
+  if doc_start is None:
+    last_token = jnp.arange(k_cmp.shape[0]) * stride + block - 1  # [Tc]
+    visible = last_token[None, :] <= query_pos[:, None]  # [C, Tc]
+  else:  # slot c holds block c - s//d of the query's document
+    local_block = jnp.arange(k_cmp.shape[0]) - (doc_start // stride)[:, None]
+    visible = (local_block >= 0) & (local_block * stride + block - 1
+                                    <= (query_pos - doc_start)[:, None])
+  return masked_softmax(attention_scores(q_chunk, k_cmp, scale), visible[:, None, :])
 
 
-def _chunk_block_indices(chunk_index, probs, config, num_slc):
-  """Block indices `[C, n]` from one chunk's compressed probabilities `probs [C, G, Tc]`."""
+def _chunk_block_indices(chunk_index, probs, config, num_slc, doc_start=None):
+  """Block indices `[C, n]` from one chunk's compressed probabilities `probs [C, G, Tc]`
+  (packed: document-local blocks)."""
   chunk = probs.shape[0]
-  score = slc_scores_from_cmp_probs(probs.sum(axis=1), config, num_slc)  # group sum -> [C, Ts]
-  return top_n_blocks(score, chunk_index * chunk + jnp.arange(chunk), config)
+  p_grp = probs.sum(axis=1)  # group sum -> [C, Tc]
+  query_pos = chunk_index * chunk + jnp.arange(chunk)
+  if doc_start is not None:
+    p_grp = document_local_slots(p_grp, doc_start // config.cmp_stride)
+    query_pos = query_pos - doc_start
+  return top_n_blocks(slc_scores_from_cmp_probs(p_grp, config, num_slc), query_pos, config)
 
 
-def _selection_chunk(chunk_index, q_chunk, k_cmp, scale, config, num_slc):
-  probs, _ = _cmp_probs(chunk_index, q_chunk, k_cmp, scale, config.cmp_block, config.cmp_stride)
-  return _chunk_block_indices(chunk_index, jax.lax.stop_gradient(probs), config, num_slc)
+def _selection_chunk(chunk_index, q_chunk, k_cmp, scale, config, num_slc, doc_start=None):
+  probs, _ = _cmp_probs(chunk_index, q_chunk, k_cmp, scale, config.cmp_block, config.cmp_stride,
+                        doc_start)
+  return _chunk_block_indices(chunk_index, jax.lax.stop_gradient(probs), config, num_slc,
+                              doc_start)
 
 
-def _compressed_chunk(chunk_index, q_chunk, k_cmp, v_cmp, scale, block, stride, select, num_slc):
+def _compressed_chunk(chunk_index, q_chunk, k_cmp, v_cmp, scale, block, stride, select, num_slc,
+                      doc_start=None):
   """`(out [C, G, Dv], lse [C, G])`, plus the block indices `[C, n]` when `select` is a config."""
-  probs, lse = _cmp_probs(chunk_index, q_chunk, k_cmp, scale, block, stride)
+  probs, lse = _cmp_probs(chunk_index, q_chunk, k_cmp, scale, block, stride, doc_start)
   out = jnp.einsum("cgi,id->cgd", probs, v_cmp.astype(probs.dtype),
                    precision=jax.lax.Precision.HIGHEST)
   if select is None:
     return out, lse
   # The fusion: selection reuses these probabilities instead of recomputing q . k_cmp.
-  return out, lse, _chunk_block_indices(chunk_index, jax.lax.stop_gradient(probs), select, num_slc)
+  return out, lse, _chunk_block_indices(chunk_index, jax.lax.stop_gradient(probs), select,
+                                        num_slc, doc_start)
 
 
-def _empty_selection(b, t, num_kv_heads, config):
+def _empty_selection(b, t, num_kv_heads, config, starts=None):
   """T < l: every score is 0, so the forced blocks and then the lowest candidates are chosen."""
   score = jnp.zeros((b, t, num_kv_heads, config.num_slc_blocks(t)))
-  return top_n_blocks(score, jnp.arange(t)[:, None], config)
+  query_pos = jnp.arange(t) if starts is None else jnp.arange(t) - starts
+  return top_n_blocks(score, query_pos[..., None], config)
 
 
 def _unchunk_indices(idx, t):
@@ -153,7 +193,7 @@ def _unchunk_indices(idx, t):
   return jnp.moveaxis(idx, 1, 3).reshape(b, nc * c, hkv, n)[:, :t]
 
 
-def _compressed(q, k_cmp, v_cmp, scale, block, stride, query_chunk, select=None):
+def _compressed(q, k_cmp, v_cmp, scale, block, stride, query_chunk, select=None, starts=None):
   """`(out [B, T, Hq, Dv], lse [B, T, Hq])` in `accum_dtype`, and `block_indices` if `select`."""
   b, t, hq, _ = q.shape
   num_kv_heads = k_cmp.shape[2]
@@ -161,43 +201,48 @@ def _compressed(q, k_cmp, v_cmp, scale, block, stride, query_chunk, select=None)
     dtype = accum_dtype(q, k_cmp, v_cmp)
     out = jnp.zeros((b, t, hq, v_cmp.shape[-1]), dtype)
     lse = jnp.full((b, t, hq), -jnp.inf, dtype)
-    return (out, lse) if select is None else (out, lse, _empty_selection(b, t, num_kv_heads, select))
+    return (out, lse) if select is None else (
+        out, lse, _empty_selection(b, t, num_kv_heads, select, starts))
   chunk = _chunk_size(t, query_chunk)
   num_slc = None if select is None else select.num_slc_blocks(t)
   fn = functools.partial(_compressed_chunk, scale=scale, block=block, stride=stride,
                          select=select, num_slc=num_slc)
-  results = _map_query_chunks(fn, _chunk_queries(q, num_kv_heads, chunk),
-                              per_group=(_heads_first(k_cmp), _heads_first(v_cmp)))
+  results = _map_chunks(fn, _chunk_queries(q, num_kv_heads, chunk), starts,
+                        per_group=(_heads_first(k_cmp), _heads_first(v_cmp)))
   out, lse = _unchunk(results[0], t), _unchunk(results[1], t)
   return (out, lse) if select is None else (out, lse, _unchunk_indices(results[2], t))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "query_chunk"))
 def compressed_attention_and_selection(q, k_cmp, v_cmp, scale, config: NSAConfig,
-                                       query_chunk=QUERY_CHUNK):
+                                       query_chunk=QUERY_CHUNK, segment_ids=None):
   """The fused compressed branch: `(o_cmp [B, T, Hq, Dv] in accum dtype, block_indices)`."""
   out, _, block_indices = _compressed(q, k_cmp, v_cmp, scale, config.cmp_block, config.cmp_stride,
-                                      query_chunk, select=config)
+                                      query_chunk, select=config, starts=_starts(segment_ids))
   return out, block_indices
 
 
 @functools.partial(jax.jit, static_argnames=("block", "stride", "query_chunk"))
-def compressed_attention(q, k_cmp, v_cmp, scale, *, block, stride, query_chunk=QUERY_CHUNK):
-  out, lse = _compressed(q, k_cmp, v_cmp, scale, block, stride, query_chunk)
+def compressed_attention(q, k_cmp, v_cmp, scale, *, block, stride, query_chunk=QUERY_CHUNK,
+                         segment_ids=None):
+  out, lse = _compressed(q, k_cmp, v_cmp, scale, block, stride, query_chunk,
+                         starts=_starts(segment_ids))
   return out.astype(q.dtype), lse
 
 
 @functools.partial(jax.jit, static_argnames=("config", "query_chunk"))
-def select_blocks(q, k_cmp, scale, *, config: NSAConfig, query_chunk=QUERY_CHUNK):
+def select_blocks(q, k_cmp, scale, *, config: NSAConfig, query_chunk=QUERY_CHUNK,
+                  segment_ids=None):
   b, t = q.shape[:2]
   num_kv_heads = k_cmp.shape[2]
+  starts = _starts(segment_ids)
   if k_cmp.shape[1] == 0:
-    return _empty_selection(b, t, num_kv_heads, config)
+    return _empty_selection(b, t, num_kv_heads, config, starts)
   chunk = _chunk_size(t, query_chunk)
   fn = functools.partial(_selection_chunk, scale=scale, config=config,
                          num_slc=config.num_slc_blocks(t))
-  idx = _map_query_chunks(fn, _chunk_queries(q, num_kv_heads, chunk),
-                          per_group=(_heads_first(k_cmp),))
+  idx = _map_chunks(fn, _chunk_queries(q, num_kv_heads, chunk), starts,
+                    per_group=(_heads_first(k_cmp),))
   return _unchunk_indices(idx, t)
 
 
@@ -205,41 +250,49 @@ def select_blocks(q, k_cmp, scale, *, config: NSAConfig, query_chunk=QUERY_CHUNK
 # Selection branch
 
 
-def _selected_chunk(chunk_index, q_chunk, idx_chunk, k_padded, v_padded, scale, block):
-  """One chunk `q_chunk [C, G, Dk]` over its gathered blocks `idx_chunk [C, n]` -> `[C, G, Dv]`."""
+def _selected_chunk(chunk_index, q_chunk, idx_chunk, k_padded, v_padded, scale, block,
+                    doc_start=None):
+  """One chunk `q_chunk [C, G, Dk]` over its gathered blocks `idx_chunk [C, n]` -> `[C, G, Dv]`
+  (packed: blocks counted from each query's document start)."""
   chunk = q_chunk.shape[0]
   query_pos = chunk_index * chunk + jnp.arange(chunk)  # [C]
   tokens = idx_chunk[:, :, None] * block + jnp.arange(block)  # [C, n, l']
+  if doc_start is not None:
+    tokens = tokens + doc_start[:, None, None]
   keep = (idx_chunk[:, :, None] >= 0) & (tokens <= query_pos[:, None, None])
-  tokens = jnp.where(idx_chunk[:, :, None] >= 0, tokens, 0).reshape(chunk, -1)  # [C, n*l']
+  # Tokens past the query may lie past the padding when blocks start mid-row: gather token 0.
+  tokens = jnp.where(idx_chunk[:, :, None] >= 0 if doc_start is None else keep, tokens, 0)
+  tokens = tokens.reshape(chunk, -1)  # [C, n*l']
   out, _ = masked_attention(q_chunk, k_padded[tokens], v_padded[tokens],
                             keep.reshape(chunk, 1, -1), scale)
   return out
 
 
-def _selected(q, k, v, block_indices, scale, block, query_chunk):
+def _selected(q, k, v, block_indices, scale, block, query_chunk, starts=None):
   b, t = q.shape[:2]
   num_slc = -(-t // block)
   chunk = _chunk_size(t, query_chunk)
   idx = canonical_block_indices(block_indices, num_slc)
   pad = [(0, 0), (0, num_slc * block - t), (0, 0), (0, 0)]  # every selected block is whole
   fn = functools.partial(_selected_chunk, scale=scale, block=block)
-  out = _map_query_chunks(fn, _chunk_queries(q, k.shape[2], chunk),
-                          per_chunk=(_chunk_rows(idx, chunk),),
-                          per_group=(_heads_first(jnp.pad(k, pad)), _heads_first(jnp.pad(v, pad))))
+  out = _map_chunks(fn, _chunk_queries(q, k.shape[2], chunk), starts,
+                    per_chunk=(_chunk_rows(idx, chunk),),
+                    per_group=(_heads_first(jnp.pad(k, pad)), _heads_first(jnp.pad(v, pad))))
   return _unchunk(out, t)
 
 
 @functools.partial(jax.jit, static_argnames=("block", "query_chunk"))
-def selected_attention(q, k, v, block_indices, scale, *, block, query_chunk=QUERY_CHUNK):
-  return _selected(q, k, v, block_indices, scale, block, query_chunk).astype(q.dtype)
+def selected_attention(q, k, v, block_indices, scale, *, block, query_chunk=QUERY_CHUNK,
+                       segment_ids=None):
+  return _selected(q, k, v, block_indices, scale, block, query_chunk,
+                   _starts(segment_ids)).astype(q.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
 # Sliding-window branch
 
 
-def _window_chunk(chunk_index, q_chunk, k_padded, v_padded, scale, window):
+def _window_chunk(chunk_index, q_chunk, k_padded, v_padded, scale, window, doc_start=None):
   """One chunk over the keys `[c0 - w + 1, c0 + C)` it can see; `k_padded` has `w - 1` zeros first."""
   chunk, heads = q_chunk.shape[:2]
   span = chunk + window - 1
@@ -250,26 +303,29 @@ def _window_chunk(chunk_index, q_chunk, k_padded, v_padded, scale, window):
   query_pos = start + jnp.arange(chunk)  # [C]
   keep = ((key_pos[None, :] >= 0) & (key_pos[None, :] <= query_pos[:, None])
           & (key_pos[None, :] > query_pos[:, None] - window))  # [C, S]
+  if doc_start is not None:
+    keep = keep & (key_pos[None, :] >= doc_start[:, None])
   q_rows = q_chunk.reshape(chunk * heads, -1)  # the whole chunk shares one key span
   out, _ = masked_attention(q_rows, k_span, v_span, jnp.repeat(keep, heads, axis=0), scale)
   return out.reshape(chunk, heads, -1)
 
 
-def _window(q, k, v, scale, window, query_chunk):
+def _window(q, k, v, scale, window, query_chunk, starts=None):
   b, t = q.shape[:2]
   window = min(window, t)  # a longer window sees the same keys
   chunk = _chunk_size(t, query_chunk)
   num_chunks = -(-t // chunk)
   pad = [(0, 0), (window - 1, num_chunks * chunk - t), (0, 0), (0, 0)]
   fn = functools.partial(_window_chunk, scale=scale, window=window)
-  out = _map_query_chunks(fn, _chunk_queries(q, k.shape[2], chunk),
-                          per_group=(_heads_first(jnp.pad(k, pad)), _heads_first(jnp.pad(v, pad))))
+  out = _map_chunks(fn, _chunk_queries(q, k.shape[2], chunk), starts,
+                    per_group=(_heads_first(jnp.pad(k, pad)), _heads_first(jnp.pad(v, pad))))
   return _unchunk(out, t)
 
 
 @functools.partial(jax.jit, static_argnames=("window", "query_chunk"))
-def sliding_window_attention(q, k, v, scale, *, window, query_chunk=QUERY_CHUNK):
-  return _window(q, k, v, scale, window, query_chunk).astype(q.dtype)
+def sliding_window_attention(q, k, v, scale, *, window, query_chunk=QUERY_CHUNK,
+                             segment_ids=None):
+  return _window(q, k, v, scale, window, query_chunk, _starts(segment_ids)).astype(q.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,11 +334,13 @@ def sliding_window_attention(q, k, v, scale, *, window, query_chunk=QUERY_CHUNK)
 
 @functools.partial(jax.jit, static_argnames=("config", "query_chunk"))
 def nsa_attention(q, k, v, gates, k_cmp, v_cmp, scale, *, config: NSAConfig,
-                  query_chunk=QUERY_CHUNK):
-  o_cmp, block_indices = compressed_attention_and_selection(q, k_cmp, v_cmp, scale, config,
-                                                            query_chunk)
-  o_slc = _selected(q, k, v, block_indices, scale, config.slc_block, query_chunk)
-  o_swa = _window(q, k, v, scale, config.window, query_chunk)
+                  query_chunk=QUERY_CHUNK, segment_ids=None):
+  starts = _starts(segment_ids)
+  o_cmp, _, block_indices = _compressed(q, k_cmp, v_cmp, scale, config.cmp_block,
+                                        config.cmp_stride, query_chunk, select=config,
+                                        starts=starts)
+  o_slc = _selected(q, k, v, block_indices, scale, config.slc_block, query_chunk, starts)
+  o_swa = _window(q, k, v, scale, config.window, query_chunk, starts)
   return combine_branches(o_cmp, o_slc, o_swa, gates).astype(q.dtype)
 
 

@@ -1,15 +1,20 @@
 """Packed rows (`segment_ids`, SPEC.md): every position equals the function on its document alone.
 
-The oracle (`nsa_jax.reference`) against itself applied per document, on random documents that
-include length-1 documents, documents shorter than a block and rows that end mid-block.
+Each implementation on packed rows against the oracle (`nsa_jax.reference`) applied per
+document, on random inputs whose documents include length-1 documents, documents shorter than a
+block and rows that end mid-block.
 """
+
+import functools
+import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nsa_jax import reference
+import nsa_jax
+from nsa_jax import reference, xla
 from nsa_jax.config import NSAConfig
 from nsa_jax.segments import document_ends, document_starts
 from tests.helpers import assert_close, assert_grads_close, fresh_key, random_gates, random_qkv
@@ -19,6 +24,21 @@ CONFIG = NSAConfig(cmp_block=4, cmp_stride=2, slc_block=8, num_selected=3, num_i
 # Row lengths 45 (ends mid-block): a length-1 document, ones shorter than l and l', long ones.
 DOCUMENTS = ([1, 3, 9, 20, 1, 11], [45], [17, 2, 26])
 SCALE = 16 ** -0.5
+
+
+def _xla_with_chunks(chunk):
+  """The XLA path with `chunk`-query chunks, so that documents cross chunk boundaries."""
+  with_chunk = lambda fn: functools.partial(fn, query_chunk=chunk)
+  return types.SimpleNamespace(
+      compress_kv=xla.compress_kv,
+      compressed_attention=with_chunk(xla.compressed_attention),
+      select_blocks=with_chunk(xla.select_blocks),
+      selected_attention=with_chunk(xla.selected_attention),
+      sliding_window_attention=with_chunk(xla.sliding_window_attention),
+      nsa_attention=with_chunk(xla.nsa_attention))
+
+
+IMPLEMENTATIONS = {"reference": reference, "xla": _xla_with_chunks(16)}
 
 
 def segment_ids_of(rows):
@@ -42,10 +62,11 @@ def test_document_starts_and_ends():
   np.testing.assert_array_equal(document_ends(segment_ids), [[2, 2, 5, 5, 5, 6, 7], [7] * 7])
 
 
-def test_compressed_blocks_sit_in_their_documents_slots():
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_compressed_blocks_sit_in_their_documents_slots(impl):
   _, k, v = random_qkv(3, 45, 2, 2, 16)
-  k_cmp, v_cmp = reference.compress_kv(k, v, CONFIG.cmp_block, CONFIG.cmp_stride,
-                                       segment_ids_of(DOCUMENTS))
+  k_cmp, v_cmp = IMPLEMENTATIONS[impl].compress_kv(k, v, CONFIG.cmp_block, CONFIG.cmp_stride,
+                                                   segment_ids_of(DOCUMENTS))
   used = np.zeros(k_cmp.shape[:2], bool)
   for b, start, end in documents(DOCUMENTS):
     alone_k, alone_v = reference.compress_kv(k[b:b + 1, start:end], v[b:b + 1, start:end],
@@ -75,8 +96,10 @@ def compress(k, v, segment_ids=None):
   return reference.compress_kv(k, v, CONFIG.cmp_block, CONFIG.cmp_stride, segment_ids)
 
 
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("group", [1, 2])
-def test_each_branch_and_the_selection_equal_their_documents_alone(group):
+def test_each_branch_and_the_selection_equal_their_documents_alone(impl, group):
+  fns = IMPLEMENTATIONS[impl]
   q, k, v = random_qkv(3, 45, 2 * group, 2, 16)
   segment_ids = segment_ids_of(DOCUMENTS)
   k_cmp, v_cmp = compress(k, v, segment_ids)
@@ -84,34 +107,35 @@ def test_each_branch_and_the_selection_equal_their_documents_alone(group):
   def compressed_alone(q, k, v):
     return reference.compressed_attention(q, *compress(k, v), SCALE, block=CONFIG.cmp_block,
                                           stride=CONFIG.cmp_stride)
-  out, lse = reference.compressed_attention(q, k_cmp, v_cmp, SCALE, block=CONFIG.cmp_block,
-                                            stride=CONFIG.cmp_stride, segment_ids=segment_ids)
+  out, lse = fns.compressed_attention(q, k_cmp, v_cmp, SCALE, block=CONFIG.cmp_block,
+                                      stride=CONFIG.cmp_stride, segment_ids=segment_ids)
   alone_out, alone_lse = per_document(compressed_alone, (q, k, v))
   assert_close(out, alone_out)
   np.testing.assert_array_equal(np.isinf(lse), np.isinf(alone_lse))  # nothing visible: -inf
   assert_close(jnp.where(jnp.isinf(lse), 0, lse), np.where(np.isinf(alone_lse), 0, alone_lse))
 
-  indices = reference.select_blocks(q, k_cmp, SCALE, config=CONFIG, segment_ids=segment_ids)
+  indices = fns.select_blocks(q, k_cmp, SCALE, config=CONFIG, segment_ids=segment_ids)
   alone_indices, = per_document(
       lambda q, k, v: reference.select_blocks(q, compress(k, v)[0], SCALE, config=CONFIG),
       (q, k, v))
   np.testing.assert_array_equal(indices, alone_indices)
 
-  selected = reference.selected_attention(q, k, v, indices, SCALE, block=CONFIG.slc_block,
-                                          segment_ids=segment_ids)
+  selected = fns.selected_attention(q, k, v, indices, SCALE, block=CONFIG.slc_block,
+                                    segment_ids=segment_ids)
   assert_close(selected, per_document(
       lambda q, k, v, idx: reference.selected_attention(q, k, v, idx, SCALE,
                                                         block=CONFIG.slc_block),
       (q, k, v, indices))[0])
 
-  window = reference.sliding_window_attention(q, k, v, SCALE, window=CONFIG.window,
-                                              segment_ids=segment_ids)
+  window = fns.sliding_window_attention(q, k, v, SCALE, window=CONFIG.window,
+                                        segment_ids=segment_ids)
   assert_close(window, per_document(
       lambda q, k, v: reference.sliding_window_attention(q, k, v, SCALE, window=CONFIG.window),
       (q, k, v))[0])
 
 
-def test_nsa_values_and_gradients_equal_their_documents_alone():
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_nsa_values_and_gradients_equal_their_documents_alone(impl):
   q, k, v = random_qkv(3, 45, 4, 2, 16)
   gates = random_gates(q)
   segment_ids = segment_ids_of(DOCUMENTS)
@@ -119,8 +143,8 @@ def test_nsa_values_and_gradients_equal_their_documents_alone():
 
   def packed_loss(q, k, v, gates):
     k_cmp, v_cmp = compress(k, v, segment_ids)
-    out = reference.nsa_attention(q, k, v, gates, k_cmp, v_cmp, SCALE, config=CONFIG,
-                                  segment_ids=segment_ids)
+    out = IMPLEMENTATIONS[impl].nsa_attention(q, k, v, gates, k_cmp, v_cmp, SCALE,
+                                              config=CONFIG, segment_ids=segment_ids)
     return jnp.sum(out * cotangent), out
 
   def alone(q, k, v, gates, cotangent):
@@ -137,13 +161,76 @@ def test_nsa_values_and_gradients_equal_their_documents_alone():
     assert_grads_close(grad, want)
 
 
-def test_one_document_per_row_is_the_unpacked_function_bit_for_bit():
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_one_document_per_row_is_the_unpacked_function(impl):
+  fns = IMPLEMENTATIONS[impl]
   q, k, v = random_qkv(2, 45, 4, 2, 16)
   gates = random_gates(q)
   one_document = jnp.full(q.shape[:2], 3, jnp.int32)
-  k_cmp, v_cmp = compress(k, v)
-  np.testing.assert_array_equal(compress(k, v, one_document)[0], k_cmp)
-  unpacked = reference.nsa_attention(q, k, v, gates, k_cmp, v_cmp, SCALE, config=CONFIG)
-  packed = reference.nsa_attention(q, k, v, gates, k_cmp, v_cmp, SCALE, config=CONFIG,
-                                   segment_ids=one_document)
-  np.testing.assert_array_equal(packed, unpacked)
+  k_cmp, v_cmp = fns.compress_kv(k, v, CONFIG.cmp_block, CONFIG.cmp_stride)
+  assert_close(fns.compress_kv(k, v, CONFIG.cmp_block, CONFIG.cmp_stride, one_document)[0], k_cmp)
+  unpacked = fns.nsa_attention(q, k, v, gates, k_cmp, v_cmp, SCALE, config=CONFIG)
+  packed = fns.nsa_attention(q, k, v, gates, k_cmp, v_cmp, SCALE, config=CONFIG,
+                             segment_ids=one_document)
+  assert_close(packed, unpacked)
+
+
+@pytest.mark.parametrize("impl", ["reference", "xla"])
+def test_public_ops_take_segment_ids_under_jit_and_vmap(impl):
+  q, k, v = random_qkv(3, 45, 4, 2, 16)
+  gates = random_gates(q)
+  segment_ids = segment_ids_of(DOCUMENTS)
+  packed = jax.jit(lambda q, k, v, gates, segment_ids: nsa_jax.nsa_attention(
+      q, k, v, config=CONFIG, gates=gates, implementation=impl, segment_ids=segment_ids))
+  expected, = per_document(
+      lambda q, k, v, gates: reference.nsa_attention(q, k, v, gates, *compress(k, v), SCALE,
+                                                     config=CONFIG), (q, k, v, gates))
+  assert_close(packed(q, k, v, gates, segment_ids), expected)
+  # vmap over a leading axis: two packings of the same rows.
+  stacked = lambda x: jnp.stack([x, x])
+  both = jax.vmap(packed)(*map(stacked, (q, k, v, gates, segment_ids)))
+  assert_close(both[1], expected)
+  # A K/V set per branch: the same rule.
+  keys, values = [k, k[..., ::-1], -k], [v, v[..., ::-1], -v]
+  separate = nsa_jax.nsa_attention_separate_kv(q, keys, values, config=CONFIG, gates=gates,
+                                               implementation=impl, segment_ids=segment_ids)
+
+  def separate_alone(q, k0, k1, k2, v0, v1, v2, gates):
+    return nsa_jax.nsa_attention_separate_kv(q, [k0, k1, k2], [v0, v1, v2], config=CONFIG,
+                                             gates=gates, implementation="reference")
+  assert_close(separate, per_document(separate_alone, (q, *keys, *values, gates))[0])
+
+
+def test_bad_segment_ids_are_clear_errors():
+  q, k, v = random_qkv(2, 45, 4, 2, 16)
+  with pytest.raises(ValueError, match=r"segment_ids must have shape \[B, T\] = \[2, 45\], got "
+                                       r"\(2, 44\) \(q \(2, 45, 4, 16\)\)"):
+    nsa_jax.nsa_attention(q, k, v, config=CONFIG, segment_ids=jnp.zeros((2, 44), jnp.int32))
+  with pytest.raises(ValueError, match="segment_ids must be an integer array"):
+    nsa_jax.sliding_window_attention(q, k, v, window=4, segment_ids=jnp.zeros((2, 45)))
+  with pytest.raises(ValueError, match=r"segment_ids must have shape .* \(k \(2, 45, 2, 16\)\)"):
+    nsa_jax.compress_kv(k, v, block=4, stride=2, segment_ids=jnp.zeros((45,), jnp.int32))
+
+
+@pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_tpu"])
+def test_kernels_refuse_packed_rows_by_name_until_they_take_them(impl):
+  q, k, v = random_qkv(1, 45, 4, 2, 16)
+  with pytest.raises(NotImplementedError, match=f"not by implementation='{impl}'"):
+    nsa_jax.nsa_attention(q, k, v, config=CONFIG, implementation=impl, interpret=True,
+                          segment_ids=jnp.zeros((1, 45), jnp.int32))
+
+
+@pytest.mark.parametrize("attention", ["nsa", "nsa_no_selection", "window", "dense"])
+def test_a_decoder_lm_models_each_packed_document_alone(attention):
+  """Learned compression, sigmoid gates, RoPE restarting per document: a packed row's logits
+  are the logits of its documents run alone."""
+  from flax import nnx
+  from nsa_jax.transformer import DecoderLM, TransformerConfig
+  config = TransformerConfig(vocab_size=32, num_layers=2, num_features=32, num_heads=4,
+                             num_kv_heads=2, head_dim=8, mlp_hidden=64, attention=attention,
+                             nsa=CONFIG, implementation="xla")
+  model = DecoderLM(config, rngs=nnx.Rngs(0))
+  tokens = jax.random.randint(fresh_key(), (3, 45), 0, 32)
+  packed = model(tokens, segment_ids_of(DOCUMENTS))
+  expected, = per_document(lambda tokens: np.asarray(model(tokens)), (np.asarray(tokens),))
+  assert_close(packed, expected)
