@@ -5,7 +5,9 @@ filler is that text and multi-query associative recall sequences over token ids
 read as a memmap).
 
 Batches are a pure function of (seed, split, step), so a resumed run sees exactly the batches an
-uninterrupted one would. Each source has `loss_weights` (float32 `[seq_len]`, one a target
+uninterrupted one would. Packed documents (`ByteBatches` with `document_ids`): rows of the
+concatenated files with each byte's file index, `[B, 2, seq_len + 1]` (bytes, document ids), so
+that attention and the loss keep to each document. Each source has `loss_weights` (float32 `[seq_len]`, one a target
 position, the same for every row): 1 on the task's answers and `other_weight` elsewhere for the
 tasks, all ones for plain language modelling.
 """
@@ -25,19 +27,36 @@ from experiments import tasks
 HELD_OUT_FRACTION = 0.05
 
 
-def stdlib_source_bytes(max_bytes: int) -> np.ndarray:
-  """Up to `max_bytes` of the standard library's `.py` files (sorted paths), as uint8."""
-  root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+def _read_files(paths, max_bytes: int) -> list[np.ndarray]:
+  """The files' bytes (uint8), in order, until `max_bytes` in all (the last one cut)."""
   chunks, total = [], 0
-  for path in sorted(root.rglob("*.py")):
-    if "site-packages" in path.parts or total >= max_bytes:
-      continue
-    data = path.read_bytes()[:max_bytes - total]
-    chunks.append(np.frombuffer(data, np.uint8))
-    total += len(data)
-  if total == 0:
+  for path in paths:
+    if total >= max_bytes:
+      break
+    data = pathlib.Path(path).read_bytes()[:max_bytes - total]
+    if data:
+      chunks.append(np.frombuffer(data, np.uint8))
+      total += len(data)
+  return chunks
+
+
+def _joined(chunks: list[np.ndarray], documents: bool):
+  """The bytes of `chunks` as one array, with each byte's chunk index when `documents`."""
+  text = np.concatenate(chunks)
+  if not documents:
+    return text
+  return text, np.repeat(np.arange(len(chunks), dtype=np.int32), [len(c) for c in chunks])
+
+
+def stdlib_source_bytes(max_bytes: int, documents: bool = False):
+  """Up to `max_bytes` of the standard library's `.py` files (sorted paths), as uint8; with
+  `documents`, `(bytes, document_ids int32)`: each file a document."""
+  root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+  paths = [p for p in sorted(root.rglob("*.py")) if "site-packages" not in p.parts]
+  chunks = _read_files(paths, max_bytes)
+  if not chunks:
     raise FileNotFoundError(f"no Python sources found under {root}")
-  return np.concatenate(chunks)
+  return _joined(chunks, documents)
 
 
 def _paths(pattern: str) -> list[str]:
@@ -47,16 +66,13 @@ def _paths(pattern: str) -> list[str]:
   return paths
 
 
-def text_file_bytes(pattern: str, max_bytes: int) -> np.ndarray:
-  """Up to `max_bytes` of the files matching the glob `pattern` (sorted), as uint8 bytes."""
-  chunks, total = [], 0
-  for path in _paths(pattern):
-    if total >= max_bytes:
-      break
-    data = pathlib.Path(path).read_bytes()[:max_bytes - total]
-    chunks.append(np.frombuffer(data, np.uint8))
-    total += len(data)
-  return np.concatenate(chunks)
+def text_file_bytes(pattern: str, max_bytes: int, documents: bool = False):
+  """Up to `max_bytes` of the files matching the glob `pattern` (sorted), as uint8 bytes; with
+  `documents`, `(bytes, document_ids int32)`: each file a document."""
+  chunks = _read_files(_paths(pattern), max_bytes)
+  if not chunks:
+    raise ValueError(f"data.path {pattern!r} matches only empty files")
+  return _joined(chunks, documents)
 
 
 def token_file_ids(pattern: str, dtype: str, vocab_size: int) -> np.ndarray:
@@ -85,11 +101,17 @@ def token_file_ids(pattern: str, dtype: str, vocab_size: int) -> np.ndarray:
 
 
 class ByteBatches:
-  """Random windows of `seq_len + 1` bytes; the last `HELD_OUT_FRACTION` of the text is held out."""
+  """Random windows of `seq_len + 1` bytes; the last `HELD_OUT_FRACTION` of the text is held out.
 
-  def __init__(self, text: np.ndarray, batch_size: int, seq_len: int, seed: int):
+  With `document_ids` (int32, one per byte) the rows are packed documents: `[B, 2, seq_len + 1]`,
+  the bytes and their document ids (a window crosses from one file into the next)."""
+
+  def __init__(self, text: np.ndarray, batch_size: int, seq_len: int, seed: int,
+               document_ids: np.ndarray | None = None):
     split = int(len(text) * (1 - HELD_OUT_FRACTION))
     self.splits = {"train": text[:split], "held_out": text[split:]}
+    self.document_ids = None if document_ids is None else {
+        "train": document_ids[:split], "held_out": document_ids[split:]}
     for name, part in self.splits.items():
       if len(part) <= seq_len + 1:
         raise ValueError(f"the {name} text has {len(part)} bytes, fewer than seq_len + 1 = "
@@ -102,7 +124,11 @@ class ByteBatches:
     text = self.splits[split]
     rng = np.random.default_rng([self.seed, 0 if split == "train" else 1, step])
     starts = rng.integers(0, len(text) - self.seq_len - 1, self.batch_size)
-    return np.stack([text[s:s + self.seq_len + 1] for s in starts]).astype(np.int32)
+    tokens = np.stack([text[s:s + self.seq_len + 1] for s in starts]).astype(np.int32)
+    if self.document_ids is None:
+      return tokens
+    ids = self.document_ids[split]
+    return np.stack([tokens, np.stack([ids[s:s + self.seq_len + 1] for s in starts])], axis=1)
 
 
 def answer_weights(seq_len: int, answers: np.ndarray, other_weight: float) -> np.ndarray:

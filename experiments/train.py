@@ -99,12 +99,18 @@ def build_data(config):
                      f"batch_size ({config.batch_size})")
   if data.source in ("text", "tokens") and not data.path:
     raise ValueError(f"data.path (a glob) is required with data.source={data.source!r}")
+  if data.pack_documents and data.source not in ("stdlib", "text"):
+    raise ValueError(f"data.pack_documents packs the files of data.source 'stdlib' or 'text', "
+                     f"got {data.source!r}")
   args = (config.batch_size, config.seq_len, config.seed)
   if data.source == "tokens":
     return data_lib.ByteBatches(
         data_lib.token_file_ids(data.path, data.dtype,
                                 vocab_size(config)),
         *args)
+  if data.source == "text" and data.pack_documents:
+    text, document_ids = data_lib.text_file_bytes(data.path, data.max_bytes, documents=True)
+    return data_lib.ByteBatches(text, *args, document_ids=document_ids)
   if data.source == "text":
     return data_lib.ByteBatches(data_lib.text_file_bytes(data.path, data.max_bytes), *args)
   if data.source == "mqar":
@@ -112,6 +118,9 @@ def build_data(config):
         *args, num_pairs=data.mqar_pairs, placement=data.mqar_placement,
         vocab_size=vocab_size(config),
         other_weight=data.other_weight)
+  if data.pack_documents:  # stdlib, each file a document
+    text, document_ids = data_lib.stdlib_source_bytes(data.max_bytes, documents=True)
+    return data_lib.ByteBatches(text, *args, document_ids=document_ids)
   text = data_lib.stdlib_source_bytes(data.max_bytes)
   if data.source == "passkey":
     return data_lib.PasskeyBatches(text, *args, other_weight=data.other_weight)
@@ -120,7 +129,17 @@ def build_data(config):
 
 def loss_fn(model, tokens, weights):
   """Mean cross-entropy of `tokens [B, T + 1]`'s next tokens, weighted per target position by
-  `weights [T]` (1 on a task's answers)."""
+  `weights [T]` (1 on a task's answers).
+
+  Packed rows, `tokens [B, 2, T + 1]` (token ids, document ids): the model runs each document
+  alone (`segment_ids`), and a document's first token, which the one before it cannot predict,
+  carries no loss."""
+  if tokens.ndim == 3:
+    tokens, segment_ids = tokens[:, 0], tokens[:, 1]
+    logits = model(tokens[:, :-1], segment_ids[:, :-1])
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+    weights = weights * (segment_ids[:, 1:] == segment_ids[:, :-1])  # [B, T]
+    return jnp.sum(losses * weights) / jnp.sum(weights)
   logits = model(tokens[:, :-1])
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])  # [B, T]
   return jnp.sum(losses * weights) / (losses.shape[0] * jnp.sum(weights))
@@ -131,7 +150,7 @@ def train_step(model, optimizer, tokens, weights, accum_steps=1):
   """One optimizer update on `tokens [B, T + 1]` (loss weights `[T]`), in `accum_steps`
   micro-batches of `B / accum` (their mean gradient is the whole batch's: same update, less
   activation memory)."""
-  micro_batches = tokens.reshape(accum_steps, -1, tokens.shape[-1])
+  micro_batches = tokens.reshape(accum_steps, -1, *tokens.shape[1:])
   loss, grads = nnx.value_and_grad(loss_fn)(model, micro_batches[0], weights)
   for micro in micro_batches[1:]:
     micro_loss, micro_grads = nnx.value_and_grad(loss_fn)(model, micro, weights)

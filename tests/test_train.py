@@ -191,3 +191,39 @@ def test_users_text_and_token_files_are_data_sources(tmp_path):
   bad.data.source, bad.data.path = "text", ""
   with pytest.raises(ValueError, match="data.path"):
     train.build_data(bad)
+
+
+def test_packed_documents_keep_attention_and_loss_inside_each_file(tmp_path):
+  (tmp_path / "corpus").mkdir()
+  lengths = [30, 5, 1, 70, 44] * 20  # short files, so that windows cross file boundaries
+  for i, n in enumerate(lengths):
+    (tmp_path / "corpus" / f"{i:03d}.txt").write_bytes(bytes([97 + i % 26]) * n)
+  config = small_config(steps=4, seq_len=48)
+  config.data.source, config.data.path = "text", str(tmp_path / "corpus" / "*.txt")
+  config.data.pack_documents = True
+  batches = train.build_data(config)
+  batch = batches.batch("train", 3)
+  assert batch.shape == (2, 2, 49)
+  tokens, ids = batch[:, 0], batch[:, 1]
+  # Every file holds one byte value: the document ids change exactly where the bytes do.
+  np.testing.assert_array_equal(np.diff(ids, axis=1) != 0, np.diff(tokens, axis=1) != 0)
+  assert (np.diff(ids, axis=1) != 0).any()
+  # The loss is the mean, over targets in the same document as their input, of the model run
+  # on each document alone.
+  model = train.build_model(config, nnx.Rngs(0))
+  weights = jnp.asarray(batches.loss_weights)
+  losses = []
+  for row_tokens, row_ids in zip(tokens, ids):
+    for doc in np.unique(row_ids):
+      doc_tokens = row_tokens[row_ids == doc]
+      if len(doc_tokens) > 1:
+        logits = model(jnp.asarray(doc_tokens[None, :-1]))
+        losses += list(optax.softmax_cross_entropy_with_integer_labels(
+            logits, jnp.asarray(doc_tokens[None, 1:]))[0])
+  assert float(train.loss_fn(model, jnp.asarray(batch), weights)) == pytest.approx(
+      np.mean(losses), rel=1e-5)
+  records = train.run(config, str(tmp_path / "run"))
+  assert records[-1]["step"] == 4 and np.isfinite([r["loss"] for r in records if "loss" in r]).all()
+  config.data.source = "mqar"
+  with pytest.raises(ValueError, match="data.pack_documents packs the files"):
+    train.build_data(config)

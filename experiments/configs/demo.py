@@ -51,8 +51,9 @@ def get_config():
   # placed "uniform"-ly, at the "start", or one after another in a "cluster" at a random place);
   # "text": bytes of the files matching the glob `path`; "tokens": ids in the .npy / .bin
   # (`dtype`) files matching `path`. The tasks' loss weighs their answers 1 and the other targets
-  # `other_weight` (1: plain language modelling).
+  # `other_weight` (1: plain language modelling). `pack_documents` ("stdlib" / "text"): each file
+  # a document, rows packed across files with segment ids (attention and loss stay in a file).
   config.data = ml_collections.ConfigDict(dict(
       source="stdlib", max_bytes=4_000_000, path="", dtype="uint16", mqar_pairs=8,
-      mqar_placement="uniform", other_weight=1.0))
+      mqar_placement="uniform", other_weight=1.0, pack_documents=False))
   return config
