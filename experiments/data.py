@@ -7,9 +7,9 @@ read as a memmap).
 Batches are a pure function of (seed, split, step), so a resumed run sees exactly the batches an
 uninterrupted one would. Packed documents (`ByteBatches` with `document_ids`): rows of the
 concatenated files with each byte's file index, `[B, 2, seq_len + 1]` (bytes, document ids), so
-that attention and the loss keep to each document. Each source has `loss_weights` (float32 `[seq_len]`, one a target
-position, the same for every row): 1 on the task's answers and `other_weight` elsewhere for the
-tasks, all ones for plain language modelling.
+that attention and the loss keep to each document. Each source has `loss_weights` (float32
+`[seq_len]`, one a target position, the same for every row): 1 on the task's answers and
+`other_weight` elsewhere for the tasks, all ones for plain language modelling.
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ Writes `workdir/metrics.jsonl` (one JSON object per log or eval step, with `step
 on a terminal. Rerunning the same command resumes from the latest checkpoint (model, optimizer
 and the grain data iterator's state); batches depend only on the step, so a resumed run
 reproduces the uninterrupted one exactly. `config.init_from` names another run's workdir whose
-latest model parameters start this one (a length curriculum). A non-finite loss stops the run with a message,
-keeping the last good checkpoint.
+latest model parameters start this one (a length curriculum). A non-finite loss stops the run
+with a message, keeping the last good checkpoint.
 
 Parallelism: `config.mesh` sizes a `(data, fsdp, tensor)` device mesh (-1 fills); parameters,
 optimizer state and batches are sharded over it (`experiments/parallel.py`) and the attention

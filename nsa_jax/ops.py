@@ -301,8 +301,9 @@ def nsa_attention(q, k, v, *, config: NSAConfig, gates=None, k_cmp=None, v_cmp=N
     `[B, T, Hq, Dv]` in q.dtype. Differentiable in q, k, v, gates, k_cmp and v_cmp.
 
   Raises:
-    ValueError: bad ranks, dtypes, head counts, Dk mismatch, gates or compressed shapes, an invalid
-      config, or an unknown implementation.
+    ValueError: bad ranks, dtypes, head counts, Dk mismatch, gates, compressed or segment_ids
+      shapes, an invalid config, or an unknown implementation.
+    NotImplementedError: `segment_ids` with a Pallas implementation (not yet packed).
   """
   config = check.check_config(config)
   check.check_qkv(q, k, v)

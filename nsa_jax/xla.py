@@ -114,8 +114,8 @@ def _starts(segment_ids):
 
 
 def compress_kv(k, v, block, stride, segment_ids=None):
-  """Mean pooling through stride-`d` sub-block sums: O(T) memory. `[B, T, Hkv, D]` -> `[B, Tc, ...]`.
-  Packed rows: each document's blocks in its slots (`segments.pool_documents`)."""
+  """Mean pooling through stride-`d` sub-block sums: O(T) memory. `[B, T, Hkv, D]` ->
+  `[B, Tc, ...]`. Packed rows: each document's blocks in its slots (`segments.pool_documents`)."""
   if segment_ids is not None:
     return (pool_documents(k, block, stride, segment_ids),
             pool_documents(v, block, stride, segment_ids))
