@@ -37,7 +37,6 @@ import jax.numpy as jnp
 import matplotlib
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 
 matplotlib.use("Agg")
@@ -59,14 +58,7 @@ def load_run(workdir):
   records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   model = train.build_model(config, nnx.Rngs(config.seed))
   optimizer = nnx.Optimizer(model, train.build_optimizer(config)[0], wrt=nnx.Param)
-  with ocp.CheckpointManager((workdir / "checkpoints").absolute()) as manager:
-    step = manager.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}")
-    target = {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}
-    restored = manager.restore(step, args=ocp.args.Composite(
-        train_state=ocp.args.StandardRestore(target)))
-  nnx.update(model, restored.train_state["model"])
+  train.restore_model(model, optimizer, workdir)
   return config, records, model
 
 

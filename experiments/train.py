@@ -284,20 +284,31 @@ def _train(config, workdir, batches, mesh):
 SCORES = ("held_out_loss", "mqar_accuracy", "mqar_first_accuracy", "passkey_accuracy")
 
 
-def _warm_start(model, optimizer, init_from: str):
-  """Loads the model parameters of the latest checkpoint in workdir `init_from` (a run of the
-  same model, at any sequence length): a length curriculum's next stage. The optimizer state,
-  the schedule and the data start afresh."""
-  source = (pathlib.Path(init_from) / "checkpoints").absolute()
+def restore_model(model, optimizer, workdir) -> int:
+  """Loads the model parameters of the latest checkpoint in `workdir`'s `checkpoints/` into
+  `model` (`optimizer`, built for `model`, gives the checkpoint's structure; its state is not
+  loaded). Returns the checkpoint's step; a `ValueError` if there is none."""
+  source = (pathlib.Path(workdir) / "checkpoints").absolute()
   steps = ocp.utils.checkpoint_steps(source) if source.is_dir() else []
   if not steps:
-    raise ValueError(f"init_from={init_from!r} holds no checkpoint (looked in {source})")
+    raise ValueError(f"workdir {str(workdir)!r} holds no checkpoint (looked in {source})")
   with ocp.CheckpointManager(source) as manager:
     target = {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}
     restored = manager.restore(max(steps), args=ocp.args.Composite(
         train_state=ocp.args.StandardRestore(target)))
   nnx.update(model, restored.train_state["model"])
-  print(f"initialised the model from {source} at step {max(steps)}", flush=True)
+  return max(steps)
+
+
+def _warm_start(model, optimizer, init_from: str):
+  """Loads the model parameters of the latest checkpoint in workdir `init_from` (a run of the
+  same model, at any sequence length): a length curriculum's next stage. The optimizer state,
+  the schedule and the data start afresh."""
+  try:
+    step = restore_model(model, optimizer, init_from)
+  except ValueError as error:
+    raise ValueError(f"init_from={init_from!r}: {error}") from None
+  print(f"initialised the model from {init_from} at step {step}", flush=True)
 
 
 def summary(workdir: str) -> str:

@@ -19,7 +19,7 @@ from nsa_jax.attention_math import accum_dtype, attention_scores, combine_branch
 from nsa_jax.attention_math import masked_attention
 from nsa_jax.attention_math import masked_softmax
 from nsa_jax.config import NSAConfig, num_cmp_blocks
-from nsa_jax.segments import document_local_slots, document_starts, pool_documents
+from nsa_jax.segments import document_local_slots, document_starts_or_none, pool_documents
 
 
 def _group_queries(q, num_kv_heads):
@@ -89,14 +89,11 @@ def _compressed(q, k_cmp, v_cmp, scale, block, stride, starts=None):
   return _attend(q, k_cmp, v_cmp, visible if starts is None else _per_row(visible), scale)
 
 
-def _starts(segment_ids):
-  return None if segment_ids is None else document_starts(segment_ids)
-
-
 @functools.partial(jax.jit, static_argnames=("block", "stride"))
 def compressed_attention(q, k_cmp, v_cmp, scale, *, block, stride, segment_ids=None):
   """Returns `(out [B, T, Hq, Dv] in q.dtype, lse [B, T, Hq] float32)`."""
-  out, lse = _compressed(q, k_cmp, v_cmp, scale, block, stride, _starts(segment_ids))
+  starts = document_starts_or_none(segment_ids)
+  out, lse = _compressed(q, k_cmp, v_cmp, scale, block, stride, starts)
   return out.astype(q.dtype), lse
 
 
@@ -158,7 +155,7 @@ def _select_blocks(q, k_cmp, scale, config: NSAConfig, starts=None):
 def select_blocks(q, k_cmp, scale, *, config: NSAConfig, segment_ids=None):
   """`int32 [B, T, Hkv, n]`: forced blocks plus the top-scoring candidates, ascending, `-1`
   padded; packed, document-local block numbers."""
-  return _select_blocks(q, k_cmp, scale, config, _starts(segment_ids))
+  return _select_blocks(q, k_cmp, scale, config, document_starts_or_none(segment_ids))
 
 
 def compressed_attention_and_selection(q, k_cmp, v_cmp, scale, *, config: NSAConfig,
@@ -201,18 +198,19 @@ def _window(q, k, v, scale, window, starts=None):
 
 @functools.partial(jax.jit, static_argnames=("block",))
 def selected_attention(q, k, v, block_indices, scale, *, block, segment_ids=None):
-  return _selected(q, k, v, block_indices, scale, block, _starts(segment_ids)).astype(q.dtype)
+  starts = document_starts_or_none(segment_ids)
+  return _selected(q, k, v, block_indices, scale, block, starts).astype(q.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("window",))
 def sliding_window_attention(q, k, v, scale, *, window, segment_ids=None):
-  return _window(q, k, v, scale, window, _starts(segment_ids)).astype(q.dtype)
+  return _window(q, k, v, scale, window, document_starts_or_none(segment_ids)).astype(q.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
 def nsa_attention(q, k, v, gates, k_cmp, v_cmp, scale, *, config: NSAConfig, segment_ids=None):
   """The three branches mixed per head (SPEC.md); `[B, T, Hq, Dv]` in q.dtype."""
-  starts = _starts(segment_ids)
+  starts = document_starts_or_none(segment_ids)
   o_cmp, _ = _compressed(q, k_cmp, v_cmp, scale, config.cmp_block, config.cmp_stride, starts)
   block_indices = _select_blocks(q, k_cmp, scale, config, starts)
   o_slc = _selected(q, k, v, block_indices, scale, config.slc_block, starts)

@@ -25,6 +25,11 @@ def document_starts(segment_ids):
   return jax.lax.cummax(jnp.where(_boundaries(segment_ids), positions, 0), axis=1)
 
 
+def document_starts_or_none(segment_ids):
+  """`document_starts(segment_ids)`, or None for unpacked rows (`segment_ids=None`)."""
+  return None if segment_ids is None else document_starts(segment_ids)
+
+
 def document_ends(segment_ids):
   """`int32 [B, T]`: one past the last position of each position's document."""
   seq_len = segment_ids.shape[1]

@@ -23,7 +23,7 @@ from nsa_jax.attention_math import masked_softmax
 from nsa_jax.block_selection import canonical_block_indices, slc_scores_from_cmp_probs
 from nsa_jax.block_selection import decode_selection, num_cmp_visible, top_n_blocks
 from nsa_jax.config import NSAConfig, num_cmp_blocks
-from nsa_jax.segments import document_local_slots, document_starts, pool_documents
+from nsa_jax.segments import document_local_slots, document_starts_or_none, pool_documents
 
 # Queries per chunk: large enough to keep the matmuls efficient, small enough that one chunk's
 # gathered selected keys ([C, n*l', D], 32 MiB in float32 at the paper config, D=128) stay modest.
@@ -103,10 +103,6 @@ def _map_chunks(chunk_fn, q_chunks, starts, per_chunk=(), per_group=()):
       chunk_index, q_chunk, *rest, doc_start=doc_start)
   return _map_query_chunks(with_starts, q_chunks, (_chunk_rows(starts, chunk),) + tuple(per_chunk),
                            per_group)
-
-
-def _starts(segment_ids):
-  return None if segment_ids is None else document_starts(segment_ids)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,8 +213,9 @@ def _compressed(q, k_cmp, v_cmp, scale, block, stride, query_chunk, select=None,
 def compressed_attention_and_selection(q, k_cmp, v_cmp, scale, config: NSAConfig,
                                        query_chunk=QUERY_CHUNK, segment_ids=None):
   """The fused compressed branch: `(o_cmp [B, T, Hq, Dv] in accum dtype, block_indices)`."""
+  starts = document_starts_or_none(segment_ids)
   out, _, block_indices = _compressed(q, k_cmp, v_cmp, scale, config.cmp_block, config.cmp_stride,
-                                      query_chunk, select=config, starts=_starts(segment_ids))
+                                      query_chunk, select=config, starts=starts)
   return out, block_indices
 
 
@@ -226,7 +223,7 @@ def compressed_attention_and_selection(q, k_cmp, v_cmp, scale, config: NSAConfig
 def compressed_attention(q, k_cmp, v_cmp, scale, *, block, stride, query_chunk=QUERY_CHUNK,
                          segment_ids=None):
   out, lse = _compressed(q, k_cmp, v_cmp, scale, block, stride, query_chunk,
-                         starts=_starts(segment_ids))
+                         starts=document_starts_or_none(segment_ids))
   return out.astype(q.dtype), lse
 
 
@@ -235,7 +232,7 @@ def select_blocks(q, k_cmp, scale, *, config: NSAConfig, query_chunk=QUERY_CHUNK
                   segment_ids=None):
   b, t = q.shape[:2]
   num_kv_heads = k_cmp.shape[2]
-  starts = _starts(segment_ids)
+  starts = document_starts_or_none(segment_ids)
   if k_cmp.shape[1] == 0:
     return _empty_selection(b, t, num_kv_heads, config, starts)
   chunk = _chunk_size(t, query_chunk)
@@ -285,7 +282,7 @@ def _selected(q, k, v, block_indices, scale, block, query_chunk, starts=None):
 def selected_attention(q, k, v, block_indices, scale, *, block, query_chunk=QUERY_CHUNK,
                        segment_ids=None):
   return _selected(q, k, v, block_indices, scale, block, query_chunk,
-                   _starts(segment_ids)).astype(q.dtype)
+                   document_starts_or_none(segment_ids)).astype(q.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,7 +322,8 @@ def _window(q, k, v, scale, window, query_chunk, starts=None):
 @functools.partial(jax.jit, static_argnames=("window", "query_chunk"))
 def sliding_window_attention(q, k, v, scale, *, window, query_chunk=QUERY_CHUNK,
                              segment_ids=None):
-  return _window(q, k, v, scale, window, query_chunk, _starts(segment_ids)).astype(q.dtype)
+  starts = document_starts_or_none(segment_ids)
+  return _window(q, k, v, scale, window, query_chunk, starts).astype(q.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,7 +333,7 @@ def sliding_window_attention(q, k, v, scale, *, window, query_chunk=QUERY_CHUNK,
 @functools.partial(jax.jit, static_argnames=("config", "query_chunk"))
 def nsa_attention(q, k, v, gates, k_cmp, v_cmp, scale, *, config: NSAConfig,
                   query_chunk=QUERY_CHUNK, segment_ids=None):
-  starts = _starts(segment_ids)
+  starts = document_starts_or_none(segment_ids)
   o_cmp, _, block_indices = _compressed(q, k_cmp, v_cmp, scale, config.cmp_block,
                                         config.cmp_stride, query_chunk, select=config,
                                         starts=starts)
