@@ -13,8 +13,9 @@ Writes into `--out` (default: the first workdir's `plots/`):
   and by the depth of the queried pair (as many equal depth bins as `--depths` has values), as
   a heatmap;
 - `selection_<run>.png` (NSA runs): which selection blocks the first layer's first KV group chose
-  for every query of one held-out sequence; for MQAR runs also `selection_hits_<run>.json`: how
-  often each layer's selection, at the queries, holds the block of the queried pair's value;
+  for every query of one held-out sequence; for MQAR and passkey runs also
+  `selection_hits_<run>.json`: how often each layer's selection, at the queries, holds the
+  block the query must read (the queried pair's value, the needle's key digit);
 - `selection_stats_<run>.json` + `selection_indices_<run>.npz` (NSA runs): how many distinct
   blocks 1, 2, 4, 8 consecutive query positions of a KV head select together (mean and
   percentiles), for the first layer on held-out sequences and on random queries and keys of
@@ -183,21 +184,47 @@ def selection_statistics(model, tokens, seed=0):
   return stats, indices
 
 
+def selection_hits(model, tokens, queries, target_blocks):
+  """Per layer, the fraction of (query, KV head) pairs whose selection holds the block the query
+  must read: `tokens int [B, T]`, `queries int [Q]` positions, `target_blocks int [B, Q]`
+  selection blocks -> `[L]`."""
+  indices = layer_selections(model, tokens)  # [L, B, T, Hkv, n]
+  at_queries = indices[:, :, queries]  # [L, B, Q, Hkv, n]
+  hits = np.any(at_queries == target_blocks[None, :, :, None, None], axis=-1)
+  return hits.reshape(hits.shape[0], -1).mean(-1)
+
+
 def mqar_selection_hits(config, model, samples, seed=1):
-  """Per layer, the fraction of (query, KV head) pairs whose selection at the queried key holds
-  the selection block of the pair's value (what the query must read): `[L]`."""
+  """`selection_hits` at the queried keys of MQAR sequences of the training length: does the
+  selection hold the block of the pair's value? `[L]`."""
   data = config.data
   rng = np.random.default_rng([seed, config.seq_len])
   examples = [tasks.mqar_example(rng, config.seq_len + 1, data.mqar_pairs,
                                  train.vocab_size(config), data.mqar_placement)
               for _ in range(samples)]
   tokens = np.stack([t for t, _ in examples])[:, :-1]  # the inputs of training sequences
-  indices = layer_selections(model, tokens)  # [L, B, T, Hkv, n]
   queries = tasks.mqar_answer_targets(config.seq_len + 1, data.mqar_pairs)  # the keys' positions
   value_block = (np.stack([p for _, p in examples]) + 1) // config.nsa.slc_block  # [B, pairs]
-  at_queries = indices[:, :, queries]  # [L, B, pairs, Hkv, n]
-  hits = np.any(at_queries == value_block[None, :, :, None, None], axis=-1)
-  return hits.reshape(hits.shape[0], -1).mean(-1)
+  return selection_hits(model, tokens, queries, value_block)
+
+
+def passkey_selection_hits(config, model, samples, seed=1):
+  """`selection_hits` at the question's answer positions of passkey sequences of the training
+  length (needles at random depths): does the selection hold the block of the needle's digit
+  the position predicts? `[L]`."""
+  filler = train.build_data(config).splits["held_out"]
+  seq_len = config.seq_len + 1
+  rng = np.random.default_rng([seed, seq_len])
+  depths = rng.uniform(size=samples)
+  tokens = np.stack([tasks.passkey_example(rng, filler, seq_len, depth)[0]
+                     for depth in depths])[:, :-1]
+  digits = np.stack([tasks.passkey_key_start(seq_len, depth) + np.arange(tasks.DIGITS)
+                     for depth in depths])  # [B, DIGITS]
+  return selection_hits(model, tokens, tasks.passkey_answer_targets(seq_len),
+                        digits // config.nsa.slc_block)
+
+
+HITS = {"mqar": mqar_selection_hits, "passkey": passkey_selection_hits}
 
 
 def plot_selection(indices, slc_block, title, path):
@@ -228,11 +255,6 @@ def _mqar_plots(config, model, name, lengths, num_bins, samples, out):
                 train_len=config.seq_len + 1,
                 accuracy=np.where(np.isnan(grid), None, grid).tolist())
   written = {f"mqar_{name}.png": out / f"mqar_{name}.png"}
-  if config.attention == "nsa":
-    hits = mqar_selection_hits(config, model, samples)
-    (out / f"selection_hits_{name}.json").write_text(json.dumps(dict(
-        samples=samples, fraction_by_layer=hits.tolist()), indent=1))
-    written[f"selection_hits_{name}.json"] = out / f"selection_hits_{name}.json"
   (out / f"mqar_{name}.json").write_text(json.dumps(result, indent=1))
   plot_passkey(grid, lengths, bins, config.seq_len + 1,
                f"MQAR recall: {name} ({config.attention})", out / f"mqar_{name}.png",
@@ -281,6 +303,11 @@ def make_plots(workdirs, out, lengths=None, depths=(0.1, 0.3, 0.5, 0.7, 0.9), sa
         plot_passkey(grid, run_lengths, depths, train_len,
                      f"passkey retrieval: {name} ({config.attention})",
                      out / f"passkey_{name}.png")
+      if config.attention == "nsa" and config.data.source in HITS:
+        hits = HITS[config.data.source](config, model, samples)
+        (out / f"selection_hits_{name}.json").write_text(json.dumps(dict(
+            samples=samples, fraction_by_layer=hits.tolist()), indent=1))
+        written[f"selection_hits_{name}.json"] = out / f"selection_hits_{name}.json"
       if config.attention == "nsa":
         inputs = _held_out_inputs(config, samples)
         indices = first_layer_selection(model, inputs[0])

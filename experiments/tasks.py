@@ -47,6 +47,13 @@ def passkey_example(rng: np.random.Generator, filler: np.ndarray, seq_len: int, 
   return tokens, key
 
 
+def passkey_key_start(seq_len: int, depth: float) -> int:
+  """Where `passkey_example(.., seq_len, depth)` puts the needle's first key digit."""
+  needle_len = len(NEEDLE) - len(b"{key}") + DIGITS
+  filler_len = seq_len - needle_len - (len(QUESTION) - len(b"{key}") + DIGITS)
+  return int(round(depth * filler_len)) + NEEDLE.index(b"{key}")
+
+
 def passkey_answer_targets(seq_len: int) -> np.ndarray:
   """Indices into the targets `tokens[1:]` of a sequence of `seq_len` bytes that are answers:
   the key's digits in the question, its last `DIGITS` bytes."""

@@ -10,13 +10,16 @@ from tests.test_train import small_config
 
 
 def test_plots_of_an_nsa_and_a_dense_run(tmp_path):
-  for attention in ("nsa", "dense"):
-    train.run(small_config(attention=attention), str(tmp_path / attention))
+  # NSA on passkey sequences (T = 128), dense on plain text (T = 64).
+  nsa = small_config(seq_len=128)
+  nsa.data.source = "passkey"
+  train.run(nsa, str(tmp_path / "nsa"))
+  train.run(small_config(attention="dense"), str(tmp_path / "dense"))
   written = plot.make_plots([tmp_path / "nsa", tmp_path / "dense"], tmp_path / "plots",
                             lengths=[96, 128], depths=(0.2, 0.8), samples=2)
   assert set(written) == {"loss_curves.png", "passkey_nsa.png", "passkey_dense.png",
-                          "selection_nsa.png", "selection_stats_nsa.json",
-                          "selection_indices_nsa.npz"}
+                          "selection_nsa.png", "selection_hits_nsa.json",
+                          "selection_stats_nsa.json", "selection_indices_nsa.npz"}
   for name, path in written.items():
     if name.endswith(".png"):
       assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -25,6 +28,10 @@ def test_plots_of_an_nsa_and_a_dense_run(tmp_path):
   accuracy = grid["accuracy"]
   assert len(accuracy) == 2 and all(len(row) == 2 and all(0 <= a <= 1 for a in row)
                                     for row in accuracy)
+  # T = 128 has 4 selection blocks of 32, n = 4: every block is selected, so the selection
+  # at every answer position holds the needle's digits.
+  hits = json.loads((tmp_path / "plots" / "selection_hits_nsa.json").read_text())
+  assert hits["fraction_by_layer"] == [1.0] * nsa.model.num_layers
 
 
 def test_the_selection_picture_shows_valid_causal_blocks(tmp_path):

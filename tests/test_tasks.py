@@ -148,6 +148,14 @@ def test_passkey_answers_are_the_key_digits():
   assert tokens[1:][tasks.passkey_answer_targets(300)].astype(np.uint8).tobytes() == key
 
 
+@pytest.mark.parametrize("depth", [0.0, 0.37, 1.0])
+def test_passkey_key_start_is_where_the_needle_holds_the_key(depth):
+  tokens, key = tasks.passkey_example(np.random.default_rng(3), FILLER, 200, depth)
+  start = tasks.passkey_key_start(200, depth)
+  assert tokens[start:start + tasks.DIGITS].astype(np.uint8).tobytes() == key
+  assert tokens[start - 7:start].astype(np.uint8).tobytes() == b"key is "
+
+
 def test_mqar_accuracy_by_depth_bins_the_queried_pairs():
   """A model that recalls only pairs in the first half of the context scores 1 on the first
   depth bin and 0 on the last."""

@@ -1,0 +1,37 @@
+"""Passkey retrieval at an 8k context on one GPU: a 5-digit key in standard-library text.
+
+Task: byte-level sequences of T = 8192 bytes of standard-library source text with the needle
+" The pass key is 73914. Remember it. " at a uniformly random depth and the question " What is
+the pass key? The pass key is 73914" at the end (`experiments/tasks.py`); the loss is on the 5
+key digits of the question only (`data.other_weight = 0`). Same model and NSA configuration as
+`mqar_gpu.py` (2 layers, 256 wide, 4 query heads, 1 KV head; l = 32, d = 16, l' = 64, n = 16,
+w = 512): the key is 10^5 random digits in one 64-byte block, so a query that recalls it must
+read that block's tokens, which only the selection (or dense attention) gives it beyond the
+window.
+
+Command:   a length curriculum as for `mqar_gpu.py` (T = 128 first: the needle and question take
+           81 bytes), each run started from the last (`config.init_from`):
+             C="--config experiments/configs/passkey_gpu.py --config.attention=nsa"
+             python -m experiments.train $C --workdir out/p128 --config.seq_len=128 \
+                 --config.batch_size=64 --config.steps=3000 --config.eval_every=1000
+             python -m experiments.train $C --workdir out/p1k --config.seq_len=1024 \
+                 --config.batch_size=32 --config.steps=500 --config.eval_every=250 \
+                 --config.init_from=out/p128
+             python -m experiments.train $C --workdir out/p8k --config.steps=2000 \
+                 --config.eval_every=500 --config.init_from=out/p1k
+           (the baseline and ablations: --config.attention=dense | nsa_no_selection | window)
+           then `python -m experiments.plot --workdir out/p8k [--workdir ...]`: passkey
+           retrieval by length (0.5x-4x) and needle depth, the selection's hit rate on the
+           needle, loss curves.
+Hardware:  one H100 / H200 (implementation="pallas_gpu"), bfloat16 compute.
+"""
+
+from experiments.configs import mqar_gpu
+
+
+def get_config():
+  config = mqar_gpu.get_config()
+  config.eval_samples = 4  # sequences per needle depth (5 depths) at each evaluation
+  config.model.vocab_size = 256
+  config.data.update(dict(source="passkey", max_bytes=8_000_000, other_weight=0.0))
+  return config
