@@ -30,8 +30,16 @@ def default_implementation() -> str:
   return _DEFAULT_FOR_PLATFORM.get(jax.default_backend(), "xla")
 
 
-# The implementations that take packed rows (`segment_ids`) so far.
-PACKED_IMPLEMENTATIONS = ("reference", "xla")
+# The implementations that take packed rows (`segment_ids`) so far, per function of `_call`;
+# the others raise NotImplementedError naming themselves.
+PACKED_IMPLEMENTATIONS = {
+    "compressed_attention": ("reference", "xla"),
+    "select_blocks": ("reference", "xla"),
+    "compressed_attention_and_selection": ("reference", "xla"),
+    "selected_attention": ("reference", "xla"),
+    "sliding_window_attention": ("reference", "xla", "pallas_tpu"),
+    "nsa_attention": ("reference", "xla"),
+}
 
 
 def _call(implementation, interpret, fn_name, *args, segment_ids=None, **kwargs):
@@ -41,17 +49,18 @@ def _call(implementation, interpret, fn_name, *args, segment_ids=None, **kwargs)
   if backend in (pallas_gpu, pallas_tpu):
     kwargs["interpret"] = interpret
   if segment_ids is not None:
-    _check_packed(implementation, interpret)
+    _check_packed(implementation, interpret, fn_name)
     kwargs["segment_ids"] = segment_ids
   return getattr(backend, fn_name)(*args, **kwargs)
 
 
-def _check_packed(implementation, interpret) -> None:
+def _check_packed(implementation, interpret, fn_name) -> None:
   name = resolve_implementation(implementation, interpret)
-  if name not in PACKED_IMPLEMENTATIONS:
+  if name not in PACKED_IMPLEMENTATIONS[fn_name]:
     raise NotImplementedError(
-        f"segment_ids (packed rows) are implemented by {PACKED_IMPLEMENTATIONS} so far, not by "
-        f"implementation={name!r}: pass implementation='xla'")
+        f"{fn_name} with segment_ids (packed rows) is implemented by "
+        f"{PACKED_IMPLEMENTATIONS[fn_name]} so far, not by implementation={name!r}: pass "
+        f"implementation='xla'")
 
 
 def resolve_implementation(implementation, interpret) -> str:

@@ -4,7 +4,8 @@
 - compressed attention: `pallas_kernels.tpu.compressed_attention`, fused with the selection
   scores (pass 1: log-sum-exp; pass 2: output and scores from the same probabilities); the top-n
   of the scores is `lax.top_k` in XLA;
-- sliding window: splash attention's `LocalMask` (`pallas_kernels.tpu.sliding_window`);
+- sliding window: splash attention's `LocalMask` (`pallas_kernels.tpu.sliding_window`), packed
+  rows through splash's segment ids (one per document);
 - mean-pooling compression: the XLA path;
 - decoding (`decode_attention`): the split decode kernels of `pallas_kernels.tpu.decode`, with the
   top-n in XLA between them.
@@ -22,6 +23,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from nsa_jax import segments
 from nsa_jax import xla
 from nsa_jax.attention_math import combine_branches
 from nsa_jax.block_selection import top_n_blocks
@@ -74,11 +76,13 @@ def selected_attention(q, k, v, block_indices, scale, *, block, interpret=False,
                                             indices_sorted=indices_sorted)
 
 
-def sliding_window_attention(q, k, v, scale, *, window, interpret=False):
+def sliding_window_attention(q, k, v, scale, *, window, interpret=False, segment_ids=None):
   if q.shape[-1] != v.shape[-1]:
-    return xla.sliding_window_attention(q, k, v, scale, window=window)
+    return xla.sliding_window_attention(q, k, v, scale, window=window, segment_ids=segment_ids)
+  document_ids = None if segment_ids is None else segments.document_index(segment_ids)
   return window_kernel.sliding_window_attention(q, k, v, window=window,
-                                                scale=_static_scale(scale), interpret=interpret)
+                                                scale=_static_scale(scale), interpret=interpret,
+                                                document_ids=document_ids)
 
 
 def nsa_attention(q, k, v, gates, k_cmp, v_cmp, scale, *, config: NSAConfig, interpret=False):

@@ -25,6 +25,13 @@ def document_starts(segment_ids):
   return jax.lax.cummax(jnp.where(_boundaries(segment_ids), positions, 0), axis=1)
 
 
+def document_index(segment_ids):
+  """`int32 [B, T]`: each position's document counted from 0 in its row (ids that repeat
+  further on become different documents): one id per document, for kernels that mask by equal
+  ids (splash attention, cuDNN)."""
+  return jnp.cumsum(_boundaries(segment_ids), axis=1, dtype=jnp.int32) - 1
+
+
 def document_starts_or_none(segment_ids):
   """`document_starts(segment_ids)`, or None for unpacked rows (`segment_ids=None`)."""
   return None if segment_ids is None else document_starts(segment_ids)

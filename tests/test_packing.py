@@ -215,9 +215,35 @@ def test_bad_segment_ids_are_clear_errors():
 @pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_tpu"])
 def test_kernels_refuse_packed_rows_by_name_until_they_take_them(impl):
   q, k, v = random_qkv(1, 45, 4, 2, 16)
-  with pytest.raises(NotImplementedError, match=f"not by implementation='{impl}'"):
+  with pytest.raises(NotImplementedError, match=f"nsa_attention .* not by implementation='{impl}'"):
     nsa_jax.nsa_attention(q, k, v, config=CONFIG, implementation=impl, interpret=True,
                           segment_ids=jnp.zeros((1, 45), jnp.int32))
+
+
+def test_tpu_sliding_window_values_and_gradients_equal_their_documents_alone():
+  """Splash attention with one segment id per document, under the TPU interpreter."""
+  q, k, v = random_qkv(2, 45, 4, 2, 16)
+  segment_ids = segment_ids_of(DOCUMENTS)  # ids repeat: splash must see one id per document
+  cotangent = jax.random.normal(fresh_key(), q.shape)
+
+  def packed_loss(q, k, v):
+    out = nsa_jax.sliding_window_attention(q, k, v, window=CONFIG.window, scale=SCALE,
+                                           implementation="pallas_tpu", interpret=True,
+                                           segment_ids=segment_ids)
+    return jnp.sum(out * cotangent), out
+
+  def alone(q, k, v, cotangent):
+    def loss(q, k, v):
+      out = reference.sliding_window_attention(q, k, v, SCALE, window=CONFIG.window)
+      return jnp.sum(out * cotangent), out
+    (_, out), grads = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(q, k, v)
+    return (out, *grads)
+
+  (_, out), grads = jax.value_and_grad(packed_loss, (0, 1, 2), has_aux=True)(q, k, v)
+  expected = per_document(alone, (q, k, v, cotangent))
+  assert_close(out, expected[0])
+  for grad, want in zip(grads, expected[1:]):
+    assert_grads_close(grad, want)
 
 
 @pytest.mark.parametrize("attention", ["nsa", "nsa_no_selection", "window", "dense"])

@@ -10,6 +10,10 @@ KV heads.
 Splash needs the sequence to be a multiple of its 128-token blocks and head dims of 128 lanes:
 tokens appended at the end are after every real query (causal), so padding changes nothing and
 is cut off; `q` is pre-scaled because splash applies no softmax scale.
+
+Packed rows: splash's segment ids (a token attends only tokens of its own id, and-ed with the
+band inside the kernels, forward and backward), given one id per document, so the window of a
+token starts at its document's first token.
 """
 
 from __future__ import annotations
@@ -35,14 +39,18 @@ def _kernel(mask, group: int, block: int, interpret: bool):
       mask_lib.MultiHeadMask([mask] * group), block_sizes=sizes, interpret=interpret)
 
 
-def sliding_window_attention(q, k, v, *, window: int, scale: float, interpret: bool = False):
-  """Query `t` attends `t - window < s <= t`.
+def sliding_window_attention(q, k, v, *, window: int, scale: float, interpret: bool = False,
+                             document_ids=None):
+  """Query `t` attends `t - window < s <= t` (and, in packed rows, only its own document).
 
   Args:
     q: `[B, T, Hq, Dk]`; k: `[B, T, Hkv, Dk]`; v: `[B, T, Hkv, Dv]` with `Dv == Dk`.
     window: `w`, the query itself included.
     scale: softmax scale.
     interpret: run under the TPU interpreter (CPU).
+    document_ids: int32 `[B, T]` or None: packed rows, one id per document, different for any
+      two documents of a row (`nsa_jax.segments.document_index`): a token attends only tokens
+      of its own id.
 
   Returns:
     `[B, T, Hq, Dv]` in q.dtype; differentiable (splash's own backward kernels).
@@ -50,17 +58,19 @@ def sliding_window_attention(q, k, v, *, window: int, scale: float, interpret: b
   seq_pad = _round_up(q.shape[1], BLOCK)
   local = mask_lib.LocalMask((seq_pad, seq_pad), window_size=(min(window, seq_pad) - 1, 0),
                              offset=0)
-  return _splash_gqa(q, k, v, local, BLOCK, scale, interpret)
+  return _splash_gqa(q, k, v, local, BLOCK, scale, interpret, document_ids)
 
 
-def causal_attention(q, k, v, *, scale: float, block: int = 512, interpret: bool = False):
+def causal_attention(q, k, v, *, scale: float, block: int = 512, interpret: bool = False,
+                     document_ids=None):
   """Dense causal attention through splash attention (`block`-token tiles): the TPU baseline of
-  `experiments/bench_kernels.py`. Shapes as `sliding_window_attention`."""
+  `experiments/bench_kernels.py`. Shapes and `document_ids` as `sliding_window_attention`."""
   seq_pad = _round_up(q.shape[1], block)
-  return _splash_gqa(q, k, v, mask_lib.CausalMask((seq_pad, seq_pad)), block, scale, interpret)
+  return _splash_gqa(q, k, v, mask_lib.CausalMask((seq_pad, seq_pad)), block, scale, interpret,
+                     document_ids)
 
 
-def _splash_gqa(q, k, v, mask, block, scale, interpret):
+def _splash_gqa(q, k, v, mask, block, scale, interpret, document_ids=None):
   """Splash MQA per KV group over `mask` (`[T_pad, T_pad]`, T_pad a multiple of `block`),
   vmapped over batch and KV heads; pads T and the head dim, cuts them off again."""
   b, t, hq, d = q.shape
@@ -74,6 +84,13 @@ def _splash_gqa(q, k, v, mask, block, scale, interpret):
   q_groups = (pad(q) * scale).astype(q.dtype).reshape(b, seq_pad, hkv, group, dim_pad)
   q_groups = q_groups.transpose(0, 2, 3, 1, 4)  # [B, Hkv, G, T, D]
   heads_first = lambda x: pad(x).transpose(0, 2, 1, 3)  # [B, Hkv, T, D]
-  out = jax.vmap(jax.vmap(kernel))(q_groups, heads_first(k), heads_first(v))
+  if document_ids is None:
+    out = jax.vmap(jax.vmap(kernel))(q_groups, heads_first(k), heads_first(v))
+  else:
+    # Padded tokens come after every real query (causal): any id will do.
+    ids = jnp.pad(document_ids.astype(jnp.int32), [(0, 0), (0, seq_pad - t)], constant_values=-1)
+    per_head = lambda q, k, v, ids: kernel(q, k, v, segment_ids=splash.SegmentIds(q=ids, kv=ids))
+    out = jax.vmap(jax.vmap(per_head, (0, 0, 0, None)))(q_groups, heads_first(k), heads_first(v),
+                                                         ids)
   out = out.transpose(0, 3, 1, 2, 4).reshape(b, seq_pad, hq, dim_pad)
   return out[:, :t, :, :d]
