@@ -227,3 +227,19 @@ def test_packed_documents_keep_attention_and_loss_inside_each_file(tmp_path):
   config.data.source = "mqar"
   with pytest.raises(ValueError, match="data.pack_documents packs the files"):
     train.build_data(config)
+
+
+def test_a_curriculum_trains_its_stages_each_from_the_last(tmp_path):
+  from experiments import curriculum
+  stages = curriculum.parse_stages("64:2:3, 128:2:2")
+  assert stages == [(64, 2, 3), (128, 2, 2)]
+  records = curriculum.run(small_config(), stages, tmp_path)
+  assert [sum("loss" in r for r in stage) for stage in records] == [3, 2]
+  first, second = (json.loads((tmp_path / name / "config.json").read_text())
+                   for name in ("t64", "t128"))
+  assert (first["seq_len"], first["steps"], first["init_from"]) == (64, 3, "")
+  assert (second["seq_len"], second["steps"], second["eval_every"]) == (128, 2, 2)
+  assert second["init_from"] == str(tmp_path / "t64")
+  assert curriculum.run(small_config(), stages, tmp_path) == [[], []]  # finished: nothing to do
+  with pytest.raises(ValueError, match="seq_len:batch_size:steps .* got '128:2'"):
+    curriculum.parse_stages("64:2:3,128:2")

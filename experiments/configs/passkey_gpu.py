@@ -10,19 +10,14 @@ read that block's tokens, which only the selection (or dense attention) gives it
 window.
 
 Command:   a length curriculum as for `mqar_gpu.py` (T = 128 first: the needle and question take
-           81 bytes), each run started from the last (`config.init_from`):
-             C="--config experiments/configs/passkey_gpu.py --config.attention=nsa"
-             python -m experiments.train $C --workdir out/p128 --config.seq_len=128 \
-                 --config.batch_size=64 --config.steps=3000 --config.eval_every=1000
-             python -m experiments.train $C --workdir out/p1k --config.seq_len=1024 \
-                 --config.batch_size=32 --config.steps=500 --config.eval_every=250 \
-                 --config.init_from=out/p128
-             python -m experiments.train $C --workdir out/p8k --config.steps=2000 \
-                 --config.eval_every=500 --config.init_from=out/p1k
+           81 bytes), each stage started from the last (`experiments/curriculum.py`):
+             python -m experiments.curriculum --config experiments/configs/passkey_gpu.py \
+                 --config.attention=nsa --workdir out/passkey_nsa \
+                 --stages 128:64:3000,1024:32:500,8192:16:2000
            (the baseline and ablations: --config.attention=dense | nsa_no_selection | window)
-           then `python -m experiments.plot --workdir out/p8k [--workdir ...]`: passkey
-           retrieval by length (0.5x-4x) and needle depth, the selection's hit rate on the
-           needle, loss curves.
+           then `python -m experiments.plot --workdir out/passkey_nsa/t8192 [--workdir ...]`:
+           passkey retrieval by length (0.5x-4x) and needle depth, the selection's hit rate on
+           the needle, loss curves.
 Hardware:  one H100 / H200 (implementation="pallas_gpu"), bfloat16 compute.
 Runtime:   the four variants at once on one H200: ~3 minutes for the T = 128 and 1024 stages,
            the 8k stage ~5 minutes per 1000 steps each (alone a variant is ~3x faster).
