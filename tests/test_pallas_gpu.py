@@ -286,8 +286,9 @@ def test_compressed_branch_through_cudnn_matches_xla_on_gpu(group, config, dtype
 
 
 @pytest.mark.gpu
-def test_public_compressed_attention_takes_cudnn_in_half_precision_on_gpu():
-  q, k, v = random_qkv(1, 2048 + 7, 8, 2, 128, dtype=jnp.bfloat16)
+@pytest.mark.parametrize("seq_len", [1, 31, 32, 47, 64, 2048 + 7])  # T < l, T = l, T < l', ...
+def test_public_compressed_attention_takes_cudnn_in_half_precision_on_gpu(seq_len):
+  q, k, v = random_qkv(1, seq_len, 8, 2, 128, dtype=jnp.bfloat16)
   config = nsa_jax.NSAConfig()
   assert pallas_gpu.cudnn_compressed_applies(q, v, config.cmp_stride)
   public = lambda q, k_cmp, v_cmp, scale: nsa_jax.compressed_attention(
