@@ -1,7 +1,7 @@
 """`implementation="pallas_gpu"`: NSA on NVIDIA GPUs.
 
 - selected attention: the Pallas (Triton) kernels of `pallas_kernels.gpu.selected_attention`,
-  forward and backward;
+  forward and backward, packed rows included (document-local blocks as halves of aligned ones);
 - sliding window: cuDNN through `jax.nn.dot_product_attention(local_window_size=(w - 1, 0))`
   (3.2 ms forward, 14.5 ms forward+backward at T=64k on an H200: 346 / 265 TF/s, above every
   Pallas kernel here; no banded Pallas kernel was written to compete), falling back to the XLA
@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from nsa_jax import cudnn_compressed
+from nsa_jax import segments
 from nsa_jax import xla
 from nsa_jax.attention_math import combine_branches
 from nsa_jax.config import NSAConfig
@@ -151,9 +152,12 @@ def select_blocks(q, k_cmp, scale, *, config: NSAConfig, interpret=False):
   return compressed_attention_and_selection(q, k_cmp, k_cmp, scale, config, interpret)[1]
 
 
-def selected_attention(q, k, v, block_indices, scale, *, block, interpret=False):
+def selected_attention(q, k, v, block_indices, scale, *, block, interpret=False,
+                       segment_ids=None):
+  starts = segments.document_starts_or_none(segment_ids)
   return selected_kernel.selected_attention(q, k, v, block_indices, block=block,
-                                            scale=_static_scale(scale), interpret=interpret)
+                                            scale=_static_scale(scale), interpret=interpret,
+                                            document_starts=starts)
 
 
 def sliding_window_attention(q, k, v, scale, *, window, interpret=False):

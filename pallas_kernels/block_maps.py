@@ -33,6 +33,44 @@ def sorted_causal_block_indices(block_indices, block: int):
   return distinct_ascending(jnp.where(idx <= last_block, idx, -1))
 
 
+LOWER, UPPER = 1, 2  # `document_block_halves` codes: which part of an aligned block is chosen
+
+
+def document_block_halves(block_indices, document_starts, block: int):
+  """Document-local selections of packed rows as aligned blocks with halves.
+
+  Block `j` of a document starting at `s` holds tokens `[s + j*l', s + (j+1)*l')`: with
+  `r = s % l'` and `a = s // l' + j`, the tokens at offsets `>= r` of aligned block `a` (its upper
+  part) and at offsets `< r` of block `a + 1` (its lower part). The kernels load aligned blocks
+  and mask each row's keys by its position's `r` and the block's code (a key at offset `o` is
+  chosen if `o < r` and the code has LOWER, or `o >= r` and it has UPPER), so their block maps,
+  bounded by the row's blocks, serve packed rows too.
+
+  Args:
+    block_indices: int `[B, T, H, n]` document-local blocks; -1, past the query's own block in its
+      document, and repeats are ignored.
+    document_starts: int32 `[B, T]`: each position's document start.
+    block: `l'`.
+
+  Returns:
+    `(aligned int32 [B, T, H, 2n]` (distinct, causal, ascending, then -1, as
+    `sorted_causal_block_indices`), `codes int32 [B, T, H, 2n]` (LOWER | UPPER bits, 0 for -1),
+    `offsets int32 [B, T]` (`r`)).
+  """
+  starts = document_starts[:, :, None, None].astype(jnp.int32)
+  position = jnp.arange(block_indices.shape[1], dtype=jnp.int32)[None, :, None, None]
+  idx = block_indices.astype(jnp.int32)
+  idx = jnp.where((idx >= 0) & (idx <= (position - starts) // block), idx, -1)
+  base, offset = starts // block, starts % block
+  upper = jnp.where(idx >= 0, base + idx, -1)
+  lower = jnp.where((idx >= 0) & (offset > 0), base + idx + 1, -1)
+  aligned = sorted_causal_block_indices(jnp.concatenate([upper, lower], axis=-1), block)
+  chosen = lambda j: jnp.any((idx[..., None, :] == j[..., None]) & (idx[..., None, :] >= 0), -1)
+  local = aligned - base  # the document-local block whose upper part this block holds
+  codes = jnp.where(aligned >= 0, LOWER * chosen(local - 1) + UPPER * chosen(local), 0)
+  return aligned, codes.astype(jnp.int32), (document_starts % block).astype(jnp.int32)
+
+
 def ascending(block_indices):
   """The non-negative entries of each row (last axis), ascending, then -1. int32. Repeats stay
   (`distinct_ascending` drops them): one sort, for rows whose entries are already distinct."""
@@ -55,7 +93,7 @@ def max_work_items(seq_len: int, num_selected: int, num_blocks: int, chunk: int)
   return -(-seq_len * num_selected // chunk) + num_blocks
 
 
-def inverse_block_map(sorted_indices, num_blocks: int, chunk: int):
+def inverse_block_map(sorted_indices, num_blocks: int, chunk: int, payload=None):
   """Block -> queries map of `sorted_causal_block_indices` output, split into work items.
 
   Args:
@@ -68,15 +106,18 @@ def inverse_block_map(sorted_indices, num_blocks: int, chunk: int):
       order, queries ascending within a block (entries past the valid ones are padding);
     `items int32 [B, H, I, 4]` with `I = max_work_items(...)`: `(block, start, count, 0)`, a run
       `query_list[start : start + count]` of queries of `block`; unused items have `count = 0` and
-      `block = num_blocks` (a segment the caller drops).
+      `block = num_blocks` (a segment the caller drops);
+    with `payload` (int `[B, T, H, n]`, e.g. `document_block_halves`' codes) also
+      `payload_list int32 [B, H, T*n]`: each `query_list` entry's payload.
   """
   b, t, h, n = sorted_indices.shape
   num_items = max_work_items(t, n, num_blocks, chunk)
 
-  def one_group(idx):  # idx [T, n]
+  def one_group(idx, extra):  # idx, extra [T, n]
     flat = jnp.where(idx >= 0, idx, num_blocks).reshape(-1)  # [T*n]
     order = jnp.argsort(flat, stable=True)
     query_list = (order // n).astype(jnp.int32)
+    payload_list = extra.reshape(-1)[order].astype(jnp.int32)
     counts = jnp.zeros(num_blocks + 1, jnp.int32).at[flat].add(1)[:num_blocks]
     starts = jnp.cumsum(counts) - counts
     items_per_block = -(-counts // chunk)
@@ -89,7 +130,9 @@ def inverse_block_map(sorted_indices, num_blocks: int, chunk: int):
     count = jnp.where(item_block < num_blocks,
                       jnp.clip(counts[safe_block] - part * chunk, 0, chunk), 0)
     items = jnp.stack([item_block, start, count, jnp.zeros_like(count)], axis=-1)
-    return query_list, items.astype(jnp.int32)
+    return query_list, items.astype(jnp.int32), payload_list
 
   per_group = jax.vmap(jax.vmap(one_group, in_axes=1), in_axes=0)  # over B, then H
-  return per_group(sorted_indices)
+  query_list, items, payload_list = per_group(
+      sorted_indices, jnp.zeros_like(sorted_indices) if payload is None else payload)
+  return (query_list, items) if payload is None else (query_list, items, payload_list)

@@ -220,6 +220,70 @@ def test_kernels_refuse_packed_rows_by_name_until_they_take_them(impl):
                           segment_ids=jnp.zeros((1, 45), jnp.int32))
 
 
+def test_document_block_halves_choose_exactly_the_documents_blocks_tokens():
+  """Aligned blocks with LOWER / UPPER codes and offsets r cover the tokens of the chosen
+  document-local blocks that are not after the query, nothing else."""
+  from pallas_kernels.block_maps import LOWER, UPPER, document_block_halves
+  block, lengths = 8, [3, 13, 1, 21, 9]
+  segment_ids = segment_ids_of([lengths])
+  starts = document_starts(segment_ids)
+  t = sum(lengths)
+  indices = jax.random.randint(fresh_key(), (1, t, 1, 3), -1, 4)
+  aligned, codes, r = map(np.asarray, document_block_halves(indices, starts, block))
+  for pos in range(t):
+    s = int(starts[0, pos])
+    want = {token for j in np.asarray(indices[0, pos, 0]) if j >= 0
+            for token in range(s + j * block, s + (j + 1) * block) if token <= pos}
+    got = {int(a) * block + o for a, code in zip(aligned[0, pos, 0], codes[0, pos, 0]) if a >= 0
+           for o in range(block) if int(a) * block + o <= pos
+           and code & (LOWER if o < r[0, pos] else UPPER)}
+    assert got == want, pos
+
+
+def _check_against_documents_alone(packed_fn, alone_fn, arrays, constants=()):
+  """`packed_fn(*arrays, *constants)` (packed rows) against `alone_fn` on each document alone
+  (all `[B, T, ...]`, sliced per document): values and the gradients in `arrays` of a random
+  linear loss."""
+  cotangent = jax.random.normal(fresh_key(), packed_fn(*arrays, *constants).shape)
+  argnums = tuple(range(len(arrays)))
+
+  def alone(*args):
+    xs, rest, cot = args[:len(arrays)], args[len(arrays):-1], args[-1]
+    loss = lambda *xs: (jnp.sum(alone_fn(*xs, *rest) * cot), alone_fn(*xs, *rest))
+    (_, out), grads = jax.value_and_grad(loss, argnums, has_aux=True)(*xs)
+    return (out, *grads)
+
+  packed_loss = lambda *xs: (jnp.sum(packed_fn(*xs, *constants) * cotangent),
+                             packed_fn(*xs, *constants))
+  (_, out), grads = jax.value_and_grad(packed_loss, argnums, has_aux=True)(*arrays)
+  expected = per_document(alone, (*arrays, *constants, cotangent))
+  assert_close(out, expected[0])
+  for grad, want in zip(grads, expected[1:]):
+    assert_grads_close(grad, want)
+
+
+@pytest.mark.parametrize("pack_rows", [0, 16])  # one position a program; 8 positions x 2 heads
+def test_gpu_selected_attention_values_and_gradients_equal_their_documents_alone(monkeypatch,
+                                                                                 pack_rows):
+  """The Triton kernels (interpret mode) on document-local selections: forward, dQ and dK/dV."""
+  from pallas_kernels.gpu import selected_attention as gpu_selected
+  monkeypatch.setattr(gpu_selected, "PACK_ROWS", pack_rows)
+  q, k, v = random_qkv(2, 45, 4, 2, 16)
+  segment_ids = segment_ids_of(DOCUMENTS)
+  # The selection of the packed rows, plus random extra picks (repeats, -1, future blocks).
+  chosen = reference.select_blocks(q, compress(k, v, segment_ids)[0], SCALE, config=CONFIG,
+                                   segment_ids=segment_ids)
+  extra = jax.random.randint(fresh_key(), chosen.shape[:3] + (2,), -1, 6)
+  indices = jnp.concatenate([chosen, extra], axis=-1)
+  _check_against_documents_alone(
+      lambda q, k, v, idx: nsa_jax.selected_attention(
+          q, k, v, idx, block=CONFIG.slc_block, scale=SCALE, implementation="pallas_gpu",
+          interpret=True, segment_ids=segment_ids),
+      lambda q, k, v, idx: reference.selected_attention(q, k, v, idx, SCALE,
+                                                        block=CONFIG.slc_block),
+      (q, k, v), (indices,))
+
+
 def test_tpu_sliding_window_values_and_gradients_equal_their_documents_alone():
   """Splash attention with one segment id per document, under the TPU interpreter."""
   q, k, v = random_qkv(2, 45, 4, 2, 16)
@@ -260,3 +324,31 @@ def test_a_decoder_lm_models_each_packed_document_alone(attention):
   packed = model(tokens, segment_ids_of(DOCUMENTS))
   expected, = per_document(lambda tokens: np.asarray(model(tokens)), (np.asarray(tokens),))
   assert_close(packed, expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("group", [1, 4, 16])  # packed positions (G < 16) and one a program
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_gpu_selected_attention_on_packed_rows_matches_xla_on_gpu(group, dtype):
+  """The real Triton kernels on packed rows of documents of 1 to ~1500 tokens (paper blocks,
+  n = 16 document-local picks with repeats and -1s), values and gradients, against the XLA
+  path on the same packed rows."""
+  lengths = [[1, 70, 1500, 3, 640, 63, 129, 900], [4096 - 17, 17]]
+  segment_ids = segment_ids_of(lengths)
+  q, k, v = random_qkv(2, 4096, 2 * group, 2, 128, dtype=dtype)
+  indices = jax.random.randint(fresh_key(), (2, 4096, 2, 16), -1, 24)
+  cotangent = jax.random.normal(fresh_key(), q.shape, jnp.float32)
+
+  def run(implementation, q, k, v):
+    def loss(q, k, v):
+      out = nsa_jax.selected_attention(q, k, v, indices, block=64, implementation=implementation,
+                                       segment_ids=segment_ids)
+      return jnp.sum(out.astype(jnp.float32) * cotangent), out
+    (_, out), grads = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(q, k, v)
+    return out, grads
+
+  out, grads = run("pallas_gpu", q, k, v)
+  want, want_grads = run("xla", *(x.astype(jnp.float32) for x in (q, k, v)))
+  assert out.dtype == dtype
+  assert_close(out, want, dtype)
+  assert_grads_close(grads, want_grads, dtype)

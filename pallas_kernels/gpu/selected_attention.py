@@ -12,6 +12,12 @@ Small groups (G < 16) pack positions (`PACK_ROWS`, default 16 rows): a forward /
 several consecutive positions (4 positions x 4 heads = 16 rows) and loops over the union of their
 blocks, each row masked to the blocks its own position chose.
 
+Packed rows (`document_starts`): a document's selection block `j` is not aligned to `l'`; it is
+the upper part (offsets `>= r`, `r = s % l'`) of aligned block `s // l' + j` and the lower part of
+the next one (`block_maps.document_block_halves`). The kernels then walk aligned blocks as
+unpacked (up to `2n` a position) and mask each row's keys by its position's `r` and the code of
+the part(s) its position chose; the block maps and the dK/dV sums stay per aligned block.
+
 Layout inside (set up by `selected_attention`): queries as rows `[B, Hkv, T_pad * Gp, Dp]`
 (position `t`'s heads are rows `t*Gp .. t*Gp + Gp - 1`; `Gp = pow2(G)`, at least 16 unless
 positions are packed), keys / values `[B, Hkv, Ts * l' + pad, Dp]`. `Dp` and the loaded block
@@ -29,7 +35,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.block_maps import inverse_block_map
+from pallas_kernels.block_maps import LOWER, UPPER, document_block_halves, inverse_block_map
 from pallas_kernels.block_maps import distinct_ascending, sorted_causal_block_indices
 from pallas_kernels.gpu.tile_math import LOG2E, MASK_VALUE, pow2
 from pallas_kernels.gpu.tile_math import dot as _dot
@@ -84,34 +90,69 @@ def _program_rows(own_ref, positions, heads, split=1):
   return pl.program_id(0) * positions + local, own_ref[local, :]
 
 
-def _block_mask(block_id, rows, loaded, block):
+def _block_mask(block_id, rows, loaded, block, halves=None):
   """`[1 or R, Lp]`: the keys of block `block_id` each row sees (in the block, not after the
-  row's position and, packed, only in rows whose position chose the block)."""
+  row's position and, packed, only in rows whose position chose the block; in packed documents,
+  only the chosen part, `halves = (code, r)` of `_slot_halves`)."""
   start = block_id * block
   row_pos, own = rows
-  if own is None:
-    return _visible(start, row_pos, loaded, block)[None, :]
   offsets = jnp.arange(loaded)
-  chosen = jnp.max(jnp.where(own == block_id, 1, 0), axis=1) > 0  # [R]
-  return (chosen[:, None] & (offsets < block)[None, :]
-          & (start + offsets[None, :] <= row_pos[:, None]))
+  if own is None:
+    mask = _visible(start, row_pos, loaded, block)[None, :]
+  else:
+    chosen = jnp.max(jnp.where(own == block_id, 1, 0), axis=1) > 0  # [R]
+    mask = (chosen[:, None] & (offsets < block)[None, :]
+            & (start + offsets[None, :] <= row_pos[:, None]))
+  if halves is not None:
+    code, r = halves  # [1 or R, 1]
+    mask = mask & jnp.where(offsets[None, :] < r, (code & LOWER) != 0, (code & UPPER) != 0)
+  return mask
 
 
-def _split_own(refs, positions):
-  """`(own_ref or None, *the other refs)`: packed kernels get the per-position block table."""
-  return (refs[0], *refs[1:]) if positions > 1 else (None, *refs)
+def _program_halves(refs, own, positions, heads):
+  """Packed documents, read before the loop: `(codes, r)`, one position a program the refs
+  themselves (`codes [n_pad]` of its slots, `r [1]`); packed positions each row's `[R, n_pad]`
+  codes and `[R, 1]` r (gathers from the `[P, n_pad]` and `[P]` tables). None unpacked."""
+  if refs is None:
+    return None
+  codes_ref, r_ref = refs
+  if own is None:
+    return codes_ref, r_ref
+  local = jnp.arange(positions * heads) // heads
+  return codes_ref[local, :], r_ref[local][:, None]
 
 
-def _forward_kernel(idx_ref, *refs, scale, block, loaded, positions, heads):
-  own_ref, q_ref, k_ref, v_ref, o_ref, lse_ref = _split_own(refs, positions)
+def _slot_halves(halves, slot, block_id, own):
+  """`(code, r)` of this slot's block for `_block_mask`, or None unpacked."""
+  if halves is None:
+    return None
+  codes, r = halves
+  if own is None:
+    return jnp.full((1, 1), codes[slot], jnp.int32), jnp.full((1, 1), r[0], jnp.int32)
+  return jnp.sum(jnp.where(own == block_id, codes, 0), axis=1)[:, None], r
+
+
+def _split_own(refs, positions, documents=False):
+  """`(own_ref or None, halves refs or None, *the other refs)`: packed kernels get the
+  per-position block table, kernels over packed documents the codes and offsets r."""
+  own, refs = (refs[0], refs[1:]) if positions > 1 else (None, refs)
+  halves, refs = ((refs[0], refs[1]), refs[2:]) if documents else (None, refs)
+  return (own, halves, *refs)
+
+
+def _forward_kernel(idx_ref, *refs, scale, block, loaded, positions, heads, documents):
+  own_ref, halves_refs, q_ref, k_ref, v_ref, o_ref, lse_ref = _split_own(refs, positions,
+                                                                         documents)
   q = q_ref[...]  # [R, Dkp]
   rows = _program_rows(own_ref, positions, heads)
+  halves = _program_halves(halves_refs, rows[1], positions, heads)
 
   def body(slot, carry):
     block_id = idx_ref[slot]
     start = block_id * block
     k = k_ref[pl.ds(start, loaded), :]
-    visible = _block_mask(block_id, rows, loaded, block)
+    visible = _block_mask(block_id, rows, loaded, block,
+                          _slot_halves(halves, slot, block_id, rows[1]))
     scores = _log2_scores(q, k, visible, scale)
     # Packed, a row may see nothing of a block (not its position's, or after it): zero it exactly.
     return online_softmax_step(carry, scores, lambda: v_ref[pl.ds(start, loaded), :],
@@ -129,17 +170,20 @@ def _store_output(o_ref, lse_ref, acc, row_max, row_sum):
   lse_ref[...] = jnp.where(nonempty, row_max + jnp.log2(safe_sum), 0.0)  # base 2
 
 
-def _dq_kernel(idx_ref, *refs, scale, block, loaded, positions, heads, split):
-  own_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref = _split_own(refs, positions)
+def _dq_kernel(idx_ref, *refs, scale, block, loaded, positions, heads, split, documents):
+  (own_ref, halves_refs, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
+   dq_ref) = _split_own(refs, positions, documents)
   q, do = q_ref[...], do_ref[...]
   lse, delta = lse_ref[...], delta_ref[...]
   rows = _program_rows(own_ref, positions, heads, split)
+  halves = _program_halves(halves_refs, rows[1], positions, heads)
 
   def body(slot, dq):
     block_id = idx_ref[slot]
     start = block_id * block
     k = k_ref[pl.ds(start, loaded), :]
-    visible = _block_mask(block_id, rows, loaded, block)
+    visible = _block_mask(block_id, rows, loaded, block,
+                          _slot_halves(halves, slot, block_id, rows[1]))
     probs = jnp.where(visible, jnp.exp2(_log2_scores(q, k, visible, scale) - lse[:, None]), 0.0)
     dp = _dot(do, v_ref[pl.ds(start, loaded), :], trans_b=True)  # [R, Lp]
     ds = probs * (dp - delta[:, None])
@@ -149,14 +193,18 @@ def _dq_kernel(idx_ref, *refs, scale, block, loaded, positions, heads, split):
   dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(items_ref, queries_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref,
-                dv_ref, *, scale, block, loaded, rows, num_blocks, step_rows):
+def _dkv_kernel(items_ref, queries_ref, *refs, scale, block, loaded, rows, num_blocks, step_rows,
+                documents):
   """One work item: `count` queries of one block, `(block, start, count)` in `items_ref`.
 
   The item's query rows (`rows` a query) are walked `step_rows` at a time (`DKV_ROWS`, fewer for
   wide float32 heads): the rows of several queries for small groups, so the dots have M, K >= 64,
   part of one query's for wide ones. Rows past the item's last query repeat it and are masked.
+  Packed documents: each query's code of this block (`codes_ref`, beside `queries_ref`) and its r
+  (`r_ref`, by position).
   """
+  _, halves_refs, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref = _split_own(
+      refs, 1, documents)
   block_id = jnp.minimum(items_ref[0], num_blocks - 1)  # unused items: any block, no queries
   first, count = items_ref[1], items_ref[2]
   start = block_id * block
@@ -168,12 +216,17 @@ def _dkv_kernel(items_ref, queries_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, de
     dk, dv = carry
     item_row = step * step_rows + jnp.arange(step_rows)
     slot, head = item_row // rows, item_row % rows
-    query_pos = queries_ref[first + jnp.minimum(slot, count - 1)]  # [M]
+    entry = first + jnp.minimum(slot, count - 1)
+    query_pos = queries_ref[entry]  # [M]
     gathered = query_pos * rows + head
     q, do = q_ref[gathered, :], do_ref[gathered, :]
     lse, delta = lse_ref[gathered], delta_ref[gathered]
     visible = ((slot < count)[:, None] & (offsets < block)[None, :]
                & (start + offsets[None, :] <= query_pos[:, None]))
+    if halves_refs is not None:
+      code, r = halves_refs[0][entry][:, None], halves_refs[1][query_pos][:, None]
+      visible = visible & jnp.where(offsets[None, :] < r, (code & LOWER) != 0,
+                                    (code & UPPER) != 0)
     scores = _dot(q, k, trans_b=True) * (scale * LOG2E)
     probs = jnp.where(visible, jnp.exp2(scores - lse[:, None]), 0.0)  # [M, Lp]
     dv = dv + _dot(probs.astype(do.dtype), do, trans_a=True)  # [Lp, Dvp]
@@ -257,12 +310,21 @@ def _to_blocks(x, lay: _Layout, dim_pad):
   return x.transpose(0, 2, 1, 3)
 
 
-def _slots(sorted_idx, lay: _Layout):
-  """`[B, T, Hkv, n]` -> `[B, Hkv, T_pad, n_pad]`, padded with -1."""
+def _slots(sorted_idx, lay: _Layout, fill=-1):
+  """`[B, T, Hkv, n]` -> `[B, Hkv, T_pad, n_pad]`, padded with `fill`."""
   pad = lay.num_slots - sorted_idx.shape[-1]
   idx = jnp.pad(sorted_idx, [(0, 0), (0, lay.seq_pad - lay.seq_len), (0, 0), (0, pad)],
-                constant_values=-1)
+                constant_values=fill)
   return idx.transpose(0, 2, 1, 3)
+
+
+def _halves_slots(halves, lay: _Layout):
+  """Packed documents' `(codes [B, T, Hkv, n], r [B, T])` -> `(codes [B, Hkv, T_pad, n_pad],
+  r [B, T_pad])` (padding: code 0, r 0); None stays None."""
+  if halves is None:
+    return None
+  codes, r = halves
+  return _slots(codes, lay, fill=0), jnp.pad(r, [(0, 0), (0, lay.seq_pad - lay.seq_len)])
 
 
 def _program_slots(slots, lay: _Layout):
@@ -279,15 +341,18 @@ def _params(num_warps, num_stages):
   return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
-def _per_program_specs(lay: _Layout, split=1):
+def _per_program_specs(lay: _Layout, split=1, documents=False):
   """BlockSpecs of the grid `(tiles * split, B, Hkv)`: the program's block list (and, packed, the
-  block table of its positions), its rows (`1 / split` of its tile's), whole K and V, its row
-  vectors."""
-  slot_specs = [pl.BlockSpec((None, None, None, lay.positions * lay.num_slots),
-                             lambda t, b, g: (b, g, t // split, 0))]
-  if lay.positions > 1:
-    slot_specs.append(pl.BlockSpec((None, None, lay.positions, lay.num_slots),
-                                   lambda t, b, g: (b, g, t, 0)))
+  block table of its positions; for packed documents, their codes and r), its rows (`1 / split`
+  of its tile's), whole K and V, its row vectors."""
+  program_list = pl.BlockSpec((None, None, None, lay.positions * lay.num_slots),
+                              lambda t, b, g: (b, g, t // split, 0))
+  position_table = pl.BlockSpec((None, None, lay.positions, lay.num_slots),
+                                lambda t, b, g: (b, g, t, 0))
+  slot_specs = [program_list] + ([position_table] if lay.positions > 1 else [])
+  if documents:
+    slot_specs += [position_table if lay.positions > 1 else program_list,
+                   pl.BlockSpec((None, lay.positions), lambda t, b, g: (b, t // split))]
   num_rows = lay.rows // split
   rows = lambda d: pl.BlockSpec((None, None, num_rows, d), lambda t, b, g: (b, g, t, 0))
   whole = lambda d: pl.BlockSpec((None, None, lay.kv_len, d), lambda t, b, g: (b, g, 0, 0))
@@ -295,14 +360,16 @@ def _per_program_specs(lay: _Layout, split=1):
   return slot_specs, rows, whole, row_vector
 
 
-def _slot_args(slots, lay: _Layout):
-  return [_program_slots(slots, lay)] + ([slots] if lay.positions > 1 else [])
+def _slot_args(slots, lay: _Layout, halves=None):
+  args = [_program_slots(slots, lay)] + ([slots] if lay.positions > 1 else [])
+  return args + ([] if halves is None else list(halves))
 
 
-def _forward(q, k, v, slots, lay: _Layout, scale, interpret):
-  slot_specs, rows, whole, row_vector = _per_program_specs(lay)
+def _forward(q, k, v, slots, lay: _Layout, scale, interpret, halves=None):
+  slot_specs, rows, whole, row_vector = _per_program_specs(lay, documents=halves is not None)
   kernel = functools.partial(_forward_kernel, scale=scale, block=lay.block, loaded=lay.loaded,
-                             positions=lay.positions, heads=lay.heads)
+                             positions=lay.positions, heads=lay.heads,
+                             documents=halves is not None)
   num_rows = lay.seq_pad * lay.heads
   return pl.pallas_call(
       kernel,
@@ -318,7 +385,7 @@ def _forward(q, k, v, slots, lay: _Layout, scale, interpret):
       compiler_params=_params(FWD_NUM_WARPS, FWD_NUM_STAGES),
       interpret=interpret,
       name="nsa_selected_fwd",
-  )(*_slot_args(slots, lay), q, k, v)
+  )(*_slot_args(slots, lay, halves), q, k, v)
 
 
 def _dq_split(lay: _Layout, dtype) -> int:
@@ -331,11 +398,12 @@ def _dq_split(lay: _Layout, dtype) -> int:
   return lay.rows // rows_within(lay.rows, row_bytes, DQ_PROGRAM_BYTES)
 
 
-def _dq(q, k, v, do, lse, delta, slots, lay: _Layout, scale, interpret):
+def _dq(q, k, v, do, lse, delta, slots, lay: _Layout, scale, interpret, halves=None):
   split = _dq_split(lay, q.dtype)
-  slot_specs, rows, whole, row_vector = _per_program_specs(lay, split)
+  slot_specs, rows, whole, row_vector = _per_program_specs(lay, split, halves is not None)
   kernel = functools.partial(_dq_kernel, scale=scale, block=lay.block, loaded=lay.loaded,
-                             positions=lay.positions, heads=lay.heads, split=split)
+                             positions=lay.positions, heads=lay.heads, split=split,
+                             documents=halves is not None)
   return pl.pallas_call(
       kernel,
       grid=(lay.num_tiles * split, lay.batch, lay.num_kv_heads),
@@ -347,7 +415,7 @@ def _dq(q, k, v, do, lse, delta, slots, lay: _Layout, scale, interpret):
       compiler_params=_params(DQ_NUM_WARPS, DQ_NUM_STAGES),
       interpret=interpret,
       name="nsa_selected_dq",
-  )(*_slot_args(slots, lay), q, k, v, do, lse, delta)
+  )(*_slot_args(slots, lay, halves), q, k, v, do, lse, delta)
 
 
 def _dkv_step_rows(lay: _Layout, dtype) -> int:
@@ -357,7 +425,9 @@ def _dkv_step_rows(lay: _Layout, dtype) -> int:
   return rows_within(DKV_ROWS, row_bytes, DKV_STEP_BYTES)
 
 
-def _dkv(q, k, v, do, lse, delta, queries, items, lay: _Layout, scale, interpret):
+def _dkv(q, k, v, do, lse, delta, queries, items, lay: _Layout, scale, interpret, halves=None):
+  """`halves`, packed documents: `(codes [B, Hkv, T*n]` of the `queries` entries, r
+  `[B, T_pad])`."""
   num_items = items.shape[2]
   num_rows = lay.seq_pad * lay.heads
   whole_rows = lambda d: pl.BlockSpec((None, None, num_rows, d), lambda e, b, g: (b, g, 0, 0))
@@ -367,15 +437,17 @@ def _dkv(q, k, v, do, lse, delta, queries, items, lay: _Layout, scale, interpret
                                 lambda e, b, g: (b, g, e, 0, 0))
   kernel = functools.partial(_dkv_kernel, scale=scale, block=lay.block, loaded=lay.loaded,
                              rows=lay.heads, num_blocks=lay.num_blocks,
-                             step_rows=_dkv_step_rows(lay, q.dtype))
+                             step_rows=_dkv_step_rows(lay, q.dtype), documents=halves is not None)
+  query_list = pl.BlockSpec((None, None, queries.shape[-1]), lambda e, b, g: (b, g, 0))
+  halves_specs = [] if halves is None else [
+      query_list, pl.BlockSpec((None, lay.seq_pad), lambda e, b, g: (b, 0))]
   parts_shape = lambda d: jax.ShapeDtypeStruct(
       (lay.batch, lay.num_kv_heads, num_items, lay.loaded, d), jnp.float32)
   return pl.pallas_call(
       kernel,
       grid=(num_items, lay.batch, lay.num_kv_heads),
       in_specs=[pl.BlockSpec((None, None, None, 4), lambda e, b, g: (b, g, e, 0)),
-                pl.BlockSpec((None, None, queries.shape[-1]), lambda e, b, g: (b, g, 0)),
-                whole_rows(lay.head_dim_pad), whole_kv(lay.head_dim_pad),
+                query_list, *halves_specs, whole_rows(lay.head_dim_pad), whole_kv(lay.head_dim_pad),
                 whole_kv(lay.head_dim_v_pad), whole_rows(lay.head_dim_v_pad), row_vector,
                 row_vector],
       out_specs=[part(lay.head_dim_pad), part(lay.head_dim_v_pad)],
@@ -383,7 +455,7 @@ def _dkv(q, k, v, do, lse, delta, queries, items, lay: _Layout, scale, interpret
       compiler_params=_params(DKV_NUM_WARPS, DKV_NUM_STAGES),
       interpret=interpret,
       name="nsa_selected_dkv",
-  )(items, queries, q, k, v, do, lse, delta)
+  )(items, queries, *(() if halves is None else halves), q, k, v, do, lse, delta)
 
 
 def _sum_parts(parts, items, lay: _Layout, dim):
@@ -395,23 +467,23 @@ def _sum_parts(parts, items, lay: _Layout, dim):
   return per_token[:, :, :lay.seq_len].transpose(0, 2, 1, 3)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _selected_attention(q, k, v, sorted_idx, scale, block, interpret):
-  return _selected_attention_fwd(q, k, v, sorted_idx, scale, block, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _selected_attention(q, k, v, sorted_idx, halves, scale, block, interpret):
+  return _selected_attention_fwd(q, k, v, sorted_idx, halves, scale, block, interpret)[0]
 
 
-def _selected_attention_fwd(q, k, v, sorted_idx, scale, block, interpret):
+def _selected_attention_fwd(q, k, v, sorted_idx, halves, scale, block, interpret):
   lay = _layout(q, v, sorted_idx, block)
   out_rows, lse = _forward(_to_rows(q, lay, lay.head_dim_pad),
                            _to_blocks(k, lay, lay.head_dim_pad),
                            _to_blocks(v, lay, lay.head_dim_v_pad), _slots(sorted_idx, lay), lay,
-                           scale, interpret)
+                           scale, interpret, _halves_slots(halves, lay))
   out = _from_rows(out_rows, lay, lay.head_dim_v)  # float32 [B, T, Hq, Dv]
-  return out.astype(q.dtype), (q, k, v, sorted_idx, out, lse)
+  return out.astype(q.dtype), (q, k, v, sorted_idx, halves, out, lse)
 
 
 def _selected_attention_bwd(scale, block, interpret, residuals, d_out):
-  q, k, v, sorted_idx, out, lse = residuals
+  q, k, v, sorted_idx, halves, out, lse = residuals
   lay = _layout(q, v, sorted_idx, block)
   q_rows = _to_rows(q, lay, lay.head_dim_pad)
   k_blocks = _to_blocks(k, lay, lay.head_dim_pad)
@@ -424,22 +496,31 @@ def _selected_attention_bwd(scale, block, interpret, residuals, d_out):
   delta = jnp.sum(out * d_out.astype(jnp.float32), axis=-1)  # [B, T, Hq]
   delta = _to_rows(delta[..., None], lay, 1)[..., 0]
   slots = _slots(sorted_idx, lay)
-  dq_rows = _dq(q_rows, k_blocks, v_blocks, do_rows, lse, delta, slots, lay, scale, interpret)
-  queries, items = inverse_block_map(slots[:, :, :lay.seq_len].transpose(0, 2, 1, 3),
-                                     lay.num_blocks, DKV_CHUNK)
+  halves = _halves_slots(halves, lay)
+  dq_rows = _dq(q_rows, k_blocks, v_blocks, do_rows, lse, delta, slots, lay, scale, interpret,
+                halves)
+  per_position = lambda x: x[:, :, :lay.seq_len].transpose(0, 2, 1, 3)  # [B, T, Hkv, n_pad]
+  if halves is None:
+    queries, items = inverse_block_map(per_position(slots), lay.num_blocks, DKV_CHUNK)
+    dkv_halves = None
+  else:
+    queries, items, codes = inverse_block_map(per_position(slots), lay.num_blocks, DKV_CHUNK,
+                                              payload=per_position(halves[0]))
+    dkv_halves = (codes, halves[1])
   dk_parts, dv_parts = _dkv(q_rows, k_blocks, v_blocks, do_rows, lse, delta, queries, items, lay,
-                            scale, interpret)
+                            scale, interpret, dkv_halves)
   dq = _from_rows(dq_rows, lay, lay.head_dim)
   dk = _sum_parts(dk_parts, items, lay, lay.head_dim).astype(k.dtype)
   dv = _sum_parts(dv_parts, items, lay, lay.head_dim_v).astype(v.dtype)
-  return dq, dk, dv, None
+  return dq, dk, dv, None, None
 
 
 _selected_attention.defvjp(_selected_attention_fwd, _selected_attention_bwd)
 
 
 def selected_attention(q, k, v, block_indices, *, block: int, scale: float,
-                       interpret: bool = False, indices_sorted: bool = False):
+                       interpret: bool = False, indices_sorted: bool = False,
+                       document_starts=None):
   """Attention of each query over the tokens `s <= t` of its KV group's selected blocks.
 
   Args:
@@ -453,10 +534,17 @@ def selected_attention(q, k, v, block_indices, *, block: int, scale: float,
       with the unused places (-1) last, in any order otherwise (e.g. a top-n selection's output,
       or `sorted_causal_block_indices`'): skip cleaning them up.
     interpret: run the kernels in Pallas interpret mode (CPU).
+    document_starts: int32 `[B, T]` or None: packed rows (SPEC.md), each position's document
+      start; `block_indices` are then document-local (block `j` of a document starting at `s`
+      holds tokens `[s + j*l', s + (j+1)*l')`) and `indices_sorted` is ignored.
 
   Returns:
     `[B, T, Hq, Dv]` in q.dtype; differentiable in q, k and v.
   """
+  if document_starts is not None:
+    aligned, codes, offsets = document_block_halves(block_indices, document_starts, block)
+    return _selected_attention(q, k, v, aligned, (codes, offsets), float(scale), block,
+                               interpret)
   if not indices_sorted:
     block_indices = sorted_causal_block_indices(block_indices, block)
-  return _selected_attention(q, k, v, block_indices, float(scale), block, interpret)
+  return _selected_attention(q, k, v, block_indices, None, float(scale), block, interpret)
