@@ -36,7 +36,7 @@ PACKED_IMPLEMENTATIONS = {
     "compressed_attention": ("reference", "xla"),
     "select_blocks": ("reference", "xla"),
     "compressed_attention_and_selection": ("reference", "xla"),
-    "selected_attention": ("reference", "xla", "pallas_gpu"),
+    "selected_attention": ("reference", "xla", "pallas_gpu", "pallas_tpu"),
     "sliding_window_attention": ("reference", "xla", "pallas_tpu"),
     "nsa_attention": ("reference", "xla"),
 }

@@ -1,6 +1,7 @@
 """`implementation="pallas_tpu"`: NSA on TPUs (Mosaic), the default on a TPU backend.
 
-- selected attention: `pallas_kernels.tpu.selected_attention` (block indices by scalar prefetch);
+- selected attention: `pallas_kernels.tpu.selected_attention` (block indices by scalar prefetch;
+  packed rows as halves of aligned blocks);
 - compressed attention: `pallas_kernels.tpu.compressed_attention`, fused with the selection
   scores (pass 1: log-sum-exp; pass 2: output and scores from the same probabilities); the top-n
   of the scores is `lax.top_k` in XLA;
@@ -68,12 +69,15 @@ def select_blocks(q, k_cmp, scale, *, config: NSAConfig, interpret=False):
 
 
 def selected_attention(q, k, v, block_indices, scale, *, block, interpret=False,
-                       indices_sorted=False):
+                       indices_sorted=False, segment_ids=None):
   if block % 8:
-    return xla.selected_attention(q, k, v, block_indices, scale, block=block)
+    return xla.selected_attention(q, k, v, block_indices, scale, block=block,
+                                  segment_ids=segment_ids)
   return selected_kernel.selected_attention(q, k, v, block_indices, block=block,
                                             scale=_static_scale(scale), interpret=interpret,
-                                            indices_sorted=indices_sorted)
+                                            indices_sorted=indices_sorted,
+                                            document_starts=segments.document_starts_or_none(
+                                                segment_ids))
 
 
 def sliding_window_attention(q, k, v, scale, *, window, interpret=False, segment_ids=None):

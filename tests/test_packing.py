@@ -262,12 +262,17 @@ def _check_against_documents_alone(packed_fn, alone_fn, arrays, constants=()):
     assert_grads_close(grad, want)
 
 
-@pytest.mark.parametrize("pack_rows", [0, 16])  # one position a program; 8 positions x 2 heads
-def test_gpu_selected_attention_values_and_gradients_equal_their_documents_alone(monkeypatch,
-                                                                                 pack_rows):
-  """The Triton kernels (interpret mode) on document-local selections: forward, dQ and dK/dV."""
-  from pallas_kernels.gpu import selected_attention as gpu_selected
-  monkeypatch.setattr(gpu_selected, "PACK_ROWS", pack_rows)
+@pytest.mark.parametrize("impl, pack_rows", [
+    ("pallas_gpu", 0),  # one position a program
+    ("pallas_gpu", 16),  # 8 positions x 2 heads a program
+    ("pallas_tpu", None)])
+def test_kernel_selected_attention_values_and_gradients_equal_their_documents_alone(
+    monkeypatch, impl, pack_rows):
+  """The Triton kernels (interpret mode) and the Mosaic TPU kernels (TPU interpreter) on
+  document-local selections: forward, dQ and dK/dV."""
+  if pack_rows is not None:
+    from pallas_kernels.gpu import selected_attention as gpu_selected
+    monkeypatch.setattr(gpu_selected, "PACK_ROWS", pack_rows)
   q, k, v = random_qkv(2, 45, 4, 2, 16)
   segment_ids = segment_ids_of(DOCUMENTS)
   # The selection of the packed rows, plus random extra picks (repeats, -1, future blocks).
@@ -277,7 +282,7 @@ def test_gpu_selected_attention_values_and_gradients_equal_their_documents_alone
   indices = jnp.concatenate([chosen, extra], axis=-1)
   _check_against_documents_alone(
       lambda q, k, v, idx: nsa_jax.selected_attention(
-          q, k, v, idx, block=CONFIG.slc_block, scale=SCALE, implementation="pallas_gpu",
+          q, k, v, idx, block=CONFIG.slc_block, scale=SCALE, implementation=impl,
           interpret=True, segment_ids=segment_ids),
       lambda q, k, v, idx: reference.selected_attention(q, k, v, idx, SCALE,
                                                         block=CONFIG.slc_block),

@@ -23,6 +23,12 @@ The `G` query heads of a KV group share the selected blocks and are stacked as m
   the chunks. A call holds the tables of every (sequence, KV head) for its chunk, so a batch too
   large for even one tile's tables is cut into several calls (`selected_attention`).
 
+Packed rows (`document_starts`): a document's block `j` is the upper part (offsets `>= r`,
+`r = s % l'`) of aligned block `s // l' + j` and the lower part of the next
+(`block_maps.document_block_halves`): the tiles walk aligned blocks as unpacked, with a second
+bit mask per union entry (the positions that chose its lower part) and each position's `r`; a
+dK/dV item's queries carry their code and `r` beside them in SMEM.
+
 Layout inside: queries `[B, Hkv, T_pad * Gp, Dp]` (position `t`'s heads are rows `t*Gp ..`),
 keys / values `[B, Hkv, Ts * l', Dp]`, the log-sum-exp and `delta` rows `[B, Hkv, 1, T_pad * Gp]`
 (heads on the lanes).
@@ -38,6 +44,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.block_maps import LOWER, UPPER, document_block_halves
 from pallas_kernels.block_maps import distinct_ascending, inverse_block_map
 from pallas_kernels.block_maps import sorted_causal_block_indices
 from pallas_kernels.tpu.tile_math import dot_nn, dot_nt, dot_tn, double_buffered_loop
@@ -76,6 +83,7 @@ class _Layout:
   num_slots: int
   union_len: int  # U: entries of a tile's block list, P * n rounded up to KV_BLOCKS
   query_chunk: int  # positions per call (SMEM budget), a multiple of P
+  documents: bool  # packed rows: the tables carry the halves (lower masks, r, item codes)
 
   @property
   def tile_rows(self) -> int:  # R = P * Gp
@@ -90,19 +98,23 @@ class _Layout:
     return self.query_chunk // self.positions
 
 
-def _table_bytes(union_len: int) -> int:
+def _table_bytes(union_len: int, positions: int = 1, documents: bool = False) -> int:
   """SMEM bytes per (sequence, KV head) of one forward / dQ tile's tables (union, masks, count;
-  int32) or, if larger, of one dK/dV work item's (block, count, queries)."""
+  packed documents also the lower masks and the positions' r; int32) or, if larger, of one
+  dK/dV work item's (block, count, queries; packed documents also their codes and r)."""
+  if documents:
+    return 4 * max(3 * union_len + 1 + positions, 3 * DKV_CHUNK + 2)
   return 4 * max(2 * union_len + 1, DKV_CHUNK + 2)
 
 
-def _batch_per_call(num_kv_heads: int, union_len: int) -> int:
+def _batch_per_call(num_kv_heads: int, union_len: int, positions: int = 1,
+                    documents: bool = False) -> int:
   """Sequences one call's prefetched tables hold (each call holds every sequence's and KV
   head's tables of at least one tile or work item)."""
-  return SMEM_BUDGET_BYTES // (num_kv_heads * _table_bytes(union_len))
+  return SMEM_BUDGET_BYTES // (num_kv_heads * _table_bytes(union_len, positions, documents))
 
 
-def _layout(q, v, num_slots, block) -> _Layout:
+def _layout(q, v, num_slots, block, documents=False) -> _Layout:
   b, t, hq, dk = q.shape
   hkv = v.shape[2]
   if block % 8:
@@ -112,17 +124,18 @@ def _layout(q, v, num_slots, block) -> _Layout:
   rows = max(8, _pow2(hq // hkv))
   positions = max(1, min(32, TILE_ROWS // rows))  # one int32 mask bit a position
   union_len = _round_up(positions * num_slots, KV_BLOCKS)
-  if b > _batch_per_call(hkv, union_len):  # `selected_attention` splits the batch to fit
+  table_bytes = _table_bytes(union_len, positions, documents)
+  if b > _batch_per_call(hkv, union_len, positions, documents):  # the caller splits the batch
     raise ValueError(f"the SMEM tables of one tile for {b} sequences x {hkv} KV heads "
-                     f"({b * hkv * _table_bytes(union_len)} bytes; q {q.shape}, {num_slots} "
+                     f"({b * hkv * table_bytes} bytes; q {q.shape}, {num_slots} "
                      f"slots) exceed SMEM_BUDGET_BYTES = {SMEM_BUDGET_BYTES}")
-  per_tile = b * hkv * _table_bytes(union_len)
+  per_tile = b * hkv * table_bytes
   tiles = max(1, min(-(-t // positions), SMEM_BUDGET_BYTES // per_tile))
   return _Layout(batch=b, seq_len=t, num_kv_heads=hkv, group=hq // hkv, rows=rows,
                  positions=positions, head_dim=dk, head_dim_v=v.shape[3],
                  head_dim_pad=_round_up(dk, LANES), head_dim_v_pad=_round_up(v.shape[3], LANES),
                  block=block, num_blocks=-(-t // block), num_slots=num_slots,
-                 union_len=union_len, query_chunk=tiles * positions)
+                 union_len=union_len, query_chunk=tiles * positions, documents=documents)
 
 
 def _to_rows(x, lay: _Layout, dim_pad):
@@ -147,28 +160,42 @@ def _to_blocks(x, lay: _Layout, dim_pad):
   return jnp.pad(x, pad).transpose(0, 2, 1, 3)
 
 
-def _tile_tables(sorted_idx, lay: _Layout):
+def _tile_tables(sorted_idx, lay: _Layout, halves=None):
   """Per chunk of queries, the scalar-prefetch tables of the forward / dQ tiles:
   `union [NC, B*Hkv*tiles*U]` (the distinct blocks the tile's positions chose, ascending; entries
   past the count repeat the last block, so their copies stay in bounds and are masked out),
-  `members` (bit p set: position p of the tile chose that block) and `count [NC, B*Hkv*tiles]`."""
+  `members` (bit p set: position p of the tile chose that block; packed documents: its upper
+  part) and `count [NC, B*Hkv*tiles]`; with `halves = (codes [B, T, Hkv, n], r [B, T])` also
+  `lower` (bit p: position p chose the block's lower part) and `r [NC, B*Hkv*tiles*P]`."""
   b, hkv, p, n = lay.batch, lay.num_kv_heads, lay.positions, lay.num_slots
-  idx = jnp.pad(sorted_idx, [(0, 0), (0, lay.seq_pad - lay.seq_len), (0, 0), (0, 0)],
-                constant_values=-1).transpose(0, 2, 1, 3)  # [B, Hkv, T_pad, n]
+  pad_positions = lambda x, value: jnp.pad(
+      x, [(0, 0), (0, lay.seq_pad - lay.seq_len)] + [(0, 0)] * (x.ndim - 2),
+      constant_values=value)
   tiles = lay.seq_pad // p
-  per_position = idx.reshape(b, hkv, tiles, p, n)
+  per_position = pad_positions(sorted_idx, -1).transpose(0, 2, 1, 3).reshape(b, hkv, tiles, p, n)
   union = distinct_ascending(per_position.reshape(b, hkv, tiles, p * n))
   union = jnp.pad(union, [(0, 0)] * 3 + [(0, lay.union_len - p * n)], constant_values=-1)
   count = jnp.sum(union >= 0, axis=-1).astype(jnp.int32)  # [B, Hkv, tiles]
-  chose = jnp.any(per_position[:, :, :, None, :, :] == union[..., None, None], axis=-1)
-  members = jnp.sum(chose.astype(jnp.int32) << jnp.arange(p, dtype=jnp.int32), axis=-1)
-  members = jnp.where(union >= 0, members, 0)  # [B, Hkv, tiles, U]
-  last = jnp.take_along_axis(union, jnp.maximum(count - 1, 0)[..., None], axis=-1)
-  union = jnp.where(union >= 0, union, jnp.maximum(last, 0))
+  chose = per_position[:, :, :, None, :, :] == union[..., None, None]  # [B, Hkv, tiles, U, P, n]
+
+  def bit_masks(chose):  # [.., U, P, n] -> int32 [.., U], bit p for position p
+    masks = jnp.sum(jnp.any(chose, -1).astype(jnp.int32) << jnp.arange(p, dtype=jnp.int32), -1)
+    return jnp.where(union >= 0, masks, 0)
+
   chunks = lay.seq_pad // lay.query_chunk
   per_chunk = lambda x: jnp.moveaxis(
       x.reshape(b, hkv, chunks, lay.tiles_per_call, *x.shape[3:]), 2, 0).reshape(chunks, -1)
-  return per_chunk(union), per_chunk(members), per_chunk(count)
+  last = jnp.take_along_axis(union, jnp.maximum(count - 1, 0)[..., None], axis=-1)
+  in_bounds = jnp.where(union >= 0, union, jnp.maximum(last, 0))
+  if halves is None:
+    return per_chunk(in_bounds), per_chunk(bit_masks(chose)), per_chunk(count)
+  codes, r = halves
+  codes = pad_positions(codes, 0).transpose(0, 2, 1, 3).reshape(b, hkv, tiles, 1, p, n)
+  upper = bit_masks(chose & ((codes & UPPER) != 0))
+  lower = bit_masks(chose & ((codes & LOWER) != 0))
+  r = jnp.broadcast_to(pad_positions(r, 0).reshape(b, 1, tiles, p), (b, hkv, tiles, p))
+  return (per_chunk(in_bounds), per_chunk(upper), per_chunk(count), per_chunk(lower),
+          per_chunk(r.astype(jnp.int32)))
 
 
 def _tile_position_of_rows(lay: _Layout):
@@ -177,10 +204,11 @@ def _tile_position_of_rows(lay: _Layout):
 
 
 def _walk_union(union_ref, members_ref, count_ref, k_hbm, v_hbm, k_buf, v_buf, sems, *, lay,
-                compute):
+                compute, halves=None):
   """Calls `compute(k [KV_BLOCKS * l', Dkp], v [KV_BLOCKS * l', Dvp], token [1, KV_BLOCKS * l'],
   chosen [R, KV_BLOCKS * l'])` for each group of `KV_BLOCKS` entries of this step's union list,
-  the next group's DMAs in flight meanwhile (two buffers)."""
+  the next group's DMAs in flight meanwhile (two buffers). `halves`: packed documents' `(lower
+  masks, r)` refs: a row chooses a key at offset `o < r` of its position by the lower mask."""
   b, g, tile = (pl.program_id(i) for i in range(3))
   flat = (b * lay.num_kv_heads + g) * lay.tiles_per_call + tile
   groups = pl.cdiv(count_ref[flat], KV_BLOCKS)
@@ -198,6 +226,12 @@ def _walk_union(union_ref, members_ref, count_ref, k_hbm, v_hbm, k_buf, v_buf, s
 
   local = _tile_position_of_rows(lay)
   column = jax.lax.broadcasted_iota(jnp.int32, (1, width), 1)
+  if halves is not None:
+    lower_ref, r_ref = halves
+    below_r = jnp.zeros((lay.tile_rows, 1), jnp.int32)  # each row's position's r
+    for p in range(lay.positions):
+      below_r = jnp.where(local == p, r_ref[flat * lay.positions + p], below_r)
+    below_r = (column % lay.block) < below_r  # [R, width]
 
   def body(group, slot, carry):
     token = jnp.zeros((1, width), jnp.int32)
@@ -207,6 +241,8 @@ def _walk_union(union_ref, members_ref, count_ref, k_hbm, v_hbm, k_buf, v_buf, s
       in_block = (column // lay.block) == j  # [1, width]
       token = jnp.where(in_block, union_ref[entry] * lay.block + column % lay.block, token)
       row_chose = ((members_ref[entry] >> local) & 1) == 1  # [R, 1]
+      if halves is not None:
+        row_chose = jnp.where(below_r, ((lower_ref[entry] >> local) & 1) == 1, row_chose)
       chosen = jnp.where(in_block, row_chose, chosen)
     compute(k_buf[slot], v_buf[slot], token, chosen)
     return carry
@@ -219,9 +255,16 @@ def _row_positions(offset_ref, lay: _Layout):
   return offset_ref[0] + pl.program_id(2) * lay.positions + _tile_position_of_rows(lay)
 
 
-def _forward_kernel(union_ref, members_ref, count_ref, offset_ref, q_ref, k_hbm, v_hbm, o_ref,
-                    lse_ref, k_buf, v_buf, sems, m_scratch, l_scratch, acc_scratch, *, lay,
-                    scale):
+def _halves_refs(refs, lay: _Layout):
+  """`(lower masks and r refs, or None, the other refs)`: packed documents' prefetched tables
+  follow the query offset."""
+  return ((refs[0], refs[1]), refs[2:]) if lay.documents else (None, refs)
+
+
+def _forward_kernel(union_ref, members_ref, count_ref, offset_ref, *refs, lay, scale):
+  halves, refs = _halves_refs(refs, lay)
+  (q_ref, k_hbm, v_hbm, o_ref, lse_ref, k_buf, v_buf, sems, m_scratch, l_scratch,
+   acc_scratch) = refs
   m_scratch[...] = jnp.full(m_scratch.shape, MASK_VALUE, jnp.float32)
   l_scratch[...] = jnp.zeros(l_scratch.shape, jnp.float32)
   acc_scratch[...] = jnp.zeros(acc_scratch.shape, jnp.float32)
@@ -240,7 +283,7 @@ def _forward_kernel(union_ref, members_ref, count_ref, offset_ref, q_ref, k_hbm,
     m_scratch[...] = m_new
 
   _walk_union(union_ref, members_ref, count_ref, k_hbm, v_hbm, k_buf, v_buf, sems, lay=lay,
-              compute=compute)
+              compute=compute, halves=halves)
   l = l_scratch[...][:, :1]
   nonempty = l > 0
   safe = jnp.where(nonempty, l, 1.0)
@@ -249,8 +292,10 @@ def _forward_kernel(union_ref, members_ref, count_ref, offset_ref, q_ref, k_hbm,
   lse_ref[...] = lse.T  # [1, R]: rows on the lanes
 
 
-def _dq_kernel(union_ref, members_ref, count_ref, offset_ref, q_ref, k_hbm, v_hbm, do_ref, lse_ref,
-               delta_ref, dq_ref, k_buf, v_buf, sems, dq_scratch, *, lay, scale):
+def _dq_kernel(union_ref, members_ref, count_ref, offset_ref, *refs, lay, scale):
+  halves, refs = _halves_refs(refs, lay)
+  (q_ref, k_hbm, v_hbm, do_ref, lse_ref, delta_ref, dq_ref, k_buf, v_buf, sems,
+   dq_scratch) = refs
   dq_scratch[...] = jnp.zeros(dq_scratch.shape, jnp.float32)
   q, do = q_ref[...], do_ref[...]
   lse, delta = lse_ref[...], delta_ref[...]  # [1, R]
@@ -263,7 +308,7 @@ def _dq_kernel(union_ref, members_ref, count_ref, offset_ref, q_ref, k_hbm, v_hb
     dq_scratch[...] += dot_nn(ds.astype(k.dtype), k)
 
   _walk_union(union_ref, members_ref, count_ref, k_hbm, v_hbm, k_buf, v_buf, sems, lay=lay,
-              compute=compute)
+              compute=compute, halves=halves)
   dq_ref[...] = (dq_scratch[...] * scale).astype(dq_ref.dtype)
 
 
@@ -275,7 +320,7 @@ def _tiled_call(kernel, name, lay: _Layout, tables, row_operands, k, v, out_dims
   (`[B, Hkv, 1, T_pad * Gp]`), sliced per chunk; `k`, `v` stay in HBM whole. `out_dims`:
   `(kind, d, dtype)` per output. Returns the outputs over all chunks.
   """
-  union, members, count = tables
+  union, members, count, *halves = tables  # packed documents: lower masks and r
   rows_per_call = lay.query_chunk * lay.rows
   r = lay.tile_rows
 
@@ -291,7 +336,8 @@ def _tiled_call(kernel, name, lay: _Layout, tables, row_operands, k, v, out_dims
   in_specs = [spec(kind, x.shape[-1]) for x, kind in row_operands]
   any_space = pl.BlockSpec(memory_space=pl.ANY)
   grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=4, grid=(lay.batch, lay.num_kv_heads, lay.tiles_per_call),
+      num_scalar_prefetch=4 + len(halves),
+      grid=(lay.batch, lay.num_kv_heads, lay.tiles_per_call),
       in_specs=in_specs[:1] + [any_space, any_space] + in_specs[1:],
       out_specs=[spec(kind, d) for kind, d, _ in out_dims],
       scratch_shapes=[pltpu.VMEM((2, KV_BLOCKS * lay.block, lay.head_dim_pad), k.dtype),
@@ -309,7 +355,8 @@ def _tiled_call(kernel, name, lay: _Layout, tables, row_operands, k, v, out_dims
     chunk_ops = [jax.lax.dynamic_slice_in_dim(x, c * rows_per_call, rows_per_call,
                                               axis=2 if kind == "rows" else 3)
                  for x, kind in row_operands]
-    return call(union[c], members[c], count[c], offset, chunk_ops[0], k, v, *chunk_ops[1:])
+    return call(union[c], members[c], count[c], offset, *(x[c] for x in halves), chunk_ops[0],
+                k, v, *chunk_ops[1:])
 
   outs = jax.lax.map(one_chunk, jnp.arange(lay.seq_pad // lay.query_chunk))  # [NC, B, Hkv, ...]
   joined = []
@@ -320,12 +367,15 @@ def _tiled_call(kernel, name, lay: _Layout, tables, row_operands, k, v, out_dims
   return joined
 
 
-def _dkv_kernel(item_block_ref, item_count_ref, item_query_ref, q_hbm, k_ref, v_ref, do_hbm,
-                lse_ref, delta_ref, dk_ref, dv_ref, q_buf, do_buf, sems, *, lay, scale,
+def _dkv_kernel(item_block_ref, item_count_ref, item_query_ref, *refs, lay, scale,
                 items_per_call):
   """One work item (a block and up to DKV_CHUNK of the queries that chose it) a step: the block
   stays in VMEM while the queries' q and dO rows are DMAed by hand from HBM, `P` queries
-  (`R = P * Gp` rows) a group, two buffers (the next group's copies overlap this group's math)."""
+  (`R = P * Gp` rows) a group, two buffers (the next group's copies overlap this group's math).
+  Packed documents: each item query's code of the block and its r follow in SMEM."""
+  halves, refs = _halves_refs(refs, lay)
+  (q_hbm, k_ref, v_ref, do_hbm, lse_ref, delta_ref, dk_ref, dv_ref, q_buf, do_buf,
+   sems) = refs
   b, g, item = (pl.program_id(axis) for axis in range(3))
   flat_item = (b * lay.num_kv_heads + g) * items_per_call + item
   count = item_count_ref[flat_item]
@@ -333,8 +383,8 @@ def _dkv_kernel(item_block_ref, item_count_ref, item_query_ref, q_hbm, k_ref, v_
   block_id = jnp.minimum(item_block_ref[flat_item], lay.num_blocks - 1)
   k, v = k_ref[...], v_ref[...]  # [l', Dp]
 
-  def query(group, j):  # places past the count repeat the item's last query (in bounds)
-    return item_query_ref[flat_item * DKV_CHUNK + group * lay.positions + j]
+  def query(group, j, table=item_query_ref):  # places past the count repeat the item's last
+    return table[flat_item * DKV_CHUNK + group * lay.positions + j]  # query (in bounds)
 
   def copies(group, slot):
     out = []
@@ -347,7 +397,8 @@ def _dkv_kernel(item_block_ref, item_count_ref, item_query_ref, q_hbm, k_ref, v_
     return out
 
   local = _tile_position_of_rows(lay)  # here: which of the group's queries
-  token = block_id * lay.block + jax.lax.broadcasted_iota(jnp.int32, (1, lay.block), 1)
+  offset = jax.lax.broadcasted_iota(jnp.int32, (1, lay.block), 1)
+  token = block_id * lay.block + offset
 
   def body(group, slot, carry):
     dk, dv = carry
@@ -356,6 +407,12 @@ def _dkv_kernel(item_block_ref, item_count_ref, item_query_ref, q_hbm, k_ref, v_
       query_pos = jnp.where(local == j, query(group, j), query_pos)
     in_item = group * lay.positions + local < count  # [R, 1]
     visible = in_item & (token <= query_pos)  # [R, l']
+    if halves is not None:
+      code, r = jnp.zeros_like(query_pos), jnp.zeros_like(query_pos)
+      for j in range(lay.positions):
+        code = jnp.where(local == j, query(group, j, halves[0]), code)
+        r = jnp.where(local == j, query(group, j, halves[1]), r)
+      visible = visible & jnp.where(offset < r, (code & LOWER) != 0, (code & UPPER) != 0)
     q, do = q_buf[slot], do_buf[slot]
     s = jnp.where(visible, dot_nt(q, k) * scale, MASK_VALUE)
     p, ds = softmax_backward_tile(s, visible, lse_ref[pl.ds(group, 1), :],
@@ -369,28 +426,39 @@ def _dkv_kernel(item_block_ref, item_count_ref, item_query_ref, q_hbm, k_ref, v_
   dv_ref[...] = dv
 
 
-def _item_tables(sorted_idx, lay: _Layout):
-  """Work items of the inverse map: `(block, count, queries)` per SMEM chunk, the item -> block
-  ids `[B, Hkv, I_pad]` for the segment sum, each item's queries `[B, Hkv, I_pad, C]` and the
-  items per call."""
-  query_list, items = inverse_block_map(sorted_idx, lay.num_blocks, DKV_CHUNK)
+def _item_tables(sorted_idx, lay: _Layout, halves=None):
+  """Work items of the inverse map: `(block, count, queries)` per SMEM chunk (packed documents:
+  and each item query's code and r), the item -> block ids `[B, Hkv, I_pad]` for the segment
+  sum, each item's queries `[B, Hkv, I_pad, C]` and the items per call."""
+  if halves is None:
+    query_list, items = inverse_block_map(sorted_idx, lay.num_blocks, DKV_CHUNK)
+  else:
+    query_list, items, code_list = inverse_block_map(sorted_idx, lay.num_blocks, DKV_CHUNK,
+                                                     payload=halves[0])
   block, start, count = items[..., 0], items[..., 1], items[..., 2]  # [B, Hkv, I]
   # Each item's queries; places past `count` repeat its last query (their rows stay in bounds
   # and are masked).
   offset = jnp.minimum(jnp.arange(DKV_CHUNK), jnp.maximum(count - 1, 0)[..., None])
   position = jnp.minimum(start[..., None] + offset, query_list.shape[-1] - 1)  # unused items too
   queries = jnp.take_along_axis(query_list[:, :, None, :], position, axis=-1)  # [B, Hkv, I, C]
-  per_item = lay.batch * lay.num_kv_heads * (DKV_CHUNK + 2) * 4
+  extra = []
+  if halves is not None:
+    codes = jnp.take_along_axis(code_list[:, :, None, :], position, axis=-1)
+    r = jnp.take_along_axis(halves[1][:, None, None, :], queries, axis=-1)
+    extra = [codes, r.astype(jnp.int32)]
+  per_item = lay.batch * lay.num_kv_heads * ((3 if extra else 1) * DKV_CHUNK + 2) * 4
   items_per_call = max(1, min(block.shape[-1], SMEM_BUDGET_BYTES // per_item))
   num_items = _round_up(block.shape[-1], items_per_call)
   pad = lambda x, value: jnp.pad(x, [(0, 0), (0, 0), (0, num_items - x.shape[2])] +
                                  [(0, 0)] * (x.ndim - 3), constant_values=value)
   block, count, queries = pad(block, lay.num_blocks), pad(count, 0), pad(queries, 0)
+  extra = [pad(x, 0) for x in extra]
   chunks = num_items // items_per_call
   per_chunk = lambda x: jnp.moveaxis(
       x.reshape(lay.batch, lay.num_kv_heads, chunks, items_per_call, *x.shape[3:]), 2, 0
   ).reshape(chunks, -1)
-  return (per_chunk(block), per_chunk(count), per_chunk(queries)), block, queries, items_per_call
+  tables = (per_chunk(block), per_chunk(count), per_chunk(queries), *map(per_chunk, extra))
+  return tables, block, queries, items_per_call
 
 
 def _item_vectors(x, queries, lay: _Layout):
@@ -403,18 +471,18 @@ def _item_vectors(x, queries, lay: _Layout):
   return gathered.reshape(b, hkv, num_items, chunk // lay.positions, lay.tile_rows)
 
 
-def _dkv(q_rows, k, v, do_rows, lse, delta, sorted_idx, lay: _Layout, scale, interpret):
+def _dkv(q_rows, k, v, do_rows, lse, delta, sorted_idx, lay: _Layout, scale, interpret,
+         halves=None):
   """dK and dV `[B, T, Hkv, D]` (float32) from the rows `[B, Hkv, T_pad * Gp, Dp]`, the blocks
-  and the row vectors `[B, Hkv, 1, T_pad * Gp]`."""
+  and the row vectors `[B, Hkv, 1, T_pad * Gp]` (packed documents: `halves = (codes, r)`)."""
   if DKV_CHUNK % lay.positions:
     raise ValueError(f"DKV_CHUNK ({DKV_CHUNK}) must be a multiple of the {lay.positions} "
                      "positions of a tile")
-  (blocks, counts, queries), item_block, item_queries, items_per_call = _item_tables(
-      sorted_idx, lay)
+  tables, item_block, item_queries, items_per_call = _item_tables(sorted_idx, lay, halves)
   vectors = [_item_vectors(x, item_queries, lay) for x in (lse, delta)]
   kv = lambda d: pl.BlockSpec(
       (None, None, lay.block, d),
-      lambda b, g, e, blk, cnt, qry: (
+      lambda b, g, e, blk, *_: (
           b, g, jnp.minimum(blk[(b * lay.num_kv_heads + g) * items_per_call + e],
                             lay.num_blocks - 1), 0))
   vector = pl.BlockSpec((None, None, None, DKV_CHUNK // lay.positions, lay.tile_rows),
@@ -423,7 +491,7 @@ def _dkv(q_rows, k, v, do_rows, lse, delta, sorted_idx, lay: _Layout, scale, int
                                 lambda b, g, e, *_: (b, g, e, 0, 0))
   any_space = pl.BlockSpec(memory_space=pl.ANY)
   grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=3, grid=(lay.batch, lay.num_kv_heads, items_per_call),
+      num_scalar_prefetch=len(tables), grid=(lay.batch, lay.num_kv_heads, items_per_call),
       in_specs=[any_space, kv(lay.head_dim_pad), kv(lay.head_dim_v_pad), any_space, vector,
                 vector],
       out_specs=[part(lay.head_dim_pad), part(lay.head_dim_v_pad)],
@@ -443,9 +511,9 @@ def _dkv(q_rows, k, v, do_rows, lse, delta, sorted_idx, lay: _Layout, scale, int
   per_call = lambda x, c: jax.lax.dynamic_slice_in_dim(x, c * items_per_call, items_per_call,
                                                        axis=2)
   dk_parts, dv_parts = jax.lax.map(
-      lambda c: call(blocks[c], counts[c], queries[c], q_rows, k, v, do_rows,
+      lambda c: call(*(x[c] for x in tables), q_rows, k, v, do_rows,
                      per_call(vectors[0], c), per_call(vectors[1], c)),
-      jnp.arange(blocks.shape[0]))  # [NC, B, Hkv, Ic, l', Dp]
+      jnp.arange(tables[0].shape[0]))  # [NC, B, Hkv, Ic, l', Dp]
 
   def per_token(parts, dim):
     parts = jnp.moveaxis(parts, 0, 2).reshape(lay.batch, lay.num_kv_heads, -1, lay.block,
@@ -458,18 +526,19 @@ def _dkv(q_rows, k, v, do_rows, lse, delta, sorted_idx, lay: _Layout, scale, int
   return per_token(dk_parts, lay.head_dim), per_token(dv_parts, lay.head_dim_v)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _selected_attention(q, k, v, sorted_idx, scale, block, interpret):
-  return _selected_attention_fwd(q, k, v, sorted_idx, scale, block, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _selected_attention(q, k, v, sorted_idx, halves, scale, block, interpret):
+  return _selected_attention_fwd(q, k, v, sorted_idx, halves, scale, block, interpret)[0]
 
 
-def _selected_attention_fwd(q, k, v, sorted_idx, scale, block, interpret):
-  lay = _layout(q, v, sorted_idx.shape[-1], block)
+def _selected_attention_fwd(q, k, v, sorted_idx, halves, scale, block, interpret):
+  lay = _layout(q, v, sorted_idx.shape[-1], block, halves is not None)
   k_blocks = _to_blocks(k, lay, lay.head_dim_pad)
   v_blocks = _to_blocks(v, lay, lay.head_dim_v_pad)
   out_rows, lse = _tiled_call(
       functools.partial(_forward_kernel, lay=lay, scale=scale), "nsa_selected_fwd_tpu", lay,
-      _tile_tables(sorted_idx, lay), [(_to_rows(q, lay, lay.head_dim_pad), "rows")], k_blocks,
+      _tile_tables(sorted_idx, lay, halves), [(_to_rows(q, lay, lay.head_dim_pad), "rows")],
+      k_blocks,
       # float32 output rows: the backward's delta = rowsum(dO * O) needs them unrounded (a
       # bfloat16-rounded O puts ~2^-9 |dO| |O| into every dS, which can exceed a small dq).
       v_blocks, [("rows", lay.head_dim_v_pad, jnp.float32), ("vector", None, jnp.float32)],
@@ -477,12 +546,12 @@ def _selected_attention_fwd(q, k, v, sorted_idx, scale, block, interpret):
        pltpu.VMEM((lay.tile_rows, LANES), jnp.float32),
        pltpu.VMEM((lay.tile_rows, lay.head_dim_v_pad), jnp.float32)], interpret)
   out = _from_rows(out_rows, lay, lay.head_dim_v).astype(q.dtype)
-  return out, (q, k, v, sorted_idx, out_rows, lse)
+  return out, (q, k, v, sorted_idx, halves, out_rows, lse)
 
 
 def _selected_attention_bwd(scale, block, interpret, residuals, d_out):
-  q, k, v, sorted_idx, out_rows, lse = residuals
-  lay = _layout(q, v, sorted_idx.shape[-1], block)
+  q, k, v, sorted_idx, halves, out_rows, lse = residuals
+  lay = _layout(q, v, sorted_idx.shape[-1], block, halves is not None)
   q_rows = _to_rows(q, lay, lay.head_dim_pad)
   k_blocks = _to_blocks(k, lay, lay.head_dim_pad)
   v_blocks = _to_blocks(v, lay, lay.head_dim_v_pad)
@@ -491,20 +560,22 @@ def _selected_attention_bwd(scale, block, interpret, residuals, d_out):
   delta = delta[:, :, None, :]  # [B, Hkv, 1, T_pad * Gp], like lse
   (dq_rows,) = _tiled_call(
       functools.partial(_dq_kernel, lay=lay, scale=scale), "nsa_selected_dq_tpu", lay,
-      _tile_tables(sorted_idx, lay),
+      _tile_tables(sorted_idx, lay, halves),
       [(q_rows, "rows"), (do_rows, "rows"), (lse, "vector"), (delta, "vector")], k_blocks,
       v_blocks, [("rows", lay.head_dim_pad, q.dtype)],
       [pltpu.VMEM((lay.tile_rows, lay.head_dim_pad), jnp.float32)], interpret)
   dk, dv = _dkv(q_rows, k_blocks, v_blocks, do_rows, lse, delta, sorted_idx, lay, scale,
-                interpret)
-  return _from_rows(dq_rows, lay, lay.head_dim), dk.astype(k.dtype), dv.astype(v.dtype), None
+                interpret, halves)
+  return (_from_rows(dq_rows, lay, lay.head_dim), dk.astype(k.dtype), dv.astype(v.dtype), None,
+          None)
 
 
 _selected_attention.defvjp(_selected_attention_fwd, _selected_attention_bwd)
 
 
 def selected_attention(q, k, v, block_indices, *, block: int, scale: float,
-                       interpret: bool = False, indices_sorted: bool = False):
+                       interpret: bool = False, indices_sorted: bool = False,
+                       document_starts=None):
   """Attention of each query over the tokens `s <= t` of its KV group's selected blocks (TPU).
 
   Args:
@@ -515,16 +586,27 @@ def selected_attention(q, k, v, block_indices, *, block: int, scale: float,
     indices_sorted: the indices are already what `sorted_causal_block_indices` makes (distinct,
       ascending, causal, -1 last; e.g. a top-n selection's output): skip re-sorting them.
     interpret: run under the TPU interpreter (CPU) with race detection.
+    document_starts: int32 `[B, T]` or None: packed rows (SPEC.md), each position's document
+      start; `block_indices` are then document-local (block `j` of a document starting at `s`
+      holds tokens `[s + j*l', s + (j+1)*l')`) and `indices_sorted` is ignored.
 
   Returns:
     `[B, T, Hq, Dv]` in q.dtype; differentiable in q, k and v.
   """
-  if not indices_sorted:
+  halves = None
+  if document_starts is not None:
+    block_indices, codes, offsets = document_block_halves(block_indices, document_starts, block)
+    halves = (codes, offsets)
+  elif not indices_sorted:
     block_indices = sorted_causal_block_indices(block_indices, block)
-  lay = _layout(q[:1], v[:1], block_indices.shape[-1], block)  # raises if 1 sequence is too many
-  per_call = _batch_per_call(lay.num_kv_heads, lay.union_len)
+  documents = halves is not None
+  # Raises if one sequence's tables are too many.
+  lay = _layout(q[:1], v[:1], block_indices.shape[-1], block, documents)
+  per_call = _batch_per_call(lay.num_kv_heads, lay.union_len, lay.positions, documents)
   # A large batch is cut into calls whose tables fit SMEM (each is differentiable on its own).
+  cut = lambda x, i: None if x is None else jax.tree.map(lambda a: a[i:i + per_call], x)
   parts = [_selected_attention(q[i:i + per_call], k[i:i + per_call], v[i:i + per_call],
-                               block_indices[i:i + per_call], float(scale), block, interpret)
+                               block_indices[i:i + per_call], cut(halves, i), float(scale),
+                               block, interpret)
            for i in range(0, q.shape[0], per_call)]
   return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
