@@ -37,7 +37,7 @@ PACKED_IMPLEMENTATIONS = {
     "select_blocks": ("reference", "xla"),
     "compressed_attention_and_selection": ("reference", "xla"),
     "selected_attention": ("reference", "xla", "pallas_gpu", "pallas_tpu"),
-    "sliding_window_attention": ("reference", "xla", "pallas_tpu"),
+    "sliding_window_attention": ("reference", "xla", "pallas_gpu", "pallas_tpu"),
     "nsa_attention": ("reference", "xla"),
 }
 

@@ -6,7 +6,8 @@
   (3.2 ms forward, 14.5 ms forward+backward at T=64k on an H200: 346 / 265 TF/s, above every
   Pallas kernel here; no banded Pallas kernel was written to compete), falling back to the XLA
   path where cuDNN does not apply (float32, Dk != Dv, head sizes it does not take, interpret
-  mode);
+  mode); packed rows, which cuDNN's public entry point cannot mask per document: the
+  selected-attention kernels over each position's window as a document (`_packed_window`);
 - compressed attention where cuDNN takes the inputs and `d <= CUDNN_COMPRESSED_MAX_STRIDE`
   (`cudnn_compressed_applies`): cuDNN over folded queries (`nsa_jax.cudnn_compressed`: one
   causal attention of chunk queries with `d * G` heads a KV group), forward and backward; in
@@ -160,10 +161,32 @@ def selected_attention(q, k, v, block_indices, scale, *, block, interpret=False,
                                             document_starts=starts)
 
 
-def sliding_window_attention(q, k, v, scale, *, window, interpret=False):
+# Packed rows' window through the selected-attention kernels: blocks of this many tokens.
+PACKED_WINDOW_BLOCK = 64
+
+
+def sliding_window_attention(q, k, v, scale, *, window, interpret=False, segment_ids=None):
+  if segment_ids is not None:
+    return _packed_window(q, k, v, scale, window, segment_ids, interpret)
   if use_cudnn(q, v, interpret):
     return cudnn_causal_attention(q, k, v, scale, window)
   return xla.sliding_window_attention(q, k, v, scale, window=window, query_chunk=GPU_QUERY_CHUNK)
+
+
+def _packed_window(q, k, v, scale, window, segment_ids, interpret):
+  """The window of packed rows: keys `max(s, t - w + 1) .. t` (s: t's document start). cuDNN's
+  flash attention takes no per-document mask through `jax.nn.dot_product_attention`, so this is
+  the selected-attention kernel over a virtual document starting at that first key: its
+  `ceil(w / 64)` blocks of 64 tokens (halves of aligned blocks, `document_block_halves`)."""
+  block = PACKED_WINDOW_BLOCK
+  first = jnp.maximum(segments.document_starts(segment_ids),
+                      jnp.arange(q.shape[1], dtype=jnp.int32) - window + 1)
+  num_blocks = -(-window // block)
+  blocks = jnp.broadcast_to(jnp.arange(num_blocks, dtype=jnp.int32),
+                            q.shape[:2] + (k.shape[2], num_blocks))
+  return selected_kernel.selected_attention(q, k, v, blocks, block=block,
+                                            scale=_static_scale(scale), interpret=interpret,
+                                            document_starts=first)
 
 
 def nsa_attention(q, k, v, gates, k_cmp, v_cmp, scale, *, config: NSAConfig, interpret=False):

@@ -289,30 +289,23 @@ def test_kernel_selected_attention_values_and_gradients_equal_their_documents_al
       (q, k, v), (indices,))
 
 
-def test_tpu_sliding_window_values_and_gradients_equal_their_documents_alone():
-  """Splash attention with one segment id per document, under the TPU interpreter."""
+@pytest.mark.parametrize("impl, window, block", [
+    ("pallas_tpu", 6, None),  # splash attention, one segment id per document
+    ("pallas_gpu", 6, None),  # the selected kernels over each position's window
+    ("pallas_gpu", 20, 8)])  # ... in several blocks
+def test_kernel_sliding_window_values_and_gradients_equal_their_documents_alone(
+    monkeypatch, impl, window, block):
+  if block is not None:
+    from nsa_jax import pallas_gpu
+    monkeypatch.setattr(pallas_gpu, "PACKED_WINDOW_BLOCK", block)
   q, k, v = random_qkv(2, 45, 4, 2, 16)
   segment_ids = segment_ids_of(DOCUMENTS)  # ids repeat: splash must see one id per document
-  cotangent = jax.random.normal(fresh_key(), q.shape)
-
-  def packed_loss(q, k, v):
-    out = nsa_jax.sliding_window_attention(q, k, v, window=CONFIG.window, scale=SCALE,
-                                           implementation="pallas_tpu", interpret=True,
-                                           segment_ids=segment_ids)
-    return jnp.sum(out * cotangent), out
-
-  def alone(q, k, v, cotangent):
-    def loss(q, k, v):
-      out = reference.sliding_window_attention(q, k, v, SCALE, window=CONFIG.window)
-      return jnp.sum(out * cotangent), out
-    (_, out), grads = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(q, k, v)
-    return (out, *grads)
-
-  (_, out), grads = jax.value_and_grad(packed_loss, (0, 1, 2), has_aux=True)(q, k, v)
-  expected = per_document(alone, (q, k, v, cotangent))
-  assert_close(out, expected[0])
-  for grad, want in zip(grads, expected[1:]):
-    assert_grads_close(grad, want)
+  _check_against_documents_alone(
+      lambda q, k, v: nsa_jax.sliding_window_attention(
+          q, k, v, window=window, scale=SCALE, implementation=impl, interpret=True,
+          segment_ids=segment_ids),
+      lambda q, k, v: reference.sliding_window_attention(q, k, v, SCALE, window=window),
+      (q, k, v))
 
 
 @pytest.mark.parametrize("attention", ["nsa", "nsa_no_selection", "window", "dense"])
@@ -357,3 +350,26 @@ def test_gpu_selected_attention_on_packed_rows_matches_xla_on_gpu(group, dtype):
   assert out.dtype == dtype
   assert_close(out, want, dtype)
   assert_grads_close(grads, want_grads, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("group", [1, 16])
+def test_gpu_sliding_window_on_packed_rows_matches_xla_on_gpu(group):
+  """The paper's w = 512 on packed rows through the selected kernels (bfloat16), values and
+  gradients, against the XLA path on the same rows."""
+  segment_ids = segment_ids_of([[1, 70, 1500, 3, 640, 63, 129, 900], [4096 - 17, 17]])
+  q, k, v = random_qkv(2, 4096, 2 * group, 2, 128, dtype=jnp.bfloat16)
+  cotangent = jax.random.normal(fresh_key(), q.shape, jnp.float32)
+
+  def run(implementation, q, k, v):
+    def loss(q, k, v):
+      out = nsa_jax.sliding_window_attention(q, k, v, window=512, implementation=implementation,
+                                             segment_ids=segment_ids)
+      return jnp.sum(out.astype(jnp.float32) * cotangent), out
+    (_, out), grads = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(q, k, v)
+    return out, grads
+
+  out, grads = run("pallas_gpu", q, k, v)
+  want, want_grads = run("xla", *(x.astype(jnp.float32) for x in (q, k, v)))
+  assert_close(out, want, jnp.bfloat16)
+  assert_grads_close(grads, want_grads, jnp.bfloat16)
