@@ -33,7 +33,7 @@ def default_implementation() -> str:
 # The implementations that take packed rows (`segment_ids`) so far, per function of `_call`;
 # the others raise NotImplementedError naming themselves.
 PACKED_IMPLEMENTATIONS = {
-    "compressed_attention": ("reference", "xla"),
+    "compressed_attention": ("reference", "xla", "pallas_gpu", "pallas_tpu"),
     "select_blocks": ("reference", "xla"),
     "compressed_attention_and_selection": ("reference", "xla"),
     "selected_attention": ("reference", "xla", "pallas_gpu", "pallas_tpu"),

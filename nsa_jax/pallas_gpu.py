@@ -16,9 +16,10 @@
   (`compressed_attention.selection_from_lse`) and the top-n kernel of `pallas_kernels.gpu.top_n`.
   H200, T=64k: output 9.0 ms forward and 32.7 ms forward+backward against 16.8 / 51.2 for the
   Pallas kernels;
-- compressed attention elsewhere (float32, Dk != Dv, larger strides, interpret mode): the
-  Pallas kernels of `pallas_kernels.gpu.compressed_attention`, forward and backward, with the
-  selection scores fused into the forward;
+- compressed attention elsewhere (float32, Dk != Dv, larger strides, interpret mode, packed
+  rows, which the folded cuDNN call cannot mask per document): the Pallas kernels of
+  `pallas_kernels.gpu.compressed_attention`, forward and backward, with the selection scores
+  fused into the forward (not yet for packed rows);
 - mean-pooling compression: the XLA path (one fused elementwise pass);
 - decoding: four kernels a step (`decode_step`: the cache append with mean pooling + compressed
   partials, selection scores, top-n + selected + window partials, combine;
@@ -109,8 +110,13 @@ def cudnn_compressed_applies(q, v_cmp, stride, interpret=False) -> bool:
           and stride <= CUDNN_COMPRESSED_MAX_STRIDE)
 
 
-def compressed_attention(q, k_cmp, v_cmp, scale, *, block, stride, interpret=False):
+def compressed_attention(q, k_cmp, v_cmp, scale, *, block, stride, interpret=False,
+                         segment_ids=None):
   scale = _static_scale(scale)
+  if segment_ids is not None:  # the folded cuDNN call has no per-document mask: the Pallas one
+    return compressed_kernel.compressed_attention(
+        q, k_cmp, v_cmp, block=block, stride=stride, scale=scale, interpret=interpret,
+        document_starts=segments.document_starts(segment_ids))
   if cudnn_compressed_applies(q, v_cmp, stride, interpret):
     return cudnn_compressed.compressed_attention(q, k_cmp, v_cmp, scale, block=block,
                                                  stride=stride)

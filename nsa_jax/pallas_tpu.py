@@ -4,7 +4,7 @@
   packed rows as halves of aligned blocks);
 - compressed attention: `pallas_kernels.tpu.compressed_attention`, fused with the selection
   scores (pass 1: log-sum-exp; pass 2: output and scores from the same probabilities); the top-n
-  of the scores is `lax.top_k` in XLA;
+  of the scores is `lax.top_k` in XLA; packed rows for the output and log-sum-exp alone;
 - sliding window: splash attention's `LocalMask` (`pallas_kernels.tpu.sliding_window`), packed
   rows through splash's segment ids (one per document);
 - mean-pooling compression: the XLA path;
@@ -43,9 +43,11 @@ def _static_scale(scale):
   return static_scale(scale, "pallas_tpu")
 
 
-def compressed_attention(q, k_cmp, v_cmp, scale, *, block, stride, interpret=False):
-  return compressed_kernel.compressed_attention(q, k_cmp, v_cmp, block=block, stride=stride,
-                                                scale=_static_scale(scale), interpret=interpret)
+def compressed_attention(q, k_cmp, v_cmp, scale, *, block, stride, interpret=False,
+                         segment_ids=None):
+  return compressed_kernel.compressed_attention(
+      q, k_cmp, v_cmp, block=block, stride=stride, scale=_static_scale(scale),
+      interpret=interpret, document_starts=segments.document_starts_or_none(segment_ids))
 
 
 def compressed_attention_and_selection(q, k_cmp, v_cmp, scale, config, interpret):

@@ -289,6 +289,45 @@ def test_kernel_selected_attention_values_and_gradients_equal_their_documents_al
       (q, k, v), (indices,))
 
 
+@pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_tpu"])
+def test_kernel_compressed_attention_values_lse_and_gradients_equal_their_documents_alone(impl):
+  """Output and log-sum-exp (-inf where a document has no complete block yet), and the
+  gradients through both, of the kernels on the packed rows' compressed slots."""
+  q, k, v = random_qkv(2, 45, 4, 2, 16)
+  segment_ids = segment_ids_of(DOCUMENTS)
+  k_cmp, v_cmp = compress(k, v, segment_ids)
+  lse_weights = jax.random.normal(fresh_key(), q.shape[:3])
+
+  def packed(q, k_cmp, v_cmp):
+    return nsa_jax.compressed_attention(q, k_cmp, v_cmp, block=CONFIG.cmp_block,
+                                        stride=CONFIG.cmp_stride, scale=SCALE,
+                                        implementation=impl, interpret=True,
+                                        segment_ids=segment_ids)
+
+  def alone(q, k, v):
+    return reference.compressed_attention(q, *compress(k, v), SCALE, block=CONFIG.cmp_block,
+                                          stride=CONFIG.cmp_stride)
+
+  out, lse = packed(q, k_cmp, v_cmp)
+  want_out, want_lse = per_document(alone, (q, k, v))
+  assert_close(out, want_out)
+  np.testing.assert_array_equal(np.isinf(lse), np.isinf(want_lse))
+  assert_close(jnp.where(jnp.isinf(lse), 0, lse), np.where(np.isinf(want_lse), 0, want_lse))
+
+  # Gradients through the output and the finite lse, against the XLA path on the same packed
+  # slots (itself checked against documents alone above).
+  def loss(fn, q, k_cmp, v_cmp):
+    out, lse = fn(q, k_cmp, v_cmp)
+    return jnp.sum(out * q) + jnp.sum(jnp.where(jnp.isinf(lse), 0, lse) * lse_weights)
+  xla_fn = lambda q, k_cmp, v_cmp: xla.compressed_attention(
+      q, k_cmp, v_cmp, SCALE, block=CONFIG.cmp_block, stride=CONFIG.cmp_stride,
+      segment_ids=segment_ids)
+  grads = jax.grad(functools.partial(loss, packed), (0, 1, 2))(q, k_cmp, v_cmp)
+  want = jax.grad(functools.partial(loss, xla_fn), (0, 1, 2))(q, k_cmp, v_cmp)
+  for grad, expected in zip(grads, want):
+    assert_grads_close(grad, expected)
+
+
 @pytest.mark.parametrize("impl, window, block", [
     ("pallas_tpu", 6, None),  # splash attention, one segment id per document
     ("pallas_gpu", 6, None),  # the selected kernels over each position's window

@@ -25,6 +25,11 @@ Backward: a dQ kernel over the row tiles and a dK/dV kernel over (key tile, chun
 with float32 partials summed afterwards (both recompute `p` from the saved log-sum-exp), the
 flash-attention split with the long causal walks of the first key tiles cut into chunks.
 
+Packed rows (`compressed_attention(document_starts=...)`, output and log-sum-exp; not the scores
+yet): block `i` of the document starting at `s` sits in slot `s // d + i` (SPEC.md), so row `t`
+sees slot `c` iff `c >= s // d` and `c*d + l - 1 + s % d <= t`: each row's start rides along as
+a row vector and every tile is masked.
+
 Layout inside: query rows `[B, Hkv, T_pad * Gc, Dp]` (position-major), compressed keys / values
 `[B, Hkv, Tc_pad, Dp]`; `Gc = pow2(G)`, head dims padded to powers of two >= 16.
 """
@@ -143,18 +148,24 @@ def _row_positions(tile, lay: _Layout):
   return tile * lay.positions + jnp.arange(lay.rows) // lay.heads  # [R]
 
 
-def _scores(q, k, key_start, row_pos, lay: _Layout, scale, masked=True):
+def _scores(q, k, key_start, row_pos, lay: _Layout, scale, masked=True, starts=None):
   """`scale * log2(e) * q . k` of one key tile: `[R, keys]`, and its visibility mask.
 
   `masked=False` for tiles that every row sees whole (`_full_tile_count`): no mask is built or
   applied (the elementwise mask costs about as much as a matmul per tile), and None is returned.
+  `starts [R]`: packed rows, each row's document start (its blocks' slots and offset).
   """
   s = _dot(q, k, trans_b=True) * (scale * LOG2E)
   if not masked:
     return s, None
   key = key_start + jnp.arange(k.shape[0])
-  visible = (key[None, :] * lay.stride + lay.block - 1 <= row_pos[:, None]) & (
-      key[None, :] < lay.num_cmp)
+  if starts is None:
+    visible = key[None, :] * lay.stride + lay.block - 1 <= row_pos[:, None]
+  else:
+    first, shift = starts // lay.stride, starts % lay.stride
+    visible = (key[None, :] >= first[:, None]) & (
+        key[None, :] * lay.stride + lay.block - 1 + shift[:, None] <= row_pos[:, None])
+  visible = visible & (key[None, :] < lay.num_cmp)
   return jnp.where(visible, s, MASK_VALUE), visible
 
 
@@ -170,13 +181,13 @@ def _full_tile_count(tile, lay: _Layout, keys=None):
   return _num_visible(tile * lay.positions, lay) // (keys or KEYS)
 
 
-def _lse_pass(q, k_ref, row_pos, num_full, num_tiles, lay, scale):
+def _lse_pass(q, k_ref, row_pos, num_full, num_tiles, lay, scale, starts=None):
   """Pass 1 over tiles of LSE_KEYS keys (the first `num_full` unmasked): each row's base-2
   log-sum-exp."""
   def body(kt, carry, masked):
     row_max, row_sum = carry
     keys = pl.ds(kt * LSE_KEYS, LSE_KEYS)
-    s, visible = _scores(q, k_ref[keys, :], kt * LSE_KEYS, row_pos, lay, scale, masked)
+    s, visible = _scores(q, k_ref[keys, :], kt * LSE_KEYS, row_pos, lay, scale, masked, starts)
     new_max = jnp.maximum(row_max, jnp.max(s, axis=1))
     p = jnp.exp2(s - new_max[:, None])
     if masked:  # masked entries count 0 even in a row that sees nothing yet (max MASK_VALUE)
@@ -327,8 +338,16 @@ class _ScoreWriter:
                     self.lay)
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, *refs, lay, scale, slc_block, slc_cols, slc_spill):
+def _num_full(tile, lay, keys=None, documents=False):
+  """`_full_tile_count`, or 0 for packed rows (every tile masked)."""
+  return 0 if documents else _full_tile_count(tile, lay, keys)
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, *refs, lay, scale, slc_block, slc_cols, slc_spill,
+                    documents=False):
   """Pass 1 (lse), then pass 2 (output and, with `slc_block`, the selection scores)."""
+  starts = refs[0][...] if documents else None  # packed rows: each row's document start
+  refs = refs[1:] if documents else refs
   if slc_block:
     _, o_ref, lse_ref, score_ref = refs  # refs[0]: the zeros aliased to score_ref
   else:
@@ -337,13 +356,14 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, lay, scale, slc_block, slc_cols,
   q = q_ref[...]
   row_pos = _row_positions(tile, lay)
   num_tiles = _tile_count(tile, lay)
-  lse = _lse_pass(q, k_ref, row_pos, _full_tile_count(tile, lay, LSE_KEYS),
-                  _tile_count(tile, lay, LSE_KEYS), lay, scale)
+  lse = _lse_pass(q, k_ref, row_pos, _num_full(tile, lay, LSE_KEYS, documents),
+                  _tile_count(tile, lay, LSE_KEYS), lay, scale, starts)
   writer = slc_block and _ScoreWriter(score_ref, tile, lay, slc_block, slc_cols, slc_spill)
 
   def body(kt, carry, masked):
     acc, spill = carry
-    s, _ = _scores(q, k_ref[pl.ds(kt * KEYS, KEYS), :], kt * KEYS, row_pos, lay, scale, masked)
+    s, _ = _scores(q, k_ref[pl.ds(kt * KEYS, KEYS), :], kt * KEYS, row_pos, lay, scale, masked,
+                   starts)
     # Masked scores are MASK_VALUE and empty rows have lse = +inf: p is 0 there without a mask.
     p = jnp.exp2(s - lse[:, None])
     v = v_ref[pl.ds(kt * KEYS, KEYS), :]
@@ -352,7 +372,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, lay, scale, slc_block, slc_cols,
 
   init = (jnp.zeros((lay.rows, o_ref.shape[1]), jnp.float32),
           writer.init() if slc_block else jnp.zeros((1,), jnp.float32))
-  acc, spill = masked_split_loop(_full_tile_count(tile, lay), num_tiles, body, init)
+  acc, spill = masked_split_loop(_num_full(tile, lay, documents=documents), num_tiles, body,
+                                 init)
   o_ref[...] = acc.astype(o_ref.dtype)
   lse_ref[...] = lse
   if slc_block:
@@ -379,7 +400,9 @@ def _scores_kernel(q_ref, k_ref, lse_ref, _, score_ref, *, lay, scale, slc_block
   writer.finish(num_tiles, spill)
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, lay, scale):
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, lay, scale,
+               documents=False):
+  starts, (dq_ref,) = (refs[0][...], refs[1:]) if documents else (None, refs)
   tile = pl.program_id(0)
   q, do = q_ref[...], do_ref[...]
   lse, delta = lse_ref[...], delta_ref[...]
@@ -387,22 +410,24 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, lay, 
 
   def body(kt, dq, masked):
     k = k_ref[pl.ds(kt * KEYS, KEYS), :]
-    s, _ = _scores(q, k, kt * KEYS, row_pos, lay, scale, masked)
+    s, _ = _scores(q, k, kt * KEYS, row_pos, lay, scale, masked, starts)
     p = jnp.exp2(s - lse[:, None])  # 0 where masked (MASK_VALUE) or the row is empty (+inf)
     ds = p * (_dot(do, v_ref[pl.ds(kt * KEYS, KEYS), :], trans_b=True) - delta[:, None])
     return dq + _dot(ds.astype(k.dtype), k)
 
-  dq = masked_split_loop(_full_tile_count(tile, lay), _tile_count(tile, lay), body,
+  dq = masked_split_loop(_num_full(tile, lay, documents=documents), _tile_count(tile, lay), body,
                           jnp.zeros(q.shape, jnp.float32))
   dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, lay, scale,
-                chunk, num_chunks, step_rows):
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, lay, scale, chunk,
+                num_chunks, step_rows, documents=False):
   """One key tile's dK/dV over one chunk of row tiles (float32 partials, summed outside).
 
   Each step loads `step_rows` rows: a whole row tile, or a part of one for wide float32 heads.
+  Packed rows: the rows' document starts (`starts_ref`) mask every step.
   """
+  starts_ref, (dk_ref, dv_ref) = (refs[0], refs[1:]) if documents else (None, refs)
   key_tile, first_row_tile = pl.program_id(0) // num_chunks, pl.program_id(0) % num_chunks * chunk
   k, v = k_ref[...], v_ref[...]
   key_start = key_tile * DKV_KEYS
@@ -415,7 +440,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
     rows = pl.ds(step * step_rows, step_rows)
     q, do = q_ref[rows, :], do_ref[rows, :]
     row_pos = (step * step_rows + jnp.arange(step_rows)) // lay.heads
-    s, _ = _scores(q, k, key_start, row_pos, lay, scale, masked)
+    starts = None if starts_ref is None else starts_ref[rows]
+    s, _ = _scores(q, k, key_start, row_pos, lay, scale, masked, starts)
     p = jnp.exp2(s - lse_ref[rows][:, None])  # [rows, DKV_KEYS], 0 where masked
     dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
     ds = p * (_dot(do, v, trans_b=True) - delta_ref[rows][:, None])
@@ -428,7 +454,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
   # padded keys (past Tc) is masked throughout.
   last_key = key_start + DKV_KEYS - 1
   all_seen = jnp.where(last_key < lay.num_cmp, last_key * lay.stride + lay.block - 1, lay.seq_pad)
-  first_full = jnp.clip(pl.cdiv(all_seen * lay.heads, step_rows), start, stop)
+  first_full = stop if documents else jnp.clip(pl.cdiv(all_seen * lay.heads, step_rows), start,
+                                                stop)
   carry = jax.lax.fori_loop(start, first_full, lambda i, c: body(i, c, True), init)
   dk, dv = jax.lax.fori_loop(first_full, stop, lambda i, c: body(i, c, False), carry)
   dk_ref[...] = dk * scale
@@ -492,22 +519,26 @@ def _score_buffer(lay: _Layout, slc_block, slc_cols, keys=None):
           pl.BlockSpec((None, None) + shape[2:], lambda i, b, g: (b, g, 0, 0)))
 
 
-def _forward(q, k, v, lay: _Layout, scale, slc_block, interpret):
+def _forward(q, k, v, lay: _Layout, scale, slc_block, interpret, starts=None):
   rows, row_vector, keys = _specs(lay)
   slc_cols, slc_spill = _slc_geometry(lay, slc_block)
   kernel = functools.partial(_forward_kernel, lay=lay, scale=scale, slc_block=slc_block,
-                             slc_cols=slc_cols, slc_spill=slc_spill)
+                             slc_cols=slc_cols, slc_spill=slc_spill,
+                             documents=starts is not None)
   num_rows = lay.seq_pad * lay.heads
   in_specs = [rows(lay.head_dim_pad), keys(lay.head_dim_pad), keys(lay.head_dim_v_pad)]
+  in_specs += [] if starts is None else [row_vector]
   out_specs = [rows(lay.head_dim_v_pad), row_vector]
   out_shape = [
       # float32: the backward's delta needs it (see `_compressed_bwd`).
       jax.ShapeDtypeStruct((lay.batch, lay.num_kv_heads, num_rows, lay.head_dim_v_pad),
                            jnp.float32),
       jax.ShapeDtypeStruct((lay.batch, lay.num_kv_heads, num_rows), jnp.float32)]
-  args = [q, k, v]
+  args = [q, k, v] + ([] if starts is None else [starts])
   aliases = {}
   if slc_block:
+    if starts is not None:
+      raise NotImplementedError("the fused selection scores do not take packed rows yet")
     zeros, whole = _score_buffer(lay, slc_block, slc_cols)
     in_specs.append(whole)
     out_specs.append(whole)
@@ -535,16 +566,18 @@ def _scores_only(q, k, lse2, lay: _Layout, scale, slc_block, interpret):
       name="nsa_selection_scores")(q, k, lse2, zeros)
 
 
-def _backward(q, k, v, do, lse, delta, lay: _Layout, scale, interpret):
+def _backward(q, k, v, do, lse, delta, lay: _Layout, scale, interpret, starts=None):
   rows, row_vector, keys = _specs(lay)
+  documents = starts is not None
+  packed = [] if starts is None else [starts]  # packed rows: the rows' document starts
   dq = pl.pallas_call(
-      functools.partial(_dq_kernel, lay=lay, scale=scale),
+      functools.partial(_dq_kernel, lay=lay, scale=scale, documents=documents),
       grid=(lay.num_row_tiles, lay.batch, lay.num_kv_heads),
       in_specs=[rows(lay.head_dim_pad), keys(lay.head_dim_pad), keys(lay.head_dim_v_pad),
-                rows(lay.head_dim_v_pad), row_vector, row_vector],
+                rows(lay.head_dim_v_pad), row_vector, row_vector] + [row_vector] * len(packed),
       out_specs=rows(lay.head_dim_pad), out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       compiler_params=_params(), interpret=interpret, name="nsa_compressed_dq",
-  )(q, k, v, do, lse, delta)
+  )(q, k, v, do, lse, delta, *packed)
   num_rows = lay.seq_pad * lay.heads
   chunk, num_chunks = _dkv_chunks(lay)
   whole_rows = lambda d: pl.BlockSpec((None, None, num_rows, d), lambda i, b, g: (b, g, 0, 0))
@@ -556,16 +589,16 @@ def _backward(q, k, v, do, lse, delta, lay: _Layout, scale, interpret):
   partial_shape = lambda x: jax.ShapeDtypeStruct((num_chunks,) + x.shape, jnp.float32)
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, lay=lay, scale=scale, chunk=chunk, num_chunks=num_chunks,
-                        step_rows=_dkv_step_rows(lay, q.dtype)),
+                        step_rows=_dkv_step_rows(lay, q.dtype), documents=documents),
       grid=(lay.cmp_pad // DKV_KEYS * num_chunks, lay.batch, lay.num_kv_heads),
       in_specs=[whole_rows(lay.head_dim_pad), key_tile(lay.head_dim_pad),
                 key_tile(lay.head_dim_v_pad), whole_rows(lay.head_dim_v_pad), whole_vector,
-                whole_vector],
+                whole_vector] + [whole_vector] * len(packed),
       out_specs=[partial(lay.head_dim_pad), partial(lay.head_dim_v_pad)],
       out_shape=[partial_shape(k), partial_shape(v)],
       compiler_params=plgpu.CompilerParams(num_warps=DKV_NUM_WARPS, num_stages=NUM_STAGES),
       interpret=interpret, name="nsa_compressed_dkv",
-  )(q, k, v, do, lse, delta)
+  )(q, k, v, do, lse, delta, *packed)
   dk, dv = jnp.sum(dk, axis=0).astype(k.dtype), jnp.sum(dv, axis=0).astype(v.dtype)
   return dq, dk, dv
 
@@ -575,24 +608,35 @@ def _natural_lse(lse2):
   return jnp.where(jnp.isinf(lse2), -jnp.inf, lse2 / LOG2E)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
-def _compressed(q, k_cmp, v_cmp, scale, block, stride, slc_block, interpret):
-  return _compressed_fwd(q, k_cmp, v_cmp, scale, block, stride, slc_block, interpret)[0]
+def _starts_rows(starts, lay: _Layout):
+  """Packed rows' document starts `[B, T]` -> the row vector `[B, Hkv, T_pad * Gc]` (None
+  stays None)."""
+  if starts is None:
+    return None
+  per_head = jnp.broadcast_to(starts[:, :, None, None].astype(jnp.int32),
+                              starts.shape + (lay.num_kv_heads * lay.group, 1))
+  return _to_rows(per_head, lay, 1)[..., 0]
 
 
-def _compressed_fwd(q, k_cmp, v_cmp, scale, block, stride, slc_block, interpret):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _compressed(q, k_cmp, v_cmp, starts, scale, block, stride, slc_block, interpret):
+  return _compressed_fwd(q, k_cmp, v_cmp, starts, scale, block, stride, slc_block, interpret)[0]
+
+
+def _compressed_fwd(q, k_cmp, v_cmp, starts, scale, block, stride, slc_block, interpret):
   lay = _layout(q, k_cmp, v_cmp, block, stride)
   outs = _forward(_to_rows(q, lay, lay.head_dim_pad), _to_keys(k_cmp, lay, lay.head_dim_pad),
-                  _to_keys(v_cmp, lay, lay.head_dim_v_pad), lay, scale, slc_block, interpret)
+                  _to_keys(v_cmp, lay, lay.head_dim_v_pad), lay, scale, slc_block, interpret,
+                  _starts_rows(starts, lay))
   out_rows, lse2 = outs[0], outs[1]
   out = _from_rows(out_rows, lay, lay.head_dim_v)  # float32 [B, T, Hq, Dv]
   lse = _from_rows(_natural_lse(lse2)[..., None], lay, None)[..., 0]
   scores = outs[2] if slc_block else None  # [B, Hkv, rows >= T, width >= Ts], query t in row t
-  return (out.astype(q.dtype), lse, scores), (q, k_cmp, v_cmp, out, lse2)
+  return (out.astype(q.dtype), lse, scores), (q, k_cmp, v_cmp, starts, out, lse2)
 
 
 def _compressed_bwd(scale, block, stride, slc_block, interpret, residuals, cotangents):
-  q, k_cmp, v_cmp, out, lse2 = residuals
+  q, k_cmp, v_cmp, starts, out, lse2 = residuals
   d_out, d_lse, _ = cotangents  # the scores feed the (non-differentiable) selection
   lay = _layout(q, k_cmp, v_cmp, block, stride)
   d_out = d_out.astype(q.dtype)
@@ -605,29 +649,33 @@ def _compressed_bwd(scale, block, stride, slc_block, interpret, residuals, cotan
   dq, dk, dv = _backward(_to_rows(q, lay, lay.head_dim_pad),
                          _to_keys(k_cmp, lay, lay.head_dim_pad),
                          _to_keys(v_cmp, lay, lay.head_dim_v_pad), do_rows, lse2, delta, lay, scale,
-                         interpret)
+                         interpret, _starts_rows(starts, lay))
   dq = _from_rows(dq, lay, lay.head_dim)
   unkeys = lambda x, d: x.transpose(0, 2, 1, 3)[:, :lay.num_cmp, :, :d]
-  return dq, unkeys(dk, lay.head_dim), unkeys(dv, lay.head_dim_v)
+  return dq, unkeys(dk, lay.head_dim), unkeys(dv, lay.head_dim_v), None
 
 
 _compressed.defvjp(_compressed_fwd, _compressed_bwd)
 
 
 def compressed_attention(q, k_cmp, v_cmp, *, block: int, stride: int, scale: float,
-                         interpret: bool = False):
+                         interpret: bool = False, document_starts=None):
   """Attention over the compressed blocks inside each query's prefix.
 
   Args:
     q: `[B, T, Hq, Dk]`; k_cmp: `[B, Tc, Hkv, Dk]`; v_cmp: `[B, Tc, Hkv, Dv]`.
     block, stride: `l` and `d` of the compression. scale: softmax scale (a Python float).
     interpret: Pallas interpret mode (CPU).
+    document_starts: int32 `[B, T]` or None: packed rows (SPEC.md), each position's document
+      start; `k_cmp, v_cmp` then hold block `i` of the document starting at `s` in slot
+      `s // d + i`.
 
   Returns:
     `(out [B, T, Hq, Dv] in q.dtype, lse [B, T, Hq] float32)`, `lse = -inf` where nothing is
     visible; differentiable in q, k_cmp, v_cmp (through both outputs).
   """
-  out, lse, _ = _compressed(q, k_cmp, v_cmp, float(scale), block, stride, 0, interpret)
+  out, lse, _ = _compressed(q, k_cmp, v_cmp, document_starts, float(scale), block, stride, 0,
+                            interpret)
   return out, lse
 
 
@@ -641,7 +689,7 @@ def compressed_attention_with_scores(q, k_cmp, v_cmp, *, block: int, stride: int
     `(out, lse, scores)`, `scores [B, Hkv, T, Ts]` float32 (no gradient flows through them).
   """
   _check_fusable(stride, slc_block)
-  out, lse, scores = _compressed(q, k_cmp, v_cmp, float(scale), block, stride, slc_block,
+  out, lse, scores = _compressed(q, k_cmp, v_cmp, None, float(scale), block, stride, slc_block,
                                  interpret)
   return out, lse, scores[:, :, :q.shape[1], :-(-q.shape[1] // slc_block)]
 
@@ -658,7 +706,7 @@ def compressed_attention_and_selection(q, k_cmp, v_cmp, *, block: int, stride: i
     order, for the selected-attention kernels); out and lse are differentiable.
   """
   _check_fusable(stride, slc_block)
-  out, lse, scores = _compressed(q, k_cmp, v_cmp, float(scale), block, stride, slc_block,
+  out, lse, scores = _compressed(q, k_cmp, v_cmp, None, float(scale), block, stride, slc_block,
                                  interpret)
   block_indices = top_n_blocks(jax.lax.stop_gradient(scores), seq_len=q.shape[1],
                                num_selected=num_selected, slc_block=slc_block,

@@ -22,6 +22,12 @@ Every kernel builds the staircase mask only on tiles that some row of the row ti
 whole (`_seen_whole`, `_when_active`): with 512 rows of 32 positions against 512 keys of 8192
 positions, that is the last key tile of each row tile's walk.
 
+Packed rows (`compressed_attention(document_starts=...)`, output and log-sum-exp; not the fused
+scores yet): block `i` of the document starting at `s` sits in slot `s // d + i` (SPEC.md), so
+row `t` sees slot `c` iff `c >= s // d` and `c*d + l - 1 + s % d <= t`. Each row's start comes
+as a row vector (float32, exact below 2^24, transposed in the kernel like the log-sum-exp) and
+every tile is masked.
+
 Layout inside: rows `[B, Hkv, row_tiles, R, Dp]`, keys `[B, Hkv, Tc_pad, Dp]`, row vectors
 (lse, delta) `[B, Hkv, row_tiles, 1, R]` (rows on the lanes).
 """
@@ -71,6 +77,7 @@ class _Layout:
   head_dim_v_pad: int
   block: int
   stride: int
+  documents: bool = False  # packed rows: a row vector of document starts follows the inputs
 
   @property
   def rows(self) -> int:
@@ -85,14 +92,15 @@ class _Layout:
     return max(1, -(-self.num_cmp // KEYS))
 
 
-def _layout(q, k_cmp, v_cmp, block, stride) -> _Layout:
+def _layout(q, k_cmp, v_cmp, block, stride, documents=False) -> _Layout:
   b, t, hq, dk = q.shape
   hkv = k_cmp.shape[2]
   heads = _pow2(hq // hkv)
   return _Layout(batch=b, seq_len=t, num_kv_heads=hkv, group=hq // hkv, heads=heads,
                  positions=max(1, ROWS // heads), num_cmp=k_cmp.shape[1], head_dim=dk,
                  head_dim_v=v_cmp.shape[3], head_dim_pad=_round_up(dk, LANES),
-                 head_dim_v_pad=_round_up(v_cmp.shape[3], LANES), block=block, stride=stride)
+                 head_dim_v_pad=_round_up(v_cmp.shape[3], LANES), block=block, stride=stride,
+                 documents=documents)
 
 
 def _to_rows(x, lay: _Layout, dim_pad):
@@ -142,7 +150,10 @@ def _last_key_tile(row_tile, lay: _Layout):
 
 def _seen_whole(row_tile, key_tile, lay: _Layout):
   """Whether every row of `row_tile` sees every key of `key_tile`: its first position sees the
-  tile's last key (keys seen by a position are seen by all later ones)."""
+  tile's last key (keys seen by a position are seen by all later ones). Never for packed rows
+  (a document's rows do not see the slots before its own)."""
+  if lay.documents:
+    return jnp.bool_(False)
   return (key_tile + 1) * KEYS <= _num_visible(row_tile * lay.positions, lay)
 
 
@@ -166,16 +177,23 @@ def _first_row_tile(key_tile, lay: _Layout):
   return jnp.minimum(first_pos // lay.positions, lay.row_tiles - 1)
 
 
-def _scores(q, k, row_tile, key_tile, lay: _Layout, scale, masked=True):
+def _scores(q, k, row_tile, key_tile, lay: _Layout, scale, masked=True, starts_ref=None):
   """Masked `scale * q . k`, `[R, KEYS]` float32, and the visibility mask (with
-  `masked=False`, for tiles every row sees whole, the plain scores and None)."""
+  `masked=False`, for tiles every row sees whole, the plain scores and None). `starts_ref`:
+  packed rows' `[1, R]` document starts."""
   s = dot_nt(q, k) * scale
   if not masked:
     return s, None
   row = jax.lax.broadcasted_iota(jnp.int32, s.shape, 0)
   key = key_tile * KEYS + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
   pos = row_tile * lay.positions + row // lay.heads
-  visible = (key * lay.stride + lay.block - 1 <= pos) & (key < lay.num_cmp)
+  if starts_ref is None:
+    visible = key * lay.stride + lay.block - 1 <= pos
+  else:
+    starts = starts_ref[...].T.astype(jnp.int32)  # [R, 1]
+    visible = (key >= starts // lay.stride) & (
+        key * lay.stride + lay.block - 1 + starts % lay.stride <= pos)
+  visible = visible & (key < lay.num_cmp)
   return jnp.where(visible, s, MASK_VALUE), visible
 
 
@@ -205,9 +223,14 @@ def _final_lse(m_scratch, l_scratch):
   return jnp.where(l > 0, m_scratch[...][:, :1] + jnp.log(safe), jnp.inf).T, safe
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, m_scratch, l_scratch, acc_scratch, *,
-                    lay, scale):
+def _split_starts(refs, lay: _Layout):
+  """`(starts_ref or None, the other refs)`: packed rows' document starts come first."""
+  return (refs[0], refs[1:]) if lay.documents else (None, refs)
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, *refs, lay, scale):
   """One pass: online softmax, output and log-sum-exp (no selection scores)."""
+  starts_ref, (o_ref, lse_ref, m_scratch, l_scratch, acc_scratch) = _split_starts(refs, lay)
   _, _, row_tile, key_tile = (pl.program_id(i) for i in range(4))
   last_tile, any_visible = _last_key_tile(row_tile, lay)
 
@@ -217,7 +240,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, m_scratch, l_scratch, a
     acc_scratch[...] = jnp.zeros(acc_scratch.shape, jnp.float32)
 
   def accumulate(masked):
-    s, visible = _scores(q_ref[...], k_ref[...], row_tile, key_tile, lay, scale, masked)
+    s, visible = _scores(q_ref[...], k_ref[...], row_tile, key_tile, lay, scale, masked,
+                         starts_ref)
     p, alpha = _online_softmax_step(s, visible, m_scratch, l_scratch)
     v = v_ref[...]
     acc_scratch[...] = acc_scratch[...] * alpha[:, :1] + dot_nn(p.astype(v.dtype), v)
@@ -320,7 +344,8 @@ def _output_and_scores_kernel(q_ref, k_ref, v_ref, lse_ref, o_ref, score_ref, ac
     o_ref[...] = acc_scratch[...].astype(o_ref.dtype)
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_scratch, *, lay, scale):
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, lay, scale):
+  starts_ref, (dq_ref, dq_scratch) = _split_starts(refs, lay)
   _, _, row_tile, key_tile = (pl.program_id(i) for i in range(4))
   last_tile, any_visible = _last_key_tile(row_tile, lay)
 
@@ -330,7 +355,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_scrat
 
   def accumulate(masked):
     k = k_ref[...]
-    s, visible = _scores(q_ref[...], k, row_tile, key_tile, lay, scale, masked)
+    s, visible = _scores(q_ref[...], k, row_tile, key_tile, lay, scale, masked, starts_ref)
     _, ds = softmax_backward_tile(s, visible, lse_ref[...], delta_ref[...], do_ref[...],
                                   v_ref[...])  # [R, KEYS]
     dq_scratch[...] += dot_nn(ds.astype(k.dtype), k)
@@ -343,8 +368,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_scrat
     dq_ref[...] = (dq_scratch[...] * scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dk_scratch,
-                dv_scratch, *, lay, scale):
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, lay, scale):
+  starts_ref, (dk_ref, dv_ref, dk_scratch, dv_scratch) = _split_starts(refs, lay)
   _, _, key_tile, row_tile = (pl.program_id(i) for i in range(4))
 
   @pl.when(row_tile == 0)
@@ -354,7 +379,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
 
   def accumulate(masked):
     q, do = q_ref[...], do_ref[...]
-    s, visible = _scores(q, k_ref[...], row_tile, key_tile, lay, scale, masked)
+    s, visible = _scores(q, k_ref[...], row_tile, key_tile, lay, scale, masked, starts_ref)
     p, ds = softmax_backward_tile(s, visible, lse_ref[...], delta_ref[...], do,
                                   v_ref[...])  # [R, KEYS]
     dv_scratch[...] += dot_tn(p.astype(do.dtype), do)
@@ -390,7 +415,7 @@ def _row_major_specs(lay: _Layout):
   return rows, vector, keys
 
 
-def _forward(q, k, v, lay: _Layout, scale, slc_block, interpret):
+def _forward(q, k, v, lay: _Layout, scale, slc_block, interpret, starts=None):
   """`(out_rows, lse_rows, scores or None)`: one online pass, or, with `slc_block`, the fused two
   passes (log-sum-exp, then output and selection scores from the exact probabilities)."""
   rows, vector, keys = _row_major_specs(lay)
@@ -402,14 +427,18 @@ def _forward(q, k, v, lay: _Layout, scale, slc_block, interpret):
                      pltpu.VMEM((lay.rows, LANES), jnp.float32)]
   acc_scratch = pltpu.VMEM((lay.rows, lay.head_dim_v_pad), jnp.float32)
   common = dict(compiler_params=_params(_ROW_MAJOR), interpret=_interpret(interpret))
+  packed = [] if starts is None else [starts]
   if not slc_block:
     out_rows, lse_rows = pl.pallas_call(
         functools.partial(_forward_kernel, lay=lay, scale=scale), grid=shape + (lay.key_tiles,),
-        in_specs=[rows(lay.head_dim_pad), keys(lay.head_dim_pad), keys(lay.head_dim_v_pad)],
+        in_specs=[rows(lay.head_dim_pad), keys(lay.head_dim_pad), keys(lay.head_dim_v_pad)]
+        + [vector] * len(packed),
         out_specs=[rows(lay.head_dim_v_pad), vector], out_shape=[out_shape, lse_shape],
         scratch_shapes=softmax_scratch + [acc_scratch], name="nsa_compressed_fwd_tpu",
-        **common)(q, k, v)
+        **common)(q, k, v, *packed)
     return out_rows, lse_rows, None
+  if packed:
+    raise NotImplementedError("the fused selection scores do not take packed rows yet")
   lse_rows = pl.pallas_call(
       functools.partial(_lse_kernel, lay=lay, scale=scale), grid=shape + (lay.key_tiles,),
       in_specs=[rows(lay.head_dim_pad), keys(lay.head_dim_pad)], out_specs=vector,
@@ -433,17 +462,18 @@ def _forward(q, k, v, lay: _Layout, scale, slc_block, interpret):
   return out_rows, lse_rows, scores[:, :, :lay.seq_len, :num_slc]  # [B, Hkv, T, Ts]
 
 
-def _backward(q, k, v, do, lse, delta, lay: _Layout, scale, interpret):
+def _backward(q, k, v, do, lse, delta, lay: _Layout, scale, interpret, starts=None):
   rows, vector, keys = _row_major_specs(lay)
+  packed = [] if starts is None else [starts]  # packed rows: the rows' document starts
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, lay=lay, scale=scale),
       grid=(lay.batch, lay.num_kv_heads, lay.row_tiles, lay.key_tiles),
       in_specs=[rows(lay.head_dim_pad), keys(lay.head_dim_pad), keys(lay.head_dim_v_pad),
-                rows(lay.head_dim_v_pad), vector, vector],
+                rows(lay.head_dim_v_pad), vector, vector] + [vector] * len(packed),
       out_specs=rows(lay.head_dim_pad), out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       scratch_shapes=[pltpu.VMEM((lay.rows, lay.head_dim_pad), jnp.float32)],
       compiler_params=_params(_ROW_MAJOR), interpret=_interpret(interpret),
-      name="nsa_compressed_dq_tpu")(q, k, v, do, lse, delta)
+      name="nsa_compressed_dq_tpu")(q, k, v, do, lse, delta, *packed)
   # dK/dV: key tiles outer, row tiles streamed; rows before a key tile's first viewer are
   # skipped and their index map repeats that first viewer (no DMA).
   first = lambda kt, rt: jnp.maximum(rt, _first_row_tile(kt, lay))
@@ -456,37 +486,49 @@ def _backward(q, k, v, do, lse, delta, lay: _Layout, scale, interpret):
       functools.partial(_dkv_kernel, lay=lay, scale=scale),
       grid=(lay.batch, lay.num_kv_heads, lay.key_tiles, lay.row_tiles),
       in_specs=[rows_kv(lay.head_dim_pad), key_tile(lay.head_dim_pad),
-                key_tile(lay.head_dim_v_pad), rows_kv(lay.head_dim_v_pad), vector_kv, vector_kv],
+                key_tile(lay.head_dim_v_pad), rows_kv(lay.head_dim_v_pad), vector_kv, vector_kv]
+      + [vector_kv] * len(packed),
       out_specs=[key_tile(lay.head_dim_pad), key_tile(lay.head_dim_v_pad)],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       scratch_shapes=[pltpu.VMEM((KEYS, lay.head_dim_pad), jnp.float32),
                       pltpu.VMEM((KEYS, lay.head_dim_v_pad), jnp.float32)],
       compiler_params=_params(_ROW_MAJOR), interpret=_interpret(interpret),
-      name="nsa_compressed_dkv_tpu")(q, k, v, do, lse, delta)
+      name="nsa_compressed_dkv_tpu")(q, k, v, do, lse, delta, *packed)
   return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
-def _compressed(q, k_cmp, v_cmp, scale, block, stride, slc_block, interpret):
-  return _compressed_fwd(q, k_cmp, v_cmp, scale, block, stride, slc_block, interpret)[0]
+def _starts_rows(starts, lay: _Layout):
+  """Packed rows' document starts `[B, T]` -> the float32 row vector `[B, Hkv, row_tiles, 1, R]`
+  (None stays None)."""
+  if starts is None:
+    return None
+  per_head = jnp.broadcast_to(starts[:, :, None].astype(jnp.float32),
+                              starts.shape + (lay.num_kv_heads * lay.group,))
+  return _vector_to_rows(per_head, lay)
 
 
-def _compressed_fwd(q, k_cmp, v_cmp, scale, block, stride, slc_block, interpret):
-  lay = _layout(q, k_cmp, v_cmp, block, stride)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _compressed(q, k_cmp, v_cmp, starts, scale, block, stride, slc_block, interpret):
+  return _compressed_fwd(q, k_cmp, v_cmp, starts, scale, block, stride, slc_block, interpret)[0]
+
+
+def _compressed_fwd(q, k_cmp, v_cmp, starts, scale, block, stride, slc_block, interpret):
+  lay = _layout(q, k_cmp, v_cmp, block, stride, starts is not None)
   out_rows, lse_rows, scores = _forward(
       _to_rows(q, lay, lay.head_dim_pad), _to_keys(k_cmp, lay, lay.head_dim_pad),
-      _to_keys(v_cmp, lay, lay.head_dim_v_pad), lay, scale, slc_block, interpret)
+      _to_keys(v_cmp, lay, lay.head_dim_v_pad), lay, scale, slc_block, interpret,
+      _starts_rows(starts, lay))
   lse = _vector_from_rows(lse_rows, lay)
   lse = jnp.where(jnp.isinf(lse), -jnp.inf, lse)  # internal +inf (empty rows) -> public -inf
   out = _from_rows(out_rows, lay, lay.head_dim_v).astype(q.dtype)
-  return (out, lse, scores), (q, k_cmp, v_cmp, out_rows, lse_rows)
+  return (out, lse, scores), (q, k_cmp, v_cmp, starts, out_rows, lse_rows)
 
 
 def _compressed_bwd(scale, block, stride, slc_block, interpret, residuals, cotangents):
   del slc_block  # the scores feed the (non-differentiable) selection
-  q, k_cmp, v_cmp, out_rows, lse_rows = residuals
+  q, k_cmp, v_cmp, starts, out_rows, lse_rows = residuals
   d_out, d_lse, _ = cotangents
-  lay = _layout(q, k_cmp, v_cmp, block, stride)
+  lay = _layout(q, k_cmp, v_cmp, block, stride, starts is not None)
   do_rows = _to_rows(d_out.astype(q.dtype), lay, lay.head_dim_v_pad)
   delta = jnp.sum(out_rows.astype(jnp.float32) * do_rows.astype(jnp.float32), axis=-1)
   # d lse / d s = p, folded into delta: ds = p * (dp - delta + d_lse).
@@ -494,29 +536,33 @@ def _compressed_bwd(scale, block, stride, slc_block, interpret, residuals, cotan
   dq, dk, dv = _backward(_to_rows(q, lay, lay.head_dim_pad),
                          _to_keys(k_cmp, lay, lay.head_dim_pad),
                          _to_keys(v_cmp, lay, lay.head_dim_v_pad), do_rows, lse_rows, delta, lay,
-                         scale, interpret)
+                         scale, interpret, _starts_rows(starts, lay))
   unkeys = lambda x, d: x.transpose(0, 2, 1, 3)[:, :lay.num_cmp, :, :d]
   return (_from_rows(dq, lay, lay.head_dim), unkeys(dk, lay.head_dim),
-          unkeys(dv, lay.head_dim_v))
+          unkeys(dv, lay.head_dim_v), None)
 
 
 _compressed.defvjp(_compressed_fwd, _compressed_bwd)
 
 
 def compressed_attention(q, k_cmp, v_cmp, *, block: int, stride: int, scale: float,
-                         interpret: bool = False):
+                         interpret: bool = False, document_starts=None):
   """Attention over the compressed blocks inside each query's prefix (TPU).
 
   Args:
     q: `[B, T, Hq, Dk]`; k_cmp: `[B, Tc, Hkv, Dk]`; v_cmp: `[B, Tc, Hkv, Dv]`.
     block, stride: `l` and `d`. scale: softmax scale (a Python float).
     interpret: run under the TPU interpreter (CPU) with race detection.
+    document_starts: int32 `[B, T]` or None: packed rows (SPEC.md), each position's document
+      start; `k_cmp, v_cmp` then hold block `i` of the document starting at `s` in slot
+      `s // d + i`.
 
   Returns:
     `(out [B, T, Hq, Dv] in q.dtype, lse [B, T, Hq] float32)`, `lse = -inf` where nothing is
     visible; differentiable through both.
   """
-  out, lse, _ = _compressed(q, k_cmp, v_cmp, float(scale), block, stride, 0, interpret)
+  out, lse, _ = _compressed(q, k_cmp, v_cmp, document_starts, float(scale), block, stride, 0,
+                            interpret)
   return out, lse
 
 
@@ -538,6 +584,6 @@ def compressed_attention_and_scores(q, k_cmp, v_cmp, *, block: int, stride: int,
   if not fusable(stride, slc_block):
     raise ValueError(f"the TPU selection scores need slc_block ({slc_block}) to divide "
                      f"{KEYS} * cmp_stride ({KEYS * stride})")
-  out, lse, scores = _compressed(q, k_cmp, v_cmp, float(scale), block, stride, slc_block,
+  out, lse, scores = _compressed(q, k_cmp, v_cmp, None, float(scale), block, stride, slc_block,
                                  interpret)
   return out, lse, jax.lax.stop_gradient(scores)
