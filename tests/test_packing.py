@@ -412,3 +412,32 @@ def test_gpu_sliding_window_on_packed_rows_matches_xla_on_gpu(group):
   want, want_grads = run("xla", *(x.astype(jnp.float32) for x in (q, k, v)))
   assert_close(out, want, jnp.bfloat16)
   assert_grads_close(grads, want_grads, jnp.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("group", [1, 16])
+def test_gpu_compressed_attention_on_packed_rows_matches_xla_on_gpu(group):
+  """The Pallas compressed kernels (packed rows never take the folded cuDNN call) in the paper's
+  l = 32, d = 16, bfloat16: output, log-sum-exp and gradients against the XLA path."""
+  segment_ids = segment_ids_of([[1, 70, 1500, 3, 640, 63, 129, 900], [4096 - 17, 17]])
+  q, k, v = random_qkv(2, 4096, 2 * group, 2, 128, dtype=jnp.bfloat16)
+  k_cmp, v_cmp = xla.compress_kv(k, v, 32, 16, segment_ids)
+  weights = jax.random.normal(fresh_key(), q.shape, jnp.float32)
+
+  def run(implementation, q, k_cmp, v_cmp):
+    def loss(q, k_cmp, v_cmp):
+      out, lse = nsa_jax.compressed_attention(q, k_cmp, v_cmp, block=32, stride=16,
+                                              implementation=implementation,
+                                              segment_ids=segment_ids)
+      finite = jnp.where(jnp.isinf(lse), 0, lse)
+      return jnp.sum(out.astype(jnp.float32) * weights) + jnp.sum(finite), (out, lse)
+    (_, outs), grads = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(q, k_cmp, v_cmp)
+    return outs, grads
+
+  (out, lse), grads = run("pallas_gpu", q, k_cmp, v_cmp)
+  (want, want_lse), want_grads = run("xla", *(x.astype(jnp.float32) for x in (q, k_cmp, v_cmp)))
+  assert_close(out, want, jnp.bfloat16)
+  np.testing.assert_array_equal(np.isinf(lse), np.isinf(want_lse))
+  assert_close(jnp.where(jnp.isinf(lse), 0, lse), jnp.where(jnp.isinf(want_lse), 0, want_lse),
+               jnp.bfloat16)
+  assert_grads_close(grads, want_grads, jnp.bfloat16)
