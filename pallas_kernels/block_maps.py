@@ -6,6 +6,8 @@
 - `inverse_block_map`: the transpose, block -> queries that selected it, in CSR form split into
   work items of at most `chunk` queries, for the dK/dV kernels (no scan over all queries per block,
   and no block with thousands of queries serialised in one program).
+- `document_block_halves`: packed rows' document-local blocks as parts of aligned blocks, so the
+  same lists and maps serve them.
 """
 
 from __future__ import annotations
