@@ -21,12 +21,12 @@ Command:   a length curriculum as for `mqar_gpu.py` (T = 128 first: the needle a
 Hardware:  one H100 / H200 (implementation="pallas_gpu"), bfloat16 compute.
 Runtime:   the four variants at once on one H200: ~3 minutes for the T = 128 and 1024 stages,
            the 8k stage ~5 minutes per 1000 steps each (alone a variant is ~3x faster).
-Measured:  2026-12-04 (RESULTS.md): dense 1.00 at every stage, 1.00 at 8k from step 500; NSA
-           1.00 at T = 128 and 1024, then 0.00 at 8k through step 1100 (lost on entering 8k;
-           at T <= 1024 the 16 selected blocks of 64 are the whole context); `window` at chance
-           at 8k, `nsa_no_selection` 0.00. On the CPU at T = 512 (smaller model and blocks) the
-           selection learned to hold the needle's block for 89-99% of the answers. Next: a
-           longer 8k stage and a ladder 1k -> 4k -> 8k.
+Expected:  measured 2026-12-04 (RESULTS.md): dense 1.00 at every stage and at 8k from step
+           500; NSA 1.00 at T = 128 and 1024, then 0.00 at 8k through step 1100 (lost on
+           entering 8k; not understood yet); `window` at chance at 8k, `nsa_no_selection`
+           0.00. On the CPU at T = 512 and 1024 (smaller model and blocks) the selection learned
+           to hold the needle's block for 89-99% of the answers. Next: a longer 8k stage, the
+           same on implementation="xla", and a ladder 1k -> 4k -> 8k.
 """
 
 from experiments.configs import mqar_gpu
