@@ -137,28 +137,18 @@ def test_each_branch_and_the_selection_equal_their_documents_alone(impl):
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_nsa_values_and_gradients_equal_their_documents_alone(impl):
   q, k, v = random_qkv(2, 45, 4, 2, 16)
-  gates = random_gates(q)
   segment_ids = segment_ids_of(DOCUMENTS)
-  cotangent = jax.random.normal(fresh_key(), q.shape)
 
-  def packed_loss(q, k, v, gates):
+  def packed(q, k, v, gates):
     k_cmp, v_cmp = compress(k, v, segment_ids)
-    out = IMPLEMENTATIONS[impl].nsa_attention(q, k, v, gates, k_cmp, v_cmp, SCALE,
-                                              config=CONFIG, segment_ids=segment_ids)
-    return jnp.sum(out * cotangent), out
+    return IMPLEMENTATIONS[impl].nsa_attention(q, k, v, gates, k_cmp, v_cmp, SCALE,
+                                               config=CONFIG, segment_ids=segment_ids)
 
-  def alone(q, k, v, gates, cotangent):
-    def loss(q, k, v, gates):
-      out = reference.nsa_attention(q, k, v, gates, *compress(k, v), SCALE, config=CONFIG)
-      return jnp.sum(out * cotangent), out
-    (_, out), grads = jax.value_and_grad(loss, (0, 1, 2, 3), has_aux=True)(q, k, v, gates)
-    return (out, *grads)
-
-  (_, out), grads = jax.value_and_grad(packed_loss, (0, 1, 2, 3), has_aux=True)(q, k, v, gates)
-  expected = per_document(alone, (q, k, v, gates, cotangent))
-  assert_close(out, expected[0])
-  for grad, want in zip(grads, expected[1:]):
-    assert_grads_close(grad, want)
+  _check_against_documents_alone(
+      packed,
+      lambda q, k, v, gates: reference.nsa_attention(q, k, v, gates, *compress(k, v), SCALE,
+                                                     config=CONFIG),
+      (q, k, v, random_gates(q)))
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
@@ -362,23 +352,18 @@ def test_a_decoder_lm_models_each_packed_document_alone(attention):
   assert_close(packed, expected)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("group", [1, 4, 16])  # packed positions (G < 16) and one a program
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_gpu_selected_attention_on_packed_rows_matches_xla_on_gpu(group, dtype):
-  """The real Triton kernels on packed rows of documents of 1 to ~1500 tokens (paper blocks,
-  n = 16 document-local picks with repeats and -1s), values and gradients, against the XLA
-  path on the same packed rows."""
-  lengths = [[1, 70, 1500, 3, 640, 63, 129, 900], [4096 - 17, 17]]
-  segment_ids = segment_ids_of(lengths)
-  q, k, v = random_qkv(2, 4096, 2 * group, 2, 128, dtype=dtype)
-  indices = jax.random.randint(fresh_key(), (2, 4096, 2, 16), -1, 24)
+# Device tests: packed rows of documents of 1 to ~1500 tokens at T = 4096.
+DEVICE_DOCUMENTS = [[1, 70, 1500, 3, 640, 63, 129, 900], [4096 - 17, 17]]
+
+
+def _check_gpu_against_xla(op, q, k, v, dtype):
+  """`op(q, k, v, implementation)` on the GPU kernels against the XLA path in float32 on the
+  same packed rows: values and the gradients of a random linear loss."""
   cotangent = jax.random.normal(fresh_key(), q.shape, jnp.float32)
 
   def run(implementation, q, k, v):
     def loss(q, k, v):
-      out = nsa_jax.selected_attention(q, k, v, indices, block=64, implementation=implementation,
-                                       segment_ids=segment_ids)
+      out = op(q, k, v, implementation)
       return jnp.sum(out.astype(jnp.float32) * cotangent), out
     (_, out), grads = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(q, k, v)
     return out, grads
@@ -391,26 +376,31 @@ def test_gpu_selected_attention_on_packed_rows_matches_xla_on_gpu(group, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("group", [1, 4, 16])  # packed positions (G < 16) and one a program
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_gpu_selected_attention_on_packed_rows_matches_xla_on_gpu(group, dtype):
+  """The real Triton kernels on packed rows (paper blocks, n = 16 document-local picks with
+  repeats and -1s), values and gradients, against the XLA path on the same packed rows."""
+  segment_ids = segment_ids_of(DEVICE_DOCUMENTS)
+  q, k, v = random_qkv(2, 4096, 2 * group, 2, 128, dtype=dtype)
+  indices = jax.random.randint(fresh_key(), (2, 4096, 2, 16), -1, 24)
+  _check_gpu_against_xla(
+      lambda q, k, v, implementation: nsa_jax.selected_attention(
+          q, k, v, indices, block=64, implementation=implementation, segment_ids=segment_ids),
+      q, k, v, dtype)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("group", [1, 16])
 def test_gpu_sliding_window_on_packed_rows_matches_xla_on_gpu(group):
   """The paper's w = 512 on packed rows through the selected kernels (bfloat16), values and
   gradients, against the XLA path on the same rows."""
-  segment_ids = segment_ids_of([[1, 70, 1500, 3, 640, 63, 129, 900], [4096 - 17, 17]])
+  segment_ids = segment_ids_of(DEVICE_DOCUMENTS)
   q, k, v = random_qkv(2, 4096, 2 * group, 2, 128, dtype=jnp.bfloat16)
-  cotangent = jax.random.normal(fresh_key(), q.shape, jnp.float32)
-
-  def run(implementation, q, k, v):
-    def loss(q, k, v):
-      out = nsa_jax.sliding_window_attention(q, k, v, window=512, implementation=implementation,
-                                             segment_ids=segment_ids)
-      return jnp.sum(out.astype(jnp.float32) * cotangent), out
-    (_, out), grads = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(q, k, v)
-    return out, grads
-
-  out, grads = run("pallas_gpu", q, k, v)
-  want, want_grads = run("xla", *(x.astype(jnp.float32) for x in (q, k, v)))
-  assert_close(out, want, jnp.bfloat16)
-  assert_grads_close(grads, want_grads, jnp.bfloat16)
+  _check_gpu_against_xla(
+      lambda q, k, v, implementation: nsa_jax.sliding_window_attention(
+          q, k, v, window=512, implementation=implementation, segment_ids=segment_ids),
+      q, k, v, jnp.bfloat16)
 
 
 @pytest.mark.gpu
@@ -418,7 +408,7 @@ def test_gpu_sliding_window_on_packed_rows_matches_xla_on_gpu(group):
 def test_gpu_compressed_attention_on_packed_rows_matches_xla_on_gpu(group):
   """The Pallas compressed kernels (packed rows never take the folded cuDNN call) in the paper's
   l = 32, d = 16, bfloat16: output, log-sum-exp and gradients against the XLA path."""
-  segment_ids = segment_ids_of([[1, 70, 1500, 3, 640, 63, 129, 900], [4096 - 17, 17]])
+  segment_ids = segment_ids_of(DEVICE_DOCUMENTS)
   q, k, v = random_qkv(2, 4096, 2 * group, 2, 128, dtype=jnp.bfloat16)
   k_cmp, v_cmp = xla.compress_kv(k, v, 32, 16, segment_ids)
   weights = jax.random.normal(fresh_key(), q.shape, jnp.float32)
