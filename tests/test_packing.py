@@ -353,7 +353,8 @@ def test_a_decoder_lm_models_each_packed_document_alone(attention):
 
 
 # Device tests: packed rows of documents of 1 to ~1500 tokens at T = 4096.
-DEVICE_DOCUMENTS = [[1, 70, 1500, 3, 640, 63, 129, 900], [4096 - 17, 17]]
+DEVICE_DOCUMENTS = [[1, 70, 1500, 3, 640, 63, 129, 1690], [4096 - 17, 17]]
+assert all(sum(row) == 4096 for row in DEVICE_DOCUMENTS)
 
 
 def _check_gpu_against_xla(op, q, k, v, dtype):
