@@ -9,24 +9,24 @@ w = 512): the key is 10^5 random digits in one 64-byte block, so a query that re
 read that block's tokens, which only the selection (or dense attention) gives it beyond the
 window.
 
-Command:   a length curriculum as for `mqar_gpu.py` (T = 128 first: the needle and question take
-           81 bytes), each stage started from the last (`experiments/curriculum.py`):
+Command:   a length ladder, each stage started from the last (`experiments/curriculum.py`;
+           T = 128 first: the needle and question take 81 bytes; the stages at 2k and 4k are
+           where the selection starts to choose, since n l' = 1024 covers all of T = 1024):
              python -m experiments.curriculum --config experiments/configs/passkey_gpu.py \
-                 --config.attention=nsa --workdir out/passkey_nsa \
-                 --stages 128:64:3000,1024:32:500,8192:16:2000
+                 --config.attention=nsa --workdir out/passkey_nsa --config.eval_every=250 \
+                 --stages 128:64:1500,1024:32:400,2048:32:400,4096:16:600,8192:16:1500
            (the baseline and ablations: --config.attention=dense | nsa_no_selection | window)
            then `python -m experiments.plot --workdir out/passkey_nsa/t8192 [--workdir ...]`:
            passkey retrieval by length (0.5x-4x) and needle depth, the selection's hit rate on
            the needle, loss curves.
 Hardware:  one H100 / H200 (implementation="pallas_gpu"), bfloat16 compute.
-Runtime:   the four variants at once on one H200: ~3 minutes for the T = 128 and 1024 stages,
-           the 8k stage ~5 minutes per 1000 steps each (alone a variant is ~3x faster).
-Expected:  measured 2026-12-04 (RESULTS.md): dense 1.00 at every stage and at 8k from step
-           500; NSA 1.00 at T = 128 and 1024, then 0.00 at 8k through step 1100 (lost on
-           entering 8k; not understood yet); `window` at chance at 8k, `nsa_no_selection`
-           0.00. On the CPU at T = 512 and 1024 (smaller model and blocks) the selection learned
-           to hold the needle's block for 89-99% of the answers. Next: a longer 8k stage, the
-           same on implementation="xla", and a ladder 1k -> 4k -> 8k.
+Runtime:   NSA alone on one H200: ~7 minutes for the ladder above (each stage compiles; 8k
+           trains at 1.2-1.4 M tokens/s).
+Expected:  measured 2026-12-04 (RESULTS.md): NSA 0.58-0.67 at 8k after the ladder and 0.83
+           (held-out loss 0.11) after 1200 more 8k steps, its first layer's selection holding
+           the needle's block at 45% of the answers; dense 1.00 at 8k straight from 1k. The
+           direct jump 1k -> 8k left NSA (and `nsa_no_selection`) at 0.00; `window` is at chance
+           at 8k.
 """
 
 from experiments.configs import mqar_gpu
