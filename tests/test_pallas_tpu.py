@@ -85,7 +85,7 @@ def test_tpu_kernel_rejects_blocks_off_the_sublane_tiling():
 # blocks); G = 3 (a padded head row that must not count in the group's scores); T < l; G = 9
 # (16 heads a position: the group sum is a reshape, 7 padded heads masked); T = 600 with d = 2,
 # where at 128 x 128 later row tiles see the first key tile whole (its unmasked path). Each at
-# the default 512 x 512 tiles and at 128 x 128 (several row and key tiles).
+# the default 512 x 512 tiles and, where T > 128, at 128 x 128 (several row and key tiles).
 COMPRESSED_CASES = [
     (1, 300, 4, 2, 16, 24, nsa_jax.NSAConfig(8, 2, 8, 3, 1, 1, 20)),
     (1, 600, 4, 2, 16, 16, nsa_jax.NSAConfig(8, 2, 8, 3, 1, 1, 20)),
@@ -96,8 +96,8 @@ COMPRESSED_CASES = [
 ]
 
 
-@pytest.mark.parametrize("tiles", [None, (128, 128)])
-@pytest.mark.parametrize("case", COMPRESSED_CASES)
+@pytest.mark.parametrize("case,tiles", [(case, None) for case in COMPRESSED_CASES] + [
+    (case, (128, 128)) for case in COMPRESSED_CASES if case[1] > 128])
 def test_compressed_attention_tpu_kernels_match_reference(case, tiles, monkeypatch):
   if tiles:
     monkeypatch.setattr(tpu_compressed, "ROWS", tiles[0])

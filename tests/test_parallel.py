@@ -14,8 +14,8 @@ from nsa_jax.sharding import make_mesh
 
 
 def run_worker(workdir, mesh, devices):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             JAX_PLATFORMS="cpu")
+  flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+  env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
   subprocess.run([sys.executable, "-m", "tests.mesh_worker", str(workdir), *map(str, mesh)],
                  check=True, env=env, capture_output=True, timeout=600)
   with open(workdir / "result.json") as f:
