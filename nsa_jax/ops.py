@@ -30,18 +30,6 @@ def default_implementation() -> str:
   return _DEFAULT_FOR_PLATFORM.get(jax.default_backend(), "xla")
 
 
-# The implementations that take packed rows (`segment_ids`) so far, per function of `_call`;
-# the others raise NotImplementedError naming themselves.
-PACKED_IMPLEMENTATIONS = {
-    "compressed_attention": ("reference", "xla", "pallas_gpu", "pallas_tpu"),
-    "select_blocks": ("reference", "xla"),
-    "compressed_attention_and_selection": ("reference", "xla"),
-    "selected_attention": ("reference", "xla", "pallas_gpu", "pallas_tpu"),
-    "sliding_window_attention": ("reference", "xla", "pallas_gpu", "pallas_tpu"),
-    "nsa_attention": ("reference", "xla"),
-}
-
-
 def _call(implementation, interpret, fn_name, *args, segment_ids=None, **kwargs):
   """Calls `fn_name` of the chosen backend, passing `interpret` to the Pallas ones and
   `segment_ids` when given."""
@@ -49,18 +37,8 @@ def _call(implementation, interpret, fn_name, *args, segment_ids=None, **kwargs)
   if backend in (pallas_gpu, pallas_tpu):
     kwargs["interpret"] = interpret
   if segment_ids is not None:
-    _check_packed(implementation, interpret, fn_name)
     kwargs["segment_ids"] = segment_ids
   return getattr(backend, fn_name)(*args, **kwargs)
-
-
-def _check_packed(implementation, interpret, fn_name) -> None:
-  name = resolve_implementation(implementation, interpret)
-  if name not in PACKED_IMPLEMENTATIONS[fn_name]:
-    raise NotImplementedError(
-        f"{fn_name} with segment_ids (packed rows) is implemented by "
-        f"{PACKED_IMPLEMENTATIONS[fn_name]} so far, not by implementation={name!r}: pass "
-        f"implementation='xla'")
 
 
 def resolve_implementation(implementation, interpret) -> str:
@@ -312,7 +290,6 @@ def nsa_attention(q, k, v, *, config: NSAConfig, gates=None, k_cmp=None, v_cmp=N
   Raises:
     ValueError: bad ranks, dtypes, head counts, Dk mismatch, gates, compressed or segment_ids
       shapes, an invalid config, or an unknown implementation.
-    NotImplementedError: `segment_ids` with a Pallas implementation (not yet packed).
   """
   config = check.check_config(config)
   check.check_qkv(q, k, v)

@@ -19,7 +19,9 @@
 - compressed attention elsewhere (float32, Dk != Dv, larger strides, interpret mode, packed
   rows, which the folded cuDNN call cannot mask per document): the Pallas kernels of
   `pallas_kernels.gpu.compressed_attention`, forward and backward, with the selection scores
-  fused into the forward (not yet for packed rows);
+  fused into the forward; for packed rows a score pass of its own from the log-sum-exp
+  (`packed_selection_from_lse`: each row's document blocks are the aligned ones shifted by its
+  start) and the top-n kernel on document-local blocks;
 - mean-pooling compression: the XLA path (one fused elementwise pass);
 - decoding: four kernels a step (`decode_step`: the cache append with mean pooling + compressed
   partials, selection scores, top-n + selected + window partials, combine;
@@ -124,14 +126,18 @@ def compressed_attention(q, k_cmp, v_cmp, scale, *, block, stride, interpret=Fal
                                                 scale=scale, interpret=interpret)
 
 
-def compressed_attention_and_selection(q, k_cmp, v_cmp, scale, config, interpret,
-                                       ascending=True):
+def compressed_attention_and_selection(q, k_cmp, v_cmp, scale, config, interpret=False,
+                                       ascending=True, segment_ids=None):
   """`(o_cmp, block_indices [B, T, Hkv, n])`: cuDNN's output and log-sum-exp, then the score
   and top-n kernels, where cuDNN takes the inputs; else the fused Pallas kernels; the XLA
   selection where the config does not tile (`slc_block` must divide
   `compressed_kernel.KEYS * cmp_stride`). `ascending=False`: the indices in pick order
-  (distinct, causal, -1 last), all the selected-attention kernels need."""
+  (distinct, causal, -1 last), all the selected-attention kernels need. Packed rows:
+  `_packed_compressed_and_selection`."""
   scale = _static_scale(scale)
+  if segment_ids is not None:
+    return _packed_compressed_and_selection(q, k_cmp, v_cmp, scale, config, interpret,
+                                            ascending, segment_ids)
   if (cudnn_compressed_applies(q, v_cmp, config.cmp_stride, interpret)
       and compressed_kernel.fusable(config.cmp_stride, config.slc_block)):
     o_cmp, lse = cudnn_compressed.compressed_attention(q, k_cmp, v_cmp, scale,
@@ -154,9 +160,31 @@ def compressed_attention_and_selection(q, k_cmp, v_cmp, scale, config, interpret
   return o_cmp, block_indices
 
 
-def select_blocks(q, k_cmp, scale, *, config: NSAConfig, interpret=False):
+def _packed_compressed_and_selection(q, k_cmp, v_cmp, scale, config, interpret, ascending,
+                                     segment_ids):
+  """Packed rows: the Pallas compressed kernels (output and log-sum-exp per document), then the
+  packed score pass and the top-n kernel on document-local blocks
+  (`compressed_kernel.packed_selection_from_lse`); the XLA selection where that does not take
+  the config (`packed_selection_applies`: also `l <= l' + d`)."""
+  starts = segments.document_starts(segment_ids)
+  o_cmp, lse = compressed_kernel.compressed_attention(
+      q, k_cmp, v_cmp, block=config.cmp_block, stride=config.cmp_stride, scale=scale,
+      interpret=interpret, document_starts=starts)
+  if not compressed_kernel.packed_selection_applies(config.cmp_block, config.cmp_stride,
+                                                    config.slc_block):
+    return o_cmp, xla.select_blocks(q, k_cmp, scale, config=config,
+                                    query_chunk=GPU_QUERY_CHUNK, segment_ids=segment_ids)
+  return o_cmp, compressed_kernel.packed_selection_from_lse(
+      q, k_cmp, lse, starts, block=config.cmp_block, stride=config.cmp_stride,
+      slc_block=config.slc_block, num_selected=config.num_selected,
+      num_initial=config.num_initial, num_local=config.num_local, scale=scale,
+      ascending=ascending, interpret=interpret)
+
+
+def select_blocks(q, k_cmp, scale, *, config: NSAConfig, interpret=False, segment_ids=None):
   scale = _static_scale(scale)
-  return compressed_attention_and_selection(q, k_cmp, k_cmp, scale, config, interpret)[1]
+  return compressed_attention_and_selection(q, k_cmp, k_cmp, scale, config, interpret,
+                                            segment_ids=segment_ids)[1]
 
 
 def selected_attention(q, k, v, block_indices, scale, *, block, interpret=False,
@@ -195,20 +223,24 @@ def _packed_window(q, k, v, scale, window, segment_ids, interpret):
                                             document_starts=first)
 
 
-def nsa_attention(q, k, v, gates, k_cmp, v_cmp, scale, *, config: NSAConfig, interpret=False):
+def nsa_attention(q, k, v, gates, k_cmp, v_cmp, scale, *, config: NSAConfig, interpret=False,
+                  segment_ids=None):
   scale = _static_scale(scale)
-  return _nsa_jit(q, k, v, gates, k_cmp, v_cmp, config=config, interpret=interpret, scale=scale)
+  return _nsa_jit(q, k, v, gates, k_cmp, v_cmp, segment_ids, config=config, interpret=interpret,
+                  scale=scale)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret", "scale"))
-def _nsa_jit(q, k, v, gates, k_cmp, v_cmp, *, config, interpret, scale):
+def _nsa_jit(q, k, v, gates, k_cmp, v_cmp, segment_ids, *, config, interpret, scale):
   # The selected kernels need the indices distinct, causal and -1 last, not ascending: the top-n
   # kernel's pick order is kept (no sort), and the selected kernels skip their clean-up.
-  o_cmp, block_indices = compressed_attention_and_selection(q, k_cmp, v_cmp, scale, config,
-                                                            interpret, ascending=False)
-  o_slc = selected_kernel.selected_attention(q, k, v, block_indices, block=config.slc_block,
-                                             scale=scale, interpret=interpret, indices_sorted=True)
-  o_swa = sliding_window_attention(q, k, v, scale, window=config.window, interpret=interpret)
+  o_cmp, block_indices = compressed_attention_and_selection(
+      q, k_cmp, v_cmp, scale, config, interpret, ascending=False, segment_ids=segment_ids)
+  o_slc = selected_kernel.selected_attention(
+      q, k, v, block_indices, block=config.slc_block, scale=scale, interpret=interpret,
+      indices_sorted=True, document_starts=segments.document_starts_or_none(segment_ids))
+  o_swa = sliding_window_attention(q, k, v, scale, window=config.window, interpret=interpret,
+                                   segment_ids=segment_ids)
   return combine_branches(o_cmp, o_slc, o_swa, gates).astype(q.dtype)
 
 

@@ -4,7 +4,7 @@
   packed rows as halves of aligned blocks);
 - compressed attention: `pallas_kernels.tpu.compressed_attention`, fused with the selection
   scores (pass 1: log-sum-exp; pass 2: output and scores from the same probabilities); the top-n
-  of the scores is `lax.top_k` in XLA; packed rows for the output and log-sum-exp alone;
+  of the scores is `lax.top_k` in XLA; packed rows too (scores on document blocks);
 - sliding window: splash attention's `LocalMask` (`pallas_kernels.tpu.sliding_window`), packed
   rows through splash's segment ids (one per document);
 - mean-pooling compression: the XLA path;
@@ -50,24 +50,39 @@ def compressed_attention(q, k_cmp, v_cmp, scale, *, block, stride, interpret=Fal
       interpret=interpret, document_starts=segments.document_starts_or_none(segment_ids))
 
 
-def compressed_attention_and_selection(q, k_cmp, v_cmp, scale, config, interpret):
+def compressed_attention_and_selection(q, k_cmp, v_cmp, scale, config, interpret=False,
+                                       segment_ids=None):
   """`(o_cmp, block_indices [B, T, Hkv, n])`: the fused compressed kernels and an XLA top-n (the
-  XLA selection where the config does not tile)."""
+  XLA selection where the config does not tile). Packed rows: the fused pass scores document
+  blocks (query `t`'s block `j` in column `j + a + 1`, `a = (s // d) // (l' / d)` for its
+  document start `s`), gathered into document-local rows before the top-n."""
   scale = _static_scale(scale)
+  starts = segments.document_starts_or_none(segment_ids)
   if not compressed_kernel.fusable(config.cmp_stride, config.slc_block):
     o_cmp, _ = compressed_attention(q, k_cmp, v_cmp, scale, block=config.cmp_block,
-                                    stride=config.cmp_stride, interpret=interpret)
-    return o_cmp, xla.select_blocks(q, k_cmp, scale, config=config)
+                                    stride=config.cmp_stride, interpret=interpret,
+                                    segment_ids=segment_ids)
+    return o_cmp, xla.select_blocks(q, k_cmp, scale, config=config, segment_ids=segment_ids)
   o_cmp, _, scores = compressed_kernel.compressed_attention_and_scores(
       q, k_cmp, v_cmp, block=config.cmp_block, stride=config.cmp_stride,
-      slc_block=config.slc_block, scale=scale, interpret=interpret)  # scores [B, Hkv, T, Ts]
-  block_indices = top_n_blocks(scores, jnp.arange(q.shape[1]), config)
+      slc_block=config.slc_block, scale=scale, interpret=interpret,
+      document_starts=starts)  # scores [B, Hkv, T, Ts (+ 1 packed)]
+  query_pos = jnp.arange(q.shape[1])
+  if starts is not None:
+    num_slc = config.num_slc_blocks(q.shape[1])  # scores: num_slc + 1 columns
+    shift = starts // config.cmp_stride // (config.slc_block // config.cmp_stride) + 1  # [B, T]
+    column = jnp.minimum(shift[:, None, :, None] + jnp.arange(num_slc), num_slc)
+    # (Clamped columns hold blocks past the query's own: never candidates.)
+    scores = jnp.take_along_axis(scores, column, axis=-1)
+    query_pos = query_pos - starts[:, None, :]  # [B, 1, T], document-local
+  block_indices = top_n_blocks(scores, query_pos, config)
   return o_cmp, block_indices.transpose(0, 2, 1, 3)
 
 
-def select_blocks(q, k_cmp, scale, *, config: NSAConfig, interpret=False):
+def select_blocks(q, k_cmp, scale, *, config: NSAConfig, interpret=False, segment_ids=None):
   scale = _static_scale(scale)
-  return compressed_attention_and_selection(q, k_cmp, k_cmp, scale, config, interpret)[1]
+  return compressed_attention_and_selection(q, k_cmp, k_cmp, scale, config, interpret,
+                                            segment_ids)[1]
 
 
 def selected_attention(q, k, v, block_indices, scale, *, block, interpret=False,
@@ -91,19 +106,21 @@ def sliding_window_attention(q, k, v, scale, *, window, interpret=False, segment
                                                 document_ids=document_ids)
 
 
-def nsa_attention(q, k, v, gates, k_cmp, v_cmp, scale, *, config: NSAConfig, interpret=False):
-  return _nsa(q, k, v, gates, k_cmp, v_cmp, config=config, interpret=interpret,
+def nsa_attention(q, k, v, gates, k_cmp, v_cmp, scale, *, config: NSAConfig, interpret=False,
+                  segment_ids=None):
+  return _nsa(q, k, v, gates, k_cmp, v_cmp, segment_ids, config=config, interpret=interpret,
               scale=_static_scale(scale))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret", "scale"))
-def _nsa(q, k, v, gates, k_cmp, v_cmp, *, config, interpret, scale):
+def _nsa(q, k, v, gates, k_cmp, v_cmp, segment_ids, *, config, interpret, scale):
   o_cmp, block_indices = compressed_attention_and_selection(q, k_cmp, v_cmp, scale, config,
-                                                            interpret)
+                                                            interpret, segment_ids)
   # The selection's indices are already distinct, ascending and causal: no second sort.
+  common = dict(interpret=interpret, segment_ids=segment_ids)
   o_slc = selected_attention(q, k, v, block_indices, scale, block=config.slc_block,
-                             interpret=interpret, indices_sorted=True)
-  o_swa = sliding_window_attention(q, k, v, scale, window=config.window, interpret=interpret)
+                             indices_sorted=True, **common)
+  o_swa = sliding_window_attention(q, k, v, scale, window=config.window, **common)
   return combine_branches(o_cmp, o_slc, o_swa, gates).astype(q.dtype)
 
 

@@ -5,6 +5,7 @@ document, on random inputs whose documents include length-1 documents, documents
 block and rows that end mid-block.
 """
 
+import dataclasses
 import functools
 import types
 
@@ -15,6 +16,7 @@ import pytest
 
 import nsa_jax
 from nsa_jax import reference, xla
+from nsa_jax.attention_math import combine_branches
 from nsa_jax.config import NSAConfig
 from nsa_jax.segments import document_ends, document_starts
 from tests.helpers import assert_close, assert_grads_close, fresh_key, random_gates, random_qkv
@@ -202,14 +204,6 @@ def test_bad_segment_ids_are_clear_errors():
     nsa_jax.compress_kv(k, v, block=4, stride=2, segment_ids=jnp.zeros((45,), jnp.int32))
 
 
-@pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_tpu"])
-def test_kernels_refuse_packed_rows_by_name_until_they_take_them(impl):
-  q, k, v = random_qkv(1, 45, 4, 2, 16)
-  with pytest.raises(NotImplementedError, match=f"nsa_attention .* not by implementation='{impl}'"):
-    nsa_jax.nsa_attention(q, k, v, config=CONFIG, implementation=impl, interpret=True,
-                          segment_ids=jnp.zeros((1, 45), jnp.int32))
-
-
 def test_document_block_halves_choose_exactly_the_documents_blocks_tokens():
   """Aligned blocks with LOWER / UPPER codes and offsets r cover the tokens of the chosen
   document-local blocks that are not after the query, nothing else."""
@@ -277,6 +271,46 @@ def test_kernel_selected_attention_values_and_gradients_equal_their_documents_al
       lambda q, k, v, idx: reference.selected_attention(q, k, v, idx, SCALE,
                                                         block=CONFIG.slc_block),
       (q, k, v), (indices,))
+
+
+@pytest.mark.parametrize("impl, rows", [
+    ("pallas_gpu", ([7, 50, 39], [3, 93])),  # phases 0, 3, 0 and 0, 1
+    ("pallas_tpu", ([7, 290, 303], [3, 597]))])  # the same phases over 3 key tiles of 128
+def test_kernel_selection_and_nsa_equal_their_documents_alone(monkeypatch, impl, rows):
+  """The kernels' selection on packed rows: each document's own, exactly, with documents
+  starting at every phase of the selection grid (s // d % (l' / d) = 0, 1, 3 here, 2 below;
+  3 free picks). GPU: the packed score pass and the top-n kernel (interpret mode); TPU: the
+  fused pass's phase-shifted maps (TPU interpreter). Then all of NSA through the kernels
+  (values: each kernel's gradients on packed rows are checked on their own)."""
+  from pallas_kernels.tpu import compressed_attention as tpu_compressed
+  monkeypatch.setattr(tpu_compressed, "ROWS", 128)
+  monkeypatch.setattr(tpu_compressed, "KEYS", 128)
+  wide = dataclasses.replace(CONFIG, num_selected=5)
+  q, k, v = random_qkv(2, sum(rows[0]), 4, 2, 16)
+  compress_wide = lambda k, v, *ids: reference.compress_kv(k, v, wide.cmp_block, wide.cmp_stride,
+                                                           *ids)
+  segment_ids = segment_ids_of(rows)
+  indices = nsa_jax.select_blocks(q, compress_wide(k, v, segment_ids)[0], config=wide,
+                                  scale=SCALE, implementation=impl, interpret=True,
+                                  segment_ids=segment_ids)
+  alone_indices, = per_document(
+      lambda q, k, v: reference.select_blocks(q, compress_wide(k, v)[0], SCALE, config=wide),
+      (q, k, v), rows)
+  np.testing.assert_array_equal(indices, alone_indices)
+
+  q, k, v = random_qkv(2, 45, 4, 2, 16)  # phases 0, 0, 2, 2, 0, 1 and 0, 0, 1
+  segment_ids = segment_ids_of(DOCUMENTS)
+  k_cmp, v_cmp = compress(k, v, segment_ids)
+  common = dict(config=CONFIG, scale=SCALE, implementation=impl, interpret=True,
+                segment_ids=segment_ids)
+  _, indices = nsa_jax.compressed_attention_and_selection(q, k_cmp, v_cmp, **common)
+  np.testing.assert_array_equal(indices, per_document(
+      lambda q, k, v: reference.select_blocks(q, compress(k, v)[0], SCALE, config=CONFIG),
+      (q, k, v))[0])
+  gates = random_gates(q)
+  assert_close(nsa_jax.nsa_attention(q, k, v, gates=gates, **common), per_document(
+      lambda q, k, v, gates: reference.nsa_attention(q, k, v, gates, *compress(k, v), SCALE,
+                                                     config=CONFIG), (q, k, v, gates))[0])
 
 
 @pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_tpu"])
@@ -431,3 +465,55 @@ def test_gpu_compressed_attention_on_packed_rows_matches_xla_on_gpu(group):
   assert_close(jnp.where(jnp.isinf(lse), 0, lse), jnp.where(jnp.isinf(want_lse), 0, want_lse),
                jnp.bfloat16)
   assert_grads_close(grads, want_grads, jnp.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", [  # the paper's (l < l'), fla-core's l = d = l' (one phase)
+    nsa_jax.NSAConfig(),
+    nsa_jax.NSAConfig(cmp_block=64, cmp_stride=64, slc_block=64, num_selected=16, window=64)])
+def test_gpu_selection_on_packed_rows_matches_xla_on_gpu(config):
+  segment_ids = segment_ids_of(DEVICE_DOCUMENTS)
+  q, k, _ = random_qkv(2, 4096, 32, 4, 128)
+  k_cmp, _ = xla.compress_kv(k, k, config.cmp_block, config.cmp_stride, segment_ids)
+  common = dict(config=config, segment_ids=segment_ids)
+  kernels = nsa_jax.select_blocks(q, k_cmp, implementation="pallas_gpu", **common)
+  expected = nsa_jax.select_blocks(q, k_cmp, implementation="xla", **common)
+  assert np.mean(np.asarray(kernels == expected)) > 0.9999  # float near-ties may flip a slot
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_gpu_nsa_on_packed_rows_matches_xla_on_gpu(dtype):
+  """All of NSA through the kernels on packed rows (paper config), values and gradients,
+  against the XLA branches on the kernels' own selection (near-ties may pick differently)."""
+  config = nsa_jax.NSAConfig()
+  segment_ids = segment_ids_of(DEVICE_DOCUMENTS)
+  q, k, v = random_qkv(2, 4096, 16, 2, 128, dtype=dtype)
+  gates = random_gates(q)
+  scale = q.shape[-1] ** -0.5
+  k_cmp, _ = xla.compress_kv(k, v, config.cmp_block, config.cmp_stride, segment_ids)
+  indices = nsa_jax.select_blocks(q, k_cmp, config=config, implementation="pallas_gpu",
+                                  segment_ids=segment_ids)
+
+  def xla_with_these_indices(q, k, v, gates):
+    k_cmp, v_cmp = xla.compress_kv(k, v, config.cmp_block, config.cmp_stride, segment_ids)
+    common = dict(segment_ids=segment_ids)
+    o_cmp, _ = xla.compressed_attention(q, k_cmp, v_cmp, scale, block=config.cmp_block,
+                                        stride=config.cmp_stride, **common)
+    o_slc = xla.selected_attention(q, k, v, indices, scale, block=config.slc_block, **common)
+    o_swa = xla.sliding_window_attention(q, k, v, scale, window=config.window, **common)
+    return combine_branches(o_cmp, o_slc, o_swa, gates).astype(q.dtype)
+
+  def run(fn, *args):
+    cotangent = jax.random.normal(jax.random.key(3), q.shape, jnp.float32)
+    loss = lambda *args: (jnp.sum(fn(*args).astype(jnp.float32) * cotangent), fn(*args))
+    (_, out), grads = jax.value_and_grad(loss, (0, 1, 2, 3), has_aux=True)(*args)
+    return out, grads
+
+  out, grads = run(lambda q, k, v, gates: nsa_jax.nsa_attention(
+      q, k, v, config=config, gates=gates, implementation="pallas_gpu", segment_ids=segment_ids),
+      q, k, v, gates)
+  want, want_grads = run(xla_with_these_indices,
+                         *(x.astype(jnp.float32) for x in (q, k, v, gates)))
+  assert_close(out, want, dtype)
+  assert_grads_close(grads, want_grads, dtype)

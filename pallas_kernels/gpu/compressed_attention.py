@@ -25,10 +25,12 @@ Backward: a dQ kernel over the row tiles and a dK/dV kernel over (key tile, chun
 with float32 partials summed afterwards (both recompute `p` from the saved log-sum-exp), the
 flash-attention split with the long causal walks of the first key tiles cut into chunks.
 
-Packed rows (`compressed_attention(document_starts=...)`, output and log-sum-exp; not the scores
-yet): block `i` of the document starting at `s` sits in slot `s // d + i` (SPEC.md), so row `t`
-sees slot `c` iff `c >= s // d` and `c*d + l - 1 + s % d <= t`: each row's start rides along as
-a row vector and every tile is masked.
+Packed rows (`compressed_attention(document_starts=...)`, output and log-sum-exp): block `i` of
+the document starting at `s` sits in slot `s // d + i` (SPEC.md), so row `t` sees slot `c` iff
+`c >= s // d` and `c*d + l - 1 + s % d <= t`: each row's start rides along as a row vector and
+every tile is masked. Their selection (`packed_selection_from_lse`) is a score pass of its own
+(`nsa_packed_selection_scores`), since a document's selection blocks are the aligned ones shifted
+by its start.
 
 Layout inside: query rows `[B, Hkv, T_pad * Gc, Dp]` (position-major), compressed keys / values
 `[B, Hkv, Tc_pad, Dp]`; `Gc = pow2(G)`, head dims padded to powers of two >= 16.
@@ -265,13 +267,20 @@ def _block_sum_scores(p_grp, carry, lay: _Layout, slc_block):
     return sums, carry
   tails = jnp.sum(by_block * tail_weight(jnp.arange(per_slc), per_cmp, per_slc)[None, None, :],
                   axis=2)
-  # U_{j-1} within the tile: a [P, owned, owned] product with the shift-by-one matrix.
+  previous, last = _shift_one_block(tails, carry)
+  return per_cmp * sums - tails + previous, last
+
+
+def _shift_one_block(x, carry):
+  """`x [P, owned]` moved one column right, `carry [P]` (the previous tile's last column) in
+  column 0; and the new carry, `x`'s last column. A `[P, owned, owned]` product with the
+  shift-by-one matrix (no cross-column moves in the Triton lowering)."""
+  owned = x.shape[1]
   col = jnp.arange(owned)
   shift = (col[:, None] + 1 == col[None, :]).astype(jnp.float32)
-  previous = jnp.sum(tails[:, :, None] * shift[None, :, :], axis=1)
+  previous = jnp.sum(x[:, :, None] * shift[None, :, :], axis=1)
   previous = previous + jnp.where(col[None, :] == 0, carry[:, None], 0.0)
-  last = jnp.sum(jnp.where(col[None, :] == owned - 1, tails, 0.0), axis=1)
-  return per_cmp * sums - tails + previous, last
+  return previous, jnp.sum(jnp.where(col[None, :] == owned - 1, x, 0.0), axis=1)
 
 
 def _group_sum(p, lay: _Layout):
@@ -336,6 +345,73 @@ class _ScoreWriter:
     else:
       _store_scores(self.score_ref, spill, self.tile, num_tiles * self.owned, self.slc_spill,
                     self.lay)
+
+
+def _sub_blocks_within(offset, per_cmp, lo, hi):
+  """How many of the `per_cmp` sub-blocks `[offset, offset + per_cmp)` of a compressed key lie in
+  `[lo, hi)` (sub-block units, broadcasting), float32."""
+  return jnp.maximum(jnp.minimum(offset + per_cmp, hi) - jnp.maximum(offset, lo),
+                     0).astype(jnp.float32)
+
+
+class _PhaseSums:
+  """One part of packed rows' scores (`_packed_scores_kernel`): per aligned selection block,
+  the probability mass its sub-blocks `[lo, hi)` receive (`lo`, `hi` per position, `[P]`),
+  weighted by overlap as in SPEC.md Eq. 9. With `l <= l' + d` a key reaches its own block and
+  the next only, so it is two weighted sums over each block's keys (as `_block_sum_scores`):
+  into its own window and into the next block's, carried across tiles."""
+
+  def __init__(self, ref, tile, lay: _Layout, slc_block, lo, hi, keys):
+    self.ref, self.tile, self.lay = ref, tile, lay
+    per_cmp, self.per_slc = lay.block // lay.stride, slc_block // lay.stride
+    self.owned = keys * lay.stride // slc_block
+    offset = jnp.arange(self.per_slc)[None, :]
+    lo, hi = lo[:, None], hi[:, None]
+    self.own = _sub_blocks_within(offset, per_cmp, lo, hi)  # [P, m]
+    self.next = _sub_blocks_within(offset, per_cmp, lo + self.per_slc, hi + self.per_slc)
+
+  def update(self, kt, p_grp, carry):
+    by_block = p_grp.reshape(p_grp.shape[0], self.owned, self.per_slc)
+    own = jnp.sum(by_block * self.own[:, None, :], axis=2)
+    previous, carry = _shift_one_block(jnp.sum(by_block * self.next[:, None, :], axis=2), carry)
+    _store_scores(self.ref, own + previous, self.tile, kt * self.owned, self.owned, self.lay)
+    return carry
+
+  def finish(self, num_tiles, carry):  # the last tile's keys reaching the next block
+    _store_scores(self.ref, carry[:, None], self.tile, num_tiles * self.owned, 1, self.lay)
+
+
+def _packed_scores_kernel(q_ref, k_ref, lse_ref, starts_ref, _, __, suffix_ref, prefix_ref, *,
+                          lay, scale, slc_block):
+  """Packed rows' selection scores from a given log-sum-exp, in two parts.
+
+  Document-local selection block `j` of a row whose document starts at `s` covers sub-blocks
+  (stride-`d` units of the slots) `[j m + sigma, (j + 1) m + sigma)`, `sigma = s // d`,
+  `m = l' / d`: with `sigma = a m + b`, the sub-blocks `[b, m)` of aligned block `j + a` and
+  `[0, b)` of block `j + a + 1`. This kernel stores both parts per aligned block (`suffix` on
+  `[b, m)`, `prefix` on `[0, b)`, each a sum of non-negative terms, so a block no visible key
+  reaches scores exactly 0, as in the oracle); `packed_selection_from_lse` adds them up."""
+  tile = pl.program_id(0)
+  q, lse, starts = q_ref[...], lse_ref[...], starts_ref[...]
+  row_pos = _row_positions(tile, lay)
+  per_slc = slc_block // lay.stride
+  # Every row of a position has its start; padded heads' rows may hold 0.
+  phase = jnp.max(starts.reshape(lay.positions, lay.heads), axis=1) // lay.stride % per_slc
+  zero = jnp.zeros_like(phase)
+  parts = (_PhaseSums(suffix_ref, tile, lay, slc_block, phase, zero + per_slc, SCORE_KEYS),
+           _PhaseSums(prefix_ref, tile, lay, slc_block, zero, phase, SCORE_KEYS))
+
+  def body(kt, carries, masked):
+    keys = pl.ds(kt * SCORE_KEYS, SCORE_KEYS)
+    s, _ = _scores(q, k_ref[keys, :], kt * SCORE_KEYS, row_pos, lay, scale, masked, starts)
+    p_grp = _group_sum(jnp.exp2(s - lse[:, None]), lay)
+    return tuple(part.update(kt, p_grp, carry) for part, carry in zip(parts, carries))
+
+  num_tiles = _tile_count(tile, lay, SCORE_KEYS)
+  init = (jnp.zeros((lay.positions,), jnp.float32),) * 2
+  carries = masked_split_loop(0, num_tiles, body, init)
+  for part, carry in zip(parts, carries):
+    part.finish(num_tiles, carry)
 
 
 def _num_full(tile, lay, keys=None, documents=False):
@@ -566,6 +642,22 @@ def _scores_only(q, k, lse2, lay: _Layout, scale, slc_block, interpret):
       name="nsa_selection_scores")(q, k, lse2, zeros)
 
 
+def _packed_scores_only(q, k, lse2, starts, lay: _Layout, scale, slc_block, interpret):
+  """`_packed_scores_kernel` over the rows layout: `(suffix, prefix)`, each
+  `[B, Hkv, T_pad, width]` float32."""
+  rows, row_vector, keys = _specs(lay)
+  slc_cols, _ = _slc_geometry(lay, slc_block, SCORE_KEYS)
+  zeros, whole = _score_buffer(lay, slc_block, slc_cols, SCORE_KEYS)
+  kernel = functools.partial(_packed_scores_kernel, lay=lay, scale=scale, slc_block=slc_block)
+  return pl.pallas_call(
+      kernel, grid=(lay.num_row_tiles, lay.batch, lay.num_kv_heads),
+      in_specs=[rows(lay.head_dim_pad), keys(lay.head_dim_pad), row_vector, row_vector, whole,
+                whole],
+      out_specs=[whole, whole], out_shape=[jax.ShapeDtypeStruct(zeros.shape, jnp.float32)] * 2,
+      input_output_aliases={4: 0, 5: 1}, compiler_params=_params(SCORE_NUM_WARPS),
+      interpret=interpret, name="nsa_packed_selection_scores")(q, k, lse2, starts, zeros, zeros)
+
+
 def _backward(q, k, v, do, lse, delta, lay: _Layout, scale, interpret, starts=None):
   rows, row_vector, keys = _specs(lay)
   documents = starts is not None
@@ -769,6 +861,60 @@ def selection_from_lse(q, k_cmp, lse, *, block: int, stride: int, slc_block: int
   return top_n_blocks(scores, seq_len=q.shape[1], num_selected=num_selected,
                       slc_block=slc_block, num_initial=num_initial, num_local=num_local,
                       ascending=ascending, interpret=interpret)
+
+
+def packed_selection_applies(block: int, stride: int, slc_block: int) -> bool:
+  """Whether `packed_selection_from_lse` takes the config: `fusable`, and `l <= l' + d` (a
+  compressed block reaches its own selection block and the next only)."""
+  return fusable(stride, slc_block) and block_sums_apply(block // stride, slc_block // stride)
+
+
+def packed_selection_from_lse(q, k_cmp, lse, document_starts, *, block: int, stride: int,
+                              slc_block: int, num_selected: int, num_initial: int,
+                              num_local: int, scale: float, ascending: bool = True,
+                              interpret: bool = False):
+  """`selection_from_lse` on packed rows (SPEC.md): each query's document-local block indices.
+
+  Args:
+    q: `[B, T, Hq, Dk]`; k_cmp: `[B, Tc, Hkv, Dk]` with block `i` of the document starting at
+      `s` in slot `s // d + i`.
+    lse: float32 `[B, T, Hq]`, the packed compressed branch's log-sum-exp
+      (`compressed_attention(document_starts=...)`'s second output).
+    document_starts: int32 `[B, T]`, each position's document start.
+
+  Returns:
+    int32 `[B, T, Hkv, n]`: document-local blocks `j <= (t - s) // l'`, ascending (or in pick
+    order), -1 padded; not differentiable.
+  """
+  if not packed_selection_applies(block, stride, slc_block):
+    raise ValueError(f"packed selection scores need slc_block ({slc_block}) to divide {KEYS} * "
+                     f"cmp_stride ({KEYS * stride}) and cmp_block ({block}) <= slc_block + "
+                     f"cmp_stride")
+  if lse.shape != q.shape[:3]:
+    raise ValueError(f"lse must be [B, T, Hq] = {q.shape[:3]}, got {lse.shape}")
+  q, k_cmp, lse = (jax.lax.stop_gradient(x) for x in (q, k_cmp, lse))
+  t = q.shape[1]
+  lay = _layout(q, k_cmp, k_cmp, block, stride, rows=_score_rows(q, k_cmp.shape[2]))
+  suffix, prefix = _packed_scores_only(
+      _to_rows(q, lay, lay.head_dim_pad), _to_keys(k_cmp, lay, lay.head_dim_pad),
+      _lse_rows(lse, lay), _starts_rows(document_starts, lay), lay, float(scale), slc_block,
+      interpret)
+  # Document block j = aligned block j + a (its sub-blocks from b on) + the next (up to b).
+  shift = (document_starts // stride // (slc_block // stride))[:, None, :, None]  # a, [B,1,T,1]
+  column = shift + jnp.arange(suffix.shape[-1])
+  scores = _columns(suffix[:, :, :t], column) + _columns(prefix[:, :, :t], column + 1)
+  query_blocks = (jnp.arange(t) - document_starts) // slc_block
+  return top_n_blocks(scores, seq_len=t, num_selected=num_selected, slc_block=slc_block,
+                      num_initial=num_initial, num_local=num_local, ascending=ascending,
+                      interpret=interpret, query_blocks=query_blocks)
+
+
+def _columns(x, column):
+  """`x [B, H, T, W]` read at `column [B, 1, T, W]` per row, 0 past the last column."""
+  width = x.shape[-1]
+  picked = jnp.take_along_axis(x, jnp.broadcast_to(jnp.minimum(column, width - 1), x.shape),
+                               axis=-1)
+  return jnp.where(column < width, picked, 0.0)
 
 
 def fusable(stride: int, slc_block: int) -> bool:

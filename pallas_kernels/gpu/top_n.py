@@ -64,12 +64,18 @@ def _top_n_kernel(score_ref, idx_ref, *, slc_block, **config):
   idx_ref[...] = pick_top_n(score_ref[...], query_block, idx_ref.shape[0], **config)
 
 
+def _top_n_packed_kernel(query_block_ref, score_ref, idx_ref, *, slc_block, **config):
+  del slc_block  # the query's (document-local) block comes in
+  idx_ref[...] = pick_top_n(score_ref[...], query_block_ref[0], idx_ref.shape[0], **config)
+
+
 def _top_n_decode_kernel(pos_ref, score_ref, idx_ref, *, slc_block, **config):
   idx_ref[...] = pick_top_n(score_ref[...], pos_ref[0] // slc_block, idx_ref.shape[0], **config)
 
 
 def top_n_blocks(scores, *, seq_len: int, num_selected: int, slc_block: int, num_initial: int,
-                 num_local: int, ascending: bool = True, interpret: bool = False):
+                 num_local: int, ascending: bool = True, interpret: bool = False,
+                 query_blocks=None):
   """Chosen blocks of each query, in ascending order (or, with `ascending=False`, in pick order:
   still distinct, causal and first, which is all the selected-attention kernels need), unused
   places -1.
@@ -81,6 +87,8 @@ def top_n_blocks(scores, *, seq_len: int, num_selected: int, slc_block: int, num
     seq_len: T.
     num_selected, slc_block, num_initial, num_local: the NSA selection config.
     interpret: Pallas interpret mode (CPU).
+    query_blocks: int32 `[B, T]` or None (`t // slc_block`): each query's own block, for packed
+      rows its document-local one, `(t - s) // slc_block`, with `scores` on document blocks.
 
   Returns:
     int32 `[B, T, H, num_selected]`.
@@ -91,18 +99,25 @@ def top_n_blocks(scores, *, seq_len: int, num_selected: int, slc_block: int, num
   if width < row_width:
     raise ValueError(f"scores {scores.shape} need >= {row_width} columns for T = {seq_len}")
   slots = max(1, 1 << (num_selected - 1).bit_length())
-  kernel = functools.partial(_top_n_kernel, num_selected=num_selected, slc_block=slc_block,
-                             num_slc=num_slc, num_initial=num_initial, num_local=num_local)
+  config = dict(num_selected=num_selected, slc_block=slc_block, num_slc=num_slc,
+                num_initial=num_initial, num_local=num_local)
+  score_spec = pl.BlockSpec((None, None, None, row_width), lambda t, i, j: (i, j, t, 0))
+  if query_blocks is None:
+    kernel, in_specs, args = functools.partial(_top_n_kernel, **config), [score_spec], [scores]
+  else:
+    kernel = functools.partial(_top_n_packed_kernel, **config)
+    in_specs = [pl.BlockSpec((None, None, 1), lambda t, i, j: (i, t, 0)), score_spec]
+    args = [query_blocks.astype(jnp.int32)[..., None], scores]
   picks = pl.pallas_call(
       kernel,
       grid=(seq_len, b, h),
-      in_specs=[pl.BlockSpec((None, None, None, row_width), lambda t, i, j: (i, j, t, 0))],
+      in_specs=in_specs,
       out_specs=pl.BlockSpec((None, None, None, slots), lambda t, i, j: (i, j, t, 0)),
       out_shape=jax.ShapeDtypeStruct((b, h, seq_len, slots), jnp.int32),
       compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
       interpret=interpret,
       name="nsa_top_n",
-  )(scores)
+  )(*args)
   picks = picks[..., :num_selected]  # distinct, -1 last
   picks = block_maps.ascending(picks) if ascending else picks
   return picks.transpose(0, 2, 1, 3)

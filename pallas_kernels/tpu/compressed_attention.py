@@ -22,11 +22,13 @@ Every kernel builds the staircase mask only on tiles that some row of the row ti
 whole (`_seen_whole`, `_when_active`): with 512 rows of 32 positions against 512 keys of 8192
 positions, that is the last key tile of each row tile's walk.
 
-Packed rows (`compressed_attention(document_starts=...)`, output and log-sum-exp; not the fused
-scores yet): block `i` of the document starting at `s` sits in slot `s // d + i` (SPEC.md), so
-row `t` sees slot `c` iff `c >= s // d` and `c*d + l - 1 + s % d <= t`. Each row's start comes
-as a row vector (float32, exact below 2^24, transposed in the kernel like the log-sum-exp) and
-every tile is masked.
+Packed rows (`document_starts=...`): block `i` of the document starting at `s` sits in slot
+`s // d + i` (SPEC.md), so row `t` sees slot `c` iff `c >= s // d` and
+`c*d + l - 1 + s % d <= t`. Each row's start comes as a row vector (float32, exact below 2^24,
+transposed in the kernel like the log-sum-exp) and every tile is masked. Their selection scores
+are on the document's blocks, which start at sub-block `s // d = a m + b` (`m = l' / d`): the
+fused pass maps each phase `b`'s rows through maps shifted by `b` (`_document_scores`) into
+columns `e = j + a + 1`, so that every key's overlap still only reaches forward.
 
 Layout inside: rows `[B, Hkv, row_tiles, R, Dp]`, keys `[B, Hkv, Tc_pad, Dp]`, row vectors
 (lse, delta) `[B, Hkv, row_tiles, 1, R]` (rows on the lanes).
@@ -256,8 +258,9 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, lay, scale):
     lse_ref[...] = lse
 
 
-def _lse_kernel(q_ref, k_ref, lse_ref, m_scratch, l_scratch, *, lay, scale):
+def _lse_kernel(q_ref, k_ref, *refs, lay, scale):
   """Pass 1 of the fused forward: the log-sum-exp only (no values)."""
+  starts_ref, (lse_ref, m_scratch, l_scratch) = _split_starts(refs, lay)
   _, _, row_tile, key_tile = (pl.program_id(i) for i in range(4))
   last_tile, any_visible = _last_key_tile(row_tile, lay)
 
@@ -266,7 +269,8 @@ def _lse_kernel(q_ref, k_ref, lse_ref, m_scratch, l_scratch, *, lay, scale):
     _init_softmax(m_scratch, l_scratch)
 
   def accumulate(masked):
-    s, visible = _scores(q_ref[...], k_ref[...], row_tile, key_tile, lay, scale, masked)
+    s, visible = _scores(q_ref[...], k_ref[...], row_tile, key_tile, lay, scale, masked,
+                         starts_ref)
     _online_softmax_step(s, visible, m_scratch, l_scratch)
 
   _when_active((key_tile <= last_tile) & any_visible, _seen_whole(row_tile, key_tile, lay),
@@ -304,13 +308,44 @@ def _group_sum(p, lay: _Layout):
   return dot_exact_by(to_position.astype(jnp.float32), p)
 
 
-def _output_and_scores_kernel(q_ref, k_ref, v_ref, lse_ref, o_ref, score_ref, acc_scratch,
-                              carry_scratch, *, lay, scale, slc_block):
-  """Pass 2 of the fused forward: with the exact `p = exp(s - lse)`, the output and the scores.
+def _phase_overlap(lay: _Layout, slc_block, first_block, phase: int):
+  """`[KEYS, owned]` for packed rows whose documents start at sub-block `a m + phase` of the
+  grid (`m = l' / d`): overlap / d of tile-local key `i` with the span `[(e - 1) m + phase,
+  e m + phase)` of column `e = first_block + j`, that is document block `e - 1 - a`."""
+  owned = KEYS * lay.stride // slc_block
+  per_cmp, per_slc = lay.block // lay.stride, slc_block // lay.stride
+  sub = jax.lax.broadcasted_iota(jnp.int32, (KEYS, owned), 0)
+  first = (first_block - 1 + jax.lax.broadcasted_iota(jnp.int32, (KEYS, owned), 1)) * per_slc
+  first = first + phase
+  return jnp.maximum(jnp.minimum(sub + per_cmp, first + per_slc) - jnp.maximum(sub, first),
+                     0).astype(jnp.float32)
+
+
+def _document_scores(p, starts_ref, lay: _Layout, slc_block):
+  """Packed rows' scores of one key tile: `(own [positions, owned], spill into the next
+  tile's columns)`, column `e` holding document block `e - 1 - a` of a row whose document
+  starts at sub-block `a m + b` (`_phase_overlap`). A row's phase `b` is its own, so each of the
+  `m` phases takes its rows' probabilities through its own maps: `m` times the unpacked map
+  products (the cost model in README.md)."""
+  per_slc = slc_block // lay.stride
+  owned = KEYS * lay.stride // slc_block
+  phase = starts_ref[...].T.astype(jnp.int32) // lay.stride % per_slc  # [R, 1]
+  own = spill = jnp.zeros((lay.positions, owned), jnp.float32)
+  for b in range(per_slc):
+    p_grp = _group_sum(jnp.where(phase == b, p, 0.0), lay)
+    own += dot_by_exact(p_grp, _phase_overlap(lay, slc_block, 0, b))
+    spill += dot_by_exact(p_grp, _phase_overlap(lay, slc_block, owned, b))
+  return own, spill
+
+
+def _output_and_scores_kernel(q_ref, k_ref, v_ref, lse_ref, *refs, lay, scale, slc_block):
+  """Pass 2 of the fused forward: with the exact `p = exp(s - lse)`, the output and the scores
+  (packed rows: on document blocks shifted by one column, `_document_scores`).
 
   The key axis has one step more than there are key tiles: the step after a row tile's last
   visible tile writes the overlap carried out of it (then zeros), and the last step the output.
   """
+  starts_ref, (o_ref, score_ref, acc_scratch, carry_scratch) = _split_starts(refs, lay)
   _, _, row_tile, key_tile = (pl.program_id(i) for i in range(4))
   last_tile, any_visible = _last_key_tile(row_tile, lay)
   active = (key_tile <= last_tile) & any_visible & (key_tile < lay.key_tiles)
@@ -321,12 +356,17 @@ def _output_and_scores_kernel(q_ref, k_ref, v_ref, lse_ref, o_ref, score_ref, ac
     carry_scratch[...] = jnp.zeros(carry_scratch.shape, jnp.float32)
 
   def accumulate(masked):
-    s, _ = _scores(q_ref[...], k_ref[...], row_tile, key_tile, lay, scale, masked)
+    s, _ = _scores(q_ref[...], k_ref[...], row_tile, key_tile, lay, scale, masked, starts_ref)
     # [R, KEYS], already normalised; masked scores (MASK_VALUE) and rows that see nothing
     # (lse = +inf) give exp = 0 without a select.
     p = jnp.exp(s - lse_ref[...].T)
     v = v_ref[...]
     acc_scratch[...] += dot_nn(p.astype(v.dtype), v)
+    if starts_ref is not None:
+      own, spill = _document_scores(p, starts_ref, lay, slc_block)
+      score_ref[...] = own + carry_scratch[...]
+      carry_scratch[...] = spill
+      return
     p_grp = _group_sum(p, lay)  # [positions, KEYS]
     owned = KEYS * lay.stride // slc_block
     score_ref[...] = dot_by_exact(p_grp, _overlap(lay, slc_block, 0)) + carry_scratch[...]
@@ -437,29 +477,30 @@ def _forward(q, k, v, lay: _Layout, scale, slc_block, interpret, starts=None):
         scratch_shapes=softmax_scratch + [acc_scratch], name="nsa_compressed_fwd_tpu",
         **common)(q, k, v, *packed)
     return out_rows, lse_rows, None
-  if packed:
-    raise NotImplementedError("the fused selection scores do not take packed rows yet")
   lse_rows = pl.pallas_call(
       functools.partial(_lse_kernel, lay=lay, scale=scale), grid=shape + (lay.key_tiles,),
-      in_specs=[rows(lay.head_dim_pad), keys(lay.head_dim_pad)], out_specs=vector,
-      out_shape=lse_shape, scratch_shapes=softmax_scratch, name="nsa_compressed_lse_tpu",
-      **common)(q, k)
+      in_specs=[rows(lay.head_dim_pad), keys(lay.head_dim_pad)] + [vector] * len(packed),
+      out_specs=vector, out_shape=lse_shape, scratch_shapes=softmax_scratch,
+      name="nsa_compressed_lse_tpu", **common)(q, k, *packed)
   owned = KEYS * lay.stride // slc_block
   score_shape = shape + (lay.key_tiles + 1, lay.positions, owned)
   out_rows, scores = pl.pallas_call(
       functools.partial(_output_and_scores_kernel, lay=lay, scale=scale, slc_block=slc_block),
       grid=shape + (lay.key_tiles + 1,),
-      in_specs=[rows(lay.head_dim_pad), keys(lay.head_dim_pad), keys(lay.head_dim_v_pad), vector],
+      in_specs=[rows(lay.head_dim_pad), keys(lay.head_dim_pad), keys(lay.head_dim_v_pad), vector]
+      + [vector] * len(packed),
       out_specs=[rows(lay.head_dim_v_pad),
                  pl.BlockSpec((None, None, None, None, lay.positions, owned),
                               lambda b, g, rt, kt: (b, g, rt, kt, 0, 0))],
       out_shape=[out_shape, jax.ShapeDtypeStruct(score_shape, jnp.float32)],
       scratch_shapes=[acc_scratch, pltpu.VMEM((lay.positions, owned), jnp.float32)],
-      name="nsa_compressed_output_scores_tpu", **common)(q, k, v, lse_rows)
+      name="nsa_compressed_output_scores_tpu", **common)(q, k, v, lse_rows, *packed)
   scores = scores.transpose(0, 1, 2, 4, 3, 5).reshape(
       lay.batch, lay.num_kv_heads, lay.row_tiles * lay.positions, (lay.key_tiles + 1) * owned)
-  num_slc = -(-lay.seq_len // slc_block)
-  return out_rows, lse_rows, scores[:, :, :lay.seq_len, :num_slc]  # [B, Hkv, T, Ts]
+  # [B, Hkv, T, Ts]; packed rows' columns are one further on (document block j + a + 1).
+  width = -(-lay.seq_len // slc_block) + bool(packed)
+  scores = jnp.pad(scores, [(0, 0)] * 3 + [(0, max(width - scores.shape[-1], 0))])
+  return out_rows, lse_rows, scores[:, :, :lay.seq_len, :width]
 
 
 def _backward(q, k, v, do, lse, delta, lay: _Layout, scale, interpret, starts=None):
@@ -572,18 +613,24 @@ def fusable(stride: int, slc_block: int) -> bool:
 
 
 def compressed_attention_and_scores(q, k_cmp, v_cmp, *, block: int, stride: int, slc_block: int,
-                                    scale: float, interpret: bool = False):
+                                    scale: float, interpret: bool = False,
+                                    document_starts=None):
   """`compressed_attention` fused with the selection scores of SPEC.md section 2, steps 1-3.
 
   Two passes over the key tiles: the log-sum-exp, then the output and the scores from the same
   exact probabilities. `slc_block` must divide `KEYS * stride` (`fusable`).
 
+  Args:
+    document_starts: int32 `[B, T]` or None: packed rows, as in `compressed_attention`.
+
   Returns:
-    `(out, lse, scores)`, `scores [B, Hkv, T, Ts]` float32 (no gradient flows through them).
+    `(out, lse, scores)`, `scores [B, Hkv, T, Ts]` float32 (no gradient flows through them);
+    packed rows: `[B, Hkv, T, Ts + 1]`, query `t`'s document block `j` in column `j + a + 1`,
+    `a = (s // d) // (l' / d)` for its document start `s`.
   """
   if not fusable(stride, slc_block):
     raise ValueError(f"the TPU selection scores need slc_block ({slc_block}) to divide "
                      f"{KEYS} * cmp_stride ({KEYS * stride})")
-  out, lse, scores = _compressed(q, k_cmp, v_cmp, None, float(scale), block, stride, slc_block,
-                                 interpret)
+  out, lse, scores = _compressed(q, k_cmp, v_cmp, document_starts, float(scale), block, stride,
+                                 slc_block, interpret)
   return out, lse, jax.lax.stop_gradient(scores)
