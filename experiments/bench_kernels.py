@@ -6,6 +6,7 @@
     python -m experiments.bench_kernels --trace 65536   # per-kernel time of full NSA at T (GPU)
     python -m experiments.bench_kernels --num_kv_heads 16 --seq_lens 65536  # G = 4
     python -m experiments.bench_kernels --platform tpu  # the default on a TPU host
+    python -m experiments.bench_kernels --seq_lens 65536 --documents 8,64  # packed rows
     python -m experiments.bench_kernels --seq_lens 8192 --trained_indices \
         experiments/results/gpu_2026-12-04/mqar_curriculum/selection_indices_c8k_nsa.npz
 
@@ -24,6 +25,11 @@ Trained selections (`--trained_indices`, an `experiments.plot` `selection_indice
 ("selected trained") and NSA as three branch calls selecting with its own indices ("nsa
 composed") or with the trained ones ("nsa trained"); the tensor's (row, KV head) selections
 become the benchmark's KV heads, in order.
+
+Packed rows (`--documents N,...`, paper config): the row of length T as N documents of T / N
+tokens: "nsa packed/N" (`segment_ids`), "nsa batched/N" (the same documents as a batch of N
+rows, unpacked) and "dense/N" (dense causal attention over that batch: exactly the attention of
+the packed row), beside the one-document rows.
 """
 
 from __future__ import annotations
@@ -227,6 +233,32 @@ def parts_for(t, config, with_window=True, platform=PLATFORMS["gpu"]):
   return parts
 
 
+def packed_parts(t, num_docs, config, platform=PLATFORMS["gpu"]):
+  """Rows of `num_docs` documents of `t / num_docs` tokens packed in the one row of length `t`:
+  NSA on the packed row (`segment_ids`), NSA on the same documents as a batch (the unpacked
+  kernels on them), and dense attention over the same documents (causal over the batch), as
+  `parts_for`'s name -> (function, forward FLOPs, differentiable)."""
+  if t % num_docs:
+    raise ValueError(f"--documents: {num_docs} documents do not split T = {t} evenly")
+  length = t // num_docs
+  segment_ids = jnp.repeat(jnp.arange(num_docs, dtype=jnp.int32), length)[None]
+  as_batch = lambda x: x.reshape(num_docs, length, *x.shape[2:])
+  per_doc = parts_for(length, config, platform=platform)
+  flops = lambda name: num_docs * per_doc[name][1]
+  impl = platform.implementation
+  return {
+      f"nsa packed/{num_docs}": (lambda q, k, v, _: nsa_jax.nsa_attention(
+          q, k, v, config=config, implementation=impl, segment_ids=segment_ids),
+                                 flops("nsa"), True),
+      f"nsa batched/{num_docs}": (lambda q, k, v, _: nsa_jax.nsa_attention(
+          as_batch(q), as_batch(k), as_batch(v), config=config, implementation=impl),
+                                  flops("nsa"), True),
+      f"dense/{num_docs}": (lambda q, k, v, _: platform.dense(as_batch(q), as_batch(k),
+                                                              as_batch(v)),
+                            flops(platform.dense_name), True),
+  }
+
+
 def random_qkv(t, num_kv_heads):
   keys = jax.random.split(jax.random.key(t), 3)
   q = jax.random.normal(keys[0], (B, t, HQ, D), jnp.bfloat16)
@@ -236,15 +268,18 @@ def random_qkv(t, num_kv_heads):
 
 
 def measure(t, config, with_window, repeats, num_kv_heads=HKV, platform=PLATFORMS["gpu"],
-            only=None, trained_indices=None):
+            only=None, trained_indices=None, documents=()):
   """Rows of every part (or of the parts named in `only`) at sequence length `t`, plus the
-  trained-selection parts when `trained_indices [1, t, Hkv, n]` are given."""
+  trained-selection parts when `trained_indices [1, t, Hkv, n]` are given and the packed-row
+  parts for each document count in `documents`."""
   q, k, v = random_qkv(t, num_kv_heads)
   inputs = part_inputs(q, k, v, config, platform)
   parts = parts_for(t, config, with_window, platform)
   if trained_indices is not None:
     inputs["trained_indices"] = trained_indices
     parts.update(trained_parts(config, platform, parts["nsa"][1], parts["selected"][1]))
+  for num_docs in documents:
+    parts.update(packed_parts(t, num_docs, config, platform))
   args = (q, k, v, inputs)
   rows = []
   for name, (fn, fwd_flops, differentiable) in parts.items():
@@ -266,11 +301,11 @@ def measure(t, config, with_window, repeats, num_kv_heads=HKV, platform=PLATFORM
 
 def print_table(title, rows):
   print(f"\n{title}")
-  print(f"{'T':>7} {'part':>14} {'fwd ms':>8} {'f+b ms':>8} {'fwd TF/s':>9} {'f+b TF/s':>9} "
+  print(f"{'T':>7} {'part':>16} {'fwd ms':>8} {'f+b ms':>8} {'fwd TF/s':>9} {'f+b TF/s':>9} "
         f"{'fwd GiB':>8} {'f+b GiB':>8}")
   for r in rows:
     get = lambda key, fmt: format(r[key], fmt) if key in r else "-"
-    print(f"{r['seq_len']:>7} {r['part']:>14} {get('fwd_ms', '8.2f'):>8} "
+    print(f"{r['seq_len']:>7} {r['part']:>16} {get('fwd_ms', '8.2f'):>8} "
           f"{get('fwd_bwd_ms', '8.2f'):>8} {get('fwd_tflops', '9.1f'):>9} "
           f"{get('fwd_bwd_tflops', '9.1f'):>9} {get('fwd_gib', '8.2f'):>8} "
           f"{get('fwd_bwd_gib', '8.2f'):>8}")
@@ -302,6 +337,9 @@ def main():
                       help="comma-separated part names to time (default: all)")
   parser.add_argument("--trained_indices", default="",
                       help="a selection_indices_<run>.npz: also time the selection on it at its T")
+  parser.add_argument("--documents", default="",
+                      help="comma-separated document counts: also time packed rows of that many "
+                           "equal documents (paper config), e.g. 8,64 at T = 65536")
   parser.add_argument("--platform", choices=sorted(PLATFORMS),
                       default="tpu" if jax.default_backend() == "tpu" else "gpu")
   args = parser.parse_args()
@@ -315,10 +353,12 @@ def main():
   paper, fla = [], []
   trained_len = (np.load(args.trained_indices)["indices"].shape[1] if args.trained_indices
                  else None)
+  documents = [int(x) for x in args.documents.split(",") if x]
   for t in (int(x) for x in args.seq_lens.split(",") if x):
     trained = (load_trained_indices(args.trained_indices, t, args.num_kv_heads, PAPER)
                if t == trained_len else None)
-    paper += measure(t, PAPER, True, args.repeats, args.num_kv_heads, platform, only, trained)
+    paper += measure(t, PAPER, True, args.repeats, args.num_kv_heads, platform, only, trained,
+                     documents)
   for t in (int(x) for x in args.fla_seq_lens.split(",") if x):
     fla += measure(t, FLA, False, args.repeats, args.num_kv_heads, platform, only)
   device = jax.devices()[0].device_kind

@@ -3,8 +3,10 @@ TPU), where a broken script wastes scarce device time. The kernels are swapped f
 path here, so these tests check the harness (arguments, tables, JSON), not any timing."""
 
 import json
+import types
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -116,3 +118,25 @@ def test_bench_decode_refuses_more_timed_tokens_than_the_cache_holds(monkeypatch
   with pytest.raises(SystemExit):
     bench_decode.main()
   assert "1152 tokens, more than the caches' 1024 free slots" in capsys.readouterr().err
+
+
+def test_bench_kernels_packed_rows_are_the_batched_documents():
+  """`--documents N`: the packed row's NSA equals NSA on its documents as a batch, and the dense
+  row is causal attention within each document (so the three rows time the same attention)."""
+  platform = types.SimpleNamespace(
+      implementation="xla", glue=None, compressed=None, selected=None, dense_name="dense",
+      dense=lambda q, k, v: nsa_jax.dense_causal_attention(q, k, v))
+  parts = bench_kernels.packed_parts(256, 2, bench_kernels.PAPER, platform)
+  assert set(parts) == {"nsa packed/2", "nsa batched/2", "dense/2"}
+  q, k, v = bench_kernels.random_qkv(256, 2)
+  q = q[:, :, :4].astype(jnp.float32)
+  k, v = k.astype(jnp.float32), v.astype(jnp.float32)
+  packed = parts["nsa packed/2"][0](q, k, v, None)
+  batched = parts["nsa batched/2"][0](q, k, v, None).reshape(packed.shape)
+  np.testing.assert_allclose(packed, batched, atol=2e-5, rtol=2e-5)
+  segment_ids = jnp.repeat(jnp.arange(2), 128)[None]
+  np.testing.assert_allclose(
+      parts["dense/2"][0](q, k, v, None).reshape(packed.shape),
+      nsa_jax.dense_causal_attention(q, k, v, segment_ids=segment_ids), atol=2e-5, rtol=2e-5)
+  with pytest.raises(ValueError, match="3 documents do not split T = 256"):
+    bench_kernels.packed_parts(256, 3, bench_kernels.PAPER, platform)
