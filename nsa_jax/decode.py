@@ -54,7 +54,8 @@ class DecodeCache:
     k_cmp: `[B, Hkv, Sc, Dk]` compressed keys, `Sc >= num_cmp_blocks(max_len)` (padded likewise);
       the first `num_cmp_blocks(length)` are made.
     v_cmp: `[B, Hkv, Sc, Dv]` compressed values.
-    length: int32 scalar, tokens seen so far (all sequences of the batch move together).
+    length: int32, tokens seen so far: a scalar (all sequences of the batch move together) or,
+      after a prefill of prompts of different lengths, `[B]` (each sequence its own).
     max_len: the most tokens the cache holds.
   """
 
@@ -112,7 +113,7 @@ def _default_compress(config: NSAConfig) -> CompressFn:
 
 def nsa_prefill(q, k, v, cache: DecodeCache, *, config: NSAConfig, gates=None, scale=None,
                 compress_fn: CompressFn | None = None, implementation=None,
-                interpret: bool = False):
+                interpret: bool = False, lengths=None):
   """Attends a prompt and starts the cache with it.
 
   The cache is reset to the prompt (whatever it held before), so prefill is the first call on a
@@ -125,24 +126,49 @@ def nsa_prefill(q, k, v, cache: DecodeCache, *, config: NSAConfig, gates=None, s
     cache: a `DecodeCache` of matching B, Hkv, Dk, Dv.
     config, gates, scale, implementation, interpret: as in `nsa_attention`.
     compress_fn: `(k, v) -> (k_cmp, v_cmp)`, default mean pooling (module docstring).
+    lengths: int `[B]` or None: prompts of different lengths, each row's first `lengths[b]`
+      tokens (`0 <= lengths[b] <= T`), padded at the end to `T`. Row `b` then continues at
+      position `lengths[b]` (the cache's `length` is `[B]`) and equals the same calls on its own
+      prompt at every position; the padding is never attended. None: every row is `T` long.
 
   Returns:
-    `(out [B, T, Hq, Dv] in q.dtype, cache)`: `out` is `nsa_attention(q, k, v, ...)`.
+    `(out [B, T, Hq, Dv] in q.dtype, cache)`: `out` is `nsa_attention(q, k, v, ...)`, with
+    `lengths` zero at each row's padding.
 
   Raises:
-    ValueError: bad shapes (as `nsa_attention`), or a prompt that does not fit the cache.
+    ValueError: bad shapes (as `nsa_attention`), `lengths` not `[B]` integers, or a prompt that
+      does not fit the cache.
   """
   config = check.check_config(config)
   _check_cache(cache, k, v, q.shape[1])
   compress_fn = compress_fn or _default_compress(config)
   t = q.shape[1]
+  if lengths is not None:
+    _check_lengths(lengths, q)
   if t == 0:
     out = jnp.zeros(q.shape[:3] + (v.shape[-1],), q.dtype)
-    return out, dataclasses.replace(cache, length=jnp.zeros((), jnp.int32))
+    length = jnp.zeros((), jnp.int32) if lengths is None else jnp.zeros((q.shape[0],), jnp.int32)
+    return out, dataclasses.replace(cache, length=length)
   k_cmp, v_cmp = compress_fn(k, v)
+  # Causal: a row's first `lengths[b]` outputs never see its padding.
   out = ops.nsa_attention(q, k, v, config=config, gates=gates, k_cmp=k_cmp, v_cmp=v_cmp,
                           scale=scale, implementation=implementation, interpret=interpret)
-  return out, _write_prompt(cache, k, v, k_cmp, v_cmp)
+  cache = _write_prompt(cache, k, v, k_cmp, v_cmp)
+  if lengths is None:
+    return out, cache
+  # The padding's tokens and the compressed blocks reaching into it stay in the cache unseen: a
+  # step at `t` reads positions `<= t` (all written by then) and blocks complete at `t`, each
+  # remade by the step its last token arrives in.
+  return (jnp.where(jnp.arange(t)[None, :, None, None] < lengths[:, None, None, None], out, 0),
+          dataclasses.replace(cache, length=lengths.astype(jnp.int32)))
+
+
+def _check_lengths(lengths, q):
+  if (not hasattr(lengths, "shape") or tuple(lengths.shape) != (q.shape[0],)
+      or not jnp.issubdtype(lengths.dtype, jnp.integer)):
+    raise ValueError(f"lengths must be integers of shape [B] = [{q.shape[0]}], got "
+                     f"{getattr(lengths, 'dtype', type(lengths).__name__)} "
+                     f"{tuple(getattr(lengths, 'shape', ()))} (q {tuple(q.shape)})")
 
 
 def _write_prompt(cache: DecodeCache, k, v, k_cmp, v_cmp) -> DecodeCache:
@@ -185,6 +211,11 @@ def nsa_decode_step(q_t, k_t, v_t, cache: DecodeCache, *, config: NSAConfig, gat
   _check_cache(cache, k_t[:, None], v_t[:, None], 1)
   scale = q_t.shape[-1] ** -0.5 if scale is None else scale
   implementation = ops.resolve_implementation(implementation, interpret)
+  if jnp.ndim(cache.length) == 1:  # rows at their own positions: each row alone, batched
+    step = functools.partial(nsa_decode_step, config=config, scale=scale,
+                             compress_fn=compress_fn, implementation=implementation,
+                             interpret=interpret)
+    return _per_row(step, q_t, k_t, v_t, cache, gates)
   if (implementation == "pallas_gpu" and compress_fn is None
       and pallas_gpu.step_supported(q_t, cache, config)):  # append and attention in 4 kernels
     return pallas_gpu.decode_step(q_t, k_t, v_t, cache, gates, scale, config=config,
@@ -198,6 +229,18 @@ def nsa_decode_step(q_t, k_t, v_t, cache: DecodeCache, *, config: NSAConfig, gat
   backend = _decode_backend(implementation)
   out = backend(q_t, cache, position, gates, scale, config=config, interpret=interpret)
   return out, cache
+
+
+def _per_row(step, q_t, k_t, v_t, cache: DecodeCache, gates):
+  """`step` on each row of a cache whose rows sit at their own positions (`length [B]`), as a
+  batch of one with a scalar length, vmapped over the rows (the kernels batch under vmap)."""
+  def one_row(q, k, v, row, g):
+    row = DecodeCache(k=row.k[None], v=row.v[None], k_cmp=row.k_cmp[None],
+                      v_cmp=row.v_cmp[None], length=row.length, max_len=cache.max_len)
+    out, row = step(q[None], k[None], v[None], row, gates=None if g is None else g[None])
+    return out[0], DecodeCache(k=row.k[0], v=row.v[0], k_cmp=row.k_cmp[0], v_cmp=row.v_cmp[0],
+                               length=row.length, max_len=cache.max_len)
+  return jax.vmap(one_row)(q_t, k_t, v_t, cache, gates)
 
 
 def _check_step(q_t, k_t, v_t, gates):

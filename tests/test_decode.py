@@ -54,6 +54,44 @@ def test_prefill_then_steps_equal_the_full_forward(prompt_len, with_gates):
   assert_close(decode_all(q, k, v, gates, prompt_len, SMALL, max_len=83), expected)
 
 
+@pytest.mark.parametrize("implementation", ["xla", "pallas_gpu", "pallas_tpu"])
+def test_prompts_of_different_lengths_each_decode_as_alone(implementation):
+  """`nsa_prefill(lengths=...)`: right-padded prompts of 5, 33, 0 and 17 tokens, then steps;
+  each row equals `nsa_attention` on its own sequence at every position, its padding (noise)
+  never attended. The kernels run per row under vmap (interpret mode)."""
+  lengths, prompt_len, steps = [5, 33, 0, 17], 33, 12
+  q, k, v = random_qkv(4, prompt_len + steps, 4, 2, 16)
+  gates = random_gates(q)
+  noise = random_qkv(4, prompt_len, 4, 2, 16)
+  # Row b's sequence is its first lengths[b] + steps tokens: the prompt, then the steps' tokens.
+  padded = [jnp.stack([jnp.concatenate([x[b, :n], pad[b, n:]]) for b, n in enumerate(lengths)])
+            for x, pad in zip((q, k, v), noise)]
+  padded_gates = jnp.stack([jnp.concatenate([gates[b, :n], gates[b, n:prompt_len] * 0 + 0.5])
+                            for b, n in enumerate(lengths)])
+  kwargs = dict(config=SMALL, implementation=implementation,
+                interpret=implementation != "xla")
+  cache = init_decode_cache(4, prompt_len + steps, 2, 16, config=SMALL)
+  out, cache = nsa_prefill(*padded, cache, gates=padded_gates, lengths=jnp.asarray(lengths),
+                           **kwargs)
+  np.testing.assert_array_equal(cache.length, lengths)
+  step = jax.jit(functools.partial(nsa_decode_step, **kwargs))
+  rows = jnp.arange(4)
+  step_outs = []
+  for i in range(steps):
+    at = jnp.asarray(lengths) + i  # each row's own next token
+    out_t, cache = step(q[rows, at], k[rows, at], v[rows, at], cache, gates=gates[rows, at])
+    step_outs.append(out_t)
+  for b, n in enumerate(lengths):
+    alone = nsa_jax.nsa_attention(q[b:b + 1, :n + steps], k[b:b + 1, :n + steps],
+                                  v[b:b + 1, :n + steps], config=SMALL,
+                                  gates=gates[b:b + 1, :n + steps], implementation="reference")
+    assert_close(out[b, :n], alone[0, :n])
+    np.testing.assert_array_equal(out[b, n:], 0)
+    assert_close(jnp.stack([o[b] for o in step_outs]), alone[0, n:])
+  with pytest.raises(ValueError, match=r"lengths must be integers of shape \[B\] = \[4\]"):
+    nsa_prefill(*padded, cache, config=SMALL, lengths=jnp.asarray([1.0, 2.0, 3.0, 4.0]))
+
+
 def test_steps_with_dk_not_dv_and_mqa_and_paper_like_forcing():
   config = NSAConfig(cmp_block=16, cmp_stride=8, slc_block=16, num_selected=4, num_initial=2,
                      num_local=2, window=9)
