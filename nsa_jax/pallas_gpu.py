@@ -7,7 +7,7 @@
   Pallas kernel here; no banded Pallas kernel was written to compete), falling back to the XLA
   path where cuDNN does not apply (float32, Dk != Dv, head sizes it does not take, interpret
   mode); packed rows, which cuDNN's public entry point cannot mask per document: the
-  selected-attention kernels over each position's window as a document (`_packed_window`);
+  selected-attention kernels over each position's window as aligned blocks (`_packed_window`);
 - compressed attention where cuDNN takes the inputs and `d <= CUDNN_COMPRESSED_MAX_STRIDE`
   (`cudnn_compressed_applies`): cuDNN over folded queries (`nsa_jax.cudnn_compressed`: one
   causal attention of chunk queries with `d * G` heads a KV group), forward and backward; in
@@ -210,17 +210,14 @@ def sliding_window_attention(q, k, v, scale, *, window, interpret=False, segment
 def _packed_window(q, k, v, scale, window, segment_ids, interpret):
   """The window of packed rows: keys `max(s, t - w + 1) .. t` (s: t's document start). cuDNN's
   flash attention takes no per-document mask through `jax.nn.dot_product_attention`, so this is
-  the selected-attention kernel over a virtual document starting at that first key: its
-  `ceil(w / 64)` blocks of 64 tokens (halves of aligned blocks, `document_block_halves`)."""
+  the selected-attention kernels over the span's aligned blocks of 64 tokens (at most
+  `ceil(w / 64) + 1`, the first masked below the span's start: `span_attention`)."""
   block = PACKED_WINDOW_BLOCK
   first = jnp.maximum(segments.document_starts(segment_ids),
                       jnp.arange(q.shape[1], dtype=jnp.int32) - window + 1)
-  num_blocks = -(-window // block)
-  blocks = jnp.broadcast_to(jnp.arange(num_blocks, dtype=jnp.int32),
-                            q.shape[:2] + (k.shape[2], num_blocks))
-  return selected_kernel.selected_attention(q, k, v, blocks, block=block,
-                                            scale=_static_scale(scale), interpret=interpret,
-                                            document_starts=first)
+  return selected_kernel.span_attention(q, k, v, first, width=-(-window // block) + 1,
+                                        block=block, scale=_static_scale(scale),
+                                        interpret=interpret)
 
 
 def nsa_attention(q, k, v, gates, k_cmp, v_cmp, scale, *, config: NSAConfig, interpret=False,

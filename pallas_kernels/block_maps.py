@@ -7,7 +7,8 @@
   work items of at most `chunk` queries, for the dK/dV kernels (no scan over all queries per block,
   and no block with thousands of queries serialised in one program).
 - `document_block_halves`: packed rows' document-local blocks as parts of aligned blocks, so the
-  same lists and maps serve them.
+  same lists and maps serve them; `span_blocks`: a contiguous span of keys (the packed window)
+  in the same form.
 """
 
 from __future__ import annotations
@@ -71,6 +72,35 @@ def document_block_halves(block_indices, document_starts, block: int):
   local = aligned - base  # the document-local block whose upper part this block holds
   codes = jnp.where(aligned >= 0, LOWER * chosen(local - 1) + UPPER * chosen(local), 0)
   return aligned, codes.astype(jnp.int32), (document_starts % block).astype(jnp.int32)
+
+
+def span_blocks(first, num_kv_heads: int, width: int, block: int):
+  """Each position's keys `first[t] .. t` as aligned blocks with the codes of
+  `document_block_halves` (the packed window: `first = max(s, t - w + 1)`).
+
+  The aligned blocks `first // l'` to `t // l'` (at most `width` of them), the first one's keys
+  from offset `r = first % l'` on (UPPER), the others whole (LOWER | UPPER); keys past `t` are
+  the kernels' causal mask. Half the entries of `document_block_halves` on a virtual document
+  starting at `first` (which splits every block in two when `r > 0`).
+
+  Args:
+    first: int32 `[B, T]`, each position's first key.
+    num_kv_heads: H of the returned arrays (the same span for every head).
+    width: entries a position, `>= (t - first) // l' + 2` for every `t` (e.g. `ceil(w / l') + 1`).
+    block: `l'`.
+
+  Returns:
+    `(aligned int32 [B, T, H, width]` (ascending, then -1), `codes int32 [B, T, H, width]`,
+    `offsets int32 [B, T]` (`r`)).
+  """
+  first = first.astype(jnp.int32)
+  position = jnp.arange(first.shape[1], dtype=jnp.int32)[None, :, None]
+  entry = jnp.arange(width, dtype=jnp.int32)[None, None, :]
+  aligned = first[..., None] // block + entry  # [B, T, width]
+  aligned = jnp.where(aligned <= position // block, aligned, -1)
+  codes = jnp.where(aligned < 0, 0, jnp.where(entry == 0, UPPER, LOWER | UPPER))
+  spread = lambda x: jnp.broadcast_to(x[:, :, None], x.shape[:2] + (num_kv_heads, width))
+  return spread(aligned), spread(codes).astype(jnp.int32), first % block
 
 
 def ascending(block_indices):

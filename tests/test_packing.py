@@ -354,7 +354,7 @@ def test_kernel_compressed_attention_values_lse_and_gradients_equal_their_docume
 
 @pytest.mark.parametrize("impl, window, block", [
     ("pallas_tpu", 6, None),  # splash attention, one segment id per document
-    ("pallas_gpu", 20, 8)])  # the selected kernels over each position's window, 3 blocks
+    ("pallas_gpu", 20, 8)])  # the selected kernels over each window's aligned blocks, up to 4
 def test_kernel_sliding_window_values_and_gradients_equal_their_documents_alone(
     monkeypatch, impl, window, block):
   if block is not None:

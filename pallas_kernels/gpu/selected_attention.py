@@ -36,7 +36,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.block_maps import LOWER, UPPER, document_block_halves, inverse_block_map
-from pallas_kernels.block_maps import distinct_ascending, sorted_causal_block_indices
+from pallas_kernels.block_maps import distinct_ascending, sorted_causal_block_indices, span_blocks
 from pallas_kernels.gpu.tile_math import LOG2E, MASK_VALUE, pow2
 from pallas_kernels.gpu.tile_math import dot as _dot
 from pallas_kernels.gpu.tile_math import online_softmax_init, online_softmax_step, rows_within
@@ -548,3 +548,14 @@ def selected_attention(q, k, v, block_indices, *, block: int, scale: float,
   if not indices_sorted:
     block_indices = sorted_causal_block_indices(block_indices, block)
   return _selected_attention(q, k, v, block_indices, None, float(scale), block, interpret)
+
+
+def span_attention(q, k, v, first, *, width: int, block: int, scale: float,
+                   interpret: bool = False):
+  """Attention of each query `t` over its keys `first[t] .. t` (`first int32 [B, T]`;
+  `width >= (t - first[t]) // block + 2` aligned blocks a position): the selected-attention
+  kernels over the span's aligned blocks (`block_maps.span_blocks`), forward and backward.
+  Packed rows' window, which cuDNN's public entry point cannot mask per document. Returns
+  `[B, T, Hq, Dv]` in q.dtype."""
+  aligned, codes, offsets = span_blocks(first, k.shape[2], width, block)
+  return _selected_attention(q, k, v, aligned, (codes, offsets), float(scale), block, interpret)
