@@ -159,8 +159,15 @@ def nsa_prefill(q, k, v, cache: DecodeCache, *, config: NSAConfig, gates=None, s
   # The padding's tokens and the compressed blocks reaching into it stay in the cache unseen: a
   # step at `t` reads positions `<= t` (all written by then) and blocks complete at `t`, each
   # remade by the step its last token arrives in.
-  return (jnp.where(jnp.arange(t)[None, :, None, None] < lengths[:, None, None, None], out, 0),
-          dataclasses.replace(cache, length=lengths.astype(jnp.int32)))
+  return padding_zeroed(out, lengths), dataclasses.replace(cache, length=lengths.astype(jnp.int32))
+
+
+def padding_zeroed(out, lengths):
+  """`out [B, T, ...]` with each row's positions `>= lengths[b]` zero (None: unchanged)."""
+  if lengths is None:
+    return out
+  keep = jnp.arange(out.shape[1]) < lengths[:, None]
+  return jnp.where(keep.reshape(keep.shape + (1,) * (out.ndim - 2)), out, 0)
 
 
 def _check_lengths(lengths, q):
@@ -211,7 +218,7 @@ def nsa_decode_step(q_t, k_t, v_t, cache: DecodeCache, *, config: NSAConfig, gat
   _check_cache(cache, k_t[:, None], v_t[:, None], 1)
   scale = q_t.shape[-1] ** -0.5 if scale is None else scale
   implementation = ops.resolve_implementation(implementation, interpret)
-  if jnp.ndim(cache.length) == 1:  # rows at their own positions: each row alone, batched
+  if _ragged(cache):  # rows at their own positions: each row alone, batched
     step = functools.partial(nsa_decode_step, config=config, scale=scale,
                              compress_fn=compress_fn, implementation=implementation,
                              interpret=interpret)
@@ -231,16 +238,34 @@ def nsa_decode_step(q_t, k_t, v_t, cache: DecodeCache, *, config: NSAConfig, gat
   return out, cache
 
 
-def _per_row(step, q_t, k_t, v_t, cache: DecodeCache, gates):
-  """`step` on each row of a cache whose rows sit at their own positions (`length [B]`), as a
-  batch of one with a scalar length, vmapped over the rows (the kernels batch under vmap)."""
+def _per_row(step, q_t, k_t, v_t, cache, gates):
+  """`step(q_t, k_t, v_t, cache, gates=...)` on each row of caches whose rows sit at their own
+  positions (`length [B]`; `cache` one cache or a tuple), as a batch of one with a scalar
+  length, vmapped over the rows (the kernels batch under vmap)."""
   def one_row(q, k, v, row, g):
-    row = DecodeCache(k=row.k[None], v=row.v[None], k_cmp=row.k_cmp[None],
-                      v_cmp=row.v_cmp[None], length=row.length, max_len=cache.max_len)
-    out, row = step(q[None], k[None], v[None], row, gates=None if g is None else g[None])
-    return out[0], DecodeCache(k=row.k[0], v=row.v[0], k_cmp=row.k_cmp[0], v_cmp=row.v_cmp[0],
-                               length=row.length, max_len=cache.max_len)
+    out, row = step(q[None], _map_tokens(lambda x: x[None], k), _map_tokens(lambda x: x[None], v),
+                    _map_caches(lambda x: x[None], row), gates=None if g is None else g[None])
+    return out[0], _map_caches(lambda x: x[0], row)
   return jax.vmap(one_row)(q_t, k_t, v_t, cache, gates)
+
+
+def _map_tokens(fn, x):
+  """`fn` on a token array or on each of a list of them (a K/V set per branch)."""
+  return [fn(t) for t in x] if isinstance(x, (list, tuple)) else fn(x)
+
+
+def _map_caches(fn, cache):
+  """`fn` on the token arrays of a cache (or of each of a tuple of caches), `length` kept."""
+  if isinstance(cache, tuple):
+    return tuple(_map_caches(fn, c) for c in cache)
+  arrays = [f.name for f in dataclasses.fields(cache) if f.name not in ("length", "max_len")]
+  return dataclasses.replace(cache, **{name: fn(getattr(cache, name)) for name in arrays})
+
+
+def _ragged(cache) -> bool:
+  """Whether the rows of `cache` (one cache, or the first of a tuple) sit at their own
+  positions (`nsa_prefill(lengths=...)`)."""
+  return jnp.ndim((cache[0] if isinstance(cache, tuple) else cache).length) == 1
 
 
 def _check_step(q_t, k_t, v_t, gates):
@@ -320,18 +345,27 @@ def init_dense_cache(batch: int, max_len: int, num_kv_heads: int, head_dim: int,
   return DenseCache(k=zeros(head_dim), v=zeros(head_dim_v), length=jnp.zeros((), jnp.int32))
 
 
-def dense_cache_write(cache: DenseCache, k, v) -> DenseCache:
-  """Resets the cache to the prompt `k [B, T, Hkv, Dk]`, `v [B, T, Hkv, Dv]`."""
+def dense_cache_write(cache: DenseCache, k, v, lengths=None) -> DenseCache:
+  """Resets the cache to the prompt `k [B, T, Hkv, Dk]`, `v [B, T, Hkv, Dv]`; with `lengths
+  int [B]` (right-padded prompts, as `nsa_prefill`'s) each row holds its first `lengths[b]`
+  tokens and continues from there."""
   if k.shape[1] > cache.k.shape[2]:
     raise ValueError(f"{k.shape[1]} tokens do not fit a cache of max_len {cache.k.shape[2]}")
+  if lengths is not None:
+    _check_lengths(lengths, k)
   write = lambda buf, x: jax.lax.dynamic_update_slice(
       buf, x.transpose(0, 2, 1, 3).astype(buf.dtype), (0, 0, 0, 0))
-  return DenseCache(k=write(cache.k, k), v=write(cache.v, v),
-                    length=jnp.asarray(k.shape[1], jnp.int32))
+  length = (jnp.asarray(k.shape[1], jnp.int32) if lengths is None
+            else lengths.astype(jnp.int32))
+  return DenseCache(k=write(cache.k, k), v=write(cache.v, v), length=length)
 
 
 def dense_decode_step(q_t, k_t, v_t, cache: DenseCache, scale=None):
-  """Appends one token and attends everything so far: `(out_t [B, Hq, Dv], cache)`."""
+  """Appends one token and attends everything so far: `(out_t [B, Hq, Dv], cache)`; rows at
+  their own positions (`length [B]`, `dense_cache_write(lengths=...)`) each alone."""
+  if _ragged(cache):
+    step = lambda q, k, v, row, gates: dense_decode_step(q, k, v, row, scale)
+    return _per_row(step, q_t, k_t, v_t, cache, None)
   t = cache.length
   cache = _dense_append(cache, k_t, v_t)
   b, hq, dk = q_t.shape
@@ -396,7 +430,7 @@ def _check_separate_caches(caches, keys, values, tokens: int):
 
 def nsa_prefill_separate_kv(q, keys, values, caches, *, config: NSAConfig, gates=None,
                             scale=None, compress_fn: CompressFn | None = None,
-                            implementation=None, interpret: bool = False):
+                            implementation=None, interpret: bool = False, lengths=None):
   """`nsa_prefill` with a K/V set per branch.
 
   Args:
@@ -404,8 +438,8 @@ def nsa_prefill_separate_kv(q, keys, values, caches, *, config: NSAConfig, gates
     keys: three `[B, T, Hkv, Dk]` (compressed, selected, window branch).
     values: three `[B, T, Hkv, Dv]`.
     caches: from `init_separate_kv_cache`, reset to the prompt.
-    config, gates, scale, compress_fn, implementation, interpret: as in `nsa_prefill`
-      (`compress_fn` compresses set 0).
+    config, gates, scale, compress_fn, implementation, interpret, lengths: as in
+      `nsa_prefill` (`compress_fn` compresses set 0).
 
   Returns:
     `(out [B, T, Hq, Dv] in q.dtype, caches)`: `out` is `nsa_attention_separate_kv(q, keys,
@@ -417,18 +451,25 @@ def nsa_prefill_separate_kv(q, keys, values, caches, *, config: NSAConfig, gates
   """
   config = check.check_config(config)
   _check_separate_caches(caches, keys, values, q.shape[1])
+  if lengths is not None:
+    _check_lengths(lengths, q)
   cmp, slc, swa = caches
   if q.shape[1] == 0:
     out = jnp.zeros(q.shape[:3] + (values[0].shape[-1],), q.dtype)
     # A length each: one array in three caches could not be donated to a jitted step.
-    return out, tuple(dataclasses.replace(c, length=jnp.zeros((), jnp.int32)) for c in caches)
+    length = lambda: (jnp.zeros((), jnp.int32) if lengths is None
+                      else jnp.zeros((q.shape[0],), jnp.int32))
+    return out, tuple(dataclasses.replace(c, length=length()) for c in caches)
   k_cmp, v_cmp = (compress_fn or _default_compress(config))(keys[0], values[0])
   out = ops.nsa_attention_separate_kv(q, keys, values, config=config, gates=gates, k_cmp=k_cmp,
                                       v_cmp=v_cmp, scale=scale, implementation=implementation,
                                       interpret=interpret)
-  return out, (_write_prompt(cmp, keys[0], values[0], k_cmp, v_cmp),
-               dense_cache_write(slc, keys[1], values[1]),
-               dense_cache_write(swa, keys[2], values[2]))
+  cmp = _write_prompt(cmp, keys[0], values[0], k_cmp, v_cmp)
+  if lengths is not None:  # as in `nsa_prefill`: the padding stays in the caches unseen
+    cmp = dataclasses.replace(cmp, length=lengths.astype(jnp.int32))
+  return padding_zeroed(out, lengths), (
+      cmp, dense_cache_write(slc, keys[1], values[1], lengths),
+      dense_cache_write(swa, keys[2], values[2], lengths))
 
 
 def nsa_decode_step_separate_kv(q_t, k_ts, v_ts, caches, *, config: NSAConfig, gates=None,
@@ -463,6 +504,11 @@ def nsa_decode_step_separate_kv(q_t, k_ts, v_ts, caches, *, config: NSAConfig, g
   _check_separate_caches(caches, [k[:, None] for k in k_ts], [v[:, None] for v in v_ts], 1)
   scale = q_t.shape[-1] ** -0.5 if scale is None else scale
   implementation = ops.resolve_implementation(implementation, interpret)
+  if _ragged(caches):  # rows at their own positions: each row alone, batched
+    step = functools.partial(nsa_decode_step_separate_kv, config=config, scale=scale,
+                             compress_fn=compress_fn, implementation=implementation,
+                             interpret=interpret)
+    return _per_row(step, q_t, list(k_ts), list(v_ts), tuple(caches), gates)
   if (implementation == "pallas_gpu" and compress_fn is None
       and pallas_gpu.step_separate_kv_supported(q_t, caches, config)):
     return pallas_gpu.decode_step_separate_kv(q_t, k_ts, v_ts, caches, gates, scale,

@@ -35,6 +35,12 @@ def apply_rope(x, positions, theta: float = 10000.0):
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
+def step_positions(length):
+  """A decode step's RoPE positions: `[1]` for a scalar cache length, `[B, 1]` for rows at their
+  own positions (`length [B]`)."""
+  return length[None] if jnp.ndim(length) == 0 else length[:, None]
+
+
 class LearnedCompression(nnx.Module):
   """The paper's `phi`: an MLP over each flattened `l x D` block plus an intra-block position embedding.
 
@@ -242,11 +248,12 @@ class NativeSparseAttention(_CausalAttentionBase):
     return init(batch, max_len, self.num_kv_heads, self.head_dim, self.head_dim_v,
                 config=self.config, dtype=dtype)
 
-  def prefill(self, x, cache):
-    """`x [B, T, F]` (positions 0..T-1) -> `(y [B, T, F], cache)`."""
+  def prefill(self, x, cache, lengths=None):
+    """`x [B, T, F]` (positions 0..T-1) -> `(y [B, T, F], cache)`; `lengths int [B]`: prompts of
+    different lengths, right-padded (`decode.nsa_prefill`)."""
     q, keys, values = self._project(x)
     common = dict(config=self.config, gates=self._gates(x, q.dtype), compress_fn=self._compress,
-                  implementation=self.implementation)
+                  implementation=self.implementation, lengths=lengths)
     if self.num_kv_sets == 1:
       out, cache = decode.nsa_prefill(q, keys[0], values[0], cache, **common)
     else:
@@ -254,9 +261,10 @@ class NativeSparseAttention(_CausalAttentionBase):
     return self._output(out), cache
 
   def decode_step(self, x_t, cache):
-    """`x_t [B, F]` at position `cache.length` -> `(y_t [B, F], cache)`."""
+    """`x_t [B, F]` at position `cache.length` (per row where it is `[B]`) ->
+    `(y_t [B, F], cache)`."""
     length = cache.length if self.num_kv_sets == 1 else cache[0].length
-    q, keys, values = self._project(x_t[:, None], length[None])
+    q, keys, values = self._project(x_t[:, None], step_positions(length))
     gates = self._gates(x_t[:, None], q.dtype)
     common = dict(config=self.config, gates=None if gates is None else gates[:, 0],
                   compress_fn=self._compress)
@@ -297,16 +305,19 @@ class DenseAttention(_CausalAttentionBase):
     return decode.init_dense_cache(batch, max_len, self.num_kv_heads, self.head_dim,
                                    self.head_dim_v, dtype=dtype)
 
-  def prefill(self, x, cache):
-    """`x [B, T, F]` (positions 0..T-1) -> `(y [B, T, F], cache)`."""
+  def prefill(self, x, cache, lengths=None):
+    """`x [B, T, F]` (positions 0..T-1) -> `(y [B, T, F], cache)`; `lengths int [B]`: prompts of
+    different lengths, right-padded (as `decode.nsa_prefill`'s)."""
     q, keys, values = self._project(x)
     out = ops.dense_causal_attention(q, keys[0], values[0]) if x.shape[1] else (
         jnp.zeros(q.shape[:3] + (self.head_dim_v,), q.dtype))
-    return self._output(out), decode.dense_cache_write(cache, keys[0], values[0])
+    return (self._output(decode.padding_zeroed(out, lengths)),
+            decode.dense_cache_write(cache, keys[0], values[0], lengths))
 
   def decode_step(self, x_t, cache):
-    """`x_t [B, F]` at position `cache.length` -> `(y_t [B, F], cache)`."""
-    q, keys, values = self._project(x_t[:, None], cache.length[None])
+    """`x_t [B, F]` at position `cache.length` (per row where it is `[B]`) ->
+    `(y_t [B, F], cache)`."""
+    q, keys, values = self._project(x_t[:, None], step_positions(cache.length))
     out, cache = decode.dense_decode_step(q[:, 0], keys[0][:, 0], values[0][:, 0], cache)
     return self._output(out[:, None])[:, 0], cache
 

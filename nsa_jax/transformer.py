@@ -82,8 +82,8 @@ class DecoderBlock(nnx.Module):
     x = x + self.attention(self.attention_norm(x), segment_ids)
     return x + self.mlp(self.mlp_norm(x))
 
-  def prefill(self, x, cache):
-    y, cache = self.attention.prefill(self.attention_norm(x), cache)
+  def prefill(self, x, cache, lengths=None):
+    y, cache = self.attention.prefill(self.attention_norm(x), cache, lengths)
     x = x + y
     return x + self.mlp(self.mlp_norm(x)), cache
 
@@ -126,13 +126,17 @@ class DecoderLM(nnx.Module):
     return [block.attention.init_cache(batch, max_len, self.cache_dtype)
             for block in self.blocks]
 
-  def prefill(self, tokens, caches):
-    """`tokens int [B, T]` -> `(logits float32 [B, T, vocab_size], caches)`."""
+  def prefill(self, tokens, caches, lengths=None):
+    """`tokens int [B, T]` -> `(logits float32 [B, T, vocab_size], caches)`; `lengths int [B]`:
+    prompts of different lengths, right-padded; each row then decodes from its own length
+    (`decode.nsa_prefill`), and its logits past it are those of padding."""
     _check_tokens("tokens", tokens, 2, "[B, T]")
-    return self._through_blocks(tokens, caches, lambda block: block.prefill)
+    return self._through_blocks(
+        tokens, caches, lambda block: functools.partial(block.prefill, lengths=lengths))
 
   def decode_step(self, token, caches):
-    """`token int [B]` at position `caches[0].length` -> `(logits float32 [B, vocab], caches)`."""
+    """`token int [B]` at position `caches[0].length` (per row after a prefill with `lengths`)
+    -> `(logits float32 [B, vocab], caches)`."""
     _check_tokens("token", token, 1, "[B]")
     return self._through_blocks(token, caches, lambda block: block.decode_step)
 
@@ -153,7 +157,7 @@ def _check_tokens(name, tokens, rank, layout):
 
 
 def generate(model: DecoderLM, prompt, max_new_tokens: int, *, temperature: float = 0.0,
-             rng=None):
+             rng=None, lengths=None):
   """Batched sampling with the KV cache: greedy when `temperature == 0`, else softmax sampling.
 
   One jitted program: prefill of the prompt, then a `lax.scan` of decode steps.
@@ -164,16 +168,27 @@ def generate(model: DecoderLM, prompt, max_new_tokens: int, *, temperature: floa
     max_new_tokens: tokens to add (>= 1).
     temperature: 0 for greedy decoding, > 0 to sample from `softmax(logits / temperature)`.
     rng: a `jax.random` key, needed when `temperature > 0`.
+    lengths: int `[B]` or None: prompts of different lengths (`1 <= lengths[b] <= P`), each
+      row's first `lengths[b]` tokens, right-padded; each row continues its own prompt.
 
   Returns:
-    int32 `[B, P + max_new_tokens]`: the prompt followed by the new tokens.
+    int32 `[B, P + max_new_tokens]`: the prompt followed by the new tokens; with `lengths`, row
+    `b` is its `lengths[b]` prompt tokens, its new tokens, then zeros.
 
   Raises:
-    ValueError: a bad prompt, `max_new_tokens`, `temperature`, or a missing `rng`.
+    ValueError: a bad prompt, `max_new_tokens`, `temperature`, `lengths`, or a missing `rng`.
   """
   _check_tokens("prompt", prompt, 2, "[B, P]")
   if prompt.shape[1] == 0:
     raise ValueError(f"prompt must hold at least one token, got shape {tuple(prompt.shape)}")
+  if lengths is not None:
+    _check_tokens("lengths", lengths, 1, "[B]")
+    if lengths.shape[0] != prompt.shape[0]:
+      raise ValueError(f"lengths must have shape [B] = [{prompt.shape[0]}], got "
+                       f"{tuple(lengths.shape)}")
+    if not isinstance(lengths, jax.core.Tracer) and not (
+        1 <= int(jnp.min(lengths)) and int(jnp.max(lengths)) <= prompt.shape[1]):
+      raise ValueError(f"lengths must lie in [1, P = {prompt.shape[1]}], got {lengths}")
   check_positive("max_new_tokens", max_new_tokens)
   if temperature < 0:
     raise ValueError(f"temperature must be >= 0, got {temperature}")
@@ -181,13 +196,21 @@ def generate(model: DecoderLM, prompt, max_new_tokens: int, *, temperature: floa
     raise ValueError("rng (a jax.random key) is needed when temperature > 0")
   rng = jax.random.key(0) if rng is None else rng
   graphdef, state = nnx.split(model)
-  new_tokens = _generate(graphdef, state, prompt.astype(jnp.int32), rng,
+  prompt = prompt.astype(jnp.int32)
+  new_tokens = _generate(graphdef, state, prompt, rng,
+                         None if lengths is None else lengths.astype(jnp.int32),
                          max_new_tokens=max_new_tokens, temperature=float(temperature))
-  return jnp.concatenate([prompt.astype(jnp.int32), new_tokens], axis=1)
+  if lengths is None:
+    return jnp.concatenate([prompt, new_tokens], axis=1)
+  # Row b: its prompt, then its new tokens from position lengths[b], then zeros.
+  out = jnp.pad(jnp.where(jnp.arange(prompt.shape[1]) < lengths[:, None], prompt, 0),
+                [(0, 0), (0, max_new_tokens)])
+  at = lengths[:, None] + jnp.arange(max_new_tokens)
+  return out.at[jnp.arange(prompt.shape[0])[:, None], at].set(new_tokens)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature"))
-def _generate(graphdef, state, prompt, rng, *, max_new_tokens, temperature):
+def _generate(graphdef, state, prompt, rng, lengths, *, max_new_tokens, temperature):
   model = nnx.merge(graphdef, state)
   b, p = prompt.shape
 
@@ -197,8 +220,9 @@ def _generate(graphdef, state, prompt, rng, *, max_new_tokens, temperature):
     return jax.random.categorical(key, logits / temperature, axis=-1).astype(jnp.int32)
 
   keys = jax.random.split(rng, max_new_tokens)
-  logits, caches = model.prefill(prompt, model.init_cache(b, p + max_new_tokens))
-  first = sample(logits[:, -1], keys[0])
+  logits, caches = model.prefill(prompt, model.init_cache(b, p + max_new_tokens), lengths)
+  last = logits[:, -1] if lengths is None else logits[jnp.arange(b), lengths - 1]
+  first = sample(last, keys[0])
 
   def step(carry, key):
     caches, token = carry

@@ -56,6 +56,26 @@ def test_greedy_generation_follows_the_argmax_of_the_full_forward(variant):
   np.testing.assert_array_equal(tokens[:, 7:], jnp.argmax(model(tokens)[:, 6:-1], axis=-1))
 
 
+@pytest.mark.parametrize("variant", ["nsa (learned phi, sigmoid gates)",
+                                     "nsa (a K/V set per branch)", "dense"])
+def test_prompts_of_different_lengths_each_continue_their_own_prompt(variant):
+  """`generate(lengths=...)`: right-padded prompts of 3, 21 and 9 tokens (padding of random
+  tokens, which must not leak); each row's new tokens are the argmax of the full forward on its
+  own sequence."""
+  model = DecoderLM(dataclasses.replace(CONFIG, **VARIANTS[variant]), rngs=nnx.Rngs(1))
+  lengths, new = [3, 21, 9], 12
+  prompt = jax.random.randint(fresh_key(), (3, 21), 0, 256)
+  tokens = generate(model, prompt, new, lengths=jnp.asarray(lengths))
+  assert tokens.shape == (3, 21 + new)
+  for b, n in enumerate(lengths):
+    row = tokens[b:b + 1, :n + new]
+    np.testing.assert_array_equal(row[0, :n], prompt[b, :n])
+    np.testing.assert_array_equal(tokens[b, n + new:], 0)
+    np.testing.assert_array_equal(row[0, n:], jnp.argmax(model(row)[0, n - 1:-1], axis=-1))
+  with pytest.raises(ValueError, match=r"lengths must lie in \[1, P = 21\]"):
+    generate(model, prompt, new, lengths=jnp.asarray([0, 3, 3]))
+
+
 def test_temperature_sampling_is_reproducible_and_follows_the_key():
   model = DecoderLM(CONFIG, rngs=nnx.Rngs(2))
   prompt = jax.random.randint(fresh_key(), (2, 5), 0, 256)
