@@ -132,8 +132,8 @@ def nsa_prefill(q, k, v, cache: DecodeCache, *, config: NSAConfig, gates=None, s
       prompt at every position; the padding is never attended. None: every row is `T` long.
 
   Returns:
-    `(out [B, T, Hq, Dv] in q.dtype, cache)`: `out` is `nsa_attention(q, k, v, ...)`, with
-    `lengths` zero at each row's padding.
+    `(out [B, T, Hq, Dv] in q.dtype, cache)`: `out` is `nsa_attention(q, k, v, ...)` (with
+    `lengths`: zero at each row's padding).
 
   Raises:
     ValueError: bad shapes (as `nsa_attention`), `lengths` not `[B]` integers, or a prompt that
