@@ -285,6 +285,7 @@ def test_kernel_selection_and_nsa_equal_their_documents_alone(monkeypatch, impl,
   from pallas_kernels.tpu import compressed_attention as tpu_compressed
   monkeypatch.setattr(tpu_compressed, "ROWS", 128)
   monkeypatch.setattr(tpu_compressed, "KEYS", 128)
+  _small_gpu_compressed_tiles(monkeypatch)
   wide = dataclasses.replace(CONFIG, num_selected=5)
   q, k, v = random_qkv(2, sum(rows[0]), 4, 2, 16)
   compress_wide = lambda k, v, *ids: reference.compress_kv(k, v, wide.cmp_block, wide.cmp_stride,
@@ -313,10 +314,21 @@ def test_kernel_selection_and_nsa_equal_their_documents_alone(monkeypatch, impl,
                                                      config=CONFIG), (q, k, v, gates))[0])
 
 
+def _small_gpu_compressed_tiles(monkeypatch):
+  """GPU compressed kernels on 8-key tiles (16 for the log-sum-exp, score and dK/dV ones): the
+  rows' 21 slots span several tiles, and the later documents' row tiles start their walks past
+  the earlier documents' tiles."""
+  from pallas_kernels.gpu import compressed_attention as gpu_compressed
+  for name, keys in (("KEYS", 8), ("LSE_KEYS", 16), ("SCORE_KEYS", 16), ("DKV_KEYS", 16)):
+    monkeypatch.setattr(gpu_compressed, name, keys)
+
+
 @pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_tpu"])
-def test_kernel_compressed_attention_values_lse_and_gradients_equal_their_documents_alone(impl):
+def test_kernel_compressed_attention_values_lse_and_gradients_equal_their_documents_alone(
+    monkeypatch, impl):
   """Output and log-sum-exp (-inf where a document has no complete block yet), and the
   gradients through both, of the kernels on the packed rows' compressed slots."""
+  _small_gpu_compressed_tiles(monkeypatch)
   q, k, v = random_qkv(2, 45, 4, 2, 16)
   segment_ids = segment_ids_of(DOCUMENTS)
   k_cmp, v_cmp = compress(k, v, segment_ids)

@@ -183,9 +183,9 @@ def _full_tile_count(tile, lay: _Layout, keys=None):
   return _num_visible(tile * lay.positions, lay) // (keys or KEYS)
 
 
-def _lse_pass(q, k_ref, row_pos, num_full, num_tiles, lay, scale, starts=None):
-  """Pass 1 over tiles of LSE_KEYS keys (the first `num_full` unmasked): each row's base-2
-  log-sum-exp."""
+def _lse_pass(q, k_ref, row_pos, num_full, num_tiles, lay, scale, starts=None, first=0):
+  """Pass 1 over tiles of LSE_KEYS keys `[first, num_tiles)` (the first `num_full` unmasked):
+  each row's base-2 log-sum-exp."""
   def body(kt, carry, masked):
     row_max, row_sum = carry
     keys = pl.ds(kt * LSE_KEYS, LSE_KEYS)
@@ -197,7 +197,7 @@ def _lse_pass(q, k_ref, row_pos, num_full, num_tiles, lay, scale, starts=None):
     return new_max, row_sum * jnp.exp2(row_max - new_max) + jnp.sum(p, axis=1)
 
   init = (jnp.full((lay.rows,), MASK_VALUE, jnp.float32), jnp.zeros((lay.rows,), jnp.float32))
-  row_max, row_sum = masked_split_loop(num_full, num_tiles, body, init)
+  row_max, row_sum = masked_split_loop(num_full, num_tiles, body, init, first)
   # Rows that see nothing get +inf, so exp2(s - lse) = 0 in pass 2 and the backward.
   return jnp.where(row_sum > 0, row_max + jnp.log2(jnp.where(row_sum > 0, row_sum, 1.0)), jnp.inf)
 
@@ -395,6 +395,7 @@ def _packed_scores_kernel(q_ref, k_ref, lse_ref, starts_ref, _, __, suffix_ref, 
   q, lse, starts = q_ref[...], lse_ref[...], starts_ref[...]
   row_pos = _row_positions(tile, lay)
   per_slc = slc_block // lay.stride
+  first = _first_tile(starts_ref, lay, SCORE_KEYS)  # tiles before: no row's; their blocks 0
   # Every row of a position has its start; padded heads' rows may hold 0.
   phase = jnp.max(starts.reshape(lay.positions, lay.heads), axis=1) // lay.stride % per_slc
   zero = jnp.zeros_like(phase)
@@ -409,9 +410,20 @@ def _packed_scores_kernel(q_ref, k_ref, lse_ref, starts_ref, _, __, suffix_ref, 
 
   num_tiles = _tile_count(tile, lay, SCORE_KEYS)
   init = (jnp.zeros((lay.positions,), jnp.float32),) * 2
-  carries = masked_split_loop(0, num_tiles, body, init)
+  carries = masked_split_loop(0, num_tiles, body, init, first)
   for part, carry in zip(parts, carries):
     part.finish(num_tiles, carry)
+
+
+def _first_tile(starts_ref, lay: _Layout, keys=None):
+  """Packed rows: the first key tile (of `keys`, default KEYS) that any row of the program sees.
+  A document's rows see only its own slots (`>= s // d`), and the program's first row (a real
+  position's first head) has the earliest start, starts never decreasing along positions; rows
+  of later documents skip the earlier documents' slots, so a row tile walks its documents' keys
+  only. 0 for unpacked rows."""
+  if starts_ref is None:
+    return 0
+  return starts_ref[0] // lay.stride // (keys or KEYS)
 
 
 def _num_full(tile, lay, keys=None, documents=False):
@@ -422,7 +434,8 @@ def _num_full(tile, lay, keys=None, documents=False):
 def _forward_kernel(q_ref, k_ref, v_ref, *refs, lay, scale, slc_block, slc_cols, slc_spill,
                     documents=False):
   """Pass 1 (lse), then pass 2 (output and, with `slc_block`, the selection scores)."""
-  starts = refs[0][...] if documents else None  # packed rows: each row's document start
+  starts_ref = refs[0] if documents else None  # packed rows: each row's document start
+  starts = starts_ref[...] if documents else None
   refs = refs[1:] if documents else refs
   if slc_block:
     _, o_ref, lse_ref, score_ref = refs  # refs[0]: the zeros aliased to score_ref
@@ -433,7 +446,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, lay, scale, slc_block, slc_cols,
   row_pos = _row_positions(tile, lay)
   num_tiles = _tile_count(tile, lay)
   lse = _lse_pass(q, k_ref, row_pos, _num_full(tile, lay, LSE_KEYS, documents),
-                  _tile_count(tile, lay, LSE_KEYS), lay, scale, starts)
+                  _tile_count(tile, lay, LSE_KEYS), lay, scale, starts,
+                  _first_tile(starts_ref, lay, LSE_KEYS))
   writer = slc_block and _ScoreWriter(score_ref, tile, lay, slc_block, slc_cols, slc_spill)
 
   def body(kt, carry, masked):
@@ -449,7 +463,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, lay, scale, slc_block, slc_cols,
   init = (jnp.zeros((lay.rows, o_ref.shape[1]), jnp.float32),
           writer.init() if slc_block else jnp.zeros((1,), jnp.float32))
   acc, spill = masked_split_loop(_num_full(tile, lay, documents=documents), num_tiles, body,
-                                 init)
+                                 init, _first_tile(starts_ref, lay))
   o_ref[...] = acc.astype(o_ref.dtype)
   lse_ref[...] = lse
   if slc_block:
@@ -478,7 +492,8 @@ def _scores_kernel(q_ref, k_ref, lse_ref, _, score_ref, *, lay, scale, slc_block
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, lay, scale,
                documents=False):
-  starts, (dq_ref,) = (refs[0][...], refs[1:]) if documents else (None, refs)
+  starts_ref, (dq_ref,) = (refs[0], refs[1:]) if documents else (None, refs)
+  starts = starts_ref[...] if documents else None
   tile = pl.program_id(0)
   q, do = q_ref[...], do_ref[...]
   lse, delta = lse_ref[...], delta_ref[...]
@@ -492,7 +507,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, lay, scal
     return dq + _dot(ds.astype(k.dtype), k)
 
   dq = masked_split_loop(_num_full(tile, lay, documents=documents), _tile_count(tile, lay), body,
-                          jnp.zeros(q.shape, jnp.float32))
+                          jnp.zeros(q.shape, jnp.float32), _first_tile(starts_ref, lay))
   dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 

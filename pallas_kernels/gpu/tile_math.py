@@ -34,11 +34,13 @@ def dot(a, b, trans_a=False, trans_b=False):
   return plgpu.dot(a, b, trans_a=trans_a, trans_b=trans_b, precision=precision)
 
 
-def masked_split_loop(num_full, num_tiles, body, init):
-  """`body(i, carry, masked)` over tiles `[0, num_full)` with `masked=False` (tiles every row
-  sees whole: no mask to build or apply), then `[num_full, num_tiles)` with `masked=True`."""
-  carry = jax.lax.fori_loop(0, num_full, lambda i, c: body(i, c, False), init)
-  return jax.lax.fori_loop(num_full, num_tiles, lambda i, c: body(i, c, True), carry)
+def masked_split_loop(num_full, num_tiles, body, init, first=0):
+  """`body(i, carry, masked)` over tiles `[first, num_full)` with `masked=False` (tiles every
+  row sees whole: no mask to build or apply), then `[max(first, num_full), num_tiles)` with
+  `masked=True`; tiles before `first` are skipped (no row sees them)."""
+  carry = jax.lax.fori_loop(first, num_full, lambda i, c: body(i, c, False), init)
+  return jax.lax.fori_loop(jnp.maximum(first, num_full), num_tiles,
+                           lambda i, c: body(i, c, True), carry)
 
 
 def online_softmax_init(rows: int, head_dim_v: int):
