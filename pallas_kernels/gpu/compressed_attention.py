@@ -28,7 +28,9 @@ flash-attention split with the long causal walks of the first key tiles cut into
 Packed rows (`compressed_attention(document_starts=...)`, output and log-sum-exp): block `i` of
 the document starting at `s` sits in slot `s // d + i` (SPEC.md), so row `t` sees slot `c` iff
 `c >= s // d` and `c*d + l - 1 + s % d <= t`: each row's start rides along as a row vector and
-every tile is masked. Their selection (`packed_selection_from_lse`) is a score pass of its own
+every tile is masked; a row tile's walks start at its first document's slots (`_first_tile`) and
+a key tile's dK/dV walk ends with the last document that can own it (`_packed_row_stops`), so a
+row of documents costs about its documents' own compressed attention. Their selection (`packed_selection_from_lse`) is a score pass of its own
 (`nsa_packed_selection_scores`), since a document's selection blocks are the aligned ones shifted
 by its start.
 
@@ -516,9 +518,13 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, lay, sca
   """One key tile's dK/dV over one chunk of row tiles (float32 partials, summed outside).
 
   Each step loads `step_rows` rows: a whole row tile, or a part of one for wide float32 heads.
-  Packed rows: the rows' document starts (`starts_ref`) mask every step.
+  Packed rows: the rows' document starts (`starts_ref`) mask every step, and the walk ends at
+  the row tile `row_stop_ref` names (`_packed_row_stops`: later documents do not see the tile).
   """
-  starts_ref, (dk_ref, dv_ref) = (refs[0], refs[1:]) if documents else (None, refs)
+  if documents:
+    starts_ref, row_stop_ref, dk_ref, dv_ref = refs
+  else:
+    (dk_ref, dv_ref), starts_ref = refs, None
   key_tile, first_row_tile = pl.program_id(0) // num_chunks, pl.program_id(0) % num_chunks * chunk
   k, v = k_ref[...], v_ref[...]
   key_start = key_tile * DKV_KEYS
@@ -540,7 +546,10 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, lay, sca
 
   init = (jnp.zeros(dk_ref.shape, jnp.float32), jnp.zeros(dv_ref.shape, jnp.float32))
   start = jnp.maximum(first_tile, first_row_tile) * steps_per_tile
-  stop = jnp.minimum(first_row_tile + chunk, lay.num_row_tiles) * steps_per_tile
+  stop_tile = jnp.minimum(first_row_tile + chunk, lay.num_row_tiles)
+  if documents:
+    stop_tile = jnp.minimum(stop_tile, row_stop_ref[0])
+  stop = stop_tile * steps_per_tile
   # Steps from the first whose first row sees the tile's last key walk unmasked; a tile with
   # padded keys (past Tc) is masked throughout.
   last_key = key_start + DKV_KEYS - 1
@@ -673,7 +682,21 @@ def _packed_scores_only(q, k, lse2, starts, lay: _Layout, scale, slc_block, inte
       interpret=interpret, name="nsa_packed_selection_scores")(q, k, lse2, starts, zeros, zeros)
 
 
-def _backward(q, k, v, do, lse, delta, lay: _Layout, scale, interpret, starts=None):
+def _packed_row_stops(starts, lay: _Layout):
+  """Packed rows: `int32 [B, key tiles of DKV_KEYS]`, the row tiles that can see a key tile.
+
+  Slot `c` belongs to a document starting at `s <= c*d + d - 1` (it sits at `s // d + i`), and
+  only that document's rows see it; starts never decrease along positions, so the rows whose
+  start is at most the tile's last slot's bound form a prefix, which ends the tile's walk."""
+  num_tiles = lay.cmp_pad // DKV_KEYS
+  last_slot = (jnp.arange(num_tiles) + 1) * DKV_KEYS - 1
+  bound = last_slot * lay.stride + lay.stride - 1
+  seen_by = jax.vmap(lambda row: jnp.searchsorted(row, bound, side="right"))(starts)
+  return pl.cdiv(seen_by, lay.positions).astype(jnp.int32)
+
+
+def _backward(q, k, v, do, lse, delta, lay: _Layout, scale, interpret, starts=None,
+              row_stops=None):
   rows, row_vector, keys = _specs(lay)
   documents = starts is not None
   packed = [] if starts is None else [starts]  # packed rows: the rows' document starts
@@ -694,18 +717,19 @@ def _backward(q, k, v, do, lse, delta, lay: _Layout, scale, interpret, starts=No
   partial = lambda d: pl.BlockSpec((None, None, None, DKV_KEYS, d),
                                    lambda i, b, g: (i % num_chunks, b, g, i // num_chunks, 0))
   partial_shape = lambda x: jax.ShapeDtypeStruct((num_chunks,) + x.shape, jnp.float32)
+  row_stop = pl.BlockSpec((None, 1), lambda i, b, g: (b, i // num_chunks))
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, lay=lay, scale=scale, chunk=chunk, num_chunks=num_chunks,
                         step_rows=_dkv_step_rows(lay, q.dtype), documents=documents),
       grid=(lay.cmp_pad // DKV_KEYS * num_chunks, lay.batch, lay.num_kv_heads),
       in_specs=[whole_rows(lay.head_dim_pad), key_tile(lay.head_dim_pad),
                 key_tile(lay.head_dim_v_pad), whole_rows(lay.head_dim_v_pad), whole_vector,
-                whole_vector] + [whole_vector] * len(packed),
+                whole_vector] + [whole_vector, row_stop] * len(packed),
       out_specs=[partial(lay.head_dim_pad), partial(lay.head_dim_v_pad)],
       out_shape=[partial_shape(k), partial_shape(v)],
       compiler_params=plgpu.CompilerParams(num_warps=DKV_NUM_WARPS, num_stages=NUM_STAGES),
       interpret=interpret, name="nsa_compressed_dkv",
-  )(q, k, v, do, lse, delta, *packed)
+  )(q, k, v, do, lse, delta, *packed, *([row_stops] if documents else []))
   dk, dv = jnp.sum(dk, axis=0).astype(k.dtype), jnp.sum(dv, axis=0).astype(v.dtype)
   return dq, dk, dv
 
@@ -756,7 +780,8 @@ def _compressed_bwd(scale, block, stride, slc_block, interpret, residuals, cotan
   dq, dk, dv = _backward(_to_rows(q, lay, lay.head_dim_pad),
                          _to_keys(k_cmp, lay, lay.head_dim_pad),
                          _to_keys(v_cmp, lay, lay.head_dim_v_pad), do_rows, lse2, delta, lay, scale,
-                         interpret, _starts_rows(starts, lay))
+                         interpret, _starts_rows(starts, lay),
+                         None if starts is None else _packed_row_stops(starts, lay))
   dq = _from_rows(dq, lay, lay.head_dim)
   unkeys = lambda x, d: x.transpose(0, 2, 1, 3)[:, :lay.num_cmp, :, :d]
   return dq, unkeys(dk, lay.head_dim), unkeys(dv, lay.head_dim_v), None
