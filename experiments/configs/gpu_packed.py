@@ -1,0 +1,27 @@
+"""NSA on packed rows on one GPU: the `gpu_nsa.py` model on standard-library files packed into
+16k-byte rows, each file a document (`segment_ids`: attention, RoPE positions, compressed and
+selection blocks and the window restart at each file; no loss on a file's first byte). The
+files are long: a row holds 1.8 of them on average (1-7 in the first 40 rows).
+
+Command:   python -m experiments.train --config experiments/configs/gpu_packed.py \
+               --workdir out/gpu_packed
+           (unpacked, for comparison: --config.data.pack_documents=false; dense:
+           --config.attention=dense, which runs packed rows through the XLA path)
+Hardware:  one H100 / H200 (implementation="pallas_gpu": every NSA kernel takes packed rows),
+           bfloat16 compute.
+Runtime:   not measured yet (2026-12-04; the packed kernels were 1.5-1.8x slower than one
+           document at 64k before the walk bounds, BENCHMARKS.md "Packed rows").
+Expected:  not run yet. A packed run should reach about the held-out loss of the unpacked one
+           at the same steps (documents alone lose the context of the files before them, so
+           slightly higher is expected); the tokens/s of the two say what packing costs.
+"""
+
+from experiments.configs import gpu_nsa
+
+
+def get_config():
+  config = gpu_nsa.get_config()
+  config.seq_len = 16384
+  config.batch_size = 4
+  config.data.update(dict(source="stdlib", pack_documents=True))
+  return config
