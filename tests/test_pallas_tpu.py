@@ -96,8 +96,10 @@ COMPRESSED_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case,tiles", [(case, None) for case in COMPRESSED_CASES] + [
-    (case, (128, 128)) for case in COMPRESSED_CASES if case[1] > 128])
+@pytest.mark.parametrize("case,tiles", [
+    pytest.param(case, None, id=f"T{case[1]}-default-tiles") for case in COMPRESSED_CASES] + [
+    pytest.param(case, (128, 128), id=f"T{case[1]}-128-tiles") for case in COMPRESSED_CASES
+    if case[1] > 128])
 def test_compressed_attention_tpu_kernels_match_reference(case, tiles, monkeypatch):
   if tiles:
     monkeypatch.setattr(tpu_compressed, "ROWS", tiles[0])
