@@ -638,7 +638,8 @@ def _forward(q, k, v, lay: _Layout, scale, slc_block, interpret, starts=None):
   aliases = {}
   if slc_block:
     if starts is not None:
-      raise NotImplementedError("the fused selection scores do not take packed rows yet")
+      raise ValueError("the fused forward scores unpacked rows only; packed rows' selection "
+                       "comes from packed_selection_from_lse")
     zeros, whole = _score_buffer(lay, slc_block, slc_cols)
     in_specs.append(whole)
     out_specs.append(whole)
