@@ -31,6 +31,7 @@ from nsa_jax.block_selection import top_n_blocks
 from nsa_jax.config import NSAConfig
 from nsa_jax.split_decode import split_decode_attention
 from nsa_jax.validation import static_scale
+from pallas_kernels.block_maps import document_block_columns
 from pallas_kernels.tpu import compressed_attention as compressed_kernel
 from pallas_kernels.tpu import decode as decode_kernel
 from pallas_kernels.tpu import selected_attention as selected_kernel
@@ -54,8 +55,8 @@ def compressed_attention_and_selection(q, k_cmp, v_cmp, scale, config, interpret
                                        segment_ids=None):
   """`(o_cmp, block_indices [B, T, Hkv, n])`: the fused compressed kernels and an XLA top-n (the
   XLA selection where the config does not tile). Packed rows: the fused pass scores document
-  blocks (query `t`'s block `j` in column `j + a + 1`, `a = (s // d) // (l' / d)` for its
-  document start `s`), gathered into document-local rows before the top-n."""
+  blocks (query `t`'s block `j` in column `j + s // l' + 1` for its document start `s`),
+  gathered into document-local rows before the top-n (`block_maps.document_block_columns`)."""
   scale = _static_scale(scale)
   starts = segments.document_starts_or_none(segment_ids)
   if not compressed_kernel.fusable(config.cmp_stride, config.slc_block):
@@ -69,11 +70,8 @@ def compressed_attention_and_selection(q, k_cmp, v_cmp, scale, config, interpret
       document_starts=starts)  # scores [B, Hkv, T, Ts (+ 1 packed)]
   query_pos = jnp.arange(q.shape[1])
   if starts is not None:
-    num_slc = config.num_slc_blocks(q.shape[1])  # scores: num_slc + 1 columns
-    shift = starts // config.cmp_stride // (config.slc_block // config.cmp_stride) + 1  # [B, T]
-    column = jnp.minimum(shift[:, None, :, None] + jnp.arange(num_slc), num_slc)
-    # (Clamped columns hold blocks past the query's own: never candidates.)
-    scores = jnp.take_along_axis(scores, column, axis=-1)
+    scores = document_block_columns(scores, starts, config.slc_block, shift=1,
+                                    width=config.num_slc_blocks(q.shape[1]))
     query_pos = query_pos - starts[:, None, :]  # [B, 1, T], document-local
   block_indices = top_n_blocks(scores, query_pos, config)
   return o_cmp, block_indices.transpose(0, 2, 1, 3)

@@ -103,6 +103,29 @@ def span_blocks(first, num_kv_heads: int, width: int, block: int):
   return spread(aligned), spread(codes).astype(jnp.int32), first % block
 
 
+def document_block_columns(x, document_starts, block: int, shift: int = 0, width=None):
+  """Per-row values on aligned blocks -> on each row's document blocks (packed selection scores).
+
+  Entry `j` of row `t` is `x[..., t, j + s // l' + shift]` (`s`: its document start, so
+  `s // l'` is the aligned block that holds the document's first token), 0 past the last column.
+
+  Args:
+    x: `[B, H, T, W]`.
+    document_starts: int32 `[B, T]`.
+    block: `l'`.
+    shift: columns further on (a layout that keeps block `j` of a document one column later).
+    width: entries a row (default W).
+
+  Returns:
+    `[B, H, T, width]`.
+  """
+  width = x.shape[-1] if width is None else width
+  column = (document_starts // block + shift)[:, None, :, None] + jnp.arange(width)
+  last = x.shape[-1] - 1
+  index = jnp.broadcast_to(jnp.minimum(column, last), x.shape[:3] + (width,))
+  return jnp.where(column <= last, jnp.take_along_axis(x, index, axis=-1), 0)
+
+
 def ascending(block_indices):
   """The non-negative entries of each row (last axis), ascending, then -1. int32. Repeats stay
   (`distinct_ascending` drops them): one sort, for rows whose entries are already distinct."""

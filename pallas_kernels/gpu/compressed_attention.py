@@ -48,6 +48,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.block_maps import document_block_columns
 from pallas_kernels.decode_partials import block_sums_apply, tail_weight
 from pallas_kernels.gpu.tile_math import LOG2E, MASK_VALUE, masked_split_loop
 from pallas_kernels.gpu.tile_math import dot as _dot
@@ -940,22 +941,14 @@ def packed_selection_from_lse(q, k_cmp, lse, document_starts, *, block: int, str
       _to_rows(q, lay, lay.head_dim_pad), _to_keys(k_cmp, lay, lay.head_dim_pad),
       _lse_rows(lse, lay), _starts_rows(document_starts, lay), lay, float(scale), slc_block,
       interpret)
-  # Document block j = aligned block j + a (its sub-blocks from b on) + the next (up to b).
-  shift = (document_starts // stride // (slc_block // stride))[:, None, :, None]  # a, [B,1,T,1]
-  column = shift + jnp.arange(suffix.shape[-1])
-  scores = _columns(suffix[:, :, :t], column) + _columns(prefix[:, :, :t], column + 1)
+  # Document block j = aligned block j + a (its sub-blocks from b on) + the next (up to b);
+  # a = (s // d) // (l' / d) = s // l'.
+  scores = (document_block_columns(suffix[:, :, :t], document_starts, slc_block)
+            + document_block_columns(prefix[:, :, :t], document_starts, slc_block, shift=1))
   query_blocks = (jnp.arange(t) - document_starts) // slc_block
   return top_n_blocks(scores, seq_len=t, num_selected=num_selected, slc_block=slc_block,
                       num_initial=num_initial, num_local=num_local, ascending=ascending,
                       interpret=interpret, query_blocks=query_blocks)
-
-
-def _columns(x, column):
-  """`x [B, H, T, W]` read at `column [B, 1, T, W]` per row, 0 past the last column."""
-  width = x.shape[-1]
-  picked = jnp.take_along_axis(x, jnp.broadcast_to(jnp.minimum(column, width - 1), x.shape),
-                               axis=-1)
-  return jnp.where(column < width, picked, 0.0)
 
 
 def fusable(stride: int, slc_block: int) -> bool:
