@@ -59,37 +59,51 @@ def test_prompts_of_different_lengths_each_decode_as_alone(implementation):
   """`nsa_prefill(lengths=...)`: right-padded prompts of 5, 33, 0 and 17 tokens, then steps;
   each row equals `nsa_attention` on its own sequence at every position, its padding (noise)
   never attended. The kernels run per row under vmap (interpret mode)."""
-  lengths, prompt_len, steps = [5, 33, 0, 17], 33, 12
-  q, k, v = random_qkv(4, prompt_len + steps, 4, 2, 16)
+  _check_ragged_prompts([5, 33, 0, 17], 12, 4, 2, 16, SMALL, jnp.float32, implementation,
+                        interpret=implementation != "xla", reference="reference")
+  q, k, v = random_qkv(4, 33, 4, 2, 16)
+  cache = init_decode_cache(4, 45, 2, 16, config=SMALL)
+  with pytest.raises(ValueError, match=r"lengths must be integers of shape \[B\] = \[4\]"):
+    nsa_prefill(q, k, v, cache, config=SMALL, lengths=jnp.asarray([1.0, 2.0, 3.0, 4.0]))
+
+
+@pytest.mark.gpu
+def test_gpu_prompts_of_different_lengths_each_decode_as_alone_on_gpu():
+  # The real kernels, vmapped per row, at the paper config: prompts across block boundaries.
+  _check_ragged_prompts([1000, 4100, 0, 2049], 8, 32, 2, 128, NSAConfig(), jnp.bfloat16,
+                        "pallas_gpu", interpret=False, reference="xla")
+
+
+def _check_ragged_prompts(lengths, steps, hq, hkv, dim, config, dtype, implementation, interpret,
+                          reference):
+  b, prompt_len = len(lengths), max(lengths)
+  q, k, v = random_qkv(b, prompt_len + steps, hq, hkv, dim, dtype=dtype)
   gates = random_gates(q)
-  noise = random_qkv(4, prompt_len, 4, 2, 16)
+  noise = random_qkv(b, prompt_len, hq, hkv, dim, dtype=dtype)
   # Row b's sequence is its first lengths[b] + steps tokens: the prompt, then the steps' tokens.
-  padded = [jnp.stack([jnp.concatenate([x[b, :n], pad[b, n:]]) for b, n in enumerate(lengths)])
+  padded = [jnp.stack([jnp.concatenate([x[i, :n], pad[i, n:]]) for i, n in enumerate(lengths)])
             for x, pad in zip((q, k, v), noise)]
-  padded_gates = jnp.stack([jnp.concatenate([gates[b, :n], gates[b, n:prompt_len] * 0 + 0.5])
-                            for b, n in enumerate(lengths)])
-  kwargs = dict(config=SMALL, implementation=implementation,
-                interpret=implementation != "xla")
-  cache = init_decode_cache(4, prompt_len + steps, 2, 16, config=SMALL)
+  padded_gates = jnp.stack([jnp.concatenate([gates[i, :n], gates[i, n:prompt_len] * 0 + 0.5])
+                            for i, n in enumerate(lengths)])
+  kwargs = dict(config=config, implementation=implementation, interpret=interpret)
+  cache = init_decode_cache(b, prompt_len + steps, hkv, dim, config=config, dtype=dtype)
   out, cache = nsa_prefill(*padded, cache, gates=padded_gates, lengths=jnp.asarray(lengths),
                            **kwargs)
   np.testing.assert_array_equal(cache.length, lengths)
   step = jax.jit(functools.partial(nsa_decode_step, **kwargs))
-  rows = jnp.arange(4)
+  rows = jnp.arange(b)
   step_outs = []
   for i in range(steps):
     at = jnp.asarray(lengths) + i  # each row's own next token
     out_t, cache = step(q[rows, at], k[rows, at], v[rows, at], cache, gates=gates[rows, at])
     step_outs.append(out_t)
-  for b, n in enumerate(lengths):
-    alone = nsa_jax.nsa_attention(q[b:b + 1, :n + steps], k[b:b + 1, :n + steps],
-                                  v[b:b + 1, :n + steps], config=SMALL,
-                                  gates=gates[b:b + 1, :n + steps], implementation="reference")
-    assert_close(out[b, :n], alone[0, :n])
-    np.testing.assert_array_equal(out[b, n:], 0)
-    assert_close(jnp.stack([o[b] for o in step_outs]), alone[0, n:])
-  with pytest.raises(ValueError, match=r"lengths must be integers of shape \[B\] = \[4\]"):
-    nsa_prefill(*padded, cache, config=SMALL, lengths=jnp.asarray([1.0, 2.0, 3.0, 4.0]))
+  for i, n in enumerate(lengths):
+    alone = nsa_jax.nsa_attention(q[i:i + 1, :n + steps], k[i:i + 1, :n + steps],
+                                  v[i:i + 1, :n + steps], config=config,
+                                  gates=gates[i:i + 1, :n + steps], implementation=reference)
+    assert_close(out[i, :n], alone[0, :n], dtype)
+    np.testing.assert_array_equal(out[i, n:], 0)
+    assert_close(jnp.stack([o[i] for o in step_outs]), alone[0, n:], dtype)
 
 
 def test_steps_with_dk_not_dv_and_mqa_and_paper_like_forcing():
