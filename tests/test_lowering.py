@@ -89,6 +89,46 @@ def test_nsa_forward_and_backward_kernels_lower(platform, dtype, num_heads, num_
   assert pallas_kernels(platform, grads, q, k, v) == TRAINING_KERNELS[platform]
 
 
+# Packed rows: GPU, the compressed branch on its Pallas kernels (cuDNN's folded call cannot mask
+# per document), the packed score pass, and the selected kernels twice (the selection and the
+# window's aligned blocks); TPU, the compressed kernels with their SMEM walk tables and splash
+# attention with segment ids.
+PACKED_KERNELS = {
+    "cuda": ["nsa_compressed_dkv", "nsa_compressed_dq", "nsa_compressed_fwd",
+             "nsa_packed_selection_scores", "nsa_selected_dkv", "nsa_selected_dkv",
+             "nsa_selected_dq", "nsa_selected_dq", "nsa_selected_fwd", "nsa_selected_fwd",
+             "nsa_top_n"],
+    "tpu": ["nsa_compressed_dkv_tpu", "nsa_compressed_dq_tpu", "nsa_compressed_lse_tpu",
+            "nsa_compressed_output_scores_tpu", "nsa_selected_dkv_tpu", "nsa_selected_dq_tpu",
+            "nsa_selected_fwd_tpu", "splash_mqa_dkv_segmented_no_residuals",
+            "splash_mqa_dq_segmented_no_residuals", "splash_mqa_fwd_segmented_residuals"],
+}
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_nsa_kernels_on_packed_rows_lower(platform):
+  t = 1000
+  q = jnp.zeros((2, t, 16, 128), jnp.bfloat16)
+  kv = jnp.zeros((2, t, 1, 128), jnp.bfloat16)
+  segment_ids = jnp.zeros((2, t), jnp.int32).at[:, 300:].set(1)
+  impl = IMPLEMENTATION[platform]
+
+  def nsa_loss(q, k, v):
+    return nsa_jax.nsa_attention(q, k, v, config=NSAConfig(), implementation=impl,
+                                 segment_ids=segment_ids).astype(jnp.float32).sum()
+
+  def compressed_loss(q, k_cmp):  # the unfused forward of `compressed_attention` alone
+    return nsa_jax.compressed_attention(q, k_cmp, k_cmp, block=32, stride=16, implementation=impl,
+                                        segment_ids=segment_ids)[0].astype(jnp.float32).sum()
+
+  grads = jax.grad(nsa_loss, argnums=(0, 1, 2))
+  assert pallas_kernels(platform, grads, q, kv, kv) == PACKED_KERNELS[platform]
+  suffix = {"cuda": "", "tpu": "_tpu"}[platform]
+  k_cmp = jnp.zeros((2, NSAConfig().num_cmp_blocks(t), 1, 128), jnp.bfloat16)
+  assert pallas_kernels(platform, jax.grad(compressed_loss, argnums=(0, 1)), q, k_cmp) == sorted(
+      f"nsa_compressed_{part}{suffix}" for part in ("fwd", "dq", "dkv"))
+
+
 @pytest.mark.parametrize("group", [1, 3, 16, 64])
 def test_selection_from_cudnn_lse_kernels_lower(group):
   # On a GPU, nsa_attention's compressed branch is cuDNN over folded queries (not lowerable

@@ -323,14 +323,23 @@ def _small_gpu_compressed_tiles(monkeypatch):
     monkeypatch.setattr(gpu_compressed, name, keys)
 
 
-@pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_tpu"])
+# Rows of 600 over several TPU tiles of 128 (300 slots: 3 key tiles; 64 positions a row tile):
+# later documents start past the first key tile, earlier ones end before the last row tiles.
+LONG_ROWS = ([7, 290, 303], [3, 200, 1, 396])
+
+
+@pytest.mark.parametrize("impl, rows", [("pallas_gpu", DOCUMENTS), ("pallas_tpu", DOCUMENTS),
+                                        ("pallas_tpu", LONG_ROWS)])
 def test_kernel_compressed_attention_values_lse_and_gradients_equal_their_documents_alone(
-    monkeypatch, impl):
+    monkeypatch, impl, rows):
   """Output and log-sum-exp (-inf where a document has no complete block yet), and the
-  gradients through both, of the kernels on the packed rows' compressed slots."""
+  gradients through both, of the kernels on the packed rows' compressed slots. On long rows the
+  TPU walks skip other documents' tiles (`_walk_tables`, checked against brute force)."""
   _small_gpu_compressed_tiles(monkeypatch)
-  q, k, v = random_qkv(2, 45, 4, 2, 16)
-  segment_ids = segment_ids_of(DOCUMENTS)
+  if rows is LONG_ROWS:
+    _check_tpu_walk_tables(monkeypatch, rows)
+  q, k, v = random_qkv(2, sum(rows[0]), 4, 2, 16)
+  segment_ids = segment_ids_of(rows)
   k_cmp, v_cmp = compress(k, v, segment_ids)
   lse_weights = jax.random.normal(fresh_key(), q.shape[:3])
 
@@ -345,7 +354,7 @@ def test_kernel_compressed_attention_values_lse_and_gradients_equal_their_docume
                                           stride=CONFIG.cmp_stride)
 
   out, lse = packed(q, k_cmp, v_cmp)
-  want_out, want_lse = per_document(alone, (q, k, v))
+  want_out, want_lse = per_document(alone, (q, k, v), rows)
   assert_close(out, want_out)
   np.testing.assert_array_equal(np.isinf(lse), np.isinf(want_lse))
   assert_close(jnp.where(jnp.isinf(lse), 0, lse), np.where(np.isinf(want_lse), 0, want_lse))
@@ -362,6 +371,26 @@ def test_kernel_compressed_attention_values_lse_and_gradients_equal_their_docume
   want = jax.grad(functools.partial(loss, xla_fn), (0, 1, 2))(q, k_cmp, v_cmp)
   for grad, expected in zip(grads, want):
     assert_grads_close(grad, expected)
+
+
+def _check_tpu_walk_tables(monkeypatch, rows):
+  """TPU tiles of 128; the walk tables equal their brute-force definitions and do skip."""
+  from pallas_kernels.tpu import compressed_attention as tpu_compressed
+  monkeypatch.setattr(tpu_compressed, "ROWS", 128)
+  monkeypatch.setattr(tpu_compressed, "KEYS", 128)
+  q, k, _ = random_qkv(2, sum(rows[0]), 4, 2, 16)
+  starts = document_starts(segment_ids_of(rows))
+  k_cmp = compress(k, k, segment_ids_of(rows))[0]
+  lay = tpu_compressed._layout(q, k_cmp, k_cmp, CONFIG.cmp_block, CONFIG.cmp_stride, True)
+  first_key_tile, last_row_tile = map(np.asarray, tpu_compressed._walk_tables(starts, lay))
+  slot_tile = np.asarray(starts) // CONFIG.cmp_stride // 128  # each row's first visible tile
+  row_tile = np.arange(q.shape[1]) // lay.positions
+  for b in range(2):
+    for rt in range(lay.row_tiles):
+      assert first_key_tile[b, rt] == slot_tile[b, row_tile == rt].min()
+    for kt in range(lay.key_tiles):
+      assert last_row_tile[b, kt] == row_tile[slot_tile[b] <= kt].max()
+  assert first_key_tile.max() > 0 and last_row_tile.min() < lay.row_tiles - 1
 
 
 @pytest.mark.parametrize("impl, window, block", [

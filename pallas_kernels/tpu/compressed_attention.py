@@ -25,7 +25,11 @@ positions, that is the last key tile of each row tile's walk.
 Packed rows (`document_starts=...`): block `i` of the document starting at `s` sits in slot
 `s // d + i` (SPEC.md), so row `t` sees slot `c` iff `c >= s // d` and
 `c*d + l - 1 + s % d <= t`. Each row's start comes as a row vector (float32, exact below 2^24,
-transposed in the kernel like the log-sum-exp) and every tile is masked. Their selection scores
+transposed in the kernel like the log-sum-exp) and every tile is masked. The walks skip other
+documents' tiles: a row tile starts at the key tile of its first row's document (starts never
+decrease along a row), and dK/dV stops at the last row tile whose documents start before the
+key tile ends; both bounds come per batch row from SMEM (scalar prefetch, `_walk_tables`), so
+the skipped tiles cost neither compute nor DMA. Their selection scores
 are on the document's blocks, which start at sub-block `s // d = a m + b` (`m = l' / d`): the
 fused pass maps each phase `b`'s rows through maps shifted by `b` (`_document_scores`) into
 columns `e = j + a + 1`, so that every key's overlap still only reaches forward.
@@ -54,6 +58,9 @@ LANES = 128
 # the grid steps).
 ROWS = 512
 KEYS = 512
+# Packed rows' walk tables (`_walk_tables`) in SMEM (1 MiB up to v6e; a margin for Mosaic's own
+# scalars): 4 bytes per row tile and key tile of every row, 64 KiB at B = 8, T = 65536, G = 16.
+SMEM_TABLE_BYTES = 512 * 1024
 
 
 def _round_up(x: int, multiple: int) -> int:
@@ -143,6 +150,30 @@ def _num_visible(pos, lay: _Layout):
   return jnp.minimum(seen, lay.num_cmp)
 
 
+def _walk_tables(starts, lay: _Layout):
+  """Packed rows' walk bounds, int32 tables for scalar prefetch: `first_key_tile [B, row_tiles]`,
+  the first key tile a row tile's rows can see (that of its first row's document's first slot
+  `s // d`: starts never decrease along a row, and no row sees a slot before its document's),
+  and `last_row_tile [B, key_tiles]`, the last row tile with a row whose document's first slot
+  is in or before the key tile (later rows see none of its keys)."""
+  table_bytes = 4 * lay.batch * (lay.row_tiles + lay.key_tiles)
+  if table_bytes > SMEM_TABLE_BYTES:
+    raise ValueError(f"packed rows of q [B, T] = [{lay.batch}, {lay.seq_len}] at G = {lay.group}: "
+                     f"the compressed kernels' walk tables need {table_bytes} bytes of SMEM, more "
+                     f"than {SMEM_TABLE_BYTES}; call them on fewer rows at a time")
+  first_slot = starts // lay.stride  # [B, T]
+  first_key_tile = first_slot[:, ::lay.positions] // KEYS
+  tile_ends = (jnp.arange(lay.key_tiles, dtype=jnp.int32) + 1) * KEYS
+  rows_before = jax.vmap(lambda slots: jnp.searchsorted(slots, tile_ends, side="left"))(
+      first_slot)  # rows whose document's first slot is before each tile's end (>= 1: row 0)
+  return first_key_tile.astype(jnp.int32), ((rows_before - 1) // lay.positions).astype(jnp.int32)
+
+
+def _first_key_tile(walk_ref, batch, row_tile):
+  """The first key tile `row_tile` walks: 0, or for packed rows `_walk_tables`'s bound."""
+  return 0 if walk_ref is None else walk_ref[batch, row_tile]
+
+
 def _last_key_tile(row_tile, lay: _Layout):
   """The last key tile any row of `row_tile` sees (0 if none; then nothing is computed)."""
   last_pos = jnp.minimum((row_tile + 1) * lay.positions - 1, lay.seq_len - 1)
@@ -177,6 +208,12 @@ def _first_row_tile(key_tile, lay: _Layout):
   """The first row tile that sees key tile `key_tile`'s first key."""
   first_pos = key_tile * KEYS * lay.stride + lay.block - 1
   return jnp.minimum(first_pos // lay.positions, lay.row_tiles - 1)
+
+
+def _last_row_tile(walk_ref, batch, key_tile, lay: _Layout):
+  """The last row tile dK/dV walks for `key_tile`: the last one, or for packed rows
+  `_walk_tables`'s bound."""
+  return lay.row_tiles - 1 if walk_ref is None else walk_ref[batch, key_tile]
 
 
 def _scores(q, k, row_tile, key_tile, lay: _Layout, scale, masked=True, starts_ref=None):
@@ -225,16 +262,24 @@ def _final_lse(m_scratch, l_scratch):
   return jnp.where(l > 0, m_scratch[...][:, :1] + jnp.log(safe), jnp.inf).T, safe
 
 
+def _split_walk(refs, lay: _Layout):
+  """`(walk_ref or None, the other refs)`: packed rows' scalar-prefetched walk table (SMEM)
+  comes before the inputs."""
+  return (refs[0], refs[1:]) if lay.documents else (None, refs)
+
+
 def _split_starts(refs, lay: _Layout):
   """`(starts_ref or None, the other refs)`: packed rows' document starts come first."""
   return (refs[0], refs[1:]) if lay.documents else (None, refs)
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, *refs, lay, scale):
+def _forward_kernel(*refs, lay, scale):
   """One pass: online softmax, output and log-sum-exp (no selection scores)."""
+  walk_ref, (q_ref, k_ref, v_ref, *refs) = _split_walk(refs, lay)
   starts_ref, (o_ref, lse_ref, m_scratch, l_scratch, acc_scratch) = _split_starts(refs, lay)
-  _, _, row_tile, key_tile = (pl.program_id(i) for i in range(4))
+  batch, _, row_tile, key_tile = (pl.program_id(i) for i in range(4))
   last_tile, any_visible = _last_key_tile(row_tile, lay)
+  first_tile = _first_key_tile(walk_ref, batch, row_tile)
 
   @pl.when(key_tile == 0)
   def _init():
@@ -248,8 +293,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, lay, scale):
     v = v_ref[...]
     acc_scratch[...] = acc_scratch[...] * alpha[:, :1] + dot_nn(p.astype(v.dtype), v)
 
-  _when_active((key_tile <= last_tile) & any_visible, _seen_whole(row_tile, key_tile, lay),
-               accumulate)
+  _when_active((first_tile <= key_tile) & (key_tile <= last_tile) & any_visible,
+               _seen_whole(row_tile, key_tile, lay), accumulate)
 
   @pl.when(key_tile == lay.key_tiles - 1)
   def _finish():
@@ -258,11 +303,13 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, lay, scale):
     lse_ref[...] = lse
 
 
-def _lse_kernel(q_ref, k_ref, *refs, lay, scale):
+def _lse_kernel(*refs, lay, scale):
   """Pass 1 of the fused forward: the log-sum-exp only (no values)."""
+  walk_ref, (q_ref, k_ref, *refs) = _split_walk(refs, lay)
   starts_ref, (lse_ref, m_scratch, l_scratch) = _split_starts(refs, lay)
-  _, _, row_tile, key_tile = (pl.program_id(i) for i in range(4))
+  batch, _, row_tile, key_tile = (pl.program_id(i) for i in range(4))
   last_tile, any_visible = _last_key_tile(row_tile, lay)
+  first_tile = _first_key_tile(walk_ref, batch, row_tile)
 
   @pl.when(key_tile == 0)
   def _init():
@@ -273,8 +320,8 @@ def _lse_kernel(q_ref, k_ref, *refs, lay, scale):
                          starts_ref)
     _online_softmax_step(s, visible, m_scratch, l_scratch)
 
-  _when_active((key_tile <= last_tile) & any_visible, _seen_whole(row_tile, key_tile, lay),
-               accumulate)
+  _when_active((first_tile <= key_tile) & (key_tile <= last_tile) & any_visible,
+               _seen_whole(row_tile, key_tile, lay), accumulate)
 
   @pl.when(key_tile == lay.key_tiles - 1)
   def _finish():
@@ -338,17 +385,21 @@ def _document_scores(p, starts_ref, lay: _Layout, slc_block):
   return own, spill
 
 
-def _output_and_scores_kernel(q_ref, k_ref, v_ref, lse_ref, *refs, lay, scale, slc_block):
+def _output_and_scores_kernel(*refs, lay, scale, slc_block):
   """Pass 2 of the fused forward: with the exact `p = exp(s - lse)`, the output and the scores
   (packed rows: on document blocks shifted by one column, `_document_scores`).
 
   The key axis has one step more than there are key tiles: the step after a row tile's last
   visible tile writes the overlap carried out of it (then zeros), and the last step the output.
+  Packed rows' tiles before the walk's first write zeros (no row sees them, none spills).
   """
+  walk_ref, (q_ref, k_ref, v_ref, lse_ref, *refs) = _split_walk(refs, lay)
   starts_ref, (o_ref, score_ref, acc_scratch, carry_scratch) = _split_starts(refs, lay)
-  _, _, row_tile, key_tile = (pl.program_id(i) for i in range(4))
+  batch, _, row_tile, key_tile = (pl.program_id(i) for i in range(4))
   last_tile, any_visible = _last_key_tile(row_tile, lay)
-  active = (key_tile <= last_tile) & any_visible & (key_tile < lay.key_tiles)
+  first_tile = _first_key_tile(walk_ref, batch, row_tile)
+  active = ((first_tile <= key_tile) & (key_tile <= last_tile) & any_visible
+            & (key_tile < lay.key_tiles))
 
   @pl.when(key_tile == 0)
   def _init():
@@ -375,7 +426,7 @@ def _output_and_scores_kernel(q_ref, k_ref, v_ref, lse_ref, *refs, lay, scale, s
   _when_active(active, _seen_whole(row_tile, key_tile, lay), accumulate)
 
   @pl.when(jnp.logical_not(active))
-  def _spill():  # the tile after the last visible one receives the carried overlap, then zeros
+  def _spill():  # a tile after the last visible one receives the carried overlap, then zeros
     score_ref[...] = carry_scratch[...]
     carry_scratch[...] = jnp.zeros(carry_scratch.shape, jnp.float32)
 
@@ -384,10 +435,12 @@ def _output_and_scores_kernel(q_ref, k_ref, v_ref, lse_ref, *refs, lay, scale, s
     o_ref[...] = acc_scratch[...].astype(o_ref.dtype)
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, lay, scale):
+def _dq_kernel(*refs, lay, scale):
+  walk_ref, (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs) = _split_walk(refs, lay)
   starts_ref, (dq_ref, dq_scratch) = _split_starts(refs, lay)
-  _, _, row_tile, key_tile = (pl.program_id(i) for i in range(4))
+  batch, _, row_tile, key_tile = (pl.program_id(i) for i in range(4))
   last_tile, any_visible = _last_key_tile(row_tile, lay)
+  first_tile = _first_key_tile(walk_ref, batch, row_tile)
 
   @pl.when(key_tile == 0)
   def _init():
@@ -400,17 +453,18 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, lay, scal
                                   v_ref[...])  # [R, KEYS]
     dq_scratch[...] += dot_nn(ds.astype(k.dtype), k)
 
-  _when_active((key_tile <= last_tile) & any_visible, _seen_whole(row_tile, key_tile, lay),
-               accumulate)
+  _when_active((first_tile <= key_tile) & (key_tile <= last_tile) & any_visible,
+               _seen_whole(row_tile, key_tile, lay), accumulate)
 
   @pl.when(key_tile == lay.key_tiles - 1)
   def _finish():
     dq_ref[...] = (dq_scratch[...] * scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, lay, scale):
+def _dkv_kernel(*refs, lay, scale):
+  walk_ref, (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs) = _split_walk(refs, lay)
   starts_ref, (dk_ref, dv_ref, dk_scratch, dv_scratch) = _split_starts(refs, lay)
-  _, _, key_tile, row_tile = (pl.program_id(i) for i in range(4))
+  batch, _, key_tile, row_tile = (pl.program_id(i) for i in range(4))
 
   @pl.when(row_tile == 0)
   def _init():
@@ -425,8 +479,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, lay, sca
     dv_scratch[...] += dot_tn(p.astype(do.dtype), do)
     dk_scratch[...] += dot_tn(ds.astype(q.dtype), q)
 
-  _when_active(row_tile >= _first_row_tile(key_tile, lay), _seen_whole(row_tile, key_tile, lay),
-               accumulate)
+  _when_active((row_tile >= _first_row_tile(key_tile, lay))
+               & (row_tile <= _last_row_tile(walk_ref, batch, key_tile, lay)),
+               _seen_whole(row_tile, key_tile, lay), accumulate)
 
   @pl.when(row_tile == lay.row_tiles - 1)
   def _finish():
@@ -447,17 +502,33 @@ _ROW_MAJOR = ("parallel", "parallel", "parallel", "arbitrary")
 
 def _row_major_specs(lay: _Layout):
   rows = lambda d: pl.BlockSpec((None, None, None, lay.rows, d),
-                                lambda b, g, rt, kt: (b, g, rt, 0, 0))
-  vector = pl.BlockSpec((None, None, None, 1, lay.rows), lambda b, g, rt, kt: (b, g, rt, 0, 0))
-  keys = lambda d: pl.BlockSpec(
-      (None, None, KEYS, d),
-      lambda b, g, rt, kt: (b, g, jnp.minimum(kt, _last_key_tile(rt, lay)[0]), 0))
+                                lambda b, g, rt, kt, *_: (b, g, rt, 0, 0))
+  vector = pl.BlockSpec((None, None, None, 1, lay.rows),
+                        lambda b, g, rt, kt, *_: (b, g, rt, 0, 0))
+
+  def key_tile(b, g, rt, kt, *walk):  # tiles off the walk repeat its nearest end: no DMA
+    first = _first_key_tile(walk[0] if walk else None, b, rt)
+    return b, g, jnp.minimum(jnp.maximum(kt, first), _last_key_tile(rt, lay)[0]), 0
+  keys = lambda d: pl.BlockSpec((None, None, KEYS, d), key_tile)
   return rows, vector, keys
 
 
-def _forward(q, k, v, lay: _Layout, scale, slc_block, interpret, starts=None):
+def _call(kernel, name, grid, in_specs, out_specs, out_shape, scratch, interpret, walk=None):
+  """`pallas_call` over `grid`; packed rows' walk table `walk` is scalar-prefetched into SMEM
+  (the kernel's first ref, the index maps' last argument)."""
+  prefetch = [] if walk is None else [walk]
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=len(prefetch), grid=grid, in_specs=in_specs, out_specs=out_specs,
+      scratch_shapes=scratch)
+  call = pl.pallas_call(kernel, grid_spec=grid_spec, out_shape=out_shape, name=name,
+                        compiler_params=_params(_ROW_MAJOR), interpret=_interpret(interpret))
+  return lambda *args: call(*prefetch, *args)
+
+
+def _forward(q, k, v, lay: _Layout, scale, slc_block, interpret, starts=None, walk=None):
   """`(out_rows, lse_rows, scores or None)`: one online pass, or, with `slc_block`, the fused two
-  passes (log-sum-exp, then output and selection scores from the exact probabilities)."""
+  passes (log-sum-exp, then output and selection scores from the exact probabilities). Packed
+  rows: `starts` (row vector) and `walk` (`first_key_tile` of `_walk_tables`)."""
   rows, vector, keys = _row_major_specs(lay)
   shape = (lay.batch, lay.num_kv_heads, lay.row_tiles)
   # float32 output rows: the backward's delta needs them unrounded (as in the selected kernel).
@@ -466,35 +537,33 @@ def _forward(q, k, v, lay: _Layout, scale, slc_block, interpret, starts=None):
   softmax_scratch = [pltpu.VMEM((lay.rows, LANES), jnp.float32),
                      pltpu.VMEM((lay.rows, LANES), jnp.float32)]
   acc_scratch = pltpu.VMEM((lay.rows, lay.head_dim_v_pad), jnp.float32)
-  common = dict(compiler_params=_params(_ROW_MAJOR), interpret=_interpret(interpret))
   packed = [] if starts is None else [starts]
   if not slc_block:
-    out_rows, lse_rows = pl.pallas_call(
-        functools.partial(_forward_kernel, lay=lay, scale=scale), grid=shape + (lay.key_tiles,),
-        in_specs=[rows(lay.head_dim_pad), keys(lay.head_dim_pad), keys(lay.head_dim_v_pad)]
+    out_rows, lse_rows = _call(
+        functools.partial(_forward_kernel, lay=lay, scale=scale), "nsa_compressed_fwd_tpu",
+        shape + (lay.key_tiles,),
+        [rows(lay.head_dim_pad), keys(lay.head_dim_pad), keys(lay.head_dim_v_pad)]
         + [vector] * len(packed),
-        out_specs=[rows(lay.head_dim_v_pad), vector], out_shape=[out_shape, lse_shape],
-        scratch_shapes=softmax_scratch + [acc_scratch], name="nsa_compressed_fwd_tpu",
-        **common)(q, k, v, *packed)
+        [rows(lay.head_dim_v_pad), vector], [out_shape, lse_shape],
+        softmax_scratch + [acc_scratch], interpret, walk)(q, k, v, *packed)
     return out_rows, lse_rows, None
-  lse_rows = pl.pallas_call(
-      functools.partial(_lse_kernel, lay=lay, scale=scale), grid=shape + (lay.key_tiles,),
-      in_specs=[rows(lay.head_dim_pad), keys(lay.head_dim_pad)] + [vector] * len(packed),
-      out_specs=vector, out_shape=lse_shape, scratch_shapes=softmax_scratch,
-      name="nsa_compressed_lse_tpu", **common)(q, k, *packed)
+  lse_rows = _call(
+      functools.partial(_lse_kernel, lay=lay, scale=scale), "nsa_compressed_lse_tpu",
+      shape + (lay.key_tiles,), [rows(lay.head_dim_pad), keys(lay.head_dim_pad)]
+      + [vector] * len(packed), vector, lse_shape, softmax_scratch, interpret, walk)(q, k, *packed)
   owned = KEYS * lay.stride // slc_block
   score_shape = shape + (lay.key_tiles + 1, lay.positions, owned)
-  out_rows, scores = pl.pallas_call(
+  out_rows, scores = _call(
       functools.partial(_output_and_scores_kernel, lay=lay, scale=scale, slc_block=slc_block),
-      grid=shape + (lay.key_tiles + 1,),
-      in_specs=[rows(lay.head_dim_pad), keys(lay.head_dim_pad), keys(lay.head_dim_v_pad), vector]
+      "nsa_compressed_output_scores_tpu", shape + (lay.key_tiles + 1,),
+      [rows(lay.head_dim_pad), keys(lay.head_dim_pad), keys(lay.head_dim_v_pad), vector]
       + [vector] * len(packed),
-      out_specs=[rows(lay.head_dim_v_pad),
-                 pl.BlockSpec((None, None, None, None, lay.positions, owned),
-                              lambda b, g, rt, kt: (b, g, rt, kt, 0, 0))],
-      out_shape=[out_shape, jax.ShapeDtypeStruct(score_shape, jnp.float32)],
-      scratch_shapes=[acc_scratch, pltpu.VMEM((lay.positions, owned), jnp.float32)],
-      name="nsa_compressed_output_scores_tpu", **common)(q, k, v, lse_rows, *packed)
+      [rows(lay.head_dim_v_pad),
+       pl.BlockSpec((None, None, None, None, lay.positions, owned),
+                    lambda b, g, rt, kt, *_: (b, g, rt, kt, 0, 0))],
+      [out_shape, jax.ShapeDtypeStruct(score_shape, jnp.float32)],
+      [acc_scratch, pltpu.VMEM((lay.positions, owned), jnp.float32)], interpret,
+      walk)(q, k, v, lse_rows, *packed)
   scores = scores.transpose(0, 1, 2, 4, 3, 5).reshape(
       lay.batch, lay.num_kv_heads, lay.row_tiles * lay.positions, (lay.key_tiles + 1) * owned)
   # [B, Hkv, T, Ts]; packed rows' columns are one further on (document block j + a + 1).
@@ -503,38 +572,40 @@ def _forward(q, k, v, lay: _Layout, scale, slc_block, interpret, starts=None):
   return out_rows, lse_rows, scores[:, :, :lay.seq_len, :width]
 
 
-def _backward(q, k, v, do, lse, delta, lay: _Layout, scale, interpret, starts=None):
+def _backward(q, k, v, do, lse, delta, lay: _Layout, scale, interpret, starts=None, walks=None):
+  """`(dq, dk, dv)` in the kernels' layouts. Packed rows: `starts` (row vector) and `walks`
+  (both tables of `_walk_tables`)."""
   rows, vector, keys = _row_major_specs(lay)
-  packed = [] if starts is None else [starts]  # packed rows: the rows' document starts
-  dq = pl.pallas_call(
-      functools.partial(_dq_kernel, lay=lay, scale=scale),
-      grid=(lay.batch, lay.num_kv_heads, lay.row_tiles, lay.key_tiles),
-      in_specs=[rows(lay.head_dim_pad), keys(lay.head_dim_pad), keys(lay.head_dim_v_pad),
-                rows(lay.head_dim_v_pad), vector, vector] + [vector] * len(packed),
-      out_specs=rows(lay.head_dim_pad), out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      scratch_shapes=[pltpu.VMEM((lay.rows, lay.head_dim_pad), jnp.float32)],
-      compiler_params=_params(_ROW_MAJOR), interpret=_interpret(interpret),
-      name="nsa_compressed_dq_tpu")(q, k, v, do, lse, delta, *packed)
-  # dK/dV: key tiles outer, row tiles streamed; rows before a key tile's first viewer are
-  # skipped and their index map repeats that first viewer (no DMA).
-  first = lambda kt, rt: jnp.maximum(rt, _first_row_tile(kt, lay))
-  rows_kv = lambda d: pl.BlockSpec((None, None, None, lay.rows, d),
-                                   lambda b, g, kt, rt: (b, g, first(kt, rt), 0, 0))
-  vector_kv = pl.BlockSpec((None, None, None, 1, lay.rows),
-                           lambda b, g, kt, rt: (b, g, first(kt, rt), 0, 0))
-  key_tile = lambda d: pl.BlockSpec((None, None, KEYS, d), lambda b, g, kt, rt: (b, g, kt, 0))
-  dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, lay=lay, scale=scale),
-      grid=(lay.batch, lay.num_kv_heads, lay.key_tiles, lay.row_tiles),
-      in_specs=[rows_kv(lay.head_dim_pad), key_tile(lay.head_dim_pad),
-                key_tile(lay.head_dim_v_pad), rows_kv(lay.head_dim_v_pad), vector_kv, vector_kv]
-      + [vector_kv] * len(packed),
-      out_specs=[key_tile(lay.head_dim_pad), key_tile(lay.head_dim_v_pad)],
-      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      scratch_shapes=[pltpu.VMEM((KEYS, lay.head_dim_pad), jnp.float32),
-                      pltpu.VMEM((KEYS, lay.head_dim_v_pad), jnp.float32)],
-      compiler_params=_params(_ROW_MAJOR), interpret=_interpret(interpret),
-      name="nsa_compressed_dkv_tpu")(q, k, v, do, lse, delta, *packed)
+  packed = [] if starts is None else [starts]
+  first_key_tile, last_row_tile = walks or (None, None)
+  dq = _call(
+      functools.partial(_dq_kernel, lay=lay, scale=scale), "nsa_compressed_dq_tpu",
+      (lay.batch, lay.num_kv_heads, lay.row_tiles, lay.key_tiles),
+      [rows(lay.head_dim_pad), keys(lay.head_dim_pad), keys(lay.head_dim_v_pad),
+       rows(lay.head_dim_v_pad), vector, vector] + [vector] * len(packed),
+      rows(lay.head_dim_pad), jax.ShapeDtypeStruct(q.shape, q.dtype),
+      [pltpu.VMEM((lay.rows, lay.head_dim_pad), jnp.float32)], interpret,
+      first_key_tile)(q, k, v, do, lse, delta, *packed)
+  # dK/dV: key tiles outer, row tiles streamed; rows before a key tile's first viewer (and, for
+  # packed rows, after its last) are skipped and their index map repeats the nearest walked one
+  # (no DMA).
+  def row_tile(b, g, kt, rt, *walk):
+    last = _last_row_tile(walk[0] if walk else None, b, kt, lay)
+    return b, g, jnp.minimum(jnp.maximum(rt, _first_row_tile(kt, lay)), last), 0, 0
+  rows_kv = lambda d: pl.BlockSpec((None, None, None, lay.rows, d), row_tile)
+  vector_kv = pl.BlockSpec((None, None, None, 1, lay.rows), row_tile)
+  key_tile = lambda d: pl.BlockSpec((None, None, KEYS, d),
+                                    lambda b, g, kt, rt, *_: (b, g, kt, 0))
+  dk, dv = _call(
+      functools.partial(_dkv_kernel, lay=lay, scale=scale), "nsa_compressed_dkv_tpu",
+      (lay.batch, lay.num_kv_heads, lay.key_tiles, lay.row_tiles),
+      [rows_kv(lay.head_dim_pad), key_tile(lay.head_dim_pad), key_tile(lay.head_dim_v_pad),
+       rows_kv(lay.head_dim_v_pad), vector_kv, vector_kv] + [vector_kv] * len(packed),
+      [key_tile(lay.head_dim_pad), key_tile(lay.head_dim_v_pad)],
+      [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      [pltpu.VMEM((KEYS, lay.head_dim_pad), jnp.float32),
+       pltpu.VMEM((KEYS, lay.head_dim_v_pad), jnp.float32)], interpret,
+      last_row_tile)(q, k, v, do, lse, delta, *packed)
   return dq, dk, dv
 
 
@@ -555,10 +626,11 @@ def _compressed(q, k_cmp, v_cmp, starts, scale, block, stride, slc_block, interp
 
 def _compressed_fwd(q, k_cmp, v_cmp, starts, scale, block, stride, slc_block, interpret):
   lay = _layout(q, k_cmp, v_cmp, block, stride, starts is not None)
+  first_key_tile = None if starts is None else _walk_tables(starts, lay)[0]
   out_rows, lse_rows, scores = _forward(
       _to_rows(q, lay, lay.head_dim_pad), _to_keys(k_cmp, lay, lay.head_dim_pad),
       _to_keys(v_cmp, lay, lay.head_dim_v_pad), lay, scale, slc_block, interpret,
-      _starts_rows(starts, lay))
+      _starts_rows(starts, lay), first_key_tile)
   lse = _vector_from_rows(lse_rows, lay)
   lse = jnp.where(jnp.isinf(lse), -jnp.inf, lse)  # internal +inf (empty rows) -> public -inf
   out = _from_rows(out_rows, lay, lay.head_dim_v).astype(q.dtype)
@@ -577,7 +649,8 @@ def _compressed_bwd(scale, block, stride, slc_block, interpret, residuals, cotan
   dq, dk, dv = _backward(_to_rows(q, lay, lay.head_dim_pad),
                          _to_keys(k_cmp, lay, lay.head_dim_pad),
                          _to_keys(v_cmp, lay, lay.head_dim_v_pad), do_rows, lse_rows, delta, lay,
-                         scale, interpret, _starts_rows(starts, lay))
+                         scale, interpret, _starts_rows(starts, lay),
+                         None if starts is None else _walk_tables(starts, lay))
   unkeys = lambda x, d: x.transpose(0, 2, 1, 3)[:, :lay.num_cmp, :, :d]
   return (_from_rows(dq, lay, lay.head_dim), unkeys(dk, lay.head_dim),
           unkeys(dv, lay.head_dim_v), None)
