@@ -22,9 +22,11 @@ Command:   a length ladder, each stage started from the last (`experiments/curri
 Hardware:  one H100 / H200 (implementation="pallas_gpu"), bfloat16 compute.
 Runtime:   NSA alone on one H200: ~7 minutes for the ladder above (each stage compiles; 8k
            trains at 1.2-1.4 M tokens/s).
-Expected:  measured 2026-12-04 (RESULTS.md): NSA 0.58-0.67 at 8k after the ladder and 0.83
-           (held-out loss 0.11) after 1200 more 8k steps, its first layer's selection holding
-           the needle's block at 45% of the answers; dense 1.00 at 8k straight from 1k. The
+Expected:  measured 2026-12-04 (RESULTS.md), not reliably reproduced: in one run NSA 0.58-0.67
+           at 8k after the ladder and 0.83 (held-out loss 0.11) after 1200 more 8k steps, its
+           first layer's selection holding the needle's block at 45% of the answers; a second
+           run (GPU training is not bitwise deterministic) fell behind at 2k (0.42) and stayed
+           at 0.00 at 8k. Dense 1.00 at 8k straight from 1k. The
            direct jump 1k -> 8k left NSA (and `nsa_no_selection`) at 0.00; `window` is at chance
            at 8k.
 """
