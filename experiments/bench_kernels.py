@@ -4,6 +4,7 @@
     python -m experiments.bench_kernels [--seq_lens 8192,16384,32768,65536,131072]
                                         [--repeats 10] [--out out/bench_kernels.json]
     python -m experiments.bench_kernels --trace 65536   # per-kernel time of full NSA at T (GPU)
+    python -m experiments.bench_kernels --trace 65536 --documents 8  # ... of a packed row
     python -m experiments.bench_kernels --num_kv_heads 16 --seq_lens 65536  # G = 4
     python -m experiments.bench_kernels --platform tpu  # the default on a TPU host
     python -m experiments.bench_kernels --seq_lens 65536 --documents 8,64  # packed rows
@@ -311,14 +312,17 @@ def print_table(title, rows):
           f"{get('fwd_bwd_gib', '8.2f'):>8}")
 
 
-def trace(t, num_kv_heads=HKV, top=14):
-  """Per-kernel device time of full NSA (paper config) at `t`, forward and forward+backward."""
+def trace(t, num_kv_heads=HKV, top=14, num_docs=0):
+  """Per-kernel device time of full NSA (paper config) at `t`, forward and forward+backward;
+  with `num_docs`, of the packed row of that many equal documents (`packed_parts`)."""
   q, k, v = random_qkv(t, num_kv_heads)
-  nsa, _, _ = parts_for(t, PAPER)["nsa"]
+  nsa = (packed_parts(t, num_docs, PAPER)[f"nsa packed/{num_docs}"] if num_docs
+         else parts_for(t, PAPER)["nsa"])[0]
+  what = f"NSA packed/{num_docs}" if num_docs else "NSA"
   for title, fn in (("forward", jax.jit(nsa)),
                     ("forward+backward", jax.jit(jax.grad(sum_of(nsa), (0, 1, 2))))):
     times = gpu_trace.kernel_times(lambda: jax.block_until_ready(fn(q, k, v, None)))
-    print(f"\nT={t} NSA {title}: {sum(times.values()) / 1e3:.2f} ms of kernels")
+    print(f"\nT={t} {what} {title}: {sum(times.values()) / 1e3:.2f} ms of kernels")
     for name, us in list(times.items())[:top]:
       print(f"{us / 1e3:9.3f} ms  {name[:90]}")
 
@@ -332,7 +336,8 @@ def main():
   parser.add_argument("--num_kv_heads", type=int, default=HKV,
                       help=f"Hkv (G = {HQ} / Hkv): small groups load more K/V bytes per FLOP")
   parser.add_argument("--trace", type=int, default=0,
-                      help="instead: per-kernel GPU time of full NSA at this sequence length")
+                      help="instead: per-kernel GPU time of full NSA at this sequence length "
+                           "(of a packed row with --documents N: the first count given)")
   parser.add_argument("--parts", default="",
                       help="comma-separated part names to time (default: all)")
   parser.add_argument("--trained_indices", default="",
@@ -346,7 +351,8 @@ def main():
   if args.trace:
     if args.platform != "gpu":
       parser.error("--trace reads GPU profiler traces")
-    trace(args.trace, args.num_kv_heads)
+    documents = [int(x) for x in args.documents.split(",") if x]
+    trace(args.trace, args.num_kv_heads, num_docs=documents[0] if documents else 0)
     return
   platform = PLATFORMS[args.platform]
   only = set(filter(None, args.parts.split(",")))

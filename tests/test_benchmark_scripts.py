@@ -140,3 +140,24 @@ def test_bench_kernels_packed_rows_are_the_batched_documents():
       nsa_jax.dense_causal_attention(q, k, v, segment_ids=segment_ids), atol=2e-5, rtol=2e-5)
   with pytest.raises(ValueError, match="3 documents do not split T = 256"):
     bench_kernels.packed_parts(256, 3, bench_kernels.PAPER, platform)
+
+
+def test_bench_kernels_trace_of_a_packed_row_profiles_the_packed_function(monkeypatch, capsys):
+  """`--trace T --documents N` profiles NSA on the packed row (here on the XLA path: the CPU's
+  profiler events stand in for the GPU's kernels)."""
+  platform = types.SimpleNamespace(
+      implementation="xla", glue=None, compressed=None, selected=None, dense_name="dense",
+      dense=lambda q, k, v: nsa_jax.dense_causal_attention(q, k, v))
+  calls = []
+  packed_parts = bench_kernels.packed_parts
+
+  def on_xla(t, num_docs, config):
+    calls.append((t, num_docs))
+    return packed_parts(t, num_docs, config, platform)
+  monkeypatch.setattr(bench_kernels, "packed_parts", on_xla)
+  monkeypatch.setattr("sys.argv", ["bench_kernels", "--trace", "128", "--documents", "2,8"])
+  bench_kernels.main()
+  assert calls == [(128, 2)]
+  printed = capsys.readouterr().out
+  assert "T=128 NSA packed/2 forward:" in printed
+  assert "T=128 NSA packed/2 forward+backward:" in printed
