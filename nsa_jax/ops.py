@@ -365,14 +365,17 @@ def _check_both_or_neither(k_cmp, v_cmp) -> None:
 def dense_causal_attention(q, k, v, *, scale=None, segment_ids=None):
   """Plain causal GQA attention, `[B, T, Hq, Dv]` in q.dtype: the baseline NSA is compared with.
 
-  cuDNN flash attention on GPU where it applies (half precision, Dk == Dv); elsewhere
-  `jax.nn.dot_product_attention`'s XLA path (O(T^2) memory), or the masked reference math when
-  Dk != Dv. Packed rows (`segment_ids int [B, T]`): each document attended alone, through the
-  XLA window path with the window the whole row (O(T) memory per query chunk; no cuDNN yet).
+  cuDNN flash attention on GPU where it applies (half precision, Dk == Dv); splash attention on
+  TPU (Dk == Dv); elsewhere `jax.nn.dot_product_attention`'s XLA path (O(T^2) memory), or the
+  masked reference math when Dk != Dv. Packed rows (`segment_ids int [B, T]`): each document
+  attended alone, on TPU by splash's segment ids, elsewhere through the XLA window path with the
+  window the whole row (O(T) memory per query chunk; cuDNN's public call has no segment mask).
   """
   check.check_qkv(q, k, v)
   check.check_segment_ids(q, segment_ids)
   scale = _scale(scale, q.shape[-1])
+  if pallas_tpu.use_splash(q, v, scale):
+    return pallas_tpu.dense_causal_attention(q, k, v, scale, segment_ids=segment_ids)
   if segment_ids is not None:
     return xla.sliding_window_attention(q, k, v, scale, window=q.shape[1],
                                         segment_ids=segment_ids)

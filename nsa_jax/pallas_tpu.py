@@ -8,6 +8,8 @@
 - sliding window: splash attention's `LocalMask` (`pallas_kernels.tpu.sliding_window`), packed
   rows through splash's segment ids (one per document);
 - mean-pooling compression: the XLA path;
+- dense causal attention (`ops.dense_causal_attention`, the dense layers): splash attention's
+  `CausalMask`, packed rows through its segment ids;
 - decoding (`decode_attention`): the split decode kernels of `pallas_kernels.tpu.decode`, with the
   top-n in XLA between them.
 Configs the kernels cannot tile (`slc_block % 8 != 0`, `slc_block` not dividing
@@ -93,6 +95,23 @@ def selected_attention(q, k, v, block_indices, scale, *, block, interpret=False,
                                             indices_sorted=indices_sorted,
                                             document_starts=segments.document_starts_or_none(
                                                 segment_ids))
+
+
+def use_splash(q, v, scale, interpret=False) -> bool:
+  """Whether dense causal attention runs on splash attention: a TPU (or the TPU interpreter),
+  Dk == Dv and a Python-number scale (splash kernels are built per scale)."""
+  return ((interpret or jax.default_backend() == "tpu") and q.shape[-1] == v.shape[-1]
+          and isinstance(scale, (int, float)))
+
+
+def dense_causal_attention(q, k, v, scale, *, interpret=False, segment_ids=None):
+  """Causal GQA attention through splash attention's `CausalMask` (O(T) memory, all-masked
+  tiles skipped), in tiles of up to 512 tokens; packed rows through splash's segment ids (one
+  per document): `ops.dense_causal_attention` on a TPU, the dense layers' attention."""
+  document_ids = None if segment_ids is None else segments.document_index(segment_ids)
+  block = min(512, -(-q.shape[1] // 128) * 128)
+  return window_kernel.causal_attention(q, k, v, scale=_static_scale(scale), block=block,
+                                        interpret=interpret, document_ids=document_ids)
 
 
 def sliding_window_attention(q, k, v, scale, *, window, interpret=False, segment_ids=None):

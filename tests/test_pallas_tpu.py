@@ -171,6 +171,43 @@ def test_public_api_pallas_tpu_under_the_interpreter(with_gates):
                nsa_jax.sliding_window_attention(q, k, v, window=12, implementation="reference"))
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_dense_causal_attention_on_a_tpu_is_splash_values_and_gradients(monkeypatch, packed):
+  """`nsa_jax.dense_causal_attention` (the dense layers' attention) on a TPU runs splash
+  attention (here its interpreter): causal GQA, packed rows each document alone; the values and
+  gradients of the masked reference math. T = 300 pads to 384 (128-token tiles)."""
+  from nsa_jax import pallas_tpu
+  calls = []
+  splash_dense = pallas_tpu.dense_causal_attention
+
+  def on_interpreter(*args, **kwargs):
+    calls.append(kwargs.get("segment_ids") is not None)
+    return splash_dense(*args, **kwargs, interpret=True)
+  monkeypatch.setattr(pallas_tpu.jax, "default_backend", lambda: "tpu")
+  monkeypatch.setattr(pallas_tpu, "dense_causal_attention", on_interpreter)
+  q, k, v = random_qkv(2, 300, 4, 2, 16)
+  lengths = ([1, 140, 17, 142], [300])
+  segment_ids = (jnp.asarray([np.repeat(np.arange(len(row)), row) for row in lengths])
+                 if packed else None)
+  same_document = (True if segment_ids is None
+                   else segment_ids[:, :, None] == segment_ids[:, None, :])  # [B, T, T]
+  causal = jnp.tril(jnp.ones((300, 300), bool)) & same_document
+
+  def expected(q, k, v):  # masked softmax over [B, Hq, T, T]
+    kk, vv = (jnp.repeat(x, 2, axis=2) for x in (k, v))
+    s = jnp.einsum("bthd,bshd->bhts", q, kk) * 16 ** -0.5
+    s = jnp.where(jnp.broadcast_to(causal[:, None] if packed else causal, s.shape), s, -jnp.inf)
+    return jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(s, axis=-1), vv)
+
+  got = lambda q, k, v: nsa_jax.dense_causal_attention(q, k, v, segment_ids=segment_ids)
+  assert_close(got(q, k, v), expected(q, k, v))
+  loss = lambda fn: lambda q, k, v: jnp.sum(fn(q, k, v) * q)
+  for grad, want in zip(jax.grad(loss(got), (0, 1, 2))(q, k, v),
+                        jax.grad(loss(expected), (0, 1, 2))(q, k, v)):
+    assert_grads_close(grad, want)
+  assert calls and all(call == packed for call in calls)
+
+
 def test_splash_causal_baseline_matches_dense_causal_attention():
   # The TPU benchmark's dense baseline: a window as long as the sequence is causal attention.
   # T = 200 pads to two 128-token blocks.
