@@ -97,10 +97,10 @@ def selected_attention(q, k, v, block_indices, scale, *, block, interpret=False,
                                                 segment_ids))
 
 
-def use_splash(q, v, scale, interpret=False) -> bool:
-  """Whether dense causal attention runs on splash attention: a TPU (or the TPU interpreter),
-  Dk == Dv and a Python-number scale (splash kernels are built per scale)."""
-  return ((interpret or jax.default_backend() == "tpu") and q.shape[-1] == v.shape[-1]
+def use_splash(q, v, scale) -> bool:
+  """Whether dense causal attention runs on splash attention: a TPU backend, Dk == Dv and a
+  Python-number scale (splash kernels are built per scale)."""
+  return (jax.default_backend() == "tpu" and q.shape[-1] == v.shape[-1]
           and isinstance(scale, (int, float)))
 
 

@@ -337,7 +337,8 @@ def test_kernel_compressed_attention_values_lse_and_gradients_equal_their_docume
   TPU walks skip other documents' tiles (`_walk_tables`, checked against brute force)."""
   _small_gpu_compressed_tiles(monkeypatch)
   if rows is LONG_ROWS:
-    _check_tpu_walk_tables(monkeypatch, rows)
+    _small_tpu_compressed_tiles(monkeypatch)
+    _check_tpu_walk_tables(rows)
   q, k, v = random_qkv(2, sum(rows[0]), 4, 2, 16)
   segment_ids = segment_ids_of(rows)
   k_cmp, v_cmp = compress(k, v, segment_ids)
@@ -373,11 +374,16 @@ def test_kernel_compressed_attention_values_lse_and_gradients_equal_their_docume
     assert_grads_close(grad, expected)
 
 
-def _check_tpu_walk_tables(monkeypatch, rows):
-  """TPU tiles of 128; the walk tables equal their brute-force definitions and do skip."""
+def _small_tpu_compressed_tiles(monkeypatch):
+  """TPU compressed kernels on tiles of 128 rows and 128 keys (the smallest Mosaic takes)."""
   from pallas_kernels.tpu import compressed_attention as tpu_compressed
   monkeypatch.setattr(tpu_compressed, "ROWS", 128)
   monkeypatch.setattr(tpu_compressed, "KEYS", 128)
+
+
+def _check_tpu_walk_tables(rows):
+  """The TPU walk tables (at 128-key tiles) equal their brute-force definitions and skip."""
+  from pallas_kernels.tpu import compressed_attention as tpu_compressed
   q, k, _ = random_qkv(2, sum(rows[0]), 4, 2, 16)
   starts = document_starts(segment_ids_of(rows))
   k_cmp = compress(k, k, segment_ids_of(rows))[0]
