@@ -30,9 +30,9 @@ the document starting at `s` sits in slot `s // d + i` (SPEC.md), so row `t` see
 `c >= s // d` and `c*d + l - 1 + s % d <= t`: each row's start rides along as a row vector and
 every tile is masked; a row tile's walks start at its first document's slots (`_first_tile`) and
 a key tile's dK/dV walk ends with the last document that can own it (`_packed_row_stops`), so a
-row of documents costs about its documents' own compressed attention. Their selection (`packed_selection_from_lse`) is a score pass of its own
-(`nsa_packed_selection_scores`), since a document's selection blocks are the aligned ones shifted
-by its start.
+row of documents costs about its documents' own compressed attention. Their selection
+(`packed_selection_from_lse`) is a score pass of its own (`nsa_packed_selection_scores`), since
+a document's selection blocks are the aligned ones shifted by its start.
 
 Layout inside: query rows `[B, Hkv, T_pad * Gc, Dp]` (position-major), compressed keys / values
 `[B, Hkv, Tc_pad, Dp]`; `Gc = pow2(G)`, head dims padded to powers of two >= 16.
