@@ -33,10 +33,12 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plmgpu
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.block_maps import LOWER, UPPER, document_block_halves, inverse_block_map
 from pallas_kernels.block_maps import distinct_ascending, sorted_causal_block_indices, span_blocks
+from pallas_kernels.gpu import selected_attention_mgpu as selected_mgpu
 from pallas_kernels.gpu.tile_math import LOG2E, MASK_VALUE, pow2
 from pallas_kernels.gpu.tile_math import dot as _dot
 from pallas_kernels.gpu.tile_math import online_softmax_init, online_softmax_step, rows_within
@@ -60,6 +62,10 @@ DKV_STEP_BYTES = 64 * 1024  # most bytes of q and dO rows one step loads (shared
 # 63.3 / 178.8 vs 26.7 / 61.9; G=8 at 16k 8.4 / 23.8 vs 7.7 / 19.3. 32 was slower (G=4: 74.0 /
 # 166.4; G=16: 24.6 / 60.2 vs 17.4 / 48.7).
 PACK_ROWS = 16
+# Forward kernel: "triton" (`_forward_kernel`) or "mosaic" (`selected_attention_mgpu`: Hopper TMA
+# + wgmma over tiles of 64 rows; half precision, l' of 64 or 128, unpacked rows; other calls stay
+# on Triton). The backward is Triton's either way. Not yet timed on a GPU: the default stays.
+FORWARD = "triton"
 
 
 def _visible(block_start, query_pos, loaded, block):
@@ -472,8 +478,29 @@ def _selected_attention(q, k, v, sorted_idx, halves, scale, block, interpret):
   return _selected_attention_fwd(q, k, v, sorted_idx, halves, scale, block, interpret)[0]
 
 
+def _mosaic_forward(q, k, v, sorted_idx, lay: _Layout, scale, interpret):
+  """The forward on Mosaic GPU: `(out float32 [B, T, Hq, Dv], lse)`, lse in this module's rows
+  (`lay`) for the Triton backward."""
+  heads = max(pow2(lay.group), 2)  # at most 32 positions a tile: one bit each in `member`
+  positions = selected_mgpu.ROWS // heads
+  tiles = dataclasses.replace(
+      lay, heads=heads, positions=positions, seq_pad=-(-lay.seq_len // positions) * positions,
+      head_dim_pad=lay.head_dim, head_dim_v_pad=lay.head_dim_v, loaded=lay.block,
+      num_slots=sorted_idx.shape[-1])
+  union, count, member = selected_mgpu.tile_unions(_slots(sorted_idx, tiles), positions)
+  out_rows, lse_rows = selected_mgpu.selected_attention_forward(
+      _to_rows(q, tiles, lay.head_dim), _to_blocks(k, tiles, lay.head_dim),
+      _to_blocks(v, tiles, lay.head_dim_v), union, count, member, scale=scale, block=lay.block,
+      heads=heads, interpret=plmgpu.InterpretGPUParams() if interpret else False)
+  lse = _from_rows(lse_rows[..., None], tiles, 1)  # [B, T, Hq, 1]
+  return _from_rows(out_rows, tiles, lay.head_dim_v), _to_rows(lse, lay, 1)[..., 0]
+
+
 def _selected_attention_fwd(q, k, v, sorted_idx, halves, scale, block, interpret):
   lay = _layout(q, v, sorted_idx, block)
+  if FORWARD == "mosaic" and halves is None and selected_mgpu.supported(q, k, v, block):
+    out, lse = _mosaic_forward(q, k, v, sorted_idx, lay, scale, interpret)
+    return out.astype(q.dtype), (q, k, v, sorted_idx, halves, out, lse)
   out_rows, lse = _forward(_to_rows(q, lay, lay.head_dim_pad),
                            _to_blocks(k, lay, lay.head_dim_pad),
                            _to_blocks(v, lay, lay.head_dim_v_pad), _slots(sorted_idx, lay), lay,

@@ -1,0 +1,196 @@
+"""Selected-block attention forward on Mosaic GPU (Hopper: TMA + wgmma), beside the Triton kernel.
+
+One CTA (one warpgroup) takes a tile of `P = 64 // Gp` consecutive query positions of one KV
+group, `Gp = pow2(G)` rows each: the 64 rows are wgmma's native M. It loops over the union of
+the tile's selected blocks (ascending, from an XLA pre-pass), so each K / V block is brought in
+once by TMA for every position of the tile that chose it; each row is masked to the blocks its
+own position chose (a bit mask per union slot) and to keys not after it. `stages` blocks are in
+flight (one TMA barrier each for K and V); the loop's trip count is the tile's union size.
+
+Why: the Triton kernel gives each position (16 rows at G = 16) its own program and loads its n
+blocks, so a K / V block chosen by several neighbouring positions is loaded once per position,
+and 16-row matmuls leave Hopper's 64-row wgmma idle. Here 4 positions (G = 16) share the loads
+of their union (on random selections 4 positions need ~35 distinct blocks, not 64) at the price
+of masked MMA work over the union (`experiments/BENCHMARKS.md` measures both).
+
+Scope: half-precision q / k / v, `Dk`, `Dv` multiples of 64 (at most 256), `l'` 64 or 128,
+`G <= 64`, unpacked rows. `supported` says whether a call fits; the rest stays on Triton. The
+output and lse have the Triton forward's meaning (float32 output, base-2 lse, 0 for a row that
+sees nothing), so the Triton backward serves both (`pallas_gpu.selected_attention`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.block_maps import distinct_ascending
+from pallas_kernels.gpu.tile_math import pow2
+
+LOG2E = math.log2(math.e)
+ROWS = 64  # query rows a CTA: one warpgroup's wgmma M
+STAGES = 3  # K / V blocks in flight
+SMEM_BYTES = 200 * 1024  # of the H100 / H200's 227 KiB a CTA, with room for barriers
+
+
+def supported(q, k, v, block: int) -> bool:
+  """Whether `selected_attention_forward` takes these inputs (else the Triton kernel does)."""
+  group = q.shape[2] // k.shape[2]
+  return (q.dtype in (jnp.bfloat16, jnp.float16) and k.dtype == q.dtype and v.dtype == q.dtype
+          and q.shape[3] % 64 == 0 and v.shape[3] % 64 == 0 and q.shape[3] <= 256
+          and v.shape[3] <= 256 and block in (64, 128) and group <= ROWS)
+
+
+def tile_unions(sorted_idx, positions: int):
+  """The blocks each tile of `positions` consecutive queries needs, and who chose each.
+
+  Args:
+    sorted_idx: int32 `[B, Hkv, T_pad, n]`, each query's distinct causal blocks, -1 for none.
+    positions: queries a tile (`T_pad` a multiple of it, at most 32).
+
+  Returns:
+    `(union int32 [B, Hkv, tiles, P*n]` ascending then -1, `count int32 [B, Hkv, tiles]`,
+    `member int32 [B, Hkv, tiles, P*n]`: bit `p` set when the tile's query `p` chose the block).
+  """
+  b, hkv, t_pad, n = sorted_idx.shape
+  per_tile = sorted_idx.reshape(b, hkv, t_pad // positions, positions * n)
+  union = distinct_ascending(per_tile)
+  count = jnp.sum(union >= 0, axis=-1, dtype=jnp.int32)
+  owner_bit = jnp.left_shift(1, jnp.arange(positions * n, dtype=jnp.int32) // n)  # [P*n]
+  # A query's blocks are distinct, so summing the bits of equal entries is their OR.
+  hit = (union[..., :, None] == per_tile[..., None, :]) & (union[..., :, None] >= 0)
+  member = jnp.sum(jnp.where(hit, owner_bit, 0), axis=-1, dtype=jnp.int32)
+  return union, count, member
+
+
+def max_stages(dk: int, dv: int, block: int, dtype) -> int:
+  """Most K / V blocks in flight that fit `SMEM_BYTES` beside the q and probability tiles."""
+  item = jnp.dtype(dtype).itemsize
+  fixed = ROWS * (dk + block) * item
+  return (SMEM_BYTES - fixed) // (block * (dk + dv) * item)
+
+
+def _smem_transforms(minor: int, dtype):
+  """Tiling + swizzle of a half-precision SMEM tile whose minor dimension is `minor`."""
+  item = jnp.dtype(dtype).itemsize
+  swizzle = plgpu.find_swizzle(minor * item * 8)
+  return plgpu.TilingTransform((8, swizzle // item)), plgpu.SwizzleTransform(swizzle)
+
+
+def selected_attention_forward(q_rows, k_blocks, v_blocks, union, count, member, *, scale: float,
+                               block: int, heads: int, stages: int = STAGES, interpret=False):
+  """Forward over tiles of 64 query rows.
+
+  Args:
+    q_rows: `[B, Hkv, T_pad * heads, Dk]`, position `t`'s heads in rows `t*heads ..`; half
+      precision; `heads = pow2(G)` (padded heads are computed and ignored).
+    k_blocks, v_blocks: `[B, Hkv, Ts * block, Dk / Dv]`, whole blocks (zero padded).
+    union, count, member: `tile_unions` of the tiles' `64 // heads` positions.
+    scale: softmax scale; block: `l'`; stages: K / V blocks in flight.
+    interpret: False, or `plgpu.InterpretGPUParams` (CPU).
+
+  Returns:
+    `(out float32 [B, Hkv, T_pad * heads, Dv], lse float32 [B, Hkv, T_pad * heads])`, lse in
+    base 2; a row that sees no key gets output 0 and lse 0.
+  """
+  b, hkv, num_rows, dk = q_rows.shape
+  dv, dtype = v_blocks.shape[3], q_rows.dtype
+  positions, width = ROWS // heads, union.shape[-1]
+  tiles = num_rows // ROWS
+  stages = max(1, min(stages, width, max_stages(dk, dv, block, dtype)))
+  head_shift = heads.bit_length() - 1  # row -> its position in the tile: row >> head_shift
+
+  def kernel(union_ref, count_ref, member_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem,
+             q_barrier):
+    pair, tile = lax.axis_index("pair"), lax.axis_index("tile")
+    bi, hi = pair // hkv, pair % hkv
+    num_used = count_ref[bi, hi, tile]
+    rows = pl.ds(tile * ROWS, ROWS)
+    plgpu.copy_gmem_to_smem(q_ref.at[bi, hi, rows], q_smem, q_barrier)
+    row = plgpu.broadcasted_iota(jnp.int32, (ROWS, block), 0, layout=plgpu.Layout.WGMMA)
+    key = plgpu.broadcasted_iota(jnp.int32, (ROWS, block), 1, layout=plgpu.Layout.WGMMA)
+    local = lax.shift_right_logical(row, head_shift)  # the row's position in the tile
+    query_pos = tile * positions + local
+
+    def attend(k_smem, v_smem, p_smem, k_barriers, v_barriers):
+      def fetch(slot, buffer):
+        keys = pl.ds(union_ref[bi, hi, tile, slot] * block, block)
+        plgpu.copy_gmem_to_smem(k_ref.at[bi, hi, keys], k_smem.at[buffer], k_barriers.at[buffer])
+        plgpu.copy_gmem_to_smem(v_ref.at[bi, hi, keys], v_smem.at[buffer], v_barriers.at[buffer])
+
+      for slot in range(stages):
+        pl.when(slot < num_used)(functools.partial(fetch, slot, slot))
+      plgpu.barrier_wait(q_barrier)
+
+      def body(slot, carry):
+        acc, row_max, row_sum = carry
+        buffer = lax.rem(slot, stages)
+        block_id = union_ref[bi, hi, tile, slot]
+        chosen = lax.shift_right_logical(member_ref[bi, hi, tile, slot], local) & 1
+        visible = (chosen != 0) & (block_id * block + key <= query_pos)
+        plgpu.barrier_wait(k_barriers.at[buffer])
+
+        def scores_of(acc_ref):
+          plgpu.wgmma(acc_ref, q_smem, k_smem.at[buffer].T)
+          return acc_ref[...]
+        s = pl.run_scoped(scores_of, plgpu.ACC((ROWS, block), jnp.float32))
+        s = jnp.where(visible, s * (scale * LOG2E), -jnp.inf)
+        new_max = jnp.maximum(row_max, s.max(axis=1))
+        safe_max = jnp.where(new_max == -jnp.inf, 0.0, new_max)  # rows that saw nothing yet
+        correction = jnp.exp2(row_max - safe_max)
+        probs = jnp.exp2(s - lax.broadcast_in_dim(safe_max, s.shape, [0]))
+        row_sum = row_sum * correction + probs.sum(axis=1)
+        acc = acc * lax.broadcast_in_dim(correction, acc.shape, [0])
+        p_smem[...] = probs.astype(dtype)
+        plgpu.commit_smem()
+        plgpu.barrier_wait(v_barriers.at[buffer])
+
+        def values_of(acc_ref):
+          plgpu.wgmma(acc_ref, p_smem, v_smem.at[buffer])
+          return acc_ref[...]
+        # The probabilities go through SMEM and into a fresh accumulator added to `acc` (not
+        # wgmma's register operand on `run_state(acc)`): the GPU interpreter, which the CPU
+        # tests run, takes SMEM operands and `run_scoped` accumulators only.
+        acc = acc + pl.run_scoped(values_of, plgpu.ACC((ROWS, dv), jnp.float32))
+        # Both products are done: the buffer takes the block `stages` slots ahead.
+        pl.when(slot + stages < num_used)(functools.partial(fetch, slot + stages, buffer))
+        return acc, new_max, row_sum
+
+      init = (plgpu.layout_cast(jnp.zeros((ROWS, dv), jnp.float32), plgpu.Layout.WGMMA),
+              plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32),
+                                plgpu.Layout.WGMMA.reduce(1)),
+              plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1)))
+      return lax.fori_loop(0, num_used, body, init)
+
+    acc, row_max, row_sum = pl.run_scoped(
+        attend, plgpu.SMEM((stages, block, dk), dtype, transforms=_smem_transforms(dk, dtype)),
+        plgpu.SMEM((stages, block, dv), dtype, transforms=_smem_transforms(dv, dtype)),
+        plgpu.SMEM((ROWS, block), dtype, transforms=_smem_transforms(block, dtype)),
+        plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages))
+
+    def store(o_smem, lse_smem):  # after the loop: its buffers' SMEM is free again
+      nonempty = row_sum > 0
+      safe_sum = jnp.where(nonempty, row_sum, 1.0)
+      o_smem[...] = acc / lax.broadcast_in_dim(safe_sum, acc.shape, [0])
+      lse_smem[...] = jnp.where(nonempty, row_max + jnp.log2(safe_sum), 0.0)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(o_smem, o_ref.at[bi, hi, rows])
+      plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[bi, hi, rows])
+      plgpu.wait_smem_to_gmem(0)
+    pl.run_scoped(store, plgpu.SMEM((ROWS, dv), jnp.float32), plgpu.SMEM((ROWS,), jnp.float32))
+
+  out_type = (jax.ShapeDtypeStruct((b, hkv, num_rows, dv), jnp.float32),
+              jax.ShapeDtypeStruct((b, hkv, num_rows), jnp.float32))
+  scratch = (plgpu.SMEM((ROWS, dk), dtype, transforms=_smem_transforms(dk, dtype)),
+             plgpu.Barrier(num_barriers=1))
+  call = plgpu.kernel(kernel, out_type=out_type, grid=(b * hkv, tiles),
+                      grid_names=("pair", "tile"), scratch_types=scratch,
+                      compiler_params=plgpu.CompilerParams(approx_math=True),
+                      interpret=interpret)
+  return call(union, count, member, q_rows, k_blocks, v_blocks)
