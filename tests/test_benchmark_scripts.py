@@ -37,7 +37,7 @@ def test_bench_kernels_times_every_part_and_writes_json(monkeypatch, tmp_path, p
   monkeypatch.setattr(cudnn_compressed, "compressed_attention",
                       lambda *args, **kw: folded(*args, use_cudnn=False, **kw))
   out = tmp_path / "bench.json"
-  gpu_only = {"compressed_cudnn"} if platform == "gpu" else set()
+  gpu_only = {"compressed_cudnn", "selected mosaic", "nsa mosaic"} if platform == "gpu" else set()
   expected = {"nsa", "compressed", "cmp+selection", "selected", "cmp+slc apart", "cmp+slc fused",
               "window", dense} | gpu_only
   # The separate-K/V pair is the same on both platforms: left out of the TPU run by --parts
@@ -53,6 +53,13 @@ def test_bench_kernels_times_every_part_and_writes_json(monkeypatch, tmp_path, p
   assert set(parts) == named
   assert all(row["fwd_ms"] > 0 and row["fwd_gib"] > 0 for row in parts.values())
   assert "fwd_bwd_ms" in parts["selected"] and "fwd_bwd_ms" not in parts["cmp+selection"]
+
+
+def test_mosaic_forward_parts_trace_with_the_mosaic_forward():
+  seen = []
+  traced = bench_kernels.mosaic_forward(lambda: seen.append(bench_kernels.selected_kernel.FORWARD))
+  traced()
+  assert seen == ["mosaic"] and bench_kernels.selected_kernel.FORWARD == "triton"
 
 
 def test_bench_kernels_times_the_selection_on_trained_indices(monkeypatch, tmp_path):

@@ -35,14 +35,19 @@ IMPLEMENTATION = {"cuda": "pallas_gpu", "tpu": "pallas_tpu"}
 pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
 
 
-def pallas_kernels(platform, fn, *args):
-  """Lowers `jax.jit(fn)(*args)` for `platform` on this CPU; the Pallas kernels' names, sorted."""
-  device, call = TARGETS[platform]
+def lowered_text(platform, fn, *args) -> str:
+  """`jax.jit(fn)(*args)` lowered for `platform` on this CPU, as text."""
+  device, _ = TARGETS[platform]
   mesh = jax.sharding.AbstractMesh((1,), ("x",), axis_types=(jax.sharding.AxisType.Auto,),
                                    abstract_device=device)
   with jax.sharding.use_abstract_mesh(mesh):
-    lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,))
-  calls = [line for line in lowered.as_text().splitlines() if call in line]
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+
+
+def pallas_kernels(platform, fn, *args):
+  """Lowers `jax.jit(fn)(*args)` for `platform` on this CPU; the Pallas kernels' names, sorted."""
+  call = TARGETS[platform][1]
+  calls = [line for line in lowered_text(platform, fn, *args).splitlines() if call in line]
   return sorted(re.search(r'name = "([^"]+)"', line).group(1) for line in calls)
 
 
@@ -213,6 +218,26 @@ def test_selected_kernels_with_other_packings_lower_for_cuda(monkeypatch, pack_r
 
   assert pallas_kernels("cuda", jax.grad(loss, argnums=(0, 1, 2)), q, k, v) == [
       "nsa_selected_dkv", "nsa_selected_dq", "nsa_selected_fwd"]
+
+
+@pytest.mark.parametrize("num_heads,head_dims,block", [(64, (128, 128), 64), (4, (64, 128), 128),
+                                                      (1, (256, 256), 64)])
+def test_mosaic_selected_forward_lowers_for_cuda(monkeypatch, num_heads, head_dims, block):
+  # `FORWARD = "mosaic"`: the forward is one Mosaic GPU kernel (its layout inference and SMEM
+  # budget run at lowering), the backward Triton's dQ and dK/dV kernels.
+  monkeypatch.setattr(selected_kernel, "FORWARD", "mosaic")
+  q = jnp.zeros((2, 1000, num_heads, head_dims[0]), jnp.bfloat16)
+  k = jnp.zeros((2, 1000, 1, head_dims[0]), jnp.bfloat16)
+  v = jnp.zeros((2, 1000, 1, head_dims[1]), jnp.bfloat16)
+  idx = jnp.zeros((2, 1000, 1, 16), jnp.int32)
+
+  def loss(q, k, v):
+    return nsa_jax.selected_attention(q, k, v, idx, block=block,
+                                      implementation="pallas_gpu").astype(jnp.float32).sum()
+
+  grad = jax.grad(loss, argnums=(0, 1, 2))
+  assert pallas_kernels("cuda", grad, q, k, v) == ["nsa_selected_dkv", "nsa_selected_dq"]
+  assert lowered_text("cuda", grad, q, k, v).count("custom_call @mosaic_gpu") == 1
 
 
 def test_decode_step_with_multi_block_sparse_programs_lowers_for_cuda(monkeypatch):

@@ -11,6 +11,7 @@ from nsa_jax.attention_math import combine_branches
 from pallas_kernels.block_maps import distinct_ascending
 from pallas_kernels.gpu import compressed_attention as compressed_kernel
 from pallas_kernels.gpu import selected_attention as selected_kernel
+from pallas_kernels.gpu import selected_attention_mgpu as selected_mgpu
 from pallas_kernels.gpu import top_n
 from pallas_kernels.gpu.selected_attention import selected_attention
 from tests.helpers import assert_close, assert_grads_close, assert_valid_selection
@@ -77,6 +78,44 @@ def test_selected_attention_kernel_with_other_packings_in_interpret_mode(monkeyp
   check_selected(q, k, v, block, n, reference, interpret=True, dtype=jnp.float32)
 
 
+def test_tile_unions_against_brute_force():
+  positions, n, num_blocks = 4, 5, 9
+  idx = random_indices(2, 24, 3, n, num_blocks).transpose(0, 2, 1, 3)  # [B, Hkv, T, n]
+  idx = distinct_ascending(jnp.where(idx < num_blocks, idx, -1))
+  union, count, member = selected_mgpu.tile_unions(idx, positions)
+  idx, union, count, member = map(np.asarray, (idx, union, count, member))
+  for b, h, tile in np.ndindex(*count.shape):
+    chosen = [set(idx[b, h, tile * positions + p]) - {-1} for p in range(positions)]
+    want = sorted(set().union(*chosen))
+    assert count[b, h, tile] == len(want)
+    np.testing.assert_array_equal(union[b, h, tile], want + [-1] * (positions * n - len(want)))
+    for slot, block in enumerate(want):
+      assert member[b, h, tile, slot] == sum(1 << p for p in range(positions)
+                                             if block in chosen[p])
+    assert not member[b, h, tile, len(want):].any()
+
+
+# The Mosaic GPU forward (`FORWARD = "mosaic"`, Triton's backward) under the GPU interpreter,
+# against the oracle: tiles of 64 rows over the union of their positions' blocks. T = 1, T < l'
+# (one tile), T = 150 at G = 8 (8 positions a tile, the last cut), G = 1 (padded to 2 rows, 32
+# positions a tile), l' = 128 with Dk != Dv in float16. (The interpreter runs wgmma
+# synchronously, so reusing a K / V buffer before its products finished would only show on a GPU.)
+MOSAIC_CASES = [(1, 1, 16, 1, 64, 64, 64, 3, jnp.bfloat16),
+                (1, 40, 16, 1, 64, 64, 64, 3, jnp.bfloat16),
+                (2, 150, 8, 2, 64, 128, 64, 4, jnp.bfloat16),
+                (1, 70, 1, 1, 64, 64, 64, 3, jnp.bfloat16),
+                (1, 140, 4, 1, 128, 64, 128, 2, jnp.float16)]
+
+
+@pytest.mark.parametrize("case", MOSAIC_CASES)
+def test_selected_attention_mosaic_forward_in_interpret_mode(monkeypatch, case):
+  monkeypatch.setattr(selected_kernel, "FORWARD", "mosaic")
+  b, t, hq, hkv, dk, dv, block, n, dtype = case
+  q, k, v = random_qkv(b, t, hq, hkv, dk, dv, dtype=dtype)
+  assert selected_mgpu.supported(q, k, v, block)
+  check_selected(q, k, v, block, n, reference, interpret=True, dtype=dtype)
+
+
 def test_selected_attention_backward_over_part_of_a_query_in_interpret_mode(monkeypatch):
   # Wide float32 heads make a dK/dV step gather, and a dQ program hold, fewer rows than one
   # query's heads (G = 64 with Dk = Dv = 256: 32 of 64); force 16 rows against G = 32.
@@ -104,6 +143,28 @@ def test_selected_attention_kernel_all_group_sizes_on_gpu(monkeypatch, group, pa
 def test_selected_attention_kernel_dtypes_and_head_dims_on_gpu(dtype, dims):
   q, k, v = random_qkv(2, 1000, 8, 2, dims[0], dims[1], dtype=dtype)
   check_selected(q, k, v, 64, 16, xla, interpret=False, dtype=dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("group", [1, 2, 4, 8, 16, 32, 64])
+def test_selected_attention_mosaic_forward_all_group_sizes_on_gpu(monkeypatch, group):
+  monkeypatch.setattr(selected_kernel, "FORWARD", "mosaic")
+  q, k, v = random_qkv(1, 2048 + 17, 2 * group, 2, 64, dtype=jnp.bfloat16)
+  check_selected(q, k, v, 64, 16, xla, interpret=False, dtype=jnp.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("shape", [(1, 64, 64, 64), (17, 128, 128, 64), (1000, 128, 128, 64),
+                                   (1000, 256, 256, 64), (1000, 128, 64, 128),
+                                   (65536, 128, 128, 64)])
+def test_selected_attention_mosaic_forward_shapes_on_gpu(monkeypatch, dtype, shape):
+  # (T, Dk, Dv, l'): T = 1 and T < l', head dims 64-256, l' = 128, the 64k benchmark's shape.
+  monkeypatch.setattr(selected_kernel, "FORWARD", "mosaic")
+  t, dk, dv, block = shape
+  q, k, v = random_qkv(2 if t < 65536 else 1, t, 64, 4, dk, dv, dtype=dtype)
+  assert selected_mgpu.supported(q, k, v, block)
+  check_selected(q, k, v, block, 16, xla, interpret=False, dtype=dtype)
 
 
 @pytest.mark.gpu

@@ -5,11 +5,13 @@
         compressed.NUM_STAGES=3,compressed.NUM_WARPS=8 [--no_breakdown]
     python -m experiments.probes.tune_gpu --num_kv_heads 16 \
         --variants selected.PACK_ROWS=16  # G = 4
+    python -m experiments.probes.tune_gpu --variants selected.FORWARD=mosaic \
+        selected.FORWARD=mosaic,selected_mgpu.STAGES=2  # the Mosaic GPU forward
 
 B=1, Hq=64, Hkv=4 (`--num_kv_heads`), D=128, bf16, paper config. The breakdown: the compressed
 kernel alone, with the fused selection scores, with the top-n kernel after it (for 1, 2, 4 warps),
 XLA's top_k on the same scores. Then, for the modules' defaults and each variant
-(`module.NAME=VALUE,...`, module `compressed` or `selected`, the kernel modules of
+(`module.NAME=VALUE,...`, module `compressed`, `selected` or `selected_mgpu`, the kernel modules of
 `pallas_kernels.gpu`), a table row: the fused compressed forward (output and scores), the
 compressed forward+backward (gradients of q, k_cmp and v_cmp), and the selected kernel's forward
 and forward+backward on the real selection.
@@ -27,9 +29,11 @@ from experiments.bench_kernels import median_ms, random_qkv
 from nsa_jax import block_selection
 from pallas_kernels.gpu import compressed_attention as compressed_kernel
 from pallas_kernels.gpu import selected_attention as selected_kernel
+from pallas_kernels.gpu import selected_attention_mgpu as selected_mgpu
 from pallas_kernels.gpu import top_n
 
-MODULES = {"compressed": compressed_kernel, "selected": selected_kernel}
+MODULES = {"compressed": compressed_kernel, "selected": selected_kernel,
+           "selected_mgpu": selected_mgpu}
 COMMON = dict(block=32, stride=16, scale=128 ** -0.5)
 
 
@@ -96,7 +100,7 @@ def main():
     for name, value in settings:
       module, attr = MODULES[name.split(".")[0]], name.split(".")[1]
       saved.append((module, attr, getattr(module, attr)))
-      setattr(module, attr, int(value))
+      setattr(module, attr, type(getattr(module, attr))(value))  # int or str, as the default
     try:
       times = " ".join(f"{ms:8.2f}" for ms in time_kernels(q, k, v, k_cmp, v_cmp, block_indices))
     except Exception as err:  # a setting Triton cannot compile (shared memory): report it

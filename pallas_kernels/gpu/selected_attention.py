@@ -12,6 +12,10 @@ Small groups (G < 16) pack positions (`PACK_ROWS`, default 16 rows): a forward /
 several consecutive positions (4 positions x 4 heads = 16 rows) and loops over the union of their
 blocks, each row masked to the blocks its own position chose.
 
+On Hopper the forward can run on Mosaic GPU instead (`FORWARD = "mosaic"`,
+`selected_attention_mgpu`: 64-row tiles over their union of blocks, TMA + wgmma); it returns the
+same output and lse, and the backward below serves both.
+
 Packed rows (`document_starts`): a document's selection block `j` is not aligned to `l'`; it is
 the upper part (offsets `>= r`, `r = s % l'`) of aligned block `s // l' + j` and the lower part of
 the next one (`block_maps.document_block_halves`). The kernels then walk aligned blocks as
