@@ -23,6 +23,7 @@ from nsa_jax.decode import init_decode_cache, nsa_decode_step
 from pallas_kernels.gpu import compressed_attention as compressed_kernel
 from pallas_kernels.gpu import decode as gpu_decode
 from pallas_kernels.gpu import selected_attention as selected_kernel
+from pallas_kernels.gpu import selected_attention_mgpu as selected_mgpu
 
 TARGETS = {  # platform -> (an abstract device of it, the custom call a Pallas kernel lowers to)
     "cuda": (jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
@@ -220,12 +221,16 @@ def test_selected_kernels_with_other_packings_lower_for_cuda(monkeypatch, pack_r
       "nsa_selected_dkv", "nsa_selected_dq", "nsa_selected_fwd"]
 
 
+@pytest.mark.parametrize("probs_in_registers", [False, True])
 @pytest.mark.parametrize("num_heads,head_dims,block", [(64, (128, 128), 64), (4, (64, 128), 128),
                                                       (1, (256, 256), 64)])
-def test_mosaic_selected_forward_lowers_for_cuda(monkeypatch, num_heads, head_dims, block):
+def test_mosaic_selected_forward_lowers_for_cuda(monkeypatch, num_heads, head_dims, block,
+                                                  probs_in_registers):
   # `FORWARD = "mosaic"`: the forward is one Mosaic GPU kernel (its layout inference and SMEM
-  # budget run at lowering), the backward Triton's dQ and dK/dV kernels.
+  # budget run at lowering), the backward Triton's dQ and dK/dV kernels. The probabilities'
+  # register form runs only on a GPU (the interpreter takes SMEM operands): lowered here.
   monkeypatch.setattr(selected_kernel, "FORWARD", "mosaic")
+  monkeypatch.setattr(selected_mgpu, "PROBS_IN_REGISTERS", probs_in_registers)
   q = jnp.zeros((2, 1000, num_heads, head_dims[0]), jnp.bfloat16)
   k = jnp.zeros((2, 1000, 1, head_dims[0]), jnp.bfloat16)
   v = jnp.zeros((2, 1000, 1, head_dims[1]), jnp.bfloat16)

@@ -116,6 +116,15 @@ def test_selected_attention_mosaic_forward_in_interpret_mode(monkeypatch, case):
   check_selected(q, k, v, block, n, reference, interpret=True, dtype=dtype)
 
 
+def test_selected_attention_mosaic_forward_with_fewer_positions_in_interpret_mode(monkeypatch):
+  # MAX_POSITIONS = 4 at G = 2: each position padded to 16 rows, 4 positions a tile.
+  monkeypatch.setattr(selected_kernel, "FORWARD", "mosaic")
+  monkeypatch.setattr(selected_mgpu, "MAX_POSITIONS", 4)
+  assert selected_mgpu.rows_per_position(2) == 16
+  q, k, v = random_qkv(1, 30, 4, 2, 64, 64, dtype=jnp.bfloat16)
+  check_selected(q, k, v, 64, 3, reference, interpret=True, dtype=jnp.bfloat16)
+
+
 def test_selected_attention_backward_over_part_of_a_query_in_interpret_mode(monkeypatch):
   # Wide float32 heads make a dK/dV step gather, and a dQ program hold, fewer rows than one
   # query's heads (G = 64 with Dk = Dv = 256: 32 of 64); force 16 rows against G = 32.
@@ -146,9 +155,14 @@ def test_selected_attention_kernel_dtypes_and_head_dims_on_gpu(dtype, dims):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("probs_in_registers,max_positions", [(False, 32), (True, 32), (False, 4)])
 @pytest.mark.parametrize("group", [1, 2, 4, 8, 16, 32, 64])
-def test_selected_attention_mosaic_forward_all_group_sizes_on_gpu(monkeypatch, group):
+def test_selected_attention_mosaic_forward_all_group_sizes_on_gpu(monkeypatch, group,
+                                                                   probs_in_registers,
+                                                                   max_positions):
   monkeypatch.setattr(selected_kernel, "FORWARD", "mosaic")
+  monkeypatch.setattr(selected_mgpu, "PROBS_IN_REGISTERS", probs_in_registers)
+  monkeypatch.setattr(selected_mgpu, "MAX_POSITIONS", max_positions)
   q, k, v = random_qkv(1, 2048 + 17, 2 * group, 2, 64, dtype=jnp.bfloat16)
   check_selected(q, k, v, 64, 16, xla, interpret=False, dtype=jnp.bfloat16)
 

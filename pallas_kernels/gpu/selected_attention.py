@@ -485,7 +485,7 @@ def _selected_attention(q, k, v, sorted_idx, halves, scale, block, interpret):
 def _mosaic_forward(q, k, v, sorted_idx, lay: _Layout, scale, interpret):
   """The forward on Mosaic GPU: `(out float32 [B, T, Hq, Dv], lse)`, lse in this module's rows
   (`lay`) for the Triton backward."""
-  heads = max(pow2(lay.group), 2)  # at most 32 positions a tile: one bit each in `member`
+  heads = selected_mgpu.rows_per_position(lay.group)
   positions = selected_mgpu.ROWS // heads
   tiles = dataclasses.replace(
       lay, heads=heads, positions=positions, seq_pad=-(-lay.seq_len // positions) * positions,

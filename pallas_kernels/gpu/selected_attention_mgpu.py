@@ -36,6 +36,14 @@ from pallas_kernels.gpu.tile_math import pow2
 LOG2E = math.log2(math.e)
 ROWS = 64  # query rows a CTA: one warpgroup's wgmma M
 STAGES = 3  # K / V blocks in flight
+# The probabilities as wgmma's register operand (as JAX's Mosaic GPU flash attention does), or
+# stored to SMEM first. The GPU interpreter (CPU tests) runs only the SMEM form: interpret mode
+# uses it whatever this says; the register form is checked by lowering here and on a GPU.
+PROBS_IN_REGISTERS = False
+# Most query positions a tile (a power of two <= 32: one bit each in `tile_unions`' masks).
+# Small groups fill the 64 rows with up to this many positions; fewer (the heads padded) keep
+# the tile's union of blocks, and the masked MMA work over it, smaller.
+MAX_POSITIONS = 32
 SMEM_BYTES = 200 * 1024  # of the H100 / H200's 227 KiB a CTA, with room for barriers
 
 
@@ -45,6 +53,13 @@ def supported(q, k, v, block: int) -> bool:
   return (q.dtype in (jnp.bfloat16, jnp.float16) and k.dtype == q.dtype and v.dtype == q.dtype
           and q.shape[3] % 64 == 0 and v.shape[3] % 64 == 0 and q.shape[3] <= 256
           and v.shape[3] <= 256 and block in (64, 128) and group <= ROWS)
+
+
+def rows_per_position(group: int) -> int:
+  """A position's rows in a tile: `pow2(G)`, padded so that a tile has at most `MAX_POSITIONS`."""
+  if MAX_POSITIONS not in (1, 2, 4, 8, 16, 32):
+    raise ValueError(f"MAX_POSITIONS must be a power of two in [1, 32], got {MAX_POSITIONS}")
+  return max(pow2(group), ROWS // MAX_POSITIONS)
 
 
 def tile_unions(sorted_idx, positions: int):
@@ -105,6 +120,7 @@ def selected_attention_forward(q_rows, k_blocks, v_blocks, union, count, member,
   tiles = num_rows // ROWS
   stages = max(1, min(stages, width, max_stages(dk, dv, block, dtype)))
   head_shift = heads.bit_length() - 1  # row -> its position in the tile: row >> head_shift
+  probs_in_registers = PROBS_IN_REGISTERS and not interpret
 
   def kernel(union_ref, count_ref, member_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem,
              q_barrier):
@@ -147,17 +163,19 @@ def selected_attention_forward(q_rows, k_blocks, v_blocks, union, count, member,
         probs = jnp.exp2(s - lax.broadcast_in_dim(safe_max, s.shape, [0]))
         row_sum = row_sum * correction + probs.sum(axis=1)
         acc = acc * lax.broadcast_in_dim(correction, acc.shape, [0])
-        p_smem[...] = probs.astype(dtype)
-        plgpu.commit_smem()
-        plgpu.barrier_wait(v_barriers.at[buffer])
+        if probs_in_registers:  # wgmma's register A operand, accumulating onto `acc`
+          plgpu.barrier_wait(v_barriers.at[buffer])
+          acc = pl.run_state(lambda acc_ref: plgpu.wgmma(
+              acc_ref, probs.astype(dtype), v_smem.at[buffer]))(plgpu.ACC.init(acc))
+        else:  # through SMEM into a fresh accumulator: what the GPU interpreter can run
+          p_smem[...] = probs.astype(dtype)
+          plgpu.commit_smem()
+          plgpu.barrier_wait(v_barriers.at[buffer])
 
-        def values_of(acc_ref):
-          plgpu.wgmma(acc_ref, p_smem, v_smem.at[buffer])
-          return acc_ref[...]
-        # The probabilities go through SMEM and into a fresh accumulator added to `acc` (not
-        # wgmma's register operand on `run_state(acc)`): the GPU interpreter, which the CPU
-        # tests run, takes SMEM operands and `run_scoped` accumulators only.
-        acc = acc + pl.run_scoped(values_of, plgpu.ACC((ROWS, dv), jnp.float32))
+          def values_of(acc_ref):
+            plgpu.wgmma(acc_ref, p_smem, v_smem.at[buffer])
+            return acc_ref[...]
+          acc = acc + pl.run_scoped(values_of, plgpu.ACC((ROWS, dv), jnp.float32))
         # Both products are done: the buffer takes the block `stages` slots ahead.
         pl.when(slot + stages < num_used)(functools.partial(fetch, slot + stages, buffer))
         return acc, new_max, row_sum
