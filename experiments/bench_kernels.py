@@ -18,9 +18,9 @@ samples after a warm-up, each of back-to-back calls: `median_ms`), achieved TFLO
 causal halves counted once) and the compiled program's GPU memory (arguments + outputs +
 temporaries, from XLA's memory analysis). Parts: the whole `nsa_attention`, each branch (on GPU
 the compressed one both as the public op's Pallas kernel and as nsa_attention runs it, cuDNN over
-folded queries; the selected one, and NSA, also with the Mosaic GPU forward: "... mosaic"), the
-fused compressed branch + selection, and the dense baseline. Prints a table
-and writes JSON.
+folded queries; the selected one, and NSA, also with the Mosaic GPU forward and dQ: "...
+mosaic"), the fused compressed branch + selection, and the dense baseline. Prints a table and
+writes JSON.
 
 Trained selections (`--trained_indices`, an `experiments.plot` `selection_indices_<run>.npz` of
 `[B', T', Hkv', n]`): at `T = T'` more rows time the selected kernel on those indices
@@ -172,14 +172,16 @@ def trained_parts(config, platform, nsa_flops, slc_flops):
   }
 
 
-def mosaic_forward(fn):
-  """`fn` traced with `selected_attention.FORWARD = "mosaic"` (read when a call is traced)."""
+def on_mosaic(fn):
+  """`fn` traced with the selected forward and dQ on Mosaic GPU (`selected_attention.FORWARD`,
+  `DQ`: read when a call is traced)."""
   def traced(*args):
-    saved, selected_kernel.FORWARD = selected_kernel.FORWARD, "mosaic"
+    saved = selected_kernel.FORWARD, selected_kernel.DQ
+    selected_kernel.FORWARD = selected_kernel.DQ = "mosaic"
     try:
       return fn(*args)
     finally:
-      selected_kernel.FORWARD = saved
+      selected_kernel.FORWARD, selected_kernel.DQ = saved
   return traced
 
 
@@ -232,9 +234,9 @@ def parts_for(t, config, with_window=True, platform=PLATFORMS["gpu"]):
   parts["cmp+slc apart"] = cmp_and_slc(fused=False)
   parts["cmp+slc fused"] = cmp_and_slc(fused=True)
   if platform is PLATFORMS["gpu"]:
-    # The selected forward on Mosaic GPU (TMA + wgmma over 64-row tiles; Triton's backward).
-    parts["selected mosaic"] = (mosaic_forward(parts["selected"][0]),) + parts["selected"][1:]
-    parts["nsa mosaic"] = (mosaic_forward(parts["nsa"][0]),) + parts["nsa"][1:]
+    # The selected forward and dQ on Mosaic GPU (TMA + wgmma over 64-row tiles).
+    parts["selected mosaic"] = (on_mosaic(parts["selected"][0]),) + parts["selected"][1:]
+    parts["nsa mosaic"] = (on_mosaic(parts["nsa"][0]),) + parts["nsa"][1:]
   if platform is PLATFORMS["gpu"] and cudnn_compressed.available():
     # The compressed branch as nsa_attention runs it on GPU: cuDNN over folded queries (the
     # `compressed` row above is the Pallas kernel behind the public `compressed_attention`).

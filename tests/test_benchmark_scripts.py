@@ -55,11 +55,10 @@ def test_bench_kernels_times_every_part_and_writes_json(monkeypatch, tmp_path, p
   assert "fwd_bwd_ms" in parts["selected"] and "fwd_bwd_ms" not in parts["cmp+selection"]
 
 
-def test_mosaic_forward_parts_trace_with_the_mosaic_forward():
-  seen = []
-  traced = bench_kernels.mosaic_forward(lambda: seen.append(bench_kernels.selected_kernel.FORWARD))
-  traced()
-  assert seen == ["mosaic"] and bench_kernels.selected_kernel.FORWARD == "triton"
+def test_mosaic_parts_trace_with_the_mosaic_kernels():
+  kernel, seen = bench_kernels.selected_kernel, []
+  bench_kernels.on_mosaic(lambda: seen.append((kernel.FORWARD, kernel.DQ)))()
+  assert seen == [("mosaic", "mosaic")] and (kernel.FORWARD, kernel.DQ) == ("triton", "triton")
 
 
 def test_bench_kernels_times_the_selection_on_trained_indices(monkeypatch, tmp_path):

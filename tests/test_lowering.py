@@ -224,12 +224,13 @@ def test_selected_kernels_with_other_packings_lower_for_cuda(monkeypatch, pack_r
 @pytest.mark.parametrize("probs_in_registers", [False, True])
 @pytest.mark.parametrize("num_heads,head_dims,block", [(64, (128, 128), 64), (4, (64, 128), 128),
                                                       (1, (256, 256), 64)])
-def test_mosaic_selected_forward_lowers_for_cuda(monkeypatch, num_heads, head_dims, block,
-                                                  probs_in_registers):
-  # `FORWARD = "mosaic"`: the forward is one Mosaic GPU kernel (its layout inference and SMEM
-  # budget run at lowering), the backward Triton's dQ and dK/dV kernels. The probabilities'
-  # register form runs only on a GPU (the interpreter takes SMEM operands): lowered here.
+def test_mosaic_selected_kernels_lower_for_cuda(monkeypatch, num_heads, head_dims, block,
+                                                probs_in_registers):
+  # `FORWARD = DQ = "mosaic"`: the forward and dQ are Mosaic GPU kernels (their layout
+  # inference and SMEM budgets run at lowering), dK/dV Triton's. The probabilities' register
+  # form runs only on a GPU (the interpreter takes SMEM operands): lowered here.
   monkeypatch.setattr(selected_kernel, "FORWARD", "mosaic")
+  monkeypatch.setattr(selected_kernel, "DQ", "mosaic")
   monkeypatch.setattr(selected_mgpu, "PROBS_IN_REGISTERS", probs_in_registers)
   q = jnp.zeros((2, 1000, num_heads, head_dims[0]), jnp.bfloat16)
   k = jnp.zeros((2, 1000, 1, head_dims[0]), jnp.bfloat16)
@@ -241,8 +242,8 @@ def test_mosaic_selected_forward_lowers_for_cuda(monkeypatch, num_heads, head_di
                                       implementation="pallas_gpu").astype(jnp.float32).sum()
 
   grad = jax.grad(loss, argnums=(0, 1, 2))
-  assert pallas_kernels("cuda", grad, q, k, v) == ["nsa_selected_dkv", "nsa_selected_dq"]
-  assert lowered_text("cuda", grad, q, k, v).count("custom_call @mosaic_gpu") == 1
+  assert pallas_kernels("cuda", grad, q, k, v) == ["nsa_selected_dkv"]
+  assert lowered_text("cuda", grad, q, k, v).count("custom_call @mosaic_gpu") == 2
 
 
 def test_decode_step_with_multi_block_sparse_programs_lowers_for_cuda(monkeypatch):

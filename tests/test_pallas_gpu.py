@@ -95,34 +95,37 @@ def test_tile_unions_against_brute_force():
     assert not member[b, h, tile, len(want):].any()
 
 
-# The Mosaic GPU forward (`FORWARD = "mosaic"`, Triton's backward) under the GPU interpreter,
-# against the oracle: tiles of 64 rows over the union of their positions' blocks. T = 1, T < l'
-# (one tile), T = 150 at G = 8 (8 positions a tile, the last cut), G = 1 (padded to 2 rows, 32
-# positions a tile), l' = 128 with Dk != Dv in float16. (The interpreter runs wgmma
-# synchronously, so reusing a K / V buffer before its products finished would only show on a GPU.)
+# The Mosaic GPU forward and dQ (`FORWARD = DQ = "mosaic"`, Triton's dK/dV) under the GPU
+# interpreter, against the oracle: tiles of 64 rows over the union of their positions' blocks.
+# T = 1, T < l' (one tile), T = 150 at G = 8 (8 positions a tile, the last cut), G = 1 (padded
+# to 2 rows, 32 positions a tile), l' = 128 with Dk != Dv; float16 where it can (its tolerance
+# catches a 1% error in dq, bfloat16's does not). (The interpreter runs wgmma synchronously, so
+# reusing a K / V buffer before its products finished would only show on a GPU.)
 MOSAIC_CASES = [(1, 1, 16, 1, 64, 64, 64, 3, jnp.bfloat16),
-                (1, 40, 16, 1, 64, 64, 64, 3, jnp.bfloat16),
+                (1, 40, 16, 1, 64, 64, 64, 3, jnp.float16),
                 (2, 150, 8, 2, 64, 128, 64, 4, jnp.bfloat16),
-                (1, 70, 1, 1, 64, 64, 64, 3, jnp.bfloat16),
+                (1, 70, 1, 1, 64, 64, 64, 3, jnp.float16),
                 (1, 140, 4, 1, 128, 64, 128, 2, jnp.float16)]
 
 
 @pytest.mark.parametrize("case", MOSAIC_CASES)
-def test_selected_attention_mosaic_forward_in_interpret_mode(monkeypatch, case):
+def test_selected_attention_mosaic_kernels_in_interpret_mode(monkeypatch, case):
   monkeypatch.setattr(selected_kernel, "FORWARD", "mosaic")
+  monkeypatch.setattr(selected_kernel, "DQ", "mosaic")
   b, t, hq, hkv, dk, dv, block, n, dtype = case
   q, k, v = random_qkv(b, t, hq, hkv, dk, dv, dtype=dtype)
   assert selected_mgpu.supported(q, k, v, block)
   check_selected(q, k, v, block, n, reference, interpret=True, dtype=dtype)
 
 
-def test_selected_attention_mosaic_forward_with_fewer_positions_in_interpret_mode(monkeypatch):
+def test_selected_attention_mosaic_dq_after_triton_forward_in_interpret_mode(monkeypatch):
+  # The Triton forward's lse (its rows: 16 a position) feeds the Mosaic dQ (its tiles); and
   # MAX_POSITIONS = 4 at G = 2: each position padded to 16 rows, 4 positions a tile.
-  monkeypatch.setattr(selected_kernel, "FORWARD", "mosaic")
+  monkeypatch.setattr(selected_kernel, "DQ", "mosaic")
   monkeypatch.setattr(selected_mgpu, "MAX_POSITIONS", 4)
   assert selected_mgpu.rows_per_position(2) == 16
-  q, k, v = random_qkv(1, 30, 4, 2, 64, 64, dtype=jnp.bfloat16)
-  check_selected(q, k, v, 64, 3, reference, interpret=True, dtype=jnp.bfloat16)
+  q, k, v = random_qkv(1, 30, 4, 2, 64, 64, dtype=jnp.float16)
+  check_selected(q, k, v, 64, 3, reference, interpret=True, dtype=jnp.float16)
 
 
 def test_selected_attention_backward_over_part_of_a_query_in_interpret_mode(monkeypatch):
@@ -157,10 +160,11 @@ def test_selected_attention_kernel_dtypes_and_head_dims_on_gpu(dtype, dims):
 @pytest.mark.gpu
 @pytest.mark.parametrize("probs_in_registers,max_positions", [(False, 32), (True, 32), (False, 4)])
 @pytest.mark.parametrize("group", [1, 2, 4, 8, 16, 32, 64])
-def test_selected_attention_mosaic_forward_all_group_sizes_on_gpu(monkeypatch, group,
+def test_selected_attention_mosaic_kernels_all_group_sizes_on_gpu(monkeypatch, group,
                                                                    probs_in_registers,
                                                                    max_positions):
   monkeypatch.setattr(selected_kernel, "FORWARD", "mosaic")
+  monkeypatch.setattr(selected_kernel, "DQ", "mosaic")
   monkeypatch.setattr(selected_mgpu, "PROBS_IN_REGISTERS", probs_in_registers)
   monkeypatch.setattr(selected_mgpu, "MAX_POSITIONS", max_positions)
   q, k, v = random_qkv(1, 2048 + 17, 2 * group, 2, 64, dtype=jnp.bfloat16)
@@ -172,9 +176,10 @@ def test_selected_attention_mosaic_forward_all_group_sizes_on_gpu(monkeypatch, g
 @pytest.mark.parametrize("shape", [(1, 64, 64, 64), (17, 128, 128, 64), (1000, 128, 128, 64),
                                    (1000, 256, 256, 64), (1000, 128, 64, 128),
                                    (65536, 128, 128, 64)])
-def test_selected_attention_mosaic_forward_shapes_on_gpu(monkeypatch, dtype, shape):
+def test_selected_attention_mosaic_kernels_shapes_on_gpu(monkeypatch, dtype, shape):
   # (T, Dk, Dv, l'): T = 1 and T < l', head dims 64-256, l' = 128, the 64k benchmark's shape.
   monkeypatch.setattr(selected_kernel, "FORWARD", "mosaic")
+  monkeypatch.setattr(selected_kernel, "DQ", "mosaic")
   t, dk, dv, block = shape
   q, k, v = random_qkv(2 if t < 65536 else 1, t, 64, 4, dk, dv, dtype=dtype)
   assert selected_mgpu.supported(q, k, v, block)

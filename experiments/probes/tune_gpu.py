@@ -6,7 +6,7 @@
     python -m experiments.probes.tune_gpu --num_kv_heads 16 \
         --variants selected.PACK_ROWS=16  # G = 4
     python -m experiments.probes.tune_gpu --variants selected.FORWARD=mosaic \
-        selected.FORWARD=mosaic,selected_mgpu.STAGES=2  # the Mosaic GPU forward
+        selected.FORWARD=mosaic,selected.DQ=mosaic,selected_mgpu.STAGES=2  # Mosaic GPU kernels
 
 B=1, Hq=64, Hkv=4 (`--num_kv_heads`), D=128, bf16, paper config. The breakdown: the compressed
 kernel alone, with the fused selection scores, with the top-n kernel after it (for 1, 2, 4 warps),

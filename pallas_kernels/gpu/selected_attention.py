@@ -66,10 +66,12 @@ DKV_STEP_BYTES = 64 * 1024  # most bytes of q and dO rows one step loads (shared
 # 63.3 / 178.8 vs 26.7 / 61.9; G=8 at 16k 8.4 / 23.8 vs 7.7 / 19.3. 32 was slower (G=4: 74.0 /
 # 166.4; G=16: 24.6 / 60.2 vs 17.4 / 48.7).
 PACK_ROWS = 16
-# Forward kernel: "triton" (`_forward_kernel`) or "mosaic" (`selected_attention_mgpu`: Hopper TMA
-# + wgmma over tiles of 64 rows; half precision, l' of 64 or 128, unpacked rows; other calls stay
-# on Triton). The backward is Triton's either way. Not yet timed on a GPU: the default stays.
+# Forward and dQ kernels: "triton" (`_forward_kernel`, `_dq_kernel`) or "mosaic"
+# (`selected_attention_mgpu`: Hopper TMA + wgmma over tiles of 64 rows; half precision, l' of 64
+# or 128, unpacked rows; other calls stay on Triton). dK/dV is Triton's either way. Not yet
+# timed on a GPU: the defaults stay.
 FORWARD = "triton"
+DQ = "triton"
 
 
 def _visible(block_start, query_pos, loaded, block):
@@ -482,27 +484,53 @@ def _selected_attention(q, k, v, sorted_idx, halves, scale, block, interpret):
   return _selected_attention_fwd(q, k, v, sorted_idx, halves, scale, block, interpret)[0]
 
 
-def _mosaic_forward(q, k, v, sorted_idx, lay: _Layout, scale, interpret):
-  """The forward on Mosaic GPU: `(out float32 [B, T, Hq, Dv], lse)`, lse in this module's rows
-  (`lay`) for the Triton backward."""
+def _mosaic_tiles(lay: _Layout, sorted_idx):
+  """The Mosaic GPU kernels' layout (64-row tiles of `ROWS // heads` positions, heads padded to
+  `rows_per_position(G)`, no head-dim padding) and their tiles' `tile_unions`."""
   heads = selected_mgpu.rows_per_position(lay.group)
   positions = selected_mgpu.ROWS // heads
   tiles = dataclasses.replace(
       lay, heads=heads, positions=positions, seq_pad=-(-lay.seq_len // positions) * positions,
       head_dim_pad=lay.head_dim, head_dim_v_pad=lay.head_dim_v, loaded=lay.block,
       num_slots=sorted_idx.shape[-1])
-  union, count, member = selected_mgpu.tile_unions(_slots(sorted_idx, tiles), positions)
+  return tiles, selected_mgpu.tile_unions(_slots(sorted_idx, tiles), positions)
+
+
+def _mosaic_args(lay: _Layout, interpret):
+  return dict(block=lay.block, heads=lay.heads,
+              interpret=plmgpu.InterpretGPUParams() if interpret else False)
+
+
+def _mosaic_forward(q, k, v, sorted_idx, lay: _Layout, scale, interpret):
+  """The forward on Mosaic GPU: `(out float32 [B, T, Hq, Dv], lse)`, lse in this module's rows
+  (`lay`) for the Triton backward."""
+  tiles, unions = _mosaic_tiles(lay, sorted_idx)
   out_rows, lse_rows = selected_mgpu.selected_attention_forward(
       _to_rows(q, tiles, lay.head_dim), _to_blocks(k, tiles, lay.head_dim),
-      _to_blocks(v, tiles, lay.head_dim_v), union, count, member, scale=scale, block=lay.block,
-      heads=heads, interpret=plmgpu.InterpretGPUParams() if interpret else False)
+      _to_blocks(v, tiles, lay.head_dim_v), *unions, scale=scale, **_mosaic_args(tiles, interpret))
   lse = _from_rows(lse_rows[..., None], tiles, 1)  # [B, T, Hq, 1]
   return _from_rows(out_rows, tiles, lay.head_dim_v), _to_rows(lse, lay, 1)[..., 0]
 
 
+def _mosaic_dq(q, k, v, d_out, lse_rows, delta, sorted_idx, lay: _Layout, scale, interpret):
+  """dQ on Mosaic GPU, `[B, T, Hq, Dk]`: `lse_rows` in `lay`'s rows, `delta [B, T, Hq]`."""
+  tiles, unions = _mosaic_tiles(lay, sorted_idx)
+  per_tile_row = lambda x: _to_rows(x[..., None], tiles, 1)[..., 0]
+  dq_rows = selected_mgpu.selected_attention_dq(
+      _to_rows(q, tiles, lay.head_dim), _to_blocks(k, tiles, lay.head_dim),
+      _to_blocks(v, tiles, lay.head_dim_v), _to_rows(d_out, tiles, lay.head_dim_v),
+      per_tile_row(_from_rows(lse_rows[..., None], lay, 1)[..., 0]), per_tile_row(delta),
+      *unions, scale=scale, **_mosaic_args(tiles, interpret))
+  return _from_rows(dq_rows, tiles, lay.head_dim)
+
+
+def _on_mosaic(choice, q, k, v, halves, block) -> bool:
+  return choice == "mosaic" and halves is None and selected_mgpu.supported(q, k, v, block)
+
+
 def _selected_attention_fwd(q, k, v, sorted_idx, halves, scale, block, interpret):
   lay = _layout(q, v, sorted_idx, block)
-  if FORWARD == "mosaic" and halves is None and selected_mgpu.supported(q, k, v, block):
+  if _on_mosaic(FORWARD, q, k, v, halves, block):
     out, lse = _mosaic_forward(q, k, v, sorted_idx, lay, scale, interpret)
     return out.astype(q.dtype), (q, k, v, sorted_idx, halves, out, lse)
   out_rows, lse = _forward(_to_rows(q, lay, lay.head_dim_pad),
@@ -524,12 +552,16 @@ def _selected_attention_bwd(scale, block, interpret, residuals, d_out):
   # delta = rowsum(dO * O) from the float32 output: from the output rounded to bfloat16 its error,
   # ~2^-9 |dO| |O|, enters every dS = P (dP - delta) and can exceed a small dq (2026-12-04: bf16,
   # T = 2, G = 4: dq 1.8e-2 relative error against the float64 oracle, 2.4e-3 from float32).
-  delta = jnp.sum(out * d_out.astype(jnp.float32), axis=-1)  # [B, T, Hq]
-  delta = _to_rows(delta[..., None], lay, 1)[..., 0]
+  delta_per_head = jnp.sum(out * d_out.astype(jnp.float32), axis=-1)  # [B, T, Hq]
+  delta = _to_rows(delta_per_head[..., None], lay, 1)[..., 0]
+  dq_on_mosaic = _on_mosaic(DQ, q, k, v, halves, block)
   slots = _slots(sorted_idx, lay)
   halves = _halves_slots(halves, lay)
-  dq_rows = _dq(q_rows, k_blocks, v_blocks, do_rows, lse, delta, slots, lay, scale, interpret,
-                halves)
+  if dq_on_mosaic:
+    dq = _mosaic_dq(q, k, v, d_out, lse, delta_per_head, sorted_idx, lay, scale, interpret)
+  else:
+    dq = _from_rows(_dq(q_rows, k_blocks, v_blocks, do_rows, lse, delta, slots, lay, scale,
+                        interpret, halves), lay, lay.head_dim)
   per_position = lambda x: x[:, :, :lay.seq_len].transpose(0, 2, 1, 3)  # [B, T, Hkv, n_pad]
   if halves is None:
     queries, items = inverse_block_map(per_position(slots), lay.num_blocks, DKV_CHUNK)
@@ -540,7 +572,6 @@ def _selected_attention_bwd(scale, block, interpret, residuals, d_out):
     dkv_halves = (codes, halves[1])
   dk_parts, dv_parts = _dkv(q_rows, k_blocks, v_blocks, do_rows, lse, delta, queries, items, lay,
                             scale, interpret, dkv_halves)
-  dq = _from_rows(dq_rows, lay, lay.head_dim)
   dk = _sum_parts(dk_parts, items, lay, lay.head_dim).astype(k.dtype)
   dv = _sum_parts(dv_parts, items, lay, lay.head_dim_v).astype(v.dtype)
   return dq, dk, dv, None, None

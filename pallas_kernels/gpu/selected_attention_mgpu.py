@@ -1,13 +1,17 @@
-"""Selected-block attention forward on Mosaic GPU (Hopper: TMA + wgmma), beside the Triton kernel.
+"""Selected-block attention forward and dQ on Mosaic GPU (Hopper: TMA + wgmma), beside Triton's.
 
 One CTA (one warpgroup) takes a tile of `P = 64 // Gp` consecutive query positions of one KV
-group, `Gp = pow2(G)` rows each: the 64 rows are wgmma's native M. It loops over the union of
-the tile's selected blocks (ascending, from an XLA pre-pass), so each K / V block is brought in
-once by TMA for every position of the tile that chose it; each row is masked to the blocks its
-own position chose (a bit mask per union slot) and to keys not after it. `stages` blocks are in
-flight (one TMA barrier each for K and V); the loop's trip count is the tile's union size.
+group, `Gp = rows_per_position(G)` rows each: the 64 rows are wgmma's native M. It loops over
+the union of the tile's selected blocks (ascending, from the XLA pre-pass `tile_unions`), so
+each K / V block is brought in once by TMA for every position of the tile that chose it; each
+row is masked to the blocks its own position chose (a bit mask per union slot) and to keys not
+after it. `STAGES` blocks are in flight (one TMA barrier each for K and V); the loop's trip
+count is the tile's union size (`_stream_union`, shared by both kernels).
 
-Why: the Triton kernel gives each position (16 rows at G = 16) its own program and loads its n
+- forward: `S = Q K^T`, online softmax, `O += P V` (two wgmmas a block).
+- dQ: `P` from the forward's lse, `dP = dO V^T`, `dS = P (dP - delta)`, `dQ += dS K` (three).
+
+Why: the Triton kernels give each position (16 rows at G = 16) its own program and load its n
 blocks, so a K / V block chosen by several neighbouring positions is loaded once per position,
 and 16-row matmuls leave Hopper's 64-row wgmma idle. Here 4 positions (G = 16) share the loads
 of their union (on random selections 4 positions need ~35 distinct blocks, not 64) at the price
@@ -15,8 +19,9 @@ of masked MMA work over the union (`experiments/BENCHMARKS.md` measures both).
 
 Scope: half-precision q / k / v, `Dk`, `Dv` multiples of 64 (at most 256), `l'` 64 or 128,
 `G <= 64`, unpacked rows. `supported` says whether a call fits; the rest stays on Triton. The
-output and lse have the Triton forward's meaning (float32 output, base-2 lse, 0 for a row that
-sees nothing), so the Triton backward serves both (`pallas_gpu.selected_attention`).
+forward's output and lse have the Triton forward's meaning (float32 output, base-2 lse, 0 for a
+row that sees nothing), so either forward feeds either dQ and Triton's dK/dV
+(`selected_attention.FORWARD`, `DQ`).
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ SMEM_BYTES = 200 * 1024  # of the H100 / H200's 227 KiB a CTA, with room for bar
 
 
 def supported(q, k, v, block: int) -> bool:
-  """Whether `selected_attention_forward` takes these inputs (else the Triton kernel does)."""
+  """Whether these kernels take these inputs (else the Triton kernels do)."""
   group = q.shape[2] // k.shape[2]
   return (q.dtype in (jnp.bfloat16, jnp.float16) and k.dtype == q.dtype and v.dtype == q.dtype
           and q.shape[3] % 64 == 0 and v.shape[3] % 64 == 0 and q.shape[3] <= 256
@@ -84,10 +89,11 @@ def tile_unions(sorted_idx, positions: int):
   return union, count, member
 
 
-def max_stages(dk: int, dv: int, block: int, dtype) -> int:
-  """Most K / V blocks in flight that fit `SMEM_BYTES` beside the q and probability tiles."""
+def max_stages(dk: int, dv: int, block: int, dtype, rows_elements: int) -> int:
+  """Most K / V blocks in flight that fit `SMEM_BYTES` beside the kernel's row tiles
+  (`rows_elements` of them: q, and dO for dQ) and the probability tile."""
   item = jnp.dtype(dtype).itemsize
-  fixed = ROWS * (dk + block) * item
+  fixed = (rows_elements + ROWS * block) * item
   return (SMEM_BYTES - fixed) // (block * (dk + dv) * item)
 
 
@@ -98,16 +104,89 @@ def _smem_transforms(minor: int, dtype):
   return plgpu.TilingTransform((8, swizzle // item)), plgpu.SwizzleTransform(swizzle)
 
 
+def _row_positions(tile, positions: int, heads: int, block: int):
+  """`(key offset, row's position in the tile, row's query position)`, each `[64, l']` in the
+  wgmma accumulator's layout."""
+  row = plgpu.broadcasted_iota(jnp.int32, (ROWS, block), 0, layout=plgpu.Layout.WGMMA)
+  key = plgpu.broadcasted_iota(jnp.int32, (ROWS, block), 1, layout=plgpu.Layout.WGMMA)
+  local = lax.shift_right_logical(row, heads.bit_length() - 1)  # heads: a power of two
+  return key, local, tile * positions + local
+
+
+def _visible(member, block_id, rows, block: int):
+  """`[64, l']`: keys of block `block_id` each row sees (its position chose the block, bit
+  `local` of `member`, and the key is not after it)."""
+  key, local, query_pos = rows
+  chosen = lax.shift_right_logical(member, local) & 1
+  return (chosen != 0) & (block_id * block + key <= query_pos)
+
+
+def _stream_union(step, init, *, num_used, block_of, kv_refs, buffers, stages: int, block: int):
+  """`lax.fori_loop` of `step(slot, buffer, carry)` over the tile's `num_used` union slots, the
+  slot's K and V blocks brought into SMEM `buffer` by TMA `stages` slots ahead.
+
+  `kv_refs = (k, v)` GMEM rows of the (batch, KV head); `buffers = (k_smem, v_smem, k_barriers,
+  v_barriers)`; `block_of(slot)` the slot's block. `step` waits on the buffer's K / V barrier
+  before reading it and must have finished with both (its wgmmas done) when it returns: the
+  buffer is refilled right after.
+  """
+  k_ref, v_ref = kv_refs
+  k_smem, v_smem, k_barriers, v_barriers = buffers
+
+  def fetch(slot, buffer):
+    keys = pl.ds(block_of(slot) * block, block)
+    plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[buffer], k_barriers.at[buffer])
+    plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[buffer], v_barriers.at[buffer])
+
+  for slot in range(stages):
+    pl.when(slot < num_used)(functools.partial(fetch, slot, slot))
+
+  def body(slot, carry):
+    buffer = lax.rem(slot, stages)
+    carry = step(slot, buffer, carry)
+    pl.when(slot + stages < num_used)(functools.partial(fetch, slot + stages, buffer))
+    return carry
+
+  return lax.fori_loop(0, num_used, body, init)
+
+
+def _kv_buffers(stages: int, block: int, dk: int, dv: int, dtype):
+  """SMEM of `_stream_union`: K and V buffers and their barriers."""
+  return (plgpu.SMEM((stages, block, dk), dtype, transforms=_smem_transforms(dk, dtype)),
+          plgpu.SMEM((stages, block, dv), dtype, transforms=_smem_transforms(dv, dtype)),
+          plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages))
+
+
+def _times(a_smem, b_smem, shape):
+  """`a @ b` of two SMEM operands by wgmma into a fresh float32 accumulator of `shape`."""
+  def product(acc_ref):
+    plgpu.wgmma(acc_ref, a_smem, b_smem)
+    return acc_ref[...]
+  return pl.run_scoped(product, plgpu.ACC(shape, jnp.float32))
+
+
+def _grid_call(kernel, out_type, scratch, grid, interpret):
+  return plgpu.kernel(kernel, out_type=out_type, grid=grid, grid_names=("pair", "tile"),
+                      scratch_types=scratch,
+                      compiler_params=plgpu.CompilerParams(approx_math=True),
+                      interpret=interpret)
+
+
+def _stages(stages, width, dk, dv, block, dtype, rows_bytes):
+  return max(1, min(stages, width, max_stages(dk, dv, block, dtype, rows_bytes)))
+
+
 def selected_attention_forward(q_rows, k_blocks, v_blocks, union, count, member, *, scale: float,
-                               block: int, heads: int, stages: int = STAGES, interpret=False):
+                               block: int, heads: int, stages: int | None = None,
+                               interpret=False):
   """Forward over tiles of 64 query rows.
 
   Args:
     q_rows: `[B, Hkv, T_pad * heads, Dk]`, position `t`'s heads in rows `t*heads ..`; half
-      precision; `heads = pow2(G)` (padded heads are computed and ignored).
+      precision; `heads = rows_per_position(G)` (padded heads are computed and ignored).
     k_blocks, v_blocks: `[B, Hkv, Ts * block, Dk / Dv]`, whole blocks (zero padded).
     union, count, member: `tile_unions` of the tiles' `64 // heads` positions.
-    scale: softmax scale; block: `l'`; stages: K / V blocks in flight.
+    scale: softmax scale; block: `l'`; stages: K / V blocks in flight (default `STAGES`).
     interpret: False, or `plgpu.InterpretGPUParams` (CPU).
 
   Returns:
@@ -116,46 +195,28 @@ def selected_attention_forward(q_rows, k_blocks, v_blocks, union, count, member,
   """
   b, hkv, num_rows, dk = q_rows.shape
   dv, dtype = v_blocks.shape[3], q_rows.dtype
-  positions, width = ROWS // heads, union.shape[-1]
-  tiles = num_rows // ROWS
-  stages = max(1, min(stages, width, max_stages(dk, dv, block, dtype)))
-  head_shift = heads.bit_length() - 1  # row -> its position in the tile: row >> head_shift
+  positions = ROWS // heads
+  stages = _stages(stages or STAGES, union.shape[-1], dk, dv, block, dtype, ROWS * dk)
   probs_in_registers = PROBS_IN_REGISTERS and not interpret
 
   def kernel(union_ref, count_ref, member_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem,
-             q_barrier):
+             p_smem, q_barrier):
     pair, tile = lax.axis_index("pair"), lax.axis_index("tile")
     bi, hi = pair // hkv, pair % hkv
-    num_used = count_ref[bi, hi, tile]
     rows = pl.ds(tile * ROWS, ROWS)
     plgpu.copy_gmem_to_smem(q_ref.at[bi, hi, rows], q_smem, q_barrier)
-    row = plgpu.broadcasted_iota(jnp.int32, (ROWS, block), 0, layout=plgpu.Layout.WGMMA)
-    key = plgpu.broadcasted_iota(jnp.int32, (ROWS, block), 1, layout=plgpu.Layout.WGMMA)
-    local = lax.shift_right_logical(row, head_shift)  # the row's position in the tile
-    query_pos = tile * positions + local
+    positions_of_rows = _row_positions(tile, positions, heads, block)
+    block_of = lambda slot: union_ref[bi, hi, tile, slot]
 
-    def attend(k_smem, v_smem, p_smem, k_barriers, v_barriers):
-      def fetch(slot, buffer):
-        keys = pl.ds(union_ref[bi, hi, tile, slot] * block, block)
-        plgpu.copy_gmem_to_smem(k_ref.at[bi, hi, keys], k_smem.at[buffer], k_barriers.at[buffer])
-        plgpu.copy_gmem_to_smem(v_ref.at[bi, hi, keys], v_smem.at[buffer], v_barriers.at[buffer])
-
-      for slot in range(stages):
-        pl.when(slot < num_used)(functools.partial(fetch, slot, slot))
+    def attend(k_smem, v_smem, k_barriers, v_barriers):
       plgpu.barrier_wait(q_barrier)
 
-      def body(slot, carry):
+      def step(slot, buffer, carry):
         acc, row_max, row_sum = carry
-        buffer = lax.rem(slot, stages)
-        block_id = union_ref[bi, hi, tile, slot]
-        chosen = lax.shift_right_logical(member_ref[bi, hi, tile, slot], local) & 1
-        visible = (chosen != 0) & (block_id * block + key <= query_pos)
+        visible = _visible(member_ref[bi, hi, tile, slot], block_of(slot), positions_of_rows,
+                           block)
         plgpu.barrier_wait(k_barriers.at[buffer])
-
-        def scores_of(acc_ref):
-          plgpu.wgmma(acc_ref, q_smem, k_smem.at[buffer].T)
-          return acc_ref[...]
-        s = pl.run_scoped(scores_of, plgpu.ACC((ROWS, block), jnp.float32))
+        s = _times(q_smem, k_smem.at[buffer].T, (ROWS, block))
         s = jnp.where(visible, s * (scale * LOG2E), -jnp.inf)
         new_max = jnp.maximum(row_max, s.max(axis=1))
         safe_max = jnp.where(new_max == -jnp.inf, 0.0, new_max)  # rows that saw nothing yet
@@ -171,26 +232,19 @@ def selected_attention_forward(q_rows, k_blocks, v_blocks, union, count, member,
           p_smem[...] = probs.astype(dtype)
           plgpu.commit_smem()
           plgpu.barrier_wait(v_barriers.at[buffer])
-
-          def values_of(acc_ref):
-            plgpu.wgmma(acc_ref, p_smem, v_smem.at[buffer])
-            return acc_ref[...]
-          acc = acc + pl.run_scoped(values_of, plgpu.ACC((ROWS, dv), jnp.float32))
-        # Both products are done: the buffer takes the block `stages` slots ahead.
-        pl.when(slot + stages < num_used)(functools.partial(fetch, slot + stages, buffer))
+          acc = acc + _times(p_smem, v_smem.at[buffer], (ROWS, dv))
         return acc, new_max, row_sum
 
       init = (plgpu.layout_cast(jnp.zeros((ROWS, dv), jnp.float32), plgpu.Layout.WGMMA),
               plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32),
                                 plgpu.Layout.WGMMA.reduce(1)),
               plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1)))
-      return lax.fori_loop(0, num_used, body, init)
+      return _stream_union(step, init, num_used=count_ref[bi, hi, tile], block_of=block_of,
+                           kv_refs=(k_ref.at[bi, hi], v_ref.at[bi, hi]),
+                           buffers=(k_smem, v_smem, k_barriers, v_barriers), stages=stages,
+                           block=block)
 
-    acc, row_max, row_sum = pl.run_scoped(
-        attend, plgpu.SMEM((stages, block, dk), dtype, transforms=_smem_transforms(dk, dtype)),
-        plgpu.SMEM((stages, block, dv), dtype, transforms=_smem_transforms(dv, dtype)),
-        plgpu.SMEM((ROWS, block), dtype, transforms=_smem_transforms(block, dtype)),
-        plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages))
+    acc, row_max, row_sum = pl.run_scoped(attend, *_kv_buffers(stages, block, dk, dv, dtype))
 
     def store(o_smem, lse_smem):  # after the loop: its buffers' SMEM is free again
       nonempty = row_sum > 0
@@ -206,9 +260,84 @@ def selected_attention_forward(q_rows, k_blocks, v_blocks, union, count, member,
   out_type = (jax.ShapeDtypeStruct((b, hkv, num_rows, dv), jnp.float32),
               jax.ShapeDtypeStruct((b, hkv, num_rows), jnp.float32))
   scratch = (plgpu.SMEM((ROWS, dk), dtype, transforms=_smem_transforms(dk, dtype)),
+             plgpu.SMEM((ROWS, block), dtype, transforms=_smem_transforms(block, dtype)),
              plgpu.Barrier(num_barriers=1))
-  call = plgpu.kernel(kernel, out_type=out_type, grid=(b * hkv, tiles),
-                      grid_names=("pair", "tile"), scratch_types=scratch,
-                      compiler_params=plgpu.CompilerParams(approx_math=True),
-                      interpret=interpret)
-  return call(union, count, member, q_rows, k_blocks, v_blocks)
+  return _grid_call(kernel, out_type, scratch, (b * hkv, num_rows // ROWS), interpret)(
+      union, count, member, q_rows, k_blocks, v_blocks)
+
+
+def selected_attention_dq(q_rows, k_blocks, v_blocks, do_rows, lse, delta, union, count, member,
+                          *, scale: float, block: int, heads: int, stages: int | None = None,
+                          interpret=False):
+  """dQ over the forward's tiles: `dQ = scale * sum over blocks of dS K`, `dS = P (dO V^T -
+  delta)`, `P` from the forward's base-2 lse.
+
+  Args:
+    q_rows, k_blocks, v_blocks, union, count, member, scale, block, heads, stages, interpret:
+      as `selected_attention_forward`.
+    do_rows: `[B, Hkv, T_pad * heads, Dv]`, the output's cotangent (q's dtype).
+    lse, delta: float32 `[B, Hkv, T_pad * heads]`: the forward's lse and `rowsum(dO * O)`.
+
+  Returns:
+    `[B, Hkv, T_pad * heads, Dk]` in q's dtype.
+  """
+  b, hkv, num_rows, dk = q_rows.shape
+  dv, dtype = v_blocks.shape[3], q_rows.dtype
+  positions = ROWS // heads
+  stages = _stages(stages or STAGES, union.shape[-1], dk, dv, block, dtype,
+                   ROWS * (dk + dv))
+
+  def kernel(union_ref, count_ref, member_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
+             dq_ref, q_smem, do_smem, ds_smem, lse_smem, delta_smem, barriers):
+    pair, tile = lax.axis_index("pair"), lax.axis_index("tile")
+    bi, hi = pair // hkv, pair % hkv
+    rows = pl.ds(tile * ROWS, ROWS)
+    for i, (src, dst) in enumerate(((q_ref, q_smem), (do_ref, do_smem), (lse_ref, lse_smem),
+                                    (delta_ref, delta_smem))):
+      plgpu.copy_gmem_to_smem(src.at[bi, hi, rows], dst, barriers.at[i])
+    positions_of_rows = _row_positions(tile, positions, heads, block)
+    block_of = lambda slot: union_ref[bi, hi, tile, slot]
+
+    def gradient(k_smem, v_smem, k_barriers, v_barriers):
+      for i in range(4):
+        plgpu.barrier_wait(barriers.at[i])
+      row_lse = plgpu.load(lse_smem, layout=plgpu.Layout.WGMMA.reduce(1))
+      row_delta = plgpu.load(delta_smem, layout=plgpu.Layout.WGMMA.reduce(1))
+
+      def step(slot, buffer, dq):
+        visible = _visible(member_ref[bi, hi, tile, slot], block_of(slot), positions_of_rows,
+                           block)
+        plgpu.barrier_wait(k_barriers.at[buffer])
+        s = _times(q_smem, k_smem.at[buffer].T, (ROWS, block)) * (scale * LOG2E)
+        probs = jnp.where(
+            visible, jnp.exp2(s - lax.broadcast_in_dim(row_lse, s.shape, [0])), 0.0)
+        plgpu.barrier_wait(v_barriers.at[buffer])
+        dp = _times(do_smem, v_smem.at[buffer].T, (ROWS, block))
+        ds = probs * (dp - lax.broadcast_in_dim(row_delta, dp.shape, [0]))
+        ds_smem[...] = ds.astype(dtype)
+        plgpu.commit_smem()
+        return dq + _times(ds_smem, k_smem.at[buffer], (ROWS, dk))
+
+      init = plgpu.layout_cast(jnp.zeros((ROWS, dk), jnp.float32), plgpu.Layout.WGMMA)
+      return _stream_union(step, init, num_used=count_ref[bi, hi, tile], block_of=block_of,
+                           kv_refs=(k_ref.at[bi, hi], v_ref.at[bi, hi]),
+                           buffers=(k_smem, v_smem, k_barriers, v_barriers), stages=stages,
+                           block=block)
+
+    dq = pl.run_scoped(gradient, *_kv_buffers(stages, block, dk, dv, dtype))
+
+    def store(dq_smem):
+      dq_smem[...] = (dq * scale).astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(dq_smem, dq_ref.at[bi, hi, rows])
+      plgpu.wait_smem_to_gmem(0)
+    pl.run_scoped(store, plgpu.SMEM((ROWS, dk), dtype))
+
+  scratch = (plgpu.SMEM((ROWS, dk), dtype, transforms=_smem_transforms(dk, dtype)),
+             plgpu.SMEM((ROWS, dv), dtype, transforms=_smem_transforms(dv, dtype)),
+             plgpu.SMEM((ROWS, block), dtype, transforms=_smem_transforms(block, dtype)),
+             plgpu.SMEM((ROWS,), jnp.float32), plgpu.SMEM((ROWS,), jnp.float32),
+             plgpu.Barrier(num_barriers=4))
+  out_type = jax.ShapeDtypeStruct(q_rows.shape, dtype)
+  return _grid_call(kernel, out_type, scratch, (b * hkv, num_rows // ROWS), interpret)(
+      union, count, member, q_rows, k_blocks, v_blocks, do_rows, lse, delta)
