@@ -15,7 +15,8 @@ Writes into `--out` (default: the first workdir's `plots/`):
 - `selection_<run>.png` (NSA runs): which selection blocks the first layer's first KV group chose
   for every query of one held-out sequence; for MQAR and passkey runs also
   `selection_hits_<run>.json`: how often each layer's selection, at the queries, holds the
-  block the query must read (the queried pair's value, the needle's key digit);
+  block the query must read (the queried pair's value, the needle's key digit), and the mean
+  branch gates there (`experiments.diagnostics`);
 - `selection_stats_<run>.json` + `selection_indices_<run>.npz` (NSA runs): how many distinct
   blocks 1, 2, 4, 8 consecutive query positions of a KV head select together (mean and
   percentiles), for the first layer on held-out sequences and on random queries and keys of
@@ -44,6 +45,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import nsa_jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import diagnostics  # pylint: disable=wrong-import-position
 from experiments import parallel  # pylint: disable=wrong-import-position
 from experiments import tasks  # pylint: disable=wrong-import-position
 from experiments import train  # pylint: disable=wrong-import-position
@@ -119,21 +121,7 @@ def plot_passkey(grid, lengths, depths, train_len, title, path, xlabel="needle d
 
 def layer_selections(model, tokens):
   """Block indices `[L, B, T, Hkv, n]` every layer chose for `tokens int [B, T]`."""
-  return np.asarray(_layer_selections(model, jnp.asarray(tokens)))
-
-
-@nnx.jit
-def _layer_selections(model, tokens):
-  x = model.embed(tokens)
-  selections = []
-  for block in model.blocks:
-    layer = block.attention
-    q, keys, values = layer._project(block.attention_norm(x))  # pylint: disable=protected-access
-    k_cmp, _ = layer._compress(keys[0], values[0])  # pylint: disable=protected-access
-    selections.append(nsa_jax.select_blocks(q, k_cmp, config=layer.config,
-                                            implementation=layer.implementation))
-    x = block(x)
-  return jnp.stack(selections)
+  return diagnostics.layer_internals(model, tokens)[0]
 
 
 def first_layer_selection(model, tokens):
@@ -184,44 +172,22 @@ def selection_statistics(model, tokens, seed=0):
   return stats, indices
 
 
-def selection_hits(model, tokens, queries, target_blocks):
-  """Per layer, the fraction of (query, KV head) pairs whose selection holds the block the query
-  must read: `tokens int [B, T]`, `queries int [Q]` positions, `target_blocks int [B, Q]`
-  selection blocks -> `[L]`."""
-  indices = layer_selections(model, tokens)  # [L, B, T, Hkv, n]
-  at_queries = indices[:, :, queries]  # [L, B, Q, Hkv, n]
-  hits = np.any(at_queries == target_blocks[None, :, :, None, None], axis=-1)
-  return hits.reshape(hits.shape[0], -1).mean(-1)
-
-
 def mqar_selection_hits(config, model, samples, seed=1):
-  """`selection_hits` at the queried keys of MQAR sequences of the training length: does the
-  selection hold the block of the pair's value? `[L]`."""
+  """`diagnostics.at_answers` at the queried keys of MQAR sequences of the training length:
+  does the selection hold the block of the pair's value (and the gates there)?"""
   data = config.data
-  rng = np.random.default_rng([seed, config.seq_len])
-  examples = [tasks.mqar_example(rng, config.seq_len + 1, data.mqar_pairs,
-                                 train.vocab_size(config), data.mqar_placement)
-              for _ in range(samples)]
-  tokens = np.stack([t for t, _ in examples])[:, :-1]  # the inputs of training sequences
-  queries = tasks.mqar_answer_targets(config.seq_len + 1, data.mqar_pairs)  # the keys' positions
-  value_block = (np.stack([p for _, p in examples]) + 1) // config.nsa.slc_block  # [B, pairs]
-  return selection_hits(model, tokens, queries, value_block)
+  return diagnostics.at_answers(model, *diagnostics.mqar_probe(
+      config.seq_len + 1, data.mqar_pairs, train.vocab_size(config), data.mqar_placement,
+      config.nsa.slc_block, samples, seed))
 
 
 def passkey_selection_hits(config, model, samples, seed=1):
-  """`selection_hits` at the question's answer positions of passkey sequences of the training
-  length (needles at random depths): does the selection hold the block of the needle's digit
-  the position predicts? `[L]`."""
+  """`diagnostics.at_answers` at the question's answer positions of passkey sequences of the
+  training length (needles at random depths): does the selection hold the block of the
+  needle's digit the position predicts (and the gates there)?"""
   filler = train.build_data(config).splits["held_out"]
-  seq_len = config.seq_len + 1
-  rng = np.random.default_rng([seed, seq_len])
-  depths = rng.uniform(size=samples)
-  tokens = np.stack([tasks.passkey_example(rng, filler, seq_len, depth)[0]
-                     for depth in depths])[:, :-1]
-  digits = np.stack([tasks.passkey_key_start(seq_len, depth) + np.arange(tasks.DIGITS)
-                     for depth in depths])  # [B, DIGITS]
-  return selection_hits(model, tokens, tasks.passkey_answer_targets(seq_len),
-                        digits // config.nsa.slc_block)
+  return diagnostics.at_answers(model, *diagnostics.passkey_probe(
+      filler, config.seq_len + 1, config.nsa.slc_block, samples, seed))
 
 
 HITS = {"mqar": mqar_selection_hits, "passkey": passkey_selection_hits}
@@ -304,9 +270,10 @@ def make_plots(workdirs, out, lengths=None, depths=(0.1, 0.3, 0.5, 0.7, 0.9), sa
                      f"passkey retrieval: {name} ({config.attention})",
                      out / f"passkey_{name}.png")
       if config.attention == "nsa" and config.data.source in HITS:
-        hits = HITS[config.data.source](config, model, samples)
+        found = HITS[config.data.source](config, model, samples)
         (out / f"selection_hits_{name}.json").write_text(json.dumps(dict(
-            samples=samples, fraction_by_layer=hits.tolist()), indent=1))
+            samples=samples, fraction_by_layer=found["selection_hits"],
+            gates_at_answers=found["gates_at_answers"]), indent=1))
         written[f"selection_hits_{name}.json"] = out / f"selection_hits_{name}.json"
       if config.attention == "nsa":
         inputs = _held_out_inputs(config, samples)

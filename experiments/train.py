@@ -5,7 +5,9 @@
 
 Writes `workdir/metrics.jsonl` (one JSON object per log or eval step, with `step` and `loss` or
 `held_out_loss`, plus `passkey_accuracy` / `mqar_accuracy` with `data.source = "passkey"` /
-`"mqar"`), the same scalars as TensorBoard event files in `workdir/tensorboard`,
+`"mqar"`, and for NSA on those tasks `selection_hits` / `gates_at_answers` per layer:
+`experiments/diagnostics.py`), the same scalars as TensorBoard event files in
+`workdir/tensorboard`,
 `workdir/config.json` (what `experiments.plot` rebuilds the model from) and Orbax checkpoints in
 `workdir/checkpoints` (the newest `keep_checkpoints`). A progress bar shows the loss and tokens/s
 on a terminal. Rerunning the same command resumes from the latest checkpoint (model, optimizer
@@ -42,6 +44,7 @@ from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from experiments import data as data_lib
+from experiments import diagnostics
 from experiments import parallel
 from experiments import tasks
 from nsa_jax import NSAConfig
@@ -228,7 +231,8 @@ def _train(config, workdir, batches, mesh):
       metrics.flush()
       for name, value in record.items():
         if name != "step":
-          writer.add_scalar(name, value, record["step"])
+          for tag, scalar in _scalars(name, value):
+            writer.add_scalar(tag, scalar, record["step"])
       writer.flush()
       progress.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                               for k, v in record.items()))
@@ -261,11 +265,18 @@ def _train(config, workdir, batches, mesh):
                                             PASSKEY_DEPTHS, samples=config.eval_samples,
                                             seed=step)
           record["passkey_accuracy"] = float(np.mean(list(accuracy.values())))
+          probe = diagnostics.passkey_probe(batches.splits["held_out"], config.seq_len + 1,
+                                            config.nsa.slc_block, config.eval_samples, seed=step)
         if config.data.source == "mqar":  # recall accuracy at the training length
           record.update(tasks.mqar_accuracies(
               lambda t: eval_logits(model, jnp.asarray(t)), config.seq_len + 1,
               batches.num_pairs, batches.vocab_size, samples=config.eval_samples,
               placement=batches.placement, seed=step))
+          probe = diagnostics.mqar_probe(config.seq_len + 1, batches.num_pairs,
+                                         batches.vocab_size, batches.placement,
+                                         config.nsa.slc_block, config.eval_samples, seed=step)
+        if config.attention == "nsa" and config.data.source in ("passkey", "mqar"):
+          record.update(diagnostics.at_answers(model, *probe))  # what the selection found
         log(record)
       if step % config.checkpoint_every == 0 or step == config.steps:
         manager.save(step, args=ocp.args.Composite(
@@ -279,6 +290,14 @@ def _train(config, workdir, batches, mesh):
   manager.wait_until_finished()
   manager.close()
   return records
+
+
+def _scalars(name, value):
+  """TensorBoard's `(tag, scalar)` pairs of a metric: itself, or one per entry of a (nested)
+  list (`selection_hits/0`; `gates_at_answers/0/1`: layer 0, branch 1 of `nn.BRANCHES`)."""
+  if not isinstance(value, (list, tuple)):
+    return [(name, value)]
+  return [pair for i, v in enumerate(value) for pair in _scalars(f"{name}/{i}", v)]
 
 
 SCORES = ("held_out_loss", "mqar_accuracy", "mqar_first_accuracy", "passkey_accuracy")

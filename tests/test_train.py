@@ -123,6 +123,14 @@ def test_passkey_source_trains_and_reports_retrieval_accuracy(tmp_path):
   accuracies = [r["passkey_accuracy"] for r in records if "passkey_accuracy" in r]
   assert len(accuracies) == 2 and all(0.0 <= a <= 1.0 for a in accuracies)
   assert np.isfinite([r["loss"] for r in records if "loss" in r]).all()
+  # What the selection found: T = 96 has 3 blocks of 32 and n = 4, so every answer's selection
+  # holds the needle; the sigmoid gates are strictly inside (0, 1).
+  evaluations = [r for r in records if "passkey_accuracy" in r]
+  assert all(r["selection_hits"] == [1.0] * config.model.num_layers for r in evaluations)
+  gates = np.array([r["gates_at_answers"] for r in evaluations])
+  assert gates.shape == (2, config.model.num_layers, 3) and np.all((gates > 0) & (gates < 1))
+  assert tensorboard_scalars(tmp_path / "tensorboard", "gates_at_answers/1/2") == [
+      (r["step"], pytest.approx(r["gates_at_answers"][1][2])) for r in evaluations]
 
 
 def test_mqar_source_trains_and_logs_recall_accuracy(tmp_path):
