@@ -14,8 +14,10 @@ count is the tile's union size (`_stream_union`, shared by both kernels).
 Why: the Triton kernels give each position (16 rows at G = 16) its own program and load its n
 blocks, so a K / V block chosen by several neighbouring positions is loaded once per position,
 and 16-row matmuls leave Hopper's 64-row wgmma idle. Here 4 positions (G = 16) share the loads
-of their union (on random selections 4 positions need ~35 distinct blocks, not 64) at the price
-of masked MMA work over the union (`experiments/BENCHMARKS.md` measures both).
+of their union at the price of masked MMA work over it: a trade that pays where neighbours
+share blocks (a trained selection's vertical runs), hardly on random inputs (a 4-position union
+of ~55 blocks at 64k against 64 loads, for 3.4x the MMA work). `experiments/BENCHMARKS.md` has
+the cost model and, once measured, the timings; the Triton kernels stay the default until then.
 
 Scope: half-precision q / k / v, `Dk`, `Dv` multiples of 64 (at most 256), `l'` 64 or 128,
 `G <= 64`, unpacked rows. `supported` says whether a call fits; the rest stays on Triton. The
