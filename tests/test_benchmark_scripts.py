@@ -55,6 +55,15 @@ def test_bench_kernels_times_every_part_and_writes_json(monkeypatch, tmp_path, p
   assert "fwd_bwd_ms" in parts["selected"] and "fwd_bwd_ms" not in parts["cmp+selection"]
 
 
+def test_tune_gpu_reads_each_setting_as_its_default_type():
+  from experiments.probes import tune_gpu  # pylint: disable=g-import-not-at-top
+  assert tune_gpu.setting_value(16, "32") == 32
+  assert tune_gpu.setting_value("triton", "mosaic") == "mosaic"
+  assert tune_gpu.setting_value(False, "1") is True and tune_gpu.setting_value(True, "0") is False
+  with pytest.raises(ValueError, match="boolean"):
+    tune_gpu.setting_value(False, "yes")
+
+
 def test_mosaic_parts_trace_with_the_mosaic_kernels():
   kernel, seen = bench_kernels.selected_kernel, []
   bench_kernels.on_mosaic(lambda: seen.append((kernel.FORWARD, kernel.DQ)))()

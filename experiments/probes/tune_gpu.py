@@ -80,6 +80,16 @@ def time_kernels(q, k, v, k_cmp, v_cmp, block_indices):
           median_ms(jax.jit(jax.grad(loss(selected), (0, 1, 2))), (q, k, v, block_indices), 5)]
 
 
+def setting_value(default, text: str):
+  """A variant's `text` as the type of the constant's default: int, str, or bool
+  (`1` / `true` / `0` / `false`)."""
+  if isinstance(default, bool):
+    if text.lower() not in ("1", "true", "0", "false"):
+      raise ValueError(f"a boolean setting takes 1, true, 0 or false, got {text!r}")
+    return text.lower() in ("1", "true")
+  return type(default)(text)
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--seq_len", type=int, default=65536)
@@ -100,7 +110,7 @@ def main():
     for name, value in settings:
       module, attr = MODULES[name.split(".")[0]], name.split(".")[1]
       saved.append((module, attr, getattr(module, attr)))
-      setattr(module, attr, type(getattr(module, attr))(value))  # int or str, as the default
+      setattr(module, attr, setting_value(getattr(module, attr), value))
     try:
       times = " ".join(f"{ms:8.2f}" for ms in time_kernels(q, k, v, k_cmp, v_cmp, block_indices))
     except Exception as err:  # a setting Triton cannot compile (shared memory): report it
