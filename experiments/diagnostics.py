@@ -1,8 +1,9 @@
 """What an NSA model's selection and branch gates do at the positions that must retrieve.
 
-Training logs these at every evaluation of a retrieval task with `attention = "nsa"`
-(`metrics.jsonl`: `selection_hits`, one fraction per layer, and `gates_at_answers`, per layer the
-mean compressed / selected / window gate), and `experiments.plot` writes them for a finished run.
+Training logs these at every evaluation of a retrieval task with NSA attention or its
+ablations (`metrics.jsonl`: `gates_at_answers`, per layer the mean compressed / selected / window
+gate, and with the selected branch `selection_hits`, one fraction per layer), and
+`experiments.plot` writes them for a finished run.
 When a run does not retrieve they tell the cases apart: a selection that never holds the
 answer's block (the ranking did not learn), one that holds it while the selected gate is closed,
 or a compressed gate that closed and so stopped training the ranking (the selection's scores are
@@ -21,14 +22,17 @@ from experiments import tasks
 
 
 def layer_internals(model, tokens):
-  """Every layer's selection and gates on `tokens int [B, T]` (an NSA `DecoderLM`).
+  """Every layer's selection and gates on `tokens int [B, T]` (a `DecoderLM` of NSA layers,
+  ablations included).
 
   Returns:
-    `(indices int32 [L, B, T, Hkv, n], gates float32 [L, B, T, Hq, 3])`, the gates in
-    `nsa_jax.nn.BRANCHES` order (all 1 for a model whose branches are summed, `gating="sum"`).
+    `(indices int32 [L, B, T, Hkv, n]` or None for layers without the selected branch,
+    `gates float32 [L, B, T, Hq, 3])`, the gates in `nsa_jax.nn.BRANCHES` order (all 1 for a
+    model whose branches are summed, `gating="sum"`; a branch the layers lack has its gate
+    computed but unused).
   """
   indices, gates = _layer_internals(model, jnp.asarray(tokens))
-  return np.asarray(indices), np.asarray(gates)
+  return (None if indices is None else np.asarray(indices)), np.asarray(gates)
 
 
 @nnx.jit
@@ -39,13 +43,14 @@ def _layer_internals(model, tokens):
     layer = block.attention
     normed = block.attention_norm(x)
     q, keys, values = layer._project(normed)  # pylint: disable=protected-access
-    k_cmp, _ = layer._compress(keys[0], values[0])  # pylint: disable=protected-access
-    selections.append(nsa_jax.select_blocks(q, k_cmp, config=layer.config,
-                                            implementation=layer.implementation))
+    if "slc" in layer.branches:
+      k_cmp, _ = layer._compress(keys[0], values[0])  # pylint: disable=protected-access
+      selections.append(nsa_jax.select_blocks(q, k_cmp, config=layer.config,
+                                              implementation=layer.implementation))
     layer_gates = layer._gates(normed, jnp.float32)  # pylint: disable=protected-access
     gates.append(jnp.ones(q.shape[:3] + (3,)) if layer_gates is None else layer_gates)
     x = block(x)
-  return jnp.stack(selections), jnp.stack(gates)
+  return (jnp.stack(selections) if selections else None), jnp.stack(gates)
 
 
 def at_answers(model, tokens, queries, target_blocks) -> dict:
@@ -58,15 +63,17 @@ def at_answers(model, tokens, queries, target_blocks) -> dict:
     target_blocks: int `[B, Q]` the selection block each of them must read.
 
   Returns:
-    `{"selection_hits": [L] fraction of (query, KV head) pairs whose selection holds the
-    target block, "gates_at_answers": [L][3] mean gate of each branch over the queries and
-    heads}`, plain lists.
+    `{"gates_at_answers": [L][3] mean gate of each branch over the queries and heads,
+    "selection_hits": [L] fraction of (query, KV head) pairs whose selection holds the target
+    block (only for layers with the selected branch)}`, plain lists.
   """
   indices, gates = layer_internals(model, tokens)
-  at_queries = indices[:, :, queries]  # [L, B, Q, Hkv, n]
-  hits = np.any(at_queries == np.asarray(target_blocks)[None, :, :, None, None], axis=-1)
-  return dict(selection_hits=hits.reshape(hits.shape[0], -1).mean(-1).tolist(),
-              gates_at_answers=gates[:, :, queries].mean(axis=(1, 2, 3)).tolist())
+  found = dict(gates_at_answers=gates[:, :, queries].mean(axis=(1, 2, 3)).tolist())
+  if indices is not None:
+    at_queries = indices[:, :, queries]  # [L, B, Q, Hkv, n]
+    hits = np.any(at_queries == np.asarray(target_blocks)[None, :, :, None, None], axis=-1)
+    found["selection_hits"] = hits.reshape(hits.shape[0], -1).mean(-1).tolist()
+  return found
 
 
 def passkey_probe(filler, seq_len: int, slc_block: int, samples: int, seed: int = 1):

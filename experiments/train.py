@@ -5,8 +5,8 @@
 
 Writes `workdir/metrics.jsonl` (one JSON object per log or eval step, with `step` and `loss` or
 `held_out_loss`, plus `passkey_accuracy` / `mqar_accuracy` with `data.source = "passkey"` /
-`"mqar"`, and for NSA on those tasks `selection_hits` / `gates_at_answers` per layer:
-`experiments/diagnostics.py`), the same scalars as TensorBoard event files in
+`"mqar"`, and for NSA and its ablations on those tasks `gates_at_answers` / `selection_hits`
+per layer: `experiments/diagnostics.py`), the same scalars as TensorBoard event files in
 `workdir/tensorboard`,
 `workdir/config.json` (what `experiments.plot` rebuilds the model from) and Orbax checkpoints in
 `workdir/checkpoints` (the newest `keep_checkpoints`). A progress bar shows the loss and tokens/s
@@ -275,7 +275,7 @@ def _train(config, workdir, batches, mesh):
           probe = diagnostics.mqar_probe(config.seq_len + 1, batches.num_pairs,
                                          batches.vocab_size, batches.placement,
                                          config.nsa.slc_block, config.eval_samples, seed=step)
-        if config.attention == "nsa" and config.data.source in ("passkey", "mqar"):
+        if config.attention != "dense" and config.data.source in ("passkey", "mqar"):
           record.update(diagnostics.at_answers(model, *probe))  # what the selection found
         log(record)
       if step % config.checkpoint_every == 0 or step == config.steps:

@@ -167,8 +167,14 @@ def test_task_loss_weighs_the_answers(other_weight):
 
 @pytest.mark.parametrize("attention", ["nsa_no_selection", "window"])
 def test_ablations_train(tmp_path, attention):
-  records = train.run(small_config(attention=attention, steps=3), str(tmp_path))
+  config = small_config(attention=attention, steps=3, seq_len=96)
+  config.data.source = "passkey"
+  records = train.run(config, str(tmp_path))
   assert np.isfinite([r["loss"] for r in records if "loss" in r]).all()
+  # Their gates at the answers are logged; they have no selection to report.
+  evaluation = [r for r in records if "passkey_accuracy" in r][-1]
+  assert np.array(evaluation["gates_at_answers"]).shape == (config.model.num_layers, 3)
+  assert "selection_hits" not in evaluation
 
 
 def test_users_text_and_token_files_are_data_sources(tmp_path):
