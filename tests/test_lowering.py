@@ -223,7 +223,7 @@ def test_selected_kernels_with_other_packings_lower_for_cuda(monkeypatch, pack_r
 
 @pytest.mark.parametrize("probs_in_registers", [False, True])
 @pytest.mark.parametrize("num_heads,head_dims,block", [(64, (128, 128), 64), (4, (64, 128), 128),
-                                                      (1, (256, 256), 64)])
+                                                      (1, (256, 256), 64), (16, (192, 128), 64)])
 def test_mosaic_selected_kernels_lower_for_cuda(monkeypatch, num_heads, head_dims, block,
                                                 probs_in_registers):
   # `FORWARD = DQ = "mosaic"`: the forward and dQ are Mosaic GPU kernels (their layout

@@ -78,6 +78,16 @@ def test_selected_attention_kernel_with_other_packings_in_interpret_mode(monkeyp
   check_selected(q, k, v, block, n, reference, interpret=True, dtype=jnp.float32)
 
 
+def test_mosaic_kernels_take_what_fits_their_shared_memory():
+  x = lambda d, dtype=jnp.bfloat16: jnp.zeros((1, 8, 4, d), dtype)
+  assert selected_mgpu.supported(x(256), x(256)[:, :, :1], x(256)[:, :, :1], 64)
+  assert not selected_mgpu.supported(x(256), x(256)[:, :, :1], x(256)[:, :, :1], 128)
+  assert not selected_mgpu.supported(x(96), x(96)[:, :, :1], x(96)[:, :, :1], 64)  # 96: not a multiple of 64
+  assert not selected_mgpu.supported(x(64, jnp.float32), x(64, jnp.float32)[:, :, :1],
+                                     x(64, jnp.float32)[:, :, :1], 64)
+  assert not selected_mgpu.supported(x(64), x(64)[:, :, :1], x(64)[:, :, :1], 32)
+
+
 def test_tile_unions_against_brute_force():
   positions, n, num_blocks = 4, 5, 9
   idx = random_indices(2, 24, 3, n, num_blocks).transpose(0, 2, 1, 3)  # [B, Hkv, T, n]

@@ -12,9 +12,9 @@ Small groups (G < 16) pack positions (`PACK_ROWS`, default 16 rows): a forward /
 several consecutive positions (4 positions x 4 heads = 16 rows) and loops over the union of their
 blocks, each row masked to the blocks its own position chose.
 
-On Hopper the forward can run on Mosaic GPU instead (`FORWARD = "mosaic"`,
-`selected_attention_mgpu`: 64-row tiles over their union of blocks, TMA + wgmma); it returns the
-same output and lse, and the backward below serves both.
+On Hopper the forward and dQ can run on Mosaic GPU instead (`FORWARD`, `DQ = "mosaic"`,
+`selected_attention_mgpu`: 64-row tiles over their union of blocks, TMA + wgmma); its forward
+returns the same output and lse, so any forward feeds any dQ and the dK/dV kernel below.
 
 Packed rows (`document_starts`): a document's selection block `j` is not aligned to `l'`; it is
 the upper part (offsets `>= r`, `r = s % l'`) of aligned block `s // l' + j` and the lower part of
@@ -503,7 +503,7 @@ def _mosaic_args(lay: _Layout, interpret):
 
 def _mosaic_forward(q, k, v, sorted_idx, lay: _Layout, scale, interpret):
   """The forward on Mosaic GPU: `(out float32 [B, T, Hq, Dv], lse)`, lse in this module's rows
-  (`lay`) for the Triton backward."""
+  (`lay`), as the Triton forward leaves it for the backward."""
   tiles, unions = _mosaic_tiles(lay, sorted_idx)
   out_rows, lse_rows = selected_mgpu.selected_attention_forward(
       _to_rows(q, tiles, lay.head_dim), _to_blocks(k, tiles, lay.head_dim),
@@ -525,6 +525,7 @@ def _mosaic_dq(q, k, v, d_out, lse_rows, delta, sorted_idx, lay: _Layout, scale,
 
 
 def _on_mosaic(choice, q, k, v, halves, block) -> bool:
+  """Whether a kernel set to `choice` runs on Mosaic GPU for this call (else on Triton)."""
   return choice == "mosaic" and halves is None and selected_mgpu.supported(q, k, v, block)
 
 

@@ -19,11 +19,11 @@ share blocks (a trained selection's vertical runs), hardly on random inputs (a 4
 of ~55 blocks at 64k against 64 loads, for 3.4x the MMA work). `experiments/BENCHMARKS.md` has
 the cost model and, once measured, the timings; the Triton kernels stay the default until then.
 
-Scope: half-precision q / k / v, `Dk`, `Dv` multiples of 64 (at most 256), `l'` 64 or 128,
-`G <= 64`, unpacked rows. `supported` says whether a call fits; the rest stays on Triton. The
-forward's output and lse have the Triton forward's meaning (float32 output, base-2 lse, 0 for a
-row that sees nothing), so either forward feeds either dQ and Triton's dK/dV
-(`selected_attention.FORWARD`, `DQ`).
+Scope: half-precision q / k / v, `Dk`, `Dv` multiples of 64 whose tiles fit SMEM (256 with
+`l'` = 64), `l'` 64 or 128, `G <= 64`, unpacked rows. `supported` says whether a call fits;
+the rest stays on Triton. The forward's output and lse have the Triton forward's meaning
+(float32 output, base-2 lse, 0 for a row that sees nothing), so either forward feeds either dQ
+and Triton's dK/dV (`selected_attention.FORWARD`, `DQ`).
 """
 
 from __future__ import annotations
@@ -56,10 +56,10 @@ SMEM_BYTES = 200 * 1024  # of the H100 / H200's 227 KiB a CTA, with room for bar
 
 def supported(q, k, v, block: int) -> bool:
   """Whether these kernels take these inputs (else the Triton kernels do)."""
-  group = q.shape[2] // k.shape[2]
+  group, dk, dv = q.shape[2] // k.shape[2], q.shape[3], v.shape[3]
   return (q.dtype in (jnp.bfloat16, jnp.float16) and k.dtype == q.dtype and v.dtype == q.dtype
-          and q.shape[3] % 64 == 0 and v.shape[3] % 64 == 0 and q.shape[3] <= 256
-          and v.shape[3] <= 256 and block in (64, 128) and group <= ROWS)
+          and dk % 64 == 0 and dv % 64 == 0 and block in (64, 128) and group <= ROWS
+          and max_stages(dk, dv, block, q.dtype, ROWS * (dk + dv)) >= 1)  # dQ's SMEM, the most
 
 
 def rows_per_position(group: int) -> int:
