@@ -82,7 +82,8 @@ def test_mosaic_kernels_take_what_fits_their_shared_memory():
   x = lambda d, dtype=jnp.bfloat16: jnp.zeros((1, 8, 4, d), dtype)
   assert selected_mgpu.supported(x(256), x(256)[:, :, :1], x(256)[:, :, :1], 64)
   assert not selected_mgpu.supported(x(256), x(256)[:, :, :1], x(256)[:, :, :1], 128)
-  assert not selected_mgpu.supported(x(96), x(96)[:, :, :1], x(96)[:, :, :1], 64)  # 96 != 64 k
+  # Not: a head dim that is no multiple of 64, float32, l' = 32.
+  assert not selected_mgpu.supported(x(96), x(96)[:, :, :1], x(96)[:, :, :1], 64)
   assert not selected_mgpu.supported(x(64, jnp.float32), x(64, jnp.float32)[:, :, :1],
                                      x(64, jnp.float32)[:, :, :1], 64)
   assert not selected_mgpu.supported(x(64), x(64)[:, :, :1], x(64)[:, :, :1], 32)
