@@ -59,7 +59,7 @@ def supported(q, k, v, block: int) -> bool:
   group, dk, dv = q.shape[2] // k.shape[2], q.shape[3], v.shape[3]
   return (q.dtype in (jnp.bfloat16, jnp.float16) and k.dtype == q.dtype and v.dtype == q.dtype
           and dk % 64 == 0 and dv % 64 == 0 and block in (64, 128) and group <= ROWS
-          and max_stages(dk, dv, block, q.dtype, ROWS * (dk + dv)) >= 1)  # dQ's SMEM, the most
+          and max_stages(dk, dv, block, q.dtype, ROWS * (dk + dv + block)) >= 1)  # dQ's, the most
 
 
 def rows_per_position(group: int) -> int:
@@ -91,12 +91,11 @@ def tile_unions(sorted_idx, positions: int):
   return union, count, member
 
 
-def max_stages(dk: int, dv: int, block: int, dtype, rows_elements: int) -> int:
-  """Most K / V blocks in flight that fit `SMEM_BYTES` beside the kernel's row tiles
-  (`rows_elements` of them: q, and dO for dQ) and the probability tile."""
+def max_stages(dk: int, dv: int, block: int, dtype, tile_elements: int) -> int:
+  """Most K / V blocks in flight that fit `SMEM_BYTES` beside the kernel's other SMEM tiles
+  (`tile_elements` of them: q, the probabilities staged for wgmma, and dO for dQ)."""
   item = jnp.dtype(dtype).itemsize
-  fixed = (rows_elements + ROWS * block) * item
-  return (SMEM_BYTES - fixed) // (block * (dk + dv) * item)
+  return (SMEM_BYTES - tile_elements * item) // (block * (dk + dv) * item)
 
 
 def _smem_transforms(minor: int, dtype):
@@ -174,8 +173,8 @@ def _grid_call(kernel, out_type, scratch, grid, interpret):
                       interpret=interpret)
 
 
-def _stages(stages, width, dk, dv, block, dtype, rows_bytes):
-  return max(1, min(stages, width, max_stages(dk, dv, block, dtype, rows_bytes)))
+def _stages(stages, width, dk, dv, block, dtype, tile_elements):
+  return max(1, min(stages, width, max_stages(dk, dv, block, dtype, tile_elements)))
 
 
 def selected_attention_forward(q_rows, k_blocks, v_blocks, union, count, member, *, scale: float,
@@ -198,11 +197,15 @@ def selected_attention_forward(q_rows, k_blocks, v_blocks, union, count, member,
   b, hkv, num_rows, dk = q_rows.shape
   dv, dtype = v_blocks.shape[3], q_rows.dtype
   positions = ROWS // heads
-  stages = _stages(stages or STAGES, union.shape[-1], dk, dv, block, dtype, ROWS * dk)
   probs_in_registers = PROBS_IN_REGISTERS and not interpret
+  p_tile = () if probs_in_registers else (
+      plgpu.SMEM((ROWS, block), dtype, transforms=_smem_transforms(block, dtype)),)
+  stages = _stages(stages or STAGES, union.shape[-1], dk, dv, block, dtype,
+                   ROWS * (dk + block * len(p_tile)))
 
   def kernel(union_ref, count_ref, member_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem,
-             p_smem, q_barrier):
+             *p_smem_and_barrier):
+    *p_smem, q_barrier = p_smem_and_barrier  # the probabilities' SMEM tile, unless in registers
     pair, tile = lax.axis_index("pair"), lax.axis_index("tile")
     bi, hi = pair // hkv, pair % hkv
     rows = pl.ds(tile * ROWS, ROWS)
@@ -231,10 +234,10 @@ def selected_attention_forward(q_rows, k_blocks, v_blocks, union, count, member,
           acc = pl.run_state(lambda acc_ref: plgpu.wgmma(
               acc_ref, probs.astype(dtype), v_smem.at[buffer]))(plgpu.ACC.init(acc))
         else:  # through SMEM into a fresh accumulator: what the GPU interpreter can run
-          p_smem[...] = probs.astype(dtype)
+          p_smem[0][...] = probs.astype(dtype)
           plgpu.commit_smem()
           plgpu.barrier_wait(v_barriers.at[buffer])
-          acc = acc + _times(p_smem, v_smem.at[buffer], (ROWS, dv))
+          acc = acc + _times(p_smem[0], v_smem.at[buffer], (ROWS, dv))
         return acc, new_max, row_sum
 
       init = (plgpu.layout_cast(jnp.zeros((ROWS, dv), jnp.float32), plgpu.Layout.WGMMA),
@@ -261,8 +264,7 @@ def selected_attention_forward(q_rows, k_blocks, v_blocks, union, count, member,
 
   out_type = (jax.ShapeDtypeStruct((b, hkv, num_rows, dv), jnp.float32),
               jax.ShapeDtypeStruct((b, hkv, num_rows), jnp.float32))
-  scratch = (plgpu.SMEM((ROWS, dk), dtype, transforms=_smem_transforms(dk, dtype)),
-             plgpu.SMEM((ROWS, block), dtype, transforms=_smem_transforms(block, dtype)),
+  scratch = (plgpu.SMEM((ROWS, dk), dtype, transforms=_smem_transforms(dk, dtype)), *p_tile,
              plgpu.Barrier(num_barriers=1))
   return _grid_call(kernel, out_type, scratch, (b * hkv, num_rows // ROWS), interpret)(
       union, count, member, q_rows, k_blocks, v_blocks)
@@ -287,7 +289,7 @@ def selected_attention_dq(q_rows, k_blocks, v_blocks, do_rows, lse, delta, union
   dv, dtype = v_blocks.shape[3], q_rows.dtype
   positions = ROWS // heads
   stages = _stages(stages or STAGES, union.shape[-1], dk, dv, block, dtype,
-                   ROWS * (dk + dv))
+                   ROWS * (dk + dv + block))
 
   def kernel(union_ref, count_ref, member_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
              dq_ref, q_smem, do_smem, ds_smem, lse_smem, delta_smem, barriers):
