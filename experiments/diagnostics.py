@@ -1,13 +1,16 @@
-"""What an NSA model's selection and branch gates do at the positions that must retrieve.
+"""What a model's attention does at the positions that must retrieve.
 
-Training logs these at every evaluation of a retrieval task with NSA attention or its
-ablations (`metrics.jsonl`: `gates_at_answers`, per layer the mean compressed / selected / window
-gate, and with the selected branch `selection_hits`, one fraction per layer), and
-`experiments.plot` writes them for a finished run.
-When a run does not retrieve they tell the cases apart: a selection that never holds the
+Training logs these at every evaluation of a retrieval task (`metrics.jsonl`, per layer):
+`induction_attention` / `previous_token_attention` for every attention kind (the two halves of
+the induction circuit that copies an answer, in the window's or the dense layer's attention),
+and for NSA and its ablations `gates_at_answers` (the mean compressed / selected / window gate)
+and, with the selected branch, `selection_hits`. `experiments.plot` writes them for a finished
+run. When a run does not retrieve they tell the cases apart: a selection that never holds the
 answer's block (the ranking did not learn), one that holds it while the selected gate is closed,
-or a compressed gate that closed and so stopped training the ranking (the selection's scores are
-the compressed branch's attention, whose only gradient comes through that gate).
+a compressed gate that closed and so stopped training the ranking (the selection's scores are
+the compressed branch's attention, whose only gradient comes through that gate), or token-level
+attention that never formed the circuit (a plateau where the model knows which values the
+context holds but not which key each belongs to).
 """
 
 from __future__ import annotations
@@ -53,14 +56,15 @@ def _layer_internals(model, tokens):
   return (jnp.stack(selections) if selections else None), jnp.stack(gates)
 
 
-def at_answers(model, tokens, queries, target_blocks) -> dict:
+def at_answers(model, tokens, queries, targets) -> dict:
   """The selection and gates at the positions that must retrieve.
 
   Args:
     model: an NSA `DecoderLM`.
     tokens: int `[B, T]` inputs.
     queries: int `[Q]` positions that predict an answer token.
-    target_blocks: int `[B, Q]` the selection block each of them must read.
+    targets: int `[B, Q]` the position each of them must read (its selection block is the one
+      the selection should hold).
 
   Returns:
     `{"gates_at_answers": [L][3] mean gate of each branch over the queries and heads,
@@ -70,32 +74,94 @@ def at_answers(model, tokens, queries, target_blocks) -> dict:
   indices, gates = layer_internals(model, tokens)
   found = dict(gates_at_answers=gates[:, :, queries].mean(axis=(1, 2, 3)).tolist())
   if indices is not None:
+    target_blocks = np.asarray(targets) // model.blocks[0].attention.config.slc_block
     at_queries = indices[:, :, queries]  # [L, B, Q, Hkv, n]
-    hits = np.any(at_queries == np.asarray(target_blocks)[None, :, :, None, None], axis=-1)
+    hits = np.any(at_queries == target_blocks[None, :, :, None, None], axis=-1)
     found["selection_hits"] = hits.reshape(hits.shape[0], -1).mean(-1).tolist()
   return found
 
 
-def passkey_probe(filler, seq_len: int, slc_block: int, samples: int, seed: int = 1):
-  """`(tokens [B, seq_len - 1], queries [5], target_blocks [B, 5])` of passkey sequences of
+def token_attention(model, tokens, queries, targets) -> dict:
+  """Whether each layer's token-level attention forms the induction circuit that copies an answer.
+
+  Recall by attention takes two layers (Olsson et al., 2022): a previous-token head lets the
+  token to copy (MQAR: the pair's value; passkey: a needle digit) carry the token before it,
+  then an induction head at the answer-predicting position attends to that token. Per layer:
+  `previous_token_attention`, the attention weight from each target to the position before it,
+  and `induction_attention`, from each query to its target; each the largest over the query
+  heads of its mean over sequences and answers (one head makes a circuit). A run stuck on a
+  plateau shows which half never formed.
+
+  The attention is the window branch's for NSA layers and their ablations (keys
+  `t - w < u <= t`; the selected branch's token-level attention is not included), the full
+  causal attention's for dense layers.
+
+  Args:
+    model: a `DecoderLM`, any attention kind.
+    tokens: int `[B, T]` inputs; queries: int `[Q]`; targets: int `[B, Q]`, each >= 1.
+
+  Returns:
+    `{"induction_attention": [L], "previous_token_attention": [L]}`, plain lists.
+  """
+  induction, previous = _token_attention(model, jnp.asarray(tokens), jnp.asarray(queries),
+                                         jnp.asarray(targets))
+  return dict(induction_attention=np.asarray(induction).tolist(),
+              previous_token_attention=np.asarray(previous).tolist())
+
+
+@nnx.jit
+def _token_attention(model, tokens, queries, targets):
+  num_queries = queries.shape[0]
+  rows = jnp.concatenate([jnp.broadcast_to(queries, targets.shape), targets], axis=1)
+  induction, previous = [], []
+  x = model.embed(tokens)
+  for block in model.blocks:
+    probs = attention_rows(block.attention, block.attention_norm(x), rows)  # [B, Hq, 2Q, T]
+    to_target = jnp.take_along_axis(probs[:, :, :num_queries], targets[:, None, :, None], -1)
+    to_before = jnp.take_along_axis(probs[:, :, num_queries:], targets[:, None, :, None] - 1,
+                                    -1)
+    induction.append(to_target.mean(axis=(0, 2, 3)).max())
+    previous.append(to_before.mean(axis=(0, 2, 3)).max())
+    x = block(x)
+  return jnp.stack(induction), jnp.stack(previous)
+
+
+def attention_rows(layer, x, rows):
+  """`[B, Hq, R, T]` float32: the attention weights of query positions `rows int [B, R]` of
+  `layer`'s token-level attention on its input `x [B, T, F]` (after the block's norm): the
+  window branch for NSA layers (its own K/V set with `separate_kv`), full causal for dense."""
+  q, keys, _ = layer._project(x)  # pylint: disable=protected-access
+  k = keys[-1]  # the window's set: the only one, or set 2 of separate K/V
+  t = k.shape[1]
+  window = layer.config.window if isinstance(layer, nsa_jax.nn.NativeSparseAttention) else t
+  q_rows = jnp.take_along_axis(q, rows[:, :, None, None], axis=1)  # [B, R, Hq, Dk]
+  k = jnp.repeat(k, q.shape[2] // k.shape[2], axis=2)  # query head h reads KV head h // G
+  scores = jnp.einsum("brhd,bshd->bhrs", q_rows, k, preferred_element_type=jnp.float32)
+  keys_at, rows_at = jnp.arange(t), rows[:, None, :, None]
+  visible = (keys_at <= rows_at) & (keys_at > rows_at - window)
+  return jax.nn.softmax(jnp.where(visible, scores * q.shape[-1] ** -0.5, -jnp.inf), axis=-1)
+
+
+def passkey_probe(filler, seq_len: int, samples: int, seed: int = 1):
+  """`(tokens [B, seq_len - 1], queries [5], targets [B, 5])` of passkey sequences of
   `seq_len` tokens with needles at random depths: the question's answer positions and the
-  selection block of the needle digit each predicts."""
+  position of the needle digit each predicts."""
   rng = np.random.default_rng([seed, seq_len])
   depths = rng.uniform(size=samples)
   tokens = np.stack([tasks.passkey_example(rng, filler, seq_len, depth)[0]
                      for depth in depths])[:, :-1]
   digits = np.stack([tasks.passkey_key_start(seq_len, depth) + np.arange(tasks.DIGITS)
                      for depth in depths])  # [B, DIGITS]
-  return tokens, tasks.passkey_answer_targets(seq_len), digits // slc_block
+  return tokens, tasks.passkey_answer_targets(seq_len), digits
 
 
-def mqar_probe(seq_len: int, num_pairs: int, vocab_size: int, placement: str, slc_block: int,
-               samples: int, seed: int = 1):
-  """`(tokens [B, seq_len - 1], queries [pairs], target_blocks [B, pairs])` of MQAR sequences:
-  the queried keys' positions and the selection block of each pair's value."""
+def mqar_probe(seq_len: int, num_pairs: int, vocab_size: int, placement: str, samples: int,
+               seed: int = 1):
+  """`(tokens [B, seq_len - 1], queries [pairs], targets [B, pairs])` of MQAR sequences: the
+  queried keys' positions and the position of each queried pair's value."""
   rng = np.random.default_rng([seed, seq_len])
   examples = [tasks.mqar_example(rng, seq_len, num_pairs, vocab_size, placement)
               for _ in range(samples)]
   tokens = np.stack([t for t, _ in examples])[:, :-1]
-  value_block = (np.stack([p for _, p in examples]) + 1) // slc_block  # [B, pairs]
-  return tokens, tasks.mqar_answer_targets(seq_len, num_pairs), value_block
+  values = np.stack([p for _, p in examples]) + 1  # [B, pairs]
+  return tokens, tasks.mqar_answer_targets(seq_len, num_pairs), values

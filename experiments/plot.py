@@ -15,8 +15,9 @@ Writes into `--out` (default: the first workdir's `plots/`):
 - `selection_<run>.png` (NSA runs): which selection blocks the first layer's first KV group chose
   for every query of one held-out sequence; for MQAR and passkey runs also
   `selection_hits_<run>.json`: how often each layer's selection, at the queries, holds the
-  block the query must read (the queried pair's value, the needle's key digit), and the mean
-  branch gates there (`experiments.diagnostics`);
+  block the query must read (the queried pair's value, the needle's key digit), the mean
+  branch gates there, and the window's attention of the induction circuit (previous-token and
+  query-to-target weights; `experiments.diagnostics`);
 - `selection_stats_<run>.json` + `selection_indices_<run>.npz` (NSA runs): how many distinct
   blocks 1, 2, 4, 8 consecutive query positions of a KV head select together (mean and
   percentiles), for the first layer on held-out sequences and on random queries and keys of
@@ -172,25 +173,23 @@ def selection_statistics(model, tokens, seed=0):
   return stats, indices
 
 
-def mqar_selection_hits(config, model, samples, seed=1):
-  """`diagnostics.at_answers` at the queried keys of MQAR sequences of the training length:
-  does the selection hold the block of the pair's value (and the gates there)?"""
+def answer_probe(config, samples, seed=1):
+  """`diagnostics`' probe of a retrieval run at its training length: MQAR sequences (queries at
+  the queried keys, targets the pairs' values) or passkey sequences with needles at random
+  depths (queries at the question's answer positions, targets the needle's digits)."""
   data = config.data
-  return diagnostics.at_answers(model, *diagnostics.mqar_probe(
-      config.seq_len + 1, data.mqar_pairs, train.vocab_size(config), data.mqar_placement,
-      config.nsa.slc_block, samples, seed))
-
-
-def passkey_selection_hits(config, model, samples, seed=1):
-  """`diagnostics.at_answers` at the question's answer positions of passkey sequences of the
-  training length (needles at random depths): does the selection hold the block of the
-  needle's digit the position predicts (and the gates there)?"""
+  if data.source == "mqar":
+    return diagnostics.mqar_probe(config.seq_len + 1, data.mqar_pairs, train.vocab_size(config),
+                                  data.mqar_placement, samples, seed)
   filler = train.build_data(config).splits["held_out"]
-  return diagnostics.at_answers(model, *diagnostics.passkey_probe(
-      filler, config.seq_len + 1, config.nsa.slc_block, samples, seed))
+  return diagnostics.passkey_probe(filler, config.seq_len + 1, samples, seed)
 
 
-HITS = {"mqar": mqar_selection_hits, "passkey": passkey_selection_hits}
+def answer_diagnostics(config, model, samples, seed=1):
+  """At the answers: does the selection hold the target's block, the gates there, and the
+  token-level attention of the induction circuit (`diagnostics.at_answers`, `token_attention`)."""
+  probe = answer_probe(config, samples, seed)
+  return {**diagnostics.at_answers(model, *probe), **diagnostics.token_attention(model, *probe)}
 
 
 def plot_selection(indices, slc_block, title, path):
@@ -269,11 +268,10 @@ def make_plots(workdirs, out, lengths=None, depths=(0.1, 0.3, 0.5, 0.7, 0.9), sa
         plot_passkey(grid, run_lengths, depths, train_len,
                      f"passkey retrieval: {name} ({config.attention})",
                      out / f"passkey_{name}.png")
-      if config.attention == "nsa" and config.data.source in HITS:
-        found = HITS[config.data.source](config, model, samples)
+      if config.attention == "nsa" and config.data.source in ("mqar", "passkey"):
+        found = answer_diagnostics(config, model, samples)
         (out / f"selection_hits_{name}.json").write_text(json.dumps(dict(
-            samples=samples, fraction_by_layer=found["selection_hits"],
-            gates_at_answers=found["gates_at_answers"]), indent=1))
+            samples=samples, fraction_by_layer=found.pop("selection_hits"), **found), indent=1))
         written[f"selection_hits_{name}.json"] = out / f"selection_hits_{name}.json"
       if config.attention == "nsa":
         inputs = _held_out_inputs(config, samples)

@@ -5,10 +5,9 @@
 
 Writes `workdir/metrics.jsonl` (one JSON object per log or eval step, with `step` and `loss` or
 `held_out_loss`, plus `passkey_accuracy` / `mqar_accuracy` with `data.source = "passkey"` /
-`"mqar"`, and for NSA and its ablations on those tasks `gates_at_answers` / `selection_hits`
-per layer: `experiments/diagnostics.py`), the same scalars as TensorBoard event files in
-`workdir/tensorboard`,
-`workdir/config.json` (what `experiments.plot` rebuilds the model from) and Orbax checkpoints in
+`"mqar"`, and per layer on those tasks `induction_attention` / `previous_token_attention`, for
+NSA and its ablations also `gates_at_answers` / `selection_hits`: `experiments/diagnostics.py`),
+the same scalars as TensorBoard event files in `workdir/tensorboard`, `workdir/config.json` (what `experiments.plot` rebuilds the model from) and Orbax checkpoints in
 `workdir/checkpoints` (the newest `keep_checkpoints`). A progress bar shows the loss and tokens/s
 on a terminal. Rerunning the same command resumes from the latest checkpoint (model, optimizer
 and the grain data iterator's state); batches depend only on the step, so a resumed run
@@ -266,7 +265,7 @@ def _train(config, workdir, batches, mesh):
                                             seed=step)
           record["passkey_accuracy"] = float(np.mean(list(accuracy.values())))
           probe = diagnostics.passkey_probe(batches.splits["held_out"], config.seq_len + 1,
-                                            config.nsa.slc_block, config.eval_samples, seed=step)
+                                            config.eval_samples, seed=step)
         if config.data.source == "mqar":  # recall accuracy at the training length
           record.update(tasks.mqar_accuracies(
               lambda t: eval_logits(model, jnp.asarray(t)), config.seq_len + 1,
@@ -274,9 +273,11 @@ def _train(config, workdir, batches, mesh):
               placement=batches.placement, seed=step))
           probe = diagnostics.mqar_probe(config.seq_len + 1, batches.num_pairs,
                                          batches.vocab_size, batches.placement,
-                                         config.nsa.slc_block, config.eval_samples, seed=step)
-        if config.attention != "dense" and config.data.source in ("passkey", "mqar"):
-          record.update(diagnostics.at_answers(model, *probe))  # what the selection found
+                                         config.eval_samples, seed=step)
+        if config.data.source in ("passkey", "mqar"):  # how the answers were (not) found
+          record.update(diagnostics.token_attention(model, *probe))
+          if config.attention != "dense":
+            record.update(diagnostics.at_answers(model, *probe))
         log(record)
       if step % config.checkpoint_every == 0 or step == config.steps:
         manager.save(step, args=ocp.args.Composite(

@@ -62,6 +62,7 @@ def test_plots_of_an_mqar_run(tmp_path):
   # selection holds its pair's block.
   hits = json.loads((tmp_path / "plots" / "selection_hits_nsa.json").read_text())
   assert hits["fraction_by_layer"] == [1.0] * config.model.num_layers
+  assert len(hits["induction_attention"]) == config.model.num_layers
 
 
 def test_a_heatmap_cell_with_nothing_measured_reads_n_a_not_zero(tmp_path):

@@ -133,8 +133,9 @@ def test_passkey_source_trains_and_reports_retrieval_accuracy(tmp_path):
       (r["step"], pytest.approx(r["gates_at_answers"][1][2])) for r in evaluations]
 
 
-def test_mqar_source_trains_and_logs_recall_accuracy(tmp_path):
-  config = small_config(steps=3)
+@pytest.mark.parametrize("attention", ["nsa", "dense"])
+def test_mqar_source_trains_and_logs_recall_accuracy(tmp_path, attention):
+  config = small_config(steps=3, attention=attention)
   config.seq_len, config.data.source, config.data.mqar_pairs = 96, "mqar", 4
   config.model.vocab_size, config.data.other_weight = 64, 0.0
   records = train.run(config, str(tmp_path))
@@ -142,6 +143,11 @@ def test_mqar_source_trains_and_logs_recall_accuracy(tmp_path):
   assert evaluations and all(0.0 <= r[name] <= 1.0 for r in evaluations
                              for name in ("mqar_accuracy", "mqar_first_accuracy"))
   assert "mqar_first_accuracy" in train.summary(str(tmp_path))
+  # The induction circuit's attention, per layer, for every attention kind.
+  for name in ("induction_attention", "previous_token_attention"):
+    assert all(len(r[name]) == config.model.num_layers and all(0 < a <= 1 for a in r[name])
+               for r in evaluations)
+  assert ("selection_hits" in evaluations[0]) == (attention == "nsa")
 
 
 @pytest.mark.parametrize("other_weight", [0.0, 0.25])
