@@ -7,7 +7,8 @@ Writes `workdir/metrics.jsonl` (one JSON object per log or eval step, with `step
 `held_out_loss`, plus `passkey_accuracy` / `mqar_accuracy` with `data.source = "passkey"` /
 `"mqar"`, and per layer on those tasks `induction_attention` / `previous_token_attention`, for
 NSA and its ablations also `gates_at_answers` / `selection_hits`: `experiments/diagnostics.py`),
-the same scalars as TensorBoard event files in `workdir/tensorboard`, `workdir/config.json` (what `experiments.plot` rebuilds the model from) and Orbax checkpoints in
+the same scalars as TensorBoard event files in `workdir/tensorboard`, `workdir/config.json`
+(what `experiments.plot` rebuilds the model from) and Orbax checkpoints in
 `workdir/checkpoints` (the newest `keep_checkpoints`). A progress bar shows the loss and tokens/s
 on a terminal. Rerunning the same command resumes from the latest checkpoint (model, optimizer
 and the grain data iterator's state); batches depend only on the step, so a resumed run
