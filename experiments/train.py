@@ -204,7 +204,7 @@ def _train(config, workdir, batches, mesh):
   train_batches = data_lib.train_iterator(batches, config.steps)  # grain: state checkpointed
   start = 0
   if manager.latest_step() is None and config.init_from:
-    _warm_start(model, optimizer, config.init_from)
+    _warm_start(model, optimizer, config, config.init_from)
   if manager.latest_step() is not None:
     start = manager.latest_step()
     target = {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}
@@ -321,15 +321,56 @@ def restore_model(model, optimizer, workdir) -> int:
   return max(steps)
 
 
-def _warm_start(model, optimizer, init_from: str):
+def _warm_start(model, optimizer, config, init_from: str):
   """Loads the model parameters of the latest checkpoint in workdir `init_from` (a run of the
   same model, at any sequence length): a length curriculum's next stage. The optimizer state,
-  the schedule and the data start afresh."""
+  the schedule and the data start afresh.
+
+  A run of another attention kind (its `config.json` says which) gives the parameters both
+  models have, by path and shape; the others keep their initialisation and are listed (e.g. a
+  `window` run starts `nsa_no_selection` with fresh compression MLPs, a `dense` run starts NSA
+  with fresh gates)."""
+  source_config = _saved_config(init_from)
   try:
-    step = restore_model(model, optimizer, init_from)
+    if source_config is None or source_config.attention == config.attention:
+      step, fresh = restore_model(model, optimizer, init_from), []
+    else:
+      step, fresh = _restore_shared(model, source_config, init_from)
   except ValueError as error:
     raise ValueError(f"init_from={init_from!r}: {error}") from None
   print(f"initialised the model from {init_from} at step {step}", flush=True)
+  if fresh:
+    print(f"  not in its {source_config.attention} model, initialised afresh: "
+          f"{', '.join(fresh)}", flush=True)
+
+
+def _saved_config(workdir):
+  """The config a run in `workdir` saved, or None."""
+  path = pathlib.Path(workdir) / "config.json"
+  return ml_collections.ConfigDict(json.loads(path.read_text())) if path.exists() else None
+
+
+def _restore_shared(model, source_config, workdir):
+  """Loads into `model` the parameters it shares (path and shape) with the model of
+  `source_config`, whose run's checkpoints are in `workdir`: `(step, paths of the others)`."""
+  source = build_model(source_config, nnx.Rngs(0))
+  step = restore_model(source, nnx.Optimizer(source, build_optimizer(source_config)[0],
+                                             wrt=nnx.Param), workdir)
+  saved = dict(nnx.to_flat_state(nnx.state(source, nnx.Param)))
+  params = nnx.to_flat_state(nnx.state(model, nnx.Param))
+  fresh = []
+  for path, param in params:
+    name = "/".join(map(str, path))
+    if path not in saved:
+      fresh.append(name)
+      continue
+    value, here = saved[path].get_value(), param.get_value()
+    if value.shape != here.shape:
+      raise ValueError(f"parameter {name} has shape {value.shape} in the checkpoint and "
+                       f"{here.shape} in this model")
+    param.set_value(jax.device_put(value.astype(here.dtype), here.sharding))
+  nnx.update(model, nnx.from_flat_state(params))
+  return step, fresh
 
 
 def summary(workdir: str) -> str:

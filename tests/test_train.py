@@ -11,6 +11,7 @@ import optax
 import pytest
 from flax import nnx
 
+from experiments import plot
 from experiments import tasks
 from experiments import train
 from experiments.configs import demo
@@ -79,6 +80,31 @@ def test_init_from_starts_the_model_from_another_runs_last_checkpoint(tmp_path):
   # (A next stage at another length: `test_a_curriculum_trains_its_stages_each_from_the_last`.)
   with pytest.raises(ValueError, match="init_from=.*holds no checkpoint"):
     train.run(small_config(init_from=str(tmp_path / "nowhere")), str(tmp_path / "bad"))
+
+
+def test_init_from_a_run_of_another_attention_kind_loads_the_shared_parameters(tmp_path):
+  """A `window` run starts `nsa_no_selection`: every parameter the window model has is loaded,
+  the compression MLPs it lacks keep this model's initialisation."""
+  train.run(small_config(attention="window", steps=2), str(tmp_path / "window"))
+  target = small_config(attention="nsa_no_selection", steps=1, eval_every=1,
+                        init_from=str(tmp_path / "window"))
+  target.optimizer.peak_learning_rate = 0.0  # the checkpoint holds the warm-started model
+  train.run(target, str(tmp_path / "target"))
+  flat = lambda model: {"/".join(map(str, path)): np.asarray(param.get_value())
+                        for path, param in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  source = flat(plot.load_run(tmp_path / "window")[2])
+  started = flat(plot.load_run(tmp_path / "target")[2])
+  fresh = flat(train.build_model(target, nnx.Rngs(target.seed)))
+  compression = {name for name in started if "_compress" in name}
+  assert compression and compression.isdisjoint(source)
+  assert set(started) - compression == set(source)
+  for name, value in started.items():
+    np.testing.assert_array_equal(value, fresh[name] if name in compression else source[name])
+  assert not np.array_equal(source["embed/embedding"], fresh["embed/embedding"])
+  wider = small_config(attention="nsa_no_selection", init_from=str(tmp_path / "window"))
+  wider.model.mlp_hidden *= 2
+  with pytest.raises(ValueError, match=r"init_from=.*parameter .*mlp.* has shape"):
+    train.run(wider, str(tmp_path / "bad"))
 
 
 def test_unknown_or_ill_typed_override_fails_before_running(tmp_path):
