@@ -3,13 +3,18 @@ the CPU: their harness (arguments, tables, JSON) in interpret mode, and what the
 compute. They run for real only on a lent GPU or TPU, where a broken script wastes device time."""
 
 import json
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
-from experiments.probes import decode_floor, gpu_trace, selected_floor, tpu_overhead
+from experiments.probes import branch_mix, decode_floor, gpu_trace, selected_floor, tpu_overhead
+from nsa_jax import NSAConfig, nn
 
 
 def test_decode_floor_times_chains_of_empty_kernels_and_writes_json(monkeypatch, tmp_path):
@@ -126,3 +131,55 @@ def test_gpu_trace_reports_the_ops_of_the_traced_calls():
   ops = lambda times: {name for name in times if "tanh" in name or "fusion" in name}
   assert ops(one) and ops(one) == ops(three)  # the computation's ops, in every traced call
   assert all(one[name] > 0 for name in ops(one))
+
+
+def _ablation_layer():
+  config = NSAConfig(cmp_block=8, cmp_stride=4, slc_block=16, num_selected=2, num_initial=1,
+                     num_local=1, window=8)
+  return nn.make_attention("nsa_no_selection", num_features=32, num_heads=2, num_kv_heads=1,
+                           head_dim=16, config=config, implementation="xla", rngs=nnx.Rngs(0))
+
+
+def test_branch_mix_scales_a_branchs_share_of_the_output():
+  layer = _ablation_layer()
+  x = jax.random.normal(jax.random.key(0), (2, 40, 32))
+  outputs = []
+  for factor in (0.0, 1.0, 2.0):
+    with branch_mix.branch_mix({"swa": factor}):
+      outputs.append(layer(x))
+  unscaled = layer(x)  # the context restores the layer
+  np.testing.assert_allclose(outputs[1], unscaled, rtol=1e-6)
+  # The mix is affine in the window's factor, and the factor does change it.
+  np.testing.assert_allclose(outputs[2] - outputs[1], outputs[1] - outputs[0], rtol=1e-4,
+                             atol=1e-5)
+  assert float(jnp.abs(outputs[2] - outputs[1]).max()) > 1e-3
+  with pytest.raises(ValueError, match="--scale takes branch=factor"):
+    branch_mix.parse_scales(["slc2"])
+  assert branch_mix.parse_scales(["cmp=0.5", "swa=2"]) == {"cmp": 0.5, "swa": 2.0}
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_branch_mix_cuts_the_compressed_branchs_gradient_into_k_and_v(detach):
+  layer = _ablation_layer()
+  x = jax.random.normal(jax.random.key(1), (2, 40, 32))
+  with branch_mix.branch_mix({"swa": 0.0}, detach_cmp_kv=detach):  # the compressed branch alone
+    grads = nnx.grad(lambda layer: jnp.sum(layer(x) ** 2))(layer)
+  k_grad = float(jnp.abs(grads.k_proj.kernel.get_value()).max())
+  compress_grad = float(jnp.abs(grads.k_compress.hidden.kernel.get_value()).max())
+  assert compress_grad > 0 and ((k_grad == 0) if detach else (k_grad > 0))
+
+
+def test_branch_mix_runs_a_training_command(tmp_path):
+  root = pathlib.Path(__file__).parents[1]
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.probes.branch_mix", "--scale", "swa=10", "--",
+       "--config", str(root / "experiments/configs/mqar_cpu.py"), "--workdir", str(tmp_path),
+       "--config.attention=nsa_no_selection", "--config.steps=2", "--config.log_every=1",
+       "--config.eval_every=2", "--config.checkpoint_every=2"],
+      capture_output=True, text=True, timeout=300, cwd=root)
+  assert result.returncode == 0, result.stderr[-2000:]
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records if "loss" in r] == [1, 2]
+  # The window's gate, scaled by 10, is past a sigmoid's range in both layers.
+  gates = [r["gates_at_answers"] for r in records if "gates_at_answers" in r][-1]
+  assert all(layer[2] > 1 for layer in gates) and all(layer[0] < 1 for layer in gates)
