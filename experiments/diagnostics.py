@@ -4,13 +4,14 @@ Training logs these at every evaluation of a retrieval task (`metrics.jsonl`, pe
 `induction_attention` / `previous_token_attention` for every attention kind (the two halves of
 the induction circuit that copies an answer, in the window's or the dense layer's attention),
 and for NSA and its ablations `gates_at_answers` (the mean compressed / selected / window gate)
-and, with the selected branch, `selection_hits`. `experiments.plot` writes them for a finished
+and, with the selected branch, `selection_hits` and `selected_induction_attention`. `experiments.plot` writes them for a finished
 run. When a run does not retrieve they tell the cases apart: a selection that never holds the
 answer's block (the ranking did not learn), one that holds it while the selected gate is closed,
 a compressed gate that closed and so stopped training the ranking (the selection's scores are
-the compressed branch's attention, whose only gradient comes through that gate), or token-level
-attention that never formed the circuit (a plateau where the model knows which values the
-context holds but not which key each belongs to).
+the compressed branch's attention, whose only gradient comes through that gate), a selection
+that holds the block while the selected branch's attention does not read the answer in it, or
+token-level attention that never formed the circuit (a plateau where the model knows which
+values the context holds but not which key each belongs to).
 """
 
 from __future__ import annotations
@@ -93,53 +94,74 @@ def token_attention(model, tokens, queries, targets) -> dict:
   plateau shows which half never formed.
 
   The attention is the window branch's for NSA layers and their ablations (keys
-  `t - w < u <= t`; the selected branch's token-level attention is not included), the full
-  causal attention's for dense layers.
+  `t - w < u <= t`), the full causal attention's for dense layers. Layers with the selected
+  branch also give `selected_induction_attention`: the query's weight on its target in the
+  selected branch (0 where the selection misses the target's block), the branch that must
+  read an answer farther back than the window.
 
   Args:
     model: a `DecoderLM`, any attention kind.
     tokens: int `[B, T]` inputs; queries: int `[Q]`; targets: int `[B, Q]`, each >= 1.
 
   Returns:
-    `{"induction_attention": [L], "previous_token_attention": [L]}`, plain lists.
+    `{"induction_attention": [L], "previous_token_attention": [L]}` (and
+    `"selected_induction_attention": [L]`), plain lists.
   """
-  induction, previous = _token_attention(model, jnp.asarray(tokens), jnp.asarray(queries),
-                                         jnp.asarray(targets))
-  return dict(induction_attention=np.asarray(induction).tolist(),
-              previous_token_attention=np.asarray(previous).tolist())
+  found = _token_attention(model, jnp.asarray(tokens), jnp.asarray(queries),
+                           jnp.asarray(targets))
+  return {name: np.asarray(values).tolist() for name, values in found.items()}
 
 
 @nnx.jit
 def _token_attention(model, tokens, queries, targets):
   num_queries = queries.shape[0]
   rows = jnp.concatenate([jnp.broadcast_to(queries, targets.shape), targets], axis=1)
-  induction, previous = [], []
+  on_target = lambda probs, at: jnp.take_along_axis(probs, at[:, None, :, None], -1).mean(
+      axis=(0, 2, 3)).max()  # probs [B, Hq, Q, T], at [B, Q]: the best head's mean weight
+  found = {"induction_attention": [], "previous_token_attention": []}
   x = model.embed(tokens)
   for block in model.blocks:
-    probs = attention_rows(block.attention, block.attention_norm(x), rows)  # [B, Hq, 2Q, T]
-    to_target = jnp.take_along_axis(probs[:, :, :num_queries], targets[:, None, :, None], -1)
-    to_before = jnp.take_along_axis(probs[:, :, num_queries:], targets[:, None, :, None] - 1,
-                                    -1)
-    induction.append(to_target.mean(axis=(0, 2, 3)).max())
-    previous.append(to_before.mean(axis=(0, 2, 3)).max())
+    layer, normed = block.attention, block.attention_norm(x)
+    probs = attention_rows(layer, normed, rows)  # [B, Hq, 2Q, T]
+    found["induction_attention"].append(on_target(probs[:, :, :num_queries], targets))
+    found["previous_token_attention"].append(on_target(probs[:, :, num_queries:], targets - 1))
+    if "slc" in getattr(layer, "branches", ()):
+      probs = attention_rows(layer, normed, rows[:, :num_queries], branch="slc")
+      found.setdefault("selected_induction_attention", []).append(on_target(probs, targets))
     x = block(x)
-  return jnp.stack(induction), jnp.stack(previous)
+  return {name: jnp.stack(values) for name, values in found.items()}
 
 
-def attention_rows(layer, x, rows):
+def attention_rows(layer, x, rows, branch: str = "swa"):
   """`[B, Hq, R, T]` float32: the attention weights of query positions `rows int [B, R]` of
-  `layer`'s token-level attention on its input `x [B, T, F]` (after the block's norm): the
-  window branch for NSA layers (its own K/V set with `separate_kv`), full causal for dense."""
-  q, keys, _ = layer._project(x)  # pylint: disable=protected-access
-  k = keys[-1]  # the window's set: the only one, or set 2 of separate K/V
-  t = k.shape[1]
-  window = layer.config.window if isinstance(layer, nsa_jax.nn.NativeSparseAttention) else t
-  q_rows = jnp.take_along_axis(q, rows[:, :, None, None], axis=1)  # [B, R, Hq, Dk]
-  k = jnp.repeat(k, q.shape[2] // k.shape[2], axis=2)  # query head h reads KV head h // G
-  scores = jnp.einsum("brhd,bshd->bhrs", q_rows, k, preferred_element_type=jnp.float32)
+  `layer`'s token-level attention on its input `x [B, T, F]` (after the block's norm): for NSA
+  layers the window branch (`branch="swa"`) or the selected branch (`"slc"`: the blocks the
+  layer's selection chose for the row's KV group), each on its own K/V set with
+  `separate_kv`; full causal for dense layers."""
+  q, keys, values = layer._project(x)  # pylint: disable=protected-access
+  k = keys[{"swa": 2, "slc": 1}[branch] if len(keys) == 3 else 0]
+  t, group = k.shape[1], q.shape[2] // k.shape[2]
   keys_at, rows_at = jnp.arange(t), rows[:, None, :, None]
-  visible = (keys_at <= rows_at) & (keys_at > rows_at - window)
+  visible = keys_at <= rows_at  # dense: every earlier key
+  if isinstance(layer, nsa_jax.nn.NativeSparseAttention) and branch == "swa":
+    visible &= keys_at > rows_at - layer.config.window
+  elif isinstance(layer, nsa_jax.nn.NativeSparseAttention):
+    visible &= _selected_keys(layer, q, keys[0], values[0], rows)
+  q_rows = jnp.take_along_axis(q, rows[:, :, None, None], axis=1)  # [B, R, Hq, Dk]
+  k = jnp.repeat(k, group, axis=2)  # query head h reads KV head h // G
+  scores = jnp.einsum("brhd,bshd->bhrs", q_rows, k, preferred_element_type=jnp.float32)
   return jax.nn.softmax(jnp.where(visible, scores * q.shape[-1] ** -0.5, -jnp.inf), axis=-1)
+
+
+def _selected_keys(layer, q, k, v, rows):
+  """`[B, Hq, R, T]` bool: the keys in the blocks that `layer`'s selection chose for `rows`."""
+  cfg, t, group = layer.config, k.shape[1], q.shape[2] // k.shape[2]
+  k_cmp, _ = layer._compress(k, v)  # pylint: disable=protected-access
+  chosen = nsa_jax.select_blocks(q, k_cmp, config=cfg, implementation=layer.implementation)
+  chosen = jnp.take_along_axis(chosen, rows[:, :, None, None], axis=1)  # [B, R, Hkv, n]
+  blocks = jax.nn.one_hot(chosen, -(-t // cfg.slc_block), dtype=jnp.bool_).any(axis=-2)  # -1: none
+  blocks = jnp.repeat(jnp.moveaxis(blocks, 2, 1), group, axis=1)  # [B, Hq, R, blocks]
+  return blocks[..., jnp.arange(t) // cfg.slc_block]
 
 
 def passkey_probe(filler, seq_len: int, samples: int, seed: int = 1):

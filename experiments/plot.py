@@ -16,8 +16,9 @@ Writes into `--out` (default: the first workdir's `plots/`):
   for every query of one held-out sequence; for MQAR and passkey runs also
   `selection_hits_<run>.json`: how often each layer's selection, at the queries, holds the
   block the query must read (the queried pair's value, the needle's key digit), the mean
-  branch gates there, and the window's attention of the induction circuit (previous-token and
-  query-to-target weights; `experiments.diagnostics`);
+  branch gates there, and the induction circuit's attention (previous-token and
+  query-to-target weights of the window, query-to-target of the selected branch;
+  `experiments.diagnostics`);
 - `selection_stats_<run>.json` + `selection_indices_<run>.npz` (NSA runs): how many distinct
   blocks 1, 2, 4, 8 consecutive query positions of a KV head select together (mean and
   percentiles), for the first layer on held-out sequences and on random queries and keys of

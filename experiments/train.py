@@ -6,7 +6,8 @@
 Writes `workdir/metrics.jsonl` (one JSON object per log or eval step, with `step` and `loss` or
 `held_out_loss`, plus `passkey_accuracy` / `mqar_accuracy` with `data.source = "passkey"` /
 `"mqar"`, and per layer on those tasks `induction_attention` / `previous_token_attention`, for
-NSA and its ablations also `gates_at_answers` / `selection_hits`: `experiments/diagnostics.py`),
+NSA and its ablations also `gates_at_answers`, with the selected branch `selection_hits` /
+`selected_induction_attention`: `experiments/diagnostics.py`),
 the same scalars as TensorBoard event files in `workdir/tensorboard`, `workdir/config.json`
 (what `experiments.plot` rebuilds the model from) and Orbax checkpoints in
 `workdir/checkpoints` (the newest `keep_checkpoints`). A progress bar shows the loss and tokens/s

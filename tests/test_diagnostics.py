@@ -42,24 +42,33 @@ def _model(attention, **model):
   return config, train.build_model(config, nnx.Rngs(1))
 
 
-@pytest.mark.parametrize("attention, separate_kv", [("dense", False), ("window", False),
-                                                     ("nsa", True)])
-def test_attention_rows_are_the_weights_of_the_layers_token_attention(attention, separate_kv):
-  """Weighting the values by `attention_rows` gives the layer's window (dense: causal) attention
-  output at those rows, so the weights have the layer's scale, mask, RoPE and GQA heads."""
+@pytest.mark.parametrize("attention, separate_kv, branch", [
+    ("dense", False, "swa"), ("window", False, "swa"), ("nsa", True, "swa"),
+    ("nsa", True, "slc"), ("nsa", False, "slc")])
+def test_attention_rows_are_the_weights_of_the_layers_token_attention(attention, separate_kv,
+                                                                      branch):
+  """Weighting the values by `attention_rows` gives the layer's window / selected (dense:
+  causal) attention output at those rows, so the weights have the layer's scale, mask, chosen
+  blocks, RoPE and GQA heads."""
   config, model = _model(attention, **({"separate_kv": True} if separate_kv else {}))
   layer = model.blocks[0].attention
   x = jax.random.normal(jax.random.key(2), (2, 96, config.model.num_features))
   rows = jnp.array([[0, 5, 23, 24, 95], [1, 30, 47, 60, 90]])
-  probs = diagnostics.attention_rows(layer, x, rows)
+  probs = diagnostics.attention_rows(layer, x, rows, branch=branch)
   q, keys, values = layer._project(x)  # pylint: disable=protected-access
+  kv_set = {"swa": -1, "slc": 1 if separate_kv else 0}[branch]
+  k, v = keys[kv_set], values[kv_set]
   if attention == "dense":
-    out = nsa_jax.dense_causal_attention(q, keys[0], values[0])
+    out = nsa_jax.dense_causal_attention(q, k, v)
+  elif branch == "swa":
+    out = nsa_jax.sliding_window_attention(q, k, v, window=24, implementation="xla")
   else:
-    out = nsa_jax.sliding_window_attention(q, keys[-1], values[-1], window=24,
-                                           implementation="xla")
-  group = q.shape[2] // keys[0].shape[2]
-  mixed = jnp.einsum("bhrs,bshd->brhd", probs, jnp.repeat(values[-1], group, axis=2))
+    k_cmp, _ = layer._compress(keys[0], values[0])  # pylint: disable=protected-access
+    chosen = nsa_jax.select_blocks(q, k_cmp, config=layer.config, implementation="xla")
+    out = nsa_jax.selected_attention(q, k, v, chosen, block=layer.config.slc_block,
+                                     implementation="xla")
+  group = q.shape[2] // k.shape[2]
+  mixed = jnp.einsum("bhrs,bshd->brhd", probs, jnp.repeat(v, group, axis=2))
   expected = jnp.take_along_axis(out, rows[:, :, None, None], axis=1)
   np.testing.assert_allclose(mixed, expected, rtol=2e-5, atol=2e-6)
   np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-6)
@@ -83,3 +92,16 @@ def test_token_attention_at_answers():
                              rtol=1e-5)
   np.testing.assert_allclose(near["previous_token_attention"][0],
                              on_before.mean((0, 2)).max(), rtol=1e-5)
+  assert "selected_induction_attention" not in near  # the window ablation has no selection
+
+
+def test_selected_induction_attention_is_zero_where_the_selection_misses_the_target():
+  config, model = _model("nsa")  # T = 96: 3 selection blocks of 32, n = 4 chooses all of them
+  config.nsa.num_selected = 2  # 1 initial + 1 local: a middle block is never chosen
+  model = train.build_model(config, nnx.Rngs(1))
+  tokens = jax.random.randint(jax.random.key(4), (2, 96), 0, train.vocab_size(config))
+  queries = np.array([70, 90])
+  middle = diagnostics.token_attention(model, tokens, queries, np.full((2, 2), 40))
+  assert middle["selected_induction_attention"] == [0.0] * config.model.num_layers
+  local = diagnostics.token_attention(model, tokens, queries, np.full((2, 2), 66))
+  assert all(0 < a < 1 for a in local["selected_induction_attention"])

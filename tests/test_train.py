@@ -173,7 +173,8 @@ def test_mqar_source_trains_and_logs_recall_accuracy(tmp_path, attention):
   for name in ("induction_attention", "previous_token_attention"):
     assert all(len(r[name]) == config.model.num_layers and all(0 < a <= 1 for a in r[name])
                for r in evaluations)
-  assert ("selection_hits" in evaluations[0]) == (attention == "nsa")
+  for name in ("selection_hits", "selected_induction_attention"):
+    assert (name in evaluations[0]) == (attention == "nsa")
 
 
 @pytest.mark.parametrize("other_weight", [0.0, 0.25])
