@@ -29,7 +29,9 @@ Runtime:   about 3 minutes for the three stages on an H200 (2026-12-04, NSA: 48 
            compilation and evaluations included; at 8k NSA trains at ~3.2M tokens/s, dense 4.0M).
 Expected:  mqar_accuracy 1.00 at T = 8192 for NSA and dense (NSA 0.62 / 0.99 / 1.00 / 1.00 at
            steps 500-2000 of the last stage, dense 1.00 from step 500); `window` 0.52 (0.28 on
-           first-time queries); `nsa_no_selection` did not learn (0.35; already 0.28 at T = 64).
+           first-time queries); `nsa_no_selection` did not learn (0.35; already 0.28 at T = 64,
+           a trap of its branch mix: `mqar_t64_cpu.py`; start its T = 64 stage from the window
+           run's instead, `--config.init_from=out/c64_window`).
            From scratch at T = 8192 (3000 steps) or T = 1024 (4000 steps) every variant stayed
            on the plateau (0.16-0.38: the cluster's values, not which key each belongs to).
            RESULTS.md has the tables, the plots and the selection's hit rates.
