@@ -1,4 +1,4 @@
-"""The GPU MQAR curriculum's first stage, narrowed to run on the CPU: where `nsa_no_selection` stalls.
+"""The GPU MQAR curriculum's first stage at half width, on the CPU: where `nsa_no_selection` stalls.
 
 Task: `mqar_gpu`'s (8 pairs one after another at a random place, vocabulary 32, loss on the 8
 answers) at its first stage's length T = 64, and its NSA settings (l = 32, d = 16, l' = 64,
