@@ -7,11 +7,12 @@ and for NSA and its ablations `gates_at_answers` (the mean compressed / selected
 and, with the selected branch, `selection_hits` and `selected_induction_attention`.
 `experiments.plot` writes them for a finished run. When a run does not retrieve they tell the
 cases apart: a selection that never holds the answer's block (the ranking did not learn), one
-that holds it while the selected gate is closed, a compressed gate that closed and so stopped training the ranking (the selection's scores are
-the compressed branch's attention, whose only gradient comes through that gate), a selection
-that holds the block while the selected branch's attention does not read the answer in it, or
-token-level attention that never formed the circuit (a plateau where the model knows which
-values the context holds but not which key each belongs to).
+that holds it while the selected gate is closed, a compressed gate that closed and so stopped
+training the ranking (the selection's scores are the compressed branch's attention, whose only
+gradient comes through that gate), a selection that holds the block while the selected branch's
+attention does not read the answer in it, or token-level attention that never formed the circuit
+(a plateau where the model knows which values the context holds but not which key each belongs
+to).
 """
 
 from __future__ import annotations
