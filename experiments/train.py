@@ -7,10 +7,9 @@ Writes `workdir/metrics.jsonl` (one JSON object per log or eval step, with `step
 `held_out_loss`, plus `passkey_accuracy` / `mqar_accuracy` with `data.source = "passkey"` /
 `"mqar"`, and per layer on those tasks `induction_attention` / `previous_token_attention`, for
 NSA and its ablations also `gates_at_answers`, with the selected branch `selection_hits` /
-`selected_induction_attention`: `experiments/diagnostics.py`),
-the same scalars as TensorBoard event files in `workdir/tensorboard`, `workdir/config.json`
-(what `experiments.plot` rebuilds the model from) and Orbax checkpoints in
-`workdir/checkpoints` (the newest `keep_checkpoints`). A progress bar shows the loss and tokens/s
+`selected_induction_attention`: `experiments/diagnostics.py`), the same scalars as TensorBoard
+event files in `workdir/tensorboard`, `workdir/config.json` (what `experiments.plot` rebuilds
+the model from) and Orbax checkpoints in `workdir/checkpoints` (the newest `keep_checkpoints`). A progress bar shows the loss and tokens/s
 on a terminal. Rerunning the same command resumes from the latest checkpoint (model, optimizer
 and the grain data iterator's state); batches depend only on the step, so a resumed run
 reproduces the uninterrupted one exactly. `config.init_from` names another run's workdir whose
@@ -330,7 +329,7 @@ def _warm_start(model, optimizer, config, init_from: str):
   A run of another attention kind (its `config.json` says which) gives the parameters both
   models have, by path and shape; the others keep their initialisation and are listed (e.g. a
   `window` run starts `nsa_no_selection` with fresh compression MLPs, a `dense` run starts NSA
-  with fresh gates)."""
+  with fresh gates and compression MLPs)."""
   source_config = _saved_config(init_from)
   try:
     if source_config is None or source_config.attention == config.attention:
