@@ -14,8 +14,8 @@ A progress bar shows the loss and tokens/s on a terminal. Rerunning the same com
 from the latest checkpoint (model, optimizer and the grain data iterator's state); batches
 depend only on the step, so a resumed run reproduces the uninterrupted one exactly.
 `config.init_from` names another run's workdir whose latest model parameters start this one (a
-length curriculum; a run of another attention kind gives the parameters both have). A non-finite loss stops the run with a message, keeping the last good
-checkpoint.
+length curriculum; a run of another attention kind gives the parameters both have). A non-finite
+loss stops the run with a message, keeping the last good checkpoint.
 
 Parallelism: `config.mesh` sizes a `(data, fsdp, tensor)` device mesh (-1 fills); parameters,
 optimizer state and batches are sharded over it (`experiments/parallel.py`) and the attention
