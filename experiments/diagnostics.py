@@ -3,16 +3,16 @@
 Training logs these at every evaluation of a retrieval task (`metrics.jsonl`, per layer):
 `induction_attention` / `previous_token_attention` for every attention kind (the two halves of
 the induction circuit that copies an answer, in the window's or the dense layer's attention),
-and for NSA and its ablations `gates_at_answers` (the mean compressed / selected / window gate)
-and, with the selected branch, `selection_hits` and `selected_induction_attention`.
-`experiments.plot` writes them for a finished run. When a run does not retrieve they tell the
-cases apart: a selection that never holds the answer's block (the ranking did not learn), one
-that holds it while the selected gate is closed, a compressed gate that closed and so stopped
-training the ranking (the selection's scores are the compressed branch's attention, whose only
-gradient comes through that gate), a selection that holds the block while the selected branch's
-attention does not read the answer in it, or token-level attention that never formed the circuit
-(a plateau where the model knows which values the context holds but not which key each belongs
-to).
+and for NSA and its ablations `gates_at_answers` (the mean compressed / selected / window gate),
+`compressed_target_attention` and, with the selected branch, `selection_hits` and
+`selected_induction_attention`. `experiments.plot` writes them for a finished run. When a run
+does not retrieve they tell the cases apart: a selection that never holds the answer's block
+(the ranking did not learn), one that holds it while the selected gate is closed, a compressed
+gate that closed and so stopped training the ranking (the selection's scores are the compressed
+branch's attention, whose only gradient comes through that gate), a selection that holds the
+block while the selected branch's attention does not read the answer in it, or token-level
+attention that never formed the circuit (a plateau where the model knows which values the
+context holds but not which key each belongs to).
 """
 
 from __future__ import annotations
@@ -98,7 +98,9 @@ def token_attention(model, tokens, queries, targets) -> dict:
   `t - w < u <= t`), the full causal attention's for dense layers. Layers with the selected
   branch also give `selected_induction_attention`: the query's weight on its target in the
   selected branch (0 where the selection misses the target's block), the branch that must
-  read an answer farther back than the window.
+  read an answer farther back than the window; layers with the compressed branch give
+  `compressed_target_attention`: the query's compressed attention on the blocks that hold its
+  target (a learned summary can carry the answer itself: RESULTS.md's passkey at T = 128).
 
   Args:
     model: a `DecoderLM`, any attention kind.
@@ -106,7 +108,7 @@ def token_attention(model, tokens, queries, targets) -> dict:
 
   Returns:
     `{"induction_attention": [L], "previous_token_attention": [L]}` (and
-    `"selected_induction_attention": [L]`), plain lists.
+    `"selected_induction_attention"`, `"compressed_target_attention"`: [L]), plain lists.
   """
   found = _token_attention(model, jnp.asarray(tokens), jnp.asarray(queries),
                            jnp.asarray(targets))
@@ -129,6 +131,10 @@ def _token_attention(model, tokens, queries, targets):
     if "slc" in getattr(layer, "branches", ()):
       probs = attention_rows(layer, normed, rows[:, :num_queries], branch="slc")
       found.setdefault("selected_induction_attention", []).append(on_target(probs, targets))
+    if "cmp" in getattr(layer, "branches", ()):
+      probs, holds = compressed_rows(layer, normed, rows[:, :num_queries], targets)
+      found.setdefault("compressed_target_attention", []).append(
+          jnp.sum(probs * holds[:, None], axis=-1).mean(axis=(0, 2)).max())
     x = block(x)
   return {name: jnp.stack(values) for name, values in found.items()}
 
@@ -152,6 +158,23 @@ def attention_rows(layer, x, rows, branch: str = "swa"):
   k = jnp.repeat(k, group, axis=2)  # query head h reads KV head h // G
   scores = jnp.einsum("brhd,bshd->bhrs", q_rows, k, preferred_element_type=jnp.float32)
   return jax.nn.softmax(jnp.where(visible, scores * q.shape[-1] ** -0.5, -jnp.inf), axis=-1)
+
+
+def compressed_rows(layer, x, rows, targets):
+  """The compressed branch at query positions `rows int [B, R]` of an NSA `layer` on its input
+  `x [B, T, F]`: `(weights float32 [B, Hq, R, Tc]` over the compressed blocks, `holds bool
+  [B, R, Tc]`: the blocks whose tokens include `targets int [B, R]`)."""
+  cfg = layer.config
+  q, keys, values = layer._project(x)  # pylint: disable=protected-access
+  k_cmp, _ = layer._compress(keys[0], values[0])  # pylint: disable=protected-access
+  first = jnp.arange(k_cmp.shape[1]) * cfg.cmp_stride  # each block's first token
+  visible = first + cfg.cmp_block - 1 <= rows[:, None, :, None]  # [B, 1, R, Tc]
+  q_rows = jnp.take_along_axis(q, rows[:, :, None, None], axis=1)  # [B, R, Hq, Dk]
+  k_cmp = jnp.repeat(k_cmp, q.shape[2] // k_cmp.shape[2], axis=2)
+  scores = jnp.einsum("brhd,bchd->bhrc", q_rows, k_cmp, preferred_element_type=jnp.float32)
+  probs = jax.nn.softmax(jnp.where(visible, scores * q.shape[-1] ** -0.5, -jnp.inf), axis=-1)
+  holds = (first <= targets[..., None]) & (targets[..., None] < first + cfg.cmp_block)
+  return jnp.where(visible.any(-1, keepdims=True), probs, 0.0), holds
 
 
 def _selected_keys(layer, q, k, v, rows):

@@ -17,8 +17,8 @@ Writes into `--out` (default: the first workdir's `plots/`):
   `selection_hits_<run>.json`: how often each layer's selection, at the queries, holds the
   block the query must read (the queried pair's value, the needle's key digit), the mean
   branch gates there, and the induction circuit's attention (previous-token and
-  query-to-target weights of the window, query-to-target of the selected branch;
-  `experiments.diagnostics`);
+  query-to-target weights of the window, query-to-target of the selected branch, the compressed
+  branch's weight on the target's blocks; `experiments.diagnostics`);
 - `selection_stats_<run>.json` + `selection_indices_<run>.npz` (NSA runs): how many distinct
   blocks 1, 2, 4, 8 consecutive query positions of a KV head select together (mean and
   percentiles), for the first layer on held-out sequences and on random queries and keys of

@@ -6,16 +6,17 @@
 Writes `workdir/metrics.jsonl` (one JSON object per log or eval step, with `step` and `loss` or
 `held_out_loss`, plus `passkey_accuracy` / `mqar_accuracy` with `data.source = "passkey"` /
 `"mqar"`, and per layer on those tasks `induction_attention` / `previous_token_attention`, for
-NSA and its ablations also `gates_at_answers`, with the selected branch `selection_hits` /
-`selected_induction_attention`: `experiments/diagnostics.py`), the same scalars as TensorBoard
-event files in `workdir/tensorboard`, `workdir/config.json` (what `experiments.plot` rebuilds
-the model from) and Orbax checkpoints in `workdir/checkpoints` (the newest `keep_checkpoints`).
-A progress bar shows the loss and tokens/s on a terminal. Rerunning the same command resumes
-from the latest checkpoint (model, optimizer and the grain data iterator's state); batches
-depend only on the step, so a resumed run reproduces the uninterrupted one exactly.
-`config.init_from` names another run's workdir whose latest model parameters start this one (a
-length curriculum; a run of another attention kind gives the parameters both have). A non-finite
-loss stops the run with a message, keeping the last good checkpoint.
+NSA and its ablations also `gates_at_answers` / `compressed_target_attention`, with the selected
+branch `selection_hits` / `selected_induction_attention`: `experiments/diagnostics.py`), the
+same scalars as TensorBoard event files in `workdir/tensorboard`, `workdir/config.json` (what
+`experiments.plot` rebuilds the model from) and Orbax checkpoints in `workdir/checkpoints` (the
+newest `keep_checkpoints`). A progress bar shows the loss and tokens/s on a terminal. Rerunning
+the same command resumes from the latest checkpoint (model, optimizer and the grain data
+iterator's state); batches depend only on the step, so a resumed run reproduces the
+uninterrupted one exactly. `config.init_from` names another run's workdir whose latest model
+parameters start this one (a length curriculum; a run of another attention kind gives the
+parameters both have). A non-finite loss stops the run with a message, keeping the last good
+checkpoint.
 
 Parallelism: `config.mesh` sizes a `(data, fsdp, tensor)` device mesh (-1 fills); parameters,
 optimizer state and batches are sharded over it (`experiments/parallel.py`) and the attention

@@ -105,3 +105,28 @@ def test_selected_induction_attention_is_zero_where_the_selection_misses_the_tar
   assert middle["selected_induction_attention"] == [0.0] * config.model.num_layers
   local = diagnostics.token_attention(model, tokens, queries, np.full((2, 2), 66))
   assert all(0 < a < 1 for a in local["selected_induction_attention"])
+
+
+def test_compressed_rows_are_the_weights_of_the_compressed_branch():
+  config, model = _model("nsa_no_selection")
+  layer = model.blocks[0].attention
+  l, d = layer.config.cmp_block, layer.config.cmp_stride
+  x = jax.random.normal(jax.random.key(5), (2, 96, config.model.num_features))
+  rows = jnp.array([[3, 31, 40, 95], [15, 16, 63, 80]])
+  targets = jnp.array([[0, 16, 33, 90], [0, 8, 32, 79]])  # 16, 32: on block edges
+  probs, holds = diagnostics.compressed_rows(layer, x, rows, targets)
+  q, keys, values = layer._project(x)  # pylint: disable=protected-access
+  k_cmp, v_cmp = layer._compress(keys[0], values[0])  # pylint: disable=protected-access
+  out, _ = nsa_jax.compressed_attention(q, k_cmp, v_cmp, block=l, stride=d,
+                                        implementation="xla")
+  group = q.shape[2] // k_cmp.shape[2]
+  mixed = jnp.einsum("bhrc,bchd->brhd", probs, jnp.repeat(v_cmp, group, axis=2))
+  np.testing.assert_allclose(mixed, jnp.take_along_axis(out, rows[:, :, None, None], axis=1),
+                             rtol=2e-5, atol=2e-6)
+  expected = [[[c * d <= int(t) < c * d + l for c in range(k_cmp.shape[1])] for t in row]
+              for row in targets]
+  np.testing.assert_array_equal(holds, expected)
+  assert float(jnp.abs(probs[0, :, 0]).max()) == 0.0  # row 3 sees no whole block yet
+  found = diagnostics.token_attention(model, jnp.zeros((2, 96), jnp.int32), np.array([70, 90]),
+                                      np.array([[60, 80], [10, 85]]))
+  assert len(found["compressed_target_attention"]) == config.model.num_layers

@@ -173,7 +173,7 @@ def test_mqar_source_trains_and_logs_recall_accuracy(tmp_path, attention):
   for name in ("induction_attention", "previous_token_attention"):
     assert all(len(r[name]) == config.model.num_layers and all(0 < a <= 1 for a in r[name])
                for r in evaluations)
-  for name in ("selection_hits", "selected_induction_attention"):
+  for name in ("selection_hits", "selected_induction_attention", "compressed_target_attention"):
     assert (name in evaluations[0]) == (attention == "nsa")
 
 
