@@ -147,17 +147,25 @@ def attention_rows(layer, x, rows, branch: str = "swa"):
   `separate_kv`; full causal for dense layers."""
   q, keys, values = layer._project(x)  # pylint: disable=protected-access
   k = keys[{"swa": 2, "slc": 1}[branch] if len(keys) == 3 else 0]
-  t, group = k.shape[1], q.shape[2] // k.shape[2]
+  t = k.shape[1]
   keys_at, rows_at = jnp.arange(t), rows[:, None, :, None]
   visible = keys_at <= rows_at  # dense: every earlier key
   if isinstance(layer, nsa_jax.nn.NativeSparseAttention) and branch == "swa":
     visible &= keys_at > rows_at - layer.config.window
   elif isinstance(layer, nsa_jax.nn.NativeSparseAttention):
     visible &= _selected_keys(layer, q, keys[0], values[0], rows)
+  return _row_weights(q, k, rows, visible)
+
+
+def _row_weights(q, k, rows, visible):
+  """`[B, Hq, R, S]` float32 softmax weights of the queries `q [B, T, Hq, Dk]` at `rows [B, R]`
+  over keys `k [B, S, Hkv, Dk]` (query head h reads KV head h // G), where `visible` (broadcast
+  to `[B, Hq, R, S]`) allows; a row that sees nothing gets weights 0."""
   q_rows = jnp.take_along_axis(q, rows[:, :, None, None], axis=1)  # [B, R, Hq, Dk]
-  k = jnp.repeat(k, group, axis=2)  # query head h reads KV head h // G
+  k = jnp.repeat(k, q.shape[2] // k.shape[2], axis=2)
   scores = jnp.einsum("brhd,bshd->bhrs", q_rows, k, preferred_element_type=jnp.float32)
-  return jax.nn.softmax(jnp.where(visible, scores * q.shape[-1] ** -0.5, -jnp.inf), axis=-1)
+  probs = jax.nn.softmax(jnp.where(visible, scores * q.shape[-1] ** -0.5, -jnp.inf), axis=-1)
+  return jnp.where(jnp.any(visible, axis=-1, keepdims=True), probs, 0.0)
 
 
 def compressed_rows(layer, x, rows, targets):
@@ -169,12 +177,8 @@ def compressed_rows(layer, x, rows, targets):
   k_cmp, _ = layer._compress(keys[0], values[0])  # pylint: disable=protected-access
   first = jnp.arange(k_cmp.shape[1]) * cfg.cmp_stride  # each block's first token
   visible = first + cfg.cmp_block - 1 <= rows[:, None, :, None]  # [B, 1, R, Tc]
-  q_rows = jnp.take_along_axis(q, rows[:, :, None, None], axis=1)  # [B, R, Hq, Dk]
-  k_cmp = jnp.repeat(k_cmp, q.shape[2] // k_cmp.shape[2], axis=2)
-  scores = jnp.einsum("brhd,bchd->bhrc", q_rows, k_cmp, preferred_element_type=jnp.float32)
-  probs = jax.nn.softmax(jnp.where(visible, scores * q.shape[-1] ** -0.5, -jnp.inf), axis=-1)
   holds = (first <= targets[..., None]) & (targets[..., None] < first + cfg.cmp_block)
-  return jnp.where(visible.any(-1, keepdims=True), probs, 0.0), holds
+  return _row_weights(q, k_cmp, rows, visible), holds
 
 
 def _selected_keys(layer, q, k, v, rows):
