@@ -163,14 +163,19 @@ class PasskeyBatches(ByteBatches):
   """Passkey-retrieval sequences of `seq_len + 1` bytes (needles at random depths), with filler
   from the train or held-out text."""
 
-  def __init__(self, text, batch_size, seq_len, seed, *, other_weight: float = 1.0):
+  def __init__(self, text, batch_size, seq_len, seed, *, other_weight: float = 1.0,
+               digits: int = tasks.DIGITS):
     super().__init__(text, batch_size, seq_len, seed)
-    self.loss_weights = answer_weights(seq_len, tasks.passkey_answer_targets(seq_len + 1),
-                                       other_weight)
+    self.digits = digits
+    # A needle and question that do not fit seq_len fail here, not at the first batch.
+    tasks.passkey_example(np.random.default_rng(0), self.splits["train"], seq_len + 1, 0.0, digits)
+    self.loss_weights = answer_weights(
+        seq_len, tasks.passkey_answer_targets(seq_len + 1, digits), other_weight)
 
   def batch(self, split: str, step: int) -> np.ndarray:
     rng = np.random.default_rng([self.seed, 0 if split == "train" else 1, step])
-    return tasks.passkey_batch(rng, self.splits[split], self.batch_size, self.seq_len + 1)
+    return tasks.passkey_batch(rng, self.splits[split], self.batch_size, self.seq_len + 1,
+                               self.digits)
 
 
 def train_iterator(batches, steps: int) -> grain.DatasetIterator:

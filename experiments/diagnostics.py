@@ -192,17 +192,18 @@ def _selected_keys(layer, q, k, v, rows):
   return blocks[..., jnp.arange(t) // cfg.slc_block]
 
 
-def passkey_probe(filler, seq_len: int, samples: int, seed: int = 1):
-  """`(tokens [B, seq_len - 1], queries [5], targets [B, 5])` of passkey sequences of
+def passkey_probe(filler, seq_len: int, samples: int, seed: int = 1,
+                  digits: int = tasks.DIGITS):
+  """`(tokens [B, seq_len - 1], queries [digits], targets [B, digits])` of passkey sequences of
   `seq_len` tokens with needles at random depths: the question's answer positions and the
   position of the needle digit each predicts."""
   rng = np.random.default_rng([seed, seq_len])
   depths = rng.uniform(size=samples)
-  tokens = np.stack([tasks.passkey_example(rng, filler, seq_len, depth)[0]
+  tokens = np.stack([tasks.passkey_example(rng, filler, seq_len, depth, digits)[0]
                      for depth in depths])[:, :-1]
-  digits = np.stack([tasks.passkey_key_start(seq_len, depth) + np.arange(tasks.DIGITS)
-                     for depth in depths])  # [B, DIGITS]
-  return tokens, tasks.passkey_answer_targets(seq_len), digits
+  targets = np.stack([tasks.passkey_key_start(seq_len, depth, digits) + np.arange(digits)
+                      for depth in depths])  # [B, digits]
+  return tokens, tasks.passkey_answer_targets(seq_len, digits), targets
 
 
 def mqar_probe(seq_len: int, num_pairs: int, vocab_size: int, placement: str, samples: int,

@@ -91,7 +91,7 @@ def passkey_grid(config, model, lengths, depths, samples):
   filler = train.build_data(config).splits["held_out"]
   logits = nnx.jit(lambda model, tokens: model(tokens))
   results = tasks.passkey_accuracy(lambda t: logits(model, jnp.asarray(t)), filler, lengths,
-                                   depths, samples, seed=1)
+                                   depths, samples, seed=1, digits=train.passkey_digits(config))
   return np.array([[results[(length, depth)] for depth in depths] for length in lengths])
 
 
@@ -183,7 +183,8 @@ def answer_probe(config, samples, seed=1):
     return diagnostics.mqar_probe(config.seq_len + 1, data.mqar_pairs, train.vocab_size(config),
                                   data.mqar_placement, samples, seed)
   filler = train.build_data(config).splits["held_out"]
-  return diagnostics.passkey_probe(filler, config.seq_len + 1, samples, seed)
+  return diagnostics.passkey_probe(filler, config.seq_len + 1, samples, seed,
+                                   train.passkey_digits(config))
 
 
 def answer_diagnostics(config, model, samples, seed=1):

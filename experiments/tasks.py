@@ -3,7 +3,9 @@ recall (MQAR).
 
 - Passkey (the paper's needle test), over bytes: filler text with a needle "The pass key is
   73914. Remember it." at a chosen depth, ending in the question "What is the pass key? The pass
-  key is 73914": a model that retrieves the needle predicts the last `DIGITS` bytes.
+  key is 73914": a model that retrieves the needle predicts the key's last `digits` bytes
+  (`DIGITS` = 5 by default; a key longer than a compressed block's summary can hold makes the
+  model read the needle's own tokens).
 - MQAR (Zoology's), over token ids of a vocabulary of a few thousand: key-value pairs spread
   through random filler, then keys of the pairs asked back (`mqar_example`).
 
@@ -21,7 +23,8 @@ NEEDLE = b" The pass key is {key}. Remember it. "
 QUESTION = b" What is the pass key? The pass key is {key}"
 
 
-def passkey_example(rng: np.random.Generator, filler: np.ndarray, seq_len: int, depth: float):
+def passkey_example(rng: np.random.Generator, filler: np.ndarray, seq_len: int, depth: float,
+                    digits: int = DIGITS):
   """One sequence of exactly `seq_len` bytes.
 
   Args:
@@ -29,11 +32,14 @@ def passkey_example(rng: np.random.Generator, filler: np.ndarray, seq_len: int, 
     filler: uint8 text to cut the filler from.
     seq_len: tokens in the sequence.
     depth: where the needle goes, 0 (start) to 1 (just before the question).
+    digits: the key's length in decimal digits.
 
   Returns:
-    `(tokens int32 [seq_len], key bytes)`; the key is the last `DIGITS` tokens.
+    `(tokens int32 [seq_len], key bytes)`; the key is the last `digits` tokens.
   """
-  key = bytes(b"0123456789"[d] for d in rng.integers(0, 10, DIGITS))
+  if digits < 1:
+    raise ValueError(f"digits: the key needs at least one digit, got {digits}")
+  key = bytes(b"0123456789"[d] for d in rng.integers(0, 10, digits))
   needle = np.frombuffer(NEEDLE.replace(b"{key}", key), np.uint8)
   question = np.frombuffer(QUESTION.replace(b"{key}", key), np.uint8)
   filler_len = seq_len - len(needle) - len(question)
@@ -47,33 +53,36 @@ def passkey_example(rng: np.random.Generator, filler: np.ndarray, seq_len: int, 
   return tokens, key
 
 
-def passkey_key_start(seq_len: int, depth: float) -> int:
-  """Where `passkey_example(.., seq_len, depth)` puts the needle's first key digit."""
-  needle_len = len(NEEDLE) - len(b"{key}") + DIGITS
-  filler_len = seq_len - needle_len - (len(QUESTION) - len(b"{key}") + DIGITS)
+def passkey_key_start(seq_len: int, depth: float, digits: int = DIGITS) -> int:
+  """Where `passkey_example(.., seq_len, depth, digits)` puts the needle's first key digit."""
+  needle_len = len(NEEDLE) - len(b"{key}") + digits
+  filler_len = seq_len - needle_len - (len(QUESTION) - len(b"{key}") + digits)
   return int(round(depth * filler_len)) + NEEDLE.index(b"{key}")
 
 
-def passkey_answer_targets(seq_len: int) -> np.ndarray:
+def passkey_answer_targets(seq_len: int, digits: int = DIGITS) -> np.ndarray:
   """Indices into the targets `tokens[1:]` of a sequence of `seq_len` bytes that are answers:
-  the key's digits in the question, its last `DIGITS` bytes."""
-  return np.arange(seq_len - 1 - DIGITS, seq_len - 1)
+  the key's digits in the question, its last `digits` bytes."""
+  return np.arange(seq_len - 1 - digits, seq_len - 1)
 
 
-def passkey_batch(rng, filler, batch_size: int, seq_len: int):
+def passkey_batch(rng, filler, batch_size: int, seq_len: int, digits: int = DIGITS):
   """int32 `[batch_size, seq_len]`, needles at uniformly random depths."""
-  return np.stack([passkey_example(rng, filler, seq_len, rng.uniform())[0]
+  return np.stack([passkey_example(rng, filler, seq_len, rng.uniform(), digits)[0]
                    for _ in range(batch_size)])
 
 
-def passkey_accuracy(logits_fn, filler, lengths, depths, samples: int, seed: int = 0):
-  """Fraction of sequences whose `DIGITS` key bytes are all predicted (greedy, given the prefix).
+def passkey_accuracy(logits_fn, filler, lengths, depths, samples: int, seed: int = 0,
+                     digits: int = DIGITS):
+  """Fraction of sequences whose `digits` key bytes are all predicted (greedy, given the prefix).
 
   Args:
     logits_fn: `tokens int32 [B, T] -> logits [B, T, vocab]`, causal.
     filler: uint8 text for the filler.
     lengths, depths: the grid of sequence lengths and needle depths.
     samples: sequences per grid point.
+    seed: the sequences' seed.
+    digits: the key's length.
 
   Returns:
     `{(length, depth): accuracy}`.
@@ -82,9 +91,10 @@ def passkey_accuracy(logits_fn, filler, lengths, depths, samples: int, seed: int
   for length in lengths:
     for depth in depths:
       rng = np.random.default_rng([seed, length, int(depth * 1000)])
-      tokens = np.stack([passkey_example(rng, filler, length, depth)[0] for _ in range(samples)])
-      predictions = np.asarray(logits_fn(tokens[:, :-1])).argmax(-1)[:, -DIGITS:]
-      results[(length, depth)] = float(np.mean(np.all(predictions == tokens[:, -DIGITS:], 1)))
+      tokens = np.stack([passkey_example(rng, filler, length, depth, digits)[0]
+                         for _ in range(samples)])
+      predictions = np.asarray(logits_fn(tokens[:, :-1])).argmax(-1)[:, -digits:]
+      results[(length, depth)] = float(np.mean(np.all(predictions == tokens[:, -digits:], 1)))
   return results
 
 

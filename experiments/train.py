@@ -90,6 +90,12 @@ def vocab_size(config) -> int:
   return config.model.get("vocab_size", TransformerConfig.vocab_size)
 
 
+def passkey_digits(config) -> int:
+  """The passkey's length: `config.data.passkey_digits`, or `tasks.DIGITS` for configs
+  written before the field existed."""
+  return config.data.get("passkey_digits", tasks.DIGITS)
+
+
 def build_data(config):
   """Batches of `config.data.source`: "stdlib" (bytes of the standard library's sources),
   "passkey" (needles in that text), "mqar" (associative recall over the model's `vocab_size`
@@ -128,7 +134,8 @@ def build_data(config):
     return data_lib.ByteBatches(text, *args, document_ids=document_ids)
   text = data_lib.stdlib_source_bytes(data.max_bytes)
   if data.source == "passkey":
-    return data_lib.PasskeyBatches(text, *args, other_weight=data.other_weight)
+    return data_lib.PasskeyBatches(text, *args, other_weight=data.other_weight,
+                                   digits=passkey_digits(config))
   return data_lib.ByteBatches(text, *args)
 
 
@@ -265,10 +272,11 @@ def _train(config, workdir, batches, mesh):
           accuracy = tasks.passkey_accuracy(lambda t: eval_logits(model, jnp.asarray(t)),
                                             batches.splits["held_out"], [config.seq_len + 1],
                                             PASSKEY_DEPTHS, samples=config.eval_samples,
-                                            seed=step)
+                                            seed=step, digits=batches.digits)
           record["passkey_accuracy"] = float(np.mean(list(accuracy.values())))
           probe = diagnostics.passkey_probe(batches.splits["held_out"], config.seq_len + 1,
-                                            config.eval_samples, seed=step)
+                                            config.eval_samples, seed=step,
+                                            digits=batches.digits)
         if config.data.source == "mqar":  # recall accuracy at the training length
           record.update(tasks.mqar_accuracies(
               lambda t: eval_logits(model, jnp.asarray(t)), config.seq_len + 1,

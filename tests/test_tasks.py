@@ -9,16 +9,27 @@ from experiments import tasks
 FILLER = np.frombuffer(b"lorem ipsum dolor sit amet " * 400, np.uint8)
 
 
+@pytest.mark.parametrize("digits", [tasks.DIGITS, 32])
 @pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
-def test_needle_at_depth_and_answer_is_its_key(depth):
-  tokens, key = tasks.passkey_example(np.random.default_rng(1), FILLER, 300, depth)
+def test_needle_at_depth_and_answer_is_its_key(depth, digits):
+  tokens, key = tasks.passkey_example(np.random.default_rng(1), FILLER, 300, depth, digits)
   assert tokens.shape == (300,) and tokens.dtype == np.int32
   text = tokens.astype(np.uint8).tobytes()
   needle = tasks.NEEDLE.replace(b"{key}", key)
   position = text.index(needle)
   filler_len = 300 - len(needle) - len(tasks.QUESTION.replace(b"{key}", key))
   assert position == round(depth * filler_len)
-  assert text.endswith(key) and len(key) == tasks.DIGITS and key.isdigit()
+  assert text.endswith(key) and len(key) == digits and key.isdigit()
+  start = tasks.passkey_key_start(300, depth, digits)
+  assert text[start:start + digits] == key
+  # The answers are the targets (tokens[1:]) that are the question's key digits.
+  answers = tasks.passkey_answer_targets(300, digits)
+  assert tokens[1:][answers].astype(np.uint8).tobytes() == key
+
+
+def test_a_key_without_digits_is_rejected():
+  with pytest.raises(ValueError, match="digits"):
+    tasks.passkey_example(np.random.default_rng(0), FILLER, 300, 0.5, 0)
 
 
 def test_too_short_a_sequence_is_rejected():
@@ -26,23 +37,24 @@ def test_too_short_a_sequence_is_rejected():
     tasks.passkey_example(np.random.default_rng(0), FILLER, 40, 0.5)
 
 
-def test_accuracy_of_a_retrieving_and_a_guessing_model():
+@pytest.mark.parametrize("digits", [tasks.DIGITS, 24])
+def test_accuracy_of_a_retrieving_and_a_guessing_model(digits):
   def oracle(tokens):  # reads the key from the needle: perfect retrieval
     logits = np.zeros(tokens.shape + (256,))
     for b, row in enumerate(tokens):
       text = row.astype(np.uint8).tobytes()
       start = text.index(b"pass key is ") + len(b"pass key is ")
-      key = text[start:start + tasks.DIGITS]
-      for i in range(tasks.DIGITS):
-        logits[b, len(row) - tasks.DIGITS + i, key[i]] = 1.0  # predicts token len - DIGITS + 1 + i
+      key = text[start:start + digits]
+      for i in range(digits):
+        logits[b, len(row) - digits + i, key[i]] = 1.0  # predicts token len - digits + 1 + i
     return logits
 
   def guesser(tokens):
     return np.zeros(tokens.shape + (256,))  # always byte 0
 
   grid = dict(lengths=[200, 300], depths=[0.1, 0.9], samples=4)
-  assert set(tasks.passkey_accuracy(oracle, FILLER, **grid).values()) == {1.0}
-  assert set(tasks.passkey_accuracy(guesser, FILLER, **grid).values()) == {0.0}
+  assert set(tasks.passkey_accuracy(oracle, FILLER, **grid, digits=digits).values()) == {1.0}
+  assert set(tasks.passkey_accuracy(guesser, FILLER, **grid, digits=digits).values()) == {0.0}
 
 
 VOCAB = 64

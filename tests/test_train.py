@@ -198,6 +198,22 @@ def test_task_loss_weighs_the_answers(other_weight):
   np.testing.assert_allclose(train.loss_fn(model, tokens, w), expected, rtol=1e-6)
 
 
+def test_passkey_digits_sets_the_key_and_its_answers():
+  config = small_config(seq_len=160)
+  config.data.update(dict(source="passkey", passkey_digits=32, other_weight=0.0))
+  batches = train.build_data(config)
+  tokens = batches.batch("train", 1)
+  answers = np.flatnonzero(batches.loss_weights)
+  np.testing.assert_array_equal(answers, np.arange(160 - 32, 160))
+  for row in tokens:  # the weighted targets tokens[1:] are the needle's 32-digit key
+    text = row.astype(np.uint8).tobytes()
+    start = text.index(b"pass key is ") + len(b"pass key is ")
+    assert row[1:][answers].astype(np.uint8).tobytes() == text[start:start + 32]
+  config.seq_len = 120  # needle and question take 81 + 2 * 27 bytes
+  with pytest.raises(ValueError, match="shorter than the needle and question"):
+    train.build_data(config)
+
+
 @pytest.mark.parametrize("attention", ["nsa_no_selection", "window"])
 def test_ablations_train(tmp_path, attention):
   config = small_config(attention=attention, steps=3, seq_len=96)
