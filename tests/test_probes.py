@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from experiments.probes import branch_mix, decode_floor, gpu_trace, selected_floor, tpu_overhead
+from experiments.probes import (branch_mix, decode_floor, gpu_trace, key_reading, selected_floor,
+                                tpu_overhead)
 from nsa_jax import NSAConfig, nn
 
 
@@ -183,3 +184,26 @@ def test_branch_mix_runs_a_training_command(tmp_path):
   # The window's gate, scaled by 10, is past a sigmoid's range in both layers.
   gates = [r["gates_at_answers"] for r in records if "gates_at_answers" in r][-1]
   assert all(layer[2] > 1 for layer in gates) and all(layer[0] < 1 for layer in gates)
+
+
+@pytest.mark.parametrize("attention", ["nsa", "dense"])
+def test_key_reading_profiles_each_layers_token_level_attention(attention):
+  from experiments import train  # pylint: disable=import-outside-toplevel
+  from experiments.configs import demo  # pylint: disable=import-outside-toplevel
+  config = demo.get_config()
+  config.attention = attention
+  model = train.build_model(config, nnx.Rngs(0))
+  tokens = np.asarray(jax.random.randint(jax.random.key(2), (2, 96), 0, 256))
+  queries = np.array([70, 71, 72])
+  # A "key" spanning every position the answers can see: dense attention puts all of its
+  # weight there; a key at positions 10-12 gets only part of it.
+  whole, part = np.tile(np.array([0, 36, 72]), (2, 1)), np.tile(np.array([10, 11, 12]), (2, 1))
+  profile = key_reading.reading_profile(model, tokens, queries, whole)
+  branches = ["slc", "swa"] if attention == "nsa" else ["full"]
+  assert [(row["layer"], row["branch"]) for row in profile] == [
+      (layer, branch) for layer in range(1, config.model.num_layers + 1) for branch in branches]
+  for row, row_part in zip(profile, key_reading.reading_profile(model, tokens, queries, part)):
+    assert all(0 <= w <= 1 for w in row["at_offset"].values())
+    assert max(row_part["at_offset"].values()) <= row_part["on_key"] + 1e-6
+    if row["branch"] == "full":
+      assert row["on_key"] == pytest.approx(1.0, abs=1e-5) and row_part["on_key"] < 0.5
