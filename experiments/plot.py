@@ -280,8 +280,8 @@ def make_plots(workdirs, out, lengths=None, depths=(0.1, 0.3, 0.5, 0.7, 0.9), sa
         indices = first_layer_selection(model, inputs[0])
         written.update(_selection_statistics_files(config, model, name, inputs, out))
         written[f"selection_{name}.png"] = out / f"selection_{name}.png"
-        plot_selection(indices, config.nsa.slc_block, f"blocks chosen by layer 0, KV head 0: {name}",
-                       out / f"selection_{name}.png")
+        plot_selection(indices, config.nsa.slc_block,
+                       f"blocks chosen by layer 0, KV head 0: {name}", out / f"selection_{name}.png")
   written["loss_curves.png"] = out / "loss_curves.png"
   plot_losses(runs, out / "loss_curves.png")
   return written
