@@ -4,8 +4,8 @@ recall (MQAR).
 - Passkey (the paper's needle test), over bytes: filler text with a needle "The pass key is
   73914. Remember it." at a chosen depth, ending in the question "What is the pass key? The pass
   key is 73914": a model that retrieves the needle predicts the key's last `digits` bytes
-  (`DIGITS` = 5 by default; a key longer than a compressed block's summary can hold makes the
-  model read the needle's own tokens).
+  (`DIGITS` = 5 by default; a longer key is meant to be more than a compressed block's summary
+  carries: RESULTS.md says what the models learned to read).
 - MQAR (Zoology's), over token ids of a vocabulary of a few thousand: key-value pairs spread
   through random filler, then keys of the pairs asked back (`mqar_example`).
 
