@@ -119,24 +119,28 @@ def token_attention(model, tokens, queries, targets) -> dict:
 def _token_attention(model, tokens, queries, targets):
   num_queries = queries.shape[0]
   rows = jnp.concatenate([jnp.broadcast_to(queries, targets.shape), targets], axis=1)
-  on_target = lambda probs, at: jnp.take_along_axis(probs, at[:, None, :, None], -1).mean(
-      axis=(0, 2, 3)).max()  # probs [B, Hq, Q, T], at [B, Q]: the best head's mean weight
   found = {"induction_attention": [], "previous_token_attention": []}
   x = model.embed(tokens)
   for block in model.blocks:
     layer, normed = block.attention, block.attention_norm(x)
     probs = attention_rows(layer, normed, rows)  # [B, Hq, 2Q, T]
-    found["induction_attention"].append(on_target(probs[:, :, :num_queries], targets))
-    found["previous_token_attention"].append(on_target(probs[:, :, num_queries:], targets - 1))
+    found["induction_attention"].append(weight_on(probs[:, :, :num_queries], targets))
+    found["previous_token_attention"].append(weight_on(probs[:, :, num_queries:], targets - 1))
     if "slc" in getattr(layer, "branches", ()):
       probs = attention_rows(layer, normed, rows[:, :num_queries], branch="slc")
-      found.setdefault("selected_induction_attention", []).append(on_target(probs, targets))
+      found.setdefault("selected_induction_attention", []).append(weight_on(probs, targets))
     if "cmp" in getattr(layer, "branches", ()):
       probs, holds = compressed_rows(layer, normed, rows[:, :num_queries], targets)
       found.setdefault("compressed_target_attention", []).append(
           jnp.sum(probs * holds[:, None], axis=-1).mean(axis=(0, 2)).max())
     x = block(x)
   return {name: jnp.stack(values) for name, values in found.items()}
+
+
+def weight_on(probs, at):
+  """The best head's mean weight on one key per row: `probs [B, Hq, Q, T]` (`attention_rows`)
+  at key positions `at int [B, Q]`; a scalar."""
+  return jnp.take_along_axis(probs, at[:, None, :, None], -1).mean(axis=(0, 2, 3)).max()
 
 
 def attention_rows(layer, x, rows, branch: str = "swa"):

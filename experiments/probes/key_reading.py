@@ -42,17 +42,15 @@ def reading_profile(model, tokens, queries, targets) -> list[dict]:
     layer, normed = block.attention, block.attention_norm(x)
     branches = [b for b in ("slc", "swa") if b in getattr(layer, "branches", ())] or ["full"]
     for branch in branches:
-      probs = np.asarray(diagnostics.attention_rows(layer, normed, rows,
-                                                    branch="swa" if branch == "full" else branch))
-      best = lambda weights: float(weights.mean(axis=(0, 2)).max())  # [B, Hq, Q] -> best head
-      keys_at = np.arange(probs.shape[-1])
+      probs = diagnostics.attention_rows(layer, normed, rows,
+                                         branch="swa" if branch == "full" else branch)
+      keys_at = jnp.arange(probs.shape[-1])
       on_key = (keys_at >= key_start) & (keys_at <= key_stop)  # [B, T]
       profile.append(dict(
           layer=number, branch=branch,
-          at_offset={offset: best(np.take_along_axis(
-              probs, np.clip(targets + offset, 0, None)[:, None, :, None], -1)[..., 0])
-                     for offset in OFFSETS},
-          on_key=best((probs * on_key[:, None, None, :]).sum(-1))))
+          at_offset={offset: float(diagnostics.weight_on(
+              probs, jnp.clip(targets + offset, 0, None))) for offset in OFFSETS},
+          on_key=float((probs * on_key[:, None, None, :]).sum(-1).mean(axis=(0, 2)).max())))
     x = block(x)
   return profile
 
