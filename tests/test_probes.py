@@ -186,6 +186,19 @@ def test_branch_mix_runs_a_training_command(tmp_path):
   assert all(layer[2] > 1 for layer in gates) and all(layer[0] < 1 for layer in gates)
 
 
+def test_key_reading_weighs_the_keys_that_overlap_a_span():
+  # One sequence, two heads, one answer, six keys; tokens 0-5, or blocks of 3 with stride 2.
+  probs = jnp.array([[[[0.1, 0.2, 0.3, 0.4, 0.0, 0.0]], [[0.0, 0.0, 0.0, 0.5, 0.5, 0.0]]]])
+  tokens, blocks = jnp.arange(6), jnp.arange(6) * 2
+  span = lambda a, b: (jnp.array([[a]]), jnp.array([[b]]))
+  assert key_reading.weight_on_span(probs, tokens, tokens, *span(1, 2)) == pytest.approx(0.5)
+  assert key_reading.weight_on_span(probs, tokens, tokens, *span(3, 3)) == pytest.approx(0.5)
+  assert key_reading.weight_on_span(probs, tokens, tokens, *span(4, 9)) == pytest.approx(0.5)
+  # Blocks 0-2, 2-4, 4-6, ...: token 4 lies in the second and the third, token 5 in the third.
+  assert key_reading.weight_on_span(probs, blocks, blocks + 2, *span(4, 4)) == pytest.approx(0.5)
+  assert key_reading.weight_on_span(probs, blocks, blocks + 2, *span(5, 5)) == pytest.approx(0.3)
+
+
 @pytest.mark.parametrize("attention", ["nsa", "dense"])
 def test_key_reading_profiles_each_layers_token_level_attention(attention):
   from experiments import train  # pylint: disable=import-outside-toplevel
@@ -196,14 +209,20 @@ def test_key_reading_profiles_each_layers_token_level_attention(attention):
   tokens = np.asarray(jax.random.randint(jax.random.key(2), (2, 96), 0, 256))
   queries = np.array([70, 71, 72])
   # A "key" spanning every position the answers can see: dense attention puts all of its
-  # weight there; a key at positions 10-12 gets only part of it.
+  # weight there; a key at positions 10-12 gets only part of it; after a key at 0-2, a span of
+  # 200 tokens holds everything else the answers see.
   whole, part = np.tile(np.array([0, 36, 72]), (2, 1)), np.tile(np.array([10, 11, 12]), (2, 1))
+  early = np.tile(np.array([0, 1, 2]), (2, 1))
   profile = key_reading.reading_profile(model, tokens, queries, whole)
-  branches = ["slc", "swa"] if attention == "nsa" else ["full"]
+  branches = ["cmp", "slc", "swa"] if attention == "nsa" else ["full"]
   assert [(row["layer"], row["branch"]) for row in profile] == [
       (layer, branch) for layer in range(1, config.model.num_layers + 1) for branch in branches]
-  for row, row_part in zip(profile, key_reading.reading_profile(model, tokens, queries, part)):
+  for row, row_part, row_early in zip(
+      profile, key_reading.reading_profile(model, tokens, queries, part),
+      key_reading.reading_profile(model, tokens, queries, early, after=200)):
     assert all(0 <= w <= 1 for w in row["at_offset"].values())
     assert row_part["at_offset"][0] <= row_part["on_key"] + 1e-6  # each digit is in the key
-    if row["branch"] == "full":
+    if row["branch"] in ("full", "cmp"):  # both see every (compressed) key before the answers
       assert row["on_key"] == pytest.approx(1.0, abs=1e-5) and row_part["on_key"] < 0.5
+      assert row["after_key"] == pytest.approx(0.0, abs=1e-6)  # nothing visible after 72
+      assert row_early["on_key"] + row_early["after_key"] >= 1 - 1e-5

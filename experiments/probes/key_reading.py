@@ -1,14 +1,16 @@
-"""Where a passkey model's answers look: each layer's token-level attention at the answers, on the
-digit to emit, its neighbours, and the whole key.
+"""Where a passkey model's answers look: each layer's attention at the answers, on the digit to
+emit, its neighbours, the whole key and the tokens after it.
 
     python -m experiments.probes.key_reading --workdir out/pk [--workdir ...] [--samples 16]
         [--out key_reading.json]
 
 `experiments.diagnostics.token_attention` logs the weight on the digit itself; a model can also
-read a neighbour that carries the digit (a later token whose first layer copied it) or spread
-its weight over the key. For every layer (NSA: the selected and the window branch; dense: full
-attention) this prints the best head's mean weight at offsets -1, 0, +1, +2 from the digit each
-answer emits, and on the key's span. Held-out sequences of `experiments.plot.answer_probe`.
+read a neighbour that carries the digit (a later token whose first layer copied it), spread its
+weight over the key, or read a compressed summary. For every layer (NSA: the compressed, the
+selected and the window branch; dense: full attention) this prints the best head's mean weight
+at offsets -1, 0, +1, +2 from the digit each answer emits, on the key's span and on the 64
+tokens after it (compressed branch: on the blocks that overlap each span). Held-out sequences
+of `experiments.plot.answer_probe`.
 """
 
 from __future__ import annotations
@@ -23,36 +25,54 @@ from experiments import diagnostics
 from experiments import plot
 
 OFFSETS = (-1, 0, 1, 2)
+AFTER = 64
 
 
-def reading_profile(model, tokens, queries, targets) -> list[dict]:
-  """Per layer and token-level branch: `{"layer", "branch", "at_offset": {offset: weight},
-  "on_key": weight}`, each the best head's mean over sequences and answers.
+def reading_profile(model, tokens, queries, targets, after: int = AFTER) -> list[dict]:
+  """Per layer and branch: `{"layer", "branch", "at_offset": {offset: weight}, "on_key": weight,
+  "after_key": weight}`, each the best head's mean over sequences and answers of the weight on
+  the keys that cover the span (for the compressed branch: the blocks that overlap it).
 
   Args:
     model: a `DecoderLM` (NSA layers, ablations or dense).
     tokens: int `[B, T]`; queries: int `[Q]`, the answer positions; targets: int `[B, Q]`, the
       position of the digit each answer emits (the key's digits in order).
+    after: the length of the span after the key's last digit (`after_key`), where a first layer
+      that attends to the key can have left a copy of it.
   """
   rows = jnp.broadcast_to(jnp.asarray(queries), targets.shape)
-  key_start, key_stop = targets.min(axis=1, keepdims=True), targets.max(axis=1, keepdims=True)
+  key_start = jnp.broadcast_to(targets.min(axis=1, keepdims=True), targets.shape)
+  key_stop = jnp.broadcast_to(targets.max(axis=1, keepdims=True), targets.shape)
+  spans = {**{offset: (targets + offset,) * 2 for offset in OFFSETS},
+           "on_key": (key_start, key_stop), "after_key": (key_stop + 1, key_stop + after)}
   profile = []
   x = model.embed(jnp.asarray(tokens))
   for number, block in enumerate(model.blocks, start=1):
     layer, normed = block.attention, block.attention_norm(x)
-    branches = [b for b in ("slc", "swa") if b in getattr(layer, "branches", ())] or ["full"]
+    kinds = getattr(layer, "branches", ())
+    branches = [b for b in ("cmp", "slc", "swa") if b in kinds] or ["full"]
     for branch in branches:
-      probs = diagnostics.attention_rows(layer, normed, rows,
-                                         branch="swa" if branch == "full" else branch)
-      keys_at = jnp.arange(probs.shape[-1])
-      on_key = (keys_at >= key_start) & (keys_at <= key_stop)  # [B, T]
-      profile.append(dict(
-          layer=number, branch=branch,
-          at_offset={offset: float(diagnostics.weight_on(
-              probs, jnp.clip(targets + offset, 0, None))) for offset in OFFSETS},
-          on_key=float((probs * on_key[:, None, None, :]).sum(-1).mean(axis=(0, 2)).max())))
+      if branch == "cmp":
+        probs, _ = diagnostics.compressed_rows(layer, normed, rows, targets)
+        first = jnp.arange(probs.shape[-1]) * layer.config.cmp_stride
+        last = first + layer.config.cmp_block - 1
+      else:
+        probs = diagnostics.attention_rows(layer, normed, rows,
+                                           branch="swa" if branch == "full" else branch)
+        first = last = jnp.arange(probs.shape[-1])
+      weights = {name: weight_on_span(probs, first, last, *span) for name, span in spans.items()}
+      profile.append(dict(layer=number, branch=branch,
+                          at_offset={offset: weights[offset] for offset in OFFSETS},
+                          on_key=weights["on_key"], after_key=weights["after_key"]))
     x = block(x)
   return profile
+
+
+def weight_on_span(probs, first, last, start, stop) -> float:
+  """The best head's mean weight of `probs [B, Hq, Q, S]` on the keys whose tokens
+  `first[s]..last[s]` overlap `start..stop` (`int [B, Q]` each)."""
+  overlap = (first <= stop[..., None]) & (last >= start[..., None])  # [B, Q, S]
+  return float((probs * overlap[:, None]).sum(-1).mean(axis=(0, 2)).max())
 
 
 def main():
@@ -63,7 +83,7 @@ def main():
   args = parser.parse_args()
   results = {}
   print(f"{'run':<24} {'layer':>5} {'branch':>6} " + " ".join(f"{o:>+6d}" for o in OFFSETS)
-        + f" {'on key':>7}")
+        + f" {'on key':>7} {'after':>7}")
   for workdir in args.workdir:
     config, _, model = plot.load_run(workdir)
     if config.data.source != "passkey":
@@ -71,7 +91,8 @@ def main():
     results[workdir] = reading_profile(model, *plot.answer_probe(config, args.samples))
     for row in results[workdir]:
       print(f"{workdir[-24:]:<24} {row['layer']:>5} {row['branch']:>6} "
-            + " ".join(f"{row['at_offset'][o]:6.3f}" for o in OFFSETS) + f" {row['on_key']:7.3f}")
+            + " ".join(f"{row['at_offset'][o]:6.3f}" for o in OFFSETS)
+            + f" {row['on_key']:7.3f} {row['after_key']:7.3f}")
   if args.out:
     with open(args.out, "w") as f:
       json.dump(results, f, indent=1)
