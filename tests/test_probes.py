@@ -226,3 +226,11 @@ def test_key_reading_profiles_each_layers_token_level_attention(attention):
       assert row["on_key"] == pytest.approx(1.0, abs=1e-5) and row_part["on_key"] < 0.5
       assert row["after_key"] == pytest.approx(0.0, abs=1e-6)  # nothing visible after 72
       assert row_early["on_key"] + row_early["after_key"] >= 1 - 1e-5
+  # After a key that spans 0-72, every compressed block the next 16 positions see overlaps it;
+  # each position also sees itself, outside the key.
+  for row in key_reading.copy_profile(model, tokens, whole):
+    assert len(row["on_key"]) == key_reading.COPY_SPAN
+    if row["branch"] == "cmp":
+      assert row["on_key"] == pytest.approx([1.0] * key_reading.COPY_SPAN, abs=1e-5)
+    if row["branch"] == "full":
+      assert all(0 < w < 1 - 1e-4 for w in row["on_key"])
