@@ -26,7 +26,8 @@ Expected:  measured 2026-12-04 (RESULTS.md), not reliably reproduced: in one run
            at 8k after the ladder and 0.83 (held-out loss 0.11) after 1200 more 8k steps, its
            first layer's selection holding the needle's block at 45% of the answers; a second
            run (GPU training is not bitwise deterministic) fell behind at 2k (0.42) and stayed
-           at 0.00 at 8k. Dense 1.00 at 8k straight from 1k. The
+           at 0.00 at 8k; two more seeds (2026-12-05, 1000 / 800 steps at 2k / 4k, 8k cut short)
+           0.40 and 0.00. Dense 1.00 at 8k straight from 1k. The
            direct jump 1k -> 8k left NSA (and `nsa_no_selection`) at 0.00; `window` is at chance
            at 8k.
 """
