@@ -30,6 +30,10 @@ Expected:  measured 2026-12-04 (RESULTS.md), not reliably reproduced: in one run
            0.40 and 0.00. Dense 1.00 at 8k straight from 1k. The
            direct jump 1k -> 8k left NSA (and `nsa_no_selection`) at 0.00; `window` is at chance
            at 8k.
+           A likely cause of the failed ladders (CPU, RESULTS.md): w = 512 sees the needle at
+           T = 128 and 1k, so the model reads it through the window and its selection never
+           learns to rank; a small window in the early stages (`--config.nsa.window=64` for
+           them, `experiments.train --config.init_from` stage by stage) is the next thing to run.
 """
 
 from experiments.configs import mqar_gpu
