@@ -48,16 +48,12 @@ def reading_profile(model, tokens, queries, targets, after: int = AFTER) -> list
   spans = {**{offset: (targets + offset,) * 2 for offset in OFFSETS},
            "on_key": (key_start, key_stop), "after_key": (key_stop + 1, key_stop + after)}
   profile = []
-  x = model.embed(jnp.asarray(tokens))
-  for number, block in enumerate(model.blocks, start=1):
-    layer, normed = block.attention, block.attention_norm(x)
-    for branch in _branches(layer):
-      probs, first, last = _branch_rows(layer, normed, rows, branch)
-      weights = {name: weight_on_span(probs, first, last, *span) for name, span in spans.items()}
-      profile.append(dict(layer=number, branch=branch,
-                          at_offset={offset: weights[offset] for offset in OFFSETS},
-                          on_key=weights["on_key"], after_key=weights["after_key"]))
-    x = block(x)
+  for number, branch, layer, normed in _layer_branches(model, tokens):
+    probs, first, last = _branch_rows(layer, normed, rows, branch)
+    weights = {name: weight_on_span(probs, first, last, *span) for name, span in spans.items()}
+    profile.append(dict(layer=number, branch=branch,
+                        at_offset={offset: weights[offset] for offset in OFFSETS},
+                        on_key=weights["on_key"], after_key=weights["after_key"]))
   return profile
 
 
@@ -70,21 +66,24 @@ def copy_profile(model, tokens, targets, span: int = COPY_SPAN) -> list[dict]:
   key_stop = targets.max(axis=1, keepdims=True)
   rows = key_stop + jnp.arange(1, span + 1)  # [B, span]
   profile = []
-  x = model.embed(jnp.asarray(tokens))
-  for number, block in enumerate(model.blocks, start=1):
-    layer, normed = block.attention, block.attention_norm(x)
-    for branch in _branches(layer):
-      probs, first, last = _branch_rows(layer, normed, rows, branch)
-      on_key = (first <= key_stop[..., None]) & (last >= key_start[..., None])  # [B, 1, S]
-      weights = (probs * on_key[:, None]).sum(-1).mean(axis=0).max(axis=0)  # [span]
-      profile.append(dict(layer=number, branch=branch, on_key=np.asarray(weights).tolist()))
-    x = block(x)
+  for number, branch, layer, normed in _layer_branches(model, tokens):
+    probs, first, last = _branch_rows(layer, normed, rows, branch)
+    on_key = (first <= key_stop[..., None]) & (last >= key_start[..., None])  # [B, 1, S]
+    weights = (probs * on_key[:, None]).sum(-1).mean(axis=0).max(axis=0)  # [span]
+    profile.append(dict(layer=number, branch=branch, on_key=np.asarray(weights).tolist()))
   return profile
 
 
-def _branches(layer) -> list[str]:
-  kinds = getattr(layer, "branches", ())
-  return [b for b in ("cmp", "slc", "swa") if b in kinds] or ["full"]
+def _layer_branches(model, tokens):
+  """Yields `(layer number, branch, attention layer, its normed input)` for every layer's
+  branches (NSA: "cmp", "slc", "swa" where the layer has them; dense: "full")."""
+  x = model.embed(jnp.asarray(tokens))
+  for number, block in enumerate(model.blocks, start=1):
+    layer, normed = block.attention, block.attention_norm(x)
+    kinds = getattr(layer, "branches", ())
+    for branch in [b for b in ("cmp", "slc", "swa") if b in kinds] or ["full"]:
+      yield number, branch, layer, normed
+    x = block(x)
 
 
 def _branch_rows(layer, normed, rows, branch):
