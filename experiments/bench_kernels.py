@@ -304,6 +304,9 @@ def measure(t, config, with_window, repeats, num_kv_heads=HKV, platform=PLATFORM
   for name, (fn, fwd_flops, differentiable) in parts.items():
     if only and name not in only:
       continue
+    # Traced afresh: switches such as `selected_attention.FORWARD` are read at trace time, and an
+    # inner `jax.jit` (`nsa_attention`'s) would otherwise keep the previous part's choice.
+    jax.clear_caches()
     forward, forward_gib = compiled_and_gib(fn, args)
     row = dict(seq_len=t, part=name, fwd_ms=median_ms(forward, args, repeats),
                fwd_gib=forward_gib)
