@@ -296,8 +296,9 @@ def test_packed_documents_keep_attention_and_loss_inside_each_file(tmp_path):
 
 def test_a_curriculum_trains_its_stages_each_from_the_last(tmp_path):
   from experiments import curriculum
-  stages = curriculum.parse_stages("64:2:3, 128:2:2")
-  assert stages == [(64, 2, 3), (128, 2, 2)]
+  stages = curriculum.parse_stages("64:2:3:8, 128:2:2")
+  assert stages == [(64, 2, 3, 8), (128, 2, 2)]
+  window = small_config().nsa.window
   records = curriculum.run(small_config(), stages, tmp_path)
   assert [sum("loss" in r for r in stage) for stage in records] == [3, 2]
   first, second = (json.loads((tmp_path / name / "config.json").read_text())
@@ -305,6 +306,8 @@ def test_a_curriculum_trains_its_stages_each_from_the_last(tmp_path):
   assert (first["seq_len"], first["steps"], first["init_from"]) == (64, 3, "")
   assert (second["seq_len"], second["steps"], second["eval_every"]) == (128, 2, 2)
   assert second["init_from"] == str(tmp_path / "t64")
+  assert (first["nsa"]["window"], second["nsa"]["window"]) == (8, window)  # a stage's own window
   assert curriculum.run(small_config(), stages, tmp_path) == [[], []]  # finished: nothing to do
-  with pytest.raises(ValueError, match="seq_len:batch_size:steps .* got '128:2'"):
-    curriculum.parse_stages("64:2:3,128:2")
+  for bad in ("128:2", "128:2:2:16:1", "128:2:2:0"):
+    with pytest.raises(ValueError, match=f"seq_len:batch_size:steps.* got '{bad}'"):
+      curriculum.parse_stages(f"64:2:3,{bad}")
