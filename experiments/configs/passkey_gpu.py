@@ -32,8 +32,10 @@ Expected:  measured 2026-12-04 (RESULTS.md), not reliably reproduced: in one run
            at 8k.
            A likely cause of the failed ladders (CPU, RESULTS.md): w = 512 sees the needle at
            T = 128 and 1k, so the model reads it through the window and its selection never
-           learns to rank; a small window in the early stages (`--config.nsa.window=64` for
-           them, `experiments.train --config.init_from` stage by stage) is the next thing to run.
+           learns to rank. With a small window in the early stages (`--stages
+           128:64:1000:64,1024:32:300:64,2048:32:600:512,4096:16:600:512,8192:16:1500:512`,
+           the fourth field the stage's window) one seed of two was on track (0.83 at 4k, 0.50
+           at 8k when cut at step ~600), the other fell back at 4k (0.00 at 8k), 2026-12-05.
 """
 
 from experiments.configs import mqar_gpu
