@@ -161,12 +161,15 @@ class MQARBatches:
 
 class PasskeyBatches(ByteBatches):
   """Passkey-retrieval sequences of `seq_len + 1` bytes (needles at random depths), with filler
-  from the train or held-out text."""
+  from the train or held-out text. `min_distance > 0` keeps the training needles at least that
+  many positions before the answers (`tasks.passkey_max_depth`: beyond a window of that size);
+  held-out batches keep every depth."""
 
   def __init__(self, text, batch_size, seq_len, seed, *, other_weight: float = 1.0,
-               digits: int = tasks.DIGITS):
+               digits: int = tasks.DIGITS, min_distance: int = 0):
     super().__init__(text, batch_size, seq_len, seed)
-    self.digits = digits
+    self.digits, self.min_distance = digits, min_distance
+    tasks.passkey_max_depth(seq_len + 1, min_distance, digits)  # a distance too far fails here
     # A needle and question that do not fit seq_len fail here, not at the first batch.
     tasks.passkey_example(np.random.default_rng(0), self.splits["train"], seq_len + 1, 0.0, digits)
     self.loss_weights = answer_weights(
@@ -175,7 +178,7 @@ class PasskeyBatches(ByteBatches):
   def batch(self, split: str, step: int) -> np.ndarray:
     rng = np.random.default_rng([self.seed, 0 if split == "train" else 1, step])
     return tasks.passkey_batch(rng, self.splits[split], self.batch_size, self.seq_len + 1,
-                               self.digits)
+                               self.digits, self.min_distance if split == "train" else 0)
 
 
 def train_iterator(batches, steps: int) -> grain.DatasetIterator:

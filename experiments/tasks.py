@@ -66,9 +66,29 @@ def passkey_answer_targets(seq_len: int, digits: int = DIGITS) -> np.ndarray:
   return np.arange(seq_len - 1 - digits, seq_len - 1)
 
 
-def passkey_batch(rng, filler, batch_size: int, seq_len: int, digits: int = DIGITS):
-  """int32 `[batch_size, seq_len]`, needles at uniformly random depths."""
-  return np.stack([passkey_example(rng, filler, seq_len, rng.uniform(), digits)[0]
+def passkey_max_depth(seq_len: int, min_distance: int, digits: int = DIGITS) -> float:
+  """The deepest needle whose key ends at least `min_distance` positions before the query that
+  emits the first answer digit (input position `seq_len - 1 - digits` of a `seq_len`-byte
+  sequence): with `min_distance >= w` no answer's sliding window (`t - w < s <= t`) sees a key
+  digit. 1.0 for `min_distance <= 0`; ValueError if no depth is that far back."""
+  if min_distance <= 0:
+    return 1.0
+  needle_len = len(NEEDLE) - len(b"{key}") + digits
+  filler_len = seq_len - needle_len - (len(QUESTION) - len(b"{key}") + digits)
+  # The key's last digit sits at cut + NEEDLE.index(key) + digits - 1.
+  last_cut = seq_len - 2 * digits - min_distance - NEEDLE.index(b"{key}")
+  if last_cut < 0 or filler_len <= 0:
+    raise ValueError(f"min_distance: no needle in {seq_len} bytes ends {min_distance} positions "
+                     f"before the question's answer")
+  return min(1.0, last_cut / filler_len)
+
+
+def passkey_batch(rng, filler, batch_size: int, seq_len: int, digits: int = DIGITS,
+                  min_distance: int = 0):
+  """int32 `[batch_size, seq_len]`, needles at uniformly random depths (with `min_distance`,
+  only those at least that far before the answer: `passkey_max_depth`)."""
+  max_depth = passkey_max_depth(seq_len, min_distance, digits)
+  return np.stack([passkey_example(rng, filler, seq_len, max_depth * rng.uniform(), digits)[0]
                    for _ in range(batch_size)])
 
 

@@ -135,7 +135,8 @@ def build_data(config):
   text = data_lib.stdlib_source_bytes(data.max_bytes)
   if data.source == "passkey":
     return data_lib.PasskeyBatches(text, *args, other_weight=data.other_weight,
-                                   digits=passkey_digits(config))
+                                   digits=passkey_digits(config),
+                                   min_distance=data.get("passkey_min_distance", 0))
   return data_lib.ByteBatches(text, *args)
 
 

@@ -168,6 +168,36 @@ def test_passkey_key_start_is_where_the_needle_holds_the_key(depth):
   assert tokens[start - 7:start].astype(np.uint8).tobytes() == b"key is "
 
 
+def key_distance(tokens, digits=tasks.DIGITS):
+  """Positions from the needle's last key digit to the query of the first answer digit."""
+  start = tokens.astype(np.uint8).tobytes().index(b"key is ") + 7
+  return len(tokens) - 1 - digits - (start + digits - 1)
+
+
+@pytest.mark.parametrize("min_distance", [64, 250])
+def test_passkey_needles_keep_a_minimum_distance_from_the_answer(min_distance):
+  seq_len = 300
+  tokens = tasks.passkey_batch(np.random.default_rng(min_distance), FILLER, 64, seq_len,
+                               min_distance=min_distance)
+  distances = [key_distance(row) for row in tokens]
+  assert min(distances) >= min_distance
+  # The bound is tight: the deepest needle allowed is exactly that far back.
+  deepest = tasks.passkey_max_depth(seq_len, min_distance)
+  assert tasks.passkey_key_start(seq_len, deepest) + tasks.DIGITS - 1 == (
+      seq_len - 1 - tasks.DIGITS - min_distance)
+  # No constraint: 0, or a distance that the needle's tail and the question keep anyway (54).
+  assert tasks.passkey_max_depth(seq_len, 0) == tasks.passkey_max_depth(seq_len, 30) == 1.0
+  with pytest.raises(ValueError, match="min_distance: no needle in 300 bytes ends 280"):
+    tasks.passkey_max_depth(seq_len, 280)
+
+
+def test_passkey_batches_keep_the_distance_in_training_only():
+  from experiments import data
+  batches = data.PasskeyBatches(FILLER, 64, 299, 0, min_distance=200)
+  assert min(key_distance(row) for row in batches.batch("train", 1)) >= 200
+  assert min(key_distance(row) for row in batches.batch("held_out", 1)) < 200
+
+
 def test_mqar_accuracy_by_depth_bins_the_queried_pairs():
   """A model that recalls only pairs in the first half of the context scores 1 on the first
   depth bin and 0 on the last."""
