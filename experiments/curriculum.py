@@ -73,8 +73,9 @@ def run(config, stages, workdir) -> list[list[dict]]:
   """Trains every stage in turn; returns each stage's metrics records written by this call."""
   records = []
   for stage, stage_dir in stage_configs(config, stages, workdir):
+    source = f", from {stage.init_from}" if stage.init_from else ""
     print(f"stage: T = {stage.seq_len}, batch {stage.batch_size}, {stage.steps} steps, window "
-          f"{stage.nsa.window} in {stage_dir}" + (f", from {stage.init_from}" if stage.init_from else ""), flush=True)
+          f"{stage.nsa.window} in {stage_dir}{source}", flush=True)
     records.append(train.run(stage, str(stage_dir)))
     if jax.process_index() == 0:
       print(train.summary(str(stage_dir)), flush=True)
