@@ -53,11 +53,14 @@ def passkey_example(rng: np.random.Generator, filler: np.ndarray, seq_len: int, 
   return tokens, key
 
 
+def _filler_len(seq_len: int, digits: int) -> int:
+  """Filler bytes in a `passkey_example` of `seq_len` bytes: all but the needle and question."""
+  return seq_len - (len(NEEDLE) + len(QUESTION) - 2 * len(b"{key}") + 2 * digits)
+
+
 def passkey_key_start(seq_len: int, depth: float, digits: int = DIGITS) -> int:
   """Where `passkey_example(.., seq_len, depth, digits)` puts the needle's first key digit."""
-  needle_len = len(NEEDLE) - len(b"{key}") + digits
-  filler_len = seq_len - needle_len - (len(QUESTION) - len(b"{key}") + digits)
-  return int(round(depth * filler_len)) + NEEDLE.index(b"{key}")
+  return int(round(depth * _filler_len(seq_len, digits))) + NEEDLE.index(b"{key}")
 
 
 def passkey_answer_targets(seq_len: int, digits: int = DIGITS) -> np.ndarray:
@@ -73,8 +76,7 @@ def passkey_max_depth(seq_len: int, min_distance: int, digits: int = DIGITS) -> 
   digit. 1.0 for `min_distance <= 0`; ValueError if no depth is that far back."""
   if min_distance <= 0:
     return 1.0
-  needle_len = len(NEEDLE) - len(b"{key}") + digits
-  filler_len = seq_len - needle_len - (len(QUESTION) - len(b"{key}") + digits)
+  filler_len = _filler_len(seq_len, digits)
   # The key's last digit sits at cut + NEEDLE.index(key) + digits - 1.
   last_cut = seq_len - 2 * digits - min_distance - NEEDLE.index(b"{key}")
   if last_cut < 0 or filler_len <= 0:
