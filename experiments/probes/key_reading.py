@@ -68,8 +68,7 @@ def copy_profile(model, tokens, targets, span: int = COPY_SPAN) -> list[dict]:
   profile = []
   for number, branch, layer, normed in _layer_branches(model, tokens):
     probs, first, last = _branch_rows(layer, normed, rows, branch)
-    on_key = (first <= key_stop[..., None]) & (last >= key_start[..., None])  # [B, 1, S]
-    weights = (probs * on_key[:, None]).sum(-1).mean(axis=0).max(axis=0)  # [span]
+    weights = _weights_on_span(probs, first, last, key_start, key_stop).mean(0).max(0)  # [span]
     profile.append(dict(layer=number, branch=branch, on_key=np.asarray(weights).tolist()))
   return profile
 
@@ -102,8 +101,13 @@ def _branch_rows(layer, normed, rows, branch):
 def weight_on_span(probs, first, last, start, stop) -> float:
   """The best head's mean weight of `probs [B, Hq, Q, S]` on the keys whose tokens
   `first[s]..last[s]` overlap `start..stop` (`int [B, Q]` each)."""
+  return float(_weights_on_span(probs, first, last, start, stop).mean(axis=(0, 2)).max())
+
+
+def _weights_on_span(probs, first, last, start, stop):
+  """`[B, Hq, Q]`: each row's weight on the keys overlapping its span (`weight_on_span`'s args)."""
   overlap = (first <= stop[..., None]) & (last >= start[..., None])  # [B, Q, S]
-  return float((probs * overlap[:, None]).sum(-1).mean(axis=(0, 2)).max())
+  return (probs * overlap[:, None]).sum(-1)
 
 
 def main():
