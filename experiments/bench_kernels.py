@@ -25,8 +25,10 @@ writes JSON.
 Trained selections (`--trained_indices`, an `experiments.plot` `selection_indices_<run>.npz` of
 `[B', T', Hkv', n]`): at `T = T'` more rows time the selected kernel on those indices
 ("selected trained") and NSA as three branch calls selecting with its own indices ("nsa
-composed") or with the trained ones ("nsa trained"); the tensor's (row, KV head) selections
-become the benchmark's KV heads, in order.
+composed") or with the trained ones ("nsa trained"), on GPU also with the Mosaic GPU kernels
+("selected trained mosaic", "nsa trained mosaic": their tiles' unions shrink where neighbouring
+positions share blocks); the tensor's (row, KV head) selections become the benchmark's KV heads,
+in order.
 
 Packed rows (`--documents N,...`, paper config): the row of length T as N documents of T / N
 tokens: "nsa packed/N" (`segment_ids`), "nsa batched/N" (the same documents as a batch of N
@@ -164,12 +166,17 @@ def trained_parts(config, platform, nsa_flops, slc_flops):
       return o_cmp + o_slc + o_swa
     return fn
 
-  return {
+  parts = {
       "nsa composed": (nsa_composed(trained=False), nsa_flops, True),
       "nsa trained": (nsa_composed(trained=True), nsa_flops, True),
       "selected trained": (lambda q, k, v, x: platform.selected.selected_attention(
           q, k, v, x["trained_indices"], block=config.slc_block, scale=scale), slc_flops, True),
   }
+  if platform is PLATFORMS["gpu"]:
+    # Where neighbouring positions share blocks, the Mosaic tiles' unions shrink.
+    for name in ("nsa trained", "selected trained"):
+      parts[f"{name} mosaic"] = (on_mosaic(parts[name][0]),) + parts[name][1:]
+  return parts
 
 
 def on_mosaic(fn):

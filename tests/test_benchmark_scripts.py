@@ -102,12 +102,12 @@ def test_bench_kernels_times_the_selection_on_trained_indices(monkeypatch, tmp_p
   monkeypatch.setattr("sys.argv", [
       "bench_kernels", "--seq_lens", "128,256", "--fla_seq_lens", "", "--repeats", "1",
       "--num_kv_heads", "2", "--out", str(out), "--trained_indices", str(path),
-      "--parts", "selected,selected trained,nsa composed,nsa trained"])
+      "--parts", "selected,selected trained,nsa composed,nsa trained,selected trained mosaic"])
   bench_kernels.main()
   result = json.loads(out.read_text())
   assert [(r["seq_len"], r["part"]) for r in result["paper"]] == [
       (128, "selected"), (256, "selected"), (256, "nsa composed"), (256, "nsa trained"),
-      (256, "selected trained")]
+      (256, "selected trained"), (256, "selected trained mosaic")]
   assert result["trained_indices"] == str(path)
   assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 for r in result["paper"])
 
