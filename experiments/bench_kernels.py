@@ -9,7 +9,8 @@
     python -m experiments.bench_kernels --platform tpu  # the default on a TPU host
     python -m experiments.bench_kernels --seq_lens 65536 --documents 8,64  # packed rows
     python -m experiments.bench_kernels --seq_lens 8192 --trained_indices \
-        experiments/results/gpu_2026-12-04/mqar_curriculum/selection_indices_c8k_nsa.npz
+        experiments/results/gpu_2026-12-04/mqar_curriculum/selection_indices_c8k_nsa.npz \
+        [--trained_layer 1]   # another layer's selection (files that hold every layer's)
 
 Shapes: B=1, Hq=64, Hkv=4 (`--num_kv_heads`), D=128, bfloat16. Configs: the paper's (l=32, d=16,
 l'=64, n=16, w=512) and fla-core's comparable one (l=d=l'=64, n=16, window excluded, as fla-core
@@ -128,13 +129,21 @@ def part_inputs(q, k, v, config, platform=PLATFORMS["gpu"]):
       q, k_cmp, config=config, implementation=platform.implementation))
 
 
-def load_trained_indices(path, t, num_kv_heads, config):
+def load_trained_indices(path, t, num_kv_heads, config, layer=0):
   """Block indices `int32 [1, t, num_kv_heads, n]` from a trained model's `[B', T', Hkv', n]`
-  (`experiments.plot`'s `selection_indices_<run>.npz`): its first `num_kv_heads` (row, KV head)
-  selections. Raises ValueError unless `T' = t` and the tensor's `n` and block size are the
-  config's."""
+  (`experiments.plot`'s `selection_indices_<run>.npz`, of its layer `layer`): its first
+  `num_kv_heads` (row, KV head) selections. Raises ValueError unless `T' = t`, the tensor's `n`
+  and block size are the config's and the file holds that layer."""
   data = np.load(path)
-  indices, block = data["indices"], int(data["slc_block"])
+  block = int(data["slc_block"])
+  if layer == 0:
+    indices = data["indices"]
+  elif "indices_by_layer" in data and layer < len(data["indices_by_layer"]):
+    indices = data["indices_by_layer"][layer]
+  else:
+    held = len(data["indices_by_layer"]) if "indices_by_layer" in data else 1
+    raise ValueError(f"trained indices {path}: layer {layer} asked, the file holds {held} "
+                     f"layer(s)")
   if (indices.shape[1], indices.shape[3], block) != (t, config.num_selected, config.slc_block):
     raise ValueError(f"trained indices {path}: [B, T, Hkv, n] = {indices.shape} with blocks of "
                      f"{block}; the benchmark needs T = {t}, n = {config.num_selected}, blocks "
@@ -370,6 +379,8 @@ def main():
                       help="comma-separated part names to time (default: all)")
   parser.add_argument("--trained_indices", default="",
                       help="a selection_indices_<run>.npz: also time the selection on it at its T")
+  parser.add_argument("--trained_layer", type=int, default=0,
+                      help="which layer's selection of --trained_indices (default: the first)")
   parser.add_argument("--documents", default="",
                       help="comma-separated document counts: also time packed rows of that many "
                            "equal documents (paper config), e.g. 8,64 at T = 65536")
@@ -389,7 +400,8 @@ def main():
                  else None)
   documents = [int(x) for x in args.documents.split(",") if x]
   for t in (int(x) for x in args.seq_lens.split(",") if x):
-    trained = (load_trained_indices(args.trained_indices, t, args.num_kv_heads, PAPER)
+    trained = (load_trained_indices(args.trained_indices, t, args.num_kv_heads, PAPER,
+                                    args.trained_layer)
                if t == trained_len else None)
     paper += measure(t, PAPER, True, args.repeats, args.num_kv_heads, platform, only, trained,
                      documents)
@@ -405,6 +417,8 @@ def main():
                                  jax_version=jax.__version__, platform=args.platform,
                                  num_kv_heads=args.num_kv_heads,
                                  trained_indices=args.trained_indices or None,
+                                 trained_layer=(args.trained_layer if args.trained_indices
+                                                else None),
                                  paper=paper, fla=fla), indent=2))
 
 

@@ -158,9 +158,11 @@ def selection_sharing(indices, spans=SHARING_SPANS):
 
 
 def selection_statistics(model, tokens, seed=0):
-  """`(stats, indices)`: `selection_sharing` of the first layer on `tokens int [B, T]` and on
-  random queries and keys of the same shapes, and the layer's indices `[B, T, Hkv, n]`."""
-  indices = layer_selections(model, tokens)[0]
+  """`(stats, indices)`: `selection_sharing` of the first layer on `tokens int [B, T]`, of each
+  layer (`trained_by_layer`: deeper layers of a language model may share more), and on random
+  queries and keys of the same shapes; every layer's indices `[L, B, T, Hkv, n]`."""
+  by_layer = np.asarray(layer_selections(model, tokens))
+  indices = by_layer[0]
   layer = model.blocks[0].attention
   b, t = tokens.shape
   kq, kk = jax.random.split(jax.random.key(seed))
@@ -170,8 +172,9 @@ def selection_statistics(model, tokens, seed=0):
   random = np.asarray(jax.jit(functools.partial(nsa_jax.select_blocks, config=layer.config))(
       q, k_cmp))
   stats = dict(trained=selection_sharing(indices), random=selection_sharing(random),
+               trained_by_layer=[selection_sharing(layer) for layer in by_layer],
                shape=list(indices.shape), slc_block=layer.config.slc_block)
-  return stats, indices
+  return stats, by_layer
 
 
 def answer_probe(config, samples, seed=1):
@@ -236,10 +239,12 @@ def _held_out_inputs(config, samples):
 
 def _selection_statistics_files(config, model, name, inputs, out):
   """`selection_stats_<run>.json` and `selection_indices_<run>.npz` on held-out `inputs
-  int [B, seq_len]`."""
-  stats, indices = selection_statistics(model, inputs)
+  int [B, seq_len]` (`indices`: the first layer's `[B, T, Hkv, n]`; `indices_by_layer`: every
+  layer's, `[L, B, T, Hkv, n]`)."""
+  stats, by_layer = selection_statistics(model, inputs)
   (out / f"selection_stats_{name}.json").write_text(json.dumps(stats, indent=1))
-  np.savez_compressed(out / f"selection_indices_{name}.npz", indices=indices.astype(np.int16),
+  np.savez_compressed(out / f"selection_indices_{name}.npz", indices=by_layer[0].astype(np.int16),
+                      indices_by_layer=by_layer.astype(np.int16),
                       slc_block=config.nsa.slc_block)
   return {f"selection_stats_{name}.json": out / f"selection_stats_{name}.json",
           f"selection_indices_{name}.npz": out / f"selection_indices_{name}.npz"}

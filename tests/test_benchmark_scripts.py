@@ -91,9 +91,15 @@ def test_bench_kernels_times_the_selection_on_trained_indices(monkeypatch, tmp_p
   one = np.asarray(nsa_jax.select_blocks(q, k_cmp, config=config, implementation="xla"))
   saved = np.concatenate([one, one[:, :, :, ::-1]])  # [2, 256, 1, 16]: two rows
   path = tmp_path / "selection_indices_run.npz"
-  np.savez_compressed(path, indices=saved.astype(np.int16), slc_block=config.slc_block)
+  by_layer = np.stack([saved, saved[::-1]])  # [L = 2, B, T, Hkv, n]: layer 1 swaps the rows
+  np.savez_compressed(path, indices=saved.astype(np.int16), slc_block=config.slc_block,
+                      indices_by_layer=by_layer.astype(np.int16))
   loaded = bench_kernels.load_trained_indices(path, 256, 2, config)
   np.testing.assert_array_equal(loaded[0, :, 1], saved[1, :, 0])
+  second = bench_kernels.load_trained_indices(path, 256, 2, config, layer=1)
+  np.testing.assert_array_equal(second[0, :, 1], saved[0, :, 0])
+  with pytest.raises(ValueError, match="layer 2 asked, the file holds 2 layer"):
+    bench_kernels.load_trained_indices(path, 256, 2, config, layer=2)
   with pytest.raises(ValueError, match=r"the benchmark needs T = 512"):
     bench_kernels.load_trained_indices(path, 512, 2, config)
   with pytest.raises(ValueError, match="2 \\(row, KV head\\) selections, the benchmark needs 4"):

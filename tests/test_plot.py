@@ -32,6 +32,13 @@ def test_plots_of_an_nsa_and_a_dense_run(tmp_path):
   # at every answer position holds the needle's digits.
   hits = json.loads((tmp_path / "plots" / "selection_hits_nsa.json").read_text())
   assert hits["fraction_by_layer"] == [1.0] * nsa.model.num_layers
+  # Every layer's selection is saved and counted; the first is also the file's `indices`.
+  stats = json.loads((tmp_path / "plots" / "selection_stats_nsa.json").read_text())
+  saved = np.load(tmp_path / "plots" / "selection_indices_nsa.npz")
+  assert saved["indices_by_layer"].shape == (nsa.model.num_layers,) + saved["indices"].shape
+  np.testing.assert_array_equal(saved["indices_by_layer"][0], saved["indices"])
+  assert len(stats["trained_by_layer"]) == nsa.model.num_layers
+  assert stats["trained_by_layer"][0] == stats["trained"]
 
 
 def test_the_selection_picture_shows_valid_causal_blocks(tmp_path):
