@@ -7,8 +7,8 @@ Writes into `--out` (default: the first workdir's `plots/`):
 - `loss_curves.png`: training and held-out loss against step, every run on one figure;
 - `passkey_<run>.png` + `.json` (runs on text): passkey retrieval accuracy of the run's latest
   checkpoint by context length (default: half, 1x, 2x and 4x the training length, so lengths
-  beyond training are included) and needle depth, as a heatmap (the paper's needle-in-a-haystack
-  figure);
+  beyond training are included, each with the training's block phase: `default_lengths`) and
+  needle depth, as a heatmap (the paper's needle-in-a-haystack figure);
 - `mqar_<run>.png` + `.json` (MQAR runs): recall accuracy by context length (the same lengths)
   and by the depth of the queried pair (as many equal depth bins as `--depths` has values), as
   a heatmap;
@@ -56,10 +56,13 @@ from experiments import train  # pylint: disable=wrong-import-position
 MIN_PASSKEY_LEN = 96  # the needle and the question take 81 bytes
 
 
-def load_run(workdir):
-  """`(config, records, model)` of a finished run, the model at its latest checkpoint."""
+def load_run(workdir, compute_dtype=None):
+  """`(config, records, model)` of a finished run, the model at its latest checkpoint (computing
+  in `compute_dtype` if given, else the run's)."""
   workdir = pathlib.Path(workdir)
   config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+  if compute_dtype:
+    config.compute_dtype = compute_dtype
   records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   model = train.build_model(config, nnx.Rngs(config.seed))
   optimizer = nnx.Optimizer(model, train.build_optimizer(config)[0], wrt=nnx.Param)
@@ -84,6 +87,16 @@ def plot_losses(runs, path):
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
+
+
+def default_lengths(seq_len):
+  """Sequence lengths (inputs + the last target) at 0.5x, 1x, 2x and 4x the training inputs'
+  `seq_len`: `k * seq_len + 1`, so the answers sit at the same offset within every compression
+  and selection block as in training (when `seq_len` is a multiple of the blocks). A trained
+  model can depend on that offset: the 8k passkey model of 2026-12-05 retrieves 1.00 at 8193 and
+  0.25 at 8192 on the same sequences' seed (RESULTS.md), so lengths off by one would mix length
+  generalisation with a shifted block phase."""
+  return [seq_len // 2 + 1, seq_len + 1, 2 * seq_len + 1, 4 * seq_len + 1]
 
 
 def passkey_grid(config, model, lengths, depths, samples):
@@ -261,8 +274,7 @@ def make_plots(workdirs, out, lengths=None, depths=(0.1, 0.3, 0.5, 0.7, 0.9), sa
     runs[name] = (config, records, model)
     with jax.set_mesh(parallel.mesh_from_config(config)):
       train_len = config.seq_len + 1  # the training sequences' tokens (inputs + last target)
-      run_lengths = lengths or [n for n in (train_len // 2, train_len, 2 * train_len,
-                                            4 * train_len)
+      run_lengths = lengths or [n for n in default_lengths(config.seq_len)
                                 if config.data.source == "mqar" or n >= MIN_PASSKEY_LEN]
       if config.data.source == "mqar":
         written.update(_mqar_plots(config, model, name, run_lengths, len(depths), samples, out))
@@ -285,8 +297,8 @@ def make_plots(workdirs, out, lengths=None, depths=(0.1, 0.3, 0.5, 0.7, 0.9), sa
         indices = first_layer_selection(model, inputs[0])
         written.update(_selection_statistics_files(config, model, name, inputs, out))
         written[f"selection_{name}.png"] = out / f"selection_{name}.png"
-        plot_selection(indices, config.nsa.slc_block,
-                       f"blocks chosen by layer 0, KV head 0: {name}", out / f"selection_{name}.png")
+        plot_selection(indices, config.nsa.slc_block, f"blocks chosen by layer 0, KV head 0: "
+                       f"{name}", out / f"selection_{name}.png")
   written["loss_curves.png"] = out / "loss_curves.png"
   plot_losses(runs, out / "loss_curves.png")
   return written

@@ -86,3 +86,12 @@ def test_selection_sharing_counts_distinct_blocks_of_consecutive_positions():
   assert stats[1]["mean"] == (2 + 2 + 2 + 1) / 4
   assert stats[2]["mean"] == (2 + 3) / 2  # {0, 1} and {0, 2, 3}
   assert stats[4]["mean"] == 4  # {0, 1, 2, 3}
+
+
+def test_default_lengths_keep_the_answers_block_phase_of_training():
+  # Training inputs of 128 tokens, blocks of 16 / 32 / 64: at every default length the inputs
+  # (length - 1) end at the same offset within each block as in training.
+  lengths = plot.default_lengths(128)
+  assert lengths == [65, 129, 257, 513]
+  for block in (16, 32, 64):
+    assert all((n - 1) % block == 128 % block for n in lengths)

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from experiments.probes import (branch_mix, decode_floor, gpu_trace, key_reading, selected_floor,
-                                tpu_overhead)
+from experiments.probes import (branch_mix, decode_floor, gpu_trace, key_reading, passkey_phase,
+                                selected_floor, tpu_overhead)
 from nsa_jax import NSAConfig, nn
 
 
@@ -234,3 +234,28 @@ def test_key_reading_profiles_each_layers_token_level_attention(attention):
       assert row["on_key"] == pytest.approx([1.0] * key_reading.COPY_SPAN, abs=1e-5)
     if row["branch"] == "full":
       assert all(0 < w < 1 - 1e-4 for w in row["on_key"])
+
+
+def test_passkey_phase_reads_seed_ranges_and_lists():
+  assert passkey_phase.parse_seeds("2-4") == [2, 3, 4]
+  assert passkey_phase.parse_seeds("1,5") == [1, 5] and passkey_phase.parse_seeds("7") == [7]
+
+
+def test_passkey_phase_evaluates_a_run_at_each_length_and_seed(monkeypatch, tmp_path):
+  from experiments import train  # pylint: disable=import-outside-toplevel
+  from tests.test_train import small_config  # pylint: disable=import-outside-toplevel
+  config = small_config(seq_len=128)
+  config.data.source = "passkey"
+  train.run(config, str(tmp_path / "pk"))
+  out = tmp_path / "phase.json"
+  monkeypatch.setattr("sys.argv", [
+      "passkey_phase", "--workdir", str(tmp_path / "pk"), "--lengths", "129,128",
+      "--seeds", "1-2", "--compute_dtype", "bfloat16", "--out", str(out)])
+  passkey_phase.main()
+  result = json.loads(out.read_text())
+  assert result["seq_len"] == 128 and result["compute_dtype"] == "bfloat16"  # the override
+  assert list(result["accuracy"]) == ["129", "128"]
+  for row in result["accuracy"].values():
+    assert len(row["per_seed"]) == 2 and all(0 <= a <= 1 for a in row["per_seed"])
+    assert row["mean"] == pytest.approx(np.mean(row["per_seed"]))
+    assert row["sequences"] == 2 * len(train.PASSKEY_DEPTHS) * config.eval_samples
