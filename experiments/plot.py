@@ -93,8 +93,8 @@ def default_lengths(seq_len):
   """Sequence lengths (inputs + the last target) at 0.5x, 1x, 2x and 4x the training inputs'
   `seq_len`: `k * seq_len + 1`, so the answers sit at the same offset within every compression
   and selection block as in training (when `seq_len` is a multiple of the blocks). A trained
-  model can depend on that offset: the 8k passkey model of 2026-12-05 retrieves 1.00 at 8193 and
-  0.25 at 8192 on the same sequences' seed (RESULTS.md), so lengths off by one would mix length
+  model can depend on that offset: the 8k passkey model of 2026-12-05 retrieves 0.86 at 8193
+  and 0.49-0.60 one token either side (RESULTS.md), so lengths off by one would mix length
   generalisation with a shifted block phase."""
   return [seq_len // 2 + 1, seq_len + 1, 2 * seq_len + 1, 4 * seq_len + 1]
 
@@ -185,7 +185,7 @@ def selection_statistics(model, tokens, seed=0):
   random = np.asarray(jax.jit(functools.partial(nsa_jax.select_blocks, config=layer.config))(
       q, k_cmp))
   stats = dict(trained=selection_sharing(indices), random=selection_sharing(random),
-               trained_by_layer=[selection_sharing(layer) for layer in by_layer],
+               trained_by_layer=[selection_sharing(chosen) for chosen in by_layer],
                shape=list(indices.shape), slc_block=layer.config.slc_block)
   return stats, by_layer
 

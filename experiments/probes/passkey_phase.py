@@ -10,8 +10,8 @@ evaluation (`experiments.train`: depths 0.1 / 0.5 / 0.9, `eval_samples` each, th
 seed). This reruns that evaluation at other lengths and seeds: `seq_len + 1 +- k` moves the
 question by k tokens against the compression and selection blocks; `m * seq_len + 1` keeps the
 phase at another length. Prints accuracy per length (mean over seeds, and each seed's) and
-writes JSON. `--compute_dtype` overrides the run's (float32 on the CPU, where bfloat16 is
-slow and not what the GPU kernels compute in).
+writes JSON. `--compute_dtype` overrides the run's (float32 on the CPU: XLA's bfloat16 there
+is slow, and rounds differently from the GPU kernels anyway).
 """
 
 from __future__ import annotations
