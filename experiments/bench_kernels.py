@@ -136,14 +136,12 @@ def load_trained_indices(path, t, num_kv_heads, config, layer=0):
   and block size are the config's and the file holds that layer."""
   data = np.load(path)
   block = int(data["slc_block"])
-  if layer == 0:
-    indices = data["indices"]
-  elif "indices_by_layer" in data and layer < len(data["indices_by_layer"]):
-    indices = data["indices_by_layer"][layer]
-  else:
-    held = len(data["indices_by_layer"]) if "indices_by_layer" in data else 1
-    raise ValueError(f"trained indices {path}: layer {layer} asked, the file holds {held} "
-                     f"layer(s)")
+  # Older files hold the first layer's selection only.
+  layers = data["indices_by_layer"] if "indices_by_layer" in data else data["indices"][None]
+  if layer >= len(layers):
+    raise ValueError(f"trained indices {path}: layer {layer} asked, the file holds "
+                     f"{len(layers)} layer(s)")
+  indices = layers[layer]
   if (indices.shape[1], indices.shape[3], block) != (t, config.num_selected, config.slc_block):
     raise ValueError(f"trained indices {path}: [B, T, Hkv, n] = {indices.shape} with blocks of "
                      f"{block}; the benchmark needs T = {t}, n = {config.num_selected}, blocks "
