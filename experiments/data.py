@@ -8,8 +8,9 @@ Batches are a pure function of (seed, split, step), so a resumed run sees exactl
 uninterrupted one would. Packed documents (`ByteBatches` with `document_ids`): rows of the
 concatenated files with each byte's file index, `[B, 2, seq_len + 1]` (bytes, document ids), so
 that attention and the loss keep to each document. Each source has `loss_weights` (float32
-`[seq_len]`, one a target position, the same for every row): 1 on the task's answers and
-`other_weight` elsewhere for the tasks, all ones for plain language modelling.
+`[seq_len]`, one a target position): 1 on the task's answers and `other_weight` elsewhere for
+the tasks, all ones for plain language modelling; `weights(split, step)` gives them per row,
+`[B, seq_len]`, which differ between rows where the answers move (passkey rows with `max_shift`).
 """
 
 from __future__ import annotations
@@ -100,7 +101,20 @@ def token_file_ids(pattern: str, dtype: str, vocab_size: int) -> np.ndarray:
   return ids
 
 
-class ByteBatches:
+class Batches:
+  """What every source shares: `batch_size`, `seq_len`, `loss_weights` and per-row weights."""
+
+  batch_size: int
+  seq_len: int
+  loss_weights: np.ndarray
+
+  def weights(self, split: str, step: int) -> np.ndarray:
+    """float32 `[batch_size, seq_len]`: the loss weights of `batch(split, step)`'s targets."""
+    del split, step  # the same for every row
+    return np.broadcast_to(self.loss_weights, (self.batch_size, self.seq_len))
+
+
+class ByteBatches(Batches):
   """Random windows of `seq_len + 1` bytes; the last `HELD_OUT_FRACTION` of the text is held out.
 
   With `document_ids` (int32, one per byte) the rows are packed documents: `[B, 2, seq_len + 1]`,
@@ -140,7 +154,7 @@ def answer_weights(seq_len: int, answers: np.ndarray, other_weight: float) -> np
   return weights
 
 
-class MQARBatches:
+class MQARBatches(Batches):
   """Multi-query associative recall sequences of `seq_len + 1` token ids (`tasks.mqar_example`:
   `num_pairs` key-value pairs placed by `placement`, asked back at the end); train and held-out
   rows come from different random streams."""
@@ -163,30 +177,56 @@ class PasskeyBatches(ByteBatches):
   """Passkey-retrieval sequences of `seq_len + 1` bytes (needles at random depths), with filler
   from the train or held-out text. `min_distance > 0` keeps the training needles at least that
   many positions before the answers (`tasks.passkey_max_depth`: beyond a window of that size);
-  held-out batches keep every depth."""
+  held-out batches keep every depth. `max_shift > 0` ends each row's question a uniformly random
+  0..`max_shift` bytes before the row's end (filler after it; `tasks.passkey_batch`), in both
+  splits, so the answers meet the compression and selection blocks at every offset rather than
+  one; the rows' loss weights (`weights`) follow their answers."""
 
   def __init__(self, text, batch_size, seq_len, seed, *, other_weight: float = 1.0,
-               digits: int = tasks.DIGITS, min_distance: int = 0):
+               digits: int = tasks.DIGITS, min_distance: int = 0, max_shift: int = 0):
     super().__init__(text, batch_size, seq_len, seed)
-    self.digits, self.min_distance = digits, min_distance
-    tasks.passkey_max_depth(seq_len + 1, min_distance, digits)  # a distance too far fails here
-    # A needle and question that do not fit seq_len fail here, not at the first batch.
-    tasks.passkey_example(np.random.default_rng(0), self.splits["train"], seq_len + 1, 0.0, digits)
+    if not 0 <= max_shift < seq_len:
+      raise ValueError(f"max_shift must be in [0, seq_len = {seq_len}), got {max_shift}")
+    self.digits, self.min_distance, self.max_shift = digits, min_distance, max_shift
+    self.other_weight = other_weight
+    # A needle and question that do not fit the shortest row, or a distance too far, fail here.
+    tasks.passkey_max_depth(seq_len + 1 - max_shift, min_distance, digits)
+    tasks.passkey_example(np.random.default_rng(0), self.splits["train"],
+                          seq_len + 1 - max_shift, 0.0, digits)
     self.loss_weights = answer_weights(
         seq_len, tasks.passkey_answer_targets(seq_len + 1, digits), other_weight)
+
+  def shifts(self, split: str, step: int) -> np.ndarray:
+    """ints `[batch_size]`: how far each row's question ends before the row's end (a stream of
+    its own, so `weights` need not make the rows)."""
+    if not self.max_shift:
+      return np.zeros(self.batch_size, int)
+    rng = np.random.default_rng([self.seed, 0 if split == "train" else 1, step, 1])
+    return rng.integers(0, self.max_shift + 1, self.batch_size)
 
   def batch(self, split: str, step: int) -> np.ndarray:
     rng = np.random.default_rng([self.seed, 0 if split == "train" else 1, step])
     return tasks.passkey_batch(rng, self.splits[split], self.batch_size, self.seq_len + 1,
-                               self.digits, self.min_distance if split == "train" else 0)
+                               self.digits, self.min_distance if split == "train" else 0,
+                               shifts=self.shifts(split, step))
+
+  def weights(self, split: str, step: int) -> np.ndarray:
+    if not self.max_shift:
+      return super().weights(split, step)
+    return np.stack([answer_weights(self.seq_len, tasks.passkey_answer_targets(
+        self.seq_len + 1 - shift, self.digits), self.other_weight)
+                     for shift in self.shifts(split, step)])
 
 
 def train_iterator(batches, steps: int) -> grain.DatasetIterator:
-  """The training batches of steps 1..`steps` as a grain iterator.
+  """The training batches of steps 1..`steps`, `(tokens, weights)` (`batch`, `weights`), as a
+  grain iterator.
 
   Its state (`get_state()`, the next step) is saved with every checkpoint and restored with
   `set_state`; since a batch is a pure function of its step, the restored iterator yields
   exactly the batches the uninterrupted run would.
   """
   steps_dataset = grain.MapDataset.range(1, steps + 1)
-  return iter(steps_dataset.map(lambda step: batches.batch("train", step)).to_iter_dataset())
+  return iter(steps_dataset.map(lambda step: (batches.batch("train", step),
+                                              batches.weights("train", step)))
+              .to_iter_dataset())

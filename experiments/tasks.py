@@ -86,12 +86,27 @@ def passkey_max_depth(seq_len: int, min_distance: int, digits: int = DIGITS) -> 
 
 
 def passkey_batch(rng, filler, batch_size: int, seq_len: int, digits: int = DIGITS,
-                  min_distance: int = 0):
+                  min_distance: int = 0, shifts=None):
   """int32 `[batch_size, seq_len]`, needles at uniformly random depths (with `min_distance`,
-  only those at least that far before the answer: `passkey_max_depth`)."""
-  max_depth = passkey_max_depth(seq_len, min_distance, digits)
-  return np.stack([passkey_example(rng, filler, seq_len, max_depth * rng.uniform(), digits)[0]
-                   for _ in range(batch_size)])
+  only those at least that far before the answer: `passkey_max_depth`).
+
+  `shifts` (ints `[batch_size]`, default all 0): row `i` is a sequence of `seq_len - shifts[i]`
+  bytes followed by `shifts[i]` more filler bytes, so its question ends `shifts[i]` positions
+  before the row's end (its answers: `passkey_answer_targets(seq_len - shifts[i])`). By
+  causality the filler after the question changes nothing before it."""
+  shifts = np.zeros(batch_size, int) if shifts is None else np.asarray(shifts)
+  if shifts.shape != (batch_size,) or shifts.min(initial=0) < 0:
+    raise ValueError(f"shifts must be {batch_size} non-negative ints, got shape {shifts.shape}")
+  rows = []
+  for shift in shifts:
+    length = seq_len - shift
+    max_depth = passkey_max_depth(length, min_distance, digits)
+    row = passkey_example(rng, filler, length, max_depth * rng.uniform(), digits)[0]
+    if shift:
+      start = rng.integers(0, len(filler) - shift)
+      row = np.concatenate([row, filler[start:start + shift].astype(np.int32)])
+    rows.append(row)
+  return np.stack(rows)
 
 
 def passkey_accuracy(logits_fn, filler, lengths, depths, samples: int, seed: int = 0,

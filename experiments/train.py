@@ -136,37 +136,41 @@ def build_data(config):
   if data.source == "passkey":
     return data_lib.PasskeyBatches(text, *args, other_weight=data.other_weight,
                                    digits=passkey_digits(config),
-                                   min_distance=data.get("passkey_min_distance", 0))
+                                   min_distance=data.get("passkey_min_distance", 0),
+                                   max_shift=data.get("passkey_max_shift", 0))
   return data_lib.ByteBatches(text, *args)
 
 
 def loss_fn(model, tokens, weights):
-  """Mean cross-entropy of `tokens [B, T + 1]`'s next tokens, weighted per target position by
-  `weights [T]` (1 on a task's answers).
+  """Mean cross-entropy of `tokens [B, T + 1]`'s next tokens, weighted per target by `weights`
+  (`[T]`, the same for every row, or `[B, T]`; 1 on a task's answers).
 
   Packed rows, `tokens [B, 2, T + 1]` (token ids, document ids): the model runs each document
   alone (`segment_ids`), and a document's first token, which the one before it cannot predict,
   carries no loss."""
+  segment_ids = None
   if tokens.ndim == 3:
     tokens, segment_ids = tokens[:, 0], tokens[:, 1]
-    logits = model(tokens[:, :-1], segment_ids[:, :-1])
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
-    weights = weights * (segment_ids[:, 1:] == segment_ids[:, :-1])  # [B, T]
-    return jnp.sum(losses * weights) / jnp.sum(weights)
-  logits = model(tokens[:, :-1])
+  logits = model(tokens[:, :-1]) if segment_ids is None else model(tokens[:, :-1],
+                                                                    segment_ids[:, :-1])
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])  # [B, T]
-  return jnp.sum(losses * weights) / (losses.shape[0] * jnp.sum(weights))
+  weights = jnp.broadcast_to(weights, losses.shape)
+  if segment_ids is not None:
+    weights = weights * (segment_ids[:, 1:] == segment_ids[:, :-1])
+  return jnp.sum(losses * weights) / jnp.sum(weights)
 
 
 @nnx.jit(static_argnames="accum_steps")
 def train_step(model, optimizer, tokens, weights, accum_steps=1):
-  """One optimizer update on `tokens [B, T + 1]` (loss weights `[T]`), in `accum_steps`
-  micro-batches of `B / accum` (their mean gradient is the whole batch's: same update, less
-  activation memory)."""
+  """One optimizer update on `tokens [B, T + 1]` (loss weights `[B, T]`, or `[T]` for every
+  row), in `accum_steps` micro-batches of `B / accum` (their mean gradient is the whole batch's:
+  same update, less activation memory)."""
   micro_batches = tokens.reshape(accum_steps, -1, *tokens.shape[1:])
-  loss, grads = nnx.value_and_grad(loss_fn)(model, micro_batches[0], weights)
-  for micro in micro_batches[1:]:
-    micro_loss, micro_grads = nnx.value_and_grad(loss_fn)(model, micro, weights)
+  weights = jnp.broadcast_to(weights, (tokens.shape[0], weights.shape[-1]))
+  micro_weights = weights.reshape(accum_steps, -1, weights.shape[-1])
+  loss, grads = nnx.value_and_grad(loss_fn)(model, micro_batches[0], micro_weights[0])
+  for micro, micro_weight in zip(micro_batches[1:], micro_weights[1:]):
+    micro_loss, micro_grads = nnx.value_and_grad(loss_fn)(model, micro, micro_weight)
     loss, grads = loss + micro_loss, jax.tree.map(jnp.add, grads, micro_grads)
   grads = jax.tree.map(lambda g: g / accum_steps, grads)
   optimizer.update(model, grads)
@@ -248,10 +252,10 @@ def _train(config, workdir, batches, mesh):
                               for k, v in record.items()))
 
     tokens_per_step = config.batch_size * config.seq_len
-    weights = jnp.asarray(batches.loss_weights)  # [T], the same for every row
     last_time = time.perf_counter()
     for step in range(start + 1, config.steps + 1):
-      loss = float(train_step(model, optimizer, on_mesh(next(train_batches)), weights,
+      tokens, weights = next(train_batches)
+      loss = float(train_step(model, optimizer, on_mesh(tokens), on_mesh(weights),
                               accum_steps=config.grad_accum_steps))
       if not np.isfinite(loss):
         raise NonFiniteLossError(
@@ -267,7 +271,8 @@ def _train(config, workdir, batches, mesh):
         last_time = now
       if step % config.eval_every == 0 or step == config.steps:
         held_out = np.mean([float(eval_step(model, on_mesh(batches.batch("held_out", i)),
-                                            weights)) for i in range(config.eval_batches)])
+                                            on_mesh(batches.weights("held_out", i))))
+                            for i in range(config.eval_batches)])
         record = dict(step=step, held_out_loss=float(held_out))
         if config.data.source == "passkey":  # retrieval accuracy at the training length
           accuracy = tasks.passkey_accuracy(lambda t: eval_logits(model, jnp.asarray(t)),

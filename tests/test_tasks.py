@@ -191,6 +191,53 @@ def test_passkey_needles_keep_a_minimum_distance_from_the_answer(min_distance):
     tasks.passkey_max_depth(seq_len, 280)
 
 
+def test_shifted_rows_end_their_question_before_the_end():
+  seq_len, shifts = 300, np.array([0, 1, 17, 63, 5])
+  tokens = tasks.passkey_batch(np.random.default_rng(3), FILLER, 5, seq_len, min_distance=100,
+                               shifts=shifts)
+  assert tokens.shape == (5, seq_len)
+  for row, shift in zip(tokens, shifts):
+    length = seq_len - shift  # the row up to its question's end is a passkey sequence
+    text = row[:length].astype(np.uint8).tobytes()
+    key = text[-tasks.DIGITS:]
+    assert text.endswith(b"The pass key is " + key) and key.isdigit()
+    assert text.count(b"The pass key is " + key + b". Remember it.") == 1
+    assert row[1:][tasks.passkey_answer_targets(length)].astype(np.uint8).tobytes() == key
+    assert key_distance(row[:length]) >= 100
+  # No shifts: the same rows as before shifts existed, from the same generator.
+  np.testing.assert_array_equal(
+      tasks.passkey_batch(np.random.default_rng(3), FILLER, 4, seq_len),
+      tasks.passkey_batch(np.random.default_rng(3), FILLER, 4, seq_len, shifts=np.zeros(4, int)))
+  with pytest.raises(ValueError, match=r"shifts must be 4 non-negative ints, got shape \(3,\)"):
+    tasks.passkey_batch(np.random.default_rng(3), FILLER, 4, seq_len, shifts=[0, 1, 2])
+
+
+def test_passkey_batches_weigh_each_rows_answers_when_shifted():
+  from experiments import data
+  batches = data.PasskeyBatches(FILLER, 64, 299, 7, other_weight=0.0, max_shift=63)
+  for split in ("train", "held_out"):
+    tokens, weights = batches.batch(split, 2), batches.weights(split, 2)
+    assert weights.shape == (64, 299)
+    shifts = batches.shifts(split, 2)
+    assert shifts.min() >= 0 and shifts.max() <= 63 and len(set(shifts)) > 10
+    for row, row_weights, shift in zip(tokens, weights, shifts):
+      answers = np.flatnonzero(row_weights)  # exactly the key's digits in the question
+      np.testing.assert_array_equal(answers, np.arange(299 - shift - 5, 299 - shift))
+      key = row[1:][answers].astype(np.uint8).tobytes()
+      assert row.astype(np.uint8).tobytes().count(b"The pass key is " + key) == 2
+  # A pure function of (split, step): a fresh source makes the same rows and weights.
+  again = data.PasskeyBatches(FILLER, 64, 299, 7, other_weight=0.0, max_shift=63)
+  np.testing.assert_array_equal(again.batch("held_out", 2), tokens)
+  np.testing.assert_array_equal(again.weights("held_out", 2), weights)
+  unshifted = data.PasskeyBatches(FILLER, 4, 299, 7, other_weight=0.0)
+  np.testing.assert_array_equal(unshifted.weights("train", 1),
+                                np.broadcast_to(unshifted.loss_weights, (4, 299)))
+  with pytest.raises(ValueError, match=r"max_shift must be in \[0, seq_len = 299\), got 299"):
+    data.PasskeyBatches(FILLER, 4, 299, 7, max_shift=299)
+  with pytest.raises(ValueError, match="shorter than the needle and question"):
+    data.PasskeyBatches(FILLER, 4, 299, 7, max_shift=250)
+
+
 def test_passkey_batches_keep_the_distance_in_training_only():
   from experiments import data
   batches = data.PasskeyBatches(FILLER, 64, 299, 0, min_distance=200)

@@ -214,6 +214,29 @@ def test_passkey_digits_sets_the_key_and_its_answers():
     train.build_data(config)
 
 
+def test_shifted_passkey_rows_put_the_loss_on_each_rows_answers(tmp_path):
+  """With `passkey_max_shift` the answers sit at a different place in every row: the loss is
+  the mean over each row's own answers, in one batch or in micro-batches."""
+  config = small_config(steps=2, seq_len=160, batch_size=4, grad_accum_steps=2)
+  config.data.update(dict(source="passkey", other_weight=0.0, passkey_max_shift=40))
+  batches = train.build_data(config)
+  tokens, weights = batches.batch("train", 1), batches.weights("train", 1)
+  shifts = batches.shifts("train", 1)
+  assert len(set(shifts)) > 1
+  model = train.build_model(config, nnx.Rngs(0))
+  losses = optax.softmax_cross_entropy_with_integer_labels(
+      model(jnp.asarray(tokens[:, :-1])), jnp.asarray(tokens[:, 1:]))
+  expected = np.mean([losses[i, 160 - s - 5:160 - s] for i, s in enumerate(shifts)])
+  np.testing.assert_allclose(train.loss_fn(model, jnp.asarray(tokens), jnp.asarray(weights)),
+                             expected, rtol=1e-5)
+  optimizer = nnx.Optimizer(model, train.build_optimizer(config)[0], wrt=nnx.Param)
+  loss = train.train_step(model, optimizer, jnp.asarray(tokens), jnp.asarray(weights),
+                          accum_steps=2)
+  np.testing.assert_allclose(loss, expected, rtol=1e-5)
+  records = train.run(config, str(tmp_path))
+  assert np.isfinite([r["loss"] for r in records if "loss" in r]).all()
+
+
 @pytest.mark.parametrize("attention", ["nsa_no_selection", "window"])
 def test_ablations_train(tmp_path, attention):
   config = small_config(attention=attention, steps=3, seq_len=96)
