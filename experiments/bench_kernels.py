@@ -186,17 +186,22 @@ def trained_parts(config, platform, nsa_flops, slc_flops):
   return parts
 
 
-def on_mosaic(fn):
-  """`fn` traced with the selected forward and dQ on Mosaic GPU (`selected_attention.FORWARD`,
-  `DQ`: read when a call is traced)."""
+def on_kernels(fn, choice: str):
+  """`fn` traced with the selected forward and dQ set to `choice` ("triton" or "mosaic":
+  `selected_attention.FORWARD`, `DQ`, read when a call is traced)."""
   def traced(*args):
     saved = selected_kernel.FORWARD, selected_kernel.DQ
-    selected_kernel.FORWARD = selected_kernel.DQ = "mosaic"
+    selected_kernel.FORWARD = selected_kernel.DQ = choice
     try:
       return fn(*args)
     finally:
       selected_kernel.FORWARD, selected_kernel.DQ = saved
   return traced
+
+
+def on_mosaic(fn):
+  """`fn` traced with the selected forward and dQ on Mosaic GPU."""
+  return on_kernels(fn, "mosaic")
 
 
 def parts_for(t, config, with_window=True, platform=PLATFORMS["gpu"]):
@@ -318,6 +323,8 @@ def measure(t, config, with_window, repeats, num_kv_heads=HKV, platform=PLATFORM
   for name, (fn, fwd_flops, differentiable) in parts.items():
     if only and name not in only:
       continue
+    if platform is PLATFORMS["gpu"] and not name.endswith("mosaic"):
+      fn = on_kernels(fn, "triton")  # the plain rows are Triton's whatever the default
     # Traced afresh: switches such as `selected_attention.FORWARD` are read at trace time, and an
     # inner `jax.jit` (`nsa_attention`'s) would otherwise keep the previous part's choice.
     jax.clear_caches()

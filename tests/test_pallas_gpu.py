@@ -151,7 +151,25 @@ def test_selected_attention_backward_over_part_of_a_query_in_interpret_mode(monk
   check_selected(q, k, v, 16, 3, reference, interpret=True, dtype=jnp.float32)
 
 
+@pytest.fixture
+def on_triton(monkeypatch):
+  """The Triton selected forward and dQ, whatever the default (`FORWARD`, `DQ`)."""
+  monkeypatch.setattr(selected_kernel, "FORWARD", "triton")
+  monkeypatch.setattr(selected_kernel, "DQ", "triton")
+
+
+def test_selected_kernel_choice_auto_is_mosaic_on_hopper_only():
+  q, k, v = random_qkv(1, 128, 16, 1, 64, dtype=jnp.bfloat16)
+  on_mosaic = lambda choice, interpret: selected_kernel._on_mosaic(  # pylint: disable=protected-access
+      choice, q, k, v, None, 64, interpret)
+  assert not on_mosaic("auto", True) and not on_mosaic("triton", False)
+  assert on_mosaic("auto", False) == selected_kernel._hopper()  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match="FORWARD / DQ must be one of .* got 'cuda'"):
+    on_mosaic("cuda", False)
+
+
 @pytest.mark.gpu
+@pytest.mark.usefixtures("on_triton")
 @pytest.mark.parametrize("pack_rows", [0, 16])
 @pytest.mark.parametrize("group", [1, 2, 4, 8, 16, 32, 64])
 def test_selected_attention_kernel_all_group_sizes_on_gpu(monkeypatch, group, pack_rows):
@@ -161,6 +179,7 @@ def test_selected_attention_kernel_all_group_sizes_on_gpu(monkeypatch, group, pa
 
 
 @pytest.mark.gpu
+@pytest.mark.usefixtures("on_triton")
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
 @pytest.mark.parametrize("dims", [(64, 64), (128, 128), (192, 128), (256, 256)])
 def test_selected_attention_kernel_dtypes_and_head_dims_on_gpu(dtype, dims):
@@ -198,6 +217,7 @@ def test_selected_attention_mosaic_kernels_shapes_on_gpu(monkeypatch, dtype, sha
 
 
 @pytest.mark.gpu
+@pytest.mark.usefixtures("on_triton")
 def test_selected_attention_kernel_at_long_sequence_on_gpu():
   q, k, v = random_qkv(1, 65536, 64, 4, 128, dtype=jnp.bfloat16)
   check_selected(q, k, v, 64, 16, xla, interpret=False, dtype=jnp.bfloat16)

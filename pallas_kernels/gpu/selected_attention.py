@@ -12,9 +12,10 @@ Small groups (G < 16) pack positions (`PACK_ROWS`, default 16 rows): a forward /
 several consecutive positions (4 positions x 4 heads = 16 rows) and loops over the union of their
 blocks, each row masked to the blocks its own position chose.
 
-On Hopper the forward and dQ can run on Mosaic GPU instead (`FORWARD`, `DQ = "mosaic"`,
-`selected_attention_mgpu`: 64-row tiles over their union of blocks, TMA + wgmma); its forward
-returns the same output and lse, so any forward feeds any dQ and the dK/dV kernel below.
+On Hopper the forward and dQ can run on Mosaic GPU instead (`FORWARD`, `DQ`: "mosaic", or
+"auto" for Mosaic on Hopper only; `selected_attention_mgpu`: 64-row tiles over their union of
+blocks, TMA + wgmma) wherever those kernels take the call; its forward returns the same output
+and lse, so any forward feeds any dQ and the dK/dV kernel below.
 
 Packed rows (`document_starts`): a document's selection block `j` is not aligned to `l'`; it is
 the upper part (offsets `>= r`, `r = s % l'`) of aligned block `s // l' + j` and the lower part of
@@ -66,10 +67,16 @@ DKV_STEP_BYTES = 64 * 1024  # most bytes of q and dO rows one step loads (shared
 # 63.3 / 178.8 vs 26.7 / 61.9; G=8 at 16k 8.4 / 23.8 vs 7.7 / 19.3. 32 was slower (G=4: 74.0 /
 # 166.4; G=16: 24.6 / 60.2 vs 17.4 / 48.7).
 PACK_ROWS = 16
-# Forward and dQ kernels: "triton" (`_forward_kernel`, `_dq_kernel`) or "mosaic"
+# Forward and dQ kernels: "triton" (`_forward_kernel`, `_dq_kernel`), "mosaic"
 # (`selected_attention_mgpu`: Hopper TMA + wgmma over tiles of 64 rows; half precision, l' of 64
-# or 128, unpacked rows; other calls stay on Triton). dK/dV is Triton's either way. Not yet
-# timed on a GPU: the defaults stay.
+# or 128, unpacked rows; other calls stay on Triton) or "auto": Mosaic on a Hopper GPU (compute
+# capability 9.x), Triton elsewhere and in interpret mode. dK/dV is Triton's either way. Mosaic
+# is the faster on Hopper (H100, 2026-12-05, BENCHMARKS.md): forward at least as fast at every
+# group size timed (64k: G = 4 57.7 vs 62.5 ms, G = 8 34.0 vs 35.0, G = 16 tied; 16k: 4.31 vs
+# 4.65), 1.29x on a trained LM's selection, fwd+bwd ahead or tied, and its kernel tests pass on
+# the GPU (33 of 33). The default becomes "auto" once the end-to-end GPU tests (nsa_attention,
+# the property tests) have passed under it on the device; until then it stays "triton".
+KERNEL_CHOICES = ("auto", "triton", "mosaic")
 FORWARD = "triton"
 DQ = "triton"
 
@@ -524,14 +531,28 @@ def _mosaic_dq(q, k, v, d_out, lse_rows, delta, sorted_idx, lay: _Layout, scale,
   return _from_rows(dq_rows, tiles, lay.head_dim)
 
 
-def _on_mosaic(choice, q, k, v, halves, block) -> bool:
-  """Whether a kernel set to `choice` runs on Mosaic GPU for this call (else on Triton)."""
+@functools.cache
+def _hopper() -> bool:
+  """Whether the default device is a Hopper GPU (compute capability 9.x)."""
+  device = jax.devices()[0]
+  return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith(
+      "9")
+
+
+def _on_mosaic(choice, q, k, v, halves, block, interpret) -> bool:
+  """Whether a kernel set to `choice` (`KERNEL_CHOICES`) runs on Mosaic GPU for this call (else
+  on Triton)."""
+  if choice not in KERNEL_CHOICES:
+    raise ValueError(f"selected_attention.FORWARD / DQ must be one of {KERNEL_CHOICES}, got "
+                     f"{choice!r}")
+  if choice == "auto":
+    choice = "triton" if interpret or not _hopper() else "mosaic"
   return choice == "mosaic" and halves is None and selected_mgpu.supported(q, k, v, block)
 
 
 def _selected_attention_fwd(q, k, v, sorted_idx, halves, scale, block, interpret):
   lay = _layout(q, v, sorted_idx, block)
-  if _on_mosaic(FORWARD, q, k, v, halves, block):
+  if _on_mosaic(FORWARD, q, k, v, halves, block, interpret):
     out, lse = _mosaic_forward(q, k, v, sorted_idx, lay, scale, interpret)
     return out.astype(q.dtype), (q, k, v, sorted_idx, halves, out, lse)
   out_rows, lse = _forward(_to_rows(q, lay, lay.head_dim_pad),
@@ -555,7 +576,7 @@ def _selected_attention_bwd(scale, block, interpret, residuals, d_out):
   # T = 2, G = 4: dq 1.8e-2 relative error against the float64 oracle, 2.4e-3 from float32).
   delta_per_head = jnp.sum(out * d_out.astype(jnp.float32), axis=-1)  # [B, T, Hq]
   delta = _to_rows(delta_per_head[..., None], lay, 1)[..., 0]
-  dq_on_mosaic = _on_mosaic(DQ, q, k, v, halves, block)
+  dq_on_mosaic = _on_mosaic(DQ, q, k, v, halves, block, interpret)
   slots = _slots(sorted_idx, lay)
   halves = _halves_slots(halves, lay)
   if dq_on_mosaic:
