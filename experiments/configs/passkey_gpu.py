@@ -37,6 +37,11 @@ Expected:  measured 2026-12-04 (RESULTS.md), not reliably reproduced: in one run
            the fourth field the stage's window) one seed of two retrieves 0.92 at 8k (from
            step 1000 of the 8k stage; 0.83 at 4k), the other fell back at 4k (0.00 at 8k),
            2026-12-05. Keeping w = 64 at 2k too is worse there (0.25 in two seeds).
+           The 0.92 model depends on where the question sits within the blocks (0.44-0.83 at
+           five offsets); 600 more 8k steps with `--config.data.passkey_max_shift=63` (the
+           question at a random offset in each row) bring it to 0.88-0.96 at all five (72
+           sequences each). Shifting from 2k on in new ladders does not remove the fork at 2k
+           (0.42 / 0.58-0.75 / 0.42 in three seeds; one reran to 0.58 at 8k).
 """
 
 from experiments.configs import mqar_gpu
