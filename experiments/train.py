@@ -151,8 +151,10 @@ def loss_fn(model, tokens, weights):
   segment_ids = None
   if tokens.ndim == 3:
     tokens, segment_ids = tokens[:, 0], tokens[:, 1]
-  logits = model(tokens[:, :-1]) if segment_ids is None else model(tokens[:, :-1],
-                                                                    segment_ids[:, :-1])
+  if segment_ids is None:
+    logits = model(tokens[:, :-1])
+  else:
+    logits = model(tokens[:, :-1], segment_ids[:, :-1])
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])  # [B, T]
   weights = jnp.broadcast_to(weights, losses.shape)
   if segment_ids is not None:

@@ -535,8 +535,8 @@ def _mosaic_dq(q, k, v, d_out, lse_rows, delta, sorted_idx, lay: _Layout, scale,
 def _hopper() -> bool:
   """Whether the default device is a Hopper GPU (compute capability 9.x)."""
   device = jax.devices()[0]
-  return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith(
-      "9")
+  capability = str(getattr(device, "compute_capability", ""))
+  return device.platform == "gpu" and capability.startswith("9")
 
 
 def _on_mosaic(choice, q, k, v, halves, block, interpret) -> bool:
