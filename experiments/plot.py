@@ -37,7 +37,6 @@ import json
 import pathlib
 
 import jax
-import jax.numpy as jnp
 import matplotlib
 import ml_collections
 import numpy as np
@@ -102,9 +101,8 @@ def default_lengths(seq_len):
 def passkey_grid(config, model, lengths, depths, samples):
   """`accuracy [len(lengths), len(depths)]` on held-out filler."""
   filler = train.build_data(config).splits["held_out"]
-  logits = nnx.jit(lambda model, tokens: model(tokens))
-  results = tasks.passkey_accuracy(lambda t: logits(model, jnp.asarray(t)), filler, lengths,
-                                   depths, samples, seed=1, digits=train.passkey_digits(config))
+  results = tasks.passkey_accuracy(train.logits_fn(model), filler, lengths, depths, samples,
+                                   seed=1, digits=train.passkey_digits(config))
   return np.array([[results[(length, depth)] for depth in depths] for length in lengths])
 
 
@@ -228,10 +226,9 @@ def plot_selection(indices, slc_block, title, path):
 
 def _mqar_plots(config, model, name, lengths, num_bins, samples, out):
   """The MQAR heatmap (and, for NSA, the selection hits) of one run; `{file name: path}`."""
-  logits = nnx.jit(lambda model, tokens: model(tokens))
   data = config.data
   grid = tasks.mqar_accuracy_by_depth(
-      lambda t: logits(model, jnp.asarray(t)), lengths, data.mqar_pairs,
+      train.logits_fn(model), lengths, data.mqar_pairs,
       train.vocab_size(config), num_bins, samples, data.mqar_placement, seed=1)
   bins = [f"{b / num_bins:.0%}-{(b + 1) / num_bins:.0%}" for b in range(num_bins)]
   result = dict(lengths=list(lengths), depth_bins=bins, samples=samples,

@@ -189,6 +189,12 @@ def eval_logits(model, tokens):
   return model(tokens)
 
 
+def logits_fn(model):
+  """`tokens int [B, T] (numpy or jax) -> logits [B, T, vocab]` of `model`, jitted: what the
+  task metrics (`tasks.passkey_accuracy`, `tasks.mqar_accuracies`) call."""
+  return lambda tokens: eval_logits(model, jnp.asarray(tokens))
+
+
 PASSKEY_DEPTHS = (0.1, 0.5, 0.9)
 
 
@@ -277,7 +283,7 @@ def _train(config, workdir, batches, mesh):
                             for i in range(config.eval_batches)])
         record = dict(step=step, held_out_loss=float(held_out))
         if config.data.source == "passkey":  # retrieval accuracy at the training length
-          accuracy = tasks.passkey_accuracy(lambda t: eval_logits(model, jnp.asarray(t)),
+          accuracy = tasks.passkey_accuracy(logits_fn(model),
                                             batches.splits["held_out"], [config.seq_len + 1],
                                             PASSKEY_DEPTHS, samples=config.eval_samples,
                                             seed=step, digits=batches.digits)
@@ -287,7 +293,7 @@ def _train(config, workdir, batches, mesh):
                                             digits=batches.digits)
         if config.data.source == "mqar":  # recall accuracy at the training length
           record.update(tasks.mqar_accuracies(
-              lambda t: eval_logits(model, jnp.asarray(t)), config.seq_len + 1,
+              logits_fn(model), config.seq_len + 1,
               batches.num_pairs, batches.vocab_size, samples=config.eval_samples,
               placement=batches.placement, seed=step))
           probe = diagnostics.mqar_probe(config.seq_len + 1, batches.num_pairs,

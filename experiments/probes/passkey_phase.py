@@ -20,9 +20,7 @@ import argparse
 import json
 import pathlib
 
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from experiments import plot
 from experiments import tasks
@@ -41,13 +39,12 @@ def accuracy_by_length(model, config, lengths, seeds, depths=train.PASSKEY_DEPTH
   """`{length: {"per_seed": [...], "mean": m, "sequences": n}}`: `tasks.passkey_accuracy` at each
   length with each seed, `config.eval_samples` sequences per depth, as training evaluates."""
   filler = train.build_data(config).splits["held_out"]
-  logits = nnx.jit(lambda model, tokens: model(tokens))
   result = {}
   for length in lengths:
     per_seed = []
     for seed in seeds:
-      accuracy = tasks.passkey_accuracy(lambda t: logits(model, jnp.asarray(t)), filler,
-                                        [length], depths, config.eval_samples, seed=seed,
+      accuracy = tasks.passkey_accuracy(train.logits_fn(model), filler, [length], depths,
+                                        config.eval_samples, seed=seed,
                                         digits=train.passkey_digits(config))
       per_seed.append(float(np.mean(list(accuracy.values()))))
     result[length] = dict(per_seed=per_seed, mean=float(np.mean(per_seed)),
