@@ -319,18 +319,28 @@ def test_packed_documents_keep_attention_and_loss_inside_each_file(tmp_path):
 
 def test_a_curriculum_trains_its_stages_each_from_the_last(tmp_path):
   from experiments import curriculum
-  stages = curriculum.parse_stages("64:2:3:8, 128:2:2")
-  assert stages == [(64, 2, 3, 8), (128, 2, 2)]
+  stages = curriculum.parse_stages("64:2:3:8, 128:2:2:data.other_weight=0.25:log_every=2")
+  assert stages == [curriculum.Stage(64, 2, 3, 8),
+                    curriculum.Stage(128, 2, 2, None, (("data.other_weight", "0.25"),
+                                                       ("log_every", "2")))]
   window = small_config().nsa.window
   records = curriculum.run(small_config(), stages, tmp_path)
-  assert [sum("loss" in r for r in stage) for stage in records] == [3, 2]
+  assert [sum("loss" in r for r in stage) for stage in records] == [3, 1]  # log_every=2
   first, second = (json.loads((tmp_path / name / "config.json").read_text())
                    for name in ("t64", "t128"))
   assert (first["seq_len"], first["steps"], first["init_from"]) == (64, 3, "")
   assert (second["seq_len"], second["steps"], second["eval_every"]) == (128, 2, 2)
   assert second["init_from"] == str(tmp_path / "t64")
   assert (first["nsa"]["window"], second["nsa"]["window"]) == (8, window)  # a stage's own window
+  # A stage's overrides, typed as the field, for that stage only.
+  assert (first["data"]["other_weight"], second["data"]["other_weight"]) == (1.0, 0.25)
+  assert (first["log_every"], second["log_every"]) == (1, 2)
   assert curriculum.run(small_config(), stages, tmp_path) == [[], []]  # finished: nothing to do
-  for bad in ("128:2", "128:2:2:16:1", "128:2:2:0"):
+  for bad in ("128:2", "128:2:2:16:1", "128:2:2:0", "128:2:log_every=2:2"):
     with pytest.raises(ValueError, match=f"seq_len:batch_size:steps.* got '{bad}'"):
       curriculum.parse_stages(f"64:2:3,{bad}")
+  for bad, message in (("nsa.windw=8", "no config field 'nsa.windw'"),
+                       ("steps=x", "steps is int, got 'x'"),
+                       ("data.pack_documents=maybe", "data.pack_documents is a boolean")):
+    with pytest.raises(ValueError, match=message):
+      curriculum.stage_configs(small_config(), curriculum.parse_stages(f"64:2:3:{bad}"), tmp_path)
