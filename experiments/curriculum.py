@@ -6,7 +6,7 @@ sequence lengths, each stage started from the last one's parameters (`config.ini
         [--config.<field>=<value> ...]
 
 A stage `T:B:S` trains `S` steps at sequence length `T` with batch size `B` in
-`<workdir>/t<T>` (a workdir of `experiments.train`: metrics, checkpoints, plots), evaluating
+`<workdir>/t<T>` (`t<T>_2`, `t<T>_3`, ... for later stages at the same length; a workdir of `experiments.train`: metrics, checkpoints, plots), evaluating
 every `min(config.eval_every, S)` steps; its optimizer and learning-rate schedule start afresh.
 `T:B:S:W` also sets the sliding window to `W` (`config.nsa.window`; the window has no
 parameters, so it may change between stages: a window smaller than the early stages' contexts
@@ -92,7 +92,7 @@ def _set_field(config, field: str, text: str):
 def stage_configs(config, stages, workdir):
   """`[(config, workdir)]` of each stage: `config` with the stage's seq_len, batch size, steps,
   window and overrides (if given), evaluations at most every `steps`, and `init_from` the
-  previous stage's workdir."""
+  previous stage's workdir (`t<T>`, or `t<T>_k` for the k-th stage at length `T`)."""
   workdir = pathlib.Path(workdir)
   result, previous = [], config.init_from
   for stage_spec in stages:
@@ -106,7 +106,8 @@ def stage_configs(config, stages, workdir):
       stage.nsa.window = stage_spec.window
     for field, text in stage_spec.overrides:
       _set_field(stage, field, text)
-    stage_dir = workdir / f"t{stage_spec.seq_len}"
+    repeat = sum(earlier.seq_len == stage.seq_len for earlier, _ in result)
+    stage_dir = workdir / (f"t{stage.seq_len}" + (f"_{repeat + 1}" if repeat else ""))
     result.append((stage, stage_dir))
     previous = str(stage_dir)
   return result

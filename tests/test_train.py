@@ -339,6 +339,11 @@ def test_a_curriculum_trains_its_stages_each_from_the_last(tmp_path):
   for bad in ("128:2", "128:2:2:16:1", "128:2:2:0", "128:2:log_every=2:2"):
     with pytest.raises(ValueError, match=f"seq_len:batch_size:steps.* got '{bad}'"):
       curriculum.parse_stages(f"64:2:3,{bad}")
+  # A second stage at the same length (e.g. a fine-tune with other data) gets its own workdir.
+  repeated = curriculum.stage_configs(small_config(), curriculum.parse_stages(
+      "64:2:3,128:2:2,64:2:1:data.other_weight=0.5,64:2:1"), tmp_path)
+  assert [d.name for _, d in repeated] == ["t64", "t128", "t64_2", "t64_3"]
+  assert repeated[3][0].init_from == str(tmp_path / "t64_2")
   for bad, message in (("nsa.windw=8", "no config field 'nsa.windw'"),
                        ("steps=x", "steps is int, got 'x'"),
                        ("data.pack_documents=maybe", "data.pack_documents is a boolean")):

@@ -40,7 +40,10 @@ Expected:  measured 2026-12-04 (RESULTS.md), not reliably reproduced: in one run
            The 0.92 model depends on where the question sits within the blocks (0.44-0.83 at
            five offsets); 600 more 8k steps with `--config.data.passkey_max_shift=63` (the
            question at a random offset in each row) bring it to 0.88-0.96 at all five (72
-           sequences each). Shifting from 2k on in new ladders does not remove the fork at 2k
+           sequences each): the best recipe measured is the w = 64 ladder above followed by
+           the stage `8192:16:600:512:data.passkey_max_shift=63` (its own workdir `t8192_2`),
+           then `python -m experiments.probes.passkey_phase --workdir out/passkey_nsa/t8192_2
+           --lengths 8193,8192,8194,8209,8224`. Shifting from 2k on in new ladders does not remove the fork at 2k
            (0.42 / 0.58-0.75 / 0.42 in three seeds; one reran to 0.58 at 8k).
 """
 
