@@ -6,8 +6,9 @@ sequence lengths, each stage started from the last one's parameters (`config.ini
         [--config.<field>=<value> ...]
 
 A stage `T:B:S` trains `S` steps at sequence length `T` with batch size `B` in
-`<workdir>/t<T>` (`t<T>_2`, `t<T>_3`, ... for later stages at the same length; a workdir of `experiments.train`: metrics, checkpoints, plots), evaluating
-every `min(config.eval_every, S)` steps; its optimizer and learning-rate schedule start afresh.
+`<workdir>/t<T>` (`t<T>_2`, `t<T>_3`, ... for later stages at the same length; a workdir of
+`experiments.train`: metrics, checkpoints, plots), evaluating every `min(config.eval_every, S)`
+steps; its optimizer and learning-rate schedule start afresh.
 `T:B:S:W` also sets the sliding window to `W` (`config.nsa.window`; the window has no
 parameters, so it may change between stages: a window smaller than the early stages' contexts
 keeps them from being solved through it, RESULTS.md "CPU: a window that sees the needle").
