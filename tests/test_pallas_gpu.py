@@ -160,10 +160,10 @@ def on_triton(monkeypatch):
 
 def test_selected_kernel_choice_auto_is_mosaic_on_hopper_only():
   q, k, v = random_qkv(1, 128, 16, 1, 64, dtype=jnp.bfloat16)
-  on_mosaic = lambda choice, interpret: selected_kernel._on_mosaic(  # pylint: disable=protected-access
-      choice, q, k, v, None, 64, interpret)
+  def on_mosaic(choice, interpret):
+    return selected_kernel._on_mosaic(choice, q, k, v, None, 64, interpret)
   assert not on_mosaic("auto", True) and not on_mosaic("triton", False)
-  assert on_mosaic("auto", False) == selected_kernel._hopper()  # pylint: disable=protected-access
+  assert on_mosaic("auto", False) == selected_kernel._hopper()
   with pytest.raises(ValueError, match="FORWARD / DQ must be one of .* got 'cuda'"):
     on_mosaic("cuda", False)
 

@@ -43,8 +43,9 @@ Expected:  measured 2026-12-04 (RESULTS.md), not reliably reproduced: in one run
            sequences each): the best recipe measured is the w = 64 ladder above followed by
            the stage `8192:16:600:512:data.passkey_max_shift=63` (its own workdir `t8192_2`),
            then `python -m experiments.probes.passkey_phase --workdir out/passkey_nsa/t8192_2
-           --lengths 8193,8192,8194,8209,8224`. Shifting from 2k on in new ladders does not remove the fork at 2k
-           (0.42 / 0.58-0.75 / 0.42 in three seeds; one reran to 0.58 at 8k).
+           --lengths 8193,8192,8194,8209,8224`. Shifting from 2k on in new ladders does not
+           remove the fork at 2k (0.42 / 0.58-0.75 / 0.42 in three seeds; one reran to 0.58
+           at 8k).
 """
 
 from experiments.configs import mqar_gpu
