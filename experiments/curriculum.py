@@ -90,14 +90,13 @@ def _set_field(config, field: str, text: str):
   parent[name] = value
 
 
-def stage_configs(config, stages, workdir):
+def stage_configs(config, stages: list[Stage], workdir):
   """`[(config, workdir)]` of each stage: `config` with the stage's seq_len, batch size, steps,
   window and overrides (if given), evaluations at most every `steps`, and `init_from` the
   previous stage's workdir (`t<T>`, or `t<T>_k` for the k-th stage at length `T`)."""
   workdir = pathlib.Path(workdir)
   result, previous = [], config.init_from
   for stage_spec in stages:
-    stage_spec = Stage(*stage_spec)
     stage = config.copy_and_resolve_references()
     stage.unlock()
     stage.update(dict(seq_len=stage_spec.seq_len, batch_size=stage_spec.batch_size,

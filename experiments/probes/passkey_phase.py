@@ -39,11 +39,12 @@ def accuracy_by_length(model, config, lengths, seeds, depths=train.PASSKEY_DEPTH
   """`{length: {"per_seed": [...], "mean": m, "sequences": n}}`: `tasks.passkey_accuracy` at each
   length with each seed, `config.eval_samples` sequences per depth, as training evaluates."""
   filler = train.build_data(config).splits["held_out"]
+  logits = train.logits_fn(model)
   result = {}
   for length in lengths:
     per_seed = []
     for seed in seeds:
-      accuracy = tasks.passkey_accuracy(train.logits_fn(model), filler, [length], depths,
+      accuracy = tasks.passkey_accuracy(logits, filler, [length], depths,
                                         config.eval_samples, seed=seed,
                                         digits=train.passkey_digits(config))
       per_seed.append(float(np.mean(list(accuracy.values()))))
