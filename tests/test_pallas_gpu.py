@@ -139,6 +139,14 @@ def test_selected_attention_mosaic_dq_after_triton_forward_in_interpret_mode(mon
   check_selected(q, k, v, 64, 3, reference, interpret=True, dtype=jnp.float16)
 
 
+def test_selected_attention_triton_dq_after_mosaic_forward_in_interpret_mode(monkeypatch):
+  # The Mosaic forward's lse (in this module's rows) feeds the Triton dQ; the tile unions it
+  # hands on for a Mosaic dQ go unused.
+  monkeypatch.setattr(selected_kernel, "FORWARD", "mosaic")
+  q, k, v = random_qkv(1, 70, 8, 1, 64, 64, dtype=jnp.float16)
+  check_selected(q, k, v, 64, 3, reference, interpret=True, dtype=jnp.float16)
+
+
 def test_selected_attention_backward_over_part_of_a_query_in_interpret_mode(monkeypatch):
   # Wide float32 heads make a dK/dV step gather, and a dQ program hold, fewer rows than one
   # query's heads (G = 64 with Dk = Dv = 256: 32 of 64); force 16 rows against G = 32.
