@@ -492,19 +492,20 @@ def _selected_attention(q, k, v, sorted_idx, halves, scale, block, interpret):
   return _selected_attention_fwd(q, k, v, sorted_idx, halves, scale, block, interpret)[0]
 
 
-def _mosaic_tiles(lay: _Layout, sorted_idx, with_unions: bool = True):
-  """The Mosaic GPU kernels' layout (64-row tiles of `ROWS // heads` positions, heads padded to
-  `rows_per_position(G)`, no head-dim padding) and their tiles' `tile_unions` (None without
-  `with_unions`)."""
+def _mosaic_tiles(lay: _Layout, sorted_idx):
+  """The Mosaic GPU kernels' layout: 64-row tiles of `ROWS // heads` positions, heads padded to
+  `rows_per_position(G)`, no head-dim padding."""
   heads = selected_mgpu.rows_per_position(lay.group)
   positions = selected_mgpu.ROWS // heads
-  tiles = dataclasses.replace(
+  return dataclasses.replace(
       lay, heads=heads, positions=positions, seq_pad=-(-lay.seq_len // positions) * positions,
       head_dim_pad=lay.head_dim, head_dim_v_pad=lay.head_dim_v, loaded=lay.block,
       num_slots=sorted_idx.shape[-1])
-  if not with_unions:
-    return tiles, None
-  return tiles, selected_mgpu.tile_unions(_slots(sorted_idx, tiles), positions)
+
+
+def _tile_unions(sorted_idx, tiles: _Layout):
+  """`selected_mgpu.tile_unions` of the tiles of `_mosaic_tiles`."""
+  return selected_mgpu.tile_unions(_slots(sorted_idx, tiles), tiles.positions)
 
 
 def _mosaic_args(lay: _Layout, interpret):
@@ -516,7 +517,8 @@ def _mosaic_forward(q, k, v, sorted_idx, lay: _Layout, scale, interpret):
   """The forward on Mosaic GPU: `(out float32 [B, T, Hq, Dv], lse, for_dq)`, lse in this
   module's rows (`lay`), as the Triton forward leaves it for the backward, and `for_dq` what a
   Mosaic dQ would otherwise recompute: the tiles' `tile_unions` and the lse in tile rows."""
-  tiles, unions = _mosaic_tiles(lay, sorted_idx)
+  tiles = _mosaic_tiles(lay, sorted_idx)
+  unions = _tile_unions(sorted_idx, tiles)
   out_rows, lse_rows = selected_mgpu.selected_attention_forward(
       _to_rows(q, tiles, lay.head_dim), _to_blocks(k, tiles, lay.head_dim),
       _to_blocks(v, tiles, lay.head_dim_v), *unions, scale=scale, **_mosaic_args(tiles, interpret))
@@ -529,12 +531,12 @@ def _mosaic_dq(q, k, v, d_out, lse_rows, delta, sorted_idx, lay: _Layout, scale,
                from_forward=None):
   """dQ on Mosaic GPU, `[B, T, Hq, Dk]`: `lse_rows` in `lay`'s rows, `delta [B, T, Hq]`;
   `from_forward`: a Mosaic forward's `for_dq` (`_mosaic_forward`), else computed here."""
-  tiles, unions = _mosaic_tiles(lay, sorted_idx, with_unions=from_forward is None)
+  tiles = _mosaic_tiles(lay, sorted_idx)
   per_tile_row = lambda x: _to_rows(x[..., None], tiles, 1)[..., 0]
   if from_forward is None:
-    lse_tile_rows = per_tile_row(_from_rows(lse_rows[..., None], lay, 1)[..., 0])
-  else:
-    unions, lse_tile_rows = from_forward
+    from_forward = (_tile_unions(sorted_idx, tiles),
+                    per_tile_row(_from_rows(lse_rows[..., None], lay, 1)[..., 0]))
+  unions, lse_tile_rows = from_forward
   dq_rows = selected_mgpu.selected_attention_dq(
       _to_rows(q, tiles, lay.head_dim), _to_blocks(k, tiles, lay.head_dim),
       _to_blocks(v, tiles, lay.head_dim_v), _to_rows(d_out, tiles, lay.head_dim_v),
