@@ -493,19 +493,15 @@ def _selected_attention(q, k, v, sorted_idx, halves, scale, block, interpret):
 
 
 def _mosaic_tiles(lay: _Layout, sorted_idx):
-  """The Mosaic GPU kernels' layout: 64-row tiles of `ROWS // heads` positions, heads padded to
-  `rows_per_position(G)`, no head-dim padding."""
+  """The Mosaic GPU kernels' layout (64-row tiles of `ROWS // heads` positions, heads padded to
+  `rows_per_position(G)`, no head-dim padding) and their tiles' `tile_unions`."""
   heads = selected_mgpu.rows_per_position(lay.group)
   positions = selected_mgpu.ROWS // heads
-  return dataclasses.replace(
+  tiles = dataclasses.replace(
       lay, heads=heads, positions=positions, seq_pad=-(-lay.seq_len // positions) * positions,
       head_dim_pad=lay.head_dim, head_dim_v_pad=lay.head_dim_v, loaded=lay.block,
       num_slots=sorted_idx.shape[-1])
-
-
-def _tile_unions(sorted_idx, tiles: _Layout):
-  """`selected_mgpu.tile_unions` of the tiles of `_mosaic_tiles`."""
-  return selected_mgpu.tile_unions(_slots(sorted_idx, tiles), tiles.positions)
+  return tiles, selected_mgpu.tile_unions(_slots(sorted_idx, tiles), positions)
 
 
 def _mosaic_args(lay: _Layout, interpret):
@@ -514,33 +510,25 @@ def _mosaic_args(lay: _Layout, interpret):
 
 
 def _mosaic_forward(q, k, v, sorted_idx, lay: _Layout, scale, interpret):
-  """The forward on Mosaic GPU: `(out float32 [B, T, Hq, Dv], lse, for_dq)`, lse in this
-  module's rows (`lay`), as the Triton forward leaves it for the backward, and `for_dq` what a
-  Mosaic dQ would otherwise recompute: the tiles' `tile_unions` and the lse in tile rows."""
-  tiles = _mosaic_tiles(lay, sorted_idx)
-  unions = _tile_unions(sorted_idx, tiles)
+  """The forward on Mosaic GPU: `(out float32 [B, T, Hq, Dv], lse)`, lse in this module's rows
+  (`lay`), as the Triton forward leaves it for the backward."""
+  tiles, unions = _mosaic_tiles(lay, sorted_idx)
   out_rows, lse_rows = selected_mgpu.selected_attention_forward(
       _to_rows(q, tiles, lay.head_dim), _to_blocks(k, tiles, lay.head_dim),
       _to_blocks(v, tiles, lay.head_dim_v), *unions, scale=scale, **_mosaic_args(tiles, interpret))
   lse = _from_rows(lse_rows[..., None], tiles, 1)  # [B, T, Hq, 1]
-  return (_from_rows(out_rows, tiles, lay.head_dim_v), _to_rows(lse, lay, 1)[..., 0],
-          (unions, lse_rows))
+  return _from_rows(out_rows, tiles, lay.head_dim_v), _to_rows(lse, lay, 1)[..., 0]
 
 
-def _mosaic_dq(q, k, v, d_out, lse_rows, delta, sorted_idx, lay: _Layout, scale, interpret,
-               from_forward=None):
-  """dQ on Mosaic GPU, `[B, T, Hq, Dk]`: `lse_rows` in `lay`'s rows, `delta [B, T, Hq]`;
-  `from_forward`: a Mosaic forward's `for_dq` (`_mosaic_forward`), else computed here."""
-  tiles = _mosaic_tiles(lay, sorted_idx)
+def _mosaic_dq(q, k, v, d_out, lse_rows, delta, sorted_idx, lay: _Layout, scale, interpret):
+  """dQ on Mosaic GPU, `[B, T, Hq, Dk]`: `lse_rows` in `lay`'s rows, `delta [B, T, Hq]`."""
+  tiles, unions = _mosaic_tiles(lay, sorted_idx)
   per_tile_row = lambda x: _to_rows(x[..., None], tiles, 1)[..., 0]
-  if from_forward is None:
-    from_forward = (_tile_unions(sorted_idx, tiles),
-                    per_tile_row(_from_rows(lse_rows[..., None], lay, 1)[..., 0]))
-  unions, lse_tile_rows = from_forward
   dq_rows = selected_mgpu.selected_attention_dq(
       _to_rows(q, tiles, lay.head_dim), _to_blocks(k, tiles, lay.head_dim),
       _to_blocks(v, tiles, lay.head_dim_v), _to_rows(d_out, tiles, lay.head_dim_v),
-      lse_tile_rows, per_tile_row(delta), *unions, scale=scale, **_mosaic_args(tiles, interpret))
+      per_tile_row(_from_rows(lse_rows[..., None], lay, 1)[..., 0]), per_tile_row(delta),
+      *unions, scale=scale, **_mosaic_args(tiles, interpret))
   return _from_rows(dq_rows, tiles, lay.head_dim)
 
 
@@ -566,18 +554,18 @@ def _on_mosaic(choice, q, k, v, halves, block, interpret) -> bool:
 def _selected_attention_fwd(q, k, v, sorted_idx, halves, scale, block, interpret):
   lay = _layout(q, v, sorted_idx, block)
   if _on_mosaic(FORWARD, q, k, v, halves, block, interpret):
-    out, lse, for_dq = _mosaic_forward(q, k, v, sorted_idx, lay, scale, interpret)
-    return out.astype(q.dtype), (q, k, v, sorted_idx, halves, out, lse, for_dq)
+    out, lse = _mosaic_forward(q, k, v, sorted_idx, lay, scale, interpret)
+    return out.astype(q.dtype), (q, k, v, sorted_idx, halves, out, lse)
   out_rows, lse = _forward(_to_rows(q, lay, lay.head_dim_pad),
                            _to_blocks(k, lay, lay.head_dim_pad),
                            _to_blocks(v, lay, lay.head_dim_v_pad), _slots(sorted_idx, lay), lay,
                            scale, interpret, _halves_slots(halves, lay))
   out = _from_rows(out_rows, lay, lay.head_dim_v)  # float32 [B, T, Hq, Dv]
-  return out.astype(q.dtype), (q, k, v, sorted_idx, halves, out, lse, None)
+  return out.astype(q.dtype), (q, k, v, sorted_idx, halves, out, lse)
 
 
 def _selected_attention_bwd(scale, block, interpret, residuals, d_out):
-  q, k, v, sorted_idx, halves, out, lse, for_dq = residuals
+  q, k, v, sorted_idx, halves, out, lse = residuals
   lay = _layout(q, v, sorted_idx, block)
   q_rows = _to_rows(q, lay, lay.head_dim_pad)
   k_blocks = _to_blocks(k, lay, lay.head_dim_pad)
@@ -593,8 +581,7 @@ def _selected_attention_bwd(scale, block, interpret, residuals, d_out):
   slots = _slots(sorted_idx, lay)
   halves = _halves_slots(halves, lay)
   if dq_on_mosaic:
-    dq = _mosaic_dq(q, k, v, d_out, lse, delta_per_head, sorted_idx, lay, scale, interpret,
-                    for_dq)
+    dq = _mosaic_dq(q, k, v, d_out, lse, delta_per_head, sorted_idx, lay, scale, interpret)
   else:
     dq = _from_rows(_dq(q_rows, k_blocks, v_blocks, do_rows, lse, delta, slots, lay, scale,
                         interpret, halves), lay, lay.head_dim)
