@@ -45,8 +45,8 @@ Expected:  measured 2026-12-04 (RESULTS.md), not reliably reproduced: in one run
            then `python -m experiments.probes.passkey_phase --workdir out/passkey_nsa/t8192_2
            --lengths 8193,8192,8194,8209,8224`. Two more stages
            `16384:8:1000:512:data.passkey_max_shift=63` (`t16384`, `t16384_2`) take it to 0.91
-           at 16k (0.87-0.94 at every offset, 360 sequences; 1.1-1.3 M tokens/s on an H100),
-           2026-12-05. Shifting from 2k on in new ladders does not
+           at 16k (0.87-0.94 at every offset, 360 sequences; 1.1-1.3 M tokens/s on an H100;
+           0.65 / 0.60 at 32k / 64k), 2026-12-05. Shifting from 2k on in new ladders does not
            remove the fork at 2k (0.42 / 0.58-0.75 / 0.42 in three seeds; one reran to 0.58
            at 8k).
 """
