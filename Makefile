@@ -38,7 +38,7 @@ test: $(STAMP)
 # (83 tests, 5.4 min), then test_properties -k "every_short_length and float32" (258, 6.7 min),
 # then "... and bfloat16" (258, 2.5 min on a warm compilation cache).
 # More workers risk running out of GPU memory: on an 80 GB H100 at 12 workers three Mosaic
-# shape tests did (2026-12-05; the 64k cases' XLA references are large); at 4 they pass.
+# shape tests did (2026-12-05; the 64k cases' XLA references are large).
 # XLA's GEMM autotuning is off for the tests (the reference computations need no tuned
 # algorithms; benchmarks keep it).
 GPU_TESTS := tests/test_pallas_gpu.py tests/test_decode.py tests/test_properties.py
