@@ -140,8 +140,8 @@ def test_selected_attention_mosaic_dq_after_triton_forward_in_interpret_mode(mon
 
 
 def test_selected_attention_triton_dq_after_mosaic_forward_in_interpret_mode(monkeypatch):
-  # The Mosaic forward's lse (in this module's rows) feeds the Triton dQ; the tile unions it
-  # hands on for a Mosaic dQ go unused.
+  # The Mosaic forward's lse (in this module's rows, as the Triton forward leaves it) feeds the
+  # Triton dQ.
   monkeypatch.setattr(selected_kernel, "FORWARD", "mosaic")
   q, k, v = random_qkv(1, 70, 8, 1, 64, 64, dtype=jnp.float16)
   check_selected(q, k, v, 64, 3, reference, interpret=True, dtype=jnp.float16)
