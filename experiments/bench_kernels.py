@@ -5,6 +5,8 @@
                                         [--repeats 10] [--out out/bench_kernels.json]
     python -m experiments.bench_kernels --trace 65536   # per-kernel time of full NSA at T (GPU)
     python -m experiments.bench_kernels --trace 65536 --documents 8  # ... of a packed row
+    python -m experiments.bench_kernels --trace 65536 --trained_indices FILE  # ... on a trained
+                                        # selection (the three branch calls, Mosaic selected)
     python -m experiments.bench_kernels --num_kv_heads 16 --seq_lens 65536  # G = 4
     python -m experiments.bench_kernels --platform tpu  # the default on a TPU host
     python -m experiments.bench_kernels --seq_lens 65536 --documents 8,64  # packed rows
@@ -354,16 +356,25 @@ def print_table(title, rows):
           f"{get('fwd_bwd_gib', '8.2f'):>8}")
 
 
-def trace(t, num_kv_heads=HKV, top=14, num_docs=0):
+def trace(t, num_kv_heads=HKV, top=14, num_docs=0, trained_indices=None):
   """Per-kernel device time of full NSA (paper config) at `t`, forward and forward+backward;
-  with `num_docs`, of the packed row of that many equal documents (`packed_parts`)."""
+  with `num_docs`, of the packed row of that many equal documents (`packed_parts`); with
+  `trained_indices [1, t, Hkv, n]`, of the three branches selecting with them (the part "nsa
+  trained mosaic" of `trained_parts`: separate branch calls, the selected forward and dQ on
+  Mosaic GPU)."""
   q, k, v = random_qkv(t, num_kv_heads)
-  nsa = (packed_parts(t, num_docs, PAPER)[f"nsa packed/{num_docs}"] if num_docs
-         else parts_for(t, PAPER)["nsa"])[0]
-  what = f"NSA packed/{num_docs}" if num_docs else "NSA"
+  inputs = None
+  if num_docs:
+    nsa, what = packed_parts(t, num_docs, PAPER)[f"nsa packed/{num_docs}"][0], \
+        f"NSA packed/{num_docs}"
+  elif trained_indices is not None:
+    nsa = trained_parts(PAPER, PLATFORMS["gpu"], 0.0, 0.0)["nsa trained mosaic"][0]
+    what, inputs = "NSA trained mosaic", dict(trained_indices=trained_indices)
+  else:
+    nsa, what = parts_for(t, PAPER)["nsa"][0], "NSA"
   for title, fn in (("forward", jax.jit(nsa)),
                     ("forward+backward", jax.jit(jax.grad(sum_of(nsa), (0, 1, 2))))):
-    times = gpu_trace.kernel_times(lambda: jax.block_until_ready(fn(q, k, v, None)))
+    times = gpu_trace.kernel_times(lambda: jax.block_until_ready(fn(q, k, v, inputs)))
     print(f"\nT={t} {what} {title}: {sum(times.values()) / 1e3:.2f} ms of kernels")
     for name, us in list(times.items())[:top]:
       print(f"{us / 1e3:9.3f} ms  {name[:90]}")
@@ -379,7 +390,8 @@ def main():
                       help=f"Hkv (G = {HQ} / Hkv): small groups load more K/V bytes per FLOP")
   parser.add_argument("--trace", type=int, default=0,
                       help="instead: per-kernel GPU time of full NSA at this sequence length "
-                           "(of a packed row with --documents N: the first count given)")
+                           "(of a packed row with --documents N: the first count given; on "
+                           "--trained_indices: the part 'nsa trained mosaic')")
   parser.add_argument("--parts", default="",
                       help="comma-separated part names to time (default: all)")
   parser.add_argument("--trained_indices", default="",
@@ -396,7 +408,12 @@ def main():
     if args.platform != "gpu":
       parser.error("--trace reads GPU profiler traces")
     documents = [int(x) for x in args.documents.split(",") if x]
-    trace(args.trace, args.num_kv_heads, num_docs=documents[0] if documents else 0)
+    if documents and args.trained_indices:
+      parser.error("--trace takes --documents or --trained_indices, not both")
+    trained = (load_trained_indices(args.trained_indices, args.trace, args.num_kv_heads, PAPER,
+                                    args.trained_layer) if args.trained_indices else None)
+    trace(args.trace, args.num_kv_heads, num_docs=documents[0] if documents else 0,
+          trained_indices=trained)
     return
   platform = PLATFORMS[args.platform]
   only = set(filter(None, args.parts.split(",")))

@@ -183,3 +183,34 @@ def test_bench_kernels_trace_of_a_packed_row_profiles_the_packed_function(monkey
   printed = capsys.readouterr().out
   assert "T=128 NSA packed/2 forward:" in printed
   assert "T=128 NSA packed/2 forward+backward:" in printed
+
+
+def test_bench_kernels_trace_on_trained_indices_profiles_them(monkeypatch, capsys, tmp_path):
+  """`--trace T --trained_indices FILE` profiles the three branches on the file's selection (the
+  part `nsa trained mosaic`; here a stand-in on the XLA path that records the indices it gets)."""
+  monkeypatch.setattr(bench_kernels, "HQ", 4)
+  config = bench_kernels.PAPER
+  t, n = 128, config.num_selected
+  saved = np.random.default_rng(0).integers(-1, 2, size=(2, t, 1, n))  # two rows, one KV head
+  path = tmp_path / "selection_indices_run.npz"
+  np.savez_compressed(path, indices=saved.astype(np.int16), slc_block=config.slc_block)
+  seen = []
+
+  def trained_parts(config, platform, nsa_flops, slc_flops):
+    def fn(q, k, v, x):
+      jax.debug.callback(lambda indices: seen.append(np.asarray(indices)), x["trained_indices"])
+      return nsa_jax.dense_causal_attention(q, k, v)
+    return {"nsa trained mosaic": (fn, nsa_flops, True)}
+  monkeypatch.setattr(bench_kernels, "trained_parts", trained_parts)
+  monkeypatch.setattr("sys.argv", ["bench_kernels", "--trace", str(t), "--num_kv_heads", "2",
+                                   "--trained_indices", str(path)])
+  bench_kernels.main()
+  printed = capsys.readouterr().out
+  assert "T=128 NSA trained mosaic forward:" in printed
+  assert "T=128 NSA trained mosaic forward+backward:" in printed
+  assert seen, "the traced function never ran"
+  np.testing.assert_array_equal(seen[0], bench_kernels.load_trained_indices(path, t, 2, config))
+  monkeypatch.setattr("sys.argv", ["bench_kernels", "--trace", str(t), "--documents", "2",
+                                   "--trained_indices", str(path)])
+  with pytest.raises(SystemExit):
+    bench_kernels.main()
