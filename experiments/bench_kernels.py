@@ -365,8 +365,8 @@ def trace(t, num_kv_heads=HKV, top=14, num_docs=0, trained_indices=None):
   q, k, v = random_qkv(t, num_kv_heads)
   inputs = None
   if num_docs:
+    nsa = packed_parts(t, num_docs, PAPER)[f"nsa packed/{num_docs}"][0]
     what = f"NSA packed/{num_docs}"
-    nsa = packed_parts(t, num_docs, PAPER)[what.lower()][0]
   elif trained_indices is not None:
     nsa = trained_parts(PAPER, PLATFORMS["gpu"], 0.0, 0.0)["nsa trained mosaic"][0]
     what, inputs = "NSA trained mosaic", dict(trained_indices=trained_indices)
