@@ -173,8 +173,11 @@ def inverse_block_map(sorted_indices, num_blocks: int, chunk: int, payload=None)
     order = jnp.argsort(flat, stable=True)
     query_list = (order // n).astype(jnp.int32)
     payload_list = extra.reshape(-1)[order].astype(jnp.int32)
-    counts = jnp.zeros(num_blocks + 1, jnp.int32).at[flat].add(1)[:num_blocks]
-    starts = jnp.cumsum(counts) - counts
+    # Each block's run in the sorted list, found by a binary search of its edges: a scatter-add
+    # of T*n ones took 0.69 ms at T = 64k (Hkv = 4, n = 16; H100, 2026-12-06).
+    edges = jnp.searchsorted(flat[order], jnp.arange(num_blocks + 1), side="left",
+                             method="scan_unrolled").astype(jnp.int32)
+    starts, counts = edges[:-1], edges[1:] - edges[:-1]
     items_per_block = -(-counts // chunk)
     items_end = jnp.cumsum(items_per_block)
     item = jnp.arange(num_items)

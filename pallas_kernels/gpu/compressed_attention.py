@@ -473,7 +473,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, lay, scale, slc_block, slc_cols,
     writer.finish(num_tiles, spill)
 
 
-def _scores_kernel(q_ref, k_ref, lse_ref, _, score_ref, *, lay, scale, slc_block, slc_cols,
+def _scores_kernel(q_ref, k_ref, lse_ref, score_ref, *, lay, scale, slc_block, slc_cols,
                    slc_spill):
   """The selection scores alone, from a given log-sum-exp (base 2, +inf where a row sees
   nothing): pass 2 of `_forward_kernel` without the values."""
@@ -491,6 +491,23 @@ def _scores_kernel(q_ref, k_ref, lse_ref, _, score_ref, *, lay, scale, slc_block
   spill = masked_split_loop(_full_tile_count(tile, lay, SCORE_KEYS), num_tiles, body,
                             writer.init())
   writer.finish(num_tiles, spill)
+  _zero_unscored(score_ref, tile, num_tiles * writer.owned + slc_spill, lay, slc_block, slc_cols)
+
+
+def _zero_unscored(score_ref, tile, first_col, lay: _Layout, slc_block, width):
+  """Zeros in columns `[first_col, own block of the tile's last query]`: the candidate blocks
+  that no visible compressed key reaches (none in the paper's config), which the top-n kernel
+  reads. The score buffer is not zero-filled (1.1 GB at T = 64k), so only these are defined."""
+  last = jnp.minimum((tile + 1) * lay.positions, lay.seq_len) - 1
+  end = last // slc_block + 1
+  zeros = jnp.zeros((lay.positions, width), jnp.float32)
+
+  def body(step, carry):
+    col = first_col + step * width
+    _store_scores(score_ref, zeros, tile, col, end - col, lay)
+    return carry
+
+  jax.lax.fori_loop(0, pl.cdiv(jnp.maximum(end - first_col, 0), width), body, 0)
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, lay, scale,
@@ -605,19 +622,25 @@ def _slc_geometry(lay: _Layout, slc_block, keys=None):
   return (max(cols, 16) if _maps_by_dot(lay.positions) else cols), spill
 
 
-def _score_buffer(lay: _Layout, slc_block, slc_cols, keys=None):
-  """The zeros the score stores land in, and its block spec: the whole matrix per (b, g).
+def _score_layout(lay: _Layout, slc_block, slc_cols, keys=None):
+  """The score matrix's shape and block spec (the whole matrix per (b, g)).
 
-  Unvisited blocks keep the zeros. Columns: what the stores reach (every key tile's owned
-  blocks, then the last tile's spill, `slc_cols` wide), and at least the power of two >= Ts that
-  the top-n kernel reads a row as. (Rounding the whole width up to a power of two doubled it at
-  T = 64k: 2 GB more zeros.)"""
+  Columns: what the stores reach (every key tile's owned blocks, then the last tile's spill,
+  `slc_cols` wide; `_zero_unscored`'s stores from a column `< Ts`, as wide), and at least the
+  power of two >= Ts that the top-n kernel reads a row as. (Rounding the whole width up to a
+  power of two doubled it at T = 64k: 2 GB more zeros.)"""
   num_slc = -(-lay.seq_len // slc_block)
   keys = keys or KEYS
-  width = max(_pow2(num_slc), lay.cmp_pad // keys * (keys * lay.stride // slc_block) + slc_cols)
+  width = max(_pow2(num_slc), num_slc + slc_cols,
+              lay.cmp_pad // keys * (keys * lay.stride // slc_block) + slc_cols)
   shape = (lay.batch, lay.num_kv_heads, lay.seq_pad, width)
-  return (jnp.zeros(shape, jnp.float32),
-          pl.BlockSpec((None, None) + shape[2:], lambda i, b, g: (b, g, 0, 0)))
+  return shape, pl.BlockSpec((None, None) + shape[2:], lambda i, b, g: (b, g, 0, 0))
+
+
+def _score_buffer(lay: _Layout, slc_block, slc_cols, keys=None):
+  """Zeros for the score stores to land in (unvisited blocks keep them), and their spec."""
+  shape, whole = _score_layout(lay, slc_block, slc_cols, keys)
+  return jnp.zeros(shape, jnp.float32), whole
 
 
 def _forward(q, k, v, lay: _Layout, scale, slc_block, interpret, starts=None):
@@ -654,18 +677,19 @@ def _forward(q, k, v, lay: _Layout, scale, slc_block, interpret, starts=None):
 
 
 def _scores_only(q, k, lse2, lay: _Layout, scale, slc_block, interpret):
-  """`_scores_kernel` over the rows layout: `[B, Hkv, T_pad, width]` float32."""
+  """`_scores_kernel` over the rows layout: `[B, Hkv, T_pad, width]` float32, row `t` defined
+  in the columns of blocks `<= t // slc_block` (the top-n kernel's candidates) only."""
   rows, row_vector, keys = _specs(lay)
   slc_cols, slc_spill = _slc_geometry(lay, slc_block, SCORE_KEYS)
-  zeros, whole = _score_buffer(lay, slc_block, slc_cols, SCORE_KEYS)
+  shape, whole = _score_layout(lay, slc_block, slc_cols, SCORE_KEYS)
   kernel = functools.partial(_scores_kernel, lay=lay, scale=scale, slc_block=slc_block,
                              slc_cols=slc_cols, slc_spill=slc_spill)
   return pl.pallas_call(
       kernel, grid=(lay.num_row_tiles, lay.batch, lay.num_kv_heads),
-      in_specs=[rows(lay.head_dim_pad), keys(lay.head_dim_pad), row_vector, whole],
-      out_specs=whole, out_shape=jax.ShapeDtypeStruct(zeros.shape, jnp.float32),
-      input_output_aliases={3: 0}, compiler_params=_params(SCORE_NUM_WARPS), interpret=interpret,
-      name="nsa_selection_scores")(q, k, lse2, zeros)
+      in_specs=[rows(lay.head_dim_pad), keys(lay.head_dim_pad), row_vector],
+      out_specs=whole, out_shape=jax.ShapeDtypeStruct(shape, jnp.float32),
+      compiler_params=_params(SCORE_NUM_WARPS), interpret=interpret,
+      name="nsa_selection_scores")(q, k, lse2)
 
 
 def _packed_scores_only(q, k, lse2, starts, lay: _Layout, scale, slc_block, interpret):
@@ -882,7 +906,9 @@ def selection_scores_from_lse(q, k_cmp, lse, *, block: int, stride: int, slc_blo
 
   Returns:
     float32 `[B, Hkv, rows >= T, width >= pow2(Ts)]`, query `t`'s scores in row `t` (what
-    `top_n.top_n_blocks` reads); no gradient flows through them.
+    `top_n.top_n_blocks` reads), defined in the columns of blocks `j <= t // slc_block` only
+    (later blocks are in the future: the top-n kernel never reads them); no gradient flows
+    through them.
   """
   _check_fusable(stride, slc_block)
   if lse.shape != q.shape[:3]:
