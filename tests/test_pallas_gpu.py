@@ -502,15 +502,20 @@ def test_select_blocks_from_fused_scores_matches_xla_on_gpu(config):
   assert np.mean(np.asarray(fused == expected)) > 0.9999  # float near-ties may flip a rare slot
 
 
+@pytest.mark.parametrize("min_row_width", [2, 128])  # 2: launches over 3-4 ranges of rows
 @pytest.mark.parametrize("config", [nsa_jax.NSAConfig(8, 4, 16, 4, 1, 2, 8),
                                     nsa_jax.NSAConfig(8, 4, 8, 5, 0, 0, 8)])
-def test_top_n_kernel_matches_the_selection_rule_with_ties(config):
+def test_top_n_kernel_matches_the_selection_rule_with_ties(config, min_row_width, monkeypatch):
+  monkeypatch.setattr(top_n, "MIN_ROW_WIDTH", min_row_width)
   b, t, h, width = 2, 70, 3, 16  # Ts = ceil(70 / l') <= 9 < width: padding columns ignored
   # Few distinct values, so many scores tie and the lower index must win.
   scores = jax.random.randint(jax.random.key(5), (b, h, t + 3, width), 0, 3).astype(jnp.float32)
   # A matrix wider than pow2(Ts) and not a power of two, as the fused kernel makes: the kernel
-  # reads the first pow2(Ts) columns, and the blocks past Ts are never candidates.
-  wider = jnp.pad(scores, [(0, 0), (0, 0), (0, 0), (0, 8)], constant_values=100.0)
+  # reads the first pow2(Ts) columns, and the blocks past Ts are never candidates; nor are the
+  # blocks after a query's own, which the score pass leaves undefined (NaN here).
+  future = jnp.arange(width)[None, :] > jnp.arange(t + 3)[:, None] // config.slc_block
+  wider = jnp.pad(jnp.where(future, jnp.nan, scores), [(0, 0), (0, 0), (0, 0), (0, 8)],
+                  constant_values=100.0)
   got = top_n.top_n_blocks(wider, seq_len=t, num_selected=config.num_selected,
                            slc_block=config.slc_block, num_initial=config.num_initial,
                            num_local=config.num_local, interpret=True)

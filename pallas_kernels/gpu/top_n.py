@@ -3,7 +3,8 @@
 One program per (query, batch, KV head) row of selection scores: the forced blocks (the first
 `num_initial`, the `num_local` most recent) are taken first, non-candidates (blocks after the
 query's own, padding) are never chosen, and the rest are taken by repeated arg-max, which breaks
-ties towards the lower block index exactly as SPEC.md asks. `lax.top_k` over the same rows in XLA
+ties towards the lower block index exactly as SPEC.md asks; a program reads only as many columns
+as its launch's rows can choose from (`row_buckets`). `lax.top_k` over the same rows in XLA
 sorts every row and was the slowest part of the forward pass (45 ms of 91 at T=64k, H200).
 """
 
@@ -59,8 +60,8 @@ def pick_top_n(scores, query_block, num_picks, *, num_selected, num_slc, num_ini
   return picks
 
 
-def _top_n_kernel(score_ref, idx_ref, *, slc_block, **config):
-  query_block = pl.program_id(0) // slc_block  # one program per query position
+def _top_n_kernel(score_ref, idx_ref, *, slc_block, first_row, **config):
+  query_block = (pl.program_id(0) + first_row) // slc_block  # a program per query position
   idx_ref[...] = pick_top_n(score_ref[...], query_block, idx_ref.shape[0], **config)
 
 
@@ -71,6 +72,24 @@ def _top_n_packed_kernel(query_block_ref, score_ref, idx_ref, *, slc_block, **co
 
 def _top_n_decode_kernel(pos_ref, score_ref, idx_ref, *, slc_block, **config):
   idx_ref[...] = pick_top_n(score_ref[...], pos_ref[0] // slc_block, idx_ref.shape[0], **config)
+
+
+# Narrowest row a top-n launch reads. Query `t`'s candidates are blocks `<= t // l'`, so rows
+# `t < W * l'` need only W columns: launches of widths MIN_ROW_WIDTH, 2x, 4x, ... over ranges of
+# rows read (and arg-max over) ~2/3 of the columns one launch over the whole rows would at
+# T = 64k, l' = 64 (43 M against 67 M per KV head).
+MIN_ROW_WIDTH = 128
+
+
+def row_buckets(seq_len: int, slc_block: int, row_width: int):
+  """`(first row, rows, width)` of each top-n launch: widths doubling from MIN_ROW_WIDTH (at
+  most `row_width`), each over the rows whose candidate blocks fit it, the last one to T."""
+  buckets, first, width = [], 0, min(MIN_ROW_WIDTH, row_width)
+  while first < seq_len:
+    end = seq_len if width >= row_width else min(seq_len, width * slc_block)
+    buckets.append((first, end - first, width))
+    first, width = end, 2 * width
+  return buckets
 
 
 def top_n_blocks(scores, *, seq_len: int, num_selected: int, slc_block: int, num_initial: int,
@@ -101,23 +120,32 @@ def top_n_blocks(scores, *, seq_len: int, num_selected: int, slc_block: int, num
   slots = max(1, 1 << (num_selected - 1).bit_length())
   config = dict(num_selected=num_selected, slc_block=slc_block, num_slc=num_slc,
                 num_initial=num_initial, num_local=num_local)
-  score_spec = pl.BlockSpec((None, None, None, row_width), lambda t, i, j: (i, j, t, 0))
+
+  def launch(kernel, in_specs, args, first_row, num_rows):
+    return pl.pallas_call(
+        kernel,
+        grid=(num_rows, b, h),
+        in_specs=in_specs,
+        out_specs=pl.BlockSpec((None, None, None, slots), lambda t, i, j: (i, j, t, 0)),
+        out_shape=jax.ShapeDtypeStruct((b, h, num_rows, slots), jnp.int32),
+        compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
+        interpret=interpret,
+        name="nsa_top_n",
+    )(*args)
+
   if query_blocks is None:
-    kernel, in_specs, args = functools.partial(_top_n_kernel, **config), [score_spec], [scores]
-  else:
-    kernel = functools.partial(_top_n_packed_kernel, **config)
-    in_specs = [pl.BlockSpec((None, None, 1), lambda t, i, j: (i, t, 0)), score_spec]
-    args = [query_blocks.astype(jnp.int32)[..., None], scores]
-  picks = pl.pallas_call(
-      kernel,
-      grid=(seq_len, b, h),
-      in_specs=in_specs,
-      out_specs=pl.BlockSpec((None, None, None, slots), lambda t, i, j: (i, j, t, 0)),
-      out_shape=jax.ShapeDtypeStruct((b, h, seq_len, slots), jnp.int32),
-      compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
-      interpret=interpret,
-      name="nsa_top_n",
-  )(*args)
+    # A launch per range of rows whose candidates fit a narrower row (`row_buckets`).
+    picks = jnp.concatenate([
+        launch(functools.partial(_top_n_kernel, first_row=first, **config),
+               [pl.BlockSpec((None, None, None, width),
+                             lambda t, i, j, first=first: (i, j, t + first, 0))],
+               [scores], first, num_rows)
+        for first, num_rows, width in row_buckets(seq_len, slc_block, row_width)], axis=2)
+  else:  # packed rows: a query's candidates follow its document, not its position
+    picks = launch(functools.partial(_top_n_packed_kernel, **config),
+                   [pl.BlockSpec((None, None, 1), lambda t, i, j: (i, t, 0)),
+                    pl.BlockSpec((None, None, None, row_width), lambda t, i, j: (i, j, t, 0))],
+                   [query_blocks.astype(jnp.int32)[..., None], scores], 0, seq_len)
   picks = picks[..., :num_selected]  # distinct, -1 last
   picks = block_maps.ascending(picks) if ascending else picks
   return picks.transpose(0, 2, 1, 3)
