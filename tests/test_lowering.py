@@ -246,6 +246,26 @@ def test_mosaic_selected_kernels_lower_for_cuda(monkeypatch, num_heads, head_dim
   assert lowered_text("cuda", grad, q, k, v).count("custom_call @mosaic_gpu") == 2
 
 
+@pytest.mark.parametrize("num_heads,head_dims,block", [(64, (128, 128), 64), (8, (64, 128), 128),
+                                                      (16, (256, 256), 64), (16, (192, 128), 64)])
+def test_mosaic_selected_dkv_lowers_for_cuda(monkeypatch, num_heads, head_dims, block):
+  # `DKV = "mosaic"` too: the whole selected backward on Mosaic GPU, no Triton kernel left.
+  for choice in ("FORWARD", "DQ", "DKV"):
+    monkeypatch.setattr(selected_kernel, choice, "mosaic")
+  q = jnp.zeros((2, 1000, num_heads, head_dims[0]), jnp.bfloat16)
+  k = jnp.zeros((2, 1000, 1, head_dims[0]), jnp.bfloat16)
+  v = jnp.zeros((2, 1000, 1, head_dims[1]), jnp.bfloat16)
+  idx = jnp.zeros((2, 1000, 1, 16), jnp.int32)
+
+  def loss(q, k, v):
+    return nsa_jax.selected_attention(q, k, v, idx, block=block,
+                                      implementation="pallas_gpu").astype(jnp.float32).sum()
+
+  grad = jax.grad(loss, argnums=(0, 1, 2))
+  assert pallas_kernels("cuda", grad, q, k, v) == []
+  assert lowered_text("cuda", grad, q, k, v).count("custom_call @mosaic_gpu") == 3
+
+
 def test_decode_step_with_multi_block_sparse_programs_lowers_for_cuda(monkeypatch):
   monkeypatch.setattr(gpu_decode, "SPARSE_BLOCKS", 4)
   monkeypatch.setattr(gpu_decode, "SPARSE_MULTI_MIN_PAIRS", 1)  # B * Hkv = 4 here

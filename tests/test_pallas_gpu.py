@@ -129,6 +129,32 @@ def test_selected_attention_mosaic_kernels_in_interpret_mode(monkeypatch, case):
   check_selected(q, k, v, block, n, reference, interpret=True, dtype=dtype)
 
 
+# The Mosaic dK/dV (`DKV = "mosaic"`) after the Mosaic forward and dQ: G = 16 and 8 (4 and 8
+# queries a step), T = 1 and T < l', l' = 128 with Dk != Dv, one step's rows held at a time
+# (Dk = Dv = 256), and work items cut to 5 queries (DKV_CHUNK), so the forced blocks' queries
+# span many items and steps end part-way through an item. G = 4 stays on Triton's dK/dV.
+MOSAIC_DKV_CASES = [((1, 1, 16, 1, 64, 64, 64, 3, jnp.bfloat16), 256),
+                    ((1, 40, 16, 1, 64, 64, 64, 3, jnp.float16), 256),
+                    ((2, 150, 16, 2, 64, 128, 64, 4, jnp.bfloat16), 256),
+                    ((1, 140, 8, 1, 128, 64, 128, 2, jnp.float16), 256),
+                    ((1, 20, 16, 1, 256, 256, 64, 2, jnp.bfloat16), 256),
+                    ((2, 150, 16, 2, 64, 64, 64, 4, jnp.float16), 5)]
+
+
+@pytest.mark.parametrize("case,chunk", MOSAIC_DKV_CASES)
+def test_selected_attention_mosaic_dkv_in_interpret_mode(monkeypatch, case, chunk):
+  for choice in ("FORWARD", "DQ", "DKV"):
+    monkeypatch.setattr(selected_kernel, choice, "mosaic")
+  monkeypatch.setattr(selected_kernel, "DKV_CHUNK", chunk)
+  b, t, hq, hkv, dk, dv, block, n, dtype = case
+  q, k, v = random_qkv(b, t, hq, hkv, dk, dv, dtype=dtype)
+  assert selected_mgpu.dkv_supported(q, k, v, block)
+  assert not selected_mgpu.dkv_supported(q[:, :, :hkv * 4], k, v, block)  # G = 4
+  if dk == 256:
+    assert selected_mgpu.dkv_stages(dk, dv, block, dtype) == 1
+  check_selected(q, k, v, block, n, reference, interpret=True, dtype=dtype)
+
+
 def test_selected_attention_mosaic_dq_after_triton_forward_in_interpret_mode(monkeypatch):
   # The Triton forward's lse (its rows: 16 a position) feeds the Mosaic dQ (its tiles); and
   # MAX_POSITIONS = 4 at G = 2: each position padded to 16 rows, 4 positions a tile.
@@ -205,6 +231,7 @@ def test_selected_attention_mosaic_kernels_all_group_sizes_on_gpu(monkeypatch, g
   monkeypatch.setattr(selected_kernel, "DQ", "mosaic")
   monkeypatch.setattr(selected_mgpu, "PROBS_IN_REGISTERS", probs_in_registers)
   monkeypatch.setattr(selected_mgpu, "MAX_POSITIONS", max_positions)
+  monkeypatch.setattr(selected_kernel, "DKV", "mosaic" if max_positions == 4 else "triton")
   q, k, v = random_qkv(1, 2048 + 17, 2 * group, 2, 64, dtype=jnp.bfloat16)
   check_selected(q, k, v, 64, 16, xla, interpret=False, dtype=jnp.bfloat16)
 
@@ -214,10 +241,13 @@ def test_selected_attention_mosaic_kernels_all_group_sizes_on_gpu(monkeypatch, g
 @pytest.mark.parametrize("shape", [(1, 64, 64, 64), (17, 128, 128, 64), (1000, 128, 128, 64),
                                    (1000, 256, 256, 64), (1000, 128, 64, 128),
                                    (65536, 128, 128, 64)])
-def test_selected_attention_mosaic_kernels_shapes_on_gpu(monkeypatch, dtype, shape):
-  # (T, Dk, Dv, l'): T = 1 and T < l', head dims 64-256, l' = 128, the 64k benchmark's shape.
+@pytest.mark.parametrize("dkv", ["triton", "mosaic"])
+def test_selected_attention_mosaic_kernels_shapes_on_gpu(monkeypatch, dtype, shape, dkv):
+  # (T, Dk, Dv, l'): T = 1 and T < l', head dims 64-256, l' = 128, the 64k benchmark's shape;
+  # the dK/dV on either kernel.
   monkeypatch.setattr(selected_kernel, "FORWARD", "mosaic")
   monkeypatch.setattr(selected_kernel, "DQ", "mosaic")
+  monkeypatch.setattr(selected_kernel, "DKV", dkv)
   t, dk, dv, block = shape
   q, k, v = random_qkv(2 if t < 65536 else 1, t, 64, 4, dk, dv, dtype=dtype)
   assert selected_mgpu.supported(q, k, v, block)

@@ -15,7 +15,8 @@ blocks, each row masked to the blocks its own position chose.
 On Hopper the forward and dQ run on Mosaic GPU by default (`FORWARD`, `DQ`: "auto", Mosaic on
 Hopper only; "triton" or "mosaic" to force one; `selected_attention_mgpu`: 64-row tiles over
 their union of blocks, TMA + wgmma) wherever those kernels take the call; its forward returns
-the same output and lse, so any forward feeds any dQ and the dK/dV kernel below.
+the same output and lse, so any forward feeds any dQ and the dK/dV kernel below. A Mosaic dK/dV
+(`DKV = "mosaic"`, with the same per-item partials) exists beside it, not yet the default.
 
 Packed rows (`document_starts`): a document's selection block `j` is not aligned to `l'`; it is
 the upper part (offsets `>= r`, `r = s % l'`) of aligned block `s // l' + j` and the lower part of
@@ -70,7 +71,7 @@ PACK_ROWS = 16
 # Forward and dQ kernels: "triton" (`_forward_kernel`, `_dq_kernel`), "mosaic"
 # (`selected_attention_mgpu`: Hopper TMA + wgmma over tiles of 64 rows; half precision, l' of 64
 # or 128, unpacked rows; other calls stay on Triton) or "auto": Mosaic on a Hopper GPU (compute
-# capability 9.x), Triton elsewhere and in interpret mode. dK/dV is Triton's either way. Mosaic
+# capability 9.x), Triton elsewhere and in interpret mode. Mosaic
 # is the faster on Hopper (H100, 2026-12-05, BENCHMARKS.md): forward at least as fast at every
 # group size timed (64k: G = 4 57.7 vs 62.5 ms, G = 8 34.0 vs 35.0, G = 16 tied; 16k: 4.31 vs
 # 4.65), 1.29x on a trained LM's selection, fwd+bwd ahead or tied, and its kernel tests pass on
@@ -80,6 +81,11 @@ PACK_ROWS = 16
 KERNEL_CHOICES = ("auto", "triton", "mosaic")
 FORWARD = "auto"
 DQ = "auto"
+# dK/dV, the same choices: "mosaic" is `selected_attention_mgpu.selected_attention_dkv` (keys on
+# wgmma's M, a work item's query rows by TMA; unpacked rows). It passes its tests under the GPU
+# interpreter and lowers for an H100 on the CPU, but has not run on a GPU yet (2026-12-06), so the
+# default stays Triton's until it is timed there (BENCHMARKS.md, "What is left on Triton").
+DKV = "triton"
 
 
 def _visible(block_start, query_pos, loaded, block):
@@ -492,16 +498,21 @@ def _selected_attention(q, k, v, sorted_idx, halves, scale, block, interpret):
   return _selected_attention_fwd(q, k, v, sorted_idx, halves, scale, block, interpret)[0]
 
 
-def _mosaic_tiles(lay: _Layout, sorted_idx):
-  """The Mosaic GPU kernels' layout (64-row tiles of `ROWS // heads` positions, heads padded to
-  `rows_per_position(G)`, no head-dim padding) and their tiles' `tile_unions`."""
+def _mosaic_layout(lay: _Layout, num_selected: int) -> _Layout:
+  """The Mosaic GPU kernels' layout: 64-row tiles of `ROWS // heads` positions, heads padded to
+  `rows_per_position(G)`, no head-dim padding."""
   heads = selected_mgpu.rows_per_position(lay.group)
   positions = selected_mgpu.ROWS // heads
-  tiles = dataclasses.replace(
+  return dataclasses.replace(
       lay, heads=heads, positions=positions, seq_pad=-(-lay.seq_len // positions) * positions,
       head_dim_pad=lay.head_dim, head_dim_v_pad=lay.head_dim_v, loaded=lay.block,
-      num_slots=sorted_idx.shape[-1])
-  return tiles, selected_mgpu.tile_unions(_slots(sorted_idx, tiles), positions)
+      num_slots=num_selected)
+
+
+def _mosaic_tiles(lay: _Layout, sorted_idx):
+  """`_mosaic_layout` and its tiles' `tile_unions`."""
+  tiles = _mosaic_layout(lay, sorted_idx.shape[-1])
+  return tiles, selected_mgpu.tile_unions(_slots(sorted_idx, tiles), tiles.positions)
 
 
 def _mosaic_args(lay: _Layout, interpret):
@@ -530,6 +541,26 @@ def _mosaic_dq(q, k, v, d_out, lse_rows, delta, sorted_idx, lay: _Layout, scale,
       per_tile_row(_from_rows(lse_rows[..., None], lay, 1)[..., 0]), per_tile_row(delta),
       *unions, scale=scale, **_mosaic_args(tiles, interpret))
   return _from_rows(dq_rows, tiles, lay.head_dim)
+
+
+def _mosaic_dkv(q, k, v, d_out, lse_rows, delta, queries, items, lay: _Layout, scale,
+                interpret):
+  """dK / dV partials on Mosaic GPU, as `_dkv` gives them (`[B, Hkv, I, l', D]` float32):
+  `lse_rows` in `lay`'s rows, `delta [B, T, Hq]`, `queries` / `items` of `inverse_block_map`."""
+  tiles = _mosaic_layout(lay, 0)
+  b, hkv, num_entries = queries.shape
+
+  def per_entry(x):  # [B, T, Hq] -> each `queries` entry's rows, padded by a step of entries
+    rows = _to_rows(x[..., None], tiles, 1)[..., 0].reshape(b, hkv, tiles.seq_pad, tiles.heads)
+    picked = jnp.take_along_axis(rows, queries[..., None], axis=2)
+    picked = jnp.pad(picked, [(0, 0), (0, 0), (0, tiles.positions), (0, 0)])
+    return picked.reshape(b, hkv, (num_entries + tiles.positions) * tiles.heads)
+
+  return selected_mgpu.selected_attention_dkv(
+      _to_rows(q, tiles, lay.head_dim), _to_blocks(k, tiles, lay.head_dim),
+      _to_blocks(v, tiles, lay.head_dim_v), _to_rows(d_out, tiles, lay.head_dim_v),
+      per_entry(_from_rows(lse_rows[..., None], lay, 1)[..., 0]), per_entry(delta), queries,
+      items, scale=scale, **_mosaic_args(tiles, interpret))
 
 
 @functools.cache
@@ -593,8 +624,13 @@ def _selected_attention_bwd(scale, block, interpret, residuals, d_out):
     queries, items, codes = inverse_block_map(per_position(slots), lay.num_blocks, DKV_CHUNK,
                                               payload=per_position(halves[0]))
     dkv_halves = (codes, halves[1])
-  dk_parts, dv_parts = _dkv(q_rows, k_blocks, v_blocks, do_rows, lse, delta, queries, items, lay,
-                            scale, interpret, dkv_halves)
+  if (dkv_halves is None and _on_mosaic(DKV, q, k, v, None, block, interpret)
+      and selected_mgpu.dkv_supported(q, k, v, block)):
+    dk_parts, dv_parts = _mosaic_dkv(q, k, v, d_out, lse, delta_per_head, queries, items, lay,
+                                     scale, interpret)
+  else:
+    dk_parts, dv_parts = _dkv(q_rows, k_blocks, v_blocks, do_rows, lse, delta, queries, items,
+                              lay, scale, interpret, dkv_halves)
   dk = _sum_parts(dk_parts, items, lay, lay.head_dim).astype(k.dtype)
   dv = _sum_parts(dv_parts, items, lay, lay.head_dim_v).astype(v.dtype)
   return dq, dk, dv, None, None

@@ -349,3 +349,154 @@ def selected_attention_dq(q_rows, k_blocks, v_blocks, do_rows, lse, delta, union
   out_type = jax.ShapeDtypeStruct(q_rows.shape, dtype)
   return _grid_call(kernel, out_type, scratch, (b * hkv, num_rows // ROWS), interpret)(
       union, count, member, q_rows, k_blocks, v_blocks, do_rows, lse, delta)
+
+
+def dkv_stages(dk: int, dv: int, block: int, dtype) -> int:
+  """Steps of query rows the dK/dV kernel holds at once: 2 (the next step's rows load while
+  this one's products run) where their SMEM fits beside K, V and the staged `P`, `dS`, else 1."""
+  item = jnp.dtype(dtype).itemsize
+  fixed = (block * (dk + dv) + 2 * ROWS * block) * item
+  per_stage = ROWS * (dk + dv) * item + 2 * ROWS * 4
+  return 2 if fixed + 2 * per_stage <= SMEM_BYTES else 1
+
+
+# Fewest rows a query's copy may fill: SMEM tiles are 8 rows (the swizzle's tiling), and a
+# query's rows land in a slice of the step's tile.
+MIN_DKV_HEADS = 8
+
+
+def dkv_supported(q, k, v, block: int) -> bool:
+  """Whether `selected_attention_dkv` takes these inputs (else the Triton dK/dV does): those of
+  the forward with `rows_per_position(G) >= MIN_DKV_HEADS` whose SMEM fits one step."""
+  item = jnp.dtype(q.dtype).itemsize
+  dk, dv = q.shape[3], v.shape[3]
+  one_stage = (block * (dk + dv) + 2 * ROWS * block + ROWS * (dk + dv)) * item + 2 * ROWS * 4
+  return (supported(q, k, v, block) and one_stage <= SMEM_BYTES
+          and rows_per_position(q.shape[2] // k.shape[2]) >= MIN_DKV_HEADS)
+
+
+def selected_attention_dkv(q_rows, k_blocks, v_blocks, do_rows, lse_entries, delta_entries,
+                           queries, items, *, scale: float, block: int, heads: int,
+                           interpret=False):
+  """dK / dV partial sums of each work item of `block_maps.inverse_block_map`.
+
+  One CTA takes a work item (one block, up to `DKV_CHUNK` of the queries that chose it) and
+  walks its queries `64 // heads` at a time: the block's `l'` keys on wgmma's M, 64 query rows a
+  step on K (`dV += P^T dO`, `dK += dS^T Q`, both from `P`, `dS` staged in SMEM), after `S = Q
+  K^T` and `dP = dO V^T` as in dQ. A step's rows come by one TMA copy of q and of dO a query
+  (its heads are consecutive rows; Hopper's TMA gathers no rows), its lse and delta by one copy
+  each from the per-entry arrays the caller gathers. Rows of queries past the item's count
+  repeat its last query and are masked.
+
+  Args:
+    q_rows, k_blocks, v_blocks, do_rows: as `selected_attention_dq`.
+    lse_entries, delta_entries: float32 `[B, Hkv, (L + 64 // heads) * heads]`: the forward's
+      base-2 lse and `rowsum(dO * O)` of the rows of each entry of `queries`, entry `e`'s heads
+      at `e * heads ..`, padded by a step.
+    queries: int32 `[B, Hkv, L]`, the query positions of each block (`inverse_block_map`).
+    items: int32 `[B, Hkv, I, 4]`, `(block, first entry, count, 0)`; unused items count 0.
+    scale, block, heads, interpret: as `selected_attention_forward`.
+
+  Returns:
+    `(dk float32 [B, Hkv, I, l', Dk], dv float32 [B, Hkv, I, l', Dv])`, dk scaled.
+  """
+  b, hkv, _, dk = q_rows.shape
+  dv, dtype = v_blocks.shape[3], q_rows.dtype
+  num_items, num_blocks = items.shape[2], k_blocks.shape[2] // block
+  per_step = ROWS // heads
+  stages = dkv_stages(dk, dv, block, dtype)
+
+  def kernel(items_ref, queries_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref,
+             dv_ref):
+    pair, item = lax.axis_index("pair"), lax.axis_index("item")
+    bi, hi = pair // hkv, pair % hkv
+    block_id = jnp.minimum(items_ref[bi, hi, item, 0], num_blocks - 1)  # unused: no queries
+    first, count = items_ref[bi, hi, item, 1], items_ref[bi, hi, item, 2]
+    num_steps = pl.cdiv(count, per_step)
+    row = plgpu.broadcasted_iota(jnp.int32, (ROWS, block), 0, layout=plgpu.Layout.WGMMA)
+    key = plgpu.broadcasted_iota(jnp.int32, (ROWS, block), 1, layout=plgpu.Layout.WGMMA)
+    local = lax.shift_right_logical(row, heads.bit_length() - 1)  # the row's query in a step
+
+    def gradients(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, p_smem, ds_smem,
+                  kv_barriers, row_barriers):
+      keys = pl.ds(block_id * block, block)
+      plgpu.copy_gmem_to_smem(k_ref.at[bi, hi, keys], k_smem, kv_barriers.at[0])
+      plgpu.copy_gmem_to_smem(v_ref.at[bi, hi, keys], v_smem, kv_barriers.at[1])
+
+      def entry(step, i):  # the step's i-th query, clamped to the item's last
+        return first + jnp.minimum(step * per_step + i, count - 1)
+
+      def fetch(step, buffer):
+        barrier = row_barriers.at[buffer]
+        for i in range(per_step):
+          rows = pl.ds(queries_ref[bi, hi, entry(step, i)] * heads, heads)
+          own = pl.ds(i * heads, heads)
+          plgpu.copy_gmem_to_smem(q_ref.at[bi, hi, rows], q_smem.at[buffer, own], barrier)
+          plgpu.copy_gmem_to_smem(do_ref.at[bi, hi, rows], do_smem.at[buffer, own], barrier)
+        stats = pl.ds((first + step * per_step) * heads, ROWS)
+        plgpu.copy_gmem_to_smem(lse_ref.at[bi, hi, stats], lse_smem.at[buffer], barrier)
+        plgpu.copy_gmem_to_smem(delta_ref.at[bi, hi, stats], delta_smem.at[buffer], barrier)
+
+      pl.when(num_steps > 0)(functools.partial(fetch, 0, 0))
+      plgpu.barrier_wait(kv_barriers.at[0])
+      plgpu.barrier_wait(kv_barriers.at[1])
+
+      def step(s, carry):
+        dk_acc, dv_acc = carry
+        buffer = lax.rem(s, stages)
+        if stages == 2:  # the other buffer's products finished in the last step
+          pl.when(s + 1 < num_steps)(functools.partial(fetch, s + 1, 1 - buffer))
+        query_pos = jnp.zeros((ROWS, block), jnp.int32)
+        for i in range(per_step):
+          query_pos = jnp.where(local == i, queries_ref[bi, hi, entry(s, i)], query_pos)
+        visible = (local < count - s * per_step) & (block_id * block + key <= query_pos)
+        plgpu.barrier_wait(row_barriers.at[buffer])
+        row_lse = plgpu.load(lse_smem.at[buffer], layout=plgpu.Layout.WGMMA.reduce(1))
+        row_delta = plgpu.load(delta_smem.at[buffer], layout=plgpu.Layout.WGMMA.reduce(1))
+        q_tile, do_tile = q_smem.at[buffer], do_smem.at[buffer]
+        scores = _times(q_tile, k_smem.T, (ROWS, block)) * (scale * LOG2E)
+        probs = jnp.where(
+            visible, jnp.exp2(scores - lax.broadcast_in_dim(row_lse, scores.shape, [0])), 0.0)
+        dp = _times(do_tile, v_smem.T, (ROWS, block))
+        ds = probs * (dp - lax.broadcast_in_dim(row_delta, dp.shape, [0]))
+        p_smem[...] = probs.astype(dtype)
+        ds_smem[...] = ds.astype(dtype)
+        plgpu.commit_smem()
+        dv_acc = dv_acc + _times(p_smem.T, do_tile, (block, dv))
+        dk_acc = dk_acc + _times(ds_smem.T, q_tile, (block, dk))
+        if stages == 1:
+          pl.when(s + 1 < num_steps)(functools.partial(fetch, s + 1, 0))
+        return dk_acc, dv_acc
+
+      init = tuple(plgpu.layout_cast(jnp.zeros((block, d), jnp.float32), plgpu.Layout.WGMMA)
+                   for d in (dk, dv))
+      return lax.fori_loop(0, num_steps, step, init)
+
+    row_tile = lambda d: plgpu.SMEM((stages, ROWS, d), dtype, transforms=_smem_transforms(d, dtype))
+    staged = plgpu.SMEM((ROWS, block), dtype, transforms=_smem_transforms(block, dtype))
+    dk_acc, dv_acc = pl.run_scoped(
+        gradients,
+        plgpu.SMEM((block, dk), dtype, transforms=_smem_transforms(dk, dtype)),
+        plgpu.SMEM((block, dv), dtype, transforms=_smem_transforms(dv, dtype)),
+        row_tile(dk), row_tile(dv), plgpu.SMEM((stages, ROWS), jnp.float32),
+        plgpu.SMEM((stages, ROWS), jnp.float32), staged, staged,
+        plgpu.Barrier(num_barriers=2),
+        plgpu.Barrier(num_arrivals=2 * per_step + 2, num_barriers=stages))
+
+    def store(dk_smem, dv_smem):  # after the loop: its buffers' SMEM is free again
+      dk_smem[...] = dk_acc * scale
+      dv_smem[...] = dv_acc
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(dk_smem, dk_ref.at[bi, hi, item])
+      plgpu.copy_smem_to_gmem(dv_smem, dv_ref.at[bi, hi, item])
+      plgpu.wait_smem_to_gmem(0)
+    pl.run_scoped(store, plgpu.SMEM((block, dk), jnp.float32),
+                  plgpu.SMEM((block, dv), jnp.float32))
+
+  out_type = (jax.ShapeDtypeStruct((b, hkv, num_items, block, dk), jnp.float32),
+              jax.ShapeDtypeStruct((b, hkv, num_items, block, dv), jnp.float32))
+  return plgpu.kernel(kernel, out_type=out_type, grid=(b * hkv, num_items),
+                      grid_names=("pair", "item"),
+                      compiler_params=plgpu.CompilerParams(approx_math=True),
+                      interpret=interpret)(
+      items, queries, q_rows, k_blocks, v_blocks, do_rows, lse_entries, delta_entries)
