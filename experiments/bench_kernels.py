@@ -22,8 +22,9 @@ causal halves counted once) and the compiled program's GPU memory (arguments + o
 temporaries, from XLA's memory analysis). Parts: the whole `nsa_attention`, each branch (on GPU
 the compressed one both as the public op's Pallas kernel and as nsa_attention runs it, cuDNN over
 folded queries; the selected one, and NSA, also with the Mosaic GPU forward and dQ: "...
-mosaic", and with the Mosaic dK/dV besides: "... mosaic dkv"), the fused compressed branch +
-selection, and the dense baseline. Prints a table and writes JSON.
+mosaic", and with the Mosaic dK/dV besides: "... mosaic dkv", or the Mosaic selection-score
+pass: "nsa mosaic scores"), the fused compressed branch + selection, and the dense baseline.
+Prints a table and writes JSON.
 
 Trained selections (`--trained_indices`, an `experiments.plot` `selection_indices_<run>.npz` of
 `[B', T', Hkv', n]`): at `T = T'` more rows time the selected kernel on those indices
@@ -186,27 +187,33 @@ def trained_parts(config, platform, nsa_flops, slc_flops):
     for name in ("nsa trained", "selected trained"):
       parts[f"{name} mosaic"] = (on_mosaic(parts[name][0]),) + parts[name][1:]
       parts[f"{name} mosaic dkv"] = (on_mosaic(parts[name][0], "mosaic"),) + parts[name][1:]
+    parts["nsa trained mosaic scores"] = (
+        on_mosaic(parts["nsa trained"][0], scores="mosaic"),) + parts["nsa trained"][1:]
   return parts
 
 
-def on_kernels(fn, choice: str, dkv: str | None = None):
+def on_kernels(fn, choice: str, dkv: str | None = None, scores: str | None = None):
   """`fn` traced with the selected forward and dQ set to `choice` ("triton" or "mosaic":
-  `selected_attention.FORWARD`, `DQ`, read when a call is traced), and the dK/dV to `dkv`
-  (`DKV`; None: its default)."""
+  `selected_attention.FORWARD`, `DQ`, read when a call is traced), the dK/dV to `dkv` (`DKV`)
+  and the selection-score pass to `scores` (`compressed_attention.SCORES`; None: defaults)."""
   def traced(*args):
-    saved = selected_kernel.FORWARD, selected_kernel.DQ, selected_kernel.DKV
+    saved = (selected_kernel.FORWARD, selected_kernel.DQ, selected_kernel.DKV,
+             compressed_kernel.SCORES)
     selected_kernel.FORWARD = selected_kernel.DQ = choice
     selected_kernel.DKV = dkv or selected_kernel.DKV
+    compressed_kernel.SCORES = scores or compressed_kernel.SCORES
     try:
       return fn(*args)
     finally:
-      selected_kernel.FORWARD, selected_kernel.DQ, selected_kernel.DKV = saved
+      (selected_kernel.FORWARD, selected_kernel.DQ, selected_kernel.DKV,
+       compressed_kernel.SCORES) = saved
   return traced
 
 
-def on_mosaic(fn, dkv: str | None = None):
-  """`fn` traced with the selected forward and dQ on Mosaic GPU (and the dK/dV on `dkv`)."""
-  return on_kernels(fn, "mosaic", dkv)
+def on_mosaic(fn, dkv: str | None = None, scores: str | None = None):
+  """`fn` traced with the selected forward and dQ on Mosaic GPU (the dK/dV on `dkv`, the score
+  pass on `scores`)."""
+  return on_kernels(fn, "mosaic", dkv, scores)
 
 
 def parts_for(t, config, with_window=True, platform=PLATFORMS["gpu"]):
@@ -261,9 +268,10 @@ def parts_for(t, config, with_window=True, platform=PLATFORMS["gpu"]):
     # The selected forward and dQ on Mosaic GPU (TMA + wgmma over 64-row tiles).
     parts["selected mosaic"] = (on_mosaic(parts["selected"][0]),) + parts["selected"][1:]
     parts["nsa mosaic"] = (on_mosaic(parts["nsa"][0]),) + parts["nsa"][1:]
-    # ... and the dK/dV too (`DKV = "mosaic"`, not yet the default).
+    # ... and the dK/dV too (`DKV = "mosaic"`), or the score pass (`SCORES`): not yet defaults.
     for name in ("selected", "nsa"):
       parts[f"{name} mosaic dkv"] = (on_mosaic(parts[name][0], "mosaic"),) + parts[name][1:]
+    parts["nsa mosaic scores"] = (on_mosaic(parts["nsa"][0], scores="mosaic"),) + parts["nsa"][1:]
   if platform is PLATFORMS["gpu"] and cudnn_compressed.available():
     # The compressed branch as nsa_attention runs it on GPU: cuDNN over folded queries (the
     # `compressed` row above is the Pallas kernel behind the public `compressed_attention`).

@@ -38,7 +38,7 @@ def test_bench_kernels_times_every_part_and_writes_json(monkeypatch, tmp_path, p
                       lambda *args, **kw: folded(*args, use_cudnn=False, **kw))
   out = tmp_path / "bench.json"
   gpu_only = ({"compressed_cudnn", "selected mosaic", "nsa mosaic", "selected mosaic dkv",
-               "nsa mosaic dkv"} if platform == "gpu" else set())
+               "nsa mosaic dkv", "nsa mosaic scores"} if platform == "gpu" else set())
   expected = {"nsa", "compressed", "cmp+selection", "selected", "cmp+slc apart", "cmp+slc fused",
               "window", dense} | gpu_only
   # The separate-K/V pair is the same on both platforms: left out of the TPU run by --parts
@@ -66,13 +66,15 @@ def test_tune_gpu_reads_each_setting_as_its_default_type():
 
 
 def test_mosaic_parts_trace_with_the_mosaic_kernels():
-  kernel, seen = bench_kernels.selected_kernel, []
-  defaults = (kernel.FORWARD, kernel.DQ, kernel.DKV)
-  record = lambda: seen.append((kernel.FORWARD, kernel.DQ, kernel.DKV))
+  kernel, scores, seen = bench_kernels.selected_kernel, bench_kernels.compressed_kernel, []
+  defaults = (kernel.FORWARD, kernel.DQ, kernel.DKV, scores.SCORES)
+  record = lambda: seen.append((kernel.FORWARD, kernel.DQ, kernel.DKV, scores.SCORES))
   bench_kernels.on_mosaic(record)()
   bench_kernels.on_mosaic(record, "mosaic")()
-  assert seen == [("mosaic", "mosaic", defaults[2]), ("mosaic", "mosaic", "mosaic")]
-  assert (kernel.FORWARD, kernel.DQ, kernel.DKV) == defaults
+  bench_kernels.on_mosaic(record, scores="mosaic")()
+  assert seen == [("mosaic", "mosaic") + defaults[2:], ("mosaic", "mosaic", "mosaic", defaults[3]),
+                  ("mosaic", "mosaic", defaults[2], "mosaic")]
+  assert (kernel.FORWARD, kernel.DQ, kernel.DKV, scores.SCORES) == defaults
 
 
 def test_bench_kernels_times_the_selection_on_trained_indices(monkeypatch, tmp_path):

@@ -151,6 +151,25 @@ def test_selection_from_cudnn_lse_kernels_lower(group):
   assert pallas_kernels("cuda", select, q, k_cmp, lse) == ["nsa_selection_scores", "nsa_top_n"]
 
 
+@pytest.mark.parametrize("group,config", [
+    (16, NSAConfig()), (4, NSAConfig()), (1, NSAConfig()),
+    (8, NSAConfig(cmp_block=64, cmp_stride=64, slc_block=64, num_selected=16, window=64))])
+def test_mosaic_selection_scores_lower_for_cuda(monkeypatch, group, config):
+  # `SCORES = "mosaic"`: the score pass is a Mosaic GPU kernel (its layouts and SMEM budget
+  # checked at lowering), the top-n Triton's; the paper's config and fla-core's (l = d = l').
+  monkeypatch.setattr(compressed_kernel, "SCORES", "mosaic")
+  t, hkv = 1000, 2
+  q = jnp.zeros((2, t, hkv * group, 128), jnp.bfloat16)
+  k_cmp = jnp.zeros((2, config.num_cmp_blocks(t), hkv, 128), jnp.bfloat16)
+  lse = jnp.zeros((2, t, hkv * group), jnp.float32)
+  select = functools.partial(
+      compressed_kernel.selection_from_lse, block=config.cmp_block, stride=config.cmp_stride,
+      slc_block=config.slc_block, num_selected=config.num_selected,
+      num_initial=config.num_initial, num_local=config.num_local, scale=0.1, ascending=False)
+  assert pallas_kernels("cuda", select, q, k_cmp, lse) == ["nsa_top_n"]
+  assert lowered_text("cuda", select, q, k_cmp, lse).count("custom_call @mosaic_gpu") == 1
+
+
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
 def test_nsa_kernels_lower_under_vmap(platform):
   # vmap over an extra leading axis: Pallas batches the BlockSpec kernels with a grid axis and

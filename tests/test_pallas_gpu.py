@@ -421,6 +421,34 @@ def test_selection_scores_from_a_given_lse_in_interpret_mode(case):
   check_scores_from_lse(q, k_cmp, lse, config, interpret=True)
 
 
+# The Mosaic GPU score pass (`SCORES = "mosaic"`) under the GPU interpreter: the paper's config
+# at G = 16 (16 positions a CTA) and G = 4 (64), G = 1 (64 rows); l = d = l' (64 blocks a key
+# tile, no spill); l = 12, d = 4, l' = 8, num_local = 0 at T = 266: the last position (265) owns
+# block 33, which no key it sees reaches (its key tile starts at 256 + l - 1): zeros; T < l;
+# float16.
+MOSAIC_SCORE_CASES = [
+    (1, 300, 16, 1, jnp.bfloat16, nsa_jax.NSAConfig(32, 16, 64, 4, 1, 2, 64)),
+    (2, 700, 8, 2, jnp.bfloat16, nsa_jax.NSAConfig(8, 4, 8, 4, 1, 1, 20)),
+    (1, 200, 1, 1, jnp.float16, nsa_jax.NSAConfig(8, 4, 16, 3, 1, 1, 20)),
+    (1, 600, 4, 1, jnp.bfloat16, nsa_jax.NSAConfig(4, 4, 4, 5, 1, 2, 20)),
+    (1, 266, 16, 1, jnp.bfloat16, nsa_jax.NSAConfig(12, 4, 8, 3, 0, 0, 20)),
+    (1, 20, 16, 1, jnp.bfloat16, nsa_jax.NSAConfig(32, 16, 64, 4, 1, 2, 64))]
+
+
+@pytest.mark.parametrize("case", MOSAIC_SCORE_CASES)
+def test_mosaic_selection_scores_in_interpret_mode(monkeypatch, case):
+  monkeypatch.setattr(compressed_kernel, "SCORES", "mosaic")
+  b, t, hq, hkv, dtype, config = case
+  q, k, _ = random_qkv(b, t, hq, hkv, 64, dtype=dtype)
+  k_cmp, _ = xla.compress_kv(k, k, config.cmp_block, config.cmp_stride)
+  _, lse = reference.compressed_attention(
+      q.astype(jnp.float32), k_cmp.astype(jnp.float32), k_cmp.astype(jnp.float32), 64 ** -0.5,
+      block=config.cmp_block, stride=config.cmp_stride)
+  assert compressed_kernel.selection_scores_mgpu.supported(q, k_cmp, config.cmp_block,
+                                                           config.cmp_stride, config.slc_block)
+  check_scores_from_lse(q, k_cmp, lse, config, interpret=True)
+
+
 def test_selection_scores_from_lse_checks_its_shape():
   q = jnp.zeros((1, 40, 4, 16))
   k_cmp = jnp.zeros((1, 9, 2, 16))
@@ -440,6 +468,24 @@ def test_compressed_branch_through_cudnn_matches_xla_on_gpu(group, config, dtype
   # B = 2, T with an odd chunk count (cuDNN's padded chunk), then the scores from cuDNN's lse.
   q, k, v = random_qkv(2, 4096 + 5, 2 * group, 2, 128, dtype=dtype)
   k_cmp, lse = check_folded(q, k, v, config, xla, use_cudnn=True, dtype=dtype)
+  check_scores_from_lse(q, k_cmp, lse, config, interpret=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("group", [1, 4, 16])
+@pytest.mark.parametrize("config", [  # the paper's; fla-core's l = d = l' (64 blocks a key tile)
+    nsa_jax.NSAConfig(),
+    nsa_jax.NSAConfig(cmp_block=64, cmp_stride=64, slc_block=64, num_selected=16, window=64)])
+def test_mosaic_selection_scores_on_gpu(monkeypatch, group, config):
+  # `SCORES = "mosaic"` on cuDNN's lse, against the reference scores; T with a partial key tile.
+  monkeypatch.setattr(compressed_kernel, "SCORES", "mosaic")
+  q, k, v = random_qkv(2, 4096 + 5, 2 * group, 2, 128, dtype=jnp.bfloat16)
+  k_cmp, v_cmp = xla.compress_kv(k, v, config.cmp_block, config.cmp_stride)
+  assert compressed_kernel.selection_scores_mgpu.supported(q, k_cmp, config.cmp_block,
+                                                           config.cmp_stride, config.slc_block)
+  _, lse = cudnn_compressed.compressed_attention(q, k_cmp, v_cmp, 128 ** -0.5,
+                                                 block=config.cmp_block,
+                                                 stride=config.cmp_stride)
   check_scores_from_lse(q, k_cmp, lse, config, interpret=False)
 
 

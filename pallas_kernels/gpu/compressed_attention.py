@@ -46,6 +46,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plmgpu
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.block_maps import document_block_columns
@@ -54,6 +55,7 @@ from pallas_kernels.gpu.tile_math import LOG2E, MASK_VALUE, masked_split_loop
 from pallas_kernels.gpu.tile_math import dot as _dot
 from pallas_kernels.gpu.tile_math import pow2 as _pow2
 from pallas_kernels.gpu.tile_math import rows_within
+from pallas_kernels.gpu import selection_scores_mgpu
 from pallas_kernels.gpu.top_n import top_n_blocks
 
 ROWS = 64  # query rows per program (positions x heads)
@@ -74,6 +76,10 @@ SCORE_ROWS = 256
 SCORE_KEYS = 64
 SCORE_NUM_WARPS = 8
 SCORE_Q_BYTES = 64 * 1024
+# That pass on "triton" (`_scores_kernel`) or "mosaic" (`selection_scores_mgpu`: wgmma, the keys on
+# M; where it takes the call, else Triton's). The Mosaic one passes its tests under the GPU
+# interpreter and lowers for an H100 on the CPU, but has not run on a GPU yet (2026-12-06).
+SCORES = "triton"
 DKV_NUM_WARPS = 4
 DKV_PROGRAMS = 2048  # dK/dV programs to aim for when cutting long row walks into chunks
 MIN_DKV_CHUNK = 64  # row tiles
@@ -914,9 +920,30 @@ def selection_scores_from_lse(q, k_cmp, lse, *, block: int, stride: int, slc_blo
   if lse.shape != q.shape[:3]:
     raise ValueError(f"lse must be [B, T, Hq] = {q.shape[:3]}, got {lse.shape}")
   q, k_cmp, lse = (jax.lax.stop_gradient(x) for x in (q, k_cmp, lse))
+  if SCORES not in ("triton", "mosaic"):
+    raise ValueError(f"compressed_attention.SCORES must be 'triton' or 'mosaic', got {SCORES!r}")
+  if SCORES == "mosaic" and selection_scores_mgpu.supported(q, k_cmp, block, stride, slc_block):
+    return _mosaic_scores(q, k_cmp, lse, block, stride, slc_block, float(scale), interpret)
   lay = _layout(q, k_cmp, k_cmp, block, stride, rows=_score_rows(q, k_cmp.shape[2]))
   return _scores_only(_to_rows(q, lay, lay.head_dim_pad), _to_keys(k_cmp, lay, lay.head_dim_pad),
                       _lse_rows(lse, lay), lay, float(scale), slc_block, interpret)
+
+
+def _mosaic_scores(q, k_cmp, lse, block, stride, slc_block, scale, interpret):
+  """`selection_scores_from_lse` on Mosaic GPU: its block-major scores transposed to the
+  top-n's rows `[B, Hkv, T_pad, width]`."""
+  heads = _pow2(q.shape[2] // k_cmp.shape[2])
+  lay = _layout(q, k_cmp, k_cmp, block, stride, rows=selection_scores_mgpu.rows_for(heads))
+  num_slc = -(-lay.seq_len // slc_block)
+  owned = selection_scores_mgpu.owned_blocks(stride, slc_block)
+  num_score_rows = max(_pow2(num_slc), num_slc + owned,
+                       lay.cmp_pad // selection_scores_mgpu.KEYS * owned + owned)
+  block_major = selection_scores_mgpu.selection_scores(
+      _to_rows(q, lay, lay.head_dim_pad), _to_keys(k_cmp, lay, lay.head_dim_pad),
+      _lse_rows(lse, lay), seq_len=lay.seq_len, num_cmp=lay.num_cmp, scale=scale, block=block,
+      stride=stride, slc_block=slc_block, heads=lay.heads, num_score_rows=num_score_rows,
+      interpret=plmgpu.InterpretGPUParams() if interpret else False)
+  return block_major.transpose(0, 1, 3, 2)
 
 
 def selection_from_lse(q, k_cmp, lse, *, block: int, stride: int, slc_block: int,
