@@ -101,8 +101,9 @@ def top_n_blocks(scores, *, seq_len: int, num_selected: int, slc_block: int, num
 
   Args:
     scores: float32 `[B, H, rows >= T, width]`, non-negative selection scores of query `t` in row
-      `t`; `width >= pow2(Ts)`, `Ts = ceil(T / slc_block)`: the first `pow2(Ts)` columns of a row
-      are read, those past `Ts` ignored.
+      `t`; `width >= pow2(Ts)`, `Ts = ceil(T / slc_block)`: at most the first `pow2(Ts)` columns
+      of a row are read, and only the candidates' (blocks `<= t // slc_block`, `< Ts`) used:
+      the others may hold anything, NaN included.
     seq_len: T.
     num_selected, slc_block, num_initial, num_local: the NSA selection config.
     interpret: Pallas interpret mode (CPU).
@@ -121,7 +122,7 @@ def top_n_blocks(scores, *, seq_len: int, num_selected: int, slc_block: int, num
   config = dict(num_selected=num_selected, slc_block=slc_block, num_slc=num_slc,
                 num_initial=num_initial, num_local=num_local)
 
-  def launch(kernel, in_specs, args, first_row, num_rows):
+  def launch(kernel, in_specs, args, num_rows):
     return pl.pallas_call(
         kernel,
         grid=(num_rows, b, h),
@@ -139,13 +140,13 @@ def top_n_blocks(scores, *, seq_len: int, num_selected: int, slc_block: int, num
         launch(functools.partial(_top_n_kernel, first_row=first, **config),
                [pl.BlockSpec((None, None, None, width),
                              lambda t, i, j, first=first: (i, j, t + first, 0))],
-               [scores], first, num_rows)
+               [scores], num_rows)
         for first, num_rows, width in row_buckets(seq_len, slc_block, row_width)], axis=2)
   else:  # packed rows: a query's candidates follow its document, not its position
     picks = launch(functools.partial(_top_n_packed_kernel, **config),
                    [pl.BlockSpec((None, None, 1), lambda t, i, j: (i, t, 0)),
                     pl.BlockSpec((None, None, None, row_width), lambda t, i, j: (i, j, t, 0))],
-                   [query_blocks.astype(jnp.int32)[..., None], scores], 0, seq_len)
+                   [query_blocks.astype(jnp.int32)[..., None], scores], seq_len)
   picks = picks[..., :num_selected]  # distinct, -1 last
   picks = block_maps.ascending(picks) if ascending else picks
   return picks.transpose(0, 2, 1, 3)
