@@ -71,13 +71,12 @@ PACK_ROWS = 16
 # Forward and dQ kernels: "triton" (`_forward_kernel`, `_dq_kernel`), "mosaic"
 # (`selected_attention_mgpu`: Hopper TMA + wgmma over tiles of 64 rows; half precision, l' of 64
 # or 128, unpacked rows; other calls stay on Triton) or "auto": Mosaic on a Hopper GPU (compute
-# capability 9.x), Triton elsewhere and in interpret mode. Mosaic
-# is the faster on Hopper (H100, 2026-12-05, BENCHMARKS.md): forward at least as fast at every
-# group size timed (64k: G = 4 57.7 vs 62.5 ms, G = 8 34.0 vs 35.0, G = 16 tied; 16k: 4.31 vs
-# 4.65), 1.29x on a trained LM's selection, fwd+bwd ahead or tied, and its kernel tests pass on
-# the GPU (33 of 33), as do the end-to-end GPU tests under "auto" (drawn property cases in three
-# dtypes, nsa_attention, decoding, T = 1 .. 129 in bfloat16; H100, 2026-12-05), so "auto" is
-# the default.
+# capability 9.x), Triton elsewhere and in interpret mode. Mosaic is the faster on Hopper (H100,
+# 2026-12-05, BENCHMARKS.md): forward at least as fast at every group size timed (64k: G = 4
+# 57.7 vs 62.5 ms, G = 8 34.0 vs 35.0, G = 16 tied; 16k: 4.31 vs 4.65), 1.29x on a trained LM's
+# selection, fwd+bwd ahead or tied, and its kernel tests pass on the GPU (33 of 33), as do the
+# end-to-end GPU tests under "auto" (drawn property cases in three dtypes, nsa_attention,
+# decoding, T = 1 .. 129 in bfloat16; H100, 2026-12-05), so "auto" is the default.
 KERNEL_CHOICES = ("auto", "triton", "mosaic")
 FORWARD = "auto"
 DQ = "auto"
