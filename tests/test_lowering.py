@@ -240,6 +240,21 @@ def test_selected_kernels_with_other_packings_lower_for_cuda(monkeypatch, pack_r
       "nsa_selected_dkv", "nsa_selected_dq", "nsa_selected_fwd"]
 
 
+def selected_gradients(num_heads, head_dims, block):
+  """`(jax.grad of a selected-attention loss in q, k, v; q, k, v)`, B = 2, T = 1000, one KV head,
+  bfloat16, 16 blocks a query."""
+  q = jnp.zeros((2, 1000, num_heads, head_dims[0]), jnp.bfloat16)
+  k = jnp.zeros((2, 1000, 1, head_dims[0]), jnp.bfloat16)
+  v = jnp.zeros((2, 1000, 1, head_dims[1]), jnp.bfloat16)
+  idx = jnp.zeros((2, 1000, 1, 16), jnp.int32)
+
+  def loss(q, k, v):
+    return nsa_jax.selected_attention(q, k, v, idx, block=block,
+                                      implementation="pallas_gpu").astype(jnp.float32).sum()
+
+  return jax.grad(loss, argnums=(0, 1, 2)), q, k, v
+
+
 @pytest.mark.parametrize("probs_in_registers", [False, True])
 @pytest.mark.parametrize("num_heads,head_dims,block", [(64, (128, 128), 64), (4, (64, 128), 128),
                                                       (1, (256, 256), 64), (16, (192, 128), 64)])
@@ -251,16 +266,7 @@ def test_mosaic_selected_kernels_lower_for_cuda(monkeypatch, num_heads, head_dim
   monkeypatch.setattr(selected_kernel, "FORWARD", "mosaic")
   monkeypatch.setattr(selected_kernel, "DQ", "mosaic")
   monkeypatch.setattr(selected_mgpu, "PROBS_IN_REGISTERS", probs_in_registers)
-  q = jnp.zeros((2, 1000, num_heads, head_dims[0]), jnp.bfloat16)
-  k = jnp.zeros((2, 1000, 1, head_dims[0]), jnp.bfloat16)
-  v = jnp.zeros((2, 1000, 1, head_dims[1]), jnp.bfloat16)
-  idx = jnp.zeros((2, 1000, 1, 16), jnp.int32)
-
-  def loss(q, k, v):
-    return nsa_jax.selected_attention(q, k, v, idx, block=block,
-                                      implementation="pallas_gpu").astype(jnp.float32).sum()
-
-  grad = jax.grad(loss, argnums=(0, 1, 2))
+  grad, q, k, v = selected_gradients(num_heads, head_dims, block)
   assert pallas_kernels("cuda", grad, q, k, v) == ["nsa_selected_dkv"]
   assert lowered_text("cuda", grad, q, k, v).count("custom_call @mosaic_gpu") == 2
 
@@ -271,16 +277,7 @@ def test_mosaic_selected_dkv_lowers_for_cuda(monkeypatch, num_heads, head_dims, 
   # `DKV = "mosaic"` too: the whole selected backward on Mosaic GPU, no Triton kernel left.
   for choice in ("FORWARD", "DQ", "DKV"):
     monkeypatch.setattr(selected_kernel, choice, "mosaic")
-  q = jnp.zeros((2, 1000, num_heads, head_dims[0]), jnp.bfloat16)
-  k = jnp.zeros((2, 1000, 1, head_dims[0]), jnp.bfloat16)
-  v = jnp.zeros((2, 1000, 1, head_dims[1]), jnp.bfloat16)
-  idx = jnp.zeros((2, 1000, 1, 16), jnp.int32)
-
-  def loss(q, k, v):
-    return nsa_jax.selected_attention(q, k, v, idx, block=block,
-                                      implementation="pallas_gpu").astype(jnp.float32).sum()
-
-  grad = jax.grad(loss, argnums=(0, 1, 2))
+  grad, q, k, v = selected_gradients(num_heads, head_dims, block)
   assert pallas_kernels("cuda", grad, q, k, v) == []
   assert lowered_text("cuda", grad, q, k, v).count("custom_call @mosaic_gpu") == 3
 

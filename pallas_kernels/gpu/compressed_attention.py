@@ -54,7 +54,7 @@ from pallas_kernels.decode_partials import block_sums_apply, tail_weight
 from pallas_kernels.gpu.tile_math import LOG2E, MASK_VALUE, masked_split_loop
 from pallas_kernels.gpu.tile_math import dot as _dot
 from pallas_kernels.gpu.tile_math import pow2 as _pow2
-from pallas_kernels.gpu.tile_math import rows_within
+from pallas_kernels.gpu.tile_math import block_overlaps, rows_within, split3
 from pallas_kernels.gpu import selection_scores_mgpu
 from pallas_kernels.gpu.top_n import top_n_blocks
 
@@ -213,11 +213,8 @@ def _lse_pass(q, k_ref, row_pos, num_full, num_tiles, lay, scale, starts=None, f
 
 def _overlap(num_rows_keys, first_slc, num_cols, lay: _Layout, slc_block):
   """`[KEYS, num_cols]`: overlap / d of key `i` (tile-local) with selection block `first + j`."""
-  per_cmp, per_slc = lay.block // lay.stride, slc_block // lay.stride
-  sub = jnp.arange(num_rows_keys)[:, None]  # first sub-block of key i
-  slc = (first_slc + jnp.arange(num_cols))[None, :] * per_slc
-  return jnp.maximum(jnp.minimum(sub + per_cmp, slc + per_slc) - jnp.maximum(sub, slc), 0).astype(
-      jnp.float32)
+  return block_overlaps(num_rows_keys, first_slc, num_cols, lay.block // lay.stride,
+                        slc_block // lay.stride).astype(jnp.float32)
 
 
 def _score_maps(lay: _Layout, slc_block, slc_cols, slc_spill, keys):
@@ -227,14 +224,6 @@ def _score_maps(lay: _Layout, slc_block, slc_cols, slc_spill, keys):
   own_map = jnp.where(cols < owned, _overlap(keys, 0, slc_cols, lay, slc_block), 0.0)
   spill_map = jnp.where(cols < slc_spill, _overlap(keys, owned, slc_cols, lay, slc_block), 0.0)
   return own_map, spill_map
-
-
-def _split3(x):
-  """float32 -> three bfloat16 pieces whose sum is `x` to float32 precision (8+8+8 bits)."""
-  hi = x.astype(jnp.bfloat16)
-  rest = x - hi.astype(jnp.float32)
-  mid = rest.astype(jnp.bfloat16)
-  return hi, mid, (rest - mid.astype(jnp.float32)).astype(jnp.bfloat16)
 
 
 # Score maps of a few positions a tile (G >= 8) are sums of products over a [P, KEYS, C] tile on
@@ -303,7 +292,7 @@ def _group_sum(p, lay: _Layout):
 def _map_blocks(p_grp, overlap):
   """`p_grp [P, keys] @ overlap [keys, C]` -> `[P, C]` to float32 precision."""
   if _maps_by_dot(p_grp.shape[0]):
-    return sum(plgpu.dot(piece, overlap.astype(jnp.bfloat16)) for piece in _split3(p_grp))
+    return sum(plgpu.dot(piece, overlap.astype(jnp.bfloat16)) for piece in split3(p_grp))
   return jnp.sum(p_grp[:, :, None] * overlap[None, :, :], axis=1)
 
 

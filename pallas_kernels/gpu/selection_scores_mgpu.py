@@ -13,11 +13,12 @@ compressed keys 64 at a time, three products a tile, each with 64 on wgmma's M:
     tile's first, `A^T (P^T E)` (`A^T [64, 64 keys]`, its rows past `owned` zero): `[64 blocks,
     P]`, whose spill row is carried into the next tile's first block.
 
-The float32 operands of the last two products are split in three bfloat16 pieces (`_split3`:
-exact to float32, as the Triton kernel's dots): ~40% more MMA work than `S^T` alone at G = 16.
-The scores come out block-major (a tile's `[owned, P]` is one TMA box), so the caller transposes
-them for the top-n. After the last tile come its spill, then zeros up to the tile's last
-position's own block (the candidates no visible key reaches), as the Triton pass leaves them.
+The float32 operands of the last two products are split in three bfloat16 pieces
+(`tile_math.split3`: exact to float32, as the Triton kernel's dots): ~40% more MMA work than
+`S^T` alone at G = 16. The scores come out block-major (a tile's `[owned, P]` is one TMA box),
+so the caller transposes them for the top-n. After the last tile come its spill, then zeros up
+to the tile's last position's own block (the candidates no visible key reaches), as the Triton
+pass leaves them.
 
 Scope (`supported`): half-precision q / k_cmp, Dk a multiple of 64, `l` and `l'` multiples of `d`
 with `l <= l' + d` (one spill block) and `64 d` a multiple of `l'`, unpacked rows.
@@ -36,12 +37,13 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.decode_partials import block_sums_apply
 from pallas_kernels.gpu.selected_attention_mgpu import SMEM_BYTES, _smem_transforms, _times
+from pallas_kernels.gpu.tile_math import block_overlaps, pow2, split3
 
 LOG2E = math.log2(math.e)
 KEYS = 64  # compressed keys a tile, and selection blocks a map product: wgmma's M
 MAX_ROWS = 256  # query rows a CTA: wgmma's largest N
 STAGES = 2  # key tiles in flight
-PIECES = jnp.bfloat16  # the split float32 operands' pieces and the 0/1 and overlap matrices
+PIECES = jnp.bfloat16  # `split3`'s pieces, and the 0/1 and overlap matrices
 
 
 def rows_for(heads: int) -> int:
@@ -66,7 +68,7 @@ def _smem_bytes(heads: int, dk: int, dtype) -> int:
 def supported(q, k_cmp, block: int, stride: int, slc_block: int) -> bool:
   """Whether `selection_scores` takes these inputs (else the Triton score pass does)."""
   dk = q.shape[3]
-  heads = 1 << max(0, (q.shape[2] // k_cmp.shape[2]) - 1).bit_length()
+  heads = pow2(q.shape[2] // k_cmp.shape[2])
   return (q.dtype in (jnp.bfloat16, jnp.float16) and k_cmp.dtype == q.dtype and dk % 64 == 0
           and block % stride == 0 and slc_block % stride == 0
           and (KEYS * stride) % slc_block == 0
@@ -75,21 +77,10 @@ def supported(q, k_cmp, block: int, stride: int, slc_block: int) -> bool:
           and _smem_bytes(heads, dk, q.dtype) <= SMEM_BYTES)
 
 
-def _split3(x):
-  """float32 -> three bfloat16 pieces whose sum is `x` to float32 precision."""
-  hi = x.astype(PIECES)
-  rest = x - hi.astype(jnp.float32)
-  mid = rest.astype(PIECES)
-  return hi, mid, (rest - mid.astype(jnp.float32)).astype(PIECES)
-
-
 def overlap_map(block: int, stride: int, slc_block: int):
   """`A^T [64, KEYS]`: overlap / d of tile block `j` (row; `j = owned` is the next tile's first,
   later rows zero) with tile key `i` (column). Small integers: exact in bfloat16."""
-  per_cmp, per_slc = block // stride, slc_block // stride
-  first = jnp.arange(KEYS)[:, None] * per_slc
-  sub = jnp.arange(KEYS)[None, :]
-  overlap = jnp.maximum(jnp.minimum(sub + per_cmp, first + per_slc) - jnp.maximum(sub, first), 0)
+  overlap = block_overlaps(KEYS, 0, KEYS, block // stride, slc_block // stride).T
   row = jnp.arange(KEYS)[:, None]
   return jnp.where(row <= owned_blocks(stride, slc_block), overlap, 0).astype(PIECES)
 
@@ -170,12 +161,12 @@ def selection_scores(q_rows, k_keys, lse_rows, *, seq_len: int, num_cmp: int, sc
       p_t = jnp.where(visible, jnp.exp2(s_t - lax.broadcast_in_dim(row_lse, s_t.shape, [1])),
                       0.0)
       summed = 0.0  # [KEYS, P]: each position's probabilities summed over its heads
-      for piece in _split3(p_t):
+      for piece in split3(p_t):
         p_smem[...] = piece
         plgpu.commit_smem()
         summed = summed + _times(p_smem, heads_smem, (KEYS, positions))
       scores = 0.0  # [64, P]: the tile's blocks, then the spill into the next tile's first
-      for piece in _split3(summed):
+      for piece in split3(summed):
         g_smem[...] = piece
         plgpu.commit_smem()
         scores = scores + _times(map_smem, g_smem, (KEYS, positions))

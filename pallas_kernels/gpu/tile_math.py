@@ -18,6 +18,23 @@ def pow2(x: int, minimum: int = 1) -> int:
   return max(minimum, 1 << (x - 1).bit_length())
 
 
+def split3(x):
+  """float32 -> three bfloat16 pieces whose sum is `x` to float32 precision (8+8+8 bits): a
+  float32 operand of a tensor-core product as three bfloat16 products."""
+  hi = x.astype(jnp.bfloat16)
+  rest = x - hi.astype(jnp.float32)
+  mid = rest.astype(jnp.bfloat16)
+  return hi, mid, (rest - mid.astype(jnp.float32)).astype(jnp.bfloat16)
+
+
+def block_overlaps(num_keys: int, first_block, num_blocks: int, per_cmp: int, per_slc: int):
+  """int32 `[num_keys, num_blocks]`: overlap / d of compressed key `i` (spanning sub-blocks
+  `i .. i + l/d`) with selection block `first_block + j` (sub-blocks of `l'/d`), SPEC.md Eq. 9."""
+  sub = jnp.arange(num_keys)[:, None]  # first sub-block of key i
+  slc = (first_block + jnp.arange(num_blocks))[None, :] * per_slc
+  return jnp.maximum(jnp.minimum(sub + per_cmp, slc + per_slc) - jnp.maximum(sub, slc), 0)
+
+
 def rows_within(max_rows: int, row_bytes: int, budget: int) -> int:
   """Rows a kernel step loads: the most, a power of two in [16, max_rows] (`max_rows` a power of
   two >= 16), whose `row_bytes` each fit in `budget` bytes, else 16 (Triton's least dot side).
