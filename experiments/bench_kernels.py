@@ -23,7 +23,8 @@ temporaries, from XLA's memory analysis). Parts: the whole `nsa_attention`, each
 the compressed one both as the public op's Pallas kernel and as nsa_attention runs it, cuDNN over
 folded queries; the selected one, and NSA, also with the Mosaic GPU forward and dQ: "...
 mosaic", and with the Mosaic dK/dV besides: "... mosaic dkv", or the Mosaic selection-score
-pass: "nsa mosaic scores"), the fused compressed branch + selection, and the dense baseline.
+pass: "nsa mosaic scores"; that pass alone from the compressed branch's log-sum-exp: "scores",
+"scores mosaic"), the fused compressed branch + selection, and the dense baseline.
 Prints a table and writes JSON.
 
 Trained selections (`--trained_indices`, an `experiments.plot` `selection_indices_<run>.npz` of
@@ -128,8 +129,13 @@ def part_inputs(q, k, v, config, platform=PLATFORMS["gpu"]):
   are arguments of the timed programs, not closed-over constants, which XLA would fold at compile
   time (the selected kernel's index sorts and block -> queries map, for minutes at 64k)."""
   k_cmp, v_cmp = nsa_jax.compress_kv(k, v, block=config.cmp_block, stride=config.cmp_stride)
-  return dict(k_cmp=k_cmp, v_cmp=v_cmp, block_indices=nsa_jax.select_blocks(
+  inputs = dict(k_cmp=k_cmp, v_cmp=v_cmp, block_indices=nsa_jax.select_blocks(
       q, k_cmp, config=config, implementation=platform.implementation))
+  # The compressed branch's log-sum-exp, which the selection-score pass reads.
+  inputs["cmp_lse"] = nsa_jax.compressed_attention(
+      q, k_cmp, v_cmp, block=config.cmp_block, stride=config.cmp_stride,
+      implementation=platform.implementation)[1]
+  return inputs
 
 
 def load_trained_indices(path, t, num_kv_heads, config, layer=0):
@@ -278,6 +284,13 @@ def parts_for(t, config, with_window=True, platform=PLATFORMS["gpu"]):
     parts["compressed_cudnn"] = (lambda q, k, v, x: cudnn_compressed.compressed_attention(
         q, x["k_cmp"], x["v_cmp"], scale, block=config.cmp_block, stride=config.cmp_stride)[0],
                                  flops(num_cmp / 2), True)
+    # The selection-score pass alone, from that log-sum-exp (its FLOPs: `q . k_cmp` only), on
+    # Triton and on Mosaic GPU.
+    scores = lambda q, k, v, x: compressed_kernel.selection_scores_from_lse(
+        q, x["k_cmp"], x["cmp_lse"], block=config.cmp_block, stride=config.cmp_stride,
+        slc_block=config.slc_block, scale=scale)
+    parts["scores"] = (scores, flops(num_cmp / 2) / 2, False)
+    parts["scores mosaic"] = (on_mosaic(scores, scores="mosaic"), flops(num_cmp / 2) / 2, False)
   if with_window:
     parts["window"] = (lambda q, k, v, _: nsa_jax.sliding_window_attention(
         q, k, v, window=config.window, implementation=impl),

@@ -33,12 +33,17 @@ def test_bench_kernels_times_every_part_and_writes_json(monkeypatch, tmp_path, p
   monkeypatch.setattr(kernels.selected, "selected_attention", on_xla(
       lambda q, k, v, idx, **kw: nsa_jax.selected_attention(q, k, v, idx, **kw)))
   monkeypatch.setattr(kernels, "dense", lambda q, k, v: q)  # no cuDNN or splash here
+  if platform == "gpu":
+    scores = kernels.compressed.selection_scores_from_lse
+    monkeypatch.setattr(kernels.compressed, "selection_scores_from_lse",
+                        lambda *args, **kw: scores(*args, interpret=True, **kw))
   folded = cudnn_compressed.compressed_attention
   monkeypatch.setattr(cudnn_compressed, "compressed_attention",
                       lambda *args, **kw: folded(*args, use_cudnn=False, **kw))
   out = tmp_path / "bench.json"
   gpu_only = ({"compressed_cudnn", "selected mosaic", "nsa mosaic", "selected mosaic dkv",
-               "nsa mosaic dkv", "nsa mosaic scores"} if platform == "gpu" else set())
+               "nsa mosaic dkv", "nsa mosaic scores", "scores", "scores mosaic"}
+              if platform == "gpu" else set())
   expected = {"nsa", "compressed", "cmp+selection", "selected", "cmp+slc apart", "cmp+slc fused",
               "window", dense} | gpu_only
   # The separate-K/V pair is the same on both platforms: left out of the TPU run by --parts
@@ -82,7 +87,8 @@ def test_bench_kernels_times_the_selection_on_trained_indices(monkeypatch, tmp_p
   parts on them run at its length only."""
   monkeypatch.setattr(bench_kernels, "HQ", 4)
   for name in ("select_blocks", "nsa_attention", "sliding_window_attention",
-               "selected_attention", "compressed_attention_and_selection"):
+               "compressed_attention", "selected_attention",
+               "compressed_attention_and_selection"):
     monkeypatch.setattr(nsa_jax, name, on_xla(getattr(nsa_jax, name)))
   kernels = bench_kernels.PLATFORMS["gpu"]
   monkeypatch.setattr(kernels.selected, "selected_attention", on_xla(

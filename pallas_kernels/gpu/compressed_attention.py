@@ -77,8 +77,10 @@ SCORE_KEYS = 64
 SCORE_NUM_WARPS = 8
 SCORE_Q_BYTES = 64 * 1024
 # That pass on "triton" (`_scores_kernel`) or "mosaic" (`selection_scores_mgpu`: wgmma, the keys on
-# M; where it takes the call, else Triton's). The Mosaic one passes its tests under the GPU
-# interpreter and lowers for an H100 on the CPU, but has not run on a GPU yet (2026-12-06).
+# M; where it takes the call, else Triton's). The Mosaic one passes the GPU suite but is 2.5x
+# slower (H100, 2026-12-06, paper config, G = 16: 20.4 against 8.2 ms at 64k, 1.57 against 0.75 at
+# 16k): one warpgroup walks a serial chain of seven wgmma groups a key tile (BENCHMARKS.md, "What
+# is left on Triton"), so the default stays Triton's.
 SCORES = "triton"
 DKV_NUM_WARPS = 4
 DKV_PROGRAMS = 2048  # dK/dV programs to aim for when cutting long row walks into chunks
@@ -927,6 +929,7 @@ def _mosaic_scores(q, k_cmp, lse, block, stride, slc_block, scale, interpret):
   owned = selection_scores_mgpu.owned_blocks(stride, slc_block)
   num_score_rows = max(_pow2(num_slc), num_slc + owned,
                        lay.cmp_pad // selection_scores_mgpu.KEYS * owned + owned)
+  num_score_rows = -(-num_score_rows // 8) * 8  # a TMA store's GMEM rows: a multiple of 8
   block_major = selection_scores_mgpu.selection_scores(
       _to_rows(q, lay, lay.head_dim_pad), _to_keys(k_cmp, lay, lay.head_dim_pad),
       _lse_rows(lse, lay), seq_len=lay.seq_len, num_cmp=lay.num_cmp, scale=scale, block=block,
