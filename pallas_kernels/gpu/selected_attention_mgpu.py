@@ -47,10 +47,15 @@ ROWS = 64  # query rows a CTA: one warpgroup's wgmma M
 # took 19.2 ms with 2 and 28.9 ms with 3 on an H100 (2026-12-05). At that shape 2 stages take
 # ~88 KiB of SMEM a CTA, so two CTAs share an SM; 3 take ~120 KiB, one CTA an SM.
 STAGES = 2
-# The probabilities as wgmma's register operand (as JAX's Mosaic GPU flash attention does), or
-# stored to SMEM first. The GPU interpreter (CPU tests) runs only the SMEM form: interpret mode
-# uses it whatever this says; the register form is checked by lowering here and on a GPU.
-PROBS_IN_REGISTERS = False
+# The forward's probabilities and the dQ's dS as wgmma's register A operand (as JAX's Mosaic GPU
+# flash attention does), or stored to SMEM first. The GPU interpreter (CPU tests) runs only the
+# SMEM form: interpret mode uses it whatever this says; the register form is checked by lowering
+# here and on a GPU. With the probabilities in registers the forward's SMEM is q and the K / V
+# buffers alone, and at one stage (48 KiB at the shape above) more CTAs share an SM: H100,
+# 2026-12-06, random inputs, G = 16, selected forward at 64k 19.16 ms (SMEM form, 2 stages) ->
+# 18.17 (registers, 2) -> 17.52 (registers, 1); at 16k 4.23 -> 3.96 -> 3.78. The dQ keeps STAGES.
+PROBS_IN_REGISTERS = True
+REGISTER_FORWARD_STAGES = 1
 # Most query positions a tile (a power of two <= 32: one bit each in `tile_unions`' masks).
 # Small groups fill the 64 rows with up to this many positions; fewer (the heads padded) keep
 # the tile's union of blocks, and the masked MMA work over it, smaller.
@@ -191,7 +196,8 @@ def selected_attention_forward(q_rows, k_blocks, v_blocks, union, count, member,
       precision; `heads = rows_per_position(G)` (padded heads are computed and ignored).
     k_blocks, v_blocks: `[B, Hkv, Ts * block, Dk / Dv]`, whole blocks (zero padded).
     union, count, member: `tile_unions` of the tiles' `64 // heads` positions.
-    scale: softmax scale; block: `l'`; stages: K / V blocks in flight (default `STAGES`).
+    scale: softmax scale; block: `l'`; stages: K / V blocks in flight (default
+      `REGISTER_FORWARD_STAGES` with the probabilities in registers, else `STAGES`).
     interpret: False, or `plgpu.InterpretGPUParams` (CPU).
 
   Returns:
@@ -204,7 +210,8 @@ def selected_attention_forward(q_rows, k_blocks, v_blocks, union, count, member,
   probs_in_registers = PROBS_IN_REGISTERS and not interpret
   p_tile = () if probs_in_registers else (
       plgpu.SMEM((ROWS, block), dtype, transforms=_smem_transforms(block, dtype)),)
-  stages = _stages(stages or STAGES, union.shape[-1], dk, dv, block, dtype,
+  default_stages = REGISTER_FORWARD_STAGES if probs_in_registers else STAGES
+  stages = _stages(stages or default_stages, union.shape[-1], dk, dv, block, dtype,
                    ROWS * (dk + block * len(p_tile)))
 
   def kernel(union_ref, count_ref, member_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem,
@@ -292,11 +299,15 @@ def selected_attention_dq(q_rows, k_blocks, v_blocks, do_rows, lse, delta, union
   b, hkv, num_rows, dk = q_rows.shape
   dv, dtype = v_blocks.shape[3], q_rows.dtype
   positions = ROWS // heads
+  ds_in_registers = PROBS_IN_REGISTERS and not interpret
+  ds_tile = () if ds_in_registers else (
+      plgpu.SMEM((ROWS, block), dtype, transforms=_smem_transforms(block, dtype)),)
   stages = _stages(stages or STAGES, union.shape[-1], dk, dv, block, dtype,
-                   ROWS * (dk + dv + block))
+                   ROWS * (dk + dv + block * len(ds_tile)))
 
   def kernel(union_ref, count_ref, member_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-             dq_ref, q_smem, do_smem, ds_smem, lse_smem, delta_smem, barriers):
+             dq_ref, q_smem, do_smem, *ds_smem_and_rest):
+    *ds_smem, lse_smem, delta_smem, barriers = ds_smem_and_rest  # dS's SMEM, unless in registers
     pair, tile = lax.axis_index("pair"), lax.axis_index("tile")
     bi, hi = pair // hkv, pair % hkv
     rows = pl.ds(tile * ROWS, ROWS)
@@ -322,9 +333,12 @@ def selected_attention_dq(q_rows, k_blocks, v_blocks, do_rows, lse, delta, union
         plgpu.barrier_wait(v_barriers.at[buffer])
         dp = _times(do_smem, v_smem.at[buffer].T, (ROWS, block))
         ds = probs * (dp - lax.broadcast_in_dim(row_delta, dp.shape, [0]))
-        ds_smem[...] = ds.astype(dtype)
+        if ds_in_registers:  # wgmma's register A operand, accumulating onto `dq`
+          return pl.run_state(lambda acc_ref: plgpu.wgmma(
+              acc_ref, ds.astype(dtype), k_smem.at[buffer]))(plgpu.ACC.init(dq))
+        ds_smem[0][...] = ds.astype(dtype)
         plgpu.commit_smem()
-        return dq + _times(ds_smem, k_smem.at[buffer], (ROWS, dk))
+        return dq + _times(ds_smem[0], k_smem.at[buffer], (ROWS, dk))
 
       init = plgpu.layout_cast(jnp.zeros((ROWS, dk), jnp.float32), plgpu.Layout.WGMMA)
       return _stream_union(step, init, num_used=count_ref[bi, hi, tile], block_of=block_of,
@@ -342,8 +356,7 @@ def selected_attention_dq(q_rows, k_blocks, v_blocks, do_rows, lse, delta, union
     pl.run_scoped(store, plgpu.SMEM((ROWS, dk), dtype))
 
   scratch = (plgpu.SMEM((ROWS, dk), dtype, transforms=_smem_transforms(dk, dtype)),
-             plgpu.SMEM((ROWS, dv), dtype, transforms=_smem_transforms(dv, dtype)),
-             plgpu.SMEM((ROWS, block), dtype, transforms=_smem_transforms(block, dtype)),
+             plgpu.SMEM((ROWS, dv), dtype, transforms=_smem_transforms(dv, dtype)), *ds_tile,
              plgpu.SMEM((ROWS,), jnp.float32), plgpu.SMEM((ROWS,), jnp.float32),
              plgpu.Barrier(num_barriers=4))
   out_type = jax.ShapeDtypeStruct(q_rows.shape, dtype)
