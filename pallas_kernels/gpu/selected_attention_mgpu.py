@@ -51,11 +51,13 @@ STAGES = 2
 # flash attention does), or stored to SMEM first. The GPU interpreter (CPU tests) runs only the
 # SMEM form: interpret mode uses it whatever this says; the register form is checked by lowering
 # here and on a GPU. With the probabilities in registers the forward's SMEM is q and the K / V
-# buffers alone, and at one stage (48 KiB at the shape above) more CTAs share an SM: H100,
-# 2026-12-06, random inputs, G = 16, selected forward at 64k 19.16 ms (SMEM form, 2 stages) ->
-# 18.17 (registers, 2) -> 17.52 (registers, 1); at 16k 4.23 -> 3.96 -> 3.78. The dQ keeps STAGES.
+# buffers alone, and at one stage (48 KiB at the shape above) more CTAs share an SM, which pays
+# where a tile's union walk is short (few positions a tile): H100, 2026-12-06, random inputs,
+# selected forward at 64k, G = 16 (4 positions a tile): 19.16 ms (SMEM form, 2 stages) -> 18.17
+# (registers, 2) -> 17.52 (registers, 1), at 16k 4.23 -> 3.96 -> 3.78; G = 8 (8 positions):
+# 34.96 at 1 stage against 32.77 at 2; G = 4 (16): 58.49 against 56.16. The dQ keeps STAGES.
 PROBS_IN_REGISTERS = True
-REGISTER_FORWARD_STAGES = 1
+ONE_STAGE_MAX_POSITIONS = 4  # tiles of at most this many positions: the register forward at 1
 # Most query positions a tile (a power of two <= 32: one bit each in `tile_unions`' masks).
 # Small groups fill the 64 rows with up to this many positions; fewer (the heads padded) keep
 # the tile's union of blocks, and the masked MMA work over it, smaller.
@@ -196,8 +198,9 @@ def selected_attention_forward(q_rows, k_blocks, v_blocks, union, count, member,
       precision; `heads = rows_per_position(G)` (padded heads are computed and ignored).
     k_blocks, v_blocks: `[B, Hkv, Ts * block, Dk / Dv]`, whole blocks (zero padded).
     union, count, member: `tile_unions` of the tiles' `64 // heads` positions.
-    scale: softmax scale; block: `l'`; stages: K / V blocks in flight (default
-      `REGISTER_FORWARD_STAGES` with the probabilities in registers, else `STAGES`).
+    scale: softmax scale; block: `l'`; stages: K / V blocks in flight (default 1 with the
+      probabilities in registers and at most `ONE_STAGE_MAX_POSITIONS` positions a tile, else
+      `STAGES`).
     interpret: False, or `plgpu.InterpretGPUParams` (CPU).
 
   Returns:
@@ -210,7 +213,8 @@ def selected_attention_forward(q_rows, k_blocks, v_blocks, union, count, member,
   probs_in_registers = PROBS_IN_REGISTERS and not interpret
   p_tile = () if probs_in_registers else (
       plgpu.SMEM((ROWS, block), dtype, transforms=_smem_transforms(block, dtype)),)
-  default_stages = REGISTER_FORWARD_STAGES if probs_in_registers else STAGES
+  one_stage = probs_in_registers and positions <= ONE_STAGE_MAX_POSITIONS
+  default_stages = 1 if one_stage else STAGES
   stages = _stages(stages or default_stages, union.shape[-1], dk, dv, block, dtype,
                    ROWS * (dk + block * len(p_tile)))
 
