@@ -18,7 +18,9 @@ of their union at the price of masked MMA work over it: a trade that pays where 
 share blocks (a trained selection's vertical runs), hardly on random inputs (a 4-position union
 of ~55 blocks at 64k against 64 loads, for 3.4x the MMA work). `experiments/BENCHMARKS.md` has
 the cost model and the timings: on random inputs a tie with Triton at G = 16 (64k forward 19.2
-against 19.0 ms, H100), 1.4x slower at G = 4 (at 3 stages); the Triton kernels stay the default.
+against 19.0 ms, H100, 2026-12-05) and ahead at G = 4 and 8; the default on Hopper since then
+(`selected_attention.FORWARD`, `DQ`), 7% faster again since 2026-12-06 with the probabilities
+and dS as wgmma's register operand (`PROBS_IN_REGISTERS`).
 
 Scope: half-precision q / k / v, `Dk`, `Dv` multiples of 64 whose tiles fit SMEM (256 with
 `l'` = 64), `l'` 64 or 128, `G <= 64`, unpacked rows. `supported` says whether a call fits;
