@@ -458,6 +458,32 @@ def test_selection_scores_from_lse_checks_its_shape():
                                                 interpret=True)
 
 
+@pytest.mark.parametrize("seq_len,config", [
+    (4096 + 5, nsa_jax.NSAConfig(cmp_block=64, cmp_stride=64, slc_block=64, num_selected=16)),
+    (4096 + 5, nsa_jax.NSAConfig()), (266, nsa_jax.NSAConfig(12, 4, 8, 3, 0, 0, 20))])
+def test_mosaic_score_pass_rows_fill_whole_tma_tiles(monkeypatch, seq_len, config):
+  # A TMA store's GMEM rows are a multiple of its 8-row tiling, which neither the interpreter
+  # nor the CPU lowering checks (l = d = l' at T = 4101 asked for 129 rows and failed on a GPU).
+  monkeypatch.setattr(compressed_kernel, "SCORES", "mosaic")
+  seen = []
+
+  class Recorded(Exception):
+    pass
+
+  def record(*args, num_score_rows, **kwargs):
+    seen.append(num_score_rows)
+    raise Recorded  # the rows are all this test needs
+  monkeypatch.setattr(compressed_kernel.selection_scores_mgpu, "selection_scores", record)
+  q = jnp.zeros((1, seq_len, 16, 64), jnp.bfloat16)
+  k_cmp = jnp.zeros((1, config.num_cmp_blocks(seq_len), 1, 64), jnp.bfloat16)
+  with pytest.raises(Recorded):
+    compressed_kernel.selection_scores_from_lse(
+        q, k_cmp, jnp.zeros(q.shape[:3]), block=config.cmp_block, stride=config.cmp_stride,
+        slc_block=config.slc_block, scale=0.125)
+  num_blocks = -(-seq_len // config.slc_block)
+  assert seen[0] % 8 == 0 and seen[0] >= num_blocks
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("group", [1, 3, 16])
 @pytest.mark.parametrize("config", [  # the paper's; fla-core's l = d = l' (64 positions a chunk)
