@@ -38,7 +38,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from experiments.bench_decode import D, DTYPE, HKV, HQ, random_inputs, stacked, time_steps
 from pallas_kernels.gpu import top_n
-from pallas_kernels.gpu.tile_math import pow2
+from pallas_kernels.row_layout import pow2
 
 GROUP = HQ // HKV
 # The top n of `--persistent`'s picks: the 64k benchmark's row (1040 selection blocks in 2048

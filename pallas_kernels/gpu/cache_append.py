@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.gpu.tile_math import pow2
+from pallas_kernels.row_layout import pow2
 
 
 def supported(head_dim: int, head_dim_v: int, cmp_stride: int, cmp_cache_len: int) -> bool:

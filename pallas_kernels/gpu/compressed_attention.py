@@ -49,11 +49,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plmgpu
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import row_layout
+from pallas_kernels.row_layout import pow2 as _pow2
 from pallas_kernels.block_maps import document_block_columns
 from pallas_kernels.decode_partials import block_sums_apply, tail_weight
 from pallas_kernels.gpu.tile_math import LOG2E, MASK_VALUE, masked_split_loop
 from pallas_kernels.gpu.tile_math import dot as _dot
-from pallas_kernels.gpu.tile_math import pow2 as _pow2
 from pallas_kernels.gpu.tile_math import block_overlaps, rows_within, split3
 from pallas_kernels.gpu import selection_scores_mgpu
 from pallas_kernels.gpu.top_n import top_n_blocks
@@ -128,21 +129,14 @@ def _layout(q, k_cmp, v_cmp, block, stride, rows=None) -> _Layout:
 
 def _to_rows(x, lay: _Layout, dim_pad):
   """`[B, T, Hq, D]` -> `[B, Hkv, T_pad * Gc, Dp]`."""
-  b, t, _, d = x.shape
-  x = x.reshape(b, t, lay.num_kv_heads, lay.group, d)
-  x = jnp.pad(x, [(0, 0), (0, lay.seq_pad - t), (0, 0), (0, lay.heads - lay.group),
-                  (0, dim_pad - d)])
-  return x.transpose(0, 2, 1, 3, 4).reshape(b, lay.num_kv_heads, lay.seq_pad * lay.heads, dim_pad)
+  rows = row_layout.to_rows(x, lay.num_kv_heads, lay.seq_pad, lay.heads, dim_pad)
+  return rows.reshape(lay.batch, lay.num_kv_heads, lay.seq_pad * lay.heads, dim_pad)
 
 
 def _from_rows(x, lay: _Layout, dim):
   """`[B, Hkv, T_pad * Gc, ...]` -> `[B, T, Hq, ...]` (a trailing dim `dim` is cut to size)."""
   x = x.reshape(lay.batch, lay.num_kv_heads, lay.seq_pad, lay.heads, *x.shape[3:])
-  x = x[:, :, :lay.seq_len, :lay.group]
-  if dim is not None:
-    x = x[..., :dim]
-  x = jnp.moveaxis(x, 1, 2)  # [B, T, Hkv, G, ...]
-  return x.reshape(lay.batch, lay.seq_len, lay.num_kv_heads * lay.group, *x.shape[4:])
+  return row_layout.from_rows(x, lay.seq_len, lay.group, dim)
 
 
 def _to_keys(x, lay: _Layout, dim_pad):

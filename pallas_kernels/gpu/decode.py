@@ -49,7 +49,8 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.decode_partials import block_sums_apply, tail_weight, window_tiles
 from pallas_kernels.gpu import cache_append
 from pallas_kernels.gpu import top_n as top_n_kernel
-from pallas_kernels.gpu.tile_math import LOG2E, MASK_VALUE, pow2
+from pallas_kernels.gpu.tile_math import LOG2E, MASK_VALUE
+from pallas_kernels.row_layout import pow2
 from pallas_kernels.gpu.tile_math import dot as _dot
 from pallas_kernels.gpu.tile_math import masked_split_loop, online_softmax_init, online_softmax_step
 from pallas_kernels.gpu.tile_math import online_softmax_step_with_probs

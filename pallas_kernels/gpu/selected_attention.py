@@ -42,10 +42,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plmgpu
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import row_layout
+from pallas_kernels.row_layout import pow2
 from pallas_kernels.block_maps import LOWER, UPPER, document_block_halves, inverse_block_map
 from pallas_kernels.block_maps import distinct_ascending, sorted_causal_block_indices, span_blocks
 from pallas_kernels.gpu import selected_attention_mgpu as selected_mgpu
-from pallas_kernels.gpu.tile_math import LOG2E, MASK_VALUE, pow2
+from pallas_kernels.gpu.tile_math import LOG2E, MASK_VALUE
 from pallas_kernels.gpu.tile_math import dot as _dot
 from pallas_kernels.gpu.tile_math import online_softmax_init, online_softmax_step, rows_within
 
@@ -316,18 +318,14 @@ def _layout(q, v, block_indices, block) -> _Layout:
 
 def _to_rows(x, lay: _Layout, dim_pad):
   """`[B, T, Hq, D]` -> `[B, Hkv, T_pad * heads, Dp]`."""
-  b, t, _, d = x.shape
-  x = x.reshape(b, t, lay.num_kv_heads, lay.group, d)
-  x = jnp.pad(x, [(0, 0), (0, lay.seq_pad - t), (0, 0), (0, lay.heads - lay.group),
-                  (0, dim_pad - d)])
-  return x.transpose(0, 2, 1, 3, 4).reshape(b, lay.num_kv_heads, lay.seq_pad * lay.heads, dim_pad)
+  rows = row_layout.to_rows(x, lay.num_kv_heads, lay.seq_pad, lay.heads, dim_pad)
+  return rows.reshape(lay.batch, lay.num_kv_heads, lay.seq_pad * lay.heads, dim_pad)
 
 
 def _from_rows(x, lay: _Layout, dim):
   """`[B, Hkv, T_pad * heads, Dp]` -> `[B, T, Hq, D]`."""
   x = x.reshape(lay.batch, lay.num_kv_heads, lay.seq_pad, lay.heads, -1)
-  x = x[:, :, :lay.seq_len, :lay.group, :dim]
-  return x.transpose(0, 2, 1, 3, 4).reshape(lay.batch, lay.seq_len, -1, dim)
+  return row_layout.from_rows(x, lay.seq_len, lay.group, dim)
 
 
 def _to_blocks(x, lay: _Layout, dim_pad):

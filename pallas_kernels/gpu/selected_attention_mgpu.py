@@ -41,7 +41,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.block_maps import distinct_ascending
-from pallas_kernels.gpu.tile_math import pow2
+from pallas_kernels.row_layout import pow2
 
 LOG2E = math.log2(math.e)
 ROWS = 64  # query rows a CTA: one warpgroup's wgmma M

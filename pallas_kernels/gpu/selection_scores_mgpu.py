@@ -46,7 +46,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.decode_partials import block_sums_apply
 from pallas_kernels.gpu.selected_attention_mgpu import SMEM_BYTES, _smem_transforms, _times
-from pallas_kernels.gpu.tile_math import block_overlaps, pow2, split3
+from pallas_kernels.gpu.tile_math import block_overlaps, split3
+from pallas_kernels.row_layout import pow2
 
 LOG2E = math.log2(math.e)
 KEYS = 64  # compressed keys a tile, and selection blocks a map product: wgmma's M

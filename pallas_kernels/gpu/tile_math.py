@@ -13,11 +13,6 @@ LOG2E = math.log2(math.e)  # the kernels' softmax runs in base 2 (exp2)
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: keeps max/exp free of inf - inf
 
 
-def pow2(x: int, minimum: int = 1) -> int:
-  """The least power of two >= max(x, minimum) (Triton block shapes are powers of two)."""
-  return max(minimum, 1 << (x - 1).bit_length())
-
-
 def split3(x):
   """float32 -> three bfloat16 pieces whose sum is `x` to float32 precision (8+8+8 bits): a
   float32 operand of a tensor-core product as three bfloat16 products."""

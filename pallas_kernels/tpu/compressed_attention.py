@@ -48,6 +48,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels import row_layout
+from pallas_kernels.row_layout import pow2 as _pow2
+from pallas_kernels.row_layout import round_up as _round_up
 from pallas_kernels.tpu.tile_math import dot_by_exact, dot_exact_by, dot_nn, dot_nt, dot_tn
 from pallas_kernels.tpu.tile_math import softmax_backward_tile
 
@@ -61,14 +64,6 @@ KEYS = 512
 # Packed rows' walk tables (`_walk_tables`) in SMEM (1 MiB up to v6e; a margin for Mosaic's own
 # scalars): 4 bytes per row tile and key tile of every row, 64 KiB at B = 8, T = 65536, G = 16.
 SMEM_TABLE_BYTES = 512 * 1024
-
-
-def _round_up(x: int, multiple: int) -> int:
-  return -(-x // multiple) * multiple
-
-
-def _pow2(x: int) -> int:
-  return 1 << (x - 1).bit_length()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,19 +109,15 @@ def _layout(q, k_cmp, v_cmp, block, stride, documents=False) -> _Layout:
 
 def _to_rows(x, lay: _Layout, dim_pad):
   """`[B, T, Hq, D]` -> `[B, Hkv, row_tiles, R, Dp]`."""
-  b, t, _, d = x.shape
-  seq_pad = lay.row_tiles * lay.positions
-  x = x.reshape(b, t, lay.num_kv_heads, lay.group, d)
-  x = jnp.pad(x, [(0, 0), (0, seq_pad - t), (0, 0), (0, lay.heads - lay.group), (0, dim_pad - d)])
-  x = x.transpose(0, 2, 1, 3, 4)  # [B, Hkv, T_pad, Gc, Dp]
-  return x.reshape(b, lay.num_kv_heads, lay.row_tiles, lay.rows, dim_pad)
+  rows = row_layout.to_rows(x, lay.num_kv_heads, lay.row_tiles * lay.positions, lay.heads,
+                           dim_pad)  # [B, Hkv, T_pad, Gc, Dp]
+  return rows.reshape(lay.batch, lay.num_kv_heads, lay.row_tiles, lay.rows, dim_pad)
 
 
 def _from_rows(x, lay: _Layout, dim):
   """`[B, Hkv, row_tiles, R, Dp]` -> `[B, T, Hq, D]`."""
   x = x.reshape(lay.batch, lay.num_kv_heads, lay.row_tiles * lay.positions, lay.heads, -1)
-  x = x[:, :, :lay.seq_len, :lay.group, :dim].transpose(0, 2, 1, 3, 4)
-  return x.reshape(lay.batch, lay.seq_len, -1, dim)
+  return row_layout.from_rows(x, lay.seq_len, lay.group, dim)
 
 
 def _vector_to_rows(x, lay: _Layout):

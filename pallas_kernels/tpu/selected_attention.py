@@ -44,9 +44,12 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels import row_layout
 from pallas_kernels.block_maps import LOWER, UPPER, document_block_halves
 from pallas_kernels.block_maps import distinct_ascending, inverse_block_map
 from pallas_kernels.block_maps import sorted_causal_block_indices
+from pallas_kernels.row_layout import pow2 as _pow2
+from pallas_kernels.row_layout import round_up as _round_up
 from pallas_kernels.tpu.tile_math import dot_nn, dot_nt, dot_tn, double_buffered_loop
 from pallas_kernels.tpu.tile_math import softmax_backward_tile
 
@@ -56,14 +59,6 @@ SMEM_BUDGET_BYTES = 256 * 1024  # prefetched int32 tables per call (SMEM is 1 Mi
 DKV_CHUNK = 64  # queries per dK/dV work item
 TILE_ROWS = 128  # query rows (positions x Gp) per forward / dQ step; a multiple of 128
 KV_BLOCKS = 4  # selected blocks per inner-loop step of the forward / dQ (one DMA group)
-
-
-def _round_up(x: int, multiple: int) -> int:
-  return -(-x // multiple) * multiple
-
-
-def _pow2(x: int) -> int:
-  return 1 << (x - 1).bit_length()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,18 +135,14 @@ def _layout(q, v, num_slots, block, documents=False) -> _Layout:
 
 def _to_rows(x, lay: _Layout, dim_pad):
   """`[B, T, Hq, D]` -> `[B, Hkv, T_pad * Gp, Dp]`."""
-  b, t, _, d = x.shape
-  x = x.reshape(b, t, lay.num_kv_heads, lay.group, d)
-  x = jnp.pad(x, [(0, 0), (0, lay.seq_pad - t), (0, 0), (0, lay.rows - lay.group),
-                  (0, dim_pad - d)])
-  return x.transpose(0, 2, 1, 3, 4).reshape(b, lay.num_kv_heads, lay.seq_pad * lay.rows, dim_pad)
+  rows = row_layout.to_rows(x, lay.num_kv_heads, lay.seq_pad, lay.rows, dim_pad)
+  return rows.reshape(lay.batch, lay.num_kv_heads, lay.seq_pad * lay.rows, dim_pad)
 
 
 def _from_rows(x, lay: _Layout, dim):
   """`[B, Hkv, T_pad * Gp, Dp]` -> `[B, T, Hq, D]`."""
   x = x.reshape(lay.batch, lay.num_kv_heads, lay.seq_pad, lay.rows, -1)
-  x = x[:, :, :lay.seq_len, :lay.group, :dim].transpose(0, 2, 1, 3, 4)
-  return x.reshape(lay.batch, lay.seq_len, lay.num_kv_heads * lay.group, dim)
+  return row_layout.from_rows(x, lay.seq_len, lay.group, dim)
 
 
 def _to_blocks(x, lay: _Layout, dim_pad):
