@@ -400,9 +400,10 @@ def selected_attention_dkv(q_rows, k_blocks, v_blocks, do_rows, lse_entries, del
   """dK / dV partial sums of each work item of `block_maps.inverse_block_map`.
 
   One CTA takes a work item (one block, up to `DKV_CHUNK` of the queries that chose it) and
-  walks its queries `64 // heads` at a time: the block's `l'` keys on wgmma's M, 64 query rows a
-  step on K (`dV += P^T dO`, `dK += dS^T Q`, both from `P`, `dS` staged in SMEM), after `S = Q
-  K^T` and `dP = dO V^T` as in dQ. A step's rows come by one TMA copy of q and of dO a query
+  walks its queries `64 // heads` at a time, the block's `l'` keys on wgmma's M throughout:
+  `S^T = K Q^T` and `dP^T = V dO^T` (64 query rows a step on N), then `dV += P^T dO` and `dK +=
+  dS^T Q` (the rows on K), `P^T` and `dS^T` as wgmma's register operand (`PROBS_IN_REGISTERS`;
+  staged in SMEM in interpret mode). A step's rows come by one TMA copy of q and of dO a query
   (its heads are consecutive rows; Hopper's TMA gathers no rows), its lse and delta by one copy
   each from the per-entry arrays the caller gathers. Rows of queries past the item's count
   repeat its last query and are masked.
@@ -424,6 +425,7 @@ def selected_attention_dkv(q_rows, k_blocks, v_blocks, do_rows, lse_entries, del
   num_items, num_blocks = items.shape[2], k_blocks.shape[2] // block
   per_step = ROWS // heads
   stages = dkv_stages(dk, dv, block, dtype)
+  in_registers = PROBS_IN_REGISTERS and not interpret
 
   def kernel(items_ref, queries_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref,
              dv_ref):
@@ -432,12 +434,13 @@ def selected_attention_dkv(q_rows, k_blocks, v_blocks, do_rows, lse_entries, del
     block_id = jnp.minimum(items_ref[bi, hi, item, 0], num_blocks - 1)  # unused: no queries
     first, count = items_ref[bi, hi, item, 1], items_ref[bi, hi, item, 2]
     num_steps = pl.cdiv(count, per_step)
-    row = plgpu.broadcasted_iota(jnp.int32, (ROWS, block), 0, layout=plgpu.Layout.WGMMA)
-    key = plgpu.broadcasted_iota(jnp.int32, (ROWS, block), 1, layout=plgpu.Layout.WGMMA)
+    # `[l', 64]`: the keys on axis 0, a step's query rows on axis 1.
+    key = plgpu.broadcasted_iota(jnp.int32, (block, ROWS), 0, layout=plgpu.Layout.WGMMA)
+    row = plgpu.broadcasted_iota(jnp.int32, (block, ROWS), 1, layout=plgpu.Layout.WGMMA)
     local = lax.shift_right_logical(row, heads.bit_length() - 1)  # the row's query in a step
 
-    def gradients(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, p_smem, ds_smem,
-                  kv_barriers, row_barriers):
+    def gradients(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_barriers,
+                  row_barriers, *staged):  # staged: P^T's and dS^T's SMEM, unless in registers
       keys = pl.ds(block_id * block, block)
       plgpu.copy_gmem_to_smem(k_ref.at[bi, hi, keys], k_smem, kv_barriers.at[0])
       plgpu.copy_gmem_to_smem(v_ref.at[bi, hi, keys], v_smem, kv_barriers.at[1])
@@ -465,24 +468,32 @@ def selected_attention_dkv(q_rows, k_blocks, v_blocks, do_rows, lse_entries, del
         buffer = lax.rem(s, stages)
         if stages == 2:  # the other buffer's products finished in the last step
           pl.when(s + 1 < num_steps)(functools.partial(fetch, s + 1, 1 - buffer))
-        query_pos = jnp.zeros((ROWS, block), jnp.int32)
+        query_pos = jnp.zeros((block, ROWS), jnp.int32)
         for i in range(per_step):
           query_pos = jnp.where(local == i, queries_ref[bi, hi, entry(s, i)], query_pos)
         visible = (local < count - s * per_step) & (block_id * block + key <= query_pos)
         plgpu.barrier_wait(row_barriers.at[buffer])
-        row_lse = plgpu.load(lse_smem.at[buffer], layout=plgpu.Layout.WGMMA.reduce(1))
-        row_delta = plgpu.load(delta_smem.at[buffer], layout=plgpu.Layout.WGMMA.reduce(1))
+        row_lse = plgpu.load(lse_smem.at[buffer], layout=plgpu.Layout.WGMMA.reduce(0))
+        row_delta = plgpu.load(delta_smem.at[buffer], layout=plgpu.Layout.WGMMA.reduce(0))
         q_tile, do_tile = q_smem.at[buffer], do_smem.at[buffer]
-        scores = _times(q_tile, k_smem.T, (ROWS, block)) * (scale * LOG2E)
-        probs = jnp.where(
-            visible, jnp.exp2(scores - lax.broadcast_in_dim(row_lse, scores.shape, [0])), 0.0)
-        dp = _times(do_tile, v_smem.T, (ROWS, block))
-        ds = probs * (dp - lax.broadcast_in_dim(row_delta, dp.shape, [0]))
-        p_smem[...] = probs.astype(dtype)
-        ds_smem[...] = ds.astype(dtype)
-        plgpu.commit_smem()
-        dv_acc = dv_acc + _times(p_smem.T, do_tile, (block, dv))
-        dk_acc = dk_acc + _times(ds_smem.T, q_tile, (block, dk))
+        scores_t = _times(k_smem, q_tile.T, (block, ROWS)) * (scale * LOG2E)
+        probs_t = jnp.where(
+            visible, jnp.exp2(scores_t - lax.broadcast_in_dim(row_lse, scores_t.shape, [1])),
+            0.0)
+        dp_t = _times(v_smem, do_tile.T, (block, ROWS))
+        ds_t = probs_t * (dp_t - lax.broadcast_in_dim(row_delta, dp_t.shape, [1]))
+        if in_registers:  # wgmma's register A operand, accumulating onto dV and dK
+          dv_acc = pl.run_state(lambda acc_ref: plgpu.wgmma(
+              acc_ref, probs_t.astype(dtype), do_tile))(plgpu.ACC.init(dv_acc))
+          dk_acc = pl.run_state(lambda acc_ref: plgpu.wgmma(
+              acc_ref, ds_t.astype(dtype), q_tile))(plgpu.ACC.init(dk_acc))
+        else:  # through SMEM into fresh accumulators: what the GPU interpreter can run
+          p_smem, ds_smem = staged
+          p_smem[...] = probs_t.astype(dtype)
+          ds_smem[...] = ds_t.astype(dtype)
+          plgpu.commit_smem()
+          dv_acc = dv_acc + _times(p_smem, do_tile, (block, dv))
+          dk_acc = dk_acc + _times(ds_smem, q_tile, (block, dk))
         if stages == 1:
           pl.when(s + 1 < num_steps)(functools.partial(fetch, s + 1, 0))
         return dk_acc, dv_acc
@@ -492,15 +503,15 @@ def selected_attention_dkv(q_rows, k_blocks, v_blocks, do_rows, lse_entries, del
       return lax.fori_loop(0, num_steps, step, init)
 
     row_tile = lambda d: plgpu.SMEM((stages, ROWS, d), dtype, transforms=_smem_transforms(d, dtype))
-    staged = plgpu.SMEM((ROWS, block), dtype, transforms=_smem_transforms(block, dtype))
+    staged = () if in_registers else (
+        plgpu.SMEM((block, ROWS), dtype, transforms=_smem_transforms(ROWS, dtype)),) * 2
     dk_acc, dv_acc = pl.run_scoped(
         gradients,
         plgpu.SMEM((block, dk), dtype, transforms=_smem_transforms(dk, dtype)),
         plgpu.SMEM((block, dv), dtype, transforms=_smem_transforms(dv, dtype)),
         row_tile(dk), row_tile(dv), plgpu.SMEM((stages, ROWS), jnp.float32),
-        plgpu.SMEM((stages, ROWS), jnp.float32), staged, staged,
-        plgpu.Barrier(num_barriers=2),
-        plgpu.Barrier(num_arrivals=2 * per_step + 2, num_barriers=stages))
+        plgpu.SMEM((stages, ROWS), jnp.float32), plgpu.Barrier(num_barriers=2),
+        plgpu.Barrier(num_arrivals=2 * per_step + 2, num_barriers=stages), *staged)
 
     def store(dk_smem, dv_smem):  # after the loop: its buffers' SMEM is free again
       dk_smem[...] = dk_acc * scale
