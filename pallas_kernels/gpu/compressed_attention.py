@@ -50,7 +50,6 @@ from jax.experimental.pallas import mosaic_gpu as plmgpu
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import row_layout
-from pallas_kernels.row_layout import pow2 as _pow2
 from pallas_kernels.block_maps import document_block_columns
 from pallas_kernels.decode_partials import block_sums_apply, tail_weight
 from pallas_kernels.gpu.tile_math import LOG2E, MASK_VALUE, masked_split_loop
@@ -58,6 +57,7 @@ from pallas_kernels.gpu.tile_math import dot as _dot
 from pallas_kernels.gpu.tile_math import block_overlaps, rows_within, split3
 from pallas_kernels.gpu import selection_scores_mgpu
 from pallas_kernels.gpu.top_n import top_n_blocks
+from pallas_kernels.row_layout import pow2 as _pow2
 
 ROWS = 64  # query rows per program (positions x heads)
 KEYS = 32  # compressed keys per tile (swept on an H200: 22 ms vs 28 ms for 64 at T=64k)

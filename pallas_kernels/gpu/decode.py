@@ -50,10 +50,10 @@ from pallas_kernels.decode_partials import block_sums_apply, tail_weight, window
 from pallas_kernels.gpu import cache_append
 from pallas_kernels.gpu import top_n as top_n_kernel
 from pallas_kernels.gpu.tile_math import LOG2E, MASK_VALUE
-from pallas_kernels.row_layout import pow2
 from pallas_kernels.gpu.tile_math import dot as _dot
 from pallas_kernels.gpu.tile_math import masked_split_loop, online_softmax_init, online_softmax_step
 from pallas_kernels.gpu.tile_math import online_softmax_step_with_probs
+from pallas_kernels.row_layout import pow2
 
 CMP_TILE = 64  # compressed keys per dot
 CMP_ALIGN = 128  # the compressed cache's length is a multiple of this (decode.CACHE_ALIGN)

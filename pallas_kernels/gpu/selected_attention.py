@@ -43,13 +43,13 @@ from jax.experimental.pallas import mosaic_gpu as plmgpu
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import row_layout
-from pallas_kernels.row_layout import pow2
 from pallas_kernels.block_maps import LOWER, UPPER, document_block_halves, inverse_block_map
 from pallas_kernels.block_maps import distinct_ascending, sorted_causal_block_indices, span_blocks
 from pallas_kernels.gpu import selected_attention_mgpu as selected_mgpu
 from pallas_kernels.gpu.tile_math import LOG2E, MASK_VALUE
 from pallas_kernels.gpu.tile_math import dot as _dot
 from pallas_kernels.gpu.tile_math import online_softmax_init, online_softmax_step, rows_within
+from pallas_kernels.row_layout import pow2
 
 # Triton launch settings per kernel (swept with `experiments.probes.tune_gpu --variants`).
 FWD_NUM_WARPS, FWD_NUM_STAGES = 4, 2
