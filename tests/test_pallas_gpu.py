@@ -129,6 +129,16 @@ def test_selected_attention_mosaic_kernels_in_interpret_mode(monkeypatch, case):
   check_selected(q, k, v, block, n, reference, interpret=True, dtype=dtype)
 
 
+def test_selected_attention_mosaic_kernels_at_one_stage_in_interpret_mode(monkeypatch):
+  # One K / V block in flight (the GPU forward's default for tiles of <= 4 positions): each
+  # block's TMA copy is issued only after the previous block's products, into the same buffer.
+  monkeypatch.setattr(selected_kernel, "FORWARD", "mosaic")
+  monkeypatch.setattr(selected_kernel, "DQ", "mosaic")
+  monkeypatch.setattr(selected_mgpu, "STAGES", 1)
+  q, k, v = random_qkv(1, 300, 16, 1, 64, 64, dtype=jnp.float16)
+  check_selected(q, k, v, 64, 3, reference, interpret=True, dtype=jnp.float16)
+
+
 # The Mosaic dK/dV (`DKV = "mosaic"`) after the Mosaic forward and dQ: G = 16 and 8 (4 and 8
 # queries a step), T = 1 and T < l', l' = 128 with Dk != Dv, one step's rows held at a time
 # (Dk = Dv = 256), and work items cut to 5 queries (DKV_CHUNK), so the forced blocks' queries
