@@ -1,4 +1,5 @@
-"""Selected-block attention forward and dQ on Mosaic GPU (Hopper: TMA + wgmma), beside Triton's.
+"""Selected-block attention on Mosaic GPU (Hopper: TMA + wgmma), beside Triton's: the forward
+and dQ over tiles of query positions, and the dK/dV over blocks (`selected_attention_dkv`).
 
 One CTA (one warpgroup) takes a tile of `P = 64 // Gp` consecutive query positions of one KV
 group, `Gp = rows_per_position(G)` rows each: the 64 rows are wgmma's native M. It loops over
@@ -10,6 +11,8 @@ count is the tile's union size (`_stream_union`, shared by both kernels).
 
 - forward: `S = Q K^T`, online softmax, `O += P V` (two wgmmas a block).
 - dQ: `P` from the forward's lse, `dP = dO V^T`, `dS = P (dP - delta)`, `dQ += dS K` (three).
+- dK/dV (its own loop, over a block's queries): `S^T = K Q^T`, `dP^T = V dO^T`, `dV += P^T
+  dO`, `dK += dS^T Q` (four).
 
 Why: the Triton kernels give each position (16 rows at G = 16) its own program and load its n
 blocks, so a K / V block chosen by several neighbouring positions is loaded once per position,
