@@ -208,7 +208,7 @@ def test_selected_kernel_choice_auto_is_mosaic_on_hopper_only():
     return selected_kernel._on_mosaic(choice, q, k, v, None, 64, interpret)
   assert not on_mosaic("auto", True) and not on_mosaic("triton", False)
   assert on_mosaic("auto", False) == selected_kernel._hopper()
-  with pytest.raises(ValueError, match="FORWARD / DQ must be one of .* got 'cuda'"):
+  with pytest.raises(ValueError, match="FORWARD / DQ / DKV must be one of .* got 'cuda'"):
     on_mosaic("cuda", False)
 
 

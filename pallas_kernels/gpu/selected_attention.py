@@ -575,7 +575,7 @@ def _on_mosaic(choice, q, k, v, halves, block, interpret) -> bool:
   """Whether a kernel set to `choice` (`KERNEL_CHOICES`) runs on Mosaic GPU for this call (else
   on Triton)."""
   if choice not in KERNEL_CHOICES:
-    raise ValueError(f"selected_attention.FORWARD / DQ must be one of {KERNEL_CHOICES}, got "
+    raise ValueError(f"selected_attention.FORWARD / DQ / DKV must be one of {KERNEL_CHOICES}, got "
                      f"{choice!r}")
   if choice == "auto":
     choice = "triton" if interpret or not _hopper() else "mosaic"
