@@ -272,7 +272,8 @@ def test_mosaic_selected_kernels_lower_for_cuda(monkeypatch, num_heads, head_dim
 
 
 @pytest.mark.parametrize("num_heads,head_dims,block", [(64, (128, 128), 64), (8, (64, 128), 128),
-                                                      (16, (256, 256), 64), (16, (192, 128), 64)])
+                                                      (16, (256, 256), 64), (16, (192, 128), 64),
+                                                      (4, (128, 128), 64)])
 def test_mosaic_selected_dkv_lowers_for_cuda(monkeypatch, num_heads, head_dims, block):
   # `DKV = "mosaic"` too: the whole selected backward on Mosaic GPU, no Triton kernel left.
   for choice in ("FORWARD", "DQ", "DKV"):

@@ -142,13 +142,16 @@ def test_selected_attention_mosaic_kernels_at_one_stage_in_interpret_mode(monkey
 # The Mosaic dK/dV (`DKV = "mosaic"`) after the Mosaic forward and dQ: G = 16 and 8 (4 and 8
 # queries a step), T = 1 and T < l', l' = 128 with Dk != Dv, one step's rows held at a time
 # (Dk = Dv = 256), and work items cut to 5 queries (DKV_CHUNK), so the forced blocks' queries
-# span many items and steps end part-way through an item. G = 4 stays on Triton's dK/dV.
+# span many items and steps end part-way through an item; G = 4 and 1, a query's rows padded to
+# 8 (`dkv_heads`).
 MOSAIC_DKV_CASES = [((1, 1, 16, 1, 64, 64, 64, 3, jnp.bfloat16), 256),
                     ((1, 40, 16, 1, 64, 64, 64, 3, jnp.float16), 256),
                     ((1, 150, 16, 2, 64, 128, 64, 4, jnp.bfloat16), 256),
                     ((1, 140, 8, 1, 128, 64, 128, 2, jnp.float16), 256),
                     ((1, 20, 16, 1, 256, 256, 64, 2, jnp.bfloat16), 256),
-                    ((1, 150, 16, 2, 64, 64, 64, 4, jnp.float16), 5)]
+                    ((1, 150, 16, 2, 64, 64, 64, 4, jnp.float16), 5),
+                    ((1, 130, 8, 2, 64, 64, 64, 3, jnp.float16), 256),
+                    ((1, 70, 1, 1, 64, 64, 64, 3, jnp.float16), 256)]
 
 
 @pytest.mark.parametrize("case,chunk", MOSAIC_DKV_CASES)
@@ -159,7 +162,6 @@ def test_selected_attention_mosaic_dkv_in_interpret_mode(monkeypatch, case, chun
   b, t, hq, hkv, dk, dv, block, n, dtype = case
   q, k, v = random_qkv(b, t, hq, hkv, dk, dv, dtype=dtype)
   assert selected_mgpu.dkv_supported(q, k, v, block)
-  assert not selected_mgpu.dkv_supported(q[:, :, :hkv * 4], k, v, block)  # G = 4
   if dk == 256:
     assert selected_mgpu.dkv_stages(dk, dv, block, dtype) == 1
   check_selected(q, k, v, block, n, reference, interpret=True, dtype=dtype)

@@ -83,12 +83,13 @@ KERNEL_CHOICES = ("auto", "triton", "mosaic")
 FORWARD = "auto"
 DQ = "auto"
 # dK/dV, the same choices: "mosaic" is `selected_attention_mgpu.selected_attention_dkv` (keys on
-# wgmma's M, a work item's query rows by TMA; unpacked rows; pow2(G) >= 8). With `P^T`, `dS^T` in
-# SMEM it timed within 2% of Triton's (H100, 2026-12-06); as wgmma's register operand (the same
-# day) the selected kernels' forward+backward is 48.29 against 49.59 ms at 64k, 10.45 against
-# 10.91 at 16k (G = 16, random inputs). Its GPU tests passed but for the 64k shape, which
-# the device time left did not finish, so the default stays Triton's until that test and the
-# end-to-end GPU tests pass under "mosaic" (BENCHMARKS.md, changelog 2026-12-06).
+# wgmma's M, a work item's query rows by TMA, a query's heads padded to >= 8 rows; unpacked
+# rows). With `P^T`, `dS^T` in SMEM it timed within 2% of Triton's (H100, 2026-12-06); as wgmma's
+# register operand (the same day) the selected kernels' forward+backward is 48.29 against 49.59
+# ms at 64k, 10.45 against 10.91 at 16k (G = 16, random inputs). Its GPU tests passed but for the
+# 64k shape, which the device time left did not finish, and G < 8 (padded heads) has not run on a
+# GPU, so the default stays Triton's until those and the end-to-end GPU tests pass under
+# "mosaic" (BENCHMARKS.md, changelog 2026-12-06).
 DKV = "triton"
 
 
@@ -501,7 +502,7 @@ def _selected_attention(q, k, v, sorted_idx, halves, scale, block, interpret):
 def _mosaic_layout(lay: _Layout, num_selected: int) -> _Layout:
   """The Mosaic GPU kernels' layout: 64-row tiles of `ROWS // heads` positions, heads padded to
   `rows_per_position(G)`, no head-dim padding."""
-  heads = selected_mgpu.rows_per_position(lay.group)
+  heads = selected_mgpu.dkv_heads(lay.group)
   positions = selected_mgpu.ROWS // heads
   return dataclasses.replace(
       lay, heads=heads, positions=positions, seq_pad=-(-lay.seq_len // positions) * positions,
@@ -546,8 +547,12 @@ def _mosaic_dq(q, k, v, d_out, lse_rows, delta, sorted_idx, lay: _Layout, scale,
 def _mosaic_dkv(q, k, v, d_out, lse_rows, delta, queries, items, lay: _Layout, scale,
                 interpret):
   """dK / dV partials on Mosaic GPU, as `_dkv` gives them (`[B, Hkv, I, l', D]` float32):
-  `lse_rows` in `lay`'s rows, `delta [B, T, Hq]`, `queries` / `items` of `inverse_block_map`."""
-  tiles = _mosaic_layout(lay, 0)
+  `lse_rows` in `lay`'s rows, `delta [B, T, Hq]`, `queries` / `items` of `inverse_block_map`.
+  A query's heads are padded to `selected_mgpu.dkv_heads(G)` rows."""
+  heads = selected_mgpu.dkv_heads(lay.group)
+  positions = selected_mgpu.ROWS // heads
+  tiles = dataclasses.replace(_mosaic_layout(lay, 0), heads=heads, positions=positions,
+                              seq_pad=-(-lay.seq_len // positions) * positions)
   b, hkv, num_entries = queries.shape
 
   def per_entry(x):  # [B, T, Hq] -> each `queries` entry's rows, padded by a step of entries

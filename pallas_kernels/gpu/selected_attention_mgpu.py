@@ -387,14 +387,19 @@ def dkv_stages(dk: int, dv: int, block: int, dtype) -> int:
 MIN_DKV_HEADS = 8
 
 
+def dkv_heads(group: int) -> int:
+  """A query's rows in the dK/dV's steps: `rows_per_position(G)`, at least MIN_DKV_HEADS (the
+  padded heads' q, dO, lse and delta are zero, so their `dS` is 0 and their dO adds nothing)."""
+  return max(rows_per_position(group), MIN_DKV_HEADS)
+
+
 def dkv_supported(q, k, v, block: int) -> bool:
   """Whether `selected_attention_dkv` takes these inputs (else the Triton dK/dV does): those of
-  the forward with `rows_per_position(G) >= MIN_DKV_HEADS` whose SMEM fits one step."""
+  the forward whose SMEM fits one step."""
   item = jnp.dtype(q.dtype).itemsize
   dk, dv = q.shape[3], v.shape[3]
   one_stage = (block * (dk + dv) + 2 * ROWS * block + ROWS * (dk + dv)) * item + 2 * ROWS * 4
-  return (supported(q, k, v, block) and one_stage <= SMEM_BYTES
-          and rows_per_position(q.shape[2] // k.shape[2]) >= MIN_DKV_HEADS)
+  return supported(q, k, v, block) and one_stage <= SMEM_BYTES
 
 
 def selected_attention_dkv(q_rows, k_blocks, v_blocks, do_rows, lse_entries, delta_entries,
