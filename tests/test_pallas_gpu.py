@@ -154,6 +154,16 @@ MOSAIC_DKV_CASES = [((1, 1, 16, 1, 64, 64, 64, 3, jnp.bfloat16), 256),
                     ((1, 70, 1, 1, 64, 64, 64, 3, jnp.float16), 256)]
 
 
+def test_mosaic_dkv_pads_heads_that_the_forward_tiles_do_not():
+  # G = 4: the forward and dQ tiles hold 16 positions of 4 rows (`rows_per_position`); only the
+  # dK/dV's steps pad a query to 8 rows (its per-query TMA copies fill whole 8-row SMEM tiles).
+  q, _, v = random_qkv(1, 100, 8, 2, 64, dtype=jnp.bfloat16)
+  idx = jnp.zeros((1, 100, 2, 4), jnp.int32)
+  tiles = selected_kernel._mosaic_layout(selected_kernel._layout(q, v, idx, 64), 4)
+  assert (tiles.heads, tiles.positions) == (4, 16)
+  assert selected_mgpu.dkv_heads(4) == 8 and selected_mgpu.dkv_heads(16) == 16
+
+
 @pytest.mark.parametrize("case,chunk", MOSAIC_DKV_CASES)
 def test_selected_attention_mosaic_dkv_in_interpret_mode(monkeypatch, case, chunk):
   for choice in ("FORWARD", "DQ", "DKV"):

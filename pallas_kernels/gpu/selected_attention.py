@@ -502,7 +502,7 @@ def _selected_attention(q, k, v, sorted_idx, halves, scale, block, interpret):
 def _mosaic_layout(lay: _Layout, num_selected: int) -> _Layout:
   """The Mosaic GPU kernels' layout: 64-row tiles of `ROWS // heads` positions, heads padded to
   `rows_per_position(G)`, no head-dim padding."""
-  heads = selected_mgpu.dkv_heads(lay.group)
+  heads = selected_mgpu.rows_per_position(lay.group)
   positions = selected_mgpu.ROWS // heads
   return dataclasses.replace(
       lay, heads=heads, positions=positions, seq_pad=-(-lay.seq_len // positions) * positions,
