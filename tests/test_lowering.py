@@ -135,12 +135,10 @@ def test_nsa_kernels_on_packed_rows_lower(platform):
       f"nsa_compressed_{part}{suffix}" for part in ("fwd", "dq", "dkv"))
 
 
-@pytest.mark.parametrize("group", [1, 3, 16, 64])
-def test_selection_from_cudnn_lse_kernels_lower(group):
-  # On a GPU, nsa_attention's compressed branch is cuDNN over folded queries (not lowerable
-  # here) and the selection comes from its log-sum-exp: the score pass (its own tile sizes,
-  # SCORE_ROWS / SCORE_KEYS) and the top-n kernel.
-  t, hkv, config = 1000, 2, NSAConfig()
+def selection_from_lse_call(group, config):
+  """`(selection_from_lse with config's settings, (q, k_cmp, lse))` at B = 2, T = 1000, Hkv = 2,
+  bfloat16, D = 128."""
+  t, hkv = 1000, 2
   q = jnp.zeros((2, t, hkv * group, 128), jnp.bfloat16)
   k_cmp = jnp.zeros((2, config.num_cmp_blocks(t), hkv, 128), jnp.bfloat16)
   lse = jnp.zeros((2, t, hkv * group), jnp.float32)
@@ -148,7 +146,16 @@ def test_selection_from_cudnn_lse_kernels_lower(group):
       compressed_kernel.selection_from_lse, block=config.cmp_block, stride=config.cmp_stride,
       slc_block=config.slc_block, num_selected=config.num_selected,
       num_initial=config.num_initial, num_local=config.num_local, scale=0.1, ascending=False)
-  assert pallas_kernels("cuda", select, q, k_cmp, lse) == ["nsa_selection_scores", "nsa_top_n"]
+  return select, (q, k_cmp, lse)
+
+
+@pytest.mark.parametrize("group", [1, 3, 16, 64])
+def test_selection_from_cudnn_lse_kernels_lower(group):
+  # On a GPU, nsa_attention's compressed branch is cuDNN over folded queries (not lowerable
+  # here) and the selection comes from its log-sum-exp: the score pass (its own tile sizes,
+  # SCORE_ROWS / SCORE_KEYS) and the top-n kernel.
+  select, args = selection_from_lse_call(group, NSAConfig())
+  assert pallas_kernels("cuda", select, *args) == ["nsa_selection_scores", "nsa_top_n"]
 
 
 @pytest.mark.parametrize("group,config", [
@@ -158,16 +165,9 @@ def test_mosaic_selection_scores_lower_for_cuda(monkeypatch, group, config):
   # `SCORES = "mosaic"`: the score pass is a Mosaic GPU kernel (its layouts and SMEM budget
   # checked at lowering), the top-n Triton's; the paper's config and fla-core's (l = d = l').
   monkeypatch.setattr(compressed_kernel, "SCORES", "mosaic")
-  t, hkv = 1000, 2
-  q = jnp.zeros((2, t, hkv * group, 128), jnp.bfloat16)
-  k_cmp = jnp.zeros((2, config.num_cmp_blocks(t), hkv, 128), jnp.bfloat16)
-  lse = jnp.zeros((2, t, hkv * group), jnp.float32)
-  select = functools.partial(
-      compressed_kernel.selection_from_lse, block=config.cmp_block, stride=config.cmp_stride,
-      slc_block=config.slc_block, num_selected=config.num_selected,
-      num_initial=config.num_initial, num_local=config.num_local, scale=0.1, ascending=False)
-  assert pallas_kernels("cuda", select, q, k_cmp, lse) == ["nsa_top_n"]
-  assert lowered_text("cuda", select, q, k_cmp, lse).count("custom_call @mosaic_gpu") == 1
+  select, args = selection_from_lse_call(group, config)
+  assert pallas_kernels("cuda", select, *args) == ["nsa_top_n"]
+  assert lowered_text("cuda", select, *args).count("custom_call @mosaic_gpu") == 1
 
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])

@@ -921,9 +921,9 @@ def _mosaic_scores(q, k_cmp, lse, block, stride, slc_block, scale, interpret):
   lay = _layout(q, k_cmp, k_cmp, block, stride, rows=selection_scores_mgpu.rows_for(heads))
   num_slc = -(-lay.seq_len // slc_block)
   owned = selection_scores_mgpu.owned_blocks(stride, slc_block)
-  num_score_rows = max(_pow2(num_slc), num_slc + owned,
-                       lay.cmp_pad // selection_scores_mgpu.KEYS * owned + owned)
-  num_score_rows = -(-num_score_rows // 8) * 8  # a TMA store's GMEM rows: a multiple of 8
+  num_score_rows = row_layout.round_up(  # a TMA store's GMEM rows: a multiple of 8
+      max(_pow2(num_slc), num_slc + owned,
+          lay.cmp_pad // selection_scores_mgpu.KEYS * owned + owned), 8)
   block_major = selection_scores_mgpu.selection_scores(
       _to_rows(q, lay, lay.head_dim_pad), _to_keys(k_cmp, lay, lay.head_dim_pad),
       _lse_rows(lse, lay), seq_len=lay.seq_len, num_cmp=lay.num_cmp, scale=scale, block=block,

@@ -499,13 +499,13 @@ def _selected_attention(q, k, v, sorted_idx, halves, scale, block, interpret):
   return _selected_attention_fwd(q, k, v, sorted_idx, halves, scale, block, interpret)[0]
 
 
-def _mosaic_layout(lay: _Layout, num_selected: int) -> _Layout:
+def _mosaic_layout(lay: _Layout, num_selected: int, heads: int | None = None) -> _Layout:
   """The Mosaic GPU kernels' layout: 64-row tiles of `ROWS // heads` positions, heads padded to
-  `rows_per_position(G)`, no head-dim padding."""
-  heads = selected_mgpu.rows_per_position(lay.group)
+  `heads` (default `rows_per_position(G)`), no head-dim padding."""
+  heads = heads or selected_mgpu.rows_per_position(lay.group)
   positions = selected_mgpu.ROWS // heads
   return dataclasses.replace(
-      lay, heads=heads, positions=positions, seq_pad=-(-lay.seq_len // positions) * positions,
+      lay, heads=heads, positions=positions, seq_pad=row_layout.round_up(lay.seq_len, positions),
       head_dim_pad=lay.head_dim, head_dim_v_pad=lay.head_dim_v, loaded=lay.block,
       num_slots=num_selected)
 
@@ -549,10 +549,7 @@ def _mosaic_dkv(q, k, v, d_out, lse_rows, delta, queries, items, lay: _Layout, s
   """dK / dV partials on Mosaic GPU, as `_dkv` gives them (`[B, Hkv, I, l', D]` float32):
   `lse_rows` in `lay`'s rows, `delta [B, T, Hq]`, `queries` / `items` of `inverse_block_map`.
   A query's heads are padded to `selected_mgpu.dkv_heads(G)` rows."""
-  heads = selected_mgpu.dkv_heads(lay.group)
-  positions = selected_mgpu.ROWS // heads
-  tiles = dataclasses.replace(_mosaic_layout(lay, 0), heads=heads, positions=positions,
-                              seq_pad=-(-lay.seq_len // positions) * positions)
+  tiles = _mosaic_layout(lay, 0, selected_mgpu.dkv_heads(lay.group))
   b, hkv, num_entries = queries.shape
 
   def per_entry(x):  # [B, T, Hq] -> each `queries` entry's rows, padded by a step of entries
