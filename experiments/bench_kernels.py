@@ -6,7 +6,7 @@
     python -m experiments.bench_kernels --trace 65536   # per-kernel time of full NSA at T (GPU)
     python -m experiments.bench_kernels --trace 65536 --documents 8  # ... of a packed row
     python -m experiments.bench_kernels --trace 65536 --trained_indices FILE  # ... on a trained
-                                        # selection (the three branch calls, Mosaic selected)
+                                        # selection (the three branch calls, default kernels)
     python -m experiments.bench_kernels --num_kv_heads 16 --seq_lens 65536  # G = 4
     python -m experiments.bench_kernels --platform tpu  # the default on a TPU host
     python -m experiments.bench_kernels --seq_lens 65536 --documents 8,64  # packed rows
@@ -19,12 +19,14 @@ l'=64, n=16, w=512) and fla-core's comparable one (l=d=l'=64, n=16, window exclu
 times it). Per sequence length and part: forward and forward+backward time (median of `--repeats`
 samples after a warm-up, each of back-to-back calls: `median_ms`), achieved TFLOP/s (useful FLOPs:
 causal halves counted once) and the compiled program's GPU memory (arguments + outputs +
-temporaries, from XLA's memory analysis). Parts: the whole `nsa_attention`, each branch (on GPU
-the compressed one both as the public op's Pallas kernel and as nsa_attention runs it, cuDNN over
-folded queries; the selected one, and NSA, also with the Mosaic GPU forward and dQ: "...
-mosaic", and with the Mosaic dK/dV besides: "... mosaic dkv", or the Mosaic selection-score
-pass: "nsa mosaic scores"; that pass alone from the compressed branch's log-sum-exp: "scores",
-"scores mosaic"), the fused compressed branch + selection, and the dense baseline.
+temporaries, from XLA's memory analysis). Parts (on GPU the plain ones with every selected kernel
+on Triton, whatever the defaults): the whole `nsa_attention`, each branch (on GPU the compressed
+one both as the public op's Pallas kernel and as nsa_attention runs it, cuDNN over folded
+queries; the selected one, and NSA, also with the Mosaic GPU forward and dQ and Triton's dK/dV:
+"... mosaic", with the Mosaic dK/dV instead: "... mosaic dkv" (the default on Hopper for G >= 8),
+or with the Mosaic selection-score pass: "nsa mosaic scores"; that pass alone from the compressed
+branch's log-sum-exp: "scores", "scores mosaic"), the fused compressed branch + selection, and
+the dense baseline.
 Prints a table and writes JSON.
 
 Trained selections (`--trained_indices`, an `experiments.plot` `selection_indices_<run>.npz` of
@@ -216,7 +218,7 @@ def on_kernels(fn, choice: str, dkv: str | None = None, scores: str | None = Non
   return traced
 
 
-def on_mosaic(fn, dkv: str | None = None, scores: str | None = None):
+def on_mosaic(fn, dkv: str = "triton", scores: str | None = None):
   """`fn` traced with the selected forward and dQ on Mosaic GPU (the dK/dV on `dkv`, the score
   pass on `scores`)."""
   return on_kernels(fn, "mosaic", dkv, scores)
@@ -271,10 +273,10 @@ def parts_for(t, config, with_window=True, platform=PLATFORMS["gpu"]):
   parts["cmp+slc apart"] = cmp_and_slc(fused=False)
   parts["cmp+slc fused"] = cmp_and_slc(fused=True)
   if platform is PLATFORMS["gpu"]:
-    # The selected forward and dQ on Mosaic GPU (TMA + wgmma over 64-row tiles).
+    # The selected forward and dQ on Mosaic GPU (TMA + wgmma over 64-row tiles), Triton's dK/dV.
     parts["selected mosaic"] = (on_mosaic(parts["selected"][0]),) + parts["selected"][1:]
     parts["nsa mosaic"] = (on_mosaic(parts["nsa"][0]),) + parts["nsa"][1:]
-    # ... and the dK/dV too (`DKV = "mosaic"`), or the score pass (`SCORES`): not yet defaults.
+    # ... and the dK/dV too (`DKV = "mosaic"`), or the score pass (`SCORES`, not the default).
     for name in ("selected", "nsa"):
       parts[f"{name} mosaic dkv"] = (on_mosaic(parts[name][0], "mosaic"),) + parts[name][1:]
     parts["nsa mosaic scores"] = (on_mosaic(parts["nsa"][0], scores="mosaic"),) + parts["nsa"][1:]
@@ -353,7 +355,7 @@ def measure(t, config, with_window, repeats, num_kv_heads=HKV, platform=PLATFORM
     if only and name not in only:
       continue
     if platform is PLATFORMS["gpu"] and not name.endswith("mosaic"):
-      fn = on_kernels(fn, "triton")  # the plain rows are Triton's whatever the default
+      fn = on_kernels(fn, "triton", "triton")  # the plain rows are Triton's whatever the default
     # Traced afresh: switches such as `selected_attention.FORWARD` are read at trace time, and an
     # inner `jax.jit` (`nsa_attention`'s) would otherwise keep the previous part's choice.
     jax.clear_caches()
@@ -387,16 +389,15 @@ def trace(t, num_kv_heads=HKV, top=14, num_docs=0, trained_indices=None):
   """Per-kernel device time of full NSA (paper config) at `t`, forward and forward+backward;
   with `num_docs`, of the packed row of that many equal documents (`packed_parts`); with
   `trained_indices [1, t, Hkv, n]`, of the three branches selecting with them (the part "nsa
-  trained mosaic" of `trained_parts`: separate branch calls, the selected forward and dQ on
-  Mosaic GPU)."""
+  trained" of `trained_parts`: separate branch calls on the default kernels)."""
   q, k, v = random_qkv(t, num_kv_heads)
   inputs = None
   if num_docs:
     nsa = packed_parts(t, num_docs, PAPER)[f"nsa packed/{num_docs}"][0]
     what = f"NSA packed/{num_docs}"
   elif trained_indices is not None:
-    nsa = trained_parts(PAPER, PLATFORMS["gpu"], 0.0, 0.0)["nsa trained mosaic"][0]
-    what, inputs = "NSA trained mosaic", dict(trained_indices=trained_indices)
+    nsa = trained_parts(PAPER, PLATFORMS["gpu"], 0.0, 0.0)["nsa trained"][0]
+    what, inputs = "NSA trained", dict(trained_indices=trained_indices)
   else:
     nsa, what = parts_for(t, PAPER)["nsa"][0], "NSA"
   for title, fn in (("forward", jax.jit(nsa)),
@@ -418,7 +419,7 @@ def main():
   parser.add_argument("--trace", type=int, default=0,
                       help="instead: per-kernel GPU time of full NSA at this sequence length "
                            "(of a packed row with --documents N: the first count given; on "
-                           "--trained_indices: the part 'nsa trained mosaic')")
+                           "--trained_indices: the part 'nsa trained')")
   parser.add_argument("--parts", default="",
                       help="comma-separated part names to time (default: all)")
   parser.add_argument("--trained_indices", default="",

@@ -77,8 +77,9 @@ def test_mosaic_parts_trace_with_the_mosaic_kernels():
   bench_kernels.on_mosaic(record)()
   bench_kernels.on_mosaic(record, "mosaic")()
   bench_kernels.on_mosaic(record, scores="mosaic")()
-  assert seen == [("mosaic", "mosaic") + defaults[2:], ("mosaic", "mosaic", "mosaic", defaults[3]),
-                  ("mosaic", "mosaic", defaults[2], "mosaic")]
+  assert seen == [("mosaic", "mosaic", "triton", defaults[3]),
+                  ("mosaic", "mosaic", "mosaic", defaults[3]),
+                  ("mosaic", "mosaic", "triton", "mosaic")]
   assert (kernel.FORWARD, kernel.DQ, kernel.DKV, scores.SCORES) == defaults
 
 
@@ -199,7 +200,7 @@ def test_bench_kernels_trace_of_a_packed_row_profiles_the_packed_function(monkey
 
 def test_bench_kernels_trace_on_trained_indices_profiles_them(monkeypatch, capsys, tmp_path):
   """`--trace T --trained_indices FILE` profiles the three branches on the file's selection (the
-  part `nsa trained mosaic`; here a stand-in on the XLA path that records the indices it gets)."""
+  part `nsa trained`; here a stand-in on the XLA path that records the indices it gets)."""
   monkeypatch.setattr(bench_kernels, "HQ", 4)
   config = bench_kernels.PAPER
   t, n = 128, config.num_selected
@@ -212,14 +213,14 @@ def test_bench_kernels_trace_on_trained_indices_profiles_them(monkeypatch, capsy
     def fn(q, k, v, x):
       jax.debug.callback(lambda indices: seen.append(np.asarray(indices)), x["trained_indices"])
       return nsa_jax.dense_causal_attention(q, k, v)
-    return {"nsa trained mosaic": (fn, nsa_flops, True)}
+    return {"nsa trained": (fn, nsa_flops, True)}
   monkeypatch.setattr(bench_kernels, "trained_parts", trained_parts)
   monkeypatch.setattr("sys.argv", ["bench_kernels", "--trace", str(t), "--num_kv_heads", "2",
                                    "--trained_indices", str(path)])
   bench_kernels.main()
   printed = capsys.readouterr().out
-  assert "T=128 NSA trained mosaic forward:" in printed
-  assert "T=128 NSA trained mosaic forward+backward:" in printed
+  assert "T=128 NSA trained forward:" in printed
+  assert "T=128 NSA trained forward+backward:" in printed
   assert seen, "the traced function never ran"
   np.testing.assert_array_equal(seen[0], bench_kernels.load_trained_indices(path, t, 2, config))
   monkeypatch.setattr("sys.argv", ["bench_kernels", "--trace", str(t), "--documents", "2",

@@ -265,6 +265,7 @@ def test_mosaic_selected_kernels_lower_for_cuda(monkeypatch, num_heads, head_dim
   # form runs only on a GPU (the interpreter takes SMEM operands): lowered here.
   monkeypatch.setattr(selected_kernel, "FORWARD", "mosaic")
   monkeypatch.setattr(selected_kernel, "DQ", "mosaic")
+  monkeypatch.setattr(selected_kernel, "DKV", "triton")
   monkeypatch.setattr(selected_mgpu, "PROBS_IN_REGISTERS", probs_in_registers)
   grad, q, k, v = selected_gradients(num_heads, head_dims, block)
   assert pallas_kernels("cuda", grad, q, k, v) == ["nsa_selected_dkv"]

@@ -15,8 +15,8 @@ blocks, each row masked to the blocks its own position chose.
 On Hopper the forward and dQ run on Mosaic GPU by default (`FORWARD`, `DQ`: "auto", Mosaic on
 Hopper only; "triton" or "mosaic" to force one; `selected_attention_mgpu`: 64-row tiles over
 their union of blocks, TMA + wgmma) wherever those kernels take the call; its forward returns
-the same output and lse, so any forward feeds any dQ and the dK/dV kernel below. A Mosaic dK/dV
-(`DKV = "mosaic"`, with the same per-item partials) exists beside it, not yet the default.
+the same output and lse, so any forward feeds any dQ and the dK/dV kernel below. The dK/dV
+(`DKV`, the same per-item partials on either kernel) runs on Mosaic GPU too where G >= 8.
 
 Packed rows (`document_starts`): a document's selection block `j` is not aligned to `l'`; it is
 the upper part (offsets `>= r`, `r = s % l'`) of aligned block `s // l' + j` and the lower part of
@@ -84,13 +84,13 @@ FORWARD = "auto"
 DQ = "auto"
 # dK/dV, the same choices: "mosaic" is `selected_attention_mgpu.selected_attention_dkv` (keys on
 # wgmma's M, a work item's query rows by TMA, a query's heads padded to >= 8 rows; unpacked
-# rows). With `P^T`, `dS^T` in SMEM it timed within 2% of Triton's (H100, 2026-12-06); as wgmma's
-# register operand (the same day) the selected kernels' forward+backward is 48.29 against 49.59
-# ms at 64k, 10.45 against 10.91 at 16k (G = 16, random inputs). Its GPU tests passed but for the
-# 64k shape, which the device time left did not finish, and G < 8 (padded heads) has not run on a
-# GPU, so the default stays Triton's until those and the end-to-end GPU tests pass under
-# "mosaic" (BENCHMARKS.md, changelog 2026-12-06).
-DKV = "triton"
+# rows); "auto" takes it on Hopper where no head is padded (G >= 8; a smaller group's padding
+# multiplies its MMA work). Its GPU tests pass (G = 1 .. 64, T = 1 .. 64k; drawn property cases
+# and nsa_attention end to end), and in NSA's forward+backward it ties Triton's dK/dV within 1%
+# (H100, 2026-12-06: 64k on a trained LM's selection 96.87 vs 97.01 ms, 16k 18.64 vs 18.73, G = 8
+# 143.45 vs 143.14, G = 4 199.64 vs 198.17); the tie goes to Mosaic, off the Triton lowering that
+# JAX 0.11 deprecates.
+DKV = "auto"
 
 
 def _visible(block_start, query_pos, loaded, block):
@@ -584,6 +584,17 @@ def _on_mosaic(choice, q, k, v, halves, block, interpret) -> bool:
   return choice == "mosaic" and halves is None and selected_mgpu.supported(q, k, v, block)
 
 
+def _dkv_on_mosaic(q, k, v, block, interpret) -> bool:
+  """Whether the dK/dV of unpacked rows runs on Mosaic GPU (`DKV`; "auto" only where the
+  Mosaic dK/dV pads no head: `dkv_heads(G) == rows_per_position(G)`)."""
+  if not (_on_mosaic(DKV, q, k, v, None, block, interpret)
+          and selected_mgpu.dkv_supported(q, k, v, block)):
+    return False
+  group = q.shape[2] // k.shape[2]
+  return DKV == "mosaic" or (selected_mgpu.dkv_heads(group)
+                             == selected_mgpu.rows_per_position(group))
+
+
 def _selected_attention_fwd(q, k, v, sorted_idx, halves, scale, block, interpret):
   lay = _layout(q, v, sorted_idx, block)
   if _on_mosaic(FORWARD, q, k, v, halves, block, interpret):
@@ -626,8 +637,7 @@ def _selected_attention_bwd(scale, block, interpret, residuals, d_out):
     queries, items, codes = inverse_block_map(per_position(slots), lay.num_blocks, DKV_CHUNK,
                                               payload=per_position(halves[0]))
     dkv_halves = (codes, halves[1])
-  if (dkv_halves is None and _on_mosaic(DKV, q, k, v, None, block, interpret)
-      and selected_mgpu.dkv_supported(q, k, v, block)):
+  if dkv_halves is None and _dkv_on_mosaic(q, k, v, block, interpret):
     dk_parts, dv_parts = _mosaic_dkv(q, k, v, d_out, lse, delta_per_head, queries, items, lay,
                                      scale, interpret)
   else:

@@ -29,7 +29,8 @@ Scope: half-precision q / k / v, `Dk`, `Dv` multiples of 64 whose tiles fit SMEM
 `l'` = 64), `l'` 64 or 128, `G <= 64`, unpacked rows. `supported` says whether a call fits;
 the rest stays on Triton. The forward's output and lse have the Triton forward's meaning
 (float32 output, base-2 lse, 0 for a row that sees nothing), so either forward feeds either dQ
-and Triton's dK/dV (`selected_attention.FORWARD`, `DQ`).
+and either dK/dV (`selected_attention.FORWARD`, `DQ`, `DKV`; `selected_attention_dkv` is the
+default dK/dV on Hopper for G >= 8 since 2026-12-06, a tie with Triton's in NSA's step).
 """
 
 from __future__ import annotations
