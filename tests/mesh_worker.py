@@ -7,16 +7,13 @@ the shapes of every all-gather in the compiled train step.
 """
 
 import json
-import re
 import sys
 
 import jax
-import jax.numpy as jnp
-from flax import nnx
 
-from experiments import parallel
 from experiments import train
 from experiments.configs import demo
+from experiments.scaling import all_gather_shapes
 
 
 def tiny_config(data, fsdp, tensor):
@@ -27,28 +24,6 @@ def tiny_config(data, fsdp, tensor):
   config.model.num_features, config.model.mlp_hidden = 64, 128
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = data, fsdp, tensor
   return config
-
-
-def all_gather_shapes(config):
-  """Output shapes of the all-gathers in the compiled (sharded) train step."""
-  mesh = parallel.mesh_from_config(config)
-  with jax.set_mesh(mesh):
-    model = train.build_model(config, nnx.Rngs(0))
-    optimizer = nnx.Optimizer(model, train.build_optimizer(config)[0], wrt=nnx.Param)
-    graphdef, state = nnx.split((model, optimizer))
-    state = jax.device_put(state, parallel.state_shardings(state, mesh))
-    batches = train.build_data(config)
-    tokens = parallel.global_batch(batches.batch("train", 1), mesh)
-    weights = jnp.asarray(batches.loss_weights)
-
-    @jax.jit
-    def step(state, tokens):
-      model, optimizer = nnx.merge(graphdef, state)
-      return train.train_step(model, optimizer, tokens, weights)
-
-    text = step.lower(state, tokens).compile().as_text()
-  pattern = r"= \(?(\w+\[[\d,]*\])[^=]*? all-gather(?:-start)?\("
-  return [m.group(1) for m in re.finditer(pattern, text)]
 
 
 def main():
