@@ -126,6 +126,9 @@ def run_in_process(platform: str, name: str, attention: str, steps: int, mesh,
   env = dict(os.environ)
   if platform == "gpu":
     env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, range(devices)))
+    # NCCL's NVLink multicast (NVLS) stays off unless asked for: on shared hosts a program
+    # using it can leave the GPUs unusable; the numbers recorded here are taken without it.
+    env.setdefault("NCCL_NVLS_ENABLE", "0")
   else:
     flags = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
     env.update(XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
