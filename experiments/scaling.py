@@ -4,7 +4,8 @@
         [--steps 20] [--warmup 5] [--rtol 0.01] [--set batch_size=32 ...] [--out out/s.json]
 
 For a training config (a module of `experiments/configs`, fields changed by `--set
-field=value`, dotted for nested ones, the value a Python literal) and a device count N, trains
+field=value`, dotted for nested ones, the value a Python literal or else a string) and a device
+count N, trains
 `--steps` steps of it, same seed and global batch, once per attention kind (`--attention`) on:
 one device (the reference), then each mesh N allows: `(data=N)`, `(fsdp=N)` and, N even,
 `(data=N/2, tensor=2)`. Each run is its own process that sees only its devices (GPU:
@@ -59,7 +60,10 @@ def load_config(name: str, attention: str, steps: int, mesh, overrides=()):
       node = node[parent]
     if leaf not in node:
       raise ValueError(f"--set {override!r}: the config has no field {field!r}")
-    node[leaf] = ast.literal_eval(value)
+    try:
+      node[leaf] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):  # a bare word: the string itself
+      node[leaf] = value
   config.attention = attention
   config.steps, config.log_every, config.eval_every = steps, 1, steps
   config.checkpoint_every = steps
@@ -190,6 +194,8 @@ def main(argv=None):
     result = worker(args.worker, args.config, args.attention, args.steps, mesh, args.overrides)
     pathlib.Path(args.worker, "result.json").write_text(json.dumps(result))
     return
+  if args.devices < 1:
+    raise ValueError(f"--devices must be at least 1, got {args.devices}")
   if args.warmup >= args.steps:
     raise ValueError(f"--warmup ({args.warmup}) must be below --steps ({args.steps})")
   rows, runs = [], []

@@ -34,10 +34,14 @@ def test_scaling_meshes_and_config_overrides():
   assert scaling.meshes_for(4) == [(4, 1, 1), (1, 4, 1), (2, 1, 2)]
   assert scaling.meshes_for(3) == [(3, 1, 1), (1, 3, 1)]
   config = scaling.load_config("demo", "dense", 7, (1, 2, 1), ["model.num_kv_heads=2",
-                                                               "compute_dtype='bfloat16'"])
+                                                               "compute_dtype=bfloat16",
+                                                               "data.source='passkey'"])
   assert (config.attention, config.steps, config.mesh.fsdp) == ("dense", 7, 2)
   assert (config.model.num_kv_heads, config.compute_dtype) == (2, "bfloat16")
+  assert config.data.source == "passkey"
   with pytest.raises(ValueError, match="no field 'model.heads'"):
     scaling.load_config("demo", "nsa", 7, (1, 1, 1), ["model.heads=2"])
   with pytest.raises(ValueError, match="field=value"):
     scaling.load_config("demo", "nsa", 7, (1, 1, 1), ["steps"])
+  with pytest.raises(ValueError, match="--devices must be at least 1"):
+    scaling.main(["--devices", "0"])
