@@ -195,6 +195,16 @@ def test_selected_attention_triton_dq_after_mosaic_forward_in_interpret_mode(mon
   check_selected(q, k, v, 64, 3, reference, interpret=True, dtype=jnp.float16)
 
 
+def test_selected_attention_mosaic_dkv_after_triton_forward_and_dq_in_interpret_mode(monkeypatch):
+  # What DKV = "auto" gives on Hopper where FORWARD / DQ are pinned to Triton: the Triton
+  # forward's lse and output (delta) feed the Mosaic dK/dV, at G = 8 (packed Triton rows).
+  monkeypatch.setattr(selected_kernel, "FORWARD", "triton")
+  monkeypatch.setattr(selected_kernel, "DQ", "triton")
+  monkeypatch.setattr(selected_kernel, "DKV", "mosaic")
+  q, k, v = random_qkv(1, 90, 16, 2, 64, 64, dtype=jnp.bfloat16)
+  check_selected(q, k, v, 64, 3, reference, interpret=True, dtype=jnp.bfloat16)
+
+
 def test_selected_attention_backward_over_part_of_a_query_in_interpret_mode(monkeypatch):
   # Wide float32 heads make a dK/dV step gather, and a dQ program hold, fewer rows than one
   # query's heads (G = 64 with Dk = Dv = 256: 32 of 64); force 16 rows against G = 32.
