@@ -34,6 +34,9 @@ import subprocess
 import sys
 import tempfile
 
+# JAX is imported inside the functions a worker runs, never at the top: the parent process must
+# not claim the GPUs its workers train on.
+
 
 def meshes_for(devices: int) -> list[tuple[int, int, int]]:
   """The `(data, fsdp, tensor)` meshes timed on `devices` besides the one-device reference."""
