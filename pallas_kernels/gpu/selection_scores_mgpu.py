@@ -27,7 +27,10 @@ TMA store), ~4.9 us a key tile where its MMA work is ~0.9 us, and its ~150 KB of
 CTA per SM, so nothing hides the chain's latency. Overlapping the score stores (two slots, no
 wait for the GMEM writes; tried, not kept) did not shorten it: 12.2 ms over Triton's alone with
 it, 12.1 in NSA on a trained selection without. What would: two consumer warpgroups a CTA taking
-alternate key tiles, or CTAs small enough to share an SM. Not the default (`SCORES`).
+alternate key tiles, or CTAs small enough to share an SM. Not the default (`SCORES`). Smaller
+CTAs do not come from `MAX_ROWS` alone: at 128 rows (8 positions at G = 16; ~96 KiB, two an SM)
+the kernel does not lower (H100, 2026-12-06), as `E`'s and the heads' sums' 32-byte swizzle needs
+16 positions a tile (a tiling of (8, 16)); they need those operands padded to 16 columns.
 
 Scope (`supported`): half-precision q / k_cmp, Dk a multiple of 64, `l` and `l'` multiples of `d`
 with `l <= l' + d` (one spill block) and `64 d` a multiple of `l'`, unpacked rows.
