@@ -234,6 +234,37 @@ def test_selected_kernel_choice_auto_is_mosaic_on_hopper_only():
     on_mosaic("cuda", False)
 
 
+def test_backward_runs_the_kernels_chosen_when_the_call_was_traced(monkeypatch):
+  """A caller that sets `DQ` / `DKV` around the call only (as `bench_kernels` does) gets those
+  kernels in the backward too, which JAX traces after the call has returned."""
+  q, k, v = random_qkv(1, 128, 16, 1, 64, dtype=jnp.bfloat16)
+  idx = random_indices(1, 128, 1, 4, 2)
+  ran = []
+  for name in ("_dq", "_dkv", "_mosaic_dq", "_mosaic_dkv"):
+    def spy(*args, _name=name, _kernel=getattr(selected_kernel, name), **kwargs):
+      ran.append(_name)
+      return _kernel(*args, **kwargs)
+    monkeypatch.setattr(selected_kernel, name, spy)
+
+  def loss_with(dq, dkv):
+    def loss(q, k, v):
+      saved = selected_kernel.DQ, selected_kernel.DKV
+      selected_kernel.DQ, selected_kernel.DKV = dq, dkv
+      try:
+        out = selected_attention(q, k, v, idx, block=64, scale=0.125, interpret=True)
+      finally:
+        selected_kernel.DQ, selected_kernel.DKV = saved
+      return jnp.sum(out.astype(jnp.float32))
+    return loss
+
+  for dq, dkv, expected in [("mosaic", "mosaic", ["_mosaic_dq", "_mosaic_dkv"]),
+                            ("mosaic", "triton", ["_mosaic_dq", "_dkv"]),
+                            ("triton", "mosaic", ["_dq", "_mosaic_dkv"])]:
+    ran.clear()
+    jax.eval_shape(jax.grad(loss_with(dq, dkv), (0, 1, 2)), q, k, v)  # traces, runs nothing
+    assert ran == expected, (dq, dkv)
+
+
 @pytest.mark.parametrize("group", [1, 2, 4, 8, 16, 64])
 def test_selected_dkv_auto_is_mosaic_on_hopper_where_no_head_is_padded(monkeypatch, group):
   q, k, v = random_qkv(1, 128, 2 * group, 2, 64, dtype=jnp.bfloat16)

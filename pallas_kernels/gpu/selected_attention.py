@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -494,9 +495,10 @@ def _sum_parts(parts, items, lay: _Layout, dim):
   return per_token[:, :, :lay.seq_len].transpose(0, 2, 1, 3)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _selected_attention(q, k, v, sorted_idx, halves, scale, block, interpret):
-  return _selected_attention_fwd(q, k, v, sorted_idx, halves, scale, block, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _selected_attention(q, k, v, sorted_idx, halves, scale, block, interpret, kernels):
+  return _selected_attention_fwd(q, k, v, sorted_idx, halves, scale, block, interpret,
+                                 kernels)[0]
 
 
 def _mosaic_layout(lay: _Layout, num_selected: int, heads: int | None = None) -> _Layout:
@@ -595,9 +597,24 @@ def _dkv_on_mosaic(q, k, v, block, interpret) -> bool:
                              == selected_mgpu.rows_per_position(group))
 
 
-def _selected_attention_fwd(q, k, v, sorted_idx, halves, scale, block, interpret):
+class _Kernels(NamedTuple):
+  """Which of a call's kernels run on Mosaic GPU (else Triton). Chosen once, when the call is
+  traced: its backward is traced later (when JAX transposes), after a caller that set `DQ` or
+  `DKV` around the call may have set them back."""
+  forward: bool
+  dq: bool
+  dkv: bool
+
+
+def _kernels(q, k, v, halves, block, interpret) -> _Kernels:
+  return _Kernels(forward=_on_mosaic(FORWARD, q, k, v, halves, block, interpret),
+                  dq=_on_mosaic(DQ, q, k, v, halves, block, interpret),
+                  dkv=halves is None and _dkv_on_mosaic(q, k, v, block, interpret))
+
+
+def _selected_attention_fwd(q, k, v, sorted_idx, halves, scale, block, interpret, kernels):
   lay = _layout(q, v, sorted_idx, block)
-  if _on_mosaic(FORWARD, q, k, v, halves, block, interpret):
+  if kernels.forward:
     out, lse = _mosaic_forward(q, k, v, sorted_idx, lay, scale, interpret)
     return out.astype(q.dtype), (q, k, v, sorted_idx, halves, out, lse)
   out_rows, lse = _forward(_to_rows(q, lay, lay.head_dim_pad),
@@ -608,7 +625,7 @@ def _selected_attention_fwd(q, k, v, sorted_idx, halves, scale, block, interpret
   return out.astype(q.dtype), (q, k, v, sorted_idx, halves, out, lse)
 
 
-def _selected_attention_bwd(scale, block, interpret, residuals, d_out):
+def _selected_attention_bwd(scale, block, interpret, kernels, residuals, d_out):
   q, k, v, sorted_idx, halves, out, lse = residuals
   lay = _layout(q, v, sorted_idx, block)
   q_rows = _to_rows(q, lay, lay.head_dim_pad)
@@ -621,10 +638,9 @@ def _selected_attention_bwd(scale, block, interpret, residuals, d_out):
   # T = 2, G = 4: dq 1.8e-2 relative error against the float64 oracle, 2.4e-3 from float32).
   delta_per_head = jnp.sum(out * d_out.astype(jnp.float32), axis=-1)  # [B, T, Hq]
   delta = _to_rows(delta_per_head[..., None], lay, 1)[..., 0]
-  dq_on_mosaic = _on_mosaic(DQ, q, k, v, halves, block, interpret)
   slots = _slots(sorted_idx, lay)
   halves = _halves_slots(halves, lay)
-  if dq_on_mosaic:
+  if kernels.dq:
     dq = _mosaic_dq(q, k, v, d_out, lse, delta_per_head, sorted_idx, lay, scale, interpret)
   else:
     dq = _from_rows(_dq(q_rows, k_blocks, v_blocks, do_rows, lse, delta, slots, lay, scale,
@@ -637,7 +653,7 @@ def _selected_attention_bwd(scale, block, interpret, residuals, d_out):
     queries, items, codes = inverse_block_map(per_position(slots), lay.num_blocks, DKV_CHUNK,
                                               payload=per_position(halves[0]))
     dkv_halves = (codes, halves[1])
-  if dkv_halves is None and _dkv_on_mosaic(q, k, v, block, interpret):
+  if kernels.dkv:
     dk_parts, dv_parts = _mosaic_dkv(q, k, v, d_out, lse, delta_per_head, queries, items, lay,
                                      scale, interpret)
   else:
@@ -677,10 +693,11 @@ def selected_attention(q, k, v, block_indices, *, block: int, scale: float,
   if document_starts is not None:
     aligned, codes, offsets = document_block_halves(block_indices, document_starts, block)
     return _selected_attention(q, k, v, aligned, (codes, offsets), float(scale), block,
-                               interpret)
+                               interpret, _kernels(q, k, v, (codes, offsets), block, interpret))
   if not indices_sorted:
     block_indices = sorted_causal_block_indices(block_indices, block)
-  return _selected_attention(q, k, v, block_indices, None, float(scale), block, interpret)
+  return _selected_attention(q, k, v, block_indices, None, float(scale), block, interpret,
+                             _kernels(q, k, v, None, block, interpret))
 
 
 def span_attention(q, k, v, first, *, width: int, block: int, scale: float,
@@ -691,4 +708,5 @@ def span_attention(q, k, v, first, *, width: int, block: int, scale: float,
   Packed rows' window, which cuDNN's public entry point cannot mask per document. Returns
   `[B, T, Hq, Dv]` in q.dtype."""
   aligned, codes, offsets = span_blocks(first, k.shape[2], width, block)
-  return _selected_attention(q, k, v, aligned, (codes, offsets), float(scale), block, interpret)
+  return _selected_attention(q, k, v, aligned, (codes, offsets), float(scale), block, interpret,
+                             _kernels(q, k, v, (codes, offsets), block, interpret))
