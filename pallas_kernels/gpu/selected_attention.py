@@ -524,14 +524,15 @@ def _mosaic_args(lay: _Layout, interpret):
 
 
 def _mosaic_forward(q, k, v, sorted_idx, lay: _Layout, scale, interpret):
-  """The forward on Mosaic GPU: `(out float32 [B, T, Hq, Dv], lse)`, lse in this module's rows
-  (`lay`), as the Triton forward leaves it for the backward."""
+  """The forward on Mosaic GPU: `(out float32 rows, lse)`, the output in the Mosaic layout
+  (`_mosaic_layout(lay, n)`), lse in this module's rows (`lay`), as the Triton forward leaves it
+  for the backward."""
   tiles, unions = _mosaic_tiles(lay, sorted_idx)
   out_rows, lse_rows = selected_mgpu.selected_attention_forward(
       _to_rows(q, tiles, lay.head_dim), _to_blocks(k, tiles, lay.head_dim),
       _to_blocks(v, tiles, lay.head_dim_v), *unions, scale=scale, **_mosaic_args(tiles, interpret))
   lse = _from_rows(lse_rows[..., None], tiles, 1)  # [B, T, Hq, 1]
-  return _from_rows(out_rows, tiles, lay.head_dim_v), _to_rows(lse, lay, 1)[..., 0]
+  return out_rows, _to_rows(lse, lay, 1)[..., 0]
 
 
 def _mosaic_dq(q, k, v, d_out, lse_rows, delta, sorted_idx, lay: _Layout, scale, interpret):
@@ -615,18 +616,25 @@ def _kernels(q, k, v, halves, block, interpret) -> _Kernels:
 def _selected_attention_fwd(q, k, v, sorted_idx, halves, scale, block, interpret, kernels):
   lay = _layout(q, v, sorted_idx, block)
   if kernels.forward:
-    out, lse = _mosaic_forward(q, k, v, sorted_idx, lay, scale, interpret)
-    return out.astype(q.dtype), (q, k, v, sorted_idx, halves, out, lse)
-  out_rows, lse = _forward(_to_rows(q, lay, lay.head_dim_pad),
-                           _to_blocks(k, lay, lay.head_dim_pad),
-                           _to_blocks(v, lay, lay.head_dim_v_pad), _slots(sorted_idx, lay), lay,
-                           scale, interpret, _halves_slots(halves, lay))
-  out = _from_rows(out_rows, lay, lay.head_dim_v)  # float32 [B, T, Hq, Dv]
-  return out.astype(q.dtype), (q, k, v, sorted_idx, halves, out, lse)
+    out_rows, lse = _mosaic_forward(q, k, v, sorted_idx, lay, scale, interpret)
+  else:
+    out_rows, lse = _forward(_to_rows(q, lay, lay.head_dim_pad),
+                             _to_blocks(k, lay, lay.head_dim_pad),
+                             _to_blocks(v, lay, lay.head_dim_v_pad), _slots(sorted_idx, lay),
+                             lay, scale, interpret, _halves_slots(halves, lay))
+  out = _from_rows(out_rows, _forward_layout(lay, sorted_idx, kernels), lay.head_dim_v)
+  # The kernel's float32 rows are the residual, not `out` [B, T, Hq, Dv]: that would be a second
+  # float32 copy, written here and read once by the backward's delta.
+  return out.astype(q.dtype), (q, k, v, sorted_idx, halves, out_rows, lse)
+
+
+def _forward_layout(lay: _Layout, sorted_idx, kernels: _Kernels) -> _Layout:
+  """The layout of the forward's output rows."""
+  return _mosaic_layout(lay, sorted_idx.shape[-1]) if kernels.forward else lay
 
 
 def _selected_attention_bwd(scale, block, interpret, kernels, residuals, d_out):
-  q, k, v, sorted_idx, halves, out, lse = residuals
+  q, k, v, sorted_idx, halves, out_rows, lse = residuals
   lay = _layout(q, v, sorted_idx, block)
   q_rows = _to_rows(q, lay, lay.head_dim_pad)
   k_blocks = _to_blocks(k, lay, lay.head_dim_pad)
@@ -636,6 +644,7 @@ def _selected_attention_bwd(scale, block, interpret, kernels, residuals, d_out):
   # delta = rowsum(dO * O) from the float32 output: from the output rounded to bfloat16 its error,
   # ~2^-9 |dO| |O|, enters every dS = P (dP - delta) and can exceed a small dq (2026-12-04: bf16,
   # T = 2, G = 4: dq 1.8e-2 relative error against the float64 oracle, 2.4e-3 from float32).
+  out = _from_rows(out_rows, _forward_layout(lay, sorted_idx, kernels), lay.head_dim_v)
   delta_per_head = jnp.sum(out * d_out.astype(jnp.float32), axis=-1)  # [B, T, Hq]
   delta = _to_rows(delta_per_head[..., None], lay, 1)[..., 0]
   slots = _slots(sorted_idx, lay)
