@@ -77,7 +77,9 @@ PACK_ROWS = 16
 # capability 9.x), Triton elsewhere and in interpret mode. Mosaic is the faster on Hopper (H100,
 # 2026-12-05, BENCHMARKS.md): forward at least as fast at every group size timed (64k: G = 4
 # 57.7 vs 62.5 ms, G = 8 34.0 vs 35.0, G = 16 tied; 16k: 4.31 vs 4.65), 1.29x on a trained LM's
-# selection, fwd+bwd ahead or tied, and its kernel tests pass on the GPU (33 of 33), as do the
+# selection; in NSA's fwd+bwd the Mosaic forward and dQ take 9-11% off Triton's (8k 8.43 vs
+# 9.46 ms, 16k 18.70 vs 19.90, 64k on a trained selection 95.81 vs 105.41; H100, 2026-12-06,
+# both with Triton's dK/dV); its kernel tests pass on the GPU (33 of 33), as do the
 # end-to-end GPU tests under "auto" (drawn property cases in three dtypes, nsa_attention,
 # decoding, T = 1 .. 129 in bfloat16; H100, 2026-12-05), so "auto" is the default.
 KERNEL_CHOICES = ("auto", "triton", "mosaic")
@@ -87,10 +89,9 @@ DQ = "auto"
 # wgmma's M, a work item's query rows by TMA, a query's heads padded to >= 8 rows; unpacked
 # rows); "auto" takes it on Hopper where no head is padded (G >= 8; a smaller group's padding
 # multiplies its MMA work). Its GPU tests pass (G = 1 .. 64, T = 1 .. 64k; drawn property cases
-# and nsa_attention end to end), and in NSA's forward+backward it ties Triton's dK/dV within 1%
-# (H100, 2026-12-06: 64k on a trained LM's selection 96.87 vs 97.01 ms, 16k 18.64 vs 18.73, G = 8
-# 143.45 vs 143.14, G = 4 199.64 vs 198.17); the tie goes to Mosaic, off the Triton lowering that
-# JAX 0.11 deprecates.
+# and nsa_attention end to end), and in NSA's forward+backward it is faster than Triton's dK/dV
+# (H100, 2026-12-06: 8k 8.06 vs 8.43 ms, 16k 17.97 vs 18.70, 64k on a trained LM's selection
+# 94.51 vs 95.81, G = 8 141.79 vs 142.60), and off the Triton lowering that JAX 0.11 deprecates.
 DKV = "auto"
 
 
