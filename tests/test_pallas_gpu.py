@@ -268,14 +268,14 @@ def test_backward_runs_the_kernels_chosen_when_the_call_was_traced(monkeypatch):
 @pytest.mark.parametrize("group", [1, 2, 4, 8, 16, 64])
 def test_selected_dkv_auto_is_mosaic_on_hopper_where_no_head_is_padded(monkeypatch, group):
   q, k, v = random_qkv(1, 128, 2 * group, 2, 64, dtype=jnp.bfloat16)
-  dkv_on_mosaic = lambda: selected_kernel._dkv_on_mosaic(q, k, v, 64, False)
+  dkv_on_mosaic = lambda: selected_kernel._dkv_on_mosaic(q, k, v, None, 64, False)
   monkeypatch.setattr(selected_kernel, "_hopper", lambda: True)
   monkeypatch.setattr(selected_kernel, "DKV", "auto")
   assert dkv_on_mosaic() == (group >= selected_mgpu.MIN_DKV_HEADS)
   monkeypatch.setattr(selected_kernel, "DKV", "mosaic")  # forced: padded heads too
   assert dkv_on_mosaic()
   assert not selected_kernel._dkv_on_mosaic(q.astype(jnp.float32), k.astype(jnp.float32),
-                                            v.astype(jnp.float32), 64, False)
+                                            v.astype(jnp.float32), None, 64, False)
   monkeypatch.setattr(selected_kernel, "_hopper", lambda: False)
   monkeypatch.setattr(selected_kernel, "DKV", "auto")
   assert not dkv_on_mosaic()

@@ -588,10 +588,10 @@ def _on_mosaic(choice, q, k, v, halves, block, interpret) -> bool:
   return choice == "mosaic" and halves is None and selected_mgpu.supported(q, k, v, block)
 
 
-def _dkv_on_mosaic(q, k, v, block, interpret) -> bool:
-  """Whether the dK/dV of unpacked rows runs on Mosaic GPU (`DKV`; "auto" only where the
-  Mosaic dK/dV pads no head: `dkv_heads(G) == rows_per_position(G)`)."""
-  if not (_on_mosaic(DKV, q, k, v, None, block, interpret)
+def _dkv_on_mosaic(q, k, v, halves, block, interpret) -> bool:
+  """Whether the dK/dV runs on Mosaic GPU (`DKV`; unpacked rows only, as `_on_mosaic`; "auto"
+  only where the Mosaic dK/dV pads no head: `dkv_heads(G) == rows_per_position(G)`)."""
+  if not (_on_mosaic(DKV, q, k, v, halves, block, interpret)
           and selected_mgpu.dkv_supported(q, k, v, block)):
     return False
   group = q.shape[2] // k.shape[2]
@@ -611,7 +611,7 @@ class _Kernels(NamedTuple):
 def _kernels(q, k, v, halves, block, interpret) -> _Kernels:
   return _Kernels(forward=_on_mosaic(FORWARD, q, k, v, halves, block, interpret),
                   dq=_on_mosaic(DQ, q, k, v, halves, block, interpret),
-                  dkv=halves is None and _dkv_on_mosaic(q, k, v, block, interpret))
+                  dkv=_dkv_on_mosaic(q, k, v, halves, block, interpret))
 
 
 def _selected_attention_fwd(q, k, v, sorted_idx, halves, scale, block, interpret, kernels):
