@@ -521,7 +521,16 @@ def _mosaic_tiles(lay: _Layout, sorted_idx):
 
 def _mosaic_args(lay: _Layout, interpret):
   return dict(block=lay.block, heads=lay.heads,
+              natural=selected_mgpu.natural_layout(lay.group, lay.heads),
               interpret=plmgpu.InterpretGPUParams() if interpret else False)
+
+
+def _mosaic_rows(x, lay: _Layout):
+  """q or dO as the Mosaic kernels of `lay` read it: as it is where they read the natural
+  layout (`selected_mgpu.natural_layout`), else in `lay`'s rows."""
+  if selected_mgpu.natural_layout(lay.group, lay.heads):
+    return x
+  return _to_rows(x, lay, x.shape[3])
 
 
 def _mosaic_forward(q, k, v, sorted_idx, lay: _Layout, scale, interpret):
@@ -530,7 +539,7 @@ def _mosaic_forward(q, k, v, sorted_idx, lay: _Layout, scale, interpret):
   for the backward."""
   tiles, unions = _mosaic_tiles(lay, sorted_idx)
   out_rows, lse_rows = selected_mgpu.selected_attention_forward(
-      _to_rows(q, tiles, lay.head_dim), _to_blocks(k, tiles, lay.head_dim),
+      _mosaic_rows(q, tiles), _to_blocks(k, tiles, lay.head_dim),
       _to_blocks(v, tiles, lay.head_dim_v), *unions, scale=scale, **_mosaic_args(tiles, interpret))
   lse = _from_rows(lse_rows[..., None], tiles, 1)  # [B, T, Hq, 1]
   return out_rows, _to_rows(lse, lay, 1)[..., 0]
@@ -541,8 +550,8 @@ def _mosaic_dq(q, k, v, d_out, lse_rows, delta, sorted_idx, lay: _Layout, scale,
   tiles, unions = _mosaic_tiles(lay, sorted_idx)
   per_tile_row = lambda x: _to_rows(x[..., None], tiles, 1)[..., 0]
   dq_rows = selected_mgpu.selected_attention_dq(
-      _to_rows(q, tiles, lay.head_dim), _to_blocks(k, tiles, lay.head_dim),
-      _to_blocks(v, tiles, lay.head_dim_v), _to_rows(d_out, tiles, lay.head_dim_v),
+      _mosaic_rows(q, tiles), _to_blocks(k, tiles, lay.head_dim),
+      _to_blocks(v, tiles, lay.head_dim_v), _mosaic_rows(d_out, tiles),
       per_tile_row(_from_rows(lse_rows[..., None], lay, 1)[..., 0]), per_tile_row(delta),
       *unions, scale=scale, **_mosaic_args(tiles, interpret))
   return _from_rows(dq_rows, tiles, lay.head_dim)
@@ -563,8 +572,8 @@ def _mosaic_dkv(q, k, v, d_out, lse_rows, delta, queries, items, lay: _Layout, s
     return picked.reshape(b, hkv, (num_entries + tiles.positions) * tiles.heads)
 
   return selected_mgpu.selected_attention_dkv(
-      _to_rows(q, tiles, lay.head_dim), _to_blocks(k, tiles, lay.head_dim),
-      _to_blocks(v, tiles, lay.head_dim_v), _to_rows(d_out, tiles, lay.head_dim_v),
+      _mosaic_rows(q, tiles), _to_blocks(k, tiles, lay.head_dim),
+      _to_blocks(v, tiles, lay.head_dim_v), _mosaic_rows(d_out, tiles),
       per_entry(_from_rows(lse_rows[..., None], lay, 1)[..., 0]), per_entry(delta), queries,
       items, scale=scale, **_mosaic_args(tiles, interpret))
 

@@ -86,6 +86,41 @@ def rows_per_position(group: int) -> int:
   return max(pow2(group), ROWS // MAX_POSITIONS)
 
 
+def natural_layout(group: int, heads: int) -> bool:
+  """Whether the kernels read q and dO in their natural layout `[B, T, Hq, D]` (`natural=True`)
+  rather than as rows `[B, Hkv, T_pad * heads, D]` transposed by the caller: where a position's
+  rows are exactly its G heads (no padded head), consecutive in the natural layout, and fill
+  whole 8-row SMEM tiles. One TMA copy a position then lands them in the tile, and the caller's
+  transpose (a pass over q and one over dO at HBM speed) is gone."""
+  return heads == group and group % 8 == 0
+
+
+def _copy_positions(src, bi, hi, first, count: int, heads: int, dst, barrier):
+  """TMA copies of the rows of `count` positions from `first` on of KV head `hi` in natural `src
+  [B, T, Hq, D]` into consecutive rows of `dst`, one copy (one barrier arrival) a position.
+  Positions past the last (a tile's padding) read the last: their rows are masked or dropped."""
+  last = src.shape[1] - 1
+  for p in range(count):
+    position = jnp.minimum(first + p, last)
+    plgpu.copy_gmem_to_smem(src.at[bi, position, pl.ds(hi * heads, heads)],
+                            dst.at[pl.ds(p * heads, heads)], barrier)
+
+
+def _copy_tile(src, bi, hi, tile, heads: int, dst, barrier, natural: bool):
+  """The 64 rows of `tile` (`64 // heads` positions) of KV head `hi` into `dst`: from rows `src
+  [B, Hkv, T_pad * heads, D]` by one TMA copy, or from natural `src` by one a position."""
+  if natural:
+    positions = ROWS // heads
+    _copy_positions(src, bi, hi, tile * positions, positions, heads, dst, barrier)
+  else:
+    plgpu.copy_gmem_to_smem(src.at[bi, hi, pl.ds(tile * ROWS, ROWS)], dst, barrier)
+
+
+def _tile_arrivals(heads: int, natural: bool) -> int:
+  """Barrier arrivals of one `_copy_tile`."""
+  return ROWS // heads if natural else 1
+
+
 def tile_unions(sorted_idx, positions: int):
   """The blocks each tile of `positions` consecutive queries needs, and who chose each.
 
@@ -194,14 +229,15 @@ def _stages(stages, width, dk, dv, block, dtype, tile_elements):
   return max(1, min(stages, width, max_stages(dk, dv, block, dtype, tile_elements)))
 
 
-def selected_attention_forward(q_rows, k_blocks, v_blocks, union, count, member, *, scale: float,
+def selected_attention_forward(q, k_blocks, v_blocks, union, count, member, *, scale: float,
                                block: int, heads: int, stages: int | None = None,
-                               interpret=False):
+                               natural: bool = False, interpret=False):
   """Forward over tiles of 64 query rows.
 
   Args:
-    q_rows: `[B, Hkv, T_pad * heads, Dk]`, position `t`'s heads in rows `t*heads ..`; half
-      precision; `heads = rows_per_position(G)` (padded heads are computed and ignored).
+    q: `[B, Hkv, T_pad * heads, Dk]`, position `t`'s heads in rows `t*heads ..`; half
+      precision; `heads = rows_per_position(G)` (padded heads are computed and ignored). With
+      `natural` (where `natural_layout(G, heads)`): q as it is, `[B, T, Hq, Dk]`.
     k_blocks, v_blocks: `[B, Hkv, Ts * block, Dk / Dv]`, whole blocks (zero padded).
     union, count, member: `tile_unions` of the tiles' `64 // heads` positions.
     scale: softmax scale; block: `l'`; stages: K / V blocks in flight (default 1 with the
@@ -213,8 +249,9 @@ def selected_attention_forward(q_rows, k_blocks, v_blocks, union, count, member,
     `(out float32 [B, Hkv, T_pad * heads, Dv], lse float32 [B, Hkv, T_pad * heads])`, lse in
     base 2; a row that sees no key gets output 0 and lse 0.
   """
-  b, hkv, num_rows, dk = q_rows.shape
-  dv, dtype = v_blocks.shape[3], q_rows.dtype
+  b, hkv = k_blocks.shape[:2]
+  num_rows, dk = union.shape[2] * ROWS, q.shape[3]
+  dv, dtype = v_blocks.shape[3], q.dtype
   positions = ROWS // heads
   probs_in_registers = PROBS_IN_REGISTERS and not interpret
   p_tile = () if probs_in_registers else (
@@ -230,7 +267,7 @@ def selected_attention_forward(q_rows, k_blocks, v_blocks, union, count, member,
     pair, tile = lax.axis_index("pair"), lax.axis_index("tile")
     bi, hi = pair // hkv, pair % hkv
     rows = pl.ds(tile * ROWS, ROWS)
-    plgpu.copy_gmem_to_smem(q_ref.at[bi, hi, rows], q_smem, q_barrier)
+    _copy_tile(q_ref, bi, hi, tile, heads, q_smem, q_barrier, natural)
     positions_of_rows = _row_positions(tile, positions, heads, block)
     block_of = lambda slot: union_ref[bi, hi, tile, slot]
 
@@ -286,28 +323,30 @@ def selected_attention_forward(q_rows, k_blocks, v_blocks, union, count, member,
   out_type = (jax.ShapeDtypeStruct((b, hkv, num_rows, dv), jnp.float32),
               jax.ShapeDtypeStruct((b, hkv, num_rows), jnp.float32))
   scratch = (plgpu.SMEM((ROWS, dk), dtype, transforms=_smem_transforms(dk, dtype)), *p_tile,
-             plgpu.Barrier(num_barriers=1))
+             plgpu.Barrier(num_arrivals=_tile_arrivals(heads, natural), num_barriers=1))
   return _grid_call(kernel, out_type, scratch, (b * hkv, num_rows // ROWS), interpret)(
-      union, count, member, q_rows, k_blocks, v_blocks)
+      union, count, member, q, k_blocks, v_blocks)
 
 
-def selected_attention_dq(q_rows, k_blocks, v_blocks, do_rows, lse, delta, union, count, member,
-                          *, scale: float, block: int, heads: int, stages: int | None = None,
-                          interpret=False):
+def selected_attention_dq(q, k_blocks, v_blocks, do, lse, delta, union, count, member, *,
+                          scale: float, block: int, heads: int, stages: int | None = None,
+                          natural: bool = False, interpret=False):
   """dQ over the forward's tiles: `dQ = scale * sum over blocks of dS K`, `dS = P (dO V^T -
   delta)`, `P` from the forward's base-2 lse.
 
   Args:
-    q_rows, k_blocks, v_blocks, union, count, member, scale, block, heads, stages, interpret:
-      as `selected_attention_forward`.
-    do_rows: `[B, Hkv, T_pad * heads, Dv]`, the output's cotangent (q's dtype).
+    q, k_blocks, v_blocks, union, count, member, scale, block, heads, stages, natural,
+      interpret: as `selected_attention_forward`.
+    do: the output's cotangent (q's dtype), in q's layout: `[B, Hkv, T_pad * heads, Dv]`, or
+      `[B, T, Hq, Dv]` with `natural`.
     lse, delta: float32 `[B, Hkv, T_pad * heads]`: the forward's lse and `rowsum(dO * O)`.
 
   Returns:
     `[B, Hkv, T_pad * heads, Dk]` in q's dtype.
   """
-  b, hkv, num_rows, dk = q_rows.shape
-  dv, dtype = v_blocks.shape[3], q_rows.dtype
+  b, hkv = k_blocks.shape[:2]
+  num_rows, dk = union.shape[2] * ROWS, q.shape[3]
+  dv, dtype = v_blocks.shape[3], q.dtype
   positions = ROWS // heads
   ds_in_registers = PROBS_IN_REGISTERS and not interpret
   ds_tile = () if ds_in_registers else (
@@ -321,15 +360,15 @@ def selected_attention_dq(q_rows, k_blocks, v_blocks, do_rows, lse, delta, union
     pair, tile = lax.axis_index("pair"), lax.axis_index("tile")
     bi, hi = pair // hkv, pair % hkv
     rows = pl.ds(tile * ROWS, ROWS)
-    for i, (src, dst) in enumerate(((q_ref, q_smem), (do_ref, do_smem), (lse_ref, lse_smem),
-                                    (delta_ref, delta_smem))):
-      plgpu.copy_gmem_to_smem(src.at[bi, hi, rows], dst, barriers.at[i])
+    for src, dst in ((q_ref, q_smem), (do_ref, do_smem)):
+      _copy_tile(src, bi, hi, tile, heads, dst, barriers, natural)
+    for src, dst in ((lse_ref, lse_smem), (delta_ref, delta_smem)):
+      plgpu.copy_gmem_to_smem(src.at[bi, hi, rows], dst, barriers)
     positions_of_rows = _row_positions(tile, positions, heads, block)
     block_of = lambda slot: union_ref[bi, hi, tile, slot]
 
     def gradient(k_smem, v_smem, k_barriers, v_barriers):
-      for i in range(4):
-        plgpu.barrier_wait(barriers.at[i])
+      plgpu.barrier_wait(barriers)
       row_lse = plgpu.load(lse_smem, layout=plgpu.Layout.WGMMA.reduce(1))
       row_delta = plgpu.load(delta_smem, layout=plgpu.Layout.WGMMA.reduce(1))
 
@@ -368,10 +407,10 @@ def selected_attention_dq(q_rows, k_blocks, v_blocks, do_rows, lse, delta, union
   scratch = (plgpu.SMEM((ROWS, dk), dtype, transforms=_smem_transforms(dk, dtype)),
              plgpu.SMEM((ROWS, dv), dtype, transforms=_smem_transforms(dv, dtype)), *ds_tile,
              plgpu.SMEM((ROWS,), jnp.float32), plgpu.SMEM((ROWS,), jnp.float32),
-             plgpu.Barrier(num_barriers=4))
-  out_type = jax.ShapeDtypeStruct(q_rows.shape, dtype)
+             plgpu.Barrier(num_arrivals=2 * _tile_arrivals(heads, natural) + 2))  # all 4 copies
+  out_type = jax.ShapeDtypeStruct((b, hkv, num_rows, dk), dtype)
   return _grid_call(kernel, out_type, scratch, (b * hkv, num_rows // ROWS), interpret)(
-      union, count, member, q_rows, k_blocks, v_blocks, do_rows, lse, delta)
+      union, count, member, q, k_blocks, v_blocks, do, lse, delta)
 
 
 def dkv_stages(dk: int, dv: int, block: int, dtype) -> int:
@@ -403,8 +442,8 @@ def dkv_supported(q, k, v, block: int) -> bool:
   return supported(q, k, v, block) and one_stage <= SMEM_BYTES
 
 
-def selected_attention_dkv(q_rows, k_blocks, v_blocks, do_rows, lse_entries, delta_entries,
-                           queries, items, *, scale: float, block: int, heads: int,
+def selected_attention_dkv(q, k_blocks, v_blocks, do, lse_entries, delta_entries, queries, items,
+                           *, scale: float, block: int, heads: int, natural: bool = False,
                            interpret=False):
   """dK / dV partial sums of each work item of `block_maps.inverse_block_map`.
 
@@ -418,7 +457,7 @@ def selected_attention_dkv(q_rows, k_blocks, v_blocks, do_rows, lse_entries, del
   repeat its last query and are masked.
 
   Args:
-    q_rows, k_blocks, v_blocks, do_rows: as `selected_attention_dq`.
+    q, k_blocks, v_blocks, do, natural: as `selected_attention_dq` (`heads = dkv_heads(G)`).
     lse_entries, delta_entries: float32 `[B, Hkv, (L + 64 // heads) * heads]`: the forward's
       base-2 lse and `rowsum(dO * O)` of the rows of each entry of `queries`, entry `e`'s heads
       at `e * heads ..`, padded by a step.
@@ -429,8 +468,8 @@ def selected_attention_dkv(q_rows, k_blocks, v_blocks, do_rows, lse_entries, del
   Returns:
     `(dk float32 [B, Hkv, I, l', Dk], dv float32 [B, Hkv, I, l', Dv])`, dk scaled.
   """
-  b, hkv, _, dk = q_rows.shape
-  dv, dtype = v_blocks.shape[3], q_rows.dtype
+  b, hkv = k_blocks.shape[:2]
+  dk, dv, dtype = q.shape[3], v_blocks.shape[3], q.dtype
   num_items, num_blocks = items.shape[2], k_blocks.shape[2] // block
   per_step = ROWS // heads
   stages = dkv_stages(dk, dv, block, dtype)
@@ -460,10 +499,14 @@ def selected_attention_dkv(q_rows, k_blocks, v_blocks, do_rows, lse_entries, del
       def fetch(step, buffer):
         barrier = row_barriers.at[buffer]
         for i in range(per_step):
-          rows = pl.ds(queries_ref[bi, hi, entry(step, i)] * heads, heads)
+          query = queries_ref[bi, hi, entry(step, i)]
           own = pl.ds(i * heads, heads)
-          plgpu.copy_gmem_to_smem(q_ref.at[bi, hi, rows], q_smem.at[buffer, own], barrier)
-          plgpu.copy_gmem_to_smem(do_ref.at[bi, hi, rows], do_smem.at[buffer, own], barrier)
+          for src, dst in ((q_ref, q_smem), (do_ref, do_smem)):
+            if natural:
+              _copy_positions(src, bi, hi, query, 1, heads, dst.at[buffer, own], barrier)
+            else:
+              plgpu.copy_gmem_to_smem(src.at[bi, hi, pl.ds(query * heads, heads)],
+                                      dst.at[buffer, own], barrier)
         stats = pl.ds((first + step * per_step) * heads, ROWS)
         plgpu.copy_gmem_to_smem(lse_ref.at[bi, hi, stats], lse_smem.at[buffer], barrier)
         plgpu.copy_gmem_to_smem(delta_ref.at[bi, hi, stats], delta_smem.at[buffer], barrier)
@@ -538,4 +581,4 @@ def selected_attention_dkv(q_rows, k_blocks, v_blocks, do_rows, lse_entries, del
                       grid_names=("pair", "item"),
                       compiler_params=plgpu.CompilerParams(approx_math=True),
                       interpret=interpret)(
-      items, queries, q_rows, k_blocks, v_blocks, do_rows, lse_entries, delta_entries)
+      items, queries, q, k_blocks, v_blocks, do, lse_entries, delta_entries)
