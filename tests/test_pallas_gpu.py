@@ -119,6 +119,16 @@ MOSAIC_CASES = [(1, 1, 16, 1, 64, 64, 64, 3, jnp.bfloat16),
                 (1, 140, 4, 1, 128, 64, 128, 2, jnp.float16)]
 
 
+def test_mosaic_kernels_read_q_and_do_in_natural_layout_where_rows_are_whole_groups():
+  # Both paths run in the interpret cases: G = 16 and 8 natural (a position's G heads fill whole
+  # 8-row SMEM tiles), G = 4, 1 and 2 (padded to 2 rows) the rows layout.
+  def natural(group):
+    return selected_mgpu.natural_layout(group, selected_mgpu.rows_per_position(group))
+  assert natural(16) and natural(8) and natural(64)
+  assert not natural(4) and not natural(1) and not natural(12)  # 12: padded to 16 rows
+  assert not selected_mgpu.natural_layout(4, selected_mgpu.dkv_heads(4))  # dK/dV pads to 8
+
+
 @pytest.mark.parametrize("case", MOSAIC_CASES)
 def test_selected_attention_mosaic_kernels_in_interpret_mode(monkeypatch, case):
   monkeypatch.setattr(selected_kernel, "FORWARD", "mosaic")

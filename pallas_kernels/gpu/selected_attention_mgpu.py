@@ -25,6 +25,12 @@ against 19.0 ms, H100, 2026-12-05) and ahead at G = 4 and 8; the default on Hopp
 (`selected_attention.FORWARD`, `DQ`), 7% faster again since 2026-12-06 with the probabilities
 and dS as wgmma's register operand (`PROBS_IN_REGISTERS`).
 
+q and dO: where a position's rows are exactly its G heads (G a power of two >= 8:
+`natural_layout`), the kernels read them in their natural layout `[B, T, Hq, D]`, one TMA copy
+of a position's `[G, D]` block into the tile's rows (consecutive in SMEM as in the rows layout),
+so the caller transposes neither; elsewhere they take the rows layout `[B, Hkv, T_pad * heads,
+D]`. The outputs are always rows.
+
 Scope: half-precision q / k / v, `Dk`, `Dv` multiples of 64 whose tiles fit SMEM (256 with
 `l'` = 64), `l'` 64 or 128, `G <= 64`, unpacked rows. `supported` says whether a call fits;
 the rest stays on Triton. The forward's output and lse have the Triton forward's meaning
