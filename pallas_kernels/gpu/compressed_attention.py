@@ -470,7 +470,6 @@ def _scores_kernel(q_ref, k_ref, lse_ref, score_ref, *, lay, scale, slc_block, s
   nothing): pass 2 of `_forward_kernel` without the values."""
   tile = pl.program_id(0)
   q, lse = q_ref[...], lse_ref[...]
-  q = q.reshape(lay.rows, q.shape[-1])  # natural `[P, Gc, D]` blocks: position-major rows
   row_pos = _row_positions(tile, lay)
   num_tiles = _tile_count(tile, lay, SCORE_KEYS)
   writer = _ScoreWriter(score_ref, tile, lay, slc_block, slc_cols, slc_spill, SCORE_KEYS)
@@ -668,29 +667,17 @@ def _forward(q, k, v, lay: _Layout, scale, slc_block, interpret, starts=None):
       compiler_params=_params(), interpret=interpret, name="nsa_compressed_fwd")(*args)
 
 
-def _natural_rows(lay: _Layout) -> bool:
-  """Whether a program's rows are one block of q's natural layout `[B, T_pad, Hq, D]` (its
-  positions x its KV group's heads, no padded head or head dim), which the score pass then
-  reads as it is: no rows transpose of q (a pass over it; the Mosaic selected kernels read the
-  natural layout too)."""
-  return lay.heads == lay.group and lay.head_dim_pad == lay.head_dim
-
-
 def _scores_only(q, k, lse2, lay: _Layout, scale, slc_block, interpret):
-  """`_scores_kernel` over the rows layout (q natural `[B, T_pad, Hq, D]` where
-  `_natural_rows`): `[B, Hkv, T_pad, width]` float32, row `t` defined in the columns of blocks
-  `<= t // slc_block` (the top-n kernel's candidates) only."""
+  """`_scores_kernel` over the rows layout: `[B, Hkv, T_pad, width]` float32, row `t` defined
+  in the columns of blocks `<= t // slc_block` (the top-n kernel's candidates) only."""
   rows, row_vector, keys = _specs(lay)
-  q_spec = (pl.BlockSpec((None, lay.positions, lay.heads, lay.head_dim),
-                         lambda i, b, g: (b, i, g, 0))
-            if _natural_rows(lay) else rows(lay.head_dim_pad))
   slc_cols, slc_spill = _slc_geometry(lay, slc_block, SCORE_KEYS)
   shape, whole = _score_layout(lay, slc_block, slc_cols, SCORE_KEYS)
   kernel = functools.partial(_scores_kernel, lay=lay, scale=scale, slc_block=slc_block,
                              slc_cols=slc_cols, slc_spill=slc_spill)
   return pl.pallas_call(
       kernel, grid=(lay.num_row_tiles, lay.batch, lay.num_kv_heads),
-      in_specs=[q_spec, keys(lay.head_dim_pad), row_vector],
+      in_specs=[rows(lay.head_dim_pad), keys(lay.head_dim_pad), row_vector],
       out_specs=whole, out_shape=jax.ShapeDtypeStruct(shape, jnp.float32),
       compiler_params=_params(SCORE_NUM_WARPS), interpret=interpret,
       name="nsa_selection_scores")(q, k, lse2)
@@ -923,12 +910,8 @@ def selection_scores_from_lse(q, k_cmp, lse, *, block: int, stride: int, slc_blo
   if SCORES == "mosaic" and selection_scores_mgpu.supported(q, k_cmp, block, stride, slc_block):
     return _mosaic_scores(q, k_cmp, lse, block, stride, slc_block, float(scale), interpret)
   lay = _layout(q, k_cmp, k_cmp, block, stride, rows=_score_rows(q, k_cmp.shape[2]))
-  if _natural_rows(lay):
-    q_rows = jnp.pad(q, [(0, 0), (0, lay.seq_pad - lay.seq_len), (0, 0), (0, 0)])
-  else:
-    q_rows = _to_rows(q, lay, lay.head_dim_pad)
-  return _scores_only(q_rows, _to_keys(k_cmp, lay, lay.head_dim_pad), _lse_rows(lse, lay), lay,
-                      float(scale), slc_block, interpret)
+  return _scores_only(_to_rows(q, lay, lay.head_dim_pad), _to_keys(k_cmp, lay, lay.head_dim_pad),
+                      _lse_rows(lse, lay), lay, float(scale), slc_block, interpret)
 
 
 def _mosaic_scores(q, k_cmp, lse, block, stride, slc_block, scale, interpret):
