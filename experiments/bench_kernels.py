@@ -24,7 +24,8 @@ on Triton, whatever the defaults): the whole `nsa_attention`, each branch (on GP
 one both as the public op's Pallas kernel and as nsa_attention runs it, cuDNN over folded
 queries; the selected one, and NSA, also with the Mosaic GPU forward and dQ and Triton's dK/dV:
 "... mosaic", with the Mosaic dK/dV instead: "... mosaic dkv" (the default on Hopper for G >= 8),
-or with the Mosaic selection-score pass: "nsa mosaic scores"; that pass alone from the compressed
+or with the Mosaic selection-score pass: "nsa mosaic scores"; with the kernels the defaults
+choose for the shape, what a user runs: "nsa default"; that pass alone from the compressed
 branch's log-sum-exp: "scores", "scores mosaic"), the fused compressed branch + selection, and
 the dense baseline.
 Prints a table and writes JSON.
@@ -34,8 +35,8 @@ Trained selections (`--trained_indices`, an `experiments.plot` `selection_indice
 ("selected trained") and NSA as three branch calls selecting with its own indices ("nsa
 composed") or with the trained ones ("nsa trained"), on GPU also with the Mosaic GPU kernels
 ("selected trained mosaic", "nsa trained mosaic": their tiles' unions shrink where neighbouring
-positions share blocks); the tensor's (row, KV head) selections become the benchmark's KV heads,
-in order.
+positions share blocks; "nsa trained default": the defaults' choice); the tensor's (row, KV
+head) selections become the benchmark's KV heads, in order.
 
 Packed rows (`--documents N,...`, paper config): the row of length T as N documents of T / N
 tokens: "nsa packed/N" (`segment_ids`), "nsa batched/N" (the same documents as a batch of N
@@ -195,6 +196,7 @@ def trained_parts(config, platform, nsa_flops, slc_flops):
     for name in ("nsa trained", "selected trained"):
       parts[f"{name} mosaic"] = (on_mosaic(parts[name][0]),) + parts[name][1:]
       parts[f"{name} mosaic dkv"] = (on_mosaic(parts[name][0], "mosaic"),) + parts[name][1:]
+    parts["nsa trained default"] = parts["nsa trained"]
     parts["nsa trained mosaic scores"] = (
         on_mosaic(parts["nsa trained"][0], scores="mosaic"),) + parts["nsa trained"][1:]
   return parts
@@ -280,6 +282,8 @@ def parts_for(t, config, with_window=True, platform=PLATFORMS["gpu"]):
     for name in ("selected", "nsa"):
       parts[f"{name} mosaic dkv"] = (on_mosaic(parts[name][0], "mosaic"),) + parts[name][1:]
     parts["nsa mosaic scores"] = (on_mosaic(parts["nsa"][0], scores="mosaic"),) + parts["nsa"][1:]
+    # ... and on whatever the defaults choose for the shape ("auto": what a user runs).
+    parts["nsa default"] = parts["nsa"]
   if platform is PLATFORMS["gpu"] and cudnn_compressed.available():
     # The compressed branch as nsa_attention runs it on GPU: cuDNN over folded queries (the
     # `compressed` row above is the Pallas kernel behind the public `compressed_attention`).
@@ -336,6 +340,15 @@ def random_qkv(t, num_kv_heads):
   return q, k, v
 
 
+def kernels_of_part(name, fn, platform):
+  """`fn` as part `name` is timed: on GPU every selected kernel on Triton whatever the defaults,
+  except in "... default" parts (the defaults' choice); parts built with `on_mosaic` set their
+  own kernels inside this pin, so theirs win."""
+  if platform is PLATFORMS["gpu"] and not name.endswith(("mosaic", "default")):
+    return on_kernels(fn, "triton", "triton")
+  return fn
+
+
 def measure(t, config, with_window, repeats, num_kv_heads=HKV, platform=PLATFORMS["gpu"],
             only=None, trained_indices=None, documents=()):
   """Rows of every part (or of the parts named in `only`) at sequence length `t`, plus the
@@ -354,8 +367,7 @@ def measure(t, config, with_window, repeats, num_kv_heads=HKV, platform=PLATFORM
   for name, (fn, fwd_flops, differentiable) in parts.items():
     if only and name not in only:
       continue
-    if platform is PLATFORMS["gpu"] and not name.endswith("mosaic"):
-      fn = on_kernels(fn, "triton", "triton")  # the plain rows are Triton's whatever the default
+    fn = kernels_of_part(name, fn, platform)
     # Traced afresh: switches such as `selected_attention.FORWARD` are read at trace time, and an
     # inner `jax.jit` (`nsa_attention`'s) would otherwise keep the previous part's choice.
     jax.clear_caches()

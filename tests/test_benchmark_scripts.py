@@ -42,7 +42,7 @@ def test_bench_kernels_times_every_part_and_writes_json(monkeypatch, tmp_path, p
                       lambda *args, **kw: folded(*args, use_cudnn=False, **kw))
   out = tmp_path / "bench.json"
   gpu_only = ({"compressed_cudnn", "selected mosaic", "nsa mosaic", "selected mosaic dkv",
-               "nsa mosaic dkv", "nsa mosaic scores", "scores", "scores mosaic"}
+               "nsa mosaic dkv", "nsa mosaic scores", "nsa default", "scores", "scores mosaic"}
               if platform == "gpu" else set())
   expected = {"nsa", "compressed", "cmp+selection", "selected", "cmp+slc apart", "cmp+slc fused",
               "window", dense} | gpu_only
@@ -81,6 +81,18 @@ def test_mosaic_parts_trace_with_the_mosaic_kernels():
                   ("mosaic", "mosaic", "mosaic", defaults[3]),
                   ("mosaic", "mosaic", "triton", "mosaic")]
   assert (kernel.FORWARD, kernel.DQ, kernel.DKV, scores.SCORES) == defaults
+
+
+def test_plain_parts_run_triton_and_default_parts_the_defaults():
+  kernel, seen = bench_kernels.selected_kernel, []
+  defaults = (kernel.FORWARD, kernel.DQ, kernel.DKV)
+  record = lambda: seen.append((kernel.FORWARD, kernel.DQ, kernel.DKV))
+  gpu = bench_kernels.PLATFORMS["gpu"]
+  for name in ("nsa", "nsa default", "nsa trained default", "nsa mosaic"):
+    bench_kernels.kernels_of_part(name, record, gpu)()
+  bench_kernels.kernels_of_part("nsa", record, bench_kernels.PLATFORMS["tpu"])()
+  assert seen == [("triton",) * 3, defaults, defaults, defaults, defaults]
+  assert (kernel.FORWARD, kernel.DQ, kernel.DKV) == defaults
 
 
 def test_bench_kernels_times_the_selection_on_trained_indices(monkeypatch, tmp_path):
