@@ -90,8 +90,8 @@ DQ = "auto"
 # rows); "auto" takes it on Hopper where no head is padded (G >= 8; a smaller group's padding
 # multiplies its MMA work: at G = 4, 64k, NSA's fwd+bwd took 209.73 ms with it against 199.73
 # with Triton's, H100, 2026-12-06). Its GPU tests pass (G = 1 .. 64, T = 1 .. 64k; drawn property
-# cases and nsa_attention end to end), and in NSA's forward+backward it is faster than Triton's dK/dV
-# (H100, 2026-12-06: 8k 8.06 vs 8.43 ms, 16k 17.97 vs 18.70, 64k on a trained LM's selection
+# cases and nsa_attention end to end), and in NSA's forward+backward it is faster than Triton's
+# dK/dV (H100, 2026-12-06: 8k 8.06 vs 8.43 ms, 16k 17.97 vs 18.70, 64k on a trained LM's selection
 # 94.51 vs 95.81, G = 8 141.79 vs 142.60), and off the Triton lowering that JAX 0.11 deprecates.
 DKV = "auto"
 
