@@ -101,10 +101,14 @@ def natural_layout(group: int, heads: int) -> bool:
   return heads == group and group % 8 == 0
 
 
-def _copy_positions(src, bi, hi, first, count: int, heads: int, dst, barrier):
-  """TMA copies of the rows of `count` positions from `first` on of KV head `hi` in natural `src
-  [B, T, Hq, D]` into consecutive rows of `dst`, one copy (one barrier arrival) a position.
-  Positions past the last (a tile's padding) read the last: their rows are masked or dropped."""
+def _copy_positions(src, bi, hi, first, count: int, heads: int, dst, barrier, natural: bool):
+  """TMA copies of the rows of `count` positions from `first` on of KV head `hi` into
+  consecutive rows of `dst`: from rows `src [B, Hkv, T_pad * heads, D]` one copy for all, from
+  natural `src [B, T, Hq, D]` one a position (`_arrivals`). Natural positions past the last (a
+  tile's padding) read the last: their rows are masked or dropped."""
+  if not natural:
+    plgpu.copy_gmem_to_smem(src.at[bi, hi, pl.ds(first * heads, count * heads)], dst, barrier)
+    return
   last = src.shape[1] - 1
   for p in range(count):
     position = jnp.minimum(first + p, last)
@@ -112,19 +116,9 @@ def _copy_positions(src, bi, hi, first, count: int, heads: int, dst, barrier):
                             dst.at[pl.ds(p * heads, heads)], barrier)
 
 
-def _copy_tile(src, bi, hi, tile, heads: int, dst, barrier, natural: bool):
-  """The 64 rows of `tile` (`64 // heads` positions) of KV head `hi` into `dst`: from rows `src
-  [B, Hkv, T_pad * heads, D]` by one TMA copy, or from natural `src` by one a position."""
-  if natural:
-    positions = ROWS // heads
-    _copy_positions(src, bi, hi, tile * positions, positions, heads, dst, barrier)
-  else:
-    plgpu.copy_gmem_to_smem(src.at[bi, hi, pl.ds(tile * ROWS, ROWS)], dst, barrier)
-
-
-def _tile_arrivals(heads: int, natural: bool) -> int:
-  """Barrier arrivals of one `_copy_tile`."""
-  return ROWS // heads if natural else 1
+def _arrivals(count: int, natural: bool) -> int:
+  """Barrier arrivals of one `_copy_positions` of `count` positions."""
+  return count if natural else 1
 
 
 def tile_unions(sorted_idx, positions: int):
@@ -273,7 +267,8 @@ def selected_attention_forward(q, k_blocks, v_blocks, union, count, member, *, s
     pair, tile = lax.axis_index("pair"), lax.axis_index("tile")
     bi, hi = pair // hkv, pair % hkv
     rows = pl.ds(tile * ROWS, ROWS)
-    _copy_tile(q_ref, bi, hi, tile, heads, q_smem, q_barrier, natural)
+    _copy_positions(q_ref, bi, hi, tile * positions, positions, heads, q_smem, q_barrier,
+                    natural)
     positions_of_rows = _row_positions(tile, positions, heads, block)
     block_of = lambda slot: union_ref[bi, hi, tile, slot]
 
@@ -329,7 +324,7 @@ def selected_attention_forward(q, k_blocks, v_blocks, union, count, member, *, s
   out_type = (jax.ShapeDtypeStruct((b, hkv, num_rows, dv), jnp.float32),
               jax.ShapeDtypeStruct((b, hkv, num_rows), jnp.float32))
   scratch = (plgpu.SMEM((ROWS, dk), dtype, transforms=_smem_transforms(dk, dtype)), *p_tile,
-             plgpu.Barrier(num_arrivals=_tile_arrivals(heads, natural), num_barriers=1))
+             plgpu.Barrier(num_arrivals=_arrivals(positions, natural), num_barriers=1))
   return _grid_call(kernel, out_type, scratch, (b * hkv, num_rows // ROWS), interpret)(
       union, count, member, q, k_blocks, v_blocks)
 
@@ -367,7 +362,7 @@ def selected_attention_dq(q, k_blocks, v_blocks, do, lse, delta, union, count, m
     bi, hi = pair // hkv, pair % hkv
     rows = pl.ds(tile * ROWS, ROWS)
     for src, dst in ((q_ref, q_smem), (do_ref, do_smem)):
-      _copy_tile(src, bi, hi, tile, heads, dst, barriers, natural)
+      _copy_positions(src, bi, hi, tile * positions, positions, heads, dst, barriers, natural)
     for src, dst in ((lse_ref, lse_smem), (delta_ref, delta_smem)):
       plgpu.copy_gmem_to_smem(src.at[bi, hi, rows], dst, barriers)
     positions_of_rows = _row_positions(tile, positions, heads, block)
@@ -413,7 +408,7 @@ def selected_attention_dq(q, k_blocks, v_blocks, do, lse, delta, union, count, m
   scratch = (plgpu.SMEM((ROWS, dk), dtype, transforms=_smem_transforms(dk, dtype)),
              plgpu.SMEM((ROWS, dv), dtype, transforms=_smem_transforms(dv, dtype)), *ds_tile,
              plgpu.SMEM((ROWS,), jnp.float32), plgpu.SMEM((ROWS,), jnp.float32),
-             plgpu.Barrier(num_arrivals=2 * _tile_arrivals(heads, natural) + 2))  # all 4 copies
+             plgpu.Barrier(num_arrivals=2 * _arrivals(positions, natural) + 2))  # all 4 copies
   out_type = jax.ShapeDtypeStruct((b, hkv, num_rows, dk), dtype)
   return _grid_call(kernel, out_type, scratch, (b * hkv, num_rows // ROWS), interpret)(
       union, count, member, q, k_blocks, v_blocks, do, lse, delta)
@@ -508,11 +503,7 @@ def selected_attention_dkv(q, k_blocks, v_blocks, do, lse_entries, delta_entries
           query = queries_ref[bi, hi, entry(step, i)]
           own = pl.ds(i * heads, heads)
           for src, dst in ((q_ref, q_smem), (do_ref, do_smem)):
-            if natural:
-              _copy_positions(src, bi, hi, query, 1, heads, dst.at[buffer, own], barrier)
-            else:
-              plgpu.copy_gmem_to_smem(src.at[bi, hi, pl.ds(query * heads, heads)],
-                                      dst.at[buffer, own], barrier)
+            _copy_positions(src, bi, hi, query, 1, heads, dst.at[buffer, own], barrier, natural)
         stats = pl.ds((first + step * per_step) * heads, ROWS)
         plgpu.copy_gmem_to_smem(lse_ref.at[bi, hi, stats], lse_smem.at[buffer], barrier)
         plgpu.copy_gmem_to_smem(delta_ref.at[bi, hi, stats], delta_smem.at[buffer], barrier)
