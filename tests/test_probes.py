@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from experiments.probes import (branch_mix, decode_floor, gpu_trace, key_reading, passkey_phase,
-                                selected_floor, tpu_overhead)
+from experiments.probes import (branch_mix, decode_floor, gpu_trace, key_reading,
+                                mgpu_orientation, passkey_phase, selected_floor, tpu_overhead)
 from nsa_jax import NSAConfig, nn
 
 
@@ -98,6 +98,35 @@ def test_decode_floor_grid_barriers_order_the_phases_on_a_gpu(kind):
   np.testing.assert_allclose(out.astype(jnp.float32), expected, rtol=1e-2, atol=1e-2)
   arrivals = 3 * (128 if kind != "flags" else 1)  # every program passed every barrier
   np.testing.assert_array_equal(counters[:1 if kind != "flags" else 128], arrivals)
+
+
+@pytest.mark.parametrize("variant", sorted(mgpu_orientation.VARIANTS))
+def test_mgpu_orientation_kernels_lower_for_a_gpu(variant):
+  # Mosaic GPU's layout inference (the transposed P^T store, the softmax over axis 0) runs at
+  # lowering: a kernel it refuses fails here, not on the device.
+  from tests.test_lowering import lowered_text  # pylint: disable=g-import-not-at-top
+  text = lowered_text("cuda", mgpu_orientation.build(variant, 4),
+                      *mgpu_orientation.inputs(variant, 4))
+  assert text.count("custom_call @mosaic_gpu") == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", sorted(mgpu_orientation.VARIANTS))
+def test_mgpu_orientation_kernels_compute_attention_over_their_block_on_a_gpu(variant):
+  # Repeating one block leaves the softmax unchanged: each variant's output is attention of its
+  # rows over the block, softmax base 2 of 0.1 q.k (O^T a position in `position xP`).
+  q, k, v = mgpu_orientation.inputs(variant, 8)
+  out = jax.jit(mgpu_orientation.build(variant, 8, iters=3))(q, k, v)
+  np.testing.assert_allclose(out, mgpu_orientation.expected(variant, q, k, v), rtol=2e-2,
+                             atol=2e-2)
+
+
+def test_mgpu_orientation_reference_lays_out_positions_as_the_kernel_does():
+  # `position xP` writes O^T a position: [C, P, D, 16], row r of position p at [:, p, :, r].
+  q, k, v = mgpu_orientation.inputs("position x2", 3)
+  tile = mgpu_orientation.expected("tile", jnp.concatenate([q, q], axis=1), k, v)  # 64 rows
+  per_position = mgpu_orientation.expected("position x2", q, k, v)
+  np.testing.assert_allclose(per_position[:, 1, :, 5], tile[:, 16 + 5], rtol=1e-6)
 
 
 def test_tpu_overhead_times_steps_and_dma_groups_and_writes_json(monkeypatch, tmp_path):
