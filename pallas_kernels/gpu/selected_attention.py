@@ -644,25 +644,31 @@ def _forward_layout(lay: _Layout, sorted_idx, kernels: _Kernels) -> _Layout:
   return _mosaic_layout(lay, sorted_idx.shape[-1]) if kernels.forward else lay
 
 
+def _triton_operands(q, k, v, d_out, delta_per_head, lay: _Layout):
+  """The Triton dQ's and dK/dV's operands in `lay`'s rows and blocks: `(q, K, V, dO, delta)`."""
+  return (_to_rows(q, lay, lay.head_dim_pad), _to_blocks(k, lay, lay.head_dim_pad),
+          _to_blocks(v, lay, lay.head_dim_v_pad), _to_rows(d_out, lay, lay.head_dim_v_pad),
+          _to_rows(delta_per_head[..., None], lay, 1)[..., 0])
+
+
 def _selected_attention_bwd(scale, block, interpret, kernels, residuals, d_out):
   q, k, v, sorted_idx, halves, out_rows, lse = residuals
   lay = _layout(q, v, sorted_idx, block)
-  q_rows = _to_rows(q, lay, lay.head_dim_pad)
-  k_blocks = _to_blocks(k, lay, lay.head_dim_pad)
-  v_blocks = _to_blocks(v, lay, lay.head_dim_v_pad)
   d_out = d_out.astype(q.dtype)
-  do_rows = _to_rows(d_out, lay, lay.head_dim_v_pad)
   # delta = rowsum(dO * O) from the float32 output: from the output rounded to bfloat16 its error,
   # ~2^-9 |dO| |O|, enters every dS = P (dP - delta) and can exceed a small dq (2026-12-04: bf16,
   # T = 2, G = 4: dq 1.8e-2 relative error against the float64 oracle, 2.4e-3 from float32).
   out = _from_rows(out_rows, _forward_layout(lay, sorted_idx, kernels), lay.head_dim_v)
   delta_per_head = jnp.sum(out * d_out.astype(jnp.float32), axis=-1)  # [B, T, Hq]
-  delta = _to_rows(delta_per_head[..., None], lay, 1)[..., 0]
+  # Only a Triton kernel takes these (built eagerly, an un-jitted gradient would pay for them).
+  triton = (None if kernels.dq and kernels.dkv
+            else _triton_operands(q, k, v, d_out, delta_per_head, lay))
   slots = _slots(sorted_idx, lay)
   halves = _halves_slots(halves, lay)
   if kernels.dq:
     dq = _mosaic_dq(q, k, v, d_out, lse, delta_per_head, sorted_idx, lay, scale, interpret)
   else:
+    q_rows, k_blocks, v_blocks, do_rows, delta = triton
     dq = _from_rows(_dq(q_rows, k_blocks, v_blocks, do_rows, lse, delta, slots, lay, scale,
                         interpret, halves), lay, lay.head_dim)
   per_position = lambda x: x[:, :, :lay.seq_len].transpose(0, 2, 1, 3)  # [B, T, Hkv, n_pad]
@@ -677,6 +683,7 @@ def _selected_attention_bwd(scale, block, interpret, kernels, residuals, d_out):
     dk_parts, dv_parts = _mosaic_dkv(q, k, v, d_out, lse, delta_per_head, queries, items, lay,
                                      scale, interpret)
   else:
+    q_rows, k_blocks, v_blocks, do_rows, delta = triton
     dk_parts, dv_parts = _dkv(q_rows, k_blocks, v_blocks, do_rows, lse, delta, queries, items,
                               lay, scale, interpret, dkv_halves)
   dk = _sum_parts(dk_parts, items, lay, lay.head_dim).astype(k.dtype)
