@@ -101,11 +101,15 @@ def _position_loop(q_smem, k_smem, v_smem, p_smems, iters):
           for acc, _, col_sum in lax.fori_loop(0, iters, body, init)]
 
 
-def build(variant: str, num_ctas: int, iters: int = ITERS):
-  """The probe kernel of `variant`: `(q [C, rows, D], k, v [C, l', D]) -> out`, `rows` = 64
-  (tile) or 16 P (position xP)."""
+def query_rows(variant: str) -> int:
+  """A CTA's query rows: 64 (tile) or 16 P (position xP)."""
   positions = VARIANTS[variant]
-  rows = HEADS * positions if positions else 64
+  return HEADS * positions if positions else 64
+
+
+def build(variant: str, num_ctas: int, iters: int = ITERS):
+  """The probe kernel of `variant`: `(q [C, query_rows, D], k, v [C, l', D]) -> out`."""
+  positions, rows = VARIANTS[variant], query_rows(variant)
   out_shape = (num_ctas, positions, HEAD_DIM, HEADS) if positions else (num_ctas, rows, HEAD_DIM)
 
   def kernel(q_ref, k_ref, v_ref, o_ref, q_smem, k_smem, v_smem, o_smem, barrier, *p_smems):
@@ -133,10 +137,8 @@ def build(variant: str, num_ctas: int, iters: int = ITERS):
 
 
 def inputs(variant: str, num_ctas: int):
-  positions = VARIANTS[variant]
-  rows = HEADS * positions if positions else 64
   keys = jax.random.split(jax.random.key(0), 3)
-  return (jax.random.normal(keys[0], (num_ctas, rows, HEAD_DIM)).astype(DTYPE),
+  return (jax.random.normal(keys[0], (num_ctas, query_rows(variant), HEAD_DIM)).astype(DTYPE),
           *(jax.random.normal(key, (num_ctas, BLOCK, HEAD_DIM)).astype(DTYPE)
             for key in keys[1:]))
 
@@ -165,7 +167,7 @@ def time_variant(variant: str, num_ctas: int, repeats: int = 5) -> dict:
     fn(*args).block_until_ready()
     times.append(time.perf_counter() - start)
   ms = min(times) * 1e3
-  rows = args[0].shape[1]
+  rows = query_rows(variant)
   flops = num_ctas * ITERS * 4.0 * rows * BLOCK * HEAD_DIM
   return dict(variant=variant, rows=rows, ms=ms, tflops=flops / ms / 1e9, max_error=error)
 
