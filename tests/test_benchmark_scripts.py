@@ -21,7 +21,7 @@ def on_xla(fn):
 
 
 @pytest.mark.parametrize("platform,dense", [("gpu", "dense_cudnn"), ("tpu", "dense_splash")])
-def test_bench_kernels_times_every_part_and_writes_json(monkeypatch, tmp_path, platform, dense):
+def test_bench_kernels_times_each_part_and_writes_json(monkeypatch, tmp_path, platform, dense):
   monkeypatch.setattr(bench_kernels, "HQ", 4)
   for name in ("select_blocks", "nsa_attention", "sliding_window_attention",
                "compressed_attention", "compressed_attention_and_selection",
@@ -46,9 +46,14 @@ def test_bench_kernels_times_every_part_and_writes_json(monkeypatch, tmp_path, p
               if platform == "gpu" else set())
   expected = {"nsa", "compressed", "cmp+selection", "selected", "cmp+slc apart", "cmp+slc fused",
               "window", dense} | gpu_only
-  # The separate-K/V pair is the same on both platforms: left out of the TPU run by --parts
-  # (which times only the parts it names).
-  named = expected - ({"cmp+slc apart", "cmp+slc fused"} if platform == "tpu" else set())
+  assert set(bench_kernels.parts_for(256, bench_kernels.PAPER, platform=kernels)) == expected
+  # Timed: the parts that compile a program of their own here. Left out by --parts (which times
+  # only the parts it names): the separate-K/V pair on TPU (the same on both platforms), and the
+  # GPU parts that are another part under kernel switches (`on_mosaic`, tested below; "nsa
+  # default" is "nsa"), the same program through the XLA stand-ins.
+  switched = {"selected mosaic", "nsa mosaic", "selected mosaic dkv", "nsa mosaic dkv",
+              "nsa mosaic scores", "nsa default", "scores mosaic"}
+  named = expected - ({"cmp+slc apart", "cmp+slc fused"} if platform == "tpu" else switched)
   monkeypatch.setattr("sys.argv", ["bench_kernels", "--seq_lens", "256", "--fla_seq_lens", "",
                                    "--repeats", "1", "--num_kv_heads", "2", "--out", str(out),
                                    "--platform", platform, "--parts", ",".join(sorted(named))])
@@ -134,12 +139,18 @@ def test_bench_kernels_times_the_selection_on_trained_indices(monkeypatch, tmp_p
   monkeypatch.setattr("sys.argv", [
       "bench_kernels", "--seq_lens", "128,256", "--fla_seq_lens", "", "--repeats", "1",
       "--num_kv_heads", "2", "--out", str(out), "--trained_indices", str(path),
-      "--parts", "selected,selected trained,nsa composed,nsa trained,selected trained mosaic"])
+      "--parts", "selected,selected trained,nsa composed,nsa trained"])
   bench_kernels.main()
   result = json.loads(out.read_text())
   assert [(r["seq_len"], r["part"]) for r in result["paper"]] == [
       (128, "selected"), (256, "selected"), (256, "nsa composed"), (256, "nsa trained"),
-      (256, "selected trained"), (256, "selected trained mosaic")]
+      (256, "selected trained")]
+  # The GPU's other trained parts are these under kernel switches (the same programs here).
+  switched = {f"{name}{switch}" for name in ("nsa trained", "selected trained")
+              for switch in (" mosaic", " mosaic dkv")}
+  assert set(bench_kernels.trained_parts(config, kernels, 0.0, 0.0)) == {
+      "nsa composed", "nsa trained", "selected trained", "nsa trained default",
+      "nsa trained mosaic scores"} | switched
   assert result["trained_indices"] == str(path)
   assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 for r in result["paper"])
 

@@ -8,7 +8,7 @@ import pytest
 from experiments import scaling
 
 TINY = ["--set", "batch_size=8", "--set", "seq_len=64", "--set", "model.num_kv_heads=2",
-        "--set", "eval_batches=1"]
+        "--set", "eval_batches=1", "--set", "model.num_layers=1"]
 
 
 def test_scaling_on_two_cpu_devices_matches_one_device(tmp_path, capsys):
