@@ -14,7 +14,8 @@ import pytest
 from flax import nnx
 
 from experiments.probes import (branch_mix, decode_floor, gpu_trace, key_reading,
-                                mgpu_orientation, passkey_phase, selected_floor, tpu_overhead)
+                                mgpu_orientation, passkey_phase, score_floor, selected_floor,
+                                tpu_overhead)
 from nsa_jax import NSAConfig, nn
 
 
@@ -148,6 +149,27 @@ def test_selected_floor_variants_run_in_interpret_mode_and_write_json(tmp_path):
   assert set(rows) == set(selected_floor.VARIANTS) and result["selected_blocks"] > 0
   for name in selected_floor.SAME_OUTPUT:
     assert rows[name]["max_abs_diff"] < 1e-2  # bfloat16 outputs, other summation orders
+
+
+def test_score_floor_variants_run_in_interpret_mode_and_write_json(tmp_path):
+  # Each variant swaps the score pass's kernel body; the one that keeps its output (the
+  # polynomial exponential) must match the shipped pass, the others only run.
+  out = tmp_path / "score_floor.json"
+  score_floor.main(["--seq_len", "256", "--interpret", "--out", str(out)])
+  rows = {row["variant"]: row for row in json.loads(out.read_text())["rows"]}
+  assert set(rows) == set(score_floor.VARIANTS)
+  for name in score_floor.SAME_OUTPUT:
+    assert rows[name]["max_rel_diff"] < 2e-6
+
+
+def test_exp2_poly_is_exp2_to_float32_precision():
+  x = jax.random.uniform(jax.random.key(np.random.randint(2**31)), (100_000,), jnp.float32,
+                         -130.0, 0.0)
+  x = jnp.concatenate([x, jnp.array([0.0, -0.5, -126.0, -127.0, -1e30, -jnp.inf], jnp.float32)])
+  got, want = np.asarray(score_floor.exp2_poly(x)), np.exp2(np.asarray(x, np.float64))
+  normal = want >= 2.0 ** -126
+  np.testing.assert_allclose(got[normal], want[normal], rtol=5e-7)
+  assert np.all(got[np.asarray(x) <= -127.0] == 0.0)  # -inf included
 
 
 def test_gpu_trace_reports_the_ops_of_the_traced_calls():

@@ -465,9 +465,10 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, lay, scale, slc_block, slc_cols,
 
 
 def _scores_kernel(q_ref, k_ref, lse_ref, score_ref, *, lay, scale, slc_block, slc_cols,
-                   slc_spill):
+                   slc_spill, exp2=jnp.exp2):
   """The selection scores alone, from a given log-sum-exp (base 2, +inf where a row sees
-  nothing): pass 2 of `_forward_kernel` without the values."""
+  nothing): pass 2 of `_forward_kernel` without the values. (`exp2`: the probe
+  `experiments.probes.score_floor` swaps in a polynomial.)"""
   tile = pl.program_id(0)
   q, lse = q_ref[...], lse_ref[...]
   row_pos = _row_positions(tile, lay)
@@ -477,7 +478,7 @@ def _scores_kernel(q_ref, k_ref, lse_ref, score_ref, *, lay, scale, slc_block, s
   def body(kt, spill, masked):
     keys = pl.ds(kt * SCORE_KEYS, SCORE_KEYS)
     s, _ = _scores(q, k_ref[keys, :], kt * SCORE_KEYS, row_pos, lay, scale, masked)
-    return writer.update(kt, jnp.exp2(s - lse[:, None]), spill)
+    return writer.update(kt, exp2(s - lse[:, None]), spill)
 
   spill = masked_split_loop(_full_tile_count(tile, lay, SCORE_KEYS), num_tiles, body,
                             writer.init())

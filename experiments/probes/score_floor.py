@@ -1,0 +1,188 @@
+"""What bounds the GPU selection-score pass (`nsa_selection_scores`): the same launch with parts
+taken out, and with its exponentials on the FMA units.
+
+    python -m experiments.probes.score_floor [--seq_len 65536] [--out out/score_floor.json]
+        [--settings SCORE_KEYS=128,SCORE_NUM_WARPS=4] [--variants kernel,mma]
+
+B=1, Hq=64, Hkv=4 (G = 16), D=128, bf16, paper config, random inputs (as `bench_kernels`'
+`scores` row: `selection_scores_from_lse` on Triton from the compressed branch's log-sum-exp).
+Each row swaps the body of `pallas_kernels.gpu.compressed_attention._scores_kernel` and times the
+same `pallas_call` (grid, block specs, launch settings). A variant keeps its loop's values live by
+an elementwise float32 carry whose head sums it stores once at the end:
+
+- `kernel`: the shipped pass (`q . k_cmp`, `exp2(s - lse)`, head sums, block sums, stores);
+- `mma`: the scores `s` alone (the loads and the tensor-core dots, and the causal mask);
+- `exp`: `s` and `exp2(s - lse)` (`jnp.exp2`: one MUFU `ex2` a score);
+- `exp_poly`: `s` and `exp2` as a degree-6 polynomial on the FMA units (`exp2_poly`);
+- `exp_alternating`: `exp2` on MUFU in even key tiles, the polynomial in odd ones;
+- `group`: `exp`, then the sum over each position's heads (`_group_sum`) every tile;
+- `kernel_poly`: the shipped pass with `exp2_poly` for `jnp.exp2`: same scores to ~1e-6.
+
+The time of a step that is only `mma` is the pass's MMA and load floor; `exp` minus `mma` what
+the exponentials add where they do not overlap the dots; `group` minus `exp` the head sums.
+Prints a table (ms, TF/s of `Q K_cmp^T`), writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+import nsa_jax
+from experiments.bench_kernels import D, HKV, HQ, median_ms, random_qkv
+from pallas_kernels.gpu import compressed_attention as cmp_kernel
+from pallas_kernels.gpu.tile_math import masked_split_loop
+
+# 2^f = e^(f ln 2) on f in [-1/2, 1/2]: Taylor terms (ln 2)^i / i!, i = 0..6; the first term
+# left out is (ln 2 / 2)^7 / 7! ~ 1.2e-7 of the value, about float32's epsilon.
+_EXP2_TERMS = tuple(float(np.log(2.0) ** i / np.prod(np.arange(1, i + 1))) for i in range(7))
+
+
+# Adding 1.5 * 2^23 rounds a float32 of magnitude < 2^22 to an integer held in the sum's low
+# mantissa bits: no conversion instructions (a quarter of the FMA rate, like MUFU's).
+_ROUNDER = 1.5 * 2.0 ** 23
+_ROUNDER_BITS = 0x4B400000  # its float32 bits
+
+
+def exp2_poly(x):
+  """`2^x` for float32 `x <= ~0` on the FMA units (no MUFU `ex2`): `2^n * p(x - n)`, `n` the
+  nearest integer, `2^n` built in the exponent bits; 0 at and below -127 (-inf included)."""
+  # The clamp of the sum also keeps XLA from folding `(x + c) - c` into `x`.
+  shifted = jnp.maximum(x + _ROUNDER, _ROUNDER - 127.0)
+  f = jnp.maximum(x, -127.0) - (shifted - _ROUNDER)
+  p = jnp.full_like(f, _EXP2_TERMS[-1])
+  for term in reversed(_EXP2_TERMS[:-1]):
+    p = p * f + term
+  n_plus_bias = jax.lax.bitcast_convert_type(shifted, jnp.int32) - (_ROUNDER_BITS - 127)
+  return p * jax.lax.bitcast_convert_type(jax.lax.shift_left(n_plus_bias, 23), jnp.float32)
+
+
+def _loop_kernel(q_ref, k_ref, lse_ref, score_ref, *, lay, scale, slc_block, slc_cols,
+                 slc_spill, step, grouped=False):
+  """The loop over the key tiles with `step(s, lse, kt)` (`[R, keys]`, or `[P, keys]` where
+  `grouped`) as its work, summed elementwise into the carry; the carry's head sums are stored
+  once, in the first columns."""
+  del slc_block, slc_cols, slc_spill
+  tile = pl.program_id(0)
+  q, lse = q_ref[...], lse_ref[...]
+  row_pos = cmp_kernel._row_positions(tile, lay)
+  keys = cmp_kernel.SCORE_KEYS
+
+  def body(kt, acc, masked):
+    s, _ = cmp_kernel._scores(q, k_ref[pl.ds(kt * keys, keys), :], kt * keys, row_pos, lay,
+                              scale, masked)
+    return acc + step(s, lse, kt)
+
+  acc = masked_split_loop(cmp_kernel._full_tile_count(tile, lay, keys),
+                          cmp_kernel._tile_count(tile, lay, keys), body,
+                          jnp.zeros((lay.positions if grouped else lay.rows, keys), jnp.float32))
+  cmp_kernel._store_scores(score_ref, acc if grouped else cmp_kernel._group_sum(acc, lay), tile,
+                           0, keys, lay)
+
+
+def _step_kernel(step, grouped=False):
+  return lambda *refs, **kw: _loop_kernel(*refs, step=step, grouped=grouped, **kw)
+
+
+def _group_step(s, lse, lay):
+  return cmp_kernel._group_sum(jnp.exp2(s - lse[:, None]), lay)
+
+
+def _alternating_step(s, lse, kt):
+  """`exp2(s - lse)` on MUFU in even key tiles, on the FMA units in odd ones."""
+  return jax.lax.cond(jax.lax.rem(kt, 2) == 0, jnp.exp2, exp2_poly, s - lse[:, None])
+
+
+VARIANTS = {  # name -> the kernel body (None: the shipped one)
+    "kernel": None,
+    "mma": _step_kernel(lambda s, lse, kt: s),
+    "exp": _step_kernel(lambda s, lse, kt: jnp.exp2(s - lse[:, None])),
+    "exp_poly": _step_kernel(lambda s, lse, kt: exp2_poly(s - lse[:, None])),
+    "exp_alternating": _step_kernel(_alternating_step),
+    "group": lambda *refs, lay, **kw: _loop_kernel(
+        *refs, lay=lay, step=lambda s, lse, kt: _group_step(s, lse, lay), grouped=True, **kw),
+    "kernel_poly": functools.partial(cmp_kernel._scores_kernel, exp2=exp2_poly),
+}
+SAME_OUTPUT = ("kernel_poly",)
+LAUNCH_SETTINGS = ("SCORE_ROWS", "SCORE_KEYS", "SCORE_NUM_WARPS")
+
+
+def run_variant(name, q, k_cmp, lse, config, repeats, interpret=False):
+  """`(ms, scores)` of the score pass with the variant's kernel body."""
+  body = VARIANTS[name]
+  fn = jax.jit(lambda q, k_cmp, lse: cmp_kernel.selection_scores_from_lse(
+      q, k_cmp, lse, block=config.cmp_block, stride=config.cmp_stride,
+      slc_block=config.slc_block, scale=D ** -0.5, interpret=interpret))
+  jax.clear_caches()
+  shipped, saved = cmp_kernel._scores_kernel, cmp_kernel.SCORES
+  try:
+    cmp_kernel.SCORES = "triton"
+    if body is not None:
+      cmp_kernel._scores_kernel = body
+    out = fn(q, k_cmp, lse)
+    ms = median_ms(fn, (q, k_cmp, lse), repeats) if repeats else float("nan")
+  finally:
+    cmp_kernel._scores_kernel, cmp_kernel.SCORES = shipped, saved
+    jax.clear_caches()
+  return ms, out
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--seq_len", type=int, default=65536)
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--variants", default=",".join(VARIANTS))
+  parser.add_argument("--settings", default="",
+                      help="launch settings of the pass, e.g. SCORE_KEYS=128,SCORE_NUM_WARPS=4")
+  parser.add_argument("--interpret", action="store_true", help="CPU plumbing check")
+  parser.add_argument("--out", default=None)
+  args = parser.parse_args(argv)
+  settings = dict(setting.split("=") for setting in filter(None, args.settings.split(",")))
+  for name, value in settings.items():
+    if name not in LAUNCH_SETTINGS:
+      raise ValueError(f"--settings takes {LAUNCH_SETTINGS}, got {name}")
+    setattr(cmp_kernel, name, int(value))
+  t, config = args.seq_len, nsa_jax.NSAConfig()
+  q, k, v = random_qkv(t, HKV)
+  k_cmp, v_cmp = nsa_jax.compress_kv(k, v, block=config.cmp_block, stride=config.cmp_stride)
+  lse = nsa_jax.compressed_attention(
+      q, k_cmp, v_cmp, block=config.cmp_block, stride=config.cmp_stride,
+      implementation="xla" if args.interpret else "pallas_gpu")[1]
+  num_cmp = config.num_cmp_blocks(t)
+  flops = 2.0 * HQ * t * (num_cmp / 2) * D  # Q K_cmp^T over the visible half, causally
+  rows, reference = [], None
+  for name in args.variants.split(","):
+    ms, out = run_variant(name, q, k_cmp, lse, config,
+                          0 if args.interpret else args.repeats, args.interpret)
+    row = dict(variant=name, ms=ms, tflops=flops / ms / 1e9)
+    if name == "kernel":
+      reference = out
+    if name in SAME_OUTPUT and reference is not None:
+      # Defined where the top-n reads: row t, blocks j <= t // l'.
+      blocks = jnp.arange(out.shape[3])[None, :] <= jnp.arange(out.shape[2])[:, None] // (
+          config.slc_block)
+      gap = jnp.where(blocks, jnp.abs(out - reference), 0.0)
+      row["max_rel_diff"] = float(jnp.max(gap) / jnp.max(jnp.where(blocks, reference, 0.0)))
+    rows.append(row)
+    diff = f"  max rel diff {row['max_rel_diff']:.1e}" if "max_rel_diff" in row else ""
+    print(f"{name:>15} {ms:8.2f} ms {row['tflops']:6.1f} TF/s{diff}", flush=True)
+  result = dict(date=datetime.date.today().isoformat(), device=jax.devices()[0].device_kind,
+                settings={name: getattr(cmp_kernel, name) for name in LAUNCH_SETTINGS}, seq_len=t,
+                num_heads=HQ, num_kv_heads=HKV, head_dim=D, rows=rows)
+  if args.out:
+    path = pathlib.Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+  return result
+
+
+if __name__ == "__main__":
+  main()
