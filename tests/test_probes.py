@@ -162,6 +162,19 @@ def test_score_floor_variants_run_in_interpret_mode_and_write_json(tmp_path):
     assert rows[name]["max_rel_diff"] < 2e-6
 
 
+@pytest.mark.parametrize("variant", sorted(score_floor.VARIANTS))
+def test_score_floor_kernels_lower_for_a_gpu(variant):
+  # Triton's lowering refuses some of what the interpreter runs (a `%` inside `lax.cond` once).
+  from tests.test_lowering import pallas_kernels  # pylint: disable=g-import-not-at-top
+  config, t = NSAConfig(), 1024
+  args = (jax.ShapeDtypeStruct((1, t, 64, 128), jnp.bfloat16),
+          jax.ShapeDtypeStruct((1, config.num_cmp_blocks(t), 4, 128), jnp.bfloat16),
+          jax.ShapeDtypeStruct((1, t, 64), jnp.float32))
+  with score_floor.variant_installed(variant):
+    assert pallas_kernels("cuda", score_floor.score_pass(config), *args) == [
+        "nsa_selection_scores"]
+
+
 def test_exp2_poly_is_exp2_to_float32_precision():
   x = jax.random.uniform(jax.random.key(np.random.randint(2**31)), (100_000,), jnp.float32,
                          -130.0, 0.0)

@@ -2,7 +2,7 @@
 taken out, and with its exponentials on the FMA units.
 
     python -m experiments.probes.score_floor [--seq_len 65536] [--out out/score_floor.json]
-        [--settings SCORE_KEYS=128,SCORE_NUM_WARPS=4] [--variants kernel,mma]
+        [--variants kernel,mma,...]
 
 B=1, Hq=64, Hkv=4 (G = 16), D=128, bf16, paper config, random inputs (as `bench_kernels`'
 `scores` row: `selection_scores_from_lse` on Triton from the compressed branch's log-sum-exp).
@@ -26,6 +26,7 @@ Prints a table (ms, TF/s of `Q K_cmp^T`), writes JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import functools
 import json
@@ -112,26 +113,38 @@ VARIANTS = {  # name -> the kernel body (None: the shipped one)
     "kernel_poly": functools.partial(cmp_kernel._scores_kernel, exp2=exp2_poly),
 }
 SAME_OUTPUT = ("kernel_poly",)
-LAUNCH_SETTINGS = ("SCORE_ROWS", "SCORE_KEYS", "SCORE_NUM_WARPS")
 
 
-def run_variant(name, q, k_cmp, lse, config, repeats, interpret=False):
-  """`(ms, scores)` of the score pass with the variant's kernel body."""
+@contextlib.contextmanager
+def variant_installed(name):
+  """Inside: the score pass on Triton with the variant's kernel body (jit caches cleared on the
+  way in and out, so calls trace it afresh)."""
   body = VARIANTS[name]
-  fn = jax.jit(lambda q, k_cmp, lse: cmp_kernel.selection_scores_from_lse(
-      q, k_cmp, lse, block=config.cmp_block, stride=config.cmp_stride,
-      slc_block=config.slc_block, scale=D ** -0.5, interpret=interpret))
-  jax.clear_caches()
   shipped, saved = cmp_kernel._scores_kernel, cmp_kernel.SCORES
+  jax.clear_caches()
   try:
     cmp_kernel.SCORES = "triton"
     if body is not None:
       cmp_kernel._scores_kernel = body
-    out = fn(q, k_cmp, lse)
-    ms = median_ms(fn, (q, k_cmp, lse), repeats) if repeats else float("nan")
+    yield
   finally:
     cmp_kernel._scores_kernel, cmp_kernel.SCORES = shipped, saved
     jax.clear_caches()
+
+
+def score_pass(config, interpret=False):
+  """`(q, k_cmp, lse) -> scores`: `selection_scores_from_lse` with the config's settings."""
+  return lambda q, k_cmp, lse: cmp_kernel.selection_scores_from_lse(
+      q, k_cmp, lse, block=config.cmp_block, stride=config.cmp_stride,
+      slc_block=config.slc_block, scale=D ** -0.5, interpret=interpret)
+
+
+def run_variant(name, q, k_cmp, lse, config, repeats, interpret=False):
+  """`(ms, scores)` of the score pass with the variant's kernel body."""
+  fn = jax.jit(score_pass(config, interpret))
+  with variant_installed(name):
+    out = fn(q, k_cmp, lse)
+    ms = median_ms(fn, (q, k_cmp, lse), repeats) if repeats else float("nan")
   return ms, out
 
 
@@ -140,16 +153,9 @@ def main(argv=None):
   parser.add_argument("--seq_len", type=int, default=65536)
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--variants", default=",".join(VARIANTS))
-  parser.add_argument("--settings", default="",
-                      help="launch settings of the pass, e.g. SCORE_KEYS=128,SCORE_NUM_WARPS=4")
   parser.add_argument("--interpret", action="store_true", help="CPU plumbing check")
   parser.add_argument("--out", default=None)
   args = parser.parse_args(argv)
-  settings = dict(setting.split("=") for setting in filter(None, args.settings.split(",")))
-  for name, value in settings.items():
-    if name not in LAUNCH_SETTINGS:
-      raise ValueError(f"--settings takes {LAUNCH_SETTINGS}, got {name}")
-    setattr(cmp_kernel, name, int(value))
   t, config = args.seq_len, nsa_jax.NSAConfig()
   q, k, v = random_qkv(t, HKV)
   k_cmp, v_cmp = nsa_jax.compress_kv(k, v, block=config.cmp_block, stride=config.cmp_stride)
@@ -175,8 +181,7 @@ def main(argv=None):
     diff = f"  max rel diff {row['max_rel_diff']:.1e}" if "max_rel_diff" in row else ""
     print(f"{name:>15} {ms:8.2f} ms {row['tflops']:6.1f} TF/s{diff}", flush=True)
   result = dict(date=datetime.date.today().isoformat(), device=jax.devices()[0].device_kind,
-                settings={name: getattr(cmp_kernel, name) for name in LAUNCH_SETTINGS}, seq_len=t,
-                num_heads=HQ, num_kv_heads=HKV, head_dim=D, rows=rows)
+                seq_len=t, num_heads=HQ, num_kv_heads=HKV, head_dim=D, rows=rows)
   if args.out:
     path = pathlib.Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
