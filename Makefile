@@ -26,10 +26,8 @@ compare: $(STAMP)
 
 # The CPU suite compiles hundreds of small programs, for which LLVM's optimisation passes cost
 # more than they save (2026-12-04: the interpreted-kernel and XLA tests ~30% faster at level 0).
-# --dist worksteal: a worker that runs out of tests takes some of the other's, so a long test
-# near the end does not leave one core idle.
 test: $(STAMP)
-	XLA_FLAGS="--xla_backend_optimization_level=0 $$XLA_FLAGS" $(PY) -m pytest -q -n 2 --dist worksteal tests
+	XLA_FLAGS="--xla_backend_optimization_level=0 $$XLA_FLAGS" $(PY) -m pytest -q -n 2 tests
 
 # On a GPU machine (already has JAX with CUDA): the GPU-marked tests at real sizes. Only the files
 # that hold them, so the machine needs no experiment packages (ml_collections, orbax).
