@@ -48,7 +48,8 @@ _EXP2_TERMS = tuple(float(np.log(2.0) ** i / np.prod(np.arange(1, i + 1))) for i
 
 
 # Adding 1.5 * 2^23 rounds a float32 of magnitude < 2^22 to an integer held in the sum's low
-# mantissa bits: no conversion instructions (a quarter of the FMA rate, like MUFU's).
+# mantissa bits: no conversion instructions (16 a clock an SM on Hopper, MUFU's rate, against 128
+# FMAs).
 _ROUNDER = 1.5 * 2.0 ** 23
 _ROUNDER_BITS = 0x4B400000  # its float32 bits
 
