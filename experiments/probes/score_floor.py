@@ -16,10 +16,17 @@ an elementwise float32 carry whose head sums it stores once at the end:
 - `exp_poly`: `s` and `exp2` as a degree-6 polynomial on the FMA units (`exp2_poly`);
 - `exp_alternating`: `exp2` on MUFU in even key tiles, the polynomial in odd ones;
 - `group`: `exp`, then the sum over each position's heads (`_group_sum`) every tile;
-- `kernel_poly`: the shipped pass with `exp2_poly` for `jnp.exp2`: same scores to ~1e-6.
+- `block_sums`: `group`, then each selection block's plain sum (a reshape of the keys);
+- `block_scores`: `group`, then the blocks' scores (`_block_sum_scores`: sums, tail sums, the
+  shift by one block), all but the stores;
+- `kernel_poly`: the shipped pass with `exp2_poly` for `jnp.exp2`: same scores to ~1e-6;
+- `kernel_alternating`: the shipped pass with `exp_alternating`'s exponentials;
+- `kernel_blocks_first`: the shipped pass with the blocks' sums taken per row, before the head
+  sums (`_BlocksFirstWriter`).
 
 The time of a step that is only `mma` is the pass's MMA and load floor; `exp` minus `mma` what
-the exponentials add where they do not overlap the dots; `group` minus `exp` the head sums.
+the exponentials add where they do not overlap the dots; `group` minus `exp` the head sums;
+`block_sums`, `block_scores` and `kernel` add the blocks' sums, their tails and shift, the stores.
 Prints a table (ms, TF/s of `Q K_cmp^T`), writes JSON.
 """
 
@@ -40,6 +47,7 @@ from jax.experimental import pallas as pl
 import nsa_jax
 from experiments.bench_kernels import D, HKV, HQ, median_ms, random_qkv
 from pallas_kernels.gpu import compressed_attention as cmp_kernel
+from pallas_kernels.decode_partials import tail_weight
 from pallas_kernels.gpu.tile_math import masked_split_loop
 
 # 2^f = e^(f ln 2) on f in [-1/2, 1/2]: Taylor terms (ln 2)^i / i!, i = 0..6; the first term
@@ -68,11 +76,11 @@ def exp2_poly(x):
 
 
 def _loop_kernel(q_ref, k_ref, lse_ref, score_ref, *, lay, scale, slc_block, slc_cols,
-                 slc_spill, step, grouped=False):
-  """The loop over the key tiles with `step(s, lse, kt)` (`[R, keys]`, or `[P, keys]` where
-  `grouped`) as its work, summed elementwise into the carry; the carry's head sums are stored
-  once, in the first columns."""
-  del slc_block, slc_cols, slc_spill
+                 slc_spill, step, grouped=False, width=None):
+  """The loop over the key tiles with `step(s, lse, kt)` (`[R, keys]`, or `[P, width]` where
+  `grouped`; `width` defaults to the keys) as its work, summed elementwise into the carry; the
+  carry's head sums are stored once, in the first columns."""
+  del slc_cols, slc_spill
   tile = pl.program_id(0)
   q, lse = q_ref[...], lse_ref[...]
   row_pos = cmp_kernel._row_positions(tile, lay)
@@ -85,9 +93,10 @@ def _loop_kernel(q_ref, k_ref, lse_ref, score_ref, *, lay, scale, slc_block, slc
 
   acc = masked_split_loop(cmp_kernel._full_tile_count(tile, lay, keys),
                           cmp_kernel._tile_count(tile, lay, keys), body,
-                          jnp.zeros((lay.positions if grouped else lay.rows, keys), jnp.float32))
+                          jnp.zeros((lay.positions, width or keys) if grouped
+                                    else (lay.rows, keys), jnp.float32))
   cmp_kernel._store_scores(score_ref, acc if grouped else cmp_kernel._group_sum(acc, lay), tile,
-                           0, keys, lay)
+                           0, acc.shape[1], lay)
 
 
 def _step_kernel(step, grouped=False):
@@ -98,9 +107,47 @@ def _group_step(s, lse, lay):
   return cmp_kernel._group_sum(jnp.exp2(s - lse[:, None]), lay)
 
 
-def _alternating_step(s, lse, kt):
-  """`exp2(s - lse)` on MUFU in even key tiles, on the FMA units in odd ones."""
-  return jax.lax.cond(jax.lax.rem(kt, 2) == 0, jnp.exp2, exp2_poly, s - lse[:, None])
+def _block_sums_step(s, lse, lay, slc_block, whole):
+  """`group`, then each selection block's plain sum (`whole`: its score, tails and shift too)."""
+  p_grp = _group_step(s, lse, lay)
+  if whole:
+    scores, last = cmp_kernel._block_sum_scores(p_grp, jnp.zeros(p_grp.shape[:1], jnp.float32),
+                                                lay, slc_block)
+    return scores + last[:, None]
+  return jnp.sum(p_grp.reshape(p_grp.shape[0], -1, slc_block // lay.stride), axis=2)
+
+
+def _grouped_kernel(step, blocks=False):
+  """`_loop_kernel` over `[P, keys]` (`blocks`: `[P, owned]`) steps `step(s, lse, lay, l')`."""
+  def kernel(*refs, lay, slc_block, **kw):
+    width = cmp_kernel.SCORE_KEYS * lay.stride // slc_block if blocks else None
+    return _loop_kernel(*refs, lay=lay, slc_block=slc_block, grouped=True, width=width,
+                        step=lambda s, lse, kt: step(s, lse, lay, slc_block), **kw)
+  return kernel
+
+
+def alternating_exp2(x, kt):
+  """`exp2(x)` on MUFU in even key tiles `kt`, on the FMA units in odd ones."""
+  return jax.lax.cond(jax.lax.rem(kt, 2) == 0, jnp.exp2, exp2_poly, x)
+
+
+class _BlocksFirstWriter(cmp_kernel._ScoreWriter):
+  """The shipped scores with the blocks' sums and tails taken per row, before the head sums
+  (which then reduce `[R, owned]` twice instead of `[R, keys]` once)."""
+
+  def update(self, kt, p, spill):
+    lay = self.lay
+    per_cmp, per_slc = lay.block // lay.stride, self.slc_block // lay.stride
+    if not self.block_sums or per_cmp == 1:
+      return super().update(kt, p, spill)
+    by_block = p.reshape(p.shape[0], self.owned, per_slc)
+    weights = tail_weight(jnp.arange(per_slc), per_cmp, per_slc)[None, None, :]
+    tails = jnp.sum(by_block * weights, axis=2)
+    own = cmp_kernel._group_sum(per_cmp * jnp.sum(by_block, axis=2) - tails, lay)
+    previous, spill = cmp_kernel._shift_one_block(cmp_kernel._group_sum(tails, lay), spill)
+    cmp_kernel._store_scores(self.score_ref, own + previous, self.tile, kt * self.owned,
+                             self.owned, lay)
+    return spill
 
 
 VARIANTS = {  # name -> the kernel body (None: the shipped one)
@@ -108,12 +155,17 @@ VARIANTS = {  # name -> the kernel body (None: the shipped one)
     "mma": _step_kernel(lambda s, lse, kt: s),
     "exp": _step_kernel(lambda s, lse, kt: jnp.exp2(s - lse[:, None])),
     "exp_poly": _step_kernel(lambda s, lse, kt: exp2_poly(s - lse[:, None])),
-    "exp_alternating": _step_kernel(_alternating_step),
-    "group": lambda *refs, lay, **kw: _loop_kernel(
-        *refs, lay=lay, step=lambda s, lse, kt: _group_step(s, lse, lay), grouped=True, **kw),
-    "kernel_poly": functools.partial(cmp_kernel._scores_kernel, exp2=exp2_poly),
+    "exp_alternating": _step_kernel(lambda s, lse, kt: alternating_exp2(s - lse[:, None], kt)),
+    "group": _grouped_kernel(lambda s, lse, lay, slc_block: _group_step(s, lse, lay)),
+    "block_sums": _grouped_kernel(functools.partial(_block_sums_step, whole=False), blocks=True),
+    "block_scores": _grouped_kernel(functools.partial(_block_sums_step, whole=True), blocks=True),
+    "kernel_poly": functools.partial(cmp_kernel._scores_kernel,
+                                     exp2=lambda x, kt: exp2_poly(x)),
+    "kernel_alternating": functools.partial(cmp_kernel._scores_kernel, exp2=alternating_exp2),
+    "kernel_blocks_first": functools.partial(cmp_kernel._scores_kernel,
+                                             writer=_BlocksFirstWriter),
 }
-SAME_OUTPUT = ("kernel_poly",)
+SAME_OUTPUT = ("kernel_poly", "kernel_alternating", "kernel_blocks_first")
 
 
 @contextlib.contextmanager

@@ -465,20 +465,21 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, lay, scale, slc_block, slc_cols,
 
 
 def _scores_kernel(q_ref, k_ref, lse_ref, score_ref, *, lay, scale, slc_block, slc_cols,
-                   slc_spill, exp2=jnp.exp2):
+                   slc_spill, exp2=lambda x, kt: jnp.exp2(x), writer=None):
   """The selection scores alone, from a given log-sum-exp (base 2, +inf where a row sees
-  nothing): pass 2 of `_forward_kernel` without the values. (`exp2`: the probe
-  `experiments.probes.score_floor` swaps in a polynomial.)"""
+  nothing): pass 2 of `_forward_kernel` without the values. (`exp2(x, key_tile)` and the
+  `writer` class: the probe `experiments.probes.score_floor` swaps in others.)"""
   tile = pl.program_id(0)
   q, lse = q_ref[...], lse_ref[...]
   row_pos = _row_positions(tile, lay)
   num_tiles = _tile_count(tile, lay, SCORE_KEYS)
-  writer = _ScoreWriter(score_ref, tile, lay, slc_block, slc_cols, slc_spill, SCORE_KEYS)
+  writer = (writer or _ScoreWriter)(score_ref, tile, lay, slc_block, slc_cols, slc_spill,
+                                    SCORE_KEYS)
 
   def body(kt, spill, masked):
     keys = pl.ds(kt * SCORE_KEYS, SCORE_KEYS)
     s, _ = _scores(q, k_ref[keys, :], kt * SCORE_KEYS, row_pos, lay, scale, masked)
-    return writer.update(kt, exp2(s - lse[:, None]), spill)
+    return writer.update(kt, exp2(s - lse[:, None], kt), spill)
 
   spill = masked_split_loop(_full_tile_count(tile, lay, SCORE_KEYS), num_tiles, body,
                             writer.init())
