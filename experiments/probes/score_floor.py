@@ -23,8 +23,9 @@ an elementwise float32 carry whose head sums it stores once at the end:
 - `kernel_alternating`: the shipped pass with `exp_alternating`'s exponentials;
 - `kernel_blocks_first`: the shipped pass with the blocks' sums taken per row, before the head
   sums (`_BlocksFirstWriter`);
-- `kernel_pipelined`: the shipped pass, a step issuing the next tile's dot before the current
-  tile's exponentials and scores (`_pipelined_scores_kernel`).
+- `kernel_pipelined` / `kernel_unpipelined`: the shipped pass with and without its software
+  pipelining (`SCORE_PIPELINED`: a step issues the next tile's dot before the current tile's
+  exponentials and scores).
 
 The time of a step that is only `mma` is the pass's MMA and load floor; `exp` minus `mma` what
 the exponentials add where they do not overlap the dots; `group` minus `exp` the head sums;
@@ -152,42 +153,6 @@ class _BlocksFirstWriter(cmp_kernel._ScoreWriter):
     return spill
 
 
-def _pipelined_scores_kernel(q_ref, k_ref, lse_ref, score_ref, *, lay, scale, slc_block,
-                             slc_cols, slc_spill):
-  """The shipped pass with its unmasked tiles software-pipelined: a step issues the next tile's
-  dot, then takes the exponentials and scores of the tile the previous step's dot made (the
-  loop carries them), so the tensor cores can run under the CUDA cores' work."""
-  tile = pl.program_id(0)
-  q, lse = q_ref[...], lse_ref[...]
-  row_pos = cmp_kernel._row_positions(tile, lay)
-  keys = cmp_kernel.SCORE_KEYS
-  num_tiles = cmp_kernel._tile_count(tile, lay, keys)
-  num_full = cmp_kernel._full_tile_count(tile, lay, keys)
-  writer = cmp_kernel._ScoreWriter(score_ref, tile, lay, slc_block, slc_cols, slc_spill, keys)
-  last_tile = k_ref.shape[0] // keys - 1  # the dot past the last full tile reads in bounds
-
-  def raw_scores(kt):
-    k = k_ref[pl.ds(jnp.minimum(kt, last_tile) * keys, keys), :]
-    return cmp_kernel._scores(q, k, kt * keys, row_pos, lay, scale, masked=False)[0]
-
-  def full_step(kt, carry):
-    s, spill = carry
-    s_next = raw_scores(kt + 1)
-    return s_next, writer.update(kt, jnp.exp2(s - lse[:, None]), spill)
-
-  _, spill = jax.lax.fori_loop(0, num_full, full_step, (raw_scores(0), writer.init()))
-
-  def masked_step(kt, spill):
-    s, _ = cmp_kernel._scores(q, k_ref[pl.ds(kt * keys, keys), :], kt * keys, row_pos, lay,
-                              scale, masked=True)
-    return writer.update(kt, jnp.exp2(s - lse[:, None]), spill)
-
-  spill = jax.lax.fori_loop(num_full, num_tiles, masked_step, spill)
-  writer.finish(num_tiles, spill)
-  cmp_kernel._zero_unscored(score_ref, tile, num_tiles * writer.owned + slc_spill, lay,
-                            slc_block, slc_cols)
-
-
 VARIANTS = {  # name -> the kernel body (None: the shipped one)
     "kernel": None,
     "mma": _step_kernel(lambda s, lse, kt: s),
@@ -202,9 +167,11 @@ VARIANTS = {  # name -> the kernel body (None: the shipped one)
     "kernel_alternating": functools.partial(cmp_kernel._scores_kernel, exp2=alternating_exp2),
     "kernel_blocks_first": functools.partial(cmp_kernel._scores_kernel,
                                              writer=_BlocksFirstWriter),
-    "kernel_pipelined": _pipelined_scores_kernel,
+    "kernel_pipelined": functools.partial(cmp_kernel._scores_kernel, pipelined=True),
+    "kernel_unpipelined": functools.partial(cmp_kernel._scores_kernel, pipelined=False),
 }
-SAME_OUTPUT = ("kernel_poly", "kernel_alternating", "kernel_blocks_first", "kernel_pipelined")
+SAME_OUTPUT = ("kernel_poly", "kernel_alternating", "kernel_blocks_first", "kernel_pipelined",
+               "kernel_unpipelined")
 
 
 @contextlib.contextmanager
