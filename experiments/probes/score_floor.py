@@ -49,8 +49,8 @@ from jax.experimental import pallas as pl
 
 import nsa_jax
 from experiments.bench_kernels import D, HKV, HQ, median_ms, random_qkv
-from pallas_kernels.gpu import compressed_attention as cmp_kernel
 from pallas_kernels.decode_partials import tail_weight
+from pallas_kernels.gpu import compressed_attention as cmp_kernel
 from pallas_kernels.gpu.tile_math import masked_split_loop
 
 # 2^f = e^(f ln 2) on f in [-1/2, 1/2]: Taylor terms (ln 2)^i / i!, i = 0..6; the first term
