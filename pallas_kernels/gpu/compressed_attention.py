@@ -483,10 +483,9 @@ def _scores_kernel(q_ref, k_ref, lse_ref, score_ref, *, lay, scale, slc_block, s
   writer = (writer or _ScoreWriter)(score_ref, tile, lay, slc_block, slc_cols, slc_spill,
                                     SCORE_KEYS)
   num_full = _full_tile_count(tile, lay, SCORE_KEYS)
-  last_tile = k_ref.shape[0] // SCORE_KEYS - 1
 
-  def produce(kt, masked):  # clamped: the pipelined loop's dot past its last full tile
-    keys = pl.ds(jnp.minimum(kt, last_tile) * SCORE_KEYS, SCORE_KEYS)
+  def produce(kt, masked):
+    keys = pl.ds(kt * SCORE_KEYS, SCORE_KEYS)
     return _scores(q, k_ref[keys, :], kt * SCORE_KEYS, row_pos, lay, scale, masked)[0]
 
   def consume(kt, s, spill, masked):
