@@ -83,7 +83,7 @@ def _loop_kernel(q_ref, k_ref, lse_ref, score_ref, *, lay, scale, slc_block, slc
   """The loop over the key tiles with `step(s, lse, kt)` (`[R, keys]`, or `[P, width]` where
   `grouped`; `width` defaults to the keys) as its work, summed elementwise into the carry; the
   carry's head sums are stored once, in the first columns."""
-  del slc_cols, slc_spill
+  del slc_block, slc_cols, slc_spill
   tile = pl.program_id(0)
   q, lse = q_ref[...], lse_ref[...]
   row_pos = cmp_kernel._row_positions(tile, lay)
@@ -102,8 +102,8 @@ def _loop_kernel(q_ref, k_ref, lse_ref, score_ref, *, lay, scale, slc_block, slc
                            0, acc.shape[1], lay)
 
 
-def _step_kernel(step, grouped=False):
-  return lambda *refs, **kw: _loop_kernel(*refs, step=step, grouped=grouped, **kw)
+def _step_kernel(step):
+  return lambda *refs, **kw: _loop_kernel(*refs, step=step, **kw)
 
 
 def _group_step(s, lse, lay):
