@@ -109,6 +109,20 @@ def test_pipelined_split_loop_consumes_each_tile_its_own_product(num_full, num_t
   np.testing.assert_array_equal(seen, want)
 
 
+@pytest.mark.parametrize("owned", [1, 2, 8, 16])
+def test_shift_one_block_by_halves_moves_each_column_one_right(monkeypatch, owned):
+  # Column j gets column j - 1, column 0 the carry; the new carry is the last column: the same
+  # values, bit for bit, from the product with the shift matrix and from the halves.
+  x = jax.random.normal(jax.random.key(owned), (5, owned))
+  carry = jax.random.normal(jax.random.key(owned + 1), (5,))
+  want = np.concatenate([carry[:, None], x[:, :-1]], axis=1), x[:, -1]
+  for shift in ("product", "halves"):
+    monkeypatch.setattr(compressed_kernel, "SHIFT", shift)
+    previous, last = compressed_kernel._shift_one_block(x, carry)
+    np.testing.assert_array_equal(previous, want[0])
+    np.testing.assert_array_equal(last, want[1])
+
+
 def test_tile_unions_against_brute_force():
   positions, n, num_blocks = 4, 5, 9
   idx = random_indices(2, 24, 3, n, num_blocks).transpose(0, 2, 1, 3)  # [B, Hkv, T, n]

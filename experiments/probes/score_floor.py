@@ -17,6 +17,8 @@ an elementwise float32 carry whose head sums it stores once at the end:
 - `exp_alternating`: `exp2` on MUFU in even key tiles, the polynomial in odd ones;
 - `group`: `exp`, then the sum over each position's heads (`_group_sum`) every tile;
 - `block_sums`: `group`, then each selection block's plain sum (a reshape of the keys);
+- `block_tails`: `group`, then each selection block's plain sum and tail sum (the scores but
+  the one-block shift);
 - `block_scores`: `group`, then the blocks' scores (`_block_sum_scores`: sums, tail sums, the
   shift by one block), all but the stores;
 - `kernel_poly`: the shipped pass with `exp2_poly` for `jnp.exp2`: same scores to ~1e-6;
@@ -25,11 +27,14 @@ an elementwise float32 carry whose head sums it stores once at the end:
   sums (`_BlocksFirstWriter`);
 - `kernel_pipelined` / `kernel_unpipelined`: the shipped pass with and without its software
   pipelining (`SCORE_PIPELINED`: a step issues the next tile's dot before the current tile's
-  exponentials and scores).
+  exponentials and scores);
+- `kernel_shift_product` / `kernel_shift_halves`: the shipped pass with the one-block shift of
+  the tail sums as a product with the shift matrix or by halves (`SHIFT`).
 
 The time of a step that is only `mma` is the pass's MMA and load floor; `exp` minus `mma` what
 the exponentials add where they do not overlap the dots; `group` minus `exp` the head sums;
-`block_sums`, `block_scores` and `kernel` add the blocks' sums, their tails and shift, the stores.
+`block_sums`, `block_tails`, `block_scores` and `kernel` add the blocks' sums, their tails, the
+shift, the stores.
 Prints a table (ms, TF/s of `Q K_cmp^T`), writes JSON.
 """
 
@@ -52,6 +57,8 @@ from experiments.bench_kernels import D, HKV, HQ, median_ms, random_qkv
 from pallas_kernels.decode_partials import tail_weight
 from pallas_kernels.gpu import compressed_attention as cmp_kernel
 from pallas_kernels.gpu.tile_math import masked_split_loop
+
+_SHIPPED = cmp_kernel._scores_kernel  # the kernel body that `variant_installed` swaps out
 
 # 2^f = e^(f ln 2) on f in [-1/2, 1/2]: Taylor terms (ln 2)^i / i!, i = 0..6; the first term
 # left out is (ln 2 / 2)^7 / 7! ~ 1.2e-7 of the value, about float32's epsilon.
@@ -110,10 +117,16 @@ def _group_step(s, lse, lay):
   return cmp_kernel._group_sum(jnp.exp2(s - lse[:, None]), lay)
 
 
-def _block_sums_step(s, lse, lay, slc_block, whole):
-  """`group`, then each selection block's plain sum (`whole`: its score, tails and shift too)."""
+def _block_sums_step(s, lse, lay, slc_block, part):
+  """`group`, then each selection block's plain sum (`part` "sums"), with its tail sum
+  ("tails": `c V_j - U_j`) or its score ("scores": the tails shifted by one block too)."""
   p_grp = _group_step(s, lse, lay)
-  if whole:
+  if part == "tails":
+    per_cmp, per_slc = lay.block // lay.stride, slc_block // lay.stride
+    by_block = p_grp.reshape(p_grp.shape[0], -1, per_slc)
+    weights = tail_weight(jnp.arange(per_slc), per_cmp, per_slc)[None, None, :]
+    return per_cmp * jnp.sum(by_block, axis=2) - jnp.sum(by_block * weights, axis=2)
+  if part == "scores":
     scores, last = cmp_kernel._block_sum_scores(p_grp, jnp.zeros(p_grp.shape[:1], jnp.float32),
                                                 lay, slc_block)
     return scores + last[:, None]
@@ -132,6 +145,17 @@ def _grouped_kernel(step, blocks=False):
 def alternating_exp2(x, kt):
   """`exp2(x)` on MUFU in even key tiles `kt`, on the FMA units in odd ones."""
   return jax.lax.cond(jax.lax.rem(kt, 2) == 0, jnp.exp2, exp2_poly, x)
+
+
+def shift_installed(shift):
+  """The shipped kernel body, traced with `compressed_attention.SHIFT = shift`."""
+  def kernel(*refs, **kw):
+    saved, cmp_kernel.SHIFT = cmp_kernel.SHIFT, shift
+    try:
+      return _SHIPPED(*refs, **kw)
+    finally:
+      cmp_kernel.SHIFT = saved
+  return kernel
 
 
 class _BlocksFirstWriter(cmp_kernel._ScoreWriter):
@@ -160,8 +184,11 @@ VARIANTS = {  # name -> the kernel body (None: the shipped one)
     "exp_poly": _step_kernel(lambda s, lse, kt: exp2_poly(s - lse[:, None])),
     "exp_alternating": _step_kernel(lambda s, lse, kt: alternating_exp2(s - lse[:, None], kt)),
     "group": _grouped_kernel(lambda s, lse, lay, slc_block: _group_step(s, lse, lay)),
-    "block_sums": _grouped_kernel(functools.partial(_block_sums_step, whole=False), blocks=True),
-    "block_scores": _grouped_kernel(functools.partial(_block_sums_step, whole=True), blocks=True),
+    "block_sums": _grouped_kernel(functools.partial(_block_sums_step, part="sums"), blocks=True),
+    "block_tails": _grouped_kernel(functools.partial(_block_sums_step, part="tails"),
+                                   blocks=True),
+    "block_scores": _grouped_kernel(functools.partial(_block_sums_step, part="scores"),
+                                    blocks=True),
     "kernel_poly": functools.partial(cmp_kernel._scores_kernel,
                                      exp2=lambda x, kt: exp2_poly(x)),
     "kernel_alternating": functools.partial(cmp_kernel._scores_kernel, exp2=alternating_exp2),
@@ -169,9 +196,11 @@ VARIANTS = {  # name -> the kernel body (None: the shipped one)
                                              writer=_BlocksFirstWriter),
     "kernel_pipelined": functools.partial(cmp_kernel._scores_kernel, pipelined=True),
     "kernel_unpipelined": functools.partial(cmp_kernel._scores_kernel, pipelined=False),
+    "kernel_shift_product": shift_installed("product"),
+    "kernel_shift_halves": shift_installed("halves"),
 }
 SAME_OUTPUT = ("kernel_poly", "kernel_alternating", "kernel_blocks_first", "kernel_pipelined",
-               "kernel_unpipelined")
+               "kernel_unpipelined", "kernel_shift_product", "kernel_shift_halves")
 
 
 @contextlib.contextmanager
