@@ -79,8 +79,9 @@ SCORE_KEYS = 64
 SCORE_NUM_WARPS = 8
 # The pass's unmasked key tiles software-pipelined (`tile_math.pipelined_split_loop`): a step
 # issues the next tile's dot before the current tile's exponentials and scores, for the tensor
-# cores to run under them. Written 2026-12-07 and verified in interpret mode; not yet timed on a
-# GPU (`python -m experiments.probes.score_floor --variants kernel,kernel_pipelined`), so off.
+# cores to run under them. Same scores, but 16% slower (H100, 64k, G = 16: 9.58 against 8.27 ms,
+# `python -m experiments.probes.score_floor --variants kernel,kernel_pipelined`, 2026-12-07), so
+# off.
 SCORE_PIPELINED = False
 SCORE_Q_BYTES = 64 * 1024
 # That pass on "triton" (`_scores_kernel`) or "mosaic" (`selection_scores_mgpu`: wgmma, the keys on
