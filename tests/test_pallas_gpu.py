@@ -109,14 +109,14 @@ def test_pipelined_split_loop_consumes_each_tile_its_own_product(num_full, num_t
   np.testing.assert_array_equal(seen, want)
 
 
-@pytest.mark.parametrize("owned", [1, 2, 8, 16])
-def test_shift_one_block_by_halves_moves_each_column_one_right(monkeypatch, owned):
+@pytest.mark.parametrize("positions,owned", [(5, 1), (5, 2), (5, 8), (16, 16), (32, 16)])
+def test_shift_one_block_moves_each_column_one_right(monkeypatch, positions, owned):
   # Column j gets column j - 1, column 0 the carry; the new carry is the last column: the same
-  # values, bit for bit, from the product with the shift matrix and from the halves.
-  x = jax.random.normal(jax.random.key(owned), (5, owned))
-  carry = jax.random.normal(jax.random.key(owned + 1), (5,))
+  # values, bit for bit, every way `SHIFT` names (the dots need P, owned >= 16).
+  x = jax.random.normal(jax.random.key(owned), (positions, owned))
+  carry = jax.random.normal(jax.random.key(owned + 1), (positions,))
   want = np.concatenate([carry[:, None], x[:, :-1]], axis=1), x[:, -1]
-  for shift in ("product", "halves"):
+  for shift in ("product", "product_last", "halves", "dot"):
     monkeypatch.setattr(compressed_kernel, "SHIFT", shift)
     previous, last = compressed_kernel._shift_one_block(x, carry)
     np.testing.assert_array_equal(previous, want[0])

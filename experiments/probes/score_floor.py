@@ -28,8 +28,9 @@ an elementwise float32 carry whose head sums it stores once at the end:
 - `kernel_pipelined` / `kernel_unpipelined`: the shipped pass with and without its software
   pipelining (`SCORE_PIPELINED`: a step issues the next tile's dot before the current tile's
   exponentials and scores);
-- `kernel_shift_product` / `kernel_shift_halves`: the shipped pass with the one-block shift of
-  the tail sums as a product with the shift matrix or by halves (`SHIFT`).
+- `kernel_shift_product`, `kernel_shift_product_last`, `kernel_shift_halves`,
+  `kernel_shift_dot`: the shipped pass with the one-block shift of the tail sums as a product
+  with the shift matrix (reduced over either axis), by halves, or by tensor-core dots (`SHIFT`).
 
 The time of a step that is only `mma` is the pass's MMA and load floor; `exp` minus `mma` what
 the exponentials add where they do not overlap the dots; `group` minus `exp` the head sums;
@@ -196,11 +197,12 @@ VARIANTS = {  # name -> the kernel body (None: the shipped one)
                                              writer=_BlocksFirstWriter),
     "kernel_pipelined": functools.partial(cmp_kernel._scores_kernel, pipelined=True),
     "kernel_unpipelined": functools.partial(cmp_kernel._scores_kernel, pipelined=False),
-    "kernel_shift_product": shift_installed("product"),
-    "kernel_shift_halves": shift_installed("halves"),
+    **{f"kernel_shift_{shift}": shift_installed(shift)
+       for shift in ("product", "product_last", "halves", "dot")},
 }
 SAME_OUTPUT = ("kernel_poly", "kernel_alternating", "kernel_blocks_first", "kernel_pipelined",
-               "kernel_unpipelined", "kernel_shift_product", "kernel_shift_halves")
+               "kernel_unpipelined", "kernel_shift_product", "kernel_shift_product_last",
+               "kernel_shift_halves", "kernel_shift_dot")
 
 
 @contextlib.contextmanager

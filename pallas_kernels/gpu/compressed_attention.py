@@ -273,24 +273,31 @@ def _block_sum_scores(p_grp, carry, lay: _Layout, slc_block):
 
 
 # How `_shift_one_block` moves a tile's tail sums one block right: "product" (a `[P, owned,
-# owned]` product with the shift matrix) or "halves" (`_shift_by_halves`: splits and joins of
-# column pairs, where `owned` is a power of two). The product and stores of tails cost 1.36 ms of
-# the 8.27 ms score pass (H100, 64k, G = 16: `score_floor` variants `block_sums` against
-# `block_scores`, 2026-12-07); the halves are written since and not yet timed, so off.
+# owned]` product with the shift matrix, reduced over its middle axis), "product_last" (the same
+# reduced over its last axis), "halves" (`_shift_by_halves`: splits and joins of column pairs,
+# where `owned` is a power of two) or "dot" (tensor-core dots of the three bfloat16 pieces of the
+# float32 sums with the 0/1 shift matrix, exact; where P and `owned` are at least 16). The tails
+# and the product cost 1.36 ms of the 8.27 ms score pass (H100, 64k, G = 16: `score_floor`
+# variants `block_sums` against `block_scores`, 2026-12-07); the others are not yet timed.
 SHIFT = "product"
 
 
 def _shift_one_block(x, carry):
   """`x [P, owned]` moved one column right, `carry [P]` (the previous tile's last column) in
   column 0; and the new carry, `x`'s last column. No cross-column moves in the Triton lowering
-  but splits and joins of a last axis of 2: a `[P, owned, owned]` product with the shift-by-one
-  matrix, or by halves (`SHIFT`)."""
-  owned = x.shape[1]
+  but splits and joins of a last axis of 2, so by a product with the shift-by-one matrix, or
+  by halves, or by dots (`SHIFT`)."""
+  positions, owned = x.shape
   if SHIFT == "halves" and owned & (owned - 1) == 0:
     return _shift_by_halves(x, carry)
   col = jnp.arange(owned)
-  shift = (col[:, None] + 1 == col[None, :]).astype(jnp.float32)
-  previous = jnp.sum(x[:, :, None] * shift[None, :, :], axis=1)
+  shift = (col[:, None] + 1 == col[None, :]).astype(jnp.float32)  # [from, to]
+  if SHIFT == "dot" and min(positions, owned) >= 16:
+    previous = sum(plgpu.dot(piece, shift.astype(jnp.bfloat16)) for piece in split3(x))
+  elif SHIFT == "product_last":
+    previous = jnp.sum(x[:, None, :] * shift.T[None, :, :], axis=2)
+  else:
+    previous = jnp.sum(x[:, :, None] * shift[None, :, :], axis=1)
   previous = previous + jnp.where(col[None, :] == 0, carry[:, None], 0.0)
   return previous, jnp.sum(jnp.where(col[None, :] == owned - 1, x, 0.0), axis=1)
 
