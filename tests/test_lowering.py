@@ -158,6 +158,16 @@ def test_selection_from_cudnn_lse_kernels_lower(group):
   assert pallas_kernels("cuda", select, *args) == ["nsa_selection_scores", "nsa_top_n"]
 
 
+@pytest.mark.parametrize("group", [8, 16])
+def test_selection_with_tails_apart_lowers_for_cuda(monkeypatch, group):
+  # `TAILS_APART`: the score pass has a second output, the top-n kernel a second input.
+  monkeypatch.setattr(compressed_kernel, "TAILS_APART", True)
+  select, args = selection_from_lse_call(group, NSAConfig())
+  text = lowered_text("cuda", select, *args)
+  assert pallas_kernels("cuda", select, *args) == ["nsa_selection_scores", "nsa_top_n"]
+  assert re.search(r"nsa_selection_scores.*-> \(tensor<[^>]+>, tensor<[^>]+>\)", text)
+
+
 @pytest.mark.parametrize("group,config", [
     (16, NSAConfig()), (4, NSAConfig()), (1, NSAConfig()),
     (8, NSAConfig(cmp_block=64, cmp_stride=64, slc_block=64, num_selected=16, window=64))])

@@ -573,6 +573,62 @@ def test_mosaic_selection_scores_in_interpret_mode(monkeypatch, case):
   check_scores_from_lse(q, k_cmp, lse, config, interpret=True)
 
 
+def check_tails_apart(monkeypatch, q, k_cmp, lse, config, interpret):
+  """`TAILS_APART` (the tail sums stored one column right apart, added by the top-n kernel):
+  their sum equals the shifted scores bit for bit on the candidate columns, the picks are the
+  same, and both match the reference (`check_scores_from_lse`)."""
+  kwargs = dict(block=config.cmp_block, stride=config.cmp_stride, slc_block=config.slc_block,
+                scale=q.shape[-1] ** -0.5, interpret=interpret)
+  select = dict(num_selected=config.num_selected, num_initial=config.num_initial,
+                num_local=config.num_local, **kwargs)
+  shifted = compressed_kernel.selection_scores_from_lse(q, k_cmp, lse, **kwargs)
+  shifted_picks = compressed_kernel.selection_from_lse(q, k_cmp, lse, **select)
+  monkeypatch.setattr(compressed_kernel, "TAILS_APART", True)
+  scores, tails = compressed_kernel.selection_score_parts(q, k_cmp, lse, **kwargs)
+  assert tails is not None and tails.shape == scores.shape == shifted.shape
+  t, num_slc = q.shape[1], -(-q.shape[1] // config.slc_block)
+  cols = jnp.arange(shifted.shape[3])[None, :]
+  candidate = (cols <= jnp.arange(t)[:, None] // config.slc_block) & (cols < num_slc)
+  np.testing.assert_array_equal(jnp.where(candidate, scores[:, :, :t] + tails[:, :, :t], 0.0),
+                                jnp.where(candidate, shifted[:, :, :t], 0.0))
+  np.testing.assert_array_equal(compressed_kernel.selection_from_lse(q, k_cmp, lse, **select),
+                                shifted_picks)
+  check_scores_from_lse(q, k_cmp, lse, config, interpret)
+
+
+# G = 16 (block sums with tails: l = 2d): T = 1, a few blocks, and the unreached block's case.
+TAILS_CASES = [(1, 1, 16, 1, 16, 16, nsa_jax.NSAConfig(8, 4, 16, 3, 1, 1, 20)),
+               INTERPRET_CONFIGS[5], UNREACHED_BLOCK_CASE]
+
+
+@pytest.mark.parametrize("case", TAILS_CASES)
+def test_selection_scores_with_tails_apart_in_interpret_mode(monkeypatch, case):
+  b, t, hq, hkv, dk, _, config = case
+  q, k, _ = random_qkv(b, t, hq, hkv, dk)
+  k_cmp, _ = xla.compress_kv(k, k, config.cmp_block, config.cmp_stride)
+  _, lse = reference.compressed_attention(q, k_cmp, k_cmp, dk ** -0.5, block=config.cmp_block,
+                                          stride=config.cmp_stride)
+  check_tails_apart(monkeypatch, q, k_cmp, lse, config, interpret=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seq_len,group", [(1, 16), (47, 16), (4096 + 5, 16), (1000, 8)])
+def test_selection_scores_with_tails_apart_on_gpu(monkeypatch, seq_len, group):
+  q, k, _ = random_qkv(1, seq_len, 2 * group, 2, 128, dtype=jnp.bfloat16)
+  config = nsa_jax.NSAConfig()
+  k_cmp, _ = xla.compress_kv(k, k, config.cmp_block, config.cmp_stride)
+  _, lse = xla.compressed_attention(q, k_cmp, k_cmp, 128 ** -0.5, block=config.cmp_block,
+                                    stride=config.cmp_stride)
+  check_tails_apart(monkeypatch, q, k_cmp, lse, config, interpret=False)
+
+
+def test_top_n_tails_must_match_the_scores():
+  scores = jnp.zeros((1, 2, 64, 16))
+  with pytest.raises(ValueError, match="tails must be shaped as scores"):
+    top_n.top_n_blocks(scores, seq_len=64, num_selected=2, slc_block=8, num_initial=1,
+                       num_local=1, interpret=True, tails=scores[:, :1])
+
+
 def test_selection_scores_from_lse_checks_its_shape():
   q = jnp.zeros((1, 40, 4, 16))
   k_cmp = jnp.zeros((1, 9, 2, 16))

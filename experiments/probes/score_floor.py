@@ -30,7 +30,9 @@ an elementwise float32 carry whose head sums it stores once at the end:
   exponentials and scores);
 - `kernel_shift_product`, `kernel_shift_product_last`, `kernel_shift_halves`,
   `kernel_shift_dot`: the shipped pass with the one-block shift of the tail sums as a product
-  with the shift matrix (reduced over either axis), by halves, or by tensor-core dots (`SHIFT`).
+  with the shift matrix (reduced over either axis), by halves, or by tensor-core dots (`SHIFT`);
+- `kernel_tails_apart`: the shipped pass storing the tail sums one column right in a second
+  array instead of shifting them (`TAILS_APART`; the top-n kernel's extra read is not timed).
 
 The time of a step that is only `mma` is the pass's MMA and load floor; `exp` minus `mma` what
 the exponentials add where they do not overlap the dots; `group` minus `exp` the head sums;
@@ -58,8 +60,6 @@ from experiments.bench_kernels import D, HKV, HQ, median_ms, random_qkv
 from pallas_kernels.decode_partials import tail_weight
 from pallas_kernels.gpu import compressed_attention as cmp_kernel
 from pallas_kernels.gpu.tile_math import masked_split_loop
-
-_SHIPPED = cmp_kernel._scores_kernel  # the kernel body that `variant_installed` swaps out
 
 # 2^f = e^(f ln 2) on f in [-1/2, 1/2]: Taylor terms (ln 2)^i / i!, i = 0..6; the first term
 # left out is (ln 2 / 2)^7 / 7! ~ 1.2e-7 of the value, about float32's epsilon.
@@ -148,17 +148,6 @@ def alternating_exp2(x, kt):
   return jax.lax.cond(jax.lax.rem(kt, 2) == 0, jnp.exp2, exp2_poly, x)
 
 
-def shift_installed(shift):
-  """The shipped kernel body, traced with `compressed_attention.SHIFT = shift`."""
-  def kernel(*refs, **kw):
-    saved, cmp_kernel.SHIFT = cmp_kernel.SHIFT, shift
-    try:
-      return _SHIPPED(*refs, **kw)
-    finally:
-      cmp_kernel.SHIFT = saved
-  return kernel
-
-
 class _BlocksFirstWriter(cmp_kernel._ScoreWriter):
   """The shipped scores with the blocks' sums and tails taken per row, before the head sums
   (which then reduce `[R, owned]` twice instead of `[R, keys]` once)."""
@@ -197,45 +186,55 @@ VARIANTS = {  # name -> the kernel body (None: the shipped one)
                                              writer=_BlocksFirstWriter),
     "kernel_pipelined": functools.partial(cmp_kernel._scores_kernel, pipelined=True),
     "kernel_unpipelined": functools.partial(cmp_kernel._scores_kernel, pipelined=False),
-    **{f"kernel_shift_{shift}": shift_installed(shift)
-       for shift in ("product", "product_last", "halves", "dot")},
+    **{f"kernel_shift_{shift}": None for shift in ("product", "product_last", "halves", "dot")},
+    "kernel_tails_apart": None,
 }
+# The module settings a variant runs the shipped body with.
+SETTINGS = {**{f"kernel_shift_{shift}": dict(SHIFT=shift)
+               for shift in ("product", "product_last", "halves", "dot")},
+            "kernel_tails_apart": dict(TAILS_APART=True)}
 SAME_OUTPUT = ("kernel_poly", "kernel_alternating", "kernel_blocks_first", "kernel_pipelined",
                "kernel_unpipelined", "kernel_shift_product", "kernel_shift_product_last",
-               "kernel_shift_halves", "kernel_shift_dot")
+               "kernel_shift_halves", "kernel_shift_dot", "kernel_tails_apart")
 
 
 @contextlib.contextmanager
 def variant_installed(name):
   """Inside: the score pass on Triton with the variant's kernel body (jit caches cleared on the
   way in and out, so calls trace it afresh)."""
-  body = VARIANTS[name]
-  shipped, saved = cmp_kernel._scores_kernel, cmp_kernel.SCORES
+  body, settings = VARIANTS[name], dict(SCORES="triton", **SETTINGS.get(name, {}))
+  shipped = cmp_kernel._scores_kernel
+  saved = {key: getattr(cmp_kernel, key) for key in settings}
   jax.clear_caches()
   try:
-    cmp_kernel.SCORES = "triton"
+    for key, value in settings.items():
+      setattr(cmp_kernel, key, value)
     if body is not None:
       cmp_kernel._scores_kernel = body
     yield
   finally:
-    cmp_kernel._scores_kernel, cmp_kernel.SCORES = shipped, saved
+    cmp_kernel._scores_kernel = shipped
+    for key, value in saved.items():
+      setattr(cmp_kernel, key, value)
     jax.clear_caches()
 
 
 def score_pass(config, interpret=False):
-  """`(q, k_cmp, lse) -> scores`: `selection_scores_from_lse` with the config's settings."""
-  return lambda q, k_cmp, lse: cmp_kernel.selection_scores_from_lse(
+  """`(q, k_cmp, lse) -> (scores, tails)`: `selection_score_parts` (the pass alone, its tail
+  sums apart where `TAILS_APART`) with the config's settings."""
+  return lambda q, k_cmp, lse: cmp_kernel.selection_score_parts(
       q, k_cmp, lse, block=config.cmp_block, stride=config.cmp_stride,
       slc_block=config.slc_block, scale=D ** -0.5, interpret=interpret)
 
 
 def run_variant(name, q, k_cmp, lse, config, repeats, interpret=False):
-  """`(ms, scores)` of the score pass with the variant's kernel body."""
+  """`(ms, scores)` of the score pass with the variant's kernel body (the scores summed with
+  their tails where they come apart, outside the timing)."""
   fn = jax.jit(score_pass(config, interpret))
   with variant_installed(name):
-    out = fn(q, k_cmp, lse)
+    scores, tails = fn(q, k_cmp, lse)
     ms = median_ms(fn, (q, k_cmp, lse), repeats) if repeats else float("nan")
-  return ms, out
+  return ms, (scores if tails is None else scores + tails)
 
 
 def main(argv=None):

@@ -257,19 +257,28 @@ def _scores_by_block_sums(lay: _Layout, slc_block) -> bool:
           and block_sums_apply(lay.block // lay.stride, slc_block // lay.stride))
 
 
+def _block_sum_parts(p_grp, lay: _Layout, slc_block):
+  """`p_grp [P, keys]` -> `c V_j - U_j` and the tail sums `U_j` (None where `l = d`: no
+  compressed block reaches into the next selection block) of the tile's own selection blocks,
+  `[P, keys / m]`: block j scores `c V_j - U_j + U_{j-1}`."""
+  per_cmp, per_slc = lay.block // lay.stride, slc_block // lay.stride
+  by_block = p_grp.reshape(p_grp.shape[0], p_grp.shape[1] // per_slc, per_slc)
+  sums = jnp.sum(by_block, axis=2)
+  if per_cmp == 1:
+    return sums, None
+  tails = jnp.sum(by_block * tail_weight(jnp.arange(per_slc), per_cmp, per_slc)[None, None, :],
+                  axis=2)
+  return per_cmp * sums - tails, tails
+
+
 def _block_sum_scores(p_grp, carry, lay: _Layout, slc_block):
   """`p_grp [P, keys]` -> the scores of the tile's own selection blocks `[P, keys / m]` and the
   next tile's carry: its last block's tail sum `U [P]`, which the next block's score adds."""
-  per_cmp, per_slc = lay.block // lay.stride, slc_block // lay.stride
-  owned = p_grp.shape[1] // per_slc
-  by_block = p_grp.reshape(p_grp.shape[0], owned, per_slc)
-  sums = jnp.sum(by_block, axis=2)
-  if per_cmp == 1:  # l = d: no compressed block reaches into the next selection block
-    return sums, carry
-  tails = jnp.sum(by_block * tail_weight(jnp.arange(per_slc), per_cmp, per_slc)[None, None, :],
-                  axis=2)
+  own, tails = _block_sum_parts(p_grp, lay, slc_block)
+  if tails is None:
+    return own, carry
   previous, last = _shift_one_block(tails, carry)
-  return per_cmp * sums - tails + previous, last
+  return own + previous, last
 
 
 # How `_shift_one_block` moves a tile's tail sums one block right: "product" (a `[P, owned,
@@ -280,6 +289,11 @@ def _block_sum_scores(p_grp, carry, lay: _Layout, slc_block):
 # and the product cost 1.36 ms of the 8.27 ms score pass (H100, 64k, G = 16: `score_floor`
 # variants `block_sums` against `block_scores`, 2026-12-07); the others are not yet timed.
 SHIFT = "product"
+# Or no shift at all: the score pass stores each block's `c V_j - U_j` and, one column right in
+# an array of its own, `U_j`, which the top-n kernel adds as it reads a row (the same float32
+# sum): a second `[B, Hkv, T, width]` array written and read (~1.1 GB at 64k, half of it
+# causally live) for the shift's work. Written 2026-12-07, not yet timed, so off.
+TAILS_APART = False
 
 
 def _shift_one_block(x, carry):
@@ -340,10 +354,13 @@ def _store_scores(score_ref, values, tile, first_col, num_cols, lay: _Layout):
 class _ScoreWriter:
   """The selection-score side of a pass over the key tiles: `update` turns a tile's
   probabilities into its blocks' scores and stores them, `finish` stores the last tile's spill
-  into the next block (the spill is the loop carry)."""
+  into the next block (the spill is the loop carry). With `tails_ref` (block sums only) a
+  block's score is stored without the previous block's tail sum, which goes one column right
+  into `tails_ref` instead (`TAILS_APART`): nothing is carried."""
 
-  def __init__(self, score_ref, tile, lay: _Layout, slc_block, slc_cols, slc_spill, keys=None):
-    self.score_ref, self.tile, self.lay = score_ref, tile, lay
+  def __init__(self, score_ref, tile, lay: _Layout, slc_block, slc_cols, slc_spill, keys=None,
+               tails_ref=None):
+    self.score_ref, self.tile, self.lay, self.tails_ref = score_ref, tile, lay, tails_ref
     self.slc_block, self.slc_cols, self.slc_spill = slc_block, slc_cols, slc_spill
     self.owned = (keys or KEYS) * lay.stride // slc_block
     self.block_sums = _scores_by_block_sums(lay, slc_block)
@@ -361,6 +378,11 @@ class _ScoreWriter:
     p_grp = _group_sum(p, self.lay)
     store = lambda values: _store_scores(self.score_ref, values, self.tile, kt * self.owned,
                                          self.owned, self.lay)
+    if self.tails_ref is not None:
+      own, tails = _block_sum_parts(p_grp, self.lay, self.slc_block)
+      store(own)
+      _store_scores(self.tails_ref, tails, self.tile, kt * self.owned + 1, self.owned, self.lay)
+      return spill
     if self.block_sums:
       tile_scores, spill = _block_sum_scores(p_grp, spill, self.lay, self.slc_block)
       store(tile_scores)
@@ -369,7 +391,13 @@ class _ScoreWriter:
     return _map_blocks(p_grp, self.spill_map)  # overlap with the next tile's first blocks
 
   def finish(self, num_tiles, spill):
-    if self.block_sums:
+    if self.tails_ref is not None:
+      # Block 0 has no previous block; the spill block's own part is empty (its tail part came
+      # from the last tile).
+      zero = jnp.zeros((self.lay.positions, 1), jnp.float32)
+      _store_scores(self.tails_ref, zero, self.tile, 0, 1, self.lay)
+      _store_scores(self.score_ref, zero, self.tile, num_tiles * self.owned, 1, self.lay)
+    elif self.block_sums:
       if self.slc_spill:  # the last tile's tail reaches the next block (none when l = d)
         _store_scores(self.score_ref, spill[:, None], self.tile, num_tiles * self.owned, 1,
                       self.lay)
@@ -501,18 +529,19 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, lay, scale, slc_block, slc_cols,
     writer.finish(num_tiles, spill)
 
 
-def _scores_kernel(q_ref, k_ref, lse_ref, score_ref, *, lay, scale, slc_block, slc_cols,
-                   slc_spill, exp2=lambda x, kt: jnp.exp2(x), writer=None, pipelined=None):
+def _scores_kernel(q_ref, k_ref, lse_ref, score_ref, tails_ref=None, *, lay, scale, slc_block,
+                   slc_cols, slc_spill, exp2=lambda x, kt: jnp.exp2(x), writer=None,
+                   pipelined=None):
   """The selection scores alone, from a given log-sum-exp (base 2, +inf where a row sees
-  nothing): pass 2 of `_forward_kernel` without the values. (`exp2(x, key_tile)`, the `writer`
-  class and `pipelined` (default SCORE_PIPELINED): the probe `experiments.probes.score_floor`
-  swaps in others.)"""
+  nothing): pass 2 of `_forward_kernel` without the values; with `tails_ref`, their tail sums
+  apart (`_ScoreWriter`). (`exp2(x, key_tile)`, the `writer` class and `pipelined` (default
+  SCORE_PIPELINED): the probe `experiments.probes.score_floor` swaps in others.)"""
   tile = pl.program_id(0)
   q, lse = q_ref[...], lse_ref[...]
   row_pos = _row_positions(tile, lay)
   num_tiles = _tile_count(tile, lay, SCORE_KEYS)
   writer = (writer or _ScoreWriter)(score_ref, tile, lay, slc_block, slc_cols, slc_spill,
-                                    SCORE_KEYS)
+                                    SCORE_KEYS, tails_ref=tails_ref)
   num_full = _full_tile_count(tile, lay, SCORE_KEYS)
 
   def produce(kt, masked):
@@ -530,7 +559,9 @@ def _scores_kernel(q_ref, k_ref, lse_ref, score_ref, *, lay, scale, slc_block, s
                               lambda kt, spill, masked: consume(kt, produce(kt, masked), spill,
                                                                 masked), writer.init())
   writer.finish(num_tiles, spill)
-  _zero_unscored(score_ref, tile, num_tiles * writer.owned + slc_spill, lay, slc_block, slc_cols)
+  for ref in (score_ref, tails_ref):
+    if ref is not None:
+      _zero_unscored(ref, tile, num_tiles * writer.owned + slc_spill, lay, slc_block, slc_cols)
 
 
 def _zero_unscored(score_ref, tile, first_col, lay: _Layout, slc_block, width):
@@ -715,20 +746,29 @@ def _forward(q, k, v, lay: _Layout, scale, slc_block, interpret, starts=None):
       compiler_params=_params(), interpret=interpret, name="nsa_compressed_fwd")(*args)
 
 
+def _tails_apart(lay: _Layout, slc_block) -> bool:
+  """Whether the score pass stores the tail sums apart (`TAILS_APART`, where there are any)."""
+  return (TAILS_APART and _scores_by_block_sums(lay, slc_block)
+          and lay.block // lay.stride > 1)
+
+
 def _scores_only(q, k, lse2, lay: _Layout, scale, slc_block, interpret):
-  """`_scores_kernel` over the rows layout: `[B, Hkv, T_pad, width]` float32, row `t` defined
-  in the columns of blocks `<= t // slc_block` (the top-n kernel's candidates) only."""
+  """`_scores_kernel` over the rows layout: `(scores, tails)`, `[B, Hkv, T_pad, width]` float32
+  each (`tails` None unless `_tails_apart`; else the scores are their sum), row `t` defined in
+  the columns of blocks `<= t // slc_block` (the top-n kernel's candidates) only."""
   rows, row_vector, keys = _specs(lay)
   slc_cols, slc_spill = _slc_geometry(lay, slc_block, SCORE_KEYS)
   shape, whole = _score_layout(lay, slc_block, slc_cols, SCORE_KEYS)
   kernel = functools.partial(_scores_kernel, lay=lay, scale=scale, slc_block=slc_block,
                              slc_cols=slc_cols, slc_spill=slc_spill)
-  return pl.pallas_call(
+  num_out = 2 if _tails_apart(lay, slc_block) else 1
+  out = pl.pallas_call(
       kernel, grid=(lay.num_row_tiles, lay.batch, lay.num_kv_heads),
       in_specs=[rows(lay.head_dim_pad), keys(lay.head_dim_pad), row_vector],
-      out_specs=whole, out_shape=jax.ShapeDtypeStruct(shape, jnp.float32),
+      out_specs=[whole] * num_out, out_shape=[jax.ShapeDtypeStruct(shape, jnp.float32)] * num_out,
       compiler_params=_params(SCORE_NUM_WARPS), interpret=interpret,
       name="nsa_selection_scores")(q, k, lse2)
+  return out[0], (out[1] if num_out == 2 else None)
 
 
 def _packed_scores_only(q, k, lse2, starts, lay: _Layout, scale, slc_block, interpret):
@@ -949,6 +989,16 @@ def selection_scores_from_lse(q, k_cmp, lse, *, block: int, stride: int, slc_blo
     (later blocks are in the future: the top-n kernel never reads them); no gradient flows
     through them.
   """
+  scores, tails = selection_score_parts(q, k_cmp, lse, block=block, stride=stride,
+                                        slc_block=slc_block, scale=scale, interpret=interpret)
+  return scores if tails is None else scores + tails
+
+
+def selection_score_parts(q, k_cmp, lse, *, block: int, stride: int, slc_block: int,
+                          scale: float, interpret: bool = False):
+  """`selection_scores_from_lse` as the pass stores it: `(scores, tails)`, the scores their
+  sum where `tails` is not None (`TAILS_APART`), which `top_n.top_n_blocks(tails=...)` adds as
+  it reads a row."""
   _check_fusable(stride, slc_block)
   if lse.shape != q.shape[:3]:
     raise ValueError(f"lse must be [B, T, Hq] = {q.shape[:3]}, got {lse.shape}")
@@ -956,7 +1006,7 @@ def selection_scores_from_lse(q, k_cmp, lse, *, block: int, stride: int, slc_blo
   if SCORES not in ("triton", "mosaic"):
     raise ValueError(f"compressed_attention.SCORES must be 'triton' or 'mosaic', got {SCORES!r}")
   if SCORES == "mosaic" and selection_scores_mgpu.supported(q, k_cmp, block, stride, slc_block):
-    return _mosaic_scores(q, k_cmp, lse, block, stride, slc_block, float(scale), interpret)
+    return _mosaic_scores(q, k_cmp, lse, block, stride, slc_block, float(scale), interpret), None
   lay = _layout(q, k_cmp, k_cmp, block, stride, rows=_score_rows(q, k_cmp.shape[2]))
   return _scores_only(_to_rows(q, lay, lay.head_dim_pad), _to_keys(k_cmp, lay, lay.head_dim_pad),
                       _lse_rows(lse, lay), lay, float(scale), slc_block, interpret)
@@ -985,11 +1035,11 @@ def selection_from_lse(q, k_cmp, lse, *, block: int, stride: int, slc_block: int
                        ascending: bool = True, interpret: bool = False):
   """`selection_scores_from_lse`, then the top-n kernel: `block_indices int32 [B, T, Hkv, n]`
   as `compressed_attention_and_selection` gives them (not differentiable)."""
-  scores = selection_scores_from_lse(q, k_cmp, lse, block=block, stride=stride,
-                                     slc_block=slc_block, scale=scale, interpret=interpret)
+  scores, tails = selection_score_parts(q, k_cmp, lse, block=block, stride=stride,
+                                        slc_block=slc_block, scale=scale, interpret=interpret)
   return top_n_blocks(scores, seq_len=q.shape[1], num_selected=num_selected,
                       slc_block=slc_block, num_initial=num_initial, num_local=num_local,
-                      ascending=ascending, interpret=interpret)
+                      ascending=ascending, interpret=interpret, tails=tails)
 
 
 def packed_selection_applies(block: int, stride: int, slc_block: int) -> bool:

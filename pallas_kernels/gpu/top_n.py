@@ -60,9 +60,11 @@ def pick_top_n(scores, query_block, num_picks, *, num_selected, num_slc, num_ini
   return picks
 
 
-def _top_n_kernel(score_ref, idx_ref, *, slc_block, first_row, **config):
+def _top_n_kernel(score_ref, *refs, slc_block, first_row, **config):
+  *tails_ref, idx_ref = refs  # the scores' tail sums, where they come apart
   query_block = (pl.program_id(0) + first_row) // slc_block  # a program per query position
-  idx_ref[...] = pick_top_n(score_ref[...], query_block, idx_ref.shape[0], **config)
+  scores = score_ref[...] + tails_ref[0][...] if tails_ref else score_ref[...]
+  idx_ref[...] = pick_top_n(scores, query_block, idx_ref.shape[0], **config)
 
 
 def _top_n_packed_kernel(query_block_ref, score_ref, idx_ref, *, slc_block, **config):
@@ -94,7 +96,7 @@ def row_buckets(seq_len: int, slc_block: int, row_width: int):
 
 def top_n_blocks(scores, *, seq_len: int, num_selected: int, slc_block: int, num_initial: int,
                  num_local: int, ascending: bool = True, interpret: bool = False,
-                 query_blocks=None):
+                 query_blocks=None, tails=None):
   """Chosen blocks of each query, in ascending order (or, with `ascending=False`, in pick order:
   still distinct, causal and first, which is all the selected-attention kernels need), unused
   places -1.
@@ -109,11 +111,16 @@ def top_n_blocks(scores, *, seq_len: int, num_selected: int, slc_block: int, num
     interpret: Pallas interpret mode (CPU).
     query_blocks: int32 `[B, T]` or None (`t // slc_block`): each query's own block, for packed
       rows its document-local one, `(t - s) // slc_block`, with `scores` on document blocks.
+    tails: None, or float32 shaped as `scores` (unpacked rows only): the scores are
+      `scores + tails`, added as a row is read (the score pass's `TAILS_APART`).
 
   Returns:
     int32 `[B, T, H, num_selected]`.
   """
   b, h, _, width = scores.shape
+  if tails is not None and (tails.shape != scores.shape or query_blocks is not None):
+    raise ValueError(f"tails must be shaped as scores {scores.shape}, on unpacked rows; got "
+                     f"{tails.shape}{' with query_blocks' if query_blocks is not None else ''}")
   num_slc = -(-seq_len // slc_block)
   row_width = max(1, 1 << (num_slc - 1).bit_length())
   if width < row_width:
@@ -136,11 +143,12 @@ def top_n_blocks(scores, *, seq_len: int, num_selected: int, slc_block: int, num
 
   if query_blocks is None:
     # A launch per range of rows whose candidates fit a narrower row (`row_buckets`).
+    planes = [scores] + ([] if tails is None else [tails])
     picks = jnp.concatenate([
         launch(functools.partial(_top_n_kernel, first_row=first, **config),
                [pl.BlockSpec((None, None, None, width),
-                             lambda t, i, j, first=first: (i, j, t + first, 0))],
-               [scores], num_rows)
+                             lambda t, i, j, first=first: (i, j, t + first, 0))] * len(planes),
+               planes, num_rows)
         for first, num_rows, width in row_buckets(seq_len, slc_block, row_width)], axis=2)
   else:  # packed rows: a query's candidates follow its document, not its position
     picks = launch(functools.partial(_top_n_packed_kernel, **config),
