@@ -163,6 +163,13 @@ def test_score_floor_variants_run_in_interpret_mode_and_write_json(tmp_path):
     assert rows[name]["max_rel_diff"] < 2e-6
 
 
+@pytest.mark.parametrize("probe", [score_floor, selected_floor])
+def test_floor_probes_refuse_an_unknown_variant(probe, capsys):
+  with pytest.raises(SystemExit):
+    probe.main(["--interpret", "--variants", "kernel,no_such_variant"])
+  assert "no_such_variant" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("variant", sorted(score_floor.VARIANTS))
 def test_score_floor_kernels_lower_for_a_gpu(variant):
   # Triton's lowering refuses some of what the interpreter runs (a `%` inside `lax.cond` once).

@@ -43,12 +43,8 @@ Prints a table (ms, TF/s of `Q K_cmp^T`), writes JSON.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import datetime
 import functools
-import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -57,6 +53,7 @@ from jax.experimental import pallas as pl
 
 import nsa_jax
 from experiments.bench_kernels import D, HKV, HQ, median_ms, random_qkv
+from experiments.probes import floor_cli
 from pallas_kernels.decode_partials import tail_weight
 from pallas_kernels.gpu import compressed_attention as cmp_kernel
 from pallas_kernels.gpu.tile_math import masked_split_loop
@@ -238,13 +235,7 @@ def run_variant(name, q, k_cmp, lse, config, repeats, interpret=False):
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser()
-  parser.add_argument("--seq_len", type=int, default=65536)
-  parser.add_argument("--repeats", type=int, default=5)
-  parser.add_argument("--variants", default=",".join(VARIANTS))
-  parser.add_argument("--interpret", action="store_true", help="CPU plumbing check")
-  parser.add_argument("--out", default=None)
-  args = parser.parse_args(argv)
+  args = floor_cli.parse_args(argv, VARIANTS)
   t, config = args.seq_len, nsa_jax.NSAConfig()
   q, k, v = random_qkv(t, HKV)
   k_cmp, v_cmp = nsa_jax.compress_kv(k, v, block=config.cmp_block, stride=config.cmp_stride)
@@ -275,13 +266,8 @@ def main(argv=None):
     rows.append(row)
     diff = f"  max rel diff {row['max_rel_diff']:.1e}" if "max_rel_diff" in row else ""
     print(f"{name:>15} {ms:8.2f} ms {row['tflops']:6.1f} TF/s{diff}", flush=True)
-  result = dict(date=datetime.date.today().isoformat(), device=jax.devices()[0].device_kind,
-                seq_len=t, num_heads=HQ, num_kv_heads=HKV, head_dim=D, rows=rows)
-  if args.out:
-    path = pathlib.Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
-  return result
+  return floor_cli.record(args.out, seq_len=t, num_heads=HQ, num_kv_heads=HKV, head_dim=D,
+                          rows=rows)
 
 
 if __name__ == "__main__":

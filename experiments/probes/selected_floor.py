@@ -23,17 +23,13 @@ Prints a table (ms, TB/s of K/V blocks moved, TF/s of useful FLOPs), writes JSON
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
-import pathlib
-
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 import nsa_jax
 from experiments.bench_kernels import D, HKV, HQ, median_ms, random_qkv
+from experiments.probes import floor_cli
 from pallas_kernels.gpu import selected_attention as selected_kernel
 from pallas_kernels.gpu.tile_math import online_softmax_init, online_softmax_step
 
@@ -168,13 +164,7 @@ def run_variant(name, q, k, v, block_indices, repeats, interpret=False):
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser()
-  parser.add_argument("--seq_len", type=int, default=65536)
-  parser.add_argument("--repeats", type=int, default=5)
-  parser.add_argument("--variants", default=",".join(VARIANTS))
-  parser.add_argument("--interpret", action="store_true", help="CPU plumbing check")
-  parser.add_argument("--out", default=None)
-  args = parser.parse_args(argv)
+  args = floor_cli.parse_args(argv, VARIANTS)
   t, config = args.seq_len, nsa_jax.NSAConfig()
   q, k, v = random_qkv(t, HKV)
   k_cmp, _ = nsa_jax.compress_kv(k, v, block=config.cmp_block, stride=config.cmp_stride)
@@ -199,14 +189,8 @@ def main(argv=None):
     diff = f"  max |diff| {row['max_abs_diff']:.2e}" if "max_abs_diff" in row else ""
     print(f"{name:>18} {ms:8.2f} ms {row['tb_per_s']:6.2f} TB/s {row['tflops']:6.1f} TF/s{diff}",
           flush=True)
-  result = dict(date=datetime.date.today().isoformat(), device=jax.devices()[0].device_kind,
-                seq_len=t, num_heads=HQ, num_kv_heads=HKV, head_dim=D,
-                selected_blocks=num_blocks, rows=rows)
-  if args.out:
-    path = pathlib.Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
-  return result
+  return floor_cli.record(args.out, seq_len=t, num_heads=HQ, num_kv_heads=HKV, head_dim=D,
+                          selected_blocks=num_blocks, rows=rows)
 
 
 if __name__ == "__main__":
