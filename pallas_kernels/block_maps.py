@@ -9,6 +9,8 @@
 - `document_block_halves`: packed rows' document-local blocks as parts of aligned blocks, so the
   same lists and maps serve them; `span_blocks`: a contiguous span of keys (the packed window)
   in the same form.
+- `positions_before_key_tiles`: packed rows' compressed-key tiles against the positions whose
+  documents start before each tile ends (the compressed kernels' dK/dV walks end there).
 """
 
 from __future__ import annotations
@@ -124,6 +126,17 @@ def document_block_columns(x, document_starts, block: int, shift: int = 0, width
   last = x.shape[-1] - 1
   index = jnp.broadcast_to(jnp.minimum(column, last), x.shape[:3] + (width,))
   return jnp.where(column <= last, jnp.take_along_axis(x, index, axis=-1), 0)
+
+
+def positions_before_key_tiles(document_starts, stride: int, tile_keys: int, num_tiles: int):
+  """int32 `[B, num_tiles]`: how many positions of a packed row belong to a document whose first
+  compressed slot (`s // stride`, block `i` of the document starting at `s` sits at `s // stride
+  + i`) lies before the end of each tile of `tile_keys` slots. Only those positions can see a
+  key of the tile, and they are a prefix of the row (starts never decrease along it)."""
+  first_slot = document_starts // stride
+  tile_ends = (jnp.arange(num_tiles, dtype=jnp.int32) + 1) * tile_keys
+  return jax.vmap(lambda slots: jnp.searchsorted(slots, tile_ends, side="left"))(
+      first_slot).astype(jnp.int32)
 
 
 def ascending(block_indices):

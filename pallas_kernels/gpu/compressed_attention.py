@@ -50,7 +50,7 @@ from jax.experimental.pallas import mosaic_gpu as plmgpu
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import row_layout
-from pallas_kernels.block_maps import document_block_columns
+from pallas_kernels.block_maps import document_block_columns, positions_before_key_tiles
 from pallas_kernels.decode_partials import block_sums_apply, tail_weight
 from pallas_kernels.gpu.tile_math import LOG2E, MASK_VALUE, masked_split_loop
 from pallas_kernels.gpu.tile_math import pipelined_split_loop
@@ -788,15 +788,9 @@ def _packed_scores_only(q, k, lse2, starts, lay: _Layout, scale, slc_block, inte
 
 
 def _packed_row_stops(starts, lay: _Layout):
-  """Packed rows: `int32 [B, key tiles of DKV_KEYS]`, the row tiles that can see a key tile.
-
-  Slot `c` belongs to a document starting at `s <= c*d + d - 1` (it sits at `s // d + i`), and
-  only that document's rows see it; starts never decrease along positions, so the rows whose
-  start is at most the tile's last slot's bound form a prefix, which ends the tile's walk."""
-  num_tiles = lay.cmp_pad // DKV_KEYS
-  last_slot = (jnp.arange(num_tiles) + 1) * DKV_KEYS - 1
-  bound = last_slot * lay.stride + lay.stride - 1
-  seen_by = jax.vmap(lambda row: jnp.searchsorted(row, bound, side="right"))(starts)
+  """Packed rows: `int32 [B, key tiles of DKV_KEYS]`, the row tiles that can see a key tile
+  (those holding a position of `block_maps.positions_before_key_tiles`), which end its walk."""
+  seen_by = positions_before_key_tiles(starts, lay.stride, DKV_KEYS, lay.cmp_pad // DKV_KEYS)
   return pl.cdiv(seen_by, lay.positions).astype(jnp.int32)
 
 

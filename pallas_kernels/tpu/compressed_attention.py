@@ -49,6 +49,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import row_layout
+from pallas_kernels.block_maps import positions_before_key_tiles
 from pallas_kernels.row_layout import pow2 as _pow2
 from pallas_kernels.row_layout import round_up as _round_up
 from pallas_kernels.tpu.tile_math import dot_by_exact, dot_exact_by, dot_nn, dot_nt, dot_tn
@@ -152,11 +153,9 @@ def _walk_tables(starts, lay: _Layout):
     raise ValueError(f"packed rows of q [B, T] = [{lay.batch}, {lay.seq_len}] at G = {lay.group}: "
                      f"the compressed kernels' walk tables need {table_bytes} bytes of SMEM, more "
                      f"than {SMEM_TABLE_BYTES}; call them on fewer rows at a time")
-  first_slot = starts // lay.stride  # [B, T]
-  first_key_tile = first_slot[:, ::lay.positions] // KEYS
-  tile_ends = (jnp.arange(lay.key_tiles, dtype=jnp.int32) + 1) * KEYS
-  rows_before = jax.vmap(lambda slots: jnp.searchsorted(slots, tile_ends, side="left"))(
-      first_slot)  # rows whose document's first slot is before each tile's end (>= 1: row 0)
+  first_key_tile = starts[:, ::lay.positions] // lay.stride // KEYS
+  # >= 1 (position 0's document starts at slot 0), so the last row tile is >= 0.
+  rows_before = positions_before_key_tiles(starts, lay.stride, KEYS, lay.key_tiles)
   return first_key_tile.astype(jnp.int32), ((rows_before - 1) // lay.positions).astype(jnp.int32)
 
 
