@@ -12,7 +12,7 @@ from pallas_kernels.block_maps import distinct_ascending
 from pallas_kernels.gpu import compressed_attention as compressed_kernel
 from pallas_kernels.gpu import selected_attention as selected_kernel
 from pallas_kernels.gpu import selected_attention_mgpu as selected_mgpu
-from pallas_kernels.gpu import tile_math, top_n
+from pallas_kernels.gpu import top_n
 from pallas_kernels.gpu.selected_attention import selected_attention
 from tests.helpers import assert_close, assert_grads_close, assert_valid_selection
 from tests.helpers import random_gates, random_qkv
@@ -87,26 +87,6 @@ def test_mosaic_kernels_take_what_fits_their_shared_memory():
   assert not selected_mgpu.supported(x(64, jnp.float32), x(64, jnp.float32)[:, :, :1],
                                      x(64, jnp.float32)[:, :, :1], 64)
   assert not selected_mgpu.supported(x(64), x(64)[:, :, :1], x(64)[:, :, :1], 32)
-
-
-@pytest.mark.parametrize("num_full,num_tiles", [(0, 0), (0, 2), (1, 1), (2, 3), (5, 6)])
-def test_pipelined_split_loop_consumes_each_tile_its_own_product(num_full, num_tiles):
-  # The pipelined loop produces tile i + 1 before it consumes tile i: each consume must get its
-  # own tile's product, with the masked flag of its part, in order, once.
-  def produce(i, masked):
-    return jnp.stack([i, int(masked)])
-
-  def consume(i, produced, seen, masked):
-    entry = jnp.stack([i, produced[0], produced[1], int(masked)])
-    return seen.at[i].set(entry)
-
-  seen = jax.jit(lambda n_full, n: tile_math.pipelined_split_loop(
-      n_full, n, produce, consume, jnp.full((8, 4), -1)))(num_full, num_tiles)
-  tiles = np.arange(num_tiles)
-  masked = (tiles >= num_full).astype(np.int32)
-  want = np.full((8, 4), -1)
-  want[:num_tiles] = np.stack([tiles, tiles, masked, masked], axis=1)
-  np.testing.assert_array_equal(seen, want)
 
 
 @pytest.mark.parametrize("positions,owned", [(5, 1), (5, 2), (5, 8), (16, 16), (32, 16)])

@@ -155,7 +155,7 @@ def test_score_floor_variants_run_in_interpret_mode_and_write_json(tmp_path):
   # Each variant swaps the score pass's kernel body; those that keep its output (SAME_OUTPUT:
   # the same scores by other means) must match the shipped pass, the others only run.
   out = tmp_path / "score_floor.json"
-  # 1280 positions: the last row tiles see a whole key tile (the pipelined loop runs).
+  # 1280 positions: the last row tiles see whole key tiles (the unmasked loop runs).
   score_floor.main(["--seq_len", "1280", "--interpret", "--out", str(out)])
   rows = {row["variant"]: row for row in json.loads(out.read_text())["rows"]}
   assert set(rows) == set(score_floor.VARIANTS)

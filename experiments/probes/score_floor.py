@@ -25,9 +25,6 @@ an elementwise float32 carry whose head sums it stores once at the end:
 - `kernel_alternating`: the shipped pass with `exp_alternating`'s exponentials;
 - `kernel_blocks_first`: the shipped pass with the blocks' sums taken per row, before the head
   sums (`_BlocksFirstWriter`);
-- `kernel_pipelined` / `kernel_unpipelined`: the shipped pass with and without its software
-  pipelining (`SCORE_PIPELINED`: a step issues the next tile's dot before the current tile's
-  exponentials and scores);
 - `kernel_shift_product`, `kernel_shift_product_last`, `kernel_shift_halves`,
   `kernel_shift_dot`: the shipped pass with the one-block shift of the tail sums as a product
   with the shift matrix (reduced over either axis), by halves, or by tensor-core dots (`SHIFT`);
@@ -181,8 +178,6 @@ VARIANTS = {  # name -> the kernel body (None: the shipped one)
     "kernel_alternating": functools.partial(cmp_kernel._scores_kernel, exp2=alternating_exp2),
     "kernel_blocks_first": functools.partial(cmp_kernel._scores_kernel,
                                              writer=_BlocksFirstWriter),
-    "kernel_pipelined": functools.partial(cmp_kernel._scores_kernel, pipelined=True),
-    "kernel_unpipelined": functools.partial(cmp_kernel._scores_kernel, pipelined=False),
     **{f"kernel_shift_{shift}": None for shift in ("product", "product_last", "halves", "dot")},
     "kernel_tails_apart": None,
 }
@@ -190,9 +185,9 @@ VARIANTS = {  # name -> the kernel body (None: the shipped one)
 SETTINGS = {**{f"kernel_shift_{shift}": dict(SHIFT=shift)
                for shift in ("product", "product_last", "halves", "dot")},
             "kernel_tails_apart": dict(TAILS_APART=True)}
-SAME_OUTPUT = ("kernel_poly", "kernel_alternating", "kernel_blocks_first", "kernel_pipelined",
-               "kernel_unpipelined", "kernel_shift_product", "kernel_shift_product_last",
-               "kernel_shift_halves", "kernel_shift_dot", "kernel_tails_apart")
+SAME_OUTPUT = ("kernel_poly", "kernel_alternating", "kernel_blocks_first", "kernel_shift_product",
+               "kernel_shift_product_last", "kernel_shift_halves", "kernel_shift_dot",
+               "kernel_tails_apart")
 
 
 @contextlib.contextmanager

@@ -53,7 +53,6 @@ from pallas_kernels import row_layout
 from pallas_kernels.block_maps import document_block_columns, positions_before_key_tiles
 from pallas_kernels.decode_partials import block_sums_apply, tail_weight
 from pallas_kernels.gpu.tile_math import LOG2E, MASK_VALUE, masked_split_loop
-from pallas_kernels.gpu.tile_math import pipelined_split_loop
 from pallas_kernels.gpu.tile_math import dot as _dot
 from pallas_kernels.gpu.tile_math import block_overlaps, rows_within, split3
 from pallas_kernels.gpu import selection_scores_mgpu
@@ -77,12 +76,6 @@ DKV_KEYS = 64  # compressed keys per dK/dV program (a multiple of KEYS)
 SCORE_ROWS = 256
 SCORE_KEYS = 64
 SCORE_NUM_WARPS = 8
-# The pass's unmasked key tiles software-pipelined (`tile_math.pipelined_split_loop`): a step
-# issues the next tile's dot before the current tile's exponentials and scores, for the tensor
-# cores to run under them. Same scores, but 16% slower (H100, 64k, G = 16: 9.58 against 8.27 ms,
-# `python -m experiments.probes.score_floor --variants kernel,kernel_pipelined`, 2026-12-07), so
-# off.
-SCORE_PIPELINED = False
 SCORE_Q_BYTES = 64 * 1024
 # That pass on "triton" (`_scores_kernel`) or "mosaic" (`selection_scores_mgpu`: wgmma, the keys on
 # M; where it takes the call, else Triton's). The Mosaic one passes the GPU suite but is 2.5x
@@ -530,34 +523,25 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, lay, scale, slc_block, slc_cols,
 
 
 def _scores_kernel(q_ref, k_ref, lse_ref, score_ref, tails_ref=None, *, lay, scale, slc_block,
-                   slc_cols, slc_spill, exp2=lambda x, kt: jnp.exp2(x), writer=None,
-                   pipelined=None):
+                   slc_cols, slc_spill, exp2=lambda x, kt: jnp.exp2(x), writer=None):
   """The selection scores alone, from a given log-sum-exp (base 2, +inf where a row sees
   nothing): pass 2 of `_forward_kernel` without the values; with `tails_ref`, their tail sums
-  apart (`_ScoreWriter`). (`exp2(x, key_tile)`, the `writer` class and `pipelined` (default
-  SCORE_PIPELINED): the probe `experiments.probes.score_floor` swaps in others.)"""
+  apart (`_ScoreWriter`). (`exp2(x, key_tile)` and the `writer` class: the probe
+  `experiments.probes.score_floor` swaps in others.)"""
   tile = pl.program_id(0)
   q, lse = q_ref[...], lse_ref[...]
   row_pos = _row_positions(tile, lay)
   num_tiles = _tile_count(tile, lay, SCORE_KEYS)
   writer = (writer or _ScoreWriter)(score_ref, tile, lay, slc_block, slc_cols, slc_spill,
                                     SCORE_KEYS, tails_ref=tails_ref)
-  num_full = _full_tile_count(tile, lay, SCORE_KEYS)
 
-  def produce(kt, masked):
+  def body(kt, spill, masked):
     keys = pl.ds(kt * SCORE_KEYS, SCORE_KEYS)
-    return _scores(q, k_ref[keys, :], kt * SCORE_KEYS, row_pos, lay, scale, masked)[0]
-
-  def consume(kt, s, spill, masked):
-    del masked
+    s, _ = _scores(q, k_ref[keys, :], kt * SCORE_KEYS, row_pos, lay, scale, masked)
     return writer.update(kt, exp2(s - lse[:, None], kt), spill)
 
-  if SCORE_PIPELINED if pipelined is None else pipelined:
-    spill = pipelined_split_loop(num_full, num_tiles, produce, consume, writer.init())
-  else:
-    spill = masked_split_loop(num_full, num_tiles,
-                              lambda kt, spill, masked: consume(kt, produce(kt, masked), spill,
-                                                                masked), writer.init())
+  spill = masked_split_loop(_full_tile_count(tile, lay, SCORE_KEYS), num_tiles, body,
+                            writer.init())
   writer.finish(num_tiles, spill)
   for ref in (score_ref, tails_ref):
     if ref is not None:

@@ -55,21 +55,6 @@ def masked_split_loop(num_full, num_tiles, body, init, first=0):
                            lambda i, c: body(i, c, True), carry)
 
 
-def pipelined_split_loop(num_full, num_tiles, produce, consume, init):
-  """`masked_split_loop` for a body split in two, `produce(i, masked)` (a tile's dot) and
-  `consume(i, produced, carry, masked)`: over the unmasked tiles each step produces tile `i + 1`
-  before it consumes tile `i` (the loop carries the product), so the tensor cores' next dot can
-  run under the CUDA cores' work. The last unmasked step produces its own tile again (dropped),
-  so every read stays in bounds; tile 0 is produced even where no tile is unmasked."""
-  def full(i, carry):
-    produced, rest = carry
-    return produce(jnp.minimum(i + 1, num_full - 1), False), consume(i, produced, rest, False)
-
-  _, carry = jax.lax.fori_loop(0, num_full, full, (produce(0, False), init))
-  return jax.lax.fori_loop(num_full, num_tiles, lambda i, c: consume(i, produce(i, True), c, True),
-                           carry)
-
-
 def online_softmax_init(rows: int, head_dim_v: int):
   """The carry of a flash-attention loop: `(acc [rows, Dv], row_max [rows], row_sum [rows])`."""
   return (jnp.zeros((rows, head_dim_v), jnp.float32), jnp.full((rows,), -jnp.inf, jnp.float32),
