@@ -251,7 +251,7 @@ def _scores_by_block_sums(lay: _Layout, slc_block) -> bool:
 
 
 def _block_sum_parts(p_grp, lay: _Layout, slc_block):
-  """`p_grp [P, keys]` -> `c V_j - U_j` and the tail sums `U_j` (None where `l = d`: no
+  """`p_grp [P, keys]` -> the sums `V_j` and the tail sums `U_j` (None where `l = d`: no
   compressed block reaches into the next selection block) of the tile's own selection blocks,
   `[P, keys / m]`: block j scores `c V_j - U_j + U_{j-1}`."""
   per_cmp, per_slc = lay.block // lay.stride, slc_block // lay.stride
@@ -259,19 +259,18 @@ def _block_sum_parts(p_grp, lay: _Layout, slc_block):
   sums = jnp.sum(by_block, axis=2)
   if per_cmp == 1:
     return sums, None
-  tails = jnp.sum(by_block * tail_weight(jnp.arange(per_slc), per_cmp, per_slc)[None, None, :],
-                  axis=2)
-  return per_cmp * sums - tails, tails
+  return sums, jnp.sum(
+      by_block * tail_weight(jnp.arange(per_slc), per_cmp, per_slc)[None, None, :], axis=2)
 
 
 def _block_sum_scores(p_grp, carry, lay: _Layout, slc_block):
   """`p_grp [P, keys]` -> the scores of the tile's own selection blocks `[P, keys / m]` and the
   next tile's carry: its last block's tail sum `U [P]`, which the next block's score adds."""
-  own, tails = _block_sum_parts(p_grp, lay, slc_block)
+  sums, tails = _block_sum_parts(p_grp, lay, slc_block)
   if tails is None:
-    return own, carry
+    return sums, carry
   previous, last = _shift_one_block(tails, carry)
-  return own + previous, last
+  return lay.block // lay.stride * sums - tails + previous, last
 
 
 # How `_shift_one_block` moves a tile's tail sums one block right: "product" (a `[P, owned,
@@ -372,8 +371,8 @@ class _ScoreWriter:
     store = lambda values: _store_scores(self.score_ref, values, self.tile, kt * self.owned,
                                          self.owned, self.lay)
     if self.tails_ref is not None:
-      own, tails = _block_sum_parts(p_grp, self.lay, self.slc_block)
-      store(own)
+      sums, tails = _block_sum_parts(p_grp, self.lay, self.slc_block)
+      store(self.lay.block // self.lay.stride * sums - tails)
       _store_scores(self.tails_ref, tails, self.tile, kt * self.owned + 1, self.owned, self.lay)
       return spill
     if self.block_sums:
