@@ -159,6 +159,7 @@ def test_score_floor_variants_run_in_interpret_mode_and_write_json(tmp_path):
   score_floor.main(["--seq_len", "1280", "--interpret", "--out", str(out)])
   rows = {row["variant"]: row for row in json.loads(out.read_text())["rows"]}
   assert set(rows) == set(score_floor.VARIANTS)
+  assert not [row for row in rows.values() if "error" in row]
   for name in score_floor.SAME_OUTPUT:
     assert rows[name]["max_rel_diff"] < 2e-6
 

@@ -117,10 +117,8 @@ def _block_sums_step(s, lse, lay, slc_block, part):
   ("tails": `c V_j - U_j`) or its score ("scores": the tails shifted by one block too)."""
   p_grp = _group_step(s, lse, lay)
   if part == "tails":
-    per_cmp, per_slc = lay.block // lay.stride, slc_block // lay.stride
-    by_block = p_grp.reshape(p_grp.shape[0], -1, per_slc)
-    weights = tail_weight(jnp.arange(per_slc), per_cmp, per_slc)[None, None, :]
-    return per_cmp * jnp.sum(by_block, axis=2) - jnp.sum(by_block * weights, axis=2)
+    sums, tails = cmp_kernel._block_sum_parts(p_grp, lay, slc_block)
+    return lay.block // lay.stride * sums - tails
   if part == "scores":
     scores, last = cmp_kernel._block_sum_scores(p_grp, jnp.zeros(p_grp.shape[:1], jnp.float32),
                                                 lay, slc_block)
