@@ -13,6 +13,8 @@
     python -m experiments.bench_kernels --seq_lens 8192 --trained_indices \
         experiments/results/gpu_2026-12-04/mqar_curriculum/selection_indices_c8k_nsa.npz \
         [--trained_layer 1]   # another layer's selection (files that hold every layer's)
+    python -m experiments.bench_kernels --seq_lens 16384 --parts "dense_cudnn,nsa default" \
+        --settings compressed.TAILS_APART=1  # a kernel option, against a run without it
 
 Shapes: B=1, Hq=64, Hkv=4 (`--num_kv_heads`), D=128, bfloat16. Configs: the paper's (l=32, d=16,
 l'=64, n=16, w=512) and fla-core's comparable one (l=d=l'=64, n=16, window excluded, as fla-core
@@ -59,6 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import nsa_jax
+from experiments import kernel_settings
 from experiments.probes import gpu_trace
 from nsa_jax import cudnn_compressed, pallas_gpu, pallas_tpu
 from pallas_kernels.gpu import compressed_attention as compressed_kernel
@@ -443,7 +446,21 @@ def main():
                            "equal documents (paper config), e.g. 8,64 at T = 65536")
   parser.add_argument("--platform", choices=sorted(PLATFORMS),
                       default="tpu" if jax.default_backend() == "tpu" else "gpu")
+  parser.add_argument("--settings", default="",
+                      help="GPU kernel constants for the whole run, module.NAME=VALUE,... "
+                           "(experiments.kernel_settings), e.g. compressed.TAILS_APART=1: "
+                           "time an option against a run without it")
   args = parser.parse_args()
+  try:
+    kernel_settings.parse(args.settings)
+  except ValueError as error:
+    parser.error(f"--settings: {error}")
+  with kernel_settings.applied(args.settings):
+    run(parser, args)
+
+
+def run(parser, args):
+  """`main` with the arguments parsed and the kernel settings in place."""
   if args.trace:
     if args.platform != "gpu":
       parser.error("--trace reads GPU profiler traces")
@@ -481,6 +498,7 @@ def main():
                                  trained_indices=args.trained_indices or None,
                                  trained_layer=(args.trained_layer if args.trained_indices
                                                 else None),
+                                 settings=args.settings or None,
                                  paper=paper, fla=fla), indent=2))
 
 

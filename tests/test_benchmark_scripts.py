@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 import nsa_jax
-from experiments import bench_decode, bench_kernels
+from experiments import bench_decode, bench_kernels, kernel_settings
 from nsa_jax import cudnn_compressed
+from pallas_kernels.gpu import compressed_attention as compressed_kernel
 
 
 def on_xla(fn):
@@ -60,19 +61,50 @@ def test_bench_kernels_times_each_part_and_writes_json(monkeypatch, tmp_path, pl
   bench_kernels.main()
   result = json.loads(out.read_text())
   assert result["num_kv_heads"] == 2 and result["platform"] == platform
+  assert result["settings"] is None
   parts = {row["part"]: row for row in result["paper"]}
   assert set(parts) == named
   assert all(row["fwd_ms"] > 0 and row["fwd_gib"] > 0 for row in parts.values())
   assert "fwd_bwd_ms" in parts["selected"] and "fwd_bwd_ms" not in parts["cmp+selection"]
 
 
-def test_tune_gpu_reads_each_setting_as_its_default_type():
-  from experiments.probes import tune_gpu  # pylint: disable=g-import-not-at-top
-  assert tune_gpu.setting_value(16, "32") == 32
-  assert tune_gpu.setting_value("triton", "mosaic") == "mosaic"
-  assert tune_gpu.setting_value(False, "1") is True and tune_gpu.setting_value(True, "0") is False
+def test_kernel_settings_read_each_value_as_its_default_type():
+  assert kernel_settings.setting_value(16, "32") == 32
+  assert kernel_settings.setting_value("triton", "mosaic") == "mosaic"
+  assert kernel_settings.setting_value(False, "1") is True
+  assert kernel_settings.setting_value(True, "0") is False
   with pytest.raises(ValueError, match="boolean"):
-    tune_gpu.setting_value(False, "yes")
+    kernel_settings.setting_value(False, "yes")
+
+
+@pytest.mark.parametrize("text", ["compressed.TAILS_APART", "nowhere.X=1", "compressed.nope=1",
+                                  "compressed.jnp=1", "compressed.SCORE_ROWS=many"])
+def test_kernel_settings_refuse_what_is_no_setting(text):
+  with pytest.raises(ValueError):
+    kernel_settings.parse(text)
+
+
+def test_kernel_settings_are_in_place_inside_and_restored_after():
+  compressed = kernel_settings.MODULES["compressed"]
+  defaults = compressed.TAILS_APART, compressed.SCORE_ROWS
+  with kernel_settings.applied("compressed.TAILS_APART=1,compressed.SCORE_ROWS=128"):
+    assert (compressed.TAILS_APART, compressed.SCORE_ROWS) == (True, 128)
+  assert (compressed.TAILS_APART, compressed.SCORE_ROWS) == defaults
+  with pytest.raises(RuntimeError), kernel_settings.applied("compressed.SCORE_ROWS=32"):
+    raise RuntimeError  # restored on the way out of an error too
+  assert compressed.SCORE_ROWS == defaults[1]
+
+
+def test_bench_kernels_runs_under_its_settings_and_records_them(monkeypatch, tmp_path):
+  seen = []
+  monkeypatch.setattr(bench_kernels, "run", lambda parser, args: seen.append(
+      (compressed_kernel.TAILS_APART, args.settings)))
+  monkeypatch.setattr("sys.argv", ["bench_kernels", "--settings", "compressed.TAILS_APART=1"])
+  bench_kernels.main()
+  assert seen == [(True, "compressed.TAILS_APART=1")] and not compressed_kernel.TAILS_APART
+  monkeypatch.setattr("sys.argv", ["bench_kernels", "--settings", "compressed.NO_SUCH=1"])
+  with pytest.raises(SystemExit):
+    bench_kernels.main()
 
 
 def test_mosaic_parts_trace_with_the_mosaic_kernels():

@@ -11,8 +11,7 @@
 B=1, Hq=64, Hkv=4 (`--num_kv_heads`), D=128, bf16, paper config. The breakdown: the compressed
 kernel alone, with the fused selection scores, with the top-n kernel after it (for 1, 2, 4 warps),
 XLA's top_k on the same scores. Then, for the modules' defaults and each variant
-(`module.NAME=VALUE,...`, module `compressed`, `selected` or `selected_mgpu`, the kernel modules of
-`pallas_kernels.gpu`), a table row: the fused compressed forward (output and scores), the
+(`module.NAME=VALUE,...`, read by `experiments.kernel_settings`), a table row: the fused compressed forward (output and scores), the
 compressed forward+backward (gradients of q, k_cmp and v_cmp), and the selected kernel's forward
 and forward+backward on the real selection.
 """
@@ -25,15 +24,13 @@ import jax
 import jax.numpy as jnp
 
 import nsa_jax
+from experiments import kernel_settings
 from experiments.bench_kernels import median_ms, random_qkv
 from nsa_jax import block_selection
 from pallas_kernels.gpu import compressed_attention as compressed_kernel
 from pallas_kernels.gpu import selected_attention as selected_kernel
-from pallas_kernels.gpu import selected_attention_mgpu as selected_mgpu
 from pallas_kernels.gpu import top_n
 
-MODULES = {"compressed": compressed_kernel, "selected": selected_kernel,
-           "selected_mgpu": selected_mgpu}
 COMMON = dict(block=32, stride=16, scale=128 ** -0.5)
 
 
@@ -80,16 +77,6 @@ def time_kernels(q, k, v, k_cmp, v_cmp, block_indices):
           median_ms(jax.jit(jax.grad(loss(selected), (0, 1, 2))), (q, k, v, block_indices), 5)]
 
 
-def setting_value(default, text: str):
-  """A variant's `text` as the type of the constant's default: int, str, or bool
-  (`1` / `true` / `0` / `false`)."""
-  if isinstance(default, bool):
-    if text.lower() not in ("1", "true", "0", "false"):
-      raise ValueError(f"a boolean setting takes 1, true, 0 or false, got {text!r}")
-    return text.lower() in ("1", "true")
-  return type(default)(text)
-
-
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--seq_len", type=int, default=65536)
@@ -104,20 +91,16 @@ def main():
     breakdown(q, k_cmp, v_cmp, t, config)
   block_indices = nsa_jax.select_blocks(q, k_cmp, config=config, implementation="pallas_gpu")
   print(f"\n{'variant':>60} {'cmp fwd':>8} {'cmp f+b':>8} {'slc fwd':>8} {'slc f+b':>8} (ms)")
+  for variant in args.variants:
+    kernel_settings.parse(variant)  # a mistyped setting fails before any timing
   for variant in ["defaults"] + args.variants:
-    settings = [] if variant == "defaults" else [x.split("=") for x in variant.split(",")]
-    saved = []
-    for name, value in settings:
-      module, attr = MODULES[name.split(".")[0]], name.split(".")[1]
-      saved.append((module, attr, getattr(module, attr)))
-      setattr(module, attr, setting_value(getattr(module, attr), value))
-    try:
-      times = " ".join(f"{ms:8.2f}" for ms in time_kernels(q, k, v, k_cmp, v_cmp, block_indices))
-    except Exception as err:  # a setting Triton cannot compile (shared memory): report it
-      times = f"failed: {type(err).__name__}: {str(err)[:80]}"
+    with kernel_settings.applied("" if variant == "defaults" else variant):
+      try:
+        times = " ".join(f"{ms:8.2f}"
+                         for ms in time_kernels(q, k, v, k_cmp, v_cmp, block_indices))
+      except Exception as err:  # a setting Triton cannot compile (shared memory): report it
+        times = f"failed: {type(err).__name__}: {str(err)[:80]}"
     print(f"{variant:>60} {times}", flush=True)
-    for module, attr, value in saved:
-      setattr(module, attr, value)
 
 
 if __name__ == "__main__":
