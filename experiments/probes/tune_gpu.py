@@ -11,9 +11,9 @@
 B=1, Hq=64, Hkv=4 (`--num_kv_heads`), D=128, bf16, paper config. The breakdown: the compressed
 kernel alone, with the fused selection scores, with the top-n kernel after it (for 1, 2, 4 warps),
 XLA's top_k on the same scores. Then, for the modules' defaults and each variant
-(`module.NAME=VALUE,...`, read by `experiments.kernel_settings`), a table row: the fused compressed forward (output and scores), the
-compressed forward+backward (gradients of q, k_cmp and v_cmp), and the selected kernel's forward
-and forward+backward on the real selection.
+(`module.NAME=VALUE,...`, read by `experiments.kernel_settings`), a table row: the fused
+compressed forward (output and scores), the compressed forward+backward (gradients of q, k_cmp
+and v_cmp), and the selected kernel's forward and forward+backward on the real selection.
 """
 
 from __future__ import annotations
