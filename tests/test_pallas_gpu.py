@@ -602,6 +602,33 @@ def test_selection_scores_with_tails_apart_on_gpu(monkeypatch, seq_len, group):
   check_tails_apart(monkeypatch, q, k_cmp, lse, config, interpret=False)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("shift", ["product_last", "halves", "dot"])
+@pytest.mark.parametrize("seq_len,group", [(1, 16), (47, 16), (4096 + 5, 16), (1000, 8)])
+def test_selection_scores_under_each_shift_on_gpu(monkeypatch, shift, seq_len, group):
+  # Every `SHIFT` gives the default's scores bit for bit on the candidate columns, and its picks.
+  q, k, _ = random_qkv(1, seq_len, 2 * group, 2, 128, dtype=jnp.bfloat16)
+  config = nsa_jax.NSAConfig()
+  k_cmp, _ = xla.compress_kv(k, k, config.cmp_block, config.cmp_stride)
+  _, lse = xla.compressed_attention(q, k_cmp, k_cmp, 128 ** -0.5, block=config.cmp_block,
+                                    stride=config.cmp_stride)
+  kwargs = dict(block=config.cmp_block, stride=config.cmp_stride, slc_block=config.slc_block,
+                scale=128 ** -0.5)
+  select = dict(num_selected=config.num_selected, num_initial=config.num_initial,
+                num_local=config.num_local, **kwargs)
+  want = compressed_kernel.selection_scores_from_lse(q, k_cmp, lse, **kwargs)
+  want_picks = compressed_kernel.selection_from_lse(q, k_cmp, lse, **select)
+  monkeypatch.setattr(compressed_kernel, "SHIFT", shift)
+  got = compressed_kernel.selection_scores_from_lse(q, k_cmp, lse, **kwargs)
+  cols = jnp.arange(want.shape[3])[None, :]
+  candidate = ((cols <= jnp.arange(seq_len)[:, None] // config.slc_block)
+               & (cols < -(-seq_len // config.slc_block)))
+  np.testing.assert_array_equal(jnp.where(candidate, got[:, :, :seq_len], 0.0),
+                                jnp.where(candidate, want[:, :, :seq_len], 0.0))
+  np.testing.assert_array_equal(compressed_kernel.selection_from_lse(q, k_cmp, lse, **select),
+                                want_picks)
+
+
 def test_top_n_tails_must_match_the_scores():
   scores = jnp.zeros((1, 2, 64, 16))
   with pytest.raises(ValueError, match="tails must be shaped as scores"):
