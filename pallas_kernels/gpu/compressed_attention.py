@@ -13,10 +13,11 @@ never recomputed outside the kernel:
   - onto selection blocks (Eq. 9): where `l <= l' + d`, block j of the `BS = BK * d / l'` a key
     tile owns scores `c V_j - U_j + U_{j-1}` from two sums of its own keys (`_block_sum_scores`,
     `U` of the tile's last block carried to the next; in the score pass, with `TAILS_APART`,
-    `U_j` stored one column right in an array of its own for the top-n kernel to add); otherwise an overlap map `p_grp @ A`,
-    `A [BK, BS]`, `A[i, j] = |block i ∩ block j| / d`, plus a carry `@ A_next` for the overlap
-    that spills into the next tile's first blocks, as a float32 product-sum over a small 3D tile
-    or tensor-core dots when the tile has many positions (`_map_blocks`).
+    `U_j` stored one column right in an array of its own for the top-n kernel to add);
+    otherwise an overlap map `p_grp @ A`, `A [BK, BS]`, `A[i, j] = |block i ∩ block j| / d`,
+    plus a carry `@ A_next` for the overlap that spills into the next tile's first blocks, as a
+    float32 product-sum over a small 3D tile or tensor-core dots when the tile has many
+    positions (`_map_blocks`).
 Every pass walks the key tiles that all its rows see whole without a mask (`_full_tile_count`;
 all but the last one or two of a walk), then the rest masked. A third kernel,
 `nsa_selection_scores` (`selection_scores_from_lse`), is pass 2 without the values, for a
