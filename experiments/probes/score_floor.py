@@ -51,7 +51,6 @@ from jax.experimental import pallas as pl
 import nsa_jax
 from experiments.bench_kernels import D, HKV, HQ, median_ms, random_qkv
 from experiments.probes import floor_cli
-from pallas_kernels.decode_partials import tail_weight
 from pallas_kernels.gpu import compressed_attention as cmp_kernel
 from pallas_kernels.gpu.tile_math import masked_split_loop
 
@@ -146,13 +145,10 @@ class _BlocksFirstWriter(cmp_kernel._ScoreWriter):
 
   def update(self, kt, p, spill):
     lay = self.lay
-    per_cmp, per_slc = lay.block // lay.stride, self.slc_block // lay.stride
-    if not self.block_sums or per_cmp == 1:
+    if not self.block_sums or lay.block == lay.stride:
       return super().update(kt, p, spill)
-    by_block = p.reshape(p.shape[0], self.owned, per_slc)
-    weights = tail_weight(jnp.arange(per_slc), per_cmp, per_slc)[None, None, :]
-    tails = jnp.sum(by_block * weights, axis=2)
-    own = cmp_kernel._group_sum(per_cmp * jnp.sum(by_block, axis=2) - tails, lay)
+    sums, tails = cmp_kernel._block_sum_parts(p, lay, self.slc_block)  # per row
+    own = cmp_kernel._group_sum(lay.block // lay.stride * sums - tails, lay)
     previous, spill = cmp_kernel._shift_one_block(cmp_kernel._group_sum(tails, lay), spill)
     cmp_kernel._store_scores(self.score_ref, own + previous, self.tile, kt * self.owned,
                              self.owned, lay)
