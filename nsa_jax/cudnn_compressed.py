@@ -137,9 +137,28 @@ def compressed_attention(q, k_cmp, v_cmp, scale: float, *, block: int, stride: i
   if num_chunks(t, block, stride) == 0:  # T < l: no position sees a block
     return (jnp.zeros((b, t, hq, v_cmp.shape[-1]), q.dtype),
             jnp.full((b, t, hq), -jnp.inf, jnp.float32))
+  out, _, lse = compressed_attention_folded(q, k_cmp, v_cmp, scale, block=block, stride=stride,
+                                            use_cudnn=use_cudnn)
+  return out, unfold(lse.transpose(0, 2, 1), t, hkv, block, stride, -jnp.inf)
+
+
+def compressed_attention_folded(q, k_cmp, v_cmp, scale: float, *, block: int, stride: int,
+                                use_cudnn: bool = True):
+  """`compressed_attention` with the log-sum-exp left folded, and the folded queries: for a
+  score pass that reads them as they are
+  (`pallas_kernels.gpu.compressed_attention.selection_from_folded`). Needs `T >= l`.
+
+  Returns:
+    `(out [B, T, Hq, Dv] in q.dtype, qf [B, C, Hkv * d * G, Dk] (fold_queries), lse float32
+    [B, Hkv * d * G, C])`: the row of head `(g, j, h)` of chunk `c`, natural log (chunk `c`
+    sees blocks `0..c`, so every row sees one); differentiable in q, k_cmp, v_cmp through out
+    and lse.
+  """
+  t, hkv = q.shape[1], k_cmp.shape[2]
+  if num_chunks(t, block, stride) == 0:
+    raise ValueError(f"the folded compressed branch needs T >= l = {block}, got q {q.shape}")
   qf = fold_queries(q, hkv, block, stride)
   pad = [(0, 0), (0, qf.shape[1] - k_cmp.shape[1]), (0, 0), (0, 0)]
   out, lse = _attention_and_lse(qf, jnp.pad(k_cmp, pad), jnp.pad(v_cmp, pad), scale, use_cudnn)
-  lse = lse.astype(jnp.float32).transpose(0, 2, 1)  # [B, C, N]
-  return (unfold(out, t, hkv, block, stride, 0).astype(q.dtype),
-          unfold(lse, t, hkv, block, stride, -jnp.inf))
+  return (unfold(out, t, hkv, block, stride, 0).astype(q.dtype), qf,
+          lse.astype(jnp.float32))

@@ -140,6 +140,10 @@ def compressed_attention_and_selection(q, k_cmp, v_cmp, scale, config, interpret
                                             ascending, segment_ids)
   if (cudnn_compressed_applies(q, v_cmp, config.cmp_stride, interpret)
       and compressed_kernel.fusable(config.cmp_stride, config.slc_block)):
+    if (q.shape[1] >= config.cmp_block
+        and compressed_kernel.folded_selection_applies(q, k_cmp.shape[2], config.cmp_stride)):
+      return _folded_compressed_and_selection(q, k_cmp, v_cmp, scale, config, interpret,
+                                              ascending)
     o_cmp, lse = cudnn_compressed.compressed_attention(q, k_cmp, v_cmp, scale,
                                                        block=config.cmp_block,
                                                        stride=config.cmp_stride)
@@ -158,6 +162,21 @@ def compressed_attention_and_selection(q, k_cmp, v_cmp, scale, config, interpret
       num_initial=config.num_initial, num_local=config.num_local, scale=scale,
       ascending=ascending, interpret=interpret)
   return o_cmp, block_indices
+
+
+def _folded_compressed_and_selection(q, k_cmp, v_cmp, scale, config, interpret, ascending,
+                                     use_cudnn=True):
+  """cuDNN's folded compressed branch, then the score pass over its folded queries and
+  log-sum-exp as they are (`compressed_kernel.selection_from_folded`) and the top-n kernel.
+  (`use_cudnn=False`: the folded attention in XLA, for tests on CPU.)"""
+  o_cmp, qf, lse = cudnn_compressed.compressed_attention_folded(
+      q, k_cmp, v_cmp, scale, block=config.cmp_block, stride=config.cmp_stride,
+      use_cudnn=use_cudnn)
+  return o_cmp, compressed_kernel.selection_from_folded(
+      qf, k_cmp, lse, seq_len=q.shape[1], block=config.cmp_block, stride=config.cmp_stride,
+      slc_block=config.slc_block, num_selected=config.num_selected,
+      num_initial=config.num_initial, num_local=config.num_local, scale=scale,
+      ascending=ascending, interpret=interpret)
 
 
 def _packed_compressed_and_selection(q, k_cmp, v_cmp, scale, config, interpret, ascending,

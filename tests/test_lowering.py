@@ -168,6 +168,22 @@ def test_selection_with_tails_apart_lowers_for_cuda(monkeypatch, group):
   assert re.search(r"nsa_selection_scores.*-> \(tensor<[^>]+>, tensor<[^>]+>\)", text)
 
 
+@pytest.mark.parametrize("tails_apart", [False, True])
+def test_selection_over_folded_queries_lowers_for_cuda(monkeypatch, tails_apart):
+  # `FOLDED_SCORES`: the score pass reads cuDNN's folded q `[B, C, Hkv * d * G, D]` and
+  # log-sum-exp `[B, Hkv * d * G, C]` (paper config, G = 16: a chunk's 256 rows a program).
+  monkeypatch.setattr(compressed_kernel, "TAILS_APART", tails_apart)
+  config, t, chunks = NSAConfig(), 1000, 62
+  qf = jnp.zeros((2, chunks, 2 * 256, 128), jnp.bfloat16)
+  k_cmp = jnp.zeros((2, config.num_cmp_blocks(t), 2, 128), jnp.bfloat16)
+  lse = jnp.zeros((2, 2 * 256, chunks), jnp.float32)
+  select = functools.partial(
+      compressed_kernel.selection_from_folded, seq_len=t, block=config.cmp_block,
+      stride=config.cmp_stride, slc_block=config.slc_block, num_selected=config.num_selected,
+      num_initial=config.num_initial, num_local=config.num_local, scale=0.1, ascending=False)
+  assert pallas_kernels("cuda", select, qf, k_cmp, lse) == ["nsa_selection_scores", "nsa_top_n"]
+
+
 @pytest.mark.parametrize("group,config", [
     (16, NSAConfig()), (4, NSAConfig()), (1, NSAConfig()),
     (8, NSAConfig(cmp_block=64, cmp_stride=64, slc_block=64, num_selected=16, window=64))])

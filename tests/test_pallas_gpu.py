@@ -629,6 +629,109 @@ def test_selection_scores_under_each_shift_on_gpu(monkeypatch, shift, seq_len, g
                                 want_picks)
 
 
+def check_folded_selection(monkeypatch, q, k_cmp, config, interpret, use_cudnn):
+  """`FOLDED_SCORES` (the score pass reading the compressed branch's folded queries and
+  log-sum-exp in place): the scores on the candidate columns, the branch's output and the picks
+  bit for bit those of the score pass over a rows copy of q and the unfolded log-sum-exp."""
+  scale, t = q.shape[-1] ** -0.5, q.shape[1]
+  kwargs = dict(block=config.cmp_block, stride=config.cmp_stride, slc_block=config.slc_block,
+                scale=scale, interpret=interpret)
+  o_want, lse = cudnn_compressed.compressed_attention(
+      q, k_cmp, k_cmp, scale, block=config.cmp_block, stride=config.cmp_stride,
+      use_cudnn=use_cudnn)
+  scores = compressed_kernel.selection_scores_from_lse(q, k_cmp, lse, **kwargs)
+  _, qf, lse_folded = cudnn_compressed.compressed_attention_folded(
+      q, k_cmp, k_cmp, scale, block=config.cmp_block, stride=config.cmp_stride,
+      use_cudnn=use_cudnn)
+  folded, tails = compressed_kernel.folded_score_parts(qf, k_cmp, lse_folded, seq_len=t,
+                                                       **kwargs)
+  if tails is not None:
+    folded = folded + tails
+  cols = jnp.arange(scores.shape[3])[None, :]
+  candidate = cols <= jnp.arange(t)[:, None] // config.slc_block
+  np.testing.assert_array_equal(jnp.where(candidate, folded[:, :, :t, :scores.shape[3]], 0.0),
+                                jnp.where(candidate, scores[:, :, :t], 0.0))
+  want = compressed_kernel.selection_from_lse(
+      q, k_cmp, lse, block=config.cmp_block, stride=config.cmp_stride,
+      slc_block=config.slc_block, num_selected=config.num_selected,
+      num_initial=config.num_initial, num_local=config.num_local, scale=scale,
+      ascending=False, interpret=interpret)
+  monkeypatch.setattr(compressed_kernel, "FOLDED_SCORES", True)
+  assert compressed_kernel.folded_selection_applies(q, k_cmp.shape[2], config.cmp_stride)
+  o_got, got = pallas_gpu._folded_compressed_and_selection(
+      q, k_cmp, k_cmp, scale, config, interpret, ascending=False, use_cudnn=use_cudnn)
+  np.testing.assert_array_equal(o_got, o_want)
+  np.testing.assert_array_equal(got, want)
+
+
+# (B, T, Hq, Hkv, SCORE_ROWS, config): d * G rows a chunk, SCORE_ROWS of them: the paper's
+# config at G = 16 (T = l: one chunk, padded to two), d = 4 at G = 16 over two KV groups and
+# a batch of two, the unreached block's case (l = 12, d = 4, l' = 8, no local block), and l = 16,
+# l' = 4, n = 2 (no forced block): positions 8 .. 14 choose among more blocks than n before
+# their first compressed key (l - 1 = 15), all scored 0 (rows the folded pass does not reach).
+FOLDED_CASES = [(1, 300, 16, 1, 256, nsa_jax.NSAConfig(32, 16, 64, 3, 1, 2, 20)),
+                (1, 32, 16, 1, 256, nsa_jax.NSAConfig(32, 16, 64, 3, 1, 2, 20)),
+                (2, 140, 32, 2, 64, nsa_jax.NSAConfig(8, 4, 16, 3, 1, 1, 20)),
+                (1, 262, 16, 1, 64, nsa_jax.NSAConfig(12, 4, 8, 3, 0, 0, 20)),
+                (1, 100, 16, 1, 64, nsa_jax.NSAConfig(16, 4, 4, 2, 0, 0, 20))]
+
+
+@pytest.mark.parametrize("tails_apart", [False, True])
+@pytest.mark.parametrize("case", FOLDED_CASES)
+def test_selection_over_folded_queries_in_interpret_mode(monkeypatch, case, tails_apart):
+  b, t, hq, hkv, score_rows, config = case
+  monkeypatch.setattr(compressed_kernel, "SCORE_ROWS", score_rows)
+  monkeypatch.setattr(compressed_kernel, "TAILS_APART", tails_apart)
+  q, k, _ = random_qkv(b, t, hq, hkv, 16)
+  k_cmp, _ = xla.compress_kv(k, k, config.cmp_block, config.cmp_stride)
+  check_folded_selection(monkeypatch, q, k_cmp, config, interpret=True, use_cudnn=False)
+
+
+def test_folded_selection_applies_only_where_a_chunk_fills_the_rows(monkeypatch):
+  q = jnp.zeros((1, 100, 32, 128), jnp.bfloat16)
+  applies = lambda q, hkv, d: compressed_kernel.folded_selection_applies(q, hkv, d)
+  assert not applies(q, 2, 16)  # off by default
+  monkeypatch.setattr(compressed_kernel, "FOLDED_SCORES", True)
+  assert applies(q, 2, 16) and not applies(q, 4, 16) and not applies(q, 2, 8)
+  assert not applies(jnp.zeros((1, 100, 24, 128)), 2, 16)  # G = 12
+  assert not applies(jnp.zeros((1, 100, 32, 96)), 2, 16)  # a padded head dim
+  with pytest.raises(ValueError, match="T >= l = 32"):
+    cudnn_compressed.compressed_attention_folded(q[:, :31], q[:, :1, :2], q[:, :1, :2], 0.1,
+                                                 block=32, stride=16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seq_len", [32, 47, 4096 + 5])
+def test_selection_over_folded_queries_on_gpu(monkeypatch, seq_len):
+  # cuDNN's folded branch at G = 16 (two KV groups) in the paper's config, T = l included.
+  config = nsa_jax.NSAConfig()
+  q, k, _ = random_qkv(1, seq_len, 32, 2, 128, dtype=jnp.bfloat16)
+  k_cmp, _ = xla.compress_kv(k, k, config.cmp_block, config.cmp_stride)
+  check_folded_selection(monkeypatch, q, k_cmp, config, interpret=False, use_cudnn=True)
+
+
+@pytest.mark.gpu
+def test_nsa_attention_with_folded_scores_on_gpu(monkeypatch):
+  # End to end, values and gradients: the same numbers with and without `FOLDED_SCORES`.
+  config = nsa_jax.NSAConfig()
+  q, k, v = random_qkv(1, 4096 + 5, 32, 2, 128, dtype=jnp.bfloat16)
+  gates = random_gates(q)
+  k_cmp, v_cmp = xla.compress_kv(k, v, config.cmp_block, config.cmp_stride)
+
+  def value_and_grads():
+    loss = lambda *a: jnp.sum(pallas_gpu.nsa_attention(
+        *a, gates, k_cmp, v_cmp, 128 ** -0.5, config=config).astype(jnp.float32) ** 2)
+    return jax.value_and_grad(loss, (0, 1, 2))(q, k, v)
+
+  want = value_and_grads()
+  monkeypatch.setattr(compressed_kernel, "FOLDED_SCORES", True)
+  jax.clear_caches()
+  got = value_and_grads()
+  jax.clear_caches()
+  for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(x, y)
+
+
 def test_top_n_tails_must_match_the_scores():
   scores = jnp.zeros((1, 2, 64, 16))
   with pytest.raises(ValueError, match="tails must be shaped as scores"):

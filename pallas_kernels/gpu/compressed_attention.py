@@ -85,6 +85,11 @@ SCORE_Q_BYTES = 64 * 1024
 # 16k): one warpgroup walks a serial chain of seven wgmma groups a key tile (BENCHMARKS.md, "What
 # is left on Triton"), so the default stays Triton's.
 SCORES = "triton"
+# The Triton score pass after cuDNN's folded compressed branch reads cuDNN's folded queries and
+# log-sum-exp as they are (`selection_from_folded`), where a chunk's `d * G` heads of a KV group
+# are exactly a program's rows: no rows copy of q is written beside the fold (1 GB at 64k,
+# paper config) and the log-sum-exp is not unfolded. Written 2026-12-07, not yet timed, so off.
+FOLDED_SCORES = False
 DKV_NUM_WARPS = 4
 DKV_PROGRAMS = 2048  # dK/dV programs to aim for when cutting long row walks into chunks
 MIN_DKV_CHUNK = 64  # row tiles
@@ -100,7 +105,7 @@ class _Layout:
   heads: int  # Gc = pow2(G), rows per position
   rows: int  # R, rows per program
   positions: int  # R / Gc, positions per program
-  seq_pad: int  # T padded to a multiple of `positions`
+  seq_pad: int  # T padded to a multiple of `positions` (past `first_position`)
   num_cmp: int  # Tc
   cmp_pad: int  # Tc padded to a multiple of DKV_KEYS (at least one tile)
   head_dim: int
@@ -109,10 +114,13 @@ class _Layout:
   head_dim_v_pad: int
   block: int  # l
   stride: int  # d
+  # Row tile 0's first position: 0, or `l - 1` for the score pass over folded queries
+  # (`selection_from_folded`), whose chunk c holds positions `l - 1 + c*d ...`.
+  first_position: int = 0
 
   @property
   def num_row_tiles(self) -> int:
-    return self.seq_pad // self.positions
+    return (self.seq_pad - self.first_position) // self.positions
 
 
 def _layout(q, k_cmp, v_cmp, block, stride, rows=None) -> _Layout:
@@ -153,8 +161,14 @@ def _num_visible(pos, lay: _Layout):
   return jnp.minimum(seen, lay.num_cmp)
 
 
+def _tile_start(tile, lay: _Layout):
+  """The row tile's first position."""
+  start = tile * lay.positions
+  return start + lay.first_position if lay.first_position else start
+
+
 def _row_positions(tile, lay: _Layout):
-  return tile * lay.positions + jnp.arange(lay.rows) // lay.heads  # [R]
+  return _tile_start(tile, lay) + jnp.arange(lay.rows) // lay.heads  # [R]
 
 
 def _scores(q, k, key_start, row_pos, lay: _Layout, scale, masked=True, starts=None):
@@ -180,14 +194,14 @@ def _scores(q, k, key_start, row_pos, lay: _Layout, scale, masked=True, starts=N
 
 def _tile_count(tile, lay: _Layout, keys=None):
   """Key tiles of `keys` (default KEYS) that the row tile's last position sees."""
-  last = jnp.minimum((tile + 1) * lay.positions - 1, lay.seq_len - 1)
+  last = jnp.minimum(_tile_start(tile + 1, lay) - 1, lay.seq_len - 1)
   return pl.cdiv(_num_visible(last, lay), keys or KEYS)
 
 
 def _full_tile_count(tile, lay: _Layout, keys=None):
   """Leading key tiles that every row of the row tile sees whole (its first position sees them:
   keys seen by a position are seen by all later ones). The rest of its walk is 1 or 2 tiles."""
-  return _num_visible(tile * lay.positions, lay) // (keys or KEYS)
+  return _num_visible(_tile_start(tile, lay), lay) // (keys or KEYS)
 
 
 def _lse_pass(q, k_ref, row_pos, num_full, num_tiles, lay, scale, starts=None, first=0):
@@ -341,8 +355,8 @@ def _store_scores(score_ref, values, tile, first_col, num_cols, lay: _Layout):
   """Stores `values [P, C]` at the tile's positions, columns `[first_col, first_col + num_cols)`."""
   width = values.shape[1]
   mask = jnp.broadcast_to((jnp.arange(width) < num_cols)[None, :], values.shape)
-  plgpu.store(score_ref.at[pl.ds(tile * lay.positions, lay.positions), pl.ds(first_col, width)],
-              values, mask=mask)
+  rows = pl.ds(_tile_start(tile, lay), lay.positions)
+  plgpu.store(score_ref.at[rows, pl.ds(first_col, width)], values, mask=mask)
 
 
 class _ScoreWriter:
@@ -547,13 +561,25 @@ def _scores_kernel(q_ref, k_ref, lse_ref, score_ref, tails_ref=None, *, lay, sca
   for ref in (score_ref, tails_ref):
     if ref is not None:
       _zero_unscored(ref, tile, num_tiles * writer.owned + slc_spill, lay, slc_block, slc_cols)
+      if lay.first_position:
+        pl.when(tile == 0)(lambda ref=ref: _zero_rows_before(ref, lay, slc_block))
+
+
+def _zero_rows_before(score_ref, lay: _Layout, slc_block):
+  """Zeros in the rows before row tile 0 (`first_position`: folded queries), at the columns
+  the top-n kernel reads there (blocks `<= t // slc_block`): those positions see no key."""
+  num_rows, num_cols = lay.first_position, (lay.first_position - 1) // slc_block + 1
+  rows, cols = _pow2(num_rows), _pow2(num_cols)
+  mask = (jnp.arange(rows) < num_rows)[:, None] & (jnp.arange(cols) < num_cols)[None, :]
+  plgpu.store(score_ref.at[pl.ds(0, rows), pl.ds(0, cols)], jnp.zeros((rows, cols), jnp.float32),
+              mask=mask)
 
 
 def _zero_unscored(score_ref, tile, first_col, lay: _Layout, slc_block, width):
   """Zeros in columns `[first_col, own block of the tile's last query]`: the candidate blocks
   that no visible compressed key reaches (none in the paper's config), which the top-n kernel
   reads. The score buffer is not zero-filled (1.1 GB at T = 64k), so only these are defined."""
-  last = jnp.minimum((tile + 1) * lay.positions, lay.seq_len) - 1
+  last = jnp.minimum(_tile_start(tile + 1, lay), lay.seq_len) - 1
   end = last // slc_block + 1
   zeros = jnp.zeros((lay.positions, width), jnp.float32)
 
@@ -738,10 +764,14 @@ def _tails_apart(lay: _Layout, slc_block) -> bool:
 
 
 def _scores_only(q, k, lse2, lay: _Layout, scale, slc_block, interpret):
-  """`_scores_kernel` over the rows layout: `(scores, tails)`, `[B, Hkv, T_pad, width]` float32
-  each (`tails` None unless `_tails_apart`; else the scores are their sum), row `t` defined in
-  the columns of blocks `<= t // slc_block` (the top-n kernel's candidates) only."""
+  """`_scores_kernel` over the rows layout, or over folded queries `[B, C, Hkv * R, Dp]` (chunk
+  `c` of KV group `g`: rows `g*R ... (g+1)*R - 1`) where `lay.first_position`: `(scores,
+  tails)`, `[B, Hkv, T_pad, width]` float32 each (`tails` None unless `_tails_apart`; else the
+  scores are their sum), row `t` defined in the columns of blocks `<= t // slc_block` (the top-n
+  kernel's candidates) only."""
   rows, row_vector, keys = _specs(lay)
+  if lay.first_position:
+    rows = lambda d: pl.BlockSpec((None, None, lay.rows, d), lambda i, b, g: (b, i, g, 0))
   slc_cols, slc_spill = _slc_geometry(lay, slc_block, SCORE_KEYS)
   shape, whole = _score_layout(lay, slc_block, slc_cols, SCORE_KEYS)
   kernel = functools.partial(_scores_kernel, lay=lay, scale=scale, slc_block=slc_block,
@@ -1019,6 +1049,64 @@ def selection_from_lse(q, k_cmp, lse, *, block: int, stride: int, slc_block: int
   return top_n_blocks(scores, seq_len=q.shape[1], num_selected=num_selected,
                       slc_block=slc_block, num_initial=num_initial, num_local=num_local,
                       ascending=ascending, interpret=interpret, tails=tails)
+
+
+def folded_selection_applies(q, num_kv_heads: int, stride: int) -> bool:
+  """Whether `selection_from_folded` takes `q [B, T, Hq, Dk]` (and is on, `FOLDED_SCORES`):
+  the Triton score pass, G a power of two, Dk a power of two >= 16, and a chunk's `d * G` rows of
+  a KV group exactly a program's rows (`SCORE_ROWS` where they fit: the paper's G = d = 16)."""
+  group, head_dim = q.shape[2] // num_kv_heads, q.shape[3]
+  return (FOLDED_SCORES and SCORES == "triton" and group == _pow2(group)
+          and head_dim == _pow2(head_dim, 16) and stride * group == _score_rows(q, num_kv_heads))
+
+
+def folded_score_parts(qf, k_cmp, lse, *, seq_len: int, block: int, stride: int, slc_block: int,
+                       scale: float, interpret: bool = False):
+  """`selection_score_parts` from the compressed branch's folded queries and log-sum-exp as
+  cuDNN takes and gives them (`nsa_jax.cudnn_compressed`), read in place
+  (`folded_selection_applies`).
+
+  Args:
+    qf: `[B, C, Hkv * d * G, Dk]`: chunk `c`'s head `(g, j, h)` is head `h` of KV group `g` at
+      position `l - 1 + c*d + j` (zeros past `seq_len`).
+    k_cmp: `[B, Tc, Hkv, Dk]`.
+    lse: float32 `[B, Hkv * d * G, C]`, natural log of `sum exp(scale * q . k_cmp)` over the
+      blocks each row sees (chunk `c` sees blocks `0..c`).
+    seq_len: T.
+
+  Returns:
+    `(scores, tails)` as `selection_score_parts` gives them, rows `l - 1 + C*d >= T`.
+  """
+  _check_fusable(stride, slc_block)
+  b, chunks, num_rows, head_dim = qf.shape
+  hkv = k_cmp.shape[2]
+  group = num_rows // (hkv * stride)
+  if lse.shape != (b, num_rows, chunks):
+    raise ValueError(f"lse must be [B, Hkv * d * G, C] = {(b, num_rows, chunks)}, "
+                     f"got {lse.shape}")
+  qf, k_cmp, lse = (jax.lax.stop_gradient(x) for x in (qf, k_cmp, lse))
+  q_like = jax.ShapeDtypeStruct((b, seq_len, hkv * group, head_dim), qf.dtype)
+  lay = dataclasses.replace(_layout(q_like, k_cmp, k_cmp, block, stride, rows=stride * group),
+                            seq_pad=block - 1 + chunks * stride, first_position=block - 1)
+  if lay.rows != stride * group or lay.head_dim_pad != head_dim:
+    raise ValueError(f"the folded queries {qf.shape} do not make whole score rows of a chunk")
+  lse2 = jnp.where(jnp.isneginf(lse), jnp.inf, lse * LOG2E)
+  lse2 = lse2.reshape(b, hkv, stride * group, chunks).transpose(0, 1, 3, 2).reshape(b, hkv, -1)
+  return _scores_only(qf, _to_keys(k_cmp, lay, head_dim), lse2, lay, float(scale), slc_block,
+                      interpret)
+
+
+def selection_from_folded(qf, k_cmp, lse, *, seq_len: int, block: int, stride: int,
+                          slc_block: int, num_selected: int, num_initial: int, num_local: int,
+                          scale: float, ascending: bool = True, interpret: bool = False):
+  """`folded_score_parts`, then the top-n kernel: `block_indices int32 [B, T, Hkv, n]` as
+  `selection_from_lse` gives them."""
+  scores, tails = folded_score_parts(qf, k_cmp, lse, seq_len=seq_len, block=block,
+                                     stride=stride, slc_block=slc_block, scale=scale,
+                                     interpret=interpret)
+  return top_n_blocks(scores, seq_len=seq_len, num_selected=num_selected, slc_block=slc_block,
+                      num_initial=num_initial, num_local=num_local, ascending=ascending,
+                      interpret=interpret, tails=tails)
 
 
 def packed_selection_applies(block: int, stride: int, slc_block: int) -> bool:
