@@ -664,22 +664,22 @@ def check_folded_selection(monkeypatch, q, k_cmp, config, interpret, use_cudnn):
   np.testing.assert_array_equal(got, want)
 
 
-# (B, T, Hq, Hkv, SCORE_ROWS, config): d * G rows a chunk, SCORE_ROWS of them: the paper's
-# config at G = 16 (T = l: one chunk, padded to two), d = 4 at G = 16 over two KV groups and
-# a batch of two, the unreached block's case (l = 12, d = 4, l' = 8, no local block), and l = 16,
-# l' = 4, n = 2 (no forced block): positions 8 .. 14 choose among more blocks than n before
-# their first compressed key (l - 1 = 15), all scored 0 (rows the folded pass does not reach).
-FOLDED_CASES = [(1, 300, 16, 1, 256, nsa_jax.NSAConfig(32, 16, 64, 3, 1, 2, 20)),
-                (1, 32, 16, 1, 256, nsa_jax.NSAConfig(32, 16, 64, 3, 1, 2, 20)),
-                (2, 140, 32, 2, 64, nsa_jax.NSAConfig(8, 4, 16, 3, 1, 1, 20)),
-                (1, 262, 16, 1, 64, nsa_jax.NSAConfig(12, 4, 8, 3, 0, 0, 20)),
-                (1, 100, 16, 1, 64, nsa_jax.NSAConfig(16, 4, 4, 2, 0, 0, 20))]
+# (B, T, Hq, Hkv, SCORE_ROWS, config, TAILS_APART): d * G rows a chunk, SCORE_ROWS of them:
+# the paper's config at G = 16 (T = l: one chunk, padded to two), d = 4 at G = 16 over two KV
+# groups and a batch of two, the unreached block's case (l = 12, d = 4, l' = 8, no local block),
+# and l = 16, l' = 4, n = 2 (no forced block): positions 8 .. 14 choose among more blocks than n
+# before their first compressed key (l - 1 = 15), all scored 0 (rows the folded pass does not
+# reach); with the tail sums shifted in the pass, or apart.
+FOLDED_CASES = [(1, 300, 16, 1, 256, nsa_jax.NSAConfig(32, 16, 64, 3, 1, 2, 20), True),
+                (1, 32, 16, 1, 256, nsa_jax.NSAConfig(32, 16, 64, 3, 1, 2, 20), False),
+                (2, 140, 32, 2, 64, nsa_jax.NSAConfig(8, 4, 16, 3, 1, 1, 20), False),
+                (1, 262, 16, 1, 64, nsa_jax.NSAConfig(12, 4, 8, 3, 0, 0, 20), True),
+                (1, 100, 16, 1, 64, nsa_jax.NSAConfig(16, 4, 4, 2, 0, 0, 20), False)]
 
 
-@pytest.mark.parametrize("tails_apart", [False, True])
 @pytest.mark.parametrize("case", FOLDED_CASES)
-def test_selection_over_folded_queries_in_interpret_mode(monkeypatch, case, tails_apart):
-  b, t, hq, hkv, score_rows, config = case
+def test_selection_over_folded_queries_in_interpret_mode(monkeypatch, case):
+  b, t, hq, hkv, score_rows, config, tails_apart = case
   monkeypatch.setattr(compressed_kernel, "SCORE_ROWS", score_rows)
   monkeypatch.setattr(compressed_kernel, "TAILS_APART", tails_apart)
   q, k, _ = random_qkv(b, t, hq, hkv, 16)
