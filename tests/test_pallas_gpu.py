@@ -687,6 +687,27 @@ def test_selection_over_folded_queries_in_interpret_mode(monkeypatch, case):
   check_folded_selection(monkeypatch, q, k_cmp, config, interpret=True, use_cudnn=False)
 
 
+def test_folded_selection_differentiates_the_output_only(monkeypatch):
+  # The folded pass reads cuDNN's log-sum-exp behind a stop_gradient: the backward is the
+  # output's alone, with no extra attention for a zero lse cotangent.
+  monkeypatch.setattr(compressed_kernel, "SCORE_ROWS", 64)
+  monkeypatch.setattr(compressed_kernel, "FOLDED_SCORES", True)
+  calls = []
+  attention = cudnn_compressed._attention
+  monkeypatch.setattr(cudnn_compressed, "_attention", lambda *a: calls.append(1) or attention(*a))
+  config = nsa_jax.NSAConfig(8, 4, 16, 3, 1, 1, 20)
+  q, k, _ = random_qkv(1, 64, 16, 1, 16)
+  k_cmp, _ = xla.compress_kv(k, k, config.cmp_block, config.cmp_stride)
+
+  def loss(q):
+    o_cmp, _ = pallas_gpu._folded_compressed_and_selection(q, k_cmp, k_cmp, 0.25, config, True,
+                                                           ascending=False, use_cudnn=False)
+    return jnp.sum(o_cmp)
+
+  jax.grad(loss)(q)
+  assert len(calls) == 1
+
+
 def test_folded_selection_applies_only_where_a_chunk_fills_the_rows(monkeypatch):
   q = jnp.zeros((1, 100, 32, 128), jnp.bfloat16)
   applies = lambda q, hkv, d: compressed_kernel.folded_selection_applies(q, hkv, d)
