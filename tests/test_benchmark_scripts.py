@@ -87,8 +87,8 @@ def test_kernel_settings_refuse_what_is_no_setting(text):
 def test_kernel_settings_are_in_place_inside_and_restored_after():
   compressed = kernel_settings.MODULES["compressed"]
   defaults = compressed.TAILS_APART, compressed.SCORE_ROWS
-  with kernel_settings.applied("compressed.TAILS_APART=1,compressed.SCORE_ROWS=128"):
-    assert (compressed.TAILS_APART, compressed.SCORE_ROWS) == (True, 128)
+  with kernel_settings.applied("compressed.TAILS_APART=0,compressed.SCORE_ROWS=128"):
+    assert (compressed.TAILS_APART, compressed.SCORE_ROWS) == (False, 128)
   assert (compressed.TAILS_APART, compressed.SCORE_ROWS) == defaults
   with pytest.raises(RuntimeError), kernel_settings.applied("compressed.SCORE_ROWS=32"):
     raise RuntimeError  # restored on the way out of an error too
@@ -99,9 +99,9 @@ def test_bench_kernels_runs_under_its_settings_and_records_them(monkeypatch, tmp
   seen = []
   monkeypatch.setattr(bench_kernels, "run", lambda parser, args: seen.append(
       (compressed_kernel.TAILS_APART, args.settings)))
-  monkeypatch.setattr("sys.argv", ["bench_kernels", "--settings", "compressed.TAILS_APART=1"])
+  monkeypatch.setattr("sys.argv", ["bench_kernels", "--settings", "compressed.TAILS_APART=0"])
   bench_kernels.main()
-  assert seen == [(True, "compressed.TAILS_APART=1")] and not compressed_kernel.TAILS_APART
+  assert seen == [(False, "compressed.TAILS_APART=0")] and compressed_kernel.TAILS_APART
   monkeypatch.setattr("sys.argv", ["bench_kernels", "--settings", "compressed.NO_SUCH=1"])
   with pytest.raises(SystemExit):
     bench_kernels.main()

@@ -10,7 +10,8 @@ Each row swaps the body of `pallas_kernels.gpu.compressed_attention._scores_kern
 same `pallas_call` (grid, block specs, launch settings). A variant keeps its loop's values live by
 an elementwise float32 carry whose head sums it stores once at the end:
 
-- `kernel`: the shipped pass (`q . k_cmp`, `exp2(s - lse)`, head sums, block sums, stores);
+- `kernel`: the shipped pass (`q . k_cmp`, `exp2(s - lse)`, head sums, block sums and tail
+  sums, their stores: `TAILS_APART`);
 - `mma`: the scores `s` alone (the loads and the tensor-core dots, and the causal mask);
 - `exp`: `s` and `exp2(s - lse)` (`jnp.exp2`: one MUFU `ex2` a score);
 - `exp_poly`: `s` and `exp2` as a degree-6 polynomial on the FMA units (`exp2_poly`);
@@ -25,11 +26,11 @@ an elementwise float32 carry whose head sums it stores once at the end:
 - `kernel_alternating`: the shipped pass with `exp_alternating`'s exponentials;
 - `kernel_blocks_first`: the shipped pass with the blocks' sums taken per row, before the head
   sums (`_BlocksFirstWriter`);
-- `kernel_shift_product`, `kernel_shift_product_last`, `kernel_shift_halves`,
-  `kernel_shift_dot`: the shipped pass with the one-block shift of the tail sums as a product
-  with the shift matrix (reduced over either axis), by halves, or by tensor-core dots (`SHIFT`);
-- `kernel_tails_apart`: the shipped pass storing the tail sums one column right in a second
-  array instead of shifting them (`TAILS_APART`; the top-n kernel's extra read is not timed).
+- `kernel_shifted`: the pass shifting the tail sums by one block (a `[P, owned, owned]`
+  product) instead of storing them apart (`TAILS_APART` off; the shipped pass's second array
+  and the top-n kernel's read of it are not in this probe's time).
+
+Every variant but `kernel` runs with `TAILS_APART` off: they take the shifting pass apart.
 
 The time of a step that is only `mma` is the pass's MMA and load floor; `exp` minus `mma` what
 the exponentials add where they do not overlap the dots; `group` minus `exp` the head sums;
@@ -172,23 +173,16 @@ VARIANTS = {  # name -> the kernel body (None: the shipped one)
     "kernel_alternating": functools.partial(cmp_kernel._scores_kernel, exp2=alternating_exp2),
     "kernel_blocks_first": functools.partial(cmp_kernel._scores_kernel,
                                              writer=_BlocksFirstWriter),
-    **{f"kernel_shift_{shift}": None for shift in ("product", "product_last", "halves", "dot")},
-    "kernel_tails_apart": None,
+    "kernel_shifted": None,
 }
-# The module settings a variant runs the shipped body with.
-SETTINGS = {**{f"kernel_shift_{shift}": dict(SHIFT=shift)
-               for shift in ("product", "product_last", "halves", "dot")},
-            "kernel_tails_apart": dict(TAILS_APART=True)}
-SAME_OUTPUT = ("kernel_poly", "kernel_alternating", "kernel_blocks_first", "kernel_shift_product",
-               "kernel_shift_product_last", "kernel_shift_halves", "kernel_shift_dot",
-               "kernel_tails_apart")
+SAME_OUTPUT = ("kernel_poly", "kernel_alternating", "kernel_blocks_first", "kernel_shifted")
 
 
 @contextlib.contextmanager
 def variant_installed(name):
   """Inside: the score pass on Triton with the variant's kernel body (jit caches cleared on the
   way in and out, so calls trace it afresh)."""
-  body, settings = VARIANTS[name], dict(SCORES="triton", **SETTINGS.get(name, {}))
+  body, settings = VARIANTS[name], dict(SCORES="triton", TAILS_APART=name == "kernel")
   shipped = cmp_kernel._scores_kernel
   saved = {key: getattr(cmp_kernel, key) for key in settings}
   jax.clear_caches()

@@ -88,8 +88,11 @@ SCORES = "triton"
 # The Triton score pass after cuDNN's folded compressed branch reads cuDNN's folded queries and
 # log-sum-exp as they are (`selection_from_folded`), where a chunk's `d * G` heads of a KV group
 # are exactly a program's rows: no rows copy of q is written beside the fold (1 GB at 64k,
-# paper config) and the log-sum-exp is not unfolded. Written 2026-12-07, not yet timed, so off.
-FOLDED_SCORES = False
+# paper config) and the log-sum-exp is not unfolded. H100, NSA forward / forward+backward ms,
+# 64k on an LM's selection: 33.6 / 93.3-94.0 with `TAILS_APART`, against 33.7-33.8 / 94.1-94.4
+# without (the fold alone, with the shifted tails, was slower: 35.1-35.4); 16k random: 5.88 /
+# 17.85 against 6.08 / 17.89 (BENCHMARKS.md changelog 2026-12-07).
+FOLDED_SCORES = True
 DKV_NUM_WARPS = 4
 DKV_PROGRAMS = 2048  # dK/dV programs to aim for when cutting long row walks into chunks
 MIN_DKV_CHUNK = 64  # row tiles
@@ -289,51 +292,27 @@ def _block_sum_scores(p_grp, carry, lay: _Layout, slc_block):
   return lay.block // lay.stride * sums - tails + previous, last
 
 
-# How `_shift_one_block` moves a tile's tail sums one block right: "product" (a `[P, owned,
-# owned]` product with the shift matrix, reduced over its middle axis), "product_last" (the same
-# reduced over its last axis), "halves" (`_shift_by_halves`: splits and joins of column pairs,
-# where `owned` is a power of two) or "dot" (tensor-core dots of the three bfloat16 pieces of the
-# float32 sums with the 0/1 shift matrix, exact; where P and `owned` are at least 16). The tails
-# and the product cost 1.36 ms of the 8.27 ms score pass (H100, 64k, G = 16: `score_floor`
-# variants `block_sums` against `block_scores`, 2026-12-07); the others are not yet timed.
-SHIFT = "product"
-# Or no shift at all: the score pass stores each block's `c V_j - U_j` and, one column right in
-# an array of its own, `U_j`, which the top-n kernel adds as it reads a row (the same float32
-# sum): a second `[B, Hkv, T, width]` array written and read (~1.1 GB at 64k, half of it
-# causally live) for the shift's work. Written 2026-12-07, not yet timed, so off.
-TAILS_APART = False
+# The score pass stores each block's `c V_j - U_j` and, one column right in an array of its own,
+# `U_j`, which the top-n kernel adds as it reads a row (the same float32 sum as shifting the tails
+# by one block in the pass, bit for bit): a second `[B, Hkv, T, width]` array written and read
+# (~1.1 GB at 64k, half of it causally live) for the shift's `[P, owned, owned]` product. H100,
+# 64k, LM selection, NSA forward / forward+backward ms: shifted 34.2-34.3 / 94.6-95.0, apart
+# 33.7-33.8 / 94.1-94.4, apart and `FOLDED_SCORES` 33.6 / 93.3-94.0 (BENCHMARKS.md changelog
+# 2026-12-07; the shift as a product over the other axis, by halves or by tensor-core dots made
+# the pass 21-39% slower, not faster).
+TAILS_APART = True
 
 
 def _shift_one_block(x, carry):
   """`x [P, owned]` moved one column right, `carry [P]` (the previous tile's last column) in
   column 0; and the new carry, `x`'s last column. No cross-column moves in the Triton lowering
-  but splits and joins of a last axis of 2, so by a product with the shift-by-one matrix, or
-  by halves, or by dots (`SHIFT`)."""
-  positions, owned = x.shape
-  if SHIFT == "halves" and owned & (owned - 1) == 0:
-    return _shift_by_halves(x, carry)
+  but splits and joins of a last axis of 2, so by a product with the shift-by-one matrix."""
+  owned = x.shape[1]
   col = jnp.arange(owned)
   shift = (col[:, None] + 1 == col[None, :]).astype(jnp.float32)  # [from, to]
-  if SHIFT == "dot" and min(positions, owned) >= 16:
-    previous = sum(plgpu.dot(piece, shift.astype(jnp.bfloat16)) for piece in split3(x))
-  elif SHIFT == "product_last":
-    previous = jnp.sum(x[:, None, :] * shift.T[None, :, :], axis=2)
-  else:
-    previous = jnp.sum(x[:, :, None] * shift[None, :, :], axis=1)
+  previous = jnp.sum(x[:, :, None] * shift[None, :, :], axis=1)
   previous = previous + jnp.where(col[None, :] == 0, carry[:, None], 0.0)
   return previous, jnp.sum(jnp.where(col[None, :] == owned - 1, x, 0.0), axis=1)
-
-
-def _shift_by_halves(x, carry):
-  """`_shift_one_block` for `owned` a power of two: the odd columns shifted among themselves
-  (recursively, `carry` entering at the bottom), then interleaved with the even ones, so column
-  `2i` gets column `2i - 1` and column `2i + 1` gets column `2i`."""
-  positions, owned = x.shape
-  if owned == 1:
-    return carry[:, None], x.reshape(positions)
-  even, odd = jnp.unstack(x.reshape(positions, owned // 2, 2), axis=2)
-  odd_previous, last = _shift_by_halves(odd, carry)
-  return jnp.stack([odd_previous, even], axis=2).reshape(positions, owned), last
 
 
 def _group_sum(p, lay: _Layout):
