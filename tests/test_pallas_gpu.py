@@ -706,8 +706,8 @@ def test_selection_over_folded_queries_on_gpu(monkeypatch, seq_len):
 @pytest.mark.gpu
 def test_nsa_attention_with_folded_scores_on_gpu(monkeypatch):
   # End to end: the output bit for bit that of the score pass over q's rows (the same picks),
-  # the gradients to bfloat16 rounding (the backward's float32 sums are not bit-reproducible
-  # from run to run: 3 of 1M elements of dK differed by one bfloat16 step, H100, 2026-12-07).
+  # the gradients to bfloat16 rounding (the two programs round the gradients' float32 sums
+  # apart: 3 of 1M elements of dK one bfloat16 step apart, H100, 2026-12-07).
   config = nsa_jax.NSAConfig()
   q, k, v = random_qkv(1, 4096 + 5, 32, 2, 128, dtype=jnp.bfloat16)
   gates = random_gates(q)
