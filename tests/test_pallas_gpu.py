@@ -682,10 +682,10 @@ def test_folded_selection_differentiates_the_output_only(monkeypatch):
 def test_folded_selection_applies_only_where_a_chunk_fills_the_rows(monkeypatch):
   q = jnp.zeros((1, 100, 32, 128), jnp.bfloat16)
   applies = lambda q, hkv, d: compressed_kernel.folded_selection_applies(q, hkv, d)
-  assert applies(q, 2, 16) and not applies(q, 4, 16) and not applies(q, 2, 8)
   monkeypatch.setattr(compressed_kernel, "FOLDED_SCORES", False)
   assert not applies(q, 2, 16)
   monkeypatch.setattr(compressed_kernel, "FOLDED_SCORES", True)
+  assert applies(q, 2, 16) and not applies(q, 4, 16) and not applies(q, 2, 8)
   assert not applies(jnp.zeros((1, 100, 24, 128)), 2, 16)  # G = 12
   assert not applies(jnp.zeros((1, 100, 32, 96)), 2, 16)  # a padded head dim
   with pytest.raises(ValueError, match="T >= l = 32"):

@@ -91,8 +91,10 @@ SCORES = "triton"
 # paper config) and the log-sum-exp is not unfolded. H100, NSA forward / forward+backward ms,
 # 64k on an LM's selection: 33.6 / 93.3-94.0 with `TAILS_APART`, against 33.7-33.8 / 94.1-94.4
 # without (the fold alone, with the shifted tails, was slower: 35.1-35.4); 16k random: 5.88 /
-# 17.85 against 6.08 / 17.89 (BENCHMARKS.md changelog 2026-12-07).
-FOLDED_SCORES = True
+# 17.85 against 6.08 / 17.89 (BENCHMARKS.md changelog 2026-12-07). Each alone passed the GPU
+# tests; together they have passed them in interpret mode only, so this stays off until they
+# pass on a GPU (`test_selection_over_folded_queries_on_gpu` and its neighbours).
+FOLDED_SCORES = False
 DKV_NUM_WARPS = 4
 DKV_PROGRAMS = 2048  # dK/dV programs to aim for when cutting long row walks into chunks
 MIN_DKV_CHUNK = 64  # row tiles
