@@ -176,12 +176,16 @@ def test_score_floor_kernels_lower_for_a_gpu(variant):
   # Triton's lowering refuses some of what the interpreter runs (a `%` inside `lax.cond` once).
   from tests.test_lowering import pallas_kernels  # pylint: disable=g-import-not-at-top
   config, t = NSAConfig(), 1024
-  args = (jax.ShapeDtypeStruct((1, t, 64, 128), jnp.bfloat16),
-          jax.ShapeDtypeStruct((1, config.num_cmp_blocks(t), 4, 128), jnp.bfloat16),
+  k_cmp = jax.ShapeDtypeStruct((1, config.num_cmp_blocks(t), 4, 128), jnp.bfloat16)
+  args = (jax.ShapeDtypeStruct((1, t, 64, 128), jnp.bfloat16), k_cmp,
           jax.ShapeDtypeStruct((1, t, 64), jnp.float32))
+  fn = score_floor.score_pass(config)
+  if score_floor.is_folded(variant):  # cuDNN's fold: C = 63 chunks, 64 with cuDNN's even pad
+    args = (jax.ShapeDtypeStruct((1, 64, 4 * 256, 128), jnp.bfloat16), k_cmp,
+            jax.ShapeDtypeStruct((1, 4 * 256, 64), jnp.float32))
+    fn = score_floor.score_pass(config, seq_len=t)
   with score_floor.variant_installed(variant):
-    assert pallas_kernels("cuda", score_floor.score_pass(config), *args) == [
-        "nsa_selection_scores"]
+    assert pallas_kernels("cuda", fn, *args) == ["nsa_selection_scores"]
 
 
 def test_exp2_poly_is_exp2_to_float32_precision():

@@ -30,7 +30,13 @@ an elementwise float32 carry whose head sums it stores once at the end:
   product) instead of storing them apart (`TAILS_APART` off; the shipped pass's second array
   and the top-n kernel's read of it are not in this probe's time).
 
-Every variant but `kernel` runs with `TAILS_APART` off: they take the shifting pass apart.
+- `kernel_folded`, `kernel_shifted_folded`: `kernel` and `kernel_shifted` reading cuDNN's
+  folded q and log-sum-exp in place (`folded_score_parts`, `FOLDED_SCORES`; the folded inputs
+  made by `cudnn_compressed.compressed_attention_folded`): whether the pass itself or the
+  program around it makes the folded reads slower beside the shifted tails (2026-12-07).
+
+Every variant but `kernel` and `kernel_folded` runs with `TAILS_APART` off: they take the
+shifting pass apart.
 
 The time of a step that is only `mma` is the pass's MMA and load floor; `exp` minus `mma` what
 the exponentials add where they do not overlap the dots; `group` minus `exp` the head sums;
@@ -52,6 +58,7 @@ from jax.experimental import pallas as pl
 import nsa_jax
 from experiments.bench_kernels import D, HKV, HQ, median_ms, random_qkv
 from experiments.probes import floor_cli
+from nsa_jax import cudnn_compressed
 from pallas_kernels.gpu import compressed_attention as cmp_kernel
 from pallas_kernels.gpu.tile_math import masked_split_loop
 
@@ -174,15 +181,20 @@ VARIANTS = {  # name -> the kernel body (None: the shipped one)
     "kernel_blocks_first": functools.partial(cmp_kernel._scores_kernel,
                                              writer=_BlocksFirstWriter),
     "kernel_shifted": None,
+    "kernel_folded": None,
+    "kernel_shifted_folded": None,
 }
-SAME_OUTPUT = ("kernel_poly", "kernel_alternating", "kernel_blocks_first", "kernel_shifted")
+SAME_OUTPUT = ("kernel_poly", "kernel_alternating", "kernel_blocks_first", "kernel_shifted",
+               "kernel_folded", "kernel_shifted_folded")
+TAILS_APART_VARIANTS = ("kernel", "kernel_folded")
 
 
 @contextlib.contextmanager
 def variant_installed(name):
   """Inside: the score pass on Triton with the variant's kernel body (jit caches cleared on the
   way in and out, so calls trace it afresh)."""
-  body, settings = VARIANTS[name], dict(SCORES="triton", TAILS_APART=name == "kernel")
+  body = VARIANTS[name]
+  settings = dict(SCORES="triton", TAILS_APART=name in TAILS_APART_VARIANTS)
   shipped = cmp_kernel._scores_kernel
   saved = {key: getattr(cmp_kernel, key) for key in settings}
   jax.clear_caches()
@@ -199,22 +211,33 @@ def variant_installed(name):
     jax.clear_caches()
 
 
-def score_pass(config, interpret=False):
+def is_folded(name) -> bool:
+  return name.endswith("_folded")
+
+
+def score_pass(config, interpret=False, seq_len=None):
   """`(q, k_cmp, lse) -> (scores, tails)`: `selection_score_parts` (the pass alone, its tail
-  sums apart where `TAILS_APART`) with the config's settings."""
-  return lambda q, k_cmp, lse: cmp_kernel.selection_score_parts(
-      q, k_cmp, lse, block=config.cmp_block, stride=config.cmp_stride,
-      slc_block=config.slc_block, scale=D ** -0.5, interpret=interpret)
+  sums apart where `TAILS_APART`) with the config's settings; given `seq_len`, the same from the
+  folded `(qf, k_cmp, lse)` (`folded_score_parts`)."""
+  kwargs = dict(block=config.cmp_block, stride=config.cmp_stride, slc_block=config.slc_block,
+                scale=D ** -0.5, interpret=interpret)
+  if seq_len is not None:
+    return lambda qf, k_cmp, lse: cmp_kernel.folded_score_parts(qf, k_cmp, lse, seq_len=seq_len,
+                                                                **kwargs)
+  return lambda q, k_cmp, lse: cmp_kernel.selection_score_parts(q, k_cmp, lse, **kwargs)
 
 
-def run_variant(name, q, k_cmp, lse, config, repeats, interpret=False):
-  """`(ms, scores)` of the score pass with the variant's kernel body (the scores summed with
-  their tails where they come apart, outside the timing)."""
-  fn = jax.jit(score_pass(config, interpret))
+def run_variant(name, inputs, config, repeats, interpret=False):
+  """`(ms, scores [B, Hkv, T, width])` of the score pass with the variant's kernel body on
+  `inputs[is_folded(name)]` (the scores summed with their tails where they come apart, outside
+  the timing)."""
+  args = inputs[is_folded(name)]
+  seq_len = inputs[False][0].shape[1]
+  fn = jax.jit(score_pass(config, interpret, seq_len if is_folded(name) else None))
   with variant_installed(name):
-    scores, tails = fn(q, k_cmp, lse)
-    ms = median_ms(fn, (q, k_cmp, lse), repeats) if repeats else float("nan")
-  return ms, (scores if tails is None else scores + tails)
+    scores, tails = fn(*args)
+    ms = median_ms(fn, args, repeats) if repeats else float("nan")
+  return ms, (scores if tails is None else scores + tails)[:, :, :seq_len]
 
 
 def main(argv=None):
@@ -222,16 +245,20 @@ def main(argv=None):
   t, config = args.seq_len, nsa_jax.NSAConfig()
   q, k, v = random_qkv(t, HKV)
   k_cmp, v_cmp = nsa_jax.compress_kv(k, v, block=config.cmp_block, stride=config.cmp_stride)
-  lse = nsa_jax.compressed_attention(
-      q, k_cmp, v_cmp, block=config.cmp_block, stride=config.cmp_stride,
-      implementation="xla" if args.interpret else "pallas_gpu")[1]
+  # The compressed branch as the GPU runs it (cuDNN over folded queries; XLA in its place on
+  # the CPU), its log-sum-exp unfolded and folded: the same numbers both ways.
+  fold = dict(block=config.cmp_block, stride=config.cmp_stride, use_cudnn=not args.interpret)
+  lse = cudnn_compressed.compressed_attention(q, k_cmp, v_cmp, D ** -0.5, **fold)[1]
+  _, qf, lse_folded = cudnn_compressed.compressed_attention_folded(q, k_cmp, v_cmp, D ** -0.5,
+                                                                   **fold)
+  inputs = {False: (q, k_cmp, lse), True: (qf, k_cmp, lse_folded)}
   num_cmp = config.num_cmp_blocks(t)
   flops = 2.0 * HQ * t * (num_cmp / 2) * D  # Q K_cmp^T over the visible half, causally
   rows, reference = [], None
   for name in args.variants.split(","):
     try:
-      ms, out = run_variant(name, q, k_cmp, lse, config,
-                            0 if args.interpret else args.repeats, args.interpret)
+      ms, out = run_variant(name, inputs, config, 0 if args.interpret else args.repeats,
+                            args.interpret)
     except Exception as error:  # pylint: disable=broad-except
       # A variant the backend's compiler refuses (Triton, on the device) is a row of the table.
       rows.append(dict(variant=name, error=f"{type(error).__name__}: {error}"[:500]))
