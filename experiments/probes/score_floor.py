@@ -28,8 +28,7 @@ an elementwise float32 carry whose head sums it stores once at the end:
   sums (`_BlocksFirstWriter`);
 - `kernel_shifted`: the pass shifting the tail sums by one block (a `[P, owned, owned]`
   product) instead of storing them apart (`TAILS_APART` off; the shipped pass's second array
-  and the top-n kernel's read of it are not in this probe's time).
-
+  and the top-n kernel's read of it are not in this probe's time);
 - `kernel_folded`, `kernel_shifted_folded`: `kernel` and `kernel_shifted` reading cuDNN's
   folded q and log-sum-exp in place (`folded_score_parts`, `FOLDED_SCORES`; the folded inputs
   made by `cudnn_compressed.compressed_attention_folded`): whether the pass itself or the
@@ -212,6 +211,7 @@ def variant_installed(name):
 
 
 def is_folded(name) -> bool:
+  """Whether the variant reads cuDNN's folded q and log-sum-exp (`folded_score_parts`)."""
   return name.endswith("_folded")
 
 
