@@ -1,5 +1,6 @@
 """Pallas GPU kernels: interpret mode on CPU (default suite) and real sizes on a GPU (marked `gpu`)."""
 
+import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -677,6 +678,39 @@ def test_folded_selection_differentiates_the_output_only(monkeypatch):
 
   jax.grad(loss)(q)
   assert len(calls) == 1
+
+
+def test_nsa_attention_over_folded_queries_in_interpret_mode(monkeypatch):
+  # The whole layer on the cuDNN route with the fold read in place, XLA standing in for cuDNN:
+  # the output and gradients bit for bit the route's over q's rows, and the reference's to
+  # float32 rounding (G = 16, d = 4: a chunk's 64 rows a program).
+  monkeypatch.setattr(pallas_gpu, "cudnn_compressed_applies", lambda *args: True)
+  attention = cudnn_compressed._xla_attention
+  monkeypatch.setattr(cudnn_compressed, "_attention",
+                      lambda qf, kf, vf, scale, use_cudnn: attention(qf, kf, vf, scale))
+  monkeypatch.setattr(compressed_kernel, "SCORE_ROWS", 64)
+  config = nsa_jax.NSAConfig(8, 4, 16, 3, 1, 1, 20)
+  q, k, v = random_qkv(1, 90, 16, 1, 16)
+  gates = random_gates(q)
+  k_cmp, v_cmp = xla.compress_kv(k, v, config.cmp_block, config.cmp_stride)
+  cotangent = jax.random.normal(jax.random.key(5), q.shape)
+
+  def output_and_grads(nsa, folded):
+    monkeypatch.setattr(compressed_kernel, "FOLDED_SCORES", folded)
+    jax.clear_caches()
+    out, vjp = jax.vjp(lambda *a: nsa(*a, gates, k_cmp, v_cmp, 0.25, config=config), q, k, v)
+    return out, vjp(cotangent)
+
+  interpreted = functools.partial(pallas_gpu.nsa_attention, interpret=True)
+  want, want_grads = output_and_grads(interpreted, False)
+  got, grads = output_and_grads(interpreted, True)
+  jax.clear_caches()
+  np.testing.assert_array_equal(got, want)
+  for x, y in zip(grads, want_grads):
+    np.testing.assert_array_equal(x, y)
+  ref, ref_grads = output_and_grads(reference.nsa_attention, True)
+  assert_close(got, ref)
+  assert_grads_close(grads, ref_grads)
 
 
 def test_folded_selection_applies_only_where_a_chunk_fills_the_rows(monkeypatch):
