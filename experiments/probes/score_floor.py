@@ -55,6 +55,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 import nsa_jax
+from experiments import kernel_settings
 from experiments.bench_kernels import D, HKV, HQ, median_ms, random_qkv
 from experiments.probes import floor_cli
 from nsa_jax import cudnn_compressed
@@ -123,8 +124,7 @@ def _block_sums_step(s, lse, lay, slc_block, part):
   ("tails": `c V_j - U_j`) or its score ("scores": the tails shifted by one block too)."""
   p_grp = _group_step(s, lse, lay)
   if part == "tails":
-    sums, tails = cmp_kernel._block_sum_parts(p_grp, lay, slc_block)
-    return lay.block // lay.stride * sums - tails
+    return cmp_kernel._block_sum_parts(p_grp, lay, slc_block)[0]
   if part == "scores":
     scores, last = cmp_kernel._block_sum_scores(p_grp, jnp.zeros(p_grp.shape[:1], jnp.float32),
                                                 lay, slc_block)
@@ -154,8 +154,8 @@ class _BlocksFirstWriter(cmp_kernel._ScoreWriter):
     lay = self.lay
     if not self.block_sums or lay.block == lay.stride:
       return super().update(kt, p, spill)
-    sums, tails = cmp_kernel._block_sum_parts(p, lay, self.slc_block)  # per row
-    own = cmp_kernel._group_sum(lay.block // lay.stride * sums - tails, lay)
+    own, tails = cmp_kernel._block_sum_parts(p, lay, self.slc_block)  # per row
+    own = cmp_kernel._group_sum(own, lay)
     previous, spill = cmp_kernel._shift_one_block(cmp_kernel._group_sum(tails, lay), spill)
     cmp_kernel._store_scores(self.score_ref, own + previous, self.tile, kt * self.owned,
                              self.owned, lay)
@@ -190,24 +190,17 @@ TAILS_APART_VARIANTS = ("kernel", "kernel_folded")
 
 @contextlib.contextmanager
 def variant_installed(name):
-  """Inside: the score pass on Triton with the variant's kernel body (jit caches cleared on the
-  way in and out, so calls trace it afresh)."""
-  body = VARIANTS[name]
-  settings = dict(SCORES="triton", TAILS_APART=name in TAILS_APART_VARIANTS)
-  shipped = cmp_kernel._scores_kernel
-  saved = {key: getattr(cmp_kernel, key) for key in settings}
-  jax.clear_caches()
-  try:
-    for key, value in settings.items():
-      setattr(cmp_kernel, key, value)
-    if body is not None:
-      cmp_kernel._scores_kernel = body
-    yield
-  finally:
-    cmp_kernel._scores_kernel = shipped
-    for key, value in saved.items():
-      setattr(cmp_kernel, key, value)
-    jax.clear_caches()
+  """Inside: the score pass on Triton with the variant's kernel body (`kernel_settings.applied`
+  clears the jit caches on the way in and out, so calls trace it afresh)."""
+  body, shipped = VARIANTS[name], cmp_kernel._scores_kernel
+  tails_apart = int(name in TAILS_APART_VARIANTS)
+  with kernel_settings.applied(f"compressed.SCORES=triton,compressed.TAILS_APART={tails_apart}"):
+    try:
+      if body is not None:
+        cmp_kernel._scores_kernel = body
+      yield
+    finally:
+      cmp_kernel._scores_kernel = shipped
 
 
 def is_folded(name) -> bool:

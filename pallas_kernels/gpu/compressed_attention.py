@@ -272,7 +272,7 @@ def _scores_by_block_sums(lay: _Layout, slc_block) -> bool:
 
 
 def _block_sum_parts(p_grp, lay: _Layout, slc_block):
-  """`p_grp [P, keys]` -> the sums `V_j` and the tail sums `U_j` (None where `l = d`: no
+  """`p_grp [P, keys]` -> `c V_j - U_j` and the tail sums `U_j` (None where `l = d`: no
   compressed block reaches into the next selection block) of the tile's own selection blocks,
   `[P, keys / m]`: block j scores `c V_j - U_j + U_{j-1}`."""
   per_cmp, per_slc = lay.block // lay.stride, slc_block // lay.stride
@@ -280,18 +280,19 @@ def _block_sum_parts(p_grp, lay: _Layout, slc_block):
   sums = jnp.sum(by_block, axis=2)
   if per_cmp == 1:
     return sums, None
-  return sums, jnp.sum(
-      by_block * tail_weight(jnp.arange(per_slc), per_cmp, per_slc)[None, None, :], axis=2)
+  tails = jnp.sum(by_block * tail_weight(jnp.arange(per_slc), per_cmp, per_slc)[None, None, :],
+                  axis=2)
+  return per_cmp * sums - tails, tails
 
 
 def _block_sum_scores(p_grp, carry, lay: _Layout, slc_block):
   """`p_grp [P, keys]` -> the scores of the tile's own selection blocks `[P, keys / m]` and the
   next tile's carry: its last block's tail sum `U [P]`, which the next block's score adds."""
-  sums, tails = _block_sum_parts(p_grp, lay, slc_block)
+  own, tails = _block_sum_parts(p_grp, lay, slc_block)
   if tails is None:
-    return sums, carry
+    return own, carry
   previous, last = _shift_one_block(tails, carry)
-  return lay.block // lay.stride * sums - tails + previous, last
+  return own + previous, last
 
 
 # The score pass stores each block's `c V_j - U_j` and, one column right in an array of its own,
@@ -368,8 +369,8 @@ class _ScoreWriter:
     store = lambda values: _store_scores(self.score_ref, values, self.tile, kt * self.owned,
                                          self.owned, self.lay)
     if self.tails_ref is not None:
-      sums, tails = _block_sum_parts(p_grp, self.lay, self.slc_block)
-      store(self.lay.block // self.lay.stride * sums - tails)
+      own, tails = _block_sum_parts(p_grp, self.lay, self.slc_block)
+      store(own)
       _store_scores(self.tails_ref, tails, self.tile, kt * self.owned + 1, self.owned, self.lay)
       return spill
     if self.block_sums:
@@ -834,6 +835,11 @@ def _natural_lse(lse2):
   return jnp.where(jnp.isinf(lse2), -jnp.inf, lse2 / LOG2E)
 
 
+def _base2_lse(lse):
+  """`_natural_lse`'s inverse: natural log with -inf -> base 2 with +inf (so p = 0 there)."""
+  return jnp.where(jnp.isneginf(lse), jnp.inf, lse * LOG2E)
+
+
 def _starts_rows(starts, lay: _Layout):
   """Packed rows' document starts `[B, T]` -> the row vector `[B, Hkv, T_pad * Gc]` (None
   stays None)."""
@@ -945,8 +951,7 @@ def compressed_attention_and_selection(q, k_cmp, v_cmp, *, block: int, stride: i
 def _lse_rows(lse, lay: _Layout):
   """Natural log-sum-exp `[B, T, Hq]` (-inf where nothing is visible) -> the kernels' base-2
   rows `[B, Hkv, T_pad * Gc]`, +inf there and in the padding (so p = 0)."""
-  lse2 = jnp.where(jnp.isneginf(lse), jnp.inf, lse * LOG2E)
-  x = lse2.reshape(lay.batch, lay.seq_len, lay.num_kv_heads, lay.group)
+  x = _base2_lse(lse).reshape(lay.batch, lay.seq_len, lay.num_kv_heads, lay.group)
   x = jnp.pad(x, [(0, 0), (0, lay.seq_pad - lay.seq_len), (0, 0), (0, lay.heads - lay.group)],
               constant_values=jnp.inf)
   return x.transpose(0, 2, 1, 3).reshape(lay.batch, lay.num_kv_heads, -1)
@@ -1071,8 +1076,8 @@ def folded_score_parts(qf, k_cmp, lse, *, seq_len: int, block: int, stride: int,
                             seq_pad=block - 1 + chunks * stride, first_position=block - 1)
   if lay.rows != stride * group or lay.head_dim_pad != head_dim:
     raise ValueError(f"the folded queries {qf.shape} do not make whole score rows of a chunk")
-  lse2 = jnp.where(jnp.isneginf(lse), jnp.inf, lse * LOG2E)
-  lse2 = lse2.reshape(b, hkv, stride * group, chunks).transpose(0, 1, 3, 2).reshape(b, hkv, -1)
+  lse2 = _base2_lse(lse).reshape(b, hkv, stride * group, chunks).transpose(0, 1, 3, 2)
+  lse2 = lse2.reshape(b, hkv, -1)
   return _scores_only(qf, _to_keys(k_cmp, lay, head_dim), lse2, lay, float(scale), slc_block,
                       interpret)
 
