@@ -89,12 +89,12 @@ SCORES = "triton"
 # log-sum-exp as they are (`selection_from_folded`), where a chunk's `d * G` heads of a KV group
 # are exactly a program's rows: no rows copy of q is written beside the fold (1 GB at 64k,
 # paper config) and the log-sum-exp is not unfolded. H100, NSA forward / forward+backward ms,
-# 64k on an LM's selection: 33.6 / 93.3-94.0 with `TAILS_APART`, against 33.7-33.8 / 94.1-94.4
-# without (the fold alone, with the shifted tails, was slower: 35.1-35.4); 16k random: 5.88 /
-# 17.85 against 6.08 / 17.89 (BENCHMARKS.md changelog 2026-12-07). Each alone passed the GPU
-# tests; together they have passed them in interpret mode only, so this stays off until they
-# pass on a GPU (`test_selection_over_folded_queries_on_gpu` and its neighbours).
-FOLDED_SCORES = False
+# with `TAILS_APART`, on against off (97ad7ca; BENCHMARKS.md changelog 2026-12-07, "the fold
+# read in place"): 64k on an LM's selection 33.7-34.0 / 94.5-95.1 against 34.6 / 94.7-94.8;
+# 8k on an LM's 2.39 / 7.6 against 2.46 / 7.7; 16k random 6.02 / 17.83 against 6.24 / 18.01.
+# The pass alone at 64k: 7.27 ms against 8.03 (beside the shifted tails the fold loses: 9.32
+# against 8.21).
+FOLDED_SCORES = True
 DKV_NUM_WARPS = 4
 DKV_PROGRAMS = 2048  # dK/dV programs to aim for when cutting long row walks into chunks
 MIN_DKV_CHUNK = 64  # row tiles
