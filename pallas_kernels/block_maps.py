@@ -2,7 +2,8 @@
 
 - `sorted_causal_block_indices`: the selected blocks of each query as a clean, ascending list, so a
   kernel loops over the first `count` slots and every slot it visits has at least one visible key
-  (`distinct_ascending` also makes the union lists of packed programs).
+  (`distinct_ascending` also makes the union lists of packed programs; `union_and_owners` those
+  lists with who chose each entry).
 - `inverse_block_map`: the transpose, block -> queries that selected it, in CSR form split into
   work items of at most `chunk` queries, for the dK/dV kernels (no scan over all queries per block,
   and no block with thousands of queries serialised in one program).
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 
 def sorted_causal_block_indices(block_indices, block: int):
@@ -154,6 +156,46 @@ def distinct_ascending(block_indices):
   repeated = jnp.concatenate(
       [jnp.zeros_like(idx[..., :1], bool), idx[..., 1:] == idx[..., :-1]], axis=-1)
   return ascending(jnp.where(repeated, -1, idx))
+
+
+def union_and_owners(lists, owners: int):
+  """Each row's distinct non-negative entries, ascending then -1, and who chose each.
+
+  A row is `owners` lists of equal length side by side, each of distinct entries (a tile's
+  positions' selected blocks). Two sorts and a few elementwise passes: no comparison of every
+  entry against every union slot (quadratic in the row, 4.4 ms at 64k with 16 positions a
+  tile, G = 4).
+
+  Args:
+    lists: int `[..., owners * m]`, -1 (or any negative) for none; owner `i // m` wrote entry
+      `i`; at most 32 owners.
+
+  Returns:
+    `(union int32 [..., owners * m]` ascending then -1, `owned int32 [..., owners * m]`: bit `o`
+    set where owner `o` chose the union's entry, 0 past the union).
+  """
+  width = lists.shape[-1]
+  if width % owners or not 1 <= owners <= 32:
+    raise ValueError(f"union_and_owners: {owners} owners (1 .. 32) of a row of {width}")
+  missing = jnp.iinfo(jnp.int32).max
+  idx = lists.astype(jnp.int32)
+  owner_bit = jnp.left_shift(jnp.int32(1), jnp.arange(width, dtype=jnp.int32) // (width // owners))
+  keys, bits = lax.sort((jnp.where(idx >= 0, idx, missing), jnp.broadcast_to(owner_bit, idx.shape)),
+                        dimension=idx.ndim - 1, num_keys=1)
+  # An entry's run of equal keys is at most `owners` long (each owner's entries are distinct):
+  # doubling steps OR each entry's bits with those of the equal keys before it, so a run's last
+  # entry holds the run's bits.
+  shift = 1
+  while shift < owners:
+    same = keys[..., shift:] == keys[..., :-shift]
+    earlier = jnp.where(same, bits[..., :-shift], 0)
+    bits = bits | jnp.concatenate([jnp.zeros_like(bits[..., :shift]), earlier], axis=-1)
+    shift *= 2
+  run_end = jnp.concatenate([keys[..., 1:] != keys[..., :-1],
+                             jnp.ones_like(keys[..., :1], bool)], axis=-1) & (keys != missing)
+  union, owned = lax.sort((jnp.where(run_end, keys, missing), jnp.where(run_end, bits, 0)),
+                          dimension=idx.ndim - 1, num_keys=1)
+  return jnp.where(union == missing, -1, union), owned
 
 
 def max_work_items(seq_len: int, num_selected: int, num_blocks: int, chunk: int) -> int:

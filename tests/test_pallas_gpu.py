@@ -100,12 +100,15 @@ def test_shift_one_block_moves_each_column_one_right(positions, owned):
   np.testing.assert_array_equal(last, x[:, -1])
 
 
-def test_tile_unions_against_brute_force():
-  positions, n, num_blocks = 4, 5, 9
-  idx = random_indices(2, 24, 3, n, num_blocks).transpose(0, 2, 1, 3)  # [B, Hkv, T, n]
+@pytest.mark.parametrize("positions,seq_len", [(4, 24), (16, 48), (32, 64)])
+def test_tile_unions_against_brute_force(positions, seq_len):
+  # 32 positions: the last owner's bit is int32's sign bit.
+  n, num_blocks = 5, 9
+  idx = random_indices(2, seq_len, 3, n, num_blocks).transpose(0, 2, 1, 3)  # [B, Hkv, T, n]
   idx = distinct_ascending(jnp.where(idx < num_blocks, idx, -1))
   union, count, member = selected_mgpu.tile_unions(idx, positions)
   idx, union, count, member = map(np.asarray, (idx, union, count, member))
+  member = member.view(np.uint32)  # bit 31 read as a bit, not a sign
   for b, h, tile in np.ndindex(*count.shape):
     chosen = [set(idx[b, h, tile * positions + p]) - {-1} for p in range(positions)]
     want = sorted(set().union(*chosen))

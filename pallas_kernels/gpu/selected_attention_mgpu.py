@@ -50,7 +50,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.block_maps import distinct_ascending
+from pallas_kernels.block_maps import union_and_owners
 from pallas_kernels.row_layout import pow2
 
 LOG2E = math.log2(math.e)
@@ -134,13 +134,8 @@ def tile_unions(sorted_idx, positions: int):
   """
   b, hkv, t_pad, n = sorted_idx.shape
   per_tile = sorted_idx.reshape(b, hkv, t_pad // positions, positions * n)
-  union = distinct_ascending(per_tile)
-  count = jnp.sum(union >= 0, axis=-1, dtype=jnp.int32)
-  owner_bit = jnp.left_shift(1, jnp.arange(positions * n, dtype=jnp.int32) // n)  # [P*n]
-  # A query's blocks are distinct, so summing the bits of equal entries is their OR.
-  hit = (union[..., :, None] == per_tile[..., None, :]) & (union[..., :, None] >= 0)
-  member = jnp.sum(jnp.where(hit, owner_bit, 0), axis=-1, dtype=jnp.int32)
-  return union, count, member
+  union, member = union_and_owners(per_tile, positions)
+  return union, jnp.sum(union >= 0, axis=-1, dtype=jnp.int32), member
 
 
 def max_stages(dk: int, dv: int, block: int, dtype, tile_elements: int) -> int:
