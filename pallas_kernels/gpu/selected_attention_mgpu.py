@@ -134,7 +134,7 @@ def tile_unions(sorted_idx, positions: int):
   """
   b, hkv, t_pad, n = sorted_idx.shape
   per_tile = sorted_idx.reshape(b, hkv, t_pad // positions, positions * n)
-  union, member = union_and_owners(per_tile, positions)
+  union, (member,) = union_and_owners(per_tile, positions)
   return union, jnp.sum(union >= 0, axis=-1, dtype=jnp.int32), member
 
 

@@ -46,7 +46,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import row_layout
 from pallas_kernels.block_maps import LOWER, UPPER, document_block_halves
-from pallas_kernels.block_maps import distinct_ascending, inverse_block_map
+from pallas_kernels.block_maps import inverse_block_map, union_and_owners
 from pallas_kernels.block_maps import sorted_causal_block_indices
 from pallas_kernels.row_layout import pow2 as _pow2
 from pallas_kernels.row_layout import round_up as _round_up
@@ -163,15 +163,18 @@ def _tile_tables(sorted_idx, lay: _Layout, halves=None):
       x, [(0, 0), (0, lay.seq_pad - lay.seq_len)] + [(0, 0)] * (x.ndim - 2),
       constant_values=value)
   tiles = lay.seq_pad // p
-  per_position = pad_positions(sorted_idx, -1).transpose(0, 2, 1, 3).reshape(b, hkv, tiles, p, n)
-  union = distinct_ascending(per_position.reshape(b, hkv, tiles, p * n))
-  union = jnp.pad(union, [(0, 0)] * 3 + [(0, lay.union_len - p * n)], constant_values=-1)
+  per_tile = lambda x, value: pad_positions(x, value).transpose(0, 2, 1, 3).reshape(
+      b, hkv, tiles, p * n)
+  lists = per_tile(sorted_idx, -1)
+  if halves is None:
+    union, owned = union_and_owners(lists, p)
+  else:
+    codes = per_tile(halves[0], 0)
+    union, owned = union_and_owners(lists, p, marks=((codes & UPPER) != 0, (codes & LOWER) != 0))
+  to_union_len = lambda x, value: jnp.pad(
+      x, [(0, 0)] * 3 + [(0, lay.union_len - p * n)], constant_values=value)
+  union, owned = to_union_len(union, -1), [to_union_len(x, 0) for x in owned]
   count = jnp.sum(union >= 0, axis=-1).astype(jnp.int32)  # [B, Hkv, tiles]
-  chose = per_position[:, :, :, None, :, :] == union[..., None, None]  # [B, Hkv, tiles, U, P, n]
-
-  def bit_masks(chose):  # [.., U, P, n] -> int32 [.., U], bit p for position p
-    masks = jnp.sum(jnp.any(chose, -1).astype(jnp.int32) << jnp.arange(p, dtype=jnp.int32), -1)
-    return jnp.where(union >= 0, masks, 0)
 
   chunks = lay.seq_pad // lay.query_chunk
   per_chunk = lambda x: jnp.moveaxis(
@@ -179,12 +182,9 @@ def _tile_tables(sorted_idx, lay: _Layout, halves=None):
   last = jnp.take_along_axis(union, jnp.maximum(count - 1, 0)[..., None], axis=-1)
   in_bounds = jnp.where(union >= 0, union, jnp.maximum(last, 0))
   if halves is None:
-    return per_chunk(in_bounds), per_chunk(bit_masks(chose)), per_chunk(count)
-  codes, r = halves
-  codes = pad_positions(codes, 0).transpose(0, 2, 1, 3).reshape(b, hkv, tiles, 1, p, n)
-  upper = bit_masks(chose & ((codes & UPPER) != 0))
-  lower = bit_masks(chose & ((codes & LOWER) != 0))
-  r = jnp.broadcast_to(pad_positions(r, 0).reshape(b, 1, tiles, p), (b, hkv, tiles, p))
+    return per_chunk(in_bounds), per_chunk(owned[0]), per_chunk(count)
+  upper, lower = owned
+  r = jnp.broadcast_to(pad_positions(halves[1], 0).reshape(b, 1, tiles, p), (b, hkv, tiles, p))
   return (per_chunk(in_bounds), per_chunk(upper), per_chunk(count), per_chunk(lower),
           per_chunk(r.astype(jnp.int32)))
 
