@@ -53,9 +53,10 @@ def test_union_and_owners_against_brute_force(owners, m):
       chose = (entries == block) & (True if mark is None else mark[row])
       return sum(1 << o for o in range(owners) if chose[o * m:(o + 1) * m].any())
 
+    past_union = [0] * (entries.size - len(want))
     for counted, mark in [(owned[0], None), (owned_m[0], marks[0]), (owned_m[1], marks[1])]:
-      np.testing.assert_array_equal(
-          bits(counted)[row], [owner_mask(j, mark) for j in want] + [0] * (entries.size - len(want)))
+      np.testing.assert_array_equal(bits(counted)[row],
+                                    [owner_mask(j, mark) for j in want] + past_union)
 
 
 def test_union_and_owners_rejects_owners_that_do_not_split_the_row():
