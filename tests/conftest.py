@@ -1,8 +1,10 @@
 """Skips the GPU-marked tests cleanly on machines without a CUDA GPU (CI); seeds each test;
-`no_races` fails a test whose TPU-interpreted kernels raced."""
+`no_races` fails a test whose TPU-interpreted kernels raced; `fresh_jit_caches` for tests that
+set kernel constants."""
 
 import zlib
 
+import jax
 import pytest
 
 from tests.helpers import has_gpu, reset_keys
@@ -20,6 +22,16 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     if "gpu" in item.keywords:
       item.add_marker(skip)
+
+
+@pytest.fixture
+def fresh_jit_caches():
+  """jit caches cleared before and after the test: the module-level jitted entry points
+  (`pallas_gpu.nsa_attention`'s, `pallas_tpu`'s) read kernel constants when traced, so a test
+  that sets them must not find a trace made under the defaults, nor leave one behind."""
+  jax.clear_caches()
+  yield
+  jax.clear_caches()
 
 
 @pytest.fixture

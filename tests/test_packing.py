@@ -276,7 +276,8 @@ def test_kernel_selected_attention_values_and_gradients_equal_their_documents_al
 @pytest.mark.parametrize("impl, rows", [
     ("pallas_gpu", ([7, 50, 39], [3, 93])),  # phases 0, 3, 0 and 0, 1
     ("pallas_tpu", ([7, 290, 303], [3, 597]))])  # the same phases over 3 key tiles of 128
-def test_kernel_selection_and_nsa_equal_their_documents_alone(monkeypatch, impl, rows):
+def test_kernel_selection_and_nsa_equal_their_documents_alone(monkeypatch, fresh_jit_caches, impl,
+                                                             rows):
   """The kernels' selection on packed rows: each document's own, exactly, with documents
   starting at every phase of the selection grid (s // d % (l' / d) = 0, 1, 3 here, 2 below;
   3 free picks). GPU: the packed score pass and the top-n kernel (interpret mode); TPU: the
