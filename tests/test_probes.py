@@ -15,7 +15,7 @@ from flax import nnx
 
 from experiments.probes import (branch_mix, decode_floor, gpu_trace, key_reading,
                                 mgpu_orientation, passkey_phase, score_floor, selected_floor,
-                                tpu_overhead)
+                                tile_unions, tpu_overhead)
 from nsa_jax import NSAConfig, nn
 
 
@@ -336,3 +336,30 @@ def test_passkey_phase_evaluates_a_run_at_each_length_and_seed(monkeypatch, tmp_
     assert len(row["per_seed"]) == 2 and all(0 <= a <= 1 for a in row["per_seed"])
     assert row["mean"] == pytest.approx(np.mean(row["per_seed"]))
     assert row["sequences"] == 2 * len(train.PASSKEY_DEPTHS) * config.eval_samples
+
+
+def test_tile_unions_counts_each_tiles_union_of_blocks():
+  # G = 16: tiles of 4 positions. Positions 0-3 choose {0}, {0, 1}, {1, 0}, {2}: union {0, 1, 2};
+  # positions 4-7 all {3, 4}: union {3, 4}. The work scales with the union (64 rows a block).
+  config = NSAConfig()
+  chosen = [[0, -1], [0, 1], [1, 0], [2, -1]] + [[3, 4]] * 4
+  row = tile_unions.tile_work(np.array(chosen)[None, :, None, :], 16, config, 400.0, 8.0)
+  assert row["positions"] == 4
+  assert row["union_a_tile"] == 2.5 and row["blocks_a_position"] == 14 / 8
+  assert row["masked_over_useful"] == pytest.approx(2.5 / (14 / 8))
+  flop_a_block = 64 * config.slc_block * 2 * 128 * 2  # S and P V over 64 rows
+  assert row["masked_tflop"] * 1e12 == pytest.approx(8 * 64 // 64 * 2.5 * flop_a_block)
+  assert row["ms_at_mma"] == pytest.approx(row["masked_tflop"] / 400.0 * 1e3)
+
+
+def test_tile_unions_on_random_inputs_writes_json(tmp_path):
+  # Random selections at G = 4 (16 positions a tile) and 16 (4): a tile's union holds at least
+  # one position's blocks and at most all of them.
+  out = tmp_path / "unions.json"
+  tile_unions.main(["--seq_len", "2048", "--groups", "4,16", "--out", str(out)])
+  rows = json.loads(out.read_text())["rows"]
+  assert [(row["group"], row["positions"]) for row in rows] == [(4, 16), (16, 4)]
+  for row in rows:
+    assert row["blocks_a_position"] <= row["union_a_tile"]
+    assert row["union_a_tile"] <= row["positions"] * row["blocks_a_position"] + 1e-9
+    assert row["union_a_tile"] < row["positions"] * 16  # neighbours share the forced blocks
