@@ -60,7 +60,11 @@ DQ_NUM_WARPS, DQ_NUM_STAGES = 2, 2
 # several programs (float32 Dk = Dv = 256 at G = 64 asked for 272 KB of shared memory at 64 rows).
 DQ_PROGRAM_BYTES = 64 * 1024
 DKV_NUM_WARPS, DKV_NUM_STAGES = 4, 2
-DKV_CHUNK = 256  # most queries one dK/dV work item handles
+# Most queries one dK/dV work item handles. Fewer, longer items write fewer float32 partials
+# for `_sum_parts` to add up (at G = 4, 64k, 256 made 5.4 GB of them). H100, 64k, NSA fwd+bwd
+# ms, 256 -> 512 in one run: G = 4 193.18 -> 190.22, G = 8 138.34 -> 137.54, the LM's 64k
+# selection (G = 16) 95.19 -> 93.35 (BENCHMARKS.md changelog 2026-12-07).
+DKV_CHUNK = 512
 DKV_ROWS = 64  # query rows per dK/dV step (several queries gathered when G is small)
 DKV_STEP_BYTES = 64 * 1024  # most bytes of q and dO rows one step loads (shared-memory budget)
 # Forward and dQ programs: 0 = one query position each (its G rows padded to 16). A power of two
