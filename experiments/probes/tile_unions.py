@@ -69,9 +69,9 @@ def tile_work(indices, group: int, config, mma_tflops: float, l2_tbps: float):
   sharing = selection_sharing(indices, (1, positions))
   blocks, union = sharing[1]["mean"], sharing[positions]["mean"]
   tiles = seq_len * HQ // ROWS  # the layer's tiles: Hkv * T / P
-  per_block = ROWS * config.slc_block * 2 * D * 2  # FLOP of S and P V, 64 rows a block
-  masked = tiles * union * per_block
-  useful = seq_len * HQ * blocks * config.slc_block * 2 * D * 2
+  row_block_flop = config.slc_block * D * 2 * 2  # S = Q K^T and P V: one query row, one block
+  masked = tiles * union * ROWS * row_block_flop  # every tile row over the union
+  useful = seq_len * HQ * blocks * row_block_flop  # each query row over its own blocks
   kv_bytes = tiles * union * config.slc_block * 2 * D * 2
   return dict(group=group, positions=positions, blocks_a_position=blocks,
               union_a_tile=union, union_p90=sharing[positions]["p90"],
