@@ -212,6 +212,7 @@ def test_decode_kernels_decline_compressed_blocks_reaching_two_selection_blocks_
 
 
 @pytest.mark.parametrize("sparse_blocks", [1, 3])
+@pytest.mark.usefixtures("fresh_jit_caches")  # the jitted kernels read constants when traced
 def test_gpu_decode_kernels_with_one_sub_block_per_selection_block_and_dk_not_dv(
     monkeypatch, sparse_blocks):
   # l' = d (each selection block scores one sub-block), l = 2d (two compressed blocks overlap
@@ -227,11 +228,7 @@ def test_gpu_decode_kernels_with_one_sub_block_per_selection_block_and_dk_not_dv
   gates = random_gates(q)
   expected = nsa_jax.nsa_attention(q, k, v, config=config, gates=gates,
                                    implementation="reference")
-  jax.clear_caches()  # the jitted decode step read the constant when it was traced
-  try:
-    out = decode_all(q, k, v, gates, 50, config, implementation="pallas_gpu", interpret=True)
-  finally:
-    jax.clear_caches()
+  out = decode_all(q, k, v, gates, 50, config, implementation="pallas_gpu", interpret=True)
   assert_close(out, expected)
 
 
@@ -324,6 +321,7 @@ def test_gpu_compressed_partials_and_select_kernels_pick_the_xla_decode_blocks(p
 
 @pytest.mark.parametrize("sparse_blocks", [1, 3])
 @pytest.mark.parametrize("position", [20, 47, 300])
+@pytest.mark.usefixtures("fresh_jit_caches")  # the jitted kernels read constants when traced
 def test_gpu_sparse_kernel_picking_from_scores_equals_it_given_the_top_n_kernels_picks(
     monkeypatch, position, sparse_blocks):
   # The decode step hands the sparse kernel the selection scores and its programs pick the blocks
@@ -345,13 +343,9 @@ def test_gpu_sparse_kernel_picking_from_scores_equals_it_given_the_top_n_kernels
       num_initial=1, num_local=2, interpret=True)
   kwargs = dict(block=block, window=window, num_selected=num_selected, scale=0.25,
                 interpret=True)
-  jax.clear_caches()  # the jitted kernels read SPARSE_BLOCKS when traced
-  try:
-    expected = gpu_decode.sparse_partials(q_rows, k, v, picks, jnp.int32(position), **kwargs)
-    got = gpu_decode.sparse_partials(q_rows, k, v, scores, jnp.int32(position), top_n=top_n,
-                                     **kwargs)
-  finally:
-    jax.clear_caches()
+  expected = gpu_decode.sparse_partials(q_rows, k, v, picks, jnp.int32(position), **kwargs)
+  got = gpu_decode.sparse_partials(q_rows, k, v, scores, jnp.int32(position), top_n=top_n,
+                                   **kwargs)
   written = gpu_decode.sparse_programs(b, hkv, num_selected, window, block)[1]
   for got_part, expected_part in zip(got, expected):
     np.testing.assert_array_equal(got_part[:, :, :written], expected_part[:, :, :written])
@@ -394,17 +388,14 @@ def test_gpu_append_kernels_equal_the_xla_append(dtype, in_step):
 @pytest.mark.parametrize("group,prompt,multi_block", [
     (1, 8192 + 5, False), (16, 8192 + 5, False), (64, 8192 + 5, False), (16, 8192 + 5, True),
     (16, 65536 + 5, False)])
+@pytest.mark.usefixtures("fresh_jit_caches")  # the jitted kernels read constants when traced
 def test_gpu_decode_kernels_match_the_xla_decode_on_gpu(monkeypatch, group, prompt, multi_block):
   # 8k: every group size; 64k: the benchmark's context (2048-wide selection rows, 33 compressed
   # splits at B=2). Each step's cache writes are compared too. multi_block: the sparse programs
   # walk SPARSE_BLOCKS blocks each (by default only from B * Hkv = 32; here 4).
   if multi_block:
     monkeypatch.setattr(gpu_decode, "SPARSE_MULTI_MIN_PAIRS", 1)
-  jax.clear_caches()  # the jitted decode kernels read the constants when traced
-  try:
-    _check_gpu_decode_against_xla(group, prompt)
-  finally:
-    jax.clear_caches()
+  _check_gpu_decode_against_xla(group, prompt)
 
 
 def _check_gpu_decode_against_xla(group, prompt):

@@ -310,21 +310,19 @@ def test_mosaic_selected_dkv_lowers_for_cuda(monkeypatch, num_heads, head_dims, 
   assert lowered_text("cuda", grad, q, k, v).count("custom_call @mosaic_gpu") == 3
 
 
+@pytest.mark.usefixtures("fresh_jit_caches")  # the jitted kernels read constants when traced
 def test_decode_step_with_multi_block_sparse_programs_lowers_for_cuda(monkeypatch):
   monkeypatch.setattr(gpu_decode, "SPARSE_BLOCKS", 4)
   monkeypatch.setattr(gpu_decode, "SPARSE_MULTI_MIN_PAIRS", 1)  # B * Hkv = 4 here
   config = NSAConfig()
   cache = init_decode_cache(2, 10_000, 2, 128, config=config, dtype=jnp.bfloat16)
   q_t, k_t = jnp.zeros((2, 32, 128), jnp.bfloat16), jnp.zeros((2, 2, 128), jnp.bfloat16)
-  jax.clear_caches()  # the jitted decode kernels read the constant when traced
-  try:
-    step = functools.partial(nsa_decode_step, config=config, implementation="pallas_gpu")
-    assert pallas_kernels("cuda", step, q_t, k_t, k_t, cache) == DECODE_KERNELS["cuda"]
-  finally:
-    jax.clear_caches()
+  step = functools.partial(nsa_decode_step, config=config, implementation="pallas_gpu")
+  assert pallas_kernels("cuda", step, q_t, k_t, k_t, cache) == DECODE_KERNELS["cuda"]
 
 
 @pytest.mark.parametrize("multi_block", [False, True])
+@pytest.mark.usefixtures("fresh_jit_caches")  # the jitted kernels read constants when traced
 def test_separate_kv_decode_step_lowers_for_cuda(monkeypatch, multi_block):
   # A K/V set per branch: the same four kernels, the sparse kernel's programs choosing the
   # selected or the window set by a branch (one block a program, or a walk of several).
@@ -334,13 +332,9 @@ def test_separate_kv_decode_step_lowers_for_cuda(monkeypatch, multi_block):
   config = NSAConfig()
   caches = nsa_jax.init_separate_kv_cache(2, 10_000, 2, 128, config=config, dtype=jnp.bfloat16)
   q_t, k_t = jnp.zeros((2, 32, 128), jnp.bfloat16), jnp.zeros((2, 2, 128), jnp.bfloat16)
-  jax.clear_caches()  # the jitted decode kernels read the constants when traced
-  try:
-    step = lambda q_t, k_t, caches: nsa_jax.nsa_decode_step_separate_kv(
-        q_t, [k_t] * 3, [k_t] * 3, caches, config=config, implementation="pallas_gpu")
-    assert pallas_kernels("cuda", step, q_t, k_t, caches) == DECODE_KERNELS["cuda"]
-  finally:
-    jax.clear_caches()
+  step = lambda q_t, k_t, caches: nsa_jax.nsa_decode_step_separate_kv(
+      q_t, [k_t] * 3, [k_t] * 3, caches, config=config, implementation="pallas_gpu")
+  assert pallas_kernels("cuda", step, q_t, k_t, caches) == DECODE_KERNELS["cuda"]
 
 
 def test_tpu_benchmark_kernels_lower():

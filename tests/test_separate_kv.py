@@ -92,6 +92,7 @@ def test_prefill_then_steps_equal_the_full_forward(prompt_len, with_gates):
 
 @pytest.mark.parametrize("with_gates,batch,prompt_len,multi_block",
                          [(True, 2, 60, False), (False, 1, 0, False), (False, 1, 60, True)])
+@pytest.mark.usefixtures("fresh_jit_caches")  # the jitted kernels read constants when traced
 def test_gpu_decode_kernels_in_interpret_mode_equal_the_full_forward(monkeypatch, with_gates,
                                                                      batch, prompt_len,
                                                                      multi_block):
@@ -100,7 +101,6 @@ def test_gpu_decode_kernels_in_interpret_mode_equal_the_full_forward(monkeypatch
   if multi_block:
     monkeypatch.setattr(gpu_decode, "SPARSE_BLOCKS", 2)
     monkeypatch.setattr(gpu_decode, "SPARSE_MULTI_MIN_PAIRS", 1)
-    jax.clear_caches()  # the jitted decode kernels read the constants when traced
   q, keys, values = three_sets(batch, 70, 4, 2, 16)
   caches = nsa_jax.init_separate_kv_cache(batch, 70, 2, 16, config=SMALL)
   assert pallas_gpu.step_separate_kv_supported(q[:, 0], caches, SMALL)
@@ -109,8 +109,6 @@ def test_gpu_decode_kernels_in_interpret_mode_equal_the_full_forward(monkeypatch
                                                implementation="reference")
   out = decode_all(q, keys, values, gates, prompt_len, SMALL, max_len=70,
                    implementation="pallas_gpu", interpret=True)
-  if multi_block:
-    jax.clear_caches()
   assert_close(out, expected)
 
 
@@ -164,6 +162,7 @@ def test_bad_inputs_raise_value_errors():
 @pytest.mark.gpu
 @pytest.mark.parametrize("multi_block,given_compress_fn", [(False, False), (True, False),
                                                            (False, True)])
+@pytest.mark.usefixtures("fresh_jit_caches")  # the jitted kernels read constants when traced
 def test_gpu_decode_kernels_match_the_xla_decode_on_gpu(monkeypatch, multi_block,
                                                         given_compress_fn):
   # The paper's config at an 8k context, G = 16, bf16; multi_block: the sparse programs walk
@@ -171,31 +170,27 @@ def test_gpu_decode_kernels_match_the_xla_decode_on_gpu(monkeypatch, multi_block
   # mean pooling passed as a `compress_fn`, so the step appends in XLA and the kernels attend.
   if multi_block:
     monkeypatch.setattr(gpu_decode, "SPARSE_MULTI_MIN_PAIRS", 1)
-  jax.clear_caches()  # the jitted decode kernels read the constants when traced
-  try:
-    config = NSAConfig()
-    b, hkv, prompt, steps = 2, 2, 8192 + 5, 40
-    q, keys, values = three_sets(b, prompt + steps, 16 * hkv, hkv, 128, dtype=jnp.bfloat16)
-    gates = random_gates(q)
-    caches = nsa_jax.init_separate_kv_cache(b, prompt + steps, hkv, 128, config=config,
-                                            dtype=jnp.bfloat16)
-    _, caches = nsa_jax.nsa_prefill_separate_kv(q[:, :prompt], [k[:, :prompt] for k in keys],
-                                                [v[:, :prompt] for v in values], caches,
-                                                config=config, gates=gates[:, :prompt])
-    assert pallas_gpu.step_separate_kv_supported(q[:, 0], caches, config)
-    compress_fn = (functools.partial(nsa_jax.compress_kv, block=config.cmp_block,
-                                     stride=config.cmp_stride) if given_compress_fn else None)
-    steps_of = {impl: jax.jit(functools.partial(nsa_jax.nsa_decode_step_separate_kv,
-                                                config=config, implementation=impl,
-                                                compress_fn=compress_fn))
-                for impl in ("pallas_gpu", "xla")}
-    for t in range(prompt, prompt + steps):
-      args = (q[:, t], [k[:, t] for k in keys], [v[:, t] for v in values], caches)
-      out, next_caches = steps_of["pallas_gpu"](*args, gates=gates[:, t])
-      expected, expected_caches = steps_of["xla"](*args, gates=gates[:, t])
-      assert_close(out, expected, jnp.bfloat16)
-      for got, want in zip(jax.tree.leaves(next_caches), jax.tree.leaves(expected_caches)):
-        assert_close(got, want, jnp.bfloat16)  # every cache write, lengths included
-      caches = next_caches
-  finally:
-    jax.clear_caches()
+  config = NSAConfig()
+  b, hkv, prompt, steps = 2, 2, 8192 + 5, 40
+  q, keys, values = three_sets(b, prompt + steps, 16 * hkv, hkv, 128, dtype=jnp.bfloat16)
+  gates = random_gates(q)
+  caches = nsa_jax.init_separate_kv_cache(b, prompt + steps, hkv, 128, config=config,
+                                          dtype=jnp.bfloat16)
+  _, caches = nsa_jax.nsa_prefill_separate_kv(q[:, :prompt], [k[:, :prompt] for k in keys],
+                                              [v[:, :prompt] for v in values], caches,
+                                              config=config, gates=gates[:, :prompt])
+  assert pallas_gpu.step_separate_kv_supported(q[:, 0], caches, config)
+  compress_fn = (functools.partial(nsa_jax.compress_kv, block=config.cmp_block,
+                                   stride=config.cmp_stride) if given_compress_fn else None)
+  steps_of = {impl: jax.jit(functools.partial(nsa_jax.nsa_decode_step_separate_kv,
+                                              config=config, implementation=impl,
+                                              compress_fn=compress_fn))
+              for impl in ("pallas_gpu", "xla")}
+  for t in range(prompt, prompt + steps):
+    args = (q[:, t], [k[:, t] for k in keys], [v[:, t] for v in values], caches)
+    out, next_caches = steps_of["pallas_gpu"](*args, gates=gates[:, t])
+    expected, expected_caches = steps_of["xla"](*args, gates=gates[:, t])
+    assert_close(out, expected, jnp.bfloat16)
+    for got, want in zip(jax.tree.leaves(next_caches), jax.tree.leaves(expected_caches)):
+      assert_close(got, want, jnp.bfloat16)  # every cache write, lengths included
+    caches = next_caches
