@@ -101,25 +101,29 @@ def test_decode_floor_grid_barriers_order_the_phases_on_a_gpu(kind):
   np.testing.assert_array_equal(counters[:1 if kind != "flags" else 128], arrivals)
 
 
-@pytest.mark.parametrize("variant", sorted(mgpu_orientation.VARIANTS))
-def test_mgpu_orientation_kernels_lower_for_a_gpu(variant):
+ORIENTATION_CASES = [(variant, 16) for variant in sorted(mgpu_orientation.VARIANTS)] + [
+    (variant, 8) for variant in sorted(mgpu_orientation.VARIANTS) if variant != "tile"]
+
+
+@pytest.mark.parametrize("variant,heads", ORIENTATION_CASES)
+def test_mgpu_orientation_kernels_lower_for_a_gpu(variant, heads):
   # Mosaic GPU's layout inference (the transposed P^T store, the softmax over axis 0) runs at
-  # lowering: a kernel it refuses fails here, not on the device.
+  # lowering: a kernel it refuses fails here, not on the device. heads = 8: wgmma's smallest N.
   from tests.test_lowering import lowered_text  # pylint: disable=g-import-not-at-top
-  text = lowered_text("cuda", mgpu_orientation.build(variant, 4),
-                      *mgpu_orientation.inputs(variant, 4))
+  text = lowered_text("cuda", mgpu_orientation.build(variant, 4, heads=heads),
+                      *mgpu_orientation.inputs(variant, 4, heads))
   assert text.count("custom_call @mosaic_gpu") == 1
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", sorted(mgpu_orientation.VARIANTS))
-def test_mgpu_orientation_kernels_compute_attention_over_their_block_on_a_gpu(variant):
+@pytest.mark.parametrize("variant,heads", ORIENTATION_CASES)
+def test_mgpu_orientation_kernels_compute_attention_over_their_block_on_a_gpu(variant, heads):
   # Repeating one block leaves the softmax unchanged: each variant's output is attention of its
   # rows over the block, softmax base 2 of 0.1 q.k (O^T a position in `position xP`).
-  q, k, v = mgpu_orientation.inputs(variant, 8)
-  out = jax.jit(mgpu_orientation.build(variant, 8, iters=3))(q, k, v)
-  np.testing.assert_allclose(out, mgpu_orientation.expected(variant, q, k, v), rtol=2e-2,
-                             atol=2e-2)
+  q, k, v = mgpu_orientation.inputs(variant, 8, heads)
+  out = jax.jit(mgpu_orientation.build(variant, 8, iters=3, heads=heads))(q, k, v)
+  np.testing.assert_allclose(out, mgpu_orientation.expected(variant, q, k, v, heads=heads),
+                             rtol=2e-2, atol=2e-2)
 
 
 def test_mgpu_orientation_reference_lays_out_positions_as_the_kernel_does():
@@ -128,6 +132,10 @@ def test_mgpu_orientation_reference_lays_out_positions_as_the_kernel_does():
   tile = mgpu_orientation.expected("tile", jnp.concatenate([q, q], axis=1), k, v)  # 64 rows
   per_position = mgpu_orientation.expected("position x2", q, k, v)
   np.testing.assert_allclose(per_position[:, 1, :, 5], tile[:, 16 + 5], rtol=1e-6)
+  q8, k8, v8 = mgpu_orientation.inputs("position x4", 3, heads=8)  # 4 positions of 8 rows
+  tile = mgpu_orientation.expected("tile", jnp.concatenate([q8, q8], axis=1), k8, v8)
+  per_position = mgpu_orientation.expected("position x4", q8, k8, v8, heads=8)
+  np.testing.assert_allclose(per_position[:, 3, :, 2], tile[:, 24 + 2], rtol=1e-6)
 
 
 def test_tpu_overhead_times_steps_and_dma_groups_and_writes_json(monkeypatch, tmp_path):
