@@ -9,7 +9,7 @@ selection 2.3x the useful MMA work at 64k (BENCHMARKS.md, the tile cost model). 
 orientation does only useful work: one position's 16 rows on N and a block's 64 keys on M,
 `S^T = K Q^T`, the softmax over axis 0, `P^T` stored through a transposed SMEM view (the B
 operand must come from SMEM), `O^T += V^T P^T` (M = Dv). Whether that pays depends on the rate
-of wgmma at N = 16, which this probe measures:
+of wgmma at N = 16 (8 at G = 8), which this probe measures:
 
 - `tile`: `S = Q K^T` for 64 rows (N = 64 keys), online softmax over axis 1, `O += P V` with the
   probabilities as wgmma's register operand (the kernel's own loop body);
