@@ -126,16 +126,16 @@ def test_mgpu_orientation_kernels_compute_attention_over_their_block_on_a_gpu(va
                              rtol=2e-2, atol=2e-2)
 
 
-def test_mgpu_orientation_reference_lays_out_positions_as_the_kernel_does():
-  # `position xP` writes O^T a position: [C, P, D, 16], row r of position p at [:, p, :, r].
-  q, k, v = mgpu_orientation.inputs("position x2", 3)
+@pytest.mark.parametrize("variant,heads,position,row", [("position x2", 16, 1, 5),
+                                                       ("position x4", 8, 3, 2)])
+def test_mgpu_orientation_reference_lays_out_positions_as_the_kernel_does(variant, heads,
+                                                                          position, row):
+  # `position xP` writes O^T a position: [C, P, D, heads], row r of position p at [:, p, :, r].
+  q, k, v = mgpu_orientation.inputs(variant, 3, heads)  # 32 rows: P positions of `heads`
   tile = mgpu_orientation.expected("tile", jnp.concatenate([q, q], axis=1), k, v)  # 64 rows
-  per_position = mgpu_orientation.expected("position x2", q, k, v)
-  np.testing.assert_allclose(per_position[:, 1, :, 5], tile[:, 16 + 5], rtol=1e-6)
-  q8, k8, v8 = mgpu_orientation.inputs("position x4", 3, heads=8)  # 4 positions of 8 rows
-  tile = mgpu_orientation.expected("tile", jnp.concatenate([q8, q8], axis=1), k8, v8)
-  per_position = mgpu_orientation.expected("position x4", q8, k8, v8, heads=8)
-  np.testing.assert_allclose(per_position[:, 3, :, 2], tile[:, 24 + 2], rtol=1e-6)
+  per_position = mgpu_orientation.expected(variant, q, k, v, heads=heads)
+  np.testing.assert_allclose(per_position[:, position, :, row], tile[:, position * heads + row],
+                             rtol=1e-6)
 
 
 def test_tpu_overhead_times_steps_and_dma_groups_and_writes_json(monkeypatch, tmp_path):
