@@ -6,8 +6,9 @@
   (3.2 ms forward, 14.5 ms forward+backward at T=64k on an H200: 346 / 265 TF/s, above every
   Pallas kernel here; no banded Pallas kernel was written to compete), falling back to the XLA
   path where cuDNN does not apply (float32, Dk != Dv, head sizes it does not take, interpret
-  mode); packed rows, which cuDNN's public entry point cannot mask per document: the
-  selected-attention kernels over each position's window as aligned blocks (`_packed_window`);
+  mode); packed rows, which cuDNN's public entry point cannot mask per document: that call for
+  the positions whose window lies in their document, the selected-attention kernels over the
+  first `w - 1` positions of each document (`_packed_window`);
 - compressed attention where cuDNN takes the inputs and `d <= CUDNN_COMPRESSED_MAX_STRIDE`
   (`cudnn_compressed_applies`): cuDNN over folded queries (`nsa_jax.cudnn_compressed`: one
   causal attention of chunk queries with `d * G` heads a KV group), forward and backward; in
@@ -227,16 +228,23 @@ def sliding_window_attention(q, k, v, scale, *, window, interpret=False, segment
 
 
 def _packed_window(q, k, v, scale, window, segment_ids, interpret):
-  """The window of packed rows: keys `max(s, t - w + 1) .. t` (s: t's document start). cuDNN's
-  flash attention takes no per-document mask through `jax.nn.dot_product_attention`, so this is
-  the selected-attention kernels over the span's aligned blocks of 64 tokens (at most
-  `ceil(w / 64) + 1`, the first masked below the span's start: `span_attention`)."""
+  """The window of packed rows: keys `max(s, t - w + 1) .. t` (s: t's document start).
+
+  A position at least `w - 1` into its document sees the unpacked window (its keys `t - w + 1 ..
+  t` all lie in the document): those take the unpacked route's output (cuDNN's sliding window
+  over the whole row, which `jax.nn.dot_product_attention` cannot mask per document). The first
+  `w - 1` positions of each document see `s .. t`: the selected-attention kernels over that
+  span's aligned blocks of 64 tokens (`span_attention`, the first block masked below `s`), every
+  other position given an empty span, so no block is walked for it."""
   block = PACKED_WINDOW_BLOCK
-  first = jnp.maximum(segments.document_starts(segment_ids),
-                      jnp.arange(q.shape[1], dtype=jnp.int32) - window + 1)
-  return selected_kernel.span_attention(q, k, v, first, width=-(-window // block) + 1,
-                                        block=block, scale=_static_scale(scale),
-                                        interpret=interpret)
+  positions = jnp.arange(q.shape[1], dtype=jnp.int32)
+  starts = segments.document_starts(segment_ids)
+  early = positions - starts < window - 1
+  o_early = selected_kernel.span_attention(q, k, v, jnp.where(early, starts, positions + 1),
+                                           width=-(-window // block) + 1, block=block,
+                                           scale=_static_scale(scale), interpret=interpret)
+  o_late = sliding_window_attention(q, k, v, scale, window=window, interpret=interpret)
+  return jnp.where(early[:, :, None, None], o_early, o_late)
 
 
 def nsa_attention(q, k, v, gates, k_cmp, v_cmp, scale, *, config: NSAConfig, interpret=False,

@@ -88,7 +88,8 @@ def span_blocks(first, num_kv_heads: int, width: int, block: int):
   starting at `first` (which splits every block in two when `r > 0`).
 
   Args:
-    first: int32 `[B, T]`, each position's first key.
+    first: int32 `[B, T]`, each position's first key; past the position: an empty span (no
+      block).
     num_kv_heads: H of the returned arrays (the same span for every head).
     width: entries a position, `>= (t - first) // l' + 2` for every `t` (e.g. `ceil(w / l') + 1`).
     block: `l'`.
@@ -101,7 +102,8 @@ def span_blocks(first, num_kv_heads: int, width: int, block: int):
   position = jnp.arange(first.shape[1], dtype=jnp.int32)[None, :, None]
   entry = jnp.arange(width, dtype=jnp.int32)[None, None, :]
   aligned = first[..., None] // block + entry  # [B, T, width]
-  aligned = jnp.where(aligned <= position // block, aligned, -1)
+  aligned = jnp.where((aligned <= position // block) & (first[..., None] <= position), aligned,
+                      -1)
   codes = jnp.where(aligned < 0, 0, jnp.where(entry == 0, UPPER, LOWER | UPPER))
   spread = lambda x: jnp.broadcast_to(x[:, :, None], x.shape[:2] + (num_kv_heads, width))
   return spread(aligned), spread(codes).astype(jnp.int32), first % block
