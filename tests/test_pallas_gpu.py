@@ -16,7 +16,7 @@ from pallas_kernels.gpu import selected_attention_mgpu as selected_mgpu
 from pallas_kernels.gpu import top_n
 from pallas_kernels.gpu.selected_attention import selected_attention
 from tests.helpers import assert_close, assert_grads_close, assert_valid_selection
-from tests.helpers import random_gates, random_qkv
+from tests.helpers import fresh_key, random_gates, random_qkv
 
 
 def random_indices(b, t, hkv, n, num_blocks):
@@ -955,6 +955,28 @@ def test_top_n_kernel_matches_the_selection_rule_with_ties(config, min_row_width
   np.testing.assert_array_equal(distinct_ascending(picks), expected)
   valid = np.asarray(picks >= 0)
   assert np.all(valid[..., :-1] >= valid[..., 1:])  # no pick after a -1
+
+
+@pytest.mark.parametrize("min_row_width", [4, 128])  # 4: a row read in up to 4 pieces
+@pytest.mark.parametrize("config", [nsa_jax.NSAConfig(8, 4, 16, 4, 1, 2, 8),
+                                    nsa_jax.NSAConfig(8, 4, 8, 5, 0, 0, 8)])
+def test_packed_top_n_kernel_matches_the_selection_rule_with_ties(config, min_row_width,
+                                                                  monkeypatch):
+  """Packed rows: each query's candidates are its document's blocks `<= query_blocks[t]`, read
+  piece by piece; columns past them (NaN here) are never read into a pick."""
+  monkeypatch.setattr(top_n, "MIN_ROW_WIDTH", min_row_width)
+  b, t, h, width = 2, 70, 3, 16
+  scores = jax.random.randint(fresh_key(), (b, h, t, width), 0, 3).astype(jnp.float32)
+  query_blocks = jax.random.randint(fresh_key(), (b, t), 0, config.num_slc_blocks(t))
+  future = jnp.arange(width) > query_blocks[:, None, :, None]
+  got = top_n.top_n_blocks(jnp.where(future, jnp.nan, scores), seq_len=t,
+                           num_selected=config.num_selected, slc_block=config.slc_block,
+                           num_initial=config.num_initial, num_local=config.num_local,
+                           interpret=True, query_blocks=query_blocks)
+  expected = block_selection.top_n_blocks(
+      scores[..., :config.num_slc_blocks(t)].transpose(0, 2, 1, 3),
+      (query_blocks * config.slc_block)[..., None], config)
+  np.testing.assert_array_equal(got, expected)
 
 
 @pytest.mark.parametrize("num_initial,num_local", [(1, 2), (3, 0), (0, 3), (2, 2)])

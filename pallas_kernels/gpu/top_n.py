@@ -67,9 +67,19 @@ def _top_n_kernel(score_ref, *refs, slc_block, first_row, **config):
   idx_ref[...] = pick_top_n(scores, query_block, idx_ref.shape[0], **config)
 
 
-def _top_n_packed_kernel(query_block_ref, score_ref, idx_ref, *, slc_block, **config):
+def _top_n_packed_kernel(query_block_ref, score_ref, idx_ref, *, slc_block, widths, **config):
+  """`pick_top_n` for packed rows over the narrowest of `widths` (powers of two, the last the
+  whole row) that holds the row's candidates, its document's blocks `<= query_block`: a launch
+  cannot bucket rows by width as unpacked rows are (a row's candidates follow its document,
+  known at run time), so each program picks its width; a row of a short document reads and
+  arg-maxes over a few columns, not the row's whole width."""
   del slc_block  # the query's (document-local) block comes in
-  idx_ref[...] = pick_top_n(score_ref[...], query_block_ref[0], idx_ref.shape[0], **config)
+  query_block = query_block_ref[0]
+  num_candidates = jnp.minimum(query_block + 1, config["num_slc"])
+  narrower = sum(((num_candidates > w).astype(jnp.int32) for w in widths[:-1]), jnp.int32(0))
+  idx_ref[...] = jax.lax.switch(narrower, [
+      functools.partial(lambda w: pick_top_n(score_ref[pl.ds(0, w)], query_block,
+                                             idx_ref.shape[0], **config), w) for w in widths])
 
 
 def _top_n_decode_kernel(pos_ref, score_ref, idx_ref, *, slc_block, **config):
@@ -151,7 +161,8 @@ def top_n_blocks(scores, *, seq_len: int, num_selected: int, slc_block: int, num
                planes, num_rows)
         for first, num_rows, width in row_buckets(seq_len, slc_block, row_width)], axis=2)
   else:  # packed rows: a query's candidates follow its document, not its position
-    picks = launch(functools.partial(_top_n_packed_kernel, **config),
+    widths = [w for _, _, w in row_buckets(row_width * slc_block, slc_block, row_width)]
+    picks = launch(functools.partial(_top_n_packed_kernel, widths=widths, **config),
                    [pl.BlockSpec((None, None, 1), lambda t, i, j: (i, t, 0)),
                     pl.BlockSpec((None, None, None, row_width), lambda t, i, j: (i, j, t, 0))],
                    [query_blocks.astype(jnp.int32)[..., None], scores], seq_len)
