@@ -96,14 +96,15 @@ def test_nsa_forward_and_backward_kernels_lower(platform, dtype, num_heads, num_
 
 
 # Packed rows: GPU, the compressed branch on its Pallas kernels (cuDNN's folded call cannot mask
-# per document), the packed score pass, and the selected kernels twice (the selection and the
-# window's aligned blocks); TPU, the compressed kernels with their SMEM walk tables and splash
-# attention with segment ids.
+# per document), the packed score pass, and the selected kernels four times (the selection and
+# the window's early positions, each with halves or on whole blocks: a `lax.cond` on whether the
+# documents start on block boundaries); TPU, the compressed kernels with their SMEM walk tables
+# and splash attention with segment ids.
 PACKED_KERNELS = {
     "cuda": ["nsa_compressed_dkv", "nsa_compressed_dq", "nsa_compressed_fwd",
-             "nsa_packed_selection_scores", "nsa_selected_dkv", "nsa_selected_dkv",
-             "nsa_selected_dq", "nsa_selected_dq", "nsa_selected_fwd", "nsa_selected_fwd",
-             "nsa_top_n"],
+             "nsa_packed_selection_scores"]
+            + [f"nsa_selected_{part}" for part in ("dkv", "dq", "fwd") for _ in range(4)]
+            + ["nsa_top_n"],
     "tpu": ["nsa_compressed_dkv_tpu", "nsa_compressed_dq_tpu", "nsa_compressed_lse_tpu",
             "nsa_compressed_output_scores_tpu", "nsa_selected_dkv_tpu", "nsa_selected_dq_tpu",
             "nsa_selected_fwd_tpu", "splash_mqa_dkv_segmented_no_residuals",

@@ -224,7 +224,28 @@ def test_document_block_halves_choose_exactly_the_documents_blocks_tokens():
     assert got == want, pos
 
 
-def _check_against_documents_alone(packed_fn, alone_fn, arrays, constants=()):
+def test_span_blocks_cover_exactly_each_span_and_walk_nothing_for_an_empty_one():
+  """`span_blocks` (the packed window's early positions): the keys `first .. t` and no others;
+  a span starting after its position (`first > t`) has no block at all, so the kernels walk
+  none for it."""
+  from pallas_kernels.block_maps import LOWER, UPPER, span_blocks
+  block, t, width = 8, 45, 4
+  positions = np.arange(t)
+  first = np.asarray(jax.random.randint(fresh_key(), (1, t), 0, t + 3))
+  first = np.where(first > positions, first, np.maximum(first, positions - 2 * block + 1))
+  aligned, codes, r = map(np.asarray, span_blocks(jnp.asarray(first, jnp.int32), 1, width, block))
+  for pos in range(t):
+    want = set(range(first[0, pos], pos + 1))
+    got = {int(a) * block + o for a, code in zip(aligned[0, pos, 0], codes[0, pos, 0]) if a >= 0
+           for o in range(block) if int(a) * block + o <= pos
+           and code & (LOWER if o < r[0, pos] else UPPER)}
+    assert got == want, pos
+    if first[0, pos] > pos:
+      assert np.all(aligned[0, pos] == -1), pos
+  assert np.any(first > positions) and np.any(first <= positions)
+
+
+def _check_against_documents_alone(packed_fn, alone_fn, arrays, constants=(), rows=DOCUMENTS):
   """`packed_fn(*arrays, *constants)` (packed rows) against `alone_fn` on each document alone
   (all `[B, T, ...]`, sliced per document): values and the gradients in `arrays` of a random
   linear loss."""
@@ -240,25 +261,31 @@ def _check_against_documents_alone(packed_fn, alone_fn, arrays, constants=()):
   packed_loss = lambda *xs: (jnp.sum(packed_fn(*xs, *constants) * cotangent),
                              packed_fn(*xs, *constants))
   (_, out), grads = jax.value_and_grad(packed_loss, argnums, has_aux=True)(*arrays)
-  expected = per_document(alone, (*arrays, *constants, cotangent))
+  expected = per_document(alone, (*arrays, *constants, cotangent), rows)
   assert_close(out, expected[0])
   for grad, want in zip(grads, expected[1:]):
     assert_grads_close(grad, want)
 
 
-@pytest.mark.parametrize("impl, pack_rows", [
-    ("pallas_gpu", 0),  # one position a program
-    ("pallas_gpu", 16),  # 8 positions x 2 heads a program
-    ("pallas_tpu", None)])
+# Documents that all start on a multiple of l' = 8 (the last ones end mid-block): the GPU
+# kernels' whole-block route (`selected_attention._on_aligned_blocks`).
+ALIGNED_DOCUMENTS = ([8, 16, 21], [24, 8, 13])
+
+
+@pytest.mark.parametrize("impl, pack_rows, rows", [
+    ("pallas_gpu", 0, DOCUMENTS),  # one position a program
+    ("pallas_gpu", 16, DOCUMENTS),  # 8 positions x 2 heads a program
+    ("pallas_gpu", 0, ALIGNED_DOCUMENTS),  # whole blocks: the unpacked kernels
+    ("pallas_tpu", None, DOCUMENTS)])
 def test_kernel_selected_attention_values_and_gradients_equal_their_documents_alone(
-    monkeypatch, impl, pack_rows):
+    monkeypatch, impl, pack_rows, rows):
   """The Triton kernels (interpret mode) and the Mosaic TPU kernels (TPU interpreter) on
   document-local selections: forward, dQ and dK/dV."""
   if pack_rows is not None:
     from pallas_kernels.gpu import selected_attention as gpu_selected
     monkeypatch.setattr(gpu_selected, "PACK_ROWS", pack_rows)
   q, k, v = random_qkv(2, 45, 4, 2, 16)
-  segment_ids = segment_ids_of(DOCUMENTS)
+  segment_ids = segment_ids_of(rows)
   # The selection of the packed rows, plus random extra picks (repeats, -1, future blocks).
   chosen = reference.select_blocks(q, compress(k, v, segment_ids)[0], SCALE, config=CONFIG,
                                    segment_ids=segment_ids)
@@ -270,7 +297,7 @@ def test_kernel_selected_attention_values_and_gradients_equal_their_documents_al
           interpret=True, segment_ids=segment_ids),
       lambda q, k, v, idx: reference.selected_attention(q, k, v, idx, SCALE,
                                                         block=CONFIG.slc_block),
-      (q, k, v), (indices,))
+      (q, k, v), (indices,), rows)
 
 
 @pytest.mark.parametrize("impl, rows", [
@@ -400,22 +427,25 @@ def _check_tpu_walk_tables(rows):
   assert first_key_tile.max() > 0 and last_row_tile.min() < lay.row_tiles - 1
 
 
-@pytest.mark.parametrize("impl, window, block", [
-    ("pallas_tpu", 6, None),  # splash attention, one segment id per document
-    ("pallas_gpu", 20, 8)])  # the selected kernels over each window's aligned blocks, up to 4
+@pytest.mark.parametrize("impl, window, block, rows", [
+    ("pallas_tpu", 6, None, DOCUMENTS),  # splash attention, one segment id per document
+    # The unpacked window where it lies in the document, else the selected kernels over the
+    # span's aligned blocks (up to 4), with halves or (documents on block boundaries) whole.
+    ("pallas_gpu", 20, 8, DOCUMENTS),
+    ("pallas_gpu", 20, 8, ALIGNED_DOCUMENTS)])
 def test_kernel_sliding_window_values_and_gradients_equal_their_documents_alone(
-    monkeypatch, impl, window, block):
+    monkeypatch, impl, window, block, rows):
   if block is not None:
     from nsa_jax import pallas_gpu
     monkeypatch.setattr(pallas_gpu, "PACKED_WINDOW_BLOCK", block)
   q, k, v = random_qkv(2, 45, 4, 2, 16)
-  segment_ids = segment_ids_of(DOCUMENTS)  # ids repeat: splash must see one id per document
+  segment_ids = segment_ids_of(rows)  # ids repeat: splash must see one id per document
   _check_against_documents_alone(
       lambda q, k, v: nsa_jax.sliding_window_attention(
           q, k, v, window=window, scale=SCALE, implementation=impl, interpret=True,
           segment_ids=segment_ids),
       lambda q, k, v: reference.sliding_window_attention(q, k, v, SCALE, window=window),
-      (q, k, v))
+      (q, k, v), rows=rows)
 
 
 @pytest.mark.parametrize("attention", ["nsa", "nsa_no_selection", "window", "dense"])
@@ -436,7 +466,10 @@ def test_a_decoder_lm_models_each_packed_document_alone(attention):
 
 # Device tests: packed rows of documents of 1 to ~1500 tokens at T = 4096.
 DEVICE_DOCUMENTS = [[1, 70, 1500, 3, 640, 63, 129, 1690], [4096 - 17, 17]]
-assert all(sum(row) == 4096 for row in DEVICE_DOCUMENTS)
+# ... and documents that start on multiples of 64 (the kernels' whole-block route: Mosaic GPU's
+# selected kernels for half precision on Hopper).
+DEVICE_ALIGNED_DOCUMENTS = [[1024, 64, 1536, 1472], [4096 - 960, 960]]
+assert all(sum(row) == 4096 for row in DEVICE_DOCUMENTS + DEVICE_ALIGNED_DOCUMENTS)
 
 
 def _check_gpu_against_xla(op, q, k, v, dtype):
@@ -459,12 +492,13 @@ def _check_gpu_against_xla(op, q, k, v, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("rows", [DEVICE_DOCUMENTS, DEVICE_ALIGNED_DOCUMENTS])
 @pytest.mark.parametrize("group", [1, 4, 16])  # packed positions (G < 16) and one a program
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_gpu_selected_attention_on_packed_rows_matches_xla_on_gpu(group, dtype):
-  """The real Triton kernels on packed rows (paper blocks, n = 16 document-local picks with
-  repeats and -1s), values and gradients, against the XLA path on the same packed rows."""
-  segment_ids = segment_ids_of(DEVICE_DOCUMENTS)
+def test_gpu_selected_attention_on_packed_rows_matches_xla_on_gpu(group, dtype, rows):
+  """The real kernels on packed rows (paper blocks, n = 16 document-local picks with repeats and
+  -1s), values and gradients, against the XLA path on the same packed rows."""
+  segment_ids = segment_ids_of(rows)
   q, k, v = random_qkv(2, 4096, 2 * group, 2, 128, dtype=dtype)
   indices = jax.random.randint(fresh_key(), (2, 4096, 2, 16), -1, 24)
   _check_gpu_against_xla(
@@ -474,11 +508,12 @@ def test_gpu_selected_attention_on_packed_rows_matches_xla_on_gpu(group, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("rows", [DEVICE_DOCUMENTS, DEVICE_ALIGNED_DOCUMENTS])
 @pytest.mark.parametrize("group", [1, 16])
-def test_gpu_sliding_window_on_packed_rows_matches_xla_on_gpu(group):
-  """The paper's w = 512 on packed rows through the selected kernels (bfloat16), values and
-  gradients, against the XLA path on the same rows."""
-  segment_ids = segment_ids_of(DEVICE_DOCUMENTS)
+def test_gpu_sliding_window_on_packed_rows_matches_xla_on_gpu(group, rows):
+  """The paper's w = 512 on packed rows (cuDNN's window where it lies in the document, the
+  selected kernels elsewhere; bfloat16), values and gradients, against the XLA path."""
+  segment_ids = segment_ids_of(rows)
   q, k, v = random_qkv(2, 4096, 2 * group, 2, 128, dtype=jnp.bfloat16)
   _check_gpu_against_xla(
       lambda q, k, v, implementation: nsa_jax.sliding_window_attention(
@@ -519,9 +554,11 @@ def test_gpu_compressed_attention_on_packed_rows_matches_xla_on_gpu(group):
 @pytest.mark.parametrize("config", [  # the paper's (l < l'), fla-core's l = d = l' (one phase)
     nsa_jax.NSAConfig(),
     nsa_jax.NSAConfig(cmp_block=64, cmp_stride=64, slc_block=64, num_selected=16, window=64)])
-def test_gpu_selection_on_packed_rows_matches_xla_on_gpu(config):
-  segment_ids = segment_ids_of(DEVICE_DOCUMENTS)
-  q, k, _ = random_qkv(2, 4096, 32, 4, 128)
+# A document of 12000 tokens (blocks up to 187): its rows' top-n reads 256 columns, the others 128.
+@pytest.mark.parametrize("rows", [DEVICE_DOCUMENTS, [[12000, 4384]] * 2])
+def test_gpu_selection_on_packed_rows_matches_xla_on_gpu(config, rows):
+  segment_ids = segment_ids_of(rows)
+  q, k, _ = random_qkv(2, sum(rows[0]), 32, 4, 128)
   k_cmp, _ = xla.compress_kv(k, k, config.cmp_block, config.cmp_stride, segment_ids)
   common = dict(config=config, segment_ids=segment_ids)
   kernels = nsa_jax.select_blocks(q, k_cmp, implementation="pallas_gpu", **common)
@@ -530,12 +567,13 @@ def test_gpu_selection_on_packed_rows_matches_xla_on_gpu(config):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("rows", [DEVICE_DOCUMENTS, DEVICE_ALIGNED_DOCUMENTS])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_gpu_nsa_on_packed_rows_matches_xla_on_gpu(dtype):
+def test_gpu_nsa_on_packed_rows_matches_xla_on_gpu(dtype, rows):
   """All of NSA through the kernels on packed rows (paper config), values and gradients,
   against the XLA branches on the kernels' own selection (near-ties may pick differently)."""
   config = nsa_jax.NSAConfig()
-  segment_ids = segment_ids_of(DEVICE_DOCUMENTS)
+  segment_ids = segment_ids_of(rows)
   q, k, v = random_qkv(2, 4096, 16, 2, 128, dtype=dtype)
   gates = random_gates(q)
   scale = q.shape[-1] ** -0.5

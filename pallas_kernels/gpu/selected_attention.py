@@ -98,6 +98,10 @@ DQ = "auto"
 # dK/dV (H100, 2026-12-06: 8k 8.06 vs 8.43 ms, 16k 17.97 vs 18.70, 64k on a trained LM's selection
 # 94.51 vs 95.81, G = 8 141.79 vs 142.60), and off the Triton lowering that JAX 0.11 deprecates.
 DKV = "auto"
+# Packed rows whose documents all start on a multiple of l' (checked at run time: a `lax.cond`)
+# have whole blocks: the unpacked kernels run on them (`_on_aligned_blocks`), Mosaic GPU on
+# Hopper, instead of the Triton kernels with halves. False: halves always.
+WHOLE_BLOCK_DOCUMENTS = True
 
 
 def _visible(block_start, query_pos, loaded, block):
@@ -716,15 +720,42 @@ def selected_attention(q, k, v, block_indices, *, block: int, scale: float,
     interpret: run the kernels in Pallas interpret mode (CPU).
     document_starts: int32 `[B, T]` or None: packed rows (SPEC.md), each position's document
       start; `block_indices` are then document-local (block `j` of a document starting at `s`
-      holds tokens `[s + j*l', s + (j+1)*l')`) and `indices_sorted` is ignored.
+      holds tokens `[s + j*l', s + (j+1)*l')`). Where every document starts on a multiple of
+      `l'` (documents padded to whole blocks), those are whole blocks of the row and the
+      unpacked kernels run on them (Mosaic GPU on Hopper), chosen at run time; else the kernels
+      walk aligned blocks with halves (Triton) and `indices_sorted` is ignored.
 
   Returns:
     `[B, T, Hq, Dv]` in q.dtype; differentiable in q, k and v.
   """
   if document_starts is not None:
-    aligned, codes, offsets = document_block_halves(block_indices, document_starts, block)
-    return _selected_attention(q, k, v, aligned, (codes, offsets), float(scale), block,
-                               interpret, _kernels(q, k, v, (codes, offsets), block, interpret))
+    if not WHOLE_BLOCK_DOCUMENTS:
+      return _halves_call(q, k, v, block_indices, document_starts, block, scale, interpret)
+    return jax.lax.cond(
+        jnp.all(document_starts % block == 0),
+        lambda: _unpacked_call(q, k, v, _on_aligned_blocks(block_indices, document_starts, block),
+                               block, scale, interpret, indices_sorted),
+        lambda: _halves_call(q, k, v, block_indices, document_starts, block, scale, interpret))
+  return _unpacked_call(q, k, v, block_indices, block, scale, interpret, indices_sorted)
+
+
+def _on_aligned_blocks(block_indices, document_starts, block: int):
+  """Document-local blocks as the row's blocks where every document starts on a block boundary:
+  block `j` of a document starting at `s` is then block `s // l' + j` of the row, whole (entries
+  `< 0` stay -1; future ones stay future, which the kernels' clean-up or `indices_sorted` drop)."""
+  shift = (document_starts // block)[:, :, None, None]
+  return jnp.where(block_indices >= 0, block_indices + shift, -1).astype(jnp.int32)
+
+
+def _halves_call(q, k, v, block_indices, document_starts, block, scale, interpret):
+  """Packed rows whose blocks straddle aligned ones: the kernels over aligned blocks with halves
+  (`document_block_halves`; Triton only)."""
+  aligned, codes, offsets = document_block_halves(block_indices, document_starts, block)
+  return _selected_attention(q, k, v, aligned, (codes, offsets), float(scale), block, interpret,
+                             _kernels(q, k, v, (codes, offsets), block, interpret))
+
+
+def _unpacked_call(q, k, v, block_indices, block, scale, interpret, indices_sorted):
   if not indices_sorted:
     block_indices = sorted_causal_block_indices(block_indices, block)
   return _selected_attention(q, k, v, block_indices, None, float(scale), block, interpret,
@@ -733,11 +764,18 @@ def selected_attention(q, k, v, block_indices, *, block: int, scale: float,
 
 def span_attention(q, k, v, first, *, width: int, block: int, scale: float,
                    interpret: bool = False):
-  """Attention of each query `t` over its keys `first[t] .. t` (`first int32 [B, T]`;
-  `width >= (t - first[t]) // block + 2` aligned blocks a position): the selected-attention
+  """Attention of each query `t` over its keys `first[t] .. t` (`first int32 [B, T]`, past `t`:
+  none; `width >= (t - first[t]) // block + 2` aligned blocks a position): the selected-attention
   kernels over the span's aligned blocks (`block_maps.span_blocks`), forward and backward.
-  Packed rows' window, which cuDNN's public entry point cannot mask per document. Returns
-  `[B, T, Hq, Dv]` in q.dtype."""
+  Packed rows' window, which cuDNN's public entry point cannot mask per document. Where every
+  span starts on a block boundary (or is empty), its blocks are whole and the unpacked kernels
+  run on them (Mosaic GPU on Hopper), chosen at run time; else the kernels with halves (Triton).
+  Returns `[B, T, Hq, Dv]` in q.dtype."""
   aligned, codes, offsets = span_blocks(first, k.shape[2], width, block)
-  return _selected_attention(q, k, v, aligned, (codes, offsets), float(scale), block, interpret,
-                             _kernels(q, k, v, (codes, offsets), block, interpret))
+  whole = (first % block == 0) | (first > jnp.arange(first.shape[1], dtype=first.dtype))
+  return jax.lax.cond(
+      WHOLE_BLOCK_DOCUMENTS & jnp.all(whole),
+      lambda: _unpacked_call(q, k, v, aligned, block, scale, interpret, indices_sorted=True),
+      lambda: _selected_attention(q, k, v, aligned, (codes, offsets), float(scale), block,
+                                  interpret, _kernels(q, k, v, (codes, offsets), block,
+                                                      interpret)))
