@@ -43,7 +43,9 @@ head) selections become the benchmark's KV heads, in order.
 Packed rows (`--documents N,...`, paper config): the row of length T as N documents of T / N
 tokens: "nsa packed/N" (`segment_ids`), "nsa batched/N" (the same documents as a batch of N
 rows, unpacked) and "dense/N" (dense causal attention over that batch: exactly the attention of
-the packed row), beside the one-document rows.
+the packed row), beside the one-document rows; "... default" with the default kernels, and
+"nsa packed/N unaligned default" with each document one token later (starts off the blocks'
+boundaries, which the whole-block route needs).
 """
 
 from __future__ import annotations
@@ -321,18 +323,28 @@ def packed_parts(t, num_docs, config, platform=PLATFORMS["gpu"]):
   as_batch = lambda x: x.reshape(num_docs, length, *x.shape[2:])
   per_doc = parts_for(length, config, platform=platform)
   flops = lambda name: num_docs * per_doc[name][1]
+  # The same documents each one token later (the first one token longer, the last one shorter):
+  # no document but the first starts on a block boundary.
+  lengths = np.full(num_docs, length)
+  lengths[0], lengths[-1] = length + 1, length - 1
+  unaligned_ids = jnp.asarray(np.repeat(np.arange(num_docs), lengths), jnp.int32)[None]
   impl = platform.implementation
-  return {
-      f"nsa packed/{num_docs}": (lambda q, k, v, _: nsa_jax.nsa_attention(
-          q, k, v, config=config, implementation=impl, segment_ids=segment_ids),
-                                 flops("nsa"), True),
-      f"nsa batched/{num_docs}": (lambda q, k, v, _: nsa_jax.nsa_attention(
-          as_batch(q), as_batch(k), as_batch(v), config=config, implementation=impl),
-                                  flops("nsa"), True),
+  packed = lambda ids: (lambda q, k, v, _: nsa_jax.nsa_attention(
+      q, k, v, config=config, implementation=impl, segment_ids=ids))
+  batched = lambda q, k, v, _: nsa_jax.nsa_attention(as_batch(q), as_batch(k), as_batch(v),
+                                                     config=config, implementation=impl)
+  parts = {
+      f"nsa packed/{num_docs}": (packed(segment_ids), flops("nsa"), True),
+      f"nsa batched/{num_docs}": (batched, flops("nsa"), True),
       f"dense/{num_docs}": (lambda q, k, v, _: platform.dense(as_batch(q), as_batch(k),
                                                               as_batch(v)),
                             flops(platform.dense_name), True),
   }
+  # With the kernels the defaults choose (the plain rows pin every selected kernel to Triton).
+  parts[f"nsa packed/{num_docs} default"] = parts[f"nsa packed/{num_docs}"]
+  parts[f"nsa batched/{num_docs} default"] = parts[f"nsa batched/{num_docs}"]
+  parts[f"nsa packed/{num_docs} unaligned default"] = (packed(unaligned_ids), flops("nsa"), True)
+  return parts
 
 
 def random_qkv(t, num_kv_heads):

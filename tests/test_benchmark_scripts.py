@@ -217,7 +217,8 @@ def test_bench_kernels_packed_rows_are_the_batched_documents():
       implementation="xla", glue=None, compressed=None, selected=None, dense_name="dense",
       dense=lambda q, k, v: nsa_jax.dense_causal_attention(q, k, v))
   parts = bench_kernels.packed_parts(256, 2, bench_kernels.PAPER, platform)
-  assert set(parts) == {"nsa packed/2", "nsa batched/2", "dense/2"}
+  assert set(parts) == {"nsa packed/2", "nsa batched/2", "dense/2", "nsa packed/2 default",
+                        "nsa batched/2 default", "nsa packed/2 unaligned default"}
   q, k, v = bench_kernels.random_qkv(256, 2)
   q = q[:, :, :4].astype(jnp.float32)
   k, v = k.astype(jnp.float32), v.astype(jnp.float32)
@@ -228,6 +229,13 @@ def test_bench_kernels_packed_rows_are_the_batched_documents():
   np.testing.assert_allclose(
       parts["dense/2"][0](q, k, v, None).reshape(packed.shape),
       nsa_jax.dense_causal_attention(q, k, v, segment_ids=segment_ids), atol=2e-5, rtol=2e-5)
+  # One token later: the first document one longer, the second one shorter.
+  unaligned = parts["nsa packed/2 unaligned default"][0](q, k, v, None)
+  alone = lambda start, end: nsa_jax.nsa_attention(q[:, start:end], k[:, start:end],
+                                                   v[:, start:end], config=bench_kernels.PAPER,
+                                                   implementation="xla")
+  np.testing.assert_allclose(unaligned, jnp.concatenate([alone(0, 129), alone(129, 256)], 1),
+                             atol=2e-5, rtol=2e-5)
   with pytest.raises(ValueError, match="3 documents do not split T = 256"):
     bench_kernels.packed_parts(256, 3, bench_kernels.PAPER, platform)
 
