@@ -96,15 +96,15 @@ def test_nsa_forward_and_backward_kernels_lower(platform, dtype, num_heads, num_
 
 
 # Packed rows: GPU, the compressed branch on its Pallas kernels (cuDNN's folded call cannot mask
-# per document), the packed score pass, and the selected kernels four times (the selection and
-# the window's early positions, each with halves or on whole blocks: a `lax.cond` on whether the
-# documents start on block boundaries); TPU, the compressed kernels with their SMEM walk tables
-# and splash attention with segment ids.
+# per document), the packed score pass, and the selected kernels twice (the selection and the
+# window's early positions; four times with `WHOLE_BLOCK_DOCUMENTS`: each with halves or on
+# whole blocks, a `lax.cond`); TPU, the compressed kernels with their SMEM walk tables and
+# splash attention with segment ids.
 PACKED_KERNELS = {
     "cuda": ["nsa_compressed_dkv", "nsa_compressed_dq", "nsa_compressed_fwd",
-             "nsa_packed_selection_scores"]
-            + [f"nsa_selected_{part}" for part in ("dkv", "dq", "fwd") for _ in range(4)]
-            + ["nsa_top_n"],
+             "nsa_packed_selection_scores", "nsa_selected_dkv", "nsa_selected_dkv",
+             "nsa_selected_dq", "nsa_selected_dq", "nsa_selected_fwd", "nsa_selected_fwd",
+             "nsa_top_n"],
     "tpu": ["nsa_compressed_dkv_tpu", "nsa_compressed_dq_tpu", "nsa_compressed_lse_tpu",
             "nsa_compressed_output_scores_tpu", "nsa_selected_dkv_tpu", "nsa_selected_dq_tpu",
             "nsa_selected_fwd_tpu", "splash_mqa_dkv_segmented_no_residuals",
@@ -113,7 +113,7 @@ PACKED_KERNELS = {
 
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
-def test_nsa_kernels_on_packed_rows_lower(platform):
+def test_nsa_kernels_on_packed_rows_lower(platform, monkeypatch):
   t = 1000
   q = jnp.zeros((2, t, 16, 128), jnp.bfloat16)
   kv = jnp.zeros((2, t, 1, 128), jnp.bfloat16)
@@ -130,6 +130,16 @@ def test_nsa_kernels_on_packed_rows_lower(platform):
 
   grads = jax.grad(nsa_loss, argnums=(0, 1, 2))
   assert pallas_kernels(platform, grads, q, kv, kv) == PACKED_KERNELS[platform]
+  if platform == "cuda":
+    from pallas_kernels.gpu import selected_attention, top_n
+    with monkeypatch.context() as patch:
+      patch.setattr(selected_attention, "WHOLE_BLOCK_DOCUMENTS", True)
+      patch.setattr(top_n, "PACKED_NARROW_WIDTHS", True)
+      jax.clear_caches()  # `nsa_attention`'s jit reads the switches when it traces
+      selected = [name for name in PACKED_KERNELS[platform] if "selected" in name]
+      assert pallas_kernels(platform, grads, q, kv, kv) == sorted(
+          PACKED_KERNELS[platform] + selected)
+    jax.clear_caches()
   suffix = {"cuda": "", "tpu": "_tpu"}[platform]
   k_cmp = jnp.zeros((2, NSAConfig().num_cmp_blocks(t), 1, 128), jnp.bfloat16)
   assert pallas_kernels(platform, jax.grad(compressed_loss, argnums=(0, 1)), q, k_cmp) == sorted(

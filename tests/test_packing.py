@@ -44,6 +44,20 @@ def _xla_with_chunks(chunk):
 IMPLEMENTATIONS = {"reference": reference, "xla": _xla_with_chunks(16)}
 
 
+@pytest.fixture(autouse=True)
+def narrow_packed_routes(monkeypatch):
+  """The GPU kernels' faster packed routes, off by default until these tests pass on a GPU:
+  whole blocks where documents start on block boundaries, the top-n's narrow widths. (Rows
+  whose documents do not take the halves route either way.)"""
+  from pallas_kernels.gpu import selected_attention as gpu_selected
+  from pallas_kernels.gpu import top_n as gpu_top_n
+  monkeypatch.setattr(gpu_selected, "WHOLE_BLOCK_DOCUMENTS", True)
+  monkeypatch.setattr(gpu_top_n, "PACKED_NARROW_WIDTHS", True)
+  jax.clear_caches()  # jitted entry points read the switches when they trace
+  yield
+  jax.clear_caches()
+
+
 def segment_ids_of(rows):
   """`int32 [B, T]` with ids that repeat further on (only changes start a document)."""
   return jnp.asarray([np.repeat(np.arange(len(lengths)) % 2, lengths) for lengths in rows],
@@ -272,18 +286,20 @@ def _check_against_documents_alone(packed_fn, alone_fn, arrays, constants=(), ro
 ALIGNED_DOCUMENTS = ([8, 16, 21], [24, 8, 13])
 
 
-@pytest.mark.parametrize("impl, pack_rows, rows", [
-    ("pallas_gpu", 0, DOCUMENTS),  # one position a program
-    ("pallas_gpu", 16, DOCUMENTS),  # 8 positions x 2 heads a program
-    ("pallas_gpu", 0, ALIGNED_DOCUMENTS),  # whole blocks: the unpacked kernels
-    ("pallas_tpu", None, DOCUMENTS)])
+@pytest.mark.parametrize("impl, pack_rows, rows, whole_blocks", [
+    ("pallas_gpu", 0, DOCUMENTS, True),  # one position a program
+    ("pallas_gpu", 16, DOCUMENTS, True),  # 8 positions x 2 heads a program
+    ("pallas_gpu", 0, ALIGNED_DOCUMENTS, True),  # whole blocks: the unpacked kernels
+    ("pallas_gpu", 0, ALIGNED_DOCUMENTS, False),  # the same rows with halves (the default)
+    ("pallas_tpu", None, DOCUMENTS, None)])
 def test_kernel_selected_attention_values_and_gradients_equal_their_documents_alone(
-    monkeypatch, impl, pack_rows, rows):
+    monkeypatch, impl, pack_rows, rows, whole_blocks):
   """The Triton kernels (interpret mode) and the Mosaic TPU kernels (TPU interpreter) on
   document-local selections: forward, dQ and dK/dV."""
   if pack_rows is not None:
     from pallas_kernels.gpu import selected_attention as gpu_selected
     monkeypatch.setattr(gpu_selected, "PACK_ROWS", pack_rows)
+    monkeypatch.setattr(gpu_selected, "WHOLE_BLOCK_DOCUMENTS", whole_blocks)
   q, k, v = random_qkv(2, 45, 4, 2, 16)
   segment_ids = segment_ids_of(rows)
   # The selection of the packed rows, plus random extra picks (repeats, -1, future blocks).

@@ -957,14 +957,16 @@ def test_top_n_kernel_matches_the_selection_rule_with_ties(config, min_row_width
   assert np.all(valid[..., :-1] >= valid[..., 1:])  # no pick after a -1
 
 
-@pytest.mark.parametrize("min_row_width", [4, 128])  # 4: a row read in up to 4 pieces
+# 4: a program reads 4, 8 or all 16 columns; False: the whole row (the default)
+@pytest.mark.parametrize("min_row_width, narrow", [(4, True), (128, True), (4, False)])
 @pytest.mark.parametrize("config", [nsa_jax.NSAConfig(8, 4, 16, 4, 1, 2, 8),
                                     nsa_jax.NSAConfig(8, 4, 8, 5, 0, 0, 8)])
-def test_packed_top_n_kernel_matches_the_selection_rule_with_ties(config, min_row_width,
+def test_packed_top_n_kernel_matches_the_selection_rule_with_ties(config, min_row_width, narrow,
                                                                   monkeypatch):
   """Packed rows: each query's candidates are its document's blocks `<= query_blocks[t]`, read
-  piece by piece; columns past them (NaN here) are never read into a pick."""
+  over the narrowest width that holds them; columns past them (NaN here) never enter a pick."""
   monkeypatch.setattr(top_n, "MIN_ROW_WIDTH", min_row_width)
+  monkeypatch.setattr(top_n, "PACKED_NARROW_WIDTHS", narrow)
   b, t, h, width = 2, 70, 3, 16
   scores = jax.random.randint(fresh_key(), (b, h, t, width), 0, 3).astype(jnp.float32)
   query_blocks = jax.random.randint(fresh_key(), (b, t), 0, config.num_slc_blocks(t))

@@ -100,8 +100,11 @@ DQ = "auto"
 DKV = "auto"
 # Packed rows whose documents all start on a multiple of l' (checked at run time: a `lax.cond`)
 # have whole blocks: the unpacked kernels run on them (`_on_aligned_blocks`), Mosaic GPU on
-# Hopper, instead of the Triton kernels with halves. False: halves always.
-WHOLE_BLOCK_DOCUMENTS = True
+# Hopper, instead of the Triton kernels with halves. Off (halves always) until its GPU tests
+# (`pytest -m gpu tests/test_packing.py`, which switch it on) have passed on a GPU: measured
+# on an H100 (2026-12-07, bd6558c), a 64k row of 8 x 8k documents 36.54 / 92.60 -> 28.00 /
+# 76.59 ms fwd / fwd+bwd with it and `top_n.PACKED_NARROW_WIDTHS` (BENCHMARKS "Packed rows").
+WHOLE_BLOCK_DOCUMENTS = False
 
 
 def _visible(block_start, query_pos, loaded, block):
@@ -720,10 +723,11 @@ def selected_attention(q, k, v, block_indices, *, block: int, scale: float,
     interpret: run the kernels in Pallas interpret mode (CPU).
     document_starts: int32 `[B, T]` or None: packed rows (SPEC.md), each position's document
       start; `block_indices` are then document-local (block `j` of a document starting at `s`
-      holds tokens `[s + j*l', s + (j+1)*l')`). Where every document starts on a multiple of
-      `l'` (documents padded to whole blocks), those are whole blocks of the row and the
-      unpacked kernels run on them (Mosaic GPU on Hopper), chosen at run time; else the kernels
-      walk aligned blocks with halves (Triton) and `indices_sorted` is ignored.
+      holds tokens `[s + j*l', s + (j+1)*l')`). With `WHOLE_BLOCK_DOCUMENTS`, where every
+      document starts on a multiple of `l'` (documents padded to whole blocks), those are whole
+      blocks of the row and the unpacked kernels run on them (Mosaic GPU on Hopper), chosen at
+      run time; else the kernels walk aligned blocks with halves (Triton) and `indices_sorted`
+      is ignored.
 
   Returns:
     `[B, T, Hq, Dv]` in q.dtype; differentiable in q, k and v.
@@ -767,15 +771,19 @@ def span_attention(q, k, v, first, *, width: int, block: int, scale: float,
   """Attention of each query `t` over its keys `first[t] .. t` (`first int32 [B, T]`, past `t`:
   none; `width >= (t - first[t]) // block + 2` aligned blocks a position): the selected-attention
   kernels over the span's aligned blocks (`block_maps.span_blocks`), forward and backward.
-  Packed rows' window, which cuDNN's public entry point cannot mask per document. Where every
-  span starts on a block boundary (or is empty), its blocks are whole and the unpacked kernels
-  run on them (Mosaic GPU on Hopper), chosen at run time; else the kernels with halves (Triton).
+  Packed rows' window, which cuDNN's public entry point cannot mask per document. With
+  `WHOLE_BLOCK_DOCUMENTS`, where every span starts on a block boundary (or is empty), its
+  blocks are whole and the unpacked kernels run on them (Mosaic GPU on Hopper), chosen at run
+  time; else the kernels with halves (Triton).
   Returns `[B, T, Hq, Dv]` in q.dtype."""
   aligned, codes, offsets = span_blocks(first, k.shape[2], width, block)
+  halves = lambda: _selected_attention(q, k, v, aligned, (codes, offsets), float(scale), block,
+                                       interpret, _kernels(q, k, v, (codes, offsets), block,
+                                                           interpret))
+  if not WHOLE_BLOCK_DOCUMENTS:
+    return halves()
   whole = (first % block == 0) | (first > jnp.arange(first.shape[1], dtype=first.dtype))
   return jax.lax.cond(
-      WHOLE_BLOCK_DOCUMENTS & jnp.all(whole),
+      jnp.all(whole),
       lambda: _unpacked_call(q, k, v, aligned, block, scale, interpret, indices_sorted=True),
-      lambda: _selected_attention(q, k, v, aligned, (codes, offsets), float(scale), block,
-                                  interpret, _kernels(q, k, v, (codes, offsets), block,
-                                                      interpret)))
+      halves)
