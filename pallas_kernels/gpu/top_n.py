@@ -75,6 +75,9 @@ def _top_n_packed_kernel(query_block_ref, score_ref, idx_ref, *, slc_block, widt
   arg-maxes over a few columns, not the row's whole width."""
   del slc_block  # the query's (document-local) block comes in
   query_block = query_block_ref[0]
+  if len(widths) == 1:  # the whole row (`PACKED_NARROW_WIDTHS` off)
+    idx_ref[...] = pick_top_n(score_ref[...], query_block, idx_ref.shape[0], **config)
+    return
   num_candidates = jnp.minimum(query_block + 1, config["num_slc"])
   narrower = sum(((num_candidates > w).astype(jnp.int32) for w in widths[:-1]), jnp.int32(0))
   idx_ref[...] = jax.lax.switch(narrower, [
