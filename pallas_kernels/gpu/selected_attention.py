@@ -733,14 +733,21 @@ def selected_attention(q, k, v, block_indices, *, block: int, scale: float,
     `[B, T, Hq, Dv]` in q.dtype; differentiable in q, k and v.
   """
   if document_starts is not None:
-    if not WHOLE_BLOCK_DOCUMENTS:
-      return _halves_call(q, k, v, block_indices, document_starts, block, scale, interpret)
-    return jax.lax.cond(
-        jnp.all(document_starts % block == 0),
+    return _whole_blocks_or_halves(
+        document_starts % block == 0,
         lambda: _unpacked_call(q, k, v, _on_aligned_blocks(block_indices, document_starts, block),
                                block, scale, interpret, indices_sorted),
-        lambda: _halves_call(q, k, v, block_indices, document_starts, block, scale, interpret))
+        lambda: _halves_attention(q, k, v, *document_block_halves(block_indices, document_starts,
+                                                                  block), block, scale, interpret))
   return _unpacked_call(q, k, v, block_indices, block, scale, interpret, indices_sorted)
+
+
+def _whole_blocks_or_halves(whole, on_whole_blocks, on_halves):
+  """Packed rows: `on_whole_blocks()` where `whole` holds everywhere (decided at run time) and
+  `WHOLE_BLOCK_DOCUMENTS` is on, else `on_halves()`."""
+  if not WHOLE_BLOCK_DOCUMENTS:
+    return on_halves()
+  return jax.lax.cond(jnp.all(whole), on_whole_blocks, on_halves)
 
 
 def _on_aligned_blocks(block_indices, document_starts, block: int):
@@ -751,10 +758,9 @@ def _on_aligned_blocks(block_indices, document_starts, block: int):
   return jnp.where(block_indices >= 0, block_indices + shift, -1).astype(jnp.int32)
 
 
-def _halves_call(q, k, v, block_indices, document_starts, block, scale, interpret):
+def _halves_attention(q, k, v, aligned, codes, offsets, block, scale, interpret):
   """Packed rows whose blocks straddle aligned ones: the kernels over aligned blocks with halves
-  (`document_block_halves`; Triton only)."""
-  aligned, codes, offsets = document_block_halves(block_indices, document_starts, block)
+  (`document_block_halves`, `span_blocks`; Triton only)."""
   return _selected_attention(q, k, v, aligned, (codes, offsets), float(scale), block, interpret,
                              _kernels(q, k, v, (codes, offsets), block, interpret))
 
@@ -777,13 +783,7 @@ def span_attention(q, k, v, first, *, width: int, block: int, scale: float,
   time; else the kernels with halves (Triton).
   Returns `[B, T, Hq, Dv]` in q.dtype."""
   aligned, codes, offsets = span_blocks(first, k.shape[2], width, block)
-  halves = lambda: _selected_attention(q, k, v, aligned, (codes, offsets), float(scale), block,
-                                       interpret, _kernels(q, k, v, (codes, offsets), block,
-                                                           interpret))
-  if not WHOLE_BLOCK_DOCUMENTS:
-    return halves()
-  whole = (first % block == 0) | (first > jnp.arange(first.shape[1], dtype=first.dtype))
-  return jax.lax.cond(
-      jnp.all(whole),
+  return _whole_blocks_or_halves(
+      (first % block == 0) | (first > jnp.arange(first.shape[1], dtype=first.dtype)),
       lambda: _unpacked_call(q, k, v, aligned, block, scale, interpret, indices_sorted=True),
-      halves)
+      lambda: _halves_attention(q, k, v, aligned, codes, offsets, block, scale, interpret))
