@@ -26,6 +26,7 @@ import numpy as np
 from experiments import tasks
 
 HELD_OUT_FRACTION = 0.05
+PAD_BYTE = 0  # pads aligned documents (`aligned_documents`); no source file holds a NUL byte
 
 
 def _read_files(paths, max_bytes: int) -> list[np.ndarray]:
@@ -58,6 +59,28 @@ def stdlib_source_bytes(max_bytes: int, documents: bool = False):
   if not chunks:
     raise FileNotFoundError(f"no Python sources found under {root}")
   return _joined(chunks, documents)
+
+
+def aligned_documents(text: np.ndarray, document_ids: np.ndarray, align: int):
+  """Each document (a run of equal ids) padded at its end with PAD_BYTE to a multiple of `align`
+  bytes, the padding keeping its document's id: `(text, document_ids, padding bool)`, every
+  document starting on a multiple of `align`. Real bytes never attend to the padding after them
+  (causal) and its targets get no loss (`ByteBatches.weights`), so the model sees each document
+  as before; packed rows whose documents start on selection blocks take the packed kernels'
+  whole-block route (`selected_attention.WHOLE_BLOCK_DOCUMENTS`)."""
+  if align < 1:
+    raise ValueError(f"align must be >= 1, got {align}")
+  run_starts = np.concatenate([[0], np.flatnonzero(np.diff(document_ids)) + 1])
+  lengths = np.diff(np.append(run_starts, len(text)))
+  padded = -(-lengths // align) * align
+  new_starts = np.cumsum(padded) - padded
+  run = np.repeat(np.arange(len(lengths)), lengths)
+  at = new_starts[run] + np.arange(len(text)) - run_starts[run]
+  out = np.full(padded.sum(), PAD_BYTE, text.dtype)
+  out[at] = text
+  padding = np.ones(len(out), bool)
+  padding[at] = False
+  return out, np.repeat(document_ids[run_starts], padded), padding
 
 
 def _paths(pattern: str) -> list[str]:
@@ -118,14 +141,21 @@ class ByteBatches(Batches):
   """Random windows of `seq_len + 1` bytes; the last `HELD_OUT_FRACTION` of the text is held out.
 
   With `document_ids` (int32, one per byte) the rows are packed documents: `[B, 2, seq_len + 1]`,
-  the bytes and their document ids (a window crosses from one file into the next)."""
+  the bytes and their document ids (a window crosses from one file into the next). With
+  `padding` (bool, one per byte: `aligned_documents`'s) its targets weigh 0, and windows (and the
+  held-out split) start on multiples of `align`, so that documents padded to `align` bytes start
+  on them within every row too."""
 
   def __init__(self, text: np.ndarray, batch_size: int, seq_len: int, seed: int,
-               document_ids: np.ndarray | None = None):
-    split = int(len(text) * (1 - HELD_OUT_FRACTION))
+               document_ids: np.ndarray | None = None, padding: np.ndarray | None = None,
+               align: int = 1):
+    split = int(len(text) * (1 - HELD_OUT_FRACTION)) // align * align
     self.splits = {"train": text[:split], "held_out": text[split:]}
     self.document_ids = None if document_ids is None else {
         "train": document_ids[:split], "held_out": document_ids[split:]}
+    self.padding = None if padding is None else {"train": padding[:split],
+                                                 "held_out": padding[split:]}
+    self.align = align
     for name, part in self.splits.items():
       if len(part) <= seq_len + 1:
         raise ValueError(f"the {name} text has {len(part)} bytes, fewer than seq_len + 1 = "
@@ -136,13 +166,25 @@ class ByteBatches(Batches):
   def batch(self, split: str, step: int) -> np.ndarray:
     """int32 `[batch_size, seq_len + 1]` for `step` (deterministic)."""
     text = self.splits[split]
-    rng = np.random.default_rng([self.seed, 0 if split == "train" else 1, step])
-    starts = rng.integers(0, len(text) - self.seq_len - 1, self.batch_size)
+    starts = self._starts(split, step)
     tokens = np.stack([text[s:s + self.seq_len + 1] for s in starts]).astype(np.int32)
     if self.document_ids is None:
       return tokens
     ids = self.document_ids[split]
     return np.stack([tokens, np.stack([ids[s:s + self.seq_len + 1] for s in starts])], axis=1)
+
+  def weights(self, split: str, step: int) -> np.ndarray:
+    if self.padding is None:
+      return super().weights(split, step)
+    padding = self.padding[split]
+    return np.stack([~padding[s + 1:s + self.seq_len + 1] for s in self._starts(split, step)]
+                    ).astype(np.float32)
+
+  def _starts(self, split: str, step: int) -> np.ndarray:
+    """Each row's first byte in the split: multiples of `align` (any byte when 1)."""
+    rng = np.random.default_rng([self.seed, 0 if split == "train" else 1, step])
+    last = len(self.splits[split]) - self.seq_len - 2  # the last start that leaves a whole row
+    return rng.integers(0, last // self.align + 1, self.batch_size) * self.align
 
 
 def answer_weights(seq_len: int, answers: np.ndarray, other_weight: float) -> np.ndarray:

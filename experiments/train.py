@@ -113,14 +113,24 @@ def build_data(config):
   if data.pack_documents and data.source not in ("stdlib", "text"):
     raise ValueError(f"data.pack_documents packs the files of data.source 'stdlib' or 'text', "
                      f"got {data.source!r}")
+  align = data.get("pack_align", 0)  # configs written before it have none
+  if align < 0 or (align > 1 and not data.pack_documents):
+    raise ValueError(f"data.pack_align ({align}) pads packed documents (data.pack_documents); "
+                     f"it must be >= 0")
   args = (config.batch_size, config.seq_len, config.seed)
   if data.source == "tokens":
     return data_lib.ByteBatches(
         data_lib.token_file_ids(data.path, data.dtype,
                                 vocab_size(config)),
         *args)
-  if data.source == "text" and data.pack_documents:
-    text, document_ids = data_lib.text_file_bytes(data.path, data.max_bytes, documents=True)
+  if data.pack_documents:  # each file a document
+    text, document_ids = (
+        data_lib.text_file_bytes(data.path, data.max_bytes, documents=True)
+        if data.source == "text" else data_lib.stdlib_source_bytes(data.max_bytes, documents=True))
+    if align > 1:
+      text, document_ids, padding = data_lib.aligned_documents(text, document_ids, align)
+      return data_lib.ByteBatches(text, *args, document_ids=document_ids, padding=padding,
+                                  align=align)
     return data_lib.ByteBatches(text, *args, document_ids=document_ids)
   if data.source == "text":
     return data_lib.ByteBatches(data_lib.text_file_bytes(data.path, data.max_bytes), *args)
@@ -129,9 +139,6 @@ def build_data(config):
         *args, num_pairs=data.mqar_pairs, placement=data.mqar_placement,
         vocab_size=vocab_size(config),
         other_weight=data.other_weight)
-  if data.pack_documents:  # stdlib, each file a document
-    text, document_ids = data_lib.stdlib_source_bytes(data.max_bytes, documents=True)
-    return data_lib.ByteBatches(text, *args, document_ids=document_ids)
   text = data_lib.stdlib_source_bytes(data.max_bytes)
   if data.source == "passkey":
     return data_lib.PasskeyBatches(text, *args, other_weight=data.other_weight,

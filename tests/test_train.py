@@ -11,6 +11,7 @@ import optax
 import pytest
 from flax import nnx
 
+from experiments import data as data_lib
 from experiments import plot
 from experiments import tasks
 from experiments import train
@@ -314,6 +315,49 @@ def test_packed_documents_keep_attention_and_loss_inside_each_file(tmp_path):
   assert records[-1]["step"] == 4 and np.isfinite([r["loss"] for r in records if "loss" in r]).all()
   config.data.source = "mqar"
   with pytest.raises(ValueError, match="data.pack_documents packs the files"):
+    train.build_data(config)
+
+
+def test_aligned_documents_pad_each_run_of_ids_to_a_multiple():
+  text, ids, padding = data_lib.aligned_documents(
+      np.array([1, 2, 3, 4, 5, 6, 7, 8, 9], np.uint8), np.array([3, 3, 3, 5, 5, 5, 5, 3, 3]), 4)
+  pad = data_lib.PAD_BYTE
+  np.testing.assert_array_equal(text, [1, 2, 3, pad, 4, 5, 6, 7, 8, 9, pad, pad])
+  np.testing.assert_array_equal(ids, [3] * 4 + [5] * 4 + [3] * 4)  # runs, not values
+  np.testing.assert_array_equal(padding, text == pad)
+  with pytest.raises(ValueError, match="align must be >= 1"):
+    data_lib.aligned_documents(text, ids, 0)
+
+
+def test_aligned_packed_documents_start_on_multiples_and_their_padding_has_no_loss(tmp_path):
+  (tmp_path / "corpus").mkdir()
+  lengths = [30, 5, 1, 70, 44, 16] * 20
+  for i, n in enumerate(lengths):
+    (tmp_path / "corpus" / f"{i:03d}.txt").write_bytes(bytes([97 + i % 26]) * n)
+  config = small_config(steps=3, seq_len=48)
+  config.data.source, config.data.path = "text", str(tmp_path / "corpus" / "*.txt")
+  config.data.pack_documents, config.data.pack_align = True, 16
+  batches = train.build_data(config)
+  model = train.build_model(config, nnx.Rngs(0))
+  for split, step in (("train", 1), ("train", 2), ("held_out", 1)):
+    batch, weights = batches.batch(split, step), batches.weights(split, step)
+    tokens, ids = batch[:, 0], batch[:, 1]
+    starts = np.flatnonzero((np.diff(ids, axis=1) != 0).ravel()) % (ids.shape[1] - 1) + 1
+    assert len(starts) and np.all(starts % 16 == 0), starts
+    np.testing.assert_array_equal(weights, tokens[:, 1:] != data_lib.PAD_BYTE)
+    # The loss is that of each document's own bytes run alone, padding and all else unseen.
+    losses = []
+    for row_tokens, row_ids in zip(tokens, ids):
+      for doc in np.unique(row_ids):
+        doc_tokens = row_tokens[(row_ids == doc) & (row_tokens != data_lib.PAD_BYTE)]
+        if len(doc_tokens) > 1:
+          logits = model(jnp.asarray(doc_tokens[None, :-1]))
+          losses += list(optax.softmax_cross_entropy_with_integer_labels(
+              logits, jnp.asarray(doc_tokens[None, 1:]))[0])
+    assert float(train.loss_fn(model, jnp.asarray(batch), jnp.asarray(weights))) == (
+        pytest.approx(np.mean(losses), rel=1e-5))
+  config.data.pack_documents = False
+  with pytest.raises(ValueError, match="data.pack_align"):
     train.build_data(config)
 
 

@@ -52,13 +52,16 @@ def get_config():
   # "text": bytes of the files matching the glob `path`; "tokens": ids in the .npy / .bin
   # (`dtype`) files matching `path`. The tasks' loss weighs their answers 1 and the other targets
   # `other_weight` (1: plain language modelling). `pack_documents` ("stdlib" / "text"): each file
-  # a document, rows packed across files with segment ids (attention and loss stay in a file).
+  # a document, rows packed across files with segment ids (attention and loss stay in a file);
+  # `pack_align` (> 1): each file padded (no loss on the padding) to a multiple of this many bytes
+  # and rows starting on one, so packed documents start on selection blocks (the nsa.slc_block:
+  # the packed GPU kernels' whole-block route, `selected_attention.WHOLE_BLOCK_DOCUMENTS`).
   # `passkey_digits`: the passkey's length ("passkey"); `passkey_min_distance`: training needles
   # end at least this many positions before the answers (>= the window: beyond its reach);
   # `passkey_max_shift`: each row's question ends 0..this many bytes before the row's end, so the
   # answers meet the blocks at every offset (0: always at the end).
   config.data = ml_collections.ConfigDict(dict(
       source="stdlib", max_bytes=4_000_000, path="", dtype="uint16", mqar_pairs=8,
-      mqar_placement="uniform", other_weight=1.0, pack_documents=False, passkey_digits=5,
-      passkey_min_distance=0, passkey_max_shift=0))
+      mqar_placement="uniform", other_weight=1.0, pack_documents=False, pack_align=0,
+      passkey_digits=5, passkey_min_distance=0, passkey_max_shift=0))
   return config
