@@ -9,7 +9,7 @@ import pytest
 import nsa_jax
 from nsa_jax import block_selection, cudnn_compressed, pallas_gpu, reference, xla
 from nsa_jax.attention_math import combine_branches
-from pallas_kernels.block_maps import distinct_ascending
+from pallas_kernels.block_maps import distinct_ascending, document_block_columns
 from pallas_kernels.gpu import compressed_attention as compressed_kernel
 from pallas_kernels.gpu import selected_attention as selected_kernel
 from pallas_kernels.gpu import selected_attention_mgpu as selected_mgpu
@@ -975,6 +975,32 @@ def test_packed_top_n_kernel_matches_the_selection_rule_with_ties(config, min_ro
                            num_selected=config.num_selected, slc_block=config.slc_block,
                            num_initial=config.num_initial, num_local=config.num_local,
                            interpret=True, query_blocks=query_blocks)
+  expected = block_selection.top_n_blocks(
+      scores[..., :config.num_slc_blocks(t)].transpose(0, 2, 1, 3),
+      (query_blocks * config.slc_block)[..., None], config)
+  np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("narrow", [True, False])
+def test_packed_top_n_kernel_reads_the_two_score_planes_in_place(narrow, monkeypatch):
+  """Packed score planes: document block `j` of row `t` is `suffix[t, c + j] + prefix[t, c + j +
+  1]` (`c = first_columns[t]`), 0 past the planes' last column: the picks equal those on the
+  columns gathered (`document_block_columns`) and summed first, ties included."""
+  monkeypatch.setattr(top_n, "MIN_ROW_WIDTH", 4)
+  monkeypatch.setattr(top_n, "PACKED_NARROW_WIDTHS", narrow)
+  config = nsa_jax.NSAConfig(8, 4, 8, 4, 1, 1, 8)
+  b, t, h, width = 2, 70, 3, 20  # wider than the 16 a row is read as; columns past 20 read 0
+  suffix, prefix = (jax.random.randint(fresh_key(), (b, h, t, width), 0, 3).astype(jnp.float32)
+                    for _ in range(2))
+  query_blocks = jax.random.randint(fresh_key(), (b, t), 0, config.num_slc_blocks(t))
+  first_columns = jax.random.randint(fresh_key(), (b, t), 0, width)
+  got = top_n.top_n_blocks(suffix, seq_len=t, num_selected=config.num_selected,
+                           slc_block=config.slc_block, num_initial=config.num_initial,
+                           num_local=config.num_local, interpret=True, query_blocks=query_blocks,
+                           first_columns=first_columns, tails=prefix)
+  starts = first_columns * config.slc_block
+  scores = (document_block_columns(suffix, starts, config.slc_block)
+            + document_block_columns(prefix, starts, config.slc_block, shift=1))
   expected = block_selection.top_n_blocks(
       scores[..., :config.num_slc_blocks(t)].transpose(0, 2, 1, 3),
       (query_blocks * config.slc_block)[..., None], config)

@@ -52,7 +52,7 @@ from jax.experimental.pallas import mosaic_gpu as plmgpu
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import row_layout
-from pallas_kernels.block_maps import document_block_columns, positions_before_key_tiles
+from pallas_kernels.block_maps import positions_before_key_tiles
 from pallas_kernels.decode_partials import block_sums_apply, tail_weight
 from pallas_kernels.gpu.tile_math import LOG2E, MASK_VALUE, masked_split_loop
 from pallas_kernels.gpu.tile_math import dot as _dot
@@ -1132,13 +1132,12 @@ def packed_selection_from_lse(q, k_cmp, lse, document_starts, *, block: int, str
       _lse_rows(lse, lay), _starts_rows(document_starts, lay), lay, float(scale), slc_block,
       interpret)
   # Document block j = aligned block j + a (its sub-blocks from b on) + the next (up to b);
-  # a = (s // d) // (l' / d) = s // l'.
-  scores = (document_block_columns(suffix[:, :, :t], document_starts, slc_block)
-            + document_block_columns(prefix[:, :, :t], document_starts, slc_block, shift=1))
+  # a = (s // d) // (l' / d) = s // l'. The top-n reads both in place.
   query_blocks = (jnp.arange(t) - document_starts) // slc_block
-  return top_n_blocks(scores, seq_len=t, num_selected=num_selected, slc_block=slc_block,
+  return top_n_blocks(suffix, seq_len=t, num_selected=num_selected, slc_block=slc_block,
                       num_initial=num_initial, num_local=num_local, ascending=ascending,
-                      interpret=interpret, query_blocks=query_blocks)
+                      interpret=interpret, query_blocks=query_blocks,
+                      first_columns=document_starts // slc_block, tails=prefix)
 
 
 def fusable(stride: int, slc_block: int) -> bool:

@@ -67,22 +67,36 @@ def _top_n_kernel(score_ref, *refs, slc_block, first_row, **config):
   idx_ref[...] = pick_top_n(scores, query_block, idx_ref.shape[0], **config)
 
 
-def _top_n_packed_kernel(query_block_ref, score_ref, idx_ref, *, slc_block, widths, **config):
+def _top_n_packed_kernel(query_block_ref, first_column_ref, score_ref, *refs, slc_block, widths,
+                         **config):
   """`pick_top_n` for packed rows over the narrowest of `widths` (powers of two, the last the
   whole row) that holds the row's candidates, its document's blocks `<= query_block`: a launch
   cannot bucket rows by width as unpacked rows are (a row's candidates follow its document,
   known at run time), so each program picks its width; a row of a short document reads and
-  arg-maxes over a few columns, not the row's whole width."""
+  arg-maxes over a few columns, not the row's whole width. Document block `j` is column
+  `first + j` of the scores (plus column `first + j + 1` of the tails), read in place."""
   del slc_block  # the query's (document-local) block comes in
-  query_block = query_block_ref[0]
+  *tails_ref, idx_ref = refs
+  query_block, first = query_block_ref[0], first_column_ref[0]
+
+  def pick(width):
+    scores = _columns(score_ref, first, width)
+    if tails_ref:
+      scores += _columns(tails_ref[0], first + 1, width)
+    return pick_top_n(scores, query_block, idx_ref.shape[0], **config)
+
   if len(widths) == 1:  # the whole row (`PACKED_NARROW_WIDTHS` off)
-    idx_ref[...] = pick_top_n(score_ref[...], query_block, idx_ref.shape[0], **config)
+    idx_ref[...] = pick(widths[0])
     return
   num_candidates = jnp.minimum(query_block + 1, config["num_slc"])
   narrower = sum(((num_candidates > w).astype(jnp.int32) for w in widths[:-1]), jnp.int32(0))
-  idx_ref[...] = jax.lax.switch(narrower, [
-      functools.partial(lambda w: pick_top_n(score_ref[pl.ds(0, w)], query_block,
-                                             idx_ref.shape[0], **config), w) for w in widths])
+  idx_ref[...] = jax.lax.switch(narrower, [functools.partial(pick, w) for w in widths])
+
+
+def _columns(ref, first, width):
+  """`ref[first : first + width]` of a row, 0 past its end (a masked load: no gather)."""
+  inside = first + jnp.arange(width) < ref.shape[0]
+  return plgpu.load(ref.at[pl.ds(first, width)], mask=inside, other=0.0)
 
 
 def _top_n_decode_kernel(pos_ref, score_ref, idx_ref, *, slc_block, **config):
@@ -116,7 +130,7 @@ def row_buckets(seq_len: int, slc_block: int, row_width: int):
 
 def top_n_blocks(scores, *, seq_len: int, num_selected: int, slc_block: int, num_initial: int,
                  num_local: int, ascending: bool = True, interpret: bool = False,
-                 query_blocks=None, tails=None):
+                 query_blocks=None, first_columns=None, tails=None):
   """Chosen blocks of each query, in ascending order (or, with `ascending=False`, in pick order:
   still distinct, causal and first, which is all the selected-attention kernels need), unused
   places -1.
@@ -130,17 +144,22 @@ def top_n_blocks(scores, *, seq_len: int, num_selected: int, slc_block: int, num
     num_selected, slc_block, num_initial, num_local: the NSA selection config.
     interpret: Pallas interpret mode (CPU).
     query_blocks: int32 `[B, T]` or None (`t // slc_block`): each query's own block, for packed
-      rows its document-local one, `(t - s) // slc_block`, with `scores` on document blocks.
-    tails: None, or float32 shaped as `scores` (unpacked rows only): the scores are
-      `scores + tails`, added as a row is read (the score pass's `TAILS_APART`).
+      rows its document-local one, `(t - s) // slc_block`.
+    first_columns: packed rows only, int32 `[B, T]` or None (zeros): row `t`'s document block
+      `j` is column `first_columns[t] + j` of `scores` (with `tails`, plus column
+      `first_columns[t] + j + 1` of `tails`: the packed score pass's two planes), 0 past the
+      last column; read in place, so `scores` may be as wide as the row's aligned blocks.
+    tails: None, or float32 shaped as `scores`: unpacked rows' scores are `scores + tails`,
+      added as a row is read (the score pass's `TAILS_APART`); packed rows' as above.
 
   Returns:
     int32 `[B, T, H, num_selected]`.
   """
   b, h, _, width = scores.shape
-  if tails is not None and (tails.shape != scores.shape or query_blocks is not None):
-    raise ValueError(f"tails must be shaped as scores {scores.shape}, on unpacked rows; got "
-                     f"{tails.shape}{' with query_blocks' if query_blocks is not None else ''}")
+  if tails is not None and tails.shape != scores.shape:
+    raise ValueError(f"tails must be shaped as scores {scores.shape}, got {tails.shape}")
+  if first_columns is not None and query_blocks is None:
+    raise ValueError("first_columns (packed rows) need query_blocks")
   num_slc = -(-seq_len // slc_block)
   row_width = max(1, 1 << (num_slc - 1).bit_length())
   if width < row_width:
@@ -173,10 +192,16 @@ def top_n_blocks(scores, *, seq_len: int, num_selected: int, slc_block: int, num
   else:  # packed rows: a query's candidates follow its document, not its position
     widths = ([w for _, _, w in row_buckets(row_width * slc_block, slc_block, row_width)]
               if PACKED_NARROW_WIDTHS else [row_width])
+    if first_columns is None:
+      first_columns = jnp.zeros_like(query_blocks)
+    planes = [scores] + ([] if tails is None else [tails])
+    per_row = pl.BlockSpec((None, None, 1), lambda t, i, j: (i, t, 0))
     picks = launch(functools.partial(_top_n_packed_kernel, widths=widths, **config),
-                   [pl.BlockSpec((None, None, 1), lambda t, i, j: (i, t, 0)),
-                    pl.BlockSpec((None, None, None, row_width), lambda t, i, j: (i, j, t, 0))],
-                   [query_blocks.astype(jnp.int32)[..., None], scores], seq_len)
+                   [per_row] * 2
+                   + [pl.BlockSpec((None, None, None, width), lambda t, i, j: (i, j, t, 0))]
+                   * len(planes),
+                   [query_blocks.astype(jnp.int32)[..., None],
+                    first_columns.astype(jnp.int32)[..., None]] + planes, seq_len)
   picks = picks[..., :num_selected]  # distinct, -1 last
   picks = block_maps.ascending(picks) if ascending else picks
   return picks.transpose(0, 2, 1, 3)
