@@ -96,9 +96,9 @@ def test_nsa_forward_and_backward_kernels_lower(platform, dtype, num_heads, num_
 
 
 # Packed rows: GPU, the compressed branch on its Pallas kernels (cuDNN's folded call cannot mask
-# per document), the packed score pass, and the selected kernels twice (the selection and the
-# window's early positions; four times with `WHOLE_BLOCK_DOCUMENTS`: each with halves or on
-# whole blocks, a `lax.cond`); TPU, the compressed kernels with their SMEM walk tables and
+# per document), the packed score pass, and the selected kernels four times (the selection and
+# the window's early positions, each with halves or on whole blocks, a `lax.cond`; twice with
+# `WHOLE_BLOCK_DOCUMENTS` off); TPU, the compressed kernels with their SMEM walk tables and
 # splash attention with segment ids.
 PACKED_KERNELS = {
     "cuda": ["nsa_compressed_dkv", "nsa_compressed_dq", "nsa_compressed_fwd",
@@ -129,17 +129,19 @@ def test_nsa_kernels_on_packed_rows_lower(platform, monkeypatch):
                                         segment_ids=segment_ids)[0].astype(jnp.float32).sum()
 
   grads = jax.grad(nsa_loss, argnums=(0, 1, 2))
-  assert pallas_kernels(platform, grads, q, kv, kv) == PACKED_KERNELS[platform]
   if platform == "cuda":
+    selected = [name for name in PACKED_KERNELS[platform] if "selected" in name]
+    assert pallas_kernels(platform, grads, q, kv, kv) == sorted(PACKED_KERNELS[platform]
+                                                                + selected)
     from pallas_kernels.gpu import selected_attention, top_n
     with monkeypatch.context() as patch:
-      patch.setattr(selected_attention, "WHOLE_BLOCK_DOCUMENTS", True)
-      patch.setattr(top_n, "PACKED_NARROW_WIDTHS", True)
+      patch.setattr(selected_attention, "WHOLE_BLOCK_DOCUMENTS", False)
+      patch.setattr(top_n, "PACKED_NARROW_WIDTHS", False)
       jax.clear_caches()  # `nsa_attention`'s jit reads the switches when it traces
-      selected = [name for name in PACKED_KERNELS[platform] if "selected" in name]
-      assert pallas_kernels(platform, grads, q, kv, kv) == sorted(
-          PACKED_KERNELS[platform] + selected)
+      assert pallas_kernels(platform, grads, q, kv, kv) == PACKED_KERNELS[platform]
     jax.clear_caches()
+  else:
+    assert pallas_kernels(platform, grads, q, kv, kv) == PACKED_KERNELS[platform]
   suffix = {"cuda": "", "tpu": "_tpu"}[platform]
   k_cmp = jnp.zeros((2, NSAConfig().num_cmp_blocks(t), 1, 128), jnp.bfloat16)
   assert pallas_kernels(platform, jax.grad(compressed_loss, argnums=(0, 1)), q, k_cmp) == sorted(

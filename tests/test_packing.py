@@ -46,9 +46,10 @@ IMPLEMENTATIONS = {"reference": reference, "xla": _xla_with_chunks(16)}
 
 @pytest.fixture(autouse=True)
 def narrow_packed_routes(monkeypatch):
-  """The GPU kernels' faster packed routes, off by default until these tests pass on a GPU:
+  """The GPU kernels' faster packed routes (their defaults), pinned on whatever the defaults:
   whole blocks where documents start on block boundaries, the top-n's narrow widths. (Rows
-  whose documents do not take the halves route either way.)"""
+  whose documents do not take the halves route either way; tests that take the halves on
+  aligned rows switch the first off themselves.)"""
   from pallas_kernels.gpu import selected_attention as gpu_selected
   from pallas_kernels.gpu import top_n as gpu_top_n
   monkeypatch.setattr(gpu_selected, "WHOLE_BLOCK_DOCUMENTS", True)

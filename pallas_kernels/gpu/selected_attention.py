@@ -100,11 +100,11 @@ DQ = "auto"
 DKV = "auto"
 # Packed rows whose documents all start on a multiple of l' (checked at run time: a `lax.cond`)
 # have whole blocks: the unpacked kernels run on them (`_on_aligned_blocks`), Mosaic GPU on
-# Hopper, instead of the Triton kernels with halves. Off (halves always) until its GPU tests
-# (`pytest -m gpu tests/test_packing.py`, which switch it on) have passed on a GPU: measured
-# on an H100 (2026-12-07, bd6558c), a 64k row of 8 x 8k documents 36.54 / 92.60 -> 28.00 /
-# 76.59 ms fwd / fwd+bwd with it and `top_n.PACKED_NARROW_WIDTHS` (BENCHMARKS "Packed rows").
-WHOLE_BLOCK_DOCUMENTS = False
+# Hopper, instead of the Triton kernels with halves (False: halves always). On an H100
+# (2026-12-07, bd6558c), a 64k row of 8 x 8k documents 36.54 / 92.60 -> 28.00 / 76.59 ms fwd /
+# fwd+bwd with it and `top_n.PACKED_NARROW_WIDTHS` (BENCHMARKS "Packed rows"); the GPU tests
+# (`pytest -m gpu tests/test_packing.py`, which set it) passed on an H100 at 3c1342e.
+WHOLE_BLOCK_DOCUMENTS = True
 
 
 def _visible(block_start, query_pos, loaded, block):

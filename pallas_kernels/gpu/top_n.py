@@ -104,12 +104,10 @@ def _top_n_decode_kernel(pos_ref, score_ref, idx_ref, *, slc_block, **config):
 
 
 # Packed rows: each program reads the narrowest of the widths MIN_ROW_WIDTH, 2x, ... that holds
-# its candidates (`_top_n_packed_kernel`). Off (the whole row) until its GPU tests
-# (`pytest -m gpu tests/test_packing.py`, which switch it on) have passed on a GPU. Not traced
-# alone yet: in a 64k row of 8 x 8k documents (H100, 2026-12-07) a first form (pieces of 128
-# columns, a compare against the picks for "taken") took 4.1 ms where the batched documents'
-# top-n took 0.33; this form keeps the unpacked kernel's arg-max over one narrow row.
-PACKED_NARROW_WIDTHS = False
+# its candidates (`_top_n_packed_kernel`; False: the whole row). In a 64k row of 8 x 8k documents
+# (H100, 2026-12-07) the packed top-n took 0.33 ms with it, as the batched documents' does; the
+# GPU tests (`pytest -m gpu tests/test_packing.py`, which set it) passed on an H100 at 3c1342e.
+PACKED_NARROW_WIDTHS = True
 # Narrowest row a top-n launch reads. Query `t`'s candidates are blocks `<= t // l'`, so rows
 # `t < W * l'` need only W columns: launches of widths MIN_ROW_WIDTH, 2x, 4x, ... over ranges of
 # rows read (and arg-max over) ~2/3 of the columns one launch over the whole rows would at
