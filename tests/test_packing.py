@@ -46,13 +46,14 @@ IMPLEMENTATIONS = {"reference": reference, "xla": _xla_with_chunks(16)}
 
 @pytest.fixture(autouse=True)
 def narrow_packed_routes(monkeypatch):
-  """The GPU kernels' faster packed routes (their defaults), pinned on whatever the defaults:
-  whole blocks where documents start on block boundaries, the top-n's narrow widths. (Rows
-  whose documents do not take the halves route either way; tests that take the halves on
-  aligned rows switch the first off themselves.)"""
+  """The GPU kernels' faster packed routes, pinned on whatever the defaults: whole blocks where
+  documents start on block boundaries, else the padded row where its padding fits (else the
+  halves), the top-n's narrow widths. (Tests that take the halves on rows that need not switch
+  the first off themselves.)"""
   from pallas_kernels.gpu import selected_attention as gpu_selected
   from pallas_kernels.gpu import top_n as gpu_top_n
   monkeypatch.setattr(gpu_selected, "WHOLE_BLOCK_DOCUMENTS", True)
+  monkeypatch.setattr(gpu_selected, "PADDED_ROWS", True)
   monkeypatch.setattr(gpu_top_n, "PACKED_NARROW_WIDTHS", True)
   jax.clear_caches()  # jitted entry points read the switches when they trace
   yield
@@ -285,13 +286,39 @@ def _check_against_documents_alone(packed_fn, alone_fn, arrays, constants=(), ro
 # Documents that all start on a multiple of l' = 8 (the last ones end mid-block): the GPU
 # kernels' whole-block route (`selected_attention._on_aligned_blocks`).
 ALIGNED_DOCUMENTS = ([8, 16, 21], [24, 8, 13])
+# Documents off the block boundaries whose padding to them fits the padded row (T' = 64 for
+# T = 45, l' = 8; DOCUMENTS' first row needs more: the halves).
+PADDED_DOCUMENTS = ([1, 22, 22], [17, 2, 26])
+
+
+def test_the_padded_row_puts_each_document_on_a_whole_block():
+  from pallas_kernels.gpu import selected_attention as gpu_selected
+  for rows in (DOCUMENTS, PADDED_DOCUMENTS, ALIGNED_DOCUMENTS):
+    starts = document_starts(segment_ids_of(rows))
+    padded, inverse = gpu_selected._padded_row(starts, 8)
+    assert inverse.shape == (2, 64)
+    assert np.all(np.diff(padded, axis=1) >= 1)  # one to one, in order
+    position = np.arange(45)
+    first = starts == position
+    assert np.all(np.asarray(padded)[np.asarray(first)] % 8 == 0)
+    # Within a document no padding: its positions move together.
+    assert np.all(np.diff(padded - position, axis=1)[~np.asarray(first)[:, 1:]] == 0)
+    fits = np.asarray(padded[:, -1] < 64)
+    for b in range(2):
+      kept = np.asarray(padded[b])[np.asarray(padded[b]) < 64]
+      np.testing.assert_array_equal(np.asarray(inverse[b])[kept], position[:len(kept)])
+      assert np.sum(np.asarray(inverse[b]) >= 0) == len(kept)
+    assert fits.tolist() == {0: [False, True], 1: [True, True], 2: [True, True]}[
+        [DOCUMENTS, PADDED_DOCUMENTS, ALIGNED_DOCUMENTS].index(rows)]
+  np.testing.assert_array_equal(padded, np.broadcast_to(position, (2, 45)))  # aligned: as is
 
 
 @pytest.mark.parametrize("impl, pack_rows, rows, whole_blocks", [
     ("pallas_gpu", 0, DOCUMENTS, True),  # one position a program
     ("pallas_gpu", 16, DOCUMENTS, True),  # 8 positions x 2 heads a program
     ("pallas_gpu", 0, ALIGNED_DOCUMENTS, True),  # whole blocks: the unpacked kernels
-    ("pallas_gpu", 0, ALIGNED_DOCUMENTS, False),  # the same rows with halves (the default)
+    ("pallas_gpu", 0, ALIGNED_DOCUMENTS, False),  # the same rows with halves
+    ("pallas_gpu", 0, PADDED_DOCUMENTS, True),  # the unpacked kernels on the padded row
     ("pallas_tpu", None, DOCUMENTS, None)])
 def test_kernel_selected_attention_values_and_gradients_equal_their_documents_alone(
     monkeypatch, impl, pack_rows, rows, whole_blocks):
@@ -449,7 +476,8 @@ def _check_tpu_walk_tables(rows):
     # The unpacked window where it lies in the document, else the selected kernels over the
     # span's aligned blocks (up to 4), with halves or (documents on block boundaries) whole.
     ("pallas_gpu", 20, 8, DOCUMENTS),
-    ("pallas_gpu", 20, 8, ALIGNED_DOCUMENTS)])
+    ("pallas_gpu", 20, 8, ALIGNED_DOCUMENTS),
+    ("pallas_gpu", 20, 8, PADDED_DOCUMENTS)])
 def test_kernel_sliding_window_values_and_gradients_equal_their_documents_alone(
     monkeypatch, impl, window, block, rows):
   if block is not None:

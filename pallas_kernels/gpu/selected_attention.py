@@ -105,6 +105,14 @@ DKV = "auto"
 # fwd+bwd with it and `top_n.PACKED_NARROW_WIDTHS` (BENCHMARKS "Packed rows"); the GPU tests
 # (`pytest -m gpu tests/test_packing.py`, which set it) passed on an H100 at 3c1342e.
 WHOLE_BLOCK_DOCUMENTS = True
+# Packed rows whose documents do not all start on a multiple of l' (files as they come): with
+# WHOLE_BLOCK_DOCUMENTS, the row is spread into one PADDED_ROW_EXTRA longer in which every
+# document starts on the next multiple of l' (`_padded_row`), the unpacked kernels run there on
+# whole blocks, and the output is read back at each position's place; rows whose documents need
+# more padding than that take the halves. Off until its GPU tests (`pytest -m gpu
+# tests/test_packing.py`, which set it) have passed on a GPU.
+PADDED_ROWS = False
+PADDED_ROW_EXTRA = 1 / 8
 
 
 def _visible(block_start, query_pos, loaded, block):
@@ -733,21 +741,124 @@ def selected_attention(q, k, v, block_indices, *, block: int, scale: float,
     `[B, T, Hq, Dv]` in q.dtype; differentiable in q, k and v.
   """
   if document_starts is not None:
-    return _whole_blocks_or_halves(
-        document_starts % block == 0,
+    def padded_indices(padded, inverse):  # document block j -> block S' // l' + j of the row
+      shift = (padded - (jnp.arange(padded.shape[1]) - document_starts)) // block
+      return _take_rows(jnp.where(block_indices >= 0, block_indices + shift[..., None, None], -1),
+                        inverse, fill=-1)
+
+    return _packed_route(
+        document_starts, block,
         lambda: _unpacked_call(q, k, v, _on_aligned_blocks(block_indices, document_starts, block),
                                block, scale, interpret, indices_sorted),
+        lambda: _padded_row_call(q, k, v, document_starts, padded_indices, block, scale,
+                                 interpret, indices_sorted),
         lambda: _halves_attention(q, k, v, *document_block_halves(block_indices, document_starts,
                                                                   block), block, scale, interpret))
   return _unpacked_call(q, k, v, block_indices, block, scale, interpret, indices_sorted)
 
 
-def _whole_blocks_or_halves(whole, on_whole_blocks, on_halves):
-  """Packed rows: `on_whole_blocks()` where `whole` holds everywhere (decided at run time) and
-  `WHOLE_BLOCK_DOCUMENTS` is on, else `on_halves()`."""
+def _packed_route(first, block, on_whole_blocks, on_padded_row, on_halves):
+  """Packed rows, decided at run time from `first` (each position's first key: its document's
+  start, or its window span's, past the position for an empty span): `on_whole_blocks()` where
+  every non-empty span starts on a multiple of `block` (`WHOLE_BLOCK_DOCUMENTS`), else
+  `on_padded_row()` where the padded row holds the row (`PADDED_ROWS`), else `on_halves()`."""
   if not WHOLE_BLOCK_DOCUMENTS:
     return on_halves()
-  return jax.lax.cond(jnp.all(whole), on_whole_blocks, on_halves)
+  position = jnp.arange(first.shape[1], dtype=first.dtype)
+  whole = jnp.all((first % block == 0) | (first > position))
+  if not PADDED_ROWS:
+    return jax.lax.cond(whole, on_whole_blocks, on_halves)
+  # Each non-empty span must start at a start of its own (`first[first[t]] == first[t]`, as a
+  # document's first token does), which the padded row puts on a whole block.
+  anchored = (first > position) | (
+      jnp.take_along_axis(first, jnp.minimum(first, position), axis=1) == first)
+  fits = jnp.all(anchored) & jnp.all(
+      _padded_row(first, block)[0][:, -1] < _padded_length(first.shape[1], block))
+  route = jnp.where(whole, 0, jnp.where(fits, 1, 2))
+  return jax.lax.switch(route, [on_whole_blocks, on_padded_row, on_halves])
+
+
+def _padded_length(seq_len: int, block: int) -> int:
+  """Positions of the padded row (`_padded_row`): T plus PADDED_ROW_EXTRA, whole blocks."""
+  return -(-int(seq_len * (1 + PADDED_ROW_EXTRA)) // block) * block + block
+
+
+def _padded_row(first, block: int):
+  """`(padded int32 [B, T], inverse int32 [B, T'])`: each position's place in a row where every
+  position that starts its own keys (`first[t] == t`: a document's first token) lies on a
+  multiple of `block`, moved on by the padding it and the starts before it needed; `inverse`
+  maps the padded row's places back (-1: padding). Places past `T' = _padded_length(T)` (a row
+  that needs more padding) are dropped."""
+  b, t = first.shape
+  position = jnp.arange(t, dtype=jnp.int32)
+  start = (first == position) & (position > 0)
+  last_start = jax.lax.cummax(jnp.where(start, position, 0), axis=1)
+  previous = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), last_start[:, :-1]], axis=1)
+  # The previous start lies on a multiple of l' already: this one needs its distance's rest.
+  padding = jnp.where(start, -(position - previous) % block, 0)
+  padded = position + jnp.cumsum(padding, axis=1, dtype=jnp.int32)
+  rows = jnp.arange(b, dtype=jnp.int32)[:, None]
+  inverse = jnp.full((b, _padded_length(t, block)), -1, jnp.int32).at[rows, padded].set(
+      position, mode="drop")
+  return padded, inverse
+
+
+def _take_rows(x, rows, fill=0):
+  """`x[b, rows[b, i]]` for `x [B, N, ...]` and int `rows [B, M]` (-1: `fill`)."""
+  index = jnp.maximum(rows, 0).reshape(rows.shape + (1,) * (x.ndim - 2))
+  taken = jnp.take_along_axis(x, index, axis=1)
+  return jnp.where((rows >= 0).reshape(index.shape), taken, fill)
+
+
+@jax.custom_vjp
+def _to_padded_row(x, padded, inverse):
+  """`x [B, T, ...]` spread to the padded row (zeros between documents). Its transpose is a
+  gather (`padded` is one-to-one), not the scatter-add XLA would make of it."""
+  del padded
+  return _take_rows(x, inverse)
+
+
+def _to_padded_row_fwd(x, padded, inverse):
+  return _to_padded_row(x, padded, inverse), (padded, inverse)
+
+
+def _to_padded_row_bwd(residuals, d_padded):
+  padded, _ = residuals
+  return _take_rows(d_padded, padded), None, None
+
+
+_to_padded_row.defvjp(_to_padded_row_fwd, _to_padded_row_bwd)
+
+
+@jax.custom_vjp
+def _from_padded_row(x, padded, inverse):
+  """The padded row's `x [B, T', ...]` read back at each position's place: `[B, T, ...]`."""
+  del inverse
+  return _take_rows(x, padded)
+
+
+def _from_padded_row_fwd(x, padded, inverse):
+  return _from_padded_row(x, padded, inverse), (padded, inverse)
+
+
+def _from_padded_row_bwd(residuals, d_out):
+  _, inverse = residuals
+  return _take_rows(d_out, inverse), None, None
+
+
+_from_padded_row.defvjp(_from_padded_row_fwd, _from_padded_row_bwd)
+
+
+def _padded_row_call(q, k, v, first, padded_indices, block, scale, interpret, indices_sorted):
+  """The unpacked kernels on the row spread so that every run of equal `first` starts on a
+  whole block (`_padded_row`); `padded_indices(padded, inverse)` gives the padded row's blocks
+  (`[B, T', Hkv, n]`, -1 at the padding). The padding's queries choose no block; no query
+  reaches a padding key (they follow their document's last token: the causal mask)."""
+  padded, inverse = _padded_row(first, block)
+  spread = lambda x: _to_padded_row(x, padded, inverse)
+  out = _unpacked_call(spread(q), spread(k), spread(v), padded_indices(padded, inverse), block,
+                       scale, interpret, indices_sorted)
+  return _from_padded_row(out, padded, inverse)
 
 
 def _on_aligned_blocks(block_indices, document_starts, block: int):
@@ -782,8 +893,19 @@ def span_attention(q, k, v, first, *, width: int, block: int, scale: float,
   blocks are whole and the unpacked kernels run on them (Mosaic GPU on Hopper), chosen at run
   time; else the kernels with halves (Triton).
   Returns `[B, T, Hq, Dv]` in q.dtype."""
+  first = first.astype(jnp.int32)
+  position = jnp.arange(first.shape[1], dtype=jnp.int32)
   aligned, codes, offsets = span_blocks(first, k.shape[2], width, block)
-  return _whole_blocks_or_halves(
-      (first % block == 0) | (first > jnp.arange(first.shape[1], dtype=first.dtype)),
+
+  def padded_spans(padded, inverse):  # a span's start moves as its position (no start between)
+    moved = jnp.where(first > position, padded + 1, first + padded - position)
+    first_padded = jnp.where(inverse >= 0, _take_rows(moved, inverse),
+                             jnp.arange(inverse.shape[1], dtype=jnp.int32) + 1)
+    return span_blocks(first_padded, k.shape[2], width, block)[0]
+
+  return _packed_route(
+      first, block,
       lambda: _unpacked_call(q, k, v, aligned, block, scale, interpret, indices_sorted=True),
+      lambda: _padded_row_call(q, k, v, first, padded_spans, block, scale, interpret,
+                               indices_sorted=True),
       lambda: _halves_attention(q, k, v, aligned, codes, offsets, block, scale, interpret))
