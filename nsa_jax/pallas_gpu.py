@@ -3,7 +3,8 @@
 - selected attention: the Pallas kernels of `pallas_kernels.gpu.selected_attention` (Mosaic
   GPU on Hopper, Triton elsewhere), forward and backward, packed rows included (document-local
   blocks as halves of aligned ones on Triton; where documents start on block boundaries, the
-  unpacked kernels on whole blocks: `WHOLE_BLOCK_DOCUMENTS`, on by default);
+  unpacked kernels on whole blocks, `WHOLE_BLOCK_DOCUMENTS`; elsewhere on a row padded so that
+  they do, `PADDED_ROWS`, where the padding fits);
 - sliding window: cuDNN through `jax.nn.dot_product_attention(local_window_size=(w - 1, 0))`
   (3.2 ms forward, 14.5 ms forward+backward at T=64k on an H200: 346 / 265 TF/s, above every
   Pallas kernel here; no banded Pallas kernel was written to compete), falling back to the XLA

@@ -96,9 +96,9 @@ def test_nsa_forward_and_backward_kernels_lower(platform, dtype, num_heads, num_
 
 
 # Packed rows: GPU, the compressed branch on its Pallas kernels (cuDNN's folded call cannot mask
-# per document), the packed score pass, and the selected kernels four times (the selection and
-# the window's early positions, each with halves or on whole blocks, a `lax.cond`; twice with
-# `WHOLE_BLOCK_DOCUMENTS` off); TPU, the compressed kernels with their SMEM walk tables and
+# per document), the packed score pass, and the selected kernels six times (the selection and
+# the window's early positions, each on whole blocks, on the padded row or with halves, a
+# `lax.switch`; twice with `WHOLE_BLOCK_DOCUMENTS` off); TPU, the compressed kernels with their SMEM walk tables and
 # splash attention with segment ids.
 PACKED_KERNELS = {
     "cuda": ["nsa_compressed_dkv", "nsa_compressed_dq", "nsa_compressed_fwd",
@@ -132,7 +132,7 @@ def test_nsa_kernels_on_packed_rows_lower(platform, monkeypatch):
   if platform == "cuda":
     selected = [name for name in PACKED_KERNELS[platform] if "selected" in name]
     assert pallas_kernels(platform, grads, q, kv, kv) == sorted(PACKED_KERNELS[platform]
-                                                                + selected)
+                                                                + selected * 2)
     from pallas_kernels.gpu import selected_attention, top_n
     with monkeypatch.context() as patch:
       patch.setattr(selected_attention, "WHOLE_BLOCK_DOCUMENTS", False)

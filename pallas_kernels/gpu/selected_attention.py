@@ -18,11 +18,16 @@ their union of blocks, TMA + wgmma) wherever those kernels take the call; its fo
 the same output and lse, so any forward feeds any dQ and the dK/dV kernel below. The dK/dV
 (`DKV`, the same per-item partials on either kernel) runs on Mosaic GPU too where G >= 8.
 
-Packed rows (`document_starts`): a document's selection block `j` is not aligned to `l'`; it is
-the upper part (offsets `>= r`, `r = s % l'`) of aligned block `s // l' + j` and the lower part of
-the next one (`block_maps.document_block_halves`). The kernels then walk aligned blocks as
-unpacked (up to `2n` a position) and mask each row's keys by its position's `r` and the code of
-the part(s) its position chose; the block maps and the dK/dV sums stay per aligned block.
+Packed rows (`document_starts`), chosen at run time: where every document starts on a multiple
+of `l'`, its blocks are whole blocks of the row and the unpacked kernels run on them
+(`WHOLE_BLOCK_DOCUMENTS`); else, where it fits (`PADDED_ROWS`), the row is spread into a
+slightly longer one in which every document starts on a multiple of `l'` (`_padded_row`), the
+unpacked kernels run there and the output is read back. Otherwise a document's selection block
+`j` is the upper part (offsets `>= r`, `r = s % l'`) of aligned block `s // l' + j` and the
+lower part of the next one (`block_maps.document_block_halves`): the Triton kernels walk
+aligned blocks as unpacked (up to `2n` a position) and mask each row's keys by its position's
+`r` and the code of the part(s) its position chose; the block maps and the dK/dV sums stay per
+aligned block.
 
 Layout inside (set up by `selected_attention`): queries as rows `[B, Hkv, T_pad * Gp, Dp]`
 (position `t`'s heads are rows `t*Gp .. t*Gp + Gp - 1`; `Gp = pow2(G)`, at least 16 unless
@@ -109,9 +114,11 @@ WHOLE_BLOCK_DOCUMENTS = True
 # WHOLE_BLOCK_DOCUMENTS, the row is spread into one PADDED_ROW_EXTRA longer in which every
 # document starts on the next multiple of l' (`_padded_row`), the unpacked kernels run there on
 # whole blocks, and the output is read back at each position's place; rows whose documents need
-# more padding than that take the halves. Off until its GPU tests (`pytest -m gpu
-# tests/test_packing.py`, which set it) have passed on a GPU.
-PADDED_ROWS = False
+# more padding than that take the halves (False: the halves always). On an H100 (2026-12-07,
+# d4faddb), a 64k row of 8 documents one token off the boundaries 41.02 / 112.32 -> 29.88 /
+# 84.22 ms fwd / fwd+bwd (64 documents: 19.43 / 61.15; BENCHMARKS "Packed rows"); the GPU tests
+# (`pytest -m gpu tests/test_packing.py`, which set it) passed on the same H100.
+PADDED_ROWS = True
 PADDED_ROW_EXTRA = 1 / 8
 
 
@@ -731,11 +738,11 @@ def selected_attention(q, k, v, block_indices, *, block: int, scale: float,
     interpret: run the kernels in Pallas interpret mode (CPU).
     document_starts: int32 `[B, T]` or None: packed rows (SPEC.md), each position's document
       start; `block_indices` are then document-local (block `j` of a document starting at `s`
-      holds tokens `[s + j*l', s + (j+1)*l')`). With `WHOLE_BLOCK_DOCUMENTS`, where every
-      document starts on a multiple of `l'` (documents padded to whole blocks), those are whole
-      blocks of the row and the unpacked kernels run on them (Mosaic GPU on Hopper), chosen at
-      run time; else the kernels walk aligned blocks with halves (Triton) and `indices_sorted`
-      is ignored.
+      holds tokens `[s + j*l', s + (j+1)*l')`). Chosen at run time: where every document
+      starts on a multiple of `l'` (`WHOLE_BLOCK_DOCUMENTS`), those are whole blocks of the row
+      and the unpacked kernels run on them (Mosaic GPU on Hopper); else on a row padded so
+      that they are (`PADDED_ROWS`, where T * PADDED_ROW_EXTRA holds the padding); else the
+      kernels walk aligned blocks with halves (Triton) and `indices_sorted` is ignored.
 
   Returns:
     `[B, T, Hq, Dv]` in q.dtype; differentiable in q, k and v.
@@ -888,10 +895,11 @@ def span_attention(q, k, v, first, *, width: int, block: int, scale: float,
   """Attention of each query `t` over its keys `first[t] .. t` (`first int32 [B, T]`, past `t`:
   none; `width >= (t - first[t]) // block + 2` aligned blocks a position): the selected-attention
   kernels over the span's aligned blocks (`block_maps.span_blocks`), forward and backward.
-  Packed rows' window, which cuDNN's public entry point cannot mask per document. With
-  `WHOLE_BLOCK_DOCUMENTS`, where every span starts on a block boundary (or is empty), its
-  blocks are whole and the unpacked kernels run on them (Mosaic GPU on Hopper), chosen at run
-  time; else the kernels with halves (Triton).
+  Packed rows' window, which cuDNN's public entry point cannot mask per document. Chosen at run
+  time as in `selected_attention`: where every span starts on a block boundary (or is empty)
+  the unpacked kernels on its whole blocks; else, where every non-empty span starts at a
+  position that starts its own span (a document's first token), on the padded row; else the
+  kernels with halves (Triton).
   Returns `[B, T, Hq, Dv]` in q.dtype."""
   first = first.astype(jnp.int32)
   position = jnp.arange(first.shape[1], dtype=jnp.int32)
