@@ -857,10 +857,11 @@ _from_padded_row.defvjp(_from_padded_row_fwd, _from_padded_row_bwd)
 
 
 def _padded_row_call(q, k, v, first, padded_indices, block, scale, interpret, indices_sorted):
-  """The unpacked kernels on the row spread so that every run of equal `first` starts on a
-  whole block (`_padded_row`); `padded_indices(padded, inverse)` gives the padded row's blocks
-  (`[B, T', Hkv, n]`, -1 at the padding). The padding's queries choose no block; no query
-  reaches a padding key (they follow their document's last token: the causal mask)."""
+  """The unpacked kernels on the row spread so that every position that starts its own keys (a
+  document's first token) starts a whole block (`_padded_row`); `padded_indices(padded,
+  inverse)` gives the padded row's blocks (`[B, T', Hkv, n]`, -1 at the padding). The
+  padding's queries choose no block; no query reaches a padding key (they follow their
+  document's last token: the causal mask)."""
   padded, inverse = _padded_row(first, block)
   spread = lambda x: _to_padded_row(x, padded, inverse)
   out = _unpacked_call(spread(q), spread(k), spread(v), padded_indices(padded, inverse), block,
