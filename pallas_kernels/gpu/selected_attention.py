@@ -818,42 +818,25 @@ def _take_rows(x, rows, fill=0):
 
 
 @jax.custom_vjp
-def _to_padded_row(x, padded, inverse):
-  """`x [B, T, ...]` spread to the padded row (zeros between documents). Its transpose is a
-  gather (`padded` is one-to-one), not the scatter-add XLA would make of it."""
-  del padded
-  return _take_rows(x, inverse)
+def _moved_rows(x, rows, back):
+  """`_take_rows(x, rows)` where `back` maps the result's rows back (`rows` one-to-one, -1 on
+  both sides where nothing moves): its transpose is the gather by `back`, not the scatter-add
+  XLA would make of it. Spreads a row to the padded row (`rows = inverse`, zeros at the padding)
+  and reads it back (`rows = padded`)."""
+  del back
+  return _take_rows(x, rows)
 
 
-def _to_padded_row_fwd(x, padded, inverse):
-  return _to_padded_row(x, padded, inverse), (padded, inverse)
+def _moved_rows_fwd(x, rows, back):
+  return _moved_rows(x, rows, back), (rows, back)
 
 
-def _to_padded_row_bwd(residuals, d_padded):
-  padded, _ = residuals
-  return _take_rows(d_padded, padded), None, None
+def _moved_rows_bwd(residuals, d_moved):
+  _, back = residuals
+  return _take_rows(d_moved, back), None, None
 
 
-_to_padded_row.defvjp(_to_padded_row_fwd, _to_padded_row_bwd)
-
-
-@jax.custom_vjp
-def _from_padded_row(x, padded, inverse):
-  """The padded row's `x [B, T', ...]` read back at each position's place: `[B, T, ...]`."""
-  del inverse
-  return _take_rows(x, padded)
-
-
-def _from_padded_row_fwd(x, padded, inverse):
-  return _from_padded_row(x, padded, inverse), (padded, inverse)
-
-
-def _from_padded_row_bwd(residuals, d_out):
-  _, inverse = residuals
-  return _take_rows(d_out, inverse), None, None
-
-
-_from_padded_row.defvjp(_from_padded_row_fwd, _from_padded_row_bwd)
+_moved_rows.defvjp(_moved_rows_fwd, _moved_rows_bwd)
 
 
 def _padded_row_call(q, k, v, first, padded_indices, block, scale, interpret, indices_sorted):
@@ -863,10 +846,10 @@ def _padded_row_call(q, k, v, first, padded_indices, block, scale, interpret, in
   padding's queries choose no block; no query reaches a padding key (they follow their
   document's last token: the causal mask)."""
   padded, inverse = _padded_row(first, block)
-  spread = lambda x: _to_padded_row(x, padded, inverse)
+  spread = lambda x: _moved_rows(x, inverse, padded)
   out = _unpacked_call(spread(q), spread(k), spread(v), padded_indices(padded, inverse), block,
                        scale, interpret, indices_sorted)
-  return _from_padded_row(out, padded, inverse)
+  return _moved_rows(out, padded, inverse)
 
 
 def _on_aligned_blocks(block_indices, document_starts, block: int):
