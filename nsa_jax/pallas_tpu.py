@@ -1,7 +1,8 @@
 """`implementation="pallas_tpu"`: NSA on TPUs (Mosaic), the default on a TPU backend.
 
 - selected attention: `pallas_kernels.tpu.selected_attention` (block indices by scalar prefetch;
-  packed rows as halves of aligned blocks);
+  packed rows on whole blocks where documents start on them, else on a row padded so that they
+  do, else as halves of aligned blocks: `pallas_kernels.packed_rows`);
 - compressed attention: `pallas_kernels.tpu.compressed_attention`, fused with the selection
   scores (pass 1: log-sum-exp; pass 2: output and scores from the same probabilities); the top-n
   of the scores is `lax.top_k` in XLA; packed rows too (scores on document blocks);

@@ -96,10 +96,11 @@ def test_nsa_forward_and_backward_kernels_lower(platform, dtype, num_heads, num_
 
 
 # Packed rows: GPU, the compressed branch on its Pallas kernels (cuDNN's folded call cannot mask
-# per document), the packed score pass, and the selected kernels six times (the selection and
-# the window's early positions, each on whole blocks, on the padded row or with halves, a
-# `lax.switch`; twice with `WHOLE_BLOCK_DOCUMENTS` off); TPU, the compressed kernels with their SMEM walk tables and
-# splash attention with segment ids.
+# per document), the packed score pass; TPU, the compressed kernels with their SMEM walk tables
+# and splash attention with segment ids; on both, the selected kernels once for each of the
+# packed routes (whole blocks, the padded row, halves: a `lax.switch`), the lists below hold
+# them once (GPU: twice, the selection and the window's early positions), as with the routes
+# switched off.
 PACKED_KERNELS = {
     "cuda": ["nsa_compressed_dkv", "nsa_compressed_dq", "nsa_compressed_fwd",
              "nsa_packed_selection_scores", "nsa_selected_dkv", "nsa_selected_dkv",
@@ -129,10 +130,10 @@ def test_nsa_kernels_on_packed_rows_lower(platform, monkeypatch):
                                         segment_ids=segment_ids)[0].astype(jnp.float32).sum()
 
   grads = jax.grad(nsa_loss, argnums=(0, 1, 2))
+  selected = [name for name in PACKED_KERNELS[platform] if "selected" in name]
+  assert pallas_kernels(platform, grads, q, kv, kv) == sorted(PACKED_KERNELS[platform]
+                                                              + selected * 2)
   if platform == "cuda":
-    selected = [name for name in PACKED_KERNELS[platform] if "selected" in name]
-    assert pallas_kernels(platform, grads, q, kv, kv) == sorted(PACKED_KERNELS[platform]
-                                                                + selected * 2)
     from pallas_kernels.gpu import selected_attention, top_n
     with monkeypatch.context() as patch:
       patch.setattr(selected_attention, "WHOLE_BLOCK_DOCUMENTS", False)
@@ -140,8 +141,6 @@ def test_nsa_kernels_on_packed_rows_lower(platform, monkeypatch):
       jax.clear_caches()  # `nsa_attention`'s jit reads the switches when it traces
       assert pallas_kernels(platform, grads, q, kv, kv) == PACKED_KERNELS[platform]
     jax.clear_caches()
-  else:
-    assert pallas_kernels(platform, grads, q, kv, kv) == PACKED_KERNELS[platform]
   suffix = {"cuda": "", "tpu": "_tpu"}[platform]
   k_cmp = jnp.zeros((2, NSAConfig().num_cmp_blocks(t), 1, 128), jnp.bfloat16)
   assert pallas_kernels(platform, jax.grad(compressed_loss, argnums=(0, 1)), q, k_cmp) == sorted(

@@ -19,6 +19,7 @@ from nsa_jax import reference, xla
 from nsa_jax.attention_math import combine_branches
 from nsa_jax.config import NSAConfig
 from nsa_jax.segments import document_ends, document_starts
+from pallas_kernels import packed_rows
 from tests.helpers import assert_close, assert_grads_close, fresh_key, random_gates, random_qkv
 
 CONFIG = NSAConfig(cmp_block=4, cmp_stride=2, slc_block=8, num_selected=3, num_initial=1,
@@ -45,15 +46,17 @@ IMPLEMENTATIONS = {"reference": reference, "xla": _xla_with_chunks(16)}
 
 
 @pytest.fixture(autouse=True)
-def narrow_packed_routes(monkeypatch):
-  """The GPU kernels' faster packed routes, pinned on whatever the defaults: whole blocks where
-  documents start on block boundaries, else the padded row where its padding fits (else the
-  halves), the top-n's narrow widths. (Tests that take the halves on rows that need not switch
-  the first off themselves.)"""
+def packed_routes(monkeypatch):
+  """The kernels' packed routes, pinned on whatever the defaults: whole blocks where documents
+  start on block boundaries, else the padded row where its padding fits, else the halves (GPU
+  and TPU); the GPU top-n's narrow widths. Which route a row takes follows from its documents
+  (DOCUMENTS: halves; ALIGNED_DOCUMENTS: whole blocks; PADDED_DOCUMENTS: the padded row)."""
   from pallas_kernels.gpu import selected_attention as gpu_selected
   from pallas_kernels.gpu import top_n as gpu_top_n
-  monkeypatch.setattr(gpu_selected, "WHOLE_BLOCK_DOCUMENTS", True)
-  monkeypatch.setattr(gpu_selected, "PADDED_ROWS", True)
+  from pallas_kernels.tpu import selected_attention as tpu_selected
+  for module in (gpu_selected, tpu_selected):
+    monkeypatch.setattr(module, "WHOLE_BLOCK_DOCUMENTS", True)
+    monkeypatch.setattr(module, "PADDED_ROWS", True)
   monkeypatch.setattr(gpu_top_n, "PACKED_NARROW_WIDTHS", True)
   jax.clear_caches()  # jitted entry points read the switches when they trace
   yield
@@ -284,7 +287,7 @@ def _check_against_documents_alone(packed_fn, alone_fn, arrays, constants=(), ro
 
 
 # Documents that all start on a multiple of l' = 8 (the last ones end mid-block): the GPU
-# kernels' whole-block route (`selected_attention._on_aligned_blocks`).
+# kernels' whole-block route (`packed_rows.document_blocks`).
 ALIGNED_DOCUMENTS = ([8, 16, 21], [24, 8, 13])
 # Documents off the block boundaries whose padding to them fits the padded row (T' = 64 for
 # T = 45, l' = 8; DOCUMENTS' first row needs more: the halves).
@@ -292,10 +295,11 @@ PADDED_DOCUMENTS = ([1, 22, 22], [17, 2, 26])
 
 
 def test_the_padded_row_puts_each_document_on_a_whole_block():
-  from pallas_kernels.gpu import selected_attention as gpu_selected
-  for rows in (DOCUMENTS, PADDED_DOCUMENTS, ALIGNED_DOCUMENTS):
+  # DOCUMENTS' first row needs more padding than the padded row holds.
+  for rows, fits in ((DOCUMENTS, [False, True]), (PADDED_DOCUMENTS, [True, True]),
+                     (ALIGNED_DOCUMENTS, [True, True])):
     starts = document_starts(segment_ids_of(rows))
-    padded, inverse = gpu_selected._padded_row(starts, 8)
+    padded, inverse = packed_rows.padded_row(starts, 8)
     assert inverse.shape == (2, 64)
     assert np.all(np.diff(padded, axis=1) >= 1)  # one to one, in order
     position = np.arange(45)
@@ -303,31 +307,28 @@ def test_the_padded_row_puts_each_document_on_a_whole_block():
     assert np.all(np.asarray(padded)[np.asarray(first)] % 8 == 0)
     # Within a document no padding: its positions move together.
     assert np.all(np.diff(padded - position, axis=1)[~np.asarray(first)[:, 1:]] == 0)
-    fits = np.asarray(padded[:, -1] < 64)
+    assert np.asarray(padded[:, -1] < 64).tolist() == fits
     for b in range(2):
       kept = np.asarray(padded[b])[np.asarray(padded[b]) < 64]
       np.testing.assert_array_equal(np.asarray(inverse[b])[kept], position[:len(kept)])
       assert np.sum(np.asarray(inverse[b]) >= 0) == len(kept)
-    assert fits.tolist() == {0: [False, True], 1: [True, True], 2: [True, True]}[
-        [DOCUMENTS, PADDED_DOCUMENTS, ALIGNED_DOCUMENTS].index(rows)]
   np.testing.assert_array_equal(padded, np.broadcast_to(position, (2, 45)))  # aligned: as is
 
 
-@pytest.mark.parametrize("impl, pack_rows, rows, whole_blocks", [
-    ("pallas_gpu", 0, DOCUMENTS, True),  # one position a program
-    ("pallas_gpu", 16, DOCUMENTS, True),  # 8 positions x 2 heads a program
-    ("pallas_gpu", 0, ALIGNED_DOCUMENTS, True),  # whole blocks: the unpacked kernels
-    ("pallas_gpu", 0, ALIGNED_DOCUMENTS, False),  # the same rows with halves
-    ("pallas_gpu", 0, PADDED_DOCUMENTS, True),  # the unpacked kernels on the padded row
-    ("pallas_tpu", None, DOCUMENTS, None)])
+@pytest.mark.parametrize("impl, pack_rows, rows", [
+    ("pallas_gpu", 0, DOCUMENTS),  # halves, one position a program
+    ("pallas_gpu", 16, DOCUMENTS),  # halves, 8 positions x 2 heads a program
+    ("pallas_gpu", 0, ALIGNED_DOCUMENTS),  # whole blocks: the unpacked kernels
+    ("pallas_gpu", 0, PADDED_DOCUMENTS),  # the unpacked kernels on the padded row
+    ("pallas_tpu", None, DOCUMENTS),  # halves
+    ("pallas_tpu", None, PADDED_DOCUMENTS)])
 def test_kernel_selected_attention_values_and_gradients_equal_their_documents_alone(
-    monkeypatch, impl, pack_rows, rows, whole_blocks):
+    monkeypatch, impl, pack_rows, rows):
   """The Triton kernels (interpret mode) and the Mosaic TPU kernels (TPU interpreter) on
-  document-local selections: forward, dQ and dK/dV."""
+  document-local selections, on each packed route: forward, dQ and dK/dV."""
   if pack_rows is not None:
     from pallas_kernels.gpu import selected_attention as gpu_selected
     monkeypatch.setattr(gpu_selected, "PACK_ROWS", pack_rows)
-    monkeypatch.setattr(gpu_selected, "WHOLE_BLOCK_DOCUMENTS", whole_blocks)
   q, k, v = random_qkv(2, 45, 4, 2, 16)
   segment_ids = segment_ids_of(rows)
   # The selection of the packed rows, plus random extra picks (repeats, -1, future blocks).

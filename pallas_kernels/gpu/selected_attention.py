@@ -21,7 +21,7 @@ the same output and lse, so any forward feeds any dQ and the dK/dV kernel below.
 Packed rows (`document_starts`), chosen at run time: where every document starts on a multiple
 of `l'`, its blocks are whole blocks of the row and the unpacked kernels run on them
 (`WHOLE_BLOCK_DOCUMENTS`); else, where it fits (`PADDED_ROWS`), the row is spread into a
-slightly longer one in which every document starts on a multiple of `l'` (`_padded_row`), the
+slightly longer one in which every document starts on a multiple of `l'` (`packed_rows`), the
 unpacked kernels run there and the output is read back. Otherwise a document's selection block
 `j` is the upper part (offsets `>= r`, `r = s % l'`) of aligned block `s // l' + j` and the
 lower part of the next one (`block_maps.document_block_halves`): the Triton kernels walk
@@ -48,6 +48,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plmgpu
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import packed_rows
 from pallas_kernels import row_layout
 from pallas_kernels.block_maps import LOWER, UPPER, document_block_halves, inverse_block_map
 from pallas_kernels.block_maps import distinct_ascending, sorted_causal_block_indices, span_blocks
@@ -103,23 +104,22 @@ DQ = "auto"
 # dK/dV (H100, 2026-12-06: 8k 8.06 vs 8.43 ms, 16k 17.97 vs 18.70, 64k on a trained LM's selection
 # 94.51 vs 95.81, G = 8 141.79 vs 142.60), and off the Triton lowering that JAX 0.11 deprecates.
 DKV = "auto"
-# Packed rows whose documents all start on a multiple of l' (checked at run time: a `lax.cond`)
-# have whole blocks: the unpacked kernels run on them (`_on_aligned_blocks`), Mosaic GPU on
+# Packed rows whose documents all start on a multiple of l' (checked at run time:
+# `packed_rows.route`) have whole blocks: the unpacked kernels run on them, Mosaic GPU on
 # Hopper, instead of the Triton kernels with halves (False: halves always). On an H100
 # (2026-12-07, bd6558c), a 64k row of 8 x 8k documents 36.54 / 92.60 -> 28.00 / 76.59 ms fwd /
 # fwd+bwd with it and `top_n.PACKED_NARROW_WIDTHS` (BENCHMARKS "Packed rows"); the GPU tests
 # (`pytest -m gpu tests/test_packing.py`, which set it) passed on an H100 at 3c1342e.
 WHOLE_BLOCK_DOCUMENTS = True
 # Packed rows whose documents do not all start on a multiple of l' (files as they come): with
-# WHOLE_BLOCK_DOCUMENTS, the row is spread into one PADDED_ROW_EXTRA longer in which every
-# document starts on the next multiple of l' (`_padded_row`), the unpacked kernels run there on
-# whole blocks, and the output is read back at each position's place; rows whose documents need
-# more padding than that take the halves (False: the halves always). On an H100 (2026-12-07,
-# d4faddb), a 64k row of 8 documents one token off the boundaries 41.02 / 112.32 -> 29.88 /
+# WHOLE_BLOCK_DOCUMENTS, the row is spread into one `packed_rows.EXTRA` longer in which every
+# document starts on the next multiple of l' (`packed_rows.padded_row`), the unpacked kernels
+# run there on whole blocks, and the output is read back at each position's place; rows whose
+# documents need more padding than that take the halves (False: the halves always). On an H100
+# (2026-12-07, d4faddb), a 64k row of 8 documents one token off the boundaries 41.02 / 112.32 -> 29.88 /
 # 84.22 ms fwd / fwd+bwd (64 documents: 19.43 / 61.15; BENCHMARKS "Packed rows"); the GPU tests
 # (`pytest -m gpu tests/test_packing.py`, which set it) passed on the same H100.
 PADDED_ROWS = True
-PADDED_ROW_EXTRA = 1 / 8
 
 
 def _visible(block_start, query_pos, loaded, block):
@@ -741,123 +741,22 @@ def selected_attention(q, k, v, block_indices, *, block: int, scale: float,
       holds tokens `[s + j*l', s + (j+1)*l')`). Chosen at run time: where every document
       starts on a multiple of `l'` (`WHOLE_BLOCK_DOCUMENTS`), those are whole blocks of the row
       and the unpacked kernels run on them (Mosaic GPU on Hopper); else on a row padded so
-      that they are (`PADDED_ROWS`, where T * PADDED_ROW_EXTRA holds the padding); else the
+      that they are (`PADDED_ROWS`, where `packed_rows.EXTRA` of T holds the padding); else the
       kernels walk aligned blocks with halves (Triton) and `indices_sorted` is ignored.
 
   Returns:
     `[B, T, Hq, Dv]` in q.dtype; differentiable in q, k and v.
   """
   if document_starts is not None:
-    def padded_indices(padded, inverse):  # document block j -> block S' // l' + j of the row
-      shift = (padded - (jnp.arange(padded.shape[1]) - document_starts)) // block
-      return _take_rows(jnp.where(block_indices >= 0, block_indices + shift[..., None, None], -1),
-                        inverse, fill=-1)
-
-    return _packed_route(
-        document_starts, block,
-        lambda: _unpacked_call(q, k, v, _on_aligned_blocks(block_indices, document_starts, block),
-                               block, scale, interpret, indices_sorted),
-        lambda: _padded_row_call(q, k, v, document_starts, padded_indices, block, scale,
-                                 interpret, indices_sorted),
+    unpacked = lambda q, k, v, blocks: _unpacked_call(q, k, v, blocks, block, scale, interpret,
+                                                      indices_sorted)
+    return packed_rows.selection(
+        unpacked,
         lambda: _halves_attention(q, k, v, *document_block_halves(block_indices, document_starts,
-                                                                  block), block, scale, interpret))
+                                                                  block), block, scale, interpret),
+        q, k, v, block_indices, document_starts, block, whole_blocks=WHOLE_BLOCK_DOCUMENTS,
+        padded_rows=PADDED_ROWS)
   return _unpacked_call(q, k, v, block_indices, block, scale, interpret, indices_sorted)
-
-
-def _packed_route(first, block, on_whole_blocks, on_padded_row, on_halves):
-  """Packed rows, decided at run time from `first` (each position's first key: its document's
-  start, or its window span's, past the position for an empty span): `on_whole_blocks()` where
-  every non-empty span starts on a multiple of `block` (`WHOLE_BLOCK_DOCUMENTS`), else
-  `on_padded_row()` where the padded row holds the row (`PADDED_ROWS`), else `on_halves()`."""
-  if not WHOLE_BLOCK_DOCUMENTS:
-    return on_halves()
-  position = jnp.arange(first.shape[1], dtype=first.dtype)
-  whole = jnp.all((first % block == 0) | (first > position))
-  if not PADDED_ROWS:
-    return jax.lax.cond(whole, on_whole_blocks, on_halves)
-  # Each non-empty span must start at a start of its own (`first[first[t]] == first[t]`, as a
-  # document's first token does), which the padded row puts on a whole block.
-  anchored = (first > position) | (
-      jnp.take_along_axis(first, jnp.minimum(first, position), axis=1) == first)
-  fits = jnp.all(anchored) & jnp.all(
-      _padded_row(first, block)[0][:, -1] < _padded_length(first.shape[1], block))
-  route = jnp.where(whole, 0, jnp.where(fits, 1, 2))
-  return jax.lax.switch(route, [on_whole_blocks, on_padded_row, on_halves])
-
-
-def _padded_length(seq_len: int, block: int) -> int:
-  """Positions of the padded row (`_padded_row`): T plus PADDED_ROW_EXTRA, whole blocks."""
-  return -(-int(seq_len * (1 + PADDED_ROW_EXTRA)) // block) * block + block
-
-
-def _padded_row(first, block: int):
-  """`(padded int32 [B, T], inverse int32 [B, T'])`: each position's place in a row where every
-  position that starts its own keys (`first[t] == t`: a document's first token) lies on a
-  multiple of `block`, moved on by the padding it and the starts before it needed; `inverse`
-  maps the padded row's places back (-1: padding). Places past `T' = _padded_length(T)` (a row
-  that needs more padding) are dropped."""
-  b, t = first.shape
-  position = jnp.arange(t, dtype=jnp.int32)
-  start = (first == position) & (position > 0)
-  last_start = jax.lax.cummax(jnp.where(start, position, 0), axis=1)
-  previous = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), last_start[:, :-1]], axis=1)
-  # The previous start lies on a multiple of l' already: this one needs its distance's rest.
-  padding = jnp.where(start, -(position - previous) % block, 0)
-  padded = position + jnp.cumsum(padding, axis=1, dtype=jnp.int32)
-  rows = jnp.arange(b, dtype=jnp.int32)[:, None]
-  inverse = jnp.full((b, _padded_length(t, block)), -1, jnp.int32).at[rows, padded].set(
-      position, mode="drop")
-  return padded, inverse
-
-
-def _take_rows(x, rows, fill=0):
-  """`x[b, rows[b, i]]` for `x [B, N, ...]` and int `rows [B, M]` (-1: `fill`)."""
-  index = jnp.maximum(rows, 0).reshape(rows.shape + (1,) * (x.ndim - 2))
-  taken = jnp.take_along_axis(x, index, axis=1)
-  return jnp.where((rows >= 0).reshape(index.shape), taken, fill)
-
-
-@jax.custom_vjp
-def _moved_rows(x, rows, back):
-  """`_take_rows(x, rows)` where `back` maps the result's rows back (`rows` one-to-one, -1 on
-  both sides where nothing moves): its transpose is the gather by `back`, not the scatter-add
-  XLA would make of it. Spreads a row to the padded row (`rows = inverse`, zeros at the padding)
-  and reads it back (`rows = padded`)."""
-  del back
-  return _take_rows(x, rows)
-
-
-def _moved_rows_fwd(x, rows, back):
-  return _moved_rows(x, rows, back), (rows, back)
-
-
-def _moved_rows_bwd(residuals, d_moved):
-  _, back = residuals
-  return _take_rows(d_moved, back), None, None
-
-
-_moved_rows.defvjp(_moved_rows_fwd, _moved_rows_bwd)
-
-
-def _padded_row_call(q, k, v, first, padded_indices, block, scale, interpret, indices_sorted):
-  """The unpacked kernels on the row spread so that every position that starts its own keys (a
-  document's first token) starts a whole block (`_padded_row`); `padded_indices(padded,
-  inverse)` gives the padded row's blocks (`[B, T', Hkv, n]`, -1 at the padding). The
-  padding's queries choose no block; no query reaches a padding key (they follow their
-  document's last token: the causal mask)."""
-  padded, inverse = _padded_row(first, block)
-  spread = lambda x: _moved_rows(x, inverse, padded)
-  out = _unpacked_call(spread(q), spread(k), spread(v), padded_indices(padded, inverse), block,
-                       scale, interpret, indices_sorted)
-  return _moved_rows(out, padded, inverse)
-
-
-def _on_aligned_blocks(block_indices, document_starts, block: int):
-  """Document-local blocks as the row's blocks where every document starts on a block boundary:
-  block `j` of a document starting at `s` is then block `s // l' + j` of the row, whole (entries
-  `< 0` stay -1; future ones stay future, which the kernels' clean-up or `indices_sorted` drop)."""
-  shift = (document_starts // block)[:, :, None, None]
-  return jnp.where(block_indices >= 0, block_indices + shift, -1).astype(jnp.int32)
 
 
 def _halves_attention(q, k, v, aligned, codes, offsets, block, scale, interpret):
@@ -886,18 +785,15 @@ def span_attention(q, k, v, first, *, width: int, block: int, scale: float,
   kernels with halves (Triton).
   Returns `[B, T, Hq, Dv]` in q.dtype."""
   first = first.astype(jnp.int32)
-  position = jnp.arange(first.shape[1], dtype=jnp.int32)
   aligned, codes, offsets = span_blocks(first, k.shape[2], width, block)
-
-  def padded_spans(padded, inverse):  # a span's start moves as its position (no start between)
-    moved = jnp.where(first > position, padded + 1, first + padded - position)
-    first_padded = jnp.where(inverse >= 0, _take_rows(moved, inverse),
-                             jnp.arange(inverse.shape[1], dtype=jnp.int32) + 1)
-    return span_blocks(first_padded, k.shape[2], width, block)[0]
-
-  return _packed_route(
+  unpacked = lambda q, k, v, blocks: _unpacked_call(q, k, v, blocks, block, scale, interpret,
+                                                    indices_sorted=True)
+  return packed_rows.route(
       first, block,
-      lambda: _unpacked_call(q, k, v, aligned, block, scale, interpret, indices_sorted=True),
-      lambda: _padded_row_call(q, k, v, first, padded_spans, block, scale, interpret,
-                               indices_sorted=True),
-      lambda: _halves_attention(q, k, v, aligned, codes, offsets, block, scale, interpret))
+      lambda: unpacked(q, k, v, aligned),
+      lambda: packed_rows.on_padded_row(
+          unpacked, q, k, v, first, block,
+          lambda padded, inverse: span_blocks(packed_rows.padded_span_starts(
+              first, padded, inverse), k.shape[2], width, block)[0]),
+      lambda: _halves_attention(q, k, v, aligned, codes, offsets, block, scale, interpret),
+      whole_blocks=WHOLE_BLOCK_DOCUMENTS, padded_rows=PADDED_ROWS)

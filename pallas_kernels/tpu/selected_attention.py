@@ -23,11 +23,18 @@ The `G` query heads of a KV group share the selected blocks and are stacked as m
   the chunks. A call holds the tables of every (sequence, KV head) for its chunk, so a batch too
   large for even one tile's tables is cut into several calls (`selected_attention`).
 
-Packed rows (`document_starts`): a document's block `j` is the upper part (offsets `>= r`,
-`r = s % l'`) of aligned block `s // l' + j` and the lower part of the next
-(`block_maps.document_block_halves`): the tiles walk aligned blocks as unpacked, with a second
-bit mask per union entry (the positions that chose its lower part) and each position's `r`; a
-dK/dV item's queries carry their code and `r` beside them in SMEM.
+Packed rows (`document_starts`), chosen at run time (`packed_rows.route`): where every document
+starts on a multiple of `l'` its blocks are whole blocks of the row and the kernels run as for
+unpacked rows (`WHOLE_BLOCK_DOCUMENTS`); else, where the padding fits, on the row spread so that
+every document does (`PADDED_ROWS`, `packed_rows.on_padded_row`). Otherwise a document's block
+`j` is the upper part (offsets `>= r`, `r = s % l'`) of aligned block `s // l' + j` and the
+lower part of the next (`block_maps.document_block_halves`): the tiles walk aligned blocks as
+unpacked, with a second bit mask per union entry (the positions that chose its lower part) and
+each position's `r`; a dK/dV item's queries carry their code and `r` beside them in SMEM. Cost
+model of the three: halves put up to `2n` blocks a position in the tile unions (twice the
+DMAs and the MXU work of whole blocks); the padded row adds a gather of q, the output, dO and
+dQ (each `T * Hq * D` elements read and written once more, ~1/8 more positions whose queries
+choose nothing), which the doubled block walk outweighs for any `n * l'` beyond a few blocks.
 
 Layout inside: queries `[B, Hkv, T_pad * Gp, Dp]` (position `t`'s heads are rows `t*Gp ..`),
 keys / values `[B, Hkv, Ts * l', Dp]`, the log-sum-exp and `delta` rows `[B, Hkv, 1, T_pad * Gp]`
@@ -44,6 +51,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels import packed_rows
 from pallas_kernels import row_layout
 from pallas_kernels.block_maps import LOWER, UPPER, document_block_halves
 from pallas_kernels.block_maps import inverse_block_map, union_and_owners
@@ -59,6 +67,10 @@ SMEM_BUDGET_BYTES = 256 * 1024  # prefetched int32 tables per call (SMEM is 1 Mi
 DKV_CHUNK = 64  # queries per dK/dV work item
 TILE_ROWS = 128  # query rows (positions x Gp) per forward / dQ step; a multiple of 128
 KV_BLOCKS = 4  # selected blocks per inner-loop step of the forward / dQ (one DMA group)
+# Packed rows: the unpacked kernels on whole blocks where every document starts on a multiple
+# of l', else on the padded row where it fits (`packed_rows.route`); False: halves always.
+WHOLE_BLOCK_DOCUMENTS = True
+PADDED_ROWS = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -579,17 +591,30 @@ def selected_attention(q, k, v, block_indices, *, block: int, scale: float,
     interpret: run under the TPU interpreter (CPU) with race detection.
     document_starts: int32 `[B, T]` or None: packed rows (SPEC.md), each position's document
       start; `block_indices` are then document-local (block `j` of a document starting at `s`
-      holds tokens `[s + j*l', s + (j+1)*l')`) and `indices_sorted` is ignored.
+      holds tokens `[s + j*l', s + (j+1)*l')`) and `indices_sorted` is ignored; the kernels
+      run on whole blocks, on the padded row or with halves (module docstring).
 
   Returns:
     `[B, T, Hq, Dv]` in q.dtype; differentiable in q, k and v.
   """
-  halves = None
   if document_starts is not None:
-    block_indices, codes, offsets = document_block_halves(block_indices, document_starts, block)
-    halves = (codes, offsets)
-  elif not indices_sorted:
+    unpacked = lambda q, k, v, blocks: _in_calls(
+        q, k, v, sorted_causal_block_indices(blocks, block), None, scale, block, interpret)
+
+    def on_halves():
+      aligned, codes, offsets = document_block_halves(block_indices, document_starts, block)
+      return _in_calls(q, k, v, aligned, (codes, offsets), scale, block, interpret)
+
+    return packed_rows.selection(unpacked, on_halves, q, k, v, block_indices, document_starts,
+                                 block, whole_blocks=WHOLE_BLOCK_DOCUMENTS,
+                                 padded_rows=PADDED_ROWS)
+  if not indices_sorted:
     block_indices = sorted_causal_block_indices(block_indices, block)
+  return _in_calls(q, k, v, block_indices, None, scale, block, interpret)
+
+
+def _in_calls(q, k, v, block_indices, halves, scale, block, interpret):
+  """`_selected_attention` on clean indices, the batch cut into calls whose tables fit SMEM."""
   documents = halves is not None
   # Raises if one sequence's tables are too many.
   lay = _layout(q[:1], v[:1], block_indices.shape[-1], block, documents)
