@@ -116,9 +116,9 @@ WHOLE_BLOCK_DOCUMENTS = True
 # document starts on the next multiple of l' (`packed_rows.padded_row`), the unpacked kernels
 # run there on whole blocks, and the output is read back at each position's place; rows whose
 # documents need more padding than that take the halves (False: the halves always). On an H100
-# (2026-12-07, d4faddb), a 64k row of 8 documents one token off the boundaries 41.02 / 112.32 -> 29.88 /
-# 84.22 ms fwd / fwd+bwd (64 documents: 19.43 / 61.15; BENCHMARKS "Packed rows"); the GPU tests
-# (`pytest -m gpu tests/test_packing.py`, which set it) passed on the same H100.
+# (2026-12-07, d4faddb), a 64k row of 8 documents one token off the boundaries 41.02 / 112.32 ->
+# 29.88 / 84.22 ms fwd / fwd+bwd (64 documents: 19.43 / 61.15; BENCHMARKS "Packed rows"); the GPU
+# tests (`pytest -m gpu tests/test_packing.py`, which set it) passed on the same H100.
 PADDED_ROWS = True
 
 

@@ -31,10 +31,12 @@ every document does (`PADDED_ROWS`, `packed_rows.on_padded_row`). Otherwise a do
 lower part of the next (`block_maps.document_block_halves`): the tiles walk aligned blocks as
 unpacked, with a second bit mask per union entry (the positions that chose its lower part) and
 each position's `r`; a dK/dV item's queries carry their code and `r` beside them in SMEM. Cost
-model of the three: halves put up to `2n` blocks a position in the tile unions (twice the
-DMAs and the MXU work of whole blocks); the padded row adds a gather of q, the output, dO and
-dQ (each `T * Hq * D` elements read and written once more, ~1/8 more positions whose queries
-choose nothing), which the doubled block walk outweighs for any `n * l'` beyond a few blocks.
+model (not measured on a TPU): halves put up to `2n` blocks a position in the tile unions, up to
+twice the K/V DMAs and MXU work of whole blocks; the padded row instead moves q, the output, dO
+and dQ once more through HBM (`8 G D` elements a position, read and written) and adds 1/8
+positions that choose nothing. At the paper's sizes (n = 16, l' = 64, G = 16: 8 positions a
+tile) the halves' extra K/V DMA alone is up to `2 n l' D / 8 = 256 D` elements a position, the
+padded row's `128 D`, before the halves' extra MXU work.
 
 Layout inside: queries `[B, Hkv, T_pad * Gp, Dp]` (position `t`'s heads are rows `t*Gp ..`),
 keys / values `[B, Hkv, Ts * l', Dp]`, the log-sum-exp and `delta` rows `[B, Hkv, 1, T_pad * Gp]`
