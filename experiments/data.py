@@ -198,21 +198,24 @@ def answer_weights(seq_len: int, answers: np.ndarray, other_weight: float) -> np
 
 class MQARBatches(Batches):
   """Multi-query associative recall sequences of `seq_len + 1` token ids (`tasks.mqar_example`:
-  `num_pairs` key-value pairs placed by `placement`, asked back at the end); train and held-out
-  rows come from different random streams."""
+  `num_pairs` key-value pairs placed by `placement`, asked back at the end; keys and values
+  from the first `ids` ids of their ranges, 0: all); train and held-out rows come from different
+  random streams."""
 
   def __init__(self, batch_size, seq_len, seed, *, num_pairs: int, vocab_size: int,
-               placement: str = "uniform", other_weight: float = 0.0):
+               placement: str = "uniform", other_weight: float = 0.0, ids: int = 0):
     self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
     self.num_pairs, self.vocab_size, self.placement = num_pairs, vocab_size, placement
-    tasks.mqar_example(np.random.default_rng(0), seq_len + 1, num_pairs, vocab_size, placement)
+    self.ids = ids
+    tasks.mqar_example(np.random.default_rng(0), seq_len + 1, num_pairs, vocab_size, placement,
+                       ids)
     self.loss_weights = answer_weights(
         seq_len, tasks.mqar_answer_targets(seq_len + 1, num_pairs), other_weight)
 
   def batch(self, split: str, step: int) -> np.ndarray:
     rng = np.random.default_rng([self.seed, 0 if split == "train" else 1, step])
     return tasks.mqar_batch(rng, self.batch_size, self.seq_len + 1, self.num_pairs,
-                            self.vocab_size, self.placement)
+                            self.vocab_size, self.placement, self.ids)
 
 
 class PasskeyBatches(ByteBatches):

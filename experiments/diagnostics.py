@@ -211,11 +211,11 @@ def passkey_probe(filler, seq_len: int, samples: int, seed: int = 1,
 
 
 def mqar_probe(seq_len: int, num_pairs: int, vocab_size: int, placement: str, samples: int,
-               seed: int = 1):
+               seed: int = 1, ids: int = 0):
   """`(tokens [B, seq_len - 1], queries [pairs], targets [B, pairs])` of MQAR sequences: the
   queried keys' positions and the position of each queried pair's value."""
   rng = np.random.default_rng([seed, seq_len])
-  examples = [tasks.mqar_example(rng, seq_len, num_pairs, vocab_size, placement)
+  examples = [tasks.mqar_example(rng, seq_len, num_pairs, vocab_size, placement, ids)
               for _ in range(samples)]
   tokens = np.stack([t for t, _ in examples])[:, :-1]
   values = np.stack([p for _, p in examples]) + 1  # [B, pairs]

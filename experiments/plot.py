@@ -195,7 +195,7 @@ def answer_probe(config, samples, seed=1):
   data = config.data
   if data.source == "mqar":
     return diagnostics.mqar_probe(config.seq_len + 1, data.mqar_pairs, train.vocab_size(config),
-                                  data.mqar_placement, samples, seed)
+                                  data.mqar_placement, samples, seed, data.get("mqar_ids", 0))
   filler = train.build_data(config).splits["held_out"]
   return diagnostics.passkey_probe(filler, config.seq_len + 1, samples, seed,
                                    train.passkey_digits(config))
@@ -229,7 +229,8 @@ def _mqar_plots(config, model, name, lengths, num_bins, samples, out):
   data = config.data
   grid = tasks.mqar_accuracy_by_depth(
       train.logits_fn(model), lengths, data.mqar_pairs,
-      train.vocab_size(config), num_bins, samples, data.mqar_placement, seed=1)
+      train.vocab_size(config), num_bins, samples, data.mqar_placement, seed=1,
+      ids=data.get("mqar_ids", 0))
   bins = [f"{b / num_bins:.0%}-{(b + 1) / num_bins:.0%}" for b in range(num_bins)]
   result = dict(lengths=list(lengths), depth_bins=bins, samples=samples,
                 train_len=config.seq_len + 1,

@@ -142,13 +142,19 @@ def passkey_accuracy(logits_fn, filler, lengths, depths, samples: int, seed: int
 MQAR_PLACEMENTS = ("uniform", "start", "cluster")
 
 
-def mqar_vocab(vocab_size: int):
+def mqar_vocab(vocab_size: int, ids: int = 0):
   """Disjoint id ranges `(filler, keys, values)` of a vocabulary: half filler, a quarter each
-  keys and values."""
+  keys and values; `ids > 0` keeps only the first `ids` of the key and of the value range (an
+  id-range curriculum: a model learns recall on few ids before it meets them all)."""
   if vocab_size < 16:
     raise ValueError(f"vocab_size ({vocab_size}) must be at least 16 for MQAR's id ranges")
   half, quarter = vocab_size // 2, vocab_size // 4
-  return (0, half), (half, half + quarter), (half + quarter, vocab_size)
+  if not 0 <= ids <= quarter:
+    raise ValueError(f"ids ({ids}) must be in [0, {quarter}], the key ids of vocab_size "
+                     f"{vocab_size} (0: all)")
+  if ids == 0:
+    return (0, half), (half, half + quarter), (half + quarter, vocab_size)
+  return (0, half), (half, half + ids), (half + quarter, half + quarter + ids)
 
 
 def mqar_answer_targets(seq_len: int, num_pairs: int) -> np.ndarray:
@@ -159,7 +165,7 @@ def mqar_answer_targets(seq_len: int, num_pairs: int) -> np.ndarray:
 
 
 def mqar_example(rng: np.random.Generator, seq_len: int, num_pairs: int, vocab_size: int,
-                 placement: str = "uniform"):
+                 placement: str = "uniform", ids: int = 0):
   """One sequence of `seq_len` token ids.
 
   `num_pairs` adjacent (key, value) tokens, keys distinct, sit in the first `seq_len - 2 *
@@ -171,7 +177,7 @@ def mqar_example(rng: np.random.Generator, seq_len: int, num_pairs: int, vocab_s
   when the cluster is recent; a learned compression of 8 tokens still told 4 pairs apart in
   RESULTS.md's runs). The last `2 * num_pairs` tokens are `num_pairs` queries, each a key of a
   pair drawn at random with replacement (so no answer follows from the values asked before
-  it), followed by its value.
+  it), followed by its value. Keys and values come from `mqar_vocab(vocab_size, ids)`.
 
   Returns:
     `(tokens int32 [seq_len], pair_positions int [num_pairs])`: where each query's key sits in
@@ -179,10 +185,10 @@ def mqar_example(rng: np.random.Generator, seq_len: int, num_pairs: int, vocab_s
   """
   if placement not in MQAR_PLACEMENTS:
     raise ValueError(f"placement must be one of {MQAR_PLACEMENTS}, got {placement!r}")
-  (f0, f1), (k0, k1), (v0, v1) = mqar_vocab(vocab_size)
+  (f0, f1), (k0, k1), (v0, v1) = mqar_vocab(vocab_size, ids)
   if num_pairs > k1 - k0:
     raise ValueError(f"num_pairs ({num_pairs}) exceeds the {k1 - k0} key ids of vocab_size "
-                     f"{vocab_size}")
+                     f"{vocab_size} (ids {ids})")
   context = seq_len - 2 * num_pairs
   if context < 2 * num_pairs:
     raise ValueError(f"seq_len ({seq_len}) is shorter than {num_pairs} pairs asked back "
@@ -208,22 +214,23 @@ def mqar_example(rng: np.random.Generator, seq_len: int, num_pairs: int, vocab_s
 
 
 def mqar_batch(rng, batch_size: int, seq_len: int, num_pairs: int, vocab_size: int,
-               placement: str = "uniform"):
+               placement: str = "uniform", ids: int = 0):
   """int32 `[batch_size, seq_len]`."""
-  return np.stack([mqar_example(rng, seq_len, num_pairs, vocab_size, placement)[0]
+  return np.stack([mqar_example(rng, seq_len, num_pairs, vocab_size, placement, ids)[0]
                    for _ in range(batch_size)])
 
 
 def mqar_accuracy(logits_fn, seq_len: int, num_pairs: int, vocab_size: int, samples: int,
-                  placement: str = "uniform", seed: int = 0):
+                  placement: str = "uniform", seed: int = 0, ids: int = 0):
   """Fraction of queried values predicted (greedy, after their key), over `samples` sequences
   of `seq_len` tokens."""
   return mqar_accuracies(logits_fn, seq_len, num_pairs, vocab_size, samples, placement,
-                         seed)["mqar_accuracy"]
+                         seed, ids)["mqar_accuracy"]
 
 
 def mqar_accuracies(logits_fn, seq_len: int, num_pairs: int, vocab_size: int, samples: int,
-                    placement: str = "uniform", seed: int = 0) -> dict[str, float]:
+                    placement: str = "uniform", seed: int = 0,
+                    ids: int = 0) -> dict[str, float]:
   """`mqar_accuracy` (every query) and `mqar_first_accuracy` (only queries whose key was not
   asked before in the same sequence), from one evaluation of `samples` sequences.
 
@@ -233,7 +240,7 @@ def mqar_accuracies(logits_fn, seq_len: int, num_pairs: int, vocab_size: int, sa
   context. First-time queries can only be answered from the pairs in the context.
   """
   hits, pair_positions = _mqar_recall(logits_fn, seq_len, num_pairs, vocab_size, samples,
-                                      placement, seed)
+                                      placement, seed, ids)
   first = np.ones_like(hits)
   for i in range(1, num_pairs):  # a pair's position identifies its key
     first[:, i] = np.all(pair_positions[:, :i] != pair_positions[:, i:i + 1], axis=1)
@@ -241,11 +248,11 @@ def mqar_accuracies(logits_fn, seq_len: int, num_pairs: int, vocab_size: int, sa
               mqar_first_accuracy=float(np.mean(hits[first])))
 
 
-def _mqar_recall(logits_fn, seq_len, num_pairs, vocab_size, samples, placement, seed):
+def _mqar_recall(logits_fn, seq_len, num_pairs, vocab_size, samples, placement, seed, ids):
   """`(hits bool [samples, num_pairs], pair_positions [samples, num_pairs])` of greedy
   predictions on `samples` sequences drawn from `seed`."""
   rng = np.random.default_rng([seed, seq_len, num_pairs])
-  examples = [mqar_example(rng, seq_len, num_pairs, vocab_size, placement)
+  examples = [mqar_example(rng, seq_len, num_pairs, vocab_size, placement, ids)
               for _ in range(samples)]
   tokens = np.stack([t for t, _ in examples])
   targets = mqar_answer_targets(seq_len, num_pairs)
@@ -254,7 +261,8 @@ def _mqar_recall(logits_fn, seq_len, num_pairs, vocab_size, samples, placement, 
 
 
 def mqar_accuracy_by_depth(logits_fn, lengths, num_pairs: int, vocab_size: int, num_bins: int,
-                           samples: int, placement: str = "uniform", seed: int = 0):
+                           samples: int, placement: str = "uniform", seed: int = 0,
+                           ids: int = 0):
   """Recall accuracy by context length and by the depth of the queried pair.
 
   A pair's depth is its key's position over the context length (0: the start, 1: just before
@@ -266,7 +274,7 @@ def mqar_accuracy_by_depth(logits_fn, lengths, num_pairs: int, vocab_size: int, 
   grid = np.full((len(lengths), num_bins), np.nan)
   for row, length in enumerate(lengths):
     hits, pair_positions = _mqar_recall(logits_fn, length, num_pairs, vocab_size, samples,
-                                        placement, seed)
+                                        placement, seed, ids)
     depth = pair_positions / (length - 2 * num_pairs)  # [samples, pairs]
     bins = np.minimum((depth * num_bins).astype(int), num_bins - 1)
     for b in range(num_bins):

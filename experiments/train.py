@@ -137,8 +137,8 @@ def build_data(config):
   if data.source == "mqar":
     return data_lib.MQARBatches(
         *args, num_pairs=data.mqar_pairs, placement=data.mqar_placement,
-        vocab_size=vocab_size(config),
-        other_weight=data.other_weight)
+        vocab_size=vocab_size(config), other_weight=data.other_weight,
+        ids=data.get("mqar_ids", 0))
   text = data_lib.stdlib_source_bytes(data.max_bytes)
   if data.source == "passkey":
     return data_lib.PasskeyBatches(text, *args, other_weight=data.other_weight,
@@ -302,10 +302,10 @@ def _train(config, workdir, batches, mesh):
           record.update(tasks.mqar_accuracies(
               logits_fn(model), config.seq_len + 1,
               batches.num_pairs, batches.vocab_size, samples=config.eval_samples,
-              placement=batches.placement, seed=step))
+              placement=batches.placement, seed=step, ids=batches.ids))
           probe = diagnostics.mqar_probe(config.seq_len + 1, batches.num_pairs,
                                          batches.vocab_size, batches.placement,
-                                         config.eval_samples, seed=step)
+                                         config.eval_samples, seed=step, ids=batches.ids)
         if config.data.source in ("passkey", "mqar"):  # how the answers were (not) found
           record.update(diagnostics.token_attention(model, *probe))
           if config.attention != "dense":

@@ -145,10 +145,27 @@ def test_mqar_first_accuracy_does_not_count_answers_copied_from_earlier_queries(
   assert 0.15 < scores["mqar_accuracy"] < 0.55 and scores["mqar_first_accuracy"] == 0.0
 
 
+def test_mqar_ids_draw_keys_and_values_from_the_first_ids_of_their_ranges():
+  """An id-range curriculum's early stage: the pairs use only 3 key and 3 value ids, all of
+  them over enough rows; 0 means every id of the ranges."""
+  assert tasks.mqar_vocab(VOCAB, 3) == ((0, 32), (32, 35), (48, 51))
+  assert tasks.mqar_vocab(VOCAB, 0) == tasks.mqar_vocab(VOCAB) == ((0, 32), (32, 48), (48, 64))
+  rows = tasks.mqar_batch(np.random.default_rng(4), 50, 40, 3, VOCAB, "uniform", ids=3)
+  pairs = np.concatenate([rows[:, -6::2], rows[:, -5::2]], axis=1)
+  assert set(np.unique(pairs).tolist()) == {32, 33, 34, 48, 49, 50}
+  context = rows[:, :-6]
+  assert np.all((context < 32) | np.isin(context, [32, 33, 34, 48, 49, 50]))
+  wide = tasks.mqar_batch(np.random.default_rng(4), 50, 40, 3, VOCAB, "uniform")
+  assert np.unique(wide[:, -6::2]).size > 10  # the default draws from all 16 keys
+
+
 @pytest.mark.parametrize("args,match", [
     ((60, 16, VOCAB), "shorter than 16 pairs asked back"),
     ((200, 17, VOCAB), "exceeds the 16 key ids"),
     ((200, 2, 8), "at least 16"),
+    ((200, 4, VOCAB, "uniform", 3), r"exceeds the 3 key ids of vocab_size 64 \(ids 3\)"),
+    ((200, 2, VOCAB, "uniform", 17), r"ids \(17\) must be in \[0, 16\]"),
+    ((200, 2, VOCAB, "uniform", -1), r"ids \(-1\) must be in"),
 ])
 def test_bad_mqar_arguments_are_rejected(args, match):
   with pytest.raises(ValueError, match=match):

@@ -161,11 +161,16 @@ def test_passkey_source_trains_and_reports_retrieval_accuracy(tmp_path):
 
 
 @pytest.mark.parametrize("attention", ["nsa", "dense"])
-def test_mqar_source_trains_and_logs_recall_accuracy(tmp_path, attention):
+def test_mqar_source_trains_and_logs_recall_accuracy(tmp_path, monkeypatch, attention):
   config = small_config(steps=3, attention=attention)
   config.seq_len, config.data.source, config.data.mqar_pairs = 96, "mqar", 4
   config.model.vocab_size, config.data.other_weight = 64, 0.0
+  config.data.mqar_ids = 5  # an id-range curriculum's stage
+  made = []  # the (placement, ids) of every MQAR row: training, accuracy and probe rows alike
+  example = tasks.mqar_example
+  monkeypatch.setattr(tasks, "mqar_example", lambda *args: made.append(args[4:]) or example(*args))
   records = train.run(config, str(tmp_path))
+  assert len(made) > 2 * config.batch_size and set(made) == {("uniform", 5)}
   evaluations = [r for r in records if "mqar_accuracy" in r]
   assert evaluations and all(0.0 <= r[name] <= 1.0 for r in evaluations
                              for name in ("mqar_accuracy", "mqar_first_accuracy"))

@@ -48,7 +48,9 @@ def get_config():
       peak_learning_rate=3e-3, warmup_steps=20, weight_decay=0.01, clip_norm=1.0))
   # "stdlib": bytes of the standard library's sources; "passkey": needles in them; "mqar":
   # multi-query associative recall over the model's vocab_size token ids (`mqar_pairs` pairs
-  # placed "uniform"-ly, at the "start", or one after another in a "cluster" at a random place);
+  # placed "uniform"-ly, at the "start", or one after another in a "cluster" at a random place;
+  # `mqar_ids` > 0: keys and values from only the first that many of their ids, a curriculum's
+  # early stage);
   # "text": bytes of the files matching the glob `path`; "tokens": ids in the .npy / .bin
   # (`dtype`) files matching `path`. The tasks' loss weighs their answers 1 and the other targets
   # `other_weight` (1: plain language modelling). `pack_documents` ("stdlib" / "text"): each file
@@ -62,6 +64,6 @@ def get_config():
   # answers meet the blocks at every offset (0: always at the end).
   config.data = ml_collections.ConfigDict(dict(
       source="stdlib", max_bytes=4_000_000, path="", dtype="uint16", mqar_pairs=8,
-      mqar_placement="uniform", other_weight=1.0, pack_documents=False, pack_align=0,
+      mqar_placement="uniform", mqar_ids=0, other_weight=1.0, pack_documents=False, pack_align=0,
       passkey_digits=5, passkey_min_distance=0, passkey_max_shift=0))
   return config
