@@ -102,15 +102,23 @@ def test_compressed_blocks_sit_in_their_documents_slots(impl):
 
 
 def per_document(fn, arrays, rows=DOCUMENTS):
-  """`fn` applied to each document alone, reassembled into packed rows (arrays `[B, T, ...]`)."""
+  """`fn` applied to each document alone, reassembled into packed rows (arrays `[B, T, ...]`).
+
+  Each document runs zero-padded at its end to the rows' length T: every function here is
+  causal, so positions past a document's end change nothing before it (with a zero cotangent
+  there, not its gradients either), and one shape for all documents compiles `fn`'s programs
+  once rather than once a document length."""
   outputs = None
+  length = arrays[0].shape[1]
   for b, start, end in documents(rows):
-    result = fn(*[x[b:b + 1, start:end] for x in arrays])
+    pad = lambda x: np.pad(x[b:b + 1, start:end], [(0, 0), (0, length - (end - start))]
+                           + [(0, 0)] * (x.ndim - 2))
+    result = fn(*[pad(x) for x in arrays])
     result = result if isinstance(result, tuple) else (result,)
     if outputs is None:
       outputs = [np.zeros(arrays[0].shape[:2] + r.shape[2:], r.dtype) for r in result]
     for out, r in zip(outputs, result):
-      out[b, start:end] = r[0]
+      out[b, start:end] = r[0, :end - start]
   return outputs
 
 
@@ -158,9 +166,8 @@ def test_each_branch_and_the_selection_equal_their_documents_alone(impl):
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_nsa_values_and_gradients_equal_their_documents_alone(impl):
   q, k, v = random_qkv(2, 45, 4, 2, 16)
-  segment_ids = segment_ids_of(DOCUMENTS)
 
-  def packed(q, k, v, gates):
+  def packed(q, k, v, gates, segment_ids):
     k_cmp, v_cmp = compress(k, v, segment_ids)
     return IMPLEMENTATIONS[impl].nsa_attention(q, k, v, gates, k_cmp, v_cmp, SCALE,
                                                config=CONFIG, segment_ids=segment_ids)
@@ -264,11 +271,24 @@ def test_span_blocks_cover_exactly_each_span_and_walk_nothing_for_an_empty_one()
   assert np.any(first > positions) and np.any(first <= positions)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _values_and_grads(packed_fn, arrays, constants, segment_ids, cotangent):
+  """`packed_fn`'s output and the gradients in `arrays` of its product with `cotangent`,
+  jitted with the segment ids an argument: other rows of the same shapes reuse its programs."""
+  def loss(*xs):
+    out = packed_fn(*xs, *constants, segment_ids)
+    return jnp.sum(out * cotangent), out
+  (_, out), grads = jax.value_and_grad(loss, tuple(range(len(arrays))), has_aux=True)(*arrays)
+  return out, grads
+
+
 def _check_against_documents_alone(packed_fn, alone_fn, arrays, constants=(), rows=DOCUMENTS):
-  """`packed_fn(*arrays, *constants)` (packed rows) against `alone_fn` on each document alone
-  (all `[B, T, ...]`, sliced per document): values and the gradients in `arrays` of a random
-  linear loss."""
-  cotangent = jax.random.normal(fresh_key(), packed_fn(*arrays, *constants).shape)
+  """`packed_fn(*arrays, *constants, segment_ids)` on the packed rows `rows` against `alone_fn`
+  on each document alone (all `[B, T, ...]`, sliced per document): values and the gradients in
+  `arrays` of a random linear loss."""
+  segment_ids = segment_ids_of(rows)
+  out_shape = jax.eval_shape(packed_fn, *arrays, *constants, segment_ids).shape
+  cotangent = jax.random.normal(fresh_key(), out_shape)
   argnums = tuple(range(len(arrays)))
 
   def alone(*args):
@@ -277,9 +297,8 @@ def _check_against_documents_alone(packed_fn, alone_fn, arrays, constants=(), ro
     (_, out), grads = jax.value_and_grad(loss, argnums, has_aux=True)(*xs)
     return (out, *grads)
 
-  packed_loss = lambda *xs: (jnp.sum(packed_fn(*xs, *constants) * cotangent),
-                             packed_fn(*xs, *constants))
-  (_, out), grads = jax.value_and_grad(packed_loss, argnums, has_aux=True)(*arrays)
+  out, grads = _values_and_grads(packed_fn, tuple(arrays), tuple(constants), segment_ids,
+                                 cotangent)
   expected = per_document(alone, (*arrays, *constants, cotangent), rows)
   assert_close(out, expected[0])
   for grad, want in zip(grads, expected[1:]):
@@ -315,34 +334,34 @@ def test_the_padded_row_puts_each_document_on_a_whole_block():
   np.testing.assert_array_equal(padded, np.broadcast_to(position, (2, 45)))  # aligned: as is
 
 
-@pytest.mark.parametrize("impl, pack_rows, rows", [
-    ("pallas_gpu", 0, DOCUMENTS),  # halves, one position a program
-    ("pallas_gpu", 16, DOCUMENTS),  # halves, 8 positions x 2 heads a program
-    ("pallas_gpu", 0, ALIGNED_DOCUMENTS),  # whole blocks: the unpacked kernels
-    ("pallas_gpu", 0, PADDED_DOCUMENTS),  # the unpacked kernels on the padded row
-    ("pallas_tpu", None, DOCUMENTS),  # halves
-    ("pallas_tpu", None, PADDED_DOCUMENTS)])
+@pytest.mark.parametrize("impl, pack_rows, row_sets", [
+    # Halves (one position a program), whole blocks (the unpacked kernels), the unpacked
+    # kernels on the padded row; then halves with 8 positions x 2 heads a program.
+    ("pallas_gpu", 0, (DOCUMENTS, ALIGNED_DOCUMENTS, PADDED_DOCUMENTS)),
+    ("pallas_gpu", 16, (DOCUMENTS,)),
+    ("pallas_tpu", None, (DOCUMENTS, PADDED_DOCUMENTS))])  # halves, the padded row
 def test_kernel_selected_attention_values_and_gradients_equal_their_documents_alone(
-    monkeypatch, impl, pack_rows, rows):
+    monkeypatch, impl, pack_rows, row_sets):
   """The Triton kernels (interpret mode) and the Mosaic TPU kernels (TPU interpreter) on
-  document-local selections, on each packed route: forward, dQ and dK/dV."""
+  document-local selections, on each packed route: forward, dQ and dK/dV. The routes' row sets
+  run in one test: the same shapes, so the kernels compile once for all of them."""
   if pack_rows is not None:
     from pallas_kernels.gpu import selected_attention as gpu_selected
     monkeypatch.setattr(gpu_selected, "PACK_ROWS", pack_rows)
-  q, k, v = random_qkv(2, 45, 4, 2, 16)
-  segment_ids = segment_ids_of(rows)
-  # The selection of the packed rows, plus random extra picks (repeats, -1, future blocks).
-  chosen = reference.select_blocks(q, compress(k, v, segment_ids)[0], SCALE, config=CONFIG,
-                                   segment_ids=segment_ids)
-  extra = jax.random.randint(fresh_key(), chosen.shape[:3] + (2,), -1, 6)
-  indices = jnp.concatenate([chosen, extra], axis=-1)
-  _check_against_documents_alone(
-      lambda q, k, v, idx: nsa_jax.selected_attention(
-          q, k, v, idx, block=CONFIG.slc_block, scale=SCALE, implementation=impl,
-          interpret=True, segment_ids=segment_ids),
-      lambda q, k, v, idx: reference.selected_attention(q, k, v, idx, SCALE,
-                                                        block=CONFIG.slc_block),
-      (q, k, v), (indices,), rows)
+  packed = lambda q, k, v, idx, segment_ids: nsa_jax.selected_attention(
+      q, k, v, idx, block=CONFIG.slc_block, scale=SCALE, implementation=impl, interpret=True,
+      segment_ids=segment_ids)
+  alone = lambda q, k, v, idx: reference.selected_attention(q, k, v, idx, SCALE,
+                                                            block=CONFIG.slc_block)
+  for rows in row_sets:
+    q, k, v = random_qkv(2, 45, 4, 2, 16)
+    segment_ids = segment_ids_of(rows)
+    # The selection of the packed rows, plus random extra picks (repeats, -1, future blocks).
+    chosen = reference.select_blocks(q, compress(k, v, segment_ids)[0], SCALE, config=CONFIG,
+                                     segment_ids=segment_ids)
+    extra = jax.random.randint(fresh_key(), chosen.shape[:3] + (2,), -1, 6)
+    indices = jnp.concatenate([chosen, extra], axis=-1)
+    _check_against_documents_alone(packed, alone, (q, k, v), (indices,), rows)
 
 
 @pytest.mark.parametrize("impl, rows", [
@@ -472,26 +491,23 @@ def _check_tpu_walk_tables(rows):
   assert first_key_tile.max() > 0 and last_row_tile.min() < lay.row_tiles - 1
 
 
-@pytest.mark.parametrize("impl, window, block, rows", [
-    ("pallas_tpu", 6, None, DOCUMENTS),  # splash attention, one segment id per document
+@pytest.mark.parametrize("impl, window, block, row_sets", [
+    ("pallas_tpu", 6, None, (DOCUMENTS,)),  # splash attention, one segment id per document
     # The unpacked window where it lies in the document, else the selected kernels over the
-    # span's aligned blocks (up to 4), with halves or (documents on block boundaries) whole.
-    ("pallas_gpu", 20, 8, DOCUMENTS),
-    ("pallas_gpu", 20, 8, ALIGNED_DOCUMENTS),
-    ("pallas_gpu", 20, 8, PADDED_DOCUMENTS)])
+    # span's aligned blocks (up to 4), with halves or (documents on block boundaries) whole
+    # (one test: the same shapes, so the kernels compile once for the three row sets).
+    ("pallas_gpu", 20, 8, (DOCUMENTS, ALIGNED_DOCUMENTS, PADDED_DOCUMENTS))])
 def test_kernel_sliding_window_values_and_gradients_equal_their_documents_alone(
-    monkeypatch, impl, window, block, rows):
+    monkeypatch, impl, window, block, row_sets):
   if block is not None:
     from nsa_jax import pallas_gpu
     monkeypatch.setattr(pallas_gpu, "PACKED_WINDOW_BLOCK", block)
-  q, k, v = random_qkv(2, 45, 4, 2, 16)
-  segment_ids = segment_ids_of(rows)  # ids repeat: splash must see one id per document
-  _check_against_documents_alone(
-      lambda q, k, v: nsa_jax.sliding_window_attention(
-          q, k, v, window=window, scale=SCALE, implementation=impl, interpret=True,
-          segment_ids=segment_ids),
-      lambda q, k, v: reference.sliding_window_attention(q, k, v, SCALE, window=window),
-      (q, k, v), rows=rows)
+  packed = lambda q, k, v, segment_ids: nsa_jax.sliding_window_attention(
+      q, k, v, window=window, scale=SCALE, implementation=impl, interpret=True,
+      segment_ids=segment_ids)  # ids repeat: splash must see one id per document
+  alone = lambda q, k, v: reference.sliding_window_attention(q, k, v, SCALE, window=window)
+  for rows in row_sets:
+    _check_against_documents_alone(packed, alone, random_qkv(2, 45, 4, 2, 16), rows=rows)
 
 
 @pytest.mark.parametrize("attention", ["nsa", "nsa_no_selection", "window", "dense"])
