@@ -53,7 +53,9 @@ def test_selected_attention_tpu_kernel_matches_reference(case, monkeypatch):
   kernel = lambda q, k, v: tpu_selected.selected_attention(q, k, v, idx, block=block, scale=scale,
                                                            interpret=True)
   expected = lambda q, k, v: reference.selected_attention(q, k, v, idx, scale, block=block)
-  (_, out), grads = jax.value_and_grad(lambda *a: loss(kernel, *a), (0, 1, 2), has_aux=True)(q, k, v)
+  # Jitted: the interpreted kernels' programs compile once (eagerly, each op compiles alone).
+  (_, out), grads = jax.jit(jax.value_and_grad(lambda *a: loss(kernel, *a), (0, 1, 2),
+                                               has_aux=True))(q, k, v)
   (_, ref), ref_grads = jax.value_and_grad(lambda *a: loss(expected, *a), (0, 1, 2),
                                            has_aux=True)(q, k, v)
   assert_close(out, ref)
@@ -121,8 +123,8 @@ def test_compressed_attention_tpu_kernels_match_reference(case, tiles, monkeypat
       interpret=True)
   expected = lambda q, k_cmp, v_cmp: reference.compressed_attention(
       q, k_cmp, v_cmp, scale, block=config.cmp_block, stride=config.cmp_stride)
-  grad = lambda fn: jax.value_and_grad(lambda *a: loss(fn, *a), (0, 1, 2), has_aux=True)(
-      q, k_cmp, v_cmp)
+  grad = lambda fn: jax.jit(jax.value_and_grad(lambda *a: loss(fn, *a), (0, 1, 2),
+                                               has_aux=True))(q, k_cmp, v_cmp)
   (_, (out, lse)), grads = grad(kernel)
   (_, (ref, ref_lse)), ref_grads = grad(expected)
   assert_close(out, ref)
@@ -158,8 +160,9 @@ def test_public_api_pallas_tpu_under_the_interpreter(with_gates):
                                 interpret=impl == "pallas_tpu")
     return jnp.sum(out ** 2), out
 
-  (_, out), grads = jax.value_and_grad(loss, (1, 2, 3), has_aux=True)("pallas_tpu", q, k, v)
-  (_, ref), ref_grads = jax.value_and_grad(loss, (1, 2, 3), has_aux=True)("reference", q, k, v)
+  values_and_grads = jax.jit(jax.value_and_grad(loss, (1, 2, 3), has_aux=True), static_argnums=0)
+  (_, out), grads = values_and_grads("pallas_tpu", q, k, v)
+  (_, ref), ref_grads = values_and_grads("reference", q, k, v)
   assert_close(out, ref)
   assert_grads_close(grads, ref_grads)
   k_cmp, _ = nsa_jax.compress_kv(k, v, block=8, stride=4)
