@@ -37,10 +37,10 @@ def check_selected(q, k, v, block, n, impl_ref, interpret, dtype):
   kernel = lambda q, k, v: selected_attention(q, k, v, idx, block=block, scale=scale,
                                               interpret=interpret)
   expected = lambda q, k, v: impl_ref.selected_attention(q, k, v, idx, scale, block=block)
-  (_, out), grads = jax.value_and_grad(lambda *a: loss(kernel, *a), (0, 1, 2), has_aux=True)(q, k, v)
-  upcast = [x.astype(jnp.float32) for x in (q, k, v)]
-  (_, ref), ref_grads = jax.value_and_grad(lambda *a: loss(expected, *a), (0, 1, 2),
-                                           has_aux=True)(*upcast)
+  # Jitted: in interpret mode the kernels' programs then compile once, not op by op.
+  grad = lambda fn: jax.jit(jax.value_and_grad(lambda *a: loss(fn, *a), (0, 1, 2), has_aux=True))
+  (_, out), grads = grad(kernel)(q, k, v)
+  (_, ref), ref_grads = grad(expected)(*[x.astype(jnp.float32) for x in (q, k, v)])
   assert out.dtype == dtype
   assert_close(out, ref, dtype)
   assert_grads_close(grads, ref_grads, dtype)
@@ -382,8 +382,8 @@ def check_compressed_branch(branch, q, k, v, config, impl_ref, dtype, long_reduc
 
   expected = lambda q, k_cmp, v_cmp: impl_ref.compressed_attention(
       q, k_cmp, v_cmp, scale, block=config.cmp_block, stride=config.cmp_stride)
-  grad = lambda fn, *args: jax.value_and_grad(lambda *a: loss(fn, *a), (0, 1, 2),
-                                              has_aux=True)(*args)
+  grad = lambda fn, *args: jax.jit(jax.value_and_grad(lambda *a: loss(fn, *a), (0, 1, 2),
+                                                      has_aux=True))(*args)
   (_, (out, lse)), grads = grad(lambda *a: branch(*a, scale), q, k_cmp, v_cmp)
   upcast = [x.astype(jnp.float32) for x in (q, k_cmp, v_cmp)]
   (_, (ref, ref_lse)), ref_grads = grad(expected, *upcast)
@@ -1039,8 +1039,9 @@ def test_public_api_pallas_gpu_in_interpret_mode(with_gates):
                                 interpret=impl == "pallas_gpu")
     return jnp.sum(out ** 2), out
 
-  (_, out), grads = jax.value_and_grad(loss, (1, 2, 3), has_aux=True)("pallas_gpu", q, k, v)
-  (_, ref), ref_grads = jax.value_and_grad(loss, (1, 2, 3), has_aux=True)("reference", q, k, v)
+  values_and_grads = jax.jit(jax.value_and_grad(loss, (1, 2, 3), has_aux=True), static_argnums=0)
+  (_, out), grads = values_and_grads("pallas_gpu", q, k, v)
+  (_, ref), ref_grads = values_and_grads("reference", q, k, v)
   assert_close(out, ref)
   assert_grads_close(grads, ref_grads)
   idx = nsa_jax.select_blocks(q, nsa_jax.compress_kv(k, v, block=8, stride=4)[0], config=config)
@@ -1062,8 +1063,9 @@ def test_public_api_pallas_gpu_under_vmap_in_interpret_mode():
     out = jax.vmap(fn)(q, k, v)
     return jnp.sum(out ** 2), out
 
-  (_, out), grads = jax.value_and_grad(loss, (1, 2, 3), has_aux=True)("pallas_gpu", q, k, v)
-  (_, ref), ref_grads = jax.value_and_grad(loss, (1, 2, 3), has_aux=True)("reference", q, k, v)
+  values_and_grads = jax.jit(jax.value_and_grad(loss, (1, 2, 3), has_aux=True), static_argnums=0)
+  (_, out), grads = values_and_grads("pallas_gpu", q, k, v)
+  (_, ref), ref_grads = values_and_grads("reference", q, k, v)
   assert_close(out, ref)
   assert_grads_close(grads, ref_grads)
 
@@ -1126,7 +1128,8 @@ def test_public_api_pallas_gpu_matches_xla_on_gpu(dtype):
     out = fn(*args)
     return jnp.sum(out.astype(jnp.float32) ** 2), out
 
-  grad = lambda fn: jax.value_and_grad(lambda *a: loss(fn, *a), (0, 1, 2, 3), has_aux=True)
+  grad = lambda fn: jax.jit(jax.value_and_grad(lambda *a: loss(fn, *a), (0, 1, 2, 3),
+                                               has_aux=True))
   (_, out), grads = grad(pallas_nsa)(q, k, v, gates)
   upcast = [x.astype(jnp.float32) for x in (q, k, v, gates)]
   (_, ref), ref_grads = grad(xla_nsa_with_these_indices)(*upcast)
