@@ -350,8 +350,10 @@ def test_aligned_packed_documents_start_on_multiples_and_their_padding_has_no_lo
     starts = np.flatnonzero((np.diff(ids, axis=1) != 0).ravel()) % (ids.shape[1] - 1) + 1
     assert len(starts) and np.all(starts % 16 == 0), starts
     np.testing.assert_array_equal(weights, tokens[:, 1:] != data_lib.PAD_BYTE)
-  # The loss is that of each document's own bytes run alone, padding and all else unseen (one
-  # batch: each document length compiles the model once more).
+  # The held-out batch's loss is that of each document's own bytes run alone, padding and all
+  # else unseen (one batch: each document length compiles the model once more).
+  batch, weights = batches.batch("held_out", 1), batches.weights("held_out", 1)
+  tokens, ids = batch[:, 0], batch[:, 1]
   losses = []
   for row_tokens, row_ids in zip(tokens, ids):
     for doc in np.unique(row_ids):
