@@ -145,7 +145,7 @@ MQAR_PLACEMENTS = ("uniform", "start", "cluster")
 def mqar_vocab(vocab_size: int, ids: int = 0):
   """Disjoint id ranges `(filler, keys, values)` of a vocabulary: half filler, a quarter each
   keys and values; `ids > 0` keeps only the first `ids` of the key and of the value range (an
-  id-range curriculum: a model learns recall on few ids before it meets them all)."""
+  id-range curriculum's early stages; RESULTS.md, 2026-12-08: it did not help a CPU model)."""
   if vocab_size < 16:
     raise ValueError(f"vocab_size ({vocab_size}) must be at least 16 for MQAR's id ranges")
   half, quarter = vocab_size // 2, vocab_size // 4
